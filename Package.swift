@@ -1,0 +1,65 @@
+// swift-tools-version: 6.1
+import PackageDescription
+
+// Layout and the reasons for it: docs/design.md ("Package layout").
+let package = Package(
+    name: "plover",
+    platforms: [.macOS(.v14)],
+    products: [
+        .library(name: "RDMAPaxos", targets: ["RDMAPaxos"]),
+        .library(name: "RDMAPaxosCore", targets: ["RDMAPaxosCore"]),
+        .library(name: "RDMAPaxosSimulation", targets: ["RDMAPaxosSimulation"]),
+        .library(name: "VMReplica", targets: ["VMReplica"]),
+        .library(name: "Interpose", targets: ["Interpose"]),
+        .executable(name: "plover", targets: ["plover"]),
+        .executable(name: "paxos-log", targets: ["paxos-log"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+    ],
+    targets: [
+        // C libraries from Debian: module maps only.
+        .systemLibrary(name: "CVerbs", path: "Sources/CVerbs"),
+        .systemLibrary(name: "CBerkeleyDB", path: "Sources/CBerkeleyDB"),
+        .systemLibrary(name: "CXXHash", path: "Sources/CXXHash"),
+
+        // The pure consensus state machine: its own module so the compiler
+        // enforces "no I/O, no clocks, no C" (it cannot import what it does not depend on).
+        .target(name: "RDMAPaxosCore", path: "Sources/RDMAPaxos/Core"),
+        // Seeded fault simulator over the core (used by tests and `plover simulate`).
+        .target(
+            name: "RDMAPaxosSimulation",
+            dependencies: ["RDMAPaxosCore"],
+            path: "Sources/RDMAPaxos/Simulation"),
+        // Storage, fabrics and the runtime; re-exports the core.
+        .target(
+            name: "RDMAPaxos",
+            dependencies: ["RDMAPaxosCore", "CBerkeleyDB", "CVerbs"],
+            path: "Sources/RDMAPaxos",
+            exclude: ["Core", "Simulation"]),
+        .target(name: "VMReplica", dependencies: ["RDMAPaxos", "CXXHash"]),
+        .target(name: "Interpose", path: "Sources/Interpose"),
+
+        .executableTarget(
+            name: "plover",
+            dependencies: [
+                "RDMAPaxos", "RDMAPaxosSimulation", "VMReplica",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ]),
+        .executableTarget(
+            name: "paxos-log",
+            dependencies: [
+                "RDMAPaxos",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ]),
+
+        .testTarget(
+            name: "RDMAPaxosCoreTests",
+            dependencies: ["RDMAPaxosCore"],
+            resources: [.copy("testdata")]),
+        .testTarget(name: "SimulationTests", dependencies: ["RDMAPaxosSimulation"]),
+        .testTarget(name: "RDMAPaxosTests", dependencies: ["RDMAPaxos"]),
+        .testTarget(name: "VMReplicaTests", dependencies: ["VMReplica"]),
+    ],
+    swiftLanguageModes: [.v6]
+)

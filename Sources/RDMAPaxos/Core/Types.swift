@@ -1,0 +1,127 @@
+// Value types shared by the consensus core, the stable log and the runtime.
+// Pure Swift: no Foundation, no I/O (see docs/design.md, "The core is a value").
+
+/// A replica's identity inside one cluster. Zero is reserved for "nobody".
+public typealias NodeID = UInt32
+
+/// A position in the replicated log. Index 0 is the empty prefix; the first entry is 1.
+public typealias LogIndex = UInt64
+
+/// A Paxos ballot: a term plus the id of the node that owns it, ordered by term then node.
+/// Each node only ever proposes with ballots carrying its own id, so two leaders can never
+/// share a ballot.
+public struct Ballot: Hashable, Comparable, Sendable, CustomStringConvertible {
+    public var term: UInt64
+    public var node: NodeID
+
+    public init(term: UInt64, node: NodeID) {
+        self.term = term
+        self.node = node
+    }
+
+    /// The ballot below every ballot any node can own.
+    public static let zero = Ballot(term: 0, node: 0)
+
+    public static func < (a: Ballot, b: Ballot) -> Bool {
+        (a.term, a.node) < (b.term, b.node)
+    }
+
+    public var description: String { "\(term).\(node)" }
+}
+
+/// What a log entry carries.
+public enum EntryKind: UInt8, Sendable, CaseIterable {
+    /// Filler a new leader writes into holes it found in phase 1; applies as nothing.
+    case noop = 0
+    /// An opaque command for the state machine.
+    case command = 1
+    /// A membership change; the payload is an encoded `Membership`.
+    case membership = 2
+}
+
+/// One slot of the replicated log: which ballot accepted it, what kind it is, and its bytes.
+public struct LogEntry: Hashable, Sendable {
+    public var index: LogIndex
+    public var ballot: Ballot
+    public var kind: EntryKind
+    public var payload: [UInt8]
+
+    public init(index: LogIndex, ballot: Ballot, kind: EntryKind, payload: [UInt8]) {
+        self.index = index
+        self.ballot = ballot
+        self.kind = kind
+        self.payload = payload
+    }
+}
+
+/// How a member takes part in consensus.
+public enum MemberRole: UInt8, Sendable, CaseIterable, CustomStringConvertible {
+    /// Votes, persists, applies, may lead.
+    case voter = 0
+    /// Votes and persists but never applies and never leads (PLOVER's third replica).
+    case witness = 1
+    /// Receives and applies the log but does not vote; may be promoted to voter.
+    case learner = 2
+
+    public var description: String {
+        switch self {
+        case .voter: "voter"
+        case .witness: "witness"
+        case .learner: "learner"
+        }
+    }
+}
+
+/// One member of the cluster configuration.
+public struct Member: Hashable, Sendable {
+    public var id: NodeID
+    public var role: MemberRole
+    /// Leader preference: among healthy candidates, higher priority campaigns first.
+    /// A witness never campaigns whatever its priority.
+    public var priority: UInt8
+
+    public init(id: NodeID, role: MemberRole, priority: UInt8 = 1) {
+        self.id = id
+        self.role = role
+        self.priority = priority
+    }
+}
+
+/// The cluster configuration: who votes, who witnesses, who learns.
+public struct Membership: Hashable, Sendable {
+    /// Members sorted by id.
+    public private(set) var members: [Member]
+
+    public init(_ members: [Member]) {
+        self.members = members.sorted { $0.id < $1.id }
+    }
+
+    public static let empty = Membership([])
+
+    public func member(_ id: NodeID) -> Member? { members.first { $0.id == id } }
+
+    /// Members whose acceptance counts toward a quorum: voters and witnesses.
+    public var voting: [NodeID] { members.filter { $0.role != .learner }.map(\.id) }
+
+    /// Smallest number of voting members that forms a majority.
+    public var quorum: Int { voting.count / 2 + 1 }
+
+    public func contains(_ id: NodeID) -> Bool { member(id) != nil }
+}
+
+/// State that must survive a restart besides the entries themselves.
+public struct HardState: Hashable, Sendable {
+    /// Highest ballot this node has promised (voted for). It never accepts anything lower.
+    /// The ballot's `node` is the candidate this node voted for in that term.
+    public var promised: Ballot
+    /// Highest index known committed when this was saved (may lag; never ahead of the truth).
+    public var commitIndex: LogIndex
+    /// The configuration in force as of the last saved membership entry or snapshot.
+    public var membership: Membership
+
+    public init(promised: Ballot = .zero, commitIndex: LogIndex = 0, membership: Membership = .empty) {
+        self.promised = promised
+        self.commitIndex = commitIndex
+        self.membership = membership
+    }
+}

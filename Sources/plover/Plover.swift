@@ -1,0 +1,9 @@
+import ArgumentParser
+import RDMAPaxos
+
+@main
+struct Plover: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "plover",
+        abstract: "RDMA Paxos replicated log and VM replication.")
+}

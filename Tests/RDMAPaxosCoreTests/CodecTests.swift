@@ -1,0 +1,21 @@
+import Testing
+@testable import RDMAPaxosCore
+
+@Suite struct CodecTests {
+    @Test func hardStateRoundTrips() throws {
+        let hs = HardState(
+            promised: Ballot(term: 7, node: 2), commitIndex: 42,
+            membership: Membership([Member(id: 3, role: .witness, priority: 0), Member(id: 1, role: .voter, priority: 9)]))
+        #expect(try HardState(decoding: hs.encoded()) == hs)
+    }
+
+    @Test func truncatedHardStateIsAnErrorNotATrap() {
+        let bytes = HardState().encoded()
+        #expect(throws: DecodeError.self) { try HardState(decoding: Array(bytes.dropLast())) }
+    }
+
+    @Test func ballotsOrderByTermThenNode() {
+        #expect(Ballot(term: 1, node: 9) < Ballot(term: 2, node: 1))
+        #expect(Ballot(term: 2, node: 1) < Ballot(term: 2, node: 3))
+    }
+}

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Installs the Debian packages the build, the tests and the demo need, when missing.
+# Idempotent; runs as root without prompts (CI has no standard input).
+set -euo pipefail
+pkgs=(
+  libibverbs-dev librdmacm-dev rdma-core ibverbs-providers   # verbs (no device here; see docs)
+  libdb-dev db5.3-util                                      # Berkeley DB 5.3 and its tools
+  libxxhash-dev                                             # XXH3 page hashing
+)
+pkgs+=("$@")
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+echo "installing Debian packages: ${missing[*]}"
+sudo=""
+[ "$(id -u)" -eq 0 ] || sudo="sudo -n"
+export DEBIAN_FRONTEND=noninteractive
+$sudo apt-get update -qq
+$sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
