@@ -2,7 +2,7 @@
 SWIFT ?= swift
 BUILD_FLAGS ?=
 
-.PHONY: deps build test demo bench clean
+.PHONY: deps build test demo simulate clean
 
 deps:
 	./scripts/install-deps.sh
@@ -10,10 +10,19 @@ deps:
 build: deps
 	$(SWIFT) build $(BUILD_FLAGS)
 
+SIM_SEEDS ?= 1000
+
 # Everything: unit, scenario, simulator (>= 1,000 seeds) and end-to-end tests.
 test: deps
 	$(SWIFT) build $(BUILD_FLAGS)
 	$(SWIFT) test $(BUILD_FLAGS)
+	$(SWIFT) run $(BUILD_FLAGS) plover simulate --seed 1 --seeds $(SIM_SEEDS)
+
+# A long simulator campaign: make simulate SEED=100000 SEEDS=100000
+SEED ?= 1
+SEEDS ?= 10000
+simulate:
+	$(SWIFT) run -c release plover simulate --seed $(SEED) --seeds $(SEEDS)
 
 demo: build
 	$(SWIFT) run $(BUILD_FLAGS) plover demo

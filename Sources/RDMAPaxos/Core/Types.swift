@@ -125,3 +125,14 @@ public struct HardState: Hashable, Sendable {
         self.membership = membership
     }
 }
+
+/// Where a log's prefix was compacted to.
+public struct SnapshotPoint: Hashable, Sendable {
+    public var index: LogIndex
+    public var ballot: Ballot
+    public init(index: LogIndex, ballot: Ballot) {
+        self.index = index
+        self.ballot = ballot
+    }
+    public static let none = SnapshotPoint(index: 0, ballot: .zero)
+}

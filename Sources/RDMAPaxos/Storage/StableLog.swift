@@ -61,17 +61,6 @@ public protocol StableLog: AnyObject, Sendable {
     func close() throws
 }
 
-/// Where a log's prefix was compacted to.
-public struct SnapshotPoint: Hashable, Sendable {
-    public var index: LogIndex
-    public var ballot: Ballot
-    public init(index: LogIndex, ballot: Ballot) {
-        self.index = index
-        self.ballot = ballot
-    }
-    public static let none = SnapshotPoint(index: 0, ballot: .zero)
-}
-
 /// Why a stable log could not do what was asked. Every case names the store and says what to do.
 public enum StableLogError: Error, Sendable, Equatable, CustomStringConvertible {
     /// The path does not exist, is not a directory, or cannot be created.

@@ -1,0 +1,46 @@
+/// Fixed limits and timings of one replica. All times are in ticks of the caller's clock.
+public struct ReplicaConfig: Sendable, Hashable {
+    public var id: NodeID
+    /// Followers campaign after a randomized timeout in [base, 2·base) without a leader,
+    /// plus one base per priority level below the highest in the configuration.
+    public var electionTimeoutTicks: Int = 10
+    /// A leader sends heartbeats this often (must be well below the election timeout).
+    public var heartbeatTicks: Int = 1
+    /// Ask peers "would you vote?" before disrupting the cluster with a real election.
+    public var preVote: Bool = true
+    /// A leader that has not heard from a quorum within an election timeout steps down,
+    /// and followers that heard from a leader within it refuse to promise others.
+    public var checkQuorum: Bool = true
+    /// A leader whose own stable log has not completed a write for this long steps down.
+    public var diskStallTicks: Int = 10
+    /// Most bytes of entries in one accept message.
+    public var batchBytesMax: Int = 1 << 20
+    /// Most accept messages in flight to one follower.
+    public var inflightMessagesMax: Int = 64
+    /// Most bytes of proposed-but-uncommitted payload the leader holds; beyond, proposals are refused.
+    public var uncommittedBytesMax: Int = 64 << 20
+    /// Most linearizable reads waiting for confirmation; beyond, reads are refused.
+    public var pendingReadsMax: Int = 4096
+
+    public init(id: NodeID) { self.id = id }
+}
+
+/// A deterministic random source (SplitMix64) the caller seeds; the core never reads entropy.
+public struct SeededRandom: Sendable, Hashable {
+    private var state: UInt64
+    public init(seed: UInt64) { state = seed }
+
+    public mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+
+    /// Uniform in 0..<bound (bound > 0).
+    public mutating func below(_ bound: Int) -> Int {
+        precondition(bound > 0)
+        return Int(next() % UInt64(bound))
+    }
+}

@@ -1,0 +1,75 @@
+/// The core's view of the log: a snapshot point followed by contiguous entries.
+/// Mirrors what the stable log holds (durable or on its way there).
+struct InMemoryLog: Sendable {
+    private(set) var snapshot: SnapshotPoint
+    private(set) var entries: [LogEntry]
+
+    init(snapshot: SnapshotPoint, entries: [LogEntry]) {
+        precondition(entries.first.map { $0.index == snapshot.index + 1 } ?? true, "log entries must follow the snapshot")
+        self.snapshot = snapshot
+        self.entries = entries
+    }
+
+    var firstIndex: LogIndex { snapshot.index + 1 }
+    var lastIndex: LogIndex { snapshot.index + LogIndex(entries.count) }
+    var lastBallot: Ballot { entries.last?.ballot ?? snapshot.ballot }
+
+    /// Ballot of the entry at `index`, or nil if not held (compacted entries only at the snapshot point).
+    func ballot(at index: LogIndex) -> Ballot? {
+        if index == snapshot.index { return snapshot.ballot }
+        guard index > snapshot.index, index <= lastIndex else { return nil }
+        return entries[Int(index - snapshot.index - 1)].ballot
+    }
+
+    func entry(at index: LogIndex) -> LogEntry? {
+        guard index > snapshot.index, index <= lastIndex else { return nil }
+        return entries[Int(index - snapshot.index - 1)]
+    }
+
+    /// Entries from `from` on, at most `bytesMax` of payload (always at least one if any).
+    func slice(from: LogIndex, bytesMax: Int) -> [LogEntry] {
+        guard from > snapshot.index, from <= lastIndex else { return [] }
+        var out: [LogEntry] = []
+        var bytes = 0
+        for e in entries[Int(from - snapshot.index - 1)...] {
+            if !out.isEmpty && bytes + e.payload.count > bytesMax { break }
+            bytes += e.payload.count
+            out.append(e)
+        }
+        return out
+    }
+
+    func entries(_ from: LogIndex, through: LogIndex) -> [LogEntry] {
+        guard from <= through, from > snapshot.index, through <= lastIndex else { return [] }
+        return Array(entries[Int(from - snapshot.index - 1)..<Int(through - snapshot.index)])
+    }
+
+    mutating func append(_ e: LogEntry) {
+        precondition(e.index == lastIndex + 1, "log append must be contiguous")
+        entries.append(e)
+    }
+
+    mutating func truncate(from index: LogIndex) {
+        precondition(index > snapshot.index, "cannot truncate into the snapshot")
+        if index <= lastIndex { entries.removeSubrange(Int(index - snapshot.index - 1)...) }
+    }
+
+    /// Drops entries through `point.index`; keeps the rest only if they follow it.
+    mutating func compact(to point: SnapshotPoint) {
+        if point.index <= snapshot.index { return }
+        if ballot(at: point.index) == point.ballot {
+            entries.removeFirst(Int(point.index - snapshot.index))
+        } else {
+            entries = []
+        }
+        snapshot = point
+    }
+
+    /// The last membership entry's configuration, if any entry is one.
+    func lastMembership() -> (index: LogIndex, membership: Membership)? {
+        for e in entries.reversed() where e.kind == .membership {
+            if let m = try? Membership(decoding: e.payload) { return (e.index, m) }
+        }
+        return nil
+    }
+}

@@ -1,0 +1,76 @@
+/// A state machine snapshot: the state after applying every entry through `index`.
+public struct Snapshot: Hashable, Sendable {
+    public var index: LogIndex
+    /// Ballot of the entry at `index`.
+    public var ballot: Ballot
+    /// The configuration in force at `index`.
+    public var membership: Membership
+    /// The state machine's bytes (empty for a witness, which keeps no state).
+    public var data: [UInt8]
+
+    public init(index: LogIndex, ballot: Ballot, membership: Membership, data: [UInt8]) {
+        self.index = index
+        self.ballot = ballot
+        self.membership = membership
+        self.data = data
+    }
+}
+
+/// What one replica says to another. Every message carries the sender's current ballot:
+/// a leader's own ballot, or the highest ballot a follower has promised.
+public struct Message: Hashable, Sendable {
+    public var from: NodeID
+    public var to: NodeID
+    public var ballot: Ballot
+    public var body: Body
+
+    public init(from: NodeID, to: NodeID, ballot: Ballot, body: Body) {
+        self.from = from
+        self.to = to
+        self.ballot = ballot
+        self.body = body
+    }
+
+    public enum Body: Hashable, Sendable {
+        /// Would you promise `ballot` if I asked? Changes no state on the receiver.
+        case preVote(lastIndex: LogIndex, lastBallot: Ballot)
+        case preVoteReply(granted: Bool)
+        /// Phase 1a. `force` (leader transfer) overrides the receiver's leader lease.
+        case prepare(lastIndex: LogIndex, lastBallot: Ballot, force: Bool)
+        /// Phase 1b. Sent only after the promise is durable.
+        case promise(granted: Bool)
+        /// Phase 2a: entries following (prevIndex, prevBallot), and the leader's commit index.
+        case accept(prevIndex: LogIndex, prevBallot: Ballot, entries: [LogEntry], commit: LogIndex)
+        /// Phase 2b. On success `index` is the highest index now matching the leader (durable);
+        /// on failure it is a hint: the receiver's last index.
+        case accepted(success: Bool, index: LogIndex)
+        /// Keeps followers from campaigning, carries the commit index and read-index rounds.
+        case heartbeat(commit: LogIndex, readRound: UInt64)
+        case heartbeatReply(readRound: UInt64)
+        /// Replaces the receiver's prefix when the leader no longer holds the entries it needs.
+        case installSnapshot(Snapshot)
+        /// Leader transfer: campaign now, ignoring the election timer.
+        case timeoutNow
+    }
+}
+
+extension Message: CustomStringConvertible {
+    public var description: String {
+        let body: String
+        switch self.body {
+        case let .preVote(i, b): body = "PreVote last=\(i)@\(b)"
+        case let .preVoteReply(g): body = "PreVoteReply \(g ? "granted" : "rejected")"
+        case let .prepare(i, b, f): body = "Prepare last=\(i)@\(b)\(f ? " force" : "")"
+        case let .promise(g): body = "Promise \(g ? "granted" : "rejected")"
+        case let .accept(pi, pb, es, c):
+            let list = es.map { "\($0.index)@\($0.ballot)" + ($0.kind == .command ? ":\(String(decoding: $0.payload, as: UTF8.self))" : ":\($0.kind)") }
+            body = "Accept prev=\(pi)@\(pb) commit=\(c) [\(list.joined(separator: " "))]"
+        case let .accepted(s, i): body = "Accepted \(s ? "ok" : "reject") \(i)"
+        case let .heartbeat(c, r): body = "Heartbeat commit=\(c)" + (r > 0 ? " read=\(r)" : "")
+        case let .heartbeatReply(r): body = "HeartbeatReply" + (r > 0 ? " read=\(r)" : "")
+        case let .installSnapshot(s): body = "InstallSnapshot \(s.index)@\(s.ballot)"
+        case .timeoutNow: body = "TimeoutNow"
+        }
+        return "\(from)->\(to) b=\(ballot) \(body)"
+    }
+}

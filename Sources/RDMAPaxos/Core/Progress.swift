@@ -1,0 +1,50 @@
+/// The leader's view of one follower's log.
+struct Progress: Sendable, Hashable {
+    enum State: Sendable, Hashable {
+        /// Unknown match: send one accept at a time and wait for its answer.
+        case probe
+        /// Known match: stream accepts, up to the in-flight limit.
+        case replicate
+        /// The follower needs a snapshot; waiting for it to acknowledge `index`.
+        case snapshot(index: LogIndex)
+    }
+
+    var match: LogIndex = 0
+    var next: LogIndex
+    var state: State = .probe
+    /// In probe state: an accept is outstanding.
+    var probeSent = false
+    /// Last indexes of accepts in flight, oldest first (replicate state).
+    var inflight: [LogIndex] = []
+    /// Heard from since the last check-quorum round.
+    var recentActive = false
+    /// Highest read round this follower acknowledged.
+    var readAck: UInt64 = 0
+    /// Ticks since `match` last advanced while the follower lagged.
+    var stalledTicks = 0
+
+    init(next: LogIndex) { self.next = next }
+
+    mutating func becomeProbe() {
+        state = .probe
+        next = match + 1
+        probeSent = false
+        inflight = []
+        stalledTicks = 0
+    }
+
+    mutating func becomeReplicate() {
+        state = .replicate
+        next = match + 1
+        probeSent = false
+        inflight = []
+    }
+
+    func isPaused(inflightMax: Int) -> Bool {
+        switch state {
+        case .probe: probeSent
+        case .replicate: inflight.count >= inflightMax
+        case .snapshot: true
+        }
+    }
+}

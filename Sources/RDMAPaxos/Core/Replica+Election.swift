@@ -1,0 +1,180 @@
+// Phase 1 and leadership: pre-vote, prepare/promise, check-quorum, step-down.
+//
+// A promise is also a vote: an acceptor promises only a candidate whose log is at least as
+// up to date as its own (last ballot, then last index). The winner therefore already holds the
+// highest accepted suffix of a quorum, so it needs no merge; it re-commits that suffix by
+// appending a no-op in its own ballot (see docs/design.md, "Election and phase 1").
+
+extension Replica {
+    mutating func tickFollower() {
+        electionElapsed += 1
+        guard electionElapsed >= randomizedElectionTimeout else { return }
+        resetElectionTimer()
+        guard promotable, !diskStalled else { return }
+        campaign(force: false)
+    }
+
+    /// The stable log has had a write outstanding for longer than `diskStallTicks`.
+    var diskStalled: Bool {
+        guard let oldest = inFlightPersists.first else { return false }
+        return ticks - oldest.issuedAt >= UInt64(config.diskStallTicks)
+    }
+
+    mutating func campaign(force: Bool) {
+        if config.preVote && !force {
+            role = .preCandidate
+            leader = nil
+            votes = [id: true]
+            let prospective = Ballot(term: promised.term + 1, node: id)
+            out.events.append(.startedElection(prospective, pre: true))
+            for v in membership.voting where v != id {
+                out.send.append(Message(from: id, to: v, ballot: prospective,
+                                        body: .preVote(lastIndex: log.lastIndex, lastBallot: log.lastBallot)))
+            }
+            tallyVotes()
+        } else {
+            becomeCandidate(force: force)
+        }
+    }
+
+    mutating func becomeCandidate(force: Bool) {
+        let ballot = Ballot(term: promised.term + 1, node: id)
+        setPromised(ballot)
+        role = .candidate
+        leader = nil
+        votes = [:]
+        // Our own vote counts once our promise to ourselves is durable (see `persisted`).
+        stepSelfVote = ballot
+        out.events.append(.startedElection(ballot, pre: false))
+        for v in membership.voting where v != id {
+            send(v, .prepare(lastIndex: log.lastIndex, lastBallot: log.lastBallot, force: force), afterPersist: true)
+        }
+    }
+
+    mutating func tallyVotes() {
+        let voting = membership.voting
+        let granted = voting.filter { votes[$0] == true }.count
+        let rejected = voting.filter { votes[$0] == false }.count
+        if granted >= membership.quorum {
+            if role == .preCandidate { becomeCandidate(force: false) } else { becomeLeader() }
+        } else if rejected > voting.count - membership.quorum {
+            becomeFollower(promised, leader: nil)
+        }
+    }
+
+    mutating func becomeFollower(_ ballot: Ballot, leader newLeader: NodeID?) {
+        let wasLeader = role == .leader
+        setPromised(ballot)
+        if role != .follower || leader != newLeader || ballot != promised {
+            out.events.append(.becameFollower(ballot, leader: newLeader))
+        }
+        role = .follower
+        if leader != newLeader { leaderMatch = 0 }
+        leader = newLeader
+        if wasLeader { abandonLeadership() }
+        resetElectionTimer()
+    }
+
+    mutating func abandonLeadership() {
+        progress = [:]
+        transferTarget = nil
+        uncommittedBytes = 0
+        for r in pendingReads { out.events.append(.readRefused(id: r.id, reason: "leader stepped down")) }
+        pendingReads = []
+    }
+
+    mutating func becomeLeader() {
+        precondition(role == .candidate && promised.node == id, "only a candidate with its own ballot can lead")
+        role = .leader
+        leader = id
+        votes = [:]
+        heartbeatElapsed = 0
+        checkQuorumElapsed = 0
+        progress = [:]
+        syncProgressWithMembership()
+        uncommittedBytes = 0
+        out.events.append(.becameLeader(promised))
+        // The no-op in our ballot commits the recovered suffix (fills the position after it).
+        appendAsLeader(kind: .noop, payload: [])
+        broadcastAppend()
+    }
+
+    mutating func syncProgressWithMembership() {
+        for m in membership.members where m.id != id && progress[m.id] == nil {
+            progress[m.id] = Progress(next: log.lastIndex + 1)
+        }
+        for peer in progress.keys where !membership.contains(peer) { progress[peer] = nil }
+    }
+
+    /// True if a log ending at (index, ballot) holds at least everything ours does.
+    func isUpToDate(lastIndex: LogIndex, lastBallot: Ballot) -> Bool {
+        (lastBallot, lastIndex) >= (log.lastBallot, log.lastIndex)
+    }
+
+    /// A follower that heard from a live leader recently refuses to help unseat it.
+    var inLeaderLease: Bool {
+        config.checkQuorum && leader != nil && leader != id && electionElapsed < config.electionTimeoutTicks
+    }
+
+    mutating func handlePreVote(_ m: Message, lastIndex: LogIndex, lastBallot: Ballot) {
+        let granted = m.ballot > promised && !inLeaderLease && isUpToDate(lastIndex: lastIndex, lastBallot: lastBallot)
+        send(m.from, .preVoteReply(granted: granted))
+    }
+
+    mutating func handlePrepare(_ m: Message, lastIndex: LogIndex, lastBallot: Ballot, force: Bool) {
+        if inLeaderLease && !force {
+            send(m.from, .promise(granted: false))
+            return
+        }
+        guard m.ballot >= promised else {
+            send(m.from, .promise(granted: false))
+            return
+        }
+        if m.ballot > promised { becomeFollower(m.ballot, leader: nil) }
+        let granted = isUpToDate(lastIndex: lastIndex, lastBallot: lastBallot)
+        if granted { resetElectionTimer() }
+        send(m.from, .promise(granted: granted), afterPersist: true)
+    }
+
+    mutating func tickLeader() {
+        heartbeatElapsed += 1
+        checkQuorumElapsed += 1
+        if diskStalled {
+            out.events.append(.steppedDown(reason: "stable log stalled for \(config.diskStallTicks) ticks"))
+            becomeFollower(promised, leader: nil)
+            return
+        }
+        if checkQuorumElapsed >= config.electionTimeoutTicks {
+            checkQuorumElapsed = 0
+            if config.checkQuorum {
+                let active = membership.voting.filter { $0 == id || progress[$0]?.recentActive == true }.count
+                if active < membership.quorum {
+                    out.events.append(.steppedDown(reason: "no quorum heard from in \(config.electionTimeoutTicks) ticks"))
+                    becomeFollower(promised, leader: nil)
+                    return
+                }
+            }
+            for k in progress.keys { progress[k]!.recentActive = false }
+        }
+        if let target = transferTarget {
+            transferElapsed += 1
+            if transferElapsed >= config.electionTimeoutTicks { transferTarget = nil }
+            _ = target
+        }
+        if heartbeatElapsed >= config.heartbeatTicks {
+            heartbeatElapsed = 0
+            broadcastHeartbeat()
+            preferHigherPriority()
+        }
+        retransmitStalled()
+    }
+
+    /// Hands leadership to a caught-up voter with a higher priority (the VM primary, say).
+    mutating func preferHigherPriority() {
+        guard transferTarget == nil, let me = membership.member(id) else { return }
+        let better = membership.members
+            .filter { $0.role == .voter && $0.priority > me.priority && progress[$0.id]?.match == log.lastIndex && progress[$0.id]?.recentActive == true }
+            .max { $0.priority < $1.priority }
+        if let b = better, commitIndex == log.lastIndex { _ = startTransfer(to: b.id) }
+    }
+}

@@ -1,0 +1,120 @@
+// Linearizable reads, membership changes, leader transfer and log compaction.
+
+extension Replica {
+    // MARK: Read index
+
+    /// Starts a linearizable read. When `Actions.reads` later carries `id`, the read may be served
+    /// from the state machine once it has applied through the returned index: the leader
+    /// confirmed with a quorum that it was still the leader after the read arrived.
+    public mutating func read(id readID: UInt64) throws(ProposalRefusal) -> Actions {
+        guard role == .leader else { throw .notLeader(leader: leader) }
+        guard pendingReads.count < config.pendingReadsMax else { throw .tooManyUncommittedBytes(limit: config.pendingReadsMax) }
+        if log.ballot(at: commitIndex) == promised {
+            readRound += 1
+            pendingReads.append(PendingRead(id: readID, index: commitIndex, round: readRound))
+            broadcastHeartbeat()
+            confirmReads()
+        } else {
+            // Until an entry of our ballot commits we do not know the true commit index.
+            pendingReads.append(PendingRead(id: readID, index: nil, round: 0))
+        }
+        return finish()
+    }
+
+    mutating func startWaitingReads() {
+        guard pendingReads.contains(where: { $0.index == nil }) else { return }
+        readRound += 1
+        for i in pendingReads.indices where pendingReads[i].index == nil {
+            pendingReads[i].index = commitIndex
+            pendingReads[i].round = readRound
+        }
+        broadcastHeartbeat()
+        confirmReads()
+    }
+
+    /// Releases reads whose heartbeat round a quorum (including us) has answered.
+    mutating func confirmReads() {
+        guard role == .leader, !pendingReads.isEmpty else { return }
+        var acks = membership.voting.map { $0 == id ? readRound : (progress[$0]?.readAck ?? 0) }
+        acks.sort(by: >)
+        let confirmed = acks[membership.quorum - 1]
+        var keep: [PendingRead] = []
+        for r in pendingReads {
+            if let index = r.index, r.round <= confirmed {
+                out.reads.append(ReadState(id: r.id, index: index))
+            } else {
+                keep.append(r)
+            }
+        }
+        pendingReads = keep
+    }
+
+    // MARK: Membership
+
+    /// Proposes a configuration differing from the current one by a single member: one added,
+    /// one removed, or one member's role or priority changed (learner promotion).
+    public mutating func proposeMembership(_ next: Membership) throws(ProposalRefusal) -> (index: LogIndex, actions: Actions) {
+        guard role == .leader, transferTarget == nil else { throw .notLeader(leader: role == .leader ? nil : leader) }
+        guard membershipIndex <= commitIndex, log.ballot(at: commitIndex) == promised else {
+            throw .membershipChangeInProgress
+        }
+        let old = Dictionary(uniqueKeysWithValues: membership.members.map { ($0.id, $0) })
+        let new = Dictionary(uniqueKeysWithValues: next.members.map { ($0.id, $0) })
+        let added = new.keys.filter { old[$0] == nil }
+        let removed = old.keys.filter { new[$0] == nil }
+        let changed = new.keys.filter { old[$0] != nil && old[$0] != new[$0] }
+        guard added.count + removed.count + changed.count == 1 else {
+            throw .invalidMembershipChange("exactly one member may be added, removed or changed at a time")
+        }
+        // Changing a vote-counting role is a change of quorum: only learner <-> voting moves are single steps.
+        if let c = changed.first, let o = old[c], let n = new[c], o.role != n.role, o.role != .learner && n.role != .learner {
+            throw .invalidMembershipChange("member \(c) cannot move from \(o.role) to \(n.role) directly; remove and re-add it")
+        }
+        guard next.members.contains(where: { $0.role == .voter }) else {
+            throw .invalidMembershipChange("the configuration must keep at least one voter")
+        }
+        appendAsLeader(kind: .membership, payload: next.encoded())
+        broadcastAppend()
+        return (log.lastIndex, finish())
+    }
+
+    // MARK: Leader transfer
+
+    /// Hands leadership to `target` once it has caught up; proposals are refused meanwhile.
+    public mutating func transferLeadership(to target: NodeID) throws(ProposalRefusal) -> Actions {
+        guard role == .leader else { throw .notLeader(leader: leader) }
+        guard membership.member(target)?.role == .voter, target != id else {
+            throw .invalidMembershipChange("leadership can only move to another voter, not \(target)")
+        }
+        _ = startTransfer(to: target)
+        return finish()
+    }
+
+    mutating func startTransfer(to target: NodeID) -> Bool {
+        transferTarget = target
+        transferElapsed = 0
+        if progress[target]?.match == log.lastIndex {
+            send(target, .timeoutNow)
+        } else {
+            sendAppend(to: target)
+        }
+        return true
+    }
+
+    // MARK: Compaction
+
+    /// Replaces the log prefix through `index` (already applied) with a state machine snapshot.
+    public mutating func compact(through index: LogIndex, snapshot data: [UInt8]) -> Actions {
+        precondition(index <= appliedIndex, "can only compact what was applied")
+        guard index > log.snapshot.index, let ballot = log.ballot(at: index) else { return finish() }
+        var m = snapshotMembership
+        for e in log.entries(log.firstIndex, through: index) where e.kind == .membership {
+            if let decoded = try? Membership(decoding: e.payload) { m = decoded }
+        }
+        log.compact(to: SnapshotPoint(index: index, ballot: ballot))
+        snapshotMembership = m
+        snapshotData = data
+        stepSnapshot = Snapshot(index: index, ballot: ballot, membership: m, data: data)
+        return finish()
+    }
+}

@@ -1,0 +1,255 @@
+// Phase 2: accept / accepted, commit, heartbeats, snapshots to lagging followers.
+
+extension Replica {
+    /// Routes one message after the ballot rules every message obeys.
+    mutating func step(_ m: Message) {
+        switch m.body {
+        case let .preVote(i, b): return handlePreVote(m, lastIndex: i, lastBallot: b)
+        case let .prepare(i, b, force): return handlePrepare(m, lastIndex: i, lastBallot: b, force: force)
+        default: break
+        }
+        let fromLeader: Bool
+        switch m.body {
+        case .accept, .heartbeat, .installSnapshot, .timeoutNow: fromLeader = true
+        default: fromLeader = false
+        }
+        if m.ballot > promised {
+            // A leader at a higher ballot exists (or a peer promised one): follow it.
+            if case .preVoteReply = m.body {} else {
+                becomeFollower(m.ballot, leader: fromLeader ? m.from : nil)
+            }
+        } else if m.ballot < promised {
+            // A deposed leader: tell it about our ballot so it steps down. Stale replies are dropped.
+            if fromLeader { send(m.from, .accepted(success: false, index: log.lastIndex)) }
+            if case .preVoteReply = m.body {} else { return }
+        }
+        switch m.body {
+        case let .preVoteReply(granted):
+            guard role == .preCandidate else { return }
+            votes[m.from] = granted
+            tallyVotes()
+        case let .promise(granted):
+            guard role == .candidate else { return }
+            votes[m.from] = granted
+            tallyVotes()
+        case let .accept(prevIndex, prevBallot, entries, commit):
+            followLeader(m.from)
+            handleAccept(from: m.from, prevIndex: prevIndex, prevBallot: prevBallot, entries: entries, commit: commit)
+        case let .accepted(success, index):
+            guard role == .leader else { return }
+            handleAccepted(from: m.from, success: success, index: index)
+        case let .heartbeat(commit, round):
+            followLeader(m.from)
+            if leaderMatch > commitIndex { commitIndex = max(commitIndex, min(commit, leaderMatch)) }
+            send(m.from, .heartbeatReply(readRound: round))
+        case let .heartbeatReply(round):
+            guard role == .leader, var pr = progress[m.from] else { return }
+            pr.recentActive = true
+            pr.readAck = max(pr.readAck, round)
+            if case .probe = pr.state { pr.probeSent = false }
+            progress[m.from] = pr
+            confirmReads()
+            if pr.match < log.lastIndex { sendAppend(to: m.from) }
+        case let .installSnapshot(s):
+            followLeader(m.from)
+            handleInstallSnapshot(from: m.from, s)
+        case .timeoutNow:
+            followLeader(m.from)
+            if promotable && !diskStalled { becomeCandidate(force: true) }
+        case .preVote, .prepare:
+            preconditionFailure("handled above")
+        }
+    }
+
+    /// A message from the leader of our ballot: be its follower and reset the election timer.
+    mutating func followLeader(_ from: NodeID) {
+        precondition(role != .leader || from == id, "two leaders share ballot \(promised)")
+        if role != .follower || leader != from { becomeFollower(promised, leader: from) }
+        electionElapsed = 0
+    }
+
+    mutating func handleAccept(from: NodeID, prevIndex: LogIndex, prevBallot: Ballot, entries: [LogEntry], commit: LogIndex) {
+        var prevIndex = prevIndex
+        var prevBallot = prevBallot
+        var entries = entries
+        // Entries at or below our commit index are already ours, identically.
+        if prevIndex < commitIndex {
+            let skip = Int(min(LogIndex(entries.count), commitIndex - prevIndex))
+            entries.removeFirst(skip)
+            prevIndex += LogIndex(skip)
+            prevBallot = log.ballot(at: prevIndex) ?? prevBallot
+            if prevIndex < commitIndex {
+                send(from, .accepted(success: true, index: commitIndex), afterPersist: true)
+                return
+            }
+        }
+        guard log.ballot(at: prevIndex) == prevBallot else {
+            let hint = log.lastIndex < prevIndex ? log.lastIndex : prevIndex - 1
+            send(from, .accepted(success: false, index: max(hint, commitIndex)))
+            return
+        }
+        for e in entries {
+            if let b = log.ballot(at: e.index) {
+                if b == e.ballot { continue }
+                truncateLocal(from: e.index)
+            }
+            appendLocal(e)
+        }
+        let lastNew = prevIndex + LogIndex(entries.count)
+        leaderMatch = max(leaderMatch, lastNew)
+        commitIndex = max(commitIndex, min(commit, lastNew))
+        send(from, .accepted(success: true, index: lastNew), afterPersist: true)
+    }
+
+    mutating func handleInstallSnapshot(from: NodeID, _ s: Snapshot) {
+        guard s.index > commitIndex else {
+            send(from, .accepted(success: true, index: commitIndex), afterPersist: true)
+            return
+        }
+        let point = SnapshotPoint(index: s.index, ballot: s.ballot)
+        if log.ballot(at: s.index) != s.ballot, log.lastIndex > commitIndex {
+            // Our suffix does not follow the snapshot: none of it can be kept.
+            truncateLocal(from: commitIndex + 1)
+        }
+        log.compact(to: point)
+        snapshotMembership = s.membership
+        snapshotData = s.data
+        commitIndex = s.index
+        appliedIndex = s.index
+        leaderMatch = s.index
+        durableIndex = min(durableIndex, s.index)
+        stepSnapshot = s
+        if !isWitness { out.restore = s }
+        refreshMembership()
+        send(from, .accepted(success: true, index: s.index), afterPersist: true)
+    }
+
+    // MARK: Leader side
+
+    mutating func appendAsLeader(kind: EntryKind, payload: [UInt8]) {
+        let e = LogEntry(index: log.lastIndex + 1, ballot: promised, kind: kind, payload: payload)
+        uncommittedBytes += payload.count
+        appendLocal(e)
+    }
+
+    mutating func broadcastAppend() {
+        for peer in progress.keys.sorted() { sendAppend(to: peer) }
+        maybeCommit()
+    }
+
+    mutating func broadcastHeartbeat() {
+        for peer in progress.keys.sorted() {
+            send(peer, .heartbeat(commit: min(commitIndex, progress[peer]!.match), readRound: readRound))
+        }
+    }
+
+    /// Sends the next accept (or the snapshot) to one follower, within its flow-control window.
+    mutating func sendAppend(to peer: NodeID) {
+        guard var pr = progress[peer], !pr.isPaused(inflightMax: config.inflightMessagesMax) else { return }
+        guard pr.next > log.snapshot.index else {
+            // The entries it needs were compacted away.
+            sendSnapshot(to: peer, &pr)
+            progress[peer] = pr
+            return
+        }
+        let prevIndex = pr.next - 1
+        guard let prevBallot = log.ballot(at: prevIndex) else {
+            preconditionFailure("follower \(peer) next index \(pr.next) is past our log end \(log.lastIndex)")
+        }
+        let entries = log.slice(from: pr.next, bytesMax: config.batchBytesMax)
+        send(peer, .accept(prevIndex: prevIndex, prevBallot: prevBallot, entries: entries, commit: commitIndex))
+        switch pr.state {
+        case .replicate:
+            if let last = entries.last {
+                pr.next = last.index + 1
+                pr.inflight.append(last.index)
+            }
+        case .probe: pr.probeSent = true
+        case .snapshot: break
+        }
+        progress[peer] = pr
+    }
+
+    mutating func sendSnapshot(to peer: NodeID, _ pr: inout Progress) {
+        let witness = membership.member(peer)?.role == .witness
+        let s = Snapshot(index: log.snapshot.index, ballot: log.snapshot.ballot, membership: snapshotMembership,
+                         data: witness ? [] : snapshotData)
+        send(peer, .installSnapshot(s))
+        pr.state = .snapshot(index: s.index)
+        pr.stalledTicks = 0
+    }
+
+    mutating func handleAccepted(from: NodeID, success: Bool, index: LogIndex) {
+        guard var pr = progress[from] else { return }
+        pr.recentActive = true
+        if success {
+            if index > pr.match {
+                pr.match = index
+                pr.stalledTicks = 0
+            }
+            pr.next = max(pr.next, index + 1)
+            pr.inflight.removeAll { $0 <= index }
+            switch pr.state {
+            case .probe: pr.becomeReplicate()
+            case let .snapshot(i) where pr.match >= i: pr.becomeReplicate()
+            default: break
+            }
+            progress[from] = pr
+            maybeCommit()
+            if transferTarget == from && pr.match == log.lastIndex { send(from, .timeoutNow) }
+        } else {
+            // A rejection below what we know matches is stale (reordered); ignore it.
+            guard index >= pr.match else { progress[from] = pr; return }
+            if case .snapshot = pr.state { progress[from] = pr; return }
+            pr.becomeProbe()
+            pr.next = max(pr.match + 1, min(index + 1, pr.next))
+            progress[from] = pr
+        }
+        while let p = progress[from], !p.isPaused(inflightMax: config.inflightMessagesMax), p.next <= log.lastIndex {
+            sendAppend(to: from)
+        }
+    }
+
+    /// Commits the highest index a quorum holds durably, if it is of our own ballot.
+    mutating func maybeCommit() {
+        guard role == .leader else { return }
+        var matches = membership.voting.map { $0 == id ? durableIndex : (progress[$0]?.match ?? 0) }
+        guard !matches.isEmpty else { return }
+        matches.sort(by: >)
+        let n = matches[membership.quorum - 1]
+        guard n > commitIndex, log.ballot(at: n) == promised else { return }
+        let newlyCommitted = log.entries(commitIndex + 1, through: n)
+        uncommittedBytes = max(0, uncommittedBytes - newlyCommitted.reduce(0) { $0 + $1.payload.count })
+        let firstInBallot = log.ballot(at: commitIndex) != promised
+        commitIndex = n
+        hardStateDirty = true
+        if firstInBallot { startWaitingReads() }
+        if !membership.contains(id) || membership.member(id)?.role != .voter, membershipIndex <= commitIndex {
+            out.events.append(.steppedDown(reason: "no longer a voter of the committed configuration"))
+            becomeFollower(promised, leader: nil)
+            return
+        }
+        // Let followers learn the new commit index promptly.
+        for peer in progress.keys.sorted() where progress[peer]!.match >= n && progress[peer]!.match > 0 {
+            send(peer, .heartbeat(commit: n, readRound: readRound))
+        }
+    }
+
+    /// Followers whose match has not moved for a while get their window reset and a fresh probe:
+    /// accepts may have been lost.
+    mutating func retransmitStalled() {
+        let limit = max(2, config.electionTimeoutTicks / 3)
+        for peer in progress.keys.sorted() {
+            guard var pr = progress[peer] else { continue }
+            if pr.match >= log.lastIndex { pr.stalledTicks = 0; progress[peer] = pr; continue }
+            pr.stalledTicks += 1
+            if pr.stalledTicks >= limit {
+                pr.becomeProbe()
+                progress[peer] = pr
+                sendAppend(to: peer)
+            } else {
+                progress[peer] = pr
+            }
+        }
+    }
+}

@@ -1,0 +1,251 @@
+/// What a replica loads from its stable log when it starts.
+public struct RestoredState: Sendable {
+    public var hardState: HardState
+    /// The latest snapshot, if the log's prefix was compacted.
+    public var snapshot: Snapshot?
+    /// Every entry after the snapshot, in order. All of them are durable.
+    public var entries: [LogEntry]
+
+    public init(hardState: HardState = HardState(), snapshot: Snapshot? = nil, entries: [LogEntry] = []) {
+        self.hardState = hardState
+        self.snapshot = snapshot
+        self.entries = entries
+    }
+}
+
+/// One replica of the consensus log as a pure state machine.
+///
+/// Every input is one `mutating` call returning the `Actions` the caller must carry out
+/// (see `Actions` for the ordering rule). No clocks, threads, I/O or entropy: time is `tick()`,
+/// randomness comes from the seeded generator in `init`.
+public struct Replica: Sendable {
+    public let config: ReplicaConfig
+    public var id: NodeID { config.id }
+    var rng: SeededRandom
+
+    public internal(set) var role: Role = .follower
+    /// The highest ballot promised; when leading, the leader's own ballot.
+    public internal(set) var promised: Ballot
+    public internal(set) var leader: NodeID?
+    var log: InMemoryLog
+    public internal(set) var commitIndex: LogIndex
+    public internal(set) var appliedIndex: LogIndex
+    /// Configuration in force: the last membership entry in the log, else the snapshot's.
+    public internal(set) var membership: Membership
+    var membershipIndex: LogIndex
+    /// Configuration at the snapshot point, and the snapshot's bytes (sent to lagging followers).
+    var snapshotMembership: Membership
+    var snapshotData: [UInt8]
+
+    // Timers, in ticks.
+    var ticks: UInt64 = 0
+    var electionElapsed = 0
+    var randomizedElectionTimeout = 0
+    var heartbeatElapsed = 0
+    var checkQuorumElapsed = 0
+
+    // Elections.
+    var votes: [NodeID: Bool] = [:]
+    /// Index up to which this follower's log is known to equal the current leader's.
+    var leaderMatch: LogIndex = 0
+
+    // Leadership.
+    var progress: [NodeID: Progress] = [:]
+    var uncommittedBytes = 0
+    var transferTarget: NodeID?
+    var transferElapsed = 0
+    var readRound: UInt64 = 0
+    var pendingReads: [PendingRead] = []
+
+    // Persistence.
+    var nextSequence: UInt64 = 1
+    var inFlightPersists: [InFlightPersist] = []
+    public internal(set) var durableIndex: LogIndex
+
+    // Output of the current call.
+    var out = Actions()
+    var stepEntries: [LogEntry] = []
+    var stepTruncate: LogIndex?
+    var stepSnapshot: Snapshot?
+    var hardStateDirty = false
+    var stepSelfVote: Ballot?
+
+    struct InFlightPersist: Sendable {
+        var sequence: UInt64
+        var lastIndex: LogIndex
+        var issuedAt: UInt64
+        var selfVote: Ballot?
+    }
+
+    struct PendingRead: Sendable {
+        var id: UInt64
+        /// Nil until the leader has committed an entry of its own ballot.
+        var index: LogIndex?
+        var round: UInt64
+    }
+
+    /// Starts a replica from what its stable log holds. `bootstrap` is the initial configuration,
+    /// used only when the log records none (a brand-new cluster).
+    public init(config: ReplicaConfig, restoring state: RestoredState = RestoredState(), bootstrap: Membership, seed: UInt64) {
+        precondition(config.electionTimeoutTicks > config.heartbeatTicks && config.heartbeatTicks > 0,
+                     "election timeout must exceed the heartbeat interval")
+        self.config = config
+        self.rng = SeededRandom(seed: seed ^ UInt64(config.id) &* 0x9E37_79B9)
+        let point = state.snapshot.map { SnapshotPoint(index: $0.index, ballot: $0.ballot) } ?? .none
+        log = InMemoryLog(snapshot: point, entries: state.entries)
+        promised = state.hardState.promised
+        commitIndex = min(max(state.hardState.commitIndex, point.index), log.lastIndex)
+        appliedIndex = point.index
+        durableIndex = log.lastIndex
+        snapshotData = state.snapshot?.data ?? []
+        var base = state.snapshot?.membership ?? state.hardState.membership
+        if base.members.isEmpty { base = bootstrap }
+        snapshotMembership = base
+        membership = base
+        membershipIndex = point.index
+        refreshMembership()
+        resetElectionTimer()
+    }
+
+    // MARK: Public inputs
+
+    /// Advances time by one tick.
+    public mutating func tick() -> Actions {
+        ticks += 1
+        if role == .leader { tickLeader() } else { tickFollower() }
+        return finish()
+    }
+
+    /// Handles one message from a peer.
+    public mutating func receive(_ m: Message) -> Actions {
+        if m.to == id { step(m) }
+        return finish()
+    }
+
+    /// Reports that the persist with this sequence number (and all before it) is durable.
+    public mutating func persisted(_ sequence: UInt64) -> Actions {
+        while let first = inFlightPersists.first, first.sequence <= sequence {
+            inFlightPersists.removeFirst()
+            durableIndex = max(durableIndex, min(first.lastIndex, log.lastIndex))
+            if let b = first.selfVote, role == .candidate, promised == b {
+                votes[id] = true
+                tallyVotes()
+            }
+        }
+        if role == .leader { maybeCommit() }
+        return finish()
+    }
+
+    /// Proposes commands. Returns the index of the first one; they commit in order.
+    public mutating func propose(_ payloads: [[UInt8]]) throws(ProposalRefusal) -> (firstIndex: LogIndex, actions: Actions) {
+        guard role == .leader, transferTarget == nil else { throw .notLeader(leader: role == .leader ? nil : leader) }
+        let bytes = payloads.reduce(0) { $0 + $1.count }
+        guard uncommittedBytes + bytes <= config.uncommittedBytesMax || uncommittedBytes == 0 else {
+            throw .tooManyUncommittedBytes(limit: config.uncommittedBytesMax)
+        }
+        let first = log.lastIndex + 1
+        for p in payloads { appendAsLeader(kind: .command, payload: p) }
+        broadcastAppend()
+        return (first, finish())
+    }
+
+    // MARK: Status
+
+    public var lastIndex: LogIndex { log.lastIndex }
+    public var firstIndex: LogIndex { log.firstIndex }
+    public var lastBallot: Ballot { log.lastBallot }
+    public var isWitness: Bool { membership.member(id)?.role == .witness }
+
+    /// Match index of each follower, as the leader sees it (empty unless leading).
+    public var followerMatch: [NodeID: LogIndex] { progress.mapValues(\.match) }
+
+    /// The entry at `index` if the replica still holds it.
+    public func entry(at index: LogIndex) -> LogEntry? { log.entry(at: index) }
+
+    // MARK: Internals shared by the extensions
+
+    mutating func resetElectionTimer() {
+        electionElapsed = 0
+        let base = config.electionTimeoutTicks
+        let myPriority = Int(membership.member(id)?.priority ?? 0)
+        let top = Int(membership.members.filter { $0.role == .voter }.map(\.priority).max() ?? 0)
+        randomizedElectionTimeout = base + rng.below(base) + max(0, top - myPriority) * base
+    }
+
+    /// Whether this replica may ever campaign: a voter of the current configuration.
+    var promotable: Bool { membership.member(id)?.role == .voter }
+
+    mutating func send(_ to: NodeID, _ body: Message.Body, afterPersist: Bool = false) {
+        let m = Message(from: id, to: to, ballot: promised, body: body)
+        if afterPersist { out.sendAfterPersist.append(m) } else { out.send.append(m) }
+    }
+
+    mutating func setPromised(_ b: Ballot) {
+        precondition(b >= promised, "promised ballot never decreases")
+        if b != promised {
+            promised = b
+            hardStateDirty = true
+        }
+    }
+
+    mutating func appendLocal(_ e: LogEntry) {
+        log.append(e)
+        stepEntries.append(e)
+        if e.kind == .membership { refreshMembership() }
+    }
+
+    mutating func truncateLocal(from index: LogIndex) {
+        precondition(index > commitIndex, "a committed entry can never be truncated")
+        let hadMembership = log.entries(index, through: log.lastIndex).contains { $0.kind == .membership }
+        log.truncate(from: index)
+        stepEntries.removeAll { $0.index >= index }
+        stepTruncate = min(stepTruncate ?? index, index)
+        durableIndex = min(durableIndex, index - 1)
+        for i in inFlightPersists.indices { inFlightPersists[i].lastIndex = min(inFlightPersists[i].lastIndex, index - 1) }
+        if hadMembership { refreshMembership() }
+    }
+
+    mutating func refreshMembership() {
+        let (index, m) = log.lastMembership() ?? (log.snapshot.index, snapshotMembership)
+        if m != membership || index != membershipIndex {
+            let changed = m != membership
+            membership = m
+            membershipIndex = index
+            hardStateDirty = true
+            if changed { out.events.append(.membershipChanged(m)) }
+            if role == .leader { syncProgressWithMembership() }
+        }
+    }
+
+    var hardState: HardState { HardState(promised: promised, commitIndex: commitIndex, membership: membership) }
+
+    /// Collects this call's output: applies, the persist unit and the ordering of acks.
+    mutating func finish() -> Actions {
+        if appliedIndex < commitIndex {
+            let from = appliedIndex + 1
+            precondition(from >= log.firstIndex, "committed entries below the snapshot were not restored")
+            if !isWitness { out.apply.append(contentsOf: log.entries(from, through: commitIndex)) }
+            appliedIndex = commitIndex
+        }
+        if !stepEntries.isEmpty || stepTruncate != nil || stepSnapshot != nil { hardStateDirty = true }
+        if hardStateDirty || !out.sendAfterPersist.isEmpty && !inFlightPersists.isEmpty {
+            let p = Persist(sequence: nextSequence, truncateFrom: stepTruncate, snapshot: stepSnapshot,
+                            entries: stepEntries, hardState: hardStateDirty ? hardState : nil)
+            inFlightPersists.append(InFlightPersist(sequence: nextSequence, lastIndex: log.lastIndex, issuedAt: ticks, selfVote: stepSelfVote))
+            nextSequence += 1
+            out.persist = p
+        } else if !out.sendAfterPersist.isEmpty {
+            // Nothing is waiting for the disk: the acks vouch only for durable state already.
+            out.send.append(contentsOf: out.sendAfterPersist)
+            out.sendAfterPersist = []
+        }
+        let result = out
+        out = Actions()
+        stepEntries = []
+        stepTruncate = nil
+        stepSnapshot = nil
+        hardStateDirty = false
+        stepSelfVote = nil
+        return result
+    }
+}

@@ -1,0 +1,237 @@
+import RDMAPaxosCore
+
+// Network, disks, client traffic and the checkers that run after every step.
+extension Simulation {
+    mutating func handle(_ id: NodeID, _ a: Actions) throws(SimulationFailure) {
+        for e in a.events {
+            log("\(id): \(e)")
+            if case .becameLeader = e { report.elections += 1 }
+        }
+        if let p = a.persist {
+            var n = nodes[id]!
+            let due = UInt64(now + rng.below(options.diskDelayTicksMax + 1))
+            let acks = a.sendAfterPersist.map { ($0, vouched(id, $0)) }
+            n.disk.pending.append((p, acks, max(due, n.disk.stalledUntil)))
+            nodes[id] = n
+        } else if !a.sendAfterPersist.isEmpty {
+            throw fail("node \(id) returned acks to send after a persist but no persist")
+        }
+        for m in a.send { try transmit(m, vouching: vouched(id, m)) }
+        if let s = a.restore {
+            nodes[id]!.state = decodeState(s.data)
+            nodes[id]!.stateIndex = s.index
+            report.snapshotsInstalled += 1
+            log("\(id): restored snapshot \(s.index)")
+        }
+        for e in a.apply { try applyEntry(id, e) }
+        for r in a.reads { try confirmRead(id, r) }
+    }
+
+    /// The ballot of the entry an acceptance vouches for, as the sender's log held it when it
+    /// produced the message (nil when that entry is already compacted into a snapshot).
+    func vouched(_ id: NodeID, _ m: Message) -> Ballot? {
+        guard case let .accepted(true, index) = m.body else { return nil }
+        return nodes[id]!.replica?.entry(at: index)?.ballot
+    }
+
+    /// Puts a message on the wire after checking the durability rule for acks.
+    mutating func transmit(_ m: Message, vouching: Ballot?) throws(SimulationFailure) {
+        let disk = nodes[m.from]!.disk
+        switch m.body {
+        case let .accepted(true, index):
+            guard disk.lastIndex >= index, vouching == nil || disk.ballot(at: index) == vouching else {
+                throw fail("node \(m.from) acknowledged \(index)@\(vouching.map(String.init(describing:)) ?? "?") before it was durable"
+                           + " (disk holds \(disk.lastIndex)@\(disk.ballot(at: disk.lastIndex).map(String.init(describing:)) ?? "-"))")
+            }
+        case .promise(true):
+            guard disk.hardState.promised >= m.ballot
+            else { throw fail("node \(m.from) promised \(m.ballot) before the promise was durable (disk: \(disk.hardState.promised))") }
+        default: break
+        }
+        guard faultsOn else {
+            network.append((now + 1 + rng.below(2), m))
+            return
+        }
+        if chance(options.dropRate) {
+            report.messagesDropped += 1
+            return
+        }
+        network.append((now + 1 + rng.below(options.delayTicksMax), m))
+        if chance(options.duplicateRate) {
+            network.append((now + 1 + rng.below(options.delayTicksMax * 2), m))
+            report.messagesDuplicated += 1
+        }
+    }
+
+    mutating func deliverMessages() throws(SimulationFailure) {
+        var due: [Message] = []
+        network.removeAll { item in
+            if item.at <= now { due.append(item.message); return true }
+            return false
+        }
+        // Messages due together arrive in any order.
+        for i in due.indices.reversed() where i > 0 { due.swapAt(i, rng.below(i + 1)) }
+        for m in due {
+            guard !cut.contains([m.from, m.to]), nodes[m.to]?.replica != nil else {
+                report.messagesDropped += 1
+                continue
+            }
+            report.messagesDelivered += 1
+            let a = nodes[m.to]!.replica!.receive(m)
+            try handle(m.to, a)
+        }
+    }
+
+    mutating func completeDisks() throws(SimulationFailure) {
+        for id in ids where nodes[id]!.replica != nil {
+            while let first = nodes[id]!.disk.pending.first, first.dueAt <= UInt64(now), nodes[id]!.disk.stalledUntil <= UInt64(now) {
+                nodes[id]!.disk.pending.removeFirst()
+                nodes[id]!.disk.apply(first.persist)
+                for (m, v) in first.acks { try transmit(m, vouching: v) }
+                let a = nodes[id]!.replica!.persisted(first.persist.sequence)
+                try handle(id, a)
+            }
+        }
+    }
+
+    // MARK: Clients
+
+    func liveLeader() -> NodeID? {
+        let leaders = ids.filter { nodes[$0]!.replica?.role == .leader }
+        return leaders.max { nodes[$0]!.replica!.promised < nodes[$1]!.replica!.promised }
+    }
+
+    mutating func clientTraffic() throws(SimulationFailure) {
+        guard let l = liveLeader() else { return }
+        if chance(options.proposeRate) { _ = try proposeCommand(at: l) }
+        if chance(options.readRate) {
+            let id = nextRead
+            nextRead += 1
+            do {
+                let a = try nodes[l]!.replica!.read(id: id)
+                reads[id] = (l, nodes[l]!.incarnation, highestAcked)
+                try handle(l, a)
+            } catch {}
+        }
+    }
+
+    /// Proposes a fresh unique command; returns it if the leader took it.
+    mutating func proposeCommand(at l: NodeID) throws(SimulationFailure) -> [UInt8]? {
+        nextCommand += 1
+        let cmd = Array("c\(nextCommand)".utf8)
+        do {
+            let (index, a) = try nodes[l]!.replica!.propose([cmd])
+            proposals[cmd] = (l, nodes[l]!.incarnation, index)
+            try handle(l, a)
+            return cmd
+        } catch {
+            return nil
+        }
+    }
+
+    // MARK: Checkers
+
+    mutating func applyEntry(_ id: NodeID, _ e: LogEntry) throws(SimulationFailure) {
+        var n = nodes[id]!
+        guard e.index == n.stateIndex + 1 else {
+            throw fail("node \(id) applied index \(e.index) after \(n.stateIndex): applies must be contiguous")
+        }
+        let c = committed[e.index] ?? recordCommitted(e)
+        guard c == e else {
+            throw fail("node \(id) applied \(describe(e)) but \(describe(committed[e.index]!)) was committed there")
+        }
+        n.stateIndex = e.index
+        if e.kind == .command { n.state.append(e.payload) }
+        nodes[id] = n
+        if let p = proposals[e.payload], p.node == id, p.incarnation == n.incarnation, p.index == e.index, e.kind == .command {
+            acknowledged[e.payload] = e.index
+            highestAcked = max(highestAcked, e.index)
+            report.acknowledged += 1
+            proposals[e.payload] = nil
+        }
+    }
+
+    mutating func recordCommitted(_ e: LogEntry) -> LogEntry {
+        committed[e.index] = e
+        report.committed += 1
+        if e.kind == .command {
+            if let other = commandIndex[e.payload], other != e.index {
+                // Reported by checkCommitted through the duplicate check below.
+                duplicateCommand = (e.payload, other, e.index)
+            }
+            commandIndex[e.payload] = e.index
+        }
+        return e
+    }
+
+    /// Never two different entries committed at one index; no command committed twice.
+    mutating func checkCommitted() throws(SimulationFailure) {
+        for id in ids {
+            guard let r = nodes[id]!.replica else { continue }
+            var from = max(nodes[id]!.checkedCommit + 1, r.firstIndex)
+            while from <= r.commitIndex {
+                guard let e = r.entry(at: from) else { throw fail("node \(id) committed index \(from) it does not hold") }
+                let c = committed[from] ?? recordCommitted(e)
+                guard c == e else { throw fail("index \(from) committed as \(describe(c)) and as \(describe(e)) on node \(id)") }
+                from += 1
+            }
+            nodes[id]!.checkedCommit = max(nodes[id]!.checkedCommit, r.commitIndex)
+        }
+        if let (cmd, a, b) = duplicateCommand {
+            throw fail("command \(String(decoding: cmd, as: UTF8.self)) committed twice, at \(a) and \(b)")
+        }
+    }
+
+    mutating func confirmRead(_ id: NodeID, _ r: ReadState) throws(SimulationFailure) {
+        guard let issued = reads.removeValue(forKey: r.id) else { throw fail("read \(r.id) confirmed twice or never issued") }
+        guard issued.node == id, issued.incarnation == nodes[id]!.incarnation else { throw fail("read \(r.id) confirmed by another node") }
+        guard r.index >= issued.mustSee else {
+            throw fail("read \(r.id) at index \(r.index) would miss acknowledged write at \(issued.mustSee)")
+        }
+        report.readsConfirmed += 1
+    }
+
+    /// After healing: a leader, every running replica caught up, every acknowledged write there.
+    func converged() -> Bool {
+        guard let l = liveLeader(), let lr = nodes[l]!.replica, lr.commitIndex == lr.lastIndex else { return false }
+        return ids.allSatisfy { id in
+            guard let r = nodes[id]!.replica else { return false }
+            return r.commitIndex == lr.commitIndex && (r.isWitness || nodes[id]!.stateIndex == lr.commitIndex)
+        }
+    }
+
+    func finalCheck(after before: LogIndex) throws(SimulationFailure) {
+        for (cmd, index) in acknowledged {
+            guard let c = committed[index], c.payload == cmd else {
+                throw fail("acknowledged command \(String(decoding: cmd, as: UTF8.self)) at \(index) is not committed there")
+            }
+        }
+        // Every state machine holds the same commands in the same order.
+        let states = ids.filter { !(nodes[$0]!.replica?.isWitness ?? true) }.map { nodes[$0]!.state }
+        for s in states.dropFirst() where s != states[0] {
+            throw fail("replica state machines differ after convergence")
+        }
+        let expected = committed.keys.sorted().compactMap { committed[$0]!.kind == .command ? committed[$0]!.payload : nil }
+        if let s = states.first, s != expected, nodes.values.allSatisfy({ $0.disk.snapshot == nil }) {
+            throw fail("state machine holds \(s.count) commands, the committed log \(expected.count)")
+        }
+    }
+
+    func describe(_ e: LogEntry) -> String {
+        "\(e.index)@\(e.ballot) \(e.kind) \(String(decoding: e.payload.prefix(16), as: UTF8.self))"
+    }
+}
+
+func encodeState(_ s: [[UInt8]]) -> [UInt8] {
+    var w = ByteWriter()
+    w.u32(UInt32(s.count))
+    for c in s { w.blob(c) }
+    return w.bytes
+}
+
+func decodeState(_ b: [UInt8]) -> [[UInt8]] {
+    guard !b.isEmpty else { return [] }
+    var r = ByteReader(b, what: "simulated state")
+    guard let n = try? r.u32() else { preconditionFailure("simulated snapshot is corrupt") }
+    return (0..<n).map { _ in (try? r.blob(max: 1 << 20)) ?? [] }
+}

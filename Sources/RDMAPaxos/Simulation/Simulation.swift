@@ -1,0 +1,222 @@
+import RDMAPaxosCore
+
+/// Runs one seeded simulation: faults first, then a healed cluster that must converge.
+/// Throws the first checker violation, with the seed that replays it.
+public func simulate(_ options: SimulationOptions, trace: Bool = false) throws(SimulationFailure) -> SimulationReport {
+    var sim = Simulation(options, tracing: trace)
+    try sim.run()
+    return sim.report
+}
+
+struct SimNode {
+    var replica: Replica?
+    var disk = SimulatedDisk()
+    /// Incremented at each restart, so an ack is only credited to the incarnation that was asked.
+    var incarnation = 0
+    /// The state machine: commands applied, in order, and the index applied through.
+    var state: [[UInt8]] = []
+    var stateIndex: LogIndex = 0
+    var restartAt: Int?
+    var checkedCommit: LogIndex = 0
+}
+
+struct Simulation {
+    let options: SimulationOptions
+    var rng: SeededRandom
+    var report: SimulationReport
+    var now = 0
+    var faultsOn = true
+    var tracing: Bool
+    var traceLines: [String] = []
+
+    var members: Membership
+    var nodes: [NodeID: SimNode] = [:]
+    var ids: [NodeID]
+    var network: [(at: Int, message: Message)] = []
+    /// Directed links currently cut, and when the cut heals.
+    var cut: Set<[NodeID]> = []
+    var healCutAt = 0
+
+    // Checker state.
+    var committed: [LogIndex: LogEntry] = [:]
+    var commandIndex: [[UInt8]: LogIndex] = [:]
+    var proposals: [[UInt8]: (node: NodeID, incarnation: Int, index: LogIndex)] = [:]
+    var acknowledged: [[UInt8]: LogIndex] = [:]
+    var highestAcked: LogIndex = 0
+    var reads: [UInt64: (node: NodeID, incarnation: Int, mustSee: LogIndex)] = [:]
+    var nextCommand = 0
+    var nextRead: UInt64 = 1
+    var duplicateCommand: ([UInt8], LogIndex, LogIndex)?
+
+    init(_ options: SimulationOptions, tracing: Bool) {
+        self.options = options
+        self.tracing = tracing
+        rng = SeededRandom(seed: options.seed)
+        report = SimulationReport(seed: options.seed)
+        var ms: [Member] = []
+        for i in 1...options.voters {
+            let witness = options.witness && i == options.voters
+            ms.append(Member(id: NodeID(i), role: witness ? .witness : .voter, priority: witness ? 0 : 1))
+        }
+        if options.learner { ms.append(Member(id: NodeID(options.voters + 1), role: .learner, priority: 0)) }
+        members = Membership(ms)
+        ids = ms.map(\.id)
+        for id in ids {
+            nodes[id] = SimNode()
+            start(id)
+        }
+    }
+
+    func replicaConfig(_ id: NodeID) -> ReplicaConfig {
+        var c = ReplicaConfig(id: id)
+        c.electionTimeoutTicks = 10
+        c.heartbeatTicks = 2
+        c.diskStallTicks = 8
+        c.batchBytesMax = 64
+        c.inflightMessagesMax = 4
+        return c
+    }
+
+    mutating func start(_ id: NodeID) {
+        var n = nodes[id]!
+        n.incarnation += 1
+        n.replica = Replica(config: replicaConfig(id), restoring: n.disk.restored, bootstrap: members, seed: rng.next())
+        n.state = []
+        n.stateIndex = 0
+        if let s = n.disk.snapshot {
+            n.state = decodeState(s.data)
+            n.stateIndex = s.index
+        }
+        n.checkedCommit = n.disk.snapshot?.index ?? 0
+        n.restartAt = nil
+        nodes[id] = n
+    }
+
+    /// Keeps the recent history for failure reports; prints everything when tracing.
+    mutating func log(_ s: String) {
+        let line = "[\(now)] \(s)"
+        traceLines.append(line)
+        if traceLines.count > 600 { traceLines.removeFirst(300) }
+        if tracing { print(line) }
+    }
+
+    /// One line per node, for failure reports.
+    func clusterState() -> String {
+        ids.map { id in
+            guard let r = nodes[id]!.replica else { return "  \(id): down" }
+            return "  \(id): \(r.role) at \(r.promised) leader \(r.leader.map(String.init) ?? "-") log \(r.firstIndex)...\(r.lastIndex)@\(r.lastBallot)"
+                + " commit \(r.commitIndex) applied \(r.appliedIndex) durable \(r.durableIndex) state \(nodes[id]!.stateIndex)"
+                + " disk \(nodes[id]!.disk.lastIndex) pending \(nodes[id]!.disk.pending.count)"
+                + (r.role == .leader ? " match \(r.followerMatch.sorted { $0.key < $1.key })" : "")
+        }.joined(separator: "\n")
+    }
+
+    func fail(_ message: String) -> SimulationFailure {
+        SimulationFailure(seed: options.seed, tick: now, message: message, trace: traceLines)
+    }
+
+    mutating func chance(_ p: Double) -> Bool { Double(rng.next() % 1_000_000) < p * 1_000_000 }
+
+    // MARK: Main loop
+
+    mutating func run() throws(SimulationFailure) {
+        for _ in 0..<options.faultTicks { try step() }
+        heal()
+        let before = nodes.values.map(\.stateIndex).max() ?? 0
+        var probe: [UInt8]?
+        var probeAt = 0
+        for _ in 0..<options.healTicksMax {
+            try step()
+            // A probe write proves the healed cluster commits; retry it if its leader lost office.
+            if probe == nil || (acknowledged[probe!] == nil && now - probeAt > 40), let l = liveLeader() {
+                probe = try proposeCommand(at: l)
+                probeAt = now
+            }
+            if let p = probe, acknowledged[p] != nil, converged() {
+                try finalCheck(after: before)
+                report.ticks = now
+                return
+            }
+        }
+        throw fail("liveness: no convergence within \(options.healTicksMax) ticks after faults healed"
+                   + " (leader: \(liveLeader().map(String.init) ?? "none"), probe acked: \(probe.map { acknowledged[$0] != nil } ?? false))\n"
+                   + clusterState())
+    }
+
+    mutating func heal() {
+        faultsOn = false
+        cut = []
+        for id in ids {
+            nodes[id]!.disk.stalledUntil = 0
+            if nodes[id]!.replica == nil { start(id) }
+        }
+        log("heal: all links up, all nodes running")
+    }
+
+    mutating func step() throws(SimulationFailure) {
+        now += 1
+        if faultsOn { try injectFaults() }
+        if now >= healCutAt { cut = [] }
+        for id in ids where nodes[id]!.replica == nil {
+            if let at = nodes[id]!.restartAt, at <= now {
+                start(id)
+                log("restart \(id)")
+            }
+        }
+        try deliverMessages()
+        try completeDisks()
+        for id in ids where nodes[id]!.replica != nil {
+            let a = nodes[id]!.replica!.tick()
+            try handle(id, a)
+        }
+        if faultsOn || rng.below(4) == 0 { try clientTraffic() }
+        try checkCommitted()
+    }
+
+    mutating func injectFaults() throws(SimulationFailure) {
+        if chance(options.crashRate), let victim = pickCrashVictim() {
+            nodes[victim]!.replica = nil
+            nodes[victim]!.disk.pending = []
+            nodes[victim]!.restartAt = now + 5 + rng.below(40)
+            report.crashes += 1
+            log("crash \(victim)")
+        }
+        if cut.isEmpty && chance(options.partitionRate) {
+            let kind = rng.below(3)
+            let target = kind == 2 ? (liveLeader() ?? ids[rng.below(ids.count)]) : ids[rng.below(ids.count)]
+            for other in ids where other != target {
+                cut.insert([other, target])
+                if kind != 1 { cut.insert([target, other]) } // kind 1: asymmetric, target still sends
+            }
+            healCutAt = now + 10 + rng.below(60)
+            report.partitions += 1
+            log("partition \(["isolate", "one-way into", "isolate leader"][kind]) \(target) until \(healCutAt)")
+        }
+        if chance(options.diskStallRate) {
+            let id = ids[rng.below(ids.count)]
+            nodes[id]!.disk.stalledUntil = UInt64(now + 5 + rng.below(30))
+            report.diskStalls += 1
+            log("disk stall \(id) until \(nodes[id]!.disk.stalledUntil)")
+        }
+        if chance(options.compactRate) {
+            let id = ids[rng.below(ids.count)]
+            if var r = nodes[id]!.replica, r.appliedIndex >= r.firstIndex {
+                // The state machine has applied exactly through appliedIndex: snapshot it there.
+                let through = r.appliedIndex
+                let a = r.compact(through: through, snapshot: r.isWitness ? [] : encodeState(nodes[id]!.state))
+                nodes[id]!.replica = r
+                report.compactions += 1
+                log("compact \(id) through \(through)")
+                try handle(id, a)
+            }
+        }
+    }
+
+    /// Crash anyone, but keep the crashed count below a majority so the run makes progress.
+    mutating func pickCrashVictim() -> NodeID? {
+        let down = ids.filter { nodes[$0]!.replica == nil }.count
+        guard down < (members.voting.count - 1) / 2 else { return nil }
+        let up = ids.filter { nodes[$0]!.replica != nil }
+        return up.isEmpty ? nil : up[rng.below(up.count)]
+    }
+}
