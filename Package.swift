@@ -55,7 +55,7 @@ let package = Package(
 
         .testTarget(
             name: "RDMAPaxosCoreTests",
-            dependencies: ["RDMAPaxosCore"],
+            dependencies: ["RDMAPaxosCore", "RDMAPaxosSimulation"],
             resources: [.copy("testdata")]),
         .testTarget(name: "SimulationTests", dependencies: ["RDMAPaxosSimulation"]),
         .testTarget(name: "RDMAPaxosTests", dependencies: ["RDMAPaxos"]),

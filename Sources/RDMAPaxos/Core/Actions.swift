@@ -76,6 +76,7 @@ public enum ProposalRefusal: Error, Sendable, Hashable, CustomStringConvertible 
     case notLeader(leader: NodeID?)
     case tooManyUncommittedBytes(limit: Int)
     case membershipChangeInProgress
+    case leadershipTransferInProgress(to: NodeID)
     case invalidMembershipChange(String)
 
     public var description: String {
@@ -83,6 +84,7 @@ public enum ProposalRefusal: Error, Sendable, Hashable, CustomStringConvertible 
         case let .notLeader(l): "not the leader (leader: \(l.map(String.init) ?? "unknown"))"
         case let .tooManyUncommittedBytes(l): "more than \(l) uncommitted bytes; retry later"
         case .membershipChangeInProgress: "another membership change is not yet committed"
+        case let .leadershipTransferInProgress(t): "leadership is moving to \(t); retry there"
         case let .invalidMembershipChange(r): "invalid membership change: \(r)"
         }
     }

@@ -54,7 +54,8 @@ extension Replica {
     /// Proposes a configuration differing from the current one by a single member: one added,
     /// one removed, or one member's role or priority changed (learner promotion).
     public mutating func proposeMembership(_ next: Membership) throws(ProposalRefusal) -> (index: LogIndex, actions: Actions) {
-        guard role == .leader, transferTarget == nil else { throw .notLeader(leader: role == .leader ? nil : leader) }
+        guard role == .leader else { throw .notLeader(leader: leader) }
+        if let t = transferTarget { throw .leadershipTransferInProgress(to: t) }
         guard membershipIndex <= commitIndex, log.ballot(at: commitIndex) == promised else {
             throw .membershipChangeInProgress
         }
@@ -115,6 +116,18 @@ extension Replica {
         snapshotMembership = m
         snapshotData = data
         stepSnapshot = Snapshot(index: index, ballot: ballot, membership: m, data: data)
+        return finish()
+    }
+}
+
+extension Replica {
+    /// Starts an election now instead of waiting for the election timer (an operator's
+    /// "campaign" and the scenario tests' trigger). Ignored by non-voters.
+    public mutating func campaign() -> Actions {
+        if role != .leader && promotable && !diskStalled {
+            resetElectionTimer()
+            campaign(force: false)
+        }
         return finish()
     }
 }

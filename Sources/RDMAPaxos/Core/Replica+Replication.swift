@@ -201,8 +201,10 @@ extension Replica {
             // A rejection below what we know matches is stale (reordered); ignore it.
             guard index >= pr.match else { progress[from] = pr; return }
             if case .snapshot = pr.state { progress[from] = pr; return }
+            // Back up to just past the follower's hint, never below what is known to match.
+            let next = max(pr.match + 1, min(index + 1, pr.next - 1))
             pr.becomeProbe()
-            pr.next = max(pr.match + 1, min(index + 1, pr.next))
+            pr.next = next
             progress[from] = pr
         }
         while let p = progress[from], !p.isPaused(inflightMax: config.inflightMessagesMax), p.next <= log.lastIndex {

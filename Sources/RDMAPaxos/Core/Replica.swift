@@ -138,7 +138,8 @@ public struct Replica: Sendable {
 
     /// Proposes commands. Returns the index of the first one; they commit in order.
     public mutating func propose(_ payloads: [[UInt8]]) throws(ProposalRefusal) -> (firstIndex: LogIndex, actions: Actions) {
-        guard role == .leader, transferTarget == nil else { throw .notLeader(leader: role == .leader ? nil : leader) }
+        guard role == .leader else { throw .notLeader(leader: leader) }
+        if let t = transferTarget { throw .leadershipTransferInProgress(to: t) }
         let bytes = payloads.reduce(0) { $0 + $1.count }
         guard uncommittedBytes + bytes <= config.uncommittedBytesMax || uncommittedBytes == 0 else {
             throw .tooManyUncommittedBytes(limit: config.uncommittedBytesMax)

@@ -1,26 +1,28 @@
 import RDMAPaxosCore
 
 /// A replica's stable log as the simulator models it: what is durable survives a crash,
-/// what is still being written does not.
-struct SimulatedDisk {
-    var hardState = HardState()
-    var snapshot: Snapshot?
-    var entries: [LogEntry] = []
+/// what is still being written does not. Public so users can drive `Replica` in their own tests.
+public struct SimulatedDisk: Sendable {
+    public internal(set) var hardState = HardState()
+    public internal(set) var snapshot: Snapshot?
+    public internal(set) var entries: [LogEntry] = []
     /// Persists issued but not yet durable, in order, with the acks waiting on them.
     var pending: [(persist: Persist, acks: [(Message, Ballot?)], dueAt: UInt64)] = []
     /// While set, nothing completes before this time (a stalled disk).
     var stalledUntil: UInt64 = 0
 
-    var lastIndex: LogIndex { entries.last?.index ?? snapshot?.index ?? 0 }
+    public init() {}
 
-    func ballot(at index: LogIndex) -> Ballot? {
+    public var lastIndex: LogIndex { entries.last?.index ?? snapshot?.index ?? 0 }
+
+    public func ballot(at index: LogIndex) -> Ballot? {
         if let s = snapshot, s.index == index { return s.ballot }
         guard let first = entries.first, index >= first.index, index <= lastIndex else { return nil }
         return entries[Int(index - first.index)].ballot
     }
 
     /// Makes one persist durable, in the order `Actions` documents.
-    mutating func apply(_ p: Persist) {
+    public mutating func apply(_ p: Persist) {
         if let t = p.truncateFrom { entries.removeAll { $0.index >= t } }
         if let s = p.snapshot {
             if ballot(at: s.index) == s.ballot {
@@ -37,5 +39,5 @@ struct SimulatedDisk {
         if let h = p.hardState { hardState = h }
     }
 
-    var restored: RestoredState { RestoredState(hardState: hardState, snapshot: snapshot, entries: entries) }
+    public var restored: RestoredState { RestoredState(hardState: hardState, snapshot: snapshot, entries: entries) }
 }
