@@ -5,5 +5,6 @@ import RDMAPaxos
 struct Plover: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "plover",
-        abstract: "RDMA Paxos replicated log and VM replication.")
+        abstract: "RDMA Paxos replicated log and VM replication.",
+        subcommands: [BenchCommand.self, StableLogWriterCommand.self])
 }

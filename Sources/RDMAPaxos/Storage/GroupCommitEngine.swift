@@ -19,6 +19,8 @@ final class GroupCommitEngine: @unchecked Sendable {
         /// The first failure: from then on every operation fails with it.
         var failure: StableLogError?
         var closed = false
+        /// Group commits done (appends only): lets tests see that appends share commits.
+        var commits = 0
 
         init(snapshot: SnapshotPoint, hardState: HardState, lastIndex: LogIndex) {
             self.snapshot = snapshot
@@ -207,6 +209,7 @@ final class GroupCommitEngine: @unchecked Sendable {
             switch result {
             case .success:
                 if let last = batch.last {
+                    state.commits += 1
                     state.durableIndex = last.index
                     state.pending.removeFirst(min(batch.count, state.pending.count))
                 }
