@@ -14,13 +14,9 @@ struct TailCommand: ParsableCommand {
             """)
 
     @Argument(help: "The node's log directory.") var directory: String
-    @Option(name: .shortAndLong, help: "How many of the last entries to print first.") var lines: Int = 10
+    @Option(name: [.customShort("n"), .long], help: "How many of the last entries to print first.") var lines: Int = 10
     @Flag(name: .shortAndLong, help: "Keep following new entries.") var follow = false
     @Option(help: "Milliseconds between polls with -f.") var intervalMs: Int = 200
-
-    /// Set by SIGINT/SIGTERM so the follower detaches from the environment cleanly: a reader killed
-    /// inside a read could leave a lock behind that the node would wait for.
-    nonisolated(unsafe) static var stop: sig_atomic_t = 0
 
     func run() throws {
         var next: LogIndex = 0
@@ -31,19 +27,36 @@ struct TailCommand: ParsableCommand {
         }
         Output.flush()
         guard follow else { return }
-        signal(SIGINT) { _ in TailCommand.stop = 1 }
-        signal(SIGTERM) { _ in TailCommand.stop = 1 }
+        // Ctrl-C and SIGTERM end the loop instead of the process, so the follower detaches from the
+        // environment cleanly: a reader killed inside a read could leave a lock the node waits for.
+        let stop = StopFlag()
+        var sources: [DispatchSourceSignal] = []
+        for sig in [SIGINT, SIGTERM] {
+            signal(sig, SIG_IGN)
+            let src = DispatchSource.makeSignalSource(signal: sig, queue: .global())
+            src.setEventHandler { stop.set() }
+            src.resume()
+            sources.append(src)
+        }
         var reader: LogStoreReader?
         defer { reader?.close() }
-        while Self.stop == 0 {
+        while !stop.isSet {
             usleep(useconds_t(max(10, intervalMs) * 1000))
-            if let r = reader, r.nodeGone { r.close(); reader = nil }
             if reader == nil {
-                // A stopped store is read and let go at once, so a node can start on it.
-                guard let r = try? LogStoreReader.open(path: directory) else { continue }
+                // Attach only to a running node: opening a stopped store takes the writer lock,
+                // which would keep a node from starting.
+                guard LogStoreReader.isNodeRunning(path: directory),
+                      let r = try? LogStoreReader.open(path: directory) else { continue }
                 reader = r
             }
             guard let r = reader else { continue }
+            let gone = r.nodeGone
+            if gone && LogStoreReader.isNodeRunning(path: directory) {
+                // Replaced by a new node, which is waiting for us to detach so it can recover.
+                r.close()
+                reader = nil
+                continue
+            }
             do {
                 if let b = try r.bounds(), b.last + 1 < next {
                     Output.line("# log truncated: last index is now \(b.last)")
@@ -51,13 +64,19 @@ struct TailCommand: ParsableCommand {
                 }
                 next = try printNew(r, from: next)
             } catch {
-                Output.error("paxos-log: \(error) (retrying)")
+                if !gone { Output.error("paxos-log: \(error) (attaching again)") }
                 r.close()
                 reader = nil
             }
-            if !r.live { r.close(); reader = nil }
             Output.flush()
+            // Read once more after the node went away (what it committed last), then let go so
+            // the next node can recover the store.
+            if gone || !r.live {
+                r.close()
+                reader = nil
+            }
         }
+        withExtendedLifetime(sources) {}
     }
 
     /// Prints entries from `from` on and returns the index after the last one printed.
@@ -70,4 +89,13 @@ struct TailCommand: ParsableCommand {
         }
         return next
     }
+}
+
+/// Set from a signal handler's dispatch source, read by the follow loop.
+final class StopFlag: @unchecked Sendable {
+    // @unchecked Sendable: `value` is guarded by `lock`.
+    private let lock = NSLock()
+    private var value = false
+    func set() { lock.lock(); value = true; lock.unlock() }
+    var isSet: Bool { lock.lock(); defer { lock.unlock() }; return value }
 }

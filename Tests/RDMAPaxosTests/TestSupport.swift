@@ -112,8 +112,12 @@ final class Child: @unchecked Sendable {
         return false
     }
 
-    func kill(_ signal: Int32) {
+    /// Sends `signal`; if the child has not exited after `seconds`, kills it for good.
+    func kill(_ signal: Int32, seconds: Double = 5) {
         Glibc.kill(process.processIdentifier, signal)
+        let deadline = Date().addingTimeInterval(seconds)
+        while process.isRunning && Date() < deadline { usleep(5_000) }
+        if process.isRunning { Glibc.kill(process.processIdentifier, SIGKILL) }
         process.waitUntilExit()
     }
 }

@@ -73,6 +73,12 @@ public final class LogStoreReader {
         throw StableLogError.locked(path: path)
     }
 
+    /// Whether a node holds the store at `path` now (without taking any lock).
+    public static func isNodeRunning(path: String) -> Bool {
+        guard let lock = try? StoreLock(directory: path, create: false) else { return false }
+        return lock.isHeldElsewhere(.writer)
+    }
+
     /// Detaches; safe to call twice.
     public func close() {
         db.close()
