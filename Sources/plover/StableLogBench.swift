@@ -66,19 +66,17 @@ struct StableLogBench: ParsableCommand {
         let start = DispatchTime.now().uptimeNanoseconds
         let deadline = start + UInt64(seconds * 1e9)
         let latencies = (0..<n).map { _ in Latencies() }
-        DispatchQueue.concurrentPerform(iterations: n) { t in
-            let sem = DispatchSemaphore(value: 0)
+        // One thread per appender (concurrentPerform would run only as many as there are cores).
+        let finished = DispatchGroup()
+        for t in 0..<n {
+            finished.enter()
             let mine = latencies[t]
-            while DispatchTime.now().uptimeNanoseconds < deadline {
-                let t0 = DispatchTime.now().uptimeNanoseconds
-                guard shared.appendNext(log, entriesMax: entriesMax, { result in
-                    if case let .failure(e) = result { fatalError("append failed: \(e)") }
-                    mine.values.append(DispatchTime.now().uptimeNanoseconds - t0)
-                    sem.signal()
-                }) else { break }
-                sem.wait()
-            }
+            Thread {
+                Self.appendLoop(log, shared, mine, deadline: deadline, entriesMax: entriesMax)
+                finished.leave()
+            }.start()
         }
+        finished.wait()
         let elapsed = Double(DispatchTime.now().uptimeNanoseconds - start) / 1e9
         try log.close()
         var all = latencies.flatMap(\.values)
@@ -88,6 +86,20 @@ struct StableLogBench: ParsableCommand {
         }
         return Row(mode: mode, payload: payload, appenders: n, entries: all.count,
                    perSecond: Double(all.count) / elapsed, p50Micros: pct(0.50), p99Micros: pct(0.99))
+    }
+
+    /// One closed-loop appender: append, wait until durable, repeat.
+    private static func appendLoop(_ log: BerkeleyDBLog, _ shared: Shared, _ mine: Latencies, deadline: UInt64, entriesMax: Int) {
+        let sem = DispatchSemaphore(value: 0)
+        while DispatchTime.now().uptimeNanoseconds < deadline {
+            let t0 = DispatchTime.now().uptimeNanoseconds
+            guard shared.appendNext(log, entriesMax: entriesMax, { result in
+                if case let .failure(e) = result { fatalError("append failed: \(e)") }
+                mine.values.append(DispatchTime.now().uptimeNanoseconds - t0)
+                sem.signal()
+            }) else { break }
+            sem.wait()
+        }
     }
 
     static func markdown(_ rows: [Row], storeDir: String) -> String {

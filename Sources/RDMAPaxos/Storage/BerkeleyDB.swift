@@ -180,12 +180,12 @@ final class BerkeleyDB: @unchecked Sendable {
 
     func put(_ table: Table, key: [UInt8], value: [UInt8], txn: Txn) throws(StableLogError) {
         let d = try db(table)
-        var key = key, value = value
-        let rc = key.withUnsafeMutableBytes { k in
-            value.withUnsafeMutableBytes { v in
+        // DB->put only reads the key and data; the casts avoid copying the arrays.
+        let rc = key.withUnsafeBytes { k in
+            value.withUnsafeBytes { v in
                 var kd = DBT(), vd = DBT()
-                kd.data = k.baseAddress; kd.size = UInt32(k.count)
-                vd.data = v.baseAddress; vd.size = UInt32(v.count)
+                kd.data = UnsafeMutableRawPointer(mutating: k.baseAddress); kd.size = UInt32(k.count)
+                vd.data = UnsafeMutableRawPointer(mutating: v.baseAddress); vd.size = UInt32(v.count)
                 return d.pointee.put!(d, txn.raw, &kd, &vd, 0)
             }
         }
