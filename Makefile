@@ -2,7 +2,7 @@
 SWIFT ?= swift
 BUILD_FLAGS ?=
 
-.PHONY: deps build test demo simulate clean
+.PHONY: deps build test demo simulate bench bench-stable-log clean
 
 deps:
 	./scripts/install-deps.sh
@@ -26,6 +26,11 @@ simulate:
 
 demo: build
 	$(SWIFT) run $(BUILD_FLAGS) plover demo
+
+# Stable log group commit vs one fsync per record (benchmarks/stable-log/README.md), ~1 min.
+bench-stable-log: deps
+	$(SWIFT) build -c release --product plover
+	.build/release/plover bench stable-log --out benchmarks/stable-log/results.md
 
 clean:
 	rm -rf .build

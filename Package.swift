@@ -34,7 +34,7 @@ let package = Package(
         // Storage, fabrics and the runtime; re-exports the core.
         .target(
             name: "RDMAPaxos",
-            dependencies: ["RDMAPaxosCore", "CBerkeleyDB", "CVerbs"],
+            dependencies: ["RDMAPaxosCore", "CBerkeleyDB", "CVerbs", "CXXHash"],
             path: "Sources/RDMAPaxos",
             exclude: ["Core", "Simulation"]),
         .target(name: "VMReplica", dependencies: ["RDMAPaxos", "CXXHash"]),

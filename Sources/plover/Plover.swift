@@ -8,5 +8,7 @@ struct Plover: ParsableCommand {
         abstract: "RDMA Paxos replicated log and VM replication.",
         subcommands: [
             Simulate.self,
+            BenchCommand.self,
+            StableLogWriterCommand.self,
         ])
 }

@@ -5,7 +5,8 @@ public enum Durability: String, Sendable, CaseIterable {
     /// Returned means on disk: each group commit ends with an fsync of the log. The default.
     case fsync
     /// Returned means in the operating system: survives a crash of the process, not of the host
-    /// (Berkeley DB's DB_TXN_NOSYNC; what APUS effectively had).
+    /// (Berkeley DB's DB_TXN_WRITE_NOSYNC; what APUS effectively had). Plain DB_TXN_NOSYNC would
+    /// not do: it leaves the log in the environment's buffer, which recovery after a crash discards.
     case async
     /// No disk at all: survives nothing. For Mu-style in-memory replication and tests.
     case memory

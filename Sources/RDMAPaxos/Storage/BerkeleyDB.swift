@@ -1,0 +1,285 @@
+import CBerkeleyDB
+import Foundation
+
+/// The only owner of Berkeley DB's C handles: one environment and the two databases of a log store
+/// (`entries.db`, `meta.db`). Every return code goes through `check`, which throws a
+/// `StableLogError` naming the store, the C code and Berkeley DB's own message.
+///
+/// `@unchecked Sendable`: the environment and databases are opened with DB_THREAD, which makes
+/// the handles free-threaded (Berkeley DB serializes internally); the pointers themselves are
+/// written only in `init` and `close`, and owners call `close` once no other thread uses the handle.
+final class BerkeleyDB: @unchecked Sendable {
+    enum Table { case entries, meta }
+
+    struct Config {
+        /// A private environment with in-memory databases and log: nothing touches the disk.
+        var inMemory = false
+        /// Create the databases (a new store).
+        var createDatabases = false
+        /// Run normal recovery while opening (only under the exclusive environment lock).
+        var recover = false
+        /// Open the databases read-only (inspectors).
+        var readOnly = false
+        var cacheBytes = 64 << 20
+        var logBufferBytes = 8 << 20
+        var pageBytes: UInt32 = 16 << 10
+    }
+
+    static let entriesFile = "entries.db"
+    static let metaFile = "meta.db"
+
+    let path: String
+    private var env: UnsafeMutablePointer<DB_ENV>?
+    private var entriesDB: UnsafeMutablePointer<DB>?
+    private var metaDB: UnsafeMutablePointer<DB>?
+    private let messages = ErrorMessages()
+
+    init(path: String, config: Config) throws(StableLogError) {
+        self.path = path
+        var envp: UnsafeMutablePointer<DB_ENV>?
+        try check(db_env_create(&envp, 0), "db_env_create")
+        guard let env = envp else { throw .engine(path: path, code: -1, message: "db_env_create returned no handle") }
+        self.env = env
+        do {
+            try open(env: env, config: config)
+        } catch {
+            close()
+            throw error
+        }
+    }
+
+    deinit { close() }
+
+    private func open(env: UnsafeMutablePointer<DB_ENV>, config: Config) throws(StableLogError) {
+        // Route Berkeley DB's own diagnostics into the thrown error instead of stderr.
+        env.pointee.app_private = Unmanaged.passUnretained(messages).toOpaque()
+        env.pointee.set_errcall!(env) { envp, _, msg in
+            guard let envp, let box = envp.pointee.app_private, let msg else { return }
+            Unmanaged<ErrorMessages>.fromOpaque(box).takeUnretainedValue().record(String(cString: msg))
+        }
+        // These only take effect when this process creates the environment region.
+        try check(env.pointee.set_cachesize!(env, 0, UInt32(config.cacheBytes), 1), "set_cachesize")
+        try check(env.pointee.set_lg_bsize!(env, UInt32(config.logBufferBytes)), "set_lg_bsize")
+        // A deadlock picks the locker with the fewest write locks: an inspector's read, never the node.
+        try check(env.pointee.set_lk_detect!(env, UInt32(DB_LOCK_MINWRITE)), "set_lk_detect")
+        if config.inMemory {
+            try check(env.pointee.log_set_config!(env, UInt32(DB_LOG_IN_MEMORY), 1), "log_set_config")
+        } else if !config.readOnly {
+            // Log files behind the last checkpoint are deleted: we recover from crashes, not media loss.
+            try check(env.pointee.log_set_config!(env, UInt32(DB_LOG_AUTO_REMOVE), 1), "log_set_config")
+        }
+        var flags = UInt32(DB_INIT_TXN | DB_INIT_LOG | DB_INIT_MPOOL | DB_INIT_LOCK | DB_THREAD)
+        // Recovery rebuilds the environment's region files, so it needs DB_CREATE too.
+        if config.createDatabases || config.recover || config.inMemory { flags |= UInt32(DB_CREATE) }
+        if config.recover { flags |= UInt32(DB_RECOVER) }
+        if config.inMemory { flags |= UInt32(DB_PRIVATE) }
+        try check(env.pointee.open!(env, config.inMemory ? nil : path, flags, 0o600), "opening the environment")
+
+        entriesDB = try openTable(Self.entriesFile, name: "entries", config: config)
+        metaDB = try openTable(Self.metaFile, name: "meta", config: config)
+    }
+
+    private func openTable(_ file: String, name: String, config: Config) throws(StableLogError) -> UnsafeMutablePointer<DB> {
+        var dbp: UnsafeMutablePointer<DB>?
+        try check(db_create(&dbp, env, 0), "db_create")
+        guard let db = dbp else { throw .engine(path: path, code: -1, message: "db_create returned no handle") }
+        if config.createDatabases { _ = db.pointee.set_pagesize!(db, config.pageBytes) }
+        var flags = UInt32(DB_AUTO_COMMIT | DB_THREAD)
+        if config.createDatabases { flags |= UInt32(DB_CREATE) }
+        if config.readOnly { flags |= UInt32(DB_RDONLY) }
+        let rc = config.inMemory
+            ? db.pointee.open!(db, nil, nil, name, DB_BTREE, flags, 0o600)
+            : db.pointee.open!(db, nil, file, nil, DB_BTREE, flags, 0o600)
+        if rc != 0 {
+            _ = db.pointee.close!(db, 0)
+            if rc == ENOENT { throw .notAStore(path: path, reason: "\(file) is missing") }
+            if rc == EINVAL { throw .notAStore(path: path, reason: "\(file) is not a Berkeley DB btree database (\(messages.take() ?? "unexpected format"))") }
+            try check(rc, "opening \(file)")
+        }
+        return db
+    }
+
+    /// Closes the databases and the environment; safe to call twice.
+    func close() {
+        if let db = entriesDB { _ = db.pointee.close!(db, 0); entriesDB = nil }
+        if let db = metaDB { _ = db.pointee.close!(db, 0); metaDB = nil }
+        if let env { _ = env.pointee.close!(env, 0); self.env = nil }
+    }
+
+    // MARK: Return codes
+
+    /// Turns a Berkeley DB (or errno) return code into the error a user can act on.
+    func check(_ rc: Int32, _ what: @autoclosure () -> String) throws(StableLogError) {
+        guard rc != 0 else { return }
+        throw Self.error(rc, what(), path: path, detail: messages.take())
+    }
+
+    static func error(_ rc: Int32, _ what: String, path: String, detail: String? = nil) -> StableLogError {
+        if rc == ENOSPC || rc == EDQUOT { return .diskFull(path: path) }
+        var message = "\(what): \(String(cString: db_strerror(rc)))"
+        if let detail { message += " (\(detail))" }
+        return .engine(path: path, code: rc, message: message)
+    }
+
+    static func isDeadlock(_ e: StableLogError) -> Bool {
+        if case let .engine(_, code, _) = e { return code == DB_LOCK_DEADLOCK || code == DB_LOCK_NOTGRANTED }
+        return false
+    }
+
+    // MARK: Transactions
+
+    /// A live transaction; commit or abort it exactly once.
+    struct Txn { fileprivate let raw: UnsafeMutablePointer<DB_TXN> }
+
+    enum Sync {
+        /// Write and fsync the log.
+        case fsync
+        /// Write the log to the operating system, no fsync (survives a process crash).
+        case write
+        /// Leave the log in memory.
+        case none
+    }
+
+    /// Starts a transaction. Inspectors pass a lock timeout (so a stopped node's leftover locks
+    /// cannot hang them) and read committed data only, releasing read locks as the cursor moves.
+    func begin(lockTimeoutMicros: UInt32? = nil) throws(StableLogError) -> Txn {
+        guard let env else { throw .closed(path: path) }
+        var t: UnsafeMutablePointer<DB_TXN>?
+        let flags = lockTimeoutMicros == nil ? 0 : UInt32(DB_READ_COMMITTED)
+        try check(env.pointee.txn_begin!(env, nil, &t, flags), "txn_begin")
+        guard let t else { throw .engine(path: path, code: -1, message: "txn_begin returned no handle") }
+        if let us = lockTimeoutMicros {
+            _ = t.pointee.set_timeout!(t, us, UInt32(DB_SET_LOCK_TIMEOUT))
+        }
+        return Txn(raw: t)
+    }
+
+    func commit(_ txn: Txn, _ sync: Sync) throws(StableLogError) {
+        let flags: UInt32 = switch sync {
+        case .fsync: UInt32(DB_TXN_SYNC)
+        case .write: UInt32(DB_TXN_WRITE_NOSYNC)
+        case .none: UInt32(DB_TXN_NOSYNC)
+        }
+        try check(txn.raw.pointee.commit!(txn.raw, flags), "committing")
+    }
+
+    func abort(_ txn: Txn) { _ = txn.raw.pointee.abort!(txn.raw) }
+
+    /// Flushes the cache and writes a checkpoint so old log files can be removed.
+    func checkpoint() throws(StableLogError) {
+        guard let env else { throw .closed(path: path) }
+        try check(env.pointee.txn_checkpoint!(env, 0, 0, 0), "checkpoint")
+    }
+
+    // MARK: Records
+
+    private func db(_ t: Table) throws(StableLogError) -> UnsafeMutablePointer<DB> {
+        guard let d = t == .entries ? entriesDB : metaDB else { throw .closed(path: path) }
+        return d
+    }
+
+    func put(_ table: Table, key: [UInt8], value: [UInt8], txn: Txn) throws(StableLogError) {
+        let d = try db(table)
+        // DB->put only reads the key and data; the casts avoid copying the arrays.
+        let rc = key.withUnsafeBytes { k in
+            value.withUnsafeBytes { v in
+                var kd = DBT(), vd = DBT()
+                kd.data = UnsafeMutableRawPointer(mutating: k.baseAddress); kd.size = UInt32(k.count)
+                vd.data = UnsafeMutableRawPointer(mutating: v.baseAddress); vd.size = UInt32(v.count)
+                return d.pointee.put!(d, txn.raw, &kd, &vd, 0)
+            }
+        }
+        try check(rc, "writing a record")
+    }
+
+    /// The value at `key`, or nil when absent.
+    func get(_ table: Table, key: [UInt8], txn: Txn? = nil) throws(StableLogError) -> [UInt8]? {
+        let d = try db(table)
+        var key = key
+        var vd = DBT()
+        vd.flags = UInt32(DB_DBT_MALLOC)
+        let rc = key.withUnsafeMutableBytes { k in
+            var kd = DBT()
+            kd.data = k.baseAddress; kd.size = UInt32(k.count)
+            return d.pointee.get!(d, txn?.raw, &kd, &vd, 0)
+        }
+        if rc == DB_NOTFOUND { return nil }
+        try check(rc, "reading a record")
+        return Self.take(&vd)
+    }
+
+    func delete(_ table: Table, key: [UInt8], txn: Txn) throws(StableLogError) {
+        let d = try db(table)
+        var key = key
+        let rc = key.withUnsafeMutableBytes { k in
+            var kd = DBT()
+            kd.data = k.baseAddress; kd.size = UInt32(k.count)
+            return d.pointee.del!(d, txn.raw, &kd, 0)
+        }
+        if rc == DB_NOTFOUND { return }
+        try check(rc, "deleting a record")
+    }
+
+    private static func take(_ dbt: inout DBT) -> [UInt8] {
+        guard let p = dbt.data else { return [] }
+        let bytes = Array(UnsafeRawBufferPointer(start: p, count: Int(dbt.size)))
+        free(p)
+        dbt.data = nil
+        return bytes
+    }
+
+    enum Position { case first, last, atOrAfter([UInt8]) }
+    enum Step { case next, nextAndDeleteCurrent, stop }
+
+    /// Walks `table` in key order from `start`, handing each key and value to `body`, which says
+    /// whether to go on (and may delete the current record).
+    func scan(_ table: Table, from start: Position, backwards: Bool = false, txn: Txn?,
+              _ body: (_ key: [UInt8], _ value: [UInt8]) throws(StableLogError) -> Step) throws(StableLogError) {
+        let d = try db(table)
+        var cp: UnsafeMutablePointer<DBC>?
+        try check(d.pointee.cursor!(d, txn?.raw, &cp, 0), "opening a cursor")
+        guard let c = cp else { return }
+        defer { _ = c.pointee.close!(c) }
+        var kd = DBT(), vd = DBT()
+        kd.flags = UInt32(DB_DBT_MALLOC)
+        vd.flags = UInt32(DB_DBT_MALLOC)
+        var seek: [UInt8] = []
+        var op: UInt32
+        switch start {
+        case .first: op = UInt32(DB_FIRST)
+        case .last: op = UInt32(DB_LAST)
+        case let .atOrAfter(k): op = UInt32(DB_SET_RANGE); seek = k
+        }
+        var rc: Int32
+        if op == UInt32(DB_SET_RANGE) {
+            // DB_SET_RANGE reads the key from the DBT, then returns the found key in a fresh buffer.
+            rc = seek.withUnsafeMutableBytes { s in
+                kd.data = s.baseAddress; kd.size = UInt32(s.count)
+                kd.flags = UInt32(DB_DBT_MALLOC)
+                return c.pointee.get!(c, &kd, &vd, op)
+            }
+        } else {
+            rc = c.pointee.get!(c, &kd, &vd, op)
+        }
+        let nextOp = UInt32(backwards ? DB_PREV : DB_NEXT)
+        while rc == 0 {
+            let k = Self.take(&kd), v = Self.take(&vd)
+            switch try body(k, v) {
+            case .stop: return
+            case .next: break
+            case .nextAndDeleteCurrent: try check(c.pointee.del!(c, 0), "deleting a record")
+            }
+            rc = c.pointee.get!(c, &kd, &vd, nextOp)
+        }
+        if rc != DB_NOTFOUND { try check(rc, "reading records") }
+    }
+}
+
+/// The last message Berkeley DB reported through its error callback.
+private final class ErrorMessages: @unchecked Sendable {
+    // @unchecked Sendable: `last` is only touched under `lock`.
+    private let lock = NSLock()
+    private var last: String?
+    func record(_ m: String) { lock.lock(); last = m; lock.unlock() }
+    func take() -> String? { lock.lock(); defer { last = nil; lock.unlock() }; return last }
+}

@@ -1,0 +1,172 @@
+import Foundation
+
+/// The node's stable log: a Berkeley DB 5.3 transactional store with group commit.
+///
+/// Appends are queued; one writer thread drains the queue into one transaction and one commit
+/// (an fsync in `.fsync` mode), then runs the completions in append order. See docs/design.md,
+/// "Stable log", for the record layout, the durability modes and the directory lock.
+public final class BerkeleyDBLog: StableLog, @unchecked Sendable {
+    // @unchecked Sendable: only immutable properties; `engine` does its own locking.
+
+    /// Limits fixed when the log is opened.
+    public struct Options: Sendable {
+        /// Berkeley DB cache for disk modes.
+        public var cacheBytes = 64 << 20
+        /// Log buffer: one group commit's log records should fit in it.
+        public var logBufferBytes = 8 << 20
+        /// Upper bound of payload bytes in one group commit.
+        public var batchBytesMax = 8 << 20
+        /// A checkpoint (which lets old log files be deleted) after this many bytes written.
+        public var checkpointEveryBytes = 64 << 20
+        /// `.memory` mode keeps everything in a cache of this size; appends fail when it is full.
+        public var memoryBytesMax = 512 << 20
+        public init() {}
+    }
+
+    public let durability: Durability
+    public let path: String
+    let engine: GroupCommitEngine
+
+    private init(path: String, durability: Durability, engine: GroupCommitEngine) {
+        self.path = path
+        self.durability = durability
+        self.engine = engine
+    }
+
+    /// Opens the store in directory `path`, creating the directory and the store when `create`.
+    ///
+    /// In `.memory` mode nothing is read from or written to `path` (it only names the log in
+    /// errors): the Berkeley DB environment, databases and log live in this process's memory.
+    public static func open(path: String, durability: Durability = .fsync, create: Bool = true,
+                            options: Options = .init()) throws -> BerkeleyDBLog {
+        var config = BerkeleyDB.Config()
+        config.cacheBytes = options.cacheBytes
+        config.logBufferBytes = options.logBufferBytes
+        var lock: StoreLock?
+        var isNew = true
+        if durability == .memory {
+            config.inMemory = true
+            config.cacheBytes = options.memoryBytesMax
+            config.createDatabases = true
+        } else {
+            isNew = try !StoreDirectory.prepare(path, create: create)
+            lock = try StoreDirectory.lockForWriting(path)
+            config.recover = true
+            config.createDatabases = isNew
+        }
+        do {
+            let db = try BerkeleyDB(path: path, config: config)
+            let state = try Self.load(db, durability: durability, isNew: isNew)
+            // Recovery is done: inspectors may now attach to the environment beside us.
+            _ = try lock?.tryLock(.environment, .shared)
+            let engine = GroupCommitEngine(db: db, lock: lock, durability: durability, options: options, state: state)
+            engine.start()
+            return BerkeleyDBLog(path: path, durability: durability, engine: engine)
+        } catch {
+            lock?.unlock(.environment)
+            lock?.unlock(.writer)
+            throw error
+        }
+    }
+
+    /// Writes a new store's metadata, or reads an existing one's and finds its bounds.
+    private static func load(_ db: BerkeleyDB, durability: Durability, isNew: Bool) throws(StableLogError) -> GroupCommitEngine.State {
+        let sync: BerkeleyDB.Sync = durability == .memory ? .none : .fsync
+        if isNew {
+            try StoreDirectory.inTransaction(db, sync: sync) { txn throws(StableLogError) in
+                try StoreDirectory.putMeta(db, .format, LogRecord.encodeFormat(LogRecord.formatVersion), txn: txn)
+                try StoreDirectory.putMeta(db, .durability, Array(durability.rawValue.utf8), txn: txn)
+                try StoreDirectory.putMeta(db, .snapshot, LogRecord.encodeSnapshot(.none), txn: txn)
+                try StoreDirectory.putMeta(db, .hardstate, HardState().encoded(), txn: txn)
+            }
+            return .init(snapshot: .none, hardState: HardState(), lastIndex: 0)
+        }
+        let meta = try StoreDirectory.readMetadata(db)
+        try StoreDirectory.inTransaction(db, sync: sync) { txn throws(StableLogError) in
+            try StoreDirectory.putMeta(db, .durability, Array(durability.rawValue.utf8), txn: txn)
+        }
+        // A compaction deletes in several transactions after recording the snapshot point; finish
+        // one that a crash interrupted.
+        try GroupCommitEngine.deleteEntries(db, through: meta.snapshot.index, sync: sync)
+        var first: LogIndex?
+        try db.scan(.entries, from: .first, txn: nil) { k, _ throws(StableLogError) in
+            first = LogRecord.index(ofKey: k)
+            return .stop
+        }
+        var last: (LogIndex, [UInt8])?
+        try db.scan(.entries, from: .last, txn: nil) { k, v throws(StableLogError) in
+            if let i = LogRecord.index(ofKey: k) { last = (i, v) }
+            return .stop
+        }
+        guard let first, let last else {
+            return .init(snapshot: meta.snapshot, hardState: meta.hardState, lastIndex: meta.snapshot.index)
+        }
+        guard first == meta.snapshot.index + 1 else { throw .missing(path: db.path, index: meta.snapshot.index + 1) }
+        if case let .failure(p) = LogRecord.decode(index: last.0, value: last.1) {
+            throw .corrupt(path: db.path, detail: p.description)
+        }
+        return .init(snapshot: meta.snapshot, hardState: meta.hardState, lastIndex: last.0)
+    }
+
+    deinit { engine.shutdown() }
+
+    public var firstIndex: LogIndex { engine.locked { $0.snapshot.index + 1 } }
+    public var lastIndex: LogIndex { engine.locked { $0.lastIndex } }
+    public var durableIndex: LogIndex { engine.locked { $0.durableIndex } }
+    public var snapshot: SnapshotPoint { engine.locked { $0.snapshot } }
+
+    public func append(_ entries: [LogEntry], onDurable: @escaping @Sendable (Result<Void, StableLogError>) -> Void) {
+        engine.append(entries, onDurable)
+    }
+
+    public func append(_ entries: [LogEntry]) throws {
+        let w = Waiter()
+        engine.append(entries) { w.finish($0) }
+        try w.wait().get()
+    }
+
+    public func entries(_ range: ClosedRange<LogIndex>) throws -> [LogEntry] {
+        try engine.read(range)
+    }
+
+    public func truncateSuffix(from index: LogIndex) throws {
+        precondition(index > snapshot.index, "truncateSuffix(from: \(index)) reaches into the compacted prefix (\(snapshot.index))")
+        try engine.control(.truncate(index))
+    }
+
+    public func compactPrefix(through index: LogIndex, ballot: Ballot) throws {
+        try engine.control(.compact(index, ballot))
+    }
+
+    public func loadHardState() throws -> HardState {
+        try engine.locked { s throws(StableLogError) in
+            if let f = s.failure { throw f }
+            if s.closed { throw .closed(path: path) }
+            return s.hardState
+        }
+    }
+
+    public func saveHardState(_ state: HardState) throws {
+        try engine.control(.hardState(state))
+    }
+
+    public func close() throws {
+        try engine.close()
+    }
+}
+
+/// One caller waiting for the writer thread.
+final class Waiter: @unchecked Sendable {
+    // @unchecked Sendable: `result` is written once before `signal` and read after `wait`,
+    // which orders the accesses.
+    private let sem = DispatchSemaphore(value: 0)
+    private var result: Result<Void, StableLogError> = .success(())
+    func finish(_ r: Result<Void, StableLogError>) {
+        result = r
+        sem.signal()
+    }
+    func wait() -> Result<Void, StableLogError> {
+        sem.wait()
+        return result
+    }
+}

@@ -1,0 +1,348 @@
+import Foundation
+
+/// The writer side of `BerkeleyDBLog`: a queue of operations drained by one thread.
+///
+/// Consecutive appends become one transaction and one commit; other operations (truncate,
+/// compact, hard state, close) run alone, in queue order, so each sees every earlier append done.
+/// Completions run on the writer thread, in append order; they should be quick.
+///
+/// `@unchecked Sendable`: `state` and `queue` are only touched with `cond` held; `db` and `lock`
+/// are used by the writer thread only, apart from reads (free-threaded BDB handles).
+final class GroupCommitEngine: @unchecked Sendable {
+    struct State {
+        var snapshot: SnapshotPoint
+        var hardState: HardState
+        var lastIndex: LogIndex
+        var durableIndex: LogIndex = 0
+        /// Appended, not yet durable: contiguous, ending at `lastIndex`. Served to readers.
+        var pending: [LogEntry] = []
+        /// The first failure: from then on every operation fails with it.
+        var failure: StableLogError?
+        var closed = false
+        /// Group commits done (appends only): lets tests see that appends share commits.
+        var commits = 0
+
+        init(snapshot: SnapshotPoint, hardState: HardState, lastIndex: LogIndex) {
+            self.snapshot = snapshot
+            self.hardState = hardState
+            self.lastIndex = lastIndex
+            self.durableIndex = lastIndex
+        }
+    }
+
+    enum Control {
+        case truncate(LogIndex)
+        case compact(LogIndex, Ballot)
+        case hardState(HardState)
+        case close
+    }
+
+    private enum Op {
+        case append([LogEntry], @Sendable (Result<Void, StableLogError>) -> Void)
+        case control(Control, Waiter)
+    }
+
+    private let db: BerkeleyDB
+    private let lock: StoreLock?
+    private let sync: BerkeleyDB.Sync
+    private let options: BerkeleyDBLog.Options
+    private let cond = NSCondition()
+    private var state: State
+    private var queue: [Op] = []
+    private var bytesSinceCheckpoint = 0
+    /// Deleting records logs their old values, so big deletions are split into transactions of
+    /// about this many bytes (the in-memory log of `.memory` mode must hold a whole transaction).
+    private static let deleteChunkBytes = 1 << 20
+
+    init(db: BerkeleyDB, lock: StoreLock?, durability: Durability, options: BerkeleyDBLog.Options, state: State) {
+        self.db = db
+        self.lock = lock
+        self.options = options
+        self.state = state
+        sync = switch durability {
+        case .fsync: .fsync
+        case .async: .write
+        case .memory: .none
+        }
+    }
+
+    func start() {
+        let t = Thread { [self] in run() }
+        t.name = "stable-log-writer"
+        t.start()
+    }
+
+    func locked<T, E: Error>(_ body: (inout State) throws(E) -> T) throws(E) -> T {
+        cond.lock()
+        defer { cond.unlock() }
+        return try body(&state)
+    }
+
+    // MARK: Caller side
+
+    func append(_ entries: [LogEntry], _ done: @escaping @Sendable (Result<Void, StableLogError>) -> Void) {
+        cond.lock()
+        if state.closed {
+            cond.unlock()
+            done(.failure(.closed(path: db.path)))
+            return
+        }
+        if let first = entries.first {
+            precondition(first.index == state.lastIndex + 1,
+                         "append of entry \(first.index) after \(state.lastIndex): the log must stay contiguous")
+            for (a, b) in zip(entries, entries.dropFirst()) {
+                precondition(b.index == a.index + 1, "appended entries \(a.index) and \(b.index) are not contiguous")
+            }
+            state.lastIndex = entries[entries.count - 1].index
+            state.pending.append(contentsOf: entries)
+        }
+        queue.append(.append(entries, done))
+        cond.signal()
+        cond.unlock()
+    }
+
+    func control(_ c: Control) throws(StableLogError) {
+        let w = Waiter()
+        cond.lock()
+        if state.closed {
+            cond.unlock()
+            throw .closed(path: db.path)
+        }
+        if case .close = c { state.closed = true }
+        queue.append(.control(c, w))
+        cond.signal()
+        cond.unlock()
+        try w.wait().get()
+    }
+
+    func close() throws(StableLogError) { try control(.close) }
+
+    /// Closes without reporting errors (the log object went away without `close`).
+    func shutdown() { try? control(.close) }
+
+    func read(_ range: ClosedRange<LogIndex>) throws(StableLogError) -> [LogEntry] {
+        cond.lock()
+        if let f = state.failure { cond.unlock(); throw f }
+        if state.closed { cond.unlock(); throw .closed(path: db.path) }
+        let lo = max(range.lowerBound, state.snapshot.index + 1)
+        let hi = min(range.upperBound, state.lastIndex)
+        let durable = state.durableIndex
+        let fromMemory = lo > hi ? [] : state.pending.filter { $0.index >= lo && $0.index <= hi && $0.index > durable }
+        cond.unlock()
+        guard lo <= hi else { return [] }
+        var out: [LogEntry] = []
+        let dbHi = min(hi, durable)
+        if lo <= dbHi {
+            out.reserveCapacity(Int(dbHi - lo + 1))
+            var attempt = 0
+            while true {
+                do {
+                    try readStored(from: lo + LogIndex(out.count), through: dbHi, into: &out)
+                    break
+                } catch where BerkeleyDB.isDeadlock(error) && attempt < 20 {
+                    attempt += 1 // a deadlock victim; carry on from the last entry read
+                }
+            }
+        }
+        out.append(contentsOf: fromMemory)
+        return out
+    }
+
+    private func readStored(from lo: LogIndex, through hi: LogIndex, into out: inout [LogEntry]) throws(StableLogError) {
+        guard lo <= hi else { return }
+        var expected = lo
+        let path = db.path
+        try db.scan(.entries, from: .atOrAfter(LogRecord.key(lo)), txn: nil) { k, v throws(StableLogError) in
+            guard let i = LogRecord.index(ofKey: k) else {
+                throw .corrupt(path: path, detail: "a key of \(k.count) bytes in \(BerkeleyDB.entriesFile)")
+            }
+            if i > hi { return .stop }
+            guard i == expected else { throw .missing(path: path, index: expected) }
+            switch LogRecord.decode(index: i, value: v) {
+            case let .success(e): out.append(e)
+            case let .failure(p): throw .corrupt(path: path, detail: p.description)
+            }
+            expected += 1
+            return i == hi ? .stop : .next
+        }
+        guard expected > hi else { throw .missing(path: path, index: expected) }
+    }
+
+    // MARK: Writer thread
+
+    private func run() {
+        while true {
+            cond.lock()
+            while queue.isEmpty { cond.wait() }
+            var batch: [LogEntry] = []
+            var completions: [@Sendable (Result<Void, StableLogError>) -> Void] = []
+            var control: (Control, Waiter)?
+            switch queue[0] {
+            case let .control(c, w):
+                control = (c, w)
+                queue.removeFirst()
+            case .append:
+                var bytes = 0, taken = 0
+                for op in queue {
+                    guard case let .append(entries, done) = op else { break }
+                    if taken > 0 && bytes >= options.batchBytesMax { break }
+                    batch.append(contentsOf: entries)
+                    completions.append(done)
+                    bytes += entries.reduce(0) { $0 + $1.payload.count + LogRecord.headerBytes }
+                    taken += 1
+                }
+                queue.removeFirst(taken)
+            }
+            let failure = state.failure
+            cond.unlock()
+
+            if let (c, w) = control {
+                if case .close = c {
+                    w.finish(finishClose(failure))
+                    return
+                }
+                w.finish(failure.map { .failure($0) } ?? perform(c))
+                continue
+            }
+            let result: Result<Void, StableLogError> = failure.map { .failure($0) } ?? commit(batch)
+            cond.lock()
+            switch result {
+            case .success:
+                if let last = batch.last {
+                    state.commits += 1
+                    state.durableIndex = last.index
+                    state.pending.removeFirst(min(batch.count, state.pending.count))
+                }
+            case let .failure(e):
+                if state.failure == nil { state.failure = e }
+            }
+            cond.unlock()
+            for done in completions { done(result) }
+        }
+    }
+
+    private func commit(_ batch: [LogEntry]) -> Result<Void, StableLogError> {
+        guard !batch.isEmpty else { return .success(()) }
+        do throws(StableLogError) {
+            var bytes = 0
+            try StoreDirectory.inTransaction(db, sync: sync) { txn throws(StableLogError) in
+                bytes = 0
+                for e in batch {
+                    let value = LogRecord.encode(e)
+                    bytes += value.count
+                    try db.put(.entries, key: LogRecord.key(e.index), value: value, txn: txn)
+                }
+            }
+            try maybeCheckpoint(after: bytes)
+            return .success(())
+        } catch {
+            return .failure(error)
+        }
+    }
+
+    private func maybeCheckpoint(after bytes: Int) throws(StableLogError) {
+        bytesSinceCheckpoint += bytes
+        if bytesSinceCheckpoint >= options.checkpointEveryBytes {
+            bytesSinceCheckpoint = 0
+            try db.checkpoint()
+        }
+    }
+
+    private func perform(_ c: Control) -> Result<Void, StableLogError> {
+        do throws(StableLogError) {
+            switch c {
+            case let .truncate(from):
+                try Self.deleteEntries(db, from: from, sync: sync)
+                cond.lock()
+                state.lastIndex = min(state.lastIndex, from - 1)
+                state.durableIndex = min(state.durableIndex, from - 1)
+                state.pending.removeAll { $0.index >= from }
+                cond.unlock()
+            case let .compact(through, ballot):
+                let current = locked { $0.snapshot }
+                guard through > current.index else { return .success(()) }
+                let point = SnapshotPoint(index: through, ballot: ballot)
+                // Record the point first: entries at or below it are dead from then on, and an
+                // interrupted deletion is finished when the store is opened again.
+                try StoreDirectory.inTransaction(db, sync: sync) { txn throws(StableLogError) in
+                    try StoreDirectory.putMeta(db, .snapshot, LogRecord.encodeSnapshot(point), txn: txn)
+                }
+                cond.lock()
+                state.snapshot = point
+                if state.lastIndex < through { state.lastIndex = through }
+                if state.durableIndex < through { state.durableIndex = through }
+                state.pending.removeAll { $0.index <= through }
+                cond.unlock()
+                try Self.deleteEntries(db, through: through, sync: sync)
+            case let .hardState(hs):
+                try StoreDirectory.inTransaction(db, sync: sync) { txn throws(StableLogError) in
+                    try StoreDirectory.putMeta(db, .hardstate, hs.encoded(), txn: txn)
+                }
+                locked { $0.hardState = hs }
+            case .close:
+                break
+            }
+            return .success(())
+        } catch {
+            locked { if $0.failure == nil { $0.failure = error } }
+            return .failure(error)
+        }
+    }
+
+    private func finishClose(_ failure: StableLogError?) -> Result<Void, StableLogError> {
+        var result: Result<Void, StableLogError> = failure.map { .failure($0) } ?? .success(())
+        if failure == nil && sync != .none {
+            do throws(StableLogError) { try db.checkpoint() } catch { result = .failure(error) }
+        }
+        // Fail whatever was queued behind the close (appends that raced with it).
+        cond.lock()
+        let rest = queue
+        queue.removeAll()
+        cond.unlock()
+        for op in rest {
+            switch op {
+            case let .append(_, done): done(.failure(.closed(path: db.path)))
+            case let .control(_, w): w.finish(.failure(.closed(path: db.path)))
+            }
+        }
+        db.close()
+        lock?.unlock(.environment)
+        lock?.unlock(.writer)
+        return result
+    }
+
+    /// Deletes entries with index >= `from`, newest first, in transactions of bounded size: a
+    /// crash part-way leaves a shorter but still contiguous log.
+    static func deleteEntries(_ db: BerkeleyDB, from: LogIndex, sync: BerkeleyDB.Sync) throws(StableLogError) {
+        var done = false
+        while !done {
+            try StoreDirectory.inTransaction(db, sync: sync) { txn throws(StableLogError) in
+                var bytes = 0
+                done = true
+                try db.scan(.entries, from: .last, backwards: true, txn: txn) { k, v throws(StableLogError) in
+                    guard let i = LogRecord.index(ofKey: k), i >= from else { return .stop }
+                    if bytes >= deleteChunkBytes { done = false; return .stop }
+                    bytes += v.count
+                    return .nextAndDeleteCurrent
+                }
+            }
+        }
+    }
+
+    /// Deletes entries with index <= `through`, oldest first, in transactions of bounded size.
+    static func deleteEntries(_ db: BerkeleyDB, through: LogIndex, sync: BerkeleyDB.Sync) throws(StableLogError) {
+        var done = false
+        while !done {
+            try StoreDirectory.inTransaction(db, sync: sync) { txn throws(StableLogError) in
+                var bytes = 0
+                done = true
+                try db.scan(.entries, from: .first, txn: txn) { k, v throws(StableLogError) in
+                    guard let i = LogRecord.index(ofKey: k), i <= through else { return .stop }
+                    if bytes >= deleteChunkBytes { done = false; return .stop }
+                    bytes += v.count
+                    return .nextAndDeleteCurrent
+                }
+            }
+        }
+    }
+}

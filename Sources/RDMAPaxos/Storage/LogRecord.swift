@@ -1,0 +1,159 @@
+import CXXHash
+
+/// The on-disk layout of a log store's records (format version 1; docs/design.md, "Stable log").
+///
+/// `entries.db` (btree), one record per log entry:
+/// ```
+/// key:   u64 index, big-endian (so btree order is index order)
+/// value: u64 checksum   XXH3-64 of bytes 8..<end, seeded with the index
+///        u8  kind
+///        u64 ballot.term
+///        u32 ballot.node
+///        u32 payload length
+///        ... payload
+/// ```
+/// Seeding with the index binds a value to its key: a record copied under another key fails.
+///
+/// `meta.db` (btree), ASCII keys, each value `u64 checksum | body` where the checksum is XXH3-64
+/// of the key's bytes followed by the body:
+/// `format` (u32 version), `durability` (mode name the store was last opened with),
+/// `snapshot` (u64 index, ballot), `hardstate` (`HardState.encoded()`).
+public enum LogRecord {
+    /// The format this build writes and reads.
+    public static let formatVersion: UInt32 = 1
+    static let headerBytes = 25
+    /// Largest payload a record may claim; anything above is treated as corruption.
+    public static let payloadBytesMax = 64 << 20
+
+    public enum MetaKey: String, CaseIterable, Sendable {
+        case format, durability, snapshot, hardstate
+    }
+
+    public static func key(_ index: LogIndex) -> [UInt8] {
+        var w = ByteWriter(capacity: 8)
+        w.u64(index)
+        return w.bytes
+    }
+
+    /// The index a key names, or nil when the key is not 8 bytes.
+    public static func index(ofKey key: [UInt8]) -> LogIndex? {
+        guard key.count == 8 else { return nil }
+        return key.reduce(0) { $0 << 8 | LogIndex($1) }
+    }
+
+    static func checksum(_ bytes: UnsafeRawBufferPointer, seed: UInt64) -> UInt64 {
+        XXH3_64bits_withSeed(bytes.baseAddress, bytes.count, seed)
+    }
+
+    static func checksum(_ bytes: ArraySlice<UInt8>, seed: UInt64) -> UInt64 {
+        bytes.withUnsafeBytes { checksum($0, seed: seed) }
+    }
+
+    public static func encode(_ e: LogEntry) -> [UInt8] {
+        var w = ByteWriter(capacity: headerBytes + e.payload.count)
+        w.u64(0)
+        w.u8(e.kind.rawValue)
+        w.ballot(e.ballot)
+        w.u32(UInt32(e.payload.count))
+        w.raw(e.payload)
+        var bytes = w.bytes
+        let sum = checksum(bytes[8...], seed: e.index)
+        for i in 0..<8 { bytes[i] = UInt8(truncatingIfNeeded: sum >> UInt64(56 - 8 * i)) }
+        return bytes
+    }
+
+    /// Decodes an entry's value; the error text says exactly what is wrong with it.
+    public static func decode(index: LogIndex, value: [UInt8]) -> Result<LogEntry, RecordProblem> {
+        guard value.count >= headerBytes else {
+            return .failure(.init(index: index, detail: "record is \(value.count) bytes, shorter than the \(headerBytes)-byte header"))
+        }
+        var r = ByteReader(value, what: "log entry \(index)")
+        do {
+            let stored = try r.u64()
+            let computed = checksum(value[8...], seed: index)
+            guard stored == computed else {
+                return .failure(.init(index: index, detail: "checksum mismatch (stored \(hex(stored)), computed \(hex(computed)))"))
+            }
+            let rawKind = try r.u8()
+            guard let kind = EntryKind(rawValue: rawKind) else {
+                return .failure(.init(index: index, detail: "unknown entry kind \(rawKind)"))
+            }
+            let ballot = try r.ballot()
+            let payload = try r.blob(max: payloadBytesMax)
+            try r.finish()
+            return .success(LogEntry(index: index, ballot: ballot, kind: kind, payload: payload))
+        } catch {
+            return .failure(.init(index: index, detail: "\(error)"))
+        }
+    }
+
+    public static func encodeMeta(_ key: MetaKey, _ body: [UInt8]) -> [UInt8] {
+        var w = ByteWriter(capacity: 8 + body.count)
+        w.u64(metaChecksum(key, body[...]))
+        w.raw(body)
+        return w.bytes
+    }
+
+    /// The body of a meta record, or a description of why it cannot be trusted.
+    public static func decodeMeta(_ key: MetaKey, _ value: [UInt8]) -> Result<[UInt8], RecordProblem> {
+        guard value.count >= 8 else {
+            return .failure(.init(index: nil, detail: "metadata record '\(key.rawValue)' is \(value.count) bytes, too short"))
+        }
+        let stored = value[0..<8].reduce(UInt64(0)) { $0 << 8 | UInt64($1) }
+        let computed = metaChecksum(key, value[8...])
+        guard stored == computed else {
+            return .failure(.init(index: nil, detail: "metadata record '\(key.rawValue)': checksum mismatch (stored \(hex(stored)), computed \(hex(computed)))"))
+        }
+        return .success(Array(value[8...]))
+    }
+
+    private static func metaChecksum(_ key: MetaKey, _ body: ArraySlice<UInt8>) -> UInt64 {
+        checksum(Array(key.rawValue.utf8)[...] + body, seed: 0)
+    }
+
+    static func encodeSnapshot(_ s: SnapshotPoint) -> [UInt8] {
+        var w = ByteWriter(capacity: 20)
+        w.u64(s.index)
+        w.ballot(s.ballot)
+        return w.bytes
+    }
+
+    static func decodeSnapshot(_ b: [UInt8]) throws -> SnapshotPoint {
+        var r = ByteReader(b, what: "snapshot point")
+        let s = SnapshotPoint(index: try r.u64(), ballot: try r.ballot())
+        try r.finish()
+        return s
+    }
+
+    static func encodeFormat(_ v: UInt32) -> [UInt8] {
+        var w = ByteWriter(capacity: 4)
+        w.u32(v)
+        return w.bytes
+    }
+
+    static func decodeFormat(_ b: [UInt8]) throws -> UInt32 {
+        var r = ByteReader(b, what: "format version")
+        let v = try r.u32()
+        try r.finish()
+        return v
+    }
+
+    static func hex(_ v: UInt64) -> String {
+        let s = String(v, radix: 16)
+        return "0x" + String(repeating: "0", count: 16 - s.count) + s
+    }
+}
+
+/// Why one record cannot be trusted: which entry (nil for metadata) and what is wrong.
+public struct RecordProblem: Error, Hashable, Sendable, CustomStringConvertible {
+    public var index: LogIndex?
+    public var detail: String
+    public init(index: LogIndex?, detail: String) {
+        self.index = index
+        self.detail = detail
+    }
+    public var description: String {
+        if let index { return "entry \(index): \(detail)" }
+        return detail
+    }
+}

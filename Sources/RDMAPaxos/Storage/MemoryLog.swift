@@ -1,0 +1,134 @@
+import Foundation
+
+/// The in-memory twin of `BerkeleyDBLog`, for tests of code built on a `StableLog`.
+///
+/// Same contract: contiguity traps, completions run in append order on another thread, every
+/// call after `close()` throws `.closed`, and a failure is sticky. Appends are durable at once.
+/// A restart is simulated by closing the log and opening a new one over the same `Storage`;
+/// `fail(with:)` injects an operating failure such as a full disk.
+public final class MemoryLog: StableLog, @unchecked Sendable {
+    // @unchecked Sendable: every mutable field (here and in `storage`) is guarded by `storage.lock`.
+
+    /// What survives closing a `MemoryLog`: stands in for the disk. Open one log over it at a time.
+    public final class Storage: @unchecked Sendable {
+        // @unchecked Sendable: all fields are guarded by `lock`.
+        let lock = NSLock()
+        var entries: [LogEntry] = []
+        var snapshot = SnapshotPoint.none
+        var hardState = HardState()
+        var inUse = false
+        public init() {}
+    }
+
+    public let durability: Durability = .memory
+    public let name: String
+    private let storage: Storage
+    private var closed = false
+    private var failure: StableLogError?
+    /// Delivers completions off the caller's thread, in order, as the real log does.
+    private let completions = DispatchQueue(label: "memory-log-completions")
+
+    /// Opens a log over `storage`; throws `.locked` when another open `MemoryLog` uses it.
+    public init(name: String = "memory-log", storage: Storage = Storage()) throws {
+        self.name = name
+        self.storage = storage
+        storage.lock.lock()
+        defer { storage.lock.unlock() }
+        guard !storage.inUse else { throw StableLogError.locked(path: name) }
+        storage.inUse = true
+    }
+
+    deinit { try? close() }
+
+    private func withState<T>(_ body: () throws -> T) throws -> T {
+        storage.lock.lock()
+        defer { storage.lock.unlock() }
+        if closed { throw StableLogError.closed(path: name) }
+        if let failure { throw failure }
+        return try body()
+    }
+
+    private func peek<T>(_ body: () -> T) -> T {
+        storage.lock.lock()
+        defer { storage.lock.unlock() }
+        return body()
+    }
+
+    /// From now on every operation fails with `error`, as after a real storage failure.
+    public func fail(with error: StableLogError) {
+        peek { if failure == nil { failure = error } }
+    }
+
+    public var firstIndex: LogIndex { peek { storage.snapshot.index + 1 } }
+    public var lastIndex: LogIndex { peek { storage.entries.last?.index ?? storage.snapshot.index } }
+    public var durableIndex: LogIndex { lastIndex }
+    public var snapshot: SnapshotPoint { peek { storage.snapshot } }
+
+    public func append(_ entries: [LogEntry], onDurable: @escaping @Sendable (Result<Void, StableLogError>) -> Void) {
+        let result: Result<Void, StableLogError>
+        do {
+            try withState {
+                var last = storage.entries.last?.index ?? storage.snapshot.index
+                for e in entries {
+                    precondition(e.index == last + 1, "append of entry \(e.index) after \(last): the log must stay contiguous")
+                    last = e.index
+                }
+                storage.entries.append(contentsOf: entries)
+            }
+            result = .success(())
+        } catch {
+            result = .failure(error as! StableLogError)
+        }
+        completions.async { onDurable(result) }
+    }
+
+    public func append(_ entries: [LogEntry]) throws {
+        try withState {
+            var last = storage.entries.last?.index ?? storage.snapshot.index
+            for e in entries {
+                precondition(e.index == last + 1, "append of entry \(e.index) after \(last): the log must stay contiguous")
+                last = e.index
+            }
+            storage.entries.append(contentsOf: entries)
+        }
+    }
+
+    public func entries(_ range: ClosedRange<LogIndex>) throws -> [LogEntry] {
+        try withState {
+            guard let base = storage.entries.first?.index else { return [] }
+            let lo = max(range.lowerBound, base), hi = min(range.upperBound, storage.entries.last!.index)
+            guard lo <= hi else { return [] }
+            return Array(storage.entries[Int(lo - base)...Int(hi - base)])
+        }
+    }
+
+    public func truncateSuffix(from index: LogIndex) throws {
+        try withState {
+            precondition(index > storage.snapshot.index, "truncateSuffix(from: \(index)) reaches into the compacted prefix (\(storage.snapshot.index))")
+            storage.entries.removeAll { $0.index >= index }
+        }
+        completions.sync {} // Waits for pending completions, as the real log waits for pending appends.
+    }
+
+    public func compactPrefix(through index: LogIndex, ballot: Ballot) throws {
+        try withState {
+            guard index > storage.snapshot.index else { return }
+            storage.snapshot = SnapshotPoint(index: index, ballot: ballot)
+            storage.entries.removeAll { $0.index <= index }
+        }
+    }
+
+    public func loadHardState() throws -> HardState { try withState { storage.hardState } }
+
+    public func saveHardState(_ state: HardState) throws { try withState { storage.hardState = state } }
+
+    public func close() throws {
+        storage.lock.lock()
+        let wasClosed = closed
+        closed = true
+        if !wasClosed { storage.inUse = false }
+        storage.lock.unlock()
+        if wasClosed { throw StableLogError.closed(path: name) }
+        completions.sync {}
+    }
+}

@@ -1,0 +1,9 @@
+import ArgumentParser
+
+/// `plover bench …`: runnable benchmarks (benchmarks/README.md lists them and their results).
+struct BenchCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "bench",
+        abstract: "Run a benchmark.",
+        subcommands: [StableLogBench.self])
+}

@@ -1,0 +1,161 @@
+import Foundation
+import Testing
+@testable import RDMAPaxos
+
+/// Raw access to a closed store's databases, to damage it the way a bad disk would.
+func withRawStore(_ path: String, _ body: (BerkeleyDB) throws -> Void) throws {
+    var config = BerkeleyDB.Config()
+    config.recover = true
+    let db = try BerkeleyDB(path: path, config: config)
+    defer { db.close() }
+    try body(db)
+}
+
+func rawPut(_ db: BerkeleyDB, _ table: BerkeleyDB.Table, key: [UInt8], value: [UInt8]) throws {
+    try StoreDirectory.inTransaction(db, sync: .fsync) { txn throws(StableLogError) in
+        try db.put(table, key: key, value: value, txn: txn)
+    }
+}
+
+/// Flips one payload byte of entry `index` in place, leaving its stored checksum as it was.
+func corruptEntry(_ path: String, index: LogIndex) throws {
+    try withRawStore(path) { db in
+        var value = try #require(try db.get(.entries, key: LogRecord.key(index)))
+        value[value.count - 1] ^= 0x40
+        try rawPut(db, .entries, key: LogRecord.key(index), value: value)
+    }
+}
+
+func makeStore(_ path: String, _ range: ClosedRange<LogIndex>, term: UInt64 = 1) throws {
+    let log = try BerkeleyDBLog.open(path: path)
+    try log.append(entries(range, term: term))
+    try log.close()
+}
+
+@Suite struct BerkeleyDBLogTests {
+    @Test func concurrentAppendsShareGroupCommits() throws {
+        let dir = TempDir("group")
+        defer { dir.remove() }
+        let log = try BerkeleyDBLog.open(path: dir.path, durability: .fsync)
+        let done = CompletionRecord()
+        for i in 1...2000 as ClosedRange<LogIndex> { log.append([entry(i)]) { done.add(i, $0) } }
+        #expect(done.wait(count: 2000))
+        let commits = log.engine.locked { $0.commits }
+        #expect(commits < 2000, "2000 queued appends took \(commits) commits")
+        try log.close()
+    }
+
+    @Test func aCorruptRecordIsReportedWithItsIndex() throws {
+        let dir = TempDir("corrupt")
+        defer { dir.remove() }
+        try makeStore(dir.path, 1...5)
+        try corruptEntry(dir.path, index: 3)
+        let log = try BerkeleyDBLog.open(path: dir.path)
+        defer { try? log.close() }
+        #expect(try log.entries(1...2) == entries(1...2))
+        #expect {
+            try log.entries(1...5)
+        } throws: { e in
+            guard case let .corrupt(p, detail) = e as? StableLogError else { return false }
+            return p == dir.path && detail.contains("entry 3: checksum mismatch")
+        }
+    }
+
+    @Test func aMissingRecordIsReportedByIndex() throws {
+        let dir = TempDir("missing")
+        defer { dir.remove() }
+        try makeStore(dir.path, 1...5)
+        try withRawStore(dir.path) { db in
+            try StoreDirectory.inTransaction(db, sync: .fsync) { txn throws(StableLogError) in
+                try db.delete(.entries, key: LogRecord.key(3), txn: txn)
+            }
+        }
+        let log = try BerkeleyDBLog.open(path: dir.path)
+        defer { try? log.close() }
+        #expect(throws: StableLogError.missing(path: dir.path, index: 3)) { try log.entries(1...5) }
+    }
+
+    @Test func aStoreOfAnotherFormatVersionIsRefused() throws {
+        let dir = TempDir("version")
+        defer { dir.remove() }
+        try makeStore(dir.path, 1...1)
+        try withRawStore(dir.path) { db in
+            try rawPut(db, .meta, key: Array("format".utf8), value: LogRecord.encodeMeta(.format, LogRecord.encodeFormat(2)))
+        }
+        #expect(throws: StableLogError.versionMismatch(path: dir.path, found: 2, expected: 1)) {
+            try BerkeleyDBLog.open(path: dir.path)
+        }
+    }
+
+    @Test func aFileIsABadPath() throws {
+        let dir = TempDir("file")
+        defer { dir.remove() }
+        _ = FileManager.default.createFile(atPath: dir.path, contents: Data("x".utf8))
+        #expect(throws: StableLogError.badPath(path: dir.path, reason: "it is not a directory")) {
+            try BerkeleyDBLog.open(path: dir.path)
+        }
+    }
+
+    @Test func aMissingDirectoryWithoutCreateIsABadPath() {
+        let dir = TempDir("absent")
+        #expect(throws: StableLogError.badPath(path: dir.path, reason: "no such directory")) {
+            try BerkeleyDBLog.open(path: dir.path, create: false)
+        }
+    }
+
+    @Test func anEmptyDirectoryWithoutCreateIsNotAStore() throws {
+        let dir = TempDir("empty")
+        defer { dir.remove() }
+        try FileManager.default.createDirectory(atPath: dir.path, withIntermediateDirectories: true)
+        #expect {
+            try BerkeleyDBLog.open(path: dir.path, create: false)
+        } throws: { e in
+            if case .notAStore(dir.path, _) = e as? StableLogError { return true }
+            return false
+        }
+    }
+
+    @Test func aMetaFileThatIsNotBerkeleyDBIsNotAStore() throws {
+        let dir = TempDir("garbage")
+        defer { dir.remove() }
+        try FileManager.default.createDirectory(atPath: dir.path, withIntermediateDirectories: true)
+        _ = FileManager.default.createFile(atPath: dir.path + "/meta.db", contents: Data(repeating: 7, count: 8192))
+        _ = FileManager.default.createFile(atPath: dir.path + "/entries.db", contents: Data(repeating: 7, count: 8192))
+        #expect {
+            try BerkeleyDBLog.open(path: dir.path)
+        } throws: { e in
+            if case .notAStore(dir.path, _) = e as? StableLogError { return true }
+            return false
+        }
+    }
+
+    @Test func aSecondOpenInTheSameProcessIsLocked() throws {
+        let dir = TempDir("twice")
+        defer { dir.remove() }
+        let log = try BerkeleyDBLog.open(path: dir.path)
+        defer { try? log.close() }
+        #expect(throws: StableLogError.locked(path: dir.path)) { try BerkeleyDBLog.open(path: dir.path) }
+    }
+
+    @Test func noSpaceFromTheEngineBecomesDiskFull() {
+        #expect(BerkeleyDB.error(ENOSPC, "committing", path: "/d") == .diskFull(path: "/d"))
+        #expect(StableLogError.diskFull(path: "/d").description.contains("no space left"))
+    }
+
+    @Test func debianBerkeleyDBToolsReadTheStore() throws {
+        let dir = TempDir("dbtools")
+        defer { dir.remove() }
+        let log = try BerkeleyDBLog.open(path: dir.path)
+        try log.append([LogEntry(index: 1, ballot: Ballot(term: 1, node: 1), kind: .command, payload: Array("hello-bdb".utf8))])
+        try log.append(entries(2...100))
+        try log.close()
+        for file in ["entries.db", "meta.db"] {
+            let v = try runCommand("/usr/bin/db5.3_verify", ["-h", dir.path, file])
+            #expect(v.status == 0, "db5.3_verify \(file): \(v.stderr)")
+        }
+        let d = try runCommand("/usr/bin/db5.3_dump", ["-p", "-h", dir.path, "entries.db"])
+        #expect(d.status == 0, "\(d.stderr)")
+        #expect(d.stdout.contains("hello-bdb"))
+        #expect(d.stdout.contains("type=btree"))
+    }
+}
