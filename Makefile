@@ -2,7 +2,7 @@
 SWIFT ?= swift
 BUILD_FLAGS ?=
 
-.PHONY: deps build test demo bench clean
+.PHONY: deps build test demo bench bench-syncvm clean
 
 deps:
 	./scripts/install-deps.sh
@@ -17,6 +17,10 @@ test: deps
 
 demo: build
 	$(SWIFT) run $(BUILD_FLAGS) plover demo
+
+# syncvm: page hashing vs memcpy, and syncs of a 1 GiB image (benchmarks/README.md).
+bench-syncvm: deps
+	SWIFT="$(SWIFT)" ./benchmarks/syncvm/run.sh
 
 clean:
 	rm -rf .build
