@@ -31,7 +31,8 @@ rect(0, 0, W, H, "white")
 text(W / 2, 24, f"syncvm on a {report['gib']} GiB image ({report['cores']} cores, {report['sideThreads']} hashing thread per peer)", 15, "middle", weight="bold")
 
 # Panel 1: bytes, log scale.
-vals = [r["syncWireBytes"] for r in rows] + [r["allDirtyWireBytes"] for r in rows]
+MIB = 1048576
+vals = [r["syncWireBytes"] / MIB for r in rows] + [r["allDirtyWireBytes"] / MIB for r in rows]
 lo = 10 ** math.floor(math.log10(min(vals)))
 hi = 10 ** math.ceil(math.log10(max(vals)))
 def ybytes(v):
@@ -41,14 +42,14 @@ e = lo
 while e <= hi:
     y = ybytes(e)
     line(LEFT1, y, LEFT1 + PANEL_W, y, "#ddd")
-    lab = f"{e/1048576:g} MiB" if e >= 1048576 else f"{e/1024:g} KiB"
+    lab = f"{e:g} MiB"
     text(LEFT1 - 6, y + 4, lab, 10, "end")
     e *= 10
 group = PANEL_W / len(rows)
 bw = group * 0.35
 for i, r in enumerate(rows):
     x = LEFT1 + i * group + group * 0.12
-    for j, (v, color) in enumerate([(r["syncWireBytes"], "#2b6cb0"), (r["allDirtyWireBytes"], "#c05621")]):
+    for j, (v, color) in enumerate([(r["syncWireBytes"] / MIB, "#2b6cb0"), (r["allDirtyWireBytes"] / MIB, "#c05621")]):
         y = ybytes(v)
         rect(x + j * bw, y, bw, TOP + PANEL_H - y, color)
     text(x + bw, TOP + PANEL_H + 12, labels[i], 10, "end", rotate=-40)
