@@ -34,7 +34,10 @@ public enum PageHashFunction: String, Sendable, CaseIterable {
 
     /// Hash of a whole byte buffer (used for digests over hash arrays).
     public func hash(_ bytes: UnsafeRawBufferPointer, seed: UInt64) -> UInt64 {
-        guard let base = bytes.baseAddress else { return hash(UnsafeRawPointer(bitPattern: 1)!, count: 0, seed: seed) }
+        guard let base = bytes.baseAddress else {
+            // An empty array may have no address; XXH3 reads nothing for length 0 anyway.
+            return withUnsafeBytes(of: UInt64(0)) { hash($0.baseAddress!, count: 0, seed: seed) }
+        }
         return hash(base, count: bytes.count, seed: seed)
     }
 }
