@@ -164,7 +164,8 @@ public struct SyncPrimary: Sendable {
         stats.unionPages = pages.count
         stats.phases.bitmapExchange = elapsed(since: &mark)
 
-        // The backup hashes the same list at the same time.
+        // The backup hashes the same list at the same time. This blocks the task's thread (which
+        // hashes too) on purpose: the VMs are paused and hashing is the work to be done.
         let mine = pool.hash(pages: pages, of: memory, seed: seed)
         stats.phases.hashing = elapsed(since: &mark)
 

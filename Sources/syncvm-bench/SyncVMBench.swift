@@ -1,4 +1,4 @@
-// syncvm benchmark (benchmarks/syncvm/README in benchmarks/README.md): page-hash throughput
+// syncvm benchmark (benchmarks/README.md, "syncvm"): page-hash throughput
 // against memcpy, and syncs of a 1 GiB image against sending every dirty page.
 //
 // Usage: syncvm-bench [--gib N] [--reps N] [--json PATH]

@@ -20,7 +20,7 @@ load="$(cut -d" " -f1-3 /proc/loadavg)"
   echo
   echo "Load average when the run started: $load (other work on the machine shows up as noise in the times)."
   echo
-  sed 's/^# .*//' "$here/out/tables.md"
-} > "$here/results.md"
+  sed '1s/^# syncvm benchmark: /Run: /' "$here/out/tables.md"
+} | cat -s > "$here/results.md"
 python3 "$here/plot.py" "$here/out/results.json" "$here/syncvm.svg"
 echo "wrote $here/results.md and $here/syncvm.svg"
