@@ -2,7 +2,7 @@
 SWIFT ?= swift
 BUILD_FLAGS ?=
 
-.PHONY: deps build test demo simulate bench bench-stable-log clean
+.PHONY: deps build test demo simulate bench-stable-log bench-syncvm clean
 
 deps:
 	./scripts/install-deps.sh
@@ -31,6 +31,10 @@ demo: build
 bench-stable-log: deps
 	$(SWIFT) build -c release --product plover
 	.build/release/plover bench stable-log --out benchmarks/stable-log/results.md
+
+# syncvm: page hashing vs memcpy, and syncs of a 1 GiB image (benchmarks/README.md).
+bench-syncvm: deps
+	SWIFT="$(SWIFT)" ./benchmarks/syncvm/run.sh
 
 clean:
 	rm -rf .build

@@ -13,6 +13,7 @@ let package = Package(
         .library(name: "Interpose", targets: ["Interpose"]),
         .executable(name: "plover", targets: ["plover"]),
         .executable(name: "paxos-log", targets: ["paxos-log"]),
+        .executable(name: "syncvm-bench", targets: ["syncvm-bench"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
@@ -52,6 +53,8 @@ let package = Package(
                 "RDMAPaxos",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]),
+        // benchmarks/syncvm: page hashing and syncvm against sending every dirty page.
+        .executableTarget(name: "syncvm-bench", dependencies: ["VMReplica"]),
 
         .testTarget(
             name: "RDMAPaxosCoreTests",

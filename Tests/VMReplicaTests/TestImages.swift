@@ -1,0 +1,128 @@
+// Shared fixtures: seeded randomness, guest-memory images with a known dirtying history, and
+// a runner that drives both ends of a sync at once.
+
+import Testing
+@testable import VMReplica
+
+/// SplitMix64: small, seedable, the same sequence everywhere (a failing seed reproduces).
+struct SeededRandom: RandomNumberGenerator {
+    var state: UInt64
+    init(seed: UInt64) { state = seed }
+    mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+}
+
+extension GuestMemory {
+    /// Fills page `index` with bytes drawn from `rng`.
+    func randomize(page index: Int, _ rng: inout SeededRandom) {
+        withMutablePage(index) { p in
+            for i in stride(from: 0, to: p.count, by: 8) { p.storeBytes(of: rng.next(), toByteOffset: i, as: UInt64.self) }
+        }
+    }
+
+    func copyPage(_ index: Int, from other: GuestMemory) {
+        writePage(index, from: other.page(index))
+    }
+
+    func pageEquals(_ index: Int, _ other: GuestMemory) -> Bool {
+        page(index).elementsEqual(other.page(index))
+    }
+
+    func isIdentical(to other: GuestMemory) -> Bool {
+        pageCount == other.pageCount && pageSize == other.pageSize && bytes.elementsEqual(other.bytes)
+    }
+}
+
+/// Two images that were equal at the last sync, then dirtied: some pages only by the primary,
+/// some only by the backup, some by both (to equal or to different contents), and some written
+/// with the bytes they already held.
+struct DivergedPair {
+    let primary: GuestMemory
+    let backup: GuestMemory
+    let primaryDirty: DirtyBitmap
+    let backupDirty: DirtyBitmap
+    /// Pages whose contents differ, found by comparing the images byte by byte.
+    let divergent: DirtyBitmap
+
+    init(pageCount: Int, seed: UInt64, dirtyFraction: Double = 0.2) throws {
+        var rng = SeededRandom(seed: seed)
+        primary = try GuestMemory(pageCount: pageCount)
+        backup = try GuestMemory(pageCount: pageCount)
+        // Common starting image; leave some pages zero, as in a fresh guest.
+        for p in 0..<pageCount where rng.next() % 4 != 0 {
+            primary.randomize(page: p, &rng)
+            backup.copyPage(p, from: primary)
+        }
+        var pd = DirtyBitmap(pageCount: pageCount)
+        var bd = DirtyBitmap(pageCount: pageCount)
+        for p in 0..<pageCount where Double(rng.next() % 10_000) / 10_000 < dirtyFraction {
+            switch rng.next() % 6 {
+            case 0:  // primary only
+                primary.randomize(page: p, &rng); pd.insert(p)
+            case 1:  // backup only
+                backup.randomize(page: p, &rng); bd.insert(p)
+            case 2:  // both, same new contents (deterministic replay did its job)
+                primary.randomize(page: p, &rng); backup.copyPage(p, from: primary)
+                pd.insert(p); bd.insert(p)
+            case 3:  // both, different contents
+                primary.randomize(page: p, &rng); backup.randomize(page: p, &rng)
+                pd.insert(p); bd.insert(p)
+            case 4:  // primary rewrote the bytes it had: dirty but equal
+                pd.insert(p)
+            default: // backup rewrote the bytes it had
+                bd.insert(p)
+            }
+        }
+        var d = DirtyBitmap(pageCount: pageCount)
+        for p in 0..<pageCount where !primary.pageEquals(p, backup) { d.insert(p) }
+        primaryDirty = pd
+        backupDirty = bd
+        divergent = d
+    }
+}
+
+/// Both ends of one sync, run concurrently over an in-memory link.
+struct SyncRun {
+    var primary: Result<SyncResult, any Error>
+    var backup: Result<SyncResult, any Error>
+    var counters: InMemorySyncChannel.Counters
+}
+
+func runSync(primary: GuestMemory, primaryDirty: DirtyBitmap,
+             backup: GuestMemory, backupDirty: DirtyBitmap,
+             state: any SyncStateStore = MemorySyncStateStore(),
+             options: SyncOptions = SyncOptions(), faults: InMemorySyncChannel.Faults = .init(),
+             session: UInt64 = 7, seed: UInt64 = 42) async -> SyncRun {
+    let (pc, bc) = InMemorySyncChannel.pair(backupMemory: backup, faults: faults)
+    let p = SyncPrimary(memory: primary, pool: PageHashPool(threadCount: 2), options: options)
+    let b = SyncBackup(memory: backup, pool: PageHashPool(threadCount: 2), state: state, options: options)
+    async let backupSide = outcome { try await b.run(dirty: backupDirty, over: bc) }
+    let pr = await outcome { try await p.run(dirty: primaryDirty, over: pc, session: session, seed: seed) }
+    let br = await backupSide
+    return SyncRun(primary: pr, backup: br, counters: pc.counters)
+}
+
+func outcome<T>(_ body: () async throws -> T) async -> Result<T, any Error> {
+    do { return .success(try await body()) } catch { return .failure(error) }
+}
+
+extension Result where Failure == any Error {
+    var error: (any Error)? {
+        if case .failure(let e) = self { return e }
+        return nil
+    }
+}
+
+/// Encoded size of a dirty bitmap, restated from the format in docs/design.md rather than
+/// taken from the library: 16-byte header, then dense words or 4-byte indices, whichever is
+/// strictly smaller (dense on a tie).
+func expectedBitmapBytes(pageCount: Int, set: Int) -> Int {
+    let dense = (pageCount + 63) / 64 * 8
+    let sparse = set * 4
+    return 16 + (sparse < dense ? sparse : dense)
+}
