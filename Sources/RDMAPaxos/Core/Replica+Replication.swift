@@ -224,7 +224,6 @@ extension Replica {
         uncommittedBytes = max(0, uncommittedBytes - newlyCommitted.reduce(0) { $0 + $1.payload.count })
         let firstInBallot = log.ballot(at: commitIndex) != promised
         commitIndex = n
-        hardStateDirty = true
         if firstInBallot { startWaitingReads() }
         if !membership.contains(id) || membership.member(id)?.role != .voter, membershipIndex <= commitIndex {
             out.events.append(.steppedDown(reason: "no longer a voter of the committed configuration"))

@@ -228,8 +228,11 @@ public struct Replica: Sendable {
             if !isWitness { out.apply.append(contentsOf: log.entries(from, through: commitIndex)) }
             appliedIndex = commitIndex
         }
-        if !stepEntries.isEmpty || stepTruncate != nil || stepSnapshot != nil { hardStateDirty = true }
-        if hardStateDirty || !out.sendAfterPersist.isEmpty && !inFlightPersists.isEmpty {
+        // The hard state is written only when the promise or the configuration changed; the
+        // commit index rides along then. A restart may thus replay from an older commit index,
+        // which is safe: the leader tells it the current one.
+        let logChanged = !stepEntries.isEmpty || stepTruncate != nil || stepSnapshot != nil
+        if hardStateDirty || logChanged || !out.sendAfterPersist.isEmpty && !inFlightPersists.isEmpty {
             let p = Persist(sequence: nextSequence, truncateFrom: stepTruncate, snapshot: stepSnapshot,
                             entries: stepEntries, hardState: hardStateDirty ? hardState : nil)
             inFlightPersists.append(InFlightPersist(sequence: nextSequence, lastIndex: log.lastIndex, issuedAt: ticks, selfVote: stepSelfVote))
