@@ -17,6 +17,7 @@ let package = Package(
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+        .package(url: "https://github.com/LebJe/TOMLKit", from: "0.6.0"),
     ],
     targets: [
         // C libraries from Debian: module maps only.
@@ -35,7 +36,10 @@ let package = Package(
         // Storage, fabrics and the runtime; re-exports the core.
         .target(
             name: "RDMAPaxos",
-            dependencies: ["RDMAPaxosCore", "CBerkeleyDB", "CVerbs", "CXXHash"],
+            dependencies: [
+                "RDMAPaxosCore", "CBerkeleyDB", "CVerbs", "CXXHash",
+                .product(name: "TOMLKit", package: "TOMLKit"),
+            ],
             path: "Sources/RDMAPaxos",
             exclude: ["Core", "Simulation"]),
         .target(name: "VMReplica", dependencies: ["RDMAPaxos", "CXXHash"]),
