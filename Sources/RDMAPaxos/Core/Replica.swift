@@ -98,8 +98,9 @@ public struct Replica: Sendable {
         appliedIndex = point.index
         durableIndex = log.lastIndex
         snapshotData = state.snapshot?.data ?? []
-        var base = state.snapshot?.membership ?? state.hardState.membership
-        if base.members.isEmpty { base = bootstrap }
+        // The configuration before any log entry: the snapshot's, else the bootstrap one. Not the
+        // hard state's, which may come from a membership entry that never committed.
+        let base = state.snapshot?.membership ?? bootstrap
         snapshotMembership = base
         membership = base
         membershipIndex = point.index
@@ -140,6 +141,7 @@ public struct Replica: Sendable {
     public mutating func propose(_ payloads: [[UInt8]]) throws(ProposalRefusal) -> (firstIndex: LogIndex, actions: Actions) {
         guard role == .leader else { throw .notLeader(leader: leader) }
         if let t = transferTarget { throw .leadershipTransferInProgress(to: t) }
+        guard !payloads.isEmpty else { throw .emptyProposal }
         let bytes = payloads.reduce(0) { $0 + $1.count }
         guard uncommittedBytes + bytes <= config.uncommittedBytesMax || uncommittedBytes == 0 else {
             throw .tooManyUncommittedBytes(limit: config.uncommittedBytesMax)
