@@ -7,6 +7,8 @@ struct Plover: ParsableCommand {
         commandName: "plover",
         abstract: "RDMA Paxos replicated log and VM replication.",
         subcommands: [
+            KV.self,
+            Status.self,
             Simulate.self,
             BenchCommand.self,
             StableLogWriterCommand.self,

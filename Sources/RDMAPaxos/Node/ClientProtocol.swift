@@ -3,12 +3,14 @@
 ///
 ///     frame    = u32 length (of the rest) | u8 kind | u64 request id | body
 ///     requests : 1 propose(command bytes)  2 read(query bytes)  3 status()
+///                4 local read(query bytes): this replica's state, possibly stale (any role)
 ///     responses: 128 ok(result bytes)  129 error(u8 code, u32 leader or 0, message utf8)
 ///                130 status(text utf8)
 public enum ClientFrame: Equatable, Sendable {
     case propose(id: UInt64, command: [UInt8])
     case read(id: UInt64, query: [UInt8])
     case status(id: UInt64)
+    case localRead(id: UInt64, query: [UInt8])
     case ok(id: UInt64, result: [UInt8])
     case error(id: UInt64, code: ClientErrorCode, leader: NodeID?, message: String)
     case statusReply(id: UInt64, text: String)
@@ -18,7 +20,7 @@ public enum ClientFrame: Equatable, Sendable {
 
     public var id: UInt64 {
         switch self {
-        case let .propose(id, _), let .read(id, _), let .status(id), let .ok(id, _), let .error(id, _, _, _), let .statusReply(id, _): id
+        case let .propose(id, _), let .read(id, _), let .status(id), let .localRead(id, _), let .ok(id, _), let .error(id, _, _, _), let .statusReply(id, _): id
         }
     }
 
@@ -28,6 +30,7 @@ public enum ClientFrame: Equatable, Sendable {
         case let .propose(id, c): w.u8(1); w.u64(id); w.raw(c)
         case let .read(id, q): w.u8(2); w.u64(id); w.raw(q)
         case let .status(id): w.u8(3); w.u64(id)
+        case let .localRead(id, q): w.u8(4); w.u64(id); w.raw(q)
         case let .ok(id, r): w.u8(128); w.u64(id); w.raw(r)
         case let .error(id, code, leader, msg): w.u8(129); w.u64(id); w.u8(code.rawValue); w.u32(leader ?? 0); w.raw(Array(msg.utf8))
         case let .statusReply(id, text): w.u8(130); w.u64(id); w.raw(Array(text.utf8))
@@ -50,6 +53,7 @@ public enum ClientFrame: Equatable, Sendable {
         case 3:
             guard rest.isEmpty else { throw DecodeError("client frame", "status request carries \(rest.count) stray bytes") }
             self = .status(id: id)
+        case 4: self = .localRead(id: id, query: rest)
         case 128: self = .ok(id: id, result: rest)
         case 129:
             var e = ByteReader(rest, what: "client error frame")

@@ -74,7 +74,7 @@ final class ClientFrameHandler: ChannelInboundHandler {
         }
         let node = self.node
         switch frame {
-        case .propose, .read:
+        case .propose, .read, .localRead:
             Self.spawnAnswer(frame, node: node, on: channel)
         case let .status(id):
             reply(.statusReply(id: id, text: node.status.text), on: channel)
@@ -94,6 +94,7 @@ final class ClientFrameHandler: ChannelInboundHandler {
             switch frame {
             case let .propose(_, command): result = try await node.propose(command)
             case let .read(_, query): result = try await node.read(query)
+            case let .localRead(_, query): result = try await node.localRead(query)
             default: return
             }
             reply(.ok(id: id, result: result), on: channel)

@@ -25,6 +25,9 @@ extension ReplicaNode {
                 case let .storageFailed(reason): failStorage(reason)
                 case let .propose(cmd, c): commands.append((cmd, c))
                 case let .read(q, c): startRead(q, c)
+                case let .localRead(q, c):
+                    let answer = machine.query(q)
+                    completions.append { c.resume(returning: answer) }
                 }
             }
             if failure == nil { proposeBatch(commands) } else { commands.forEach { $0.1.resume(throwing: NodeError.storage(failure!)) } }
@@ -48,7 +51,7 @@ extension ReplicaNode {
 
     func reject(_ e: NodeEvent, _ error: NodeError) {
         switch e {
-        case let .propose(_, c), let .read(_, c): c.resume(throwing: error)
+        case let .propose(_, c), let .read(_, c), let .localRead(_, c): c.resume(throwing: error)
         default: break
         }
     }

@@ -42,6 +42,7 @@ public final class ReplicaNode: @unchecked Sendable {
         case storageFailed(String)
         case propose([UInt8], CheckedContinuation<[UInt8], any Error>)
         case read([UInt8], CheckedContinuation<[UInt8], any Error>)
+        case localRead([UInt8], CheckedContinuation<[UInt8], any Error>)
     }
 
     struct PendingProposal {
@@ -109,6 +110,14 @@ public final class ReplicaNode: @unchecked Sendable {
     public func read(_ query: [UInt8]) async throws -> [UInt8] {
         try await withCheckedThrowingContinuation { c in
             if !enqueue(.read(query, c)) { c.resume(throwing: NodeError.stopped) }
+        }
+    }
+
+    /// Answers `query` from this replica's state machine as it is now, on any role: possibly
+    /// stale (etcd's "serializable" read). For inspection and for checking replicas agree.
+    public func localRead(_ query: [UInt8]) async throws -> [UInt8] {
+        try await withCheckedThrowingContinuation { c in
+            if !enqueue(.localRead(query, c)) { c.resume(throwing: NodeError.stopped) }
         }
     }
 

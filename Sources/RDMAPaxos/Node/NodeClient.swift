@@ -1,0 +1,184 @@
+import Foundation
+
+/// A blocking client for the client protocol: one TCP connection at a time, follows the
+/// leader hint in `notLeader` answers, retries on other members when one is unreachable.
+/// Used by `plover kv`, `plover status`, the demo and the benchmark load generator
+/// (one client per thread).
+public final class NodeClient {
+    /// Client addresses by node id ("host:port").
+    public let endpoints: [NodeID: String]
+    public let timeout: Duration
+    private var fd: Int32 = -1
+    private var connectedTo: NodeID?
+    private var nextID: UInt64 = 1
+
+    public init(endpoints: [NodeID: String], timeout: Duration = .seconds(5)) {
+        precondition(!endpoints.isEmpty, "a client needs at least one endpoint")
+        self.endpoints = endpoints
+        self.timeout = timeout
+    }
+
+    deinit { disconnect() }
+
+    /// Why a client call failed after trying what it could.
+    public struct Failure: Error, CustomStringConvertible {
+        public var description: String
+    }
+
+    /// Proposes a command through the leader; returns the state machine's result.
+    public func propose(_ command: [UInt8], attempts: Int = 20) throws -> [UInt8] {
+        try call(attempts: attempts) { .propose(id: $0, command: command) }
+    }
+
+    /// A linearizable read through the leader.
+    public func read(_ query: [UInt8], attempts: Int = 20) throws -> [UInt8] {
+        try call(attempts: attempts) { .read(id: $0, query: query) }
+    }
+
+    /// Reads `node`'s own state machine, whatever its role: possibly stale, never linearizable.
+    public func localRead(_ query: [UInt8], at node: NodeID) throws -> [UInt8] {
+        try connect(node)
+        let id = nextID
+        nextID += 1
+        try send(.localRead(id: id, query: query))
+        switch try receive() {
+        case let .ok(_, result): return result
+        case let .error(_, _, _, message): throw Failure(description: "node \(node): \(message)")
+        default: throw Failure(description: "node \(node) sent an unexpected answer to a local read")
+        }
+    }
+
+    /// The `key=value` status text of one node.
+    public func status(of node: NodeID) throws -> String {
+        try connect(node)
+        let id = nextID
+        nextID += 1
+        try send(.status(id: id))
+        guard case let .statusReply(_, text) = try receive() else { throw Failure(description: "node \(node) sent an unexpected answer to status") }
+        return text
+    }
+
+    /// The node this client is talking to (the leader, after a successful call).
+    public var current: NodeID? { connectedTo }
+
+    func call(attempts: Int, _ make: (UInt64) -> ClientFrame) throws -> [UInt8] {
+        var target = connectedTo ?? endpoints.keys.sorted().first!
+        var last = "no attempt made"
+        for attempt in 0..<attempts {
+            let answer: ClientFrame
+            let id = nextID
+            nextID += 1
+            do {
+                try connect(target)
+                try send(make(id))
+                answer = try receive()
+            } catch {
+                // Unreachable or cut off: try the next member below.
+                last = "\(error)"
+                disconnect()
+                target = nextEndpoint(after: target, attempt: attempt)
+                continue
+            }
+            switch answer {
+            case let .ok(rid, result) where rid == id:
+                return result
+            case let .error(_, code, leader, message) where code == .notLeader || code == .superseded || code == .stopped:
+                // Leadership is moving: follow the hint, else try the next member.
+                last = "node \(target): \(message)"
+                if let l = leader, endpoints[l] != nil, l != target {
+                    target = l
+                } else {
+                    disconnect()
+                    target = nextEndpoint(after: target, attempt: attempt)
+                }
+            case let .error(_, _, _, message):
+                throw Failure(description: "node \(target): \(message)")
+            default:
+                throw Failure(description: "node \(target) sent an unexpected answer")
+            }
+        }
+        throw Failure(description: "no leader answered after \(attempts) attempts; last: \(last)")
+    }
+
+    /// The member after `node`, pausing a little once every member was tried (an election may be running).
+    func nextEndpoint(after node: NodeID, attempt: Int) -> NodeID {
+        let ids = endpoints.keys.sorted()
+        if attempt >= ids.count - 1 { Thread.sleep(forTimeInterval: 0.05 * Double(min(attempt, 10))) }
+        return ids[((ids.firstIndex(of: node) ?? 0) + 1) % ids.count]
+    }
+
+    // MARK: Socket
+
+    func connect(_ node: NodeID) throws {
+        if connectedTo == node && fd >= 0 { return }
+        disconnect()
+        guard let address = endpoints[node] else { throw Failure(description: "node \(node) has no client address") }
+        let colon = address.lastIndex(of: ":")!
+        let host = String(address[..<colon])
+        let port = String(address[address.index(after: colon)...])
+        var hints = addrinfo()
+        hints.ai_family = AF_UNSPEC
+        hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
+        var res: UnsafeMutablePointer<addrinfo>?
+        guard getaddrinfo(host, port, &hints, &res) == 0, let ai = res else {
+            throw Failure(description: "node \(node): cannot resolve \(address)")
+        }
+        defer { freeaddrinfo(res) }
+        let s = socket(ai.pointee.ai_family, ai.pointee.ai_socktype, ai.pointee.ai_protocol)
+        guard s >= 0 else { throw Failure(description: "node \(node): socket: \(String(cString: strerror(errno)))") }
+        var tv = timeval(tv_sec: Int(timeout.components.seconds), tv_usec: Int(timeout.components.attoseconds / 1_000_000_000_000))
+        setsockopt(s, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+        setsockopt(s, SOL_SOCKET, SO_SNDTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+        var one: Int32 = 1
+        setsockopt(s, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
+        guard Glibc.connect(s, ai.pointee.ai_addr, ai.pointee.ai_addrlen) == 0 else {
+            let why = String(cString: strerror(errno))
+            close(s)
+            throw Failure(description: "node \(node): cannot connect to \(address): \(why)")
+        }
+        fd = s
+        connectedTo = node
+    }
+
+    public func disconnect() {
+        if fd >= 0 { close(fd) }
+        fd = -1
+        connectedTo = nil
+    }
+
+    func send(_ f: ClientFrame) throws {
+        let bytes = f.encoded()
+        var done = 0
+        while done < bytes.count {
+            let n = bytes[done...].withUnsafeBytes { Glibc.send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
+            guard n > 0 else { throw Failure(description: "connection to node \(connectedTo ?? 0) lost while sending: \(String(cString: strerror(errno)))") }
+            done += n
+        }
+    }
+
+    func receive() throws -> ClientFrame {
+        let header = try readExactly(4)
+        let length = header.reduce(0) { $0 << 8 | Int($1) }
+        guard length <= ClientFrame.bytesMax else { throw Failure(description: "node \(connectedTo ?? 0) sent a \(length)-byte frame (limit \(ClientFrame.bytesMax))") }
+        do {
+            return try ClientFrame(body: try readExactly(length))
+        } catch let e as DecodeError {
+            throw Failure(description: "node \(connectedTo ?? 0) sent a malformed frame: \(e)")
+        }
+    }
+
+    func readExactly(_ n: Int) throws -> [UInt8] {
+        var out = [UInt8](repeating: 0, count: n)
+        var got = 0
+        while got < n {
+            let r = out[got...].withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, 0) }
+            if r == 0 { throw Failure(description: "connection to node \(connectedTo ?? 0) closed") }
+            if r < 0 {
+                if errno == EINTR { continue }
+                throw Failure(description: "connection to node \(connectedTo ?? 0) failed: \(errno == EAGAIN ? "timed out" : String(cString: strerror(errno)))")
+            }
+            got += r
+        }
+        return out
+    }
+}

@@ -1,0 +1,125 @@
+import ArgumentParser
+import Foundation
+import RDMAPaxos
+
+/// Where the client finds the cluster: a member's config file, or explicit endpoints.
+struct ClusterOptions: ParsableArguments {
+    @Option(help: "A replica's config file; its [[members]] give the client addresses.")
+    var cluster: String?
+    @Option(help: "Client endpoints as ID=HOST:PORT, comma-separated (instead of --cluster).")
+    var endpoints: String?
+
+    func resolve() throws -> [NodeID: String] {
+        if let path = cluster {
+            do {
+                let c = try NodeConfig.load(path: path)
+                return Dictionary(uniqueKeysWithValues: c.members.map { ($0.id, $0.clientAddress) })
+            } catch {
+                throw ValidationError(error.description)
+            }
+        }
+        guard let list = endpoints else { throw ValidationError("give --cluster FILE or --endpoints ID=HOST:PORT,...") }
+        var out: [NodeID: String] = [:]
+        for item in list.split(separator: ",") {
+            let kv = item.split(separator: "=", maxSplits: 1)
+            guard kv.count == 2, let id = NodeID(kv[0]), id > 0, kv[1].contains(":") else {
+                throw ValidationError("--endpoints: \"\(item)\" is not ID=HOST:PORT")
+            }
+            out[id] = String(kv[1])
+        }
+        return out
+    }
+}
+
+struct KV: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "kv", abstract: "Read and write the replicated key-value store.",
+        subcommands: [Put.self, Get.self, Delete.self])
+
+    struct Put: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Set KEY to VALUE (linearizable; prints the previous value).")
+        @OptionGroup var cluster: ClusterOptions
+        @Argument var key: String
+        @Argument var value: String
+        func run() throws {
+            try checkKey(key)
+            let r = try client(cluster).propose(KeyValueStateMachine.Command.put(key: Array(key.utf8), value: Array(value.utf8)).encoded())
+            try printResult(r, absent: "(no previous value)")
+        }
+    }
+
+    struct Get: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Print KEY's value (linearizable read through the leader).")
+        @OptionGroup var cluster: ClusterOptions
+        @Argument var key: String
+        @Option(help: "Read this replica's own state instead (any role; may be stale).") var local: NodeID?
+        func run() throws {
+            try checkKey(key)
+            let c = try client(cluster)
+            let r = try local.map { try c.localRead(Array(key.utf8), at: $0) } ?? c.read(Array(key.utf8))
+            try printResult(r, absent: "(not found)", failIfAbsent: true)
+        }
+    }
+
+    struct Delete: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Remove KEY (prints the removed value).")
+        @OptionGroup var cluster: ClusterOptions
+        @Argument var key: String
+        func run() throws {
+            try checkKey(key)
+            let r = try client(cluster).propose(KeyValueStateMachine.Command.delete(key: Array(key.utf8)).encoded())
+            try printResult(r, absent: "(not found)")
+        }
+    }
+}
+
+func checkKey(_ key: String) throws {
+    guard !key.isEmpty else { throw ValidationError("KEY must not be empty") }
+    guard key.utf8.count <= KeyValueStateMachine.Command.keyBytesMax else {
+        throw ValidationError("KEY is \(key.utf8.count) bytes; the limit is \(KeyValueStateMachine.Command.keyBytesMax)")
+    }
+}
+
+func client(_ options: ClusterOptions) throws -> NodeClient {
+    NodeClient(endpoints: try options.resolve())
+}
+
+func printResult(_ r: [UInt8], absent: String, failIfAbsent: Bool = false) throws {
+    if let v = KeyValueStateMachine.decodeResult(r) {
+        print(String(decoding: v, as: UTF8.self))
+    } else if r == [2] {
+        throw CLIError("the replicas rejected the command as malformed")
+    } else {
+        print(absent)
+        if failIfAbsent { throw ExitCode(1) }
+    }
+}
+
+/// An error printed as `error: MESSAGE` with exit status 1.
+struct CLIError: Error, CustomStringConvertible {
+    var description: String
+    init(_ d: String) { description = d }
+}
+
+struct Status: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Show each replica's role, ballot, leader and log indexes.")
+    @OptionGroup var cluster: ClusterOptions
+    @Option(help: "Only this node.") var node: NodeID?
+
+    func run() throws {
+        let endpoints = try cluster.resolve()
+        let c = NodeClient(endpoints: endpoints, timeout: .seconds(2))
+        var unreachable = 0
+        for id in endpoints.keys.sorted() where node == nil || node == id {
+            print("node \(id) (\(endpoints[id]!)):")
+            do {
+                let text = try c.status(of: id)
+                print(text.split(separator: "\n").map { "  " + $0 }.joined(separator: "\n"))
+            } catch {
+                print("  unreachable: \(error)")
+                unreachable += 1
+            }
+        }
+        if unreachable > 0 { throw ExitCode(2) }
+    }
+}

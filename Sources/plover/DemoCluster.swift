@@ -1,0 +1,138 @@
+import Foundation
+import RDMAPaxos
+
+/// Three `plover node` processes on loopback, each with its own config, data dir and log file.
+final class DemoCluster {
+    let root: String
+    let durability: String
+    var endpoints: [NodeID: String] = [:]
+    var peers: [NodeID: String] = [:]
+    var processes: [NodeID: Process] = [:]
+    let ids: [NodeID] = [1, 2, 3]
+
+    init(root: String, durability: String) throws {
+        self.root = root
+        self.durability = durability
+        let fm = FileManager.default
+        try fm.createDirectory(atPath: root + "/data", withIntermediateDirectories: true)
+        // A fresh random cluster key, readable by the owner only.
+        var key = [UInt8](repeating: 0, count: 32)
+        for i in key.indices { key[i] = UInt8.random(in: 0...255) }
+        let hex = key.map { String(format: "%02x", $0) }.joined()
+        fm.createFile(atPath: root + "/cluster.key", contents: Data((hex + "\n").utf8), attributes: [.posixPermissions: 0o600])
+        for id in ids {
+            peers[id] = "127.0.0.1:\(try freePort())"
+            endpoints[id] = "127.0.0.1:\(try freePort())"
+        }
+        for id in ids { try config(for: id).write(toFile: configPath(id), atomically: true, encoding: .utf8) }
+    }
+
+    func configPath(_ id: NodeID) -> String { root + "/node-\(id).toml" }
+
+    func config(for id: NodeID) -> String {
+        var s = """
+            # Replica \(id) of the plover demo cluster.
+            id = \(id)
+            data_dir = "data/\(id)"
+            durability = "\(durability)"
+            fabric = "auto"
+            cluster_key_file = "cluster.key"
+
+            [timing]
+            tick_ms = 10
+            election_timeout_ticks = 15
+            heartbeat_ticks = 2
+            disk_stall_ticks = 100
+
+            """
+        for m in ids {
+            s += """
+
+                [[members]]
+                id = \(m)
+                address = "\(peers[m]!)"
+                client_address = "\(endpoints[m]!)"
+
+                """
+        }
+        return s
+    }
+
+    func startAll() throws { for id in ids { try start(id) } }
+
+    func start(_ id: NodeID) throws {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: selfExecutable())
+        p.arguments = ["node", "--config", configPath(id)]
+        let logPath = root + "/node-\(id).log"
+        if !FileManager.default.fileExists(atPath: logPath) { FileManager.default.createFile(atPath: logPath, contents: nil) }
+        let log = try FileHandle(forWritingTo: URL(fileURLWithPath: logPath))
+        log.seekToEndOfFile()
+        p.standardOutput = log
+        p.standardError = log
+        try p.run()
+        processes[id] = p
+    }
+
+    func kill(_ id: NodeID) {
+        guard let p = processes.removeValue(forKey: id) else { return }
+        Glibc.kill(p.processIdentifier, SIGKILL)
+        p.waitUntilExit()
+    }
+
+    func stopAll() {
+        for (_, p) in processes where p.isRunning { p.terminate() }
+        for (_, p) in processes { p.waitUntilExit() }
+        processes = [:]
+    }
+
+    /// Polls the running replicas until one reports itself leader.
+    func waitForLeader(excluding: NodeID?, timeout: Duration = .seconds(20)) throws -> NodeID {
+        let deadline = ContinuousClock.now + timeout
+        let c = NodeClient(endpoints: endpoints, timeout: .milliseconds(500))
+        while ContinuousClock.now < deadline {
+            for id in processes.keys.sorted() where id != excluding {
+                if let s = try? c.status(of: id), s.contains("role=leader") { return id }
+            }
+            Thread.sleep(forTimeInterval: 0.02)
+        }
+        throw CLIError("no leader elected within \(timeout); see \(root)/node-N.log")
+    }
+
+    /// Waits until every running replica applied everything the leader committed.
+    func waitConverged(timeout: Duration = .seconds(30)) throws {
+        let deadline = ContinuousClock.now + timeout
+        let c = NodeClient(endpoints: endpoints, timeout: .milliseconds(500))
+        while ContinuousClock.now < deadline {
+            let applied = processes.keys.compactMap { id -> String? in
+                guard let s = try? c.status(of: id) else { return nil }
+                return s.split(separator: "\n").first { $0.hasPrefix("applied_index=") }.map(String.init)
+            }
+            if applied.count == processes.count, Set(applied).count == 1 { return }
+            Thread.sleep(forTimeInterval: 0.05)
+        }
+        throw CLIError("replicas did not converge within \(timeout)")
+    }
+}
+
+/// A port the kernel just handed out for loopback (free when we looked).
+func freePort() throws -> Int {
+    let s = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+    guard s >= 0 else { throw CLIError("socket: \(String(cString: strerror(errno)))") }
+    defer { close(s) }
+    var a = sockaddr_in()
+    a.sin_family = sa_family_t(AF_INET)
+    a.sin_addr.s_addr = inet_addr("127.0.0.1")
+    a.sin_port = 0
+    var len = socklen_t(MemoryLayout<sockaddr_in>.size)
+    let ok = withUnsafeMutablePointer(to: &a) { p in
+        p.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(s, $0, len) == 0 && getsockname(s, $0, &len) == 0 }
+    }
+    guard ok else { throw CLIError("cannot find a free loopback port: \(String(cString: strerror(errno)))") }
+    return Int(UInt16(bigEndian: a.sin_port))
+}
+
+/// This executable's path, so the demo can start replicas of itself.
+func selfExecutable() -> String {
+    (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
+}
