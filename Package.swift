@@ -17,6 +17,9 @@ let package = Package(
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-nio", from: "2.101.2"),
+        .package(url: "https://github.com/apple/swift-crypto", from: "3.12.3"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
     ],
     targets: [
         // C libraries from Debian: module maps only.
@@ -35,7 +38,13 @@ let package = Package(
         // Storage, fabrics and the runtime; re-exports the core.
         .target(
             name: "RDMAPaxos",
-            dependencies: ["RDMAPaxosCore", "CBerkeleyDB", "CVerbs", "CXXHash"],
+            dependencies: [
+                "RDMAPaxosCore", "CBerkeleyDB", "CVerbs", "CXXHash",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "Crypto", package: "swift-crypto"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
             path: "Sources/RDMAPaxos",
             exclude: ["Core", "Simulation"]),
         .target(name: "VMReplica", dependencies: ["RDMAPaxos", "CXXHash"]),
