@@ -9,6 +9,8 @@ import Synchronization
 public final class MemoryNetwork: Sendable {
     private struct State {
         var endpoints: [NodeID: MemoryFabric] = [:]
+        /// Fabrics that connected queue pairs (listening or not): whose writes `resume` lands.
+        var writers: [ObjectIdentifier: MemoryFabric] = [:]
         var paused = false
     }
     private let state = Mutex(State())
@@ -22,7 +24,7 @@ public final class MemoryNetwork: Sendable {
     public func resume() {
         let fabrics = state.withLock { s -> [MemoryFabric] in
             s.paused = false
-            return Array(s.endpoints.values)
+            return Array(s.writers.values)
         }
         for f in fabrics { f.drainQueuePairs() }
     }
@@ -39,8 +41,13 @@ public final class MemoryNetwork: Sendable {
     }
 
     func detach(_ f: MemoryFabric) {
-        state.withLock { s in if s.endpoints[f.localNode] === f { s.endpoints[f.localNode] = nil } }
+        state.withLock { s in
+            if s.endpoints[f.localNode] === f { s.endpoints[f.localNode] = nil }
+            s.writers[ObjectIdentifier(f)] = nil
+        }
     }
+
+    func noteWriter(_ f: MemoryFabric) { state.withLock { $0.writers[ObjectIdentifier(f)] = f } }
 
     func endpoint(_ node: NodeID) -> MemoryFabric? { state.withLock { $0.endpoints[node] } }
 }
@@ -109,6 +116,7 @@ public final class MemoryFabric: Fabric {
         }
         let qp = MemoryQueuePair(fabric: self, target: target, remote: id.remote, inboundID: id.inboundID)
         state.withLock { $0.queuePairs.append(qp) }
+        network.noteWriter(self)
         return qp
     }
 

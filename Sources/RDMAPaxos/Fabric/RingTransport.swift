@@ -76,6 +76,8 @@ public final class RingTransport: MessageTransport {
     private let links: [NodeID: PeerLink]
     private let stats = Mutex(Statistics())
     private let run = Mutex(RunState())
+    /// Test hook: while true the receiver leaves its rings alone (so they fill up).
+    private let receivingPaused = Mutex(false)
     private let logger: Logger
 
     private struct RunState {
@@ -189,6 +191,9 @@ public final class RingTransport: MessageTransport {
 
     private var stopped: Bool { run.withLock { $0.stopped } }
 
+    /// Stops (or resumes) consuming the rings, as a slow receiver would; for tests of full rings.
+    func pauseReceiving(_ paused: Bool) { receivingPaused.withLock { $0 = paused } }
+
     private func count(_ k: WritableKeyPath<Statistics, Int>, by n: Int = 1) {
         stats.withLock { $0[keyPath: k] += n }
     }
@@ -291,6 +296,7 @@ public final class RingTransport: MessageTransport {
                 // The queue pair is in error now; `maintain` reconnects it.
                 logger.debug("write to node \(c.peer) completed \(c.status)")
             }
+            if receivingPaused.withLock({ $0 }) { continue }
             for link in links.values {
                 poll(link, into: &inbox)
                 for m in inbox { onReceive(m) }

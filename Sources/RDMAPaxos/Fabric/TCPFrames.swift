@@ -173,6 +173,12 @@ enum TCPHandshake {
             for: transcript(role, connector, acceptor, connectorNonce, acceptorNonce), using: key))
     }
 
+    static func mac(clusterKey: [UInt8], role: Role, connector: NodeID, acceptor: NodeID,
+                    connectorNonce: [UInt8], acceptorNonce: [UInt8]) -> [UInt8] {
+        mac(key: SymmetricKey(data: clusterKey), role: role, connector: connector, acceptor: acceptor,
+            connectorNonce: connectorNonce, acceptorNonce: acceptorNonce)
+    }
+
     static func verify(_ mac: [UInt8], key: SymmetricKey, role: Role, connector: NodeID, acceptor: NodeID,
                        connectorNonce: [UInt8], acceptorNonce: [UInt8]) -> Bool {
         HMAC<SHA256>.isValidAuthenticationCode(
