@@ -94,6 +94,8 @@ public enum FabricError: Error, Hashable, Sendable, CustomStringConvertible {
     case notRunning
     /// The configuration cannot work (limits, addresses, keys).
     case badConfiguration(String)
+    /// The RDMA device or its libraries refused (only `VerbsFabric`).
+    case device(VerbsError)
 
     public var description: String {
         switch self {
@@ -103,6 +105,7 @@ public enum FabricError: Error, Hashable, Sendable, CustomStringConvertible {
         case let .invalidRequest(r): "invalid fabric request: \(r)"
         case .notRunning: "the fabric is not running"
         case let .badConfiguration(r): "bad fabric configuration: \(r)"
+        case let .device(e): "\(e)"
         }
     }
 }
@@ -124,8 +127,9 @@ public protocol QueuePair: AnyObject, Sendable {
     func postWrite(_ bytes: [UInt8], remoteOffset: Int, key: UInt32, immediate: UInt32?,
                    workRequestID: UInt64, signaled: Bool) throws(FabricError)
 
-    /// Moves the queue pair to the error state: every outstanding request completes `.flushed`
-    /// and nothing posted earlier lands afterwards. Idempotent.
+    /// Moves the queue pair to the error state (a fence): every outstanding request completes
+    /// `.flushed` unless it already finished, and nothing can be posted any more. As with verbs,
+    /// a flushed write may or may not have landed. Idempotent.
     func moveToError()
 }
 
