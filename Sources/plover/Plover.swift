@@ -10,5 +10,6 @@ struct Plover: ParsableCommand {
             Simulate.self,
             BenchCommand.self,
             StableLogWriterCommand.self,
+            Doctor.self,
         ])
 }

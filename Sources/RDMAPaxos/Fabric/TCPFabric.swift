@@ -95,6 +95,15 @@ public final class TCPFabric: Fabric {
 
     public var statistics: Statistics { state.withLock { $0.stats } }
 
+    /// Binds a TCP listener at `host` (port 0) and closes it again: can this machine serve the
+    /// TCP fabric there? Returns the port it got. Blocks; not for use on an event loop.
+    public static func probeListening(host: String = "127.0.0.1") throws -> Int {
+        let channel = try ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+            .bind(host: host, port: 0).wait()
+        defer { try? channel.close().wait() }
+        return channel.localAddress?.port ?? 0
+    }
+
     public func registerRegion(lengthBytes: Int) throws(FabricError) -> MemoryRegion {
         let r = try MemoryRegion(owner: localNode, lengthBytes: lengthBytes, key: UInt32.random(in: 1...UInt32.max))
         state.withLock { $0.regions[r.remote.base] = r }
