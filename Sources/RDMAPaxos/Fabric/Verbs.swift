@@ -83,7 +83,7 @@ enum Verbs {
 
 /// The only owner of one device's verbs objects: context, protection domain, completion queue.
 /// HARDWARE ONLY: never constructed on a machine without an RDMA device (the initializer throws
-/// first), so nothing below `deviceNames()` has run in this project's tests.
+/// first), so without hardware only `deviceNames()` runs.
 ///
 /// `@unchecked Sendable`: the pointers are written only in `init`/`deinit`; libibverbs objects are
 /// thread-safe for posting and polling, and `VerbsFabric` serializes modifications per QP.

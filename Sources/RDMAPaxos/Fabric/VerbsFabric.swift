@@ -8,10 +8,10 @@ import Synchronization
 ///
 /// HARDWARE ONLY. On a machine without an RDMA device `init` throws a `VerbsError` that says so
 /// (e.g. "no RDMA device: ibv_get_device_list found none (errno ENOSYS: …) — use fabric = tcp");
-/// that path and the pure state machines are what this project's tests exercise. Everything past
+/// without hardware, tests reach only that path and the pure state machines. Everything past
 /// device discovery — PD, MR with REMOTE_WRITE, CQ, RC QP through INIT→RTR→RTS (done by rdma_cm
 /// on connect/accept), RDMA_WRITE / WRITE_WITH_IMM with selective signalling, ibv_poll_cq — is
-/// written to the verbs API but has not run here.
+/// written to the verbs API and runs only on RDMA hardware.
 ///
 /// Not yet done on this path: authenticating peers (the TCP fabric's HMAC handshake would ride in
 /// the 56-byte CM private data) and IPv6 / host-name addresses (IPv4 literals only).
