@@ -171,6 +171,45 @@ struct RingCluster {
         #expect(inbox.all == (UInt64(1)...8).map(heartbeat))
     }
 
+    @Test func tcpPeerThatRestartsOnItsPortIsReconnectedWithBackoff() async throws {
+        let cluster: [NodeID] = [1, 2]
+        func open(_ n: NodeID, port: Int) async throws -> RingTransport {
+            let fabric = try TCPFabric(node: n, configuration: .init(clusterKey: testClusterKey, members: Set(cluster)))
+            return try await RingTransport.open(
+                fabric: fabric,
+                configuration: .init(listenAddress: PeerAddress(node: n, port: port), cluster: cluster, ringBytes: 4096,
+                                     pollInterval: .milliseconds(1), reconnectDelayMin: .milliseconds(5),
+                                     reconnectDelayMax: .milliseconds(50)))
+        }
+        let t2 = try await open(2, port: 0)
+        defer { t2.stop() }
+        let first = try await open(1, port: 0)
+        let port1 = first.listeningAddress.port
+        t2.setAddress(first.listeningAddress)
+        first.setAddress(t2.listeningAddress)
+        let inbox1 = Inbox()
+        try t2.start { _ in }
+        try first.start { inbox1.append($0) }
+        #expect(await t2.waitUntilConnected())
+        func ping(_ i: UInt64) -> Message { Message(from: 2, to: 1, ballot: Ballot(term: 2, node: 2), body: .heartbeat(commit: i, readRound: 0)) }
+        t2.send(ping(1))
+        #expect(await eventually { inbox1.count == 1 })
+        first.stop()
+
+        // Node 1 comes back on the same port with empty memory; node 2 keeps retrying until it is there.
+        let second = try await open(1, port: port1)
+        defer { second.stop() }
+        second.setAddress(t2.listeningAddress)
+        let inbox2 = Inbox()
+        try second.start { inbox2.append($0) }
+        // Until node 2 notices the old connection died it may still send into it (and lose the
+        // message, which consensus would retransmit): wait for the new session.
+        #expect(await eventually { t2.statistics.connects >= 2 && t2.isConnected(to: 1) })
+        t2.send(ping(2))
+        #expect(await eventually { inbox2.count == 1 })
+        #expect(inbox2.all == [ping(2)])
+    }
+
     @Test(arguments: FabricKind.allCases)
     func oversizedAndUnroutableMessagesAreDroppedAndCounted(kind: FabricKind) async throws {
         let c = try await RingCluster.make(kind, nodes: [1, 2], ringBytes: 1024)

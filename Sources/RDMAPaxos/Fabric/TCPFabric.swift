@@ -211,7 +211,11 @@ public final class TCPFabric: Fabric {
             defer { s.server = nil; s.inbound = [:]; s.queuePairs = [:] }
             return (s.server, s.inbound.values.map(\.channel), Array(s.queuePairs.values))
         }
-        server?.close(promise: nil)
+        if let server {
+            // Wait for the listening socket to close (so the port is free when close returns),
+            // unless called on an event loop, where waiting would deadlock.
+            if server.eventLoop.inEventLoop { server.close(promise: nil) } else { try? server.close().wait() }
+        }
         for c in inbound { c.close(promise: nil) }
         for qp in qps { qp.moveToError() }
         completions.interrupt()
