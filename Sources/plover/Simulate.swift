@@ -24,7 +24,9 @@ struct Simulate: ParsableCommand {
 
     func run() throws {
         var totals = (runs: 0, committed: 0, acked: 0, crashes: 0, partitions: 0, stalls: 0)
+        installSeedReporter()
         for s in seed..<(seed + UInt64(seeds)) {
+            currentSeed.store(s, ordering: .relaxed)
             var o = SimulationOptions.standard(seed: s)
             if let t = faultTicks { o.faultTicks = t }
             do {

@@ -2,7 +2,7 @@ import Testing
 import RDMAPaxosSimulation
 
 /// The seeded simulator over the consensus core. `make test` also runs 1,000 seeds through
-/// `plover simulate` in release mode; these cover every topology in the debug build.
+/// `plover simulate`; these cover every topology inside the test suite.
 @Suite struct SimulatorTests {
     @Test(arguments: 1...40 as ClosedRange<UInt64>)
     func seedSurvivesFaultsAndConverges(seed: UInt64) throws {

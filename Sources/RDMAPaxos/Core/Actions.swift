@@ -77,6 +77,9 @@ public enum ProposalRefusal: Error, Sendable, Hashable, CustomStringConvertible 
     case tooManyUncommittedBytes(limit: Int)
     case membershipChangeInProgress
     case leadershipTransferInProgress(to: NodeID)
+    case emptyProposal
+    case tooManyPendingReads(limit: Int)
+    case invalidTransferTarget(NodeID)
     case invalidMembershipChange(String)
 
     public var description: String {
@@ -85,6 +88,9 @@ public enum ProposalRefusal: Error, Sendable, Hashable, CustomStringConvertible 
         case let .tooManyUncommittedBytes(l): "more than \(l) uncommitted bytes; retry later"
         case .membershipChangeInProgress: "another membership change is not yet committed"
         case let .leadershipTransferInProgress(t): "leadership is moving to \(t); retry there"
+        case .emptyProposal: "a proposal must carry at least one command"
+        case let .tooManyPendingReads(l): "more than \(l) reads waiting for confirmation; retry later"
+        case let .invalidTransferTarget(t): "leadership can only move to another voter of the configuration, not \(t)"
         case let .invalidMembershipChange(r): "invalid membership change: \(r)"
         }
     }

@@ -40,7 +40,7 @@ public struct ByteReader: Sendable {
 
     public var remaining: Int { bytes.count - offset }
 
-    mutating func take(_ n: Int) throws -> ArraySlice<UInt8> {
+    mutating func take(_ n: Int) throws(DecodeError) -> ArraySlice<UInt8> {
         guard n >= 0, remaining >= n else {
             throw DecodeError(what, "truncated at byte \(offset): need \(n), have \(remaining)")
         }
@@ -48,26 +48,26 @@ public struct ByteReader: Sendable {
         return bytes[offset..<offset + n]
     }
 
-    mutating func uint<T: FixedWidthInteger & UnsignedInteger>(_: T.Type) throws -> T {
+    mutating func uint<T: FixedWidthInteger & UnsignedInteger>(_: T.Type) throws(DecodeError) -> T {
         var v: T = 0
         for b in try take(MemoryLayout<T>.size) { v = v << 8 | T(b) }
         return v
     }
 
-    public mutating func u8() throws -> UInt8 { try uint(UInt8.self) }
-    public mutating func u16() throws -> UInt16 { try uint(UInt16.self) }
-    public mutating func u32() throws -> UInt32 { try uint(UInt32.self) }
-    public mutating func u64() throws -> UInt64 { try uint(UInt64.self) }
-    public mutating func raw(_ n: Int) throws -> [UInt8] { Array(try take(n)) }
-    public mutating func blob(max: Int) throws -> [UInt8] {
+    public mutating func u8() throws(DecodeError) -> UInt8 { try uint(UInt8.self) }
+    public mutating func u16() throws(DecodeError) -> UInt16 { try uint(UInt16.self) }
+    public mutating func u32() throws(DecodeError) -> UInt32 { try uint(UInt32.self) }
+    public mutating func u64() throws(DecodeError) -> UInt64 { try uint(UInt64.self) }
+    public mutating func raw(_ n: Int) throws(DecodeError) -> [UInt8] { Array(try take(n)) }
+    public mutating func blob(max: Int) throws(DecodeError) -> [UInt8] {
         let n = Int(try u32())
         guard n <= max else { throw DecodeError(what, "length \(n) exceeds limit \(max)") }
         return Array(try take(n))
     }
-    public mutating func ballot() throws -> Ballot { Ballot(term: try u64(), node: try u32()) }
+    public mutating func ballot() throws(DecodeError) -> Ballot { Ballot(term: try u64(), node: try u32()) }
 
     /// Throws unless every byte was consumed.
-    public func finish() throws {
+    public func finish() throws(DecodeError) {
         guard remaining == 0 else { throw DecodeError(what, "\(remaining) trailing bytes") }
     }
 }
@@ -80,7 +80,7 @@ extension Membership {
         return w.bytes
     }
 
-    public init(decoding bytes: [UInt8]) throws {
+    public init(decoding bytes: [UInt8]) throws(DecodeError) {
         var r = ByteReader(bytes, what: "membership")
         let n = Int(try r.u16())
         var ms: [Member] = []
@@ -105,7 +105,7 @@ extension HardState {
         return w.bytes
     }
 
-    public init(decoding bytes: [UInt8]) throws {
+    public init(decoding bytes: [UInt8]) throws(DecodeError) {
         var r = ByteReader(bytes, what: "hard state")
         let promised = try r.ballot()
         let commit = try r.u64()

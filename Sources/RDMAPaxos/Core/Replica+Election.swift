@@ -43,6 +43,7 @@ extension Replica {
         role = .candidate
         leader = nil
         votes = [:]
+        resetElectionTimer()
         // Our own vote counts once our promise to ourselves is durable (see `persisted`).
         stepSelfVote = ballot
         out.events.append(.startedElection(ballot, pre: false))
@@ -64,12 +65,12 @@ extension Replica {
 
     mutating func becomeFollower(_ ballot: Ballot, leader newLeader: NodeID?) {
         let wasLeader = role == .leader
+        let changed = role != .follower || leader != newLeader || ballot != promised
+        // What we knew to match the old leader's log says nothing about a new one's.
+        if leader != newLeader || ballot != promised { leaderMatch = 0 }
         setPromised(ballot)
-        if role != .follower || leader != newLeader || ballot != promised {
-            out.events.append(.becameFollower(ballot, leader: newLeader))
-        }
+        if changed { out.events.append(.becameFollower(ballot, leader: newLeader)) }
         role = .follower
-        if leader != newLeader { leaderMatch = 0 }
         leader = newLeader
         if wasLeader { abandonLeadership() }
         resetElectionTimer()
@@ -111,9 +112,12 @@ extension Replica {
         (lastBallot, lastIndex) >= (log.lastBallot, log.lastIndex)
     }
 
-    /// A follower that heard from a live leader recently refuses to help unseat it.
+    /// A follower that heard from a live leader recently refuses to help unseat it, and so does
+    /// the leader itself (check-quorum makes it step down on its own once it loses its quorum).
     var inLeaderLease: Bool {
-        config.checkQuorum && leader != nil && leader != id && electionElapsed < config.electionTimeoutTicks
+        guard config.checkQuorum else { return false }
+        if role == .leader { return true }
+        return leader != nil && electionElapsed < config.electionTimeoutTicks
     }
 
     mutating func handlePreVote(_ m: Message, lastIndex: LogIndex, lastBallot: Ballot) {
@@ -156,10 +160,9 @@ extension Replica {
             }
             for k in progress.keys { progress[k]!.recentActive = false }
         }
-        if let target = transferTarget {
+        if transferTarget != nil {
             transferElapsed += 1
             if transferElapsed >= config.electionTimeoutTicks { transferTarget = nil }
-            _ = target
         }
         if heartbeatElapsed >= config.heartbeatTicks {
             heartbeatElapsed = 0

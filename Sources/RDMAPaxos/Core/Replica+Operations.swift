@@ -8,7 +8,7 @@ extension Replica {
     /// confirmed with a quorum that it was still the leader after the read arrived.
     public mutating func read(id readID: UInt64) throws(ProposalRefusal) -> Actions {
         guard role == .leader else { throw .notLeader(leader: leader) }
-        guard pendingReads.count < config.pendingReadsMax else { throw .tooManyUncommittedBytes(limit: config.pendingReadsMax) }
+        guard pendingReads.count < config.pendingReadsMax else { throw .tooManyPendingReads(limit: config.pendingReadsMax) }
         if log.ballot(at: commitIndex) == promised {
             readRound += 1
             pendingReads.append(PendingRead(id: readID, index: commitIndex, round: readRound))
@@ -59,6 +59,9 @@ extension Replica {
         guard membershipIndex <= commitIndex, log.ballot(at: commitIndex) == promised else {
             throw .membershipChangeInProgress
         }
+        guard Set(next.members.map(\.id)).count == next.members.count else {
+            throw .invalidMembershipChange("a member id appears twice")
+        }
         let old = Dictionary(uniqueKeysWithValues: membership.members.map { ($0.id, $0) })
         let new = Dictionary(uniqueKeysWithValues: next.members.map { ($0.id, $0) })
         let added = new.keys.filter { old[$0] == nil }
@@ -67,9 +70,10 @@ extension Replica {
         guard added.count + removed.count + changed.count == 1 else {
             throw .invalidMembershipChange("exactly one member may be added, removed or changed at a time")
         }
-        // Changing a vote-counting role is a change of quorum: only learner <-> voting moves are single steps.
-        if let c = changed.first, let o = old[c], let n = new[c], o.role != n.role, o.role != .learner && n.role != .learner {
-            throw .invalidMembershipChange("member \(c) cannot move from \(o.role) to \(n.role) directly; remove and re-add it")
+        // Only learner <-> voter is a single step. A witness keeps no state machine, so it can
+        // neither become nor stop being one in place: remove it and add a fresh member instead.
+        if let c = changed.first, let o = old[c], let n = new[c], o.role != n.role, o.role == .witness || n.role == .witness {
+            throw .invalidMembershipChange("member \(c) cannot move from \(o.role) to \(n.role); remove it and add a fresh member")
         }
         guard next.members.contains(where: { $0.role == .voter }) else {
             throw .invalidMembershipChange("the configuration must keep at least one voter")
@@ -84,9 +88,7 @@ extension Replica {
     /// Hands leadership to `target` once it has caught up; proposals are refused meanwhile.
     public mutating func transferLeadership(to target: NodeID) throws(ProposalRefusal) -> Actions {
         guard role == .leader else { throw .notLeader(leader: leader) }
-        guard membership.member(target)?.role == .voter, target != id else {
-            throw .invalidMembershipChange("leadership can only move to another voter, not \(target)")
-        }
+        guard membership.member(target)?.role == .voter, target != id else { throw .invalidTransferTarget(target) }
         _ = startTransfer(to: target)
         return finish()
     }

@@ -49,7 +49,8 @@ extension Replica {
             if case .probe = pr.state { pr.probeSent = false }
             progress[m.from] = pr
             confirmReads()
-            if pr.match < log.lastIndex { sendAppend(to: m.from) }
+            // Resend only what helps: a fresh probe, or entries not yet sent (in-flight ones will arrive).
+            if pr.match < log.lastIndex, pr.state == .probe || pr.next <= log.lastIndex { sendAppend(to: m.from) }
         case let .installSnapshot(s):
             followLeader(m.from)
             handleInstallSnapshot(from: m.from, s)
@@ -119,8 +120,8 @@ extension Replica {
         leaderMatch = s.index
         durableIndex = min(durableIndex, s.index)
         stepSnapshot = s
-        if !isWitness { out.restore = s }
         refreshMembership()
+        if !isWitness { out.restore = s }
         send(from, .accepted(success: true, index: s.index), afterPersist: true)
     }
 
@@ -157,6 +158,8 @@ extension Replica {
             preconditionFailure("follower \(peer) next index \(pr.next) is past our log end \(log.lastIndex)")
         }
         let entries = log.slice(from: pr.next, bytesMax: config.batchBytesMax)
+        // Streaming with nothing new to send: heartbeats carry the commit index instead.
+        if pr.state == .replicate && entries.isEmpty { return }
         send(peer, .accept(prevIndex: prevIndex, prevBallot: prevBallot, entries: entries, commit: commitIndex))
         switch pr.state {
         case .replicate:
@@ -221,10 +224,9 @@ extension Replica {
         let n = matches[membership.quorum - 1]
         guard n > commitIndex, log.ballot(at: n) == promised else { return }
         let newlyCommitted = log.entries(commitIndex + 1, through: n)
-        uncommittedBytes = max(0, uncommittedBytes - newlyCommitted.reduce(0) { $0 + $1.payload.count })
+        uncommittedBytes = max(0, uncommittedBytes - newlyCommitted.reduce(0) { $0 + ($1.ballot == promised ? $1.payload.count : 0) })
         let firstInBallot = log.ballot(at: commitIndex) != promised
         commitIndex = n
-        hardStateDirty = true
         if firstInBallot { startWaitingReads() }
         if !membership.contains(id) || membership.member(id)?.role != .voter, membershipIndex <= commitIndex {
             out.events.append(.steppedDown(reason: "no longer a voter of the committed configuration"))
@@ -240,10 +242,12 @@ extension Replica {
     /// Followers whose match has not moved for a while get their window reset and a fresh probe:
     /// accepts may have been lost.
     mutating func retransmitStalled() {
-        let limit = max(2, config.electionTimeoutTicks / 3)
         for peer in progress.keys.sorted() {
             guard var pr = progress[peer] else { continue }
             if pr.match >= log.lastIndex { pr.stalledTicks = 0; progress[peer] = pr; continue }
+            // A snapshot is big: give it longer before sending it again.
+            var limit = max(2, config.electionTimeoutTicks / 3)
+            if case .snapshot = pr.state { limit = config.electionTimeoutTicks * 2 }
             pr.stalledTicks += 1
             if pr.stalledTicks >= limit {
                 pr.becomeProbe()

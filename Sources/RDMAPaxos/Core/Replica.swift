@@ -98,8 +98,9 @@ public struct Replica: Sendable {
         appliedIndex = point.index
         durableIndex = log.lastIndex
         snapshotData = state.snapshot?.data ?? []
-        var base = state.snapshot?.membership ?? state.hardState.membership
-        if base.members.isEmpty { base = bootstrap }
+        // The configuration before any log entry: the snapshot's, else the bootstrap one. Not the
+        // hard state's, which may come from a membership entry that never committed.
+        let base = state.snapshot?.membership ?? bootstrap
         snapshotMembership = base
         membership = base
         membershipIndex = point.index
@@ -140,6 +141,7 @@ public struct Replica: Sendable {
     public mutating func propose(_ payloads: [[UInt8]]) throws(ProposalRefusal) -> (firstIndex: LogIndex, actions: Actions) {
         guard role == .leader else { throw .notLeader(leader: leader) }
         if let t = transferTarget { throw .leadershipTransferInProgress(to: t) }
+        guard !payloads.isEmpty else { throw .emptyProposal }
         let bytes = payloads.reduce(0) { $0 + $1.count }
         guard uncommittedBytes + bytes <= config.uncommittedBytesMax || uncommittedBytes == 0 else {
             throw .tooManyUncommittedBytes(limit: config.uncommittedBytesMax)
@@ -228,8 +230,11 @@ public struct Replica: Sendable {
             if !isWitness { out.apply.append(contentsOf: log.entries(from, through: commitIndex)) }
             appliedIndex = commitIndex
         }
-        if !stepEntries.isEmpty || stepTruncate != nil || stepSnapshot != nil { hardStateDirty = true }
-        if hardStateDirty || !out.sendAfterPersist.isEmpty && !inFlightPersists.isEmpty {
+        // The hard state is written only when the promise or the configuration changed; the
+        // commit index rides along then. A restart may thus replay from an older commit index,
+        // which is safe: the leader tells it the current one.
+        let logChanged = !stepEntries.isEmpty || stepTruncate != nil || stepSnapshot != nil
+        if hardStateDirty || logChanged || !out.sendAfterPersist.isEmpty && !inFlightPersists.isEmpty {
             let p = Persist(sequence: nextSequence, truncateFrom: stepTruncate, snapshot: stepSnapshot,
                             entries: stepEntries, hardState: hardStateDirty ? hardState : nil)
             inFlightPersists.append(InFlightPersist(sequence: nextSequence, lastIndex: log.lastIndex, issuedAt: ticks, selfVote: stepSelfVote))

@@ -31,7 +31,8 @@ public struct Ballot: Hashable, Comparable, Sendable, CustomStringConvertible {
 
 /// What a log entry carries.
 public enum EntryKind: UInt8, Sendable, CaseIterable {
-    /// Filler a new leader writes into holes it found in phase 1; applies as nothing.
+    /// The first entry of each new leader's ballot: committing it commits everything before it.
+    /// Applies as nothing.
     case noop = 0
     /// An opaque command for the state machine.
     case command = 1

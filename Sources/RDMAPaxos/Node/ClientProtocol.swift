@@ -1,0 +1,79 @@
+/// The client protocol a replica serves on its client address (`plover kv`, `plover status`,
+/// load generators): length-prefixed frames over TCP, pipelined, answered by request id.
+///
+///     frame    = u32 length (of the rest) | u8 kind | u64 request id | body
+///     requests : 1 propose(command bytes)  2 read(query bytes)  3 status()
+///     responses: 128 ok(result bytes)  129 error(u8 code, u32 leader or 0, message utf8)
+///                130 status(text utf8)
+public enum ClientFrame: Equatable, Sendable {
+    case propose(id: UInt64, command: [UInt8])
+    case read(id: UInt64, query: [UInt8])
+    case status(id: UInt64)
+    case ok(id: UInt64, result: [UInt8])
+    case error(id: UInt64, code: ClientErrorCode, leader: NodeID?, message: String)
+    case statusReply(id: UInt64, text: String)
+
+    /// Largest frame either side accepts; larger ones close the connection.
+    public static let bytesMax = 32 << 20
+
+    public var id: UInt64 {
+        switch self {
+        case let .propose(id, _), let .read(id, _), let .status(id), let .ok(id, _), let .error(id, _, _, _), let .statusReply(id, _): id
+        }
+    }
+
+    public func encoded() -> [UInt8] {
+        var w = ByteWriter()
+        switch self {
+        case let .propose(id, c): w.u8(1); w.u64(id); w.raw(c)
+        case let .read(id, q): w.u8(2); w.u64(id); w.raw(q)
+        case let .status(id): w.u8(3); w.u64(id)
+        case let .ok(id, r): w.u8(128); w.u64(id); w.raw(r)
+        case let .error(id, code, leader, msg): w.u8(129); w.u64(id); w.u8(code.rawValue); w.u32(leader ?? 0); w.raw(Array(msg.utf8))
+        case let .statusReply(id, text): w.u8(130); w.u64(id); w.raw(Array(text.utf8))
+        }
+        var out = ByteWriter(capacity: w.bytes.count + 4)
+        out.u32(UInt32(w.bytes.count))
+        out.raw(w.bytes)
+        return out.bytes
+    }
+
+    /// Decodes one frame body (without the length prefix).
+    public init(body: [UInt8]) throws(DecodeError) {
+        var r = ByteReader(body, what: "client frame")
+        let kind = try r.u8()
+        let id = try r.u64()
+        let rest = try r.raw(r.remaining)
+        switch kind {
+        case 1: self = .propose(id: id, command: rest)
+        case 2: self = .read(id: id, query: rest)
+        case 3:
+            guard rest.isEmpty else { throw DecodeError("client frame", "status request carries \(rest.count) stray bytes") }
+            self = .status(id: id)
+        case 128: self = .ok(id: id, result: rest)
+        case 129:
+            var e = ByteReader(rest, what: "client error frame")
+            let raw = try e.u8()
+            let code = ClientErrorCode(rawValue: raw) ?? .other
+            let leader = try e.u32()
+            self = .error(id: id, code: code, leader: leader == 0 ? nil : leader, message: String(decoding: try e.raw(e.remaining), as: UTF8.self))
+        case 130: self = .statusReply(id: id, text: String(decoding: rest, as: UTF8.self))
+        default: throw DecodeError("client frame", "unknown kind \(kind)")
+        }
+    }
+}
+
+public enum ClientErrorCode: UInt8, Sendable {
+    case notLeader = 1, timedOut = 2, superseded = 3, refused = 4, stopped = 5, storage = 6, badRequest = 7, other = 255
+
+    init(_ e: NodeError) {
+        switch e {
+        case .notLeader: self = .notLeader
+        case .timedOut, .outcomeUnknown: self = .timedOut
+        case .superseded: self = .superseded
+        case .refused: self = .refused
+        case .stopped: self = .stopped
+        case .storage: self = .storage
+        }
+    }
+}

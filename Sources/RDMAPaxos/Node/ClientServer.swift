@@ -1,0 +1,131 @@
+import NIOCore
+import NIOPosix
+
+/// Serves the client protocol (`ClientFrame`) for one `ReplicaNode` on a TCP address.
+public final class ClientServer: Sendable {
+    let group: MultiThreadedEventLoopGroup
+    let channel: any Channel
+    /// The address actually bound (useful when asked for port 0).
+    public let boundPort: Int
+
+    public static func start(node: ReplicaNode, host: String, port: Int) throws -> ClientServer {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        do {
+            let channel = try ServerBootstrap(group: group)
+                .serverChannelOption(.backlog, value: 256)
+                .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+                .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
+                .childChannelInitializer { ch in
+                    ch.eventLoop.makeCompletedFuture { try ch.pipeline.syncOperations.addHandler(ClientFrameHandler(node: node)) }
+                }
+                .bind(host: host, port: port).wait()
+            return ClientServer(group: group, channel: channel)
+        } catch {
+            try? group.syncShutdownGracefully()
+            throw error
+        }
+    }
+
+    init(group: MultiThreadedEventLoopGroup, channel: any Channel) {
+        self.group = group
+        self.channel = channel
+        boundPort = channel.localAddress?.port ?? 0
+    }
+
+    public func stop() {
+        try? channel.close().wait()
+        try? group.syncShutdownGracefully()
+    }
+}
+
+/// Splits the byte stream into frames and answers each one when the node does.
+final class ClientFrameHandler: ChannelInboundHandler {
+    typealias InboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
+
+    let node: ReplicaNode
+    var pending = ByteBuffer()
+
+    init(node: ReplicaNode) { self.node = node }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        var incoming = unwrapInboundIn(data)
+        pending.writeBuffer(&incoming)
+        while let length = pending.getInteger(at: pending.readerIndex, as: UInt32.self) {
+            guard Int(length) <= ClientFrame.bytesMax else {
+                context.close(promise: nil)  // A client that sends an oversized frame is broken or hostile.
+                return
+            }
+            guard pending.readableBytes >= 4 + Int(length) else { break }
+            pending.moveReaderIndex(forwardBy: 4)
+            let body = pending.readBytes(length: Int(length))!
+            handle(body, channel: context.channel)
+        }
+        pending.discardReadBytes()
+    }
+
+    func handle(_ body: [UInt8], channel: any Channel) {
+        let frame: ClientFrame
+        do {
+            frame = try ClientFrame(body: body)
+        } catch {
+            reply(.error(id: 0, code: .badRequest, leader: nil, message: "\(error)"), on: channel)
+            return
+        }
+        let node = self.node
+        switch frame {
+        case .propose, .read:
+            Self.spawnAnswer(frame, node: node, on: channel)
+        case let .status(id):
+            reply(.statusReply(id: id, text: node.status.text), on: channel)
+        default:
+            reply(.error(id: frame.id, code: .badRequest, leader: nil, message: "not a request"), on: channel)
+        }
+    }
+
+    static func spawnAnswer(_ frame: ClientFrame, node: ReplicaNode, on channel: any Channel) {
+        Task { await answer(frame, node: node, on: channel) }
+    }
+
+    static func answer(_ frame: ClientFrame, node: ReplicaNode, on channel: any Channel) async {
+        let id = frame.id
+        do {
+            let result: [UInt8]
+            switch frame {
+            case let .propose(_, command): result = try await node.propose(command)
+            case let .read(_, query): result = try await node.read(query)
+            default: return
+            }
+            reply(.ok(id: id, result: result), on: channel)
+        } catch let e as NodeError {
+            var leader: NodeID?
+            if case let .notLeader(l) = e { leader = l }
+            reply(.error(id: id, code: ClientErrorCode(e), leader: leader, message: e.description), on: channel)
+        } catch {
+            reply(.error(id: id, code: .other, leader: nil, message: "\(error)"), on: channel)
+        }
+    }
+
+    static func reply(_ f: ClientFrame, on channel: any Channel) {
+        channel.writeAndFlush(ByteBuffer(bytes: f.encoded()), promise: nil)
+    }
+
+    func reply(_ f: ClientFrame, on channel: any Channel) { Self.reply(f, on: channel) }
+}
+
+extension NodeStatus {
+    /// `key=value` lines, stable order, for `plover status` and scripts.
+    public var text: String {
+        var lines = [
+            "id=\(id)", "role=\(isWitness && role == .follower ? "witness" : role.rawValue)", "ballot=\(ballot)",
+            "leader=\(leader.map(String.init) ?? "none")", "first_index=\(firstIndex)", "last_index=\(lastIndex)",
+            "durable_index=\(durableIndex)", "commit_index=\(commitIndex)", "applied_index=\(appliedIndex)",
+            "members=" + membership.members.map { "\($0.id):\($0.role):\($0.priority)" }.joined(separator: ","),
+        ]
+        if !followerMatch.isEmpty {
+            lines.append("follower_match=" + followerMatch.sorted { $0.key < $1.key }.map { "\($0.key):\($0.value)" }.joined(separator: ","))
+        }
+        if let f = failure { lines.append("failure=\(f)") }
+        return lines.joined(separator: "\n")
+    }
+}

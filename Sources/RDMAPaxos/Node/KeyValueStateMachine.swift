@@ -1,0 +1,78 @@
+/// An example state machine: a replicated key-value map, used by `plover node` and the demo.
+///
+/// Commands: `put(key, value)` returns the previous value; `delete(key)` returns the removed
+/// value. Queries: `get(key)`. Keys and values are bytes.
+public final class KeyValueStateMachine: StateMachine {
+    public private(set) var map: [[UInt8]: [UInt8]] = [:]
+    public private(set) var appliedIndex: LogIndex = 0
+
+    public init() {}
+
+    public enum Command: Equatable, Sendable {
+        case put(key: [UInt8], value: [UInt8])
+        case delete(key: [UInt8])
+
+        public func encoded() -> [UInt8] {
+            var w = ByteWriter()
+            switch self {
+            case let .put(k, v): w.u8(1); w.blob(k); w.blob(v)
+            case let .delete(k): w.u8(2); w.blob(k)
+            }
+            return w.bytes
+        }
+
+        public init(decoding bytes: [UInt8]) throws {
+            var r = ByteReader(bytes, what: "key-value command")
+            switch try r.u8() {
+            case 1: self = .put(key: try r.blob(max: Self.keyBytesMax), value: try r.blob(max: Self.valueBytesMax))
+            case 2: self = .delete(key: try r.blob(max: Self.keyBytesMax))
+            case let op: throw DecodeError("key-value command", "unknown operation \(op)")
+            }
+            try r.finish()
+        }
+
+        public static let keyBytesMax = 64 << 10
+        public static let valueBytesMax = 16 << 20
+    }
+
+    /// Result encoding: 0 = absent, 1 + bytes = present.
+    static func optional(_ v: [UInt8]?) -> [UInt8] { v.map { [1] + $0 } ?? [0] }
+
+    /// Decodes a result of `put`, `delete` or `get`: the value, or nil if there was none.
+    public static func decodeResult(_ bytes: [UInt8]) -> [UInt8]? {
+        bytes.first == 1 ? Array(bytes.dropFirst()) : nil
+    }
+
+    public func apply(_ command: [UInt8], index: LogIndex) -> [UInt8] {
+        appliedIndex = index
+        // A command that does not decode was proposed by a buggy client; every replica
+        // rejects it identically, so the state stays the same everywhere.
+        guard let c = try? Command(decoding: command) else { return [2] }
+        switch c {
+        case let .put(k, v): return Self.optional(map.updateValue(v, forKey: k))
+        case let .delete(k): return Self.optional(map.removeValue(forKey: k))
+        }
+    }
+
+    public func query(_ key: [UInt8]) -> [UInt8] { Self.optional(map[key]) }
+
+    public func snapshot() -> [UInt8] {
+        var w = ByteWriter()
+        w.u64(appliedIndex)
+        w.u32(UInt32(map.count))
+        for (k, v) in map.sorted(by: { $0.key.lexicographicallyPrecedes($1.key) }) { w.blob(k); w.blob(v) }
+        return w.bytes
+    }
+
+    public func restore(_ snapshot: [UInt8], index: LogIndex) throws {
+        var r = ByteReader(snapshot, what: "key-value snapshot")
+        var m: [[UInt8]: [UInt8]] = [:]
+        let at = try r.u64()
+        for _ in 0..<(try r.u32()) {
+            m[try r.blob(max: Command.keyBytesMax)] = try r.blob(max: Command.valueBytesMax)
+        }
+        try r.finish()
+        map = m
+        appliedIndex = max(at, index)
+    }
+}

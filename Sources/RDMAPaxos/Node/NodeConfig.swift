@@ -1,0 +1,147 @@
+import Foundation
+import TOMLKit
+
+/// A replica's configuration file (TOML), as `plover node --config FILE` reads it.
+/// See docs/operations.md ("Configuration") for every key.
+public struct NodeConfig: Sendable, Equatable {
+    public enum FabricChoice: String, Sendable, CaseIterable { case auto, verbs, tcp }
+
+    public struct MemberConfig: Sendable, Equatable {
+        public var id: NodeID
+        /// host:port of the replica's fabric (peer-to-peer) endpoint.
+        public var address: String
+        /// host:port where the replica answers clients (`plover kv`, `plover status`).
+        public var clientAddress: String
+        public var role: MemberRole
+        public var priority: UInt8
+    }
+
+    public var id: NodeID
+    public var dataDir: String
+    public var durability: Durability = .fsync
+    public var fabric: FabricChoice = .auto
+    /// Path of the cluster key file (relative paths are relative to the config file).
+    public var clusterKeyFile: String?
+    /// host:port of the Prometheus metrics endpoint, if any (loopback unless set otherwise).
+    public var metricsAddress: String?
+    public var tickMilliseconds = 10
+    public var electionTimeoutTicks = 20
+    public var heartbeatTicks = 2
+    public var diskStallTicks = 100
+    public var requestTimeoutTicks = 500
+    public var batchBytesMax = 1 << 20
+    public var inflightMessagesMax = 64
+    public var uncommittedBytesMax = 64 << 20
+    public var compactEveryEntries = 50_000
+    public var members: [MemberConfig] = []
+
+    public var me: MemberConfig { members.first { $0.id == id }! }
+    public var membership: Membership { Membership(members.map { Member(id: $0.id, role: $0.role, priority: $0.priority) }) }
+
+    public var replicaConfig: ReplicaConfig {
+        var c = ReplicaConfig(id: id)
+        c.electionTimeoutTicks = electionTimeoutTicks
+        c.heartbeatTicks = heartbeatTicks
+        c.diskStallTicks = diskStallTicks
+        c.batchBytesMax = batchBytesMax
+        c.inflightMessagesMax = inflightMessagesMax
+        c.uncommittedBytesMax = uncommittedBytesMax
+        return c
+    }
+
+    public init(id: NodeID, dataDir: String, members: [MemberConfig]) {
+        self.id = id
+        self.dataDir = dataDir
+        self.members = members
+    }
+
+    /// Reads and validates a config file. Every problem names the file, the key and what is wrong.
+    public static func load(path: String) throws(ConfigError) -> NodeConfig {
+        guard let data = FileManager.default.contents(atPath: path) else {
+            throw ConfigError(file: path, key: nil, problem: "cannot be read (missing or not permitted)")
+        }
+        guard let text = String(data: data, encoding: .utf8) else {
+            throw ConfigError(file: path, key: nil, problem: "is not UTF-8 text")
+        }
+        var c = try parse(text, file: path)
+        let base = (path as NSString).deletingLastPathComponent
+        if let k = c.clusterKeyFile, !k.hasPrefix("/") { c.clusterKeyFile = base.isEmpty ? k : base + "/" + k }
+        if !c.dataDir.hasPrefix("/") { c.dataDir = base.isEmpty ? c.dataDir : base + "/" + c.dataDir }
+        return c
+    }
+
+    /// Parses config text (`file` only names it in errors).
+    public static func parse(_ text: String, file: String) throws(ConfigError) -> NodeConfig {
+        let table: TOMLTable
+        do {
+            table = try TOMLTable(string: text)
+        } catch let e as TOMLParseError {
+            throw ConfigError(file: file, key: nil, problem: "not valid TOML at line \(e.source.begin.line), column \(e.source.begin.column): \(e.description)")
+        } catch {
+            throw ConfigError(file: file, key: nil, problem: "not valid TOML: \(error)")
+        }
+        var r = TableReader(table, file: file, path: "")
+        var c = NodeConfig(id: 0, dataDir: "", members: [])
+        c.id = try r.nodeID("id")
+        c.dataDir = try r.string("data_dir")
+        c.durability = try r.choice("durability", default: .fsync)
+        c.fabric = try r.choice("fabric", default: .auto)
+        c.clusterKeyFile = try r.optionalString("cluster_key_file")
+        c.metricsAddress = try r.optionalString("metrics_address").map { a throws(ConfigError) in try r.address(a, key: "metrics_address") }
+        if var t = try r.subtable("timing") {
+            c.tickMilliseconds = try t.int("tick_ms", default: c.tickMilliseconds, range: 1...10_000)
+            c.electionTimeoutTicks = try t.int("election_timeout_ticks", default: c.electionTimeoutTicks, range: 3...1_000_000)
+            c.heartbeatTicks = try t.int("heartbeat_ticks", default: c.heartbeatTicks, range: 1...1_000_000)
+            c.diskStallTicks = try t.int("disk_stall_ticks", default: c.diskStallTicks, range: 1...1_000_000)
+            c.requestTimeoutTicks = try t.int("request_timeout_ticks", default: c.requestTimeoutTicks, range: 1...100_000_000)
+            try t.finish()
+            guard c.heartbeatTicks < c.electionTimeoutTicks else {
+                throw ConfigError(file: file, key: "timing.heartbeat_ticks", problem: "must be below timing.election_timeout_ticks (\(c.electionTimeoutTicks))")
+            }
+        }
+        if var t = try r.subtable("limits") {
+            c.batchBytesMax = try t.int("batch_bytes_max", default: c.batchBytesMax, range: 64...(256 << 20))
+            c.inflightMessagesMax = try t.int("inflight_messages_max", default: c.inflightMessagesMax, range: 1...65_536)
+            c.uncommittedBytesMax = try t.int("uncommitted_bytes_max", default: c.uncommittedBytesMax, range: 1024...(1 << 40))
+            c.compactEveryEntries = try t.int("compact_every_entries", default: c.compactEveryEntries, range: 2...(1 << 40))
+            try t.finish()
+        }
+        for var m in try r.tableArray("members") {
+            let id = try m.nodeID("id")
+            let role: MemberRole = try m.choice("role", default: .voter, names: MemberRole.allCases.map(\.description)) { name in
+                MemberRole.allCases.first { $0.description == name }
+            }
+            let defaultPriority = role == .voter ? 1 : 0
+            c.members.append(MemberConfig(
+                id: id, address: try m.address(try m.string("address"), key: "address"),
+                clientAddress: try m.address(try m.string("client_address"), key: "client_address"),
+                role: role, priority: UInt8(try m.int("priority", default: defaultPriority, range: 0...255))))
+            try m.finish()
+        }
+        try r.finish()
+        try c.validate(file: file)
+        return c
+    }
+
+    func validate(file: String) throws(ConfigError) {
+        guard !members.isEmpty else { throw ConfigError(file: file, key: "members", problem: "at least one [[members]] table is required") }
+        var seen: Set<NodeID> = []
+        var addresses: Set<String> = []
+        for (i, m) in members.enumerated() {
+            guard seen.insert(m.id).inserted else { throw ConfigError(file: file, key: "members[\(i)].id", problem: "node id \(m.id) appears twice") }
+            guard addresses.insert(m.address).inserted else { throw ConfigError(file: file, key: "members[\(i)].address", problem: "\(m.address) is used by two members") }
+            guard addresses.insert(m.clientAddress).inserted else { throw ConfigError(file: file, key: "members[\(i)].client_address", problem: "\(m.clientAddress) is used twice") }
+        }
+        guard seen.contains(id) else { throw ConfigError(file: file, key: "id", problem: "node \(id) is not one of the [[members]] (\(seen.sorted().map(String.init).joined(separator: ", ")))") }
+        guard members.contains(where: { $0.role == .voter }) else { throw ConfigError(file: file, key: "members", problem: "at least one member must have role = \"voter\"") }
+        guard !dataDir.isEmpty || durability == .memory else { throw ConfigError(file: file, key: "data_dir", problem: "must not be empty") }
+    }
+}
+
+/// A configuration problem: which file, which key, what is wrong.
+public struct ConfigError: Error, Sendable, Equatable, CustomStringConvertible {
+    public var file: String
+    public var key: String?
+    public var problem: String
+    public var description: String { "\(file): " + (key.map { "\($0): " } ?? "") + problem }
+}

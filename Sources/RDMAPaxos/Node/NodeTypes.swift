@@ -1,0 +1,71 @@
+/// How a `ReplicaNode` runs: the core's limits and timings plus the runtime's own.
+public struct NodeOptions: Sendable {
+    public var replica: ReplicaConfig
+    /// The initial configuration of a brand-new cluster (ignored once the log records one).
+    public var bootstrap: Membership
+    /// A proposal or read not answered within this many ticks fails with `NodeError.timedOut`.
+    public var requestTimeoutTicks: Int = 500
+    /// Compact the log into a snapshot once this many applied entries are held.
+    public var compactEveryEntries: Int = 50_000
+    /// Most commands proposed in one batch (one accept message, one group commit).
+    public var proposalsPerBatchMax: Int = 4096
+    /// Seed of the core's election-timeout randomness.
+    public var seed: UInt64
+    /// Called on the node's thread for role and leader changes (for logs and demos).
+    public var onEvent: (@Sendable (Event) -> Void)?
+
+    public init(replica: ReplicaConfig, bootstrap: Membership, seed: UInt64 = 1) {
+        self.replica = replica
+        self.bootstrap = bootstrap
+        self.seed = seed
+    }
+}
+
+/// Why a request to a node failed.
+public enum NodeError: Error, Sendable, Equatable, CustomStringConvertible {
+    /// This replica is not the leader; retry at `leader` if known.
+    case notLeader(leader: NodeID?)
+    /// The leader refused the request (overloaded, transfer or membership change in progress).
+    case refused(ProposalRefusal)
+    /// Not answered in time; a proposal may or may not have committed.
+    case timedOut
+    /// Leadership changed and another entry took the proposal's place: it did not commit.
+    case superseded
+    /// The replica jumped ahead by installing a snapshot; the proposal's outcome is unknown.
+    case outcomeUnknown
+    /// The node is stopped.
+    case stopped
+    /// The stable log failed; the node stopped serving (see the message for what to do).
+    case storage(String)
+
+    public var description: String {
+        switch self {
+        case let .notLeader(l): "not the leader" + (l.map { "; the leader is node \($0)" } ?? "; no leader known yet")
+        case let .refused(r): "refused: \(r)"
+        case .timedOut: "timed out; the request may or may not have taken effect"
+        case .superseded: "leadership changed before the command committed; it did not take effect"
+        case .outcomeUnknown: "the replica installed a snapshot; the command's outcome is unknown"
+        case .stopped: "the node is stopped"
+        case let .storage(m): "storage failed, node stopped serving: \(m)"
+        }
+    }
+}
+
+/// A consistent view of one node, for `plover status` and metrics.
+public struct NodeStatus: Sendable, Equatable {
+    public var id: NodeID
+    public var role: Role
+    public var isWitness: Bool
+    public var ballot: Ballot
+    public var leader: NodeID?
+    public var firstIndex: LogIndex
+    public var lastIndex: LogIndex
+    public var durableIndex: LogIndex
+    public var commitIndex: LogIndex
+    public var appliedIndex: LogIndex
+    public var membership: Membership
+    /// Followers' match indexes as seen by the leader (empty elsewhere).
+    public var followerMatch: [NodeID: LogIndex]
+    /// Set once the node stopped serving because of a storage failure.
+    public var failure: String?
+}

@@ -1,0 +1,230 @@
+import Foundation
+
+// The node thread: drains events, feeds the core, carries out its actions in the order
+// `Actions` prescribes.
+extension ReplicaNode {
+    func runLoop() {
+        while true {
+            let (batch, stopping) = cond.withLock {
+                while events.isEmpty && state == .running { cond.wait() }
+                let b = events
+                events = []
+                return (b, state != .running)
+            }
+            if stopping { break }
+            var commands: [([UInt8], CheckedContinuation<[UInt8], any Error>)] = []
+            for e in batch {
+                if failure != nil {
+                    reject(e, NodeError.storage(failure!))
+                    continue
+                }
+                switch e {
+                case .tick: onTick()
+                case let .message(m): perform(replica.receive(m))
+                case let .persisted(seq): onPersisted(seq)
+                case let .storageFailed(reason): failStorage(reason)
+                case let .propose(cmd, c): commands.append((cmd, c))
+                case let .read(q, c): startRead(q, c)
+                }
+            }
+            if failure == nil { proposeBatch(commands) } else { commands.forEach { $0.1.resume(throwing: NodeError.storage(failure!)) } }
+            // Publish before answering, so a client that got its answer sees a status that includes it.
+            publishStatus()
+            let answers = completions
+            completions = []
+            answers.forEach { $0() }
+        }
+        failEverything(NodeError.stopped)
+        // The node owns its log from start to stop; a close error leaves nothing to do here
+        // (the next open recovers).
+        try? log.close()
+        cond.withLock {
+            for e in events { reject(e, NodeError.stopped) }
+            events = []
+            state = .stopped
+            cond.broadcast()
+        }
+    }
+
+    func reject(_ e: NodeEvent, _ error: NodeError) {
+        switch e {
+        case let .propose(_, c), let .read(_, c): c.resume(throwing: error)
+        default: break
+        }
+    }
+
+    func onTick() {
+        tickCount += 1
+        perform(replica.tick())
+        for (i, p) in proposals where p.deadline <= tickCount {
+            proposals[i] = nil
+            p.continuation.resume(throwing: NodeError.timedOut)
+        }
+        for (id, r) in reads where r.deadline <= tickCount {
+            reads[id] = nil
+            r.continuation.resume(throwing: NodeError.timedOut)
+        }
+    }
+
+    func proposeBatch(_ commands: [([UInt8], CheckedContinuation<[UInt8], any Error>)]) {
+        var rest = commands[...]
+        while !rest.isEmpty {
+            let chunk = rest.prefix(options.proposalsPerBatchMax)
+            rest = rest.dropFirst(chunk.count)
+            do {
+                let (first, actions) = try replica.propose(chunk.map(\.0))
+                for (i, c) in chunk.enumerated() {
+                    proposals[first + LogIndex(i)] = PendingProposal(
+                        ballot: replica.promised, deadline: tickCount + options.requestTimeoutTicks, continuation: c.1)
+                }
+                perform(actions)
+            } catch {
+                let e: NodeError = if case let .notLeader(l) = error { .notLeader(leader: l) } else { .refused(error) }
+                chunk.forEach { $0.1.resume(throwing: e) }
+            }
+        }
+    }
+
+    func startRead(_ query: [UInt8], _ c: CheckedContinuation<[UInt8], any Error>) {
+        let id = nextReadID
+        nextReadID += 1
+        do {
+            let a = try replica.read(id: id)
+            reads[id] = PendingRead(query: query, deadline: tickCount + options.requestTimeoutTicks, continuation: c)
+            perform(a)
+        } catch {
+            if case let .notLeader(l) = error { c.resume(throwing: NodeError.notLeader(leader: l)) } else { c.resume(throwing: NodeError.refused(error)) }
+        }
+    }
+
+    /// Carries out one call's actions: persist, send, (acks after persist), restore, apply, reads.
+    func perform(_ a: Actions) {
+        for e in a.events {
+            options.onEvent?(e)
+            if case let .readRefused(id, _) = e, let r = reads.removeValue(forKey: id) {
+                r.continuation.resume(throwing: NodeError.notLeader(leader: replica.leader))
+            }
+        }
+        if let p = a.persist {
+            acksAwaitingPersist.append((p.sequence, a.sendAfterPersist))
+            startPersist(p)
+        }
+        for m in a.send { transport.send(m) }
+        if let s = a.restore {
+            do {
+                try machine.restore(s.data, index: s.index)
+            } catch {
+                failStorage("snapshot \(s.index) from the leader does not restore: \(error)")
+                return
+            }
+            for (i, p) in proposals where i <= s.index {
+                proposals[i] = nil
+                p.continuation.resume(throwing: NodeError.outcomeUnknown)
+            }
+        }
+        for e in a.apply { applyEntry(e) }
+        for r in a.reads {
+            reads[r.id]?.index = r.index
+        }
+        answerReads()
+        maybeCompact()
+    }
+
+    func applyEntry(_ e: LogEntry) {
+        let result = e.kind == .command ? machine.apply(e.payload, index: e.index) : []
+        if let p = proposals.removeValue(forKey: e.index) {
+            let committed = p.ballot == e.ballot
+            completions.append {
+                if committed { p.continuation.resume(returning: result) } else { p.continuation.resume(throwing: NodeError.superseded) }
+            }
+        }
+    }
+
+    func answerReads() {
+        for (id, r) in reads {
+            if let index = r.index, index <= replica.appliedIndex {
+                reads[id] = nil
+                let answer = machine.query(r.query)
+                completions.append { r.continuation.resume(returning: answer) }
+            }
+        }
+    }
+
+    func maybeCompact() {
+        let applied = replica.appliedIndex
+        guard applied >= replica.firstIndex, Int(applied - replica.firstIndex) + 1 >= options.compactEveryEntries else { return }
+        let data = replica.isWitness ? [] : machine.snapshot()
+        perform(replica.compact(through: applied, snapshot: data))
+    }
+
+    // MARK: Persistence
+
+    /// Starts one persist unit. Synchronous parts (truncate, snapshot, hard state) are rare;
+    /// entries go to the log's group commit and complete on its thread.
+    func startPersist(_ p: Persist) {
+        do {
+            if let t = p.truncateFrom { try log.truncateSuffix(from: t) }
+            if let s = p.snapshot {
+                try snapshots.save(s)
+                try log.compactPrefix(through: s.index, ballot: s.ballot)
+            }
+            if let h = p.hardState { try log.saveHardState(h) }
+        } catch {
+            failStorage("\(error)")
+            return
+        }
+        let seq = p.sequence
+        if p.entries.isEmpty {
+            // Through the queue, not directly: the core's actions must be carried out in call order.
+            enqueue(.persisted(seq))
+        } else {
+            log.append(p.entries) { [weak self] result in
+                switch result {
+                case .success: self?.enqueue(.persisted(seq))
+                case let .failure(e): self?.enqueue(.storageFailed(e.description))
+                }
+            }
+        }
+    }
+
+    /// Persist units may finish out of order (entries complete on the log's thread); acks are
+    /// released, and the core told, only up to the highest sequence with everything before it done.
+    func onPersisted(_ seq: UInt64) {
+        persistsDone.insert(seq)
+        var through = releasedThrough
+        while persistsDone.remove(through + 1) != nil { through += 1 }
+        guard through > releasedThrough else { return }
+        releasedThrough = through
+        while let first = acksAwaitingPersist.first, first.sequence <= through {
+            acksAwaitingPersist.removeFirst()
+            for m in first.messages { transport.send(m) }
+        }
+        perform(replica.persisted(through))
+    }
+
+    func failStorage(_ reason: String) {
+        guard failure == nil else { return }
+        failure = reason
+        options.onEvent?(.steppedDown(reason: "storage failed: \(reason)"))
+        failEverything(NodeError.storage(reason))
+    }
+
+    func failEverything(_ error: NodeError) {
+        completions.forEach { $0() }
+        completions = []
+        for p in proposals.values { p.continuation.resume(throwing: error) }
+        for r in reads.values { r.continuation.resume(throwing: error) }
+        proposals = [:]
+        reads = [:]
+    }
+
+    func publishStatus() {
+        let r = replica!
+        let s = NodeStatus(
+            id: r.id, role: failure == nil ? r.role : .follower, isWitness: r.isWitness, ballot: r.promised, leader: r.leader,
+            firstIndex: r.firstIndex, lastIndex: r.lastIndex, durableIndex: r.durableIndex,
+            commitIndex: r.commitIndex, appliedIndex: r.appliedIndex, membership: r.membership,
+            followerMatch: r.followerMatch, failure: failure)
+        cond.withLock { published = s }
+    }
+}

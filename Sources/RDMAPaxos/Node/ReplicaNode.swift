@@ -1,0 +1,142 @@
+import Foundation
+
+/// A running replica: drives the pure consensus core with a stable log, a message transport
+/// and a clock, and applies committed commands to a `StateMachine`.
+///
+/// One thread owns the core and the state machine; everything else (network, disk
+/// completions, ticks, client calls) reaches it as events on one queue.
+public final class ReplicaNode: @unchecked Sendable {
+    // @unchecked Sendable: every mutable field below is either owned by the node thread
+    // (`replica`, `machine`, the pending maps) or guarded by `cond` (`events`, `published`, `state`).
+    public let options: NodeOptions
+    let log: any StableLog
+    let snapshots: any SnapshotStore
+    let transport: any MessageTransport
+    let ticks: any TickSource
+    let machine: any StateMachine
+
+    let cond = NSCondition()
+    var events: [NodeEvent] = []
+    var state: RunState = .created
+    var published: NodeStatus?
+
+    // Owned by the node thread.
+    var replica: Replica!
+    var tickCount = 0
+    var proposals: [LogIndex: PendingProposal] = [:]
+    var reads: [UInt64: PendingRead] = [:]
+    var nextReadID: UInt64 = 1
+    var acksAwaitingPersist: [(sequence: UInt64, messages: [Message])] = []
+    var persistsDone: Set<UInt64> = []
+    var releasedThrough: UInt64 = 0
+    var failure: String?
+    /// Answers to clients, delivered after the batch's status is published.
+    var completions: [() -> Void] = []
+
+    enum RunState { case created, running, stopping, stopped }
+
+    enum NodeEvent {
+        case tick
+        case message(Message)
+        case persisted(UInt64)
+        case storageFailed(String)
+        case propose([UInt8], CheckedContinuation<[UInt8], any Error>)
+        case read([UInt8], CheckedContinuation<[UInt8], any Error>)
+    }
+
+    struct PendingProposal {
+        var ballot: Ballot
+        var deadline: Int
+        var continuation: CheckedContinuation<[UInt8], any Error>
+    }
+
+    struct PendingRead {
+        var query: [UInt8]
+        var index: LogIndex?
+        var deadline: Int
+        var continuation: CheckedContinuation<[UInt8], any Error>
+    }
+
+    public init(options: NodeOptions, stateMachine: any StateMachine, log: any StableLog,
+                snapshots: any SnapshotStore, transport: any MessageTransport, ticks: any TickSource) {
+        self.options = options
+        self.machine = stateMachine
+        self.log = log
+        self.snapshots = snapshots
+        self.transport = transport
+        self.ticks = ticks
+    }
+
+    /// Loads the durable state, restores the state machine and starts serving.
+    public func start() throws {
+        let restored = try loadRestoredState()
+        if let s = restored.snapshot, !s.data.isEmpty { try machine.restore(s.data, index: s.index) }
+        replica = Replica(config: options.replica, restoring: restored, bootstrap: options.bootstrap, seed: options.seed)
+        cond.withLock { state = .running }
+        publishStatus()
+        try transport.start { [weak self] m in self?.enqueue(.message(m)) }
+        ticks.start { [weak self] in self?.enqueue(.tick) }
+        let t = Thread { [self] in runLoop() }
+        t.name = "plover-node-\(options.replica.id)"
+        t.start()
+    }
+
+    /// Stops serving and closes the stable log: pending requests fail with `NodeError.stopped`.
+    /// Idempotent.
+    public func stop() {
+        let wasRunning = cond.withLock {
+            guard state == .running else { return false }
+            state = .stopping
+            cond.broadcast()
+            return true
+        }
+        guard wasRunning else { return }
+        ticks.stop()
+        transport.stop()
+        cond.withLock { while state != .stopped { cond.wait() } }
+    }
+
+    /// Proposes `command`; returns the state machine's result once it committed and applied here.
+    /// Throws `NodeError.notLeader` on followers.
+    public func propose(_ command: [UInt8]) async throws -> [UInt8] {
+        try await withCheckedThrowingContinuation { c in
+            if !enqueue(.propose(command, c)) { c.resume(throwing: NodeError.stopped) }
+        }
+    }
+
+    /// A linearizable read: answered from this replica's state machine after the leader
+    /// confirmed its leadership with a quorum (read-index). Leader only.
+    public func read(_ query: [UInt8]) async throws -> [UInt8] {
+        try await withCheckedThrowingContinuation { c in
+            if !enqueue(.read(query, c)) { c.resume(throwing: NodeError.stopped) }
+        }
+    }
+
+    /// The node's latest status (updated after every batch of events).
+    public var status: NodeStatus { cond.withLock { published! } }
+
+    @discardableResult
+    func enqueue(_ e: NodeEvent) -> Bool {
+        cond.withLock {
+            guard state == .running else { return false }
+            events.append(e)
+            if events.count == 1 { cond.signal() }
+            return true
+        }
+    }
+
+    func loadRestoredState() throws -> RestoredState {
+        let hard = try log.loadHardState()
+        let point = log.snapshot
+        var snapshot = try snapshots.load()
+        if point.index > 0 {
+            guard let s = snapshot, s.index >= point.index else {
+                throw NodeError.storage("the log is compacted through \(point.index) but no snapshot at or past it was found; rebuild this replica from its peers")
+            }
+        }
+        if let s = snapshot, s.index == 0 { snapshot = nil }
+        let from = max(log.firstIndex, (snapshot?.index ?? 0) + 1)
+        let entries = from <= log.lastIndex ? try log.entries(from...log.lastIndex) : []
+        return RestoredState(hardState: hard, snapshot: snapshot, entries: entries)
+    }
+}

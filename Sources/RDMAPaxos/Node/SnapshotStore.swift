@@ -1,0 +1,109 @@
+import Foundation
+
+/// Where a replica keeps its latest state machine snapshot (the log keeps only the point).
+public protocol SnapshotStore: AnyObject, Sendable {
+    /// The latest saved snapshot, or nil if none was ever saved.
+    func load() throws -> Snapshot?
+    /// Saves `snapshot` durably, replacing the previous one.
+    func save(_ snapshot: Snapshot) throws
+}
+
+/// Why a snapshot could not be loaded or saved.
+public struct SnapshotStoreError: Error, CustomStringConvertible, Sendable {
+    public var path: String
+    public var reason: String
+    public var description: String { "\(path): snapshot: \(reason)" }
+}
+
+/// Keeps the snapshot in memory only (durability `memory`, and tests).
+public final class MemorySnapshotStore: SnapshotStore, @unchecked Sendable {
+    // @unchecked Sendable: `latest` is only touched under `lock`.
+    private let lock = NSLock()
+    private var latest: Snapshot?
+    public init() {}
+    public func load() throws -> Snapshot? { lock.withLock { latest } }
+    public func save(_ snapshot: Snapshot) throws { lock.withLock { latest = snapshot } }
+}
+
+/// One file, `snapshot.bin`, replaced atomically (write, fsync, rename, fsync the directory),
+/// with a version and a checksum so a torn or foreign file is reported, never restored.
+public final class FileSnapshotStore: SnapshotStore, @unchecked Sendable {
+    // @unchecked Sendable: immutable after init; file operations are atomic renames.
+    public let path: String
+    private let sync: Bool
+    static let magic: UInt32 = 0x504C_5653 // "PLVS"
+    static let version: UInt32 = 1
+
+    /// `sync: false` skips the fsyncs (durability `async`).
+    public init(directory: String, sync: Bool = true) {
+        path = directory + "/snapshot.bin"
+        self.sync = sync
+    }
+
+    public func load() throws -> Snapshot? {
+        guard FileManager.default.fileExists(atPath: path) else { return nil }
+        guard let data = FileManager.default.contents(atPath: path) else {
+            throw SnapshotStoreError(path: path, reason: "cannot be read")
+        }
+        let bytes = [UInt8](data)
+        guard bytes.count >= 16 else { throw SnapshotStoreError(path: path, reason: "truncated (\(bytes.count) bytes)") }
+        let body = Array(bytes.dropLast(8))
+        var tail = ByteReader(Array(bytes.suffix(8)), what: "snapshot checksum")
+        guard try tail.u64() == Self.checksum(body) else {
+            throw SnapshotStoreError(path: path, reason: "checksum mismatch: the file is corrupt")
+        }
+        do {
+            var r = ByteReader(body, what: "snapshot")
+            guard try r.u32() == Self.magic else { throw SnapshotStoreError(path: path, reason: "not a plover snapshot") }
+            let v = try r.u32()
+            guard v == Self.version else { throw SnapshotStoreError(path: path, reason: "format version \(v), this build reads \(Self.version)") }
+            let index = try r.u64()
+            let ballot = try r.ballot()
+            let membership = try Membership(decoding: try r.blob(max: 1 << 20))
+            let data = try r.blob(max: Int(UInt32.max))
+            try r.finish()
+            return Snapshot(index: index, ballot: ballot, membership: membership, data: data)
+        } catch let e as DecodeError {
+            throw SnapshotStoreError(path: path, reason: e.description)
+        }
+    }
+
+    public func save(_ s: Snapshot) throws {
+        var w = ByteWriter(capacity: s.data.count + 64)
+        w.u32(Self.magic)
+        w.u32(Self.version)
+        w.u64(s.index)
+        w.ballot(s.ballot)
+        w.blob(s.membership.encoded())
+        w.blob(s.data)
+        var bytes = w.bytes
+        var sum = ByteWriter()
+        sum.u64(Self.checksum(bytes))
+        bytes += sum.bytes
+        let tmp = path + ".tmp"
+        try writeFile(tmp, bytes)
+        guard rename(tmp, path) == 0 else { throw SnapshotStoreError(path: path, reason: "rename failed: \(String(cString: strerror(errno)))") }
+        if sync {
+            let dir = open((path as NSString).deletingLastPathComponent, O_RDONLY)
+            if dir >= 0 { fsync(dir); close(dir) }
+        }
+    }
+
+    private func writeFile(_ file: String, _ bytes: [UInt8]) throws {
+        let fd = open(file, O_WRONLY | O_CREAT | O_TRUNC, 0o600)
+        guard fd >= 0 else { throw SnapshotStoreError(path: file, reason: "cannot create: \(String(cString: strerror(errno)))") }
+        defer { close(fd) }
+        var done = 0
+        while done < bytes.count {
+            let n = bytes[done...].withUnsafeBytes { Foundation.write(fd, $0.baseAddress, $0.count) }
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw SnapshotStoreError(path: file, reason: "write failed: \(String(cString: strerror(errno)))")
+            }
+            done += n
+        }
+        if sync && fsync(fd) != 0 { throw SnapshotStoreError(path: file, reason: "fsync failed: \(String(cString: strerror(errno)))") }
+    }
+
+    static func checksum(_ b: [UInt8]) -> UInt64 { LogRecord.checksum(b[...], seed: UInt64(magic)) }
+}

@@ -1,0 +1,49 @@
+import Foundation
+
+/// The node's clock: calls `onTick` at a fixed interval. One tick is the core's unit of time
+/// (election timeouts and heartbeats are counted in ticks).
+public protocol TickSource: AnyObject, Sendable {
+    func start(_ onTick: @escaping @Sendable () -> Void)
+    func stop()
+}
+
+/// Ticks from a background thread every `interval`.
+public final class TimerTickSource: TickSource, @unchecked Sendable {
+    // @unchecked Sendable: `timer` is only touched under `lock`.
+    private let interval: Duration
+    private let lock = NSLock()
+    private var timer: DispatchSourceTimer?
+
+    public init(interval: Duration) { self.interval = interval }
+
+    public func start(_ onTick: @escaping @Sendable () -> Void) {
+        let t = DispatchSource.makeTimerSource(queue: DispatchQueue(label: "plover.tick"))
+        let ns = Int(interval.components.seconds) * 1_000_000_000 + Int(interval.components.attoseconds / 1_000_000_000)
+        t.schedule(deadline: .now() + .nanoseconds(ns), repeating: .nanoseconds(ns), leeway: .nanoseconds(ns / 10))
+        t.setEventHandler(handler: onTick)
+        lock.withLock { timer = t }
+        t.resume()
+    }
+
+    public func stop() {
+        lock.withLock {
+            timer?.cancel()
+            timer = nil
+        }
+    }
+}
+
+/// Ticks only when the test calls `fire()`: the in-memory twin of `TimerTickSource`.
+public final class ManualTickSource: TickSource, @unchecked Sendable {
+    // @unchecked Sendable: `onTick` is only touched under `lock`.
+    private let lock = NSLock()
+    private var onTick: (@Sendable () -> Void)?
+
+    public init() {}
+    public func start(_ onTick: @escaping @Sendable () -> Void) { lock.withLock { self.onTick = onTick } }
+    public func stop() { lock.withLock { onTick = nil } }
+    public func fire(_ times: Int = 1) {
+        let f = lock.withLock { onTick }
+        for _ in 0..<times { f?() }
+    }
+}

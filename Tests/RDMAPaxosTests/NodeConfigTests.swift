@@ -1,0 +1,82 @@
+import Foundation
+import Testing
+import RDMAPaxos
+
+@Suite struct NodeConfigTests {
+    static let good = """
+        id = 2
+        data_dir = "data/2"
+        durability = "async"
+        fabric = "tcp"
+        cluster_key_file = "cluster.key"
+
+        [timing]
+        tick_ms = 5
+        election_timeout_ticks = 30
+
+        [[members]]
+        id = 1
+        address = "127.0.0.1:7001"
+        client_address = "127.0.0.1:7101"
+        priority = 2
+
+        [[members]]
+        id = 2
+        address = "127.0.0.1:7002"
+        client_address = "127.0.0.1:7102"
+
+        [[members]]
+        id = 3
+        address = "127.0.0.1:7003"
+        client_address = "127.0.0.1:7103"
+        role = "witness"
+        """
+
+    @Test func goodConfigParses() throws {
+        let c = try NodeConfig.parse(Self.good, file: "c.toml")
+        #expect(c.id == 2 && c.durability == .async && c.fabric == .tcp && c.tickMilliseconds == 5)
+        #expect(c.electionTimeoutTicks == 30 && c.heartbeatTicks == 2)
+        #expect(c.membership.voting == [1, 2, 3])
+        #expect(c.membership.member(3)?.role == .witness && c.membership.member(3)?.priority == 0)
+        #expect(c.membership.member(1)?.priority == 2)
+    }
+
+    @Test(arguments: [
+        ("id = 2", "id = \"two\"", "c.toml: id: must be an integer (got string)"),
+        ("durability = \"async\"", "durability = \"sometimes\"", "c.toml: durability: must be one of fsync, async, memory (got \"sometimes\")"),
+        ("role = \"witness\"", "role = \"boss\"", "c.toml: members[2].role: must be one of voter, witness, learner (got \"boss\")"),
+        ("tick_ms = 5", "tick_ms = 0", "c.toml: timing.tick_ms: must be between 1 and 10000 (got 0)"),
+        ("tick_ms = 5", "tick_ms = 5\nheartbeat_ticks = 40", "c.toml: timing.heartbeat_ticks: must be below timing.election_timeout_ticks (30)"),
+        ("fabric = \"tcp\"", "fabirc = \"tcp\"", "c.toml: fabirc: unknown key (misspelt?)"),
+        ("address = \"127.0.0.1:7002\"", "address = \"127.0.0.1\"", "c.toml: members[1].address: must be host:port with a port from 1 to 65535 (got \"127.0.0.1\")"),
+        ("address = \"127.0.0.1:7002\"", "address = \"127.0.0.1:7001\"", "c.toml: members[1].address: 127.0.0.1:7001 is used by two members"),
+        ("id = 2\n", "id = 9\n", "c.toml: id: node 9 is not one of the [[members]] (1, 2, 3)"),
+    ])
+    func badConfigNamesKeyAndProblem(find: String, replace: String, message: String) {
+        let text = Self.good.replacingOccurrences(of: find, with: replace, options: [], range: Self.good.range(of: find))
+        #expect(throws: ConfigError.self) { try NodeConfig.parse(text, file: "c.toml") }
+        do { _ = try NodeConfig.parse(text, file: "c.toml") } catch { #expect(error.description == message) }
+    }
+
+    @Test func invalidTomlReportsLine() {
+        do {
+            _ = try NodeConfig.parse("id = 1\n[[members]\n", file: "c.toml")
+            Issue.record("parsed invalid TOML")
+        } catch {
+            #expect(error.description.hasPrefix("c.toml: not valid TOML at line 2"))
+        }
+    }
+
+    @Test func worldReadableKeyFileIsRefused() throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("plover-key-\(getpid())")
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let path = dir.appendingPathComponent("cluster.key").path
+        FileManager.default.createFile(atPath: path, contents: Data("0123456789abcdef0123456789abcdef\n".utf8), attributes: [.posixPermissions: 0o644])
+        #expect(throws: ConfigError.self) { try ClusterKey.load(path: path) }
+        chmod(path, 0o600)
+        #expect(try ClusterKey.load(path: path).bytes.count == 32)
+        FileManager.default.createFile(atPath: path, contents: Data("short".utf8), attributes: [.posixPermissions: 0o600])
+        #expect(throws: ConfigError.self) { try ClusterKey.load(path: path) }
+    }
+}
