@@ -12,5 +12,6 @@ struct Plover: ParsableCommand {
             Simulate.self,
             BenchCommand.self,
             StableLogWriterCommand.self,
+            Doctor.self,
         ])
 }

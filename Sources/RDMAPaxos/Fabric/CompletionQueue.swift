@@ -1,0 +1,78 @@
+import Foundation
+
+/// A bounded completion queue: the fabric pushes, the owner polls or waits.
+///
+/// Like a verbs CQ it has a fixed capacity (`capacityEntries`); a push into a full queue is
+/// dropped and counted in `overrunCount` (a verbs CQ overrun is fatal, but every consumer here
+/// treats completions as hints it re-derives from memory, so losing one costs only latency).
+///
+/// `@unchecked Sendable`: all state is guarded by `condition`'s lock.
+public final class CompletionQueue: @unchecked Sendable {
+    public let capacityEntries: Int
+    private let condition = NSCondition()
+    private var entries: [Completion] = []
+    private var head = 0
+    private var interrupted = false
+    private var overruns = 0
+
+    public init(capacityEntries: Int = 1 << 16) {
+        precondition(capacityEntries > 0, "a completion queue needs room for one entry")
+        self.capacityEntries = capacityEntries
+    }
+
+    /// Completions dropped because the queue was full.
+    public var overrunCount: Int { condition.lock(); defer { condition.unlock() }; return overruns }
+
+    func push(_ c: Completion) {
+        condition.lock()
+        defer { condition.unlock() }
+        if entries.count - head >= capacityEntries {
+            overruns += 1
+            return
+        }
+        entries.append(c)
+        condition.signal()
+    }
+
+    /// Takes up to `max` completions without waiting (`ibv_poll_cq`).
+    public func poll(max: Int = .max) -> [Completion] {
+        condition.lock()
+        defer { condition.unlock() }
+        return takeLocked(max)
+    }
+
+    /// Waits until a completion arrives, `interrupt()` is called, or `timeout` passes, then
+    /// takes up to `max` completions (possibly none).
+    public func wait(max: Int = .max, timeout: Duration) -> [Completion] {
+        condition.lock()
+        defer { condition.unlock() }
+        if entries.count == head && !interrupted {
+            let (s, atto) = timeout.components
+            let seconds = Double(s) + Double(atto) / 1e18
+            _ = condition.wait(until: Date(timeIntervalSinceNow: Swift.max(0, seconds)))
+        }
+        interrupted = false
+        return takeLocked(max)
+    }
+
+    /// Wakes a thread blocked in `wait` (used to stop consumers promptly).
+    public func interrupt() {
+        condition.lock()
+        interrupted = true
+        condition.broadcast()
+        condition.unlock()
+    }
+
+    private func takeLocked(_ max: Int) -> [Completion] {
+        let n = Swift.min(max, entries.count - head)
+        guard n > 0 else { return [] }
+        let out = Array(entries[head..<head + n])
+        head += n
+        // Compact once the consumed prefix dominates, keeping pushes amortised O(1).
+        if head > 1024 && head * 2 > entries.count {
+            entries.removeFirst(head)
+            head = 0
+        }
+        return out
+    }
+}

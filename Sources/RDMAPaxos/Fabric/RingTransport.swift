@@ -1,0 +1,417 @@
+import Foundation
+import Logging
+import Synchronization
+
+/// `MessageTransport` over any `Fabric`: the APUS hot path (docs/design.md, "Fabric and rings").
+///
+/// Each node registers one receive region holding one ring per peer (`RingLayout`). A sender
+/// writes checksummed, sequenced records into its ring in the receiver's region with one-sided
+/// WRITE_WITH_IMM (the immediate only wakes the receiver); the receiver polls its rings, delivers
+/// valid records in order, and returns credit by writing its consumed position into a cell of
+/// the sender's region. No send/recv, and the receiver's CPU takes no part in landing bytes.
+///
+/// Sessions: every (re)connected queue pair starts a new random epoch, announced in the ring's
+/// control cell; the receiver resets that ring and answers with credit for the new epoch, and
+/// only then does the sender write records. Records of an older epoch or lap are never delivered.
+/// A full ring, a missing connection or an oversized message drops the message and counts it:
+/// consensus retransmits.
+public final class RingTransport: MessageTransport {
+    public struct Configuration: Sendable {
+        /// Where this node listens; `node` is its id.
+        public var listenAddress: PeerAddress
+        /// Every node that may ever exchange messages with this one (fixes the region layout).
+        public var cluster: [NodeID]
+        /// Where to reach the other members (may be filled in later with `setAddress`).
+        public var peerAddresses: [PeerAddress]
+        /// Data bytes of each ring (one per peer); a message may use at most half.
+        public var ringBytes: Int
+        public var limits: WireCodec.Limits
+        /// How long the receiver sleeps between ring scans when no immediate wakes it.
+        public var pollInterval: Duration
+        public var reconnectDelayMin: Duration
+        public var reconnectDelayMax: Duration
+        /// Request a writer completion every this many records (selective signalling).
+        public var signalEveryWrites: Int
+
+        public init(listenAddress: PeerAddress, cluster: [NodeID], peerAddresses: [PeerAddress] = [],
+                    ringBytes: Int = 1 << 20, limits: WireCodec.Limits = .standard,
+                    pollInterval: Duration = .milliseconds(2), reconnectDelayMin: Duration = .milliseconds(10),
+                    reconnectDelayMax: Duration = .seconds(1), signalEveryWrites: Int = 32) {
+            self.listenAddress = listenAddress
+            self.cluster = cluster
+            self.peerAddresses = peerAddresses
+            self.ringBytes = ringBytes
+            self.limits = limits
+            self.pollInterval = pollInterval
+            self.reconnectDelayMin = reconnectDelayMin
+            self.reconnectDelayMax = reconnectDelayMax
+            self.signalEveryWrites = signalEveryWrites
+        }
+    }
+
+    /// Counters since `open`.
+    public struct Statistics: Hashable, Sendable {
+        public var sent = 0
+        public var delivered = 0
+        public var droppedRingFull = 0
+        public var droppedNotConnected = 0
+        public var droppedTooLarge = 0
+        public var droppedUnknownPeer = 0
+        /// Posting failed (too many outstanding writes, or the queue pair broke).
+        public var droppedPostFailed = 0
+        /// Records whose header matched but whose checksum did not (torn or corrupt), counted once per position.
+        public var tornRecords = 0
+        /// Valid records whose payload is not a decodable message.
+        public var undecodable = 0
+        /// Queue pairs connected (first connections and reconnections).
+        public var connects = 0
+    }
+
+    public let configuration: Configuration
+    public let layout: RingLayout
+    public let fabric: any Fabric
+    /// The address peers connect to (the bound port when the configuration asked for port 0).
+    public let listeningAddress: PeerAddress
+    let region: MemoryRegion
+    private let links: [NodeID: PeerLink]
+    private let stats = Mutex(Statistics())
+    private let run = Mutex(RunState())
+    /// Test hook: while true the receiver leaves its rings alone (so they fill up).
+    private let receivingPaused = Mutex(false)
+    private let logger: Logger
+
+    private struct RunState {
+        var started = false
+        var stopped = false
+        var tasks: [Task<Void, Never>] = []
+        var exited: DispatchSemaphore?
+    }
+
+    /// Registers the receive region and starts listening. Call `start` to connect and deliver.
+    public static func open(fabric: any Fabric, configuration: Configuration) async throws -> RingTransport {
+        guard configuration.listenAddress.node == fabric.localNode else {
+            throw FabricError.badConfiguration("listen address names node \(configuration.listenAddress.node), fabric is node \(fabric.localNode)")
+        }
+        guard configuration.signalEveryWrites > 0 else { throw FabricError.badConfiguration("signalEveryWrites must be positive") }
+        let layout = try RingLayout(owner: fabric.localNode, cluster: configuration.cluster, ringBytes: configuration.ringBytes)
+        let region = try fabric.registerRegion(lengthBytes: layout.regionBytes)
+        region.store(layout.headerCell(), at: 0)
+        let address = try await fabric.listen(at: configuration.listenAddress, exporting: region)
+        return try RingTransport(fabric: fabric, configuration: configuration, layout: layout, region: region, address: address)
+    }
+
+    private init(fabric: any Fabric, configuration: Configuration, layout: RingLayout, region: MemoryRegion,
+                 address: PeerAddress) throws {
+        self.fabric = fabric
+        self.configuration = configuration
+        self.layout = layout
+        self.region = region
+        self.listeningAddress = address
+        var logger = Logger(label: "plover.ring")
+        logger[metadataKey: "node"] = "\(fabric.localNode)"
+        self.logger = logger
+        var links: [NodeID: PeerLink] = [:]
+        for (i, peer) in layout.peers.enumerated() {
+            let remote = try RingLayout(owner: peer, cluster: configuration.cluster, ringBytes: configuration.ringBytes)
+            guard let out = remote.index(of: fabric.localNode) else { preconditionFailure("a member is missing from its peer's layout") }
+            let link = PeerLink(peer: peer, inIndex: i, outIndex: out, remoteLayout: remote)
+            link.out.withLock { $0.address = configuration.peerAddresses.first { $0.node == peer } }
+            links[peer] = link
+        }
+        self.links = links
+    }
+
+    public var statistics: Statistics { stats.withLock { $0 } }
+
+    /// Sets or changes where `address.node` is reached; the next (re)connect uses it.
+    public func setAddress(_ address: PeerAddress) {
+        links[address.node]?.out.withLock { $0.address = address }
+    }
+
+    // MARK: MessageTransport
+
+    public func start(onReceive: @escaping @Sendable (Message) -> Void) throws {
+        let exited = DispatchSemaphore(value: 0)
+        try run.withLock { r throws(FabricError) in
+            guard !r.stopped else { throw FabricError.notRunning }
+            guard !r.started else { throw FabricError.invalidRequest("transport already started") }
+            r.started = true
+            r.exited = exited
+            for link in links.values {
+                r.tasks.append(Task { [self] in await maintain(link) })
+            }
+        }
+        let thread = Thread { [self] in
+            receiveLoop(onReceive)
+            exited.signal()
+        }
+        thread.name = "plover-ring-\(fabric.localNode)"
+        thread.start()
+    }
+
+    public func send(_ message: Message) {
+        guard let link = links[message.to] else { return count(\.droppedUnknownPeer) }
+        let payload = WireCodec.encode(message)
+        guard payload.count <= layout.payloadBytesMax, payload.count <= configuration.limits.messageBytesMax else {
+            return count(\.droppedTooLarge)
+        }
+        let outcome = link.out.withLock { s in send(payload, on: link, &s) }
+        count(outcome)
+    }
+
+    public func stop() {
+        let (tasks, exited) = run.withLock { r -> ([Task<Void, Never>], DispatchSemaphore?) in
+            guard !r.stopped else { return ([], nil) }
+            r.stopped = true
+            defer { r.tasks = []; r.exited = nil }
+            return (r.tasks, r.exited)
+        }
+        for t in tasks { t.cancel() }
+        fabric.completions.interrupt()
+        exited?.wait()
+        for link in links.values { link.out.withLock { $0.qp?.moveToError() } }
+        fabric.close()
+    }
+
+    /// True when the session to `peer` is established (the peer acknowledged its epoch).
+    public func isConnected(to peer: NodeID) -> Bool {
+        guard let link = links[peer] else { return false }
+        return link.out.withLock { s in refreshCredit(link, &s); return s.ready && s.qp?.isUsable == true }
+    }
+
+    /// Waits until every peer with a known address is connected, or `timeout` passes.
+    public func waitUntilConnected(timeout: Duration = .seconds(10)) async -> Bool {
+        let deadline = ContinuousClock.now + timeout
+        while ContinuousClock.now < deadline {
+            if links.keys.allSatisfy({ isConnected(to: $0) }) { return true }
+            try? await Task.sleep(for: .milliseconds(2))
+        }
+        return false
+    }
+
+    private var stopped: Bool { run.withLock { $0.stopped } }
+
+    /// Stops (or resumes) consuming the rings, as a slow receiver would; for tests of full rings.
+    func pauseReceiving(_ paused: Bool) { receivingPaused.withLock { $0 = paused } }
+
+    private func count(_ k: WritableKeyPath<Statistics, Int>, by n: Int = 1) {
+        stats.withLock { $0[keyPath: k] += n }
+    }
+
+    // MARK: sending
+
+    /// Immediate values: what the receiver should look at (it rescans anyway).
+    enum Immediate: UInt32 { case record = 1, session = 2 }
+
+    private func send(_ payload: [UInt8], on link: PeerLink, _ s: inout Sender) -> WritableKeyPath<Statistics, Int> {
+        guard let qp = s.qp, qp.isUsable else { return \.droppedNotConnected }
+        let ring = UInt64(layout.ringBytes)
+        let stride = UInt64(RingLayout.stride(RingLayout.recordHeaderBytes + payload.count))
+        func needed() -> UInt64 {
+            let phys = s.writePos % ring
+            return phys + stride > ring ? ring - phys + stride : stride
+        }
+        if !s.ready || s.writePos + needed() - s.creditPos > ring { refreshCredit(link, &s) }
+        guard s.ready else { return \.droppedNotConnected }
+        guard s.writePos + needed() - s.creditPos <= ring else { return \.droppedRingFull }
+        let ringOffset = link.remoteLayout.ringOffset(link.outIndex)
+        do {
+            let phys = s.writePos % ring
+            if phys + stride > ring {
+                // Records never straddle the end: a wrap marker sends the reader back to the start.
+                let marker = RingFormat.record(.wrap, epoch: s.epoch, sequence: s.sequence, payload: [])
+                try qp.postWrite(marker, remoteOffset: ringOffset + Int(phys), immediate: nil, signaled: false)
+                s.writePos += ring - phys
+                s.sequence += 1
+            }
+            let record = RingFormat.record(.message, epoch: s.epoch, sequence: s.sequence, payload: payload)
+            s.posted += 1
+            try qp.postWrite(record, remoteOffset: ringOffset + Int(s.writePos % ring), immediate: Immediate.record.rawValue,
+                             workRequestID: s.posted, signaled: s.posted % UInt64(configuration.signalEveryWrites) == 0)
+            s.writePos += stride
+            s.sequence += 1
+            return \.sent
+        } catch .queuePairInError {
+            return \.droppedNotConnected
+        } catch {
+            logger.debug("write to node \(link.peer) not posted: \(error)")
+            return \.droppedPostFailed
+        }
+    }
+
+    /// Reads the credit cell the peer writes into this node's region.
+    private func refreshCredit(_ link: PeerLink, _ s: inout Sender) {
+        guard s.epoch != 0 else { return }
+        let cell: (UInt64, UInt64)? = region.withBytes(offset: layout.creditOffset(link.inIndex), count: 24) { b in
+            guard let body = RingFormat.unsealed(b) else { return nil }
+            return (RingFormat.readU64(body, 0), RingFormat.readU64(body, 8))
+        }
+        guard let (epoch, consumed) = cell, epoch == s.epoch, consumed <= s.writePos else { return }
+        s.ready = true
+        s.creditPos = max(s.creditPos, consumed)
+    }
+
+    /// Keeps one peer's queue pair connected, reconnecting with capped exponential backoff.
+    private func maintain(_ link: PeerLink) async {
+        var delay = configuration.reconnectDelayMin
+        while !Task.isCancelled {
+            let (needed, address) = link.out.withLock { s in (s.qp?.isUsable != true, s.address) }
+            guard needed, let address else {
+                try? await Task.sleep(for: configuration.pollInterval * 5)
+                continue
+            }
+            do {
+                let qp = try await fabric.connect(to: address, exporting: region)
+                guard qp.remote.lengthBytes == link.remoteLayout.regionBytes else {
+                    qp.moveToError()
+                    throw FabricError.badConfiguration(
+                        "node \(link.peer) exports \(qp.remote.lengthBytes) bytes, expected \(link.remoteLayout.regionBytes): cluster or ringBytes differ")
+                }
+                let epoch = UInt64.random(in: 1...UInt64.max)
+                try link.out.withLock { s throws(FabricError) in
+                    s.reset(qp: qp, epoch: epoch)
+                    try qp.postWrite(RingFormat.control(epoch: epoch), remoteOffset: link.remoteLayout.controlOffset(link.outIndex),
+                                     immediate: Immediate.session.rawValue, signaled: false)
+                }
+                // The peer may be waiting for credit on its own ring; it travels on this queue pair.
+                link.inbound.withLock { $0.creditDirty = true }
+                count(\.connects)
+                logger.debug("connected to node \(link.peer), epoch \(epoch)")
+                delay = configuration.reconnectDelayMin
+            } catch {
+                logger.debug("connecting to \(address) failed: \(error); retrying in \(delay)")
+                try? await Task.sleep(for: delay)
+                delay = min(delay * 2, configuration.reconnectDelayMax)
+            }
+        }
+    }
+
+    // MARK: receiving
+
+    private func receiveLoop(_ onReceive: @Sendable (Message) -> Void) {
+        var inbox: [Message] = []
+        while !stopped {
+            for c in fabric.completions.wait(max: 1024, timeout: configuration.pollInterval)
+            where c.kind == .write && c.status != .success {
+                // The queue pair is in error now; `maintain` reconnects it.
+                logger.debug("write to node \(c.peer) completed \(c.status)")
+            }
+            if receivingPaused.withLock({ $0 }) { continue }
+            for link in links.values {
+                poll(link, into: &inbox)
+                for m in inbox { onReceive(m) }
+                if !inbox.isEmpty { count(\.delivered, by: inbox.count) }
+                inbox.removeAll(keepingCapacity: true)
+                returnCredit(link)
+            }
+        }
+    }
+
+    /// Delivers every valid record waiting in the ring `link.peer` writes, in sequence order.
+    private func poll(_ link: PeerLink, into inbox: inout [Message]) {
+        let ring = layout.ringBytes
+        let ringOffset = layout.ringOffset(link.inIndex)
+        link.inbound.withLock { st in
+            let announced: UInt64? = region.withBytes(offset: layout.controlOffset(link.inIndex), count: 16) { b in
+                RingFormat.unsealed(b).map { RingFormat.readU64($0, 0) }
+            }
+            if let e = announced, e != 0, e != st.epoch {
+                st = Receiver(epoch: e)
+                st.creditDirty = true
+            }
+            guard st.epoch != 0 else { return }
+            for _ in 0..<4096 {
+                let phys = Int(st.readPos % UInt64(ring))
+                let h = region.withBytes(offset: ringOffset + phys, count: RingLayout.recordHeaderBytes) { RingFormat.header($0) }
+                let payloadBytes = h.totalBytes - RingLayout.recordHeaderBytes
+                guard h.epoch == st.epoch, h.sequence == st.sequence, payloadBytes >= 0,
+                      payloadBytes <= layout.payloadBytesMax, phys + RingLayout.stride(h.totalBytes) <= ring,
+                      h.flags == RingFormat.Flags.message.rawValue || (h.flags == RingFormat.Flags.wrap.rawValue && payloadBytes == 0)
+                else { return }
+                let payload: [UInt8]? = region.withBytes(offset: ringOffset + phys, count: h.totalBytes) { b in
+                    RingFormat.unsealed(b).map { Array($0[(RingLayout.recordHeaderBytes - 8)...]) }
+                }
+                guard let payload else {
+                    // Not landed completely yet, or torn: look again next scan, count it once.
+                    if st.tornAt != st.readPos { st.tornAt = st.readPos; count(\.tornRecords) }
+                    return
+                }
+                st.sequence += 1
+                st.creditDirty = true
+                if h.flags == RingFormat.Flags.wrap.rawValue {
+                    st.readPos += UInt64(ring - phys)
+                    continue
+                }
+                st.readPos += UInt64(RingLayout.stride(h.totalBytes))
+                do {
+                    inbox.append(try WireCodec.decode(payload, limits: configuration.limits))
+                } catch {
+                    count(\.undecodable)
+                    logger.warning("undecodable record from node \(link.peer): \(error)")
+                }
+            }
+        }
+    }
+
+    /// Tells the peer how far its ring here was consumed, by a write into its credit cell.
+    private func returnCredit(_ link: PeerLink) {
+        link.inbound.withLock { st in
+            guard st.creditDirty, st.epoch != 0 else { return }
+            let cell = RingFormat.credit(epoch: st.epoch, consumed: st.readPos)
+            let posted = link.out.withLock { s -> Bool in
+                guard let qp = s.qp, qp.isUsable else { return false }
+                do {
+                    try qp.postWrite(cell, remoteOffset: link.remoteLayout.creditOffset(link.outIndex), immediate: nil, signaled: false)
+                    return true
+                } catch { return false }
+            }
+            if posted { st.creditDirty = false }
+        }
+    }
+}
+
+/// Per-peer state: the sending side of this node's ring in the peer's region, and the
+/// receiving side of the peer's ring in this node's region.
+final class PeerLink: Sendable {
+    let peer: NodeID
+    /// The peer's ring (and the credit cell it writes) in this node's layout.
+    let inIndex: Int
+    /// This node's ring (and the credit cell it writes) in the peer's layout.
+    let outIndex: Int
+    let remoteLayout: RingLayout
+    let out = Mutex(Sender())
+    let inbound = Mutex(Receiver())
+
+    init(peer: NodeID, inIndex: Int, outIndex: Int, remoteLayout: RingLayout) {
+        self.peer = peer
+        self.inIndex = inIndex
+        self.outIndex = outIndex
+        self.remoteLayout = remoteLayout
+    }
+}
+
+struct Sender {
+    var address: PeerAddress?
+    var qp: (any QueuePair)?
+    var epoch: UInt64 = 0
+    /// The peer acknowledged `epoch` through the credit cell.
+    var ready = false
+    /// Unwrapped byte positions in the ring.
+    var writePos: UInt64 = 0
+    var creditPos: UInt64 = 0
+    var sequence: UInt64 = 1
+    var posted: UInt64 = 0
+
+    mutating func reset(qp: any QueuePair, epoch: UInt64) {
+        let address = self.address
+        self = Sender(address: address, qp: qp, epoch: epoch)
+    }
+}
+
+struct Receiver {
+    var epoch: UInt64 = 0
+    var readPos: UInt64 = 0
+    var sequence: UInt64 = 1
+    var creditDirty = false
+    var tornAt: UInt64 = .max
+}

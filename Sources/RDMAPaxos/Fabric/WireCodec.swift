@@ -1,0 +1,154 @@
+/// The binary form of a `Message` inside a ring record or any other transport (version 1;
+/// docs/design.md, "Fabric and rings"). Big-endian, built on the core's `ByteWriter`/`ByteReader`.
+///
+/// ```
+/// u8  version (1)   u8 tag (Body case)   u32 from   u32 to   ballot (u64 term, u32 node)
+/// body, by tag:
+///  1 preVote        u64 lastIndex, ballot lastBallot
+///  2 preVoteReply   u8 granted
+///  3 prepare        u64 lastIndex, ballot lastBallot, u8 force
+///  4 promise        u8 granted
+///  5 accept         u64 prevIndex, ballot prevBallot, u64 commit, u32 count,
+///                   count × (u64 index, ballot, u8 kind, u32 length, payload)
+///  6 accepted       u8 success, u64 index
+///  7 heartbeat      u64 commit, u64 readRound
+///  8 heartbeatReply u64 readRound
+///  9 installSnapshot u64 index, ballot, u32 length + Membership.encoded(), u32 length + data
+/// 10 timeoutNow     (nothing)
+/// ```
+/// Decoding never traps: every length is checked against the bytes present and the limits
+/// below, booleans must be 0 or 1, and trailing bytes are an error.
+public enum WireCodec {
+    public static let version: UInt8 = 1
+    /// Fixed part before the body: version, tag, from, to, ballot.
+    static let headerBytes = 1 + 1 + 4 + 4 + 12
+    /// Smallest encoded entry (empty payload); bounds `count` before allocating anything.
+    static let entryBytesMin = 8 + 12 + 1 + 4
+
+    /// Limits a decoder enforces (fixed at start-up; a peer claiming more is corrupt or hostile).
+    public struct Limits: Sendable, Hashable {
+        public var messageBytesMax: Int
+        public var entriesMax: Int
+        public var payloadBytesMax: Int
+        public var snapshotBytesMax: Int
+
+        public init(messageBytesMax: Int = 64 << 20, entriesMax: Int = 65_536,
+                    payloadBytesMax: Int = 16 << 20, snapshotBytesMax: Int = 64 << 20) {
+            self.messageBytesMax = messageBytesMax
+            self.entriesMax = entriesMax
+            self.payloadBytesMax = payloadBytesMax
+            self.snapshotBytesMax = snapshotBytesMax
+        }
+        public static let standard = Limits()
+    }
+
+    public static func encode(_ m: Message) -> [UInt8] {
+        var w = ByteWriter(capacity: headerBytes + estimatedBodyBytes(m.body))
+        w.u8(version)
+        w.u8(tag(m.body))
+        w.u32(m.from)
+        w.u32(m.to)
+        w.ballot(m.ballot)
+        switch m.body {
+        case let .preVote(i, b): w.u64(i); w.ballot(b)
+        case let .preVoteReply(g): w.u8(g ? 1 : 0)
+        case let .prepare(i, b, f): w.u64(i); w.ballot(b); w.u8(f ? 1 : 0)
+        case let .promise(g): w.u8(g ? 1 : 0)
+        case let .accept(pi, pb, es, c):
+            w.u64(pi); w.ballot(pb); w.u64(c)
+            w.u32(UInt32(es.count))
+            for e in es { w.u64(e.index); w.ballot(e.ballot); w.u8(e.kind.rawValue); w.blob(e.payload) }
+        case let .accepted(s, i): w.u8(s ? 1 : 0); w.u64(i)
+        case let .heartbeat(c, r): w.u64(c); w.u64(r)
+        case let .heartbeatReply(r): w.u64(r)
+        case let .installSnapshot(s):
+            w.u64(s.index); w.ballot(s.ballot); w.blob(s.membership.encoded()); w.blob(s.data)
+        case .timeoutNow: break
+        }
+        return w.bytes
+    }
+
+    public static func decode(_ bytes: [UInt8], limits: Limits = .standard) throws(DecodeError) -> Message {
+        do {
+            return try decodeUnchecked(bytes, limits: limits)
+        } catch let e as DecodeError {
+            throw e
+        } catch {
+            throw DecodeError("message", "\(error)")
+        }
+    }
+
+    private static func decodeUnchecked(_ bytes: [UInt8], limits: Limits) throws -> Message {
+        guard bytes.count <= limits.messageBytesMax else {
+            throw DecodeError("message", "\(bytes.count) bytes exceed limit \(limits.messageBytesMax)")
+        }
+        var r = ByteReader(bytes, what: "message")
+        let v = try r.u8()
+        guard v == version else { throw DecodeError("message", "unsupported wire version \(v)") }
+        let tag = try r.u8()
+        let from = try r.u32(), to = try r.u32(), ballot = try r.ballot()
+        let body: Message.Body
+        switch tag {
+        case 1: body = .preVote(lastIndex: try r.u64(), lastBallot: try r.ballot())
+        case 2: body = .preVoteReply(granted: try bool(&r))
+        case 3: body = .prepare(lastIndex: try r.u64(), lastBallot: try r.ballot(), force: try bool(&r))
+        case 4: body = .promise(granted: try bool(&r))
+        case 5:
+            let pi = try r.u64(), pb = try r.ballot(), c = try r.u64()
+            let n = Int(try r.u32())
+            guard n <= limits.entriesMax else { throw DecodeError("message", "\(n) entries exceed limit \(limits.entriesMax)") }
+            guard n <= r.remaining / entryBytesMin else { throw DecodeError("message", "\(n) entries cannot fit in \(r.remaining) bytes") }
+            var es: [LogEntry] = []
+            es.reserveCapacity(n)
+            for _ in 0..<n {
+                let index = try r.u64(), b = try r.ballot(), k = try r.u8()
+                guard let kind = EntryKind(rawValue: k) else { throw DecodeError("message", "unknown entry kind \(k)") }
+                es.append(LogEntry(index: index, ballot: b, kind: kind, payload: try r.blob(max: limits.payloadBytesMax)))
+            }
+            body = .accept(prevIndex: pi, prevBallot: pb, entries: es, commit: c)
+        case 6: body = .accepted(success: try bool(&r), index: try r.u64())
+        case 7: body = .heartbeat(commit: try r.u64(), readRound: try r.u64())
+        case 8: body = .heartbeatReply(readRound: try r.u64())
+        case 9:
+            let index = try r.u64(), b = try r.ballot()
+            let m = try Membership(decoding: try r.blob(max: 1 << 20))
+            let data = try r.blob(max: limits.snapshotBytesMax)
+            body = .installSnapshot(Snapshot(index: index, ballot: b, membership: m, data: data))
+        case 10: body = .timeoutNow
+        default: throw DecodeError("message", "unknown body tag \(tag)")
+        }
+        try r.finish()
+        return Message(from: from, to: to, ballot: ballot, body: body)
+    }
+
+    private static func bool(_ r: inout ByteReader) throws -> Bool {
+        switch try r.u8() {
+        case 0: return false
+        case 1: return true
+        case let b: throw DecodeError("message", "boolean byte \(b)")
+        }
+    }
+
+    static func tag(_ b: Message.Body) -> UInt8 {
+        switch b {
+        case .preVote: 1
+        case .preVoteReply: 2
+        case .prepare: 3
+        case .promise: 4
+        case .accept: 5
+        case .accepted: 6
+        case .heartbeat: 7
+        case .heartbeatReply: 8
+        case .installSnapshot: 9
+        case .timeoutNow: 10
+        }
+    }
+
+    private static func estimatedBodyBytes(_ b: Message.Body) -> Int {
+        switch b {
+        case let .accept(_, _, es, _): 40 + es.reduce(0) { $0 + entryBytesMin + $1.payload.count }
+        case let .installSnapshot(s): 64 + s.data.count + s.membership.members.count * 6
+        default: 32
+        }
+    }
+}

@@ -1,0 +1,174 @@
+import Testing
+@testable import RDMAPaxos
+
+/// Verbs semantics every `Fabric` must keep; each test runs against every software fabric.
+@Suite struct FabricConformanceTests {
+    @Test(arguments: FabricKind.allCases)
+    func writeLandsAtOffsetBeforeItsCompletion(kind: FabricKind) async throws {
+        let p = try await FabricPair.make(FabricWorld(kind))
+        defer { p.close() }
+        #expect(p.qp.remote == p.regionB.remote)
+        try p.qp.postWrite([1, 2, 3, 4], remoteOffset: 100, workRequestID: 7)
+        let cs = collect(p.a.completions, count: 1)
+        #expect(cs == [Completion(kind: .write, status: .success, peer: 2, workRequestID: 7, immediate: nil)])
+        // The completion is only queued after landing, so the bytes are visible now.
+        #expect(p.regionB.read(offset: 98, count: 8) == [0, 0, 1, 2, 3, 4, 0, 0])
+    }
+
+    @Test(arguments: FabricKind.allCases)
+    func onlyWriteWithImmediateCompletesOnTheTarget(kind: FabricKind) async throws {
+        let p = try await FabricPair.make(FabricWorld(kind))
+        defer { p.close() }
+        try p.qp.postWrite([9], remoteOffset: 0, workRequestID: 1)
+        try p.qp.postWrite([5, 6], remoteOffset: 10, immediate: 0xABCD_0001, workRequestID: 2)
+        #expect(collect(p.a.completions, count: 2).map(\.workRequestID) == [1, 2])
+        let target = collect(p.b.completions, count: 1)
+        #expect(target == [Completion(kind: .writeImmediateReceived, status: .success, peer: 1, workRequestID: 0,
+                                      immediate: 0xABCD_0001)])
+        #expect(p.regionB.read(offset: 10, count: 2) == [5, 6])
+        #expect(p.b.completions.poll().isEmpty)
+    }
+
+    @Test(arguments: FabricKind.allCases)
+    func writesOnOneQueuePairLandInPostingOrder(kind: FabricKind) async throws {
+        let p = try await FabricPair.make(FabricWorld(kind), regionBytes: 8192)
+        defer { p.close() }
+        let n = 400
+        for i in 0..<n {
+            var w = ByteWriter(); w.u32(UInt32(i))
+            // Every write overwrites one cell (the last must win) and fills its own slot.
+            try p.qp.postWrite(w.bytes, remoteOffset: 0, immediate: UInt32(i), signaled: false)
+            try p.qp.postWrite(w.bytes, remoteOffset: 16 + 4 * (i % 1000), workRequestID: UInt64(i), signaled: i == n - 1)
+        }
+        #expect(collect(p.a.completions, count: 1).map(\.workRequestID) == [UInt64(n - 1)])
+        var r = ByteReader(p.regionB.read(offset: 0, count: 4), what: "cell")
+        #expect(try r.u32() == UInt32(n - 1))
+        let imms = collect(p.b.completions, count: n).compactMap(\.immediate)
+        #expect(imms == (0..<n).map(UInt32.init))
+        var slots = ByteReader(p.regionB.read(offset: 16, count: 4 * n), what: "slots")
+        #expect(try (0..<n).map { _ in try slots.u32() } == (0..<n).map(UInt32.init))
+    }
+
+    @Test(arguments: FabricKind.allCases)
+    func badKeyIsARemoteAccessErrorThatBreaksTheQueuePair(kind: FabricKind) async throws {
+        let p = try await FabricPair.make(FabricWorld(kind))
+        defer { p.close() }
+        try p.qp.postWrite([7], remoteOffset: 0, key: p.qp.remote.key &+ 1, immediate: 1, workRequestID: 3, signaled: false)
+        #expect(collect(p.a.completions, count: 1).map(\.status) == [.remoteAccessError])
+        #expect(!p.qp.isUsable)
+        #expect(throws: FabricError.queuePairInError(peer: 2)) { try p.qp.postWrite([1], remoteOffset: 0) }
+        #expect(p.regionB.read(offset: 0, count: 1) == [0])
+        #expect(p.b.completions.poll().isEmpty)
+    }
+
+    @Test(arguments: FabricKind.allCases)
+    func outOfBoundsWriteIsARemoteAccessError(kind: FabricKind) async throws {
+        let p = try await FabricPair.make(FabricWorld(kind), regionBytes: 4096)
+        defer { p.close() }
+        try p.qp.postWrite([1, 2], remoteOffset: 4095, workRequestID: 1)
+        #expect(collect(p.a.completions, count: 1).map(\.status) == [.remoteAccessError])
+        let qp2 = try await p.reconnect()
+        try qp2.postWrite([1], remoteOffset: -1, workRequestID: 2)
+        #expect(collect(p.a.completions, count: 1).map(\.status) == [.remoteAccessError])
+        #expect(p.regionB.read(offset: 4095, count: 1) == [0])
+    }
+
+    @Test(arguments: FabricKind.allCases)
+    func rotatedKeyFencesOldWritersUntilTheyReconnect(kind: FabricKind) async throws {
+        let p = try await FabricPair.make(FabricWorld(kind))
+        defer { p.close() }
+        let old = p.regionB.key
+        let fresh = try p.b.rotateKey(of: p.regionB)
+        #expect(fresh.key != old)
+        try p.qp.postWrite([1], remoteOffset: 0, workRequestID: 1)
+        #expect(collect(p.a.completions, count: 1).map(\.status) == [.remoteAccessError])
+        #expect(p.regionB.read(offset: 0, count: 1) == [0])
+        let qp2 = try await p.reconnect()
+        #expect(qp2.remote.key == fresh.key)
+        try qp2.postWrite([1], remoteOffset: 0, workRequestID: 2)
+        #expect(collect(p.a.completions, count: 1).map(\.status) == [.success])
+        #expect(p.regionB.read(offset: 0, count: 1) == [1])
+    }
+
+    @Test(arguments: FabricKind.allCases)
+    func revokedPeerWritesNeverLand(kind: FabricKind) async throws {
+        let p = try await FabricPair.make(FabricWorld(kind))
+        defer { p.close() }
+        try p.qp.postWrite([1], remoteOffset: 0, workRequestID: 1)
+        #expect(collect(p.a.completions, count: 1).map(\.status) == [.success])
+        p.b.revokeAccess(from: 1)
+        do {
+            try p.qp.postWrite([2], remoteOffset: 1, workRequestID: 2)
+            let cs = collect(p.a.completions, count: 1)
+            #expect(cs.count == 1 && cs[0].status != .success)
+        } catch {
+            #expect(error == .queuePairInError(peer: 2))  // the connection was already gone
+        }
+        #expect(await eventually { !p.qp.isUsable })
+        #expect(p.regionB.read(offset: 0, count: 2) == [1, 0])
+    }
+
+    @Test(arguments: FabricKind.allCases)
+    func movingToErrorFlushesOutstandingWritesInOrder(kind: FabricKind) async throws {
+        let p = try await FabricPair.make(FabricWorld(kind))
+        defer { p.close() }
+        for i in 0..<200 { try p.qp.postWrite([UInt8(i % 256)], remoteOffset: i, workRequestID: UInt64(i)) }
+        p.qp.moveToError()
+        #expect(!p.qp.isUsable)
+        let cs = collect(p.a.completions, count: 200)
+        #expect(cs.map(\.workRequestID) == (0..<200).map(UInt64.init))
+        // Whatever finished before the fence succeeded; everything after it was flushed.
+        let firstFlushed = cs.firstIndex { $0.status != .success } ?? cs.count
+        #expect(cs[firstFlushed...].allSatisfy { $0.status == .flushed })
+        #expect(throws: FabricError.queuePairInError(peer: 2)) { try p.qp.postWrite([1], remoteOffset: 0) }
+    }
+
+    @Test(arguments: FabricKind.allCases)
+    func connectingToAnAbsentPeerFails(kind: FabricKind) async throws {
+        let world = FabricWorld(kind)
+        let a = try world.fabric(1)
+        defer { a.close() }
+        let r = try a.registerRegion(lengthBytes: 64)
+        // A port nothing listens on (the memory network ignores it).
+        await #expect(throws: FabricError.self) { try await a.connect(to: PeerAddress(node: 2, port: 1), exporting: r) }
+    }
+}
+
+@Suite struct MemoryFabricTests {
+    @Test func pausedNetworkHoldsWritesAndFencingFlushesThem() async throws {
+        let world = FabricWorld(.memory)
+        let p = try await FabricPair.make(world)
+        defer { p.close() }
+        world.network.pause()
+        for i in 0..<3 { try p.qp.postWrite([1], remoteOffset: i, workRequestID: UInt64(i)) }
+        #expect(p.a.completions.poll().isEmpty)
+        p.qp.moveToError()
+        #expect(collect(p.a.completions, count: 3).map(\.status) == [.flushed, .flushed, .flushed])
+        world.network.resume()
+        #expect(p.regionB.read(offset: 0, count: 3) == [0, 0, 0])
+    }
+
+    @Test func outstandingWritesAreBounded() async throws {
+        let network = MemoryNetwork()
+        let a = MemoryFabric(node: 1, network: network, outstandingWritesMax: 4)
+        let b = MemoryFabric(node: 2, network: network)
+        defer { a.close(); b.close() }
+        let rb = try b.registerRegion(lengthBytes: 64)
+        _ = try await b.listen(at: PeerAddress(node: 2), exporting: rb)
+        let qp = try await a.connect(to: PeerAddress(node: 2), exporting: try a.registerRegion(lengthBytes: 64))
+        network.pause()
+        for i in 0..<4 { try qp.postWrite([1], remoteOffset: i) }
+        #expect(throws: FabricError.tooManyOutstandingWrites(peer: 2, limit: 4)) { try qp.postWrite([1], remoteOffset: 5) }
+        network.resume()
+        #expect(collect(a.completions, count: 4).allSatisfy { $0.status == .success })
+        #expect(rb.read(offset: 0, count: 5) == [1, 1, 1, 1, 0])
+    }
+
+    @Test func closedTargetBreaksWriters() async throws {
+        let p = try await FabricPair.make(FabricWorld(.memory))
+        defer { p.a.close() }
+        p.b.close()
+        try p.qp.postWrite([1], remoteOffset: 0, workRequestID: 1)
+        #expect(collect(p.a.completions, count: 1).map(\.status) == [.transportError])
+    }
+}

@@ -1,0 +1,147 @@
+import Foundation
+import Synchronization
+import Testing
+@testable import RDMAPaxos
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The fabrics the shared conformance suite runs against.
+enum FabricKind: String, CaseIterable, Sendable, CustomTestStringConvertible {
+    case memory, tcp
+    var testDescription: String { rawValue }
+}
+
+let testClusterKey = Array("plover test cluster key, 32 byte".utf8)
+let testMembers: Set<NodeID> = [1, 2, 3]
+
+/// Fabric endpoints of one kind that can reach each other.
+final class FabricWorld: Sendable {
+    let kind: FabricKind
+    let network = MemoryNetwork()
+    init(_ kind: FabricKind) { self.kind = kind }
+
+    func fabric(_ node: NodeID, key: [UInt8] = testClusterKey, members: Set<NodeID> = testMembers,
+                outstandingWritesMax: Int = 1024) throws -> any Fabric {
+        switch kind {
+        case .memory: MemoryFabric(node: node, network: network, outstandingWritesMax: outstandingWritesMax)
+        case .tcp: try TCPFabric(node: node, configuration: .init(clusterKey: key, members: members,
+                                                                  outstandingWritesMax: outstandingWritesMax,
+                                                                  handshakeTimeout: .seconds(3)))
+        }
+    }
+
+    func listenAddress(_ node: NodeID) -> PeerAddress { PeerAddress(node: node, host: "127.0.0.1", port: 0) }
+}
+
+/// Node 1 connected to node 2, each with a registered and exported region.
+struct FabricPair {
+    var a: any Fabric
+    var b: any Fabric
+    var regionA: MemoryRegion
+    var regionB: MemoryRegion
+    var addressB: PeerAddress
+    var qp: any QueuePair
+
+    static func make(_ world: FabricWorld, regionBytes: Int = 4096) async throws -> FabricPair {
+        let a = try world.fabric(1), b = try world.fabric(2)
+        let ra = try a.registerRegion(lengthBytes: regionBytes), rb = try b.registerRegion(lengthBytes: regionBytes)
+        _ = try await a.listen(at: world.listenAddress(1), exporting: ra)
+        let addressB = try await b.listen(at: world.listenAddress(2), exporting: rb)
+        let qp = try await a.connect(to: addressB, exporting: ra)
+        return FabricPair(a: a, b: b, regionA: ra, regionB: rb, addressB: addressB, qp: qp)
+    }
+
+    func reconnect() async throws -> any QueuePair { try await a.connect(to: addressB, exporting: regionA) }
+
+    func close() { a.close(); b.close() }
+}
+
+/// Collects completions until `count` arrived or a generous deadline passed (a failure, not a timing claim).
+func collect(_ cq: CompletionQueue, count: Int, deadline: Duration = .seconds(10)) -> [Completion] {
+    var out: [Completion] = []
+    let end = ContinuousClock.now + deadline
+    while out.count < count, ContinuousClock.now < end {
+        out += cq.wait(max: count - out.count, timeout: .milliseconds(50))
+    }
+    return out
+}
+
+/// Polls `condition` until it holds or a generous deadline passes; returns whether it held.
+func eventually(_ deadline: Duration = .seconds(10), _ condition: () -> Bool) async -> Bool {
+    let end = ContinuousClock.now + deadline
+    while ContinuousClock.now < end {
+        if condition() { return true }
+        try? await Task.sleep(for: .milliseconds(2))
+    }
+    return condition()
+}
+
+/// Messages delivered to one node, in delivery order.
+final class Inbox: Sendable {
+    private let messages = Mutex<[Message]>([])
+    func append(_ m: Message) { messages.withLock { $0.append(m) } }
+    var all: [Message] { messages.withLock { $0 } }
+    var count: Int { messages.withLock { $0.count } }
+}
+
+/// A blocking TCP client for speaking the fabric's wire format by hand (replays, forgeries, garbage).
+final class RawClient {
+    private let fd: Int32
+    /// Set when a read gave up after the receive timeout rather than at end of stream.
+    private(set) var timedOut = false
+
+    init(port: Int) throws {
+        fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        guard fd >= 0 else { throw CommandError("socket failed") }
+        var addr = sockaddr_in()
+        addr.sin_family = sa_family_t(AF_INET)
+        addr.sin_port = in_port_t(UInt16(port).bigEndian)
+        addr.sin_addr.s_addr = inet_addr("127.0.0.1")
+        let rc = withUnsafePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+        }
+        guard rc == 0 else { Glibc.close(fd); throw CommandError("connect failed: errno \(errno)") }
+        var tv = timeval(tv_sec: 5, tv_usec: 0)
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+    }
+
+    deinit { Glibc.close(fd) }
+
+    func send(_ bytes: [UInt8]) {
+        _ = bytes.withUnsafeBytes { Glibc.send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
+    }
+
+    private func read(_ n: Int) -> [UInt8]? {
+        var out = [UInt8](repeating: 0, count: n)
+        var got = 0
+        while got < n {
+            let r = out.withUnsafeMutableBytes { recv(fd, $0.baseAddress! + got, n - got, 0) }
+            if r < 0 { timedOut = true }
+            if r <= 0 { return nil }
+            got += r
+        }
+        return out
+    }
+
+    /// The next frame (type, body), or nil when the server closed the connection.
+    func readFrame() -> (type: UInt8, body: [UInt8])? {
+        guard let len = read(4) else { return nil }
+        let n = Int(len.reduce(UInt32(0)) { $0 << 8 | UInt32($1) })
+        guard n >= 1, let rest = read(n) else { return nil }
+        return (rest[0], Array(rest[1...]))
+    }
+
+    /// True when the server closed the connection (EOF before any further frame).
+    func closedByServer() -> Bool {
+        while readFrame() != nil {}
+        return !timedOut
+    }
+
+    static func frame(_ type: UInt8, _ body: [UInt8]) -> [UInt8] {
+        var w = ByteWriter()
+        w.u32(UInt32(body.count + 1)); w.u8(type); w.raw(body)
+        return w.bytes
+    }
+}
