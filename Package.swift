@@ -57,6 +57,7 @@ let package = Package(
             dependencies: [
                 "RDMAPaxos", "RDMAPaxosSimulation", "VMReplica",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
             ]),
         .executableTarget(
             name: "paxos-log",

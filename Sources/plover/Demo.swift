@@ -78,8 +78,9 @@ struct Demo: ParsableCommand {
 }
 
 func say(_ s: String) {
-    print(s)
-    fflush(stdout)
+    // Straight to fd 1, unbuffered, so progress shows as it happens even through a pipe.
+    let line = s + "\n"
+    _ = line.utf8CString.withUnsafeBufferPointer { write(1, $0.baseAddress, $0.count - 1) }
 }
 
 func ms(_ d: Duration) -> String {

@@ -19,7 +19,7 @@ final class DemoCluster {
         var key = [UInt8](repeating: 0, count: 32)
         for i in key.indices { key[i] = UInt8.random(in: 0...255) }
         let hex = key.map { String(format: "%02x", $0) }.joined()
-        fm.createFile(atPath: root + "/cluster.key", contents: Data((hex + "\n").utf8), attributes: [.posixPermissions: 0o600])
+        _ = fm.createFile(atPath: root + "/cluster.key", contents: Data((hex + "\n").utf8), attributes: [.posixPermissions: 0o600])
         for id in ids {
             peers[id] = "127.0.0.1:\(try freePort())"
             endpoints[id] = "127.0.0.1:\(try freePort())"
@@ -65,7 +65,7 @@ final class DemoCluster {
         p.executableURL = URL(fileURLWithPath: selfExecutable())
         p.arguments = ["node", "--config", configPath(id)]
         let logPath = root + "/node-\(id).log"
-        if !FileManager.default.fileExists(atPath: logPath) { FileManager.default.createFile(atPath: logPath, contents: nil) }
+        if !FileManager.default.fileExists(atPath: logPath) { _ = FileManager.default.createFile(atPath: logPath, contents: nil) }
         let log = try FileHandle(forWritingTo: URL(fileURLWithPath: logPath))
         log.seekToEndOfFile()
         p.standardOutput = log

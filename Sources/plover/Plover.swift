@@ -2,12 +2,14 @@ import ArgumentParser
 import RDMAPaxos
 
 @main
-struct Plover: ParsableCommand {
+struct Plover: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "plover",
         abstract: "RDMA Paxos replicated log and VM replication.",
         subcommands: [
+            NodeCommand.self,
             KV.self,
+            Demo.self,
             Status.self,
             Simulate.self,
             BenchCommand.self,

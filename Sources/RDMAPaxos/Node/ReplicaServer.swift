@@ -1,0 +1,88 @@
+import Foundation
+import Logging
+
+/// A whole replica process as `plover node` runs it, assembled from a `NodeConfig`:
+/// Berkeley DB log + snapshot file, the configured fabric under a `RingTransport`, a timer
+/// clock, the `ReplicaNode` with a state machine, and the client server.
+public final class ReplicaServer: Sendable {
+    public let node: ReplicaNode
+    public let clientServer: ClientServer
+    /// Which fabric carries the consensus traffic, and why (for logs and `plover status`).
+    public let fabricDescription: String
+
+    init(node: ReplicaNode, clientServer: ClientServer, fabricDescription: String) {
+        self.node = node
+        self.clientServer = clientServer
+        self.fabricDescription = fabricDescription
+    }
+
+    public static func start(config c: NodeConfig, stateMachine: any StateMachine, logger: Logger) async throws -> ReplicaServer {
+        guard let keyPath = c.clusterKeyFile else {
+            throw ConfigError(file: "config", key: "cluster_key_file", problem: "is required: peers authenticate with the cluster key")
+        }
+        let key = try ClusterKey.load(path: keyPath)
+        if c.durability != .memory {
+            try FileManager.default.createDirectory(atPath: c.dataDir, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
+        }
+        let log = try BerkeleyDBLog.open(path: c.dataDir, durability: c.durability)
+        let snapshots: any SnapshotStore = c.durability == .memory
+            ? MemorySnapshotStore() : FileSnapshotStore(directory: c.dataDir, sync: c.durability == .fsync)
+
+        let members = Set(c.members.map(\.id))
+        let (fabric, why) = try makeFabric(c, key: key, members: members, logger: logger)
+        let peers = c.members.filter { $0.id != c.id }.map { PeerAddress(node: $0.id, host: host($0.address), port: port($0.address)) }
+        let transport = try await RingTransport.open(fabric: fabric, configuration: RingTransport.Configuration(
+            listenAddress: PeerAddress(node: c.id, host: host(c.me.address), port: port(c.me.address)),
+            cluster: c.members.map(\.id), peerAddresses: peers))
+
+        var options = NodeOptions(replica: c.replicaConfig, bootstrap: c.membership, seed: UInt64(c.id) &* 0x9E37_79B9_7F4A_7C15 ^ UInt64(getpid()))
+        options.requestTimeoutTicks = c.requestTimeoutTicks
+        options.compactEveryEntries = c.compactEveryEntries
+        options.onEvent = { e in logger.info("\(e)") }
+        let node = ReplicaNode(options: options, stateMachine: stateMachine, log: log, snapshots: snapshots,
+                               transport: transport, ticks: TimerTickSource(interval: .milliseconds(c.tickMilliseconds)))
+        do {
+            try node.start()
+        } catch {
+            transport.stop()
+            try? log.close()
+            throw error
+        }
+        let client: ClientServer
+        do {
+            client = try ClientServer.start(node: node, host: host(c.me.clientAddress), port: port(c.me.clientAddress))
+        } catch {
+            node.stop()
+            throw ConfigError(file: "config", key: "members[\(c.id)].client_address", problem: "cannot listen on \(c.me.clientAddress): \(error)")
+        }
+        return ReplicaServer(node: node, clientServer: client, fabricDescription: why)
+    }
+
+    /// `fabric = auto` takes verbs when a device exists and says why it fell back to TCP otherwise.
+    static func makeFabric(_ c: NodeConfig, key: ClusterKey, members: Set<NodeID>, logger: Logger) throws -> (any Fabric, String) {
+        func tcp() throws -> any Fabric {
+            try TCPFabric(node: c.id, configuration: TCPFabric.Configuration(clusterKey: key.bytes, members: members))
+        }
+        switch c.fabric {
+        case .tcp:
+            return (try tcp(), "tcp (configured)")
+        case .verbs:
+            return (try VerbsFabric(node: c.id, configuration: VerbsFabric.Configuration(members: members)), "verbs (configured)")
+        case .auto:
+            do {
+                return (try VerbsFabric(node: c.id, configuration: VerbsFabric.Configuration(members: members)), "verbs (auto)")
+            } catch {
+                logger.notice("fabric auto: RDMA unavailable (\(error)); using tcp")
+                return (try tcp(), "tcp (auto: \(error))")
+            }
+        }
+    }
+
+    public func stop() {
+        clientServer.stop()
+        node.stop()
+    }
+}
+
+func host(_ address: String) -> String { String(address[..<address.lastIndex(of: ":")!]) }
+func port(_ address: String) -> Int { Int(address[address.index(after: address.lastIndex(of: ":")!)...])! }

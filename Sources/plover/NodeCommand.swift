@@ -1,0 +1,55 @@
+import ArgumentParser
+import Foundation
+import Logging
+import RDMAPaxos
+
+/// `plover node --config FILE`: one replica with the key-value state machine, until SIGTERM/SIGINT.
+struct NodeCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "node", abstract: "Run one replica of the key-value store.")
+
+    @Option(help: "The replica's TOML config file (docs/operations.md, \"Configuration\").") var config: String
+
+    func run() async throws {
+        let c: NodeConfig
+        do { c = try NodeConfig.load(path: config) } catch { throw CLIError(error.description) }
+        LoggingSystem.bootstrap { StreamLogHandler.standardError(label: $0) }
+        var logger = Logger(label: "plover.node.\(c.id)")
+        logger.logLevel = .info
+        let server: ReplicaServer
+        do {
+            server = try await ReplicaServer.start(config: c, stateMachine: KeyValueStateMachine(), logger: logger)
+        } catch let e as ConfigError {
+            throw CLIError(e.description)
+        }
+        logger.info("node \(c.id) serving: peers on \(c.me.address) over \(server.fabricDescription), clients on \(c.me.clientAddress), durability \(c.durability.rawValue), data in \(c.dataDir)")
+        await waitForTermination()
+        logger.info("node \(c.id) stopping")
+        server.stop()
+    }
+}
+
+/// Returns once SIGTERM or SIGINT arrives.
+func waitForTermination() async {
+    signal(SIGTERM, SIG_IGN)
+    signal(SIGINT, SIG_IGN)
+    await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
+        let once = OnceFlag()
+        for sig in [SIGTERM, SIGINT] {
+            let s = DispatchSource.makeSignalSource(signal: sig, queue: .global())
+            s.setEventHandler { if once.take() { c.resume() } }
+            s.resume()
+            retainedSignalSources.append(s)
+        }
+    }
+}
+
+/// Signal sources must outlive the call that installed them.
+nonisolated(unsafe) var retainedSignalSources: [any DispatchSourceSignal] = []
+
+final class OnceFlag: @unchecked Sendable {
+    // @unchecked Sendable: `done` is only touched under `lock`.
+    private let lock = NSLock()
+    private var done = false
+    func take() -> Bool { lock.withLock { defer { done = true }; return !done } }
+}
