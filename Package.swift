@@ -75,6 +75,8 @@ let package = Package(
         .testTarget(name: "SimulationTests", dependencies: ["RDMAPaxosSimulation"]),
         .testTarget(name: "RDMAPaxosTests", dependencies: ["RDMAPaxos"]),
         .testTarget(name: "VMReplicaTests", dependencies: ["VMReplica"]),
+        // Real `plover node` processes on loopback (kill -9, SIGSTOP, restarts).
+        .testTarget(name: "EndToEndTests", dependencies: ["plover"]),
     ],
     swiftLanguageModes: [.v6]
 )

@@ -13,6 +13,7 @@ struct Demo: ParsableCommand {
     @Option(help: "Concurrent writers.") var clients: Int = 4
     @Option(help: "Seconds of writes before the leader is killed, and after.") var seconds: Double = 2
     @Option(help: "Durability: fsync, async or memory.") var durability: String = "fsync"
+    @Flag(help: "PLOVER's shape: node 1 primary, node 2 backup, node 3 a witness that never leads or applies.") var witness = false
 
     func validate() throws {
         guard (1...64).contains(clients) else { throw ValidationError("--clients must be 1...64 (got \(clients))") }
@@ -22,7 +23,7 @@ struct Demo: ParsableCommand {
 
     func run() throws {
         let root = dir ?? FileManager.default.temporaryDirectory.appendingPathComponent("plover-demo-\(getpid())").path
-        let cluster = try DemoCluster(root: root, durability: durability)
+        let cluster = try DemoCluster(root: root, durability: durability, witness: witness)
         defer { cluster.stopAll() }
         say("1. Starting 3 replicas on loopback (Berkeley DB logs, durability \(durability)) in \(root)")
         try cluster.startAll()
@@ -40,6 +41,7 @@ struct Demo: ParsableCommand {
         let killedAt = ContinuousClock.now
         cluster.kill(leader1)
         let leader2 = try cluster.waitForLeader(excluding: leader1)
+        if witness && leader2 == 3 { throw CLIError("the witness (node 3) became leader: this must never happen") }
         let firstWrite = load.waitForWrite(after: killedAt, timeout: .seconds(20))
         say("   node \(leader2) took over; first acknowledged write \(firstWrite.map { ms($0 - killedAt) } ?? "never") after the kill")
         Thread.sleep(forTimeInterval: seconds)
@@ -57,6 +59,11 @@ struct Demo: ParsableCommand {
         say("5. Checking every acknowledged write on every replica (local reads)")
         var missing = 0
         for id in cluster.endpoints.keys.sorted() {
+            if witness && id == 3 {
+                let s = cluster.status(3)
+                say("   node 3 (witness): holds the log through \(s["last_index"] ?? "?"), applies nothing, role \(s["role"] ?? "?")")
+                continue
+            }
             let c = NodeClient(endpoints: cluster.endpoints)
             var bad = 0
             for (k, v) in acked {

@@ -9,10 +9,17 @@ final class DemoCluster {
     var peers: [NodeID: String] = [:]
     var processes: [NodeID: Process] = [:]
     let ids: [NodeID] = [1, 2, 3]
+    /// When set, node 3 is a witness (PLOVER's shape: primary 1, backup 2, witness 3).
+    let witness: Bool
 
-    init(root: String, durability: String) throws {
+    /// The `plover` executable that runs the replicas.
+    let executable: String
+
+    init(root: String, durability: String, witness: Bool = false, executable: String = selfExecutable()) throws {
+        self.executable = executable
         self.root = root
         self.durability = durability
+        self.witness = witness
         let fm = FileManager.default
         try fm.createDirectory(atPath: root + "/data", withIntermediateDirectories: true)
         // A fresh random cluster key, readable by the owner only.
@@ -52,6 +59,8 @@ final class DemoCluster {
                 id = \(m)
                 address = "\(peers[m]!)"
                 client_address = "\(endpoints[m]!)"
+                role = "\(witness && m == 3 ? "witness" : "voter")"
+                priority = \(witness ? [1: 2, 2: 1, 3: 0][m]! : 1)
 
                 """
         }
@@ -62,7 +71,7 @@ final class DemoCluster {
 
     func start(_ id: NodeID) throws {
         let p = Process()
-        p.executableURL = URL(fileURLWithPath: selfExecutable())
+        p.executableURL = URL(fileURLWithPath: executable)
         p.arguments = ["node", "--config", configPath(id)]
         let logPath = root + "/node-\(id).log"
         if !FileManager.default.fileExists(atPath: logPath) { _ = FileManager.default.createFile(atPath: logPath, contents: nil) }
@@ -72,6 +81,19 @@ final class DemoCluster {
         p.standardError = log
         try p.run()
         processes[id] = p
+    }
+
+    /// Pauses (SIGSTOP) or resumes (SIGCONT) a replica process: an isolated, then returning, node.
+    func pause(_ id: NodeID, _ paused: Bool) {
+        if let p = processes[id] { Glibc.kill(p.processIdentifier, paused ? SIGSTOP : SIGCONT) }
+    }
+
+    /// One replica's status as key/value pairs (empty if unreachable).
+    func status(_ id: NodeID) -> [String: String] {
+        guard let text = try? NodeClient(endpoints: endpoints, timeout: .milliseconds(500)).status(of: id) else { return [:] }
+        return Dictionary(text.split(separator: "\n").compactMap { line in
+            line.firstIndex(of: "=").map { (String(line[..<$0]), String(line[line.index(after: $0)...])) }
+        }, uniquingKeysWith: { a, _ in a })
     }
 
     func kill(_ id: NodeID) {
@@ -104,9 +126,11 @@ final class DemoCluster {
         let deadline = ContinuousClock.now + timeout
         let c = NodeClient(endpoints: endpoints, timeout: .milliseconds(500))
         while ContinuousClock.now < deadline {
+            // A witness applies nothing: it has converged when it holds the whole log.
             let applied = processes.keys.compactMap { id -> String? in
                 guard let s = try? c.status(of: id) else { return nil }
-                return s.split(separator: "\n").first { $0.hasPrefix("applied_index=") }.map(String.init)
+                let key = s.contains("role=witness") ? "last_index=" : "applied_index="
+                return s.split(separator: "\n").first { $0.hasPrefix(key) }.map { String($0.dropFirst(key.count)) }
             }
             if applied.count == processes.count, Set(applied).count == 1 { return }
             Thread.sleep(forTimeInterval: 0.05)

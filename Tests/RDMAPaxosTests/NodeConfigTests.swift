@@ -72,11 +72,11 @@ import RDMAPaxos
         try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(at: dir) }
         let path = dir.appendingPathComponent("cluster.key").path
-        FileManager.default.createFile(atPath: path, contents: Data("0123456789abcdef0123456789abcdef\n".utf8), attributes: [.posixPermissions: 0o644])
+        _ = FileManager.default.createFile(atPath: path, contents: Data("0123456789abcdef0123456789abcdef\n".utf8), attributes: [.posixPermissions: 0o644])
         #expect(throws: ConfigError.self) { try ClusterKey.load(path: path) }
         chmod(path, 0o600)
         #expect(try ClusterKey.load(path: path).bytes.count == 32)
-        FileManager.default.createFile(atPath: path, contents: Data("short".utf8), attributes: [.posixPermissions: 0o600])
+        _ = FileManager.default.createFile(atPath: path, contents: Data("short".utf8), attributes: [.posixPermissions: 0o600])
         #expect(throws: ConfigError.self) { try ClusterKey.load(path: path) }
     }
 }
