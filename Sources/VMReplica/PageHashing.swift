@@ -15,7 +15,7 @@ public enum PageHashFunction: String, Sendable, CaseIterable {
     /// libxxhash's `XXH3_64bits_withSeed` as Debian builds it (no runtime dispatch).
     case xxh3Generic = "xxh3-generic"
 
-    /// The engine's default: measured fastest or equal on every case (docs/design.md, "syncvm").
+    /// The engine's default: measured fastest or equal on every case (docs/design/syncvm.md, "syncvm").
     public static let `default` = PageHashFunction.xxh3Dispatch
 
     @inline(__always)

@@ -1,6 +1,6 @@
 // syncvm: make a paused backup's guest memory equal to the paused primary's by sending only the
 // pages that differ (PLOVER, NSDI'18). Sequence, formats and the not-in-sync rule are drawn in
-// docs/design.md, "syncvm".
+// docs/design/syncvm.md, "syncvm".
 //
 // Both VMs must stay paused for the whole call. Pages outside the union of the two dirty sets
 // are assumed equal: that is the contract of the dirty-page sources.

@@ -1,4 +1,4 @@
-// The syncvm control messages and their byte format (docs/design.md, "syncvm").
+// The syncvm control messages and their byte format (docs/design/syncvm.md, "syncvm").
 //
 // Every frame is a 20-byte header plus a bounded payload, big-endian like the rest of the
 // project's wire formats. Decoding checks every length, count and enum before it allocates or

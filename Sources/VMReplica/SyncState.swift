@@ -1,6 +1,6 @@
 // Whether the backup's memory may be trusted as a copy of the primary's.
 //
-// The rule (docs/design.md, "syncvm"): the backup records "not in sync" before the first page
+// The rule (docs/design/syncvm.md, "syncvm"): the backup records "not in sync" before the first page
 // of a session can land, and "in sync" only after the primary's commit arrived (and, with
 // verify, the written pages re-hashed to the primary's digest). A sync cut off anywhere in
 // between therefore leaves "not in sync" behind, in memory or on disk, and whoever would

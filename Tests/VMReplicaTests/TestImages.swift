@@ -118,7 +118,7 @@ extension Result where Failure == any Error {
     }
 }
 
-/// Encoded size of a dirty bitmap, restated from the format in docs/design.md rather than
+/// Encoded size of a dirty bitmap, restated from the format in docs/design/syncvm.md rather than
 /// taken from the library: 16-byte header, then dense words or 4-byte indices, whichever is
 /// strictly smaller (dense on a tie).
 func expectedBitmapBytes(pageCount: Int, set: Int) -> Int {

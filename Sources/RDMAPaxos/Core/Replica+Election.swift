@@ -3,7 +3,7 @@
 // A promise is also a vote: an acceptor promises only a candidate whose log is at least as
 // up to date as its own (last ballot, then last index). The winner therefore already holds the
 // highest accepted suffix of a quorum, so it needs no merge; it re-commits that suffix by
-// appending a no-op in its own ballot (see docs/design.md, "Election and phase 1").
+// appending a no-op in its own ballot (see docs/design/consensus.md, "Election and phase 1").
 
 extension Replica {
     mutating func tickFollower() {

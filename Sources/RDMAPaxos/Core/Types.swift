@@ -1,5 +1,5 @@
 // Value types shared by the consensus core, the stable log and the runtime.
-// Pure Swift: no Foundation, no I/O (see docs/design.md, "The core is a value").
+// Pure Swift: no Foundation, no I/O (see docs/design/consensus.md, "The core is a value").
 
 /// A replica's identity inside one cluster. Zero is reserved for "nobody".
 public typealias NodeID = UInt32

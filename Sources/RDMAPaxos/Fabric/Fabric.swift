@@ -1,4 +1,4 @@
-// The Fabric seam: verbs semantics (docs/design.md, "Fabric and rings").
+// The Fabric seam: verbs semantics (docs/design/fabric.md, "Fabric and rings").
 //
 // A node registers memory regions, connects queue pairs to peers (learning the peer's exported
 // region's key in the connect exchange), posts one-sided WRITEs (optionally WITH_IMM) into the

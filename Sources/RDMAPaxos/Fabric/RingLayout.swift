@@ -1,7 +1,7 @@
 import CXXHash
 
 /// Where things live in a node's receive region, and the byte format of what peers write there
-/// (docs/design.md, "Fabric and rings", has the same tables).
+/// (docs/design/fabric.md, "Fabric and rings", has the same tables).
 ///
 /// Region of node R, with `peers` = the cluster minus R, sorted by id, peer i at index i:
 /// ```

@@ -2,7 +2,7 @@ import Foundation
 import Logging
 import Synchronization
 
-/// `MessageTransport` over any `Fabric`: the APUS hot path (docs/design.md, "Fabric and rings").
+/// `MessageTransport` over any `Fabric`: the APUS hot path (docs/design/fabric.md, "Fabric and rings").
 ///
 /// Each node registers one receive region holding one ring per peer (`RingLayout`). A sender
 /// writes checksummed, sequenced records into its ring in the receiver's region with one-sided

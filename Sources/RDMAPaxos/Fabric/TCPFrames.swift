@@ -1,7 +1,7 @@
 import Crypto
 import NIOCore
 
-// Frames of the TCP fabric (docs/design.md, "Fabric and rings"):
+// Frames of the TCP fabric (docs/design/fabric.md, "Fabric and rings"):
 //   u32 length (of what follows) | u8 type | body
 // All integers big-endian. Every body has a fixed size except a write's trailing data, and
 // parsing checks sizes exactly, so a malformed frame is detected before anything is touched.

@@ -1,5 +1,5 @@
 /// The binary form of a `Message` inside a ring record or any other transport (version 1;
-/// docs/design.md, "Fabric and rings"). Big-endian, built on the core's `ByteWriter`/`ByteReader`.
+/// docs/design/fabric.md, "Fabric and rings"). Big-endian, built on the core's `ByteWriter`/`ByteReader`.
 ///
 /// ```
 /// u8  version (1)   u8 tag (Body case)   u32 from   u32 to   ballot (u64 term, u32 node)

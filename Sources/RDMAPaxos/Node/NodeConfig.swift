@@ -22,8 +22,6 @@ public struct NodeConfig: Sendable, Equatable {
     public var fabric: FabricChoice = .auto
     /// Path of the cluster key file (relative paths are relative to the config file).
     public var clusterKeyFile: String?
-    /// host:port of the Prometheus metrics endpoint, if any (loopback unless set otherwise).
-    public var metricsAddress: String?
     public var tickMilliseconds = 10
     public var electionTimeoutTicks = 20
     public var heartbeatTicks = 2
@@ -87,7 +85,6 @@ public struct NodeConfig: Sendable, Equatable {
         c.durability = try r.choice("durability", default: .fsync)
         c.fabric = try r.choice("fabric", default: .auto)
         c.clusterKeyFile = try r.optionalString("cluster_key_file")
-        c.metricsAddress = try r.optionalString("metrics_address").map { a throws(ConfigError) in try r.address(a, key: "metrics_address") }
         if var t = try r.subtable("timing") {
             c.tickMilliseconds = try t.int("tick_ms", default: c.tickMilliseconds, range: 1...10_000)
             c.electionTimeoutTicks = try t.int("election_timeout_ticks", default: c.electionTimeoutTicks, range: 3...1_000_000)

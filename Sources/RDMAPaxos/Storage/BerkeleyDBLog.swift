@@ -3,8 +3,8 @@ import Foundation
 /// The node's stable log: a Berkeley DB 5.3 transactional store with group commit.
 ///
 /// Appends are queued; one writer thread drains the queue into one transaction and one commit
-/// (an fsync in `.fsync` mode), then runs the completions in append order. See docs/design.md,
-/// "Stable log", for the record layout, the durability modes and the directory lock.
+/// (an fsync in `.fsync` mode), then runs the completions in append order. See docs/design/stable-log.md
+/// for the record layout, the durability modes and the directory lock.
 public final class BerkeleyDBLog: StableLog, @unchecked Sendable {
     // @unchecked Sendable: only immutable properties; `engine` does its own locking.
 

@@ -1,6 +1,6 @@
 import CXXHash
 
-/// The on-disk layout of a log store's records (format version 1; docs/design.md, "Stable log").
+/// The on-disk layout of a log store's records (format version 1; docs/design/stable-log.md, "Stable log").
 ///
 /// `entries.db` (btree), one record per log entry:
 /// ```
