@@ -12,4 +12,13 @@ public protocol MessageTransport: AnyObject, Sendable {
     func send(_ message: Message)
     /// Stops delivery and releases connections; idempotent.
     func stop()
+    /// Fences a deposed leader: revokes its write access to this replica's memory, so writes it
+    /// still has in flight fail instead of landing (DARE and Mu do the same with verbs). The peer
+    /// may reconnect afterwards; from then on the ballot in every message keeps it out.
+    func fence(_ peer: NodeID)
+}
+
+extension MessageTransport {
+    /// Transports without one-sided access (test doubles) have nothing to revoke.
+    public func fence(_ peer: NodeID) {}
 }

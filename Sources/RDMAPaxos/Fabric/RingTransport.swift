@@ -159,6 +159,10 @@ public final class RingTransport: MessageTransport {
         count(outcome)
     }
 
+    public func fence(_ peer: NodeID) {
+        fabric.revokeAccess(from: peer)
+    }
+
     public func stop() {
         let (tasks, exited) = run.withLock { r -> ([Task<Void, Never>], DispatchSemaphore?) in
             guard !r.stopped else { return ([], nil) }

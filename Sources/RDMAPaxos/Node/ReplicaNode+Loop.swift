@@ -104,6 +104,7 @@ extension ReplicaNode {
     func perform(_ a: Actions) {
         for e in a.events {
             options.onEvent?(e)
+            fenceDeposedLeader(after: e)
             if case let .readRefused(id, _) = e, let r = reads.removeValue(forKey: id) {
                 r.continuation.resume(throwing: NodeError.notLeader(leader: replica.leader))
             }
@@ -131,6 +132,20 @@ extension ReplicaNode {
         }
         answerReads()
         maybeCompact()
+    }
+
+    /// When this replica learns of a newer leader, the previous one is deposed: fence it.
+    func fenceDeposedLeader(after e: Event) {
+        switch e {
+        case let .becameFollower(_, leader: l?):
+            if let old = knownLeader, old != l, old != options.replica.id { transport.fence(old) }
+            knownLeader = l
+        case .becameLeader:
+            if let old = knownLeader, old != options.replica.id { transport.fence(old) }
+            knownLeader = options.replica.id
+        default:
+            break
+        }
     }
 
     func applyEntry(_ e: LogEntry) {

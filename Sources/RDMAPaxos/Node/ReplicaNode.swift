@@ -30,6 +30,8 @@ public final class ReplicaNode: @unchecked Sendable {
     var persistsDone: Set<UInt64> = []
     var releasedThrough: UInt64 = 0
     var failure: String?
+    /// The last leader this replica followed (or itself), for fencing.
+    var knownLeader: NodeID?
     /// Answers to clients, delivered after the batch's status is published.
     var completions: [() -> Void] = []
 
