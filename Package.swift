@@ -21,6 +21,8 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-nio", from: "2.101.2"),
         .package(url: "https://github.com/apple/swift-crypto", from: "3.12.3"),
         .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
+        .package(url: "https://github.com/apple/swift-metrics", from: "2.13.0"),
+        .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.4.1"),
     ],
     targets: [
         // C libraries from Debian: module maps only.
@@ -44,8 +46,11 @@ let package = Package(
                 .product(name: "TOMLKit", package: "TOMLKit"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
                 .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "Logging", package: "swift-log"),
+                .product(name: "Metrics", package: "swift-metrics"),
+                .product(name: "Prometheus", package: "swift-prometheus"),
             ],
             path: "Sources/RDMAPaxos",
             exclude: ["Core", "Simulation"]),
@@ -58,6 +63,8 @@ let package = Package(
                 "RDMAPaxos", "RDMAPaxosSimulation", "VMReplica",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
+                .product(name: "Metrics", package: "swift-metrics"),
+                .product(name: "Prometheus", package: "swift-prometheus"),
             ]),
         .executableTarget(
             name: "paxos-log",
@@ -73,7 +80,14 @@ let package = Package(
             dependencies: ["RDMAPaxosCore", "RDMAPaxosSimulation"],
             resources: [.copy("testdata")]),
         .testTarget(name: "SimulationTests", dependencies: ["RDMAPaxosSimulation"]),
-        .testTarget(name: "RDMAPaxosTests", dependencies: ["RDMAPaxos"]),
+        .testTarget(
+            name: "RDMAPaxosTests",
+            dependencies: [
+                "RDMAPaxos",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Metrics", package: "swift-metrics"),
+                .product(name: "Prometheus", package: "swift-prometheus"),
+            ]),
         .testTarget(name: "VMReplicaTests", dependencies: ["VMReplica"]),
         // Real `plover node` processes on loopback (kill -9, SIGSTOP, restarts).
         .testTarget(name: "EndToEndTests", dependencies: ["plover"]),

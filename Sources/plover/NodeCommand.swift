@@ -1,6 +1,8 @@
 import ArgumentParser
 import Foundation
 import Logging
+import Metrics
+import Prometheus
 import RDMAPaxos
 
 /// `plover node --config FILE`: one replica with the key-value state machine, until SIGTERM/SIGINT.
@@ -16,13 +18,18 @@ struct NodeCommand: AsyncParsableCommand {
         LoggingSystem.bootstrap { StreamLogHandler.standardError(label: $0) }
         var logger = Logger(label: "plover.node.\(c.id)")
         logger.logLevel = .info
+        // Once per process: everything that reports through swift-metrics lands in the registry
+        // the node's endpoint serves.
+        let registry = PrometheusCollectorRegistry()
+        MetricsSystem.bootstrap(PloverMetrics.prometheusFactory(registry: registry))
         let server: ReplicaServer
         do {
-            server = try await ReplicaServer.start(config: c, stateMachine: KeyValueStateMachine(), logger: logger)
+            server = try await ReplicaServer.start(config: c, stateMachine: KeyValueStateMachine(), logger: logger, metricsRegistry: registry)
         } catch let e as ConfigError {
             throw CLIError(e.description)
         }
         logger.info("node \(c.id) serving: peers on \(c.me.address) over \(server.fabricDescription), clients on \(c.me.clientAddress), durability \(c.durability.rawValue), data in \(c.dataDir)")
+        if let a = c.metricsAddress { logger.info("node \(c.id) metrics: http://\(a)/metrics") }
         await waitForTermination()
         logger.info("node \(c.id) stopping")
         server.stop()

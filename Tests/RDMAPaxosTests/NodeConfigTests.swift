@@ -51,11 +51,20 @@ import RDMAPaxos
         ("address = \"127.0.0.1:7002\"", "address = \"127.0.0.1\"", "c.toml: members[1].address: must be host:port with a port from 1 to 65535 (got \"127.0.0.1\")"),
         ("address = \"127.0.0.1:7002\"", "address = \"127.0.0.1:7001\"", "c.toml: members[1].address: 127.0.0.1:7001 is used by two members"),
         ("id = 2\n", "id = 9\n", "c.toml: id: node 9 is not one of the [[members]] (1, 2, 3)"),
+        ("fabric = \"tcp\"", "fabric = \"tcp\"\nmetrics_address = \"127.0.0.1\"", "c.toml: metrics_address: must be host:port with a port from 1 to 65535 (got \"127.0.0.1\")"),
+        ("fabric = \"tcp\"", "fabric = \"tcp\"\nmetrics_address = \"127.0.0.1:0\"", "c.toml: metrics_address: must be host:port with a port from 1 to 65535 (got \"127.0.0.1:0\")"),
+        ("fabric = \"tcp\"", "fabric = \"tcp\"\nmetrics_address = \"127.0.0.1:7102\"", "c.toml: metrics_address: 127.0.0.1:7102 is already this member's client_address"),
     ])
     func badConfigNamesKeyAndProblem(find: String, replace: String, message: String) {
         let text = Self.good.replacingOccurrences(of: find, with: replace, options: [], range: Self.good.range(of: find))
         #expect(throws: ConfigError.self) { try NodeConfig.parse(text, file: "c.toml") }
         do { _ = try NodeConfig.parse(text, file: "c.toml") } catch { #expect(error.description == message) }
+    }
+
+    @Test func metricsAddressIsOptionalAndKeptAsGiven() throws {
+        #expect(try NodeConfig.parse(Self.good, file: "c.toml").metricsAddress == nil)
+        let text = Self.good.replacingOccurrences(of: "fabric = \"tcp\"", with: "fabric = \"tcp\"\nmetrics_address = \"127.0.0.1:9102\"")
+        #expect(try NodeConfig.parse(text, file: "c.toml").metricsAddress == "127.0.0.1:9102")
     }
 
     @Test func invalidTomlReportsLine() {

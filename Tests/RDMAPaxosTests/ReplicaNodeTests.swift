@@ -1,4 +1,5 @@
 import Foundation
+import Metrics
 import Testing
 import RDMAPaxos
 
@@ -12,9 +13,11 @@ import RDMAPaxos
         var storage: [NodeID: MemoryLog.Storage] = [:]
         var snapshots: [NodeID: MemorySnapshotStore] = [:]
         let membership: Membership
+        let metricsFactory: (any MetricsFactory)?
 
-        init(_ members: [Member]) throws {
+        init(_ members: [Member], metricsFactory: (any MetricsFactory)? = nil) throws {
             membership = Membership(members)
+            self.metricsFactory = metricsFactory
             for m in members {
                 storage[m.id] = MemoryLog.Storage()
                 snapshots[m.id] = MemorySnapshotStore()
@@ -28,6 +31,7 @@ import RDMAPaxos
             cfg.heartbeatTicks = 2
             var o = NodeOptions(replica: cfg, bootstrap: membership, seed: UInt64(id) * 7919)
             o.compactEveryEntries = 50
+            o.metricsFactory = metricsFactory
             let sm = KeyValueStateMachine()
             let node = ReplicaNode(options: o, stateMachine: sm, log: try MemoryLog(storage: storage[id]!),
                                    snapshots: snapshots[id]!, transport: hub.transport(for: id),

@@ -123,6 +123,21 @@ public final class RingTransport: MessageTransport {
 
     public var statistics: Statistics { stats.withLock { $0 } }
 
+    /// Bytes written into each peer's ring that the peer has not yet reported consumed in its
+    /// credit cell (at most `layout.ringBytes`; a ring that fills drops messages). Reads the
+    /// credit cells without changing the senders' state.
+    public func outgoingOccupancy() -> [NodeID: Int] {
+        links.mapValues { link in
+            link.out.withLock { s in
+                var credit = s.creditPos
+                if s.epoch != 0, let (epoch, consumed) = creditCell(link), epoch == s.epoch, consumed <= s.writePos {
+                    credit = max(credit, consumed)
+                }
+                return Int(s.writePos - credit)
+            }
+        }
+    }
+
     /// Sets or changes where `address.node` is reached; the next (re)connect uses it.
     public func setAddress(_ address: PeerAddress) {
         links[address.node]?.out.withLock { $0.address = address }
@@ -246,13 +261,17 @@ public final class RingTransport: MessageTransport {
     /// Reads the credit cell the peer writes into this node's region.
     private func refreshCredit(_ link: PeerLink, _ s: inout Sender) {
         guard s.epoch != 0 else { return }
-        let cell: (UInt64, UInt64)? = region.withBytes(offset: layout.creditOffset(link.inIndex), count: 24) { b in
+        guard let (epoch, consumed) = creditCell(link), epoch == s.epoch, consumed <= s.writePos else { return }
+        s.ready = true
+        s.creditPos = max(s.creditPos, consumed)
+    }
+
+    /// (epoch, consumed position) from the credit cell the peer writes into this node's region.
+    private func creditCell(_ link: PeerLink) -> (UInt64, UInt64)? {
+        region.withBytes(offset: layout.creditOffset(link.inIndex), count: 24) { b in
             guard let body = RingFormat.unsealed(b) else { return nil }
             return (RingFormat.readU64(body, 0), RingFormat.readU64(body, 8))
         }
-        guard let (epoch, consumed) = cell, epoch == s.epoch, consumed <= s.writePos else { return }
-        s.ready = true
-        s.creditPos = max(s.creditPos, consumed)
     }
 
     /// Keeps one peer's queue pair connected, reconnecting with capped exponential backoff.

@@ -22,6 +22,8 @@ public struct NodeConfig: Sendable, Equatable {
     public var fabric: FabricChoice = .auto
     /// Path of the cluster key file (relative paths are relative to the config file).
     public var clusterKeyFile: String?
+    /// host:port of the Prometheus endpoint (`GET /metrics`); nil: none. Meant for loopback.
+    public var metricsAddress: String?
     public var tickMilliseconds = 10
     public var electionTimeoutTicks = 20
     public var heartbeatTicks = 2
@@ -85,6 +87,7 @@ public struct NodeConfig: Sendable, Equatable {
         c.durability = try r.choice("durability", default: .fsync)
         c.fabric = try r.choice("fabric", default: .auto)
         c.clusterKeyFile = try r.optionalString("cluster_key_file")
+        if let a = try r.optionalString("metrics_address") { c.metricsAddress = try r.address(a, key: "metrics_address") }
         if var t = try r.subtable("timing") {
             c.tickMilliseconds = try t.int("tick_ms", default: c.tickMilliseconds, range: 1...10_000)
             c.electionTimeoutTicks = try t.int("election_timeout_ticks", default: c.electionTimeoutTicks, range: 3...1_000_000)
@@ -130,6 +133,9 @@ public struct NodeConfig: Sendable, Equatable {
             guard addresses.insert(m.clientAddress).inserted else { throw ConfigError(file: file, key: "members[\(i)].client_address", problem: "\(m.clientAddress) is used twice") }
         }
         guard seen.contains(id) else { throw ConfigError(file: file, key: "id", problem: "node \(id) is not one of the [[members]] (\(seen.sorted().map(String.init).joined(separator: ", ")))") }
+        if let a = metricsAddress, a == me.address || a == me.clientAddress {
+            throw ConfigError(file: file, key: "metrics_address", problem: "\(a) is already this member's \(a == me.address ? "address" : "client_address")")
+        }
         guard members.contains(where: { $0.role == .voter }) else { throw ConfigError(file: file, key: "members", problem: "at least one member must have role = \"voter\"") }
         guard !dataDir.isEmpty || durability == .memory else { throw ConfigError(file: file, key: "data_dir", problem: "must not be empty") }
     }

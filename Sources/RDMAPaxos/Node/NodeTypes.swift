@@ -1,3 +1,5 @@
+import Metrics
+
 /// How a `ReplicaNode` runs: the core's limits and timings plus the runtime's own.
 public struct NodeOptions: Sendable {
     public var replica: ReplicaConfig
@@ -13,6 +15,11 @@ public struct NodeOptions: Sendable {
     public var seed: UInt64
     /// Called on the node's thread for role and leader changes (for logs and demos).
     public var onEvent: (@Sendable (Event) -> Void)?
+    /// Where the node's metrics go (docs/operations.md, "Metrics"); nil: the process-wide
+    /// `MetricsSystem.factory` (a no-op until something bootstraps it).
+    public var metricsFactory: (any MetricsFactory)?
+    /// Read the transport's ring statistics every this many ticks (`ReplicaServer`: about once a second).
+    public var metricsSampleEveryTicks: Int = 100
 
     public init(replica: ReplicaConfig, bootstrap: Membership, seed: UInt64 = 1) {
         self.replica = replica

@@ -12,7 +12,7 @@ extension ReplicaNode {
                 return (b, state != .running)
             }
             if stopping { break }
-            var commands: [([UInt8], CheckedContinuation<[UInt8], any Error>)] = []
+            var commands: [QueuedProposal] = []
             for e in batch {
                 if failure != nil {
                     reject(e, NodeError.storage(failure!))
@@ -23,14 +23,14 @@ extension ReplicaNode {
                 case let .message(m): perform(replica.receive(m))
                 case let .persisted(seq): onPersisted(seq)
                 case let .storageFailed(reason): failStorage(reason)
-                case let .propose(cmd, c): commands.append((cmd, c))
+                case let .propose(p): commands.append(p)
                 case let .read(q, c): startRead(q, c)
                 case let .localRead(q, c):
                     let answer = machine.query(q)
                     completions.append { c.resume(returning: answer) }
                 }
             }
-            if failure == nil { proposeBatch(commands) } else { commands.forEach { $0.1.resume(throwing: NodeError.storage(failure!)) } }
+            if failure == nil { proposeBatch(commands) } else { commands.forEach { $0.continuation.resume(throwing: NodeError.storage(failure!)) } }
             // Publish before answering, so a client that got its answer sees a status that includes it.
             publishStatus()
             let answers = completions
@@ -51,7 +51,8 @@ extension ReplicaNode {
 
     func reject(_ e: NodeEvent, _ error: NodeError) {
         switch e {
-        case let .propose(_, c), let .read(_, c), let .localRead(_, c): c.resume(throwing: error)
+        case let .propose(p): p.continuation.resume(throwing: error)
+        case let .read(_, c), let .localRead(_, c): c.resume(throwing: error)
         default: break
         }
     }
@@ -67,23 +68,26 @@ extension ReplicaNode {
             reads[id] = nil
             r.continuation.resume(throwing: NodeError.timedOut)
         }
+        if tickCount % max(1, options.metricsSampleEveryTicks) == 0 { ringMetrics?.sample() }
     }
 
-    func proposeBatch(_ commands: [([UInt8], CheckedContinuation<[UInt8], any Error>)]) {
+    func proposeBatch(_ commands: [QueuedProposal]) {
         var rest = commands[...]
         while !rest.isEmpty {
             let chunk = rest.prefix(options.proposalsPerBatchMax)
             rest = rest.dropFirst(chunk.count)
             do {
-                let (first, actions) = try replica.propose(chunk.map(\.0))
+                let (first, actions) = try replica.propose(chunk.map(\.command))
                 for (i, c) in chunk.enumerated() {
                     proposals[first + LogIndex(i)] = PendingProposal(
-                        ballot: replica.promised, deadline: tickCount + options.requestTimeoutTicks, continuation: c.1)
+                        ballot: replica.promised, deadline: tickCount + options.requestTimeoutTicks,
+                        continuation: c.continuation, queuedAt: c.queuedAt)
                 }
+                metrics.proposalsPerBatch.record(chunk.count)
                 perform(actions)
             } catch {
                 let e: NodeError = if case let .notLeader(l) = error { .notLeader(leader: l) } else { .refused(error) }
-                chunk.forEach { $0.1.resume(throwing: e) }
+                chunk.forEach { $0.continuation.resume(throwing: e) }
             }
         }
     }
@@ -105,8 +109,14 @@ extension ReplicaNode {
         for e in a.events {
             options.onEvent?(e)
             fenceDeposedLeader(after: e)
-            if case let .readRefused(id, _) = e, let r = reads.removeValue(forKey: id) {
-                r.continuation.resume(throwing: NodeError.notLeader(leader: replica.leader))
+            switch e {
+            case let .readRefused(id, _):
+                if let r = reads.removeValue(forKey: id) {
+                    r.continuation.resume(throwing: NodeError.notLeader(leader: replica.leader))
+                }
+            case .becameLeader: metrics.electionsWon.increment()
+            case let .startedElection(_, pre): (pre ? metrics.preElectionsStarted : metrics.electionsStarted).increment()
+            default: break
             }
         }
         if let p = a.persist {
@@ -126,6 +136,7 @@ extension ReplicaNode {
                 p.continuation.resume(throwing: NodeError.outcomeUnknown)
             }
         }
+        if !a.apply.isEmpty { metrics.entriesApplied.increment(by: a.apply.count) }
         for e in a.apply { applyEntry(e) }
         for r in a.reads {
             reads[r.id]?.index = r.index
@@ -152,8 +163,14 @@ extension ReplicaNode {
         let result = e.kind == .command ? machine.apply(e.payload, index: e.index) : []
         if let p = proposals.removeValue(forKey: e.index) {
             let committed = p.ballot == e.ballot
+            let latency = metrics.commitLatency
             completions.append {
-                if committed { p.continuation.resume(returning: result) } else { p.continuation.resume(throwing: NodeError.superseded) }
+                if committed {
+                    latency.recordNanoseconds(Int64(DispatchTime.now().uptimeNanoseconds &- p.queuedAt))
+                    p.continuation.resume(returning: result)
+                } else {
+                    p.continuation.resume(throwing: NodeError.superseded)
+                }
             }
         }
     }
@@ -223,6 +240,7 @@ extension ReplicaNode {
     func failStorage(_ reason: String) {
         guard failure == nil else { return }
         failure = reason
+        metrics.storageFailures.increment()
         options.onEvent?(.steppedDown(reason: "storage failed: \(reason)"))
         failEverything(NodeError.storage(reason))
     }
@@ -244,5 +262,24 @@ extension ReplicaNode {
             commitIndex: r.commitIndex, appliedIndex: r.appliedIndex, membership: r.membership,
             followerMatch: r.followerMatch, failure: failure)
         cond.withLock { published = s }
+        updateMetrics(s)
+    }
+
+    /// Gauges from the published status: a few atomic stores per batch of events.
+    func updateMetrics(_ s: NodeStatus) {
+        if s.role != metricsRole {
+            metricsRole = s.role
+            metrics.setRole(s.role)
+        }
+        if let l = s.leader, l != metricsLeader {
+            metricsLeader = l
+            metrics.leaderChanges.increment()
+        }
+        metrics.commitIndex.record(s.commitIndex)
+        metrics.appliedIndex.record(s.appliedIndex)
+        metrics.lastIndex.record(s.lastIndex)
+        metrics.durableIndex.record(s.durableIndex)
+        metrics.pendingProposals.record(proposals.count)
+        metrics.pendingReads.record(reads.count)
     }
 }

@@ -1,4 +1,5 @@
 import Foundation
+import Metrics
 
 /// A running replica: drives the pure consensus core with a stable log, a message transport
 /// and a clock, and applies committed commands to a `StateMachine`.
@@ -14,6 +15,7 @@ public final class ReplicaNode: @unchecked Sendable {
     let transport: any MessageTransport
     let ticks: any TickSource
     let machine: any StateMachine
+    let metrics: NodeMetrics
 
     let cond = NSCondition()
     var events: [NodeEvent] = []
@@ -34,6 +36,10 @@ public final class ReplicaNode: @unchecked Sendable {
     var knownLeader: NodeID?
     /// Answers to clients, delivered after the batch's status is published.
     var completions: [() -> Void] = []
+    // Metrics state, owned by the node thread.
+    var ringMetrics: RingMetrics?
+    var metricsRole: Role?
+    var metricsLeader: NodeID?
 
     enum RunState { case created, running, stopping, stopped }
 
@@ -42,15 +48,23 @@ public final class ReplicaNode: @unchecked Sendable {
         case message(Message)
         case persisted(UInt64)
         case storageFailed(String)
-        case propose([UInt8], CheckedContinuation<[UInt8], any Error>)
+        case propose(QueuedProposal)
         case read([UInt8], CheckedContinuation<[UInt8], any Error>)
         case localRead([UInt8], CheckedContinuation<[UInt8], any Error>)
+    }
+
+    struct QueuedProposal {
+        var command: [UInt8]
+        var continuation: CheckedContinuation<[UInt8], any Error>
+        /// `DispatchTime` uptime nanoseconds when it was queued (for the commit latency metric).
+        var queuedAt: UInt64
     }
 
     struct PendingProposal {
         var ballot: Ballot
         var deadline: Int
         var continuation: CheckedContinuation<[UInt8], any Error>
+        var queuedAt: UInt64
     }
 
     struct PendingRead {
@@ -68,6 +82,8 @@ public final class ReplicaNode: @unchecked Sendable {
         self.snapshots = snapshots
         self.transport = transport
         self.ticks = ticks
+        self.metrics = NodeMetrics(node: options.replica.id, factory: options.metricsFactory ?? MetricsSystem.factory)
+        if let ring = transport as? RingTransport { ringMetrics = RingMetrics(ring: ring, metrics: metrics) }
     }
 
     /// Loads the durable state, restores the state machine and starts serving.
@@ -103,7 +119,8 @@ public final class ReplicaNode: @unchecked Sendable {
     /// Throws `NodeError.notLeader` on followers.
     public func propose(_ command: [UInt8]) async throws -> [UInt8] {
         try await withCheckedThrowingContinuation { c in
-            if !enqueue(.propose(command, c)) { c.resume(throwing: NodeError.stopped) }
+            let queued = QueuedProposal(command: command, continuation: c, queuedAt: DispatchTime.now().uptimeNanoseconds)
+            if !enqueue(.propose(queued)) { c.resume(throwing: NodeError.stopped) }
         }
     }
 

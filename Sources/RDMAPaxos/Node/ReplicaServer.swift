@@ -1,22 +1,31 @@
 import Foundation
 import Logging
+import Prometheus
 
 /// A whole replica process as `plover node` runs it, assembled from a `NodeConfig`:
 /// Berkeley DB log + snapshot file, the configured fabric under a `RingTransport`, a timer
-/// clock, the `ReplicaNode` with a state machine, and the client server.
+/// clock, the `ReplicaNode` with a state machine, the client server, and the metrics endpoint
+/// when `metrics_address` is set.
 public final class ReplicaServer: Sendable {
     public let node: ReplicaNode
     public let clientServer: ClientServer
+    /// Serves `metricsRegistry` on `metrics_address` (nil when none is configured).
+    public let metricsEndpoint: MetricsEndpoint?
     /// Which fabric carries the consensus traffic, and why (for logs and `plover status`).
     public let fabricDescription: String
 
-    init(node: ReplicaNode, clientServer: ClientServer, fabricDescription: String) {
+    init(node: ReplicaNode, clientServer: ClientServer, metricsEndpoint: MetricsEndpoint?, fabricDescription: String) {
         self.node = node
         self.clientServer = clientServer
+        self.metricsEndpoint = metricsEndpoint
         self.fabricDescription = fabricDescription
     }
 
-    public static func start(config c: NodeConfig, stateMachine: any StateMachine, logger: Logger) async throws -> ReplicaServer {
+    /// Starts the replica. Its metrics go to `metricsRegistry` (through
+    /// `PloverMetrics.prometheusFactory`), which the endpoint serves; `plover node` passes the
+    /// registry it bootstrapped the process-wide `MetricsSystem` with.
+    public static func start(config c: NodeConfig, stateMachine: any StateMachine, logger: Logger,
+                             metricsRegistry: PrometheusCollectorRegistry = PrometheusCollectorRegistry()) async throws -> ReplicaServer {
         guard let keyPath = c.clusterKeyFile else {
             throw ConfigError(file: "config", key: "cluster_key_file", problem: "is required: peers authenticate with the cluster key")
         }
@@ -39,6 +48,8 @@ public final class ReplicaServer: Sendable {
         options.requestTimeoutTicks = c.requestTimeoutTicks
         options.compactEveryEntries = c.compactEveryEntries
         options.onEvent = { e in logger.info("\(e)") }
+        options.metricsFactory = PloverMetrics.prometheusFactory(registry: metricsRegistry)
+        options.metricsSampleEveryTicks = max(1, 1000 / c.tickMilliseconds)
         let node = ReplicaNode(options: options, stateMachine: stateMachine, log: log, snapshots: snapshots,
                                transport: transport, ticks: TimerTickSource(interval: .milliseconds(c.tickMilliseconds)))
         do {
@@ -55,7 +66,20 @@ public final class ReplicaServer: Sendable {
             node.stop()
             throw ConfigError(file: "config", key: "members[\(c.id)].client_address", problem: "cannot listen on \(c.me.clientAddress): \(error)")
         }
-        return ReplicaServer(node: node, clientServer: client, fabricDescription: why)
+        var endpoint: MetricsEndpoint?
+        if let a = c.metricsAddress {
+            if !MetricsEndpoint.isLoopback(host: host(a)) {
+                logger.warning("metrics_address \(a) is not a loopback address: whoever reaches it can read this node's metrics (unauthenticated HTTP)")
+            }
+            do {
+                endpoint = try MetricsEndpoint.start(host: host(a), port: port(a), registry: metricsRegistry)
+            } catch {
+                client.stop()
+                node.stop()
+                throw ConfigError(file: "config", key: "metrics_address", problem: "cannot listen on \(a): \(error)")
+            }
+        }
+        return ReplicaServer(node: node, clientServer: client, metricsEndpoint: endpoint, fabricDescription: why)
     }
 
     /// `fabric = auto` takes verbs when a device exists and says why it fell back to TCP otherwise.
@@ -79,6 +103,7 @@ public final class ReplicaServer: Sendable {
     }
 
     public func stop() {
+        metricsEndpoint?.stop()
         clientServer.stop()
         node.stop()
     }
