@@ -106,6 +106,9 @@ struct ConsensusReport {
                 }
             }
         }
+        for r in rows where r.result.errors > 0 {
+            s += "\nErrors at \(r.system.label), \(Self.size(r.valueBytes)), \(r.clients) clients (first): `\(r.result.firstError ?? "?")`\n"
+        }
         s += goals()
         return s
     }
