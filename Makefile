@@ -2,7 +2,7 @@
 SWIFT ?= swift
 BUILD_FLAGS ?=
 
-.PHONY: deps build test demo simulate bench-stable-log bench-syncvm clean
+.PHONY: deps build test demo simulate bench-stable-log bench-consensus bench-syncvm clean
 
 deps:
 	./scripts/install-deps.sh
@@ -33,6 +33,13 @@ demo: build
 bench-stable-log: deps
 	$(SWIFT) build -c release --product plover
 	.build/release/plover bench stable-log --out benchmarks/stable-log/results.md
+
+# plover (fsync, memory) vs a 3-member etcd 3.4 cluster, all on loopback, same closed-loop
+# client; plus one loopback round trip (benchmarks/consensus/README.md), ~4 min.
+bench-consensus:
+	./scripts/install-deps.sh etcd-server etcd-client
+	$(SWIFT) build -c release --product plover
+	.build/release/plover bench consensus --out benchmarks/consensus/results.md --svg benchmarks/consensus/consensus.svg
 
 # syncvm: page hashing vs memcpy, and syncs of a 1 GiB image (benchmarks/README.md).
 bench-syncvm: deps

@@ -2,9 +2,19 @@ import Foundation
 import RDMAPaxos
 
 /// Three `plover node` processes on loopback, each with its own config, data dir and log file.
+/// Used by `plover demo` and `plover bench consensus`.
 final class DemoCluster {
+    /// The `[timing]` table of every replica's config.
+    struct Timing {
+        var tickMilliseconds = 10
+        var electionTimeoutTicks = 15
+        var heartbeatTicks = 2
+        var diskStallTicks = 100
+    }
+
     let root: String
     let durability: String
+    let timing: Timing
     var endpoints: [NodeID: String] = [:]
     var peers: [NodeID: String] = [:]
     var processes: [NodeID: Process] = [:]
@@ -15,11 +25,13 @@ final class DemoCluster {
     /// The `plover` executable that runs the replicas.
     let executable: String
 
-    init(root: String, durability: String, witness: Bool = false, executable: String = selfExecutable()) throws {
+    init(root: String, durability: String, witness: Bool = false, timing: Timing = Timing(),
+         executable: String = selfExecutable()) throws {
         self.executable = executable
         self.root = root
         self.durability = durability
         self.witness = witness
+        self.timing = timing
         let fm = FileManager.default
         try fm.createDirectory(atPath: root + "/data", withIntermediateDirectories: true)
         // A fresh random cluster key, readable by the owner only.
@@ -46,10 +58,10 @@ final class DemoCluster {
             cluster_key_file = "cluster.key"
 
             [timing]
-            tick_ms = 10
-            election_timeout_ticks = 15
-            heartbeat_ticks = 2
-            disk_stall_ticks = 100
+            tick_ms = \(timing.tickMilliseconds)
+            election_timeout_ticks = \(timing.electionTimeoutTicks)
+            heartbeat_ticks = \(timing.heartbeatTicks)
+            disk_stall_ticks = \(timing.diskStallTicks)
 
             """
         for m in ids {
@@ -80,6 +92,7 @@ final class DemoCluster {
         p.standardOutput = log
         p.standardError = log
         try p.run()
+        ChildProcesses.register(p.processIdentifier)
         processes[id] = p
     }
 
@@ -100,11 +113,12 @@ final class DemoCluster {
         guard let p = processes.removeValue(forKey: id) else { return }
         Glibc.kill(p.processIdentifier, SIGKILL)
         p.waitUntilExit()
+        ChildProcesses.unregister(p.processIdentifier)
     }
 
     func stopAll() {
         for (_, p) in processes where p.isRunning { p.terminate() }
-        for (_, p) in processes { p.waitUntilExit() }
+        for (_, p) in processes { ChildProcesses.stop(p) }
         processes = [:]
     }
 

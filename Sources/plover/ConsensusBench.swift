@@ -1,0 +1,205 @@
+import ArgumentParser
+import Foundation
+import RDMAPaxos
+
+/// `plover bench consensus`: puts/s and put latency of a 3-replica plover cluster (fsync and
+/// memory durability) next to a 3-member etcd cluster, all on loopback, driven by the same
+/// closed-loop client; plus one loopback TCP round trip as the floor. See
+/// benchmarks/consensus/README.md.
+struct ConsensusBench: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "consensus",
+        abstract: "Benchmark 3 plover replicas against a 3-member etcd cluster on loopback.")
+
+    @Option(help: "Systems to measure, comma-separated: \(BenchSystem.allCases.map(\.rawValue).joined(separator: ", ")).")
+    var systems: String = BenchSystem.allCases.map(\.rawValue).joined(separator: ",")
+    @Option(help: "Client thread counts, comma-separated.") var clients: String = "1,4,16,64"
+    @Option(help: "Value sizes in bytes, comma-separated.") var values: String = "64,4096"
+    @Option(help: "Measured seconds per point.") var seconds: Double = 4
+    @Option(help: "Unmeasured seconds before each point.") var warmup: Double = 0.5
+    @Option(help: "Directory for the disk-backed data dirs (default: a new temporary directory; deleted afterwards).")
+    var dir: String?
+    @Option(help: "Where tmpfs-backed etcd data goes (etcd-tmpfs).") var tmpfs: String = "/dev/shm"
+    @Option(help: "Write the markdown results here as well as to stdout.") var out: String?
+    @Option(help: "Write an SVG plot here.") var svg: String?
+    @Flag(help: "Keep data dirs and node/etcd logs.") var keep = false
+
+    func validate() throws {
+        for s in list(systems) where BenchSystem(rawValue: s) == nil {
+            throw ValidationError("unknown system \(s); known: \(BenchSystem.allCases.map(\.rawValue).joined(separator: ", "))")
+        }
+        guard !ints(clients).isEmpty, ints(clients).allSatisfy({ (1...512).contains($0) }) else { throw ValidationError("--clients: counts in 1...512") }
+        guard !ints(values).isEmpty, ints(values).allSatisfy({ (1...(1 << 20)).contains($0) }) else { throw ValidationError("--values: sizes in 1...1048576") }
+        guard seconds > 0, warmup >= 0 else { throw ValidationError("--seconds must be > 0 and --warmup >= 0") }
+    }
+
+    func run() throws {
+        let chosen = list(systems).compactMap(BenchSystem.init(rawValue:))
+        // Missing etcd is a clear error before anything starts.
+        let etcd = chosen.contains(where: \.isEtcd) ? try EtcdCluster.locate() : nil
+        let etcdVersion = etcd.map(EtcdCluster.version(of:)) ?? "–"
+        let root = dir ?? FileManager.default.temporaryDirectory.appendingPathComponent("plover-consensus-\(getpid())").path
+        let tmpfsRoot = "\(tmpfs)/plover-consensus-\(getpid())"
+        try FileManager.default.createDirectory(atPath: root, withIntermediateDirectories: true)
+        let keep = self.keep
+        let cleanup: @Sendable () -> Void = {
+            guard !keep else { return }
+            try? FileManager.default.removeItem(atPath: root)
+            try? FileManager.default.removeItem(atPath: tmpfsRoot)
+        }
+        ChildProcesses.killOnInterrupt(cleanup: cleanup)
+        defer {
+            ChildProcesses.killAll()
+            cleanup()
+        }
+        let machine = MachineDescription.current(dataDir: root)
+
+        say("loopback TCP round trip (64 B ping-pong between two threads)")
+        let rtt = try LoopbackRoundTrip.measure()
+        say(String(format: "  p50 %.1f µs, p99 %.1f µs (%d round trips)", rtt.p50Micros, rtt.p99Micros, rtt.count))
+
+        var rows: [ConsensusRow] = []
+        var probes: PloverProbes?
+        for system in chosen {
+            let dataRoot = system == .etcdTmpfs ? tmpfsRoot : "\(root)/\(system.rawValue)"
+            rows += try measure(system, dataRoot: dataRoot, etcdBinary: etcd, probes: &probes)
+            if !keep { try? FileManager.default.removeItem(atPath: dataRoot) }
+        }
+
+        let report = ConsensusReport(rows: rows, roundTrip: rtt, probes: probes, machine: machine, etcdVersion: etcdVersion,
+                                     timing: Self.ploverTiming, seconds: seconds, warmup: warmup, command: commandLine())
+        let text = report.markdown()
+        print(text)
+        if let out { try text.write(toFile: out, atomically: true, encoding: .utf8) }
+        if let svg { try report.svg().write(toFile: svg, atomically: true, encoding: .utf8) }
+    }
+
+    /// Replica timing for the benchmark: the same heartbeat (100 ms) and election timeout (1 s)
+    /// as etcd's defaults, so neither side gets a more nervous failure detector.
+    static let ploverTiming = DemoCluster.Timing(tickMilliseconds: 10, electionTimeoutTicks: 100, heartbeatTicks: 10, diskStallTicks: 200)
+
+    /// Runs every (value size, clients) point of one system, each on a fresh cluster: no point
+    /// inherits the previous one's data (etcd's growing database, plover memory mode's cache).
+    private func measure(_ system: BenchSystem, dataRoot: String, etcdBinary: String?, probes: inout PloverProbes?) throws -> [ConsensusRow] {
+        say("\(system.label): a fresh 3-member cluster on loopback for each point (data under \(dataRoot))")
+        var rows: [ConsensusRow] = []
+        var point = 0
+        for value in ints(values) {
+            for n in ints(clients) {
+                point += 1
+                let pointRoot = "\(dataRoot)/point-\(point)"
+                let (makeClient, stop) = try start(system, root: pointRoot, etcdBinary: etcdBinary)
+                defer {
+                    stop()
+                    if !keep { try? FileManager.default.removeItem(atPath: pointRoot) }
+                }
+                if system == .ploverMemory && probes == nil, case let .plover(endpoints, leader) = makeClient.target {
+                    probes = try Self.probe(endpoints: endpoints, leader: leader)
+                }
+                let r = ClosedLoopLoad.run(clients: n, valueBytes: value, warmup: warmup, seconds: seconds,
+                                           keyPrefix: "bench/\(value)/\(n)", makeClient: makeClient.make)
+                rows.append(ConsensusRow(system: system, valueBytes: value, clients: n, result: r))
+                say(String(format: "  %5d B x%-3d %8.0f puts/s  p50 %8.0f µs  p99 %8.0f µs", value, n, r.putsPerSecond, r.latency.p50Micros, r.latency.p99Micros)
+                    + (r.errors > 0 ? "  (\(r.errors) errors; first: \(r.firstError ?? ""))" : ""))
+            }
+        }
+        return rows
+    }
+
+    /// What the load needs to reach a started cluster.
+    struct ClusterClients {
+        enum Target { case plover([NodeID: String], leader: NodeID), etcd(port: Int) }
+        var target: Target
+        var make: @Sendable () -> any PutClient
+    }
+
+    /// Starts a 3-member cluster of `system` under `root`; returns how to reach it and how to stop it.
+    private func start(_ system: BenchSystem, root: String, etcdBinary: String?) throws -> (ClusterClients, () -> Void) {
+        switch system {
+        case .ploverFsync, .ploverMemory:
+            let cluster = try DemoCluster(root: root, durability: system == .ploverFsync ? "fsync" : "memory", timing: Self.ploverTiming)
+            do {
+                try cluster.startAll()
+                let leader = try cluster.waitForLeader(excluding: nil)
+                let endpoints = cluster.endpoints
+                return (ClusterClients(target: .plover(endpoints, leader: leader), make: { PloverPutClient(endpoints: endpoints) }),
+                        { cluster.stopAll() })
+            } catch {
+                cluster.stopAll()
+                throw error
+            }
+        case .etcdFsync, .etcdTmpfs:
+            let cluster = try EtcdCluster(binary: etcdBinary!, root: root)
+            do {
+                try cluster.start()
+                let port = try cluster.waitForLeader()
+                return (ClusterClients(target: .etcd(port: port), make: { EtcdPutClient(port: port) }), { cluster.stop() })
+            } catch {
+                cluster.stop()
+                throw error
+            }
+        }
+    }
+
+    /// Where one unloaded plover request spends its time, without consensus: `status` is answered
+    /// by the client server's event loop; a local read also goes through the node thread.
+    static func probe(endpoints: [NodeID: String], leader: NodeID) throws -> PloverProbes {
+        let c = NodeClient(endpoints: endpoints)
+        func time(_ op: () throws -> Void) throws -> LatencySummary {
+            for _ in 0..<200 { try op() }
+            var samples: [UInt64] = []
+            let end = ClosedLoopLoad.now() + 1_000_000_000
+            while ClosedLoopLoad.now() < end {
+                let t0 = ClosedLoopLoad.now()
+                try op()
+                samples.append(ClosedLoopLoad.now() - t0)
+            }
+            return LatencySummary(nanoseconds: samples)
+        }
+        let key = Array("probe".utf8)
+        let status = try time { _ = try c.status(of: leader) }
+        let localRead = try time { _ = try c.localRead(key, at: leader) }
+        say(String(format: "  probes: status p50 %.0f µs, local read p50 %.0f µs", status.p50Micros, localRead.p50Micros))
+        return PloverProbes(status: status, localRead: localRead)
+    }
+
+    private func commandLine() -> String {
+        "plover bench consensus " + CommandLine.arguments.dropFirst(3).joined(separator: " ")
+    }
+}
+
+private func list(_ s: String) -> [String] { s.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) } }
+private func ints(_ s: String) -> [Int] { list(s).compactMap { Int($0) } }
+
+/// What `plover bench consensus` can measure.
+enum BenchSystem: String, CaseIterable {
+    case ploverFsync = "plover-fsync"
+    case ploverMemory = "plover-memory"
+    case etcdFsync = "etcd-fsync"
+    case etcdTmpfs = "etcd-tmpfs"
+
+    var isEtcd: Bool { self == .etcdFsync || self == .etcdTmpfs }
+
+    var label: String {
+        switch self {
+        case .ploverFsync: "plover fsync"
+        case .ploverMemory: "plover memory"
+        case .etcdFsync: "etcd (disk)"
+        case .etcdTmpfs: "etcd (tmpfs)"
+        }
+    }
+}
+
+/// Unloaded plover round trips that skip consensus (see `ConsensusBench.probe`).
+struct PloverProbes {
+    var status: LatencySummary
+    var localRead: LatencySummary
+}
+
+/// One measured point.
+struct ConsensusRow {
+    var system: BenchSystem
+    var valueBytes: Int
+    var clients: Int
+    var result: ClosedLoopLoad.Result
+}

@@ -1,0 +1,168 @@
+import Foundation
+
+/// The machine a benchmark ran on, for the results file.
+struct MachineDescription {
+    var cores: String
+    var cpu: String
+    var kernel: String
+    var dataFilesystem: String
+    var date: String
+    /// Share of all cores busy (from /proc/stat) in the second before the benchmark started:
+    /// other work on a shared machine skews every number.
+    var busyBefore: Double?
+
+    static func current(dataDir: String) -> MachineDescription {
+        MachineDescription(
+            cores: shell("nproc"),
+            cpu: shell("grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//'"),
+            kernel: shell("uname -r"),
+            dataFilesystem: shell("df -T '\(dataDir)' | awk 'NR==2 {print $2}'"),
+            date: shell("date -u '+%Y-%m-%d %H:%M UTC'"),
+            busyBefore: busyFraction(over: 1))
+    }
+
+    /// 1 − idle share of all cores over `seconds`, from the first line of /proc/stat.
+    static func busyFraction(over seconds: Double) -> Double? {
+        func sample() -> (idle: Double, total: Double)? {
+            guard let text = try? String(contentsOfFile: "/proc/stat", encoding: .utf8),
+                  let cpu = text.split(separator: "\n").first, cpu.hasPrefix("cpu ") else { return nil }
+            let v = cpu.split(separator: " ").dropFirst().compactMap { Double($0) }
+            guard v.count >= 5 else { return nil }
+            return (v[3] + v[4], v.reduce(0, +))  // idle + iowait
+        }
+        guard let a = sample() else { return nil }
+        Thread.sleep(forTimeInterval: seconds)
+        guard let b = sample(), b.total > a.total else { return nil }
+        return 1 - (b.idle - a.idle) / (b.total - a.total)
+    }
+
+    /// stdout of `sh -c command`, trimmed ("" if it cannot run).
+    static func shell(_ command: String) -> String {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/bin/sh")
+        p.arguments = ["-c", command]
+        let pipe = Pipe()
+        p.standardOutput = pipe
+        p.standardError = FileHandle.nullDevice
+        guard (try? p.run()) != nil else { return "" }
+        let out = pipe.fileHandleForReading.readDataToEndOfFile()
+        p.waitUntilExit()
+        return String(decoding: out, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+    }
+}
+
+/// Tables, ratios against the goals, and the plot of one `plover bench consensus` run.
+struct ConsensusReport {
+    var rows: [ConsensusRow]
+    var roundTrip: LatencySummary
+    var probes: PloverProbes?
+    var machine: MachineDescription
+    var etcdVersion: String
+    var timing: DemoCluster.Timing
+    var seconds: Double
+    var warmup: Double
+    var command: String
+
+    var valueSizes: [Int] { Array(Set(rows.map(\.valueBytes))).sorted() }
+    var clientCounts: [Int] { Array(Set(rows.map(\.clients))).sorted() }
+    var systems: [BenchSystem] { BenchSystem.allCases.filter { s in rows.contains { $0.system == s } } }
+
+    func row(_ s: BenchSystem, _ value: Int, _ clients: Int) -> ConsensusRow? {
+        rows.first { $0.system == s && $0.valueBytes == value && $0.clients == clients }
+    }
+
+    static func size(_ bytes: Int) -> String { bytes >= 1024 && bytes % 1024 == 0 ? "\(bytes / 1024) KiB" : "\(bytes) B" }
+    static func x(_ v: Double) -> String { String(format: "%.2f×", v) }
+
+    func markdown() -> String {
+        var s = "# Consensus benchmark results\n\n"
+        s += "Command: `make bench-consensus` (release build, then `\(command)`).\n\n"
+        s += "Machine: \(machine.cores) cores, \(machine.cpu), kernel \(machine.kernel), disk-backed data dirs on "
+        s += "\(machine.dataFilesystem), \(machine.date)"
+        s += machine.busyBefore.map { String(format: "; %.0f%% of the cores were busy with other work in the second before the run.\n\n", $0 * 100) } ?? ".\n\n"
+        s += "- **plover**: 3 `plover node` replicas on 127.0.0.1 (TCP fabric, Berkeley DB log), tick "
+        s += "\(timing.tickMilliseconds) ms, heartbeat \(timing.heartbeatTicks) ticks, election timeout \(timing.electionTimeoutTicks) ticks; "
+        s += "clients use `NodeClient` (one connection per thread, leader only).\n"
+        s += "- **etcd \(etcdVersion)** (Debian etcd-server): 3 members on 127.0.0.1, default settings (fsync on every "
+        s += "raft batch; 3.4 has no `--unsafe-no-fsync`); puts are `POST /v3/kv/put` to the leader's v3 HTTP/JSON gateway "
+        s += "over one keep-alive HTTP/1.1 connection per thread. *etcd (tmpfs)* puts its data dirs on tmpfs, so its "
+        s += "fsyncs cost next to nothing: the closest 3.4 gets to plover's memory mode.\n"
+        s += "- Load, the same for both: N threads, each putting a new key with a fixed-size value, waiting for the "
+        s += "acknowledgement, then putting the next (closed loop). Each point runs \(String(format: "%g", warmup)) s unmeasured, then "
+        s += "\(String(format: "%g", seconds)) s measured; latency is put call → acknowledgement at the client.\n"
+        s += "- Everything (3 servers, the load threads) shares the \(machine.cores) cores.\n\n"
+        s += String(format: "Loopback TCP round trip (64 B ping-pong between two threads of the benchmark, same run): "
+                    + "**p50 %.1f µs**, p99 %.1f µs (%d round trips).\n\n", roundTrip.p50Micros, roundTrip.p99Micros, roundTrip.count)
+
+        s += "## All points\n\n| system | value | clients | puts/s | p50 µs | p99 µs | puts measured | errors |\n"
+        s += "|---|---:|---:|---:|---:|---:|---:|---:|\n"
+        for value in valueSizes {
+            for n in clientCounts {
+                for sys in systems {
+                    guard let r = row(sys, value, n) else { continue }
+                    let l = r.result.latency
+                    s += "| \(sys.label) | \(Self.size(value)) | \(n) | \(Int(r.result.putsPerSecond.rounded())) | "
+                    s += String(format: "%.0f | %.0f", l.p50Micros, l.p99Micros) + " | \(l.count) | \(r.result.errors) |\n"
+                }
+            }
+        }
+        for r in rows where r.result.errors > 0 {
+            s += "\nErrors at \(r.system.label), \(Self.size(r.valueBytes)), \(r.clients) clients (first): `\(r.result.firstError ?? "?")`\n"
+        }
+        s += goals()
+        return s
+    }
+
+    /// The goals: fsync puts/s ≥ 3× etcd and p50 ≤ 0.5× etcd; memory-mode p50 ≤ 2× the round trip.
+    func goals() -> String {
+        var s = ""
+        var fsyncMet = 0, fsyncTotal = 0
+        if systems.contains(.ploverFsync) && systems.contains(.etcdFsync) {
+            s += "\n## Goal 1: plover fsync vs etcd (disk)\n\nThroughput ≥ 3× etcd and p50 ≤ 0.5× etcd, at the same value size and client count.\n\n"
+            s += "| value | clients | puts/s ratio (goal ≥ 3) | p50 ratio (goal ≤ 0.5) | met |\n|---:|---:|---:|---:|---|\n"
+            for value in valueSizes {
+                for n in clientCounts {
+                    guard let p = row(.ploverFsync, value, n), let e = row(.etcdFsync, value, n) else { continue }
+                    let t = p.result.putsPerSecond / max(e.result.putsPerSecond, 1e-9)
+                    let l = p.result.latency.p50Micros / max(e.result.latency.p50Micros, 1e-9)
+                    let met = t >= 3 && l <= 0.5
+                    fsyncTotal += 1
+                    if met { fsyncMet += 1 }
+                    s += "| \(Self.size(value)) | \(n) | \(Self.x(t)) | \(Self.x(l)) | \(met ? "yes" : "no") |\n"
+                }
+            }
+            s += "\nMet at \(fsyncMet) of \(fsyncTotal) points.\n"
+        }
+        if systems.contains(.ploverMemory) {
+            s += "\n## Goal 2: plover memory-mode p50 ≤ 2× the loopback round trip\n\n"
+            s += String(format: "Round trip p50 %.1f µs, so the goal is p50 ≤ %.1f µs. The goal is about an unloaded system (1 client); "
+                        + "more clients queue by design and are shown for reference.\n\n", roundTrip.p50Micros, 2 * roundTrip.p50Micros)
+            s += "| value | clients | p50 µs | × round trip (goal ≤ 2) | met | vs etcd (tmpfs) p50 | vs etcd (tmpfs) puts/s |\n|---:|---:|---:|---:|---|---:|---:|\n"
+            for value in valueSizes {
+                for n in clientCounts {
+                    guard let m = row(.ploverMemory, value, n) else { continue }
+                    let k = m.result.latency.p50Micros / max(roundTrip.p50Micros, 1e-9)
+                    var vs = "– | –"
+                    if let e = row(.etcdTmpfs, value, n) {
+                        vs = Self.x(m.result.latency.p50Micros / max(e.result.latency.p50Micros, 1e-9)) + " | "
+                            + Self.x(m.result.putsPerSecond / max(e.result.putsPerSecond, 1e-9))
+                    }
+                    s += "| \(Self.size(value)) | \(n) | " + String(format: "%.0f", m.result.latency.p50Micros)
+                    s += " | \(Self.x(k)) | \(n == 1 ? (k <= 2 ? "yes" : "no") : "(n/a)") | \(vs) |\n"
+                }
+            }
+            if let p = probes {
+                s += "\nWhere an unloaded request's time goes (plover memory cluster, 1 client, same run; p50):\n\n"
+                s += "| request | path | p50 µs | p99 µs |\n|---|---|---:|---:|\n"
+                s += String(format: "| loopback round trip | two threads, blocking sockets | %.0f | %.0f |\n", roundTrip.p50Micros, roundTrip.p99Micros)
+                s += String(format: "| `status` | client → leader's event loop → client | %.0f | %.0f |\n", p.status.p50Micros, p.status.p99Micros)
+                s += String(format: "| local read | + task hop + node thread + completion | %.0f | %.0f |\n", p.localRead.p50Micros, p.localRead.p99Micros)
+                if let m = row(.ploverMemory, valueSizes.first ?? 64, 1) {
+                    s += "| put (\(Self.size(m.valueBytes))) | + replication to a follower and back, commit, apply | "
+                    s += String(format: "%.0f | %.0f |\n", m.result.latency.p50Micros, m.result.latency.p99Micros)
+                }
+            }
+        }
+        return s
+    }
+}

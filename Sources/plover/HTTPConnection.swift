@@ -1,0 +1,185 @@
+import Foundation
+
+/// One keep-alive HTTP/1.1 connection over a blocking POSIX socket: enough of the protocol to
+/// POST JSON to etcd's v3 gateway and read the answer (Content-Length or chunked bodies).
+/// Not thread-safe: one connection per thread.
+final class HTTPConnection {
+    struct Failure: Error, CustomStringConvertible {
+        var description: String
+    }
+
+    let host: String
+    let port: Int
+    let timeout: Duration
+    private var fd: Int32 = -1
+    /// Received bytes not consumed yet, from `start`.
+    private var buffer = [UInt8]()
+    private var start = 0
+
+    init(host: String, port: Int, timeout: Duration = .seconds(5)) {
+        self.host = host
+        self.port = port
+        self.timeout = timeout
+    }
+
+    deinit { close() }
+
+    func close() {
+        if fd >= 0 { Glibc.close(fd) }
+        fd = -1
+        buffer = []
+        start = 0
+    }
+
+    /// POSTs `body` (JSON) to `path`; returns the status code and the response body.
+    /// Reconnects once if a kept-alive connection turns out to be closed.
+    func post(_ path: String, body: [UInt8]) throws -> (status: Int, body: [UInt8]) {
+        let fresh = fd < 0
+        do {
+            return try exchange(path, body)
+        } catch {
+            close()
+            if fresh { throw error }
+            return try exchange(path, body)
+        }
+    }
+
+    private func exchange(_ path: String, _ body: [UInt8]) throws -> (status: Int, body: [UInt8]) {
+        if fd < 0 { try connect() }
+        var request = Array("POST \(path) HTTP/1.1\r\nHost: \(host):\(port)\r\nContent-Type: application/json\r\nContent-Length: \(body.count)\r\n\r\n".utf8)
+        request += body
+        try sendAll(request)
+        let head = try readHead()
+        var lines = head.split(separator: "\r\n", omittingEmptySubsequences: false)
+        let statusLine = lines.removeFirst().split(separator: " ")
+        guard statusLine.count >= 2, statusLine[0].hasPrefix("HTTP/1."), let status = Int(statusLine[1]) else {
+            throw Failure(description: "\(host):\(port) sent a malformed status line")
+        }
+        var length: Int?
+        var chunked = false
+        var closeAfter = statusLine[0] == "HTTP/1.0"
+        for line in lines {
+            guard let colon = line.firstIndex(of: ":") else { continue }
+            let name = line[..<colon].lowercased()
+            let value = line[line.index(after: colon)...].trimmingCharacters(in: .whitespaces).lowercased()
+            switch name {
+            case "content-length": length = Int(value)
+            case "transfer-encoding": chunked = value.contains("chunked")
+            case "connection": closeAfter = value == "close"
+            default: break
+            }
+        }
+        let answer: [UInt8]
+        if chunked {
+            answer = try readChunked()
+        } else if let length {
+            answer = try readBytes(length)
+        } else {
+            throw Failure(description: "\(host):\(port) sent a response without a length")
+        }
+        if closeAfter { close() }
+        return (status, answer)
+    }
+
+    // MARK: Socket
+
+    private func connect() throws {
+        let s = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        guard s >= 0 else { throw Failure(description: "socket: \(String(cString: strerror(errno)))") }
+        var tv = timeval(tv_sec: Int(timeout.components.seconds), tv_usec: Int(timeout.components.attoseconds / 1_000_000_000_000))
+        setsockopt(s, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+        setsockopt(s, SOL_SOCKET, SO_SNDTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+        var one: Int32 = 1
+        setsockopt(s, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
+        var a = sockaddr_in()
+        a.sin_family = sa_family_t(AF_INET)
+        a.sin_port = UInt16(port).bigEndian
+        a.sin_addr.s_addr = inet_addr(host)
+        let ok = withUnsafePointer(to: &a) { p in
+            p.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(s, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) == 0 }
+        }
+        guard ok else {
+            let why = String(cString: strerror(errno))
+            Glibc.close(s)
+            throw Failure(description: "cannot connect to \(host):\(port): \(why)")
+        }
+        fd = s
+    }
+
+    private func sendAll(_ bytes: [UInt8]) throws {
+        var done = 0
+        while done < bytes.count {
+            let n = bytes[done...].withUnsafeBytes { send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
+            if n < 0 && errno == EINTR { continue }
+            guard n > 0 else { throw Failure(description: "send to \(host):\(port): \(String(cString: strerror(errno)))") }
+            done += n
+        }
+    }
+
+    /// Reads more bytes into the buffer (at least one).
+    private func fill() throws {
+        if start > 0 && start == buffer.count {
+            buffer.removeAll(keepingCapacity: true)
+            start = 0
+        }
+        let old = buffer.count
+        buffer.append(contentsOf: repeatElement(0, count: 16 << 10))
+        while true {
+            let n = buffer[old...].withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, 0) }
+            if n < 0 && errno == EINTR { continue }
+            buffer.removeLast(buffer.count - old - max(n, 0))
+            if n == 0 { throw Failure(description: "\(host):\(port) closed the connection") }
+            if n < 0 { throw Failure(description: "recv from \(host):\(port): \(errno == EAGAIN ? "timed out" : String(cString: strerror(errno)))") }
+            return
+        }
+    }
+
+    /// The status line and headers, without the blank line that ends them.
+    private func readHead() throws -> String {
+        var scanned = 0  // bytes after `start` known not to begin the blank line
+        while true {
+            if buffer.count - start - scanned >= 4 {
+                for i in (start + scanned)...(buffer.count - 4)
+                where buffer[i] == 13 && buffer[i + 1] == 10 && buffer[i + 2] == 13 && buffer[i + 3] == 10 {
+                    let head = String(decoding: buffer[start..<i], as: UTF8.self)
+                    start = i + 4
+                    return head
+                }
+                scanned = buffer.count - start - 3
+            }
+            guard buffer.count - start < 64 << 10 else { throw Failure(description: "\(host):\(port) sent over 64 KiB of headers") }
+            try fill()
+        }
+    }
+
+    private func readBytes(_ n: Int) throws -> [UInt8] {
+        while buffer.count - start < n { try fill() }
+        defer { start += n }
+        return Array(buffer[start..<start + n])
+    }
+
+    private func readLine() throws -> String {
+        while true {
+            if let i = buffer[start...].firstIndex(of: 10) {
+                let line = String(decoding: buffer[start..<i], as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+                start = i + 1
+                return line
+            }
+            try fill()
+        }
+    }
+
+    private func readChunked() throws -> [UInt8] {
+        var out = [UInt8]()
+        while true {
+            let sizeField = try readLine().split(separator: ";").first.map(String.init) ?? ""
+            guard let size = Int(sizeField, radix: 16) else { throw Failure(description: "\(host):\(port) sent a bad chunk size") }
+            if size == 0 {
+                while try !readLine().isEmpty {}  // trailers, then the blank line
+                return out
+            }
+            out += try readBytes(size)
+            _ = try readLine()
+        }
+    }
+}
