@@ -73,7 +73,7 @@ let package = Package(
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]),
         // benchmarks/syncvm: page hashing and syncvm against sending every dirty page.
-        .executableTarget(name: "syncvm-bench", dependencies: ["VMReplica"]),
+        .executableTarget(name: "syncvm-bench", dependencies: ["VMReplica", "RDMAPaxos"]),
 
         .testTarget(
             name: "RDMAPaxosCoreTests",

@@ -53,33 +53,48 @@ public final class GuestMemory: @unchecked Sendable {
     public let isWritable: Bool
     /// The file behind the mapping, or nil for anonymous memory.
     public let path: String?
+    /// Zeroed, writable bytes mapped right after the RAM, at `trailerOffset`; not guest memory
+    /// and not in the file. A transport keeps its mailbox there, so that RAM and mailbox are one
+    /// contiguous range it can register as one region (`FabricSyncChannel`).
+    public let trailingBytes: Int
+    /// Where the trailer starts: the RAM's size, rounded up to the system page size when there
+    /// is a trailer (so the file mapping never shares a system page with it).
+    public let trailerOffset: Int
     let base: UnsafeMutableRawPointer
 
     public var byteCount: Int { pageCount * pageSize }
+    /// Everything mapped: RAM, padding, trailer.
+    var mappedBytes: Int { trailerOffset + trailingBytes }
 
-    /// Anonymous, zero-filled, writable memory of the given shape.
-    public init(pageCount: Int, pageSize: Int = GuestMemory.defaultPageSize) throws(GuestMemoryError) {
+    /// Anonymous, zero-filled, writable memory of the given shape, with `trailingBytes` more after it.
+    public init(pageCount: Int, pageSize: Int = GuestMemory.defaultPageSize,
+                trailingBytes: Int = 0) throws(GuestMemoryError) {
         guard pageCount > 0, pageSize > 0, pageSize.nonzeroBitCount == 1,
-              pageCount <= Int.max / pageSize else {
+              pageCount <= (Int.max >> 2) / pageSize, trailingBytes >= 0, trailingBytes <= Int.max >> 2 else {
             throw .invalidGeometry(pageCount: pageCount, pageSize: pageSize)
         }
         let bytes = pageCount * pageSize
-        guard let p = mmap(nil, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0),
+        let offset = Self.trailerOffset(bytes: bytes, trailingBytes: trailingBytes)
+        guard let p = mmap(nil, offset + trailingBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0),
               p != MAP_FAILED else {
-            throw .mmapFailed(path: "(anonymous)", bytes: bytes, errno: errno)
+            throw .mmapFailed(path: "(anonymous)", bytes: offset + trailingBytes, errno: errno)
         }
         self.base = p
         self.pageSize = pageSize
         self.pageCount = pageCount
         self.isWritable = true
         self.path = nil
+        self.trailingBytes = trailingBytes
+        self.trailerOffset = offset
     }
 
     /// Maps a guest RAM file (QEMU `memory-backend-file`) shared, so writes reach the file and
-    /// any VM mapping it. The file's size must be a whole number of pages.
+    /// any VM mapping it. The file's size must be a whole number of pages. With `trailingBytes`,
+    /// an anonymous range is reserved first and the file mapped over its start, so the trailer
+    /// follows the RAM directly.
     public init(mappingFile path: String, writable: Bool,
-                pageSize: Int = GuestMemory.defaultPageSize) throws(GuestMemoryError) {
-        guard pageSize > 0, pageSize.nonzeroBitCount == 1 else {
+                pageSize: Int = GuestMemory.defaultPageSize, trailingBytes: Int = 0) throws(GuestMemoryError) {
+        guard pageSize > 0, pageSize.nonzeroBitCount == 1, trailingBytes >= 0, trailingBytes <= Int.max >> 2 else {
             throw .invalidGeometry(pageCount: 0, pageSize: pageSize)
         }
         let fd = open(path, writable ? O_RDWR : O_RDONLY)
@@ -97,17 +112,43 @@ public final class GuestMemory: @unchecked Sendable {
             throw .sizeNotPageMultiple(path: path, bytes: bytes, pageSize: pageSize)
         }
         let prot = writable ? PROT_READ | PROT_WRITE : PROT_READ
-        guard let p = mmap(nil, bytes, prot, MAP_SHARED, fd, 0), p != MAP_FAILED else {
-            throw .mmapFailed(path: path, bytes: bytes, errno: errno)
+        let offset = Self.trailerOffset(bytes: bytes, trailingBytes: trailingBytes)
+        var hint: UnsafeMutableRawPointer?
+        var flags = MAP_SHARED
+        if trailingBytes > 0 {
+            guard let r = mmap(nil, offset + trailingBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0),
+                  r != MAP_FAILED else {
+                throw .mmapFailed(path: path, bytes: offset + trailingBytes, errno: errno)
+            }
+            hint = r
+            flags |= MAP_FIXED
+        }
+        guard let p = mmap(hint, bytes, prot, flags, fd, 0), p != MAP_FAILED else {
+            let e = errno
+            if let hint { munmap(hint, offset + trailingBytes) }
+            throw .mmapFailed(path: path, bytes: bytes, errno: e)
         }
         self.base = p
         self.pageSize = pageSize
         self.pageCount = bytes / pageSize
         self.isWritable = writable
         self.path = path
+        self.trailingBytes = trailingBytes
+        self.trailerOffset = offset
     }
 
-    deinit { munmap(base, byteCount) }
+    deinit { munmap(base, mappedBytes) }
+
+    private static func trailerOffset(bytes: Int, trailingBytes: Int) -> Int {
+        guard trailingBytes > 0 else { return bytes }
+        let page = max(1, Int(sysconf(Int32(_SC_PAGESIZE))))
+        return (bytes + page - 1) / page * page
+    }
+
+    /// The whole mapping — RAM, padding, trailer — for registering it with a fabric.
+    var mappedRange: UnsafeMutableRawBufferPointer {
+        UnsafeMutableRawBufferPointer(start: base, count: mappedBytes)
+    }
 
     /// Start of page `index`. Out-of-range indices are a caller bug and trap.
     @inline(__always)

@@ -3,7 +3,7 @@
 // Two paths, shaped after RDMA: bounded control frames (send/receive), and a bulk path that
 // lands whole pages in the backup's guest memory at their own offsets without the backup's
 // CPU taking part — what a one-sided write of a page batch into the backup's registered RAM
-// does. The Fabric adapter (verbs, and TCP with the same semantics) comes with the runtime.
+// does. `FabricSyncChannel` implements it over RDMAPaxos's `Fabric` (verbs, TCP, in-memory).
 
 import Synchronization
 

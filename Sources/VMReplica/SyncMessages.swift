@@ -236,6 +236,7 @@ struct WireWriter {
     }
 
     mutating func u8(_ v: UInt8) { bytes.append(v) }
+    mutating func raw(_ b: some Sequence<UInt8>) { bytes.append(contentsOf: b) }
     mutating func u16(_ v: UInt16) { withUnsafeBytes(of: v.bigEndian) { bytes.append(contentsOf: $0) } }
     mutating func u32(_ v: UInt32) { withUnsafeBytes(of: v.bigEndian) { bytes.append(contentsOf: $0) } }
     mutating func u64(_ v: UInt64) { withUnsafeBytes(of: v.bigEndian) { bytes.append(contentsOf: $0) } }

@@ -1,10 +1,13 @@
 // syncvm benchmark (benchmarks/README.md, "syncvm"): page-hash throughput
 // against memcpy, and syncs of a 1 GiB image against sending every dirty page.
 //
-// Usage: syncvm-bench [--gib N] [--reps N] [--json PATH]
-// Prints markdown tables; with --json also writes the raw numbers for the plot script.
+// Usage: syncvm-bench [--gib N] [--reps N] [--json PATH] [--fabric memory|tcp]
+// Prints markdown tables; with --json also writes the raw numbers for the plot script. With
+// --fabric the syncs (and the every-dirty-page baseline) run over `FabricSyncChannel` on a
+// `MemoryFabric` or a loopback `TCPFabric` instead of the in-memory channel.
 
 import Foundation
+import RDMAPaxos
 import VMReplica
 
 @main
@@ -15,14 +18,16 @@ enum SyncVMBench {
         var gib = 1
         var reps = 3
         var jsonPath: String?
+        var fabricKind: String?
         var args = CommandLine.arguments.dropFirst()
         while let a = args.popFirst() {
             switch a {
             case "--gib": gib = Int(args.popFirst() ?? "") ?? gib
             case "--reps": reps = Int(args.popFirst() ?? "") ?? reps
             case "--json": jsonPath = args.popFirst()
+            case "--fabric" where ["memory", "tcp"].contains(args.first ?? ""): fabricKind = args.popFirst()
             default:
-                FileHandle.standardError.write(Data("usage: syncvm-bench [--gib N] [--reps N] [--json PATH]\n".utf8))
+                FileHandle.standardError.write(Data("usage: syncvm-bench [--gib N] [--reps N] [--json PATH] [--fabric memory|tcp]\n".utf8))
                 exit(2)
             }
         }
@@ -71,7 +76,13 @@ enum SyncVMBench {
 
         print("# syncvm benchmark: \(gib) GiB image (\(pageCount) pages of \(pageSize) B), \(cores) cores, best of \(reps)\n")
         let a = try GuestMemory(pageCount: pageCount)
-        let b = try GuestMemory(pageCount: pageCount)
+        // Room for the fabric mailbox after the backup's RAM (unused by the in-memory channel).
+        let fabricConfiguration = FabricSyncChannel.Configuration()
+        let b = try GuestMemory(pageCount: pageCount, trailingBytes: fabricConfiguration.mailboxBytes)
+        // One fabric link for every sync of the run (a channel carries any number of syncs).
+        var link: BenchLink?
+        if let fabricKind { link = try await fabricLink(fabricKind, backup: b, configuration: fabricConfiguration) }
+        defer { link?.close() }
         fill(a, seed: 0x1234_5678)
         fill(b, seed: 0x9ABC_DEF0)
 
@@ -182,7 +193,8 @@ enum SyncVMBench {
                 for _ in 0..<reps {
                     round += 1
                     prepare(dirty: order, divergent: divergent, round: round)
-                    let (pc, bc) = InMemorySyncChannel.pair(backupMemory: b)
+                    let (pc, bc): (any SyncChannel, any SyncChannel) =
+                        link.map { ($0.primary, $0.backup) } ?? InMemorySyncChannel.pair(backupMemory: b)
                     let primary = SyncPrimary(memory: a, pool: primaryPool)
                     let backup = SyncBackup(memory: b, pool: backupPool, state: MemorySyncStateStore())
                     async let backupSide = backup.run(dirty: dirty, over: bc)
@@ -195,7 +207,7 @@ enum SyncVMBench {
 
                     // Remus/COLO-style: every page the primary dirtied crosses, plus its bitmap.
                     prepare(dirty: order, divergent: divergent, round: round)
-                    let (pc2, _) = InMemorySyncChannel.pair(backupMemory: b)
+                    let pc2: any SyncChannel = link?.primary ?? InMemorySyncChannel.pair(backupMemory: b).primary
                     let start = ContinuousClock.now
                     var sent = 0
                     while sent < dirtyPages.count {
@@ -204,7 +216,7 @@ enum SyncVMBench {
                         sent += batch.count
                     }
                     baseline = min(baseline, seconds(ContinuousClock.now - start))
-                    baselineBytes = pc2.counters.pageBytesWritten + dirty.encodedByteCount
+                    baselineBytes = dirtyPages.count * pageSize + dirty.encodedByteCount
                 }
                 let s = runs.min { $0.phases.total < $1.phases.total }!
                 let ph = s.phases
@@ -253,4 +265,35 @@ enum SyncVMBench {
             try enc.encode(report).write(to: URL(fileURLWithPath: jsonPath))
         }
     }
+}
+
+/// Both ends of a `FabricSyncChannel` in this process: node 1 the primary, node 2 the backup.
+struct BenchLink {
+    var fabrics: [any Fabric]
+    var primary: FabricSyncChannel
+    var backup: FabricSyncChannel
+    func close() {
+        primary.close()
+        backup.close()
+        for f in fabrics { f.close() }
+    }
+}
+
+func fabricLink(_ kind: String, backup: GuestMemory, configuration: FabricSyncChannel.Configuration) async throws -> BenchLink {
+    let fabrics: [any Fabric]
+    if kind == "tcp" {
+        // A throwaway cluster key: both ends live in this process.
+        let c = TCPFabric.Configuration(clusterKey: (0..<32).map { _ in UInt8.random(in: 0...255) }, members: [1, 2])
+        fabrics = [try TCPFabric(node: 1, configuration: c), try TCPFabric(node: 2, configuration: c)]
+    } else {
+        let network = MemoryNetwork()
+        fabrics = [MemoryFabric(node: 1, network: network), MemoryFabric(node: 2, network: network)]
+    }
+    let pe = try await FabricSyncChannel.Endpoint.primary(fabric: fabrics[0], listenAt: PeerAddress(node: 1, port: 0),
+                                                          configuration: configuration)
+    let be = try await FabricSyncChannel.Endpoint.backup(memory: backup, fabric: fabrics[1],
+                                                         listenAt: PeerAddress(node: 2, port: 0), configuration: configuration)
+    async let primary = pe.connect(to: be.address)
+    let backupEnd = try await be.connect(to: pe.address)
+    return BenchLink(fabrics: fabrics, primary: try await primary, backup: backupEnd)
 }

@@ -171,4 +171,41 @@ import Testing
         try p.qp.postWrite([1], remoteOffset: 0, workRequestID: 1)
         #expect(collect(p.a.completions, count: 1).map(\.status) == [.transportError])
     }
+
+    /// Registering existing memory (guest RAM, say): writes land in that memory itself, nothing in
+    /// it is zeroed, bounds are the wrapped length, and the region keeps the memory's owner alive.
+    @Test(arguments: FabricKind.allCases)
+    func wrappedMemoryReceivesWritesInPlace(kind: FabricKind) async throws {
+        let world = FabricWorld(kind)
+        let a = try world.fabric(1), b = try world.fabric(2)
+        defer { a.close(); b.close() }
+        let memory = OwnedBytes(count: 3 * 4096, fill: 0xAA)
+        let rb = try b.registerRegion(wrapping: memory.bytes, retaining: memory)
+        #expect(rb.lengthBytes == 3 * 4096 && rb.remote.base == UInt64(UInt(bitPattern: memory.bytes.baseAddress)))
+        let address = try await b.listen(at: world.listenAddress(2), exporting: rb)
+        let qp = try await a.connect(to: address, exporting: try a.registerRegion(lengthBytes: 64))
+        #expect(qp.remote.lengthBytes == 3 * 4096)
+        try qp.postWrite([UInt8](repeating: 0x11, count: 4096), remoteOffset: 4096, workRequestID: 1)
+        #expect(collect(a.completions, count: 1).map(\.status) == [.success])
+        #expect(memory.bytes[4095] == 0xAA && memory.bytes[4096] == 0x11 && memory.bytes[8191] == 0x11 && memory.bytes[8192] == 0xAA)
+        try qp.postWrite([1], remoteOffset: 3 * 4096, workRequestID: 2)
+        #expect(collect(a.completions, count: 1).map(\.status) == [.remoteAccessError])
+    }
+
+    @Test func wrappingNothingIsRefused() throws {
+        let f = MemoryFabric(node: 1, network: MemoryNetwork())
+        defer { f.close() }
+        #expect(throws: FabricError.self) { _ = try f.registerRegion(wrapping: UnsafeMutableRawBufferPointer(start: nil, count: 0), retaining: nil) }
+    }
+}
+
+/// Memory allocated outside any fabric, freed when the last reference goes.
+final class OwnedBytes: Sendable {
+    // Immutable after init; the bytes are shared with the fabric under test.
+    nonisolated(unsafe) let bytes: UnsafeMutableRawBufferPointer
+    init(count: Int, fill: UInt8) {
+        bytes = .allocate(byteCount: count, alignment: 4096)
+        bytes.initializeMemory(as: UInt8.self, repeating: fill)
+    }
+    deinit { bytes.deallocate() }
 }

@@ -82,3 +82,26 @@ final class TempDir {
         #expect(throws: GuestMemoryError.invalidGeometry(pageCount: 0, pageSize: 4096)) { try GuestMemory(pageCount: 0) }
     }
 }
+
+@Suite struct GuestMemoryTrailerTests {
+    @Test func trailerFollowsTheFileMappingAndStaysOutOfTheFile() throws {
+        let dir = try TempDir()
+        let path = try dir.file("ram", bytes: 8 * 4096)
+        let m = try GuestMemory(mappingFile: path, writable: true, trailingBytes: 1000)
+        #expect(m.pageCount == 8 && m.trailerOffset == 8 * 4096 && m.trailingBytes == 1000)
+        let trailer = UnsafeMutableRawBufferPointer(rebasing: m.mappedRange[m.trailerOffset...])
+        #expect(trailer.count == 1000 && trailer.allSatisfy { $0 == 0 })
+        trailer[999] = 0xEE
+        m.withMutablePage(7) { $0[4095] = 0x5A }
+        let again = try GuestMemory(mappingFile: path, writable: false)
+        #expect(again.byteCount == 8 * 4096)
+        #expect(again.page(7)[4095] == 0x5A)
+        #expect(again.page(0)[1] == 1)
+    }
+
+    @Test func anonymousTrailerStartsOnASystemPageAfterTheRAM() throws {
+        let m = try GuestMemory(pageCount: 3, pageSize: 512, trailingBytes: 64)
+        #expect(m.byteCount == 1536 && m.trailerOffset % 4096 == 0 && m.trailerOffset >= 1536)
+        #expect(m.mappedRange.count == m.trailerOffset + 64)
+    }
+}

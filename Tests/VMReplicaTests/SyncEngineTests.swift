@@ -5,13 +5,14 @@ import Testing
 
 // The time limit turns a protocol deadlock into a failure instead of a hung run.
 @Suite(.timeLimit(.minutes(1))) struct SyncEngineTests {
-    @Test(arguments: [1, 2, 3, 4, 5] as [UInt64])
-    func imagesAreByteIdenticalAfterSync(seed: UInt64) async throws {
+    /// Five seeds in memory, two over each fabric (the fabric runs cost more in a debug build).
+    @Test(arguments: SyncTransport.allCases.flatMap { t in (t == .inMemory ? 1...5 : 1...2).map { (t, UInt64($0)) } })
+    func imagesAreByteIdenticalAfterSync(over transport: SyncTransport, seed: UInt64) async throws {
         let pair = try DivergedPair(pageCount: 1500, seed: seed)
         #expect(!pair.primary.isIdentical(to: pair.backup), "seed \(seed) produced no divergence")
         let state = MemorySyncStateStore()
         let run = await runSync(primary: pair.primary, primaryDirty: pair.primaryDirty,
-                                backup: pair.backup, backupDirty: pair.backupDirty, state: state)
+                                backup: pair.backup, backupDirty: pair.backupDirty, state: state, over: transport)
         let p = try run.primary.get()
         let b = try run.backup.get()
         #expect(pair.primary.isIdentical(to: pair.backup), "seed \(seed)")
@@ -24,12 +25,25 @@ import Testing
     /// Wire bytes are exactly the divergent pages plus the frames the format defines.
     @Test(arguments: [(11 as UInt64, 0.02), (12, 0.2), (13, 0.9)], [1, 7, SyncWire.hashesPerFrameMax])
     func bytesOnTheWireAreDivergentPagesPlusExactOverhead(scenario: (UInt64, Double), hashesPerFrame: Int) async throws {
-        let (seed, fraction) = scenario
+        try await checkWireBytes(seed: scenario.0, dirtyFraction: scenario.1, hashesPerFrame: hashesPerFrame, over: .inMemory)
+    }
+
+    /// The same accounting over a fabric: frames in the mailbox rings, pages as one-sided WRITEs.
+    @Test(arguments: [SyncTransport.memoryFabric, .tcpFabric],
+          [(11 as UInt64, 0.02, 1), (12, 0.2, 7), (13, 0.9, SyncWire.hashesPerFrameMax)])
+    func bytesOverAFabricAreDivergentPagesPlusExactFramesPlusRecordOverhead(
+        over transport: SyncTransport, scenario: (UInt64, Double, Int)
+    ) async throws {
+        try await checkWireBytes(seed: scenario.0, dirtyFraction: scenario.1, hashesPerFrame: scenario.2, over: transport)
+    }
+
+    private func checkWireBytes(seed: UInt64, dirtyFraction fraction: Double, hashesPerFrame: Int,
+                                over transport: SyncTransport) async throws {
         let pages = 1000
         let pair = try DivergedPair(pageCount: pages, seed: seed, dirtyFraction: fraction)
         let run = await runSync(primary: pair.primary, primaryDirty: pair.primaryDirty,
                                 backup: pair.backup, backupDirty: pair.backupDirty,
-                                options: SyncOptions(batchPagesMax: 16, hashesPerFrameMax: hashesPerFrame))
+                                options: SyncOptions(batchPagesMax: 16, hashesPerFrameMax: hashesPerFrame), over: transport)
         let stats = try run.primary.get().stats
         let union = pair.primaryDirty.union(pair.backupDirty).count
         let divergent = pair.divergent.count
@@ -50,14 +64,30 @@ import Testing
         #expect(stats.wireBytes == run.counters.totalBytes)
         #expect(stats.unionPages == union && stats.divergentPages == divergent)
         #expect(stats.primaryDirtyPages == pair.primaryDirty.count && stats.backupDirtyPages == pair.backupDirty.count)
+        if let (p, b) = run.fabric {
+            // Pages crossed only as one-sided WRITEs (contiguous ones coalesced), each batch closed by
+            // one "pages done" record that the backup counted; frames crossed only as ring records.
+            let batches = (divergent + 15) / 16
+            #expect(p.pagesWritten == divergent && b.pagesLanded == divergent)
+            #expect(p.pageWrites <= divergent && (divergent == 0 || p.pageWrites >= batches))
+            #expect(b.framesSent == run.counters.framesToPrimary && b.controlBytesSent == toPrimary)
+            #expect(b.framesReceived == run.counters.framesToBackup && b.controlBytesReceived == toBackup)
+            #expect(b.pageBytesWritten == 0)
+            // Record overhead: a 32-byte header per record, 16 more bytes per "pages done".
+            #expect(p.recordOverheadBytes == 32 * p.recordsPosted + 16 * batches)
+            #expect(b.recordOverheadBytes == 32 * b.recordsPosted)
+            #expect(p.recordsPosted >= run.counters.framesToBackup + batches)
+            #expect(p.postedBytes == toBackup + divergent * 4096 + p.recordOverheadBytes + p.cellBytes)
+        }
     }
 
-    @Test func syncWithNothingDirtySendsNoPagesAndClaimsSync() async throws {
+    @Test(arguments: SyncTransport.allCases)
+    func syncWithNothingDirtySendsNoPagesAndClaimsSync(over transport: SyncTransport) async throws {
         let a = try GuestMemory(pageCount: 100)
-        let b = try GuestMemory(pageCount: 100)
+        let b = try backupMemory(pageCount: 100)
         let state = MemorySyncStateStore()
         let none = DirtyBitmap(pageCount: 100)
-        let run = await runSync(primary: a, primaryDirty: none, backup: b, backupDirty: none, state: state)
+        let run = await runSync(primary: a, primaryDirty: none, backup: b, backupDirty: none, state: state, over: transport)
         let stats = try run.primary.get().stats
         #expect(stats.unionPages == 0 && stats.divergentPages == 0)
         #expect(run.counters.pageBytesWritten == 0)
@@ -66,23 +96,25 @@ import Testing
     }
 
     /// A first sync marks everything dirty and copies exactly the differing pages.
-    @Test func fullSyncOfAllPagesCopiesOnlyDifferences() async throws {
+    @Test(arguments: SyncTransport.allCases)
+    func fullSyncOfAllPagesCopiesOnlyDifferences(over transport: SyncTransport) async throws {
         var rng = SeededRandom(seed: 99)
         let a = try GuestMemory(pageCount: 300)
-        let b = try GuestMemory(pageCount: 300)
+        let b = try backupMemory(pageCount: 300)
         for p in 0..<300 { a.randomize(page: p, &rng); if p % 3 == 0 { b.copyPage(p, from: a) } }
         let all = DirtyBitmap.all(pageCount: 300)
-        let run = await runSync(primary: a, primaryDirty: all, backup: b, backupDirty: all)
+        let run = await runSync(primary: a, primaryDirty: all, backup: b, backupDirty: all, over: transport)
         #expect(try run.primary.get().stats.divergentPages == 200)
         #expect(a.isIdentical(to: b))
     }
 
-    @Test func differentRAMSizesFailWithBothGeometriesNamed() async throws {
+    @Test(arguments: SyncTransport.allCases)
+    func differentRAMSizesFailWithBothGeometriesNamed(over transport: SyncTransport) async throws {
         let a = try GuestMemory(pageCount: 64)
-        let b = try GuestMemory(pageCount: 65)
+        let b = try backupMemory(pageCount: 65)
         let state = MemorySyncStateStore(.inSync(session: 1))
         let run = await runSync(primary: a, primaryDirty: .all(pageCount: 64), backup: b,
-                                backupDirty: .all(pageCount: 65), state: state)
+                                backupDirty: .all(pageCount: 65), state: state, over: transport)
         let expected = SyncError.geometryMismatch(primary: SyncGeometry(pageSize: 4096, pageCount: 64),
                                                   backup: SyncGeometry(pageSize: 4096, pageCount: 65))
         #expect(run.primary.error as? SyncError == expected)
@@ -124,8 +156,8 @@ import Testing
 
     /// The transfer is cut after `cut` pages have landed: the backup must not claim sync, in
     /// memory or in its state file, even though it claimed sync before this session.
-    @Test(arguments: [0, 1, 50])
-    func transferCutOffMidwayLeavesBackupNotInSync(cut: Int) async throws {
+    @Test(arguments: SyncTransport.allCases, [0, 1, 50])
+    func transferCutOffMidwayLeavesBackupNotInSync(over transport: SyncTransport, cut: Int) async throws {
         let pair = try DivergedPair(pageCount: 800, seed: 21, dirtyFraction: 0.5)
         #expect(pair.divergent.count > 100)
         let dir = try TempDir()
@@ -133,21 +165,23 @@ import Testing
         try state.store(.inSync(session: 3))
         let run = await runSync(primary: pair.primary, primaryDirty: pair.primaryDirty, backup: pair.backup,
                                 backupDirty: pair.backupDirty, state: state,
-                                options: SyncOptions(batchPagesMax: 8), faults: .init(cutAfterPages: cut))
+                                options: SyncOptions(batchPagesMax: 8), faults: .init(cutAfterPages: cut), over: transport)
         #expect(run.primary.error as? SyncChannelError == .closed)
         #expect(run.backup.error as? SyncChannelError == .closed)
         #expect(run.counters.pagesWritten == cut)
+        if let (_, b) = run.fabric { #expect(b.pagesLanded <= cut) }
         #expect(!pair.primary.isIdentical(to: pair.backup))
         #expect(!FileSyncStateStore(path: state.path).load().isInSync)
     }
 
     /// Cutting the link after every possible number of control frames: whenever the backup
     /// says "in sync", its image really is identical; before the commit it never says so.
-    @Test func noCutPointLeavesAFalseInSyncClaim() async throws {
+    @Test(arguments: SyncTransport.allCases)
+    func noCutPointLeavesAFalseInSyncClaim(over transport: SyncTransport) async throws {
         let options = SyncOptions(hashesPerFrameMax: 50)
         let probe = try DivergedPair(pageCount: 400, seed: 31)
         let full = await runSync(primary: probe.primary, primaryDirty: probe.primaryDirty, backup: probe.backup,
-                                 backupDirty: probe.backupDirty, options: options)
+                                 backupDirty: probe.backupDirty, options: options, over: transport)
         let frames = full.counters.framesToBackup + full.counters.framesToPrimary
         #expect(frames > 6)
         for cut in 0..<frames {
@@ -155,7 +189,7 @@ import Testing
             let state = MemorySyncStateStore()
             let run = await runSync(primary: pair.primary, primaryDirty: pair.primaryDirty, backup: pair.backup,
                                     backupDirty: pair.backupDirty, state: state, options: options,
-                                    faults: .init(cutAfterFrames: cut))
+                                    faults: .init(cutAfterFrames: cut), over: transport)
             #expect(run.primary.error != nil, "cut after \(cut) frames")
             if state.load().isInSync {
                 #expect(state.load() == .inSync(session: 7))

@@ -1,6 +1,7 @@
 // Shared fixtures: seeded randomness, guest-memory images with a known dirtying history, and
 // a runner that drives both ends of a sync at once.
 
+import RDMAPaxos
 import Testing
 @testable import VMReplica
 
@@ -52,7 +53,7 @@ struct DivergedPair {
     init(pageCount: Int, seed: UInt64, dirtyFraction: Double = 0.2) throws {
         var rng = SeededRandom(seed: seed)
         primary = try GuestMemory(pageCount: pageCount)
-        backup = try GuestMemory(pageCount: pageCount)
+        backup = try backupMemory(pageCount: pageCount)
         // Common starting image; leave some pages zero, as in a fresh guest.
         for p in 0..<pageCount where rng.next() % 4 != 0 {
             primary.randomize(page: p, &rng)
@@ -86,25 +87,118 @@ struct DivergedPair {
     }
 }
 
-/// Both ends of one sync, run concurrently over an in-memory link.
+/// The links the sync suites run over.
+enum SyncTransport: String, CaseIterable, Sendable, CustomTestStringConvertible {
+    /// `InMemorySyncChannel`.
+    case inMemory
+    /// `FabricSyncChannel` over `MemoryFabric` endpoints.
+    case memoryFabric
+    /// `FabricSyncChannel` over `TCPFabric` on loopback.
+    case tcpFabric
+    var testDescription: String { rawValue }
+}
+
+/// Small rings, so control frames are cut into several records, wrap, and wait for credit.
+let testFabricConfiguration = FabricSyncChannel.Configuration(ringBytes: 4096)
+
+/// Writable anonymous guest memory with room for a fabric mailbox after it (any transport can use it).
+func backupMemory(pageCount: Int, pageSize: Int = GuestMemory.defaultPageSize) throws -> GuestMemory {
+    try GuestMemory(pageCount: pageCount, pageSize: pageSize, trailingBytes: testFabricConfiguration.mailboxBytes)
+}
+
+/// Both ends of one sync, run concurrently over one transport.
 struct SyncRun {
     var primary: Result<SyncResult, any Error>
     var backup: Result<SyncResult, any Error>
+    /// What crossed the link, as the in-memory channel counts it (the primary end's view for fabrics).
     var counters: InMemorySyncChannel.Counters
+    /// Each end's own counters, over a fabric.
+    var fabric: (primary: FabricSyncChannel.Counters, backup: FabricSyncChannel.Counters)?
 }
 
 func runSync(primary: GuestMemory, primaryDirty: DirtyBitmap,
              backup: GuestMemory, backupDirty: DirtyBitmap,
              state: any SyncStateStore = MemorySyncStateStore(),
              options: SyncOptions = SyncOptions(), faults: InMemorySyncChannel.Faults = .init(),
-             session: UInt64 = 7, seed: UInt64 = 42) async -> SyncRun {
-    let (pc, bc) = InMemorySyncChannel.pair(backupMemory: backup, faults: faults)
+             session: UInt64 = 7, seed: UInt64 = 42, over transport: SyncTransport = .inMemory) async -> SyncRun {
     let p = SyncPrimary(memory: primary, pool: PageHashPool(threadCount: 2), options: options)
     let b = SyncBackup(memory: backup, pool: PageHashPool(threadCount: 2), state: state, options: options)
-    async let backupSide = outcome { try await b.run(dirty: backupDirty, over: bc) }
-    let pr = await outcome { try await p.run(dirty: primaryDirty, over: pc, session: session, seed: seed) }
+    guard transport != .inMemory else {
+        let (pc, bc) = InMemorySyncChannel.pair(backupMemory: backup, faults: faults)
+        async let backupSide = outcome { try await b.run(dirty: backupDirty, over: bc) }
+        let pr = await outcome { try await p.run(dirty: primaryDirty, over: pc, session: session, seed: seed) }
+        let br = await backupSide
+        return SyncRun(primary: pr, backup: br, counters: pc.counters)
+    }
+    var configuration = testFabricConfiguration
+    configuration.faults = FabricSyncChannel.Faults(cutAfterPages: faults.cutAfterPages, cutAfterFrames: faults.cutAfterFrames)
+    let link: FabricLink
+    do {
+        link = try await FabricLink.make(transport, backup: backup, configuration: configuration)
+    } catch {
+        Issue.record("cannot set up the \(transport) link: \(error)")
+        return SyncRun(primary: .failure(error), backup: .failure(error), counters: .init())
+    }
+    defer { link.close() }
+    async let backupSide = outcome { try await b.run(dirty: backupDirty, over: link.backup) }
+    let pr = await outcome { try await p.run(dirty: primaryDirty, over: link.primary, session: session, seed: seed) }
     let br = await backupSide
-    return SyncRun(primary: pr, backup: br, counters: pc.counters)
+    let pcs = link.primary.counters
+    var counters = InMemorySyncChannel.Counters()
+    counters.framesToBackup = pcs.framesSent
+    counters.controlBytesToBackup = pcs.controlBytesSent
+    counters.framesToPrimary = pcs.framesReceived
+    counters.controlBytesToPrimary = pcs.controlBytesReceived
+    counters.pagesWritten = pcs.pagesWritten
+    counters.pageBytesWritten = pcs.pageBytesWritten
+    return SyncRun(primary: pr, backup: br, counters: counters, fabric: (pcs, link.backup.counters))
+}
+
+let testClusterKey = Array("plover test cluster key, 32 byte".utf8)
+
+/// Two fabric endpoints (node 1 primary, node 2 backup) joined by a `FabricSyncChannel` pair.
+struct FabricLink {
+    var primaryFabric: any Fabric
+    var backupFabric: any Fabric
+    var primary: FabricSyncChannel
+    var backup: FabricSyncChannel
+
+    static func fabrics(_ transport: SyncTransport) throws -> (any Fabric, any Fabric) {
+        switch transport {
+        case .inMemory, .memoryFabric:
+            let network = MemoryNetwork()
+            return (MemoryFabric(node: 1, network: network), MemoryFabric(node: 2, network: network))
+        case .tcpFabric:
+            let c = TCPFabric.Configuration(clusterKey: testClusterKey, members: [1, 2])
+            return (try TCPFabric(node: 1, configuration: c), try TCPFabric(node: 2, configuration: c))
+        }
+    }
+
+    static func make(_ transport: SyncTransport, backup memory: GuestMemory,
+                     configuration: FabricSyncChannel.Configuration = testFabricConfiguration,
+                     backupConfiguration: FabricSyncChannel.Configuration? = nil) async throws -> FabricLink {
+        let (pf, bf) = try fabrics(transport)
+        do {
+            let pe = try await FabricSyncChannel.Endpoint.primary(
+                fabric: pf, listenAt: PeerAddress(node: 1, host: "127.0.0.1", port: 0), configuration: configuration)
+            let be = try await FabricSyncChannel.Endpoint.backup(
+                memory: memory, fabric: bf, listenAt: PeerAddress(node: 2, host: "127.0.0.1", port: 0),
+                configuration: backupConfiguration ?? configuration)
+            async let pc = pe.connect(to: be.address)
+            let bc = try await be.connect(to: pe.address)
+            return FabricLink(primaryFabric: pf, backupFabric: bf, primary: try await pc, backup: bc)
+        } catch {
+            pf.close(); bf.close()
+            throw error
+        }
+    }
+
+    func close() {
+        primary.close()
+        backup.close()
+        primaryFabric.close()
+        backupFabric.close()
+    }
 }
 
 func outcome<T>(_ body: () async throws -> T) async -> Result<T, any Error> {

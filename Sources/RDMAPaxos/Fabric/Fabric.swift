@@ -151,6 +151,13 @@ public protocol Fabric: AnyObject, Sendable {
     /// Registers `lengthBytes` of zeroed memory that peers may write once they hold its key.
     func registerRegion(lengthBytes: Int) throws(FabricError) -> MemoryRegion
 
+    /// Registers memory the caller already has — `bytes` as they are, neither copied nor
+    /// zeroed — so peers may write into it once they hold its key: verbs' `ibv_reg_mr` on
+    /// existing memory (guest RAM mapped from a file, say). The region retains `owner`, which
+    /// must keep `bytes` mapped and writable while it lives; the fabric holds its regions until
+    /// it is released. At most `MemoryRegion.wrappedLengthBytesMax` bytes.
+    func registerRegion(wrapping bytes: UnsafeMutableRawBufferPointer, retaining owner: AnyObject?) throws(FabricError) -> MemoryRegion
+
     /// Accepts incoming queue pairs, offering `region` in each connect exchange. Returns the
     /// address peers should connect to (with the real port when `address.port` was 0).
     func listen(at address: PeerAddress, exporting region: MemoryRegion) async throws(FabricError) -> PeerAddress

@@ -94,6 +94,13 @@ public final class MemoryFabric: Fabric {
         return r
     }
 
+    public func registerRegion(wrapping bytes: UnsafeMutableRawBufferPointer, retaining owner: AnyObject?) throws(FabricError) -> MemoryRegion {
+        let key = state.withLock { s in s.keyCounter &+= 0x10001; return s.keyCounter }
+        let r = try MemoryRegion(owner: localNode, wrapping: bytes, retaining: owner, key: key)
+        state.withLock { $0.regions[r.remote.base] = r }
+        return r
+    }
+
     public func listen(at address: PeerAddress, exporting region: MemoryRegion) async throws(FabricError) -> PeerAddress {
         guard address.node == localNode else {
             throw .badConfiguration("listening as node \(address.node) on the fabric of node \(localNode)")

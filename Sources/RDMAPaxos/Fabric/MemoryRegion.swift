@@ -6,18 +6,28 @@ import Glibc
 import Darwin
 #endif
 
-/// Registered memory: a fixed-length, zeroed, page-aligned block that peers write into with
-/// one-sided WRITEs while its owner reads it. Created by `Fabric.registerRegion(lengthBytes:)`.
+/// Registered memory: a fixed-length block that peers write into with one-sided WRITEs while its
+/// owner reads it. `Fabric.registerRegion(lengthBytes:)` allocates a zeroed, page-aligned block;
+/// `Fabric.registerRegion(wrapping:retaining:)` registers memory the caller already has (guest
+/// RAM, say) without copying or zeroing it.
 ///
 /// `@unchecked Sendable`: the block is shared with the fabric the way DMA memory is shared with
 /// a NIC. The software fabrics land bytes under `lock`, and the owner reads and stores under the
 /// same lock, so they never race; under `VerbsFabric` the NIC writes without the lock, which is
 /// why every record read from a ring is validated (sequence + checksum) before it is trusted.
+/// Wrapped memory may also be read by its owner without the lock (through its own view of it);
+/// that is safe only under a protocol that keeps those reads apart from remote writes, as
+/// syncvm's does (the backup reads its pages only after the "pages done" record arrived).
+/// `keepAlive` is immutable and never touched; it only holds the wrapped memory's owner.
 public final class MemoryRegion: @unchecked Sendable, CustomStringConvertible {
     public let owner: NodeID
     public let lengthBytes: Int
     /// Start of the block; handed to `ibv_reg_mr` by `VerbsFabric`.
     let base: UnsafeMutableRawPointer
+    /// False for wrapped memory: the region neither allocated nor frees it.
+    private let ownsMemory: Bool
+    /// Keeps wrapped memory mapped as long as the region (and so the fabric holding it) lives.
+    private let keepAlive: AnyObject?
     private let lock = Mutex<UInt32>(0)
 
     init(owner: NodeID, lengthBytes: Int, key: UInt32) throws(FabricError) {
@@ -32,13 +42,32 @@ public final class MemoryRegion: @unchecked Sendable, CustomStringConvertible {
         self.owner = owner
         self.lengthBytes = lengthBytes
         self.base = p
+        self.ownsMemory = true
+        self.keepAlive = nil
         lock.withLock { $0 = key }
     }
 
-    deinit { free(base) }
+    /// A region over existing memory: `bytes` stay as they are and are not freed here.
+    init(owner: NodeID, wrapping bytes: UnsafeMutableRawBufferPointer, retaining keepAlive: AnyObject?,
+         key: UInt32) throws(FabricError) {
+        guard let p = bytes.baseAddress, bytes.count > 0, bytes.count <= Self.wrappedLengthBytesMax else {
+            throw .badConfiguration("wrapped region of \(bytes.count) bytes outside 1...\(Self.wrappedLengthBytesMax)")
+        }
+        self.owner = owner
+        self.lengthBytes = bytes.count
+        self.base = p
+        self.ownsMemory = false
+        self.keepAlive = keepAlive
+        lock.withLock { $0 = key }
+    }
 
-    /// Largest region any fabric registers (1 GiB): a bad configuration, not a memory hog.
+    deinit { if ownsMemory { free(base) } }
+
+    /// Largest region any fabric allocates (1 GiB): a bad configuration, not a memory hog.
     public static let lengthBytesMax = 1 << 30
+    /// Largest region that wraps existing memory (1 TiB: guest RAM), and so the largest region a
+    /// peer may announce in a connect exchange.
+    public static let wrappedLengthBytesMax = 1 << 40
 
     /// The current remote key.
     public var key: UInt32 { lock.withLock { $0 } }

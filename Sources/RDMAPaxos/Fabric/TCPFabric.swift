@@ -110,6 +110,12 @@ public final class TCPFabric: Fabric {
         return r
     }
 
+    public func registerRegion(wrapping bytes: UnsafeMutableRawBufferPointer, retaining owner: AnyObject?) throws(FabricError) -> MemoryRegion {
+        let r = try MemoryRegion(owner: localNode, wrapping: bytes, retaining: owner, key: UInt32.random(in: 1...UInt32.max))
+        state.withLock { $0.regions[r.remote.base] = r }
+        return r
+    }
+
     public func listen(at address: PeerAddress, exporting region: MemoryRegion) async throws(FabricError) -> PeerAddress {
         guard address.node == localNode else { throw .badConfiguration("listening as node \(address.node) on the fabric of node \(localNode)") }
         try state.withLock { s throws(FabricError) in

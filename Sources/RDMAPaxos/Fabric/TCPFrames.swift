@@ -108,7 +108,7 @@ enum Frames {
 
     static func readRegion(_ b: inout ByteBuffer, owner: NodeID) -> RemoteRegion? {
         guard let base = b.readInteger(as: UInt64.self), let key = b.readInteger(as: UInt32.self),
-              let len = b.readInteger(as: UInt64.self), len <= UInt64(MemoryRegion.lengthBytesMax) else { return nil }
+              let len = b.readInteger(as: UInt64.self), len <= UInt64(MemoryRegion.wrappedLengthBytesMax) else { return nil }
         return RemoteRegion(node: owner, base: base, key: key, lengthBytes: Int(len))
     }
 

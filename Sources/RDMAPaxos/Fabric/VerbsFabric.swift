@@ -89,6 +89,17 @@ public final class VerbsFabric: Fabric {
         } catch { throw .device(error) }
     }
 
+    /// `ibv_reg_mr` on the caller's memory (REMOTE_WRITE): the NIC writes it directly.
+    public func registerRegion(wrapping bytes: UnsafeMutableRawBufferPointer, retaining owner: AnyObject?) throws(FabricError) -> MemoryRegion {
+        let region = try MemoryRegion(owner: localNode, wrapping: bytes, retaining: owner, key: 0)
+        do {
+            let reg = try device.register(region.base, lengthBytes: region.lengthBytes)
+            region.setKey(reg.remoteKey)
+            state.withLock { $0.regions[region.remote.base] = (region, reg) }
+            return region
+        } catch { throw .device(error) }
+    }
+
     public func listen(at address: PeerAddress, exporting region: MemoryRegion) async throws(FabricError) -> PeerAddress {
         guard address.node == localNode else { throw .badConfiguration("listening as node \(address.node) on the fabric of node \(localNode)") }
         state.withLock { $0.exported = region }
@@ -154,7 +165,7 @@ public final class VerbsFabric: Fabric {
     static func parsePrivateData(_ bytes: [UInt8]) -> (NodeID, RemoteRegion)? {
         var r = ByteReader(bytes, what: "rdma_cm private data")
         guard let node = try? r.u32(), let base = try? r.u64(), let key = try? r.u32(), let len = try? r.u64(),
-              len <= UInt64(MemoryRegion.lengthBytesMax) else { return nil }
+              len <= UInt64(MemoryRegion.wrappedLengthBytesMax) else { return nil }
         return (node, RemoteRegion(node: node, base: base, key: key, lengthBytes: Int(len)))
     }
 

@@ -1,0 +1,107 @@
+// The public vocabulary of `FabricSyncChannel`: its errors, configuration, fault injection and
+// counters (the channel itself: FabricSyncChannel.swift).
+
+import Synchronization
+
+public enum FabricSyncChannelError: Error, Equatable, Sendable, CustomStringConvertible {
+    case badConfiguration(String)
+    /// The backup's guest memory has no room after its RAM for the mailbox.
+    case noMailboxRoom(trailingBytes: Int, needed: Int)
+    /// The peer's region cannot hold what this side expects (sizes or ring configuration differ).
+    case peerRegionMismatch(String)
+    /// A complete, checksummed record broke the mailbox rules: a peer bug, not a torn write.
+    case protocolViolation(String)
+
+    public var description: String {
+        switch self {
+        case .badConfiguration(let why): return "bad sync channel configuration: \(why)"
+        case .noMailboxRoom(let have, let need):
+            return "backup guest memory has \(have) trailing bytes; the sync mailbox needs \(need) (GuestMemory trailingBytes)"
+        case .peerRegionMismatch(let why): return "peer's sync region does not match: \(why)"
+        case .protocolViolation(let why): return "sync mailbox protocol violated by the peer: \(why)"
+        }
+    }
+}
+
+extension FabricSyncChannel {
+    public struct Configuration: Sendable {
+        /// Data bytes of each side's ring; a record carries at most half. Both sides must agree.
+        public var ringBytes: Int
+        /// Largest single page WRITE (contiguous pages are coalesced up to this).
+        public var writeBytesMax: Int
+        /// Request a completion every this many writes (selective signalling).
+        public var signalEveryWrites: Int
+        /// How long the receiving thread sleeps when no immediate wakes it.
+        public var pollInterval: Duration
+        /// How often an idle side writes its status cell, so a dead peer shows up as a failed write.
+        public var keepaliveInterval: Duration
+        /// How long `close()` waits for its "closed" mark to land before dropping the connection.
+        public var closeLinger: Duration
+        public var faults: Faults
+
+        public init(ringBytes: Int = 1 << 20, writeBytesMax: Int = 1 << 20, signalEveryWrites: Int = 32,
+                    pollInterval: Duration = .milliseconds(5), keepaliveInterval: Duration = .milliseconds(100),
+                    closeLinger: Duration = .seconds(1), faults: Faults = Faults()) {
+            self.ringBytes = ringBytes
+            self.writeBytesMax = writeBytesMax
+            self.signalEveryWrites = signalEveryWrites
+            self.pollInterval = pollInterval
+            self.keepaliveInterval = keepaliveInterval
+            self.closeLinger = closeLinger
+            self.faults = faults
+        }
+
+        /// Bytes of one mailbox; the backup's `GuestMemory` needs at least this many `trailingBytes`.
+        public var mailboxBytes: Int { MailboxLayout.ringOffset + ringBytes }
+    }
+
+    /// Faults to inject, for tests of interrupted syncs. A cut drops the connection without a
+    /// goodbye, as a failed link would; the peer finds out through its own queue pair.
+    public struct Faults: Sendable {
+        /// Land this many pages in total, then cut the link.
+        public var cutAfterPages: Int?
+        /// Send this many control frames in total — counted over every end given (a copy of)
+        /// this value — then cut the link.
+        public var cutAfterFrames: Int?
+        let tally = FrameTally()
+        public init(cutAfterPages: Int? = nil, cutAfterFrames: Int? = nil) {
+            self.cutAfterPages = cutAfterPages
+            self.cutAfterFrames = cutAfterFrames
+        }
+    }
+
+    /// What this end put on the link and took off it.
+    public struct Counters: Equatable, Sendable {
+        public var framesSent = 0
+        public var framesReceived = 0
+        /// Bytes of the control frames themselves (the sync messages).
+        public var controlBytesSent = 0
+        public var controlBytesReceived = 0
+        /// Primary: pages written by one-sided WRITEs and known landed; their bytes; the WRITEs.
+        public var pagesWritten = 0
+        public var pageBytesWritten = 0
+        public var pageWrites = 0
+        /// Backup: pages the primary announced as landed ("pages done" records).
+        public var pagesLanded = 0
+        /// Records posted (fragments, wrap markers, "pages done"), and their bytes beyond frame bytes.
+        public var recordsPosted = 0
+        public var recordOverheadBytes = 0
+        /// Credit and status cells written (flow control, keepalive, goodbye).
+        public var cellWrites = 0
+        public var cellBytes = 0
+        public var postedBytes: Int { controlBytesSent + recordOverheadBytes + cellBytes + pageBytesWritten }
+    }
+}
+
+/// Frames sent by every end sharing one `Faults` value.
+final class FrameTally: Sendable {
+    private let sent = Mutex(0)
+    /// Counts one more frame unless `limit` were already sent.
+    func take(limit: Int) -> Bool {
+        sent.withLock { n in
+            guard n < limit else { return false }
+            n += 1
+            return true
+        }
+    }
+}
