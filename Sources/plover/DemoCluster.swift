@@ -132,7 +132,16 @@ final class DemoCluster {
             }
             Thread.sleep(forTimeInterval: 0.02)
         }
-        throw CLIError("no leader elected within \(timeout); see \(root)/node-N.log")
+        throw CLIError("no leader elected within \(timeout); see \(root)/node-N.log\n" + logTails())
+    }
+
+    /// The last lines of each replica's log, for failure messages.
+    func logTails(lines: Int = 6) -> String {
+        ids.map { id in
+            let text = (try? String(contentsOfFile: root + "/node-\(id).log", encoding: .utf8)) ?? "(no log)"
+            return "node \(id) (\(processes[id].map { $0.isRunning ? "running" : "exited \($0.terminationStatus)" } ?? "not started")):\n"
+                + text.split(separator: "\n").suffix(lines).map { "  " + $0 }.joined(separator: "\n")
+        }.joined(separator: "\n")
     }
 
     /// Waits until every running replica applied everything the leader committed.
