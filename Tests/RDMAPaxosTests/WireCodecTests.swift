@@ -9,8 +9,8 @@ func everyKindOfMessage(from: NodeID = 1, to: NodeID = 2, term: UInt64 = 7) -> [
     let bodies: [Message.Body] = [
         .preVote(lastIndex: 41, lastBallot: Ballot(term: 6, node: 3)),
         .preVoteReply(granted: true),
-        .prepare(lastIndex: 9, lastBallot: Ballot(term: 2, node: 2), force: true),
-        .promise(granted: false),
+        .prepare(lastIndex: 9, lastBallot: Ballot(term: 2, node: 2), commit: 7, force: true),
+        .promise(granted: false, suffixPrevBallot: .zero, suffix: []),
         .accept(prevIndex: 10, prevBallot: Ballot(term: 5, node: 1), entries: [
             LogEntry(index: 11, ballot: b, kind: .command, payload: Array("set x 1".utf8)),
             LogEntry(index: 12, ballot: b, kind: .noop, payload: []),
@@ -22,6 +22,7 @@ func everyKindOfMessage(from: NodeID = 1, to: NodeID = 2, term: UInt64 = 7) -> [
         .heartbeatReply(readRound: 99),
         .installSnapshot(Snapshot(index: 100, ballot: b, membership: membership, data: [1, 2, 3, 255])),
         .timeoutNow,
+        .promise(granted: true, suffixPrevBallot: Ballot(term: 1, node: 1), suffix: [LogEntry(index: 8, ballot: Ballot(term: 2, node: 1), kind: .command, payload: [1, 2])]),
     ]
     return bodies.map { Message(from: from, to: to, ballot: b, body: $0) }
 }
@@ -50,7 +51,7 @@ func everyKindOfMessage(from: NodeID = 1, to: NodeID = 2, term: UInt64 = 7) -> [
     }
 
     @Test func unknownVersionTagAndBooleanAreRejected() {
-        var bytes = WireCodec.encode(Message(from: 1, to: 2, ballot: .zero, body: .promise(granted: true)))
+        var bytes = WireCodec.encode(Message(from: 1, to: 2, ballot: .zero, body: .promise(granted: true, suffixPrevBallot: .zero, suffix: [])))
         var v = bytes; v[0] = 2
         #expect(throws: DecodeError.self) { try WireCodec.decode(v) }
         var t = bytes; t[1] = 200

@@ -26,7 +26,7 @@ public struct ReplicaConfig: Sendable, Hashable {
 }
 
 /// A deterministic random source (SplitMix64) the caller seeds; the core never reads entropy.
-public struct SeededRandom: Sendable, Hashable {
+public struct SeededRandom: RandomNumberGenerator, Sendable, Hashable {
     private var state: UInt64
     public init(seed: UInt64) { state = seed }
 

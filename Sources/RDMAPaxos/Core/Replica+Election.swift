@@ -7,10 +7,11 @@
 
 extension Replica {
     mutating func tickFollower() {
+        // Time since we last heard from a leader keeps growing on members that never campaign
+        // (witnesses, learners, stalled disks): their leader lease must run out too.
         electionElapsed += 1
-        guard electionElapsed >= randomizedElectionTimeout else { return }
+        guard electionElapsed >= randomizedElectionTimeout, promotable, !diskStalled else { return }
         resetElectionTimer()
-        guard promotable, !diskStalled else { return }
         campaign(force: false)
     }
 
@@ -43,12 +44,13 @@ extension Replica {
         role = .candidate
         leader = nil
         votes = [:]
+        handedOver = [:]
         resetElectionTimer()
         // Our own vote counts once our promise to ourselves is durable (see `persisted`).
         stepSelfVote = ballot
         out.events.append(.startedElection(ballot, pre: false))
         for v in membership.voting where v != id {
-            send(v, .prepare(lastIndex: log.lastIndex, lastBallot: log.lastBallot, force: force), afterPersist: true)
+            send(v, .prepare(lastIndex: log.lastIndex, lastBallot: log.lastBallot, commit: commitIndex, force: force), afterPersist: true)
         }
     }
 
@@ -57,7 +59,12 @@ extension Replica {
         let granted = voting.filter { votes[$0] == true }.count
         let rejected = voting.filter { votes[$0] == false }.count
         if granted >= membership.quorum {
-            if role == .preCandidate { becomeCandidate(force: false) } else { becomeLeader() }
+            if role == .preCandidate { becomeCandidate(force: false); return }
+            adoptHandedOverLog()
+            handedOver = [:]
+            // Adopting a log can change the configuration: the quorum must hold in the new one too.
+            let stillGranted = membership.voting.filter { votes[$0] == true }.count
+            if stillGranted >= membership.quorum && membership.member(id)?.role == .voter { becomeLeader() }
         } else if rejected > voting.count - membership.quorum {
             becomeFollower(promised, leader: nil)
         }
@@ -121,23 +128,55 @@ extension Replica {
     }
 
     mutating func handlePreVote(_ m: Message, lastIndex: LogIndex, lastBallot: Ballot) {
-        let granted = m.ballot > promised && !inLeaderLease && isUpToDate(lastIndex: lastIndex, lastBallot: lastBallot)
+        // A witness backs a candidate behind it: it will hand over its log in the promise.
+        let granted = m.ballot > promised && !inLeaderLease && (isWitness || isUpToDate(lastIndex: lastIndex, lastBallot: lastBallot))
         send(m.from, .preVoteReply(granted: granted))
     }
 
-    mutating func handlePrepare(_ m: Message, lastIndex: LogIndex, lastBallot: Ballot, force: Bool) {
+    mutating func handlePrepare(_ m: Message, lastIndex: LogIndex, lastBallot: Ballot, commit: LogIndex, force: Bool) {
         if inLeaderLease && !force {
-            send(m.from, .promise(granted: false))
+            send(m.from, .promise(granted: false, suffixPrevBallot: .zero, suffix: []))
             return
         }
         guard m.ballot >= promised else {
-            send(m.from, .promise(granted: false))
+            send(m.from, .promise(granted: false, suffixPrevBallot: .zero, suffix: []))
             return
         }
         if m.ballot > promised { becomeFollower(m.ballot, leader: nil) }
-        let granted = isUpToDate(lastIndex: lastIndex, lastBallot: lastBallot)
+        var granted = isUpToDate(lastIndex: lastIndex, lastBallot: lastBallot)
+        var suffix: [LogEntry] = []
+        var prevBallot = Ballot.zero
+        if !granted && isWitness {
+            // The witness may hold entries (perhaps committed) that no voter alive has; it can
+            // never lead, so it gives them to the candidate, which adopts them before leading
+            // if its log matches at the entry before them.
+            let from = max(commit + 1, log.firstIndex)
+            suffix = log.entries(from, through: log.lastIndex)
+            prevBallot = log.ballot(at: from - 1) ?? .zero
+            granted = !suffix.isEmpty
+        }
         if granted { resetElectionTimer() }
-        send(m.from, .promise(granted: granted), afterPersist: true)
+        send(m.from, .promise(granted: granted, suffixPrevBallot: prevBallot, suffix: suffix), afterPersist: true)
+    }
+
+    /// Before leading, take the most up-to-date log handed over by a witness in the quorum:
+    /// the new leader's log must be at least as up to date as every promiser's.
+    mutating func adoptHandedOverLog() {
+        guard let (_, best) = handedOver.max(by: { ($0.value.last!.ballot, $0.value.last!.index) < ($1.value.last!.ballot, $1.value.last!.index) }),
+              let last = best.last, (last.ballot, last.index) > (log.lastBallot, log.lastIndex) else { return }
+        for e in best {
+            if let b = log.ballot(at: e.index) {
+                if b == e.ballot { continue }
+                truncateLocal(from: e.index)
+            }
+            appendLocal(e)
+        }
+    }
+
+    /// A witness's hand-over is usable only if our log matches the witness's just before it.
+    func canAdopt(_ suffix: [LogEntry], prevBallot: Ballot) -> Bool {
+        guard let first = suffix.first, first.index > commitIndex else { return false }
+        return log.ballot(at: first.index - 1) == prevBallot
     }
 
     mutating func tickLeader() {

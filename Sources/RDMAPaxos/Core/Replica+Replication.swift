@@ -5,7 +5,7 @@ extension Replica {
     mutating func step(_ m: Message) {
         switch m.body {
         case let .preVote(i, b): return handlePreVote(m, lastIndex: i, lastBallot: b)
-        case let .prepare(i, b, force): return handlePrepare(m, lastIndex: i, lastBallot: b, force: force)
+        case let .prepare(i, b, c, force): return handlePrepare(m, lastIndex: i, lastBallot: b, commit: c, force: force)
         default: break
         }
         let fromLeader: Bool
@@ -14,8 +14,12 @@ extension Replica {
         default: fromLeader = false
         }
         if m.ballot > promised {
-            // A leader at a higher ballot exists (or a peer promised one): follow it.
-            if case .preVoteReply = m.body {} else {
+            // A leader at a higher ballot exists (or a peer promised one): follow it. A granted
+            // pre-vote reply carries no news; a rejection from a peer at a higher ballot tells us
+            // our next campaign must start above it.
+            if case let .preVoteReply(granted) = m.body {
+                if !granted { becomeFollower(m.ballot, leader: nil) }
+            } else {
                 becomeFollower(m.ballot, leader: fromLeader ? m.from : nil)
             }
         } else if m.ballot < promised {
@@ -28,9 +32,18 @@ extension Replica {
             guard role == .preCandidate else { return }
             votes[m.from] = granted
             tallyVotes()
-        case let .promise(granted):
+        case let .promise(granted, prevBallot, suffix):
             guard role == .candidate else { return }
-            votes[m.from] = granted
+            var vote = granted
+            if granted && !suffix.isEmpty {
+                // A hand-over we cannot take would leave us behind this promiser: not a vote.
+                if membership.member(m.from)?.role == .witness && canAdopt(suffix, prevBallot: prevBallot) {
+                    handedOver[m.from] = suffix
+                } else {
+                    vote = false
+                }
+            }
+            votes[m.from] = vote
             tallyVotes()
         case let .accept(prevIndex, prevBallot, entries, commit):
             followLeader(m.from)

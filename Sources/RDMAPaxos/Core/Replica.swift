@@ -46,6 +46,8 @@ public struct Replica: Sendable {
 
     // Elections.
     var votes: [NodeID: Bool] = [:]
+    /// Log suffixes witnesses handed over with their promises in this election.
+    var handedOver: [NodeID: [LogEntry]] = [:]
     /// Index up to which this follower's log is known to equal the current leader's.
     var leaderMatch: LogIndex = 0
 

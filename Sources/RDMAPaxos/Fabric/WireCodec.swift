@@ -6,8 +6,8 @@
 /// body, by tag:
 ///  1 preVote        u64 lastIndex, ballot lastBallot
 ///  2 preVoteReply   u8 granted
-///  3 prepare        u64 lastIndex, ballot lastBallot, u8 force
-///  4 promise        u8 granted
+///  3 prepare        u64 lastIndex, ballot lastBallot, u64 commit, u8 force
+///  4 promise        u8 granted, ballot suffixPrevBallot, u32 count, count × entry (as in accept)
 ///  5 accept         u64 prevIndex, ballot prevBallot, u64 commit, u32 count,
 ///                   count × (u64 index, ballot, u8 kind, u32 length, payload)
 ///  6 accepted       u8 success, u64 index
@@ -52,12 +52,11 @@ public enum WireCodec {
         switch m.body {
         case let .preVote(i, b): w.u64(i); w.ballot(b)
         case let .preVoteReply(g): w.u8(g ? 1 : 0)
-        case let .prepare(i, b, f): w.u64(i); w.ballot(b); w.u8(f ? 1 : 0)
-        case let .promise(g): w.u8(g ? 1 : 0)
+        case let .prepare(i, b, c, f): w.u64(i); w.ballot(b); w.u64(c); w.u8(f ? 1 : 0)
+        case let .promise(g, pb, s): w.u8(g ? 1 : 0); w.ballot(pb); writeEntries(s, &w)
         case let .accept(pi, pb, es, c):
             w.u64(pi); w.ballot(pb); w.u64(c)
-            w.u32(UInt32(es.count))
-            for e in es { w.u64(e.index); w.ballot(e.ballot); w.u8(e.kind.rawValue); w.blob(e.payload) }
+            writeEntries(es, &w)
         case let .accepted(s, i): w.u8(s ? 1 : 0); w.u64(i)
         case let .heartbeat(c, r): w.u64(c); w.u64(r)
         case let .heartbeatReply(r): w.u64(r)
@@ -91,21 +90,11 @@ public enum WireCodec {
         switch tag {
         case 1: body = .preVote(lastIndex: try r.u64(), lastBallot: try r.ballot())
         case 2: body = .preVoteReply(granted: try bool(&r))
-        case 3: body = .prepare(lastIndex: try r.u64(), lastBallot: try r.ballot(), force: try bool(&r))
-        case 4: body = .promise(granted: try bool(&r))
+        case 3: body = .prepare(lastIndex: try r.u64(), lastBallot: try r.ballot(), commit: try r.u64(), force: try bool(&r))
+        case 4: body = .promise(granted: try bool(&r), suffixPrevBallot: try r.ballot(), suffix: try readEntries(&r, limits))
         case 5:
             let pi = try r.u64(), pb = try r.ballot(), c = try r.u64()
-            let n = Int(try r.u32())
-            guard n <= limits.entriesMax else { throw DecodeError("message", "\(n) entries exceed limit \(limits.entriesMax)") }
-            guard n <= r.remaining / entryBytesMin else { throw DecodeError("message", "\(n) entries cannot fit in \(r.remaining) bytes") }
-            var es: [LogEntry] = []
-            es.reserveCapacity(n)
-            for _ in 0..<n {
-                let index = try r.u64(), b = try r.ballot(), k = try r.u8()
-                guard let kind = EntryKind(rawValue: k) else { throw DecodeError("message", "unknown entry kind \(k)") }
-                es.append(LogEntry(index: index, ballot: b, kind: kind, payload: try r.blob(max: limits.payloadBytesMax)))
-            }
-            body = .accept(prevIndex: pi, prevBallot: pb, entries: es, commit: c)
+            body = .accept(prevIndex: pi, prevBallot: pb, entries: try readEntries(&r, limits), commit: c)
         case 6: body = .accepted(success: try bool(&r), index: try r.u64())
         case 7: body = .heartbeat(commit: try r.u64(), readRound: try r.u64())
         case 8: body = .heartbeatReply(readRound: try r.u64())
@@ -119,6 +108,25 @@ public enum WireCodec {
         }
         try r.finish()
         return Message(from: from, to: to, ballot: ballot, body: body)
+    }
+
+    private static func writeEntries(_ es: [LogEntry], _ w: inout ByteWriter) {
+        w.u32(UInt32(es.count))
+        for e in es { w.u64(e.index); w.ballot(e.ballot); w.u8(e.kind.rawValue); w.blob(e.payload) }
+    }
+
+    private static func readEntries(_ r: inout ByteReader, _ limits: Limits) throws -> [LogEntry] {
+        let n = Int(try r.u32())
+        guard n <= limits.entriesMax else { throw DecodeError("message", "\(n) entries exceed limit \(limits.entriesMax)") }
+        guard n <= r.remaining / entryBytesMin else { throw DecodeError("message", "\(n) entries cannot fit in \(r.remaining) bytes") }
+        var es: [LogEntry] = []
+        es.reserveCapacity(n)
+        for _ in 0..<n {
+            let index = try r.u64(), b = try r.ballot(), k = try r.u8()
+            guard let kind = EntryKind(rawValue: k) else { throw DecodeError("message", "unknown entry kind \(k)") }
+            es.append(LogEntry(index: index, ballot: b, kind: kind, payload: try r.blob(max: limits.payloadBytesMax)))
+        }
+        return es
     }
 
     private static func bool(_ r: inout ByteReader) throws -> Bool {

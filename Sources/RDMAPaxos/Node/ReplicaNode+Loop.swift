@@ -186,9 +186,13 @@ extension ReplicaNode {
     }
 
     func maybeCompact() {
+        // A witness keeps its whole log: after losing a voter it may be the only holder of
+        // committed entries the surviving voter lacks, and it hands them over in its promise
+        // (docs/design/consensus.md, "Witness hand-over").
+        guard !replica.isWitness else { return }
         let applied = replica.appliedIndex
         guard applied >= replica.firstIndex, Int(applied - replica.firstIndex) + 1 >= options.compactEveryEntries else { return }
-        let data = replica.isWitness ? [] : machine.snapshot()
+        let data = machine.snapshot()
         perform(replica.compact(through: applied, snapshot: data))
     }
 

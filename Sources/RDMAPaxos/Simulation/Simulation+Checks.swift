@@ -43,7 +43,7 @@ extension Simulation {
                 throw fail("node \(m.from) acknowledged \(index)@\(vouching.map(String.init(describing:)) ?? "?") before it was durable"
                            + " (disk holds \(disk.lastIndex)@\(disk.ballot(at: disk.lastIndex).map(String.init(describing:)) ?? "-"))")
             }
-        case .promise(true):
+        case .promise(true, _, _):
             guard disk.hardState.promised >= m.ballot
             else { throw fail("node \(m.from) promised \(m.ballot) before the promise was durable (disk: \(disk.hardState.promised))") }
         default: break
@@ -194,7 +194,7 @@ extension Simulation {
     /// After healing: a leader, every running replica caught up, every acknowledged write there.
     func converged() -> Bool {
         guard let l = liveLeader(), let lr = nodes[l]!.replica, lr.commitIndex == lr.lastIndex else { return false }
-        return ids.allSatisfy { id in
+        return ids.filter { $0 != permanentlyDown }.allSatisfy { id in
             guard let r = nodes[id]!.replica else { return false }
             return r.commitIndex == lr.commitIndex && (r.isWitness || nodes[id]!.stateIndex == lr.commitIndex)
         }
@@ -207,7 +207,7 @@ extension Simulation {
             }
         }
         // Every state machine holds the same commands in the same order.
-        let states = ids.filter { !(nodes[$0]!.replica?.isWitness ?? true) }.map { nodes[$0]!.state }
+        let states = ids.filter { $0 != permanentlyDown && !(nodes[$0]!.replica?.isWitness ?? true) }.map { nodes[$0]!.state }
         for s in states.dropFirst() where s != states[0] {
             throw fail("replica state machines differ after convergence")
         }

@@ -47,6 +47,8 @@ struct Simulation {
     var nextCommand = 0
     var nextRead: UInt64 = 1
     var duplicateCommand: ([UInt8], LogIndex, LogIndex)?
+    /// A voter that stays down through the heal phase (witness topologies only).
+    var permanentlyDown: NodeID?
 
     init(_ options: SimulationOptions, tracing: Bool) {
         self.options = options
@@ -146,18 +148,29 @@ struct Simulation {
     mutating func heal() {
         faultsOn = false
         cut = []
-        for id in ids {
+        // With a witness, every other seed leaves one voter down for good: the survivors (one
+        // voter short) must still elect a leader, even when the witness holds entries they lack.
+        let voters = ids.filter { members.member($0)?.role == .voter }
+        if options.witness && options.seed % 8 < 4, let lost = voters.randomElement(using: &rng) {
+            permanentlyDown = lost
+        }
+        for id in ids where id != permanentlyDown {
             nodes[id]!.disk.stalledUntil = 0
             if nodes[id]!.replica == nil { start(id) }
         }
-        log("heal: all links up, all nodes running")
+        if let lost = permanentlyDown {
+            nodes[lost]!.replica = nil
+            nodes[lost]!.disk.pending = []
+            nodes[lost]!.restartAt = nil
+        }
+        log("heal: all links up, all nodes running" + (permanentlyDown.map { " but \($0), lost for good" } ?? ""))
     }
 
     mutating func step() throws(SimulationFailure) {
         now += 1
         if faultsOn { try injectFaults() }
         if now >= healCutAt { cut = [] }
-        for id in ids where nodes[id]!.replica == nil {
+        for id in ids where nodes[id]!.replica == nil && id != permanentlyDown {
             if let at = nodes[id]!.restartAt, at <= now {
                 start(id)
                 log("restart \(id)")
@@ -200,10 +213,11 @@ struct Simulation {
         }
         if chance(options.compactRate) {
             let id = ids[rng.below(ids.count)]
-            if var r = nodes[id]!.replica, r.appliedIndex >= r.firstIndex {
+            // A witness keeps its whole log, as the runtime does (see ReplicaNode.maybeCompact).
+            if var r = nodes[id]!.replica, !r.isWitness, r.appliedIndex >= r.firstIndex {
                 // The state machine has applied exactly through appliedIndex: snapshot it there.
                 let through = r.appliedIndex
-                let a = r.compact(through: through, snapshot: r.isWitness ? [] : encodeState(nodes[id]!.state))
+                let a = r.compact(through: through, snapshot: encodeState(nodes[id]!.state))
                 nodes[id]!.replica = r
                 report.compactions += 1
                 log("compact \(id) through \(through)")
