@@ -78,6 +78,7 @@ public enum ProposalRefusal: Error, Sendable, Hashable, CustomStringConvertible 
     case membershipChangeInProgress
     case leadershipTransferInProgress(to: NodeID)
     case emptyProposal
+    case commandTooLarge(bytes: Int, limit: Int)
     case tooManyPendingReads(limit: Int)
     case invalidTransferTarget(NodeID)
     case invalidMembershipChange(String)
@@ -89,6 +90,7 @@ public enum ProposalRefusal: Error, Sendable, Hashable, CustomStringConvertible 
         case .membershipChangeInProgress: "another membership change is not yet committed"
         case let .leadershipTransferInProgress(t): "leadership is moving to \(t); retry there"
         case .emptyProposal: "a proposal must carry at least one command"
+        case let .commandTooLarge(b, l): "a command of \(b) bytes exceeds the limit of \(l) bytes (one accept message)"
         case let .tooManyPendingReads(l): "more than \(l) reads waiting for confirmation; retry later"
         case let .invalidTransferTarget(t): "leadership can only move to another voter of the configuration, not \(t)"
         case let .invalidMembershipChange(r): "invalid membership change: \(r)"

@@ -13,8 +13,9 @@ public struct ReplicaConfig: Sendable, Hashable {
     public var checkQuorum: Bool = true
     /// A leader whose own stable log has not completed a write for this long steps down.
     public var diskStallTicks: Int = 10
-    /// Most bytes of entries in one accept message.
-    public var batchBytesMax: Int = 1 << 20
+    /// Most bytes of entries (payload plus per-entry framing) in one accept message. Keep it
+    /// below what the transport carries in one message: the leader resends a dropped batch forever.
+    public var batchBytesMax: Int = 256 << 10
     /// Most accept messages in flight to one follower.
     public var inflightMessagesMax: Int = 64
     /// Most bytes of proposed-but-uncommitted payload the leader holds; beyond, proposals are refused.

@@ -26,14 +26,18 @@ struct InMemoryLog: Sendable {
         return entries[Int(index - snapshot.index - 1)]
     }
 
-    /// Entries from `from` on, at most `bytesMax` of payload (always at least one if any).
+    /// Bytes an entry adds to a message besides its payload (index, ballot, kind, length).
+    static let entryOverheadBytes = 32
+
+    /// Entries from `from` on, at most `bytesMax` on the wire (always at least one if any).
     func slice(from: LogIndex, bytesMax: Int) -> [LogEntry] {
         guard from > snapshot.index, from <= lastIndex else { return [] }
         var out: [LogEntry] = []
         var bytes = 0
         for e in entries[Int(from - snapshot.index - 1)...] {
-            if !out.isEmpty && bytes + e.payload.count > bytesMax { break }
-            bytes += e.payload.count
+            let size = e.payload.count + Self.entryOverheadBytes
+            if !out.isEmpty && bytes + size > bytesMax { break }
+            bytes += size
             out.append(e)
         }
         return out

@@ -214,10 +214,12 @@ extension Replica {
             maybeCommit()
             if transferTarget == from && pr.match == log.lastIndex { send(from, .timeoutNow) }
         } else {
-            // A rejection below what we know matches is stale (reordered); ignore it.
-            guard index >= pr.match else { progress[from] = pr; return }
             if case .snapshot = pr.state { progress[from] = pr; return }
-            // Back up to just past the follower's hint, never below what is known to match.
+            // A hint below the match we recorded is either a reordered old rejection or a
+            // follower that lost its log (rebuilt from scratch): believe it; the cost of a stale
+            // one is only a resend, while ignoring a rebuilt follower would strand it.
+            if index < pr.match { pr.match = index }
+            // Back up to just past the follower's hint.
             let next = max(pr.match + 1, min(index + 1, pr.next - 1))
             pr.becomeProbe()
             pr.next = next

@@ -144,6 +144,9 @@ public struct Replica: Sendable {
         guard role == .leader else { throw .notLeader(leader: leader) }
         if let t = transferTarget { throw .leadershipTransferInProgress(to: t) }
         guard !payloads.isEmpty else { throw .emptyProposal }
+        // A command must fit one accept message, or it could never be replicated.
+        let limit = config.batchBytesMax - InMemoryLog.entryOverheadBytes
+        if let big = payloads.first(where: { $0.count > limit }) { throw .commandTooLarge(bytes: big.count, limit: limit) }
         let bytes = payloads.reduce(0) { $0 + $1.count }
         guard uncommittedBytes + bytes <= config.uncommittedBytesMax || uncommittedBytes == 0 else {
             throw .tooManyUncommittedBytes(limit: config.uncommittedBytesMax)

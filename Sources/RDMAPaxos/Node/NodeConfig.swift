@@ -29,7 +29,7 @@ public struct NodeConfig: Sendable, Equatable {
     public var heartbeatTicks = 2
     public var diskStallTicks = 100
     public var requestTimeoutTicks = 500
-    public var batchBytesMax = 1 << 20
+    public var batchBytesMax = 256 << 10
     public var inflightMessagesMax = 64
     public var uncommittedBytesMax = 64 << 20
     public var compactEveryEntries = 50_000
@@ -100,7 +100,7 @@ public struct NodeConfig: Sendable, Equatable {
             }
         }
         if var t = try r.subtable("limits") {
-            c.batchBytesMax = try t.int("batch_bytes_max", default: c.batchBytesMax, range: 64...(256 << 20))
+            c.batchBytesMax = try t.int("batch_bytes_max", default: c.batchBytesMax, range: 1024...(256 << 10))
             c.inflightMessagesMax = try t.int("inflight_messages_max", default: c.inflightMessagesMax, range: 1...65_536)
             c.uncommittedBytesMax = try t.int("uncommitted_bytes_max", default: c.uncommittedBytesMax, range: 1024...(1 << 40))
             c.compactEveryEntries = try t.int("compact_every_entries", default: c.compactEveryEntries, range: 2...(1 << 40))
