@@ -13,7 +13,7 @@ import RDMAPaxos
     }
 
     /// The test bundle runs inside the test runner; the replicas are started from the built `plover`.
-    static func withCluster(_ name: String, witness: Bool = false, _ body: (DemoCluster) throws -> Void) throws {
+    static func withCluster(_ name: String, witness: Bool = false, replicas: Int = 3, _ body: (DemoCluster) throws -> Void) throws {
         let root = scratch(name)
         let exe = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent()
         let plover = [exe.appendingPathComponent("plover").path, exe.deletingLastPathComponent().appendingPathComponent("plover").path]
@@ -22,7 +22,7 @@ import RDMAPaxos
             Issue.record("the plover executable is not built next to the tests; run `swift build` first (make test does)")
             return
         }
-        let c = try DemoCluster(root: root, durability: "fsync", witness: witness, executable: plover)
+        let c = try DemoCluster(root: root, durability: "fsync", witness: witness, replicas: replicas, executable: plover)
         defer {
             c.stopAll()
             try? FileManager.default.removeItem(atPath: root)
