@@ -11,6 +11,7 @@ let package = Package(
         .library(name: "RDMAPaxosSimulation", targets: ["RDMAPaxosSimulation"]),
         .library(name: "VMReplica", targets: ["VMReplica"]),
         .library(name: "Interpose", targets: ["Interpose"]),
+        .library(name: "PloverCheck", targets: ["PloverCheck"]),
         .executable(name: "plover", targets: ["plover"]),
         .executable(name: "paxos-log", targets: ["paxos-log"]),
         .executable(name: "syncvm-bench", targets: ["syncvm-bench"]),
@@ -56,6 +57,9 @@ let package = Package(
             exclude: ["Core", "Simulation"]),
         .target(name: "VMReplica", dependencies: ["RDMAPaxos", "CXXHash"]),
         .target(name: "Interpose", path: "Sources/Interpose"),
+        // Test support with no dependencies: a linearizability checker for register histories and
+        // a seeded input fuzzer (used by the bad-input and end-to-end tests).
+        .target(name: "PloverCheck"),
 
         .executableTarget(
             name: "plover",
@@ -83,14 +87,15 @@ let package = Package(
         .testTarget(
             name: "RDMAPaxosTests",
             dependencies: [
-                "RDMAPaxos",
+                "RDMAPaxos", "PloverCheck",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "Prometheus", package: "swift-prometheus"),
             ]),
         .testTarget(name: "VMReplicaTests", dependencies: ["VMReplica"]),
         // Real `plover node` processes on loopback (kill -9, SIGSTOP, restarts).
-        .testTarget(name: "EndToEndTests", dependencies: ["plover"]),
+        .testTarget(name: "EndToEndTests", dependencies: ["plover", "PloverCheck"]),
+        .testTarget(name: "PloverCheckTests", dependencies: ["PloverCheck"]),
     ],
     swiftLanguageModes: [.v6]
 )

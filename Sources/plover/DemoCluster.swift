@@ -1,8 +1,8 @@
 import Foundation
 import RDMAPaxos
 
-/// Three `plover node` processes on loopback, each with its own config, data dir and log file.
-/// Used by `plover demo` and `plover bench consensus`.
+/// `plover node` processes on loopback (three by default), each with its own config, data dir
+/// and log file. Used by `plover demo`, `plover bench consensus` and the end-to-end tests.
 final class DemoCluster {
     /// The `[timing]` table of every replica's config.
     struct Timing {
@@ -18,15 +18,18 @@ final class DemoCluster {
     var endpoints: [NodeID: String] = [:]
     var peers: [NodeID: String] = [:]
     var processes: [NodeID: Process] = [:]
-    let ids: [NodeID] = [1, 2, 3]
-    /// When set, node 3 is a witness (PLOVER's shape: primary 1, backup 2, witness 3).
+    let ids: [NodeID]
+    /// When set, node 3 of three is a witness (PLOVER's shape: primary 1, backup 2, witness 3).
     let witness: Bool
 
     /// The `plover` executable that runs the replicas.
     let executable: String
 
-    init(root: String, durability: String, witness: Bool = false, timing: Timing = Timing(),
+    init(root: String, durability: String, witness: Bool = false, replicas: Int = 3, timing: Timing = Timing(),
          executable: String = selfExecutable()) throws {
+        precondition(replicas >= 1 && replicas <= 9, "a demo cluster has 1 to 9 replicas")
+        precondition(!witness || replicas == 3, "the witness shape has exactly three replicas")
+        self.ids = (1...replicas).map { NodeID($0) }
         self.executable = executable
         self.root = root
         self.durability = durability
@@ -109,6 +112,19 @@ final class DemoCluster {
         }, uniquingKeysWith: { a, _ in a })
     }
 
+    /// Stops a replica the clean way (SIGTERM) and waits for it to exit.
+    func stop(_ id: NodeID) {
+        guard let p = processes.removeValue(forKey: id) else { return }
+        if p.isRunning {
+            p.terminate()
+            Glibc.kill(p.processIdentifier, SIGCONT)
+        }
+        p.waitUntilExit()
+    }
+
+    func dataDir(_ id: NodeID) -> String { root + "/data/\(id)" }
+    func logPath(_ id: NodeID) -> String { root + "/node-\(id).log" }
+
     func kill(_ id: NodeID) {
         guard let p = processes.removeValue(forKey: id) else { return }
         Glibc.kill(p.processIdentifier, SIGKILL)
@@ -117,7 +133,10 @@ final class DemoCluster {
     }
 
     func stopAll() {
-        for (_, p) in processes where p.isRunning { p.terminate() }
+        for (_, p) in processes where p.isRunning {
+            p.terminate()
+            Glibc.kill(p.processIdentifier, SIGCONT)  // a paused replica must run to see SIGTERM
+        }
         for (_, p) in processes { ChildProcesses.stop(p) }
         processes = [:]
     }

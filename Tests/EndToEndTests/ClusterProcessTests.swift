@@ -3,102 +3,103 @@ import Testing
 @testable import plover
 import RDMAPaxos
 
-/// Real `plover node` processes on loopback with Berkeley DB logs and the TCP fabric.
-/// The tests start the executable built next to this test bundle (`make test` builds it first).
-@Suite(.serialized, .timeLimit(.minutes(3))) struct ClusterProcessTests {
-    static func scratch(_ name: String) -> String {
-        let d = FileManager.default.temporaryDirectory.appendingPathComponent("plover-e2e-\(name)-\(getpid())").path
-        try? FileManager.default.removeItem(atPath: d)
-        return d
-    }
-
-    /// The test bundle runs inside the test runner; the replicas are started from the built `plover`.
-    static func withCluster(_ name: String, witness: Bool = false, _ body: (DemoCluster) throws -> Void) throws {
-        let root = scratch(name)
-        let exe = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent()
-        let plover = [exe.appendingPathComponent("plover").path, exe.deletingLastPathComponent().appendingPathComponent("plover").path]
-            .first { FileManager.default.isExecutableFile(atPath: $0) }
-        guard let plover else {
-            Issue.record("the plover executable is not built next to the tests; run `swift build` first (make test does)")
-            return
+extension EndToEnd {
+    /// Real `plover node` processes on loopback with Berkeley DB logs and the TCP fabric.
+    /// The tests start the executable built next to this test bundle (`make test` builds it first).
+    @Suite(.serialized, .timeLimit(.minutes(3))) struct ClusterProcessTests {
+        static func scratch(_ name: String) -> String {
+            let d = FileManager.default.temporaryDirectory.appendingPathComponent("plover-e2e-\(name)-\(getpid())").path
+            try? FileManager.default.removeItem(atPath: d)
+            return d
         }
-        let c = try DemoCluster(root: root, durability: "fsync", witness: witness, executable: plover)
-        defer {
+
+        /// The test bundle runs inside the test runner; the replicas are started from the built `plover`.
+        static func withCluster<T>(_ name: String, witness: Bool = false, replicas: Int = 3, _ body: (DemoCluster) throws -> T) throws -> T {
+            let root = scratch(name)
+            let exe = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent()
+            let plover = [exe.appendingPathComponent("plover").path, exe.deletingLastPathComponent().appendingPathComponent("plover").path]
+                .first { FileManager.default.isExecutableFile(atPath: $0) }
+            guard let plover else {
+                throw CLIError("the plover executable is not built next to the tests; run `swift build` first (make test does)")
+            }
+            let c = try DemoCluster(root: root, durability: "fsync", witness: witness, replicas: replicas, executable: plover)
+            defer { c.stopAll() }
+            try c.startAll()
+            let result = try body(c)
+            // Kept when the body threw: the error names the node logs in it.
             c.stopAll()
             try? FileManager.default.removeItem(atPath: root)
+            return result
         }
-        try c.startAll()
-        try body(c)
-    }
 
-    @Test func leaderKilledUnderLoadLosesNoAcknowledgedWriteAndRestartCatchesUp() throws {
-        try Self.withCluster("kill") { c in
-            let first = try c.waitForLeader(excluding: nil)
-            let load = DemoLoad(endpoints: c.endpoints, clients: 3)
-            load.start()
-            Thread.sleep(forTimeInterval: 1)
-            c.kill(first)
-            let second = try c.waitForLeader(excluding: first)
-            #expect(second != first)
-            Thread.sleep(forTimeInterval: 1)
-            try c.start(first)
-            Thread.sleep(forTimeInterval: 0.5)
-            load.stop()
-            let acked = load.ackedWrites
-            #expect(acked.count > 50, "the load made too little progress to prove anything")
-            try c.waitConverged()
-            try expectEveryWrite(acked, on: [1, 2, 3], in: c)
-        }
-    }
-
-    @Test func pausedFollowerReturnsAndCatchesUp() throws {
-        try Self.withCluster("pause") { c in
-            let leader = try c.waitForLeader(excluding: nil)
-            let follower = c.ids.first { $0 != leader }!
-            c.pause(follower, true)
-            let load = DemoLoad(endpoints: c.endpoints.filter { $0.key != follower }, clients: 2)
-            load.start()
-            Thread.sleep(forTimeInterval: 1)
-            c.pause(follower, false)
-            Thread.sleep(forTimeInterval: 0.5)
-            load.stop()
-            let acked = load.ackedWrites
-            #expect(acked.count > 20)
-            try c.waitConverged()
-            try expectEveryWrite(acked, on: [follower], in: c)
-        }
-    }
-
-    @Test func witnessNeverLeadsAndBackupTakesOver() throws {
-        try Self.withCluster("witness", witness: true) { c in
-            let primary = try c.waitForLeader(excluding: nil)
-            #expect(primary != 3)
-            let load = DemoLoad(endpoints: c.endpoints.filter { $0.key != 3 }, clients: 2)
-            load.start()
-            Thread.sleep(forTimeInterval: 0.7)
-            c.kill(primary)
-            let backup = try c.waitForLeader(excluding: primary)
-            #expect(backup != 3, "the witness must never lead")
-            Thread.sleep(forTimeInterval: 0.7)
-            load.stop()
-            let acked = load.ackedWrites
-            #expect(acked.count > 20)
-            try expectEveryWrite(acked, on: [backup], in: c)
-            // The witness persisted the log (every acknowledged write is an entry) without leading.
-            let w = c.status(3)
-            #expect(w["role"] == "witness")
-            #expect(Int(w["last_index"] ?? "") ?? 0 >= acked.count, "witness status: \(w)")
-        }
-    }
-
-    func expectEveryWrite(_ acked: [String: String], on nodes: [NodeID], in c: DemoCluster) throws {
-        let client = NodeClient(endpoints: c.endpoints)
-        for id in nodes {
-            var missing = 0
-            for (k, v) in acked where KeyValueStateMachine.decodeResult(try client.localRead(Array(k.utf8), at: id)) != Array(v.utf8) {
-                missing += 1
+        @Test func leaderKilledUnderLoadLosesNoAcknowledgedWriteAndRestartCatchesUp() async throws {
+            try await EndToEnd.onCluster("kill") { c, checks -> Void in
+                let first = try c.waitForLeader(excluding: nil)
+                let load = DemoLoad(endpoints: c.endpoints, clients: 3)
+                load.start()
+                Thread.sleep(forTimeInterval: 1)
+                c.kill(first)
+                let second = try c.waitForLeader(excluding: first)
+                checks.expect(second != first)
+                Thread.sleep(forTimeInterval: 1)
+                try c.start(first)
+                Thread.sleep(forTimeInterval: 0.5)
+                load.stop()
+                let acked = load.ackedWrites
+                checks.expect(acked.count > 50, "the load made too little progress to prove anything")
+                try c.waitConverged()
+                try Self.expectEveryWrite(acked, on: [1, 2, 3], in: c, checks)
             }
-            #expect(missing == 0, "node \(id) lacks \(missing) of \(acked.count) acknowledged writes")
+        }
+
+        @Test func pausedFollowerReturnsAndCatchesUp() async throws {
+            try await EndToEnd.onCluster("pause") { c, checks -> Void in
+                let leader = try c.waitForLeader(excluding: nil)
+                let follower = c.ids.first { $0 != leader }!
+                c.pause(follower, true)
+                let load = DemoLoad(endpoints: c.endpoints.filter { $0.key != follower }, clients: 2)
+                load.start()
+                Thread.sleep(forTimeInterval: 1)
+                c.pause(follower, false)
+                Thread.sleep(forTimeInterval: 0.5)
+                load.stop()
+                let acked = load.ackedWrites
+                checks.expect(acked.count > 20)
+                try c.waitConverged()
+                try Self.expectEveryWrite(acked, on: [follower], in: c, checks)
+            }
+        }
+
+        @Test func witnessNeverLeadsAndBackupTakesOver() async throws {
+            try await EndToEnd.onCluster("witness", witness: true) { c, checks -> Void in
+                let primary = try c.waitForLeader(excluding: nil)
+                checks.expect(primary != 3)
+                let load = DemoLoad(endpoints: c.endpoints.filter { $0.key != 3 }, clients: 2)
+                load.start()
+                Thread.sleep(forTimeInterval: 0.7)
+                c.kill(primary)
+                let backup = try c.waitForLeader(excluding: primary)
+                checks.expect(backup != 3, "the witness must never lead")
+                Thread.sleep(forTimeInterval: 0.7)
+                load.stop()
+                let acked = load.ackedWrites
+                checks.expect(acked.count > 20)
+                try Self.expectEveryWrite(acked, on: [backup], in: c, checks)
+                checks.expect(c.status(3)["role"] == "witness")
+                // The witness persisted the log (every acknowledged write is an entry) without leading.
+                checks.expect(Int(c.status(3)["last_index"] ?? "") ?? 0 >= acked.count)
+            }
+        }
+
+        static func expectEveryWrite(_ acked: [String: String], on nodes: [NodeID], in c: DemoCluster, _ checks: Checks) throws {
+            let client = NodeClient(endpoints: c.endpoints)
+            for id in nodes {
+                var missing = 0
+                for (k, v) in acked where KeyValueStateMachine.decodeResult(try client.localRead(Array(k.utf8), at: id)) != Array(v.utf8) {
+                    missing += 1
+                }
+                checks.expect(missing == 0, "node \(id) lacks \(missing) of \(acked.count) acknowledged writes")
+            }
         }
     }
 }

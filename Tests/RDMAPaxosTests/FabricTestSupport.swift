@@ -113,6 +113,9 @@ final class RawClient {
         _ = bytes.withUnsafeBytes { Glibc.send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
     }
 
+    /// Half-closes the connection: the server sees end of stream after what was sent.
+    func finishSending() { _ = Glibc.shutdown(fd, Int32(SHUT_WR)) }
+
     private func read(_ n: Int) -> [UInt8]? {
         var out = [UInt8](repeating: 0, count: n)
         var got = 0

@@ -88,4 +88,15 @@ import RDMAPaxos
         _ = FileManager.default.createFile(atPath: path, contents: Data("short".utf8), attributes: [.posixPermissions: 0o600])
         #expect(throws: ConfigError.self) { try ClusterKey.load(path: path) }
     }
+
+    /// toml++ aborts the process on these; the config reader must refuse them first.
+    @Test(arguments: ["[", "[=]", "[#]", "[.]", "[é]", "[ é]", "[[\\]]", "[\u{1}]"])
+    func tableHeaderWithoutANameIsAConfigErrorNotACrash(header: String) {
+        let text = Self.good.replacingOccurrences(of: "[timing]", with: header + "\n[timing]")
+        #expect {
+            try NodeConfig.parse(text, file: "c.toml")
+        } throws: { error in
+            (error as? ConfigError)?.description == "c.toml: not valid TOML at line 7: a table header needs a name ([name] or [[name]])"
+        }
+    }
 }

@@ -23,16 +23,23 @@ public final class NodeClient {
     /// Why a client call failed after trying what it could.
     public struct Failure: Error, CustomStringConvertible {
         public var description: String
+        /// True when a proposal may have taken effect: it reached a node and then the
+        /// connection failed, or the node answered "timed out". Read before retrying it.
+        public var outcomeUnknown = false
     }
 
     /// Proposes a command through the leader; returns the state machine's result.
+    ///
+    /// Retries elsewhere only while the command certainly did not take effect (no connection,
+    /// "not the leader", "superseded"). Once it may have reached a leader, a failure throws a
+    /// `Failure` with `outcomeUnknown` instead: sending it again could apply it twice.
     public func propose(_ command: [UInt8], attempts: Int = 20) throws -> [UInt8] {
-        try call(attempts: attempts) { .propose(id: $0, command: command) }
+        try call(attempts: attempts, idempotent: false) { .propose(id: $0, command: command) }
     }
 
-    /// A linearizable read through the leader.
+    /// A linearizable read through the leader (retried wherever it failed: reads change nothing).
     public func read(_ query: [UInt8], attempts: Int = 20) throws -> [UInt8] {
-        try call(attempts: attempts) { .read(id: $0, query: query) }
+        try call(attempts: attempts, idempotent: true) { .read(id: $0, query: query) }
     }
 
     /// Reads `node`'s own state machine, whatever its role: possibly stale, never linearizable.
@@ -61,27 +68,36 @@ public final class NodeClient {
     /// The node this client is talking to (the leader, after a successful call).
     public var current: NodeID? { connectedTo }
 
-    func call(attempts: Int, _ make: (UInt64) -> ClientFrame) throws -> [UInt8] {
+    func call(attempts: Int, idempotent: Bool, _ make: (UInt64) -> ClientFrame) throws -> [UInt8] {
         var target = connectedTo ?? endpoints.keys.sorted().first!
         var last = "no attempt made"
         for attempt in 0..<attempts {
             let answer: ClientFrame
             let id = nextID
             nextID += 1
+            var connected = false
             do {
                 try connect(target)
+                connected = true
                 try send(make(id))
                 answer = try receive()
             } catch {
-                // Unreachable or cut off: try the next member below.
                 last = "\(error)"
                 disconnect()
+                // Cut off after (part of) the request went out: a leader may have it.
+                if connected && !idempotent {
+                    throw Failure(description: "\(error); the command may or may not have taken effect", outcomeUnknown: true)
+                }
+                // Unreachable: try the next member below.
                 target = nextEndpoint(after: target, attempt: attempt)
                 continue
             }
             switch answer {
             case let .ok(rid, result) where rid == id:
                 return result
+            case let .error(_, code, _, message) where !idempotent && (code == .timedOut || code == .stopped):
+                // "stopped" may come from a leader that was replicating the command as it stopped.
+                throw Failure(description: "node \(target): \(message)", outcomeUnknown: true)
             case let .error(_, code, leader, message) where code == .notLeader || code == .superseded || code == .stopped:
                 // Leadership is moving: follow the hint, else try the next member.
                 last = "node \(target): \(message)"
@@ -110,7 +126,12 @@ public final class NodeClient {
     // MARK: Socket
 
     func connect(_ node: NodeID) throws {
-        if connectedTo == node && fd >= 0 { return }
+        if connectedTo == node && fd >= 0 {
+            // Reuse the connection unless the node closed it meanwhile (it restarted, or dropped
+            // an idle client): a request sent into a dead connection would look lost in flight.
+            var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+            if poll(&p, 1, 0) == 0 { return }
+        }
         disconnect()
         guard let address = endpoints[node] else { throw Failure(description: "node \(node) has no client address") }
         let colon = address.lastIndex(of: ":")!

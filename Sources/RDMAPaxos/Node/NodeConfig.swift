@@ -72,6 +72,7 @@ public struct NodeConfig: Sendable, Equatable {
 
     /// Parses config text (`file` only names it in errors).
     public static func parse(_ text: String, file: String) throws(ConfigError) -> NodeConfig {
+        try checkTableHeaders(text, file: file)
         let table: TOMLTable
         do {
             table = try TOMLTable(string: text)
@@ -121,6 +122,23 @@ public struct NodeConfig: Sendable, Equatable {
         try r.finish()
         try c.validate(file: file)
         return c
+    }
+
+    /// The TOML parser (toml++ inside TOMLKit) aborts the process on a table header whose name
+    /// starts with anything but a key character or a quote (`[`, `[=]`, `[.a]`, `[é]`), so those
+    /// are refused here first. Lines inside multi-line arrays that start with `[` followed by
+    /// such a character are refused too; no plover key takes an array.
+    static func checkTableHeaders(_ text: String, file: String) throws(ConfigError) {
+        for (n, line) in text.split(separator: "\n", omittingEmptySubsequences: false).enumerated() {
+            var rest = line.drop { $0 == " " || $0 == "\t" }
+            guard rest.first == "[" else { continue }
+            rest = rest.dropFirst()
+            if rest.first == "[" { rest = rest.dropFirst() }
+            rest = rest.drop { $0 == " " || $0 == "\t" }
+            if let c = rest.unicodeScalars.first, c.isASCII,
+               c.properties.isAlphabetic || ("0"..."9").contains(c) || "_-\"']".unicodeScalars.contains(c) { continue }
+            throw ConfigError(file: file, key: nil, problem: "not valid TOML at line \(n + 1): a table header needs a name ([name] or [[name]])")
+        }
     }
 
     func validate(file: String) throws(ConfigError) {

@@ -1,0 +1,79 @@
+import Foundation
+import PloverCheck
+import Testing
+@testable import plover
+import RDMAPaxos
+
+extension EndToEnd {
+    /// Jepsen-style runs against real replica processes: clients read and write registers while a
+    /// nemesis kills (SIGKILL) and pauses (SIGSTOP) replicas, then the recorded history is checked
+    /// for linearizability and every acknowledged write is looked up on every replica.
+    ///
+    /// CI runs a short campaign (20 leader kills). Longer ones (docs/reliability.md):
+    ///
+    ///     NEMESIS_KILLS=500 swift test --filter NemesisTests
+    ///
+    /// `NEMESIS_REPLICAS` (default 3; 5 kills two at once), `NEMESIS_CLIENTS` (4) and
+    /// `NEMESIS_SEED` (fault schedule and workload mix; random by default, printed) change the run.
+    @Suite(.serialized, .timeLimit(.minutes(NemesisSettings.minutesAllowed))) struct NemesisTests {
+        static let environment = NemesisSettings.environment
+        static let leaderKills = NemesisSettings.leaderKills
+        static let replicas = NemesisSettings.replicas
+        static let clients = NemesisSettings.clients
+
+        @Test func killsAndPausesLoseNoAcknowledgedWriteAndTheHistoryIsLinearizable() async throws {
+            let seed = Self.environment["NEMESIS_SEED"].flatMap { UInt64($0) } ?? UInt64.random(in: 1...UInt64(UInt32.max))
+            try await EndToEnd.onCluster("nemesis", replicas: Self.replicas) { c, checks -> Void in
+                _ = try c.waitForLeader(excluding: nil)
+                let load = RegisterWorkload(endpoints: c.endpoints, clients: Self.clients, keys: 5)
+                load.begin(seed: seed)
+                var nemesis = Nemesis(seed: seed)
+                try nemesis.run(on: c, leaderKillsWanted: Self.leaderKills) { print($0) }
+                Thread.sleep(forTimeInterval: 0.3)
+                load.end()
+                try c.waitConverged()
+                load.finalReads()
+
+                // Every acknowledged write to a fresh key is on every replica.
+                let acked = load.acknowledgedUniqueWrites
+                let client = NodeClient(endpoints: c.endpoints)
+                var lost = 0
+                for id in c.ids {
+                    lost += try acked.filter { try client.localRead(Array($0.key.utf8), at: id).decodedValue != $0.value }.count
+                }
+                // Every replica holds the same registers, and they are what the final reads returned.
+                let history = load.operations
+                for key in load.keys {
+                    let values = try c.ids.map { try client.localRead(Array(key.utf8), at: $0).decodedValue }
+                    checks.expect(Set(values).count == 1, "replicas disagree on \(key): \(values)")
+                    let final = history.last { $0.key == key && $0.process == Self.clients }
+                    checks.expect(final.map { $0.kind == .read(values[0]) && $0.isComplete } == true, "final read of \(key): \(String(describing: final))")
+                }
+
+                let report = LinearizabilityChecker<String, String>().check(history)
+                let unknown = history.filter { !$0.isComplete }.count
+                print("""
+                    nemesis seed \(seed): \(nemesis.summary); \(history.count) register operations \
+                    (\(unknown) with unknown outcome), \(report.operationsChecked) checked in \(report.steps) search steps; \
+                    \(acked.count) acknowledged fresh-key writes, \(lost) missing on some replica
+                    """)
+                checks.expect(nemesis.leaderKills >= Self.leaderKills)
+                checks.expect(acked.count > 20, "the clients made too little progress to prove anything")
+                checks.expect(history.count - unknown > 200, "the clients made too little progress to prove anything")
+                checks.expect(lost == 0, "\(lost) acknowledged writes missing (seed \(seed))")
+                checks.expect(report.undecided.isEmpty, "the checker gave up on \(report.undecided) (seed \(seed))")
+                for v in report.violations { checks.record("not linearizable (seed \(seed)): \(v)") }
+            }
+        }
+    }
+}
+
+/// The campaign's size, from the environment.
+enum NemesisSettings {
+    static let environment = ProcessInfo.processInfo.environment
+    static let leaderKills = environment["NEMESIS_KILLS"].flatMap { Int($0) } ?? 20
+    static let replicas = environment["NEMESIS_REPLICAS"].flatMap { Int($0) } ?? 3
+    static let clients = environment["NEMESIS_CLIENTS"].flatMap { Int($0) } ?? 4
+    /// About 1.5 s per leader kill, doubled, plus set-up.
+    static let minutesAllowed = 3 + leaderKills / 20
+}
