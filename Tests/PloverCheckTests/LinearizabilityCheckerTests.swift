@@ -110,19 +110,19 @@ func linearizable(_ h: [Op], initial: [String: Int] = [:]) -> Bool {
     /// answer to a value never written must be caught.
     @Test(arguments: [1, 2, 3, 4, 5] as [UInt64])
     func randomConcurrentHistoriesAreAcceptedAndCorruptedOnesRejected(seed: UInt64) async throws {
-        var rng = SplitMix(seed)
+        var rng = Fuzzer(seed: seed)
         var h: [Op] = []
         var value: Int?
         var nextValue = 1
         var t: UInt64 = 1_000
         for _ in 0..<600 {
-            t += rng.next(20)
-            let before = rng.next(60), after = rng.next(60)
-            let p = Int(rng.next(8))
-            switch rng.next(10) {
+            t += UInt64(rng.below(20))
+            let before = UInt64(rng.below(60)), after = UInt64(rng.below(60))
+            let p = rng.below(8)
+            switch rng.below(10) {
             case 0..<4:
                 value = nextValue
-                let answered = rng.next(10) != 0
+                let answered = rng.below(10) != 0
                 h.append(w(p, "k", nextValue, t - before, answered ? t + after : nil))
                 nextValue += 1
             case 4:
@@ -136,7 +136,7 @@ func linearizable(_ h: [Op], initial: [String: Int] = [:]) -> Bool {
         }
         let reads = h.indices.filter { if case .read = h[$0].kind { true } else { false } }
         var bad = h
-        let victim = reads[Int(rng.next(UInt64(reads.count)))]
+        let victim = reads[rng.below(reads.count)]
         bad[victim].kind = .read(-1)
         // Searches take a while: off the threads that run the other tests' async work.
         let (good, refuted) = try await onOwnThread { [h, bad] in
@@ -155,17 +155,5 @@ func linearizable(_ h: [Op], initial: [String: Int] = [:]) -> Bool {
         h.append(r(99, "x", -1, 50, 60))
         let report = LinearizabilityChecker<String, Int>(stepBudget: 10).check(h)
         #expect(report.undecided == ["x"] && !report.isLinearizable)
-    }
-}
-
-struct SplitMix {
-    var state: UInt64
-    init(_ seed: UInt64) { state = seed }
-    mutating func next(_ bound: UInt64) -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return (z ^ (z >> 31)) % bound
     }
 }

@@ -74,7 +74,7 @@ struct RingCluster {
         let c = try await RingCluster.make(kind, nodes: [1, 2], ringBytes: 1024)
         defer { c.stop() }
         let sender = c.transports[1]!
-        var rng = SplitMix(seed: 7)
+        var rng = SeededRandom(seed: 7)
         var messages: [Message] = []
         var bytes = 0
         for i in 0..<1500 {

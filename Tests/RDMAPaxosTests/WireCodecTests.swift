@@ -79,7 +79,7 @@ func everyKindOfMessage(from: NodeID = 1, to: NodeID = 2, term: UInt64 = 7) -> [
     /// Seeded garbage and seeded mutations of valid messages: decoding throws or returns, never traps or hangs.
     @Test(arguments: [1, 2, 3, 42] as [UInt64])
     func randomBytesNeverCrashTheDecoder(seed: UInt64) {
-        var rng = SplitMix(seed: seed)
+        var rng = SeededRandom(seed: seed)
         let valid = everyKindOfMessage().map(WireCodec.encode)
         var decoded = 0
         for round in 0..<3000 {
@@ -100,15 +100,3 @@ func everyKindOfMessage(from: NodeID = 1, to: NodeID = 2, term: UInt64 = 7) -> [
     }
 }
 
-/// Small deterministic generator for seeded tests.
-struct SplitMix: RandomNumberGenerator {
-    var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-}
