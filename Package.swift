@@ -59,7 +59,7 @@ let package = Package(
         .target(name: "Interpose", path: "Sources/Interpose"),
         // Test support with no dependencies: a linearizability checker for register histories and
         // a seeded input fuzzer (used by the bad-input and end-to-end tests).
-        .target(name: "PloverCheck"),
+        .target(name: "PloverCheck", dependencies: ["RDMAPaxosCore"]),
 
         .executableTarget(
             name: "plover",

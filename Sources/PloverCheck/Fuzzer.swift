@@ -1,18 +1,14 @@
+import RDMAPaxosCore
+
 /// Seeded random inputs and mutations for bad-input tests: deterministic for a seed, so a
 /// failing input can be replayed from its seed and iteration.
 public struct Fuzzer: Sendable {
-    private var state: UInt64
+    private var random: SeededRandom
 
-    public init(seed: UInt64) { state = seed }
+    public init(seed: UInt64) { random = SeededRandom(seed: seed) }
 
-    /// SplitMix64.
-    public mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
+    /// The core's SplitMix64 sequence for this seed.
+    public mutating func next() -> UInt64 { random.next() }
 
     /// Uniform in 0..<n (n > 0).
     public mutating func below(_ n: Int) -> Int {

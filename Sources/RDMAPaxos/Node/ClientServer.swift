@@ -3,39 +3,19 @@ import NIOPosix
 
 /// Serves the client protocol (`ClientFrame`) for one `ReplicaNode` on a TCP address.
 public final class ClientServer: Sendable {
-    let group: MultiThreadedEventLoopGroup
-    let channel: any Channel
-    /// The address actually bound (useful when asked for port 0).
-    public let boundPort: Int
+    let listener: TCPListener
+    /// The port actually bound (useful when asked for port 0).
+    public var boundPort: Int { listener.boundPort }
 
     public static func start(node: ReplicaNode, host: String, port: Int) throws -> ClientServer {
-        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
-        do {
-            let channel = try ServerBootstrap(group: group)
-                .serverChannelOption(.backlog, value: 256)
-                .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
-                .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
-                .childChannelInitializer { ch in
-                    ch.eventLoop.makeCompletedFuture { try ch.pipeline.syncOperations.addHandler(ClientFrameHandler(node: node)) }
-                }
-                .bind(host: host, port: port).wait()
-            return ClientServer(group: group, channel: channel)
-        } catch {
-            try? group.syncShutdownGracefully()
-            throw error
-        }
+        ClientServer(listener: try TCPListener(host: host, port: port, backlog: 256) { ch in
+            try ch.pipeline.syncOperations.addHandler(ClientFrameHandler(node: node))
+        })
     }
 
-    init(group: MultiThreadedEventLoopGroup, channel: any Channel) {
-        self.group = group
-        self.channel = channel
-        boundPort = channel.localAddress?.port ?? 0
-    }
+    init(listener: TCPListener) { self.listener = listener }
 
-    public func stop() {
-        try? channel.close().wait()
-        try? group.syncShutdownGracefully()
-    }
+    public func stop() { listener.stop() }
 }
 
 /// Splits the byte stream into frames and answers each one when the node does.

@@ -7,41 +7,20 @@ import Prometheus
 /// every other path is 404 and other methods on `/metrics` are 405. Plain HTTP/1.1 without
 /// authentication: bind it to loopback unless the network in between is trusted.
 public final class MetricsEndpoint: Sendable {
-    let group: MultiThreadedEventLoopGroup
-    let channel: any Channel
+    let listener: TCPListener
     /// The port actually bound (useful when asked for port 0).
-    public let boundPort: Int
+    public var boundPort: Int { listener.boundPort }
 
     public static func start(host: String, port: Int, registry: PrometheusCollectorRegistry) throws -> MetricsEndpoint {
-        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
-        do {
-            let channel = try ServerBootstrap(group: group)
-                .serverChannelOption(.backlog, value: 32)
-                .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
-                .childChannelInitializer { ch in
-                    ch.eventLoop.makeCompletedFuture {
-                        try ch.pipeline.syncOperations.configureHTTPServerPipeline(withErrorHandling: true)
-                        try ch.pipeline.syncOperations.addHandler(MetricsHTTPHandler(registry: registry))
-                    }
-                }
-                .bind(host: unbracketed(host), port: port).wait()
-            return MetricsEndpoint(group: group, channel: channel)
-        } catch {
-            try? group.syncShutdownGracefully()
-            throw error
-        }
+        MetricsEndpoint(listener: try TCPListener(host: unbracketed(host), port: port, backlog: 32) { ch in
+            try ch.pipeline.syncOperations.configureHTTPServerPipeline(withErrorHandling: true)
+            try ch.pipeline.syncOperations.addHandler(MetricsHTTPHandler(registry: registry))
+        })
     }
 
-    init(group: MultiThreadedEventLoopGroup, channel: any Channel) {
-        self.group = group
-        self.channel = channel
-        boundPort = channel.localAddress?.port ?? 0
-    }
+    init(listener: TCPListener) { self.listener = listener }
 
-    public func stop() {
-        try? channel.close().wait()
-        try? group.syncShutdownGracefully()
-    }
+    public func stop() { listener.stop() }
 
     /// Whether `host` (a name or an address, IPv6 possibly in brackets) is this machine's loopback:
     /// `localhost`, 127.0.0.0/8 or ::1.
