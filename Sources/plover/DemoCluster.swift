@@ -24,9 +24,17 @@ final class DemoCluster {
 
     /// The `plover` executable that runs the replicas.
     let executable: String
+    /// TOML tables appended to every replica's config (e.g. a `[limits]` table for a test).
+    let extraConfig: String
+    /// Words put before `plover node …` when starting a replica, e.g. `ip netns exec NAME`
+    /// (which execs in place, so the process started is the replica itself).
+    let launchPrefix: (NodeID) -> [String]
+    /// Replicas started from now on get a disk-stall failpoint (`stallDisk`), for tests.
+    var diskStallFailpoints = false
 
     init(root: String, durability: String, witness: Bool = false, replicas: Int = 3, timing: Timing = Timing(),
-         executable: String = selfExecutable()) throws {
+         executable: String = selfExecutable(), extraConfig: String = "",
+         hosts: [NodeID: String] = [:], launchPrefix: @escaping (NodeID) -> [String] = { _ in [] }) throws {
         precondition(replicas >= 1 && replicas <= 9, "a demo cluster has 1 to 9 replicas")
         precondition(!witness || replicas == 3, "the witness shape has exactly three replicas")
         self.ids = (1...replicas).map { NodeID($0) }
@@ -35,6 +43,8 @@ final class DemoCluster {
         self.durability = durability
         self.witness = witness
         self.timing = timing
+        self.extraConfig = extraConfig
+        self.launchPrefix = launchPrefix
         let fm = FileManager.default
         try fm.createDirectory(atPath: root + "/data", withIntermediateDirectories: true)
         // A fresh random cluster key, readable by the owner only.
@@ -43,8 +53,11 @@ final class DemoCluster {
         let hex = key.map { String(format: "%02x", $0) }.joined()
         _ = fm.createFile(atPath: root + "/cluster.key", contents: Data((hex + "\n").utf8), attributes: [.posixPermissions: 0o600])
         for id in ids {
-            peers[id] = "127.0.0.1:\(try freePort())"
-            endpoints[id] = "127.0.0.1:\(try freePort())"
+            // Ports are picked free on this host's loopback; in a namespace of its own a replica's
+            // address is unused anyway.
+            let host = hosts[id] ?? "127.0.0.1"
+            peers[id] = "\(host):\(try freePort())"
+            endpoints[id] = "\(host):\(try freePort())"
         }
         for id in ids { try config(for: id).write(toFile: configPath(id), atomically: true, encoding: .utf8) }
     }
@@ -79,15 +92,19 @@ final class DemoCluster {
 
                 """
         }
-        return s
+        return s + (extraConfig.isEmpty ? "" : "\n" + extraConfig)
     }
 
     func startAll() throws { for id in ids { try start(id) } }
 
     func start(_ id: NodeID) throws {
         let p = Process()
-        p.executableURL = URL(fileURLWithPath: executable)
-        p.arguments = ["node", "--config", configPath(id)]
+        let command = launchPrefix(id) + [executable, "node", "--config", configPath(id)]
+        p.executableURL = URL(fileURLWithPath: command[0])
+        p.arguments = Array(command.dropFirst())
+        if diskStallFailpoints {
+            p.environment = ProcessInfo.processInfo.environment.merging(["PLOVER_FAULT_DISK_STALL_FILE": stallFile(id)]) { $1 }
+        }
         let logPath = root + "/node-\(id).log"
         if !FileManager.default.fileExists(atPath: logPath) { _ = FileManager.default.createFile(atPath: logPath, contents: nil) }
         let log = try FileHandle(forWritingTo: URL(fileURLWithPath: logPath))
@@ -123,6 +140,17 @@ final class DemoCluster {
     }
 
     func dataDir(_ id: NodeID) -> String { root + "/data/\(id)" }
+    func stallFile(_ id: NodeID) -> String { root + "/stall-disk-\(id)" }
+
+    /// Stalls (or releases) replica `id`'s stable log: no write completes while stalled. Needs
+    /// `diskStallFailpoints` set before the replica started.
+    func stallDisk(_ id: NodeID, _ stalled: Bool) {
+        if stalled {
+            _ = FileManager.default.createFile(atPath: stallFile(id), contents: nil)
+        } else {
+            try? FileManager.default.removeItem(atPath: stallFile(id))
+        }
+    }
     func logPath(_ id: NodeID) -> String { root + "/node-\(id).log" }
 
     func kill(_ id: NodeID) {

@@ -13,17 +13,26 @@ extension EndToEnd {
             return d
         }
 
-        /// The test bundle runs inside the test runner; the replicas are started from the built `plover`.
-        static func withCluster<T>(_ name: String, witness: Bool = false, replicas: Int = 3, _ body: (DemoCluster) throws -> T) throws -> T {
-            let root = scratch(name)
+        /// The test bundle runs inside the test runner; the replicas are started from the built
+        /// `plover` next to it.
+        static func ploverExecutable() throws -> String {
             let exe = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent()
             let plover = [exe.appendingPathComponent("plover").path, exe.deletingLastPathComponent().appendingPathComponent("plover").path]
                 .first { FileManager.default.isExecutableFile(atPath: $0) }
             guard let plover else {
                 throw CLIError("the plover executable is not built next to the tests; run `swift build` first (make test does)")
             }
-            let c = try DemoCluster(root: root, durability: "fsync", witness: witness, replicas: replicas, executable: plover)
+            return plover
+        }
+
+        static func withCluster<T>(_ name: String, witness: Bool = false, replicas: Int = 3, extraConfig: String = "",
+                                  diskStallFailpoints: Bool = false, _ body: (DemoCluster) throws -> T) throws -> T {
+            let root = scratch(name)
+            let plover = try ploverExecutable()
+            let c = try DemoCluster(root: root, durability: "fsync", witness: witness, replicas: replicas, executable: plover,
+                                     extraConfig: extraConfig)
             defer { c.stopAll() }
+            c.diskStallFailpoints = diskStallFailpoints
             try c.startAll()
             let result = try body(c)
             // Kept when the body threw: the error names the node logs in it.

@@ -11,12 +11,13 @@ import Testing
 /// The body reports through `Checks`, recorded as the test's issues once it returns.
 @Suite(.serialized) enum EndToEnd {
     /// Starts a cluster (`ClusterProcessTests.withCluster`) and runs `body` on it off the shared threads.
-    static func onCluster<T: Sendable>(_ name: String, witness: Bool = false, replicas: Int = 3,
-                                       _ body: @escaping @Sendable (DemoCluster, Checks) throws -> T) async throws -> T {
+    static func onCluster<T: Sendable>(_ name: String, witness: Bool = false, replicas: Int = 3, extraConfig: String = "",
+                                       diskStallFailpoints: Bool = false, _ body: @escaping @Sendable (DemoCluster, Checks) throws -> T) async throws -> T {
         let checks = Checks()
         defer { checks.recordIssues() }
         return try await onOwnThread {
-            try ClusterProcessTests.withCluster(name, witness: witness, replicas: replicas) { try body($0, checks) }
+            try ClusterProcessTests.withCluster(name, witness: witness, replicas: replicas, extraConfig: extraConfig,
+                                                diskStallFailpoints: diskStallFailpoints) { try body($0, checks) }
         }
     }
 }

@@ -3,6 +3,7 @@ import PloverCheck
 @testable import plover
 import RDMAPaxos
 import Synchronization
+import Testing
 
 typealias KVOperation = RegisterOperation<String, String>
 
@@ -110,6 +111,45 @@ final class RegisterWorkload: @unchecked Sendable {
 extension [UInt8] {
     /// A key-value result as a string: nil when the key was absent.
     var decodedValue: String? { KeyValueStateMachine.decodeResult(self).map { String(decoding: $0, as: UTF8.self) } }
+}
+
+extension RegisterWorkload {
+    /// After a fault campaign: waits for the replicas to converge, reads every register once more,
+    /// then checks that every acknowledged fresh-key write is on every replica, that the replicas
+    /// agree on every register, and that the history is linearizable.
+    func verifyAfterFaults(on c: DemoCluster, clients: Int, seed: UInt64, faults: String, _ checks: Checks) throws {
+        try c.waitConverged()
+        finalReads()
+
+        // Every acknowledged write to a fresh key is on every replica.
+        let acked = acknowledgedUniqueWrites
+        let client = NodeClient(endpoints: c.endpoints)
+        var lost = 0
+        for id in c.ids {
+            lost += try acked.filter { try client.localRead(Array($0.key.utf8), at: id).decodedValue != $0.value }.count
+        }
+        // Every replica holds the same registers, and they are what the final reads returned.
+        let history = operations
+        for key in keys {
+            let values = try c.ids.map { try client.localRead(Array(key.utf8), at: $0).decodedValue }
+            checks.expect(Set(values).count == 1, "replicas disagree on \(key): \(values)")
+            let final = history.last { $0.key == key && $0.process == clients }
+            checks.expect(final.map { $0.kind == .read(values[0]) && $0.isComplete } == true, "final read of \(key): \(String(describing: final))")
+        }
+
+        let report = LinearizabilityChecker<String, String>().check(history)
+        let unknown = history.filter { !$0.isComplete }.count
+        print("""
+            nemesis seed \(seed): \(faults); \(history.count) register operations \
+            (\(unknown) with unknown outcome), \(report.operationsChecked) checked in \(report.steps) search steps; \
+            \(acked.count) acknowledged fresh-key writes, \(lost) missing on some replica
+            """)
+        checks.expect(acked.count > 20, "the clients made too little progress to prove anything")
+        checks.expect(history.count - unknown > 200, "the clients made too little progress to prove anything")
+        checks.expect(lost == 0, "\(lost) acknowledged writes missing (seed \(seed))")
+        checks.expect(report.undecided.isEmpty, "the checker gave up on \(report.undecided) (seed \(seed))")
+        for v in report.violations { checks.record("not linearizable (seed \(seed)): \(v)") }
+    }
 }
 
 /// Faults against real replica processes: SIGKILL of the leader or of a random replica followed

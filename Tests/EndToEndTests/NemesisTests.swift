@@ -31,38 +31,8 @@ extension EndToEnd {
                 try nemesis.run(on: c, leaderKillsWanted: Self.leaderKills) { print($0) }
                 Thread.sleep(forTimeInterval: 0.3)
                 load.end()
-                try c.waitConverged()
-                load.finalReads()
-
-                // Every acknowledged write to a fresh key is on every replica.
-                let acked = load.acknowledgedUniqueWrites
-                let client = NodeClient(endpoints: c.endpoints)
-                var lost = 0
-                for id in c.ids {
-                    lost += try acked.filter { try client.localRead(Array($0.key.utf8), at: id).decodedValue != $0.value }.count
-                }
-                // Every replica holds the same registers, and they are what the final reads returned.
-                let history = load.operations
-                for key in load.keys {
-                    let values = try c.ids.map { try client.localRead(Array(key.utf8), at: $0).decodedValue }
-                    checks.expect(Set(values).count == 1, "replicas disagree on \(key): \(values)")
-                    let final = history.last { $0.key == key && $0.process == Self.clients }
-                    checks.expect(final.map { $0.kind == .read(values[0]) && $0.isComplete } == true, "final read of \(key): \(String(describing: final))")
-                }
-
-                let report = LinearizabilityChecker<String, String>().check(history)
-                let unknown = history.filter { !$0.isComplete }.count
-                print("""
-                    nemesis seed \(seed): \(nemesis.summary); \(history.count) register operations \
-                    (\(unknown) with unknown outcome), \(report.operationsChecked) checked in \(report.steps) search steps; \
-                    \(acked.count) acknowledged fresh-key writes, \(lost) missing on some replica
-                    """)
+                try load.verifyAfterFaults(on: c, clients: Self.clients, seed: seed, faults: nemesis.summary, checks)
                 checks.expect(nemesis.leaderKills >= Self.leaderKills)
-                checks.expect(acked.count > 20, "the clients made too little progress to prove anything")
-                checks.expect(history.count - unknown > 200, "the clients made too little progress to prove anything")
-                checks.expect(lost == 0, "\(lost) acknowledged writes missing (seed \(seed))")
-                checks.expect(report.undecided.isEmpty, "the checker gave up on \(report.undecided) (seed \(seed))")
-                for v in report.violations { checks.record("not linearizable (seed \(seed)): \(v)") }
             }
         }
     }

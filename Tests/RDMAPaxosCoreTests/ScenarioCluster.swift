@@ -20,6 +20,7 @@ struct ScenarioCluster {
     var stalled: Set<NodeID> = []
     var output: [String] = []
     var seed: UInt64 = 1
+    var snapshotChunkBytes: Int?
 
     var ids: [NodeID] { nodes.keys.sorted() }
 
@@ -28,6 +29,7 @@ struct ScenarioCluster {
         c.electionTimeoutTicks = 10
         c.heartbeatTicks = 1
         c.diskStallTicks = 5
+        if let n = snapshotChunkBytes { c.snapshotChunkBytes = n }
         return c
     }
 

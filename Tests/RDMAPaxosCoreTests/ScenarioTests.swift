@@ -87,6 +87,10 @@ func run(_ command: String, on c: inout ScenarioCluster, file: String, line: Int
         let start = c.nodes.count + 1
         let witness = option("witness").flatMap(NodeID.init)
         let learner = option("learner").flatMap(NodeID.init)
+        if let chunk = option("chunk") {
+            guard let n = Int(chunk), n > 0 else { throw bad("chunk= needs a positive byte count") }
+            c.snapshotChunkBytes = n
+        }
         var priorities: [NodeID: UInt8] = [:]
         for p in (option("priority") ?? "").split(separator: ",") {
             let kv = p.split(separator: ":")
@@ -121,6 +125,12 @@ func run(_ command: String, on c: inout ScenarioCluster, file: String, line: Int
     case "tick-all":
         for _ in 0..<(option("n").flatMap(Int.init) ?? 1) {
             for id in c.ids where c.nodes[id]!.replica != nil { c.with(id) { $0.tick() } }
+        }
+    case "tick-stabilize":
+        // Ticks every live node and delivers everything after each tick.
+        for _ in 0..<(option("n").flatMap(Int.init) ?? 1) {
+            for id in c.ids where c.nodes[id]!.replica != nil { c.with(id) { $0.tick() } }
+            c.stabilize()
         }
     case "partition":
         let group = Set(try args.indices.map { try node($0) })

@@ -215,8 +215,8 @@ struct RingCluster {
         let c = try await RingCluster.make(kind, nodes: [1, 2], ringBytes: 1024)
         defer { c.stop() }
         let t = c.transports[1]!
-        t.send(Message(from: 1, to: 2, ballot: .zero, body: .installSnapshot(
-            Snapshot(index: 1, ballot: .zero, membership: .empty, data: [UInt8](repeating: 1, count: 600)))))
+        t.send(Message(from: 1, to: 2, ballot: .zero, body: .installSnapshot(SnapshotChunk(whole:
+            Snapshot(index: 1, ballot: .zero, membership: .empty, data: [UInt8](repeating: 1, count: 600))))))
         t.send(Message(from: 1, to: 9, ballot: .zero, body: .timeoutNow))
         #expect(t.statistics.droppedTooLarge == 1)
         #expect(t.statistics.droppedUnknownPeer == 1)

@@ -20,8 +20,10 @@ func everyKindOfMessage(from: NodeID = 1, to: NodeID = 2, term: UInt64 = 7) -> [
         .accepted(success: true, index: 13),
         .heartbeat(commit: 12, readRound: 99),
         .heartbeatReply(readRound: 99),
-        .installSnapshot(Snapshot(index: 100, ballot: b, membership: membership, data: [1, 2, 3, 255])),
+        .installSnapshot(SnapshotChunk(whole: Snapshot(index: 100, ballot: b, membership: membership, data: [1, 2, 3, 255]))),
+        .installSnapshot(SnapshotChunk(index: 100, ballot: b, membership: membership, totalBytes: 1 << 30, offset: 1 << 20, data: [9, 8])),
         .timeoutNow,
+        .snapshotReceived(index: 100, bytes: 1 << 20),
         .promise(granted: true, suffixPrevBallot: Ballot(term: 1, node: 1), suffix: [LogEntry(index: 8, ballot: Ballot(term: 2, node: 1), kind: .command, payload: [1, 2])]),
     ]
     return bodies.map { Message(from: from, to: to, ballot: b, body: $0) }
@@ -30,7 +32,7 @@ func everyKindOfMessage(from: NodeID = 1, to: NodeID = 2, term: UInt64 = 7) -> [
 @Suite struct WireCodecTests {
     @Test func everyBodyCaseRoundTrips() throws {
         let messages = everyKindOfMessage()
-        #expect(Set(messages.map { WireCodec.tag($0.body) }).count == 10)
+        #expect(Set(messages.map { WireCodec.tag($0.body) }).count == 11)
         for m in messages {
             #expect(try WireCodec.decode(WireCodec.encode(m)) == m)
         }
@@ -52,7 +54,7 @@ func everyKindOfMessage(from: NodeID = 1, to: NodeID = 2, term: UInt64 = 7) -> [
 
     @Test func unknownVersionTagAndBooleanAreRejected() {
         var bytes = WireCodec.encode(Message(from: 1, to: 2, ballot: .zero, body: .promise(granted: true, suffixPrevBallot: .zero, suffix: [])))
-        var v = bytes; v[0] = 2
+        var v = bytes; v[0] = WireCodec.version + 1
         #expect(throws: DecodeError.self) { try WireCodec.decode(v) }
         var t = bytes; t[1] = 200
         #expect(throws: DecodeError.self) { try WireCodec.decode(t) }
@@ -69,9 +71,23 @@ func everyKindOfMessage(from: NodeID = 1, to: NodeID = 2, term: UInt64 = 7) -> [
         #expect(try WireCodec.decode(bytes, limits: .init(entriesMax: 3)) == m)
     }
 
+    @Test func snapshotChunkOutsideItsSnapshotIsRejected() throws {
+        func chunk(total: UInt64, offset: UInt64, data: [UInt8]) -> [UInt8] {
+            var w = ByteWriter()
+            w.u8(WireCodec.version); w.u8(9); w.u32(1); w.u32(2); w.ballot(.zero)
+            w.u64(5); w.ballot(.zero); w.blob(Membership.empty.encoded()); w.u64(total); w.u64(offset); w.blob(data)
+            return w.bytes
+        }
+        #expect(throws: DecodeError.self) { try WireCodec.decode(chunk(total: 4, offset: 3, data: [1, 2])) }
+        #expect(throws: DecodeError.self) { try WireCodec.decode(chunk(total: 4, offset: 5, data: [])) }
+        #expect(throws: DecodeError.self) { try WireCodec.decode(chunk(total: .max, offset: 0, data: [])) }
+        let ok = try WireCodec.decode(chunk(total: 4, offset: 2, data: [1, 2]))
+        #expect(ok.body == .installSnapshot(SnapshotChunk(index: 5, ballot: .zero, membership: .empty, totalBytes: 4, offset: 2, data: [1, 2])))
+    }
+
     @Test func hugeClaimedEntryCountFailsWithoutAllocating() {
         var w = ByteWriter()
-        w.u8(1); w.u8(5); w.u32(1); w.u32(2); w.ballot(.zero)
+        w.u8(WireCodec.version); w.u8(5); w.u32(1); w.u32(2); w.ballot(.zero)
         w.u64(0); w.ballot(.zero); w.u64(0); w.u32(60_000)
         #expect(throws: DecodeError.self) { try WireCodec.decode(w.bytes) }
     }

@@ -16,6 +16,9 @@ public struct ReplicaConfig: Sendable, Hashable {
     /// Most bytes of entries (payload plus per-entry framing) in one accept message. Keep it
     /// below what the transport carries in one message: the leader resends a dropped batch forever.
     public var batchBytesMax: Int = 256 << 10
+    /// Most snapshot bytes in one install-snapshot message. Like `batchBytesMax`, keep it below
+    /// what the transport carries in one message; larger snapshots go in several chunks.
+    public var snapshotChunkBytes: Int = 128 << 10
     /// Most accept messages in flight to one follower.
     public var inflightMessagesMax: Int = 64
     /// Most bytes of proposed-but-uncommitted payload the leader holds; beyond, proposals are refused.

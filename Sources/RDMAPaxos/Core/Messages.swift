@@ -16,6 +16,33 @@ public struct Snapshot: Hashable, Sendable {
     }
 }
 
+/// One piece of a snapshot on its way to a follower. Snapshots travel in chunks so that a state
+/// machine of any size fits through transports with a bounded message size: every chunk carries
+/// the snapshot's identity and configuration, and `data` holds bytes `offset ..< offset + data.count`
+/// of the snapshot's `totalBytes`.
+public struct SnapshotChunk: Hashable, Sendable {
+    public var index: LogIndex
+    public var ballot: Ballot
+    public var membership: Membership
+    public var totalBytes: Int
+    public var offset: Int
+    public var data: [UInt8]
+
+    public init(index: LogIndex, ballot: Ballot, membership: Membership, totalBytes: Int, offset: Int, data: [UInt8]) {
+        self.index = index
+        self.ballot = ballot
+        self.membership = membership
+        self.totalBytes = totalBytes
+        self.offset = offset
+        self.data = data
+    }
+
+    /// The chunk carrying a whole (small) snapshot.
+    public init(whole s: Snapshot) {
+        self.init(index: s.index, ballot: s.ballot, membership: s.membership, totalBytes: s.data.count, offset: 0, data: s.data)
+    }
+}
+
 /// What one replica says to another. Every message carries the sender's current ballot:
 /// a leader's own ballot, or the highest ballot a follower has promised.
 public struct Message: Hashable, Sendable {
@@ -50,8 +77,11 @@ public struct Message: Hashable, Sendable {
         /// Keeps followers from campaigning, carries the commit index and read-index rounds.
         case heartbeat(commit: LogIndex, readRound: UInt64)
         case heartbeatReply(readRound: UInt64)
-        /// Replaces the receiver's prefix when the leader no longer holds the entries it needs.
-        case installSnapshot(Snapshot)
+        /// Replaces the receiver's prefix when the leader no longer holds the entries it needs;
+        /// sent in chunks of at most `ReplicaConfig.snapshotChunkBytes`, one at a time.
+        case installSnapshot(SnapshotChunk)
+        /// The follower holds the first `bytes` bytes of snapshot `index`: send what follows.
+        case snapshotReceived(index: LogIndex, bytes: Int)
         /// Leader transfer: campaign now, ignoring the election timer.
         case timeoutNow
     }
@@ -71,7 +101,9 @@ extension Message: CustomStringConvertible {
         case let .accepted(s, i): body = "Accepted \(s ? "ok" : "reject") \(i)"
         case let .heartbeat(c, r): body = "Heartbeat commit=\(c)" + (r > 0 ? " read=\(r)" : "")
         case let .heartbeatReply(r): body = "HeartbeatReply" + (r > 0 ? " read=\(r)" : "")
-        case let .installSnapshot(s): body = "InstallSnapshot \(s.index)@\(s.ballot)"
+        case let .installSnapshot(c):
+            body = "InstallSnapshot \(c.index)@\(c.ballot)" + (c.totalBytes > c.data.count ? " bytes=\(c.offset)+\(c.data.count)/\(c.totalBytes)" : "")
+        case let .snapshotReceived(i, n): body = "SnapshotReceived \(i) bytes=\(n)"
         case .timeoutNow: body = "TimeoutNow"
         }
         return "\(from)->\(to) b=\(ballot) \(body)"

@@ -20,6 +20,9 @@ struct Progress: Sendable, Hashable {
     var recentActive = false
     /// Highest read round this follower acknowledged.
     var readAck: UInt64 = 0
+    /// Snapshot state: bytes the follower last said it holds, and the end of the last chunk sent.
+    var snapshotAcked = 0
+    var snapshotNext = 0
     /// Ticks since `match` last advanced while the follower lagged.
     var stalledTicks = 0
 

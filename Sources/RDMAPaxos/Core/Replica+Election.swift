@@ -45,6 +45,7 @@ extension Replica {
         leader = nil
         votes = [:]
         handedOver = [:]
+        snapshotInbox = nil
         resetElectionTimer()
         // Our own vote counts once our promise to ourselves is durable (see `persisted`).
         stepSelfVote = ballot

@@ -64,9 +64,11 @@ extension Replica {
             confirmReads()
             // Resend only what helps: a fresh probe, or entries not yet sent (in-flight ones will arrive).
             if pr.match < log.lastIndex, pr.state == .probe || pr.next <= log.lastIndex { sendAppend(to: m.from) }
-        case let .installSnapshot(s):
+        case let .installSnapshot(c):
             followLeader(m.from)
-            handleInstallSnapshot(from: m.from, s)
+            handleSnapshotChunk(from: m.from, c)
+        case let .snapshotReceived(index, bytes):
+            handleSnapshotReceived(from: m.from, index: index, bytes: bytes)
         case .timeoutNow:
             followLeader(m.from)
             if promotable && !diskStalled { becomeCandidate(force: true) }
@@ -115,11 +117,49 @@ extension Replica {
         send(from, .accepted(success: true, index: lastNew), afterPersist: true)
     }
 
-    mutating func handleInstallSnapshot(from: NodeID, _ s: Snapshot) {
-        guard s.index > commitIndex else {
+    /// Collects a snapshot's chunks in order; installs it when the last byte arrives. A chunk that
+    /// does not continue what we hold (lost, reordered, or from a newer snapshot) is answered with
+    /// what we hold, and the leader resends from there.
+    mutating func handleSnapshotChunk(from: NodeID, _ c: SnapshotChunk) {
+        guard c.index > commitIndex else {
+            snapshotInbox = nil
             send(from, .accepted(success: true, index: commitIndex), afterPersist: true)
             return
         }
+        if log.ballot(at: c.index) == c.ballot {
+            // We hold the snapshot's last entry, so (log matching) every entry it covers: they are
+            // committed, and ours to apply. Keep them: a witness's copies may be the only ones left
+            // besides the leader's snapshot.
+            snapshotInbox = nil
+            leaderMatch = max(leaderMatch, c.index)
+            commitIndex = max(commitIndex, c.index)
+            send(from, .accepted(success: true, index: c.index), afterPersist: true)
+            return
+        }
+        if c.offset == 0 {
+            snapshotInbox = SnapshotChunk(index: c.index, ballot: c.ballot, membership: c.membership,
+                                          totalBytes: c.totalBytes, offset: 0, data: [])
+        }
+        guard var inbox = snapshotInbox, inbox.index == c.index, inbox.ballot == c.ballot, inbox.totalBytes == c.totalBytes,
+              c.offset >= 0, c.offset <= inbox.data.count, c.offset + c.data.count <= c.totalBytes
+        else {
+            let held = snapshotInbox.map { $0.index == c.index && $0.ballot == c.ballot ? $0.data.count : 0 } ?? 0
+            send(from, .snapshotReceived(index: c.index, bytes: held))
+            return
+        }
+        // Overlapping resends add only their new tail.
+        let fresh = inbox.data.count - c.offset
+        if fresh < c.data.count { inbox.data.append(contentsOf: c.data[fresh...]) }
+        guard inbox.data.count == inbox.totalBytes else {
+            snapshotInbox = inbox
+            send(from, .snapshotReceived(index: c.index, bytes: inbox.data.count))
+            return
+        }
+        snapshotInbox = nil
+        handleInstallSnapshot(from: from, Snapshot(index: inbox.index, ballot: inbox.ballot, membership: inbox.membership, data: inbox.data))
+    }
+
+    mutating func handleInstallSnapshot(from: NodeID, _ s: Snapshot) {
         let point = SnapshotPoint(index: s.index, ballot: s.ballot)
         if log.ballot(at: s.index) != s.ballot, log.lastIndex > commitIndex {
             // Our suffix does not follow the snapshot: none of it can be kept.
@@ -186,13 +226,36 @@ extension Replica {
         progress[peer] = pr
     }
 
-    mutating func sendSnapshot(to peer: NodeID, _ pr: inout Progress) {
+    /// Sends the chunk of the current snapshot that starts at `offset` (a witness gets the
+    /// metadata only) and waits for the follower's answer before sending the next.
+    mutating func sendSnapshot(to peer: NodeID, _ pr: inout Progress, offset: Int = 0) {
         let witness = membership.member(peer)?.role == .witness
-        let s = Snapshot(index: log.snapshot.index, ballot: log.snapshot.ballot, membership: snapshotMembership,
-                         data: witness ? [] : snapshotData)
-        send(peer, .installSnapshot(s))
-        pr.state = .snapshot(index: s.index)
+        let total = witness ? 0 : snapshotData.count
+        let start = min(offset, total)
+        let end = min(total, start + max(1, config.snapshotChunkBytes))
+        let chunk = SnapshotChunk(index: log.snapshot.index, ballot: log.snapshot.ballot, membership: snapshotMembership,
+                                  totalBytes: total, offset: start, data: Array(snapshotData[start..<end]))
+        send(peer, .installSnapshot(chunk))
+        if case .snapshot(chunk.index) = pr.state {} else { pr.snapshotAcked = 0 }
+        pr.state = .snapshot(index: chunk.index)
+        pr.snapshotNext = end
         pr.stalledTicks = 0
+    }
+
+    /// A follower reports how much of a snapshot it holds: send the next chunk once it holds
+    /// everything sent so far (one chunk in flight); a lower count waits for the stall timer.
+    mutating func handleSnapshotReceived(from: NodeID, index: LogIndex, bytes: Int) {
+        guard role == .leader, var pr = progress[from], case let .snapshot(sending) = pr.state else { return }
+        pr.recentActive = true
+        if sending != log.snapshot.index {
+            // We compacted again since: start over with the new snapshot.
+            sendSnapshot(to: from, &pr)
+        } else if index == sending {
+            if bytes > pr.snapshotAcked { pr.stalledTicks = 0 }
+            pr.snapshotAcked = bytes
+            if bytes >= pr.snapshotNext, bytes < snapshotData.count { sendSnapshot(to: from, &pr, offset: bytes) }
+        }
+        progress[from] = pr
     }
 
     mutating func handleAccepted(from: NodeID, success: Bool, index: LogIndex) {
@@ -264,7 +327,12 @@ extension Replica {
             var limit = max(2, config.electionTimeoutTicks / 3)
             if case .snapshot = pr.state { limit = config.electionTimeoutTicks * 2 }
             pr.stalledTicks += 1
-            if pr.stalledTicks >= limit {
+            if pr.stalledTicks >= limit, case let .snapshot(i) = pr.state, i == log.snapshot.index,
+               pr.snapshotAcked < (membership.member(peer)?.role == .witness ? 0 : snapshotData.count) {
+                // A chunk or its answer was lost: resend from what the follower last said it holds.
+                sendSnapshot(to: peer, &pr, offset: pr.snapshotAcked)
+                progress[peer] = pr
+            } else if pr.stalledTicks >= limit {
                 pr.becomeProbe()
                 progress[peer] = pr
                 sendAppend(to: peer)

@@ -50,6 +50,8 @@ public struct Replica: Sendable {
     var handedOver: [NodeID: [LogEntry]] = [:]
     /// Index up to which this follower's log is known to equal the current leader's.
     var leaderMatch: LogIndex = 0
+    /// A snapshot arriving in chunks: its first chunk's header and the bytes received so far.
+    var snapshotInbox: SnapshotChunk?
 
     // Leadership.
     var progress: [NodeID: Progress] = [:]

@@ -1,4 +1,4 @@
-/// The binary form of a `Message` inside a ring record or any other transport (version 1;
+/// The binary form of a `Message` inside a ring record or any other transport (version 2;
 /// docs/design/fabric.md, "Fabric and rings"). Big-endian, built on the core's `ByteWriter`/`ByteReader`.
 ///
 /// ```
@@ -13,13 +13,15 @@
 ///  6 accepted       u8 success, u64 index
 ///  7 heartbeat      u64 commit, u64 readRound
 ///  8 heartbeatReply u64 readRound
-///  9 installSnapshot u64 index, ballot, u32 length + Membership.encoded(), u32 length + data
+///  9 installSnapshot u64 index, ballot, u32 length + Membership.encoded(), u64 totalBytes,
+///                   u64 offset, u32 length + data (one chunk; offset + length ≤ totalBytes)
 /// 10 timeoutNow     (nothing)
+/// 11 snapshotReceived u64 index, u64 bytes
 /// ```
 /// Decoding never traps: every length is checked against the bytes present and the limits
 /// below, booleans must be 0 or 1, and trailing bytes are an error.
 public enum WireCodec {
-    public static let version: UInt8 = 1
+    public static let version: UInt8 = 2
     /// Fixed part before the body: version, tag, from, to, ballot.
     static let headerBytes = 1 + 1 + 4 + 4 + 12
     /// Smallest encoded entry (empty payload); bounds `count` before allocating anything.
@@ -60,9 +62,11 @@ public enum WireCodec {
         case let .accepted(s, i): w.u8(s ? 1 : 0); w.u64(i)
         case let .heartbeat(c, r): w.u64(c); w.u64(r)
         case let .heartbeatReply(r): w.u64(r)
-        case let .installSnapshot(s):
-            w.u64(s.index); w.ballot(s.ballot); w.blob(s.membership.encoded()); w.blob(s.data)
+        case let .installSnapshot(c):
+            w.u64(c.index); w.ballot(c.ballot); w.blob(c.membership.encoded())
+            w.u64(UInt64(c.totalBytes)); w.u64(UInt64(c.offset)); w.blob(c.data)
         case .timeoutNow: break
+        case let .snapshotReceived(i, n): w.u64(i); w.u64(UInt64(n))
         }
         return w.bytes
     }
@@ -101,9 +105,18 @@ public enum WireCodec {
         case 9:
             let index = try r.u64(), b = try r.ballot()
             let m = try Membership(decoding: try r.blob(max: 1 << 20))
+            let total = try r.u64(), offset = try r.u64()
             let data = try r.blob(max: limits.snapshotBytesMax)
-            body = .installSnapshot(Snapshot(index: index, ballot: b, membership: m, data: data))
+            guard total <= UInt64(Int.max), offset <= total, UInt64(data.count) <= total - offset else {
+                throw DecodeError("message", "snapshot chunk \(offset)+\(data.count) lies outside its \(total) bytes")
+            }
+            body = .installSnapshot(SnapshotChunk(index: index, ballot: b, membership: m, totalBytes: Int(total),
+                                                  offset: Int(offset), data: data))
         case 10: body = .timeoutNow
+        case 11:
+            let index = try r.u64(), n = try r.u64()
+            guard n <= UInt64(Int.max) else { throw DecodeError("message", "snapshot byte count \(n) out of range") }
+            body = .snapshotReceived(index: index, bytes: Int(n))
         default: throw DecodeError("message", "unknown body tag \(tag)")
         }
         try r.finish()
@@ -149,13 +162,14 @@ public enum WireCodec {
         case .heartbeatReply: 8
         case .installSnapshot: 9
         case .timeoutNow: 10
+        case .snapshotReceived: 11
         }
     }
 
     private static func estimatedBodyBytes(_ b: Message.Body) -> Int {
         switch b {
         case let .accept(_, _, es, _): 40 + es.reduce(0) { $0 + entryBytesMin + $1.payload.count }
-        case let .installSnapshot(s): 64 + s.data.count + s.membership.members.count * 6
+        case let .installSnapshot(c): 80 + c.data.count + c.membership.members.count * 6
         default: 32
         }
     }

@@ -33,7 +33,10 @@ public final class ReplicaServer: Sendable {
         if c.durability != .memory {
             try FileManager.default.createDirectory(atPath: c.dataDir, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
         }
-        let log = try BerkeleyDBLog.open(path: c.dataDir, durability: c.durability)
+        var logOptions = BerkeleyDBLog.Options()
+        // Fault injection for stalled-disk tests (docs/reliability.md); unset in normal use.
+        logOptions.stallWhileFileExists = ProcessInfo.processInfo.environment["PLOVER_FAULT_DISK_STALL_FILE"]
+        let log = try BerkeleyDBLog.open(path: c.dataDir, durability: c.durability, options: logOptions)
         let snapshots: any SnapshotStore = c.durability == .memory
             ? MemorySnapshotStore() : FileSnapshotStore(directory: c.dataDir, sync: c.durability == .fsync)
 

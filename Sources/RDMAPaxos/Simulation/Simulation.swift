@@ -75,6 +75,8 @@ struct Simulation {
         c.heartbeatTicks = 2
         c.diskStallTicks = 8
         c.batchBytesMax = 64
+        // Small chunks: most snapshots the simulator sends travel in several pieces (one round trip each).
+        c.snapshotChunkBytes = 64
         c.inflightMessagesMax = 4
         return c
     }

@@ -20,6 +20,10 @@ public final class BerkeleyDBLog: StableLog, @unchecked Sendable {
         public var checkpointEveryBytes = 64 << 20
         /// `.memory` mode keeps everything in a cache of this size; appends fail when it is full.
         public var memoryBytesMax = 512 << 20
+        /// Fault injection for tests of stalled disks: while a file exists at this path, the
+        /// writer completes nothing (appends and other writes wait), as a hung disk would.
+        /// `plover node` sets it from the `PLOVER_FAULT_DISK_STALL_FILE` environment variable.
+        public var stallWhileFileExists: String?
         public init() {}
     }
 

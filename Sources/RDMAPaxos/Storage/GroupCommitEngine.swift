@@ -195,6 +195,7 @@ final class GroupCommitEngine: @unchecked Sendable {
             }
             let failure = state.failure
             cond.unlock()
+            waitWhileStalled()
 
             if let (c, w) = control {
                 if case .close = c {
@@ -219,6 +220,12 @@ final class GroupCommitEngine: @unchecked Sendable {
             cond.unlock()
             for done in completions { done(result) }
         }
+    }
+
+    /// The injected stall (`Options.stallWhileFileExists`): no write goes through while the file exists.
+    private func waitWhileStalled() {
+        guard let path = options.stallWhileFileExists else { return }
+        while FileManager.default.fileExists(atPath: path) { Thread.sleep(forTimeInterval: 0.01) }
     }
 
     private func commit(_ batch: [LogEntry]) -> Result<Void, StableLogError> {

@@ -1,0 +1,85 @@
+import Foundation
+@testable import plover
+import RDMAPaxos
+
+/// One network namespace per replica, each joined by a veth pair to a bridge in this host's
+/// namespace, made with `ip` (iproute2) and removed afterwards. The test process reaches every
+/// replica through the bridge; cutting a replica's link on the bridge side isolates it from its
+/// peers and from clients alike, as a pulled cable would, while the process keeps running.
+///
+/// Needs root (CAP_NET_ADMIN) and iproute2, as on the machines `make test` runs on. When either is
+/// missing, `make` fails with the `ip` command's own error rather than passing without the tests.
+final class NetworkLab {
+    let tag: String
+    let ids: [NodeID]
+    let subnet: Int
+    private(set) var made: [String] = []
+    private var bridgeMade = false
+
+    var bridge: String { "\(tag)b" }
+    func namespace(_ id: NodeID) -> String { "\(tag)n\(id)" }
+    func hostLink(_ id: NodeID) -> String { "\(tag)v\(id)" }
+    func address(_ id: NodeID) -> String { "10.\(subnet / 256).\(subnet % 256).\(id)" }
+
+    /// `tag` must be short: interface names have at most 15 characters.
+    init(ids: [NodeID]) throws {
+        self.ids = ids
+        let pid = Int(getpid())
+        tag = "plv\(pid % 100_000)"
+        subnet = 200 * 256 + pid % 256  // 10.200.X.0/24, X from the pid: parallel runs rarely meet
+        do { try build() } catch { tearDown(); throw error }
+    }
+
+    private func build() throws {
+        try Self.ip(["link", "add", bridge, "type", "bridge"])
+        bridgeMade = true
+        try Self.ip(["addr", "add", "10.\(subnet / 256).\(subnet % 256).254/24", "dev", bridge])
+        try Self.ip(["link", "set", bridge, "up"])
+        for id in ids {
+            let ns = namespace(id)
+            try Self.ip(["netns", "add", ns])
+            made.append(ns)
+            try Self.ip(["link", "add", hostLink(id), "type", "veth", "peer", "name", "eth0", "netns", ns])
+            try Self.ip(["link", "set", hostLink(id), "master", bridge])
+            try Self.ip(["link", "set", hostLink(id), "up"])
+            try Self.ip(["-n", ns, "addr", "add", address(id) + "/24", "dev", "eth0"])
+            try Self.ip(["-n", ns, "link", "set", "eth0", "up"])
+            try Self.ip(["-n", ns, "link", "set", "lo", "up"])
+        }
+    }
+
+    /// The words that start a command inside replica `id`'s namespace.
+    func launchPrefix(_ id: NodeID) -> [String] { [Self.ipPath, "netns", "exec", namespace(id)] }
+
+    /// Cuts (or restores) replica `id`'s only link.
+    func isolate(_ id: NodeID, _ cut: Bool) throws {
+        try Self.ip(["link", "set", hostLink(id), cut ? "down" : "up"])
+    }
+
+    func tearDown() {
+        for ns in made { try? Self.ip(["netns", "delete", ns]) }  // deletes the veth pair with it
+        made = []
+        if bridgeMade { try? Self.ip(["link", "delete", bridge]) }
+        bridgeMade = false
+    }
+
+    deinit { tearDown() }
+
+    static let ipPath = ["/usr/sbin/ip", "/sbin/ip", "/usr/bin/ip", "/bin/ip"].first { FileManager.default.isExecutableFile(atPath: $0) } ?? "ip"
+
+    /// Runs `ip ARGS`; throws with its error output when it fails.
+    static func ip(_ args: [String]) throws {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: ipPath)
+        p.arguments = args
+        let err = Pipe()
+        p.standardError = err
+        p.standardOutput = FileHandle.nullDevice
+        do { try p.run() } catch { throw CLIError("cannot run \(ipPath) (iproute2): \(error)") }
+        p.waitUntilExit()
+        guard p.terminationStatus == 0 else {
+            let text = String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+            throw CLIError("ip \(args.joined(separator: " ")) failed (network-namespace tests need root and iproute2): \(text)")
+        }
+    }
+}
