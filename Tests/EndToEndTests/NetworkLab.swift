@@ -1,4 +1,5 @@
 import Foundation
+import Synchronization
 @testable import plover
 import RDMAPaxos
 
@@ -25,8 +26,10 @@ final class NetworkLab {
     init(ids: [NodeID]) throws {
         self.ids = ids
         let pid = Int(getpid())
-        tag = "plv\(pid % 100_000)"
-        subnet = 200 * 256 + pid % 256  // 10.200.X.0/24, X from the pid: parallel runs rarely meet
+        // Unique per lab in this process, and rarely shared with another process's labs.
+        let serial = Self.labsMade.add(1, ordering: .relaxed).newValue
+        tag = "plv\(pid % 10_000)x\(serial % 100)"
+        subnet = 200 * 256 + (pid &+ serial * 37) % 256  // 10.200.X.0/24
         do { try build() } catch { tearDown(); throw error }
     }
 
@@ -57,13 +60,17 @@ final class NetworkLab {
     }
 
     func tearDown() {
-        for ns in made { try? Self.ip(["netns", "delete", ns]) }  // deletes the veth pair with it
+        // Deleting the host end deletes the pair at once; a namespace goes when its last process has.
+        for id in ids { try? Self.ip(["link", "delete", hostLink(id)]) }
+        for ns in made { try? Self.ip(["netns", "delete", ns]) }
         made = []
         if bridgeMade { try? Self.ip(["link", "delete", bridge]) }
         bridgeMade = false
     }
 
     deinit { tearDown() }
+
+    private static let labsMade = Atomic<Int>(0)
 
     static let ipPath = ["/usr/sbin/ip", "/sbin/ip", "/usr/bin/ip", "/bin/ip"].first { FileManager.default.isExecutableFile(atPath: $0) } ?? "ip"
 

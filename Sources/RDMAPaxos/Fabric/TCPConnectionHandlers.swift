@@ -49,6 +49,10 @@ final class AcceptorHandler: ChannelInboundHandler {
     func channelInactive(context: ChannelHandlerContext) {
         timeout?.cancel()
         if case let .open(_, id) = phase { fabric.unregisterInbound(id) }
+        if case let .awaitingResponse(h, _) = phase {
+            // The connector checks our MAC first: one holding another cluster key hangs up here.
+            fabric.logger.warning("rejected handshake from \(context.channel.remoteAddress?.description ?? "?") claiming node \(h.connector): it hung up after our challenge (a different cluster key?)")
+        }
         phase = .closing
         context.fireChannelInactive()
     }
