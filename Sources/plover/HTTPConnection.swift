@@ -1,4 +1,5 @@
 import Foundation
+import RDMAPaxos
 
 /// One keep-alive HTTP/1.1 connection over a blocking POSIX socket: enough of the protocol to
 /// POST JSON to etcd's v3 gateway and read the answer (Content-Length or chunked bodies).
@@ -84,24 +85,9 @@ final class HTTPConnection {
     // MARK: Socket
 
     private func connect() throws {
-        let s = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-        guard s >= 0 else { throw Failure(description: "socket: \(String(cString: strerror(errno)))") }
-        var tv = timeval(tv_sec: Int(timeout.components.seconds), tv_usec: Int(timeout.components.attoseconds / 1_000_000_000_000))
-        setsockopt(s, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
-        setsockopt(s, SOL_SOCKET, SO_SNDTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
-        var one: Int32 = 1
-        setsockopt(s, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
-        var a = sockaddr_in()
-        a.sin_family = sa_family_t(AF_INET)
-        a.sin_port = UInt16(port).bigEndian
-        a.sin_addr.s_addr = inet_addr(host)
-        let ok = withUnsafePointer(to: &a) { p in
-            p.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(s, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) == 0 }
-        }
-        guard ok else {
-            let why = String(cString: strerror(errno))
-            Glibc.close(s)
-            throw Failure(description: "cannot connect to \(host):\(port): \(why)")
+        let s: Int32
+        do { s = try connectBlockingTCP(host: host, port: port, timeout: timeout) } catch {
+            throw Failure(description: "\(error)")
         }
         fd = s
     }

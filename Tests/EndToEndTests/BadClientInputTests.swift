@@ -77,7 +77,9 @@ extension EndToEnd {
                 }
                 _ = try good.propose(KeyValueStateMachine.Command.put(key: Array("k".utf8), value: Array("after".utf8)).encoded())
                 checks.expect(try good.read(Array("k".utf8)).decodedValue == "after")
-                checks.expect(c.status(leader)["role"] == "leader")
+                // A leader is in office (not necessarily the same one: on a loaded machine the
+                // fuzzing can delay heartbeats enough for an election, which is no fault).
+                checks.expect((try? c.waitForLeader(excluding: nil)) != nil, "no leader after the fuzzing")
                 print("fuzz: client protocol over sockets: \(framed) framed requests (\(answered) served, \(rejected) refused with an error frame), \(streams) unframed streams, 3 oversized or unfinished frames")
             }
         }

@@ -136,26 +136,12 @@ public final class NodeClient {
         guard let address = endpoints[node] else { throw Failure(description: "node \(node) has no client address") }
         let colon = address.lastIndex(of: ":")!
         let host = String(address[..<colon])
-        let port = String(address[address.index(after: colon)...])
-        var hints = addrinfo()
-        hints.ai_family = AF_UNSPEC
-        hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
-        var res: UnsafeMutablePointer<addrinfo>?
-        guard getaddrinfo(host, port, &hints, &res) == 0, let ai = res else {
-            throw Failure(description: "node \(node): cannot resolve \(address)")
+        guard let port = Int(address[address.index(after: colon)...]) else {
+            throw Failure(description: "node \(node): bad client address \(address)")
         }
-        defer { freeaddrinfo(res) }
-        let s = socket(ai.pointee.ai_family, ai.pointee.ai_socktype, ai.pointee.ai_protocol)
-        guard s >= 0 else { throw Failure(description: "node \(node): socket: \(String(cString: strerror(errno)))") }
-        var tv = timeval(tv_sec: Int(timeout.components.seconds), tv_usec: Int(timeout.components.attoseconds / 1_000_000_000_000))
-        setsockopt(s, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
-        setsockopt(s, SOL_SOCKET, SO_SNDTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
-        var one: Int32 = 1
-        setsockopt(s, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
-        guard Glibc.connect(s, ai.pointee.ai_addr, ai.pointee.ai_addrlen) == 0 else {
-            let why = String(cString: strerror(errno))
-            close(s)
-            throw Failure(description: "node \(node): cannot connect to \(address): \(why)")
+        let s: Int32
+        do { s = try connectBlockingTCP(host: host, port: port, timeout: timeout) } catch {
+            throw Failure(description: "node \(node): \(error)")
         }
         fd = s
         connectedTo = node
