@@ -1,0 +1,463 @@
+/* apus.c - replicating an unmodified TCP server through the C ABI (APUS mode).
+ *
+ * Leader: a connection accepted on the server's port (INTERPOSE_PORT) gets an id and an OPEN
+ * entry; bytes the server reads from it are proposed as DATA and handed to the server only once
+ * committed; end of stream or the server's close() is a CLOSE entry. Followers refuse clients and
+ * replay committed entries into their own server over loopback connections, one per connection id,
+ * one entry at a time: the next entry is written only after the server read all of the previous
+ * one and came back to epoll_wait, so the server handles inputs in log order, as the leader did.
+ * docs/design/interpose.md has the whole protocol and its limits. */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/random.h>
+#include <unistd.h>
+
+#include "apus.h"
+#include "interpose.h"
+
+atomic_int apus_on;
+_Atomic unsigned char apus_fd_kind[APUS_FD_MAX];
+
+static const char *config_path;
+static int app_port;
+static atomic_int app_epfd = -1;
+static int wake_fd = -1;
+/* The epoll data of the shim's wake-up eventfd ("interpos"); the server's own events never carry it. */
+#define WAKE_TAG 0x696e746572706f73ULL
+
+enum { OP_OPEN = 1, OP_DATA = 2, OP_CLOSE = 3 };
+#define HEADER_BYTES 9 /* op, connection id (little-endian u64) */
+
+/* A client connection the server accepted while this replica led. */
+struct client {
+    uint64_t id;
+    int fd;
+    int broken;       /* leadership was lost or a proposal failed: reads fail with ECONNRESET */
+    int close_logged; /* a CLOSE entry was proposed */
+    struct client *next;
+};
+
+/* A loopback connection replaying another leader's client connection into the local server. */
+struct replay {
+    uint64_t id;
+    int cfd;            /* the shim's end */
+    int sfd;            /* the server's end (-1 until the server accepted it) */
+    uint16_t port;      /* the shim's end's local port: how the accept hook recognises it */
+    long unconsumed;    /* bytes written that the server has not read yet */
+    int cclosed, sclosed, close_proposed;
+    struct replay *next;
+};
+
+/* A committed entry of another leader, waiting to be replayed. */
+struct entry {
+    struct entry *next;
+    int op;
+    uint64_t id;
+    size_t len, off;
+    unsigned char data[];
+};
+
+static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;  /* clients, replays, listener cache, role */
+static pthread_mutex_t qmu = PTHREAD_MUTEX_INITIALIZER; /* the entry queue (filled on the replica thread) */
+static unsigned char listener_kind[APUS_FD_MAX];        /* 0 unknown, 1 the server's listener, 2 other */
+static struct client *clients;
+static struct client *client_by_fd[APUS_FD_MAX];
+static struct replay *replays;
+static struct replay *replay_by_sfd[APUS_FD_MAX];
+static struct entry *q_head, *q_tail, *current;
+static uint32_t incarnation;
+static uint32_t next_conn;
+static int started, was_leader, barrier_done, ready;
+
+void apus_setup_from_env(void) {
+    const char *cfg = getenv("INTERPOSE_CONFIG");
+    const char *port = getenv("INTERPOSE_PORT");
+    if (!cfg || !*cfg) return;
+    long p = port ? strtol(port, NULL, 10) : 0;
+    if (p <= 0 || p > 65535) {
+        apus_log("INTERPOSE_CONFIG is set but INTERPOSE_PORT (the server's TCP port) is %s; not replicating",
+                      port ? "not a port number" : "missing");
+        return;
+    }
+    config_path = cfg;
+    app_port = (int)p;
+    atomic_store(&apus_on, 1);
+}
+
+/* Stops this replica's server: its state can no longer be proven equal to the others'. A
+ * restarted replica rebuilds it from the log. */
+static _Noreturn void fail_stop(const char *why) {
+    apus_log("stopping the server: %s (a restart rebuilds its state from the log)", why);
+    _exit(70);
+}
+
+static int is_app_listener(int fd) {
+    if (fd < 0 || fd >= APUS_FD_MAX) return 0;
+    if (listener_kind[fd]) return listener_kind[fd] == 1;
+    struct sockaddr_storage a;
+    socklen_t len = sizeof a;
+    int listening = 0;
+    socklen_t ilen = sizeof listening;
+    int yes = getsockname(fd, (struct sockaddr *)&a, &len) == 0
+        && getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &listening, &ilen) == 0 && listening
+        && ((a.ss_family == AF_INET && ntohs(((struct sockaddr_in *)&a)->sin_port) == app_port)
+            || (a.ss_family == AF_INET6 && ntohs(((struct sockaddr_in6 *)&a)->sin6_port) == app_port));
+    listener_kind[fd] = yes ? 1 : 2;
+    return yes;
+}
+
+void apus_after_epoll_ctl(int epfd, int op, int fd) {
+    if (op == EPOLL_CTL_ADD && is_app_listener(fd)) atomic_store(&app_epfd, epfd);
+}
+
+int apus_is_app_epoll(int epfd) { return epfd >= 0 && epfd == atomic_load_explicit(&app_epfd, memory_order_relaxed); }
+
+/* MARK: proposals */
+
+static size_t encode(unsigned char *out, int op, uint64_t id) {
+    out[0] = (unsigned char)op;
+    for (int i = 0; i < 8; i++) out[1 + i] = (unsigned char)(id >> (8 * i));
+    return HEADER_BYTES;
+}
+
+/* Proposes one entry and waits until it committed. */
+static int propose_sync(int op, uint64_t id, const void *data, size_t len) {
+    unsigned char small[HEADER_BYTES + 4096];
+    unsigned char *buf = len <= 4096 ? small : malloc(HEADER_BYTES + len);
+    if (!buf) return INTERPOSE_EINVAL;
+    encode(buf, op, id);
+    if (len) memcpy(buf + HEADER_BYTES, data, len);
+    int rc = interpose_propose(buf, HEADER_BYTES + len, NULL);
+    if (buf != small) free(buf);
+    if (rc == INTERPOSE_EUNKNOWN) fail_stop("a proposal timed out and may still commit");
+    return rc;
+}
+
+static void ignore_outcome(void *context, int status, uint64_t index) { (void)context, (void)status, (void)index; }
+
+/* Proposes an entry without waiting (CLOSE entries: their order still follows the calls). */
+static void propose_async(int op, uint64_t id) {
+    unsigned char buf[HEADER_BYTES];
+    encode(buf, op, id);
+    interpose_propose_async(buf, sizeof buf, ignore_outcome, NULL);
+}
+
+/* Runs on the replica thread: queues another leader's committed entries for the server thread. */
+static void deliver(void *context, int kind, uint64_t index, const void *data, size_t len) {
+    (void)context, (void)index;
+    const unsigned char *p = data;
+    if (kind != INTERPOSE_ENTRY_INPUT || len < HEADER_BYTES) return;
+    uint64_t id = 0;
+    for (int i = 0; i < 8; i++) id |= (uint64_t)p[1 + i] << (8 * i);
+    /* This process's own connections: the read path already handed the bytes to the server. */
+    if ((uint32_t)(id >> 32) == incarnation) return;
+    struct entry *e = malloc(sizeof *e + (len - HEADER_BYTES));
+    if (!e) fail_stop("out of memory queueing a committed entry");
+    e->next = NULL;
+    e->op = p[0];
+    e->id = id;
+    e->len = len - HEADER_BYTES;
+    e->off = 0;
+    memcpy(e->data, p + HEADER_BYTES, e->len);
+    pthread_mutex_lock(&qmu);
+    if (q_tail) q_tail->next = e; else q_head = e;
+    q_tail = e;
+    pthread_mutex_unlock(&qmu);
+    uint64_t one = 1;
+    if (wake_fd >= 0 && write(wake_fd, &one, sizeof one) < 0) { /* the counter is already non-zero */ }
+}
+
+static struct entry *dequeue(void) {
+    pthread_mutex_lock(&qmu);
+    struct entry *e = q_head;
+    if (e) { q_head = e->next; if (!q_head) q_tail = NULL; }
+    pthread_mutex_unlock(&qmu);
+    return e;
+}
+
+static int queue_empty(void) {
+    pthread_mutex_lock(&qmu);
+    int empty = q_head == NULL;
+    pthread_mutex_unlock(&qmu);
+    return empty;
+}
+
+/* MARK: replay (server thread, under mu) */
+
+static struct replay *find_replay(uint64_t id) {
+    for (struct replay *r = replays; r; r = r->next) if (r->id == id) return r;
+    return NULL;
+}
+
+static struct replay *replay_open(uint64_t id) {
+    int s = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (s < 0) fail_stop("cannot create a replay socket");
+    struct sockaddr_in a = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
+    socklen_t len = sizeof a;
+    if (bind(s, (struct sockaddr *)&a, sizeof a) != 0 || getsockname(s, (struct sockaddr *)&a, &len) != 0)
+        fail_stop("cannot bind a replay socket on 127.0.0.1");
+    struct replay *r = calloc(1, sizeof *r);
+    if (!r) fail_stop("out of memory opening a replay connection");
+    r->id = id;
+    r->cfd = s;
+    r->sfd = -1;
+    r->port = ntohs(a.sin_port);
+    r->next = replays;
+    replays = r;
+    /* Known before connecting, so the accept hook recognises the server's end. The listen
+     * backlog completes the handshake; the server accepts it on its next loop. */
+    struct sockaddr_in server = { .sin_family = AF_INET, .sin_port = htons((uint16_t)app_port),
+                                  .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
+    if (connect(s, (struct sockaddr *)&server, sizeof server) != 0)
+        fail_stop("cannot connect a replay connection to the server on 127.0.0.1:INTERPOSE_PORT");
+    fcntl(s, F_SETFL, fcntl(s, F_GETFL) | O_NONBLOCK);
+    return r;
+}
+
+static void replay_free(struct replay *r) {
+    for (struct replay **p = &replays; *p; p = &(*p)->next) {
+        if (*p == r) { *p = r->next; break; }
+    }
+    if (!r->cclosed) REAL(close)(r->cfd);
+    if (r->sfd >= 0 && !r->sclosed && replay_by_sfd[r->sfd] == r) replay_by_sfd[r->sfd] = NULL;
+    free(r);
+}
+
+/* Advances one entry as far as the server allows: 1 when done, 0 to wait for the server. */
+static int replay_step(struct entry *e) {
+    struct replay *r = find_replay(e->id);
+    switch (e->op) {
+    case OP_OPEN:
+        if (!r) r = replay_open(e->id);
+        return r->sfd >= 0;
+    case OP_DATA:
+        if (!r) r = replay_open(e->id); /* only if its OPEN was compacted away or came from a restart */
+        if (r->sfd < 0 || r->sclosed) return r->sclosed; /* a server that closed it drops the rest */
+        while (e->off < e->len) {
+            ssize_t w = write(r->cfd, e->data + e->off, e->len - e->off);
+            if (w < 0) {
+                if (errno == EAGAIN || errno == EWOULDBLOCK) return 0;
+                return 1; /* the server closed it: nothing more can be delivered */
+            }
+            e->off += (size_t)w;
+            r->unconsumed += w;
+        }
+        return r->unconsumed <= 0;
+    case OP_CLOSE:
+        if (!r) return 1;
+        if (!r->cclosed) { REAL(close)(r->cfd); r->cclosed = 1; }
+        if (r->sfd >= 0 && !r->sclosed) return 0;
+        replay_free(r);
+        return 1;
+    default:
+        return 1;
+    }
+}
+
+/* Discards the server's replies on replay connections (followers answer no one). */
+static void drain_replies(void) {
+    char sink[16384];
+    for (struct replay *r = replays; r; r = r->next) {
+        if (r->cclosed) continue;
+        while (REAL(recv)(r->cfd, sink, sizeof sink, MSG_DONTWAIT) > 0) {}
+    }
+}
+
+static void pump(void) {
+    for (;;) {
+        if (!current) current = dequeue();
+        if (!current) break;
+        if (!replay_step(current)) break;
+        free(current);
+        current = NULL;
+    }
+    drain_replies();
+}
+
+/* MARK: role */
+
+static void break_client(struct client *c) {
+    if (c->broken) return;
+    c->broken = 1;
+    shutdown(c->fd, SHUT_RDWR); /* the server sees the connection readable and reads the reset */
+}
+
+/* Follows leadership changes. A replica serves clients ("ready") only once it leads, a barrier
+ * entry of its own committed (so every earlier entry was delivered) and all of them were
+ * replayed into the server. Called on the server thread, without mu held. */
+static void update_role(void) {
+    int leader = interpose_is_leader();
+    pthread_mutex_lock(&mu);
+    if (was_leader && !leader) {
+        for (struct client *c = clients; c; c = c->next) break_client(c);
+        barrier_done = 0;
+        ready = 0;
+    }
+    was_leader = leader;
+    int need_barrier = leader && !barrier_done;
+    pthread_mutex_unlock(&mu);
+    if (need_barrier) {
+        int rc = interpose_checkpoint(NULL);
+        if (rc == INTERPOSE_EUNKNOWN) fail_stop("the leader's barrier entry timed out");
+        pthread_mutex_lock(&mu);
+        barrier_done = rc == INTERPOSE_OK;
+        pthread_mutex_unlock(&mu);
+    }
+    pthread_mutex_lock(&mu);
+    pump();
+    if (leader && barrier_done && !ready && !current && queue_empty()) {
+        ready = 1;
+        /* Connections of earlier leaders are gone with them: close them on every replica. */
+        for (struct replay *r = replays; r; r = r->next) {
+            if (!r->close_proposed) { r->close_proposed = 1; propose_async(OP_CLOSE, r->id); }
+        }
+    }
+    pthread_mutex_unlock(&mu);
+}
+
+static void start(void) {
+    started = 1;
+    while (incarnation == 0) {
+        if (getrandom(&incarnation, sizeof incarnation, 0) != sizeof incarnation) incarnation = (uint32_t)getpid();
+    }
+    wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (wake_fd < 0) fail_stop("cannot create the wake-up eventfd");
+    struct epoll_event ev = { .events = EPOLLIN, .data.u64 = WAKE_TAG };
+    if (REAL(epoll_ctl)(atomic_load(&app_epfd), EPOLL_CTL_ADD, wake_fd, &ev) != 0) fail_stop("cannot watch the wake-up eventfd");
+    interpose_set_deliver(deliver, NULL);
+    if (interpose_init(config_path) != INTERPOSE_OK) {
+        apus_log("%s", interpose_last_error());
+        fail_stop("the replica did not start");
+    }
+    apus_log("replicating the server on port %d (config %s)", app_port, config_path);
+}
+
+/* MARK: hooks' APUS paths (server thread; apus_in_hook is set) */
+
+int apus_epoll_wait(int epfd, struct epoll_event *events, int max, int timeout, const sigset_t *mask, int pwait) {
+    apus_in_hook = 1;
+    if (!started) start();
+    update_role();
+    apus_in_hook = 0;
+    int n = pwait ? REAL(epoll_pwait)(epfd, events, max, timeout, mask) : REAL(epoll_wait)(epfd, events, max, timeout);
+    if (n <= 0) return n;
+    int saved = errno, k = 0;
+    for (int i = 0; i < n; i++) {
+        if (events[i].data.u64 == WAKE_TAG) {
+            uint64_t v;
+            if (REAL(read)(wake_fd, &v, sizeof v) < 0) { /* already reset */ }
+            continue;
+        }
+        events[k++] = events[i];
+    }
+    errno = saved;
+    return k;
+}
+
+int apus_after_accept(int listen_fd, int fd) {
+    pthread_mutex_lock(&mu);
+    if (!is_app_listener(listen_fd) || fd >= APUS_FD_MAX) { pthread_mutex_unlock(&mu); return fd; }
+    struct sockaddr_in peer;
+    socklen_t len = sizeof peer;
+    if (getpeername(fd, (struct sockaddr *)&peer, &len) == 0 && peer.sin_family == AF_INET
+        && peer.sin_addr.s_addr == htonl(INADDR_LOOPBACK)) {
+        for (struct replay *r = replays; r; r = r->next) {
+            if (r->sfd < 0 && r->port == ntohs(peer.sin_port)) {
+                r->sfd = fd;
+                replay_by_sfd[fd] = r;
+                atomic_store(&apus_fd_kind[fd], APUS_FD_REPLAY);
+                pthread_mutex_unlock(&mu);
+                return fd;
+            }
+        }
+    }
+    if (!ready) {
+        /* A follower (or a leader still catching up) serves no clients: they must use the leader. */
+        pthread_mutex_unlock(&mu);
+        REAL(close)(fd);
+        errno = EAGAIN;
+        return -1;
+    }
+    struct client *c = calloc(1, sizeof *c);
+    if (!c) fail_stop("out of memory accepting a connection");
+    c->id = ((uint64_t)incarnation << 32) | ++next_conn;
+    c->fd = fd;
+    pthread_mutex_unlock(&mu);
+    if (propose_sync(OP_OPEN, c->id, NULL, 0) != INTERPOSE_OK) {
+        free(c);
+        REAL(close)(fd);
+        errno = EAGAIN;
+        return -1;
+    }
+    pthread_mutex_lock(&mu);
+    c->next = clients;
+    clients = c;
+    client_by_fd[fd] = c;
+    atomic_store(&apus_fd_kind[fd], APUS_FD_CLIENT);
+    pthread_mutex_unlock(&mu);
+    return fd;
+}
+
+ssize_t apus_read(int fd, void *buf, size_t count) {
+    pthread_mutex_lock(&mu);
+    int kind = atomic_load(&apus_fd_kind[fd]);
+    if (kind == APUS_FD_REPLAY) {
+        pthread_mutex_unlock(&mu);
+        ssize_t n = REAL(read)(fd, buf, count);
+        int e = errno;
+        pthread_mutex_lock(&mu);
+        struct replay *r = replay_by_sfd[fd];
+        if (r && n > 0) r->unconsumed -= n;
+        pthread_mutex_unlock(&mu);
+        errno = e;
+        return n;
+    }
+    struct client *c = client_by_fd[fd];
+    pthread_mutex_unlock(&mu);
+    if (kind != APUS_FD_CLIENT || !c) return REAL(read)(fd, buf, count);
+    if (c->broken) { errno = ECONNRESET; return -1; }
+    ssize_t n = REAL(read)(fd, buf, count);
+    if (n > 0) {
+        if (propose_sync(OP_DATA, c->id, buf, (size_t)n) != INTERPOSE_OK) {
+            pthread_mutex_lock(&mu);
+            break_client(c);
+            pthread_mutex_unlock(&mu);
+            errno = ECONNRESET;
+            return -1;
+        }
+    } else if (n == 0 && !c->close_logged) {
+        c->close_logged = 1;
+        propose_async(OP_CLOSE, c->id);
+        errno = 0;
+    }
+    return n;
+}
+
+void apus_before_close(int fd) {
+    listener_kind[fd] = 0;
+    if (atomic_load(&apus_fd_kind[fd]) == APUS_FD_NONE) return;
+    pthread_mutex_lock(&mu);
+    int kind = atomic_load(&apus_fd_kind[fd]);
+    atomic_store(&apus_fd_kind[fd], APUS_FD_NONE);
+    if (kind == APUS_FD_CLIENT && client_by_fd[fd]) {
+        struct client *c = client_by_fd[fd];
+        client_by_fd[fd] = NULL;
+        for (struct client **p = &clients; *p; p = &(*p)->next) {
+            if (*p == c) { *p = c->next; break; }
+        }
+        if (!c->broken && !c->close_logged) propose_async(OP_CLOSE, c->id);
+        free(c);
+    } else if (kind == APUS_FD_REPLAY && replay_by_sfd[fd]) {
+        replay_by_sfd[fd]->sclosed = 1;
+        replay_by_sfd[fd] = NULL;
+    }
+    pthread_mutex_unlock(&mu);
+}
