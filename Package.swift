@@ -105,7 +105,8 @@ let package = Package(
             ]),
         .testTarget(name: "VMReplicaTests", dependencies: ["VMReplica"]),
         // Real `plover node` processes on loopback (kill -9, SIGSTOP, restarts).
-        .testTarget(name: "EndToEndTests", dependencies: ["plover", "PloverCheck"]),
+        // Also libinterpose.so: a C program built by the tests, and Redis under LD_PRELOAD.
+        .testTarget(name: "EndToEndTests", dependencies: ["plover", "PloverCheck"], exclude: ["interpose-c"]),
         .testTarget(name: "PloverCheckTests", dependencies: ["PloverCheck"]),
     ],
     swiftLanguageModes: [.v6]

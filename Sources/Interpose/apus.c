@@ -87,7 +87,9 @@ void apus_setup_from_env(void) {
                       port ? "not a port number" : "missing");
         return;
     }
-    config_path = cfg;
+    /* A copy: servers that set their process title (Redis does) write over the environment. */
+    config_path = strdup(cfg);
+    if (!config_path) return;
     app_port = (int)p;
     atomic_store(&apus_on, 1);
 }

@@ -8,6 +8,7 @@
  * "INDEX KIND PAYLOAD" lines, shuts down and exits 0. Checks of the ABI's error paths print
  * "FAIL ..." and make the exit status 1. A replica that takes over as leader first commits a
  * checkpoint, so it has seen every entry committed before it and never proposes an item twice. */
+#define _POSIX_C_SOURCE 200809L
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
