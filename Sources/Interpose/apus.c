@@ -42,6 +42,15 @@ struct client {
     int fd;
     int broken;       /* leadership was lost or a proposal failed: reads fail with ECONNRESET */
     int close_logged; /* a CLOSE entry was proposed */
+    int eof;          /* the peer finished sending: reads return 0 once buf is consumed */
+    int eof_returned; /* the server has read that 0 */
+    /* Bytes read ahead in epoll_wait and committed, not yet handed to the server. */
+    unsigned char *buf;
+    size_t buf_len, buf_off;
+    /* How the server watches the fd on its epoll (from epoll_ctl). */
+    uint64_t data;
+    uint32_t events;
+    int watched;
     struct client *next;
 };
 
@@ -76,6 +85,7 @@ static struct entry *q_head, *q_tail, *current;
 static uint32_t incarnation;
 static uint32_t next_conn;
 static int started, was_leader, barrier_done, ready;
+static size_t read_ahead_bytes = 16384;
 
 void apus_setup_from_env(void) {
     const char *cfg = getenv("INTERPOSE_CONFIG");
@@ -90,6 +100,8 @@ void apus_setup_from_env(void) {
     /* A copy: servers that set their process title (Redis does) write over the environment. */
     config_path = strdup(cfg);
     if (!config_path) return;
+    const char *ahead = getenv("INTERPOSE_READ_BYTES");
+    if (ahead && strtol(ahead, NULL, 10) >= 512) read_ahead_bytes = (size_t)strtol(ahead, NULL, 10);
     app_port = (int)p;
     atomic_store(&apus_on, 1);
 }
@@ -116,8 +128,16 @@ static int is_app_listener(int fd) {
     return yes;
 }
 
-void apus_after_epoll_ctl(int epfd, int op, int fd) {
+void apus_after_epoll_ctl(int epfd, int op, int fd, const struct epoll_event *ev) {
     if (op == EPOLL_CTL_ADD && is_app_listener(fd)) atomic_store(&app_epfd, epfd);
+    if (epfd != atomic_load(&app_epfd) || fd < 0 || fd >= APUS_FD_MAX || atomic_load(&apus_fd_kind[fd]) != APUS_FD_CLIENT) return;
+    pthread_mutex_lock(&mu);
+    struct client *c = client_by_fd[fd];
+    if (c) {
+        c->watched = op != EPOLL_CTL_DEL;
+        if (ev && op != EPOLL_CTL_DEL) { c->data = ev->data.u64; c->events = ev->events; }
+    }
+    pthread_mutex_unlock(&mu);
 }
 
 int apus_is_app_epoll(int epfd) { return epfd >= 0 && epfd == atomic_load_explicit(&app_epfd, memory_order_relaxed); }
@@ -344,14 +364,104 @@ static void start(void) {
 
 /* MARK: hooks' APUS paths (server thread; apus_in_hook is set) */
 
+/* The client an epoll event is for, by the data the server registered (Redis: the fd). */
+static struct client *client_for_event(uint64_t data) {
+    if (data < APUS_FD_MAX) {
+        struct client *c = client_by_fd[data];
+        if (c && c->watched && c->data == data) return c;
+    }
+    for (struct client *c = clients; c; c = c->next) if (c->watched && c->data == data) return c;
+    return NULL;
+}
+
+/* Committed bytes (or an end of stream) the server has not read yet, on an fd it watches. */
+static int has_leftover(const struct client *c) {
+    return c->watched && (c->events & EPOLLIN) && (c->buf || (c->eof && !c->eof_returned));
+}
+
+/* One read-ahead of a round: a client's bytes, proposed together with the round's others. */
+struct round_item { struct client *c; unsigned char *bytes; size_t len; int status; };
+static pthread_mutex_t round_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t round_cond = PTHREAD_COND_INITIALIZER;
+static int round_pending;
+
+static void round_done(void *context, int status, uint64_t index) {
+    (void)index;
+    struct round_item *it = context;
+    pthread_mutex_lock(&round_mu);
+    it->status = status;
+    if (--round_pending == 0) pthread_cond_signal(&round_cond);
+    pthread_mutex_unlock(&round_mu);
+}
+
+/* Reads ahead every client the events report readable, proposes all the bytes at once (one
+ * consensus round for the whole batch) and waits for the commit; the read hook then hands each
+ * client's committed bytes to the server. Called with mu held; returns with it held. */
+static void read_ahead(struct epoll_event *events, int n) {
+    struct round_item *items = malloc((size_t)n * sizeof *items);
+    if (!items) fail_stop("out of memory reading ahead");
+    int m = 0;
+    for (int i = 0; i < n; i++) {
+        struct client *c = client_for_event(events[i].data.u64);
+        if (!c || c->broken || c->eof || c->buf || !(events[i].events & (EPOLLIN | EPOLLHUP | EPOLLERR | EPOLLRDHUP))) continue;
+        unsigned char *b = malloc(HEADER_BYTES + read_ahead_bytes);
+        if (!b) fail_stop("out of memory reading ahead");
+        ssize_t r = REAL(recv)(c->fd, b + HEADER_BYTES, read_ahead_bytes, MSG_DONTWAIT);
+        if (r > 0) {
+            encode(b, OP_DATA, c->id);
+            items[m++] = (struct round_item){ c, b, (size_t)r, 1 };
+            continue;
+        }
+        free(b);
+        if (r == 0) {
+            c->eof = 1;
+            if (!c->close_logged) { c->close_logged = 1; propose_async(OP_CLOSE, c->id); }
+        } /* else EAGAIN or an error: the server's own read sees it */
+    }
+    pthread_mutex_unlock(&mu);
+    if (m > 0) {
+        pthread_mutex_lock(&round_mu);
+        round_pending = m;
+        pthread_mutex_unlock(&round_mu);
+        for (int i = 0; i < m; i++) {
+            int rc = interpose_propose_async(items[i].bytes, HEADER_BYTES + items[i].len, round_done, &items[i]);
+            if (rc != INTERPOSE_OK) round_done(&items[i], rc, 0);
+        }
+        pthread_mutex_lock(&round_mu);
+        while (round_pending > 0) pthread_cond_wait(&round_cond, &round_mu);
+        pthread_mutex_unlock(&round_mu);
+    }
+    pthread_mutex_lock(&mu);
+    for (int i = 0; i < m; i++) {
+        struct round_item *it = &items[i];
+        if (it->status == INTERPOSE_OK) {
+            it->c->buf = it->bytes;
+            it->c->buf_off = HEADER_BYTES;
+            it->c->buf_len = HEADER_BYTES + it->len;
+        } else {
+            free(it->bytes);
+            if (it->status == INTERPOSE_EUNKNOWN) fail_stop("a proposal timed out and may still commit");
+            break_client(it->c);
+        }
+    }
+    free(items);
+}
+
 int apus_epoll_wait(int epfd, struct epoll_event *events, int max, int timeout, const sigset_t *mask, int pwait) {
     apus_in_hook = 1;
     if (!started) start();
     update_role();
+    pthread_mutex_lock(&mu);
+    int leftovers = 0;
+    for (struct client *c = clients; c; c = c->next) leftovers += has_leftover(c);
+    pthread_mutex_unlock(&mu);
     apus_in_hook = 0;
-    int n = pwait ? REAL(epoll_pwait)(epfd, events, max, timeout, mask) : REAL(epoll_wait)(epfd, events, max, timeout);
-    if (n <= 0) return n;
+    /* With committed bytes still unread, the server must come back at once. */
+    int n = pwait ? REAL(epoll_pwait)(epfd, events, max, leftovers ? 0 : timeout, mask)
+                  : REAL(epoll_wait)(epfd, events, max, leftovers ? 0 : timeout);
+    if (n < 0) return n;
     int saved = errno, k = 0;
+    apus_in_hook = 1;
     for (int i = 0; i < n; i++) {
         if (events[i].data.u64 == WAKE_TAG) {
             uint64_t v;
@@ -360,6 +470,22 @@ int apus_epoll_wait(int epfd, struct epoll_event *events, int max, int timeout, 
         }
         events[k++] = events[i];
     }
+    pthread_mutex_lock(&mu);
+    if (leftovers) {
+        /* Until the server has read every committed byte, it hears only of those clients (and of
+         * fds that are not clients): new bytes read now would be handled before older committed
+         * ones, in an order the log does not record. */
+        int j = 0;
+        for (int i = 0; i < k; i++) if (!client_for_event(events[i].data.u64)) events[j++] = events[i];
+        k = j;
+        for (struct client *c = clients; c && k < max; c = c->next) {
+            if (has_leftover(c)) events[k++] = (struct epoll_event){ .events = EPOLLIN, .data.u64 = c->data };
+        }
+    } else if (clients && k > 0) {
+        read_ahead(events, k);
+    }
+    pthread_mutex_unlock(&mu);
+    apus_in_hook = 0;
     errno = saved;
     return k;
 }
@@ -425,7 +551,22 @@ ssize_t apus_read(int fd, void *buf, size_t count) {
     struct client *c = client_by_fd[fd];
     pthread_mutex_unlock(&mu);
     if (kind != APUS_FD_CLIENT || !c) return REAL(read)(fd, buf, count);
-    if (c->broken) { errno = ECONNRESET; return -1; }
+    pthread_mutex_lock(&mu);
+    if (c->buf) {
+        /* Read ahead in epoll_wait and already committed. */
+        size_t k = c->buf_len - c->buf_off < count ? c->buf_len - c->buf_off : count;
+        memcpy(buf, c->buf + c->buf_off, k);
+        c->buf_off += k;
+        if (c->buf_off == c->buf_len) { free(c->buf); c->buf = NULL; }
+        pthread_mutex_unlock(&mu);
+        return (ssize_t)k;
+    }
+    int eof = c->eof, broken = c->broken;
+    if (eof) c->eof_returned = 1;
+    pthread_mutex_unlock(&mu);
+    if (eof) return 0;
+    if (broken) { errno = ECONNRESET; return -1; }
+    /* Not read ahead (a server that reads without being told by epoll): read, commit, hand over. */
     ssize_t n = REAL(read)(fd, buf, count);
     if (n > 0) {
         if (propose_sync(OP_DATA, c->id, buf, (size_t)n) != INTERPOSE_OK) {
@@ -456,6 +597,7 @@ void apus_before_close(int fd) {
             if (*p == c) { *p = c->next; break; }
         }
         if (!c->broken && !c->close_logged) propose_async(OP_CLOSE, c->id);
+        free(c->buf);
         free(c);
     } else if (kind == APUS_FD_REPLAY && replay_by_sfd[fd]) {
         replay_by_sfd[fd]->sclosed = 1;

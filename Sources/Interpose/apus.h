@@ -48,7 +48,7 @@ void apus_setup_from_env(void);
 int apus_after_accept(int listen_fd, int fd);
 ssize_t apus_read(int fd, void *buf, size_t count);
 void apus_before_close(int fd);
-void apus_after_epoll_ctl(int epfd, int op, int fd);
+void apus_after_epoll_ctl(int epfd, int op, int fd, const struct epoll_event *ev);
 int apus_is_app_epoll(int epfd);
 int apus_epoll_wait(int epfd, struct epoll_event *events, int max, int timeout, const sigset_t *mask, int pwait);
 void apus_log(const char *fmt, ...);

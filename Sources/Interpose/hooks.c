@@ -158,7 +158,7 @@ int epoll_ctl(int epfd, int op, int fd, struct epoll_event *ev) {
     if (r == 0 && atomic_load_explicit(&apus_on, memory_order_relaxed) && !apus_in_hook) {
         int saved = errno;
         apus_in_hook = 1;
-        apus_after_epoll_ctl(epfd, op, fd);
+        apus_after_epoll_ctl(epfd, op, fd, ev);
         apus_in_hook = 0;
         errno = saved;
     }

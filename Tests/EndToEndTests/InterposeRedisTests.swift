@@ -49,6 +49,20 @@ extension EndToEnd {
                 try InterposeHarness.waitForLeader(cluster.endpoints, among: processes.keys.sorted(), timeout: timeout)
             }
 
+            /// A connection to the leader's Redis that answered PING. A just-elected leader closes
+            /// connections until it has replayed everything committed before it, so this retries.
+            func connectToLeader(timeout: Duration = .seconds(30)) throws -> (NodeID, RespClient) {
+                let deadline = ContinuousClock.now + timeout
+                while ContinuousClock.now < deadline {
+                    if let l = InterposeHarness.leader(cluster.endpoints, among: processes.keys.sorted()),
+                       let c = try? RespClient(port: ports[l]!), (try? c.call("PING")) == .simple("PONG") {
+                        return (l, c)
+                    }
+                    Thread.sleep(forTimeInterval: 0.05)
+                }
+                throw CLIError("no leader's Redis answered PING within \(timeout):\n" + logTails())
+            }
+
             /// One Redis's state hash (`DEBUG DIGEST` over its unix socket), nil if unreachable.
             func digest(_ id: NodeID) -> String? {
                 guard let c = try? RespClient(unixPath: socketPath(id)), case let .simple(d)? = try? c.call("DEBUG", "DIGEST") else { return nil }
@@ -86,8 +100,7 @@ extension EndToEnd {
 
         @Test func writesThroughTheLeaderReachEveryReplicasRedis() async throws {
             try await Self.withRedis("redis-replicate") { r, checks in
-                let leader = try r.leader()
-                let c = try RespClient(port: r.ports[leader]!)
+                let (leader, c) = try r.connectToLeader()
                 for i in 1...100 { checks.expect(try c.call("SET", "key-\(i)", "value-\(i)") == .simple("OK"), "SET key-\(i)") }
                 for _ in 1...20 { _ = try c.call("INCR", "counter") }
                 checks.expect(try c.call("RPUSH", "list", "a", "b", "c") == .integer(3))
@@ -113,7 +126,7 @@ extension EndToEnd {
 
         @Test func leaderKilledClientsMoveOnAndNothingAcknowledgedIsLost() async throws {
             try await Self.withRedis("redis-kill") { r, checks in
-                let first = try r.leader()
+                let (first, _) = try r.connectToLeader()
                 var acked: [String: String] = [:]
                 var n = 0
                 // Writes until the current leader's Redis fails, then finds the next leader.
