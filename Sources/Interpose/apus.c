@@ -150,7 +150,9 @@ static size_t encode(unsigned char *out, int op, uint64_t id) {
     return HEADER_BYTES;
 }
 
-/* Proposes one entry and waits until it committed. */
+/* Proposes one entry and waits until it committed. A DATA entry whose outcome is unknown stops
+ * the server (it may commit while the server never saw it); an OPEN that commits late only gives
+ * followers an idle replay connection. */
 static int propose_sync(int op, uint64_t id, const void *data, size_t len) {
     unsigned char small[HEADER_BYTES + 4096];
     unsigned char *buf = len <= 4096 ? small : malloc(HEADER_BYTES + len);
@@ -159,7 +161,7 @@ static int propose_sync(int op, uint64_t id, const void *data, size_t len) {
     if (len) memcpy(buf + HEADER_BYTES, data, len);
     int rc = interpose_propose(buf, HEADER_BYTES + len, NULL);
     if (buf != small) free(buf);
-    if (rc == INTERPOSE_EUNKNOWN) fail_stop("a proposal timed out and may still commit");
+    if (rc == INTERPOSE_EUNKNOWN && op == OP_DATA) fail_stop("a proposal timed out and may still commit");
     return rc;
 }
 
@@ -327,8 +329,8 @@ static void update_role(void) {
     int need_barrier = leader && !barrier_done;
     pthread_mutex_unlock(&mu);
     if (need_barrier) {
+        /* A barrier that times out changes nothing in the server: try again on the next call. */
         int rc = interpose_checkpoint(NULL);
-        if (rc == INTERPOSE_EUNKNOWN) fail_stop("the leader's barrier entry timed out");
         pthread_mutex_lock(&mu);
         barrier_done = rc == INTERPOSE_OK;
         pthread_mutex_unlock(&mu);
@@ -492,7 +494,14 @@ int apus_epoll_wait(int epfd, struct epoll_event *events, int max, int timeout, 
 
 int apus_after_accept(int listen_fd, int fd) {
     pthread_mutex_lock(&mu);
-    if (!is_app_listener(listen_fd) || fd >= APUS_FD_MAX) { pthread_mutex_unlock(&mu); return fd; }
+    if (!is_app_listener(listen_fd)) { pthread_mutex_unlock(&mu); return fd; }
+    if (fd >= APUS_FD_MAX) {
+        /* Untracked, its bytes would reach the server unreplicated: refuse it. */
+        pthread_mutex_unlock(&mu);
+        REAL(close)(fd);
+        errno = EAGAIN;
+        return -1;
+    }
     struct sockaddr_in peer;
     socklen_t len = sizeof peer;
     if (getpeername(fd, (struct sockaddr *)&peer, &len) == 0 && peer.sin_family == AF_INET
