@@ -33,7 +33,11 @@ static int wake_fd = -1;
 /* The epoll data of the shim's wake-up eventfd ("interpos"); the server's own events never carry it. */
 #define WAKE_TAG 0x696e746572706f73ULL
 
-enum { OP_OPEN = 1, OP_DATA = 2, OP_CLOSE = 3 };
+enum { OP_OPEN = 1, OP_DATA = 2, OP_CLOSE = 3, OP_BATCH = 4 };
+/* A BATCH entry carries a read-ahead round: id 0, then for each client its id (u64 LE), a length
+ * (u32 LE) and that many bytes, in the order the server will read them. One log entry per round
+ * keeps the replicas' per-entry costs off the per-client path. */
+#define ITEM_HEADER_BYTES 12
 #define HEADER_BYTES 9 /* op, connection id (little-endian u64) */
 
 /* A client connection the server accepted while this replica led. */
@@ -102,6 +106,7 @@ void apus_setup_from_env(void) {
     if (!config_path) return;
     const char *ahead = getenv("INTERPOSE_READ_BYTES");
     if (ahead && strtol(ahead, NULL, 10) >= 512) read_ahead_bytes = (size_t)strtol(ahead, NULL, 10);
+    if (read_ahead_bytes > 128 * 1024) read_ahead_bytes = 128 * 1024; /* one read must fit a BATCH entry */
     app_port = (int)p;
     atomic_store(&apus_on, 1);
 }
@@ -174,6 +179,8 @@ static void propose_async(int op, uint64_t id) {
     interpose_propose_async(buf, sizeof buf, ignore_outcome, NULL);
 }
 
+static void enqueue_entry(int op, uint64_t id, const unsigned char *data, size_t len);
+
 /* Runs on the replica thread: queues another leader's committed entries for the server thread. */
 static void deliver(void *context, int kind, uint64_t index, const void *data, size_t len) {
     (void)context, (void)index;
@@ -181,16 +188,35 @@ static void deliver(void *context, int kind, uint64_t index, const void *data, s
     if (kind != INTERPOSE_ENTRY_INPUT || len < HEADER_BYTES) return;
     uint64_t id = 0;
     for (int i = 0; i < 8; i++) id |= (uint64_t)p[1 + i] << (8 * i);
+    if (p[0] == OP_BATCH) {
+        size_t off = HEADER_BYTES;
+        while (off + ITEM_HEADER_BYTES <= len) {
+            uint64_t item_id = 0;
+            uint32_t item_len = 0;
+            for (int i = 0; i < 8; i++) item_id |= (uint64_t)p[off + i] << (8 * i);
+            for (int i = 0; i < 4; i++) item_len |= (uint32_t)p[off + 8 + i] << (8 * i);
+            off += ITEM_HEADER_BYTES;
+            if (item_len > len - off) break;
+            enqueue_entry(OP_DATA, item_id, p + off, item_len);
+            off += item_len;
+        }
+        return;
+    }
+    enqueue_entry(p[0], id, p + HEADER_BYTES, len - HEADER_BYTES);
+}
+
+/* Queues another process's committed entry for the server thread and wakes it. */
+static void enqueue_entry(int op, uint64_t id, const unsigned char *data, size_t len) {
     /* This process's own connections: the read path already handed the bytes to the server. */
     if ((uint32_t)(id >> 32) == incarnation) return;
-    struct entry *e = malloc(sizeof *e + (len - HEADER_BYTES));
+    struct entry *e = malloc(sizeof *e + len);
     if (!e) fail_stop("out of memory queueing a committed entry");
     e->next = NULL;
-    e->op = p[0];
+    e->op = op;
     e->id = id;
-    e->len = len - HEADER_BYTES;
+    e->len = len;
     e->off = 0;
-    memcpy(e->data, p + HEADER_BYTES, e->len);
+    memcpy(e->data, data, len);
     pthread_mutex_lock(&qmu);
     if (q_tail) q_tail->next = e; else q_head = e;
     q_tail = e;
@@ -381,11 +407,13 @@ static int has_leftover(const struct client *c) {
     return c->watched && (c->events & EPOLLIN) && (c->buf || (c->eof && !c->eof_returned));
 }
 
-/* One read-ahead of a round: a client's bytes, proposed together with the round's others. */
-struct round_item { struct client *c; unsigned char *bytes; size_t len; int status; };
+/* One log entry of a round (a BATCH of clients' bytes) and its outcome. */
+struct round_item { unsigned char *bytes; size_t len; int first, count; int status; };
 static pthread_mutex_t round_mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t round_cond = PTHREAD_COND_INITIALIZER;
 static int round_pending;
+/* Most bytes in one BATCH entry: below the log's default batch_bytes_max (256 KiB). */
+#define BATCH_BYTES_MAX (192 * 1024)
 
 static void round_done(void *context, int status, uint64_t index) {
     (void)index;
@@ -396,22 +424,24 @@ static void round_done(void *context, int status, uint64_t index) {
     pthread_mutex_unlock(&round_mu);
 }
 
-/* Reads ahead every client the events report readable, proposes all the bytes at once (one
- * consensus round for the whole batch) and waits for the commit; the read hook then hands each
- * client's committed bytes to the server. Called with mu held; returns with it held. */
+struct read_item { struct client *c; unsigned char *bytes; size_t len; };
+
+/* Reads ahead every client the events report readable, proposes all the bytes as BATCH entries
+ * (one consensus round for the whole lot) and waits for the commit; the read hook then hands
+ * each client's committed bytes to the server. Called with mu held; returns with it held. */
 static void read_ahead(struct epoll_event *events, int n) {
-    struct round_item *items = malloc((size_t)n * sizeof *items);
-    if (!items) fail_stop("out of memory reading ahead");
+    struct read_item *reads = malloc((size_t)n * sizeof *reads);
+    struct round_item *batches = malloc((size_t)n * sizeof *batches);
+    if (!reads || !batches) fail_stop("out of memory reading ahead");
     int m = 0;
     for (int i = 0; i < n; i++) {
         struct client *c = client_for_event(events[i].data.u64);
         if (!c || c->broken || c->eof || c->buf || !(events[i].events & (EPOLLIN | EPOLLHUP | EPOLLERR | EPOLLRDHUP))) continue;
-        unsigned char *b = malloc(HEADER_BYTES + read_ahead_bytes);
+        unsigned char *b = malloc(read_ahead_bytes);
         if (!b) fail_stop("out of memory reading ahead");
-        ssize_t r = REAL(recv)(c->fd, b + HEADER_BYTES, read_ahead_bytes, MSG_DONTWAIT);
+        ssize_t r = REAL(recv)(c->fd, b, read_ahead_bytes, MSG_DONTWAIT);
         if (r > 0) {
-            encode(b, OP_DATA, c->id);
-            items[m++] = (struct round_item){ c, b, (size_t)r, 1 };
+            reads[m++] = (struct read_item){ c, b, (size_t)r };
             continue;
         }
         free(b);
@@ -420,33 +450,56 @@ static void read_ahead(struct epoll_event *events, int n) {
             if (!c->close_logged) { c->close_logged = 1; propose_async(OP_CLOSE, c->id); }
         } /* else EAGAIN or an error: the server's own read sees it */
     }
+    /* Pack the reads, in event order, into as few BATCH entries as fit. */
+    int nb = 0;
+    for (int i = 0; i < m;) {
+        size_t total = HEADER_BYTES;
+        int j = i;
+        while (j < m && (j == i || total + ITEM_HEADER_BYTES + reads[j].len <= BATCH_BYTES_MAX)) total += ITEM_HEADER_BYTES + reads[j++].len;
+        unsigned char *b = malloc(total);
+        if (!b) fail_stop("out of memory reading ahead");
+        size_t off = encode(b, OP_BATCH, 0);
+        for (int k = i; k < j; k++) {
+            for (int x = 0; x < 8; x++) b[off + x] = (unsigned char)(reads[k].c->id >> (8 * x));
+            for (int x = 0; x < 4; x++) b[off + 8 + x] = (unsigned char)(reads[k].len >> (8 * x));
+            memcpy(b + off + ITEM_HEADER_BYTES, reads[k].bytes, reads[k].len);
+            off += ITEM_HEADER_BYTES + reads[k].len;
+        }
+        batches[nb++] = (struct round_item){ b, total, i, j - i, 1 };
+        i = j;
+    }
     pthread_mutex_unlock(&mu);
-    if (m > 0) {
+    if (nb > 0) {
         pthread_mutex_lock(&round_mu);
-        round_pending = m;
+        round_pending = nb;
         pthread_mutex_unlock(&round_mu);
-        for (int i = 0; i < m; i++) {
-            int rc = interpose_propose_async(items[i].bytes, HEADER_BYTES + items[i].len, round_done, &items[i]);
-            if (rc != INTERPOSE_OK) round_done(&items[i], rc, 0);
+        for (int i = 0; i < nb; i++) {
+            int rc = interpose_propose_async(batches[i].bytes, batches[i].len, round_done, &batches[i]);
+            if (rc != INTERPOSE_OK) round_done(&batches[i], rc, 0);
         }
         pthread_mutex_lock(&round_mu);
         while (round_pending > 0) pthread_cond_wait(&round_cond, &round_mu);
         pthread_mutex_unlock(&round_mu);
     }
     pthread_mutex_lock(&mu);
-    for (int i = 0; i < m; i++) {
-        struct round_item *it = &items[i];
-        if (it->status == INTERPOSE_OK) {
-            it->c->buf = it->bytes;
-            it->c->buf_off = HEADER_BYTES;
-            it->c->buf_len = HEADER_BYTES + it->len;
-        } else {
-            free(it->bytes);
-            if (it->status == INTERPOSE_EUNKNOWN) fail_stop("a proposal timed out and may still commit");
-            break_client(it->c);
+    for (int i = 0; i < nb; i++) {
+        struct round_item *it = &batches[i];
+        if (it->status == INTERPOSE_EUNKNOWN) fail_stop("a proposal timed out and may still commit");
+        for (int k = it->first; k < it->first + it->count; k++) {
+            struct read_item *r = &reads[k];
+            if (it->status == INTERPOSE_OK) {
+                r->c->buf = r->bytes;
+                r->c->buf_off = 0;
+                r->c->buf_len = r->len;
+            } else {
+                free(r->bytes);
+                break_client(r->c);
+            }
         }
+        free(it->bytes);
     }
-    free(items);
+    free(reads);
+    free(batches);
 }
 
 int apus_epoll_wait(int epfd, struct epoll_event *events, int max, int timeout, const sigset_t *mask, int pwait) {
