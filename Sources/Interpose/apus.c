@@ -200,9 +200,11 @@ static void deliver(void *context, int kind, uint64_t index, const void *data, s
             enqueue_entry(OP_DATA, item_id, p + off, item_len);
             off += item_len;
         }
-        return;
+    } else {
+        enqueue_entry(p[0], id, p + HEADER_BYTES, len - HEADER_BYTES);
     }
-    enqueue_entry(p[0], id, p + HEADER_BYTES, len - HEADER_BYTES);
+    uint64_t one = 1;
+    if (wake_fd >= 0 && write(wake_fd, &one, sizeof one) < 0) { /* the counter is already non-zero */ }
 }
 
 /* Queues another process's committed entry for the server thread and wakes it. */
@@ -221,8 +223,6 @@ static void enqueue_entry(int op, uint64_t id, const unsigned char *data, size_t
     if (q_tail) q_tail->next = e; else q_head = e;
     q_tail = e;
     pthread_mutex_unlock(&qmu);
-    uint64_t one = 1;
-    if (wake_fd >= 0 && write(wake_fd, &one, sizeof one) < 0) { /* the counter is already non-zero */ }
 }
 
 static struct entry *dequeue(void) {
@@ -312,24 +312,26 @@ static int replay_step(struct entry *e) {
     }
 }
 
-/* Discards the server's replies on replay connections (followers answer no one). */
-static void drain_replies(void) {
+/* Discards the server's replies on a replay connection (followers answer no one). */
+static void drain_replies(struct replay *r) {
     char sink[16384];
-    for (struct replay *r = replays; r; r = r->next) {
-        if (r->cclosed) continue;
-        while (REAL(recv)(r->cfd, sink, sizeof sink, MSG_DONTWAIT) > 0) {}
-    }
+    if (r && !r->cclosed) while (REAL(recv)(r->cfd, sink, sizeof sink, MSG_DONTWAIT) > 0) {}
 }
 
 static void pump(void) {
+    /* The server writes its replies before it waits again, so the connection of an entry just
+     * handled holds them now; every 256 calls all are swept (replies written later, in parts). */
+    static unsigned calls;
+    if (++calls % 256 == 0) for (struct replay *r = replays; r; r = r->next) drain_replies(r);
     for (;;) {
         if (!current) current = dequeue();
         if (!current) break;
-        if (!replay_step(current)) break;
+        int done = replay_step(current);
+        if (current->op == OP_DATA) drain_replies(find_replay(current->id));
+        if (!done) break;
         free(current);
         current = NULL;
     }
-    drain_replies();
 }
 
 /* MARK: role */
