@@ -111,7 +111,8 @@ done
   echo "Command: \`make bench-interpose\` (release \`libinterpose.so\`, then \`benchmarks/interpose/run.sh\`)."
   echo
   echo "Machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), kernel $(uname -r),"
-  echo "$(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo) RAM, $(redis-server --version | awk '{print $3}' | tr -d 'v='), $(date -u '+%Y-%m-%d %H:%M UTC'); load average $busy when the run started."
+  echo "$(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo) RAM, Redis $(redis-server --version | awk '{print $3}' | tr -d 'v='), logs on $(df -T "$work" | awk 'NR==2 {print $2}'), $(date -u '+%Y-%m-%d %H:%M UTC');"
+  echo "load average $busy when the run started (other work shared the machine: numbers move by ±20% between runs)."
   echo
   echo "redis-benchmark: $requests requests per test, $clients clients, random keys (\`-r 100000\`), SET then GET;"
   echo "\`-P\` is the pipeline depth. Every server, replica and the client share the machine's cores on loopback."
