@@ -121,6 +121,21 @@ extension EndToEnd {
                     "-p", String(r.ports[leader]!), "-n", "2000", "-c", "8", "-P", "4", "-t", "set,incr,lpush", "-q"])
                 checks.expect(status == 0 && out.contains("requests per second"), "redis-benchmark failed (\(status)): \(out.suffix(400))")
                 checks.expect(r.converged(), "digests differ after redis-benchmark:\n" + r.logTails())
+                // BGSAVE goes through the log too: every Redis forks a child to save (the shim's hooks
+                // pass through in the child) and keeps replicating afterwards.
+                let c2 = try RespClient(port: r.ports[leader]!)
+                checks.expect(try c2.call("BGSAVE") == .simple("Background saving started"), "BGSAVE through the leader")
+                let saved = InterposeHarness.waitUntil(.seconds(20)) {
+                    r.cluster.ids.allSatisfy { id in
+                        guard let local = try? RespClient(unixPath: r.socketPath(id)),
+                              case let .bulk(info?)? = try? local.call("INFO", "persistence") else { return false }
+                        return info.contains("rdb_bgsave_in_progress:0") && info.contains("rdb_last_bgsave_status:ok")
+                            && FileManager.default.fileExists(atPath: r.root + "/redis-\(id)/dump.rdb")
+                    }
+                }
+                checks.expect(saved, "not every replica's Redis finished its fork-based save:\n" + r.logTails())
+                for i in 1...20 { checks.expect(try c2.call("SET", "after-fork-\(i)", "x") == .simple("OK"), "SET after the fork") }
+                checks.expect(r.converged(), "digests differ after the fork:\n" + r.logTails())
             }
         }
 
