@@ -27,18 +27,12 @@ atomic_int apus_on;
 _Atomic unsigned char apus_fd_kind[APUS_FD_MAX];
 
 static const char *config_path;
-static int app_port;
+int apus_app_port;
 static atomic_int app_epfd = -1;
-static int wake_fd = -1;
+int apus_wake_fd = -1;
 /* The epoll data of the shim's wake-up eventfd ("interpos"); the server's own events never carry it. */
 #define WAKE_TAG 0x696e746572706f73ULL
 
-enum { OP_OPEN = 1, OP_DATA = 2, OP_CLOSE = 3, OP_BATCH = 4 };
-/* A BATCH entry carries a read-ahead round: id 0, then for each client its id (u64 LE), a length
- * (u32 LE) and that many bytes, in the order the server will read them. One log entry per round
- * keeps the replicas' per-entry costs off the per-client path. */
-#define ITEM_HEADER_BYTES 12
-#define HEADER_BYTES 9 /* op, connection id (little-endian u64) */
 
 /* A client connection the server accepted while this replica led. */
 struct client {
@@ -58,35 +52,15 @@ struct client {
     struct client *next;
 };
 
-/* A loopback connection replaying another leader's client connection into the local server. */
-struct replay {
-    uint64_t id;
-    int cfd;            /* the shim's end */
-    int sfd;            /* the server's end (-1 until the server accepted it) */
-    uint16_t port;      /* the shim's end's local port: how the accept hook recognises it */
-    long unconsumed;    /* bytes written that the server has not read yet */
-    int cclosed, sclosed, close_proposed;
-    struct replay *next;
-};
 
-/* A committed entry of another leader, waiting to be replayed. */
-struct entry {
-    struct entry *next;
-    int op;
-    uint64_t id;
-    size_t len, off;
-    unsigned char data[];
-};
 
-static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;  /* clients, replays, listener cache, role */
-static pthread_mutex_t qmu = PTHREAD_MUTEX_INITIALIZER; /* the entry queue (filled on the replica thread) */
+static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;  /* clients, apus_replays, listener cache, role */
 static unsigned char listener_kind[APUS_FD_MAX];        /* 0 unknown, 1 the server's listener, 2 other */
 static struct client *clients;
 static struct client *client_by_fd[APUS_FD_MAX];
-static struct replay *replays;
-static struct replay *replay_by_sfd[APUS_FD_MAX];
-static struct entry *q_head, *q_tail, *current;
-static uint32_t incarnation;
+struct replay *apus_replays;
+struct replay *apus_replay_by_sfd[APUS_FD_MAX];
+uint32_t apus_incarnation;
 static uint32_t next_conn;
 static int started, was_leader, barrier_done, ready;
 static size_t read_ahead_bytes = 16384;
@@ -107,13 +81,13 @@ void apus_setup_from_env(void) {
     const char *ahead = getenv("INTERPOSE_READ_BYTES");
     if (ahead && strtol(ahead, NULL, 10) >= 512) read_ahead_bytes = (size_t)strtol(ahead, NULL, 10);
     if (read_ahead_bytes > 128 * 1024) read_ahead_bytes = 128 * 1024; /* one read must fit a BATCH entry */
-    app_port = (int)p;
+    apus_app_port = (int)p;
     atomic_store(&apus_on, 1);
 }
 
 /* Stops this replica's server: its state can no longer be proven equal to the others'. A
  * restarted replica rebuilds it from the log. */
-static _Noreturn void fail_stop(const char *why) {
+_Noreturn void apus_fail_stop(const char *why) {
     apus_log("stopping the server: %s (a restart rebuilds its state from the log)", why);
     _exit(70);
 }
@@ -127,8 +101,8 @@ static int is_app_listener(int fd) {
     socklen_t ilen = sizeof listening;
     int yes = getsockname(fd, (struct sockaddr *)&a, &len) == 0
         && getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &listening, &ilen) == 0 && listening
-        && ((a.ss_family == AF_INET && ntohs(((struct sockaddr_in *)&a)->sin_port) == app_port)
-            || (a.ss_family == AF_INET6 && ntohs(((struct sockaddr_in6 *)&a)->sin6_port) == app_port));
+        && ((a.ss_family == AF_INET && ntohs(((struct sockaddr_in *)&a)->sin_port) == apus_app_port)
+            || (a.ss_family == AF_INET6 && ntohs(((struct sockaddr_in6 *)&a)->sin6_port) == apus_app_port));
     listener_kind[fd] = yes ? 1 : 2;
     return yes;
 }
@@ -149,7 +123,7 @@ int apus_is_app_epoll(int epfd) { return epfd >= 0 && epfd == atomic_load_explic
 
 /* MARK: proposals */
 
-static size_t encode(unsigned char *out, int op, uint64_t id) {
+size_t apus_encode(unsigned char *out, int op, uint64_t id) {
     out[0] = (unsigned char)op;
     for (int i = 0; i < 8; i++) out[1 + i] = (unsigned char)(id >> (8 * i));
     return HEADER_BYTES;
@@ -162,176 +136,21 @@ static int propose_sync(int op, uint64_t id, const void *data, size_t len) {
     unsigned char small[HEADER_BYTES + 4096];
     unsigned char *buf = len <= 4096 ? small : malloc(HEADER_BYTES + len);
     if (!buf) return INTERPOSE_EINVAL;
-    encode(buf, op, id);
+    apus_encode(buf, op, id);
     if (len) memcpy(buf + HEADER_BYTES, data, len);
     int rc = interpose_propose(buf, HEADER_BYTES + len, NULL);
     if (buf != small) free(buf);
-    if (rc == INTERPOSE_EUNKNOWN && op == OP_DATA) fail_stop("a proposal timed out and may still commit");
+    if (rc == INTERPOSE_EUNKNOWN && op == OP_DATA) apus_fail_stop("a proposal timed out and may still commit");
     return rc;
 }
 
 static void ignore_outcome(void *context, int status, uint64_t index) { (void)context, (void)status, (void)index; }
 
 /* Proposes an entry without waiting (CLOSE entries: their order still follows the calls). */
-static void propose_async(int op, uint64_t id) {
+void apus_propose_async(int op, uint64_t id) {
     unsigned char buf[HEADER_BYTES];
-    encode(buf, op, id);
+    apus_encode(buf, op, id);
     interpose_propose_async(buf, sizeof buf, ignore_outcome, NULL);
-}
-
-static void enqueue_entry(int op, uint64_t id, const unsigned char *data, size_t len);
-
-/* Runs on the replica thread: queues another leader's committed entries for the server thread. */
-static void deliver(void *context, int kind, uint64_t index, const void *data, size_t len) {
-    (void)context, (void)index;
-    const unsigned char *p = data;
-    if (kind != INTERPOSE_ENTRY_INPUT || len < HEADER_BYTES) return;
-    uint64_t id = 0;
-    for (int i = 0; i < 8; i++) id |= (uint64_t)p[1 + i] << (8 * i);
-    if (p[0] == OP_BATCH) {
-        size_t off = HEADER_BYTES;
-        while (off + ITEM_HEADER_BYTES <= len) {
-            uint64_t item_id = 0;
-            uint32_t item_len = 0;
-            for (int i = 0; i < 8; i++) item_id |= (uint64_t)p[off + i] << (8 * i);
-            for (int i = 0; i < 4; i++) item_len |= (uint32_t)p[off + 8 + i] << (8 * i);
-            off += ITEM_HEADER_BYTES;
-            if (item_len > len - off) break;
-            enqueue_entry(OP_DATA, item_id, p + off, item_len);
-            off += item_len;
-        }
-    } else {
-        enqueue_entry(p[0], id, p + HEADER_BYTES, len - HEADER_BYTES);
-    }
-    uint64_t one = 1;
-    if (wake_fd >= 0 && write(wake_fd, &one, sizeof one) < 0) { /* the counter is already non-zero */ }
-}
-
-/* Queues another process's committed entry for the server thread and wakes it. */
-static void enqueue_entry(int op, uint64_t id, const unsigned char *data, size_t len) {
-    /* This process's own connections: the read path already handed the bytes to the server. */
-    if ((uint32_t)(id >> 32) == incarnation) return;
-    struct entry *e = malloc(sizeof *e + len);
-    if (!e) fail_stop("out of memory queueing a committed entry");
-    e->next = NULL;
-    e->op = op;
-    e->id = id;
-    e->len = len;
-    e->off = 0;
-    memcpy(e->data, data, len);
-    pthread_mutex_lock(&qmu);
-    if (q_tail) q_tail->next = e; else q_head = e;
-    q_tail = e;
-    pthread_mutex_unlock(&qmu);
-}
-
-static struct entry *dequeue(void) {
-    pthread_mutex_lock(&qmu);
-    struct entry *e = q_head;
-    if (e) { q_head = e->next; if (!q_head) q_tail = NULL; }
-    pthread_mutex_unlock(&qmu);
-    return e;
-}
-
-static int queue_empty(void) {
-    pthread_mutex_lock(&qmu);
-    int empty = q_head == NULL;
-    pthread_mutex_unlock(&qmu);
-    return empty;
-}
-
-/* MARK: replay (server thread, under mu) */
-
-static struct replay *find_replay(uint64_t id) {
-    for (struct replay *r = replays; r; r = r->next) if (r->id == id) return r;
-    return NULL;
-}
-
-static struct replay *replay_open(uint64_t id) {
-    int s = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (s < 0) fail_stop("cannot create a replay socket");
-    struct sockaddr_in a = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
-    socklen_t len = sizeof a;
-    if (bind(s, (struct sockaddr *)&a, sizeof a) != 0 || getsockname(s, (struct sockaddr *)&a, &len) != 0)
-        fail_stop("cannot bind a replay socket on 127.0.0.1");
-    struct replay *r = calloc(1, sizeof *r);
-    if (!r) fail_stop("out of memory opening a replay connection");
-    r->id = id;
-    r->cfd = s;
-    r->sfd = -1;
-    r->port = ntohs(a.sin_port);
-    r->next = replays;
-    replays = r;
-    /* Known before connecting, so the accept hook recognises the server's end. The listen
-     * backlog completes the handshake; the server accepts it on its next loop. */
-    struct sockaddr_in server = { .sin_family = AF_INET, .sin_port = htons((uint16_t)app_port),
-                                  .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
-    if (connect(s, (struct sockaddr *)&server, sizeof server) != 0)
-        fail_stop("cannot connect a replay connection to the server on 127.0.0.1:INTERPOSE_PORT");
-    fcntl(s, F_SETFL, fcntl(s, F_GETFL) | O_NONBLOCK);
-    return r;
-}
-
-static void replay_free(struct replay *r) {
-    for (struct replay **p = &replays; *p; p = &(*p)->next) {
-        if (*p == r) { *p = r->next; break; }
-    }
-    if (!r->cclosed) REAL(close)(r->cfd);
-    if (r->sfd >= 0 && !r->sclosed && replay_by_sfd[r->sfd] == r) replay_by_sfd[r->sfd] = NULL;
-    free(r);
-}
-
-/* Advances one entry as far as the server allows: 1 when done, 0 to wait for the server. */
-static int replay_step(struct entry *e) {
-    struct replay *r = find_replay(e->id);
-    switch (e->op) {
-    case OP_OPEN:
-        if (!r) r = replay_open(e->id);
-        return r->sfd >= 0;
-    case OP_DATA:
-        if (!r) r = replay_open(e->id); /* only if its OPEN was compacted away or came from a restart */
-        if (r->sfd < 0 || r->sclosed) return r->sclosed; /* a server that closed it drops the rest */
-        while (e->off < e->len) {
-            ssize_t w = write(r->cfd, e->data + e->off, e->len - e->off);
-            if (w < 0) {
-                if (errno == EAGAIN || errno == EWOULDBLOCK) return 0;
-                return 1; /* the server closed it: nothing more can be delivered */
-            }
-            e->off += (size_t)w;
-            r->unconsumed += w;
-        }
-        return r->unconsumed <= 0;
-    case OP_CLOSE:
-        if (!r) return 1;
-        if (!r->cclosed) { REAL(close)(r->cfd); r->cclosed = 1; }
-        if (r->sfd >= 0 && !r->sclosed) return 0;
-        replay_free(r);
-        return 1;
-    default:
-        return 1;
-    }
-}
-
-/* Discards the server's replies on a replay connection (followers answer no one). */
-static void drain_replies(struct replay *r) {
-    char sink[16384];
-    if (r && !r->cclosed) while (REAL(recv)(r->cfd, sink, sizeof sink, MSG_DONTWAIT) > 0) {}
-}
-
-static void pump(void) {
-    /* The server writes its replies before it waits again, so the connection of an entry just
-     * handled holds them now; every 256 calls all are swept (replies written later, in parts). */
-    static unsigned calls;
-    if (++calls % 256 == 0) for (struct replay *r = replays; r; r = r->next) drain_replies(r);
-    for (;;) {
-        if (!current) current = dequeue();
-        if (!current) break;
-        int done = replay_step(current);
-        if (current->op == OP_DATA) drain_replies(find_replay(current->id));
-        if (!done) break;
-        free(current);
-        current = NULL;
-    }
 }
 
 /* MARK: role */
@@ -364,12 +183,12 @@ static void update_role(void) {
         pthread_mutex_unlock(&mu);
     }
     pthread_mutex_lock(&mu);
-    pump();
-    if (leader && barrier_done && !ready && !current && queue_empty()) {
+    apus_pump();
+    if (leader && barrier_done && !ready && apus_replay_idle()) {
         ready = 1;
         /* Connections of earlier leaders are gone with them: close them on every replica. */
-        for (struct replay *r = replays; r; r = r->next) {
-            if (!r->close_proposed) { r->close_proposed = 1; propose_async(OP_CLOSE, r->id); }
+        for (struct replay *r = apus_replays; r; r = r->next) {
+            if (!r->close_proposed) { r->close_proposed = 1; apus_propose_async(OP_CLOSE, r->id); }
         }
     }
     pthread_mutex_unlock(&mu);
@@ -377,19 +196,19 @@ static void update_role(void) {
 
 static void start(void) {
     started = 1;
-    while (incarnation == 0) {
-        if (getrandom(&incarnation, sizeof incarnation, 0) != sizeof incarnation) incarnation = (uint32_t)getpid();
+    while (apus_incarnation == 0) {
+        if (getrandom(&apus_incarnation, sizeof apus_incarnation, 0) != sizeof apus_incarnation) apus_incarnation = (uint32_t)getpid();
     }
-    wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    if (wake_fd < 0) fail_stop("cannot create the wake-up eventfd");
+    apus_wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (apus_wake_fd < 0) apus_fail_stop("cannot create the wake-up eventfd");
     struct epoll_event ev = { .events = EPOLLIN, .data.u64 = WAKE_TAG };
-    if (REAL(epoll_ctl)(atomic_load(&app_epfd), EPOLL_CTL_ADD, wake_fd, &ev) != 0) fail_stop("cannot watch the wake-up eventfd");
-    interpose_set_deliver(deliver, NULL);
+    if (REAL(epoll_ctl)(atomic_load(&app_epfd), EPOLL_CTL_ADD, apus_wake_fd, &ev) != 0) apus_fail_stop("cannot watch the wake-up eventfd");
+    interpose_set_deliver(apus_deliver, NULL);
     if (interpose_init(config_path) != INTERPOSE_OK) {
         apus_log("%s", interpose_last_error());
-        fail_stop("the replica did not start");
+        apus_fail_stop("the replica did not start");
     }
-    apus_log("replicating the server on port %d (config %s)", app_port, config_path);
+    apus_log("replicating the server on port %d (config %s)", apus_app_port, config_path);
 }
 
 /* MARK: hooks' APUS paths (server thread; apus_in_hook is set) */
@@ -434,13 +253,13 @@ struct read_item { struct client *c; unsigned char *bytes; size_t len; };
 static void read_ahead(struct epoll_event *events, int n) {
     struct read_item *reads = malloc((size_t)n * sizeof *reads);
     struct round_item *batches = malloc((size_t)n * sizeof *batches);
-    if (!reads || !batches) fail_stop("out of memory reading ahead");
+    if (!reads || !batches) apus_fail_stop("out of memory reading ahead");
     int m = 0;
     for (int i = 0; i < n; i++) {
         struct client *c = client_for_event(events[i].data.u64);
         if (!c || c->broken || c->eof || c->buf || !(events[i].events & (EPOLLIN | EPOLLHUP | EPOLLERR | EPOLLRDHUP))) continue;
         unsigned char *b = malloc(read_ahead_bytes);
-        if (!b) fail_stop("out of memory reading ahead");
+        if (!b) apus_fail_stop("out of memory reading ahead");
         ssize_t r = REAL(recv)(c->fd, b, read_ahead_bytes, MSG_DONTWAIT);
         if (r > 0) {
             reads[m++] = (struct read_item){ c, b, (size_t)r };
@@ -449,7 +268,7 @@ static void read_ahead(struct epoll_event *events, int n) {
         free(b);
         if (r == 0) {
             c->eof = 1;
-            if (!c->close_logged) { c->close_logged = 1; propose_async(OP_CLOSE, c->id); }
+            if (!c->close_logged) { c->close_logged = 1; apus_propose_async(OP_CLOSE, c->id); }
         } /* else EAGAIN or an error: the server's own read sees it */
     }
     /* Pack the reads, in event order, into as few BATCH entries as fit. */
@@ -459,8 +278,8 @@ static void read_ahead(struct epoll_event *events, int n) {
         int j = i;
         while (j < m && (j == i || total + ITEM_HEADER_BYTES + reads[j].len <= BATCH_BYTES_MAX)) total += ITEM_HEADER_BYTES + reads[j++].len;
         unsigned char *b = malloc(total);
-        if (!b) fail_stop("out of memory reading ahead");
-        size_t off = encode(b, OP_BATCH, 0);
+        if (!b) apus_fail_stop("out of memory reading ahead");
+        size_t off = apus_encode(b, OP_BATCH, 0);
         for (int k = i; k < j; k++) {
             for (int x = 0; x < 8; x++) b[off + x] = (unsigned char)(reads[k].c->id >> (8 * x));
             for (int x = 0; x < 4; x++) b[off + 8 + x] = (unsigned char)(reads[k].len >> (8 * x));
@@ -486,7 +305,7 @@ static void read_ahead(struct epoll_event *events, int n) {
     pthread_mutex_lock(&mu);
     for (int i = 0; i < nb; i++) {
         struct round_item *it = &batches[i];
-        if (it->status == INTERPOSE_EUNKNOWN) fail_stop("a proposal timed out and may still commit");
+        if (it->status == INTERPOSE_EUNKNOWN) apus_fail_stop("a proposal timed out and may still commit");
         for (int k = it->first; k < it->first + it->count; k++) {
             struct read_item *r = &reads[k];
             if (it->status == INTERPOSE_OK) {
@@ -522,7 +341,7 @@ int apus_epoll_wait(int epfd, struct epoll_event *events, int max, int timeout, 
     for (int i = 0; i < n; i++) {
         if (events[i].data.u64 == WAKE_TAG) {
             uint64_t v;
-            if (REAL(read)(wake_fd, &v, sizeof v) < 0) { /* already reset */ }
+            if (REAL(read)(apus_wake_fd, &v, sizeof v) < 0) { /* already reset */ }
             continue;
         }
         events[k++] = events[i];
@@ -561,10 +380,10 @@ int apus_after_accept(int listen_fd, int fd) {
     socklen_t len = sizeof peer;
     if (getpeername(fd, (struct sockaddr *)&peer, &len) == 0 && peer.sin_family == AF_INET
         && peer.sin_addr.s_addr == htonl(INADDR_LOOPBACK)) {
-        for (struct replay *r = replays; r; r = r->next) {
+        for (struct replay *r = apus_replays; r; r = r->next) {
             if (r->sfd < 0 && r->port == ntohs(peer.sin_port)) {
                 r->sfd = fd;
-                replay_by_sfd[fd] = r;
+                apus_replay_by_sfd[fd] = r;
                 atomic_store(&apus_fd_kind[fd], APUS_FD_REPLAY);
                 pthread_mutex_unlock(&mu);
                 return fd;
@@ -579,8 +398,8 @@ int apus_after_accept(int listen_fd, int fd) {
         return -1;
     }
     struct client *c = calloc(1, sizeof *c);
-    if (!c) fail_stop("out of memory accepting a connection");
-    c->id = ((uint64_t)incarnation << 32) | ++next_conn;
+    if (!c) apus_fail_stop("out of memory accepting a connection");
+    c->id = ((uint64_t)apus_incarnation << 32) | ++next_conn;
     c->fd = fd;
     pthread_mutex_unlock(&mu);
     if (propose_sync(OP_OPEN, c->id, NULL, 0) != INTERPOSE_OK) {
@@ -606,7 +425,7 @@ ssize_t apus_read(int fd, void *buf, size_t count) {
         ssize_t n = REAL(read)(fd, buf, count);
         int e = errno;
         pthread_mutex_lock(&mu);
-        struct replay *r = replay_by_sfd[fd];
+        struct replay *r = apus_replay_by_sfd[fd];
         if (r && n > 0) r->unconsumed -= n;
         pthread_mutex_unlock(&mu);
         errno = e;
@@ -642,7 +461,7 @@ ssize_t apus_read(int fd, void *buf, size_t count) {
         }
     } else if (n == 0 && !c->close_logged) {
         c->close_logged = 1;
-        propose_async(OP_CLOSE, c->id);
+        apus_propose_async(OP_CLOSE, c->id);
         errno = 0;
     }
     return n;
@@ -660,12 +479,12 @@ void apus_before_close(int fd) {
         for (struct client **p = &clients; *p; p = &(*p)->next) {
             if (*p == c) { *p = c->next; break; }
         }
-        if (!c->broken && !c->close_logged) propose_async(OP_CLOSE, c->id);
+        if (!c->broken && !c->close_logged) apus_propose_async(OP_CLOSE, c->id);
         free(c->buf);
         free(c);
-    } else if (kind == APUS_FD_REPLAY && replay_by_sfd[fd]) {
-        replay_by_sfd[fd]->sclosed = 1;
-        replay_by_sfd[fd] = NULL;
+    } else if (kind == APUS_FD_REPLAY && apus_replay_by_sfd[fd]) {
+        apus_replay_by_sfd[fd]->sclosed = 1;
+        apus_replay_by_sfd[fd] = NULL;
     }
     pthread_mutex_unlock(&mu);
 }

@@ -4,6 +4,7 @@
 #define INTERPOSE_APUS_H
 
 #include <stdatomic.h>
+#include <stdint.h>
 #include <stddef.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
@@ -52,5 +53,50 @@ void apus_after_epoll_ctl(int epfd, int op, int fd, const struct epoll_event *ev
 int apus_is_app_epoll(int epfd);
 int apus_epoll_wait(int epfd, struct epoll_event *events, int max, int timeout, const sigset_t *mask, int pwait);
 void apus_log(const char *fmt, ...);
+
+/* MARK: shared between apus.c (leader, role, hooks) and replay.c (followers' replay) */
+
+enum { OP_OPEN = 1, OP_DATA = 2, OP_CLOSE = 3, OP_BATCH = 4 };
+/* A BATCH entry carries a read-ahead round: id 0, then for each client its id (u64 LE), a length
+ * (u32 LE) and that many bytes, in the order the server will read them. One log entry per round
+ * keeps the replicas' per-entry costs off the per-client path. */
+#define ITEM_HEADER_BYTES 12
+#define HEADER_BYTES 9 /* op, connection id (little-endian u64) */
+
+/* A loopback connection replaying another leader's client connection into the local server. */
+struct replay {
+    uint64_t id;
+    int cfd;            /* the shim's end */
+    int sfd;            /* the server's end (-1 until the server accepted it) */
+    uint16_t port;      /* the shim's end's local port: how the accept hook recognises it */
+    long unconsumed;    /* bytes written that the server has not read yet */
+    int cclosed, sclosed, close_proposed;
+    struct replay *next;
+};
+
+/* A committed entry of another leader, waiting to be replayed. */
+struct entry {
+    struct entry *next;
+    int op;
+    uint64_t id;
+    size_t len, off;
+    unsigned char data[];
+};
+
+extern int apus_app_port;
+extern int apus_wake_fd;
+extern uint32_t apus_incarnation;
+extern struct replay *apus_replays;
+extern struct replay *apus_replay_by_sfd[APUS_FD_MAX];
+
+_Noreturn void apus_fail_stop(const char *why);
+size_t apus_encode(unsigned char *out, int op, uint64_t id);
+void apus_propose_async(int op, uint64_t id);
+/* The deliver callback (replica thread): queues other processes' committed entries. */
+void apus_deliver(void *context, int kind, uint64_t index, const void *data, size_t len);
+/* Replays queued entries as far as the server allows (server thread, mu held). */
+void apus_pump(void);
+/* No entry is queued or half replayed. */
+int apus_replay_idle(void);
 
 #endif
