@@ -2,7 +2,7 @@
 SWIFT ?= swift
 BUILD_FLAGS ?=
 
-.PHONY: deps build test demo simulate bench-stable-log bench-consensus bench-syncvm clean
+.PHONY: deps build test demo simulate bench-stable-log bench-consensus bench-syncvm bench-interpose clean
 
 deps:
 	./scripts/install-deps.sh
@@ -44,6 +44,12 @@ bench-consensus:
 # syncvm: page hashing vs memcpy, and syncs of a 1 GiB image (benchmarks/README.md).
 bench-syncvm: deps
 	SWIFT="$(SWIFT)" ./benchmarks/syncvm/run.sh
+
+# Redis replicated by libinterpose.so (3 replicas, LD_PRELOAD) vs plain Redis, redis-benchmark
+# SET/GET with -P 1 and -P 16 (benchmarks/interpose/README.md), ~3 min.
+bench-interpose: deps
+	$(SWIFT) build -c release --product interpose
+	./benchmarks/interpose/run.sh
 
 clean:
 	rm -rf .build

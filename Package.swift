@@ -10,7 +10,8 @@ let package = Package(
         .library(name: "RDMAPaxosCore", targets: ["RDMAPaxosCore"]),
         .library(name: "RDMAPaxosSimulation", targets: ["RDMAPaxosSimulation"]),
         .library(name: "VMReplica", targets: ["VMReplica"]),
-        .library(name: "Interpose", targets: ["Interpose"]),
+        // libinterpose.so: the C ABI (include/interpose.h) and the LD_PRELOAD hooks.
+        .library(name: "interpose", type: .dynamic, targets: ["InterposeRuntime"]),
         .library(name: "PloverCheck", targets: ["PloverCheck"]),
         .executable(name: "plover", targets: ["plover"]),
         .executable(name: "paxos-log", targets: ["paxos-log"]),
@@ -56,7 +57,17 @@ let package = Package(
             path: "Sources/RDMAPaxos",
             exclude: ["Core", "Simulation"]),
         .target(name: "VMReplica", dependencies: ["RDMAPaxos", "CXXHash"]),
-        .target(name: "Interpose", path: "Sources/Interpose"),
+        // The C half of libinterpose.so: the public header, libc hooks and the APUS replay logic.
+        // It calls the Swift half (InterposeRuntime) only through the C ABI it declares, so it
+        // links only as part of the `interpose` product.
+        .target(name: "Interpose", path: "Sources/Interpose", exclude: ["exports.map"],
+                linkerSettings: [.linkedLibrary("dl"), .linkedLibrary("pthread")]),
+        // The Swift half: `@_cdecl` entry points of the C ABI over a `ReplicaServer`. The version
+        // script keeps every symbol but the hooks and `interpose_*` local (docs/design/interpose.md).
+        .target(
+            name: "InterposeRuntime",
+            dependencies: ["Interpose", "RDMAPaxos", .product(name: "Logging", package: "swift-log")],
+            linkerSettings: [.unsafeFlags(["-Xlinker", "--version-script=Sources/Interpose/exports.map"])]),
         // Test support with no dependencies: a linearizability checker for register histories and
         // a seeded input fuzzer (used by the bad-input and end-to-end tests).
         .target(name: "PloverCheck", dependencies: ["RDMAPaxosCore"]),
@@ -94,7 +105,8 @@ let package = Package(
             ]),
         .testTarget(name: "VMReplicaTests", dependencies: ["VMReplica"]),
         // Real `plover node` processes on loopback (kill -9, SIGSTOP, restarts).
-        .testTarget(name: "EndToEndTests", dependencies: ["plover", "PloverCheck"]),
+        // Also libinterpose.so: a C program built by the tests, and Redis under LD_PRELOAD.
+        .testTarget(name: "EndToEndTests", dependencies: ["plover", "PloverCheck"], exclude: ["interpose-c"]),
         .testTarget(name: "PloverCheckTests", dependencies: ["PloverCheck"]),
     ],
     swiftLanguageModes: [.v6]

@@ -6,6 +6,7 @@ pkgs=(
   libibverbs-dev librdmacm-dev rdma-core ibverbs-providers   # verbs (no device here; see docs)
   libdb-dev db5.3-util                                      # Berkeley DB 5.3 and its tools
   libxxhash-dev                                             # XXH3 page hashing
+  redis-server redis-tools                                  # Interpose tests and benchmark (real Redis under LD_PRELOAD)
 )
 pkgs+=("$@")
 missing=()

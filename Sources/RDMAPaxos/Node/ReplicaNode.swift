@@ -53,9 +53,16 @@ public final class ReplicaNode: @unchecked Sendable {
         case localRead([UInt8], CheckedContinuation<[UInt8], any Error>)
     }
 
+    /// Where a proposal's answer goes: an async caller's continuation or a completion closure.
+    struct ProposalReply: Sendable {
+        let deliver: @Sendable (Result<[UInt8], any Error>) -> Void
+        func resume(returning value: [UInt8]) { deliver(.success(value)) }
+        func resume(throwing error: any Error) { deliver(.failure(error)) }
+    }
+
     struct QueuedProposal {
         var command: [UInt8]
-        var continuation: CheckedContinuation<[UInt8], any Error>
+        var continuation: ProposalReply
         /// `DispatchTime` uptime nanoseconds when it was queued (for the commit latency metric).
         var queuedAt: UInt64
     }
@@ -63,7 +70,7 @@ public final class ReplicaNode: @unchecked Sendable {
     struct PendingProposal {
         var ballot: Ballot
         var deadline: Int
-        var continuation: CheckedContinuation<[UInt8], any Error>
+        var continuation: ProposalReply
         var queuedAt: UInt64
     }
 
@@ -119,9 +126,18 @@ public final class ReplicaNode: @unchecked Sendable {
     /// Throws `NodeError.notLeader` on followers.
     public func propose(_ command: [UInt8]) async throws -> [UInt8] {
         try await withCheckedThrowingContinuation { c in
-            let queued = QueuedProposal(command: command, continuation: c, queuedAt: DispatchTime.now().uptimeNanoseconds)
-            if !enqueue(.propose(queued)) { c.resume(throwing: NodeError.stopped) }
+            propose(command) { c.resume(with: $0) }
         }
+    }
+
+    /// Proposes `command` and calls `completion` on the node's thread with the state machine's
+    /// result once it committed and applied here, or with the error (`NodeError`). Proposals
+    /// made one after another from one thread enter the log in that order while the leader
+    /// stays in office. `completion` must not block: it runs on the thread that drives the node.
+    public func propose(_ command: [UInt8], completion: @escaping @Sendable (Result<[UInt8], any Error>) -> Void) {
+        let queued = QueuedProposal(command: command, continuation: ProposalReply(deliver: completion),
+                                    queuedAt: DispatchTime.now().uptimeNanoseconds)
+        if !enqueue(.propose(queued)) { completion(.failure(NodeError.stopped)) }
     }
 
     /// A linearizable read: answered from this replica's state machine after the leader

@@ -1,0 +1,191 @@
+import Foundation
+@testable import plover
+import RDMAPaxos
+
+/// What the libinterpose.so tests need: the built library, the C driver compiled against the
+/// header alone, replica configs, and a minimal Redis (RESP) client.
+enum InterposeHarness {
+    /// The package root (this file is Tests/EndToEndTests/InterposeHarness.swift).
+    static let packageRoot = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent().path
+
+    /// libinterpose.so next to the test bundle (`swift build` builds it; `make test` runs that first).
+    static func library() throws -> String {
+        let bundleDir = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent()
+        let candidates = [bundleDir.appendingPathComponent("libinterpose.so").path,
+                          bundleDir.deletingLastPathComponent().appendingPathComponent("libinterpose.so").path]
+        guard let found = candidates.first(where: { FileManager.default.fileExists(atPath: $0) }) else {
+            throw CLIError("libinterpose.so is not built next to the tests (looked at \(candidates.joined(separator: ", "))); run `swift build` first (make test does)")
+        }
+        return found
+    }
+
+    /// Compiles the C driver with the system C compiler, against include/interpose.h and the library only.
+    static func compileDriver(into dir: String) throws -> String {
+        let lib = try library()
+        let out = dir + "/replica_driver"
+        let (status, output) = try run("/usr/bin/cc", ["-std=c11", "-Wall", "-Wextra", "-Werror", "-o", out,
+                                                   packageRoot + "/Tests/EndToEndTests/interpose-c/replica_driver.c",
+                                                   "-I", packageRoot + "/Sources/Interpose/include",
+                                                   lib, "-Wl,-rpath," + (lib as NSString).deletingLastPathComponent, "-lpthread"])
+        guard status == 0 else { throw CLIError("cc failed (\(status)):\n\(output)") }
+        return out
+    }
+
+    /// Runs a program to completion and returns its exit status and output.
+    static func run(_ path: String, _ args: [String]) throws -> (Int32, String) {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: path)
+        p.arguments = args
+        let pipe = Pipe()
+        p.standardOutput = pipe
+        p.standardError = pipe
+        try p.run()
+        let data = pipe.fileHandleForReading.readDataToEndOfFile()
+        p.waitUntilExit()
+        return (p.terminationStatus, String(decoding: data, as: UTF8.self))
+    }
+
+    /// Starts `path args` with its output appended to `log` and extra environment.
+    static func spawn(_ path: String, _ args: [String], log: String, environment: [String: String] = [:], cwd: String? = nil) throws -> Process {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: path)
+        p.arguments = args
+        if let cwd { p.currentDirectoryURL = URL(fileURLWithPath: cwd) }
+        p.environment = ProcessInfo.processInfo.environment.merging(environment) { _, new in new }
+        if !FileManager.default.fileExists(atPath: log) { _ = FileManager.default.createFile(atPath: log, contents: nil) }
+        let h = try FileHandle(forWritingTo: URL(fileURLWithPath: log))
+        h.seekToEndOfFile()
+        p.standardOutput = h
+        p.standardError = h
+        try p.run()
+        ChildProcesses.register(p.processIdentifier)
+        return p
+    }
+
+    static func kill9(_ p: Process) {
+        Glibc.kill(p.processIdentifier, SIGKILL)
+        p.waitUntilExit()
+        ChildProcesses.unregister(p.processIdentifier)
+    }
+
+    /// The leader among `ids` per the replicas' client ports, or nil.
+    static func leader(_ endpoints: [NodeID: String], among ids: [NodeID]) -> NodeID? {
+        let c = NodeClient(endpoints: endpoints, timeout: .milliseconds(300))
+        for id in ids {
+            if let s = try? c.status(of: id), s.contains("role=leader") { return id }
+        }
+        return nil
+    }
+
+    static func waitForLeader(_ endpoints: [NodeID: String], among ids: [NodeID], timeout: Duration = .seconds(30)) throws -> NodeID {
+        let deadline = ContinuousClock.now + timeout
+        while ContinuousClock.now < deadline {
+            if let l = leader(endpoints, among: ids) { return l }
+            Thread.sleep(forTimeInterval: 0.05)
+        }
+        throw CLIError("no leader among \(ids) within \(timeout)")
+    }
+
+    static func waitUntil(_ timeout: Duration, _ condition: () -> Bool) -> Bool {
+        let deadline = ContinuousClock.now + timeout
+        while ContinuousClock.now < deadline {
+            if condition() { return true }
+            Thread.sleep(forTimeInterval: 0.05)
+        }
+        return condition()
+    }
+}
+
+/// A blocking RESP client for one Redis connection (TCP on loopback or a unix socket): enough
+/// to send a command and read its reply.
+final class RespClient {
+    enum Reply: Equatable { case simple(String), error(String), integer(Int), bulk(String?), array([Reply]) }
+
+    let fd: Int32
+    private var buffer: [UInt8] = []
+
+    init(port: Int) throws {
+        fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        var a = sockaddr_in()
+        a.sin_family = sa_family_t(AF_INET)
+        a.sin_addr.s_addr = inet_addr("127.0.0.1")
+        a.sin_port = in_port_t(UInt16(port).bigEndian)
+        let ok = withUnsafePointer(to: &a) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) == 0 } }
+        guard ok else { Glibc.close(fd); throw CLIError("cannot connect to 127.0.0.1:\(port): \(String(cString: strerror(errno)))") }
+        try setTimeout()
+    }
+
+    init(unixPath: String) throws {
+        fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+        var a = sockaddr_un()
+        a.sun_family = sa_family_t(AF_UNIX)
+        withUnsafeMutableBytes(of: &a.sun_path) { b in
+            for (i, c) in unixPath.utf8.prefix(b.count - 1).enumerated() { b[i] = c }
+        }
+        let ok = withUnsafePointer(to: &a) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) == 0 } }
+        guard ok else { Glibc.close(fd); throw CLIError("cannot connect to \(unixPath): \(String(cString: strerror(errno)))") }
+        try setTimeout()
+    }
+
+    private func setTimeout() throws {
+        var tv = timeval(tv_sec: 10, tv_usec: 0)
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+    }
+
+    deinit { Glibc.close(fd) }
+
+    /// Sends one command and returns its reply; throws if the connection fails.
+    func call(_ args: String...) throws -> Reply { try call(args) }
+
+    func call(_ args: [String]) throws -> Reply {
+        var out = "*\(args.count)\r\n"
+        for a in args { out += "$\(a.utf8.count)\r\n\(a)\r\n" }
+        let bytes = Array(out.utf8)
+        var sent = 0
+        while sent < bytes.count {
+            let n = bytes[sent...].withUnsafeBytes { Glibc.send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
+            guard n > 0 else { throw CLIError("send failed: \(String(cString: strerror(errno)))") }
+            sent += n
+        }
+        return try reply()
+    }
+
+    private func line() throws -> String {
+        while true {
+            if let i = buffer.firstIndex(of: 10), i > 0, buffer[i - 1] == 13 {
+                let s = String(decoding: buffer[..<(i - 1)], as: UTF8.self)
+                buffer.removeFirst(i + 1)
+                return s
+            }
+            try fill()
+        }
+    }
+
+    private func fill() throws {
+        var chunk = [UInt8](repeating: 0, count: 65536)
+        let n = chunk.withUnsafeMutableBytes { Glibc.recv(fd, $0.baseAddress, $0.count, 0) }
+        guard n > 0 else { throw CLIError(n == 0 ? "the server closed the connection" : "recv failed: \(String(cString: strerror(errno)))") }
+        buffer += chunk[..<n]
+    }
+
+    private func reply() throws -> Reply {
+        let l = try line()
+        let rest = String(l.dropFirst())
+        switch l.first {
+        case "+": return .simple(rest)
+        case "-": return .error(rest)
+        case ":": return .integer(Int(rest) ?? 0)
+        case "$":
+            let n = Int(rest) ?? -1
+            if n < 0 { return .bulk(nil) }
+            while buffer.count < n + 2 { try fill() }
+            let s = String(decoding: buffer[..<n], as: UTF8.self)
+            buffer.removeFirst(n + 2)
+            return .bulk(s)
+        case "*":
+            let n = Int(rest) ?? -1
+            return .array(try (0..<max(0, n)).map { _ in try reply() })
+        default: throw CLIError("not a RESP reply: \(l)")
+        }
+    }
+}
