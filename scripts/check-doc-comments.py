@@ -43,6 +43,7 @@ EXTERNAL_REQUIREMENTS = {
     "Codable": {"encode(to:)", "init(from:)"},
     "Sequence": {"makeIterator()"},
     "IteratorProtocol": {"next()"},
+    "RandomNumberGenerator": {"next()"},
     "RawRepresentable": {"rawValue", "init(rawValue:)"},
 }
 
@@ -162,10 +163,11 @@ def member_key(keyword, rest, following):
         m = re.match(r"`?(\w+)", rest)
         return m.group(1) if m else None
     if keyword == "func":
-        m = re.match(r"`?([^\s(<`]+)`?", rest)
+        m = re.match(r"`?(\w+|[^\s\w(`]+)`?", rest)
         name = m.group(1) if m else "?"
+        operator = not re.match(r"\w", name)
     elif keyword in ("init", "subscript"):
-        name = keyword
+        name, operator = keyword, False
         rest = rest.lstrip("?!")
     else:
         return None
@@ -198,7 +200,7 @@ def member_key(keyword, rest, following):
     labels = []
     for p in params:
         head = p.split(":")[0].split()
-        labels.append((head[0] if head else "_") + ":")
+        labels.append(("_" if operator or not head else head[0]) + ":")
     return f"{name}({''.join(labels)})"
 
 
