@@ -3,7 +3,9 @@
 
 Usage: scripts/check-doc-comments.py [--exclude FILE]... [--verbose] DIR...
 
-Each DIR is one module (for example Sources/RDMAPaxos); its .swift files are read recursively.
+The .swift files under each DIR are read recursively. `--exclude FILE` leaves FILE's declarations
+out of the report (the file is still read for protocols and conformances); `--verbose` also lists,
+on stderr, the declarations accepted through a protocol requirement.
 
 A declaration counts as public API when it is
   - declared `public` or `open` inside a public type, an extension, or at file scope;
@@ -17,9 +19,9 @@ declaration; nothing else may (no blank line, no `//` comment).
 A member without a comment of its own is still accepted when it implements a documented
 requirement of a protocol its type conforms to, because DocC shows the requirement's
 documentation for it. Conformance is read from the type's declaration and its extensions
-(`struct S: P`, `extension S: P`); requirements come from the protocols declared in the same
-module (only requirements that carry a doc comment count) and from the short table of standard
-library and Foundation protocols below. Members are matched by name and argument labels.
+(`struct S: P`, `extension S: P`); requirements come from the protocols declared in the scanned
+directories (only requirements that carry a doc comment count) and from the short table of
+standard library and Foundation protocols below. Members are matched by name and argument labels.
 
 Exit status: 0 when every public declaration is documented, 1 otherwise (one
 `FILE:LINE: declaration` line per missing comment), 2 on bad usage.
@@ -340,8 +342,8 @@ def swift_files(root):
     return found
 
 
-def check_module(root, excluded):
-    files = swift_files(root)
+def check(roots, excluded):
+    files = [f for root in roots for f in swift_files(root)]
     # Pass 1: which of the module's types are public (extensions of them may declare public API).
     public_types = {}
     for path in files:
@@ -405,12 +407,8 @@ def main(argv):
     if not roots:
         print(__doc__.strip().split("\n\n")[1], file=sys.stderr)
         return 2
-    total, all_missing, all_inherited = 0, [], []
-    for root in roots:
-        api, missing, inherited = check_module(root, excluded)
-        total += len(api)
-        all_missing += missing
-        all_inherited += inherited
+    api, all_missing, all_inherited = check(roots, excluded)
+    total = len(api)
     for d in all_missing:
         print(f"{d.path}:{d.line}: {d.text}")
     if verbose:
