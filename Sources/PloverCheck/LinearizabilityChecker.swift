@@ -20,13 +20,15 @@ public struct LinearizabilityChecker<Key: Hashable & Sendable, Value: Hashable &
     /// Search steps allowed per key before the key is reported undecided.
     public var stepBudget: Int
 
-    /// A checker for registers starting at `initial`, with a step budget of 20 million per key by default.
+    /// A checker for registers starting at `initial`, with a step budget of 20 million per key by
+    /// default.
     public init(initial: [Key: Value] = [:], stepBudget: Int = 20_000_000) {
         self.initial = initial
         self.stepBudget = stepBudget
     }
 
-    /// Checks `history` key by key; keys whose search exceeds the step budget are reported undecided.
+    /// Checks `history` key by key; keys whose search exceeds the step budget are reported
+    /// undecided.
     public func check(_ history: [Operation]) -> LinearizabilityReport<Key, Value> {
         var byKey: [Key: [Operation]] = [:]
         var order: [Key] = []

@@ -79,7 +79,8 @@ public struct LinearizabilityReport<Key: Hashable & Sendable, Value: Hashable & 
 
     /// Keys whose check gave up after the step budget (neither proved nor refuted).
     public var undecided: [Key]
-    /// Keys whose operations admit no linearization; empty when the history is linearizable (or undecided).
+    /// Keys whose operations admit no linearization; empty when the history is linearizable (or
+    /// undecided).
     public var violations: [Violation]
     /// Operations checked (unknown-outcome reads excluded: they constrain nothing).
     public var operationsChecked: Int

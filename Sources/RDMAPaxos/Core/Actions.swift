@@ -61,7 +61,8 @@ public struct ReadState: Sendable, Hashable {
 
 /// The part a replica currently plays in the election protocol.
 public enum Role: String, Sendable, Hashable {
-    /// Following a leader (or waiting for one); probing with pre-votes; campaigning with a real ballot; leading.
+    /// Following a leader (or waiting for one); probing with pre-votes; campaigning with a real
+    /// ballot; leading.
     case follower, preCandidate, candidate, leader
 }
 

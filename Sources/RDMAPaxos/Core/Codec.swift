@@ -95,7 +95,8 @@ public struct ByteReader: Sendable {
 }
 
 extension Membership {
-    /// The configuration as bytes: a u16 count, then per member its id (u32), role and priority (u8 each).
+    /// The configuration as bytes: a u16 count, then per member its id (u32), role and priority (u8
+    /// each).
     public func encoded() -> [UInt8] {
         var w = ByteWriter()
         w.u16(UInt16(members.count))
@@ -103,7 +104,8 @@ extension Membership {
         return w.bytes
     }
 
-    /// Decodes `encoded()`; throws on truncation, trailing bytes, an unknown role or a duplicate id.
+    /// Decodes `encoded()`; throws on truncation, trailing bytes, an unknown role or a duplicate
+    /// id.
     public init(decoding bytes: [UInt8]) throws(DecodeError) {
         var r = ByteReader(bytes, what: "membership")
         let n = Int(try r.u16())

@@ -72,7 +72,8 @@ public struct Replica: Sendable {
     // Persistence.
     var nextSequence: UInt64 = 1
     var inFlightPersists: [InFlightPersist] = []
-    /// Highest index known durable in this replica's stable log (as reported through `persisted(_:)`).
+    /// Highest index known durable in this replica's stable log (as reported through
+    /// `persisted(_:)`).
     public internal(set) var durableIndex: LogIndex
 
     // Output of the current call.

@@ -135,7 +135,8 @@ public struct HardState: Hashable, Sendable {
     /// The configuration in force as of the last saved membership entry or snapshot.
     public var membership: Membership
 
-    /// The hard state of a fresh replica by default: nothing promised, nothing committed, no members.
+    /// The hard state of a fresh replica by default: nothing promised, nothing committed, no
+    /// members.
     public init(promised: Ballot = .zero, commitIndex: LogIndex = 0, membership: Membership = .empty) {
         self.promised = promised
         self.commitIndex = commitIndex

@@ -77,7 +77,8 @@ public final class MemoryFabric: Fabric {
     }
     private let state: Mutex<State>
 
-    /// An endpoint for `node` (nonzero) on `network`, with a completion queue of `completionQueueEntries`.
+    /// An endpoint for `node` (nonzero) on `network`, with a completion queue of
+    /// `completionQueueEntries`.
     public init(node: NodeID, network: MemoryNetwork, outstandingWritesMax: Int = 1024,
                 completionQueueEntries: Int = 1 << 16) {
         precondition(node != 0, "node id 0 is reserved")

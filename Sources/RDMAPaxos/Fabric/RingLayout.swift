@@ -32,7 +32,9 @@ public struct RingLayout: Hashable, Sendable {
     /// Data bytes of each ring.
     public let ringBytes: Int
 
-    /// The layout of `owner`'s region for `cluster` (`owner` itself is left out of `peers`). Throws `.badConfiguration` unless `ringBytes` is a multiple of 64 and at least 1024, there is a peer, and the region fits `MemoryRegion.lengthBytesMax`.
+    /// The layout of `owner`'s region for `cluster` (`owner` itself is left out of `peers`). Throws
+    /// `.badConfiguration` unless `ringBytes` is a multiple of 64 and at least 1024, there is a
+    /// peer, and the region fits `MemoryRegion.lengthBytesMax`.
     public init(owner: NodeID, cluster: [NodeID], ringBytes: Int) throws(FabricError) {
         guard ringBytes >= 1024, ringBytes % 64 == 0 else {
             throw .badConfiguration("ringBytes \(ringBytes) must be a multiple of 64 and at least 1024")
@@ -47,7 +49,8 @@ public struct RingLayout: Hashable, Sendable {
         }
     }
 
-    /// Total size of the region: header, one credit cell per peer, and one control cell plus ring per peer.
+    /// Total size of the region: header, one credit cell per peer, and one control cell plus ring
+    /// per peer.
     public var regionBytes: Int {
         Self.headerBytes + peers.count * Self.cellBytes + peers.count * (Self.cellBytes + ringBytes)
     }
@@ -67,7 +70,8 @@ public struct RingLayout: Hashable, Sendable {
     /// Largest message payload one record can carry.
     public var payloadBytesMax: Int { ringBytes / 2 - Self.recordHeaderBytes }
 
-    /// The header cell: "PLVR", version, peer count, ring size and owner, zero-padded to `headerBytes`.
+    /// The header cell: "PLVR", version, peer count, ring size and owner, zero-padded to
+    /// `headerBytes`.
     public func headerCell() -> [UInt8] {
         var w = ByteWriter(capacity: Self.headerBytes)
         w.raw(Array("PLVR".utf8)); w.u16(Self.version); w.u16(UInt16(peers.count)); w.u32(UInt32(ringBytes))

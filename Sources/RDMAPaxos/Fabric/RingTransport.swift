@@ -37,7 +37,8 @@ public final class RingTransport: MessageTransport {
         /// Request a writer completion every this many records (selective signalling).
         public var signalEveryWrites: Int
 
-        /// A configuration with 1 MiB rings, a 2 ms poll interval, reconnect backoff from 10 ms to 1 s and a signalled write every 32 records by default.
+        /// A configuration with 1 MiB rings, a 2 ms poll interval, reconnect backoff from 10 ms to
+        /// 1 s and a signalled write every 32 records by default.
         public init(listenAddress: PeerAddress, cluster: [NodeID], peerAddresses: [PeerAddress] = [],
                     ringBytes: Int = 1 << 20, limits: WireCodec.Limits = .standard,
                     pollInterval: Duration = .milliseconds(2), reconnectDelayMin: Duration = .milliseconds(10),
@@ -62,7 +63,8 @@ public final class RingTransport: MessageTransport {
         public var delivered = 0
         /// Messages dropped because the peer's ring had no room.
         public var droppedRingFull = 0
-        /// Messages dropped because no usable queue pair (or no credit for the current epoch) existed yet.
+        /// Messages dropped because no usable queue pair (or no credit for the current epoch)
+        /// existed yet.
         public var droppedNotConnected = 0
         /// Messages dropped for exceeding `layout.payloadBytesMax` or `limits.messageBytesMax`.
         public var droppedTooLarge = 0

@@ -20,7 +20,8 @@ public final class TCPFabric: Fabric {
         public var clusterKey: [UInt8]
         /// Node ids allowed to connect (and to be connected to).
         public var members: Set<NodeID>
-        /// Most writes in flight on one queue pair; more are refused with `.tooManyOutstandingWrites`.
+        /// Most writes in flight on one queue pair; more are refused with
+        /// `.tooManyOutstandingWrites`.
         public var outstandingWritesMax: Int
         /// Largest frame accepted from an authenticated peer (a write's data plus 34 bytes).
         public var frameBytesMax: Int
@@ -49,7 +50,8 @@ public final class TCPFabric: Fabric {
     public struct Statistics: Hashable, Sendable {
         /// Incoming connections whose handshake succeeded.
         public var handshakesAccepted = 0
-        /// Handshakes refused (bad version, wrong or unknown node, failed authentication, replayed nonce), by either side.
+        /// Handshakes refused (bad version, wrong or unknown node, failed authentication, replayed
+        /// nonce), by either side.
         public var handshakesRejected = 0
         /// Connections closed because a frame was malformed or out of place.
         public var badFrames = 0
@@ -85,7 +87,8 @@ public final class TCPFabric: Fabric {
     private let state = Mutex(State())
     static let noncesRemembered = 4096
 
-    /// A fabric for `node` on `group`; throws `.badConfiguration` for a short key, a node that is 0 or not a member, or limits that leave no room for one write.
+    /// A fabric for `node` on `group`; throws `.badConfiguration` for a short key, a node that is 0
+    /// or not a member, or limits that leave no room for one write.
     public init(node: NodeID, configuration: Configuration,
                 group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton) throws(FabricError) {
         guard configuration.clusterKey.count >= 16 else { throw .badConfiguration("the cluster key must be at least 16 bytes") }

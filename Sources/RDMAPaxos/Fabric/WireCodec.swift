@@ -39,7 +39,8 @@ public enum WireCodec {
         /// Largest snapshot chunk, in bytes.
         public var snapshotBytesMax: Int
 
-        /// Limits of 64 MiB per message, 65,536 entries, 16 MiB per payload and 64 MiB per snapshot chunk by default.
+        /// Limits of 64 MiB per message, 65,536 entries, 16 MiB per payload and 64 MiB per snapshot
+        /// chunk by default.
         public init(messageBytesMax: Int = 64 << 20, entriesMax: Int = 65_536,
                     payloadBytesMax: Int = 16 << 20, snapshotBytesMax: Int = 64 << 20) {
             self.messageBytesMax = messageBytesMax

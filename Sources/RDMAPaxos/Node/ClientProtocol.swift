@@ -76,9 +76,11 @@ public enum ClientFrame: Equatable, Sendable {
     }
 }
 
-/// Why a request failed, as carried in an `error` frame (one code per `NodeError` case; unknown codes decode as `other`).
+/// Why a request failed, as carried in an `error` frame (one code per `NodeError` case; unknown
+/// codes decode as `other`).
 public enum ClientErrorCode: UInt8, Sendable {
-    /// Not the leader; timed out (outcome unknown); superseded by a new leader; refused by the core; node stopped; storage failure; malformed request; anything else.
+    /// Not the leader; timed out (outcome unknown); superseded by a new leader; refused by the
+    /// core; node stopped; storage failure; malformed request; anything else.
     case notLeader = 1, timedOut = 2, superseded = 3, refused = 4, stopped = 5, storage = 6, badRequest = 7, other = 255
 
     init(_ e: NodeError) {

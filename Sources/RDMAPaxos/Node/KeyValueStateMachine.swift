@@ -28,7 +28,8 @@ public final class KeyValueStateMachine: StateMachine {
             return w.bytes
         }
 
-        /// Decodes `encoded()`; throws `DecodeError` on an unknown operation, a key or value above its limit, or stray bytes.
+        /// Decodes `encoded()`; throws `DecodeError` on an unknown operation, a key or value above
+        /// its limit, or stray bytes.
         public init(decoding bytes: [UInt8]) throws {
             var r = ByteReader(bytes, what: "key-value command")
             switch try r.u8() {

@@ -11,7 +11,8 @@ public final class MetricsEndpoint: Sendable {
     /// The port actually bound (useful when asked for port 0).
     public var boundPort: Int { listener.boundPort }
 
-    /// Listens on `host`:`port` (0: any free port; IPv6 hosts may be bracketed) and serves `registry`; throws when the address cannot be bound.
+    /// Listens on `host`:`port` (0: any free port; IPv6 hosts may be bracketed) and serves
+    /// `registry`; throws when the address cannot be bound.
     public static func start(host: String, port: Int, registry: PrometheusCollectorRegistry) throws -> MetricsEndpoint {
         MetricsEndpoint(listener: try TCPListener(host: unbracketed(host), port: port, backlog: 32) { ch in
             try ch.pipeline.syncOperations.configureHTTPServerPipeline(withErrorHandling: true)

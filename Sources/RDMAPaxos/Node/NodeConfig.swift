@@ -4,7 +4,8 @@ import TOMLKit
 /// A replica's configuration file (TOML), as `plover node --config FILE` reads it.
 /// See docs/operations.md ("Configuration") for every key.
 public struct NodeConfig: Sendable, Equatable {
-    /// Which fabric carries replication: RDMA verbs when a device exists (`auto`), verbs only, or TCP only.
+    /// Which fabric carries replication: RDMA verbs when a device exists (`auto`), verbs only, or
+    /// TCP only.
     public enum FabricChoice: String, Sendable, CaseIterable { case auto, verbs, tcp }
 
     /// One `[[members]]` table: a replica of the cluster.
@@ -23,7 +24,8 @@ public struct NodeConfig: Sendable, Equatable {
 
     /// This replica's node id (`id` key); must be one of `members`.
     public var id: NodeID
-    /// Directory of the stable log and snapshot (`data_dir`); relative paths are resolved against the config file's directory by `load(path:)`.
+    /// Directory of the stable log and snapshot (`data_dir`); relative paths are resolved against
+    /// the config file's directory by `load(path:)`.
     public var dataDir: String
     /// How durable an acknowledged write is (`durability`); fsync by default.
     public var durability: Durability = .fsync
@@ -37,11 +39,13 @@ public struct NodeConfig: Sendable, Equatable {
     public var tickMilliseconds = 10
     /// `ReplicaConfig.electionTimeoutTicks` (`timing.election_timeout_ticks`, at least 3).
     public var electionTimeoutTicks = 20
-    /// `ReplicaConfig.heartbeatTicks` (`timing.heartbeat_ticks`); must be below the election timeout.
+    /// `ReplicaConfig.heartbeatTicks` (`timing.heartbeat_ticks`); must be below the election
+    /// timeout.
     public var heartbeatTicks = 2
     /// `ReplicaConfig.diskStallTicks` (`timing.disk_stall_ticks`).
     public var diskStallTicks = 100
-    /// Ticks a client request or read may wait for an answer before it fails (`timing.request_timeout_ticks`).
+    /// Ticks a client request or read may wait for an answer before it fails
+    /// (`timing.request_timeout_ticks`).
     public var requestTimeoutTicks = 500
     /// `ReplicaConfig.batchBytesMax` (`limits.batch_bytes_max`, 1 KiB to 256 KiB).
     public var batchBytesMax = 256 << 10
@@ -49,7 +53,8 @@ public struct NodeConfig: Sendable, Equatable {
     public var inflightMessagesMax = 64
     /// `ReplicaConfig.uncommittedBytesMax` (`limits.uncommitted_bytes_max`).
     public var uncommittedBytesMax = 64 << 20
-    /// Applied entries held in the log before the node snapshots and compacts (`limits.compact_every_entries`).
+    /// Applied entries held in the log before the node snapshots and compacts
+    /// (`limits.compact_every_entries`).
     public var compactEveryEntries = 50_000
     /// Every replica of the cluster, this one included.
     public var members: [MemberConfig] = []
@@ -59,7 +64,8 @@ public struct NodeConfig: Sendable, Equatable {
     /// The initial cluster configuration described by `members`.
     public var membership: Membership { Membership(members.map { Member(id: $0.id, role: $0.role, priority: $0.priority) }) }
 
-    /// The consensus core's configuration: this file's timings and limits, the other fields at their defaults.
+    /// The consensus core's configuration: this file's timings and limits, the other fields at
+    /// their defaults.
     public var replicaConfig: ReplicaConfig {
         var c = ReplicaConfig(id: id)
         c.electionTimeoutTicks = electionTimeoutTicks
@@ -71,7 +77,8 @@ public struct NodeConfig: Sendable, Equatable {
         return c
     }
 
-    /// A configuration with the given identity and members and every other key at its default; not validated.
+    /// A configuration with the given identity and members and every other key at its default; not
+    /// validated.
     public init(id: NodeID, dataDir: String, members: [MemberConfig]) {
         self.id = id
         self.dataDir = dataDir
@@ -186,7 +193,8 @@ public struct NodeConfig: Sendable, Equatable {
 public struct ConfigError: Error, Sendable, Equatable, CustomStringConvertible {
     /// The configuration file.
     public var file: String
-    /// The offending key as a dotted path (`timing.heartbeat_ticks`, `members[1].id`); nil for the whole file.
+    /// The offending key as a dotted path (`timing.heartbeat_ticks`, `members[1].id`); nil for the
+    /// whole file.
     public var key: String?
     /// What is wrong with it.
     public var problem: String

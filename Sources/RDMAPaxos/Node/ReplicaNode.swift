@@ -75,7 +75,8 @@ public final class ReplicaNode: @unchecked Sendable {
         var continuation: CheckedContinuation<[UInt8], any Error>
     }
 
-    /// A node over the given parts; nothing runs until `start()`. Metrics go to `options.metricsFactory`, else the global `MetricsSystem.factory`.
+    /// A node over the given parts; nothing runs until `start()`. Metrics go to
+    /// `options.metricsFactory`, else the global `MetricsSystem.factory`.
     public init(options: NodeOptions, stateMachine: any StateMachine, log: any StableLog,
                 snapshots: any SnapshotStore, transport: any MessageTransport, ticks: any TickSource) {
         self.options = options

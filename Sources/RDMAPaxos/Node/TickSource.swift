@@ -46,7 +46,8 @@ public final class ManualTickSource: TickSource, @unchecked Sendable {
     public init() {}
     public func start(_ onTick: @escaping @Sendable () -> Void) { lock.withLock { self.onTick = onTick } }
     public func stop() { lock.withLock { onTick = nil } }
-    /// Calls the registered `onTick` `times` times on the caller's thread; nothing when not started.
+    /// Calls the registered `onTick` `times` times on the caller's thread; nothing when not
+    /// started.
     public func fire(_ times: Int = 1) {
         let f = lock.withLock { onTick }
         for _ in 0..<times { f?() }

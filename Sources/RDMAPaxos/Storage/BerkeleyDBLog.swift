@@ -24,7 +24,8 @@ public final class BerkeleyDBLog: StableLog, @unchecked Sendable {
         /// writer completes nothing (appends and other writes wait), as a hung disk would.
         /// `plover node` sets it from the `PLOVER_FAULT_DISK_STALL_FILE` environment variable.
         public var stallWhileFileExists: String?
-        /// Options with the defaults shown: 64 MiB cache, 8 MiB log buffer and batches, no stall file.
+        /// Options with the defaults shown: 64 MiB cache, 8 MiB log buffer and batches, no stall
+        /// file.
         public init() {}
     }
 

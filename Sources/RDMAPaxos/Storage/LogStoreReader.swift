@@ -42,7 +42,8 @@ public final class LogStoreReader {
 
     deinit { close() }
 
-    /// Attaches to the store at `path`, retrying while a node starts or stops. Throws `StableLogError` (`.locked` when the store stays busy).
+    /// Attaches to the store at `path`, retrying while a node starts or stops. Throws
+    /// `StableLogError` (`.locked` when the store stays busy).
     public static func open(path: String) throws -> LogStoreReader {
         _ = try StoreDirectory.prepare(path, create: false)
         let lock = try StoreLock(directory: path, create: true)
