@@ -2,7 +2,7 @@
 SWIFT ?= swift
 BUILD_FLAGS ?=
 
-.PHONY: deps build test demo simulate bench-stable-log bench-consensus bench-syncvm bench-interpose clean
+.PHONY: deps build test check-docs demo simulate bench-stable-log bench-consensus bench-syncvm bench-interpose clean
 
 deps:
 	./scripts/install-deps.sh
@@ -19,6 +19,14 @@ test: deps
 	# hashing pools), and on a 2-core machine they would starve the async tests beside them.
 	$(SWIFT) test $(BUILD_FLAGS) --no-parallel
 	$(SWIFT) run $(BUILD_FLAGS) plover simulate --seed 1 --seeds $(SIM_SEEDS)
+
+# Every public declaration of the libraries has a doc comment (scripts/check-doc-comments.py).
+# The verbs fabric files are left out for now: they are being reworked, and get their comments
+# when that lands.
+DOC_EXCLUDE = Sources/RDMAPaxos/Fabric/VerbsFabric.swift Sources/RDMAPaxos/Fabric/VerbsConnection.swift \
+	Sources/RDMAPaxos/Fabric/Verbs.swift Sources/RDMAPaxos/Fabric/QueuePairStateMachine.swift
+check-docs:
+	python3 scripts/check-doc-comments.py $(addprefix --exclude ,$(DOC_EXCLUDE)) Sources/RDMAPaxos Sources/PloverCheck
 
 # A long simulator campaign: make simulate SEED=100000 SEEDS=100000
 SEED ?= 1

@@ -5,6 +5,7 @@ import RDMAPaxosCore
 public struct Fuzzer: Sendable {
     private var random: SeededRandom
 
+    /// A fuzzer whose every draw is determined by `seed`.
     public init(seed: UInt64) { random = SeededRandom(seed: seed) }
 
     /// The core's SplitMix64 sequence for this seed.
@@ -16,7 +17,9 @@ public struct Fuzzer: Sendable {
         return Int(next() % UInt64(n))
     }
 
+    /// One random byte.
     public mutating func byte() -> UInt8 { UInt8(truncatingIfNeeded: next()) }
+    /// `n` random bytes.
     public mutating func bytes(_ n: Int) -> [UInt8] { (0..<n).map { _ in byte() } }
     /// 0 to `maxCount` random bytes.
     public mutating func randomBytes(maxCount: Int) -> [UInt8] { bytes(below(maxCount + 1)) }

@@ -12,6 +12,7 @@
 /// invocation or left out (it never took effect). A read without an answer constrains nothing
 /// and is dropped; a swap without an answer is a write.
 public struct LinearizabilityChecker<Key: Hashable & Sendable, Value: Hashable & Sendable>: Sendable {
+    /// One operation of the history checked.
     public typealias Operation = RegisterOperation<Key, Value>
 
     /// What each register holds before the history starts (absent keys: empty).
@@ -19,11 +20,15 @@ public struct LinearizabilityChecker<Key: Hashable & Sendable, Value: Hashable &
     /// Search steps allowed per key before the key is reported undecided.
     public var stepBudget: Int
 
+    /// A checker for registers starting at `initial`, with a step budget of 20 million per key by
+    /// default.
     public init(initial: [Key: Value] = [:], stepBudget: Int = 20_000_000) {
         self.initial = initial
         self.stepBudget = stepBudget
     }
 
+    /// Checks `history` key by key; keys whose search exceeds the step budget are reported
+    /// undecided.
     public func check(_ history: [Operation]) -> LinearizabilityReport<Key, Value> {
         var byKey: [Key: [Operation]] = [:]
         var order: [Key] = []

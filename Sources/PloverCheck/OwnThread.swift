@@ -14,10 +14,14 @@ public func onOwnThread<T: Sendable>(_ body: @escaping @Sendable () throws -> T)
 
 /// What a fuzz loop found: inputs run, inputs accepted, and a description of each failure.
 public struct FuzzOutcome: Sendable {
+    /// Inputs run.
     public var runs = 0
+    /// Inputs the code under test accepted rather than rejected.
     public var accepted = 0
+    /// One description per failed check.
     public var failures: [String] = []
 
+    /// Nothing run yet.
     public init() {}
 
     /// Notes a failure unless `ok`.

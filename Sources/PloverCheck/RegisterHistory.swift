@@ -7,6 +7,7 @@
 /// Times are in any unit on one monotonic clock shared by all clients (nanoseconds of
 /// `ContinuousClock` in the end-to-end tests).
 public struct RegisterOperation<Key: Hashable & Sendable, Value: Hashable & Sendable>: Sendable {
+    /// What an operation did to its register.
     public enum Kind: Sendable, Hashable {
         /// Sets the register; the client learnt nothing else.
         case write(Value)
@@ -18,12 +19,16 @@ public struct RegisterOperation<Key: Hashable & Sendable, Value: Hashable & Send
 
     /// Who issued it (for messages only: the check does not assume one process per client).
     public var process: Int
+    /// The register the operation acted on.
     public var key: Key
+    /// What it did and what it returned.
     public var kind: Kind
+    /// When the client sent the request.
     public var invoked: UInt64
     /// nil: the outcome is unknown (the operation may or may not have taken effect).
     public var completed: UInt64?
 
+    /// An operation; traps if `completed` is before `invoked`.
     public init(process: Int, key: Key, kind: Kind, invoked: UInt64, completed: UInt64?) {
         precondition(completed.map { $0 >= invoked } ?? true, "an operation cannot complete before it was invoked")
         self.process = process
@@ -53,6 +58,7 @@ extension RegisterOperation: CustomStringConvertible {
 public struct LinearizabilityReport<Key: Hashable & Sendable, Value: Hashable & Sendable>: Sendable {
     /// One key whose operations admit no linearization.
     public struct Violation: Sendable, CustomStringConvertible {
+        /// The register concerned.
         public var key: Key
         /// The key's operations, in invocation order.
         public var operations: [RegisterOperation<Key, Value>]
@@ -73,6 +79,8 @@ public struct LinearizabilityReport<Key: Hashable & Sendable, Value: Hashable & 
 
     /// Keys whose check gave up after the step budget (neither proved nor refuted).
     public var undecided: [Key]
+    /// Keys whose operations admit no linearization; empty when the history is linearizable (or
+    /// undecided).
     public var violations: [Violation]
     /// Operations checked (unknown-outcome reads excluded: they constrain nothing).
     public var operationsChecked: Int

@@ -11,17 +11,25 @@
 ///
 /// Persists complete in sequence order; the caller must not reorder them.
 public struct Actions: Sendable {
+    /// Stable-log work to start first (step 1); nil when nothing needs persisting.
     public var persist: Persist?
+    /// Messages to send at once (step 2).
     public var send: [Message] = []
+    /// Messages to send only once `persist` is durable (step 3).
     public var sendAfterPersist: [Message] = []
+    /// A snapshot to load into the state machine before applying `apply` (step 4).
     public var restore: Snapshot?
+    /// Committed entries to apply to the state machine, in index order (step 4).
     public var apply: [LogEntry] = []
+    /// Reads that may be answered once the state machine has applied through their index (step 5).
     public var reads: [ReadState] = []
     /// Role or leader changes, for logs and metrics.
     public var events: [Event] = []
 
+    /// Nothing to do.
     public init() {}
 
+    /// Whether there is nothing at all to do (no persist, message, snapshot, entry, read or event).
     public var isEmpty: Bool {
         persist == nil && send.isEmpty && sendAfterPersist.isEmpty && restore == nil
             && apply.isEmpty && reads.isEmpty && events.isEmpty
@@ -37,26 +45,40 @@ public struct Persist: Sendable, Hashable {
     /// Then store this snapshot and compact the log through its index (dropping every entry
     /// if the log does not hold the snapshot's index with the snapshot's ballot).
     public var snapshot: Snapshot?
+    /// Then append these entries, contiguous from the end of the log.
     public var entries: [LogEntry] = []
+    /// Finally save this hard state; nil when it did not change.
     public var hardState: HardState?
 }
 
 /// A linearizable read that may be served once the state machine has applied `index`.
 public struct ReadState: Sendable, Hashable {
+    /// The id the caller gave to `read(id:)`.
     public var id: UInt64
+    /// The commit index confirmed by a quorum; answer once the state machine has applied it.
     public var index: LogIndex
 }
 
+/// The part a replica currently plays in the election protocol.
 public enum Role: String, Sendable, Hashable {
+    /// Following a leader (or waiting for one); probing with pre-votes; campaigning with a real
+    /// ballot; leading.
     case follower, preCandidate, candidate, leader
 }
 
+/// A change worth logging or counting, reported in `Actions.events`.
 public enum Event: Sendable, Hashable, CustomStringConvertible {
+    /// This replica won the election for the ballot.
     case becameLeader(Ballot)
+    /// This replica follows at the ballot; the leader when known.
     case becameFollower(Ballot, leader: NodeID?)
+    /// This replica started an election (`pre`: a pre-vote round) for the ballot.
     case startedElection(Ballot, pre: Bool)
+    /// This leader gave up leadership, for the reason given.
     case steppedDown(reason: String)
+    /// The configuration in force changed to this one.
     case membershipChanged(Membership)
+    /// A pending linearizable read with this id will not be answered; the client should retry.
     case readRefused(id: UInt64, reason: String)
 
     public var description: String {
@@ -73,14 +95,23 @@ public enum Event: Sendable, Hashable, CustomStringConvertible {
 
 /// Why a proposal was not taken.
 public enum ProposalRefusal: Error, Sendable, Hashable, CustomStringConvertible {
+    /// This replica does not lead; `leader` is the one it knows of, if any.
     case notLeader(leader: NodeID?)
+    /// The leader already holds `limit` bytes of uncommitted payload.
     case tooManyUncommittedBytes(limit: Int)
+    /// An earlier membership change is not committed yet.
     case membershipChangeInProgress
+    /// Leadership is being handed to the given node; propose there.
     case leadershipTransferInProgress(to: NodeID)
+    /// The proposal carried no command.
     case emptyProposal
+    /// One command of `bytes` bytes does not fit in one accept message (`limit` bytes).
     case commandTooLarge(bytes: Int, limit: Int)
+    /// `limit` linearizable reads already wait for confirmation.
     case tooManyPendingReads(limit: Int)
+    /// The node is not another voter of the configuration.
     case invalidTransferTarget(NodeID)
+    /// The requested configuration is not allowed, for the reason given.
     case invalidMembershipChange(String)
 
     public var description: String {

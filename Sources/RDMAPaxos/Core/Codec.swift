@@ -3,8 +3,11 @@
 
 /// Malformed bytes: what was being decoded and why it failed.
 public struct DecodeError: Error, Equatable, Sendable, CustomStringConvertible {
+    /// What was being decoded.
     public var what: String
+    /// Why the bytes were rejected.
     public var reason: String
+    /// An error decoding `what`, failing for `reason`.
     public init(_ what: String, _ reason: String) {
         self.what = what
         self.reason = reason
@@ -14,30 +17,42 @@ public struct DecodeError: Error, Equatable, Sendable, CustomStringConvertible {
 
 /// Appends big-endian fields to a byte array.
 public struct ByteWriter: Sendable {
+    /// The bytes written so far.
     public private(set) var bytes: [UInt8] = []
+    /// An empty writer with room for `capacity` bytes.
     public init(capacity: Int = 64) { bytes.reserveCapacity(capacity) }
 
+    /// Appends one byte.
     public mutating func u8(_ v: UInt8) { bytes.append(v) }
+    /// Appends two bytes, big-endian.
     public mutating func u16(_ v: UInt16) { for s in stride(from: 8, through: 0, by: -8) { bytes.append(UInt8(truncatingIfNeeded: v >> UInt16(s))) } }
+    /// Appends four bytes, big-endian.
     public mutating func u32(_ v: UInt32) { for s in stride(from: 24, through: 0, by: -8) { bytes.append(UInt8(truncatingIfNeeded: v >> UInt32(s))) } }
+    /// Appends eight bytes, big-endian.
     public mutating func u64(_ v: UInt64) { for s in stride(from: 56, through: 0, by: -8) { bytes.append(UInt8(truncatingIfNeeded: v >> UInt64(s))) } }
+    /// Appends the bytes as they are, without a length.
     public mutating func raw(_ b: [UInt8]) { bytes.append(contentsOf: b) }
     /// A u32 length followed by the bytes.
     public mutating func blob(_ b: [UInt8]) { u32(UInt32(b.count)); bytes.append(contentsOf: b) }
+    /// Appends a ballot: term as u64, then node as u32 (12 bytes).
     public mutating func ballot(_ b: Ballot) { u64(b.term); u32(b.node) }
 }
 
 /// Reads big-endian fields from a byte array, throwing on truncation.
 public struct ByteReader: Sendable {
+    /// The whole input.
     public let bytes: [UInt8]
+    /// Number of bytes consumed so far.
     public private(set) var offset: Int = 0
     let what: String
 
+    /// A reader at the start of `bytes`; errors name `what`.
     public init(_ bytes: [UInt8], what: String) {
         self.bytes = bytes
         self.what = what
     }
 
+    /// Number of bytes not yet consumed.
     public var remaining: Int { bytes.count - offset }
 
     mutating func take(_ n: Int) throws(DecodeError) -> ArraySlice<UInt8> {
@@ -54,16 +69,23 @@ public struct ByteReader: Sendable {
         return v
     }
 
+    /// Reads one byte; throws when none is left.
     public mutating func u8() throws(DecodeError) -> UInt8 { try uint(UInt8.self) }
+    /// Reads a big-endian u16; throws on truncation.
     public mutating func u16() throws(DecodeError) -> UInt16 { try uint(UInt16.self) }
+    /// Reads a big-endian u32; throws on truncation.
     public mutating func u32() throws(DecodeError) -> UInt32 { try uint(UInt32.self) }
+    /// Reads a big-endian u64; throws on truncation.
     public mutating func u64() throws(DecodeError) -> UInt64 { try uint(UInt64.self) }
+    /// Reads the next `n` bytes; throws on truncation.
     public mutating func raw(_ n: Int) throws(DecodeError) -> [UInt8] { Array(try take(n)) }
+    /// Reads a u32 length and that many bytes; throws if the length exceeds `max` or the input.
     public mutating func blob(max: Int) throws(DecodeError) -> [UInt8] {
         let n = Int(try u32())
         guard n <= max else { throw DecodeError(what, "length \(n) exceeds limit \(max)") }
         return Array(try take(n))
     }
+    /// Reads a ballot written by `ByteWriter.ballot(_:)`.
     public mutating func ballot() throws(DecodeError) -> Ballot { Ballot(term: try u64(), node: try u32()) }
 
     /// Throws unless every byte was consumed.
@@ -73,6 +95,8 @@ public struct ByteReader: Sendable {
 }
 
 extension Membership {
+    /// The configuration as bytes: a u16 count, then per member its id (u32), role and priority (u8
+    /// each).
     public func encoded() -> [UInt8] {
         var w = ByteWriter()
         w.u16(UInt16(members.count))
@@ -80,6 +104,8 @@ extension Membership {
         return w.bytes
     }
 
+    /// Decodes `encoded()`; throws on truncation, trailing bytes, an unknown role or a duplicate
+    /// id.
     public init(decoding bytes: [UInt8]) throws(DecodeError) {
         var r = ByteReader(bytes, what: "membership")
         let n = Int(try r.u16())
@@ -97,6 +123,7 @@ extension Membership {
 }
 
 extension HardState {
+    /// The hard state as bytes: promised ballot, commit index, then the encoded membership.
     public func encoded() -> [UInt8] {
         var w = ByteWriter()
         w.ballot(promised)
@@ -105,6 +132,7 @@ extension HardState {
         return w.bytes
     }
 
+    /// Decodes `encoded()`; throws on malformed bytes.
     public init(decoding bytes: [UInt8]) throws(DecodeError) {
         var r = ByteReader(bytes, what: "hard state")
         let promised = try r.ballot()

@@ -1,5 +1,6 @@
 /// Fixed limits and timings of one replica. All times are in ticks of the caller's clock.
 public struct ReplicaConfig: Sendable, Hashable {
+    /// This replica's node id.
     public var id: NodeID
     /// Followers campaign after a randomized timeout in [base, 2·base) without a leader,
     /// plus one base per priority level below the highest in the configuration.
@@ -26,12 +27,14 @@ public struct ReplicaConfig: Sendable, Hashable {
     /// Most linearizable reads waiting for confirmation; beyond, reads are refused.
     public var pendingReadsMax: Int = 4096
 
+    /// The defaults above for the replica `id`.
     public init(id: NodeID) { self.id = id }
 }
 
 /// A deterministic random source (SplitMix64) the caller seeds; the core never reads entropy.
 public struct SeededRandom: RandomNumberGenerator, Sendable, Hashable {
     private var state: UInt64
+    /// A generator whose sequence is fully determined by `seed`.
     public init(seed: UInt64) { state = seed }
 
     public mutating func next() -> UInt64 {

@@ -1,5 +1,6 @@
 /// A state machine snapshot: the state after applying every entry through `index`.
 public struct Snapshot: Hashable, Sendable {
+    /// The last log index the snapshot covers.
     public var index: LogIndex
     /// Ballot of the entry at `index`.
     public var ballot: Ballot
@@ -8,6 +9,7 @@ public struct Snapshot: Hashable, Sendable {
     /// The state machine's bytes (empty for a witness, which keeps no state).
     public var data: [UInt8]
 
+    /// A snapshot with every field given.
     public init(index: LogIndex, ballot: Ballot, membership: Membership, data: [UInt8]) {
         self.index = index
         self.ballot = ballot
@@ -21,13 +23,20 @@ public struct Snapshot: Hashable, Sendable {
 /// the snapshot's identity and configuration, and `data` holds bytes `offset ..< offset + data.count`
 /// of the snapshot's `totalBytes`.
 public struct SnapshotChunk: Hashable, Sendable {
+    /// The last log index the whole snapshot covers.
     public var index: LogIndex
+    /// Ballot of the entry at `index`.
     public var ballot: Ballot
+    /// The configuration in force at `index`.
     public var membership: Membership
+    /// Size in bytes of the whole snapshot's data.
     public var totalBytes: Int
+    /// Byte offset of `data` within the snapshot's data.
     public var offset: Int
+    /// This chunk's bytes.
     public var data: [UInt8]
 
+    /// A chunk with every field given.
     public init(index: LogIndex, ballot: Ballot, membership: Membership, totalBytes: Int, offset: Int, data: [UInt8]) {
         self.index = index
         self.ballot = ballot
@@ -46,11 +55,16 @@ public struct SnapshotChunk: Hashable, Sendable {
 /// What one replica says to another. Every message carries the sender's current ballot:
 /// a leader's own ballot, or the highest ballot a follower has promised.
 public struct Message: Hashable, Sendable {
+    /// The sending replica.
     public var from: NodeID
+    /// The receiving replica.
     public var to: NodeID
+    /// The sender's current ballot (its own when leading, else the highest it promised).
     public var ballot: Ballot
+    /// What the message says.
     public var body: Body
 
+    /// A message with every field given.
     public init(from: NodeID, to: NodeID, ballot: Ballot, body: Body) {
         self.from = from
         self.to = to
@@ -58,9 +72,11 @@ public struct Message: Hashable, Sendable {
         self.body = body
     }
 
+    /// The kinds of message and what each carries.
     public enum Body: Hashable, Sendable {
         /// Would you promise `ballot` if I asked? Changes no state on the receiver.
         case preVote(lastIndex: LogIndex, lastBallot: Ballot)
+        /// Answer to `preVote`: whether the receiver would promise.
         case preVoteReply(granted: Bool)
         /// Phase 1a. `force` (leader transfer) overrides the receiver's leader lease.
         case prepare(lastIndex: LogIndex, lastBallot: Ballot, commit: LogIndex, force: Bool)
@@ -76,6 +92,7 @@ public struct Message: Hashable, Sendable {
         case accepted(success: Bool, index: LogIndex)
         /// Keeps followers from campaigning, carries the commit index and read-index rounds.
         case heartbeat(commit: LogIndex, readRound: UInt64)
+        /// Answer to `heartbeat`, echoing its read-index round.
         case heartbeatReply(readRound: UInt64)
         /// Replaces the receiver's prefix when the leader no longer holds the entries it needs;
         /// sent in chunks of at most `ReplicaConfig.snapshotChunkBytes`, one at a time.

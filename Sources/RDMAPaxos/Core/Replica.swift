@@ -1,11 +1,13 @@
 /// What a replica loads from its stable log when it starts.
 public struct RestoredState: Sendable {
+    /// The promised ballot, commit index and configuration last saved.
     public var hardState: HardState
     /// The latest snapshot, if the log's prefix was compacted.
     public var snapshot: Snapshot?
     /// Every entry after the snapshot, in order. All of them are durable.
     public var entries: [LogEntry]
 
+    /// A restored state; the defaults describe a replica that never ran.
     public init(hardState: HardState = HardState(), snapshot: Snapshot? = nil, entries: [LogEntry] = []) {
         self.hardState = hardState
         self.snapshot = snapshot
@@ -19,16 +21,22 @@ public struct RestoredState: Sendable {
 /// (see `Actions` for the ordering rule). No clocks, threads, I/O or entropy: time is `tick()`,
 /// randomness comes from the seeded generator in `init`.
 public struct Replica: Sendable {
+    /// Limits and timings, fixed at creation.
     public let config: ReplicaConfig
+    /// This replica's node id.
     public var id: NodeID { config.id }
     var rng: SeededRandom
 
+    /// The part this replica currently plays.
     public internal(set) var role: Role = .follower
     /// The highest ballot promised; when leading, the leader's own ballot.
     public internal(set) var promised: Ballot
+    /// The leader this replica knows of (itself when leading); nil when unknown.
     public internal(set) var leader: NodeID?
     var log: InMemoryLog
+    /// Highest index known to be committed.
     public internal(set) var commitIndex: LogIndex
+    /// Highest index handed out for applying (or covered by the installed snapshot).
     public internal(set) var appliedIndex: LogIndex
     /// Configuration in force: the last membership entry in the log, else the snapshot's.
     public internal(set) var membership: Membership
@@ -64,6 +72,8 @@ public struct Replica: Sendable {
     // Persistence.
     var nextSequence: UInt64 = 1
     var inFlightPersists: [InFlightPersist] = []
+    /// Highest index known durable in this replica's stable log (as reported through
+    /// `persisted(_:)`).
     public internal(set) var durableIndex: LogIndex
 
     // Output of the current call.
@@ -161,9 +171,13 @@ public struct Replica: Sendable {
 
     // MARK: Status
 
+    /// Index of the last entry in the log; the snapshot's index when empty.
     public var lastIndex: LogIndex { log.lastIndex }
+    /// Index of the first entry still held (one past the snapshot).
     public var firstIndex: LogIndex { log.firstIndex }
+    /// Ballot of the last entry (or of the snapshot point when empty).
     public var lastBallot: Ballot { log.lastBallot }
+    /// Whether this replica is a witness in the configuration in force.
     public var isWitness: Bool { membership.member(id)?.role == .witness }
 
     /// Match index of each follower, as the leader sees it (empty unless leading).

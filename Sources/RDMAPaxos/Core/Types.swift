@@ -11,9 +11,12 @@ public typealias LogIndex = UInt64
 /// Each node only ever proposes with ballots carrying its own id, so two leaders can never
 /// share a ballot.
 public struct Ballot: Hashable, Comparable, Sendable, CustomStringConvertible {
+    /// The election term; higher terms win.
     public var term: UInt64
+    /// The node that owns the ballot; breaks ties between equal terms.
     public var node: NodeID
 
+    /// The ballot of `node` in `term`.
     public init(term: UInt64, node: NodeID) {
         self.term = term
         self.node = node
@@ -42,11 +45,16 @@ public enum EntryKind: UInt8, Sendable, CaseIterable {
 
 /// One slot of the replicated log: which ballot accepted it, what kind it is, and its bytes.
 public struct LogEntry: Hashable, Sendable {
+    /// Position of the entry in the log (1-based).
     public var index: LogIndex
+    /// The ballot under which the entry was accepted.
     public var ballot: Ballot
+    /// What the payload holds.
     public var kind: EntryKind
+    /// The command or encoded membership; empty for a no-op.
     public var payload: [UInt8]
 
+    /// An entry with every field given.
     public init(index: LogIndex, ballot: Ballot, kind: EntryKind, payload: [UInt8]) {
         self.index = index
         self.ballot = ballot
@@ -75,12 +83,15 @@ public enum MemberRole: UInt8, Sendable, CaseIterable, CustomStringConvertible {
 
 /// One member of the cluster configuration.
 public struct Member: Hashable, Sendable {
+    /// The member's node id (never zero).
     public var id: NodeID
+    /// Whether the member votes, witnesses or learns.
     public var role: MemberRole
     /// Leader preference: among healthy candidates, higher priority campaigns first.
     /// A witness never campaigns whatever its priority.
     public var priority: UInt8
 
+    /// A member with the default priority 1.
     public init(id: NodeID, role: MemberRole, priority: UInt8 = 1) {
         self.id = id
         self.role = role
@@ -93,12 +104,15 @@ public struct Membership: Hashable, Sendable {
     /// Members sorted by id.
     public private(set) var members: [Member]
 
+    /// A configuration of `members`, in any order (they are sorted by id).
     public init(_ members: [Member]) {
         self.members = members.sorted { $0.id < $1.id }
     }
 
+    /// No members: the configuration before the first one is committed.
     public static let empty = Membership([])
 
+    /// The member with this id, if any.
     public func member(_ id: NodeID) -> Member? { members.first { $0.id == id } }
 
     /// Members whose acceptance counts toward a quorum: voters and witnesses.
@@ -107,6 +121,7 @@ public struct Membership: Hashable, Sendable {
     /// Smallest number of voting members that forms a majority.
     public var quorum: Int { voting.count / 2 + 1 }
 
+    /// Whether `id` is a member in any role.
     public func contains(_ id: NodeID) -> Bool { member(id) != nil }
 }
 
@@ -120,6 +135,8 @@ public struct HardState: Hashable, Sendable {
     /// The configuration in force as of the last saved membership entry or snapshot.
     public var membership: Membership
 
+    /// The hard state of a fresh replica by default: nothing promised, nothing committed, no
+    /// members.
     public init(promised: Ballot = .zero, commitIndex: LogIndex = 0, membership: Membership = .empty) {
         self.promised = promised
         self.commitIndex = commitIndex
@@ -129,11 +146,15 @@ public struct HardState: Hashable, Sendable {
 
 /// Where a log's prefix was compacted to.
 public struct SnapshotPoint: Hashable, Sendable {
+    /// Index of the last entry removed by compaction; 0 when none.
     public var index: LogIndex
+    /// Ballot of the entry at `index`.
     public var ballot: Ballot
+    /// The point after compacting through `index`, whose entry had `ballot`.
     public init(index: LogIndex, ballot: Ballot) {
         self.index = index
         self.ballot = ballot
     }
+    /// Nothing compacted.
     public static let none = SnapshotPoint(index: 0, ballot: .zero)
 }

@@ -8,6 +8,7 @@ import Foundation
 ///
 /// `@unchecked Sendable`: all state is guarded by `condition`'s lock.
 public final class CompletionQueue: @unchecked Sendable {
+    /// Most completions held at once; pushes beyond are dropped.
     public let capacityEntries: Int
     private let condition = NSCondition()
     private var entries: [Completion] = []
@@ -15,6 +16,7 @@ public final class CompletionQueue: @unchecked Sendable {
     private var interrupted = false
     private var overruns = 0
 
+    /// An empty queue holding at most `capacityEntries` (positive) completions.
     public init(capacityEntries: Int = 1 << 16) {
         precondition(capacityEntries > 0, "a completion queue needs room for one entry")
         self.capacityEntries = capacityEntries

@@ -9,10 +9,14 @@
 /// Where a peer can be reached. `MemoryFabric` uses only `node`; `TCPFabric` and `VerbsFabric`
 /// use `host` and `port` and check that the peer really is `node`.
 public struct PeerAddress: Hashable, Sendable, CustomStringConvertible {
+    /// The node expected at this address.
     public var node: NodeID
+    /// Host name or IP address; unused by `MemoryFabric`.
     public var host: String
+    /// TCP or RDMA CM port; 0 asks `listen` to pick one.
     public var port: Int
 
+    /// An address for `node`, on the loopback interface with port 0 by default.
     public init(node: NodeID, host: String = "127.0.0.1", port: Int = 0) {
         self.node = node
         self.host = host
@@ -30,9 +34,12 @@ public struct RemoteRegion: Hashable, Sendable, CustomStringConvertible {
     /// The region's base address in its owner's address space (verbs writes name absolute
     /// addresses; the software fabrics only check it).
     public var base: UInt64
+    /// The remote key that writes into the region must carry (verbs' rkey).
     public var key: UInt32
+    /// Size of the region in bytes; writes must fit inside it.
     public var lengthBytes: Int
 
+    /// Describes `lengthBytes` bytes at `base` of `node`'s memory, writable with `key`.
     public init(node: NodeID, base: UInt64, key: UInt32, lengthBytes: Int) {
         self.node = node
         self.base = base
@@ -45,6 +52,7 @@ public struct RemoteRegion: Hashable, Sendable, CustomStringConvertible {
 
 /// How a work request ended (the subset of `ibv_wc_status` the runtime can act on).
 public enum CompletionStatus: Hashable, Sendable {
+    /// The request completed; for a write, the bytes have landed at the peer.
     case success
     /// Bad remote key, out-of-bounds offset, or a revoked key. The queue pair is now in error.
     case remoteAccessError
@@ -56,6 +64,7 @@ public enum CompletionStatus: Hashable, Sendable {
 
 /// One entry of a completion queue.
 public struct Completion: Hashable, Sendable {
+    /// Which kind of work a completion reports.
     public enum Kind: Hashable, Sendable {
         /// A WRITE this node posted finished (for success: the bytes have landed at the peer).
         case write
@@ -63,14 +72,18 @@ public struct Completion: Hashable, Sendable {
         case writeImmediateReceived
     }
 
+    /// Whether this is a finished write or a received immediate.
     public var kind: Kind
+    /// How the request ended; received immediates are always `.success`.
     public var status: CompletionStatus
     /// The other end: the target of a `.write`, the writer of a `.writeImmediateReceived`.
     public var peer: NodeID
     /// The caller's id for a `.write`; zero for received immediates.
     public var workRequestID: UInt64
+    /// The 32-bit immediate value of a WRITE_WITH_IMM; nil for plain writes.
     public var immediate: UInt32?
 
+    /// A completion with every field given.
     public init(kind: Kind, status: CompletionStatus, peer: NodeID, workRequestID: UInt64, immediate: UInt32?) {
         self.kind = kind
         self.status = status
@@ -114,6 +127,7 @@ public enum FabricError: Error, Hashable, Sendable, CustomStringConvertible {
 /// Writes on one queue pair land in the order they were posted, and their completions are
 /// queued in that order.
 public protocol QueuePair: AnyObject, Sendable {
+    /// The node at the other end of the queue pair.
     var peer: NodeID { get }
     /// The peer's exported region, learned in the connect exchange.
     var remote: RemoteRegion { get }
@@ -144,6 +158,7 @@ extension QueuePair {
 
 /// One node's attachment to a fabric: its regions, its queue pairs, its completion queue.
 public protocol Fabric: AnyObject, Sendable {
+    /// The id of this node, checked by peers in the connect exchange.
     var localNode: NodeID { get }
     /// Completions of this node's writes and immediates received from peers.
     var completions: CompletionQueue { get }

@@ -15,6 +15,7 @@ public final class MemoryNetwork: Sendable {
     }
     private let state = Mutex(State())
 
+    /// A network with no endpoints that delivers writes at once.
     public init() {}
 
     /// Holds every write posted from now on until `resume()`.
@@ -58,6 +59,7 @@ public final class MemoryNetwork: Sendable {
 public final class MemoryFabric: Fabric {
     public let localNode: NodeID
     public let completions: CompletionQueue
+    /// The network this fabric is attached to.
     public let network: MemoryNetwork
     /// Most writes one queue pair may have outstanding (only reachable while the network is paused).
     public let outstandingWritesMax: Int
@@ -75,6 +77,8 @@ public final class MemoryFabric: Fabric {
     }
     private let state: Mutex<State>
 
+    /// An endpoint for `node` (nonzero) on `network`, with a completion queue of
+    /// `completionQueueEntries`.
     public init(node: NodeID, network: MemoryNetwork, outstandingWritesMax: Int = 1024,
                 completionQueueEntries: Int = 1 << 16) {
         precondition(node != 0, "node id 0 is reserved")

@@ -20,7 +20,9 @@ import Darwin
 /// syncvm's does (the backup reads its pages only after the "pages done" record arrived).
 /// `keepAlive` is immutable and never touched; it only holds the wrapped memory's owner.
 public final class MemoryRegion: @unchecked Sendable, CustomStringConvertible {
+    /// The node whose memory this is.
     public let owner: NodeID
+    /// Size of the region in bytes.
     public let lengthBytes: Int
     /// Start of the block; handed to `ibv_reg_mr` by `VerbsFabric`.
     let base: UnsafeMutableRawPointer

@@ -14,19 +14,27 @@ import CXXHash
 /// half-landed write is never trusted; records also carry the session epoch and a sequence
 /// number, so a stale record from an earlier lap or session is never delivered.
 public struct RingLayout: Hashable, Sendable {
+    /// Layout version written into the header cell.
     public static let version: UInt16 = 1
+    /// Size of the region's header cell.
     public static let headerBytes = 64
+    /// Size of one credit or control cell.
     public static let cellBytes = 64
     /// Record header: u64 checksum, u32 totalBytes, u32 flags, u64 epoch, u64 sequence.
     public static let recordHeaderBytes = 32
     /// Records start on multiples of this, so a wrap marker always fits before the ring's end.
     public static let recordAlignBytes = 32
 
+    /// The node whose region this describes.
     public let owner: NodeID
     /// The other members, sorted: the order of credit cells and rings.
     public let peers: [NodeID]
+    /// Data bytes of each ring.
     public let ringBytes: Int
 
+    /// The layout of `owner`'s region for `cluster` (`owner` itself is left out of `peers`). Throws
+    /// `.badConfiguration` unless `ringBytes` is a multiple of 64 and at least 1024, there is a
+    /// peer, and the region fits `MemoryRegion.lengthBytesMax`.
     public init(owner: NodeID, cluster: [NodeID], ringBytes: Int) throws(FabricError) {
         guard ringBytes >= 1024, ringBytes % 64 == 0 else {
             throw .badConfiguration("ringBytes \(ringBytes) must be a multiple of 64 and at least 1024")
@@ -41,22 +49,29 @@ public struct RingLayout: Hashable, Sendable {
         }
     }
 
+    /// Total size of the region: header, one credit cell per peer, and one control cell plus ring
+    /// per peer.
     public var regionBytes: Int {
         Self.headerBytes + peers.count * Self.cellBytes + peers.count * (Self.cellBytes + ringBytes)
     }
 
+    /// Position of `peer` in `peers`, the index the offset functions take; nil for a non-member.
     public func index(of peer: NodeID) -> Int? { peers.firstIndex(of: peer) }
 
     /// The credit cell that `peer` writes into this node's region.
     public func creditOffset(_ i: Int) -> Int { Self.headerBytes + i * Self.cellBytes }
+    /// The control cell in front of the ring that peer `i` writes into this node's region.
     public func controlOffset(_ i: Int) -> Int {
         Self.headerBytes + peers.count * Self.cellBytes + i * (Self.cellBytes + ringBytes)
     }
+    /// Start of the ring that peer `i` writes into this node's region.
     public func ringOffset(_ i: Int) -> Int { controlOffset(i) + Self.cellBytes }
 
     /// Largest message payload one record can carry.
     public var payloadBytesMax: Int { ringBytes / 2 - Self.recordHeaderBytes }
 
+    /// The header cell: "PLVR", version, peer count, ring size and owner, zero-padded to
+    /// `headerBytes`.
     public func headerCell() -> [UInt8] {
         var w = ByteWriter(capacity: Self.headerBytes)
         w.raw(Array("PLVR".utf8)); w.u16(Self.version); w.u16(UInt16(peers.count)); w.u32(UInt32(ringBytes))

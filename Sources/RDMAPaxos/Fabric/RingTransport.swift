@@ -16,6 +16,7 @@ import Synchronization
 /// A full ring, a missing connection or an oversized message drops the message and counts it:
 /// consensus retransmits.
 public final class RingTransport: MessageTransport {
+    /// Addresses, ring size, limits and timings of a transport.
     public struct Configuration: Sendable {
         /// Where this node listens; `node` is its id.
         public var listenAddress: PeerAddress
@@ -25,14 +26,19 @@ public final class RingTransport: MessageTransport {
         public var peerAddresses: [PeerAddress]
         /// Data bytes of each ring (one per peer); a message may use at most half.
         public var ringBytes: Int
+        /// Largest message accepted, among the decoder's other bounds.
         public var limits: WireCodec.Limits
         /// How long the receiver sleeps between ring scans when no immediate wakes it.
         public var pollInterval: Duration
+        /// First wait before reconnecting to a peer; doubles after each failure.
         public var reconnectDelayMin: Duration
+        /// Longest wait between reconnection attempts.
         public var reconnectDelayMax: Duration
         /// Request a writer completion every this many records (selective signalling).
         public var signalEveryWrites: Int
 
+        /// A configuration with 1 MiB rings, a 2 ms poll interval, reconnect backoff from 10 ms to
+        /// 1 s and a signalled write every 32 records by default.
         public init(listenAddress: PeerAddress, cluster: [NodeID], peerAddresses: [PeerAddress] = [],
                     ringBytes: Int = 1 << 20, limits: WireCodec.Limits = .standard,
                     pollInterval: Duration = .milliseconds(2), reconnectDelayMin: Duration = .milliseconds(10),
@@ -51,11 +57,18 @@ public final class RingTransport: MessageTransport {
 
     /// Counters since `open`.
     public struct Statistics: Hashable, Sendable {
+        /// Messages written into a peer's ring.
         public var sent = 0
+        /// Messages received and handed to `onReceive`.
         public var delivered = 0
+        /// Messages dropped because the peer's ring had no room.
         public var droppedRingFull = 0
+        /// Messages dropped because no usable queue pair (or no credit for the current epoch)
+        /// existed yet.
         public var droppedNotConnected = 0
+        /// Messages dropped for exceeding `layout.payloadBytesMax` or `limits.messageBytesMax`.
         public var droppedTooLarge = 0
+        /// Messages dropped because the destination is not in `cluster`.
         public var droppedUnknownPeer = 0
         /// Posting failed (too many outstanding writes, or the queue pair broke).
         public var droppedPostFailed = 0
@@ -67,8 +80,11 @@ public final class RingTransport: MessageTransport {
         public var connects = 0
     }
 
+    /// The configuration the transport was opened with.
     public let configuration: Configuration
+    /// Where the credit cells, control cells and rings sit in this node's region.
     public let layout: RingLayout
+    /// The fabric the rings are written over.
     public let fabric: any Fabric
     /// The address peers connect to (the bound port when the configuration asked for port 0).
     public let listeningAddress: PeerAddress
@@ -121,6 +137,7 @@ public final class RingTransport: MessageTransport {
         self.links = links
     }
 
+    /// A snapshot of the counters.
     public var statistics: Statistics { stats.withLock { $0 } }
 
     /// Bytes written into each peer's ring that the peer has not yet reported consumed in its

@@ -14,18 +14,25 @@ import Synchronization
 /// range is acknowledged as a remote access error and the writer's queue pair enters the error
 /// state, as in verbs.
 public final class TCPFabric: Fabric {
+    /// Cluster key, membership, limits and timeouts of a TCP fabric.
     public struct Configuration: Sendable {
         /// Shared secret of the cluster (at least 16 bytes); peers prove they hold it at connect.
         public var clusterKey: [UInt8]
         /// Node ids allowed to connect (and to be connected to).
         public var members: Set<NodeID>
+        /// Most writes in flight on one queue pair; more are refused with
+        /// `.tooManyOutstandingWrites`.
         public var outstandingWritesMax: Int
         /// Largest frame accepted from an authenticated peer (a write's data plus 34 bytes).
         public var frameBytesMax: Int
+        /// Time a new connection has to complete the handshake before it is closed.
         public var handshakeTimeout: Duration
+        /// Time allowed to establish the TCP connection in `connect`.
         public var connectTimeout: Duration
+        /// Capacity of the completion queue.
         public var completionQueueEntries: Int
 
+        /// A configuration with the defaults shown (16 MiB frames, 5 s handshake, 2 s connect).
         public init(clusterKey: [UInt8], members: Set<NodeID>, outstandingWritesMax: Int = 1024,
                     frameBytesMax: Int = (16 << 20) + 64, handshakeTimeout: Duration = .seconds(5),
                     connectTimeout: Duration = .seconds(2), completionQueueEntries: Int = 1 << 16) {
@@ -39,8 +46,12 @@ public final class TCPFabric: Fabric {
         }
     }
 
+    /// Counters of the fabric's connection handling.
     public struct Statistics: Hashable, Sendable {
+        /// Incoming connections whose handshake succeeded.
         public var handshakesAccepted = 0
+        /// Handshakes refused (bad version, wrong or unknown node, failed authentication, replayed
+        /// nonce), by either side.
         public var handshakesRejected = 0
         /// Connections closed because a frame was malformed or out of place.
         public var badFrames = 0
@@ -48,6 +59,7 @@ public final class TCPFabric: Fabric {
 
     public let localNode: NodeID
     public let completions: CompletionQueue
+    /// The configuration the fabric was created with.
     public let configuration: Configuration
     let group: any EventLoopGroup
     /// Built per handshake from the configured bytes (`SymmetricKey` is not `Sendable`).
@@ -75,6 +87,8 @@ public final class TCPFabric: Fabric {
     private let state = Mutex(State())
     static let noncesRemembered = 4096
 
+    /// A fabric for `node` on `group`; throws `.badConfiguration` for a short key, a node that is 0
+    /// or not a member, or limits that leave no room for one write.
     public init(node: NodeID, configuration: Configuration,
                 group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton) throws(FabricError) {
         guard configuration.clusterKey.count >= 16 else { throw .badConfiguration("the cluster key must be at least 16 bytes") }
@@ -93,6 +107,7 @@ public final class TCPFabric: Fabric {
         self.logger = logger
     }
 
+    /// A snapshot of the counters.
     public var statistics: Statistics { state.withLock { $0.stats } }
 
     /// Binds a TCP listener at `host` (port 0) and closes it again: can this machine serve the

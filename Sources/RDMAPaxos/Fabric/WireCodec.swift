@@ -21,6 +21,7 @@
 /// Decoding never traps: every length is checked against the bytes present and the limits
 /// below, booleans must be 0 or 1, and trailing bytes are an error.
 public enum WireCodec {
+    /// Wire format version; messages of any other version are refused.
     public static let version: UInt8 = 2
     /// Fixed part before the body: version, tag, from, to, ballot.
     static let headerBytes = 1 + 1 + 4 + 4 + 12
@@ -29,11 +30,17 @@ public enum WireCodec {
 
     /// Limits a decoder enforces (fixed at start-up; a peer claiming more is corrupt or hostile).
     public struct Limits: Sendable, Hashable {
+        /// Largest encoded message, in bytes.
         public var messageBytesMax: Int
+        /// Most entries in one accept or promise.
         public var entriesMax: Int
+        /// Largest payload of one entry, in bytes.
         public var payloadBytesMax: Int
+        /// Largest snapshot chunk, in bytes.
         public var snapshotBytesMax: Int
 
+        /// Limits of 64 MiB per message, 65,536 entries, 16 MiB per payload and 64 MiB per snapshot
+        /// chunk by default.
         public init(messageBytesMax: Int = 64 << 20, entriesMax: Int = 65_536,
                     payloadBytesMax: Int = 16 << 20, snapshotBytesMax: Int = 64 << 20) {
             self.messageBytesMax = messageBytesMax
@@ -41,9 +48,11 @@ public enum WireCodec {
             self.payloadBytesMax = payloadBytesMax
             self.snapshotBytesMax = snapshotBytesMax
         }
+        /// The default limits.
         public static let standard = Limits()
     }
 
+    /// The message in wire format (layout above).
     public static func encode(_ m: Message) -> [UInt8] {
         var w = ByteWriter(capacity: headerBytes + estimatedBodyBytes(m.body))
         w.u8(version)
@@ -71,6 +80,7 @@ public enum WireCodec {
         return w.bytes
     }
 
+    /// Decodes `encode(_:)`; throws `DecodeError` for anything malformed or beyond `limits`.
     public static func decode(_ bytes: [UInt8], limits: Limits = .standard) throws(DecodeError) -> Message {
         do {
             return try decodeUnchecked(bytes, limits: limits)

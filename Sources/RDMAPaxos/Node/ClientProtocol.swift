@@ -7,23 +7,32 @@
 ///     responses: 128 ok(result bytes)  129 error(u8 code, u32 leader or 0, message utf8)
 ///                130 status(text utf8)
 public enum ClientFrame: Equatable, Sendable {
+    /// Request 1: propose `command` for the log; answered with the state machine's result.
     case propose(id: UInt64, command: [UInt8])
+    /// Request 2: a linearizable read, confirmed by the leader.
     case read(id: UInt64, query: [UInt8])
+    /// Request 3: the replica's status as text.
     case status(id: UInt64)
+    /// Request 4: a read of this replica's state as it is, possibly stale; any role answers.
     case localRead(id: UInt64, query: [UInt8])
+    /// Response 128: the request succeeded with `result`.
     case ok(id: UInt64, result: [UInt8])
+    /// Response 129: the request failed; `leader` says where to retry when known.
     case error(id: UInt64, code: ClientErrorCode, leader: NodeID?, message: String)
+    /// Response 130: the answer to `status`.
     case statusReply(id: UInt64, text: String)
 
     /// Largest frame either side accepts; larger ones close the connection.
     public static let bytesMax = 32 << 20
 
+    /// The request id, echoed in the response.
     public var id: UInt64 {
         switch self {
         case let .propose(id, _), let .read(id, _), let .status(id), let .localRead(id, _), let .ok(id, _), let .error(id, _, _, _), let .statusReply(id, _): id
         }
     }
 
+    /// The frame as sent: a u32 length prefix, then kind, id and body.
     public func encoded() -> [UInt8] {
         var w = ByteWriter()
         switch self {
@@ -67,7 +76,11 @@ public enum ClientFrame: Equatable, Sendable {
     }
 }
 
+/// Why a request failed, as carried in an `error` frame (one code per `NodeError` case; unknown
+/// codes decode as `other`).
 public enum ClientErrorCode: UInt8, Sendable {
+    /// Not the leader; timed out (outcome unknown); superseded by a new leader; refused by the
+    /// core; node stopped; storage failure; malformed request; anything else.
     case notLeader = 1, timedOut = 2, superseded = 3, refused = 4, stopped = 5, storage = 6, badRequest = 7, other = 255
 
     init(_ e: NodeError) {

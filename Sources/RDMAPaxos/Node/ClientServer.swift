@@ -7,6 +7,8 @@ public final class ClientServer: Sendable {
     /// The port actually bound (useful when asked for port 0).
     public var boundPort: Int { listener.boundPort }
 
+    /// Listens on `host`:`port` (0: any free port) and serves `node`; throws when the address
+    /// cannot be bound.
     public static func start(node: ReplicaNode, host: String, port: Int) throws -> ClientServer {
         ClientServer(listener: try TCPListener(host: host, port: port, backlog: 256) { ch in
             try ch.pipeline.syncOperations.addHandler(ClientFrameHandler(node: node))
@@ -15,6 +17,7 @@ public final class ClientServer: Sendable {
 
     init(listener: TCPListener) { self.listener = listener }
 
+    /// Closes the listener and waits for its event loops to shut down.
     public func stop() { listener.stop() }
 }
 

@@ -2,10 +2,13 @@ import Foundation
 
 /// The shared secret peers prove to each other at connect time.
 public struct ClusterKey: Sendable, Equatable {
+    /// The secret's bytes.
     public let bytes: [UInt8]
 
+    /// Shortest key accepted, in bytes.
     public static let bytesMin = 16
 
+    /// Wraps `bytes`; throws `ConfigError` when shorter than `bytesMin`.
     public init(bytes: [UInt8]) throws(ConfigError) {
         guard bytes.count >= Self.bytesMin else {
             throw ConfigError(file: "cluster key", key: nil, problem: "must be at least \(Self.bytesMin) bytes (got \(bytes.count))")

@@ -3,15 +3,22 @@
 /// Commands: `put(key, value)` returns the previous value; `delete(key)` returns the removed
 /// value. Queries: `get(key)`. Keys and values are bytes.
 public final class KeyValueStateMachine: StateMachine {
+    /// The current map.
     public private(set) var map: [[UInt8]: [UInt8]] = [:]
+    /// Index of the last command applied or snapshot restored.
     public private(set) var appliedIndex: LogIndex = 0
 
+    /// An empty map.
     public init() {}
 
+    /// A command of the map, as proposed through the log.
     public enum Command: Equatable, Sendable {
+        /// Sets `key` to `value`.
         case put(key: [UInt8], value: [UInt8])
+        /// Removes `key`.
         case delete(key: [UInt8])
 
+        /// The command as log payload: an operation byte, then length-prefixed key (and value).
         public func encoded() -> [UInt8] {
             var w = ByteWriter()
             switch self {
@@ -21,6 +28,8 @@ public final class KeyValueStateMachine: StateMachine {
             return w.bytes
         }
 
+        /// Decodes `encoded()`; throws `DecodeError` on an unknown operation, a key or value above
+        /// its limit, or stray bytes.
         public init(decoding bytes: [UInt8]) throws {
             var r = ByteReader(bytes, what: "key-value command")
             switch try r.u8() {
@@ -31,7 +40,9 @@ public final class KeyValueStateMachine: StateMachine {
             try r.finish()
         }
 
+        /// Largest key accepted: 64 KiB.
         public static let keyBytesMax = 64 << 10
+        /// Largest value accepted: 16 MiB.
         public static let valueBytesMax = 16 << 20
     }
 

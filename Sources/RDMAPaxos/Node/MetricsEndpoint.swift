@@ -11,6 +11,8 @@ public final class MetricsEndpoint: Sendable {
     /// The port actually bound (useful when asked for port 0).
     public var boundPort: Int { listener.boundPort }
 
+    /// Listens on `host`:`port` (0: any free port; IPv6 hosts may be bracketed) and serves
+    /// `registry`; throws when the address cannot be bound.
     public static func start(host: String, port: Int, registry: PrometheusCollectorRegistry) throws -> MetricsEndpoint {
         MetricsEndpoint(listener: try TCPListener(host: unbracketed(host), port: port, backlog: 32) { ch in
             try ch.pipeline.syncOperations.configureHTTPServerPipeline(withErrorHandling: true)
@@ -20,6 +22,7 @@ public final class MetricsEndpoint: Sendable {
 
     init(listener: TCPListener) { self.listener = listener }
 
+    /// Closes the listener and waits for its event loops to shut down.
     public func stop() { listener.stop() }
 
     /// Whether `host` (a name or an address, IPv6 possibly in brackets) is this machine's loopback:

@@ -7,11 +7,13 @@ import Foundation
 public final class NodeClient {
     /// Client addresses by node id ("host:port").
     public let endpoints: [NodeID: String]
+    /// Send and receive timeout of each socket operation.
     public let timeout: Duration
     private var fd: Int32 = -1
     private var connectedTo: NodeID?
     private var nextID: UInt64 = 1
 
+    /// A client of the cluster at `endpoints` (at least one); connects on first use.
     public init(endpoints: [NodeID: String], timeout: Duration = .seconds(5)) {
         precondition(!endpoints.isEmpty, "a client needs at least one endpoint")
         self.endpoints = endpoints
@@ -147,6 +149,7 @@ public final class NodeClient {
         connectedTo = node
     }
 
+    /// Closes the connection, if any; the next request connects again.
     public func disconnect() {
         if fd >= 0 { close(fd) }
         fd = -1

@@ -4,40 +4,68 @@ import TOMLKit
 /// A replica's configuration file (TOML), as `plover node --config FILE` reads it.
 /// See docs/operations.md ("Configuration") for every key.
 public struct NodeConfig: Sendable, Equatable {
+    /// Which fabric carries replication: RDMA verbs when a device exists (`auto`), verbs only, or
+    /// TCP only.
     public enum FabricChoice: String, Sendable, CaseIterable { case auto, verbs, tcp }
 
+    /// One `[[members]]` table: a replica of the cluster.
     public struct MemberConfig: Sendable, Equatable {
+        /// The member's node id (nonzero, unique in the cluster).
         public var id: NodeID
         /// host:port of the replica's fabric (peer-to-peer) endpoint.
         public var address: String
         /// host:port where the replica answers clients (`plover kv`, `plover status`).
         public var clientAddress: String
+        /// The member's role (`role` key; `voter` by default).
         public var role: MemberRole
+        /// Leader preference (`priority` key): 1 by default for voters, 0 otherwise.
         public var priority: UInt8
     }
 
+    /// This replica's node id (`id` key); must be one of `members`.
     public var id: NodeID
+    /// Directory of the stable log and snapshot (`data_dir`); relative paths are resolved against
+    /// the config file's directory by `load(path:)`.
     public var dataDir: String
+    /// How durable an acknowledged write is (`durability`); fsync by default.
     public var durability: Durability = .fsync
+    /// Which fabric to use (`fabric`); `auto` by default.
     public var fabric: FabricChoice = .auto
     /// Path of the cluster key file (relative paths are relative to the config file).
     public var clusterKeyFile: String?
     /// host:port of the Prometheus endpoint (`GET /metrics`); nil: none. Meant for loopback.
     public var metricsAddress: String?
+    /// Length of one tick in milliseconds (`timing.tick_ms`, 1 to 10,000).
     public var tickMilliseconds = 10
+    /// `ReplicaConfig.electionTimeoutTicks` (`timing.election_timeout_ticks`, at least 3).
     public var electionTimeoutTicks = 20
+    /// `ReplicaConfig.heartbeatTicks` (`timing.heartbeat_ticks`); must be below the election
+    /// timeout.
     public var heartbeatTicks = 2
+    /// `ReplicaConfig.diskStallTicks` (`timing.disk_stall_ticks`).
     public var diskStallTicks = 100
+    /// Ticks a client request or read may wait for an answer before it fails
+    /// (`timing.request_timeout_ticks`).
     public var requestTimeoutTicks = 500
+    /// `ReplicaConfig.batchBytesMax` (`limits.batch_bytes_max`, 1 KiB to 256 KiB).
     public var batchBytesMax = 256 << 10
+    /// `ReplicaConfig.inflightMessagesMax` (`limits.inflight_messages_max`, 1 to 65,536).
     public var inflightMessagesMax = 64
+    /// `ReplicaConfig.uncommittedBytesMax` (`limits.uncommitted_bytes_max`).
     public var uncommittedBytesMax = 64 << 20
+    /// Applied entries held in the log before the node snapshots and compacts
+    /// (`limits.compact_every_entries`).
     public var compactEveryEntries = 50_000
+    /// Every replica of the cluster, this one included.
     public var members: [MemberConfig] = []
 
+    /// This replica's entry in `members` (validated to exist).
     public var me: MemberConfig { members.first { $0.id == id }! }
+    /// The initial cluster configuration described by `members`.
     public var membership: Membership { Membership(members.map { Member(id: $0.id, role: $0.role, priority: $0.priority) }) }
 
+    /// The consensus core's configuration: this file's timings and limits, the other fields at
+    /// their defaults.
     public var replicaConfig: ReplicaConfig {
         var c = ReplicaConfig(id: id)
         c.electionTimeoutTicks = electionTimeoutTicks
@@ -49,6 +77,8 @@ public struct NodeConfig: Sendable, Equatable {
         return c
     }
 
+    /// A configuration with the given identity and members and every other key at its default; not
+    /// validated.
     public init(id: NodeID, dataDir: String, members: [MemberConfig]) {
         self.id = id
         self.dataDir = dataDir
@@ -161,8 +191,12 @@ public struct NodeConfig: Sendable, Equatable {
 
 /// A configuration problem: which file, which key, what is wrong.
 public struct ConfigError: Error, Sendable, Equatable, CustomStringConvertible {
+    /// The configuration file.
     public var file: String
+    /// The offending key as a dotted path (`timing.heartbeat_ticks`, `members[1].id`); nil for the
+    /// whole file.
     public var key: String?
+    /// What is wrong with it.
     public var problem: String
     public var description: String { "\(file): " + (key.map { "\($0): " } ?? "") + problem }
 }

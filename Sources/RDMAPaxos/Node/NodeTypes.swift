@@ -2,6 +2,7 @@ import Metrics
 
 /// How a `ReplicaNode` runs: the core's limits and timings plus the runtime's own.
 public struct NodeOptions: Sendable {
+    /// The consensus core's limits and timings, including this node's id.
     public var replica: ReplicaConfig
     /// The initial configuration of a brand-new cluster (ignored once the log records one).
     public var bootstrap: Membership
@@ -21,6 +22,7 @@ public struct NodeOptions: Sendable {
     /// Read the transport's ring statistics every this many ticks (`ReplicaServer`: about once a second).
     public var metricsSampleEveryTicks: Int = 100
 
+    /// Options with the runtime's defaults; `seed` drives the core's randomized election timeouts.
     public init(replica: ReplicaConfig, bootstrap: Membership, seed: UInt64 = 1) {
         self.replica = replica
         self.bootstrap = bootstrap
@@ -60,16 +62,27 @@ public enum NodeError: Error, Sendable, Equatable, CustomStringConvertible {
 
 /// A consistent view of one node, for `plover status` and metrics.
 public struct NodeStatus: Sendable, Equatable {
+    /// The node's id.
     public var id: NodeID
+    /// The node's role (`follower` once it stopped serving).
     public var role: Role
+    /// Whether the node is a witness.
     public var isWitness: Bool
+    /// The highest ballot promised; the leader's own ballot when leading.
     public var ballot: Ballot
+    /// The leader the node knows of, if any.
     public var leader: NodeID?
+    /// Index of the first entry still in the log.
     public var firstIndex: LogIndex
+    /// Index of the last entry in the log.
     public var lastIndex: LogIndex
+    /// Highest index durable in the stable log.
     public var durableIndex: LogIndex
+    /// Highest index known committed.
     public var commitIndex: LogIndex
+    /// Highest index applied to the state machine.
     public var appliedIndex: LogIndex
+    /// The configuration in force.
     public var membership: Membership
     /// Followers' match indexes as seen by the leader (empty elsewhere).
     public var followerMatch: [NodeID: LogIndex]

@@ -9,6 +9,7 @@ import Metrics
 public final class ReplicaNode: @unchecked Sendable {
     // @unchecked Sendable: every mutable field below is either owned by the node thread
     // (`replica`, `machine`, the pending maps) or guarded by `cond` (`events`, `published`, `state`).
+    /// The options the node was created with.
     public let options: NodeOptions
     let log: any StableLog
     let snapshots: any SnapshotStore
@@ -81,6 +82,8 @@ public final class ReplicaNode: @unchecked Sendable {
         var continuation: CheckedContinuation<[UInt8], any Error>
     }
 
+    /// A node over the given parts; nothing runs until `start()`. Metrics go to
+    /// `options.metricsFactory`, else the global `MetricsSystem.factory`.
     public init(options: NodeOptions, stateMachine: any StateMachine, log: any StableLog,
                 snapshots: any SnapshotStore, transport: any MessageTransport, ticks: any TickSource) {
         self.options = options

@@ -7,7 +7,9 @@ import Prometheus
 /// clock, the `ReplicaNode` with a state machine, the client server, and the metrics endpoint
 /// when `metrics_address` is set.
 public final class ReplicaServer: Sendable {
+    /// The consensus node.
     public let node: ReplicaNode
+    /// The server answering clients on the member's `client_address`.
     public let clientServer: ClientServer
     /// Serves `metricsRegistry` on `metrics_address` (nil when none is configured).
     public let metricsEndpoint: MetricsEndpoint?
@@ -105,6 +107,7 @@ public final class ReplicaServer: Sendable {
         }
     }
 
+    /// Stops the metrics endpoint, the client server and the node, in that order.
     public func stop() {
         metricsEndpoint?.stop()
         clientServer.stop()

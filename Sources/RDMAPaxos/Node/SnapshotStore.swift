@@ -10,7 +10,9 @@ public protocol SnapshotStore: AnyObject, Sendable {
 
 /// Why a snapshot could not be loaded or saved.
 public struct SnapshotStoreError: Error, CustomStringConvertible, Sendable {
+    /// The snapshot file concerned.
     public var path: String
+    /// What went wrong, for the operator.
     public var reason: String
     public var description: String { "\(path): snapshot: \(reason)" }
 }
@@ -20,6 +22,7 @@ public final class MemorySnapshotStore: SnapshotStore, @unchecked Sendable {
     // @unchecked Sendable: `latest` is only touched under `lock`.
     private let lock = NSLock()
     private var latest: Snapshot?
+    /// An empty store: `load()` returns nil until the first `save`.
     public init() {}
     public func load() throws -> Snapshot? { lock.withLock { latest } }
     public func save(_ snapshot: Snapshot) throws { lock.withLock { latest = snapshot } }
@@ -29,6 +32,7 @@ public final class MemorySnapshotStore: SnapshotStore, @unchecked Sendable {
 /// with a version and a checksum so a torn or foreign file is reported, never restored.
 public final class FileSnapshotStore: SnapshotStore, @unchecked Sendable {
     // @unchecked Sendable: immutable after init; file operations are atomic renames.
+    /// The snapshot file, `snapshot.bin` in the store's directory.
     public let path: String
     private let sync: Bool
     static let magic: UInt32 = 0x504C_5653 // "PLVS"

@@ -3,7 +3,9 @@ import Foundation
 /// The node's clock: calls `onTick` at a fixed interval. One tick is the core's unit of time
 /// (election timeouts and heartbeats are counted in ticks).
 public protocol TickSource: AnyObject, Sendable {
+    /// Starts calling `onTick` once per tick until `stop()`.
     func start(_ onTick: @escaping @Sendable () -> Void)
+    /// Stops ticking; no `onTick` call starts after it returns (idempotent).
     func stop()
 }
 
@@ -14,6 +16,7 @@ public final class TimerTickSource: TickSource, @unchecked Sendable {
     private let lock = NSLock()
     private var timer: DispatchSourceTimer?
 
+    /// A tick source firing every `interval` on its own dispatch queue.
     public init(interval: Duration) { self.interval = interval }
 
     public func start(_ onTick: @escaping @Sendable () -> Void) {
@@ -39,9 +42,12 @@ public final class ManualTickSource: TickSource, @unchecked Sendable {
     private let lock = NSLock()
     private var onTick: (@Sendable () -> Void)?
 
+    /// A tick source that fires only from `fire(_:)`.
     public init() {}
     public func start(_ onTick: @escaping @Sendable () -> Void) { lock.withLock { self.onTick = onTick } }
     public func stop() { lock.withLock { onTick = nil } }
+    /// Calls the registered `onTick` `times` times on the caller's thread; nothing when not
+    /// started.
     public func fire(_ times: Int = 1) {
         let f = lock.withLock { onTick }
         for _ in 0..<times { f?() }

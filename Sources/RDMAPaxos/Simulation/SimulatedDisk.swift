@@ -3,18 +3,24 @@ import RDMAPaxosCore
 /// A replica's stable log as the simulator models it: what is durable survives a crash,
 /// what is still being written does not. Public so users can drive `Replica` in their own tests.
 public struct SimulatedDisk: Sendable {
+    /// The hard state last made durable.
     public internal(set) var hardState = HardState()
+    /// The durable snapshot, if any.
     public internal(set) var snapshot: Snapshot?
+    /// Durable entries after the snapshot, in index order.
     public internal(set) var entries: [LogEntry] = []
     /// Persists issued but not yet durable, in order, with the acks waiting on them.
     var pending: [(persist: Persist, acks: [(Message, Ballot?)], dueAt: UInt64)] = []
     /// While set, nothing completes before this time (a stalled disk).
     var stalledUntil: UInt64 = 0
 
+    /// An empty disk.
     public init() {}
 
+    /// Index of the last durable entry; the snapshot's index (or 0) when there is none.
     public var lastIndex: LogIndex { entries.last?.index ?? snapshot?.index ?? 0 }
 
+    /// Ballot of the entry (or snapshot point) at `index`; nil when the disk does not hold it.
     public func ballot(at index: LogIndex) -> Ballot? {
         if let s = snapshot, s.index == index { return s.ballot }
         guard let first = entries.first, index >= first.index, index <= lastIndex else { return nil }
@@ -39,5 +45,6 @@ public struct SimulatedDisk: Sendable {
         if let h = p.hardState { hardState = h }
     }
 
+    /// What a restarting replica loads from this disk.
     public var restored: RestoredState { RestoredState(hardState: hardState, snapshot: snapshot, entries: entries) }
 }

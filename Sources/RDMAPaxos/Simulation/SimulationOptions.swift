@@ -3,6 +3,7 @@ import RDMAPaxosCore
 /// One simulated cluster run: topology, fault mix and durations. Everything random derives
 /// from `seed`, so a seed replays exactly.
 public struct SimulationOptions: Sendable, Hashable {
+    /// Seeds every random choice of the run.
     public var seed: UInt64
     /// Members that vote (including the witness, if any).
     public var voters: Int = 3
@@ -12,22 +13,33 @@ public struct SimulationOptions: Sendable, Hashable {
     public var learner: Bool = false
     /// Ticks with faults injected, then ticks allowed for the healed cluster to converge.
     public var faultTicks: Int = 300
+    /// Ticks the healed cluster gets to converge before the run fails for liveness.
     public var healTicksMax: Int = 300
 
     // Per-message faults while faults are on.
+    /// Probability that a message is dropped.
     public var dropRate: Double = 0.05
+    /// Probability that a message is delivered twice.
     public var duplicateRate: Double = 0.02
+    /// A message arrives 1 to this many ticks after it was sent (at least 1).
     public var delayTicksMax: Int = 3
     // Per-tick faults while faults are on.
+    /// Probability per tick that a node crashes (losing writes not yet durable) and restarts later.
     public var crashRate: Double = 0.01
+    /// Probability per tick that one node is cut off, both ways or one way, for a while.
     public var partitionRate: Double = 0.01
+    /// Probability per tick that one node's disk stalls for a while.
     public var diskStallRate: Double = 0.005
+    /// Probability per tick that one node snapshots its state and compacts its log.
     public var compactRate: Double = 0.02
+    /// Probability per tick that the leader is given a command to propose.
     public var proposeRate: Double = 0.5
+    /// Probability per tick that the leader is asked for a linearizable read.
     public var readRate: Double = 0.1
     /// Slowest a disk write takes, in ticks.
     public var diskDelayTicksMax: Int = 2
 
+    /// The default topology and fault mix for `seed`.
     public init(seed: UInt64) { self.seed = seed }
 
     /// The fault mixes the test suite and `plover simulate` rotate through, by seed.
@@ -45,19 +57,33 @@ public struct SimulationOptions: Sendable, Hashable {
 
 /// What a passing run did.
 public struct SimulationReport: Sendable, Hashable, CustomStringConvertible {
+    /// The seed the run used.
     public var seed: UInt64
+    /// Ticks simulated, faults and healing together.
     public var ticks = 0
+    /// Log entries committed (commands, no-ops and membership changes).
     public var committed = 0
+    /// Proposed commands that the proposing node applied at the index it was given.
     public var acknowledged = 0
+    /// Linearizable reads confirmed and checked.
     public var readsConfirmed = 0
+    /// Messages that reached their receiver.
     public var messagesDelivered = 0
+    /// Messages lost to `dropRate`, partitions or crashed receivers.
     public var messagesDropped = 0
+    /// Messages delivered a second time.
     public var messagesDuplicated = 0
+    /// Node crashes injected.
     public var crashes = 0
+    /// Partitions injected.
     public var partitions = 0
+    /// Disk stalls injected.
     public var diskStalls = 0
+    /// Log compactions performed.
     public var compactions = 0
+    /// Snapshots installed on lagging replicas.
     public var snapshotsInstalled = 0
+    /// Elections won (`becameLeader` events).
     public var elections = 0
 
     public var description: String {
@@ -70,9 +96,13 @@ public struct SimulationReport: Sendable, Hashable, CustomStringConvertible {
 
 /// A checker found a violation. `seed` replays it.
 public struct SimulationFailure: Error, Sendable, CustomStringConvertible {
+    /// The seed that reproduces the failure.
     public var seed: UInt64
+    /// The tick at which the violation was found.
     public var tick: Int
+    /// What was violated.
     public var message: String
+    /// The run's recent event log, oldest first.
     public var trace: [String]
 
     public var description: String {

@@ -24,10 +24,13 @@ public final class BerkeleyDBLog: StableLog, @unchecked Sendable {
         /// writer completes nothing (appends and other writes wait), as a hung disk would.
         /// `plover node` sets it from the `PLOVER_FAULT_DISK_STALL_FILE` environment variable.
         public var stallWhileFileExists: String?
+        /// Options with the defaults shown: 64 MiB cache, 8 MiB log buffer and batches, no stall
+        /// file.
         public init() {}
     }
 
     public let durability: Durability
+    /// The store's directory.
     public let path: String
     let engine: GroupCommitEngine
 

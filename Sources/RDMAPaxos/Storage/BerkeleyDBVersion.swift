@@ -8,6 +8,7 @@ public enum BerkeleyDBLibrary {
         return String(cString: s)
     }
 
+    /// The linked library's major, minor and patch numbers.
     public static var version: (major: Int, minor: Int, patch: Int) {
         var major: Int32 = 0, minor: Int32 = 0, patch: Int32 = 0
         _ = db_version(&major, &minor, &patch)

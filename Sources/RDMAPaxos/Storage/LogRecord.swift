@@ -25,10 +25,13 @@ public enum LogRecord {
     /// Largest payload a record may claim; anything above is treated as corruption.
     public static let payloadBytesMax = 64 << 20
 
+    /// The keys of `meta.db`.
     public enum MetaKey: String, CaseIterable, Sendable {
+        /// Format version, durability mode, snapshot point and hard state (layout above).
         case format, durability, snapshot, hardstate
     }
 
+    /// The `entries.db` key of `index`: eight bytes, big-endian.
     public static func key(_ index: LogIndex) -> [UInt8] {
         var w = ByteWriter(capacity: 8)
         w.u64(index)
@@ -49,6 +52,7 @@ public enum LogRecord {
         bytes.withUnsafeBytes { checksum($0, seed: seed) }
     }
 
+    /// The `entries.db` value of `e`, checksum included.
     public static func encode(_ e: LogEntry) -> [UInt8] {
         var w = ByteWriter(capacity: headerBytes + e.payload.count)
         w.u64(0)
@@ -87,6 +91,7 @@ public enum LogRecord {
         }
     }
 
+    /// The `meta.db` value for `key`: checksum, then `body`.
     public static func encodeMeta(_ key: MetaKey, _ body: [UInt8]) -> [UInt8] {
         var w = ByteWriter(capacity: 8 + body.count)
         w.u64(metaChecksum(key, body[...]))
@@ -146,8 +151,11 @@ public enum LogRecord {
 
 /// Why one record cannot be trusted: which entry (nil for metadata) and what is wrong.
 public struct RecordProblem: Error, Hashable, Sendable, CustomStringConvertible {
+    /// Index of the entry concerned; nil for a metadata record.
     public var index: LogIndex?
+    /// What is wrong with the record.
     public var detail: String
+    /// A problem with the record of `index` (nil: metadata).
     public init(index: LogIndex?, detail: String) {
         self.index = index
         self.detail = detail

@@ -12,6 +12,7 @@ import Foundation
 /// Records are handed out raw with their decoding result, so a tool can report corruption
 /// precisely instead of stopping at the first bad record.
 public final class LogStoreReader {
+    /// The store's directory.
     public let path: String
     /// Whether a node had the store open when this reader attached.
     public let live: Bool
@@ -23,8 +24,11 @@ public final class LogStoreReader {
 
     /// One stored entry record, undecoded and decoded.
     public struct Record: Sendable {
+        /// The entry index the record is stored under.
         public var index: LogIndex
+        /// The record's stored bytes.
         public var value: [UInt8]
+        /// The decoded entry, or what is wrong with the record.
         public var entry: Result<LogEntry, RecordProblem>
     }
 
@@ -38,6 +42,8 @@ public final class LogStoreReader {
 
     deinit { close() }
 
+    /// Attaches to the store at `path`, retrying while a node starts or stops. Throws
+    /// `StableLogError` (`.locked` when the store stays busy).
     public static func open(path: String) throws -> LogStoreReader {
         _ = try StoreDirectory.prepare(path, create: false)
         let lock = try StoreLock(directory: path, create: true)
@@ -92,6 +98,7 @@ public final class LogStoreReader {
         live && (!lock.isHeldElsewhere(.writer) || lock.readOwner() != owner)
     }
 
+    /// The store's format version, durability mode, snapshot point and hard state.
     public func metadata() throws -> StoreMetadata {
         try read { txn throws(StableLogError) in try StoreDirectory.readMetadata(db, txn: txn) }
     }

@@ -17,10 +17,12 @@ public final class MemoryLog: StableLog, @unchecked Sendable {
         var snapshot = SnapshotPoint.none
         var hardState = HardState()
         var inUse = false
+        /// An empty disk.
         public init() {}
     }
 
     public let durability: Durability = .memory
+    /// Names the log in errors, in place of a path.
     public let name: String
     private let storage: Storage
     private var closed = false

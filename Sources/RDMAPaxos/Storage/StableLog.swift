@@ -55,7 +55,10 @@ public protocol StableLog: AnyObject, Sendable {
     /// Removes entries up to and including `index`, remembering `ballot` as the ballot of `index`.
     func compactPrefix(through index: LogIndex, ballot: Ballot) throws
 
+    /// The saved hard state (promised ballot, commit index, membership); `HardState()` when none
+    /// was saved.
     func loadHardState() throws -> HardState
+    /// Replaces the hard state; durable in the log's mode when it returns.
     func saveHardState(_ state: HardState) throws
 
     /// Flushes and releases the store. Further calls throw `StableLogError.closed`.

@@ -2,10 +2,13 @@ import Foundation
 
 /// What `meta.db` says about a store.
 public struct StoreMetadata: Hashable, Sendable {
+    /// The record format version the store was written with.
     public var formatVersion: UInt32
     /// The durability mode the store was last opened with (a node may change it between runs).
     public var durability: String
+    /// The point the log's prefix was compacted through.
     public var snapshot: SnapshotPoint
+    /// The last saved hard state.
     public var hardState: HardState
 }
 
