@@ -2,7 +2,7 @@
 SWIFT ?= swift
 BUILD_FLAGS ?=
 
-.PHONY: deps build test demo simulate bench-stable-log bench-consensus bench-syncvm clean
+.PHONY: deps build test test-rdma demo simulate bench-stable-log bench-consensus bench-syncvm clean
 
 deps:
 	./scripts/install-deps.sh
@@ -19,6 +19,14 @@ test: deps
 	# hashing pools), and on a 2-core machine they would starve the async tests beside them.
 	$(SWIFT) test $(BUILD_FLAGS) --no-parallel
 	$(SWIFT) run $(BUILD_FLAGS) plover simulate --seed 1 --seeds $(SIM_SEEDS)
+
+# On an RDMA machine: the verbs, fabric and ring suites, whose shared tests gain cases on the real
+# device (and rdma_cm cases with PLOVER_RDMA_ADDRESS=<IPv4 of the device's interface>; pick a device
+# with PLOVER_RDMA_DEVICE). Where ibv_get_device_list finds nothing they are skipped and say why.
+test-rdma: deps
+	$(SWIFT) build $(BUILD_FLAGS)
+	$(SWIFT) run $(BUILD_FLAGS) plover doctor
+	$(SWIFT) test $(BUILD_FLAGS) --no-parallel --filter 'Verbs|Fabric|Ring|QueuePair'
 
 # A long simulator campaign: make simulate SEED=100000 SEEDS=100000
 SEED ?= 1

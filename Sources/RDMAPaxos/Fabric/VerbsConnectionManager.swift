@@ -3,170 +3,12 @@ import Foundation
 import NIOCore
 import Synchronization
 
-// HARDWARE ONLY: queue pairs and rdma_cm connection handling for `VerbsFabric`. Compiles
-// everywhere; runs only where `ibv_get_device_list` finds a device.
-
-/// Registered staging memory for outgoing WRITEs: one slot per outstanding write.
-final class StagingBuffer: @unchecked Sendable {
-    // `@unchecked Sendable`: a slot is written only by the poster that owns it (under the QP lock)
-    // and read only by the NIC until the write completes.
-    let base: UnsafeMutableRawPointer
-    private var registration: VerbsRegistration?
-    let slotBytes: Int
-
-    init(device: VerbsDevice, slots: Int, slotBytes: Int) throws(VerbsError) {
-        var p: UnsafeMutableRawPointer?
-        guard posix_memalign(&p, 4096, slots * slotBytes) == 0, let p else {
-            throw VerbsError(operation: "posix_memalign", code: ENOMEM, message: "cannot allocate \(slots * slotBytes) staging bytes")
-        }
-        base = p
-        self.slotBytes = slotBytes
-        do { registration = try device.register(p, lengthBytes: slots * slotBytes) } catch { free(p); throw error }
-    }
-
-    var localKey: UInt32 { registration?.localKey ?? 0 }
-
-    deinit {
-        registration = nil  // deregister before the memory goes away
-        free(base)
-    }
-}
-
-/// One RC queue pair created through rdma_cm (either end of a connection).
-final class VerbsQueuePair: QueuePair, @unchecked Sendable {
-    // `@unchecked Sendable`: `id`/`qp` are written once; posting on one QP is serialized by
-    // `state`, and libibverbs allows posting and polling from different threads.
-    let peer: NodeID
-    let id: UnsafeMutablePointer<rdma_cm_id>
-    let qp: UnsafeMutablePointer<ibv_qp>
-    let number: UInt32
-    private let staging: StagingBuffer
-    private let fabric: VerbsFabric
-    private struct Pending { var sequence: UInt64; var workRequestID: UInt64; var signaled: Bool }
-    private struct State {
-        var machine = QueuePairStateMachine()
-        var remote: RemoteRegion?
-        var nextSequence: UInt64 = 1
-        var outstanding = CircularBuffer<Pending>()
-    }
-    private let state = Mutex(State())
-
-    /// Send work request ids carry this bit; receives use 0.
-    static let sendBit: UInt64 = 1 << 63
-    static func isSend(wrID: UInt64) -> Bool { wrID & sendBit != 0 }
-
-    init(fabric: VerbsFabric, id: UnsafeMutablePointer<rdma_cm_id>, peer: NodeID, remote: RemoteRegion?) throws(VerbsError) {
-        guard let qp = id.pointee.qp else {
-            throw VerbsError(operation: "rdma_create_qp", code: EINVAL, message: "rdma_cm id has no queue pair")
-        }
-        self.fabric = fabric
-        self.id = id
-        self.qp = qp
-        self.peer = peer
-        self.number = qp.pointee.qp_num
-        let c = fabric.configuration
-        staging = try StagingBuffer(device: fabric.device, slots: c.outstandingWritesMax, slotBytes: c.slotBytesMax)
-        try state.withLock { s throws(VerbsError) in
-            s.remote = remote
-            try s.machine.move(to: .initialized)  // rdma_create_qp leaves an RC QP in INIT
-        }
-    }
-
-    deinit {
-        rdma_destroy_qp(id)
-        rdma_destroy_id(id)
-    }
-
-    var remote: RemoteRegion {
-        state.withLock { $0.remote ?? RemoteRegion(node: peer, base: 0, key: 0, lengthBytes: 0) }
-    }
-
-    var isUsable: Bool { state.withLock { $0.machine.state != .error } }
-
-    /// rdma_cm moved the QP through RTR to RTS while connecting or accepting.
-    func establish(remote: RemoteRegion) throws(VerbsError) {
-        try state.withLock { s throws(VerbsError) in
-            s.remote = remote
-            try s.machine.move(to: .readyToReceive)
-            try s.machine.move(to: .readyToSend)
-        }
-    }
-
-    func postReceive() throws(VerbsError) {
-        var wr = ibv_recv_wr()
-        wr.wr_id = 0
-        wr.num_sge = 0  // WRITE_WITH_IMM only needs the receive for its immediate
-        var bad: UnsafeMutablePointer<ibv_recv_wr>?
-        try Verbs.check(ibv_post_recv(qp, &wr, &bad), "ibv_post_recv")
-    }
-
-    func postWrite(_ bytes: [UInt8], remoteOffset: Int, key: UInt32, immediate: UInt32?,
-                   workRequestID: UInt64, signaled: Bool) throws(FabricError) {
-        let limit = fabric.configuration.outstandingWritesMax
-        guard bytes.count <= staging.slotBytes else {
-            throw .invalidRequest("a write of \(bytes.count) bytes exceeds slotBytesMax \(staging.slotBytes)")
-        }
-        try state.withLock { s throws(FabricError) in
-            guard s.machine.canPostSend, let remote = s.remote else { throw FabricError.queuePairInError(peer: peer) }
-            guard s.outstanding.count < limit else { throw FabricError.tooManyOutstandingWrites(peer: peer, limit: limit) }
-            let seq = s.nextSequence
-            // Unsignalled writes hold their slot until a later signalled one completes: signal at
-            // least every half ring so slots come back.
-            let signal = signaled || seq % UInt64(max(1, limit / 2)) == 0
-            let slot = staging.base + Int(seq % UInt64(limit)) * staging.slotBytes
-            bytes.withUnsafeBytes { if let b = $0.baseAddress { slot.copyMemory(from: b, byteCount: $0.count) } }
-            var sge = ibv_sge(addr: UInt64(UInt(bitPattern: slot)), length: UInt32(bytes.count), lkey: staging.localKey)
-            var wr = ibv_send_wr()
-            wr.wr_id = seq | Self.sendBit
-            wr.num_sge = 1
-            wr.opcode = immediate == nil ? IBV_WR_RDMA_WRITE : IBV_WR_RDMA_WRITE_WITH_IMM
-            wr.send_flags = signal ? IBV_SEND_SIGNALED.rawValue : 0
-            wr.imm_data = (immediate ?? 0).bigEndian
-            wr.wr.rdma.remote_addr = remote.base &+ UInt64(bitPattern: Int64(remoteOffset))
-            wr.wr.rdma.rkey = key
-            var bad: UnsafeMutablePointer<ibv_send_wr>?
-            let rc = withUnsafeMutablePointer(to: &sge) { p in
-                wr.sg_list = p
-                return ibv_post_send(qp, &wr, &bad)
-            }
-            do throws(VerbsError) { try Verbs.check(rc, "ibv_post_send") } catch { throw FabricError.device(error) }
-            s.nextSequence += 1
-            s.outstanding.append(Pending(sequence: seq, workRequestID: workRequestID, signaled: signaled))
-        }
-    }
-
-    /// A signalled (or failed) send completed: it and every earlier write are done.
-    func completed(wrID: UInt64, status: CompletionStatus) {
-        let seq = wrID & ~Self.sendBit
-        state.withLock { s in
-            while let p = s.outstanding.first, p.sequence <= seq {
-                s.outstanding.removeFirst()
-                let st: CompletionStatus = p.sequence == seq ? status : .success
-                if st != .success || p.signaled {
-                    fabric.completions.push(Completion(kind: .write, status: st, peer: peer,
-                                                       workRequestID: p.workRequestID, immediate: nil))
-                }
-            }
-            if status != .success { try? s.machine.move(to: .error) }
-        }
-    }
-
-    /// Moves the QP to ERROR: the hardware flushes outstanding work with IBV_WC_WR_FLUSH_ERR.
-    func moveToError() {
-        state.withLock { s in
-            guard s.machine.state != .error else { return }
-            try? s.machine.move(to: .error)
-            var attr = ibv_qp_attr()
-            attr.qp_state = IBV_QPS_ERR
-            if ibv_modify_qp(qp, &attr, Int32(IBV_QP_STATE.rawValue)) != 0 {
-                fabric.logger.error("ibv_modify_qp to ERROR failed for the queue pair to node \(peer)")
-            }
-        }
-    }
-}
+// HARDWARE ONLY: rdma_cm connection handling for `VerbsFabric` (`connection = .connectionManager`).
+// Compiles everywhere; runs only where librdmacm finds a device (the software RDMA device of the
+// tests has no rdma_cm: the tests connect out of band, `VerbsOutOfBand.swift`).
 
 /// librdmacm: one event channel and one thread for every connection of a `VerbsFabric`.
-final class ConnectionManager: @unchecked Sendable {
+final class ConnectionManager: VerbsConnector, @unchecked Sendable {
     // `@unchecked Sendable`: `channel` is written once; the tables are behind `state`; rdma_cm
     // calls on one id are made only by the event thread after creation.
     let channel: UnsafeMutablePointer<rdma_event_channel>
@@ -201,28 +43,18 @@ final class ConnectionManager: @unchecked Sendable {
 
     func stop() { state.withLock { $0.stopped = true } }
 
-    static func withAddress<R>(host: String, port: Int, _ body: (UnsafeMutablePointer<sockaddr>) -> R) throws(VerbsError) -> R {
-        var sin = sockaddr_in()
-        sin.sin_family = sa_family_t(AF_INET)
-        sin.sin_port = in_port_t(UInt16(truncatingIfNeeded: port).bigEndian)
-        guard inet_pton(AF_INET, host, &sin.sin_addr) == 1 else {
-            throw VerbsError(operation: "inet_pton", code: EINVAL, message: "\(host) is not an IPv4 address")
-        }
-        return withUnsafeMutablePointer(to: &sin) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { body($0) } }
-    }
-
-    func listen(host: String, port: Int) throws(VerbsError) -> Int {
+    func listen(fabric: VerbsFabric, host: String, port: Int) throws(VerbsError) -> Int {
         var id: UnsafeMutablePointer<rdma_cm_id>?
         try Verbs.check(rdma_create_id(channel, &id, nil, RDMA_PS_TCP), "rdma_create_id")
         guard let id else { throw VerbsError(operation: "rdma_create_id", code: EINVAL, message: "rdma_create_id returned no id") }
-        try Verbs.check(try Self.withAddress(host: host, port: port) { rdma_bind_addr(id, $0) }, "rdma_bind_addr")
+        try Verbs.check(try Verbs.withIPv4Address(host: host, port: port) { rdma_bind_addr(id, $0) }, "rdma_bind_addr")
         try Verbs.check(rdma_listen(id, 16), "rdma_listen")
         let address = UInt(bitPattern: id)
         state.withLock { $0.listener = address }
         return Int(UInt16(bigEndian: rdma_get_src_port(id)))
     }
 
-    func connect(fabric: VerbsFabric, to peer: PeerAddress, privateData: [UInt8], timeout: Duration,
+    func connect(fabric: VerbsFabric, to peer: PeerAddress, descriptor privateData: [UInt8], timeout: Duration,
                  done: @escaping @Sendable (Result<VerbsQueuePair, any Error>) -> Void) {
         do {
             var id: UnsafeMutablePointer<rdma_cm_id>?
@@ -232,7 +64,7 @@ final class ConnectionManager: @unchecked Sendable {
             _ = c.machine.handle(.start)
             state.withLock { $0.connecting[UInt(bitPattern: id)] = c }
             let ms = Int32(timeout.components.seconds * 1000)
-            try Verbs.check(try Self.withAddress(host: peer.host, port: peer.port) { rdma_resolve_addr(id, nil, $0, ms) }, "rdma_resolve_addr")
+            try Verbs.check(try Verbs.withIPv4Address(host: peer.host, port: peer.port) { rdma_resolve_addr(id, nil, $0, ms) }, "rdma_resolve_addr")
         } catch {
             done(.failure(FabricError.connectFailed(peer: peer.node, reason: "\(error)")))
         }
@@ -291,7 +123,7 @@ final class ConnectionManager: @unchecked Sendable {
             case .resolveRoute:
                 try Verbs.check(rdma_resolve_route(id, 2000), "rdma_resolve_route")
             case .createQueuePairAndConnect:
-                let qp = try fabric.makeQueuePair(id: id, peer: c.peer, remote: nil)
+                let qp = try fabric.makeQueuePair(id: id, peer: c.peer)
                 c.qp = qp
                 var param = rdma_conn_param()
                 param.retry_count = 7
@@ -306,7 +138,7 @@ final class ConnectionManager: @unchecked Sendable {
                 guard let qp = c.qp, let (node, region) = VerbsFabric.parsePrivateData(privateData), node == c.peer else {
                     throw VerbsError(operation: "rdma_connect", code: EPROTO, message: "peer sent no valid region descriptor")
                 }
-                try qp.establish(remote: region)
+                try qp.establishedByConnectionManager(remote: region)
                 fabric.adopt(qp, inboundFrom: nil)
                 let done = c.done
                 state.withLock { s in s.connecting[key] = nil; s.connected[key] = qp }
@@ -337,8 +169,12 @@ final class ConnectionManager: @unchecked Sendable {
             rdma_destroy_id(id)
             return
         }
+        var qp: VerbsQueuePair?
         do {
-            let qp = try fabric.makeQueuePair(id: id, peer: node, remote: region)
+            let created = try fabric.makeQueuePair(id: id, peer: node)
+            qp = created
+            // Known to the poller before the peer can write: its first immediate needs the re-post.
+            fabric.adopt(created, inboundFrom: node)
             var param = rdma_conn_param()
             param.rnr_retry_count = 7
             param.private_data_len = UInt8(descriptor.count)
@@ -347,12 +183,12 @@ final class ConnectionManager: @unchecked Sendable {
                 return rdma_accept(id, &param)
             }
             try Verbs.check(rc, "rdma_accept")
-            try qp.establish(remote: region)
-            fabric.adopt(qp, inboundFrom: node)
-            state.withLock { $0.connected[UInt(bitPattern: id)] = qp }
+            try created.establishedByConnectionManager(remote: region)
+            state.withLock { $0.connected[UInt(bitPattern: id)] = created }
         } catch {
             fabric.logger.error("accepting node \(node) failed: \(error)")
             rdma_reject(id, nil, 0)
+            if let qp { fabric.forget(qp) } else { rdma_destroy_id(id) }  // a queue pair destroys its id when released
         }
     }
 
