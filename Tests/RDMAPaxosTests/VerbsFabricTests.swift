@@ -1,5 +1,6 @@
 import CVerbs
 import Foundation
+import PloverCheck
 import SoftRDMA
 import Testing
 @testable import RDMAPaxos
@@ -77,39 +78,41 @@ private let noRDMADevice = (try? VerbsProbe.deviceNames()) == nil
     /// (`soft-rdma-peer`) through the raw verbs calls. Writes land both ways with their immediates,
     /// and once the peer process is killed, a write to it fails instead of waiting forever.
     @Test func softDeviceCarriesWritesBetweenProcesses() async throws {
-        let world = FabricWorld(.verbs)
-        let driver = try world.softVerbs()
-        let fabric = try VerbsFabric(node: 1, configuration: .init(connection: .outOfBand, members: [1, 2]), driver: driver)
-        defer { fabric.close() }
-        let region = try fabric.registerRegion(lengthBytes: 4096)
-        let peer = try Child(try builtExecutable("soft-rdma-peer"), [driver.subnet.path], withInput: true)
-        defer { peer.kill(SIGKILL) }
+        let driver = try FabricWorld(.verbs).softVerbs()
+        // It waits on the peer's output: on a thread of its own, not the test pool's.
+        try await onOwnThread {
+            let fabric = try VerbsFabric(node: 1, configuration: .init(connection: .outOfBand, members: [1, 2]), driver: driver)
+            defer { fabric.close() }
+            let region = try fabric.registerRegion(lengthBytes: 4096)
+            let peer = try Child(try builtExecutable("soft-rdma-peer"), [driver.subnet.path], withInput: true)
+            defer { if peer.process.isRunning { peer.kill(SIGKILL) } }
 
-        let e = try #require(peer.line(0)).split(separator: " ")
-        try #require(e.count == 6 && e[0] == "endpoint", "peer said \(e)")
-        let endpoint = VerbsEndpoint(queuePair: UInt32(e[1])!, psn: UInt32(e[3])!,
-                                     port: VerbsPortAddress(lid: UInt16(e[2])!, gid: [UInt8](repeating: 0, count: 16), ethernet: false,
-                                                            mtu: IBV_MTU_1024.rawValue))
-        let qp = try fabric.makeQueuePair(peer: 2, inboundFrom: nil)
-        try qp.connect(to: endpoint, region: RemoteRegion(node: 2, base: UInt64(e[4])!, key: UInt32(e[5])!, lengthBytes: 4096))
-        peer.send("connect \(qp.number) \(fabric.device.address.lid) \(qp.psn)")
-        #expect(peer.line(1) == "ok")
+            let e = try #require(peer.line(0)).split(separator: " ")
+            try #require(e.count == 6 && e[0] == "endpoint", "peer said \(e)")
+            let endpoint = VerbsEndpoint(queuePair: UInt32(e[1])!, psn: UInt32(e[3])!,
+                                         port: VerbsPortAddress(lid: UInt16(e[2])!, gid: [UInt8](repeating: 0, count: 16), ethernet: false,
+                                                                mtu: IBV_MTU_1024.rawValue))
+            let qp = try fabric.makeQueuePair(peer: 2, inboundFrom: nil)
+            try qp.connect(to: endpoint, region: RemoteRegion(node: 2, base: UInt64(e[4])!, key: UInt32(e[5])!, lengthBytes: 4096))
+            peer.send("connect \(qp.number) \(fabric.device.address.lid) \(qp.psn)")
+            #expect(peer.line(1) == "ok")
 
-        try qp.postWrite(Array("hello".utf8), remoteOffset: 0, immediate: 7, workRequestID: 1)
-        #expect(collect(fabric.completions, count: 1) == [Completion(kind: .write, status: .success, peer: 2, workRequestID: 1, immediate: nil)])
-        peer.send("await")
-        #expect(peer.line(2) == "received 0 7 hello")
+            try qp.postWrite(Array("hello".utf8), remoteOffset: 0, immediate: 7, workRequestID: 1)
+            #expect(collect(fabric.completions, count: 1) == [Completion(kind: .write, status: .success, peer: 2, workRequestID: 1, immediate: nil)])
+            peer.send("await")
+            #expect(peer.line(2) == "received 0 7 hello")
 
-        peer.send("write \(region.remote.base) \(region.key) 9 world")
-        #expect(peer.line(3) == "sent 0")
-        #expect(collect(fabric.completions, count: 1) == [Completion(kind: .writeImmediateReceived, status: .success, peer: 2,
-                                                                     workRequestID: 0, immediate: 9)])
-        #expect(region.read(offset: 0, count: 5) == Array("world".utf8))
+            peer.send("write \(region.remote.base) \(region.key) 9 world")
+            #expect(peer.line(3) == "sent 0")
+            #expect(collect(fabric.completions, count: 1) == [Completion(kind: .writeImmediateReceived, status: .success, peer: 2,
+                                                                         workRequestID: 0, immediate: 9)])
+            #expect(region.read(offset: 0, count: 5) == Array("world".utf8))
 
-        peer.kill(SIGKILL)
-        try qp.postWrite([1], remoteOffset: 0, workRequestID: 2)
-        #expect(collect(fabric.completions, count: 1).map(\.status) == [.transportError])
-        #expect(!qp.isUsable)
+            peer.kill(SIGKILL)
+            try qp.postWrite([1], remoteOffset: 0, workRequestID: 2)
+            #expect(collect(fabric.completions, count: 1).map(\.status) == [.transportError])
+            #expect(!qp.isUsable)
+        }
     }
 
     /// On an Ethernet link layer (RoCE) there are no LIDs: the exchange carries the GID and the
