@@ -1,6 +1,5 @@
 import CVerbs
 import Foundation
-import NIOCore
 import Synchronization
 
 // HARDWARE ONLY: rdma_cm connection handling for `VerbsFabric` (`connection = .connectionManager`).
@@ -56,16 +55,21 @@ final class ConnectionManager: VerbsConnector, @unchecked Sendable {
 
     func connect(fabric: VerbsFabric, to peer: PeerAddress, descriptor privateData: [UInt8], timeout: Duration,
                  done: @escaping @Sendable (Result<VerbsQueuePair, any Error>) -> Void) {
+        var created: UnsafeMutablePointer<rdma_cm_id>?
         do {
-            var id: UnsafeMutablePointer<rdma_cm_id>?
-            try Verbs.check(rdma_create_id(channel, &id, nil, RDMA_PS_TCP), "rdma_create_id")
-            guard let id else { throw VerbsError(operation: "rdma_create_id", code: EINVAL, message: "no id") }
+            try Verbs.check(rdma_create_id(channel, &created, nil, RDMA_PS_TCP), "rdma_create_id")
+            guard let id = created else { throw VerbsError(operation: "rdma_create_id", code: EINVAL, message: "no id") }
             var c = Connecting(peer: peer.node, privateData: privateData, deadline: .now + timeout, done: done)
             _ = c.machine.handle(.start)
             state.withLock { $0.connecting[UInt(bitPattern: id)] = c }
             let ms = Int32(timeout.components.seconds * 1000)
             try Verbs.check(try Verbs.withIPv4Address(host: peer.host, port: peer.port) { rdma_resolve_addr(id, nil, $0, ms) }, "rdma_resolve_addr")
         } catch {
+            if let id = created {
+                // Not left for the deadline to fail a second time: `done` is called once.
+                state.withLock { _ = $0.connecting.removeValue(forKey: UInt(bitPattern: id)) }
+                rdma_destroy_id(id)
+            }
             done(.failure(FabricError.connectFailed(peer: peer.node, reason: "\(error)")))
         }
     }
