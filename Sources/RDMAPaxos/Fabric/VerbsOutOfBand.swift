@@ -169,11 +169,7 @@ final class OutOfBandConnector: VerbsConnector, @unchecked Sendable {
     /// The connector's half: create and initialize a queue pair, trade endpoints, connect it.
     private func dial(_ fabric: VerbsFabric, _ peer: PeerAddress, _ descriptor: [UInt8], _ timeout: Duration) throws(VerbsError) -> VerbsQueuePair {
         let qp = try fabric.makeQueuePair(peer: peer.node, inboundFrom: nil)
-        let fd: Int32
-        do { fd = try Self.dialTCP(host: peer.host, port: peer.port, timeout: timeout) } catch {
-            fabric.forget(qp)
-            throw error
-        }
+        let fd = try Self.dialTCP(host: peer.host, port: peer.port, timeout: timeout)
         do throws(VerbsError) {
             let request = OutOfBandHello(kind: .request, from: fabric.localNode, to: peer.node, endpoint: qp.endpoint, descriptor: descriptor)
             try Self.send(fd, request.encoded())
@@ -186,7 +182,6 @@ final class OutOfBandConnector: VerbsConnector, @unchecked Sendable {
         } catch {
             close(fd)
             qp.moveToError()
-            fabric.forget(qp)
             throw error
         }
         watch(fd, qp)
