@@ -20,6 +20,11 @@ enum FabricKind: String, CaseIterable, Sendable, CustomTestStringConvertible {
     /// `PLOVER_RDMA_ADDRESS` names an IPv4 address of its interface).
     static var allCases: [FabricKind] { [.memory, .tcp, .verbs] + RDMAHardware.kinds }
     var testDescription: String { rawValue }
+
+    /// Whether a reader sees each write land all at once: the software fabrics copy under the
+    /// region's lock; a NIC, and the software RDMA device, land bytes while the owner reads (a
+    /// reader may catch a record half-landed: the rings' checksums are there for that).
+    var landsAtomically: Bool { self == .memory || self == .tcp }
 }
 
 /// The RDMA device the hardware cases run on, if this machine has one (docs/design/fabric.md,
