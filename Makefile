@@ -2,7 +2,7 @@
 SWIFT ?= swift
 BUILD_FLAGS ?=
 
-.PHONY: deps build test check-docs demo simulate bench-stable-log bench-consensus bench-syncvm bench-interpose clean
+.PHONY: deps build test test-rdma check-docs demo simulate bench-stable-log bench-consensus bench-syncvm bench-interpose clean
 
 deps:
 	./scripts/install-deps.sh
@@ -27,6 +27,14 @@ DOC_EXCLUDE = Sources/RDMAPaxos/Fabric/VerbsFabric.swift Sources/RDMAPaxos/Fabri
 	Sources/RDMAPaxos/Fabric/Verbs.swift Sources/RDMAPaxos/Fabric/QueuePairStateMachine.swift
 check-docs:
 	python3 scripts/check-doc-comments.py $(addprefix --exclude ,$(DOC_EXCLUDE)) Sources/RDMAPaxos Sources/PloverCheck
+
+# On an RDMA machine: the verbs, fabric and ring suites, whose shared tests gain cases on the real
+# device (and rdma_cm cases with PLOVER_RDMA_ADDRESS=<IPv4 of the device's interface>; pick a device
+# with PLOVER_RDMA_DEVICE). Where ibv_get_device_list finds nothing they are skipped and say why.
+test-rdma: deps
+	$(SWIFT) build $(BUILD_FLAGS)
+	$(SWIFT) run $(BUILD_FLAGS) plover doctor
+	$(SWIFT) test $(BUILD_FLAGS) --no-parallel --filter 'Verbs|Fabric|Ring|QueuePair'
 
 # A long simulator campaign: make simulate SEED=100000 SEEDS=100000
 SEED ?= 1

@@ -90,6 +90,12 @@ let package = Package(
         // benchmarks/syncvm: page hashing and syncvm against sending every dirty page.
         .executableTarget(name: "syncvm-bench", dependencies: ["VMReplica", "RDMAPaxos"]),
 
+        // Test support, not a product: a software RDMA device behind the public verbs structures, so
+        // VerbsFabric's own code runs in `make test` (docs/design/fabric.md, "Verbs under test"),
+        // and a peer process for the device's cross-process tests.
+        .target(name: "SoftRDMA", path: "Tests/SoftRDMA"),
+        .executableTarget(name: "soft-rdma-peer", dependencies: ["SoftRDMA"], path: "Tests/SoftRDMAPeer"),
+
         .testTarget(
             name: "RDMAPaxosCoreTests",
             dependencies: ["RDMAPaxosCore", "RDMAPaxosSimulation"],
@@ -98,7 +104,7 @@ let package = Package(
         .testTarget(
             name: "RDMAPaxosTests",
             dependencies: [
-                "RDMAPaxos", "PloverCheck",
+                "RDMAPaxos", "PloverCheck", "SoftRDMA", "soft-rdma-peer",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "Prometheus", package: "swift-prometheus"),

@@ -7,10 +7,43 @@ import Testing
 import Glibc
 #endif
 
-/// The fabrics the shared conformance suite runs against.
+/// The fabrics the shared suites (conformance, rings, clusters over rings) run against.
 enum FabricKind: String, CaseIterable, Sendable, CustomTestStringConvertible {
     case memory, tcp
+    /// `VerbsFabric` over the software RDMA device, connected out of band.
+    case verbs
+    /// `VerbsFabric` on a real device, connected out of band / with rdma_cm (`make test-rdma`).
+    case verbsHardware = "verbs-hardware"
+    case verbsHardwareCM = "verbs-hardware-rdma_cm"
+
+    /// The hardware kinds only where `ibv_get_device_list` finds a device (and, for rdma_cm, where
+    /// `PLOVER_RDMA_ADDRESS` names an IPv4 address of its interface).
+    static var allCases: [FabricKind] { [.memory, .tcp, .verbs] + RDMAHardware.kinds }
     var testDescription: String { rawValue }
+
+    /// Whether a reader sees each write land all at once: the software fabrics copy under the
+    /// region's lock; a NIC, and the software RDMA device, land bytes while the owner reads (a
+    /// reader may catch a record half-landed: the rings' checksums are there for that).
+    var landsAtomically: Bool { self == .memory || self == .tcp }
+}
+
+/// The RDMA device the hardware cases run on, if this machine has one (docs/design/fabric.md,
+/// "Verbs under test"). `PLOVER_RDMA_DEVICE` picks a device; `PLOVER_RDMA_ADDRESS` enables rdma_cm.
+enum RDMAHardware {
+    static let devices: Result<[String], VerbsError> = Result { () throws(VerbsError) in try VerbsProbe.deviceNames() }
+    static var present: Bool { (try? devices.get()) != nil }
+    static let deviceName = ProcessInfo.processInfo.environment["PLOVER_RDMA_DEVICE"]
+    static let connectionManagerAddress = ProcessInfo.processInfo.environment["PLOVER_RDMA_ADDRESS"]
+    static var kinds: [FabricKind] {
+        present ? [.verbsHardware] + (connectionManagerAddress == nil ? [] : [.verbsHardwareCM]) : []
+    }
+    /// Why the hardware cases do not run here.
+    static var absence: String {
+        switch devices {
+        case .success: "an RDMA device is present"
+        case let .failure(e): "\(e.message); the hardware cases (verbs-hardware) are skipped"
+        }
+    }
 }
 
 let testClusterKey = Array("plover test cluster key, 32 byte".utf8)
@@ -20,19 +53,44 @@ let testMembers: Set<NodeID> = [1, 2, 3]
 final class FabricWorld: Sendable {
     let kind: FabricKind
     let network = MemoryNetwork()
+    /// The software RDMA device's subnet (`.verbs` only), made on first use.
+    private let subnet = Mutex<SoftSubnet?>(nil)
+    let softLedger = SoftVerbsLedger()
     init(_ kind: FabricKind) { self.kind = kind }
+
+    func softVerbs(ethernet: Bool = false) throws -> SoftVerbs {
+        let subnet = try self.subnet.withLock { s in
+            if let s { return s }
+            let fresh = try SoftSubnet()
+            s = fresh
+            return fresh
+        }
+        return SoftVerbs(subnet: subnet, ethernet: ethernet, ledger: softLedger)
+    }
 
     func fabric(_ node: NodeID, key: [UInt8] = testClusterKey, members: Set<NodeID> = testMembers,
                 outstandingWritesMax: Int = 1024) throws -> any Fabric {
-        switch kind {
+        func verbs(_ connection: VerbsFabric.Configuration.Connection) -> VerbsFabric.Configuration {
+            .init(deviceName: RDMAHardware.deviceName, connection: connection, members: members,
+                  outstandingWritesMax: outstandingWritesMax)
+        }
+        return switch kind {
         case .memory: MemoryFabric(node: node, network: network, outstandingWritesMax: outstandingWritesMax)
         case .tcp: try TCPFabric(node: node, configuration: .init(clusterKey: key, members: members,
                                                                   outstandingWritesMax: outstandingWritesMax,
                                                                   handshakeTimeout: .seconds(3)))
+        case .verbs:
+            try VerbsFabric(node: node, configuration: .init(connection: .outOfBand, members: members,
+                                                             outstandingWritesMax: outstandingWritesMax),
+                            driver: try softVerbs())
+        case .verbsHardware: try VerbsFabric(node: node, configuration: verbs(.outOfBand))
+        case .verbsHardwareCM: try VerbsFabric(node: node, configuration: verbs(.connectionManager))
         }
     }
 
-    func listenAddress(_ node: NodeID) -> PeerAddress { PeerAddress(node: node, host: "127.0.0.1", port: 0) }
+    func listenAddress(_ node: NodeID) -> PeerAddress {
+        PeerAddress(node: node, host: kind == .verbsHardwareCM ? RDMAHardware.connectionManagerAddress ?? "127.0.0.1" : "127.0.0.1", port: 0)
+    }
 }
 
 /// Node 1 connected to node 2, each with a registered and exported region.

@@ -39,6 +39,10 @@ import RDMAPaxos
         #expect(c.membership.voting == [1, 2, 3])
         #expect(c.membership.member(3)?.role == .witness && c.membership.member(3)?.priority == 0)
         #expect(c.membership.member(1)?.priority == 2)
+        #expect(c.verbsConnection == .connectionManager)
+        let outOfBand = try NodeConfig.parse(Self.good.replacingOccurrences(of: "fabric = \"tcp\"", with: "fabric = \"verbs\"\nverbs_connect = \"tcp\""),
+                                             file: "c.toml")
+        #expect(outOfBand.fabric == .verbs && outOfBand.verbsConnection == .outOfBand)
     }
 
     @Test(arguments: [
@@ -48,6 +52,7 @@ import RDMAPaxos
         ("tick_ms = 5", "tick_ms = 0", "c.toml: timing.tick_ms: must be between 1 and 10000 (got 0)"),
         ("tick_ms = 5", "tick_ms = 5\nheartbeat_ticks = 40", "c.toml: timing.heartbeat_ticks: must be below timing.election_timeout_ticks (30)"),
         ("fabric = \"tcp\"", "fabirc = \"tcp\"", "c.toml: fabirc: unknown key (misspelt?)"),
+        ("fabric = \"tcp\"", "fabric = \"tcp\"\nverbs_connect = \"udp\"", "c.toml: verbs_connect: must be one of rdma_cm, tcp (got \"udp\")"),
         ("address = \"127.0.0.1:7002\"", "address = \"127.0.0.1\"", "c.toml: members[1].address: must be host:port with a port from 1 to 65535 (got \"127.0.0.1\")"),
         ("address = \"127.0.0.1:7002\"", "address = \"127.0.0.1:7001\"", "c.toml: members[1].address: 127.0.0.1:7001 is used by two members"),
         ("id = 2\n", "id = 9\n", "c.toml: id: node 9 is not one of the [[members]] (1, 2, 3)"),

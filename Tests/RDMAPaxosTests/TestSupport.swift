@@ -79,10 +79,14 @@ final class Child: @unchecked Sendable {
     private let lock = NSLock()
     private var lines: [String] = []
     private var partial = ""
+    /// The child's standard input, when it was asked for (`send`).
+    private let input: Pipe?
 
-    init(_ executable: String, _ args: [String]) throws {
+    init(_ executable: String, _ args: [String], withInput: Bool = false) throws {
         process.executableURL = URL(fileURLWithPath: executable)
         process.arguments = args
+        input = withInput ? Pipe() : nil
+        if let input { process.standardInput = input }
         let out = Pipe()
         process.standardOutput = out
         process.standardError = FileHandle.nullDevice
@@ -101,6 +105,14 @@ final class Child: @unchecked Sendable {
     }
 
     var output: [String] { lock.lock(); defer { lock.unlock() }; return lines }
+
+    /// Writes `line` and a newline to the child's standard input.
+    func send(_ line: String) { input?.fileHandleForWriting.write(Data((line + "\n").utf8)) }
+
+    /// Output line `index` (0-based), once it arrived; nil after `seconds`.
+    func line(_ index: Int, seconds: Double = 20) -> String? {
+        waitForLine(seconds: seconds) { _ in output.count > index } ? output[index] : nil
+    }
 
     /// Waits until a line satisfies `match` (or `seconds` pass); returns whether one did.
     func waitForLine(seconds: Double = 20, _ match: (String) -> Bool) -> Bool {

@@ -6,7 +6,8 @@
 public struct QueuePairStateMachine: Hashable, Sendable {
     public enum State: Hashable, Sendable, CaseIterable { case reset, initialized, readyToReceive, readyToSend, error }
 
-    /// The `ibv_qp_attr_mask` bits each transition must set (named after `IBV_QP_*`).
+    /// The `ibv_qp_attr_mask` bits each transition must set, with verbs' values (`IBV_QP_*`), so
+    /// `rawValue` is the mask `VerbsQueuePair` passes to `ibv_modify_qp`.
     public struct Attributes: OptionSet, Hashable, Sendable {
         public let rawValue: UInt32
         public init(rawValue: UInt32) { self.rawValue = rawValue }
@@ -15,15 +16,15 @@ public struct QueuePairStateMachine: Hashable, Sendable {
         public static let pkeyIndex = Attributes(rawValue: 1 << 4)
         public static let port = Attributes(rawValue: 1 << 5)
         public static let addressVector = Attributes(rawValue: 1 << 7)
-        public static let maxQPReadAtomic = Attributes(rawValue: 1 << 8)
+        public static let pathMTU = Attributes(rawValue: 1 << 8)
         public static let timeout = Attributes(rawValue: 1 << 9)
         public static let retryCount = Attributes(rawValue: 1 << 10)
         public static let rnrRetry = Attributes(rawValue: 1 << 11)
         public static let receivePSN = Attributes(rawValue: 1 << 12)
-        public static let maxDestReadAtomic = Attributes(rawValue: 1 << 13)
+        public static let maxQPReadAtomic = Attributes(rawValue: 1 << 13)
         public static let minRNRTimer = Attributes(rawValue: 1 << 15)
         public static let sendPSN = Attributes(rawValue: 1 << 16)
-        public static let pathMTU = Attributes(rawValue: 1 << 18)
+        public static let maxDestReadAtomic = Attributes(rawValue: 1 << 17)
         public static let destQPNumber = Attributes(rawValue: 1 << 20)
     }
 

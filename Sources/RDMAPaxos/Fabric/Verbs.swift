@@ -43,12 +43,7 @@ public struct VerbsError: Error, Hashable, Sendable, CustomStringConvertible {
 public enum VerbsProbe {
     /// Names of the RDMA devices present; throws a `VerbsError` explaining why there are none.
     public static func deviceNames() throws(VerbsError) -> [String] {
-        errno = 0
-        var count: Int32 = 0
-        guard let list = ibv_get_device_list(&count) else { throw .noDevice(errno) }
-        defer { ibv_free_device_list(list) }
-        guard count > 0 else { throw .noDevice(0) }
-        return (0..<Int(count)).compactMap { i in list[i].flatMap { ibv_get_device_name($0) }.map { String(cString: $0) } }
+        try SystemVerbs(forConnectionManager: false).deviceNames()
     }
 
     /// Whether the RDMA connection manager can open an event channel (it needs a device too).
@@ -72,6 +67,18 @@ enum Verbs {
         throw VerbsError(operation: operation, code: code, message: "\(operation) failed (\(VerbsError.explain(code)))")
     }
 
+    /// Runs `body` with a `sockaddr_in` for an IPv4 literal (rdma_cm and the out-of-band exchange
+    /// both address peers this way).
+    static func withIPv4Address<R>(host: String, port: Int, _ body: (UnsafeMutablePointer<sockaddr>) -> R) throws(VerbsError) -> R {
+        var sin = sockaddr_in()
+        sin.sin_family = sa_family_t(AF_INET)
+        sin.sin_port = in_port_t(UInt16(truncatingIfNeeded: port).bigEndian)
+        guard inet_pton(AF_INET, host, &sin.sin_addr) == 1 else {
+            throw VerbsError(operation: "inet_pton", code: EINVAL, message: "\(host) is not an IPv4 address")
+        }
+        return withUnsafeMutablePointer(to: &sin) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { body($0) } }
+    }
+
     static func check<T>(_ p: T?, _ operation: String) throws(VerbsError) -> T {
         guard let p else {
             let code = errno
@@ -81,59 +88,79 @@ enum Verbs {
     }
 }
 
+/// How a port is addressed, and what the out-of-band exchange tells a peer about it: the LID on
+/// InfiniBand, the GID on RoCE (Ethernet link layer, where the LID is 0).
+struct VerbsPortAddress: Hashable, Sendable {
+    var lid: UInt16
+    /// 16 bytes: the GID at the configured index.
+    var gid: [UInt8]
+    var ethernet: Bool
+    /// `ibv_mtu` raw value of the port's active MTU.
+    var mtu: UInt32
+}
+
 /// The only owner of one device's verbs objects: context, protection domain, completion queue.
-/// HARDWARE ONLY: never constructed on a machine without an RDMA device (the initializer throws
-/// first), so without hardware only `deviceNames()` runs.
+/// Queue pairs and registrations hold it, so it is torn down after them, in the order verbs needs.
 ///
-/// `@unchecked Sendable`: the pointers are written only in `init`/`deinit`; libibverbs objects are
-/// thread-safe for posting and polling, and `VerbsFabric` serializes modifications per QP.
+/// `@unchecked Sendable`: the pointers are written only in `init`/`deinit`; verbs objects are
+/// thread-safe for posting and polling, and `VerbsQueuePair` serializes modifications per QP.
 final class VerbsDevice: @unchecked Sendable {
+    let driver: any VerbsDriver
     let name: String
     let context: UnsafeMutablePointer<ibv_context>
     let protectionDomain: UnsafeMutablePointer<ibv_pd>
     let completionQueue: UnsafeMutablePointer<ibv_cq>
     let port: UInt8
+    let gidIndex: Int32
+    let address: VerbsPortAddress
 
-    init(name wanted: String?, port: UInt8, completionQueueEntries: Int32) throws(VerbsError) {
-        let names = try VerbsProbe.deviceNames()
-        var count: Int32 = 0
-        let list = try Verbs.check(ibv_get_device_list(&count), "ibv_get_device_list")
-        defer { ibv_free_device_list(list) }
-        let index = wanted.flatMap { names.firstIndex(of: $0) } ?? 0
-        guard wanted == nil || names.indices.contains(index), let device = list[index] else {
-            throw VerbsError(operation: "ibv_get_device_list", code: ENODEV,
-                             message: "no RDMA device named \(wanted ?? "?"); present: \(names.joined(separator: ", "))")
+    init(driver: any VerbsDriver, name wanted: String?, port: UInt8, gidIndex: Int32,
+         completionQueueEntries: Int32) throws(VerbsError) {
+        let (name, context) = try driver.openDevice(named: wanted)
+        var pd: UnsafeMutablePointer<ibv_pd>?
+        do throws(VerbsError) {
+            var attributes = ibv_port_attr()
+            try Verbs.check(driver.queryPort(context, port, &attributes), "ibv_query_port \(name) port \(port)")
+            guard attributes.state == IBV_PORT_ACTIVE else {
+                throw VerbsError(operation: "ibv_query_port", code: ENETDOWN,
+                                 message: "port \(port) of \(name) is not active (state \(attributes.state.rawValue)); check the link and the subnet manager")
+            }
+            var gid = ibv_gid()
+            try Verbs.check(driver.queryGID(context, port, gidIndex, &gid), "ibv_query_gid \(name) port \(port) index \(gidIndex)")
+            address = VerbsPortAddress(lid: attributes.lid, gid: withUnsafeBytes(of: gid.raw) { Array($0) },
+                                       ethernet: attributes.link_layer == UInt8(IBV_LINK_LAYER_ETHERNET),
+                                       mtu: attributes.active_mtu.rawValue)
+            pd = try Verbs.check(driver.allocateProtectionDomain(context), "ibv_alloc_pd")
+            completionQueue = try Verbs.check(driver.createCompletionQueue(context, completionQueueEntries), "ibv_create_cq")
+        } catch {
+            if let pd { _ = driver.deallocateProtectionDomain(pd) }
+            _ = driver.closeDevice(context)
+            throw error
         }
-        name = names[index]
+        self.driver = driver
+        self.name = name
+        self.context = context
+        self.protectionDomain = pd!
         self.port = port
-        context = try Verbs.check(ibv_open_device(device), "ibv_open_device \(names[index])")
-        guard let pd = ibv_alloc_pd(context) else {
-            ibv_close_device(context)
-            throw VerbsError(operation: "ibv_alloc_pd", code: errno, message: "ibv_alloc_pd failed (\(VerbsError.explain(errno)))")
-        }
-        protectionDomain = pd
-        guard let cq = ibv_create_cq(context, completionQueueEntries, nil, nil, 0) else {
-            ibv_dealloc_pd(pd)
-            ibv_close_device(context)
-            throw VerbsError(operation: "ibv_create_cq", code: errno, message: "ibv_create_cq failed (\(VerbsError.explain(errno)))")
-        }
-        completionQueue = cq
+        self.gidIndex = gidIndex
     }
 
     deinit {
-        ibv_destroy_cq(completionQueue)
-        ibv_dealloc_pd(protectionDomain)
-        ibv_close_device(context)
+        // Queue pairs and registrations hold the device, so they are gone by now; the return codes
+        // have no one left to report to.
+        _ = driver.destroyCompletionQueue(completionQueue)
+        _ = driver.deallocateProtectionDomain(protectionDomain)
+        _ = driver.closeDevice(context)
     }
 
-    /// Registers `bytes` at `base` for local writes and remote WRITEs.
-    func register(_ base: UnsafeMutableRawPointer, lengthBytes: Int) throws(VerbsError) -> VerbsRegistration {
-        let access = Int32(IBV_ACCESS_LOCAL_WRITE.rawValue | IBV_ACCESS_REMOTE_WRITE.rawValue)
-        let mr = try Verbs.check(ibv_reg_mr(protectionDomain, base, lengthBytes, access), "ibv_reg_mr")
-        return VerbsRegistration(mr)
+    /// Registers `bytes` at `base` for local writes and, with `remoteWrite`, for peers' WRITEs.
+    func register(_ base: UnsafeMutableRawPointer, lengthBytes: Int, remoteWrite: Bool = true) throws(VerbsError) -> VerbsRegistration {
+        let access = remoteWrite ? Int32(IBV_ACCESS_LOCAL_WRITE.rawValue | IBV_ACCESS_REMOTE_WRITE.rawValue) : 0
+        let mr = try Verbs.check(driver.registerMemory(protectionDomain, base, lengthBytes, access), "ibv_reg_mr")
+        return VerbsRegistration(mr, device: self)
     }
 
-    /// Polls up to `max` work completions (`ibv_poll_cq` is inline in the header: no syscall).
+    /// Polls up to `wcs.count` work completions (`ibv_poll_cq` is inline in the header: no syscall).
     func poll(into wcs: inout [ibv_wc]) -> Int {
         let n = wcs.withUnsafeMutableBufferPointer { ibv_poll_cq(completionQueue, Int32($0.count), $0.baseAddress) }
         return Int(max(0, n))
@@ -142,10 +169,14 @@ final class VerbsDevice: @unchecked Sendable {
 
 /// One `ibv_mr`; deregistered when released (which revokes its rkey).
 final class VerbsRegistration: @unchecked Sendable {
-    // `@unchecked Sendable`: written once; ibv_dereg_mr runs only in deinit.
+    // `@unchecked Sendable`: written once; deregistered only in deinit.
     let mr: UnsafeMutablePointer<ibv_mr>
-    init(_ mr: UnsafeMutablePointer<ibv_mr>) { self.mr = mr }
-    deinit { ibv_dereg_mr(mr) }
+    private let device: VerbsDevice
+    init(_ mr: UnsafeMutablePointer<ibv_mr>, device: VerbsDevice) {
+        self.mr = mr
+        self.device = device
+    }
+    deinit { _ = device.driver.deregisterMemory(mr) }
     var remoteKey: UInt32 { mr.pointee.rkey }
     var localKey: UInt32 { mr.pointee.lkey }
 }

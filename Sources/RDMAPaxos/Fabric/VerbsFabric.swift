@@ -3,23 +3,40 @@ import Foundation
 import Logging
 import Synchronization
 
-/// `Fabric` over real RDMA hardware: libibverbs for memory, queue pairs and completions,
-/// librdmacm for connecting (the region descriptor travels in the CM private data).
+/// `Fabric` over RDMA verbs: memory regions, RC queue pairs, one-sided RDMA WRITE (WITH_IMM) with
+/// selective signalling, one completion queue busy-polled by one thread.
 ///
-/// HARDWARE ONLY. On a machine without an RDMA device `init` throws a `VerbsError` that says so
-/// (e.g. "no RDMA device: ibv_get_device_list found none (errno ENOSYS: …) — use fabric = tcp");
-/// without hardware, tests reach only that path and the pure state machines. Everything past
-/// device discovery — PD, MR with REMOTE_WRITE, CQ, RC QP through INIT→RTR→RTS (done by rdma_cm
-/// on connect/accept), RDMA_WRITE / WRITE_WITH_IMM with selective signalling, ibv_poll_cq — is
-/// written to the verbs API and runs only on RDMA hardware.
+/// Two seams keep everything but the device itself under test (docs/design/fabric.md, "Verbs
+/// under test"): the device's control path goes through a `VerbsDriver` (libibverbs here; the
+/// tests' software RDMA device there), and connecting goes through a `VerbsConnector` — rdma_cm
+/// (`connection = .connectionManager`), or an out-of-band exchange over TCP (`.outOfBand`) after
+/// which the fabric moves its queue pairs INIT → RTR → RTS itself. The data path
+/// (`ibv_post_send`, `ibv_post_recv`, `ibv_poll_cq`) is the same under every driver. Only these run
+/// on hardware alone: `SystemVerbs` and `ConnectionManager` (rdma_cm).
 ///
-/// Not yet done on this path: authenticating peers (the TCP fabric's HMAC handshake would ride in
-/// the 56-byte CM private data) and IPv6 / host-name addresses (IPv4 literals only).
+/// On a machine without an RDMA device `init(node:configuration:)` throws a `VerbsError` that says
+/// so ("no RDMA device: ibv_get_device_list found none (errno ENOSYS: …) — use fabric = tcp").
+///
+/// Not yet done: authenticating peers (rdma_cm's private data and the out-of-band exchange are
+/// both unauthenticated) and IPv6 / host-name addresses (IPv4 literals only).
 public final class VerbsFabric: Fabric {
     public struct Configuration: Sendable {
+        /// How queue pairs are connected.
+        public enum Connection: String, Sendable, CaseIterable {
+            /// librdmacm: peers are addressed by an IP address of their RDMA interface (IPoIB or the
+            /// RoCE netdev), and rdma_cm moves the queue pairs to RTS. Needs a device.
+            case connectionManager = "rdma_cm"
+            /// A TCP side channel carries QP number, PSN, LID/GID and region descriptor; the fabric
+            /// moves the queue pairs itself. Peers are addressed by any IPv4 address.
+            case outOfBand = "tcp"
+        }
+
         /// Device to open (`ibv_devices` names); the first one when nil.
         public var deviceName: String?
         public var port: UInt8
+        /// GID table index for RoCE addressing (out-of-band connections on an Ethernet link layer).
+        public var gidIndex: Int
+        public var connection: Connection
         public var members: Set<NodeID>
         public var outstandingWritesMax: Int
         /// Largest single WRITE: each is staged in a registered slot of this size.
@@ -29,11 +46,13 @@ public final class VerbsFabric: Fabric {
         public var receiveDepth: Int
         public var connectTimeout: Duration
 
-        public init(deviceName: String? = nil, port: UInt8 = 1, members: Set<NodeID>, outstandingWritesMax: Int = 512,
-                    slotBytesMax: Int = 64 << 10, completionQueueEntries: Int = 8192, receiveDepth: Int = 512,
-                    connectTimeout: Duration = .seconds(2)) {
+        public init(deviceName: String? = nil, port: UInt8 = 1, gidIndex: Int = 0, connection: Connection = .connectionManager,
+                    members: Set<NodeID>, outstandingWritesMax: Int = 512, slotBytesMax: Int = 64 << 10,
+                    completionQueueEntries: Int = 8192, receiveDepth: Int = 512, connectTimeout: Duration = .seconds(2)) {
             self.deviceName = deviceName
             self.port = port
+            self.gidIndex = gidIndex
+            self.connection = connection
             self.members = members
             self.outstandingWritesMax = outstandingWritesMax
             self.slotBytesMax = slotBytesMax
@@ -47,26 +66,46 @@ public final class VerbsFabric: Fabric {
     public let completions: CompletionQueue
     public let configuration: Configuration
     let device: VerbsDevice
-    let cm: ConnectionManager
+    let connector: any VerbsConnector
     let logger: Logger
 
     struct State {
         var regions: [UInt64: (region: MemoryRegion, registration: VerbsRegistration)] = [:]
         var exported: MemoryRegion?
-        /// Queue pairs by QP number: the ones this node connected, and inbound ones (for immediates).
-        var queuePairs: [UInt32: VerbsQueuePair] = [:]
+        /// Queue pairs by QP number, for routing completions. The ones this node connected are held
+        /// weakly — as long as their user holds them, so even the completions flushed after they
+        /// broke reach them; inbound ones (for immediates) are held here until they break.
+        var queuePairs: [UInt32: WeakQueuePair] = [:]
         var inbound: [UInt32: (peer: NodeID, qp: VerbsQueuePair)] = [:]
         var closed = false
     }
+
+    struct WeakQueuePair { weak var qp: VerbsQueuePair? }
     let state = Mutex(State())
 
-    /// Opens the device. Throws at once, with the reason, when the machine has no RDMA device.
-    public init(node: NodeID, configuration: Configuration) throws(VerbsError) {
+    /// Opens the device with libibverbs. Throws at once, with the reason, when the machine has no
+    /// RDMA device.
+    public convenience init(node: NodeID, configuration: Configuration) throws(VerbsError) {
+        try self.init(node: node, configuration: configuration,
+                      driver: SystemVerbs(forConnectionManager: configuration.connection == .connectionManager))
+    }
+
+    /// Opens a device through `driver` (the tests pass a software RDMA device).
+    init(node: NodeID, configuration: Configuration, driver: any VerbsDriver) throws(VerbsError) {
+        guard configuration.outstandingWritesMax > 0, configuration.slotBytesMax > 0, configuration.receiveDepth > 0,
+              configuration.completionQueueEntries > 0, (0...255).contains(configuration.gidIndex) else {
+            throw VerbsError(operation: "configuration", code: EINVAL,
+                             message: "verbs limits must be positive and gidIndex in 0...255: \(configuration)")
+        }
         self.localNode = node
         self.configuration = configuration
-        self.device = try VerbsDevice(name: configuration.deviceName, port: configuration.port,
+        self.device = try VerbsDevice(driver: driver, name: configuration.deviceName, port: configuration.port,
+                                      gidIndex: Int32(configuration.gidIndex),
                                       completionQueueEntries: Int32(configuration.completionQueueEntries))
-        self.cm = try ConnectionManager()
+        switch configuration.connection {
+        case .connectionManager: self.connector = try ConnectionManager()
+        case .outOfBand: self.connector = try OutOfBandConnector()
+        }
         self.completions = CompletionQueue(capacityEntries: configuration.completionQueueEntries)
         var logger = Logger(label: "plover.verbs-fabric")
         logger[metadataKey: "node"] = "\(node)"
@@ -74,24 +113,22 @@ public final class VerbsFabric: Fabric {
         let poller = Thread { [self] in pollCompletions() }
         poller.name = "plover-verbs-cq"
         poller.start()
-        let events = Thread { [self] in cm.run(fabric: self) }
-        events.name = "plover-rdma-cm"
+        let events = Thread { [self] in connector.run(fabric: self) }
+        events.name = "plover-verbs-connect"
         events.start()
     }
 
     public func registerRegion(lengthBytes: Int) throws(FabricError) -> MemoryRegion {
-        let region = try MemoryRegion(owner: localNode, lengthBytes: lengthBytes, key: 0)
-        do {
-            let reg = try device.register(region.base, lengthBytes: lengthBytes)
-            region.setKey(reg.remoteKey)
-            state.withLock { $0.regions[region.remote.base] = (region, reg) }
-            return region
-        } catch { throw .device(error) }
+        try register(try MemoryRegion(owner: localNode, lengthBytes: lengthBytes, key: 0))
     }
 
     /// `ibv_reg_mr` on the caller's memory (REMOTE_WRITE): the NIC writes it directly.
     public func registerRegion(wrapping bytes: UnsafeMutableRawBufferPointer, retaining owner: AnyObject?) throws(FabricError) -> MemoryRegion {
-        let region = try MemoryRegion(owner: localNode, wrapping: bytes, retaining: owner, key: 0)
+        try register(try MemoryRegion(owner: localNode, wrapping: bytes, retaining: owner, key: 0))
+    }
+
+    private func register(_ region: MemoryRegion) throws(FabricError) -> MemoryRegion {
+        guard !state.withLock({ $0.closed }) else { throw .notRunning }
         do {
             let reg = try device.register(region.base, lengthBytes: region.lengthBytes)
             region.setKey(reg.remoteKey)
@@ -104,7 +141,7 @@ public final class VerbsFabric: Fabric {
         guard address.node == localNode else { throw .badConfiguration("listening as node \(address.node) on the fabric of node \(localNode)") }
         state.withLock { $0.exported = region }
         do {
-            let port = try cm.listen(host: address.host, port: address.port)
+            let port = try connector.listen(fabric: self, host: address.host, port: address.port)
             return PeerAddress(node: localNode, host: address.host, port: port)
         } catch { throw .device(error) }
     }
@@ -113,10 +150,11 @@ public final class VerbsFabric: Fabric {
         guard configuration.members.contains(peer.node), peer.node != localNode else {
             throw .badConfiguration("node \(peer.node) is not a cluster member")
         }
+        guard !state.withLock({ $0.closed }) else { throw .notRunning }
         let descriptor = Self.privateData(node: localNode, region: region.remote)
         do {
             return try await withCheckedThrowingContinuation { (k: CheckedContinuation<VerbsQueuePair, any Error>) in
-                cm.connect(fabric: self, to: peer, privateData: descriptor, timeout: configuration.connectTimeout) { k.resume(with: $0) }
+                connector.connect(fabric: self, to: peer, descriptor: descriptor, timeout: configuration.connectTimeout) { k.resume(with: $0) }
             }
         } catch let e as FabricError {
             throw e
@@ -144,14 +182,18 @@ public final class VerbsFabric: Fabric {
         for qp in qps { qp.moveToError() }
     }
 
+    /// Moves every queue pair to ERROR, stops connecting, and lets go of every verbs object: the
+    /// registrations now, queue pairs when their last user drops them, the device after them.
     public func close() {
-        let qps = state.withLock { s -> [VerbsQueuePair] in
+        let (qps, registrations) = state.withLock { s -> ([VerbsQueuePair], [VerbsRegistration]) in
             s.closed = true
-            return Array(s.queuePairs.values) + s.inbound.values.map(\.qp)
+            defer { s.queuePairs = [:]; s.inbound = [:]; s.regions = [:]; s.exported = nil }
+            return (s.queuePairs.values.compactMap(\.qp) + s.inbound.values.map(\.qp), s.regions.values.map(\.registration))
         }
         for qp in qps { qp.moveToError() }
-        cm.stop()
+        connector.stop()
         completions.interrupt()
+        _ = registrations  // deregistered here, after the fence: nothing lands in the regions any more
     }
 
     // MARK: private data exchanged at connect: u32 node, u64 base, u32 rkey, u64 length (24 of 56 bytes)
@@ -169,9 +211,13 @@ public final class VerbsFabric: Fabric {
         return (node, RemoteRegion(node: node, base: base, key: key, lengthBytes: Int(len)))
     }
 
-    // MARK: queue pairs created by the connection manager
+    // MARK: queue pairs
 
-    func makeQueuePair(id: UnsafeMutablePointer<rdma_cm_id>, peer: NodeID, remote: RemoteRegion?) throws(VerbsError) -> VerbsQueuePair {
+    private var queuePairLimits: VerbsQueuePair.Limits {
+        VerbsQueuePair.Limits(outstandingWritesMax: configuration.outstandingWritesMax, slotBytesMax: configuration.slotBytesMax)
+    }
+
+    private var queuePairAttributes: ibv_qp_init_attr {
         var attr = ibv_qp_init_attr()
         attr.send_cq = device.completionQueue
         attr.recv_cq = device.completionQueue
@@ -181,9 +227,39 @@ public final class VerbsFabric: Fabric {
         attr.cap.max_recv_wr = UInt32(configuration.receiveDepth)
         attr.cap.max_send_sge = 1
         attr.cap.max_recv_sge = 1
+        return attr
+    }
+
+    /// A queue pair on an rdma_cm id (in INIT, receives posted); rdma_cm connects it. HARDWARE ONLY.
+    func makeQueuePair(id: UnsafeMutablePointer<rdma_cm_id>, peer: NodeID) throws(VerbsError) -> VerbsQueuePair {
+        guard id.pointee.verbs == device.context else {
+            let routed = id.pointee.verbs.map { String(cString: ibv_get_device_name($0.pointee.device)) } ?? "no device"
+            throw VerbsError(operation: "rdma_create_qp", code: EXDEV,
+                             message: "rdma_cm routed node \(peer) through \(routed), but this fabric opened \(device.name); set the device name or the address")
+        }
+        var attr = queuePairAttributes
         try Verbs.check(rdma_create_qp(id, device.protectionDomain, &attr), "rdma_create_qp")
-        let qp = try VerbsQueuePair(fabric: self, id: id, peer: peer, remote: remote)
+        guard let raw = id.pointee.qp else {
+            rdma_destroy_qp(id)
+            throw VerbsError(operation: "rdma_create_qp", code: EINVAL, message: "rdma_cm id has no queue pair")
+        }
+        let qp = try VerbsQueuePair(device: device, qp: raw, origin: .connectionManager(id), peer: peer, limits: queuePairLimits,
+                                    completions: completions, logger: logger)
+        try qp.createdByConnectionManager()
         for _ in 0..<configuration.receiveDepth { try qp.postReceive() }
+        return qp
+    }
+
+    /// A queue pair created and moved to INIT here (receives posted, known to the poller), for the
+    /// out-of-band exchange to connect.
+    func makeQueuePair(peer: NodeID, inboundFrom: NodeID?) throws(VerbsError) -> VerbsQueuePair {
+        var attr = queuePairAttributes
+        let raw = try Verbs.check(device.driver.createQueuePair(device.protectionDomain, &attr), "ibv_create_qp")
+        let qp = try VerbsQueuePair(device: device, qp: raw, origin: .driver, peer: peer, limits: queuePairLimits,
+                                    completions: completions, logger: logger)
+        try qp.initialize()
+        for _ in 0..<configuration.receiveDepth { try qp.postReceive() }
+        adopt(qp, inboundFrom: inboundFrom)
         return qp
     }
 
@@ -193,14 +269,20 @@ public final class VerbsFabric: Fabric {
 
     func adopt(_ qp: VerbsQueuePair, inboundFrom peer: NodeID?) {
         state.withLock { s in
-            if let peer { s.inbound[qp.number] = (peer, qp) } else { s.queuePairs[qp.number] = qp }
+            if let peer {
+                s.inbound[qp.number] = (peer, qp)
+            } else {
+                s.queuePairs = s.queuePairs.filter { $0.value.qp != nil }  // users let go of these
+                s.queuePairs[qp.number] = WeakQueuePair(qp: qp)
+            }
         }
     }
 
+    /// Lets go of a broken inbound queue pair (its connection ended or it was fenced). Queue pairs
+    /// this node connected need no forgetting: they go with their users.
     func forget(_ qp: VerbsQueuePair) {
         state.withLock { s in
-            s.queuePairs[qp.number] = nil
-            s.inbound[qp.number] = nil
+            if s.inbound[qp.number]?.qp === qp { s.inbound[qp.number] = nil }
         }
     }
 
@@ -222,7 +304,7 @@ public final class VerbsFabric: Fabric {
     }
 
     private func dispatch(_ wc: ibv_wc) {
-        let (own, inbound) = state.withLock { s in (s.queuePairs[wc.qp_num], s.inbound[wc.qp_num]) }
+        let (own, inbound) = state.withLock { s in (s.queuePairs[wc.qp_num]?.qp, s.inbound[wc.qp_num]) }
         if VerbsQueuePair.isSend(wrID: wc.wr_id) {
             (own ?? inbound?.qp)?.completed(wrID: wc.wr_id, status: CompletionStatus(wc.status))
             return

@@ -31,6 +31,8 @@ public struct NodeConfig: Sendable, Equatable {
     public var durability: Durability = .fsync
     /// Which fabric to use (`fabric`); `auto` by default.
     public var fabric: FabricChoice = .auto
+    /// How `VerbsFabric` connects queue pairs: rdma_cm, or the out-of-band exchange over TCP.
+    public var verbsConnection: VerbsFabric.Configuration.Connection = .connectionManager
     /// Path of the cluster key file (relative paths are relative to the config file).
     public var clusterKeyFile: String?
     /// host:port of the Prometheus endpoint (`GET /metrics`); nil: none. Meant for loopback.
@@ -117,6 +119,7 @@ public struct NodeConfig: Sendable, Equatable {
         c.dataDir = try r.string("data_dir")
         c.durability = try r.choice("durability", default: .fsync)
         c.fabric = try r.choice("fabric", default: .auto)
+        c.verbsConnection = try r.choice("verbs_connect", default: .connectionManager)
         c.clusterKeyFile = try r.optionalString("cluster_key_file")
         if let a = try r.optionalString("metrics_address") { c.metricsAddress = try r.address(a, key: "metrics_address") }
         if var t = try r.subtable("timing") {

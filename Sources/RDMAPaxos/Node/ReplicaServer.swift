@@ -92,14 +92,17 @@ public final class ReplicaServer: Sendable {
         func tcp() throws -> any Fabric {
             try TCPFabric(node: c.id, configuration: TCPFabric.Configuration(clusterKey: key.bytes, members: members))
         }
+        func verbs() throws -> any Fabric {
+            try VerbsFabric(node: c.id, configuration: VerbsFabric.Configuration(connection: c.verbsConnection, members: members))
+        }
         switch c.fabric {
         case .tcp:
             return (try tcp(), "tcp (configured)")
         case .verbs:
-            return (try VerbsFabric(node: c.id, configuration: VerbsFabric.Configuration(members: members)), "verbs (configured)")
+            return (try verbs(), "verbs (configured)")
         case .auto:
             do {
-                return (try VerbsFabric(node: c.id, configuration: VerbsFabric.Configuration(members: members)), "verbs (auto)")
+                return (try verbs(), "verbs (auto)")
             } catch {
                 logger.notice("fabric auto: RDMA unavailable (\(error)); using tcp")
                 return (try tcp(), "tcp (auto: \(error))")
