@@ -55,7 +55,9 @@ let package = Package(
             ],
             path: "Sources/RDMAPaxos",
             exclude: ["Core", "Simulation"]),
-        .target(name: "VMReplica", dependencies: ["RDMAPaxos", "CXXHash"]),
+        .target(
+            name: "VMReplica",
+            dependencies: ["RDMAPaxos", "CXXHash", .product(name: "Logging", package: "swift-log")]),
         .target(name: "Interpose", path: "Sources/Interpose"),
         // Test support with no dependencies: a linearizability checker for register histories and
         // a seeded input fuzzer (used by the bad-input and end-to-end tests).

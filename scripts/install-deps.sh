@@ -6,6 +6,7 @@ pkgs=(
   libibverbs-dev librdmacm-dev rdma-core ibverbs-providers   # verbs (no device here; see docs)
   libdb-dev db5.3-util                                      # Berkeley DB 5.3 and its tools
   libxxhash-dev                                             # XXH3 page hashing
+  qemu-system-x86 busybox-static gcc libc6-dev              # VM replication tests (scripts/build-vm-guest.sh)
 )
 pkgs+=("$@")
 missing=()

@@ -119,6 +119,8 @@ public struct NodeConfig: Sendable, Equatable {
                 role: role, priority: UInt8(try m.int("priority", default: defaultPriority, range: 0...255))))
             try m.finish()
         }
+        // [vm] belongs to `plover vm` (VMReplica's VMConfig reads it).
+        _ = r.value("vm")
         try r.finish()
         try c.validate(file: file)
         return c
@@ -164,5 +166,10 @@ public struct ConfigError: Error, Sendable, Equatable, CustomStringConvertible {
     public var file: String
     public var key: String?
     public var problem: String
+    public init(file: String, key: String?, problem: String) {
+        self.file = file
+        self.key = key
+        self.problem = problem
+    }
     public var description: String { "\(file): " + (key.map { "\($0): " } ?? "") + problem }
 }
