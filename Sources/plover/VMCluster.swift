@@ -139,6 +139,19 @@ final class VMCluster {
         }
     }
 
+    /// Kills the QEMUs recorded in each run directory and removes the RAM files (for an
+    /// interrupt handler, which cannot hold the cluster).
+    static func killQEMUs(_ dirsAndRAM: [(String, String)]) {
+        for (dir, ram) in dirsAndRAM {
+            for f in (try? FileManager.default.contentsOfDirectory(atPath: dir)) ?? [] where f.hasSuffix(".pid") {
+                if let s = try? String(contentsOfFile: dir + "/" + f, encoding: .utf8), let pid = pid_t(s.trimmingCharacters(in: .whitespacesAndNewlines)) {
+                    Glibc.kill(pid, SIGKILL)
+                }
+            }
+            unlink(ram)
+        }
+    }
+
     /// Parsed lines of replica `id`'s checkpoints.log.
     func checkpoints(_ id: NodeID) -> [[String: String]] {
         let text = (try? String(contentsOfFile: runDir(id) + "/checkpoints.log", encoding: .utf8)) ?? ""

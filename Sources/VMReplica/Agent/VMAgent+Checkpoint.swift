@@ -19,6 +19,8 @@ struct CheckpointRecord {
     var pause: Duration = .zero
     var sync: Duration = .zero
     var migrate: Duration = .zero
+    /// The hash-diff scan of all guest RAM that finds this side's dirty pages.
+    var scan: Duration = .zero
     var stats: SyncStats?
     var released = 0
     var ramDigest: UInt64?
@@ -26,11 +28,12 @@ struct CheckpointRecord {
     var line: String {
         func ms(_ d: Duration) -> String { String(format: "%.2f", Double(d.components.seconds) * 1000 + Double(d.components.attoseconds) / 1e15) }
         var f = ["epoch=\(epoch)", "index=\(index)", "role=\(role.rawValue)", "ok=\(ok)", "pause_ms=\(ms(pause))",
-                 "sync_ms=\(ms(sync))", "migrate_ms=\(ms(migrate))"]
+                 "scan_ms=\(ms(scan))", "sync_ms=\(ms(sync))", "migrate_ms=\(ms(migrate))"]
         if let s = stats {
             f += ["primary_dirty=\(s.primaryDirtyPages)", "backup_dirty=\(s.backupDirtyPages)", "union=\(s.unionPages)",
                   "divergent=\(s.divergentPages)", "page_bytes=\(s.pageBytesSent)", "control_bytes=\(s.controlBytes)",
-                  "all_dirty_bytes=\(s.primaryDirtyPages * s.geometry.pageSize)", "hash_ms=\(ms(s.phases.hashing))"]
+                  "all_dirty_bytes=\(s.primaryDirtyPages * s.geometry.pageSize)", "hash_ms=\(ms(s.phases.hashing))",
+                  "handshake_ms=\(ms(s.phases.handshake))", "transfer_ms=\(ms(s.phases.transfer))"]
         }
         if role == .primary { f.append("released=\(released)") }
         if let d = ramDigest { f.append("ram_digest=\(String(d, radix: 16))") }
@@ -110,7 +113,9 @@ extension VMAgent {
         defer { if !resumed { try? q.qmp.execute("cont") } }
         do {
             // Until the first sync nothing says which pages are equal: all pages are candidates.
+            let scanStart = ContinuousClock.now
             let dirty = hashDiff?.collect() ?? DirtyBitmap.all(pageCount: memory.pageCount)
+            r.scan = ContinuousClock.now - scanStart
             let engine = SyncPrimary(memory: memory, pool: pool)
             let result = try blocking(timeout: checkpointTimeout) { try await engine.run(dirty: dirty, over: ch, session: epoch) }
             r.stats = result.stats
@@ -166,7 +171,9 @@ extension VMAgent {
         do {
             try next.qmp.execute("migrate-incoming", ["uri": "tcp:\(config.migrationAddress)"])
         } catch { r.error = "migrate-incoming: \(error)"; return }
+        let scanStart = ContinuousClock.now
         let dirty = hashDiff?.collect() ?? DirtyBitmap.all(pageCount: memory.pageCount)
+        r.scan = ContinuousClock.now - scanStart
         let state = MemorySyncStateStore(.inSync(session: 0))
         let engine = SyncBackup(memory: memory, pool: pool, state: state)
         let result: SyncResult

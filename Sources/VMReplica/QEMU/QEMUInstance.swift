@@ -116,6 +116,10 @@ public final class NICStream: @unchecked Sendable {
 
     init(fd: Int32) { self.fd = fd }
 
+    /// Listens at `path` for QEMUs' `-netdev stream` connections; pass the descriptor to
+    /// `QEMUInstance.launch` (QEMU needs the listener before it starts).
+    public static func listen(path: String) throws -> Int32 { try Sockets.listenUnix(path) }
+
     /// Sends one frame to the guest; false once QEMU is gone.
     @discardableResult
     public func write(frame: [UInt8]) -> Bool {
