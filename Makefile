@@ -2,7 +2,7 @@
 SWIFT ?= swift
 BUILD_FLAGS ?=
 
-.PHONY: deps build test demo simulate bench-stable-log bench-consensus bench-syncvm clean
+.PHONY: deps build test demo simulate bench-stable-log bench-consensus bench-syncvm bench-vm clean
 
 deps:
 	./scripts/install-deps.sh
@@ -44,6 +44,12 @@ bench-consensus:
 # syncvm: page hashing vs memcpy, and syncs of a 1 GiB image (benchmarks/README.md).
 bench-syncvm: deps
 	SWIFT="$(SWIFT)" ./benchmarks/syncvm/run.sh
+
+# VM replication with QEMU under TCG (benchmarks/vm/README.md), a few minutes.
+VM_REQUESTS ?= 200
+bench-vm: deps
+	$(SWIFT) build -c release --product plover
+	.build/release/plover bench vm --requests $(VM_REQUESTS) --out benchmarks/vm/results.md
 
 clean:
 	rm -rf .build
