@@ -60,7 +60,7 @@ final class VMCluster {
             [timing]
             tick_ms = 10
             election_timeout_ticks = 60
-            heartbeat_ticks = 5
+            heartbeat_ticks = 2
 
             """
         for m: NodeID in [1, 2, 3] {
@@ -110,12 +110,14 @@ final class VMCluster {
 
     func startAll() throws { for id: NodeID in [1, 2, 3] { try start(id) } }
 
-    /// The pids of the QEMUs replica `id` started (from their -pidfile files).
-    func qemuPIDs(_ id: NodeID) -> [pid_t] {
+    /// The pids of the QEMUs replica `id` started (from their -pidfile files), which are
+    /// removed as they are read: each QEMU is killed once, never a later process with its pid.
+    func takeQEMUPIDs(_ id: NodeID) -> [pid_t] {
         let dir = runDir(id)
         let files = (try? FileManager.default.contentsOfDirectory(atPath: dir)) ?? []
         return files.filter { $0.hasSuffix(".pid") }.compactMap { f in
-            (try? String(contentsOfFile: dir + "/" + f, encoding: .utf8)).flatMap { pid_t($0.trimmingCharacters(in: .whitespacesAndNewlines)) }
+            defer { unlink(dir + "/" + f) }
+            return (try? String(contentsOfFile: dir + "/" + f, encoding: .utf8)).flatMap { pid_t($0.trimmingCharacters(in: .whitespacesAndNewlines)) }
         }
     }
 
@@ -126,7 +128,7 @@ final class VMCluster {
             p.waitUntilExit()
             ChildProcesses.unregister(p.processIdentifier)
         }
-        for pid in qemuPIDs(id) { Glibc.kill(pid, SIGKILL) }
+        for pid in takeQEMUPIDs(id) { Glibc.kill(pid, SIGKILL) }
     }
 
     /// Stops everything (SIGTERM, then SIGKILL), kills leftover QEMUs, removes the RAM files.
@@ -134,7 +136,7 @@ final class VMCluster {
         for (_, p) in processes { ChildProcesses.stop(p) }
         processes = [:]
         for id: NodeID in [1, 2] {
-            for pid in qemuPIDs(id) { Glibc.kill(pid, SIGKILL) }
+            for pid in takeQEMUPIDs(id) { Glibc.kill(pid, SIGKILL) }
             unlink(ramFile(id))
         }
     }
@@ -147,6 +149,7 @@ final class VMCluster {
                 if let s = try? String(contentsOfFile: dir + "/" + f, encoding: .utf8), let pid = pid_t(s.trimmingCharacters(in: .whitespacesAndNewlines)) {
                     Glibc.kill(pid, SIGKILL)
                 }
+                unlink(dir + "/" + f)
             }
             unlink(ram)
         }
@@ -194,9 +197,10 @@ final class CounterClient {
     deinit { if fd >= 0 { close(fd) } }
 
     /// Sends the next request and returns the counter value in its answer.
-    func request(_ op: String = "INC", timeout: Duration = .seconds(60), resendAfter: Duration = .seconds(3)) throws -> UInt64 {
+    /// `extra` follows the sequence number (PUT's size in KiB).
+    func request(_ op: String = "INC", extra: String = "", timeout: Duration = .seconds(60), resendAfter: Duration = .seconds(3)) throws -> UInt64 {
         seq += 1
-        let line = "\(op) \(name) \(seq)"
+        let line = "\(op) \(name) \(seq)\(extra)"
         let deadline = ContinuousClock.now + timeout
         while ContinuousClock.now < deadline {
             if fd < 0 { connectNext() }

@@ -42,7 +42,7 @@ func runVMReplica(_ role: VMAgent.Role?, configPath: String) async throws {
     }
     LoggingSystem.bootstrap { StreamLogHandler.standardError(label: $0) }
     var logger = Logger(label: "plover.vm.\(c.id)")
-    logger.logLevel = .info
+    logger.logLevel = ProcessInfo.processInfo.environment["PLOVER_VM_DEBUG"] != nil ? .debug : .info
     let registry = PrometheusCollectorRegistry()
     MetricsSystem.bootstrap(PloverMetrics.prometheusFactory(registry: registry))
     var agent: VMAgent?

@@ -70,8 +70,12 @@ extension EndToEnd {
             for _ in 0..<5 { answers.append(try client.request(timeout: .seconds(90))) }
             checks.expect(answers == [1, 2, 3, 4, 5], "answers before the failover: \(answers)")
 
-            // Every answer was released by a checkpoint; find one both sides completed and
+            // Every answer was released by a checkpoint (its log line is written just after
+            // the release, so give the last one a moment); find one both sides completed and
             // compare the whole-RAM digests they took while paused.
+            func released() -> Int { cluster.checkpoints(1).compactMap { Int($0["released"] ?? "") }.reduce(0, +) }
+            let deadline = ContinuousClock.now + .seconds(10)
+            while released() < 5 && ContinuousClock.now < deadline { Thread.sleep(forTimeInterval: 0.05) }
             let p = cluster.checkpoints(1).filter { $0["ok"] == "true" }
             let b = cluster.checkpoints(2).filter { $0["ok"] == "true" }
             let common = p.compactMap { pc in b.first { $0["epoch"] == pc["epoch"] }.map { (pc, $0) } }
@@ -84,8 +88,7 @@ extension EndToEnd {
             if let later = common.dropFirst().first {
                 checks.expect(Int(later.0["union"] ?? "") ?? .max < 32768, "a later checkpoint still compared every page: \(later.0)")
             }
-            let released = p.compactMap { Int($0["released"] ?? "") }.reduce(0, +)
-            checks.expect(released >= 5, "the primary released \(released) answers through checkpoints, expected at least 5")
+            checks.expect(released() >= 5, "the primary released \(released()) answers through checkpoints, expected at least 5")
 
             // Next request in flight while the primary dies (kill -9 of its agent and QEMU).
             client.seq += 1

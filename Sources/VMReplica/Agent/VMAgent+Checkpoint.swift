@@ -21,6 +21,8 @@ struct CheckpointRecord {
     var migrate: Duration = .zero
     /// The hash-diff scan of all guest RAM that finds this side's dirty pages.
     var scan: Duration = .zero
+    /// Primary: waiting, VM still running, for the backup to be paused and ready.
+    var wait: Duration = .zero
     var stats: SyncStats?
     var released = 0
     var ramDigest: UInt64?
@@ -28,7 +30,7 @@ struct CheckpointRecord {
     var line: String {
         func ms(_ d: Duration) -> String { String(format: "%.2f", Double(d.components.seconds) * 1000 + Double(d.components.attoseconds) / 1e15) }
         var f = ["epoch=\(epoch)", "index=\(index)", "role=\(role.rawValue)", "ok=\(ok)", "pause_ms=\(ms(pause))",
-                 "scan_ms=\(ms(scan))", "sync_ms=\(ms(sync))", "migrate_ms=\(ms(migrate))"]
+                 "wait_ms=\(ms(wait))", "scan_ms=\(ms(scan))", "sync_ms=\(ms(sync))", "migrate_ms=\(ms(migrate))"]
         if let s = stats {
             f += ["primary_dirty=\(s.primaryDirtyPages)", "backup_dirty=\(s.backupDirtyPages)", "union=\(s.unionPages)",
                   "divergent=\(s.divergentPages)", "page_bytes=\(s.pageBytesSent)", "control_bytes=\(s.controlBytes)",
@@ -96,6 +98,26 @@ extension VMAgent {
         }
     }
 
+    // MARK: Ready handshake
+
+    /// Backup → primary before the sync: "paused at checkpoint `epoch` and scanned". Not a
+    /// syncvm frame: the primary's agent reads it before the engine runs.
+    static func readyFrame(epoch: UInt64) -> [UInt8] {
+        [0xEE] + (0..<8).reversed().map { UInt8(epoch >> (8 * UInt64($0)) & 0xff) }
+    }
+
+    /// Waits for the backup's ready frame for `epoch`, skipping stale ones from checkpoints the
+    /// primary already gave up on.
+    static func awaitReady(_ ch: FabricSyncChannel, epoch: UInt64) async throws {
+        while true {
+            let f = try await ch.receive()
+            guard f.count == 9, f[0] == 0xEE else { throw SyncError.unexpectedMessage(expected: "ready", got: "a \(f.count)-byte frame") }
+            let e = f[1...].reduce(UInt64(0)) { $0 << 8 | UInt64($1) }
+            if e == epoch { return }
+            guard e < epoch else { throw SyncError.wrongSession(expected: epoch, got: e) }
+        }
+    }
+
     // MARK: Primary
 
     func primaryCheckpoint(epoch: UInt64, index: LogIndex) {
@@ -103,6 +125,14 @@ extension VMAgent {
         defer { record(r) }
         guard let q = lock.withLock({ current }) else { r.error = "no VM"; return }
         guard let ch = waitForChannel(timeout: checkpointTimeout) else { r.error = "syncvm link to node \(config.peer) is not up"; return }
+        // The primary keeps running until the backup has reached this log position, paused and
+        // scanned: the driver writes no input past the checkpoint, so the state the primary
+        // stops in is still "every input up to the checkpoint", just later in guest time.
+        let waitStart = ContinuousClock.now
+        do {
+            try blocking(timeout: checkpointTimeout) { try await Self.awaitReady(ch, epoch: epoch) }
+        } catch { r.error = "backup not ready for checkpoint \(epoch): \(error)"; return }
+        r.wait = ContinuousClock.now - waitStart
         let start = ContinuousClock.now
         do {
             try q.qmp.execute("stop")
@@ -178,6 +208,7 @@ extension VMAgent {
         let engine = SyncBackup(memory: memory, pool: pool, state: state)
         let result: SyncResult
         do {
+            try blocking(timeout: checkpointTimeout) { try await ch.send(Self.readyFrame(epoch: epoch)) }
             result = try blocking(timeout: checkpointTimeout) { try await engine.run(dirty: dirty, over: ch, expectedSession: epoch) }
         } catch {
             r.error = "\(error)"

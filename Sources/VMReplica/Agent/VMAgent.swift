@@ -35,6 +35,8 @@ public final class VMAgent: @unchecked Sendable {
     var spare: QEMUInstance?
     var channel: FabricSyncChannel?
     var inFlight = false
+    /// When the last checkpoint this primary ran ended (for `checkpoint_min_gap_ms`).
+    var lastCheckpointEnd = ContinuousClock.now
     var unusable: String?
     var stopped = false
     var qemuSerial = 0
@@ -76,7 +78,7 @@ public final class VMAgent: @unchecked Sendable {
         try FileManager.default.createDirectory(atPath: config.runDir, withIntermediateDirectories: true)
         unlink(config.qemu.ramFile)
         nicListener = try Sockets.listenUnix(nicPath)
-        let first = try launch(incoming: false)
+        let first = try launchLock.withLock { try launch(incoming: false) }
         try first.qmp.execute("migrate-set-capabilities", ["capabilities": [["capability": "x-ignore-shared", "state": true]]])
         lock.withLock { current = first }
         startReader(first)
@@ -110,10 +112,14 @@ public final class VMAgent: @unchecked Sendable {
 
     /// Kills the QEMUs, closes the front and the link. The node is the caller's to stop.
     public func stop() {
-        let (a, b, ch) = lock.withLock { () -> (QEMUInstance?, QEMUInstance?, FabricSyncChannel?) in
-            stopped = true
-            defer { current = nil; spare = nil }
-            return (current, spare, channel)
+        lock.withLock { stopped = true }
+        // A standby QEMU being started now either finishes and is registered, or sees `stopped`
+        // and kills itself, before this returns: none outlives the agent.
+        let (a, b, ch) = launchLock.withLock {
+            lock.withLock { () -> (QEMUInstance?, QEMUInstance?, FabricSyncChannel?) in
+                defer { current = nil; spare = nil }
+                return (current, spare, channel)
+            }
         }
         front?.stop()
         ch?.close()
@@ -136,28 +142,35 @@ public final class VMAgent: @unchecked Sendable {
 
     // MARK: QEMU
 
+    /// Starts the next QEMU. Callers hold `launchLock`.
     func launch(incoming: Bool) throws -> QEMUInstance {
-        try launchLock.withLock {
-            let n = lock.withLock { qemuSerial += 1; return qemuSerial }
-            return try QEMUInstance.launch(config.qemu, name: "qemu-\(n)", runDir: config.runDir, nicListener: nicListener,
-                                           nicSocket: nicPath, incoming: incoming)
-        }
+        let n = lock.withLock { qemuSerial += 1; return qemuSerial }
+        return try QEMUInstance.launch(config.qemu, name: "qemu-\(n)", runDir: config.runDir, nicListener: nicListener,
+                                       nicSocket: nicPath, incoming: incoming)
     }
 
     /// Backup: a `-incoming defer` QEMU for the next checkpoint, started outside the pause.
     func startSpare() {
         let t = Thread { [self] in
-            do {
-                let q = try launch(incoming: true)
-                try q.qmp.execute("migrate-set-capabilities", ["capabilities": [["capability": "x-ignore-shared", "state": true]]])
-                let keep = lock.withLock { () -> Bool in
-                    guard !stopped else { return false }
-                    spare = q
-                    return true
+            launchLock.withLock {
+                guard !lock.withLock({ stopped }) else { return }
+                do {
+                    let q = try launch(incoming: true)
+                    do {
+                        try q.qmp.execute("migrate-set-capabilities", ["capabilities": [["capability": "x-ignore-shared", "state": true]]])
+                    } catch {
+                        q.kill()
+                        throw error
+                    }
+                    let keep = lock.withLock { () -> Bool in
+                        guard !stopped else { return false }
+                        spare = q
+                        return true
+                    }
+                    if !keep { q.kill() }
+                } catch {
+                    logger.error("vm: cannot start the standby QEMU for the next checkpoint: \(error)")
                 }
-                if !keep { q.kill() }
-            } catch {
-                logger.error("vm: cannot start the standby QEMU for the next checkpoint: \(error)")
             }
         }
         t.name = "plover-vm-spare"
@@ -178,7 +191,11 @@ public final class VMAgent: @unchecked Sendable {
 
     func handleOutput(_ payload: [UInt8], from q: QEMUInstance) {
         let (isCurrent, broken) = lock.withLock { (current === q, unusable != nil) }
-        guard isCurrent, let node, node.status.role == .leader else { outputs.drop(); return }
+        guard isCurrent, let node, node.status.role == .leader else {
+            outputs.drop()
+            logger.debug("vm: dropped output from \(q.name) (current \(isCurrent)): \(String(decoding: payload, as: UTF8.self))")
+            return
+        }
         switch role {
         case .primary:
             outputs.hold(payload)
@@ -220,11 +237,16 @@ public final class VMAgent: @unchecked Sendable {
             for (index, entry) in batch {
                 switch entry {
                 case let .input(frame):
-                    lock.withLock { current }?.nic.write(frame: frame)
+                    let q = lock.withLock { current }
+                    let ok = q?.nic.write(frame: frame)
+                    logger.debug("vm: input \(index) into \(q?.name ?? "no VM"): \(ok ?? false)")
                 case let .checkpoint(epoch, proposer):
                     if role == .primary && proposer == me {
                         primaryCheckpoint(epoch: epoch, index: index)
-                        lock.withLock { inFlight = false }
+                        lock.withLock {
+                            inFlight = false
+                            lastCheckpointEnd = .now
+                        }
                     } else if role == .backup && proposer == config.peer {
                         backupCheckpoint(epoch: epoch, index: index)
                     }
@@ -263,23 +285,26 @@ public final class VMAgent: @unchecked Sendable {
     /// below the threshold for one window), or the oldest held output reached the max period.
     func schedulerLoop() {
         var meter: CPUMeter?
+        var rate: Double?
         let window = Double(config.idleWindowMilliseconds) / 1000
         let maxAge = Duration.milliseconds(config.checkpointMaxMilliseconds)
         while !lock.withLock({ stopped }) {
             Thread.sleep(forTimeInterval: window)
-            guard let node, node.status.role == .leader, let q = lock.withLock({ inFlight ? nil : current }),
-                  let oldest = outputs.oldestHeld else {
+            // Sample every window while leading, so a decision never waits for a first sample.
+            guard let node, node.status.role == .leader, let q = lock.withLock({ current }) else {
                 meter = nil
                 continue
             }
             if meter?.pid != q.pid { meter = CPUMeter(pid: q.pid) }
-            let rate = meter!.sample()
+            rate = meter!.sample()
+            let minGap = Duration.milliseconds(config.checkpointMinGapMilliseconds)
+            guard !lock.withLock({ inFlight || ContinuousClock.now - lastCheckpointEnd < minGap }),
+                  let oldest = outputs.oldestHeld else { continue }
             let idle = rate.map { $0 * 100 < Double(config.idleCPUPercent) } ?? false
             guard idle || ContinuousClock.now - oldest >= maxAge else { continue }
             let epoch = nextEpoch
             nextEpoch += 1
             lock.withLock { inFlight = true }
-            meter = nil
             let entry = VMLogEntry.checkpoint(epoch: epoch, proposer: me).encoded()
             Task {
                 do { _ = try await node.propose(entry) } catch {

@@ -25,6 +25,9 @@ public struct VMConfig: Sendable, Equatable {
     public var idleWindowMilliseconds = 20
     /// Held output older than this forces a checkpoint even if the guest is busy.
     public var checkpointMaxMilliseconds = 1000
+    /// At least this long between the end of one checkpoint and the next: time for the backup's
+    /// fresh QEMU to replay inputs (under TCG it starts with a cold translation cache).
+    public var checkpointMinGapMilliseconds = 0
     /// A sync or migration step that takes longer than this fails the checkpoint.
     public var checkpointTimeoutMilliseconds = 20_000
     /// Hash both whole RAM files at every checkpoint while paused and log the digests (tests).
@@ -52,6 +55,7 @@ public struct VMConfig: Sendable, Equatable {
         c.idleCPUPercent = try r.int("idle_cpu_percent", default: c.idleCPUPercent, range: 1...100)
         c.idleWindowMilliseconds = try r.int("idle_window_ms", default: c.idleWindowMilliseconds, range: 1...10_000)
         c.checkpointMaxMilliseconds = try r.int("checkpoint_max_ms", default: c.checkpointMaxMilliseconds, range: 1...3_600_000)
+        c.checkpointMinGapMilliseconds = try r.int("checkpoint_min_gap_ms", default: 0, range: 0...3_600_000)
         c.checkpointTimeoutMilliseconds = try r.int("checkpoint_timeout_ms", default: c.checkpointTimeoutMilliseconds, range: 100...3_600_000)
         c.recordRAMDigest = try r.bool("record_ram_digest", default: false)
         try r.finish()

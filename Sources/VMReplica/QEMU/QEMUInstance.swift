@@ -50,9 +50,12 @@ public final class QEMUInstance: @unchecked Sendable {
     public let qmp: QMPClient
     public let nic: NICStream
     public let serialLog: String
+    /// QEMU's `-pidfile`: removed when this instance is killed, so nobody kills a reused pid later.
+    public let pidFile: String
     public var pid: pid_t { process.processIdentifier }
 
-    init(name: String, process: Process, qmp: QMPClient, nic: NICStream, serialLog: String) {
+    init(name: String, process: Process, qmp: QMPClient, nic: NICStream, serialLog: String, pidFile: String) {
+        self.pidFile = pidFile
         self.name = name
         self.process = process
         self.qmp = qmp
@@ -80,7 +83,7 @@ public final class QEMUInstance: @unchecked Sendable {
         do {
             let fd = try Sockets.accept(nicListener, timeout: .seconds(30), what: nicSocket)
             let qmp = try QMPClient(path: qmpPath, timeout: .seconds(30))
-            return QEMUInstance(name: name, process: p, qmp: qmp, nic: NICStream(fd: fd), serialLog: serial)
+            return QEMUInstance(name: name, process: p, qmp: qmp, nic: NICStream(fd: fd), serialLog: serial, pidFile: "\(runDir)/\(name).pid")
         } catch {
             Glibc.kill(p.processIdentifier, SIGKILL)
             p.waitUntilExit()
@@ -93,6 +96,7 @@ public final class QEMUInstance: @unchecked Sendable {
     public func kill() {
         if process.isRunning { Glibc.kill(process.processIdentifier, SIGKILL) }
         process.waitUntilExit()
+        unlink(pidFile)
         nic.close()
     }
 
