@@ -149,4 +149,17 @@ import Testing
         #expect(state.load() == .inSync(session: 4), "the refusal came before anything could be written")
         #expect(backup.page(3)[0] == 0)
     }
+
+    @Test func primaryWaitsForThisCheckpointsReadySkippingStaleOnes() async throws {
+        let backupMemory = try GuestMemory(pageCount: 4)
+        var (p, b) = InMemorySyncChannel.pair(backupMemory: backupMemory)
+        try await b.send(VMAgent.readyFrame(epoch: 3))
+        try await b.send(VMAgent.readyFrame(epoch: 4))
+        try await VMAgent.awaitReady(p, epoch: 4)  // the stale ready of 3 is skipped
+        try await b.send(VMAgent.readyFrame(epoch: 9))
+        await #expect(throws: SyncError.wrongSession(expected: 5, got: 9)) { try await VMAgent.awaitReady(p, epoch: 5) }
+        (p, b) = InMemorySyncChannel.pair(backupMemory: backupMemory)
+        try await b.send([1, 2, 3])
+        await #expect(throws: SyncError.self) { try await VMAgent.awaitReady(p, epoch: 1) }
+    }
 }

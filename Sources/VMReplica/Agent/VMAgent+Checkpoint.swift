@@ -108,7 +108,7 @@ extension VMAgent {
 
     /// Waits for the backup's ready frame for `epoch`, skipping stale ones from checkpoints the
     /// primary already gave up on.
-    static func awaitReady(_ ch: FabricSyncChannel, epoch: UInt64) async throws {
+    static func awaitReady(_ ch: some SyncChannel, epoch: UInt64) async throws {
         while true {
             let f = try await ch.receive()
             guard f.count == 9, f[0] == 0xEE else { throw SyncError.unexpectedMessage(expected: "ready", got: "a \(f.count)-byte frame") }
@@ -140,7 +140,7 @@ extension VMAgent {
         // Everything read from the guest so far was produced before the pause.
         let cut = outputs.cut()
         var resumed = false
-        defer { if !resumed { try? q.qmp.execute("cont") } }
+        defer { if !resumed { _ = try? q.qmp.execute("cont") } }
         do {
             // Until the first sync nothing says which pages are equal: all pages are candidates.
             let scanStart = ContinuousClock.now
@@ -182,12 +182,15 @@ extension VMAgent {
         var r = CheckpointRecord(epoch: epoch, index: index, role: .backup)
         defer { record(r) }
         guard lock.withLock({ unusable == nil }), let old = lock.withLock({ current }) else { r.error = "VM unusable"; return }
+        // Clients have seen this VM's own answers: overwriting it with the primary's state could
+        // contradict them. The primary's checkpoint fails and it keeps its output held.
+        guard !lock.withLock({ tookOver }) else { r.error = "this backup took over and no longer accepts checkpoints"; return }
         let start = ContinuousClock.now
         do { try old.qmp.execute("stop") } catch { r.error = "stop: \(error)"; return }
         // Resume the old QEMU unless its RAM was touched or the new one took over.
         var resumeOld = true
         defer {
-            if resumeOld { try? old.qmp.execute("cont") }
+            if resumeOld { _ = try? old.qmp.execute("cont") }
             r.pause = ContinuousClock.now - start
         }
         // The standby QEMU was started after the previous checkpoint; wait for it if it is slow.

@@ -38,6 +38,9 @@ public final class VMAgent: @unchecked Sendable {
     /// When the last checkpoint this primary ran ended (for `checkpoint_min_gap_ms`).
     var lastCheckpointEnd = ContinuousClock.now
     var unusable: String?
+    /// Backup: it released output of its own as leader. From then its VM's state is what clients
+    /// saw, so no checkpoint may overwrite it (see `backupCheckpoint`).
+    var tookOver = false
     var stopped = false
     var qemuSerial = 0
     /// Serializes QEMU starts: each one's NIC connection is the next one accepted.
@@ -203,6 +206,11 @@ public final class VMAgent: @unchecked Sendable {
             // Took over: no backup of its own to wait for (re-protection is not built), so
             // output goes out at once — unless a failed sync left this VM inconsistent.
             if broken { outputs.drop(); return }
+            let first = lock.withLock { () -> Bool in
+                defer { tookOver = true }
+                return !tookOver
+            }
+            if first { logger.notice("vm: backup \(me) leads and releases its own VM's output from now on (took over)") }
             outputs.passedThrough()
             front?.broadcast(payload)
         }

@@ -74,7 +74,7 @@ public final class QEMUInstance: @unchecked Sendable {
         p.executableURL = URL(fileURLWithPath: s.binary.hasPrefix("/") ? s.binary : try which(s.binary))
         p.arguments = s.arguments(nicSocket: nicSocket, qmpSocket: qmpPath, serialLog: serial,
                                   pidFile: "\(runDir)/\(name).pid", incoming: incoming)
-        FileManager.default.createFile(atPath: "\(runDir)/\(name).log", contents: nil)
+        _ = FileManager.default.createFile(atPath: "\(runDir)/\(name).log", contents: nil)
         let log = FileHandle(forWritingAtPath: "\(runDir)/\(name).log")
         p.standardOutput = log
         p.standardError = log
