@@ -33,7 +33,7 @@ struct VMWitness: AsyncParsableCommand {
 }
 
 /// Runs a VM replica (`role` nil: the witness) until SIGTERM/SIGINT.
-func runVMReplica(_ role: VMAgent.Role?, configPath: String) async throws {
+func runVMReplica(_ role: VMReplicator.Role?, configPath: String) async throws {
     let c: NodeConfig
     do { c = try NodeConfig.load(path: configPath) } catch { throw CLIError(error.description) }
     let expected: MemberRole = role == nil ? .witness : .voter
@@ -45,7 +45,7 @@ func runVMReplica(_ role: VMAgent.Role?, configPath: String) async throws {
     logger.logLevel = ProcessInfo.processInfo.environment["PLOVER_VM_DEBUG"] != nil ? .debug : .info
     let registry = PrometheusCollectorRegistry()
     MetricsSystem.bootstrap(PloverMetrics.prometheusFactory(registry: registry))
-    var agent: VMAgent?
+    var replicator: VMReplicator?
     let machine: VMInputLog
     if let role {
         let vm: VMConfig
@@ -53,12 +53,12 @@ func runVMReplica(_ role: VMAgent.Role?, configPath: String) async throws {
         guard let keyPath = c.clusterKeyFile else { throw CLIError("\(configPath): cluster_key_file is required") }
         let key: ClusterKey
         do { key = try ClusterKey.load(path: keyPath) } catch { throw CLIError(error.description) }
-        let a = VMAgent(role: role, me: c.id, config: vm, clusterKey: key, logger: logger)
+        let a = VMReplicator(role: role, me: c.id, config: vm, clusterKey: key, logger: logger)
         do { try await a.start() } catch {
             a.stop()
             throw CLIError("VM replica \(c.id) did not start: \(error)")
         }
-        agent = a
+        replicator = a
         machine = a.inputLog
     } else {
         machine = VMInputLog()
@@ -67,21 +67,21 @@ func runVMReplica(_ role: VMAgent.Role?, configPath: String) async throws {
     do {
         server = try await ReplicaServer.start(config: c, stateMachine: machine, logger: logger, metricsRegistry: registry)
     } catch {
-        agent?.stop()
+        replicator?.stop()
         throw CLIError("\(error)")
     }
-    if let agent {
-        do { try agent.attach(server.node) } catch {
-            agent.stop()
+    if let replicator {
+        do { try replicator.attach(server.node) } catch {
+            replicator.stop()
             server.stop()
             throw CLIError("VM replica \(c.id): cannot open the front: \(error)")
         }
-        logger.info("vm \(role!.rawValue) \(c.id) serving: front on \(agent.config.frontAddress), syncvm on \(agent.config.syncAddress), peers on \(c.me.address)")
+        logger.info("vm \(role!.rawValue) \(c.id) serving: front on \(replicator.config.frontAddress), syncvm on \(replicator.config.syncAddress), peers on \(c.me.address)")
     } else {
         logger.info("vm witness \(c.id) serving: peers on \(c.me.address)")
     }
     await waitForTermination()
-    logger.info("vm replica \(c.id) stopping: \(agent?.summary ?? "witness")")
-    agent?.stop()
+    logger.info("vm replica \(c.id) stopping: \(replicator?.summary ?? "witness")")
+    replicator?.stop()
     server.stop()
 }

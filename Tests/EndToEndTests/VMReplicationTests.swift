@@ -90,7 +90,7 @@ extension EndToEnd {
             }
             checks.expect(released() >= 5, "the primary released \(released()) answers through checkpoints, expected at least 5")
 
-            // Next request in flight while the primary dies (kill -9 of its agent and QEMU).
+            // Next request in flight while the primary dies (kill -9 of its replica process and QEMU).
             client.seq += 1
             _ = client.write("INC c1 \(client.seq)\n")
             cluster.kill(1)

@@ -1,5 +1,5 @@
 // Starting one QEMU for a VM replica: guest RAM in a shared file, QMP on a Unix socket, the
-// NIC's backend a `-netdev stream` connection to the replica agent (docs/design/vmreplica.md).
+// NIC's backend a `-netdev stream` connection to the replica process (docs/design/vmreplica.md).
 
 #if canImport(Glibc)
 import Glibc
@@ -63,7 +63,7 @@ public final class QEMUInstance: @unchecked Sendable {
         self.serialLog = serialLog
     }
 
-    /// Starts QEMU `name` in `runDir`. `nicListener` is the agent's listening socket at
+    /// Starts QEMU `name` in `runDir`. `nicListener` is the replica process's listening socket at
     /// `nicSocket`; QEMU connects to it while it starts, before QMP answers. With `incoming`,
     /// QEMU waits for a migration (`-incoming defer`) instead of booting.
     public static func launch(_ s: QEMUSettings, name: String, runDir: String, nicListener: Int32, nicSocket: String,
@@ -109,7 +109,7 @@ public final class QEMUInstance: @unchecked Sendable {
     }
 }
 
-/// The agent's end of a `-netdev stream` connection: each frame is a 4-byte big-endian
+/// The replica process's end of a `-netdev stream` connection: each frame is a 4-byte big-endian
 /// length and the raw Ethernet frame, both ways.
 public final class NICStream: @unchecked Sendable {
     // @unchecked Sendable: `fd` is immutable; writes are serialized by `lock`, reads come from

@@ -1,5 +1,5 @@
-// Small blocking helpers over Unix-domain and TCP stream sockets, shared by the QMP client, the
-// guest NIC stream and the client front. Each helper names the address in its errors.
+// Small blocking functions over Unix-domain and TCP stream sockets, shared by the QMP client, the
+// guest NIC stream and the client front. Each names the address in its errors.
 
 #if canImport(Glibc)
 import Glibc

@@ -8,7 +8,7 @@ import Synchronization
 import Testing
 @testable import VMReplica
 
-@Suite struct VMAgentPartsTests {
+@Suite struct VMReplicatorPartsTests {
     @Test func logEntriesRoundTripAndBadOnesAreRefused() throws {
         let frame = GuestLink().requestFrame(payload: Array("INC a 1\n".utf8))
         for e in [VMLogEntry.input(frame: frame), .checkpoint(epoch: 0x0102_0304_0506_0708, proposer: 0xA0B0_C0D0)] {
@@ -33,7 +33,7 @@ import Testing
         let copy = VMInputLog(onRestore: { i in restored.withLock { $0 = i } })
         try copy.restore(log.snapshot(), index: 3)
         #expect(copy.inputs == 1 && copy.checkpoints == 1 && copy.malformed == 1 && copy.appliedIndex == 3)
-        #expect(restored.withLock { $0 } == 3, "a restore must tell the agent its VM missed inputs")
+        #expect(restored.withLock { $0 } == 3, "a restore must tell the replicator its VM missed inputs")
         #expect(throws: DecodeError.self) { try copy.restore([1, 2, 3], index: 4) }
     }
 
@@ -153,13 +153,13 @@ import Testing
     @Test func primaryWaitsForThisCheckpointsReadySkippingStaleOnes() async throws {
         let backupMemory = try GuestMemory(pageCount: 4)
         var (p, b) = InMemorySyncChannel.pair(backupMemory: backupMemory)
-        try await b.send(VMAgent.readyFrame(epoch: 3))
-        try await b.send(VMAgent.readyFrame(epoch: 4))
-        try await VMAgent.awaitReady(p, epoch: 4)  // the stale ready of 3 is skipped
-        try await b.send(VMAgent.readyFrame(epoch: 9))
-        await #expect(throws: SyncError.wrongSession(expected: 5, got: 9)) { try await VMAgent.awaitReady(p, epoch: 5) }
+        try await b.send(VMReplicator.readyFrame(epoch: 3))
+        try await b.send(VMReplicator.readyFrame(epoch: 4))
+        try await VMReplicator.awaitReady(p, epoch: 4)  // the stale ready of 3 is skipped
+        try await b.send(VMReplicator.readyFrame(epoch: 9))
+        await #expect(throws: SyncError.wrongSession(expected: 5, got: 9)) { try await VMReplicator.awaitReady(p, epoch: 5) }
         (p, b) = InMemorySyncChannel.pair(backupMemory: backupMemory)
         try await b.send([1, 2, 3])
-        await #expect(throws: SyncError.self) { try await VMAgent.awaitReady(p, epoch: 1) }
+        await #expect(throws: SyncError.self) { try await VMReplicator.awaitReady(p, epoch: 1) }
     }
 }

@@ -12,7 +12,7 @@ import RDMAPaxos
 
 /// One VM replica. `start` boots the VM, opens the syncvm link and the front; the caller then
 /// starts the consensus node with `inputLog` as its state machine and hands it to `attach`.
-public final class VMAgent: @unchecked Sendable {
+public final class VMReplicator: @unchecked Sendable {
     // @unchecked Sendable: `lock` guards `current`, `spare`, `channel`, `inFlight`, `unusable`,
     // `stopped`; the checkpoint fields (`hashDiff`, `epoch` counters) belong to the driver thread.
     public enum Role: String, Sendable, CaseIterable {
@@ -69,7 +69,7 @@ public final class VMAgent: @unchecked Sendable {
         self.logger = logger
     }
 
-    /// The state machine to run the node with: committed entries go to this agent's VM driver.
+    /// The state machine to run the node with: committed entries go to this replica's VM driver.
     public lazy var inputLog: VMInputLog = VMInputLog(
         deliver: { [weak self] index, entry in self?.enqueue(index, entry) },
         onRestore: { [weak self] index in
@@ -117,7 +117,7 @@ public final class VMAgent: @unchecked Sendable {
     public func stop() {
         lock.withLock { stopped = true }
         // A standby QEMU being started now either finishes and is registered, or sees `stopped`
-        // and kills itself, before this returns: none outlives the agent.
+        // and kills itself, before this returns: none outlives the replica process.
         let (a, b, ch) = launchLock.withLock {
             lock.withLock { () -> (QEMUInstance?, QEMUInstance?, FabricSyncChannel?) in
                 defer { current = nil; spare = nil }

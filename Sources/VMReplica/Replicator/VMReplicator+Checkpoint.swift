@@ -13,7 +13,7 @@ import RDMAPaxos
 struct CheckpointRecord {
     var epoch: UInt64
     var index: LogIndex
-    var role: VMAgent.Role
+    var role: VMReplicator.Role
     var ok = false
     var error: String?
     var pause: Duration = .zero
@@ -50,7 +50,7 @@ private final class Box<T>: @unchecked Sendable {
     var result: Result<T, any Error>?
 }
 
-extension VMAgent {
+extension VMReplicator {
     /// Runs `body` on the concurrency pool and waits for it on this (non-pool) thread. After
     /// `timeout` the sync link is closed, which fails whatever the sync was waiting for.
     func blocking<T: Sendable>(timeout: Duration, _ body: @escaping @Sendable () async throws -> T) throws -> T {
@@ -101,7 +101,7 @@ extension VMAgent {
     // MARK: Ready handshake
 
     /// Backup → primary before the sync: "paused at checkpoint `epoch` and scanned". Not a
-    /// syncvm frame: the primary's agent reads it before the engine runs.
+    /// syncvm frame: the primary's replica process reads it before the engine runs.
     static func readyFrame(epoch: UInt64) -> [UInt8] {
         [0xEE] + (0..<8).reversed().map { UInt8(epoch >> (8 * UInt64($0)) & 0xff) }
     }
