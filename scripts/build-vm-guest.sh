@@ -20,7 +20,13 @@ work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 cd "$work"
 # The metapackage names the current versioned kernel package.
-kpkg="$(apt-cache depends linux-image-cloud-amd64 | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')"
+resolve() { apt-cache depends linux-image-cloud-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ {print $2; exit}'; }
+kpkg="$(resolve)"
+if [ -z "$kpkg" ] && [ "$(id -u)" -eq 0 ]; then
+  # No package lists yet (a fresh machine, or lists cleaned after installing): fetch them once.
+  DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2 || true
+  kpkg="$(resolve)"
+fi
 [ -n "$kpkg" ] || { echo "build-vm-guest: cannot resolve linux-image-cloud-amd64 (apt-get update?)" >&2; exit 1; }
 if ! ls "$out"/"$kpkg"_*.deb >/dev/null 2>&1; then
   (cd "$out" && rm -f linux-image-*.deb && apt-get download "$kpkg" 2>&1 | grep -v unsandboxed >&2 || true)
