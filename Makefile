@@ -2,7 +2,7 @@
 SWIFT ?= swift
 BUILD_FLAGS ?=
 
-.PHONY: deps build test test-rdma check-docs demo simulate bench-stable-log bench-consensus bench-syncvm bench-interpose clean
+.PHONY: deps build test test-rdma check-docs demo simulate bench-stable-log bench-consensus bench-syncvm bench-interpose bench-vm clean
 
 deps:
 	./scripts/install-deps.sh
@@ -66,6 +66,12 @@ bench-syncvm: deps
 bench-interpose: deps
 	$(SWIFT) build -c release --product interpose
 	./benchmarks/interpose/run.sh
+
+# VM replication with QEMU under TCG (benchmarks/vm/README.md), a few minutes.
+VM_REQUESTS ?= 200
+bench-vm: deps
+	$(SWIFT) build -c release --product plover
+	.build/release/plover bench vm --requests $(VM_REQUESTS) --out benchmarks/vm/results.md
 
 clean:
 	rm -rf .build

@@ -56,7 +56,9 @@ let package = Package(
             ],
             path: "Sources/RDMAPaxos",
             exclude: ["Core", "Simulation"]),
-        .target(name: "VMReplica", dependencies: ["RDMAPaxos", "CXXHash"]),
+        .target(
+            name: "VMReplica",
+            dependencies: ["RDMAPaxos", "CXXHash", .product(name: "Logging", package: "swift-log")]),
         // The C half of libinterpose.so: the public header, libc hooks and the APUS replay logic.
         // It calls the Swift half (InterposeRuntime) only through the C ABI it declares, so it
         // links only as part of the `interpose` product.

@@ -239,17 +239,19 @@ public struct SyncBackup: Sendable {
     }
 
     /// Serves one sync. `dirty` holds the pages the backup VM wrote since the last sync. The
-    /// channel is closed if the sync fails.
-    public func run(dirty: DirtyBitmap, over channel: some SyncChannel) async throws -> SyncResult {
+    /// channel is closed if the sync fails. With `expectedSession`, a hello of any other session
+    /// is refused before anything is written (a VM replica passes its checkpoint's epoch, so a
+    /// backup that is late for one checkpoint cannot take the primary's next one for it).
+    public func run(dirty: DirtyBitmap, over channel: some SyncChannel, expectedSession: UInt64? = nil) async throws -> SyncResult {
         do {
-            return try await sync(dirty: dirty, channel: channel)
+            return try await sync(dirty: dirty, channel: channel, expectedSession: expectedSession)
         } catch {
             channel.close()
             throw error
         }
     }
 
-    private func sync(dirty: DirtyBitmap, channel: some SyncChannel) async throws -> SyncResult {
+    private func sync(dirty: DirtyBitmap, channel: some SyncChannel, expectedSession: UInt64?) async throws -> SyncResult {
         let geometry = SyncGeometry(memory)
         guard memory.isWritable else { throw SyncError.backupNotWritable(path: memory.path ?? "(anonymous)") }
         guard dirty.pageCount == memory.pageCount else {
@@ -263,6 +265,9 @@ public struct SyncBackup: Sendable {
         let first = try SyncFrame.decode(firstBytes)
         guard case .hello(let hello) = first.message else {
             throw SyncError.unexpectedMessage(expected: "hello", got: first.message.name)
+        }
+        if let expectedSession, first.session != expectedSession {
+            throw SyncError.wrongSession(expected: expectedSession, got: first.session)
         }
         var link = SessionLink(channel: channel, session: first.session)
         link.bytesReceived = firstBytes.count

@@ -15,5 +15,6 @@ struct Plover: AsyncParsableCommand {
             BenchCommand.self,
             StableLogWriterCommand.self,
             Doctor.self,
+            VMCommand.self,
         ])
 }

@@ -36,6 +36,8 @@ final class Checks: @unchecked Sendable {
         lock.withLock { failures.append((message, sourceLocation)) }
     }
 
+    var hasFailures: Bool { lock.withLock { !failures.isEmpty } }
+
     /// Records every collected failure as an issue of the current test.
     func recordIssues() {
         for (message, location) in lock.withLock({ failures }) { Issue.record(Comment(rawValue: message), sourceLocation: location) }

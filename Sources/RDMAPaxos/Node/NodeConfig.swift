@@ -152,6 +152,8 @@ public struct NodeConfig: Sendable, Equatable {
                 role: role, priority: UInt8(try m.int("priority", default: defaultPriority, range: 0...255))))
             try m.finish()
         }
+        // [vm] belongs to `plover vm` (VMReplica's VMConfig reads it).
+        _ = r.value("vm")
         try r.finish()
         try c.validate(file: file)
         return c
@@ -201,5 +203,10 @@ public struct ConfigError: Error, Sendable, Equatable, CustomStringConvertible {
     public var key: String?
     /// What is wrong with it.
     public var problem: String
+    public init(file: String, key: String?, problem: String) {
+        self.file = file
+        self.key = key
+        self.problem = problem
+    }
     public var description: String { "\(file): " + (key.map { "\($0): " } ?? "") + problem }
 }

@@ -1,0 +1,57 @@
+// Ethernet + IPv4 + UDP, just enough for the client front: requests become UDP datagrams to the
+// guest's service, and the guest's UDP answers are recognised and unwrapped.
+
+/// Addresses of the front and of the guest on the VM's private link.
+public struct GuestLink: Sendable, Equatable {
+    public var guestMAC: [UInt8] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56]
+    public var guestIP: [UInt8] = [10, 99, 0, 2]
+    public var guestPort: UInt16 = 7000
+    /// The front's own (virtual) addresses; the guest has a static ARP entry for them.
+    public var frontMAC: [UInt8] = [0x02, 0, 0, 0, 0, 0x01]
+    public var frontIP: [UInt8] = [10, 99, 0, 1]
+    public var frontPort: UInt16 = 40000
+
+    public init() {}
+
+    /// One UDP datagram from the front to the guest's service, as an Ethernet frame.
+    public func requestFrame(payload: [UInt8]) -> [UInt8] {
+        var udp: [UInt8] = []
+        udp.be16(frontPort); udp.be16(guestPort); udp.be16(UInt16(8 + payload.count)); udp.be16(0)
+        udp += payload
+        var ip: [UInt8] = [0x45, 0]
+        ip.be16(UInt16(20 + udp.count))
+        ip += [0, 0, 0x40, 0, 64, 17, 0, 0]  // id 0, don't fragment, TTL 64, UDP, checksum later
+        ip += frontIP + guestIP
+        let sum = Self.checksum(ip)
+        ip[10] = UInt8(sum >> 8)
+        ip[11] = UInt8(sum & 0xff)
+        return guestMAC + frontMAC + [0x08, 0x00] + ip + udp
+    }
+
+    /// The payload when `frame` is a UDP datagram from the guest's service to the front; nil
+    /// for anything else (ARP, other ports, malformed frames).
+    public func answerPayload(_ f: [UInt8]) -> [UInt8]? {
+        guard f.count >= 42, f[12] == 0x08, f[13] == 0x00, f[14] >> 4 == 4 else { return nil }
+        let ihl = Int(f[14] & 0x0f) * 4
+        guard ihl >= 20, f[23] == 17, Array(f[26..<30]) == guestIP, Array(f[30..<34]) == frontIP else { return nil }
+        let u = 14 + ihl
+        guard f.count >= u + 8 else { return nil }
+        let src = UInt16(f[u]) << 8 | UInt16(f[u + 1]), dst = UInt16(f[u + 2]) << 8 | UInt16(f[u + 3])
+        let len = Int(f[u + 4]) << 8 | Int(f[u + 5])
+        guard src == guestPort, dst == frontPort, len >= 8, u + len <= f.count else { return nil }
+        return Array(f[(u + 8)..<(u + len)])
+    }
+
+    static func checksum(_ b: [UInt8]) -> UInt16 {
+        var s: UInt32 = 0
+        var i = 0
+        while i + 1 < b.count { s += UInt32(b[i]) << 8 | UInt32(b[i + 1]); i += 2 }
+        if i < b.count { s += UInt32(b[i]) << 8 }
+        while s >> 16 != 0 { s = (s & 0xffff) + (s >> 16) }
+        return ~UInt16(s)
+    }
+}
+
+extension [UInt8] {
+    mutating func be16(_ v: UInt16) { append(UInt8(v >> 8)); append(UInt8(v & 0xff)) }
+}

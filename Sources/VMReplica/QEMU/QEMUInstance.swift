@@ -1,0 +1,151 @@
+// Starting one QEMU for a VM replica: guest RAM in a shared file, QMP on a Unix socket, the
+// NIC's backend a `-netdev stream` connection to the replica process (docs/design/vmreplica.md).
+
+#if canImport(Glibc)
+import Glibc
+#endif
+import Foundation
+
+/// What every QEMU of one VM shares: the same machine, so device state migrates between them.
+public struct QEMUSettings: Sendable, Equatable {
+    public var binary = "qemu-system-x86_64"
+    public var kernel: String
+    public var initrd: String
+    public var append = "console=ttyS0 quiet panic=-1"
+    public var memoryMiB = 128
+    /// The guest RAM file (`memory-backend-file,share=on`); syncvm maps it too.
+    public var ramFile: String
+    public var guestMAC = "52:54:00:12:34:56"
+
+    public init(kernel: String, initrd: String, ramFile: String) {
+        self.kernel = kernel
+        self.initrd = initrd
+        self.ramFile = ramFile
+    }
+
+    /// QEMU's command line. Only TCG is used: KVM is not assumed (docs/design/vmreplica.md).
+    func arguments(nicSocket: String, qmpSocket: String, serialLog: String, pidFile: String, incoming: Bool) -> [String] {
+        var a = [
+            "-machine", "q35,accel=tcg,memory-backend=mem", "-m", "\(memoryMiB)",
+            "-nodefaults", "-no-user-config", "-display", "none", "-monitor", "none",
+            "-serial", "file:\(serialLog)",
+            "-kernel", kernel, "-initrd", initrd, "-append", append,
+            "-object", "memory-backend-file,id=mem,size=\(memoryMiB)M,mem-path=\(ramFile),share=on",
+            "-netdev", "stream,id=n0,server=off,addr.type=unix,addr.path=\(nicSocket)",
+            "-device", "virtio-net-pci,netdev=n0,mac=\(guestMAC)",
+            "-qmp", "unix:\(qmpSocket),server=on,wait=off",
+            "-pidfile", pidFile,
+        ]
+        if incoming { a += ["-incoming", "defer"] }
+        return a
+    }
+}
+
+/// One running QEMU process with its QMP connection and its NIC stream.
+public final class QEMUInstance: @unchecked Sendable {
+    // @unchecked Sendable: `qmp` is used by the VM driver thread only; the rest is immutable
+    // apart from `Process`, which is thread-safe for what is used here.
+    public let name: String
+    public let process: Process
+    public let qmp: QMPClient
+    public let nic: NICStream
+    public let serialLog: String
+    /// QEMU's `-pidfile`: removed when this instance is killed, so nobody kills a reused pid later.
+    public let pidFile: String
+    public var pid: pid_t { process.processIdentifier }
+
+    init(name: String, process: Process, qmp: QMPClient, nic: NICStream, serialLog: String, pidFile: String) {
+        self.pidFile = pidFile
+        self.name = name
+        self.process = process
+        self.qmp = qmp
+        self.nic = nic
+        self.serialLog = serialLog
+    }
+
+    /// Starts QEMU `name` in `runDir`. `nicListener` is the replica process's listening socket at
+    /// `nicSocket`; QEMU connects to it while it starts, before QMP answers. With `incoming`,
+    /// QEMU waits for a migration (`-incoming defer`) instead of booting.
+    public static func launch(_ s: QEMUSettings, name: String, runDir: String, nicListener: Int32, nicSocket: String,
+                              incoming: Bool) throws -> QEMUInstance {
+        let qmpPath = "\(runDir)/\(name).qmp"
+        let serial = "\(runDir)/\(name).serial.log"
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: s.binary.hasPrefix("/") ? s.binary : try which(s.binary))
+        p.arguments = s.arguments(nicSocket: nicSocket, qmpSocket: qmpPath, serialLog: serial,
+                                  pidFile: "\(runDir)/\(name).pid", incoming: incoming)
+        _ = FileManager.default.createFile(atPath: "\(runDir)/\(name).log", contents: nil)
+        let log = FileHandle(forWritingAtPath: "\(runDir)/\(name).log")
+        p.standardOutput = log
+        p.standardError = log
+        p.standardInput = FileHandle.nullDevice
+        try p.run()
+        do {
+            let fd = try Sockets.accept(nicListener, timeout: .seconds(30), what: nicSocket)
+            let qmp = try QMPClient(path: qmpPath, timeout: .seconds(30))
+            return QEMUInstance(name: name, process: p, qmp: qmp, nic: NICStream(fd: fd), serialLog: serial, pidFile: "\(runDir)/\(name).pid")
+        } catch {
+            Glibc.kill(p.processIdentifier, SIGKILL)
+            p.waitUntilExit()
+            let tail = (try? String(contentsOfFile: "\(runDir)/\(name).log", encoding: .utf8)).map { String($0.suffix(600)) } ?? ""
+            throw QMPError(socket: qmpPath, problem: "QEMU \(name) did not come up: \(error)" + (tail.isEmpty ? "" : "; its output: \(tail)"))
+        }
+    }
+
+    /// SIGKILL and reap.
+    public func kill() {
+        if process.isRunning { Glibc.kill(process.processIdentifier, SIGKILL) }
+        process.waitUntilExit()
+        unlink(pidFile)
+        nic.close()
+    }
+
+    static func which(_ name: String) throws -> String {
+        for dir in (ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin:/bin").split(separator: ":") {
+            let p = "\(dir)/\(name)"
+            if access(p, X_OK) == 0 { return p }
+        }
+        throw QMPError(socket: "-", problem: "\(name) not found on PATH (install qemu-system-x86: scripts/install-deps.sh)")
+    }
+}
+
+/// The replica process's end of a `-netdev stream` connection: each frame is a 4-byte big-endian
+/// length and the raw Ethernet frame, both ways.
+public final class NICStream: @unchecked Sendable {
+    // @unchecked Sendable: `fd` is immutable; writes are serialized by `lock`, reads come from
+    // one reader thread.
+    let fd: Int32
+    private let lock = NSLock()
+    private var closed = false
+
+    init(fd: Int32) { self.fd = fd }
+
+    /// Listens at `path` for QEMUs' `-netdev stream` connections; pass the descriptor to
+    /// `QEMUInstance.launch` (QEMU needs the listener before it starts).
+    public static func listen(path: String) throws -> Int32 { try Sockets.listenUnix(path) }
+
+    /// Sends one frame to the guest; false once QEMU is gone.
+    @discardableResult
+    public func write(frame: [UInt8]) -> Bool {
+        let n = UInt32(frame.count)
+        let header: [UInt8] = [UInt8(n >> 24), UInt8(n >> 16 & 0xff), UInt8(n >> 8 & 0xff), UInt8(n & 0xff)]
+        return lock.withLock { !closed && Sockets.writeAll(fd, header + frame) }
+    }
+
+    /// The next frame from the guest; nil once QEMU is gone.
+    public func readFrame() -> [UInt8]? {
+        guard let h = Sockets.readExactly(fd, 4) else { return nil }
+        let n = Int(h[0]) << 24 | Int(h[1]) << 16 | Int(h[2]) << 8 | Int(h[3])
+        guard n > 0, n <= 65_536 else { return nil }
+        return Sockets.readExactly(fd, n)
+    }
+
+    public func close() {
+        lock.withLock {
+            guard !closed else { return }
+            closed = true
+            shutdown(fd, Int32(SHUT_RDWR))
+            Glibc.close(fd)
+        }
+    }
+}

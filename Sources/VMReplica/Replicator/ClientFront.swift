@@ -1,0 +1,94 @@
+// The client-facing side of a VM replica, for tests and demos: a TCP port where each line a
+// client sends becomes one UDP datagram to the guest's service, proposed to the input log,
+// and every guest answer the output guard releases is sent to every connected client as a
+// line. Clients match answers to their requests by content (the guest echoes an id).
+
+#if canImport(Glibc)
+import Glibc
+#endif
+import Foundation
+
+/// A line-based TCP front. `onLine` is called on the connection's thread for each line (without
+/// the newline); it answers errors through the reply closure it is given.
+public final class ClientFront: @unchecked Sendable {
+    // @unchecked Sendable: `connections` and `stopped` are only touched under `lock`.
+    public let port: Int
+    private let listener: Int32
+    private let lock = NSLock()
+    private var connections: [Int32] = []
+    private var stopped = false
+    private let onLine: @Sendable (_ line: [UInt8], _ reply: @escaping @Sendable (String) -> Void) -> Void
+
+    /// Lines longer than this close the connection (a datagram must fit one Ethernet frame).
+    public static let lineBytesMax = 1400
+
+    public init(address: String, onLine: @escaping @Sendable ([UInt8], @escaping @Sendable (String) -> Void) -> Void) throws {
+        guard let (host, port) = splitHostPort(address) else {
+            throw SocketError(operation: "parse front address", address: address, errno: EINVAL)
+        }
+        (listener, self.port) = try Sockets.listenTCP(host: host, port: port)
+        self.onLine = onLine
+        let t = Thread { [self] in acceptLoop() }
+        t.name = "plover-vm-front"
+        t.start()
+    }
+
+    /// Sends `bytes` to every connected client.
+    public func broadcast(_ bytes: [UInt8]) {
+        for fd in lock.withLock({ connections }) { Sockets.writeAll(fd, bytes) }
+    }
+
+    public func stop() {
+        let fds = lock.withLock { () -> [Int32] in
+            stopped = true
+            return connections
+        }
+        shutdown(listener, Int32(SHUT_RDWR))
+        for fd in fds { shutdown(fd, Int32(SHUT_RDWR)) }
+    }
+
+    private func acceptLoop() {
+        while true {
+            let fd = accept(listener, nil, nil)
+            if fd < 0 {
+                if errno == EINTR || errno == ECONNABORTED { continue }
+                break
+            }
+            var one: Int32 = 1
+            setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
+            let ok = lock.withLock { () -> Bool in
+                guard !stopped else { return false }
+                connections.append(fd)
+                return true
+            }
+            guard ok else { close(fd); break }
+            let t = Thread { [self] in serve(fd) }
+            t.name = "plover-vm-front-conn"
+            t.start()
+        }
+        close(listener)
+    }
+
+    private func serve(_ fd: Int32) {
+        var pending: [UInt8] = []
+        var chunk = [UInt8](repeating: 0, count: 4096)
+        let reply: @Sendable (String) -> Void = { Sockets.writeAll(fd, Array(($0 + "\n").utf8)) }
+        loop: while true {
+            let n = chunk.withUnsafeMutableBytes { read(fd, $0.baseAddress!, 4096) }
+            if n < 0 && errno == EINTR { continue }
+            guard n > 0 else { break }
+            pending += chunk[..<n]
+            while let nl = pending.firstIndex(of: 10) {
+                let line = Array(pending[..<nl])
+                pending.removeSubrange(...nl)
+                if !line.isEmpty { onLine(line, reply) }
+            }
+            if pending.count > Self.lineBytesMax {
+                reply("ERR line longer than \(Self.lineBytesMax) bytes")
+                break loop
+            }
+        }
+        lock.withLock { connections.removeAll { $0 == fd } }
+        close(fd)
+    }
+}

@@ -1,0 +1,79 @@
+// The `[vm]` table of a VM replica's config file (the rest is `plover node`'s NodeConfig).
+// Every key is listed in docs/operations.md, "VM replication".
+
+import Foundation
+import RDMAPaxos
+
+/// How one VM replica (primary or backup) runs its VM and talks to its peer.
+public struct VMConfig: Sendable, Equatable {
+    public var qemu: QEMUSettings
+    /// Sockets, QEMU logs and the checkpoint log (relative paths: relative to the config file).
+    public var runDir: String
+    /// host:port of the client-facing front (lines in, the guest's answers out).
+    public var frontAddress: String
+    /// host:port of this replica's syncvm endpoint (a TCP fabric; RDMA where available).
+    public var syncAddress: String
+    /// host:port where this replica's next QEMU receives device state (backup).
+    public var migrationAddress: String
+    /// The other VM replica (the witness runs no VM).
+    public var peer: NodeID
+    public var peerSyncAddress: String
+    public var peerMigrationAddress: String
+    /// The guest counts as idle when its QEMU uses less than this share of one core.
+    public var idleCPUPercent = 30
+    /// How long each idle measurement lasts.
+    public var idleWindowMilliseconds = 20
+    /// Held output older than this forces a checkpoint even if the guest is busy.
+    public var checkpointMaxMilliseconds = 1000
+    /// At least this long between the end of one checkpoint and the next: time for the backup's
+    /// fresh QEMU to replay inputs (under TCG it starts with a cold translation cache).
+    public var checkpointMinGapMilliseconds = 0
+    /// A sync or migration step that takes longer than this fails the checkpoint.
+    public var checkpointTimeoutMilliseconds = 20_000
+    /// Hash both whole RAM files at every checkpoint while paused and log the digests (tests).
+    public var recordRAMDigest = false
+    public var link = GuestLink()
+
+    /// Reads the `[vm]` table of `path`; relative paths there are relative to the file's directory.
+    public static func load(path: String) throws(ConfigError) -> VMConfig {
+        guard var r = try TableReader.section("vm", ofFile: path) else {
+            throw ConfigError(file: path, key: "vm", problem: "is required for a VM primary or backup: add a [vm] table (docs/operations.md, \"VM replication\")")
+        }
+        let base = (path as NSString).deletingLastPathComponent
+        func resolve(_ p: String) -> String { p.hasPrefix("/") || base.isEmpty ? p : base + "/" + p }
+        var q = QEMUSettings(kernel: resolve(try r.string("kernel")), initrd: resolve(try r.string("initrd")),
+                             ramFile: resolve(try r.string("ram_file")))
+        q.binary = try r.optionalString("qemu") ?? q.binary
+        q.append = try r.optionalString("append") ?? q.append
+        q.memoryMiB = try r.int("memory_mib", default: q.memoryMiB, range: 16...65_536)
+        func addr(_ key: String) throws(ConfigError) -> String { try r.address(try r.string(key), key: key) }
+        var c = VMConfig(qemu: q, runDir: resolve(try r.string("run_dir")),
+                         frontAddress: try addr("front_address"), syncAddress: try addr("sync_address"),
+                         migrationAddress: try addr("migration_address"), peer: try r.nodeID("peer"),
+                         peerSyncAddress: try addr("peer_sync_address"),
+                         peerMigrationAddress: try addr("peer_migration_address"))
+        c.idleCPUPercent = try r.int("idle_cpu_percent", default: c.idleCPUPercent, range: 1...100)
+        c.idleWindowMilliseconds = try r.int("idle_window_ms", default: c.idleWindowMilliseconds, range: 1...10_000)
+        c.checkpointMaxMilliseconds = try r.int("checkpoint_max_ms", default: c.checkpointMaxMilliseconds, range: 1...3_600_000)
+        c.checkpointMinGapMilliseconds = try r.int("checkpoint_min_gap_ms", default: 0, range: 0...3_600_000)
+        c.checkpointTimeoutMilliseconds = try r.int("checkpoint_timeout_ms", default: c.checkpointTimeoutMilliseconds, range: 100...3_600_000)
+        c.recordRAMDigest = try r.bool("record_ram_digest", default: false)
+        try r.finish()
+        for (k, v) in [("kernel", q.kernel), ("initrd", q.initrd)] where !FileManager.default.fileExists(atPath: v) {
+            throw ConfigError(file: path, key: "vm.\(k)", problem: "\(v) does not exist (build the guest with scripts/build-vm-guest.sh)")
+        }
+        return c
+    }
+
+    init(qemu: QEMUSettings, runDir: String, frontAddress: String, syncAddress: String, migrationAddress: String,
+         peer: NodeID, peerSyncAddress: String, peerMigrationAddress: String) {
+        self.qemu = qemu
+        self.runDir = runDir
+        self.frontAddress = frontAddress
+        self.syncAddress = syncAddress
+        self.migrationAddress = migrationAddress
+        self.peer = peer
+        self.peerSyncAddress = peerSyncAddress
+        self.peerMigrationAddress = peerMigrationAddress
+    }
+}

@@ -1,0 +1,96 @@
+// The replicated state machine of a VM replica: the VM's input log. Committed entries are not
+// interpreted here; they are handed, in log order, to whatever drives the local VM (nothing
+// on a witness, which only logs and acknowledges).
+
+import RDMAPaxos
+
+/// One entry of a VM's input log.
+public enum VMLogEntry: Equatable, Sendable {
+    /// An Ethernet frame for the guest's NIC.
+    case input(frame: [UInt8])
+    /// Both VM replicas pause at this log position and run syncvm; `proposer` is the VM primary
+    /// that asked for it, `epoch` counts its checkpoints.
+    case checkpoint(epoch: UInt64, proposer: NodeID)
+
+    public func encoded() -> [UInt8] {
+        switch self {
+        case let .input(frame): return [1] + frame
+        case let .checkpoint(epoch, proposer):
+            var b: [UInt8] = [2]
+            for i in (0..<8).reversed() { b.append(UInt8(epoch >> (8 * UInt64(i)) & 0xff)) }
+            for i in (0..<4).reversed() { b.append(UInt8(proposer >> (8 * UInt32(i)) & 0xff)) }
+            return b
+        }
+    }
+
+    public init(decoding b: [UInt8]) throws(DecodeError) {
+        switch b.first {
+        case 1? where b.count >= 15:  // at least an Ethernet header
+            self = .input(frame: Array(b.dropFirst()))
+        case 2? where b.count == 13:
+            let epoch = b[1..<9].reduce(UInt64(0)) { $0 << 8 | UInt64($1) }
+            let proposer = b[9..<13].reduce(UInt32(0)) { $0 << 8 | UInt32($1) }
+            self = .checkpoint(epoch: epoch, proposer: NodeID(proposer))
+        default:
+            throw DecodeError("VM log entry", "unknown kind \(b.first.map(String.init) ?? "(empty)") or wrong length \(b.count)")
+        }
+    }
+}
+
+/// The VM input log as a `StateMachine`: counts entries and passes each committed one to
+/// `deliver` (on the node's thread, so it must not block).
+public final class VMInputLog: StateMachine, @unchecked Sendable {
+    // @unchecked Sendable: the node calls apply/query/snapshot/restore from its one thread;
+    // the counters are read elsewhere only through `query` on that thread.
+    public private(set) var inputs: UInt64 = 0
+    public private(set) var checkpoints: UInt64 = 0
+    public private(set) var malformed: UInt64 = 0
+    public private(set) var appliedIndex: LogIndex = 0
+    let deliver: (@Sendable (LogIndex, VMLogEntry) -> Void)?
+    /// Called when the log jumped ahead by a snapshot: the local VM missed inputs.
+    let onRestore: (@Sendable (LogIndex) -> Void)?
+
+    public init(deliver: (@Sendable (LogIndex, VMLogEntry) -> Void)? = nil, onRestore: (@Sendable (LogIndex) -> Void)? = nil) {
+        self.deliver = deliver
+        self.onRestore = onRestore
+    }
+
+    public func apply(_ command: [UInt8], index: LogIndex) -> [UInt8] {
+        appliedIndex = index
+        guard let e = try? VMLogEntry(decoding: command) else {
+            malformed += 1
+            return [0]
+        }
+        switch e {
+        case .input: inputs += 1
+        case .checkpoint: checkpoints += 1
+        }
+        deliver?(index, e)
+        return [1]
+    }
+
+    /// `key=value` lines: inputs, checkpoints, malformed, applied_index.
+    public func query(_ query: [UInt8]) -> [UInt8] {
+        Array("inputs=\(inputs)\ncheckpoints=\(checkpoints)\nmalformed=\(malformed)\napplied_index=\(appliedIndex)".utf8)
+    }
+
+    /// Only the counters: the VM's state lives in the VM, not in the snapshot. A replica that
+    /// installs a snapshot has missed inputs and its VM needs re-protection (docs/design/vmreplica.md).
+    public func snapshot() -> [UInt8] {
+        var b: [UInt8] = []
+        for v in [inputs, checkpoints, malformed, appliedIndex] {
+            for i in (0..<8).reversed() { b.append(UInt8(v >> (8 * UInt64(i)) & 0xff)) }
+        }
+        return b
+    }
+
+    public func restore(_ snapshot: [UInt8], index: LogIndex) throws {
+        guard snapshot.count == 32 else { throw DecodeError("VM log snapshot", "\(snapshot.count) bytes, expected 32") }
+        let v = (0..<4).map { k in snapshot[(k * 8)..<(k * 8 + 8)].reduce(UInt64(0)) { $0 << 8 | UInt64($1) } }
+        inputs = v[0]
+        checkpoints = v[1]
+        malformed = v[2]
+        appliedIndex = max(v[3], index)
+        onRestore?(index)
+    }
+}

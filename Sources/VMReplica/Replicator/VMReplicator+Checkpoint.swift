@@ -1,0 +1,257 @@
+// One checkpoint on each side: both VMs pause at the same log position, syncvm makes the
+// backup's RAM equal to the primary's, QEMU migration with x-ignore-shared moves CPU and device
+// state into a fresh QEMU on the backup, both resume, and the primary releases the output the
+// checkpoint covers. Order and failure handling: docs/design/vmreplica.md, "Checkpoint".
+
+#if canImport(Glibc)
+import Glibc
+#endif
+import Foundation
+import RDMAPaxos
+
+/// What one checkpoint did, one line of `checkpoints.log` in the run directory.
+struct CheckpointRecord {
+    var epoch: UInt64
+    var index: LogIndex
+    var role: VMReplicator.Role
+    var ok = false
+    var error: String?
+    var pause: Duration = .zero
+    var sync: Duration = .zero
+    var migrate: Duration = .zero
+    /// The hash-diff scan of all guest RAM that finds this side's dirty pages.
+    var scan: Duration = .zero
+    /// Primary: waiting, VM still running, for the backup to be paused and ready.
+    var wait: Duration = .zero
+    var stats: SyncStats?
+    var released = 0
+    var ramDigest: UInt64?
+
+    var line: String {
+        func ms(_ d: Duration) -> String { String(format: "%.2f", Double(d.components.seconds) * 1000 + Double(d.components.attoseconds) / 1e15) }
+        var f = ["epoch=\(epoch)", "index=\(index)", "role=\(role.rawValue)", "ok=\(ok)", "pause_ms=\(ms(pause))",
+                 "wait_ms=\(ms(wait))", "scan_ms=\(ms(scan))", "sync_ms=\(ms(sync))", "migrate_ms=\(ms(migrate))"]
+        if let s = stats {
+            f += ["primary_dirty=\(s.primaryDirtyPages)", "backup_dirty=\(s.backupDirtyPages)", "union=\(s.unionPages)",
+                  "divergent=\(s.divergentPages)", "page_bytes=\(s.pageBytesSent)", "control_bytes=\(s.controlBytes)",
+                  "all_dirty_bytes=\(s.primaryDirtyPages * s.geometry.pageSize)", "hash_ms=\(ms(s.phases.hashing))",
+                  "handshake_ms=\(ms(s.phases.handshake))", "transfer_ms=\(ms(s.phases.transfer))"]
+        }
+        if role == .primary { f.append("released=\(released)") }
+        if let d = ramDigest { f.append("ram_digest=\(String(d, radix: 16))") }
+        if let e = error { f.append("error=\"\(e.replacingOccurrences(of: "\"", with: "'"))\"") }
+        return f.joined(separator: " ")
+    }
+}
+
+/// Result of an async call awaited from a plain thread.
+private final class Box<T>: @unchecked Sendable {
+    // @unchecked Sendable: written once before the semaphore is signalled, read after.
+    var result: Result<T, any Error>?
+}
+
+extension VMReplicator {
+    /// Runs `body` on the concurrency pool and waits for it on this (non-pool) thread. After
+    /// `timeout` the sync link is closed, which fails whatever the sync was waiting for.
+    func blocking<T: Sendable>(timeout: Duration, _ body: @escaping @Sendable () async throws -> T) throws -> T {
+        let box = Box<T>()
+        let done = DispatchSemaphore(value: 0)
+        Task {
+            do { box.result = .success(try await body()) } catch { box.result = .failure(error) }
+            done.signal()
+        }
+        let ns = Int(timeout.components.seconds) * 1_000_000_000 + Int(timeout.components.attoseconds / 1_000_000_000)
+        if done.wait(timeout: .now() + .nanoseconds(ns)) == .timedOut {
+            lock.withLock { channel }?.close()
+            done.wait()
+        }
+        return try box.result!.get()
+    }
+
+    var checkpointTimeout: Duration { .milliseconds(config.checkpointTimeoutMilliseconds) }
+
+    /// Whole-RAM digest: XXH3 over every page's hash (only with `record_ram_digest`).
+    func ramDigest() -> UInt64? {
+        guard config.recordRAMDigest else { return nil }
+        let hashes = pool.hashAllPages(of: memory, seed: 0)
+        return hashes.withUnsafeBytes { pool.function.hash($0, seed: 0) }
+    }
+
+    func record(_ r: CheckpointRecord) {
+        let line = r.line
+        if r.ok { logger.info("vm: checkpoint \(line)") } else { logger.error("vm: checkpoint failed \(line)") }
+        let path = config.runDir + "/checkpoints.log"
+        if !FileManager.default.fileExists(atPath: path) { _ = FileManager.default.createFile(atPath: path, contents: nil) }
+        if let h = FileHandle(forWritingAtPath: path) {
+            h.seekToEndOfFile()
+            h.write(Data((line + "\n").utf8))
+            try? h.close()
+        }
+    }
+
+    /// Waits until `check` holds, polling every millisecond.
+    func poll(_ what: String, timeout: Duration, _ check: () throws -> Bool) throws {
+        let deadline = ContinuousClock.now + timeout
+        while try !check() {
+            guard ContinuousClock.now < deadline else { throw QMPError(socket: "-", problem: "\(what) did not happen within \(timeout)") }
+            usleep(1000)
+        }
+    }
+
+    // MARK: Ready handshake
+
+    /// Backup → primary before the sync: "paused at checkpoint `epoch` and scanned". Not a
+    /// syncvm frame: the primary's replica process reads it before the engine runs.
+    static func readyFrame(epoch: UInt64) -> [UInt8] {
+        [0xEE] + (0..<8).reversed().map { UInt8(epoch >> (8 * UInt64($0)) & 0xff) }
+    }
+
+    /// Waits for the backup's ready frame for `epoch`, skipping stale ones from checkpoints the
+    /// primary already gave up on.
+    static func awaitReady(_ ch: some SyncChannel, epoch: UInt64) async throws {
+        while true {
+            let f = try await ch.receive()
+            guard f.count == 9, f[0] == 0xEE else { throw SyncError.unexpectedMessage(expected: "ready", got: "a \(f.count)-byte frame") }
+            let e = f[1...].reduce(UInt64(0)) { $0 << 8 | UInt64($1) }
+            if e == epoch { return }
+            guard e < epoch else { throw SyncError.wrongSession(expected: epoch, got: e) }
+        }
+    }
+
+    // MARK: Primary
+
+    func primaryCheckpoint(epoch: UInt64, index: LogIndex) {
+        var r = CheckpointRecord(epoch: epoch, index: index, role: .primary)
+        defer { record(r) }
+        guard let q = lock.withLock({ current }) else { r.error = "no VM"; return }
+        guard let ch = waitForChannel(timeout: checkpointTimeout) else { r.error = "syncvm link to node \(config.peer) is not up"; return }
+        // The primary keeps running until the backup has reached this log position, paused and
+        // scanned: the driver writes no input past the checkpoint, so the state the primary
+        // stops in is still "every input up to the checkpoint", just later in guest time.
+        let waitStart = ContinuousClock.now
+        do {
+            try blocking(timeout: checkpointTimeout) { try await Self.awaitReady(ch, epoch: epoch) }
+        } catch { r.error = "backup not ready for checkpoint \(epoch): \(error)"; return }
+        r.wait = ContinuousClock.now - waitStart
+        let start = ContinuousClock.now
+        do {
+            try q.qmp.execute("stop")
+        } catch { r.error = "stop: \(error)"; return }
+        // Everything read from the guest so far was produced before the pause.
+        let cut = outputs.cut()
+        var resumed = false
+        defer { if !resumed { _ = try? q.qmp.execute("cont") } }
+        do {
+            // Until the first sync nothing says which pages are equal: all pages are candidates.
+            let scanStart = ContinuousClock.now
+            let dirty = hashDiff?.collect() ?? DirtyBitmap.all(pageCount: memory.pageCount)
+            r.scan = ContinuousClock.now - scanStart
+            let engine = SyncPrimary(memory: memory, pool: pool)
+            let result = try blocking(timeout: checkpointTimeout) { try await engine.run(dirty: dirty, over: ch, session: epoch) }
+            r.stats = result.stats
+            r.sync = ContinuousClock.now - start
+            r.ramDigest = ramDigest()
+            if hashDiff == nil { hashDiff = HashDiffDirtySource(memory: memory, pool: pool) }
+            let m = ContinuousClock.now
+            try q.qmp.execute("migrate", ["uri": "tcp:\(config.peerMigrationAddress)"])
+            try poll("migration of device state to node \(config.peer)", timeout: checkpointTimeout) {
+                let (s, info) = try q.qmp.migrationStatus()
+                if s == "failed" || s == "cancelled" { throw QMPError(socket: q.qmp.path, problem: "migration \(s): \(info["error-desc"] ?? "")") }
+                return s == "completed"
+            }
+            r.migrate = ContinuousClock.now - m
+            try q.qmp.execute("cont")
+            resumed = true
+            r.pause = ContinuousClock.now - start
+            let out = outputs.release(through: cut)
+            for p in out { front?.broadcast(p) }
+            r.released = out.count
+            r.ok = true
+        } catch {
+            // Output stays held: only a later complete checkpoint may release it. The dirty
+            // pages collected above are forgotten with the baseline: the next sync compares all.
+            hashDiff = nil
+            r.error = "\(error)"
+            r.pause = ContinuousClock.now - start
+        }
+    }
+
+    // MARK: Backup
+
+    func backupCheckpoint(epoch: UInt64, index: LogIndex) {
+        var r = CheckpointRecord(epoch: epoch, index: index, role: .backup)
+        defer { record(r) }
+        guard lock.withLock({ unusable == nil }), let old = lock.withLock({ current }) else { r.error = "VM unusable"; return }
+        // Clients have seen this VM's own answers: overwriting it with the primary's state could
+        // contradict them. The primary's checkpoint fails and it keeps its output held.
+        guard !lock.withLock({ tookOver }) else { r.error = "this backup took over and no longer accepts checkpoints"; return }
+        let start = ContinuousClock.now
+        do { try old.qmp.execute("stop") } catch { r.error = "stop: \(error)"; return }
+        // Resume the old QEMU unless its RAM was touched or the new one took over.
+        var resumeOld = true
+        defer {
+            if resumeOld { _ = try? old.qmp.execute("cont") }
+            r.pause = ContinuousClock.now - start
+        }
+        // The standby QEMU was started after the previous checkpoint; wait for it if it is slow.
+        var next: QEMUInstance?
+        try? poll("standby QEMU", timeout: checkpointTimeout) {
+            next = lock.withLock { spare }
+            return next != nil
+        }
+        guard let next else { r.error = "no standby QEMU for the device state"; return }
+        guard let ch = waitForChannel(timeout: checkpointTimeout) else { r.error = "syncvm link to node \(config.peer) is not up"; return }
+        do {
+            try next.qmp.execute("migrate-incoming", ["uri": "tcp:\(config.migrationAddress)"])
+        } catch { r.error = "migrate-incoming: \(error)"; return }
+        let scanStart = ContinuousClock.now
+        let dirty = hashDiff?.collect() ?? DirtyBitmap.all(pageCount: memory.pageCount)
+        r.scan = ContinuousClock.now - scanStart
+        let state = MemorySyncStateStore(.inSync(session: 0))
+        let engine = SyncBackup(memory: memory, pool: pool, state: state)
+        let result: SyncResult
+        do {
+            try blocking(timeout: checkpointTimeout) { try await ch.send(Self.readyFrame(epoch: epoch)) }
+            result = try blocking(timeout: checkpointTimeout) { try await engine.run(dirty: dirty, over: ch, expectedSession: epoch) }
+        } catch {
+            r.error = "\(error)"
+            if !state.load().isInSync {
+                resumeOld = false
+                markUnusable("checkpoint \(epoch) stopped after pages were written (\(error))")
+            } else if hashDiff != nil {
+                // Nothing was written; the collect() above moved the baseline, so put the pages
+                // it found back in play by forgetting the baseline (next sync compares all pages).
+                hashDiff = nil
+            }
+            return
+        }
+        r.stats = result.stats
+        r.sync = ContinuousClock.now - start
+        if let h = hashDiff { h.syncCompleted(rewrote: result.divergent) } else { hashDiff = HashDiffDirtySource(memory: memory, pool: pool) }
+        r.ramDigest = ramDigest()
+        // From here the old QEMU's RAM is the primary's; it must not run again.
+        resumeOld = false
+        let m = ContinuousClock.now
+        do {
+            var status = ""
+            try poll("device state from node \(config.peer)", timeout: checkpointTimeout) {
+                status = try next.qmp.status()
+                return status != "inmigrate"
+            }
+            if status != "running" { try next.qmp.execute("cont") }
+        } catch {
+            r.error = "\(error)"
+            markUnusable("checkpoint \(epoch): RAM synced but device state never arrived (\(error))")
+            return
+        }
+        r.migrate = ContinuousClock.now - m
+        lock.withLock {
+            current = next
+            spare = nil
+        }
+        startReader(next)
+        old.kill()
+        startSpare()
+        r.ok = true
+    }
+}

@@ -1,0 +1,325 @@
+// A VM replica (PLOVER's primary or backup) around one RDMAPaxos node: the VM's inputs go
+// through the log, committed inputs enter the guest's NIC in log order on both replicas, the
+// primary's output waits in the output guard for the covering syncvm. Design and the order of
+// every step: docs/design/vmreplica.md.
+
+#if canImport(Glibc)
+import Glibc
+#endif
+import Foundation
+import Logging
+import RDMAPaxos
+
+/// One VM replica. `start` boots the VM, opens the syncvm link and the front; the caller then
+/// starts the consensus node with `inputLog` as its state machine and hands it to `attach`.
+public final class VMReplicator: @unchecked Sendable {
+    // @unchecked Sendable: `lock` guards `current`, `spare`, `channel`, `inFlight`, `unusable`,
+    // `stopped`; the checkpoint fields (`hashDiff`, `epoch` counters) belong to the driver thread.
+    public enum Role: String, Sendable, CaseIterable {
+        /// Prefers to lead; runs checkpoints as the syncvm primary.
+        case primary
+        /// Replays inputs, drops output, receives checkpoints; takes over when it leads.
+        case backup
+    }
+
+    public let role: Role
+    public let me: NodeID
+    public let config: VMConfig
+    let logger: Logger
+    let clusterKey: ClusterKey
+    let outputs = OutputGuard()
+    let pool = PageHashPool(threadCount: 2)
+
+    let lock = NSLock()
+    var current: QEMUInstance?
+    var spare: QEMUInstance?
+    var channel: FabricSyncChannel?
+    var inFlight = false
+    /// When the last checkpoint this primary ran ended (for `checkpoint_min_gap_ms`).
+    var lastCheckpointEnd = ContinuousClock.now
+    var unusable: String?
+    /// Backup: it released output of its own as leader. From then its VM's state is what clients
+    /// saw, so no checkpoint may overwrite it (see `backupCheckpoint`).
+    var tookOver = false
+    var stopped = false
+    var qemuSerial = 0
+    /// Serializes QEMU starts: each one's NIC connection is the next one accepted.
+    let launchLock = NSLock()
+
+    var node: ReplicaNode?
+    var front: ClientFront?
+    var memory: GuestMemory!
+    var endpoint: FabricSyncChannel.Endpoint?
+    var syncFabric: (any Fabric)?
+    var nicListener: Int32 = -1
+    var nicPath: String { config.runDir + "/nic.sock" }
+
+    // Driver-thread state.
+    let queueCond = NSCondition()
+    var queue: [(LogIndex, VMLogEntry)] = []
+    var hashDiff: HashDiffDirtySource?
+    var nextEpoch: UInt64 = 1
+    var otherFrames: UInt64 = 0
+
+    public init(role: Role, me: NodeID, config: VMConfig, clusterKey: ClusterKey, logger: Logger) {
+        self.role = role
+        self.me = me
+        self.config = config
+        self.clusterKey = clusterKey
+        self.logger = logger
+    }
+
+    /// The state machine to run the node with: committed entries go to this replica's VM driver.
+    public lazy var inputLog: VMInputLog = VMInputLog(
+        deliver: { [weak self] index, entry in self?.enqueue(index, entry) },
+        onRestore: { [weak self] index in
+            self?.markUnusable("the log was restored from a snapshot at \(index): this VM missed inputs and needs re-protection")
+        })
+
+    /// Boots the VM (and, on the backup, the first standby QEMU) and starts the syncvm link.
+    public func start() async throws {
+        try FileManager.default.createDirectory(atPath: config.runDir, withIntermediateDirectories: true)
+        unlink(config.qemu.ramFile)
+        nicListener = try Sockets.listenUnix(nicPath)
+        let first = try launchLock.withLock { try launch(incoming: false) }
+        try first.qmp.execute("migrate-set-capabilities", ["capabilities": [["capability": "x-ignore-shared", "state": true]]])
+        lock.withLock { current = first }
+        startReader(first)
+        let fabricConfig = FabricSyncChannel.Configuration()
+        memory = try GuestMemory(mappingFile: config.qemu.ramFile, writable: role == .backup,
+                                 trailingBytes: role == .backup ? fabricConfig.mailboxBytes : 0)
+        if role == .backup { startSpare() }
+        guard let (host, port) = splitHostPort(config.syncAddress) else { throw SocketError(operation: "parse", address: config.syncAddress, errno: EINVAL) }
+        let fabric = try TCPFabric(node: me, configuration: TCPFabric.Configuration(clusterKey: clusterKey.bytes, members: [me, config.peer]))
+        syncFabric = fabric
+        let at = PeerAddress(node: me, host: host, port: port)
+        endpoint = role == .primary
+            ? try await FabricSyncChannel.Endpoint.primary(fabric: fabric, listenAt: at, configuration: fabricConfig)
+            : try await FabricSyncChannel.Endpoint.backup(memory: memory, fabric: fabric, listenAt: at, configuration: fabricConfig)
+        Task { await self.connectLoop() }
+        let driver = Thread { [self] in driverLoop() }
+        driver.name = "plover-vm-driver"
+        driver.start()
+    }
+
+    /// Starts serving clients and (primary) scheduling checkpoints, once the node runs.
+    public func attach(_ node: ReplicaNode) throws {
+        self.node = node
+        front = try ClientFront(address: config.frontAddress) { [weak self] line, reply in self?.frontLine(line, reply: reply) }
+        if role == .primary {
+            let t = Thread { [self] in schedulerLoop() }
+            t.name = "plover-vm-scheduler"
+            t.start()
+        }
+    }
+
+    /// Kills the QEMUs, closes the front and the link. The node is the caller's to stop.
+    public func stop() {
+        lock.withLock { stopped = true }
+        // A standby QEMU being started now either finishes and is registered, or sees `stopped`
+        // and kills itself, before this returns: none outlives the replica process.
+        let (a, b, ch) = launchLock.withLock {
+            lock.withLock { () -> (QEMUInstance?, QEMUInstance?, FabricSyncChannel?) in
+                defer { current = nil; spare = nil }
+                return (current, spare, channel)
+            }
+        }
+        front?.stop()
+        ch?.close()
+        syncFabric?.close()
+        a?.kill()
+        b?.kill()
+        queueCond.withLock { queueCond.broadcast() }
+    }
+
+    /// A one-line summary for logs and `plover vm` status output.
+    public var summary: String {
+        let (u, inflight) = lock.withLock { (unusable, inFlight) }
+        return "role=\(role.rawValue) held=\(outputs.heldCount) released=\(outputs.releasedCount) dropped=\(outputs.droppedCount) checkpoint_in_flight=\(inflight)" + (u.map { " unusable=\($0)" } ?? "")
+    }
+
+    func markUnusable(_ why: String) {
+        lock.withLock { if unusable == nil { unusable = why } }
+        logger.error("vm: this replica's VM can no longer take over: \(why)")
+    }
+
+    // MARK: QEMU
+
+    /// Starts the next QEMU. Callers hold `launchLock`.
+    func launch(incoming: Bool) throws -> QEMUInstance {
+        let n = lock.withLock { qemuSerial += 1; return qemuSerial }
+        return try QEMUInstance.launch(config.qemu, name: "qemu-\(n)", runDir: config.runDir, nicListener: nicListener,
+                                       nicSocket: nicPath, incoming: incoming)
+    }
+
+    /// Backup: a `-incoming defer` QEMU for the next checkpoint, started outside the pause.
+    func startSpare() {
+        let t = Thread { [self] in
+            launchLock.withLock {
+                guard !lock.withLock({ stopped }) else { return }
+                do {
+                    let q = try launch(incoming: true)
+                    do {
+                        try q.qmp.execute("migrate-set-capabilities", ["capabilities": [["capability": "x-ignore-shared", "state": true]]])
+                    } catch {
+                        q.kill()
+                        throw error
+                    }
+                    let keep = lock.withLock { () -> Bool in
+                        guard !stopped else { return false }
+                        spare = q
+                        return true
+                    }
+                    if !keep { q.kill() }
+                } catch {
+                    logger.error("vm: cannot start the standby QEMU for the next checkpoint: \(error)")
+                }
+            }
+        }
+        t.name = "plover-vm-spare"
+        t.start()
+    }
+
+    /// Reads what `q`'s guest sends and applies the output rule to the answers.
+    func startReader(_ q: QEMUInstance) {
+        let t = Thread { [self] in
+            while let frame = q.nic.readFrame() {
+                guard let payload = config.link.answerPayload(frame) else { continue }
+                handleOutput(payload, from: q)
+            }
+        }
+        t.name = "plover-vm-nic-\(q.name)"
+        t.start()
+    }
+
+    func handleOutput(_ payload: [UInt8], from q: QEMUInstance) {
+        let (isCurrent, broken) = lock.withLock { (current === q, unusable != nil) }
+        guard isCurrent, let node, node.status.role == .leader else {
+            outputs.drop()
+            logger.debug("vm: dropped output from \(q.name) (current \(isCurrent)): \(String(decoding: payload, as: UTF8.self))")
+            return
+        }
+        switch role {
+        case .primary:
+            outputs.hold(payload)
+        case .backup:
+            // Took over: no backup of its own to wait for (re-protection is not built), so
+            // output goes out at once — unless a failed sync left this VM inconsistent.
+            if broken { outputs.drop(); return }
+            let first = lock.withLock { () -> Bool in
+                defer { tookOver = true }
+                return !tookOver
+            }
+            if first { logger.notice("vm: backup \(me) leads and releases its own VM's output from now on (took over)") }
+            outputs.passedThrough()
+            front?.broadcast(payload)
+        }
+    }
+
+    // MARK: Inputs
+
+    func frontLine(_ line: [UInt8], reply: @escaping @Sendable (String) -> Void) {
+        guard let node else { reply("ERR starting"); return }
+        let frame = config.link.requestFrame(payload: line + [10])
+        Task {
+            do { _ = try await node.propose(VMLogEntry.input(frame: frame).encoded()) } catch { reply("ERR \(error)") }
+        }
+    }
+
+    func enqueue(_ index: LogIndex, _ entry: VMLogEntry) {
+        queueCond.withLock {
+            queue.append((index, entry))
+            queueCond.signal()
+        }
+    }
+
+    func driverLoop() {
+        while true {
+            let batch = queueCond.withLock { () -> [(LogIndex, VMLogEntry)]? in
+                while queue.isEmpty && !lock.withLock({ stopped }) { queueCond.wait() }
+                if lock.withLock({ stopped }) { return nil }
+                defer { queue = [] }
+                return queue
+            }
+            guard let batch else { return }
+            for (index, entry) in batch {
+                switch entry {
+                case let .input(frame):
+                    let q = lock.withLock { current }
+                    let ok = q?.nic.write(frame: frame)
+                    logger.debug("vm: input \(index) into \(q?.name ?? "no VM"): \(ok ?? false)")
+                case let .checkpoint(epoch, proposer):
+                    if role == .primary && proposer == me {
+                        primaryCheckpoint(epoch: epoch, index: index)
+                        lock.withLock {
+                            inFlight = false
+                            lastCheckpointEnd = .now
+                        }
+                    } else if role == .backup && proposer == config.peer {
+                        backupCheckpoint(epoch: epoch, index: index)
+                    }
+                }
+            }
+        }
+    }
+
+    // MARK: Sync link
+
+    func connectLoop() async {
+        guard let endpoint, let (host, port) = splitHostPort(config.peerSyncAddress) else { return }
+        while !lock.withLock({ stopped || channel != nil }) {
+            do {
+                let ch = try await endpoint.connect(to: PeerAddress(node: config.peer, host: host, port: port))
+                lock.withLock { channel = ch }
+                logger.info("vm: syncvm link to node \(config.peer) is up")
+            } catch {
+                try? await Task.sleep(for: .milliseconds(200))
+            }
+        }
+    }
+
+    func waitForChannel(timeout: Duration) -> FabricSyncChannel? {
+        let deadline = ContinuousClock.now + timeout
+        while ContinuousClock.now < deadline {
+            if let c = lock.withLock({ channel }) { return c }
+            usleep(20_000)
+        }
+        return nil
+    }
+
+    // MARK: Checkpoint scheduling (primary)
+
+    /// PLOVER's trigger: output is waiting and the guest went idle (its QEMU's CPU rate fell
+    /// below the threshold for one window), or the oldest held output reached the max period.
+    func schedulerLoop() {
+        var meter: CPUMeter?
+        var rate: Double?
+        let window = Double(config.idleWindowMilliseconds) / 1000
+        let maxAge = Duration.milliseconds(config.checkpointMaxMilliseconds)
+        while !lock.withLock({ stopped }) {
+            Thread.sleep(forTimeInterval: window)
+            // Sample every window while leading, so a decision never waits for a first sample.
+            guard let node, node.status.role == .leader, let q = lock.withLock({ current }) else {
+                meter = nil
+                continue
+            }
+            if meter?.pid != q.pid { meter = CPUMeter(pid: q.pid) }
+            rate = meter!.sample()
+            let minGap = Duration.milliseconds(config.checkpointMinGapMilliseconds)
+            guard !lock.withLock({ inFlight || ContinuousClock.now - lastCheckpointEnd < minGap }),
+                  let oldest = outputs.oldestHeld else { continue }
+            let idle = rate.map { $0 * 100 < Double(config.idleCPUPercent) } ?? false
+            guard idle || ContinuousClock.now - oldest >= maxAge else { continue }
+            let epoch = nextEpoch
+            nextEpoch += 1
+            lock.withLock { inFlight = true }
+            let entry = VMLogEntry.checkpoint(epoch: epoch, proposer: me).encoded()
+            Task {
+                do { _ = try await node.propose(entry) } catch {
+                    self.logger.warning("vm: checkpoint \(epoch) not committed: \(error)")
+                    self.lock.withLock { self.inFlight = false }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,272 @@
+import Foundation
+import RDMAPaxos
+
+/// PLOVER's shape on loopback: `plover vm primary` (node 1), `plover vm backup` (node 2) and
+/// `plover vm witness` (node 3), each with its own config, run directory and log file. Used by
+/// the VM end-to-end test and `plover bench vm`.
+final class VMCluster {
+    let root: String
+    let executable: String
+    let kernel: String
+    let initrd: String
+    /// Distinguishes this cluster's RAM files in /dev/shm.
+    let tag = String(UInt32.random(in: 0...UInt32.max), radix: 16)
+    var peers: [NodeID: String] = [:]
+    var clients: [NodeID: String] = [:]
+    var fronts: [NodeID: String] = [:]
+    var syncs: [NodeID: String] = [:]
+    var migrations: [NodeID: String] = [:]
+    var processes: [NodeID: Process] = [:]
+    /// Extra lines for both VM replicas' [vm] tables (e.g. "record_ram_digest = true").
+    let vmExtra: String
+
+    init(root: String, kernel: String, initrd: String, vmExtra: String = "", executable: String = selfExecutable()) throws {
+        self.root = root
+        self.kernel = kernel
+        self.initrd = initrd
+        self.executable = executable
+        self.vmExtra = vmExtra
+        let fm = FileManager.default
+        try fm.createDirectory(atPath: root, withIntermediateDirectories: true)
+        let hex = (0..<32).map { _ in String(format: "%02x", UInt8.random(in: 0...255)) }.joined()
+        _ = fm.createFile(atPath: root + "/cluster.key", contents: Data((hex + "\n").utf8), attributes: [.posixPermissions: 0o600])
+        for id: NodeID in [1, 2, 3] {
+            peers[id] = "127.0.0.1:\(try freePort())"
+            clients[id] = "127.0.0.1:\(try freePort())"
+        }
+        for id: NodeID in [1, 2] {
+            fronts[id] = "127.0.0.1:\(try freePort())"
+            syncs[id] = "127.0.0.1:\(try freePort())"
+            migrations[id] = "127.0.0.1:\(try freePort())"
+        }
+        for id: NodeID in [1, 2, 3] { try config(for: id).write(toFile: configPath(id), atomically: true, encoding: .utf8) }
+    }
+
+    func configPath(_ id: NodeID) -> String { root + "/vm-\(id).toml" }
+    func logPath(_ id: NodeID) -> String { root + "/vm-\(id).log" }
+    func runDir(_ id: NodeID) -> String { root + "/run-\(id)" }
+    func ramFile(_ id: NodeID) -> String { "/dev/shm/plover-vm-\(tag)-\(id).ram" }
+    static let roles: [NodeID: String] = [1: "primary", 2: "backup", 3: "witness"]
+
+    func config(for id: NodeID) -> String {
+        var s = """
+            # VM replica \(id) (\(Self.roles[id]!)) of a plover VM cluster.
+            id = \(id)
+            data_dir = "data-\(id)"
+            durability = "async"
+            fabric = "tcp"
+            cluster_key_file = "cluster.key"
+
+            [timing]
+            tick_ms = 10
+            election_timeout_ticks = 60
+            heartbeat_ticks = 2
+
+            """
+        for m: NodeID in [1, 2, 3] {
+            s += """
+                [[members]]
+                id = \(m)
+                address = "\(peers[m]!)"
+                client_address = "\(clients[m]!)"
+                role = "\(m == 3 ? "witness" : "voter")"
+                priority = \(m == 1 ? 2 : m == 2 ? 1 : 0)
+
+                """
+        }
+        if id != 3 {
+            let peer: NodeID = id == 1 ? 2 : 1
+            s += """
+                [vm]
+                kernel = "\(kernel)"
+                initrd = "\(initrd)"
+                ram_file = "\(ramFile(id))"
+                run_dir = "run-\(id)"
+                front_address = "\(fronts[id]!)"
+                sync_address = "\(syncs[id]!)"
+                migration_address = "\(migrations[id]!)"
+                peer = \(peer)
+                peer_sync_address = "\(syncs[peer]!)"
+                peer_migration_address = "\(migrations[peer]!)"
+                \(vmExtra)
+
+                """
+        }
+        return s
+    }
+
+    func start(_ id: NodeID) throws {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: executable)
+        p.arguments = ["vm", Self.roles[id]!, "--config", configPath(id)]
+        _ = FileManager.default.createFile(atPath: logPath(id), contents: nil)
+        let log = try FileHandle(forWritingTo: URL(fileURLWithPath: logPath(id)))
+        p.standardOutput = log
+        p.standardError = log
+        try p.run()
+        ChildProcesses.register(p.processIdentifier)
+        processes[id] = p
+    }
+
+    func startAll() throws { for id: NodeID in [1, 2, 3] { try start(id) } }
+
+    /// The pids of the QEMUs replica `id` started (from their -pidfile files), which are
+    /// removed as they are read: each QEMU is killed once, never a later process with its pid.
+    func takeQEMUPIDs(_ id: NodeID) -> [pid_t] {
+        let dir = runDir(id)
+        let files = (try? FileManager.default.contentsOfDirectory(atPath: dir)) ?? []
+        return files.filter { $0.hasSuffix(".pid") }.compactMap { f in
+            defer { unlink(dir + "/" + f) }
+            return (try? String(contentsOfFile: dir + "/" + f, encoding: .utf8)).flatMap { pid_t($0.trimmingCharacters(in: .whitespacesAndNewlines)) }
+        }
+    }
+
+    /// kill -9 the replica and every QEMU it started.
+    func kill(_ id: NodeID) {
+        if let p = processes.removeValue(forKey: id) {
+            Glibc.kill(p.processIdentifier, SIGKILL)
+            p.waitUntilExit()
+            ChildProcesses.unregister(p.processIdentifier)
+        }
+        for pid in takeQEMUPIDs(id) { Glibc.kill(pid, SIGKILL) }
+    }
+
+    /// Stops everything (SIGTERM, then SIGKILL), kills leftover QEMUs, removes the RAM files.
+    func stopAll() {
+        for (_, p) in processes { ChildProcesses.stop(p) }
+        processes = [:]
+        for id: NodeID in [1, 2] {
+            for pid in takeQEMUPIDs(id) { Glibc.kill(pid, SIGKILL) }
+            unlink(ramFile(id))
+        }
+    }
+
+    /// Kills the QEMUs recorded in each run directory and removes the RAM files (for an
+    /// interrupt handler, which cannot hold the cluster).
+    static func killQEMUs(_ dirsAndRAM: [(String, String)]) {
+        for (dir, ram) in dirsAndRAM {
+            for f in (try? FileManager.default.contentsOfDirectory(atPath: dir)) ?? [] where f.hasSuffix(".pid") {
+                if let s = try? String(contentsOfFile: dir + "/" + f, encoding: .utf8), let pid = pid_t(s.trimmingCharacters(in: .whitespacesAndNewlines)) {
+                    Glibc.kill(pid, SIGKILL)
+                }
+                unlink(dir + "/" + f)
+            }
+            unlink(ram)
+        }
+    }
+
+    /// Parsed lines of replica `id`'s checkpoints.log.
+    func checkpoints(_ id: NodeID) -> [[String: String]] {
+        let text = (try? String(contentsOfFile: runDir(id) + "/checkpoints.log", encoding: .utf8)) ?? ""
+        return text.split(separator: "\n").map { line -> [String: String] in
+            var d: [String: String] = [:]
+            for f in line.split(separator: " ") {
+                guard let eq = f.firstIndex(of: "=") else { continue }
+                d[String(f[..<eq])] = String(f[eq...].dropFirst())
+            }
+            return d
+        }
+    }
+
+    func logTails(lines: Int = 8) -> String {
+        [1, 2, 3].map { (id: NodeID) in
+            let text = (try? String(contentsOfFile: logPath(id), encoding: .utf8)) ?? "(no log)"
+            return "vm \(id):\n" + text.split(separator: "\n").suffix(lines).map { "  " + $0 }.joined(separator: "\n")
+        }.joined(separator: "\n")
+    }
+}
+
+/// A client of the VM's counter service through the replicas' fronts: sends "INC|GET name seq",
+/// waits for the answer "name seq value", resends (same seq) on silence and moves to the next
+/// front when one refuses or disappears.
+final class CounterClient {
+    let name: String
+    let fronts: [String]
+    var current = 0
+    var fd: Int32 = -1
+    var buffer: [UInt8] = []
+    var seq: UInt64 = 0
+    /// Resends that were needed (silence or a refused front).
+    var retries = 0
+
+    init(name: String, fronts: [String]) {
+        self.name = name
+        self.fronts = fronts
+    }
+
+    deinit { if fd >= 0 { close(fd) } }
+
+    /// Sends the next request and returns the counter value in its answer.
+    /// `extra` follows the sequence number (PUT's size in KiB).
+    func request(_ op: String = "INC", extra: String = "", timeout: Duration = .seconds(60), resendAfter: Duration = .seconds(3)) throws -> UInt64 {
+        seq += 1
+        let line = "\(op) \(name) \(seq)\(extra)"
+        let deadline = ContinuousClock.now + timeout
+        while ContinuousClock.now < deadline {
+            if fd < 0 { connectNext() }
+            if fd >= 0, write(line + "\n"), let v = awaitAnswer(until: min(deadline, ContinuousClock.now + resendAfter)) { return v }
+            retries += 1
+        }
+        throw CLIError("no answer to \"\(line)\" within \(timeout) from fronts \(fronts)")
+    }
+
+    func connectNext() {
+        for _ in fronts.indices {
+            let a = fronts[current]
+            let colon = a.lastIndex(of: ":")!
+            let s = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+            var sa = sockaddr_in()
+            sa.sin_family = sa_family_t(AF_INET)
+            sa.sin_port = in_port_t(UInt16(a[a.index(after: colon)...])!.bigEndian)
+            sa.sin_addr.s_addr = inet_addr(String(a[..<colon]))
+            let ok = withUnsafePointer(to: &sa) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(s, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) == 0 } }
+            if ok {
+                fd = s
+                buffer = []
+                return
+            }
+            close(s)
+            current = (current + 1) % fronts.count
+        }
+        Thread.sleep(forTimeInterval: 0.2)
+    }
+
+    func dropConnection() {
+        if fd >= 0 { close(fd) }
+        fd = -1
+        current = (current + 1) % fronts.count
+    }
+
+    func write(_ s: String) -> Bool {
+        let ok = Array(s.utf8).withUnsafeBytes { send(fd, $0.baseAddress!, $0.count, Int32(MSG_NOSIGNAL)) == $0.count }
+        if !ok { dropConnection() }
+        return ok
+    }
+
+    /// The value in this request's answer; nil on silence until `until`, on an error line
+    /// (then the next front is tried) or when the front disappears.
+    func awaitAnswer(until: ContinuousClock.Instant) -> UInt64? {
+        let prefix = "\(name) \(seq) "
+        while true {
+            while let nl = buffer.firstIndex(of: 10) {
+                let line = String(decoding: buffer[..<nl], as: UTF8.self)
+                buffer.removeSubrange(...nl)
+                if line.hasPrefix("ERR") {
+                    dropConnection()
+                    Thread.sleep(forTimeInterval: 0.2)
+                    return nil
+                }
+                if line.hasPrefix(prefix), let v = UInt64(line.dropFirst(prefix.count)) { return v }
+            }
+            let left = until - ContinuousClock.now
+            guard left > .zero else { return nil }
+            var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+            let ms = Int32(max(1, left.components.seconds * 1000 + left.components.attoseconds / 1_000_000_000_000_000))
+            guard poll(&p, 1, ms) == 1 else { return nil }
+            var chunk = [UInt8](repeating: 0, count: 4096)
+            let n = chunk.withUnsafeMutableBytes { read(fd, $0.baseAddress!, 4096) }
+            guard n > 0 else { dropConnection(); return nil }
+            buffer += chunk[..<n]
+        }
+    }
+}

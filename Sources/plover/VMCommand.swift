@@ -1,0 +1,87 @@
+import ArgumentParser
+import Foundation
+import Logging
+import Metrics
+import Prometheus
+import RDMAPaxos
+import VMReplica
+
+/// `plover vm primary|backup|witness --config FILE`: one VM replica (docs/operations.md,
+/// "VM replication").
+struct VMCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "vm", abstract: "Run one replica of a replicated QEMU VM (PLOVER: primary, backup, witness).",
+        subcommands: [VMPrimary.self, VMBackup.self, VMWitness.self])
+}
+
+struct VMPrimary: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "primary", abstract: "The VM primary: leads, serves the front, runs checkpoints.")
+    @Option(help: "The replica's TOML config file with a [vm] table.") var config: String
+    func run() async throws { try await runVMReplica(.primary, configPath: config) }
+}
+
+struct VMBackup: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "backup", abstract: "The VM backup: replays inputs, receives checkpoints, takes over.")
+    @Option(help: "The replica's TOML config file with a [vm] table.") var config: String
+    func run() async throws { try await runVMReplica(.backup, configPath: config) }
+}
+
+struct VMWitness: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "witness", abstract: "The witness: logs and acknowledges inputs, runs no VM, never leads.")
+    @Option(help: "The replica's TOML config file.") var config: String
+    func run() async throws { try await runVMReplica(nil, configPath: config) }
+}
+
+/// Runs a VM replica (`role` nil: the witness) until SIGTERM/SIGINT.
+func runVMReplica(_ role: VMReplicator.Role?, configPath: String) async throws {
+    let c: NodeConfig
+    do { c = try NodeConfig.load(path: configPath) } catch { throw CLIError(error.description) }
+    let expected: MemberRole = role == nil ? .witness : .voter
+    guard c.me.role == expected else {
+        throw CLIError("\(configPath): members[\(c.id)].role is \(c.me.role) but `plover vm \(role?.rawValue ?? "witness")` needs role = \"\(expected)\"")
+    }
+    LoggingSystem.bootstrap { StreamLogHandler.standardError(label: $0) }
+    var logger = Logger(label: "plover.vm.\(c.id)")
+    logger.logLevel = ProcessInfo.processInfo.environment["PLOVER_VM_DEBUG"] != nil ? .debug : .info
+    let registry = PrometheusCollectorRegistry()
+    MetricsSystem.bootstrap(PloverMetrics.prometheusFactory(registry: registry))
+    var replicator: VMReplicator?
+    let machine: VMInputLog
+    if let role {
+        let vm: VMConfig
+        do { vm = try VMConfig.load(path: configPath) } catch { throw CLIError(error.description) }
+        guard let keyPath = c.clusterKeyFile else { throw CLIError("\(configPath): cluster_key_file is required") }
+        let key: ClusterKey
+        do { key = try ClusterKey.load(path: keyPath) } catch { throw CLIError(error.description) }
+        let a = VMReplicator(role: role, me: c.id, config: vm, clusterKey: key, logger: logger)
+        do { try await a.start() } catch {
+            a.stop()
+            throw CLIError("VM replica \(c.id) did not start: \(error)")
+        }
+        replicator = a
+        machine = a.inputLog
+    } else {
+        machine = VMInputLog()
+    }
+    let server: ReplicaServer
+    do {
+        server = try await ReplicaServer.start(config: c, stateMachine: machine, logger: logger, metricsRegistry: registry)
+    } catch {
+        replicator?.stop()
+        throw CLIError("\(error)")
+    }
+    if let replicator {
+        do { try replicator.attach(server.node) } catch {
+            replicator.stop()
+            server.stop()
+            throw CLIError("VM replica \(c.id): cannot open the front: \(error)")
+        }
+        logger.info("vm \(role!.rawValue) \(c.id) serving: front on \(replicator.config.frontAddress), syncvm on \(replicator.config.syncAddress), peers on \(c.me.address)")
+    } else {
+        logger.info("vm witness \(c.id) serving: peers on \(c.me.address)")
+    }
+    await waitForTermination()
+    logger.info("vm replica \(c.id) stopping: \(replicator?.summary ?? "witness")")
+    replicator?.stop()
+    server.stop()
+}

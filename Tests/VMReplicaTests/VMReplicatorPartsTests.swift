@@ -1,0 +1,165 @@
+// The VM replica's parts that run without QEMU: log entries, the input log state machine,
+// guest frames, the output guard, the [vm] config table, the CPU meter, and the backup's
+// refusal of a sync session other than its checkpoint's.
+
+import Foundation
+import RDMAPaxos
+import Synchronization
+import Testing
+@testable import VMReplica
+
+@Suite struct VMReplicatorPartsTests {
+    @Test func logEntriesRoundTripAndBadOnesAreRefused() throws {
+        let frame = GuestLink().requestFrame(payload: Array("INC a 1\n".utf8))
+        for e in [VMLogEntry.input(frame: frame), .checkpoint(epoch: 0x0102_0304_0506_0708, proposer: 0xA0B0_C0D0)] {
+            #expect(try VMLogEntry(decoding: e.encoded()) == e)
+        }
+        for bad: [UInt8] in [[], [1], [1, 2, 3], [2] + [UInt8](repeating: 0, count: 11), [3] + [UInt8](repeating: 0, count: 20)] {
+            #expect(throws: DecodeError.self, "\(bad)") { try VMLogEntry(decoding: bad) }
+        }
+    }
+
+    @Test func inputLogDeliversInOrderCountsAndRestoresCounters() throws {
+        let seen = Mutex<[(LogIndex, VMLogEntry)]>([])
+        let restored = Mutex<LogIndex?>(nil)
+        let log = VMInputLog(deliver: { i, e in seen.withLock { $0.append((i, e)) } },
+                             onRestore: { i in restored.withLock { $0 = i } })
+        let frame = GuestLink().requestFrame(payload: Array("x\n".utf8))
+        #expect(log.apply(VMLogEntry.input(frame: frame).encoded(), index: 1) == [1])
+        #expect(log.apply([9, 9], index: 2) == [0])
+        #expect(log.apply(VMLogEntry.checkpoint(epoch: 1, proposer: 1).encoded(), index: 3) == [1])
+        #expect(seen.withLock { $0.map(\.0) } == [1, 3])
+        #expect(String(decoding: log.query([]), as: UTF8.self) == "inputs=1\ncheckpoints=1\nmalformed=1\napplied_index=3")
+        let copy = VMInputLog(onRestore: { i in restored.withLock { $0 = i } })
+        try copy.restore(log.snapshot(), index: 3)
+        #expect(copy.inputs == 1 && copy.checkpoints == 1 && copy.malformed == 1 && copy.appliedIndex == 3)
+        #expect(restored.withLock { $0 } == 3, "a restore must tell the replicator its VM missed inputs")
+        #expect(throws: DecodeError.self) { try copy.restore([1, 2, 3], index: 4) }
+    }
+
+    @Test func requestFramesAreValidIPv4AndOnlyTheGuestsAnswersAreUnwrapped() {
+        let link = GuestLink()
+        let payload = Array("INC c 7\n".utf8)
+        let f = link.requestFrame(payload: payload)
+        #expect(f.count == 14 + 20 + 8 + payload.count)
+        #expect(Array(f[0..<6]) == link.guestMAC && Array(f[6..<12]) == link.frontMAC)
+        #expect(GuestLink.checksum(Array(f[14..<34])) == 0, "IPv4 header checksum does not verify")
+        // The same frame is a request, not an answer: it goes to the guest.
+        #expect(link.answerPayload(f) == nil)
+        // Swap the addresses and ports: now it is the guest answering the front.
+        var a = link.frontMAC + link.guestMAC + [0x08, 0x00] + Array(f[14..<26]) + link.guestIP + link.frontIP
+        a += [UInt8(link.guestPort >> 8), UInt8(link.guestPort & 0xff), UInt8(link.frontPort >> 8), UInt8(link.frontPort & 0xff)]
+        a += Array(f[38...])
+        #expect(link.answerPayload(a) == payload)
+        var otherPort = a
+        otherPort[35] ^= 1
+        #expect(link.answerPayload(otherPort) == nil)
+        #expect(link.answerPayload(Array(a.prefix(40))) == nil)
+        var arp = a
+        arp[13] = 0x06
+        #expect(link.answerPayload(arp) == nil)
+    }
+
+    @Test func outputGuardReleasesExactlyWhatCameBeforeTheCut() {
+        let g = OutputGuard()
+        #expect(g.oldestHeld == nil)
+        for i in 0..<3 { g.hold([UInt8(i)]) }
+        let cut = g.cut()
+        for i in 3..<5 { g.hold([UInt8(i)]) }
+        #expect(g.release(through: cut) == [[0], [1], [2]])
+        #expect(g.release(through: cut).isEmpty, "a cut releases once")
+        #expect(g.heldCount == 2 && g.releasedCount == 3)
+        let cut2 = g.cut()
+        #expect(g.release(through: cut2) == [[3], [4]])
+        g.drop()
+        #expect(g.droppedCount == 1 && g.heldCount == 0)
+    }
+
+    @Test func vmTableParsesResolvesPathsAndNamesBadKeys() throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("vmcfg-\(UUID().uuidString)").path
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        for f in ["k", "i"] { _ = FileManager.default.createFile(atPath: dir + "/" + f, contents: Data([0])) }
+        let node = """
+            id = 1
+            data_dir = "d"
+            [[members]]
+            id = 1
+            address = "127.0.0.1:1"
+            client_address = "127.0.0.1:2"
+
+            """
+        let vm = """
+            [vm]
+            kernel = "k"
+            initrd = "i"
+            ram_file = "/dev/shm/x.ram"
+            run_dir = "run"
+            front_address = "127.0.0.1:3"
+            sync_address = "127.0.0.1:4"
+            migration_address = "127.0.0.1:5"
+            peer = 2
+            peer_sync_address = "127.0.0.1:6"
+            peer_migration_address = "127.0.0.1:7"
+            idle_cpu_percent = 25
+
+            """
+        let path = dir + "/c.toml"
+        try (node + vm).write(toFile: path, atomically: true, encoding: .utf8)
+        _ = try NodeConfig.load(path: path)  // the node's reader leaves [vm] alone
+        let c = try VMConfig.load(path: path)
+        #expect(c.qemu.kernel == dir + "/k" && c.runDir == dir + "/run" && c.peer == 2 && c.idleCPUPercent == 25)
+        try (node + vm + "idle_cpu_percnt = 3\n").write(toFile: path, atomically: true, encoding: .utf8)
+        #expect(throws: ConfigError(file: path, key: "vm.idle_cpu_percnt", problem: "unknown key (misspelt?)")) { try VMConfig.load(path: path) }
+        try node.write(toFile: path, atomically: true, encoding: .utf8)
+        #expect { try VMConfig.load(path: path) } throws: { ($0 as? ConfigError)?.key == "vm" }
+        try (node + vm.replacingOccurrences(of: "kernel = \"k\"", with: "kernel = \"missing\"")).write(toFile: path, atomically: true, encoding: .utf8)
+        #expect { try VMConfig.load(path: path) } throws: { ($0 as? ConfigError)?.key == "vm.kernel" }
+    }
+
+    @Test func cpuMeterSeesThisProcessWorking() {
+        var m = CPUMeter(pid: getpid())
+        #expect(m.sample() == nil, "the first sample has nothing to compare with")
+        let end = ContinuousClock.now + .milliseconds(60)
+        var x: UInt64 = 1
+        while ContinuousClock.now < end { x = x &* 6_364_136_223_846_793_005 &+ 1 }
+        let rate = m.sample()
+        #expect(x != 0)
+        #expect((rate ?? 0) > 0.2, "busy for 60 ms but measured \(String(describing: rate)) cores")
+        #expect(CPUMeter.cpuNanoseconds(pid: -5) == nil)
+    }
+
+    @Test func backupRefusesASessionOtherThanItsCheckpointBeforeWritingAnything() async throws {
+        let pages = 64
+        let primary = try GuestMemory(pageCount: pages)
+        let backup = try GuestMemory(pageCount: pages)
+        primary.withMutablePage(3) { $0[0] = 7 }
+        let (pc, bc) = InMemorySyncChannel.pair(backupMemory: backup)
+        let state = MemorySyncStateStore(.inSync(session: 4))
+        let p = SyncPrimary(memory: primary, pool: PageHashPool(threadCount: 1))
+        let b = SyncBackup(memory: backup, pool: PageHashPool(threadCount: 1), state: state)
+        let all = DirtyBitmap.all(pageCount: pages)
+        async let backupSide: Result<SyncResult, any Error> = {
+            do { return .success(try await b.run(dirty: all, over: bc, expectedSession: 6)) } catch { return .failure(error) }
+        }()
+        let pe: (any Error)? = await { do { _ = try await p.run(dirty: all, over: pc, session: 5); return nil } catch { return error } }()
+        guard case .failure(let be) = await backupSide else { Issue.record("backup accepted session 5 while expecting 6"); return }
+        #expect(be as? SyncError == .wrongSession(expected: 6, got: 5))
+        #expect(pe != nil, "the primary must see the refusal")
+        #expect(state.load() == .inSync(session: 4), "the refusal came before anything could be written")
+        #expect(backup.page(3)[0] == 0)
+    }
+
+    @Test func primaryWaitsForThisCheckpointsReadySkippingStaleOnes() async throws {
+        let backupMemory = try GuestMemory(pageCount: 4)
+        var (p, b) = InMemorySyncChannel.pair(backupMemory: backupMemory)
+        try await b.send(VMReplicator.readyFrame(epoch: 3))
+        try await b.send(VMReplicator.readyFrame(epoch: 4))
+        try await VMReplicator.awaitReady(p, epoch: 4)  // the stale ready of 3 is skipped
+        try await b.send(VMReplicator.readyFrame(epoch: 9))
+        await #expect(throws: SyncError.wrongSession(expected: 5, got: 9)) { try await VMReplicator.awaitReady(p, epoch: 5) }
+        (p, b) = InMemorySyncChannel.pair(backupMemory: backupMemory)
+        try await b.send([1, 2, 3])
+        await #expect(throws: SyncError.self) { try await VMReplicator.awaitReady(p, epoch: 1) }
+    }
+}
