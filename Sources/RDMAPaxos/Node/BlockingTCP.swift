@@ -1,4 +1,7 @@
 import Foundation
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// A blocking TCP connection as the command-line clients use it: `host` resolved (IPv4 or IPv6),
 /// send and receive timeouts of `timeout` on the socket, and Nagle off (requests are small and
