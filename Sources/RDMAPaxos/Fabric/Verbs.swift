@@ -7,11 +7,14 @@ import Glibc
 /// A libibverbs or librdmacm call failed: which call, its C error code, and what it means for
 /// the user.
 public struct VerbsError: Error, Hashable, Sendable, CustomStringConvertible {
+    /// The C function that failed, e.g. `ibv_reg_mr`.
     public var operation: String
     /// The errno (or the negative/positive return code when the call reports one directly).
     public var code: Int32
+    /// What happened and what to do, for the user.
     public var message: String
 
+    /// An error from a failed call.
     public init(operation: String, code: Int32, message: String) {
         self.operation = operation
         self.code = code

@@ -20,6 +20,7 @@ import Synchronization
 /// Not yet done: authenticating peers (rdma_cm's private data and the out-of-band exchange are
 /// both unauthenticated) and IPv6 / host-name addresses (IPv4 literals only).
 public final class VerbsFabric: Fabric {
+    /// Device, connection and sizing choices of one verbs fabric.
     public struct Configuration: Sendable {
         /// How queue pairs are connected.
         public enum Connection: String, Sendable, CaseIterable {
@@ -33,19 +34,26 @@ public final class VerbsFabric: Fabric {
 
         /// Device to open (`ibv_devices` names); the first one when nil.
         public var deviceName: String?
+        /// Physical port of the device (1-based, as verbs counts).
         public var port: UInt8
         /// GID table index for RoCE addressing (out-of-band connections on an Ethernet link layer).
         public var gidIndex: Int
+        /// How queue pairs are connected (rdma_cm or the out-of-band TCP exchange).
         public var connection: Connection
+        /// The cluster members allowed to connect.
         public var members: Set<NodeID>
+        /// Most WRITEs in flight per queue pair (each holds a staging slot).
         public var outstandingWritesMax: Int
         /// Largest single WRITE: each is staged in a registered slot of this size.
         public var slotBytesMax: Int
+        /// Size of the completion queue.
         public var completionQueueEntries: Int
         /// Receive requests kept posted per queue pair (each WRITE_WITH_IMM consumes one).
         public var receiveDepth: Int
+        /// How long one connection attempt may take.
         public var connectTimeout: Duration
 
+        /// A configuration; unset parameters take the defaults shown.
         public init(deviceName: String? = nil, port: UInt8 = 1, gidIndex: Int = 0, connection: Connection = .connectionManager,
                     members: Set<NodeID>, outstandingWritesMax: Int = 512, slotBytesMax: Int = 64 << 10,
                     completionQueueEntries: Int = 8192, receiveDepth: Int = 512, connectTimeout: Duration = .seconds(2)) {
@@ -64,6 +72,7 @@ public final class VerbsFabric: Fabric {
 
     public let localNode: NodeID
     public let completions: CompletionQueue
+    /// The configuration this fabric was opened with.
     public let configuration: Configuration
     let device: VerbsDevice
     let connector: any VerbsConnector

@@ -203,6 +203,7 @@ public struct ConfigError: Error, Sendable, Equatable, CustomStringConvertible {
     public var key: String?
     /// What is wrong with it.
     public var problem: String
+    /// An error about `key` (nil: the file as a whole) of `file`.
     public init(file: String, key: String?, problem: String) {
         self.file = file
         self.key = key

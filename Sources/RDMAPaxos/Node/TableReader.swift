@@ -9,31 +9,38 @@ public struct TableReader {
     let path: String
     private var used: Set<String> = []
 
+    /// Reads `table`, found at dotted `path` (empty at the top) of `file`.
     public init(_ table: TOMLTable, file: String, path: String) {
         self.table = table
         self.file = file
         self.path = path
     }
 
+    /// The full dotted name of `key`, as errors print it.
     public func name(_ key: String) -> String { path.isEmpty ? key : path + "." + key }
+    /// An error naming this file and the full key.
     public func error(_ key: String, _ problem: String) -> ConfigError { ConfigError(file: file, key: name(key), problem: problem) }
 
+    /// The raw value of `key`, marking it as read; nil when absent.
     public mutating func value(_ key: String) -> TOMLValueConvertible? {
         used.insert(key)
         return table[key]
     }
 
+    /// A required string.
     public mutating func string(_ key: String) throws(ConfigError) -> String {
         guard let v = try optionalString(key) else { throw error(key, "is required") }
         return v
     }
 
+    /// A string, or nil when absent; any other type is an error.
     public mutating func optionalString(_ key: String) throws(ConfigError) -> String? {
         guard let v = value(key) else { return nil }
         guard let s = v.string else { throw error(key, "must be a string (got \(v.type))") }
         return s
     }
 
+    /// An integer in `range`, or `d` when absent.
     public mutating func int(_ key: String, default d: Int, range: ClosedRange<Int>) throws(ConfigError) -> Int {
         guard let v = value(key) else { return d }
         guard let i = v.int else { throw error(key, "must be an integer (got \(v.type))") }
@@ -41,6 +48,7 @@ public struct TableReader {
         return i
     }
 
+    /// A required node id (1 or more).
     public mutating func nodeID(_ key: String) throws(ConfigError) -> NodeID {
         guard value(key) != nil else { throw error(key, "is required") }
         return NodeID(try int(key, default: 0, range: 1...Int(Int32.max)))
@@ -64,6 +72,7 @@ public struct TableReader {
         return s
     }
 
+    /// A reader of the table `key`, or nil when absent; another type is an error.
     public mutating func subtable(_ key: String) throws(ConfigError) -> TableReader? {
         guard let v = value(key) else { return nil }
         guard let t = v.table else { throw error(key, "must be a table ([\(name(key))])") }
