@@ -101,9 +101,10 @@ public final class ReplicaNode: @unchecked Sendable {
         let restored = try loadRestoredState()
         if let s = restored.snapshot, !s.data.isEmpty { try machine.restore(s.data, index: s.index) }
         replica = Replica(config: options.replica, restoring: restored, bootstrap: options.bootstrap, seed: options.seed)
-        cond.withLock { state = .running }
         publishStatus()
         try transport.start { [weak self] m in self?.enqueue(.message(m)) }
+        // Running only once the transport is: had it thrown, there would be no loop for `stop` to wait for.
+        cond.withLock { state = .running }
         ticks.start { [weak self] in self?.enqueue(.tick) }
         let t = Thread { [self] in runLoop() }
         t.name = "plover-node-\(options.replica.id)"

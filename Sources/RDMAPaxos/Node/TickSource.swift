@@ -24,7 +24,12 @@ public final class TimerTickSource: TickSource, @unchecked Sendable {
         let ns = Int(interval.components.seconds) * 1_000_000_000 + Int(interval.components.attoseconds / 1_000_000_000)
         t.schedule(deadline: .now() + .nanoseconds(ns), repeating: .nanoseconds(ns), leeway: .nanoseconds(ns / 10))
         t.setEventHandler(handler: onTick)
-        lock.withLock { timer = t }
+        // Starting again replaces the timer: the old one must not keep firing.
+        let previous = lock.withLock { () -> DispatchSourceTimer? in
+            defer { timer = t }
+            return timer
+        }
+        previous?.cancel()
         t.resume()
     }
 

@@ -22,7 +22,7 @@ public enum Durability: String, Sendable, CaseIterable {
 /// - `append(_:onDurable:)` returns at once; `onDurable` runs once the entries are durable in the
 ///   log's `Durability` mode (or with the error that stopped them). Completions run in append
 ///   order. Concurrent appends are group-committed: many entries, one transaction, one fsync.
-/// - `append(_:)`, `saveHardState(_:)`, `truncateSuffix(from:)` and `compactPrefix(through:_:)`
+/// - `append(_:)`, `saveHardState(_:)`, `truncateSuffix(from:)` and `compactPrefix(through:ballot:)`
 ///   are durable (in the log's mode) when they return.
 /// - Any thrown `StableLogError` means the log can no longer be trusted to have done what was
 ///   asked. The node must stop serving, not guess; the error says what to do.
