@@ -47,11 +47,7 @@ final class DemoCluster {
         self.launchPrefix = launchPrefix
         let fm = FileManager.default
         try fm.createDirectory(atPath: root + "/data", withIntermediateDirectories: true)
-        // A fresh random cluster key, readable by the owner only.
-        var key = [UInt8](repeating: 0, count: 32)
-        for i in key.indices { key[i] = UInt8.random(in: 0...255) }
-        let hex = key.map { String(format: "%02x", $0) }.joined()
-        _ = fm.createFile(atPath: root + "/cluster.key", contents: Data((hex + "\n").utf8), attributes: [.posixPermissions: 0o600])
+        writeFreshClusterKey(to: root + "/cluster.key")
         for id in ids {
             // Ports are picked free on this host's loopback; in a namespace of its own a replica's
             // address is unused anyway.
@@ -207,6 +203,12 @@ final class DemoCluster {
         }
         throw CLIError("replicas did not converge within \(timeout)")
     }
+}
+
+/// Writes a fresh random cluster key (32 bytes as hex), readable by the owner only.
+func writeFreshClusterKey(to path: String) {
+    let hex = (0..<32).map { _ in String(format: "%02x", UInt8.random(in: 0...255)) }.joined()
+    _ = FileManager.default.createFile(atPath: path, contents: Data((hex + "\n").utf8), attributes: [.posixPermissions: 0o600])
 }
 
 /// A port the kernel just handed out for loopback (free when we looked).

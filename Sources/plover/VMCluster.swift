@@ -28,8 +28,7 @@ final class VMCluster {
         self.vmExtra = vmExtra
         let fm = FileManager.default
         try fm.createDirectory(atPath: root, withIntermediateDirectories: true)
-        let hex = (0..<32).map { _ in String(format: "%02x", UInt8.random(in: 0...255)) }.joined()
-        _ = fm.createFile(atPath: root + "/cluster.key", contents: Data((hex + "\n").utf8), attributes: [.posixPermissions: 0o600])
+        writeFreshClusterKey(to: root + "/cluster.key")
         for id: NodeID in [1, 2, 3] {
             peers[id] = "127.0.0.1:\(try freePort())"
             clients[id] = "127.0.0.1:\(try freePort())"

@@ -63,13 +63,7 @@ enum Sockets {
         guard fd >= 0 else { throw SocketError(operation: "socket", address: name, errno: errno) }
         var one: Int32 = 1
         setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
-        var a = sockaddr_in()
-        a.sin_family = sa_family_t(AF_INET)
-        a.sin_port = in_port_t(UInt16(port).bigEndian)
-        guard inet_pton(AF_INET, host, &a.sin_addr) == 1 else {
-            close(fd)
-            throw SocketError(operation: "parse IPv4 address", address: name, errno: EINVAL)
-        }
+        var a = try ipv4Address(host: host, port: port, closingOnError: fd)
         let r = withUnsafePointer(to: &a) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
         guard r == 0, listen(fd, 64) == 0 else {
             let e = errno
@@ -82,18 +76,24 @@ enum Sockets {
         return (fd, Int(UInt16(bigEndian: bound.sin_port)))
     }
 
-    /// Connects to TCP `host:port` (IPv4 dotted quad).
-    static func connectTCP(host: String, port: Int) throws -> Int32 {
-        let name = "\(host):\(port)"
-        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        guard fd >= 0 else { throw SocketError(operation: "socket", address: name, errno: errno) }
+    /// `host:port` (IPv4 dotted quad) as a socket address; closes `fd` when `host` is not one.
+    private static func ipv4Address(host: String, port: Int, closingOnError fd: Int32) throws -> sockaddr_in {
         var a = sockaddr_in()
         a.sin_family = sa_family_t(AF_INET)
         a.sin_port = in_port_t(UInt16(port).bigEndian)
         guard inet_pton(AF_INET, host, &a.sin_addr) == 1 else {
             close(fd)
-            throw SocketError(operation: "parse IPv4 address", address: name, errno: EINVAL)
+            throw SocketError(operation: "parse IPv4 address", address: "\(host):\(port)", errno: EINVAL)
         }
+        return a
+    }
+
+    /// Connects to TCP `host:port` (IPv4 dotted quad).
+    static func connectTCP(host: String, port: Int) throws -> Int32 {
+        let name = "\(host):\(port)"
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { throw SocketError(operation: "socket", address: name, errno: errno) }
+        var a = try ipv4Address(host: host, port: port, closingOnError: fd)
         let r = withUnsafePointer(to: &a) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
         guard r == 0 else {
             let e = errno
