@@ -1,7 +1,8 @@
+// rdma_cma.h (in CVerbs) includes the socket headers too, so clang may attribute constants such
+// as SOCK_STREAM and IPPROTO_TCP to either module; importing both finds them in every build order.
+import CVerbs
 import Foundation
-#if canImport(Glibc)
 import Glibc
-#endif
 
 /// A blocking TCP connection as the command-line clients use it: `host` resolved (IPv4 or IPv6),
 /// send and receive timeouts of `timeout` on the socket, and Nagle off (requests are small and
