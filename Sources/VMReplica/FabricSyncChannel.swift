@@ -519,9 +519,7 @@ public final class FabricSyncChannel: SyncChannel {
             guard payloadBytes >= 0, payloadBytes <= layout.payloadBytesMax,
                   phys + MailboxLayout.stride(h.totalBytes) <= ring else { return nil }
             let record: [UInt8]? = region.withBytes(offset: ringAt + phys, count: h.totalBytes) { b in
-                guard MailboxFormat.readU64(b, 0) == MailboxFormat.checksum(UnsafeRawBufferPointer(rebasing: b[8...])) else {
-                    return nil
-                }
+                guard RingFormat.unsealed(b) != nil else { return nil }
                 return Array(b[MailboxLayout.recordHeaderBytes...])
             }
             // Still landing, or torn: look again next scan.
@@ -551,7 +549,7 @@ public final class FabricSyncChannel: SyncChannel {
                 }
             case .pagesDone?:
                 guard payloadBytes == 16, s.assembly.isEmpty else { return "malformed pages-done record \(h.sequence)" }
-                let (batch, total) = payload.withUnsafeBytes { (MailboxFormat.readU64($0, 0), MailboxFormat.readU64($0, 8)) }
+                let (batch, total) = payload.withUnsafeBytes { (RingFormat.readU64($0, 0), RingFormat.readU64($0, 8)) }
                 guard total == UInt64(s.counters.pagesLanded) + batch else {
                     return "pages-done says \(total) pages in total, \(s.counters.pagesLanded) + \(batch) expected"
                 }

@@ -2,7 +2,7 @@
 // ring sit, and the byte format of what the peer writes there (docs/design/syncvm.md,
 // "Transport over a Fabric", has the same tables).
 
-import CXXHash
+import RDMAPaxos
 
 /// One mailbox: written by the peer with one-sided WRITEs, read by the region's owner.
 /// ```
@@ -58,37 +58,16 @@ enum MailboxFormat {
     /// Immediate values: only a hint of what changed (the receiver rescans everything).
     enum Immediate: UInt32 { case record = 1, credit = 2, status = 3 }
 
-    static func checksum(_ b: UnsafeRawBufferPointer) -> UInt64 { XXH3_64bits(b.baseAddress, b.count) }
-
-    static func sealed(_ body: [UInt8]) -> [UInt8] {
-        var w = WireWriter(capacity: 8 + body.count)
-        w.u64(body.withUnsafeBytes { checksum($0) })
-        w.raw(body)
-        return w.bytes
-    }
-
-    static func readU64(_ b: UnsafeRawBufferPointer, _ at: Int) -> UInt64 {
-        var v: UInt64 = 0
-        for i in 0..<8 { v = v << 8 | UInt64(b[at + i]) }
-        return v
-    }
-
-    static func readU32(_ b: UnsafeRawBufferPointer, _ at: Int) -> UInt32 {
-        var v: UInt32 = 0
-        for i in 0..<4 { v = v << 8 | UInt32(b[at + i]) }
-        return v
-    }
-
     /// The two u64 values of a sealed 24-byte cell, when its checksum matches.
     static func cell(_ b: UnsafeRawBufferPointer) -> (UInt64, UInt64)? {
-        guard b.count >= 24, readU64(b, 0) == checksum(UnsafeRawBufferPointer(rebasing: b[8..<24])) else { return nil }
-        return (readU64(b, 8), readU64(b, 16))
+        guard b.count >= 24, let body = RingFormat.unsealed(UnsafeRawBufferPointer(rebasing: b[..<24])) else { return nil }
+        return (RingFormat.readU64(body, 0), RingFormat.readU64(body, 8))
     }
 
     static func cell(_ a: UInt64, _ b: UInt64) -> [UInt8] {
         var w = WireWriter(capacity: 16)
         w.u64(a); w.u64(b)
-        return sealed(w.bytes)
+        return RingFormat.sealed(w.bytes)
     }
 
     static func record(_ kind: Kind, flags: UInt8 = 0, sequence: UInt64, frameBytes: UInt32 = 0,
@@ -98,7 +77,7 @@ enum MailboxFormat {
         w.u8(kind.rawValue); w.u8(flags); w.u16(0)
         w.u64(sequence); w.u32(frameBytes); w.u32(fragmentOffset)
         w.raw(payload)
-        return sealed(w.bytes)
+        return RingFormat.sealed(w.bytes)
     }
 
     /// What a record header claims, before its checksum is verified.
@@ -113,7 +92,8 @@ enum MailboxFormat {
     }
 
     static func header(_ b: UnsafeRawBufferPointer) -> Header {
-        Header(totalBytes: Int(readU32(b, 8)), kind: b[12], flags: b[13], reserved: UInt16(b[14]) << 8 | UInt16(b[15]),
-               sequence: readU64(b, 16), frameBytes: Int(readU32(b, 24)), fragmentOffset: Int(readU32(b, 28)))
+        Header(totalBytes: Int(RingFormat.readU32(b, 8)), kind: b[12], flags: b[13], reserved: UInt16(b[14]) << 8 | UInt16(b[15]),
+               sequence: RingFormat.readU64(b, 16), frameBytes: Int(RingFormat.readU32(b, 24)),
+               fragmentOffset: Int(RingFormat.readU32(b, 28)))
     }
 }

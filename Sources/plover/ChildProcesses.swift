@@ -6,6 +6,27 @@ import Synchronization
 enum ChildProcesses {
     private static let pids = Mutex<Set<pid_t>>([])
 
+    /// Starts `executable args` with stdout and stderr going to the file `log` (appended to, or
+    /// emptied first when `truncate`), no standard input, `environment` added to this process's,
+    /// in `cwd` if given; registers it so that it is killed with the others.
+    static func spawn(_ executable: String, _ args: [String], log: String, truncate: Bool = false,
+                      environment: [String: String] = [:], cwd: String? = nil) throws -> Process {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: executable)
+        p.arguments = args
+        if let cwd { p.currentDirectoryURL = URL(fileURLWithPath: cwd) }
+        if !environment.isEmpty { p.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 } }
+        if truncate || !FileManager.default.fileExists(atPath: log) { _ = FileManager.default.createFile(atPath: log, contents: nil) }
+        let handle = try FileHandle(forWritingTo: URL(fileURLWithPath: log))
+        handle.seekToEndOfFile()
+        p.standardOutput = handle
+        p.standardError = handle
+        p.standardInput = FileHandle.nullDevice
+        try p.run()
+        register(p.processIdentifier)
+        return p
+    }
+
     static func register(_ pid: pid_t) { _ = pids.withLock { $0.insert(pid) } }
     static func unregister(_ pid: pid_t) { _ = pids.withLock { $0.remove(pid) } }
 

@@ -94,21 +94,9 @@ final class DemoCluster {
     func startAll() throws { for id in ids { try start(id) } }
 
     func start(_ id: NodeID) throws {
-        let p = Process()
         let command = launchPrefix(id) + [executable, "node", "--config", configPath(id)]
-        p.executableURL = URL(fileURLWithPath: command[0])
-        p.arguments = Array(command.dropFirst())
-        if diskStallFailpoints {
-            p.environment = ProcessInfo.processInfo.environment.merging(["PLOVER_FAULT_DISK_STALL_FILE": stallFile(id)]) { $1 }
-        }
-        let logPath = root + "/node-\(id).log"
-        if !FileManager.default.fileExists(atPath: logPath) { _ = FileManager.default.createFile(atPath: logPath, contents: nil) }
-        let log = try FileHandle(forWritingTo: URL(fileURLWithPath: logPath))
-        log.seekToEndOfFile()
-        p.standardOutput = log
-        p.standardError = log
-        try p.run()
-        ChildProcesses.register(p.processIdentifier)
+        let p = try ChildProcesses.spawn(command[0], Array(command.dropFirst()), log: logPath(id),
+                                         environment: diskStallFailpoints ? ["PLOVER_FAULT_DISK_STALL_FILE": stallFile(id)] : [:])
         processes[id] = p
     }
 

@@ -52,9 +52,7 @@ final class EtcdCluster {
     func start() throws {
         let cluster = names.indices.map { "\(names[$0])=http://127.0.0.1:\(peerPorts[$0])" }.joined(separator: ",")
         for i in names.indices {
-            let p = Process()
-            p.executableURL = URL(fileURLWithPath: binary)
-            p.arguments = [
+            let arguments = [
                 "--name", names[i], "--data-dir", "\(root)/\(names[i]).etcd",
                 "--listen-client-urls", "http://127.0.0.1:\(clientPorts[i])",
                 "--advertise-client-urls", "http://127.0.0.1:\(clientPorts[i])",
@@ -63,14 +61,7 @@ final class EtcdCluster {
                 "--initial-cluster", cluster, "--initial-cluster-token", "plover-bench-\(getpid())",
                 "--initial-cluster-state", "new", "--logger", "zap", "--log-level", "warn",
             ]
-            let logPath = "\(root)/\(names[i]).log"
-            _ = FileManager.default.createFile(atPath: logPath, contents: nil)
-            let log = try FileHandle(forWritingTo: URL(fileURLWithPath: logPath))
-            p.standardOutput = log
-            p.standardError = log
-            p.standardInput = FileHandle.nullDevice
-            try p.run()
-            ChildProcesses.register(p.processIdentifier)
+            let p = try ChildProcesses.spawn(binary, arguments, log: "\(root)/\(names[i]).log", truncate: true)
             processes.append(p)
         }
     }

@@ -95,15 +95,7 @@ final class VMCluster {
     }
 
     func start(_ id: NodeID) throws {
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: executable)
-        p.arguments = ["vm", Self.roles[id]!, "--config", configPath(id)]
-        _ = FileManager.default.createFile(atPath: logPath(id), contents: nil)
-        let log = try FileHandle(forWritingTo: URL(fileURLWithPath: logPath(id)))
-        p.standardOutput = log
-        p.standardError = log
-        try p.run()
-        ChildProcesses.register(p.processIdentifier)
+        let p = try ChildProcesses.spawn(executable, ["vm", Self.roles[id]!, "--config", configPath(id)], log: logPath(id), truncate: true)
         processes[id] = p
     }
 

@@ -47,19 +47,7 @@ enum InterposeHarness {
 
     /// Starts `path args` with its output appended to `log` and extra environment.
     static func spawn(_ path: String, _ args: [String], log: String, environment: [String: String] = [:], cwd: String? = nil) throws -> Process {
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: path)
-        p.arguments = args
-        if let cwd { p.currentDirectoryURL = URL(fileURLWithPath: cwd) }
-        p.environment = ProcessInfo.processInfo.environment.merging(environment) { _, new in new }
-        if !FileManager.default.fileExists(atPath: log) { _ = FileManager.default.createFile(atPath: log, contents: nil) }
-        let h = try FileHandle(forWritingTo: URL(fileURLWithPath: log))
-        h.seekToEndOfFile()
-        p.standardOutput = h
-        p.standardError = h
-        try p.run()
-        ChildProcesses.register(p.processIdentifier)
-        return p
+        try ChildProcesses.spawn(path, args, log: log, environment: environment, cwd: cwd)
     }
 
     static func kill9(_ p: Process) {

@@ -83,13 +83,14 @@ public struct RingLayout: Hashable, Sendable {
     static func stride(_ totalBytes: Int) -> Int { (totalBytes + recordAlignBytes - 1) / recordAlignBytes * recordAlignBytes }
 }
 
-/// Checksummed cells and records (all big-endian).
-enum RingFormat {
+/// Checksummed cells and records (all big-endian). The sealing and big-endian reads are shared
+/// with syncvm's mailbox (`VMReplica.MailboxFormat`), which seals its own cells and records the same way.
+package enum RingFormat {
     enum Flags: UInt32 { case message = 0, wrap = 1 }
 
-    static func checksum(_ b: UnsafeRawBufferPointer) -> UInt64 { XXH3_64bits(b.baseAddress, b.count) }
+    package static func checksum(_ b: UnsafeRawBufferPointer) -> UInt64 { XXH3_64bits(b.baseAddress, b.count) }
 
-    static func sealed(_ body: [UInt8]) -> [UInt8] {
+    package static func sealed(_ body: [UInt8]) -> [UInt8] {
         var w = ByteWriter(capacity: 8 + body.count)
         w.u64(body.withUnsafeBytes { checksum($0) })
         w.raw(body)
@@ -97,19 +98,19 @@ enum RingFormat {
     }
 
     /// The body of a sealed cell or record when its checksum matches.
-    static func unsealed(_ b: UnsafeRawBufferPointer) -> UnsafeRawBufferPointer? {
+    package static func unsealed(_ b: UnsafeRawBufferPointer) -> UnsafeRawBufferPointer? {
         guard b.count >= 8 else { return nil }
         let body = UnsafeRawBufferPointer(rebasing: b[8...])
         return readU64(b, 0) == checksum(body) ? body : nil
     }
 
-    static func readU64(_ b: UnsafeRawBufferPointer, _ at: Int) -> UInt64 {
+    package static func readU64(_ b: UnsafeRawBufferPointer, _ at: Int) -> UInt64 {
         var v: UInt64 = 0
         for i in 0..<8 { v = v << 8 | UInt64(b[at + i]) }
         return v
     }
 
-    static func readU32(_ b: UnsafeRawBufferPointer, _ at: Int) -> UInt32 {
+    package static func readU32(_ b: UnsafeRawBufferPointer, _ at: Int) -> UInt32 {
         var v: UInt32 = 0
         for i in 0..<4 { v = v << 8 | UInt32(b[at + i]) }
         return v
