@@ -229,8 +229,7 @@ extension Replica {
     /// Sends the chunk of the current snapshot that starts at `offset` (a witness gets the
     /// metadata only) and waits for the follower's answer before sending the next.
     mutating func sendSnapshot(to peer: NodeID, _ pr: inout Progress, offset: Int = 0) {
-        let witness = membership.member(peer)?.role == .witness
-        let total = witness ? 0 : snapshotData.count
+        let total = snapshotBytes(for: peer)
         let start = min(offset, total)
         let end = min(total, start + max(1, config.snapshotChunkBytes))
         let chunk = SnapshotChunk(index: log.snapshot.index, ballot: log.snapshot.ballot, membership: snapshotMembership,
@@ -240,6 +239,11 @@ extension Replica {
         pr.state = .snapshot(index: chunk.index)
         pr.snapshotNext = end
         pr.stalledTicks = 0
+    }
+
+    /// The snapshot bytes `peer` gets: none for a witness, which keeps no state.
+    func snapshotBytes(for peer: NodeID) -> Int {
+        membership.member(peer)?.role == .witness ? 0 : snapshotData.count
     }
 
     /// A follower reports how much of a snapshot it holds: send the next chunk once it holds
@@ -253,7 +257,7 @@ extension Replica {
         } else if index == sending {
             if bytes > pr.snapshotAcked { pr.stalledTicks = 0 }
             pr.snapshotAcked = bytes
-            if bytes >= pr.snapshotNext, bytes < snapshotData.count { sendSnapshot(to: from, &pr, offset: bytes) }
+            if bytes >= pr.snapshotNext, bytes < snapshotBytes(for: from) { sendSnapshot(to: from, &pr, offset: bytes) }
         }
         progress[from] = pr
     }
@@ -328,7 +332,7 @@ extension Replica {
             if case .snapshot = pr.state { limit = config.electionTimeoutTicks * 2 }
             pr.stalledTicks += 1
             if pr.stalledTicks >= limit, case let .snapshot(i) = pr.state, i == log.snapshot.index,
-               pr.snapshotAcked < (membership.member(peer)?.role == .witness ? 0 : snapshotData.count) {
+               pr.snapshotAcked < snapshotBytes(for: peer) {
                 // A chunk or its answer was lost: resend from what the follower last said it holds.
                 sendSnapshot(to: peer, &pr, offset: pr.snapshotAcked)
                 progress[peer] = pr
