@@ -118,4 +118,19 @@ public struct DirtyBitmap: Equatable, Sendable {
         forEachPage { out.append(UInt32(truncatingIfNeeded: $0)) }
         return out
     }
+
+    /// The pages as ranges, "3-7,12,40-41" (for logs).
+    public var rangesDescription: String {
+        var parts: [String] = []
+        var run: (Int, Int)?
+        func flush() {
+            guard let (a, b) = run else { return }
+            parts.append(a == b ? "\(a)" : "\(a)-\(b)")
+        }
+        forEachPage { p in
+            if let (a, b) = run, b + 1 == p { run = (a, p) } else { flush(); run = (p, p) }
+        }
+        flush()
+        return parts.joined(separator: ",")
+    }
 }

@@ -12,12 +12,18 @@ import VMReplica
 struct VMBench: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "vm", abstract: "Benchmark VM replication with QEMU under TCG.")
 
-    @Option(help: "Sequential requests per configuration.") var requests = 100
-    @Option(help: "Scratch directory (deleted afterwards).") var dir = "benchmarks/vm/out"
+    @Option(help: "Requests per client per configuration (each client sends its next request once the previous one is answered).") var requests = 100
+    @Option(help: "Numbers of concurrent clients to run each workload with, comma-separated.") var clients = "1,16"
+    @Option(help: "Scratch directory (deleted afterwards unless --keep).") var dir = "benchmarks/vm/out"
+    @Flag(help: "Keep the scratch directory (replica logs, checkpoints.log) after the run.") var keep = false
+    @Flag(help: "The backup lists the pages each sync rewrote in its checkpoints.log (log_divergent_pages).") var logDivergentPages = false
     @Option(help: "Write the markdown results here as well as to stdout.") var out: String?
     @Option(help: "checkpoint_min_gap_ms values to run the replicated VM with, comma-separated.") var gaps = "0,1000"
 
+    /// `--dir`, relative to the current directory unless absolute.
+    var absoluteDir: String { (dir as NSString).isAbsolutePath ? dir : FileManager.default.currentDirectoryPath + "/" + dir }
     var gapList: [Int] { gaps.split(separator: ",").compactMap { Int($0) } }
+    var clientList: [Int] { clients.split(separator: ",").compactMap { Int($0) }.filter { $0 > 0 } }
 
     /// The two request kinds: a counter increment (a few pages touched) and a 256 KiB write
     /// into the service's store (a key-value SET of a large value: many pages, written the
@@ -29,35 +35,39 @@ struct VMBench: ParsableCommand {
         let kernel = guest + "/vmlinuz", initrd = guest + "/initrd.gz"
         try? FileManager.default.removeItem(atPath: dir)
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
-        defer { try? FileManager.default.removeItem(atPath: dir) }
+        defer { if !keep { try? FileManager.default.removeItem(atPath: dir) } }
 
-        say("unreplicated guest: \(requests) requests per workload")
+        guard !clientList.isEmpty, clientList.allSatisfy({ $0 <= 32 }) else { throw CLIError("--clients \(clients): give numbers from 1 to 32, comma-separated") }
+        say("unreplicated guest: \(requests) requests per client per workload, clients \(clientList)")
         let plain = try unreplicated(kernel: kernel, initrd: initrd)
         var results: [WorkloadResult] = []
         var first: [String: String]?
         for gap in gapList {
             say("replicated VM (primary, backup, witness), checkpoint_min_gap_ms = \(gap): \(requests) requests per workload")
-            let base = (dir as NSString).isAbsolutePath ? dir : FileManager.default.currentDirectoryPath + "/" + dir
-            let cluster = try VMCluster(root: base + "/cluster-gap-\(gap)", kernel: kernel, initrd: initrd,
-                                        vmExtra: "checkpoint_min_gap_ms = \(gap)")
+            let cluster = try VMCluster(root: absoluteDir + "/cluster-gap-\(gap)", kernel: kernel, initrd: initrd,
+                                        vmExtra: "checkpoint_min_gap_ms = \(gap)" + (logDivergentPages ? "\nlog_divergent_pages = true" : ""))
             defer { cluster.stopAll() }
             let leftovers = [1, 2].map { (cluster.runDir(NodeID($0)), cluster.ramFile(NodeID($0))) }
             ChildProcesses.killOnInterrupt { VMCluster.killQEMUs(leftovers) }
             try cluster.startAll()
-            let client = CounterClient(name: "bench", fronts: [cluster.fronts[1]!])
-            _ = try client.request(timeout: .seconds(120))  // boots both guests, first full sync
+            let pool = (0..<clientList.max()!).map { CounterClient(name: "bench\($0)", fronts: [cluster.fronts[1]!]) }
+            _ = try pool[0].request(timeout: .seconds(120))  // boots both guests, first full sync
             if first == nil { first = cluster.checkpoints(1).first { $0["ok"] == "true" } }
-            for (i, w) in Self.workloads.enumerated() {
-                client.retries = 0
-                let before = cluster.checkpoints(1).count
-                var lat: [Double] = []
-                for _ in 0..<requests {
-                    let t = ContinuousClock.now
-                    _ = try client.request(w.op, extra: w.extra, timeout: .seconds(60))
-                    lat.append(millis(ContinuousClock.now - t))
+            for n in clientList {
+                for (i, w) in Self.workloads.enumerated() {
+                    for c in pool { c.retries = 0 }
+                    let before = cluster.checkpoints(1).count
+                    let lat = try Self.concurrently(n) { k in
+                        try (0..<requests).map { _ in
+                            let t = ContinuousClock.now
+                            _ = try pool[k].request(w.op, extra: w.extra, timeout: .seconds(60))
+                            return millis(ContinuousClock.now - t)
+                        }
+                    }
+                    let cps = cluster.checkpoints(1).dropFirst(before).filter { $0["ok"] == "true" }
+                    results.append(WorkloadResult(name: w.name, gap: gap, clients: n, plain: plain[n]![i], replicated: lat,
+                                                  retries: pool.reduce(0) { $0 + $1.retries }, checkpoints: Array(cps)))
                 }
-                let cps = cluster.checkpoints(1).dropFirst(before).filter { $0["ok"] == "true" }
-                results.append(WorkloadResult(name: w.name, gap: gap, plain: plain[i], replicated: lat, retries: client.retries, checkpoints: Array(cps)))
             }
             cluster.stopAll()
         }
@@ -69,6 +79,7 @@ struct VMBench: ParsableCommand {
     struct WorkloadResult {
         var name: String
         var gap: Int
+        var clients: Int
         var plain: [Double]
         var replicated: [Double]
         var retries: Int
@@ -88,9 +99,10 @@ struct VMBench: ParsableCommand {
         return text.trimmingCharacters(in: .whitespacesAndNewlines)
     }
 
-    /// One QEMU, no consensus and no output guard: request frames in, answers out.
-    func unreplicated(kernel: String, initrd: String) throws -> [[Double]] {
-        let run = FileManager.default.currentDirectoryPath + "/" + dir + "/plain"
+    /// One QEMU, no consensus and no output guard: request frames in, answers out. For each
+    /// client count, each workload's latencies (all clients together).
+    func unreplicated(kernel: String, initrd: String) throws -> [Int: [[Double]]] {
+        let run = absoluteDir + "/plain"
         try FileManager.default.createDirectory(atPath: run, withIntermediateDirectories: true)
         var s = QEMUSettings(kernel: kernel, initrd: initrd, ramFile: "/dev/shm/plover-bench-\(getpid()).ram")
         s.memoryMiB = 128
@@ -100,35 +112,80 @@ struct VMBench: ParsableCommand {
         let q = try QEMUInstance.launch(s, name: "plain", runDir: run, nicListener: listener, nicSocket: run + "/nic.sock", incoming: false)
         defer { q.kill() }
         let link = GuestLink()
-        let answers = AnswerQueue()
+        let width = clientList.max()!
+        // Answers start with the client's name: "plainK SEQ VALUE".
+        let queues = (0..<width).map { _ in AnswerQueue() }
         let reader = Thread {
-            while let f = q.nic.readFrame() { if let p = link.answerPayload(f) { answers.put(p) } }
-            answers.put(nil)
+            while let f = q.nic.readFrame() {
+                guard let p = link.answerPayload(f), let space = p.firstIndex(of: 32),
+                      let k = Int(String(decoding: p[..<space].dropFirst(5), as: UTF8.self)), queues.indices.contains(k) else { continue }
+                queues[k].put(p)
+            }
+            for a in queues { a.put(nil) }
         }
         reader.start()
-        func ask(_ seq: Int, _ op: String = "INC", _ extra: String = "", wait: Duration) -> Bool {
-            q.nic.write(frame: link.requestFrame(payload: Array("\(op) plain \(seq)\(extra)\n".utf8)))
+        let writeLock = NSLock()
+        func ask(_ k: Int, _ seq: Int, _ op: String = "INC", _ extra: String = "", wait: Duration) -> Bool {
+            let frame = link.requestFrame(payload: Array("\(op) plain\(k) \(seq)\(extra)\n".utf8))
+            writeLock.withLock { q.nic.write(frame: frame) }
             let deadline = ContinuousClock.now + wait
-            while let a = answers.take(until: deadline) {
-                if String(decoding: a, as: UTF8.self).hasPrefix("plain \(seq) ") { return true }
+            while let a = queues[k].take(until: deadline) {
+                if String(decoding: a, as: UTF8.self).hasPrefix("plain\(k) \(seq) ") { return true }
             }
             return false
         }
-        var seq = 1
         let bootDeadline = ContinuousClock.now + .seconds(120)
-        while !ask(seq, wait: .milliseconds(500)) {
+        var boot = 0
+        while !ask(0, boot, wait: .milliseconds(500)) {
             guard ContinuousClock.now < bootDeadline else { throw CLIError("the unreplicated guest never answered; see \(run)") }
+            boot += 1
         }
-        return try Self.workloads.map { w in
-            var lat: [Double] = []
-            for _ in 0..<requests {
-                seq += 1
-                let t = ContinuousClock.now
-                guard ask(seq, w.op, w.extra, wait: .seconds(10)) else { throw CLIError("the unreplicated guest did not answer request \(seq)") }
-                lat.append(millis(ContinuousClock.now - t))
+        var seqs = [Int](repeating: boot + 1, count: width)
+        let seqLock = NSLock()
+        var out: [Int: [[Double]]] = [:]
+        for n in clientList {
+            out[n] = try Self.workloads.map { w in
+                try Self.concurrently(n) { k in
+                    try (0..<requests).map { _ in
+                        let seq = seqLock.withLock { () -> Int in seqs[k] += 1; return seqs[k] }
+                        let t = ContinuousClock.now
+                        guard ask(k, seq, w.op, w.extra, wait: .seconds(10)) else { throw CLIError("the unreplicated guest did not answer request \(seq) of client \(k)") }
+                        return millis(ContinuousClock.now - t)
+                    }
+                }
             }
-            return lat
         }
+        return out
+    }
+
+    /// Runs `body(0..<n)` on `n` threads at once; returns all their values, or the first error.
+    static func concurrently(_ n: Int, _ body: @escaping (Int) throws -> [Double]) throws -> [Double] {
+        final class Results: @unchecked Sendable {
+            // @unchecked Sendable: touched only under `lock`.
+            let lock = NSLock()
+            var values: [Double] = []
+            var error: (any Error)?
+        }
+        /// @unchecked Sendable: each thread calls `body` with its own index; what the callers'
+        /// closures share (clients, sequence numbers) is theirs per index or under their lock.
+        struct Body: @unchecked Sendable { let call: (Int) throws -> [Double] }
+        let r = Results(), f = Body(call: body)
+        let group = DispatchGroup()
+        for k in 0..<n {
+            group.enter()
+            Thread {
+                defer { group.leave() }
+                do {
+                    let v = try f.call(k)
+                    r.lock.withLock { r.values += v }
+                } catch {
+                    r.lock.withLock { if r.error == nil { r.error = error } }
+                }
+            }.start()
+        }
+        group.wait()
+        if let e = r.error { throw e }
+        return r.values
     }
 
     static func report(_ results: [WorkloadResult], requests: Int, first: [String: String]?) -> String {
@@ -141,28 +198,28 @@ struct VMBench: ParsableCommand {
         let mean = { (v: [Double]) in v.isEmpty ? Double.nan : v.reduce(0, +) / Double(v.count) }
         var s = "# VM replication benchmark\n\n"
         s += "\(ProcessInfo.processInfo.activeProcessorCount) cores shared by both QEMUs (TCG), three replica processes and the client; "
-        s += "128 MiB guest; `plover bench vm --requests \(requests)`; sequential requests, one client.\n\n"
-        s += "## Client request latency (ms)\n\n| workload | configuration | requests | p50 | p90 | p99 | max |\n|---|---|---|---|---|---|---|\n"
+        s += "128 MiB guest; `plover bench vm --requests \(requests) --clients \(clientCounts(results))`; each client sends its next request when the previous one is answered.\n\n"
+        s += "## Client request latency (ms)\n\n| workload | clients | configuration | requests | p50 | p90 | p99 | max |\n|---|---|---|---|---|---|---|---|\n"
         for r in results {
             for (name, v) in (r.gap == gapsFirst(results) ? [("unreplicated guest", r.plain)] : []) + [("replicated, min gap \(r.gap) ms", r.replicated)] {
-                s += "| \(r.name) | \(name) | \(v.count) | \(f(pct(v, 0.5))) | \(f(pct(v, 0.9))) | \(f(pct(v, 0.99))) | \(f(v.max() ?? .nan)) |\n"
+                s += "| \(r.name) | \(r.clients) | \(name) | \(v.count) | \(f(pct(v, 0.5))) | \(f(pct(v, 0.9))) | \(f(pct(v, 0.99))) | \(f(v.max() ?? .nan)) |\n"
             }
         }
-        s += "\nClient resends in the replicated runs: " + results.map { "\($0.name), gap \($0.gap) ms: \($0.retries)" }.joined(separator: ", ") + ".\n\n"
+        s += "\nClient resends in the replicated runs: " + results.map { "\($0.name), \($0.clients) clients, gap \($0.gap) ms: \($0.retries)" }.joined(separator: ", ") + ".\n\n"
         s += "## Bytes per syncvm\n\nSteady-state checkpoints (the first one, which compares every page, is reported below). "
         s += "VMReplica sends divergent pages plus control frames; a Remus/COLO-style checkpoint sends every page the primary dirtied.\n\n"
-        s += "| workload | min gap (ms) | checkpoints | dirty union (pages, mean) | divergent (pages, mean) | VMReplica bytes (mean) | all-dirty bytes (mean) | all-dirty / VMReplica |\n|---|---|---|---|---|---|---|---|\n"
+        s += "| workload | clients | min gap (ms) | checkpoints | dirty union (pages, mean) | divergent (pages, mean) | VMReplica bytes (mean) | all-dirty bytes (mean) | all-dirty / VMReplica |\n|---|---|---|---|---|---|---|---|---|\n"
         for r in results {
             let c = r.checkpoints
             let sent = c.map { num($0, "page_bytes") + num($0, "control_bytes") }, dirty = c.map { num($0, "all_dirty_bytes") }
-            s += "| \(r.name) | \(r.gap) | \(c.count) | \(f(mean(c.map { num($0, "union") }))) | \(f(mean(c.map { num($0, "divergent") }))) | "
+            s += "| \(r.name) | \(r.clients) | \(r.gap) | \(c.count) | \(f(mean(c.map { num($0, "union") }))) | \(f(mean(c.map { num($0, "divergent") }))) | "
             s += "\(Int(mean(sent))) | \(Int(mean(dirty))) | **\(f(dirty.reduce(0, +) / max(1, sent.reduce(0, +))))×** |\n"
         }
         s += "\n## Pause per checkpoint (ms: primary stopped → primary resumed)\n\n"
-        s += "| workload | min gap (ms) | p50 | p99 | max | scan p50 (hash-diff of all RAM) | migrate p50 (device state) |\n|---|---|---|---|---|---|---|\n"
+        s += "| workload | clients | min gap (ms) | p50 | p99 | max | scan p50 (hash-diff of all RAM) | migrate p50 (device state) |\n|---|---|---|---|---|---|---|---|\n"
         for r in results {
             let p = r.checkpoints.map { num($0, "pause_ms") }
-            s += "| \(r.name) | \(r.gap) | \(f(pct(p, 0.5))) | \(f(pct(p, 0.99))) | \(f(p.max() ?? .nan)) | "
+            s += "| \(r.name) | \(r.clients) | \(r.gap) | \(f(pct(p, 0.5))) | \(f(pct(p, 0.99))) | \(f(p.max() ?? .nan)) | "
             s += "\(f(pct(r.checkpoints.map { num($0, "scan_ms") }, 0.5))) | \(f(pct(r.checkpoints.map { num($0, "migrate_ms") }, 0.5))) |\n"
         }
         if let first {
@@ -171,6 +228,13 @@ struct VMBench: ParsableCommand {
         }
         return s
     }
+}
+
+/// The client counts of a run, as given to `--clients`.
+func clientCounts(_ r: [VMBench.WorkloadResult]) -> String {
+    var seen: [Int] = []
+    for x in r where !seen.contains(x.clients) { seen.append(x.clients) }
+    return seen.map(String.init).joined(separator: ",")
 }
 
 /// The first gap of a run: the unreplicated rows are printed once, beside it.

@@ -1,4 +1,7 @@
+// Both: the socket constants may belong to either module (see BlockingTCP.swift).
+import CVerbs
 import Foundation
+import Glibc
 
 /// A blocking client for the client protocol: one TCP connection at a time, follows the
 /// leader hint in `notLeader` answers, retries on other members when one is unreachable.

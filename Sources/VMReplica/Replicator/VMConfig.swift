@@ -28,10 +28,15 @@ public struct VMConfig: Sendable, Equatable {
     /// At least this long between the end of one checkpoint and the next: time for the backup's
     /// fresh QEMU to replay inputs (under TCG it starts with a cold translation cache).
     public var checkpointMinGapMilliseconds = 0
+    /// Backup: at a checkpoint, how long it may keep running for its guest to go idle (to finish
+    /// replaying the inputs before the checkpoint) before it pauses regardless.
+    public var backupIdleMaxMilliseconds = 1000
     /// A sync or migration step that takes longer than this fails the checkpoint.
     public var checkpointTimeoutMilliseconds = 20_000
     /// Hash both whole RAM files at every checkpoint while paused and log the digests (tests).
     public var recordRAMDigest = false
+    /// Backup: list the pages each sync rewrote in the checkpoint log (finding what diverges).
+    public var logDivergentPages = false
     public var link = GuestLink()
 
     /// Reads the `[vm]` table of `path`; relative paths there are relative to the file's directory.
@@ -56,8 +61,10 @@ public struct VMConfig: Sendable, Equatable {
         c.idleWindowMilliseconds = try r.int("idle_window_ms", default: c.idleWindowMilliseconds, range: 1...10_000)
         c.checkpointMaxMilliseconds = try r.int("checkpoint_max_ms", default: c.checkpointMaxMilliseconds, range: 1...3_600_000)
         c.checkpointMinGapMilliseconds = try r.int("checkpoint_min_gap_ms", default: 0, range: 0...3_600_000)
+        c.backupIdleMaxMilliseconds = try r.int("backup_idle_max_ms", default: c.backupIdleMaxMilliseconds, range: 0...60_000)
         c.checkpointTimeoutMilliseconds = try r.int("checkpoint_timeout_ms", default: c.checkpointTimeoutMilliseconds, range: 100...3_600_000)
         c.recordRAMDigest = try r.bool("record_ram_digest", default: false)
+        c.logDivergentPages = try r.bool("log_divergent_pages", default: false)
         try r.finish()
         for (k, v) in [("kernel", q.kernel), ("initrd", q.initrd)] where !FileManager.default.fileExists(atPath: v) {
             throw ConfigError(file: path, key: "vm.\(k)", problem: "\(v) does not exist (build the guest with scripts/build-vm-guest.sh)")

@@ -21,11 +21,16 @@ struct CheckpointRecord {
     var migrate: Duration = .zero
     /// The hash-diff scan of all guest RAM that finds this side's dirty pages.
     var scan: Duration = .zero
-    /// Primary: waiting, VM still running, for the backup to be paused and ready.
+    /// Primary: waiting, VM still running, for the backup to be paused and ready. Backup:
+    /// waiting for its guest to go idle before pausing.
     var wait: Duration = .zero
+    /// Backup: whether its guest went idle before it paused (false: it hit the bound).
+    var idle: Bool?
     var stats: SyncStats?
     var released = 0
     var ramDigest: UInt64?
+    /// Backup, with `log_divergent_pages`: the pages the sync rewrote.
+    var divergentPages: DirtyBitmap?
 
     var line: String {
         func ms(_ d: Duration) -> String { String(format: "%.2f", Double(d.components.seconds) * 1000 + Double(d.components.attoseconds) / 1e15) }
@@ -38,7 +43,9 @@ struct CheckpointRecord {
                   "handshake_ms=\(ms(s.phases.handshake))", "transfer_ms=\(ms(s.phases.transfer))"]
         }
         if role == .primary { f.append("released=\(released)") }
+        if let i = idle { f.append("idle=\(i)") }
         if let d = ramDigest { f.append("ram_digest=\(String(d, radix: 16))") }
+        if let p = divergentPages { f.append("divergent_pages=\(p.rangesDescription)") }
         if let e = error { f.append("error=\"\(e.replacingOccurrences(of: "\"", with: "'"))\"") }
         return f.joined(separator: " ")
     }
@@ -96,6 +103,21 @@ extension VMReplicator {
             guard ContinuousClock.now < deadline else { throw QMPError(socket: "-", problem: "\(what) did not happen within \(timeout)") }
             usleep(1000)
         }
+    }
+
+    /// Samples `q`'s CPU rate one idle window at a time until a window stays below
+    /// `idle_cpu_percent`; false when `limit` passed first (the caller goes on anyway).
+    func waitUntilIdle(_ q: QEMUInstance, atMost limit: Duration) -> Bool {
+        var meter = CPUMeter(pid: q.pid)
+        _ = meter.sample()
+        let deadline = ContinuousClock.now + limit
+        let window = UInt32(config.idleWindowMilliseconds * 1000)
+        while ContinuousClock.now < deadline {
+            usleep(window)
+            guard let rate = meter.sample() else { return false }
+            if rate * 100 < Double(config.idleCPUPercent) { return true }
+        }
+        return false
     }
 
     // MARK: Ready handshake
@@ -185,6 +207,13 @@ extension VMReplicator {
         // Clients have seen this VM's own answers: overwriting it with the primary's state could
         // contradict them. The primary's checkpoint fails and it keeps its output held.
         guard !lock.withLock({ tookOver }) else { r.error = "this backup took over and no longer accepts checkpoints"; return }
+        // The backup replays the same inputs later than the primary (and, under TCG, in a QEMU
+        // whose translation cache is cold). Stopping it mid-request would make every page that
+        // request writes diverge, so it first finishes what it was given: it stops once its
+        // guest is idle, as the primary's was when it asked for the checkpoint, or at the bound.
+        let idleStart = ContinuousClock.now
+        r.idle = waitUntilIdle(old, atMost: .milliseconds(config.backupIdleMaxMilliseconds))
+        r.wait = ContinuousClock.now - idleStart
         let start = ContinuousClock.now
         do { try old.qmp.execute("stop") } catch { r.error = "stop: \(error)"; return }
         // Resume the old QEMU unless its RAM was touched or the new one took over.
@@ -227,6 +256,7 @@ extension VMReplicator {
         }
         r.stats = result.stats
         r.sync = ContinuousClock.now - start
+        if config.logDivergentPages { r.divergentPages = result.divergent }
         if let h = hashDiff { h.syncCompleted(rewrote: result.divergent) } else { hashDiff = HashDiffDirtySource(memory: memory, pool: pool) }
         r.ramDigest = ramDigest()
         // From here the old QEMU's RAM is the primary's; it must not run again.
