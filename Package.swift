@@ -10,7 +10,8 @@ let package = Package(
         .library(name: "RDMAPaxosCore", targets: ["RDMAPaxosCore"]),
         .library(name: "RDMAPaxosSimulation", targets: ["RDMAPaxosSimulation"]),
         .library(name: "VMReplica", targets: ["VMReplica"]),
-        // libinterpose.so: the C ABI (include/interpose.h) and the LD_PRELOAD hooks.
+        // libinterpose.so: the C ABI (include/interpose.h), the LD_PRELOAD hooks and the VM hooks
+        // a patched QEMU calls (include/interpose_vm.h).
         .library(name: "interpose", type: .dynamic, targets: ["InterposeRuntime"]),
         .library(name: "PloverCheck", targets: ["PloverCheck"]),
         .executable(name: "plover", targets: ["plover"]),
@@ -59,7 +60,8 @@ let package = Package(
         .target(
             name: "VMReplica",
             dependencies: ["RDMAPaxos", "CXXHash", .product(name: "Logging", package: "swift-log")]),
-        // The C half of libinterpose.so: the public header, libc hooks and the APUS replay logic.
+        // The C half of libinterpose.so: the public headers, libc hooks, the APUS replay logic and
+        // the VM hooks (vmhooks.c, pure C, independent of the rest).
         // It calls the Swift half (InterposeRuntime) only through the C ABI it declares, so it
         // links only as part of the `interpose` product.
         .target(name: "Interpose", path: "Sources/Interpose", exclude: ["exports.map"],
@@ -113,8 +115,9 @@ let package = Package(
             ]),
         .testTarget(name: "VMReplicaTests", dependencies: ["VMReplica"]),
         // Real `plover node` processes on loopback (kill -9, SIGSTOP, restarts).
-        // Also libinterpose.so: a C program built by the tests, and Redis under LD_PRELOAD.
-        .testTarget(name: "EndToEndTests", dependencies: ["plover", "PloverCheck"], exclude: ["interpose-c"]),
+        // Also libinterpose.so: C programs built by the tests (a replica, a stand-in for a patched
+        // QEMU) and Redis under LD_PRELOAD.
+        .testTarget(name: "EndToEndTests", dependencies: ["plover", "PloverCheck", "VMReplica"], exclude: ["interpose-c"]),
         .testTarget(name: "PloverCheckTests", dependencies: ["PloverCheck"]),
     ],
     swiftLanguageModes: [.v6]

@@ -21,10 +21,16 @@ enum InterposeHarness {
 
     /// Compiles the C driver with the system C compiler, against include/interpose.h and the library only.
     static func compileDriver(into dir: String) throws -> String {
+        try compileC("replica_driver", into: dir)
+    }
+
+    /// Compiles `interpose-c/NAME.c` into `dir/NAME` with the system C compiler, warnings as
+    /// errors, against Sources/Interpose/include and libinterpose.so only.
+    static func compileC(_ name: String, into dir: String) throws -> String {
         let lib = try library()
-        let out = dir + "/replica_driver"
+        let out = dir + "/" + name
         let (status, output) = try run("/usr/bin/cc", ["-std=c11", "-Wall", "-Wextra", "-Werror", "-o", out,
-                                                   packageRoot + "/Tests/EndToEndTests/interpose-c/replica_driver.c",
+                                                   packageRoot + "/Tests/EndToEndTests/interpose-c/\(name).c",
                                                    "-I", packageRoot + "/Sources/Interpose/include",
                                                    lib, "-Wl,-rpath," + (lib as NSString).deletingLastPathComponent, "-lpthread"])
         guard status == 0 else { throw CLIError("cc failed (\(status)):\n\(output)") }

@@ -8,8 +8,11 @@ import Foundation
 
 /// A socket operation failed: which operation, on what address, and errno's text.
 public struct SocketError: Error, Equatable, Sendable, CustomStringConvertible {
+    /// The operation that failed, as words ("connect to", "listen on", ...).
     public var operation: String
+    /// The address it was about: a socket path or "host:port".
     public var address: String
+    /// The errno the operation left.
     public var errno: Int32
     public var description: String { "\(operation) \(address): \(String(cString: strerror(errno)))" }
 }
@@ -139,6 +142,37 @@ enum Sockets {
             off += n
         }
         return buf
+    }
+
+    /// How a read with a deadline ended.
+    enum TimedRead: Equatable {
+        case bytes([UInt8])
+        /// End of stream before `count` bytes.
+        case closed
+        case timedOut
+        case failed(Int32)
+    }
+
+    /// Reads exactly `count` bytes unless `deadline` passes first.
+    static func readExactly(_ fd: Int32, _ count: Int, deadline: ContinuousClock.Instant) -> TimedRead {
+        var buf = [UInt8](repeating: 0, count: count)
+        var off = 0
+        while off < count {
+            let left = deadline - ContinuousClock.now
+            guard left > .zero else { return .timedOut }
+            var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+            let ms = Int32(clamping: left.components.seconds * 1000 + left.components.attoseconds / 1_000_000_000_000_000 + 1)
+            let ready = poll(&p, 1, ms)
+            if ready < 0 && errno == EINTR { continue }
+            if ready < 0 { return .failed(errno) }
+            if ready == 0 { continue }
+            let n = buf.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress! + off, count - off) }
+            if n < 0 && errno == EINTR { continue }
+            if n < 0 { return .failed(errno) }
+            if n == 0 { return .closed }
+            off += n
+        }
+        return .bytes(buf)
     }
 }
 
