@@ -76,7 +76,10 @@ public final class FabricSyncChannel: SyncChannel {
         }
 
         /// Connects a queue pair to the peer's endpoint and starts receiving.
+        /// An endpoint may connect again after its previous channel went down: its mailbox is
+        /// cleared first, so nothing the old peer wrote is read as the new one's.
         public func connect(to peer: PeerAddress) async throws -> FabricSyncChannel {
+            region.store([UInt8](repeating: 0, count: layout.bytes), at: mailboxOffset)
             let qp = try await fabric.connect(to: peer, exporting: region)
             let remote = qp.remote.lengthBytes
             let peerMailbox = remote - layout.bytes
@@ -142,6 +145,8 @@ public final class FabricSyncChannel: SyncChannel {
 
     public var counters: Counters { state.withLock { $0.counters } }
     public var isPrimary: Bool { endpoint.isPrimary }
+    /// The link failed or was closed: every call throws. Connect the endpoint again for a new one.
+    public var isDown: Bool { state.withLock { $0.failure != nil } }
     private var region: MemoryRegion { endpoint.region }
     private var fabric: any Fabric { endpoint.fabric }
 

@@ -99,6 +99,13 @@ final class VMCluster {
         processes[id] = p
     }
 
+    /// Starts replica `id` again after `kill(id)`: same config, data dir and run dir; its log
+    /// file is appended to.
+    func restart(_ id: NodeID) throws {
+        let p = try ChildProcesses.spawn(executable, ["vm", Self.roles[id]!, "--config", configPath(id)], log: logPath(id), truncate: false)
+        processes[id] = p
+    }
+
     func startAll() throws { for id: NodeID in [1, 2, 3] { try start(id) } }
 
     /// The pids of the QEMUs replica `id` started (from their -pidfile files), which are

@@ -71,7 +71,7 @@ func runVMReplica(_ role: VMReplicator.Role?, configPath: String) async throws {
         throw CLIError("\(error)")
     }
     if let replicator {
-        do { try replicator.attach(server.node) } catch {
+        do { try replicator.attach(server.node, recoveredThrough: server.recoveredLastIndex) } catch {
             replicator.stop()
             server.stop()
             throw CLIError("VM replica \(c.id): cannot open the front: \(error)")

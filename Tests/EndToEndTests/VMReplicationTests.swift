@@ -37,29 +37,45 @@ extension EndToEnd {
         func checkpointsMakeTheBackupEqualAndItTakesOverAfterKill9() async throws {
             let checks = Checks()
             defer { checks.recordIssues() }
-            try await onOwnThread {
-                let guest = try Self.buildGuest()
-                let exe = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent()
-                guard let plover = [exe.appendingPathComponent("plover").path, exe.deletingLastPathComponent().appendingPathComponent("plover").path]
-                    .first(where: { FileManager.default.isExecutableFile(atPath: $0) }) else {
-                    throw CLIError("the plover executable is not built next to the tests; run `swift build` first (make test does)")
-                }
-                let root = FileManager.default.temporaryDirectory.appendingPathComponent("plover-vm-\(UUID().uuidString)").path
-                let cluster = try VMCluster(root: root, kernel: guest + "/vmlinuz", initrd: guest + "/initrd.gz",
-                                            vmExtra: "record_ram_digest = true", executable: plover)
-                var keep = false
-                defer {
-                    cluster.stopAll()
-                    if !keep { try? FileManager.default.removeItem(atPath: root) }
-                }
-                do { try Self.scenario(cluster, checks) } catch {
-                    checks.record("\(error)")
-                }
-                if checks.hasFailures {
-                    keep = true
-                    checks.record("kept \(root) for inspection\n" + cluster.logTails())
-                }
+            try await onOwnThread { try Self.withCluster(checks) { try Self.scenario($0, checks) } }
+        }
+
+        /// Runs `body` against a fresh three-replica VM cluster (RAM digests recorded at every
+        /// checkpoint); keeps its directory and adds the log tails when a check failed.
+        static func withCluster(_ checks: Checks, vmExtra: String = "", _ body: (VMCluster) throws -> Void) throws {
+            let guest = try buildGuest()
+            let exe = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent()
+            guard let plover = [exe.appendingPathComponent("plover").path, exe.deletingLastPathComponent().appendingPathComponent("plover").path]
+                .first(where: { FileManager.default.isExecutableFile(atPath: $0) }) else {
+                throw CLIError("the plover executable is not built next to the tests; run `swift build` first (make test does)")
             }
+            let root = FileManager.default.temporaryDirectory.appendingPathComponent("plover-vm-\(UUID().uuidString)").path
+            let cluster = try VMCluster(root: root, kernel: guest + "/vmlinuz", initrd: guest + "/initrd.gz",
+                                        vmExtra: "record_ram_digest = true\n" + vmExtra, executable: plover)
+            var keep = false
+            defer {
+                cluster.stopAll()
+                if !keep { try? FileManager.default.removeItem(atPath: root) }
+            }
+            do { try body(cluster) } catch {
+                checks.record("\(error)")
+            }
+            if checks.hasFailures {
+                keep = true
+                checks.record("kept \(root) for inspection\n" + cluster.logTails())
+            }
+        }
+
+        /// Checkpoints both replicas completed, paired by epoch; each pair's RAM digests must be equal.
+        static func commonCheckpoints(_ cluster: VMCluster, _ checks: Checks) -> [([String: String], [String: String])] {
+            let p = cluster.checkpoints(1).filter { $0["ok"] == "true" }
+            let b = cluster.checkpoints(2).filter { $0["ok"] == "true" }
+            let common = p.compactMap { pc in b.first { $0["epoch"] == pc["epoch"] }.map { (pc, $0) } }
+            for (pc, bc) in common {
+                checks.expect(pc["ram_digest"] != nil && pc["ram_digest"] == bc["ram_digest"],
+                              "epoch \(pc["epoch"]!): primary RAM digest \(pc["ram_digest"] ?? "-") != backup \(bc["ram_digest"] ?? "-")")
+            }
+            return common
         }
 
         static func scenario(_ cluster: VMCluster, _ checks: Checks) throws {
@@ -76,14 +92,8 @@ extension EndToEnd {
             func released() -> Int { cluster.checkpoints(1).compactMap { Int($0["released"] ?? "") }.reduce(0, +) }
             let deadline = ContinuousClock.now + .seconds(10)
             while released() < 5 && ContinuousClock.now < deadline { Thread.sleep(forTimeInterval: 0.05) }
-            let p = cluster.checkpoints(1).filter { $0["ok"] == "true" }
-            let b = cluster.checkpoints(2).filter { $0["ok"] == "true" }
-            let common = p.compactMap { pc in b.first { $0["epoch"] == pc["epoch"] }.map { (pc, $0) } }
-            checks.expect(!common.isEmpty, "no checkpoint completed on both replicas; primary: \(p), backup: \(b)")
-            for (pc, bc) in common {
-                checks.expect(pc["ram_digest"] != nil && pc["ram_digest"] == bc["ram_digest"],
-                              "epoch \(pc["epoch"]!): primary RAM digest \(pc["ram_digest"] ?? "-") != backup \(bc["ram_digest"] ?? "-")")
-            }
+            let common = commonCheckpoints(cluster, checks)
+            checks.expect(!common.isEmpty, "no checkpoint completed on both replicas; primary: \(cluster.checkpoints(1)), backup: \(cluster.checkpoints(2))")
             // The first checkpoint compares every page, later ones only the dirty union.
             if let later = common.dropFirst().first {
                 checks.expect(Int(later.0["union"] ?? "") ?? .max < 32768, "a later checkpoint still compared every page: \(later.0)")

@@ -28,6 +28,14 @@ extension ReplicaNode {
                 case let .localRead(q, c):
                     let answer = machine.query(q)
                     completions.append { c.resume(returning: answer) }
+                case let .transferLeadership(target, c):
+                    do {
+                        perform(try replica.transferLeadership(to: target))
+                        completions.append { c.resume() }
+                    } catch {
+                        let e: NodeError = if case let .notLeader(l) = error { .notLeader(leader: l) } else { .refused(error) }
+                        completions.append { c.resume(throwing: e) }
+                    }
                 }
             }
             if failure == nil { proposeBatch(commands) } else { commands.forEach { $0.continuation.resume(throwing: NodeError.storage(failure!)) } }
@@ -53,6 +61,7 @@ extension ReplicaNode {
         switch e {
         case let .propose(p): p.continuation.resume(throwing: error)
         case let .read(_, c), let .localRead(_, c): c.resume(throwing: error)
+        case let .transferLeadership(_, c): c.resume(throwing: error)
         default: break
         }
     }

@@ -52,6 +52,7 @@ public final class ReplicaNode: @unchecked Sendable {
         case propose(QueuedProposal)
         case read([UInt8], CheckedContinuation<[UInt8], any Error>)
         case localRead([UInt8], CheckedContinuation<[UInt8], any Error>)
+        case transferLeadership(NodeID, CheckedContinuation<Void, any Error>)
     }
 
     /// Where a proposal's answer goes: an async caller's continuation or a completion closure.
@@ -157,6 +158,16 @@ public final class ReplicaNode: @unchecked Sendable {
     public func localRead(_ query: [UInt8]) async throws -> [UInt8] {
         try await withCheckedThrowingContinuation { c in
             if !enqueue(.localRead(query, c)) { c.resume(throwing: NodeError.stopped) }
+        }
+    }
+
+    /// Hands leadership to voter `target` (etcd's move-leader): the leader stops taking proposals,
+    /// brings `target`'s log up to date and tells it to campaign at once. Returns when the
+    /// hand-over started; `status` shows when it is done. Throws `NodeError.notLeader` on a
+    /// follower and `NodeError.refused(.invalidTransferTarget)` for a target that is not another voter.
+    public func transferLeadership(to target: NodeID) async throws {
+        try await withCheckedThrowingContinuation { (c: CheckedContinuation<Void, any Error>) in
+            if !enqueue(.transferLeadership(target, c)) { c.resume(throwing: NodeError.stopped) }
         }
     }
 

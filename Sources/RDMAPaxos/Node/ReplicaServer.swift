@@ -15,8 +15,13 @@ public final class ReplicaServer: Sendable {
     public let metricsEndpoint: MetricsEndpoint?
     /// Which fabric carries the consensus traffic, and why (for logs and `plover status`).
     public let fabricDescription: String
+    /// The last log index this replica's stable log held when the process opened it (its
+    /// snapshot's index when only a snapshot was left): 0 for a replica with no history, more
+    /// after a restart. Entries up to it that the state machine sees again are replays.
+    public let recoveredLastIndex: LogIndex
 
-    init(node: ReplicaNode, clientServer: ClientServer, metricsEndpoint: MetricsEndpoint?, fabricDescription: String) {
+    init(node: ReplicaNode, clientServer: ClientServer, metricsEndpoint: MetricsEndpoint?, fabricDescription: String, recoveredLastIndex: LogIndex) {
+        self.recoveredLastIndex = recoveredLastIndex
         self.node = node
         self.clientServer = clientServer
         self.metricsEndpoint = metricsEndpoint
@@ -39,6 +44,7 @@ public final class ReplicaServer: Sendable {
         // Fault injection for stalled-disk tests (docs/reliability.md); unset in normal use.
         logOptions.stallWhileFileExists = ProcessInfo.processInfo.environment["PLOVER_FAULT_DISK_STALL_FILE"]
         let log = try BerkeleyDBLog.open(path: c.dataDir, durability: c.durability, options: logOptions)
+        let recovered = log.lastIndex
         let snapshots: any SnapshotStore = c.durability == .memory
             ? MemorySnapshotStore() : FileSnapshotStore(directory: c.dataDir, sync: c.durability == .fsync)
 
@@ -84,7 +90,7 @@ public final class ReplicaServer: Sendable {
                 throw ConfigError(file: "config", key: "metrics_address", problem: "cannot listen on \(a): \(error)")
             }
         }
-        return ReplicaServer(node: node, clientServer: client, metricsEndpoint: endpoint, fabricDescription: why)
+        return ReplicaServer(node: node, clientServer: client, metricsEndpoint: endpoint, fabricDescription: why, recoveredLastIndex: recovered)
     }
 
     /// `fabric = auto` takes verbs when a device exists and says why it fell back to TCP otherwise.

@@ -23,6 +23,12 @@ public enum VMLogEntry: Equatable, Sendable {
         }
     }
 
+    /// Whether this is a checkpoint that `proposer` asked for.
+    public func isCheckpoint(by proposer: NodeID) -> Bool {
+        if case .checkpoint(_, proposer) = self { return true }
+        return false
+    }
+
     public init(decoding b: [UInt8]) throws(DecodeError) {
         switch b.first {
         case 1? where b.count >= 15:  // at least an Ethernet header

@@ -142,23 +142,25 @@ extension VMReplicator {
 
     // MARK: Primary
 
-    func primaryCheckpoint(epoch: UInt64, index: LogIndex) {
+    /// Runs checkpoint `epoch` as the syncvm primary; true when it completed.
+    @discardableResult
+    func primaryCheckpoint(epoch: UInt64, index: LogIndex) -> Bool {
         var r = CheckpointRecord(epoch: epoch, index: index, role: .primary)
         defer { record(r) }
-        guard let q = lock.withLock({ current }) else { r.error = "no VM"; return }
-        guard let ch = waitForChannel(timeout: checkpointTimeout) else { r.error = "syncvm link to node \(config.peer) is not up"; return }
+        guard let q = lock.withLock({ current }) else { r.error = "no VM"; return false }
+        guard let ch = waitForChannel(timeout: checkpointTimeout) else { r.error = "syncvm link to node \(config.peer) is not up"; return false }
         // The primary keeps running until the backup has reached this log position, paused and
         // scanned: the driver writes no input past the checkpoint, so the state the primary
         // stops in is still "every input up to the checkpoint", just later in guest time.
         let waitStart = ContinuousClock.now
         do {
             try blocking(timeout: checkpointTimeout) { try await Self.awaitReady(ch, epoch: epoch) }
-        } catch { r.error = "backup not ready for checkpoint \(epoch): \(error)"; return }
+        } catch { r.error = "backup not ready for checkpoint \(epoch): \(error)"; return false }
         r.wait = ContinuousClock.now - waitStart
         let start = ContinuousClock.now
         do {
             try q.qmp.execute("stop")
-        } catch { r.error = "stop: \(error)"; return }
+        } catch { r.error = "stop: \(error)"; return false }
         // Everything read from the guest so far was produced before the pause.
         let cut = outputs.cut()
         var resumed = false
@@ -196,6 +198,7 @@ extension VMReplicator {
             r.error = "\(error)"
             r.pause = ContinuousClock.now - start
         }
+        return r.ok
     }
 
     // MARK: Backup
@@ -211,9 +214,15 @@ extension VMReplicator {
         // whose translation cache is cold). Stopping it mid-request would make every page that
         // request writes diverge, so it first finishes what it was given: it stops once its
         // guest is idle, as the primary's was when it asked for the checkpoint, or at the bound.
-        let idleStart = ContinuousClock.now
-        r.idle = waitUntilIdle(old, atMost: .milliseconds(config.backupIdleMaxMilliseconds))
-        r.wait = ContinuousClock.now - idleStart
+        let wasInconsistent = lock.withLock { inconsistent }
+        if wasInconsistent != nil {
+            // Nothing of this VM is kept: compare every page, and do not wait for it.
+            hashDiff = nil
+        } else {
+            let idleStart = ContinuousClock.now
+            r.idle = waitUntilIdle(old, atMost: .milliseconds(config.backupIdleMaxMilliseconds))
+            r.wait = ContinuousClock.now - idleStart
+        }
         let start = ContinuousClock.now
         do { try old.qmp.execute("stop") } catch { r.error = "stop: \(error)"; return }
         // Resume the old QEMU unless its RAM was touched or the new one took over.
@@ -230,6 +239,16 @@ extension VMReplicator {
         }
         guard let next else { r.error = "no standby QEMU for the device state"; return }
         guard let ch = waitForChannel(timeout: checkpointTimeout) else { r.error = "syncvm link to node \(config.peer) is not up"; return }
+        // A QEMU takes one incoming migration in its life: unless this checkpoint makes `next`
+        // the current VM, it is replaced by a fresh standby for the next checkpoint.
+        var installed = false
+        defer {
+            if !installed {
+                lock.withLock { if spare === next { spare = nil } }
+                next.kill()
+                startSpare()
+            }
+        }
         do {
             try next.qmp.execute("migrate-incoming", ["uri": "tcp:\(config.migrationAddress)"])
         } catch { r.error = "migrate-incoming: \(error)"; return }
@@ -279,9 +298,14 @@ extension VMReplicator {
             current = next
             spare = nil
         }
+        installed = true
         startReader(next)
         old.kill()
         startSpare()
         r.ok = true
+        if let why = wasInconsistent {
+            lock.withLock { inconsistent = nil }
+            logger.notice("vm: re-protected: checkpoint \(epoch) made this VM a copy of the primary's (it was not: \(why)); it may take over again")
+        }
     }
 }

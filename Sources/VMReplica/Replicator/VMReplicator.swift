@@ -37,7 +37,15 @@ public final class VMReplicator: @unchecked Sendable {
     var inFlight = false
     /// When the last checkpoint this primary ran ended (for `checkpoint_min_gap_ms`).
     var lastCheckpointEnd = ContinuousClock.now
+    /// The last checkpoint failed: the next one waits `failedCheckpointBackoff` at least (a
+    /// backup that is down or broken is not asked again every idle window).
+    var lastCheckpointFailed = false
+    let failedCheckpointBackoff = Duration.seconds(1)
     var unusable: String?
+    /// The VM is not a copy of the replicated one (this process restarted, or its log was
+    /// restored from a snapshot): it must not answer clients. A backup becomes consistent again
+    /// at its next complete checkpoint, which then compares every page; a primary stays so.
+    var inconsistent: String?
     /// Backup: it released output of its own as leader. From then its VM's state is what clients
     /// saw, so no checkpoint may overwrite it (see `backupCheckpoint`).
     var tookOver = false
@@ -60,6 +68,11 @@ public final class VMReplicator: @unchecked Sendable {
     var hashDiff: HashDiffDirtySource?
     var nextEpoch: UInt64 = 1
     var otherFrames: UInt64 = 0
+    /// Entries up to this index were in the log before this process started: replays, which
+    /// the new VM must not run (set by `attach`; the driver waits for it).
+    var historyThrough: LogIndex?
+    /// Primary, inconsistent: when it last asked the backup to lead instead.
+    var lastHandOff: ContinuousClock.Instant?
 
     public init(role: Role, me: NodeID, config: VMConfig, clusterKey: ClusterKey, logger: Logger) {
         self.role = role
@@ -73,7 +86,7 @@ public final class VMReplicator: @unchecked Sendable {
     public lazy var inputLog: VMInputLog = VMInputLog(
         deliver: { [weak self] index, entry in self?.enqueue(index, entry) },
         onRestore: { [weak self] index in
-            self?.markUnusable("the log was restored from a snapshot at \(index): this VM missed inputs and needs re-protection")
+            self?.markInconsistent("the log was restored from a snapshot at \(index): this VM missed the inputs before it")
         })
 
     /// Boots the VM (and, on the backup, the first standby QEMU) and starts the syncvm link.
@@ -103,8 +116,18 @@ public final class VMReplicator: @unchecked Sendable {
     }
 
     /// Starts serving clients and (primary) scheduling checkpoints, once the node runs.
-    public func attach(_ node: ReplicaNode) throws {
+    /// `recoveredThrough` is the last index the node's log held when this process opened it
+    /// (`ReplicaServer.recoveredLastIndex`): above 0, the process restarted, its VM is new and
+    /// the entries up to it are replays it skips.
+    public func attach(_ node: ReplicaNode, recoveredThrough: LogIndex = 0) throws {
         self.node = node
+        if recoveredThrough > 0 {
+            markInconsistent("this replica restarted: its log holds \(recoveredThrough) entries its new VM never ran")
+        }
+        queueCond.withLock {
+            historyThrough = recoveredThrough
+            queueCond.broadcast()
+        }
         front = try ClientFront(address: config.frontAddress) { [weak self] line, reply in self?.frontLine(line, reply: reply) }
         if role == .primary {
             let t = Thread { [self] in schedulerLoop() }
@@ -134,8 +157,15 @@ public final class VMReplicator: @unchecked Sendable {
 
     /// A one-line summary for logs and `plover vm` status output.
     public var summary: String {
-        let (u, inflight) = lock.withLock { (unusable, inFlight) }
-        return "role=\(role.rawValue) held=\(outputs.heldCount) released=\(outputs.releasedCount) dropped=\(outputs.droppedCount) checkpoint_in_flight=\(inflight)" + (u.map { " unusable=\($0)" } ?? "")
+        let (u, i, inflight) = lock.withLock { (unusable, inconsistent, inFlight) }
+        return "role=\(role.rawValue) held=\(outputs.heldCount) released=\(outputs.releasedCount) dropped=\(outputs.droppedCount) checkpoint_in_flight=\(inflight)"
+            + (u.map { " unusable=\"\($0)\"" } ?? "") + (i.map { " inconsistent=\"\($0)\"" } ?? "")
+    }
+
+    func markInconsistent(_ why: String) {
+        lock.withLock { if inconsistent == nil { inconsistent = why } }
+        let next = role == .backup ? "the next complete checkpoint re-protects it" : "it hands leadership to the backup"
+        logger.warning("vm: this replica's VM is not a copy of the replicated VM and answers no client: \(why); \(next)")
     }
 
     func markUnusable(_ why: String) {
@@ -193,8 +223,8 @@ public final class VMReplicator: @unchecked Sendable {
     }
 
     func handleOutput(_ payload: [UInt8], from q: QEMUInstance) {
-        let (isCurrent, broken) = lock.withLock { (current === q, unusable != nil) }
-        guard isCurrent, let node, node.status.role == .leader else {
+        let (isCurrent, broken) = lock.withLock { (current === q, unusable != nil || inconsistent != nil) }
+        guard isCurrent, let node, node.status.role == .leader, !(role == .primary && broken) else {
             outputs.drop()
             logger.debug("vm: dropped output from \(q.name) (current \(isCurrent)): \(String(decoding: payload, as: UTF8.self))")
             return
@@ -236,24 +266,35 @@ public final class VMReplicator: @unchecked Sendable {
     func driverLoop() {
         while true {
             let batch = queueCond.withLock { () -> [(LogIndex, VMLogEntry)]? in
-                while queue.isEmpty && !lock.withLock({ stopped }) { queueCond.wait() }
+                while (queue.isEmpty || historyThrough == nil) && !lock.withLock({ stopped }) { queueCond.wait() }
                 if lock.withLock({ stopped }) { return nil }
                 defer { queue = [] }
                 return queue
             }
             guard let batch else { return }
-            for (index, entry) in batch {
+            let history = queueCond.withLock { historyThrough ?? 0 }
+            for (n, (index, entry)) in batch.enumerated() {
+                if case let .checkpoint(epoch, proposer) = entry, proposer == me { nextEpoch = max(nextEpoch, epoch + 1) }
+                if index <= history { continue }
                 switch entry {
+                case .input where lock.withLock({ inconsistent != nil }):
+                    continue  // a VM that is no copy yet: the checkpoint that re-protects it overwrites it
+                case let .checkpoint(epoch, proposer) where batch[(n + 1)...].contains { $0.1.isCheckpoint(by: proposer) }:
+                    // A later checkpoint by the same proposer is already committed, and a primary
+                    // asks for one only after the previous one ended: this one is over (a replica
+                    // catching up on its log).
+                    logger.info("vm: skipping checkpoint \(epoch) at \(index): node \(proposer) already asked for a later one")
                 case let .input(frame):
                     let q = lock.withLock { current }
                     let ok = q?.nic.write(frame: frame)
                     logger.debug("vm: input \(index) into \(q?.name ?? "no VM"): \(ok ?? false)")
                 case let .checkpoint(epoch, proposer):
                     if role == .primary && proposer == me {
-                        primaryCheckpoint(epoch: epoch, index: index)
+                        let ok = primaryCheckpoint(epoch: epoch, index: index)
                         lock.withLock {
                             inFlight = false
                             lastCheckpointEnd = .now
+                            lastCheckpointFailed = !ok
                         }
                     } else if role == .backup && proposer == config.peer {
                         backupCheckpoint(epoch: epoch, index: index)
@@ -278,7 +319,20 @@ public final class VMReplicator: @unchecked Sendable {
         }
     }
 
+    /// The syncvm link, waiting up to `timeout` for it. A link that went down (the peer's
+    /// process died or a sync failed) is dropped and connected again, so a restarted peer can
+    /// be re-protected.
     func waitForChannel(timeout: Duration) -> FabricSyncChannel? {
+        let down = lock.withLock { () -> FabricSyncChannel? in
+            guard let c = channel, c.isDown else { return nil }
+            channel = nil
+            return c
+        }
+        if let down {
+            down.close()
+            logger.info("vm: syncvm link to node \(config.peer) is down; connecting again")
+            Task { await self.connectLoop() }
+        }
         let deadline = ContinuousClock.now + timeout
         while ContinuousClock.now < deadline {
             if let c = lock.withLock({ channel }) { return c }
@@ -303,10 +357,20 @@ public final class VMReplicator: @unchecked Sendable {
                 meter = nil
                 continue
             }
+            if let why = lock.withLock({ inconsistent }) {
+                // Its VM is no copy of the one clients saw: let the backup, which holds one, lead.
+                if lastHandOff.map({ ContinuousClock.now - $0 > .seconds(2) }) ?? true {
+                    lastHandOff = .now
+                    logger.warning("vm: primary \(me) leads with a VM that is not the replicated one (\(why)); handing leadership to node \(config.peer)")
+                    let peer = config.peer
+                    Task { try? await node.transferLeadership(to: peer) }
+                }
+                continue
+            }
             if meter?.pid != q.pid { meter = CPUMeter(pid: q.pid) }
             rate = meter!.sample()
             let minGap = Duration.milliseconds(config.checkpointMinGapMilliseconds)
-            guard !lock.withLock({ inFlight || ContinuousClock.now - lastCheckpointEnd < minGap }),
+            guard !lock.withLock({ inFlight || ContinuousClock.now - lastCheckpointEnd < (lastCheckpointFailed ? max(minGap, failedCheckpointBackoff) : minGap) }),
                   let oldest = outputs.oldestHeld else { continue }
             let idle = rate.map { $0 * 100 < Double(config.idleCPUPercent) } ?? false
             guard idle || ContinuousClock.now - oldest >= maxAge else { continue }

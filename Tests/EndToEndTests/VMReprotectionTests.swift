@@ -1,0 +1,101 @@
+import Foundation
+import PloverCheck
+import RDMAPaxos
+import Testing
+@testable import plover
+
+/// A VM backup whose process and QEMU were killed and started again: it boots a new VM, so until
+/// a checkpoint has copied the primary's VM into it, it must not answer anyone, even as leader;
+/// the next checkpoint (every page compared) re-protects it, and it can take over again.
+extension EndToEnd {
+    @Suite(.serialized) struct VMReprotectionTests {
+        typealias VM = VMReplicationTests
+
+        /// How long a line may take to appear in a replica's log.
+        static func waitForLog(_ cluster: VMCluster, _ id: NodeID, _ text: String, after offset: Int, timeout: Duration) -> Bool {
+            let deadline = ContinuousClock.now + timeout
+            while ContinuousClock.now < deadline {
+                let log = (try? String(contentsOfFile: cluster.logPath(id), encoding: .utf8)) ?? ""
+                if log.utf8.count > offset, String(log.utf8.dropFirst(offset))?.contains(text) ?? false { return true }
+                Thread.sleep(forTimeInterval: 0.1)
+            }
+            return false
+        }
+
+        static func logSize(_ cluster: VMCluster, _ id: NodeID) -> Int {
+            ((try? FileManager.default.attributesOfItem(atPath: cluster.logPath(id)))?[.size] as? Int) ?? 0
+        }
+
+        @Test(.enabled(if: VM.qemuInstalled, "qemu-system-x86_64 is not installed; scripts/install-deps.sh (run by make test) installs it"),
+              .timeLimit(.minutes(5)))
+        func restartedBackupIsReprotectedThenTakesOverWithTheRightState() async throws {
+            let checks = Checks()
+            defer { checks.recordIssues() }
+            try await onOwnThread {
+                try VM.withCluster(checks, vmExtra: "checkpoint_timeout_ms = 8000") { cluster in
+                    try cluster.startAll()
+                    let client = CounterClient(name: "c1", fronts: [cluster.fronts[1]!, cluster.fronts[2]!])
+                    var answers: [UInt64] = []
+                    for _ in 0..<3 { answers.append(try client.request(timeout: .seconds(90))) }
+                    checks.expect(answers == [1, 2, 3], "answers before the backup's restart: \(answers)")
+
+                    cluster.kill(2)
+                    let offset = Self.logSize(cluster, 2)
+                    try cluster.restart(2)
+                    checks.expect(Self.waitForLog(cluster, 2, "this replica restarted", after: offset, timeout: .seconds(30)),
+                                  "the restarted backup did not say its VM is new")
+                    // The primary holds these answers until a checkpoint with the new backup completes.
+                    for _ in 0..<3 { answers.append(try client.request(timeout: .seconds(90))) }
+                    checks.expect(answers == [1, 2, 3, 4, 5, 6], "answers around the backup's restart: \(answers)")
+                    checks.expect(Self.waitForLog(cluster, 2, "vm: re-protected", after: offset, timeout: .seconds(30)),
+                                  "the restarted backup never logged its re-protection")
+                    // The checkpoint that re-protected it compared every page, and left both RAMs equal.
+                    let restartedEpochs = cluster.checkpoints(2).filter { $0["ok"] == "true" && $0["union"] == "32768" }.compactMap { $0["epoch"] }
+                    let common = VM.commonCheckpoints(cluster, checks)
+                    checks.expect(common.contains { restartedEpochs.contains($0.1["epoch"]!) && $0.1["index"] != nil },
+                                  "no full checkpoint after the restart completed on both sides: backup \(cluster.checkpoints(2))")
+
+                    // Now the primary dies; the re-protected backup continues from the released state.
+                    cluster.kill(1)
+                    var after: [UInt64] = []
+                    for _ in 0..<3 { after.append(try client.request(timeout: .seconds(60))) }
+                    checks.expect(after == [7, 8, 9], "answers after the failover: \(after) (expected 7, 8, 9)")
+                }
+            }
+        }
+
+        @Test(.enabled(if: VM.qemuInstalled, "qemu-system-x86_64 is not installed; scripts/install-deps.sh (run by make test) installs it"),
+              .timeLimit(.minutes(5)))
+        func restartedBackupThatWasNeverReprotectedAnswersNobody() async throws {
+            let checks = Checks()
+            defer { checks.recordIssues() }
+            try await onOwnThread {
+                try VM.withCluster(checks) { cluster in
+                    try cluster.startAll()
+                    let client = CounterClient(name: "c1", fronts: [cluster.fronts[1]!, cluster.fronts[2]!])
+                    var answers: [UInt64] = []
+                    for _ in 0..<3 { answers.append(try client.request(timeout: .seconds(90))) }
+                    checks.expect(answers == [1, 2, 3], "answers before the backup's restart: \(answers)")
+                    // No request is pending, so no checkpoint runs: the restarted backup stays a new VM.
+                    cluster.kill(2)
+                    let offset = Self.logSize(cluster, 2)
+                    try cluster.restart(2)
+                    checks.expect(Self.waitForLog(cluster, 2, "this replica restarted", after: offset, timeout: .seconds(30)),
+                                  "the restarted backup did not say its VM is new")
+                    checks.expect(Self.waitForLog(cluster, 2, "syncvm link to node 1 is up", after: offset, timeout: .seconds(30)),
+                                  "the restarted backup never connected its syncvm link")
+                    cluster.kill(1)
+                    // Node 2 leads with the witness, but its VM booted afresh: answering would
+                    // contradict the counter clients saw. It must stay silent.
+                    let before = client.retries
+                    let answered = try? client.request(timeout: .seconds(12))
+                    checks.expect(answered == nil, "the restarted, never re-protected backup answered \(answered.map(String.init) ?? "-")")
+                    checks.expect(client.retries > before, "the client never tried again")
+                    checks.expect(Self.waitForLog(cluster, 2, "became leader", after: offset, timeout: .seconds(1)), "node 2 never led after its restart")
+                    let log = (try? String(contentsOfFile: cluster.logPath(2), encoding: .utf8)) ?? ""
+                    checks.expect(!log.contains("took over"), "node 2 released its new VM's output (took over)")
+                }
+            }
+        }
+    }
+}
