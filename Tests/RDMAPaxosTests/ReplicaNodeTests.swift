@@ -89,6 +89,25 @@ import RDMAPaxos
         #expect(c.machines[1]!.map == c.machines[2]!.map && c.machines[2]!.map == c.machines[3]!.map)
     }
 
+    @Test func leadershipMovesToTheNamedVoterAndFollowersAndBadTargetsAreRefused() async throws {
+        let c = try Cluster(Self.three)
+        defer { c.stopAll() }
+        let l = try await c.leader()
+        try await c.put("a", "1", via: l)
+        let me = l.options.replica.id
+        let target = c.nodes.keys.sorted().first { $0 != me }!
+        await #expect(throws: NodeError.refused(.invalidTransferTarget(me))) { try await l.transferLeadership(to: me) }
+        await #expect(throws: NodeError.refused(.invalidTransferTarget(9))) { try await l.transferLeadership(to: 9) }
+        let follower = c.nodes[target]!
+        await #expect(throws: NodeError.notLeader(leader: me)) { try await follower.transferLeadership(to: me) }
+        try await l.transferLeadership(to: target)
+        let next = try await c.leader(excluding: [me])
+        #expect(next.options.replica.id == target)
+        try await c.put("b", "2", via: next)
+        try await c.waitConverged()
+        for (id, sm) in c.machines { #expect(sm.map.count == 2, "node \(id)") }
+    }
+
     @Test func followersRefuseProposalsAndNameTheLeader() async throws {
         let c = try Cluster(Self.three)
         defer { c.stopAll() }

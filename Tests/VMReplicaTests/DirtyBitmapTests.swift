@@ -24,6 +24,12 @@ import Testing
         }
     }
 
+    @Test func rangesDescriptionJoinsRunsOfPages() {
+        #expect(DirtyBitmap(pageCount: 200, pages: [3, 4, 5, 7, 63, 64, 65, 199]).rangesDescription == "3-5,7,63-65,199")
+        #expect(DirtyBitmap(pageCount: 10).rangesDescription == "")
+        #expect(DirtyBitmap.all(pageCount: 130).rangesDescription == "0-129")
+    }
+
     @Test func allSetsExactlyThePagesThatExist() {
         for pages in [1, 64, 100] {
             let all = DirtyBitmap.all(pageCount: pages)

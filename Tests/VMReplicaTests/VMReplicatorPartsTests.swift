@@ -109,6 +109,12 @@ import Testing
         _ = try NodeConfig.load(path: path)  // the node's reader leaves [vm] alone
         let c = try VMConfig.load(path: path)
         #expect(c.qemu.kernel == dir + "/k" && c.runDir == dir + "/run" && c.peer == 2 && c.idleCPUPercent == 25)
+        #expect(c.backupIdleMaxMilliseconds == 1000 && !c.logDivergentPages, "defaults")
+        try (node + vm + "backup_idle_max_ms = 250\nlog_divergent_pages = true\n").write(toFile: path, atomically: true, encoding: .utf8)
+        let tuned = try VMConfig.load(path: path)
+        #expect(tuned.backupIdleMaxMilliseconds == 250 && tuned.logDivergentPages)
+        try (node + vm + "backup_idle_max_ms = -1\n").write(toFile: path, atomically: true, encoding: .utf8)
+        #expect { try VMConfig.load(path: path) } throws: { ($0 as? ConfigError)?.key == "vm.backup_idle_max_ms" }
         try (node + vm + "idle_cpu_percnt = 3\n").write(toFile: path, atomically: true, encoding: .utf8)
         #expect(throws: ConfigError(file: path, key: "vm.idle_cpu_percnt", problem: "unknown key (misspelt?)")) { try VMConfig.load(path: path) }
         try node.write(toFile: path, atomically: true, encoding: .utf8)
