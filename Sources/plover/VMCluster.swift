@@ -69,7 +69,7 @@ final class VMCluster {
                 address = "\(peers[m]!)"
                 client_address = "\(clients[m]!)"
                 role = "\(m == 3 ? "witness" : "voter")"
-                priority = \(m == 1 ? 2 : m == 2 ? 1 : 0)
+                priority = \(m == 3 ? 0 : 1)
 
                 """
         }

@@ -40,6 +40,12 @@ func runVMReplica(_ role: VMReplicator.Role?, configPath: String) async throws {
     guard c.me.role == expected else {
         throw CLIError("\(configPath): members[\(c.id)].role is \(c.me.role) but `plover vm \(role?.rawValue ?? "witness")` needs role = \"\(expected)\"")
     }
+    // Leadership follows the VM (a backup that takes over keeps leading; a restarted replica
+    // must not be handed it back): no voter may outrank another.
+    let voters = c.members.filter { $0.role == .voter }
+    if let top = voters.max(by: { $0.priority < $1.priority }), let low = voters.first(where: { $0.priority != top.priority }) {
+        throw CLIError("\(configPath): members[\(top.id)].priority is \(top.priority) but members[\(low.id)].priority is \(low.priority); the VM replicas must have equal priority (leadership follows the VM, see docs/operations.md, \"VM replication\")")
+    }
     LoggingSystem.bootstrap { StreamLogHandler.standardError(label: $0) }
     var logger = Logger(label: "plover.vm.\(c.id)")
     logger.logLevel = ProcessInfo.processInfo.environment["PLOVER_VM_DEBUG"] != nil ? .debug : .info
@@ -54,10 +60,6 @@ func runVMReplica(_ role: VMReplicator.Role?, configPath: String) async throws {
         let key: ClusterKey
         do { key = try ClusterKey.load(path: keyPath) } catch { throw CLIError(error.description) }
         let a = VMReplicator(role: role, me: c.id, config: vm, clusterKey: key, logger: logger)
-        do { try await a.start() } catch {
-            a.stop()
-            throw CLIError("VM replica \(c.id) did not start: \(error)")
-        }
         replicator = a
         machine = a.inputLog
     } else {
@@ -71,12 +73,19 @@ func runVMReplica(_ role: VMReplicator.Role?, configPath: String) async throws {
         throw CLIError("\(error)")
     }
     if let replicator {
-        do { try replicator.attach(server.node, recoveredThrough: server.recoveredLastIndex) } catch {
+        // After the server: whether this process restarts an existing replica decides the VM's
+        // role. Committed entries wait in the replicator's queue until it runs.
+        do { try await replicator.start(recoveredThrough: server.recoveredLastIndex) } catch {
+            replicator.stop()
+            server.stop()
+            throw CLIError("VM replica \(c.id) did not start: \(error)")
+        }
+        do { try replicator.attach(server.node) } catch {
             replicator.stop()
             server.stop()
             throw CLIError("VM replica \(c.id): cannot open the front: \(error)")
         }
-        logger.info("vm \(role!.rawValue) \(c.id) serving: front on \(replicator.config.frontAddress), syncvm on \(replicator.config.syncAddress), peers on \(c.me.address)")
+        logger.info("vm \(replicator.role.rawValue) \(c.id) serving: front on \(replicator.config.frontAddress), syncvm on \(replicator.config.syncAddress), peers on \(c.me.address)")
     } else {
         logger.info("vm witness \(c.id) serving: peers on \(c.me.address)")
     }

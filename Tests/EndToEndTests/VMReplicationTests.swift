@@ -66,11 +66,12 @@ extension EndToEnd {
             }
         }
 
-        /// Checkpoints both replicas completed, paired by epoch; each pair's RAM digests must be equal.
+        /// Checkpoints both replicas completed, paired by log index; each pair's RAM digests must be equal.
         static func commonCheckpoints(_ cluster: VMCluster, _ checks: Checks) -> [([String: String], [String: String])] {
             let p = cluster.checkpoints(1).filter { $0["ok"] == "true" }
             let b = cluster.checkpoints(2).filter { $0["ok"] == "true" }
-            let common = p.compactMap { pc in b.first { $0["epoch"] == pc["epoch"] }.map { (pc, $0) } }
+            // The same log entry on both sides (epochs repeat once the other replica is primary).
+            let common = p.compactMap { pc in b.first { $0["index"] == pc["index"] && $0["epoch"] == pc["epoch"] }.map { (pc, $0) } }
             for (pc, bc) in common {
                 checks.expect(pc["ram_digest"] != nil && pc["ram_digest"] == bc["ram_digest"],
                               "epoch \(pc["epoch"]!): primary RAM digest \(pc["ram_digest"] ?? "-") != backup \(bc["ram_digest"] ?? "-")")

@@ -47,7 +47,7 @@ extension EndToEnd {
                     // The primary holds these answers until a checkpoint with the new backup completes.
                     for _ in 0..<3 { answers.append(try client.request(timeout: .seconds(90))) }
                     checks.expect(answers == [1, 2, 3, 4, 5, 6], "answers around the backup's restart: \(answers)")
-                    checks.expect(Self.waitForLog(cluster, 2, "vm: re-protected", after: offset, timeout: .seconds(30)),
+                    checks.expect(Self.waitForLog(cluster, 2, "vm: protected:", after: offset, timeout: .seconds(30)),
                                   "the restarted backup never logged its re-protection")
                     // The checkpoint that re-protected it compared every page, and left both RAMs equal.
                     let restartedEpochs = cluster.checkpoints(2).filter { $0["ok"] == "true" && $0["union"] == "32768" }.compactMap { $0["epoch"] }
@@ -60,6 +60,49 @@ extension EndToEnd {
                     var after: [UInt64] = []
                     for _ in 0..<3 { after.append(try client.request(timeout: .seconds(60))) }
                     checks.expect(after == [7, 8, 9], "answers after the failover: \(after) (expected 7, 8, 9)")
+                }
+            }
+        }
+
+        @Test(.enabled(if: VM.qemuInstalled, "qemu-system-x86_64 is not installed; scripts/install-deps.sh (run by make test) installs it"),
+              .timeLimit(.minutes(5)))
+        func afterFailoverTheRestartedPrimaryBecomesTheNewPrimarysBackup() async throws {
+            let checks = Checks()
+            defer { checks.recordIssues() }
+            try await onOwnThread {
+                try VM.withCluster(checks, vmExtra: "checkpoint_timeout_ms = 8000") { cluster in
+                    try cluster.startAll()
+                    let client = CounterClient(name: "c1", fronts: [cluster.fronts[1]!, cluster.fronts[2]!])
+                    var answers: [UInt64] = []
+                    for _ in 0..<3 { answers.append(try client.request(timeout: .seconds(90))) }
+                    // Failover: node 2 leads, becomes the primary and answers unprotected.
+                    cluster.kill(1)
+                    for _ in 0..<3 { answers.append(try client.request(timeout: .seconds(60))) }
+                    checks.expect(Self.waitForLog(cluster, 2, "is the primary now", after: 0, timeout: .seconds(10)),
+                                  "node 2 never became the primary")
+                    // Node 1 comes back with the same command; it joins as node 2's backup.
+                    let offset = Self.logSize(cluster, 1)
+                    try cluster.restart(1)
+                    checks.expect(Self.waitForLog(cluster, 1, "joins as the backup of node 2", after: offset, timeout: .seconds(30)),
+                                  "the restarted primary did not join as the backup")
+                    checks.expect(Self.waitForLog(cluster, 1, "vm: protected:", after: offset, timeout: .seconds(60)),
+                                  "the restarted primary was never re-protected")
+                    // Protected again: node 2's answers now wait for checkpoints with node 1.
+                    let releasedBefore = cluster.checkpoints(2).compactMap { Int($0["released"] ?? "") }.reduce(0, +)
+                    for _ in 0..<3 { answers.append(try client.request(timeout: .seconds(60))) }
+                    checks.expect(answers == Array(1...9), "answers through failover and re-protection: \(answers)")
+                    let deadline = ContinuousClock.now + .seconds(10)
+                    func released() -> Int { cluster.checkpoints(2).compactMap { Int($0["released"] ?? "") }.reduce(0, +) }
+                    while released() < releasedBefore + 3 && ContinuousClock.now < deadline { Thread.sleep(forTimeInterval: 0.05) }
+                    checks.expect(released() >= releasedBefore + 3, "node 2 released \(released() - releasedBefore) answers through checkpoints after re-protection, expected 3")
+                    let common = VM.commonCheckpoints(cluster, checks).filter { $0.0["role"] == "backup" }
+                    checks.expect(!common.isEmpty, "no checkpoint with node 2 as primary completed on both sides")
+
+                    // And back: node 2 dies, node 1 continues from the released state.
+                    cluster.kill(2)
+                    var after: [UInt64] = []
+                    for _ in 0..<3 { after.append(try client.request(timeout: .seconds(60))) }
+                    checks.expect(after == [10, 11, 12], "answers after the second failover: \(after)")
                 }
             }
         }

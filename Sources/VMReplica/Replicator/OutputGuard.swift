@@ -42,4 +42,14 @@ public final class OutputGuard: @unchecked Sendable {
             return out
         }
     }
+
+    /// Discards everything held (counted as dropped): the VM that produced it is no longer the
+    /// one clients see.
+    public func dropHeld() {
+        lock.withLock {
+            droppedCount += UInt64(held.count)
+            base += UInt64(held.count)
+            held = []
+        }
+    }
 }

@@ -184,6 +184,8 @@ extension VMReplicator {
                 return s == "completed"
             }
             r.migrate = ContinuousClock.now - m
+            // The backup holds this VM now: what it produces from here waits for checkpoints.
+            lock.withLock { protected = true }
             try q.qmp.execute("cont")
             resumed = true
             r.pause = ContinuousClock.now - start
@@ -305,7 +307,7 @@ extension VMReplicator {
         r.ok = true
         if let why = wasInconsistent {
             lock.withLock { inconsistent = nil }
-            logger.notice("vm: re-protected: checkpoint \(epoch) made this VM a copy of the primary's (it was not: \(why)); it may take over again")
+            logger.notice("vm: protected: checkpoint \(epoch) made this VM a copy of the primary's (before it: \(why)); it may take over now")
         }
     }
 }

@@ -22,7 +22,15 @@ public final class VMReplicator: @unchecked Sendable {
         case backup
     }
 
-    public let role: Role
+    /// The role this replica was started with (`plover vm primary|backup`).
+    public let configuredRole: Role
+    /// What it is now: the configured role, except that a restarted primary starts as a backup
+    /// and a backup that leads becomes the primary ("Re-protection" in docs/design/vmreplica.md).
+    public var role: Role { lock.withLock { currentRole } }
+    var currentRole: Role
+    /// Primary: a backup holds a copy of its VM, so output waits for the covering checkpoint.
+    /// False for a backup that became primary until its first checkpoint with a new backup.
+    var protected = true
     public let me: NodeID
     public let config: VMConfig
     let logger: Logger
@@ -62,20 +70,36 @@ public final class VMReplicator: @unchecked Sendable {
     var nicListener: Int32 = -1
     var nicPath: String { config.runDir + "/nic.sock" }
 
+    /// The next checkpoint epoch this replica proposes (under `lock`): above every epoch of its
+    /// own in the log, including those of an earlier process.
+    var nextEpoch: UInt64 = 1
+
     // Driver-thread state.
     let queueCond = NSCondition()
     var queue: [(LogIndex, VMLogEntry)] = []
     var hashDiff: HashDiffDirtySource?
-    var nextEpoch: UInt64 = 1
     var otherFrames: UInt64 = 0
     /// Entries up to this index were in the log before this process started: replays, which
     /// the new VM must not run (set by `attach`; the driver waits for it).
     var historyThrough: LogIndex?
+    /// Backup: leading and consistent, it asked the driver (under `queueCond`) to make it the primary.
+    var takeOverRequested = false
+    /// Primary: the other replica took over; it asked the driver (under `queueCond`) to make it a backup.
+    var demoteRequested = false
+    /// A backup leading while the primary's link is up hands leadership back for this long
+    /// before it takes over anyway.
+    let handBackLimit = Duration.seconds(6)
+    /// A primary that does not lead, while the other replica leads with the link down, becomes
+    /// a backup after this long.
+    let demoteAfter = Duration.seconds(2)
     /// Primary, inconsistent: when it last asked the backup to lead instead.
     var lastHandOff: ContinuousClock.Instant?
 
     public init(role: Role, me: NodeID, config: VMConfig, clusterKey: ClusterKey, logger: Logger) {
-        self.role = role
+        self.configuredRole = role
+        self.currentRole = role
+        // A backup's VM boots on its own: it is a copy of the primary's only after a checkpoint.
+        if role == .backup { inconsistent = "no checkpoint has copied the primary's VM into it yet" }
         self.me = me
         self.config = config
         self.clusterKey = clusterKey
@@ -90,7 +114,22 @@ public final class VMReplicator: @unchecked Sendable {
         })
 
     /// Boots the VM (and, on the backup, the first standby QEMU) and starts the syncvm link.
-    public func start() async throws {
+    /// `recoveredThrough` is the last index the node's log held when this process opened it
+    /// (`ReplicaServer.recoveredLastIndex`): above 0, the process restarted, so its VM is new,
+    /// the entries up to that index are replays it skips, and a primary comes back as the
+    /// backup of whoever holds the VM now.
+    public func start(recoveredThrough: LogIndex = 0) async throws {
+        if recoveredThrough > 0 {
+            markInconsistent("this replica restarted: its log holds \(recoveredThrough) entries its new VM never ran")
+            if configuredRole == .primary {
+                lock.withLock { currentRole = .backup }
+                logger.notice("vm: primary \(me) restarted; it joins as the backup of node \(config.peer) and is re-protected by its checkpoints")
+            }
+        }
+        queueCond.withLock {
+            historyThrough = recoveredThrough
+            queueCond.broadcast()
+        }
         try FileManager.default.createDirectory(atPath: config.runDir, withIntermediateDirectories: true)
         unlink(config.qemu.ramFile)
         nicListener = try Sockets.listenUnix(nicPath)
@@ -102,38 +141,20 @@ public final class VMReplicator: @unchecked Sendable {
         memory = try GuestMemory(mappingFile: config.qemu.ramFile, writable: role == .backup,
                                  trailingBytes: role == .backup ? fabricConfig.mailboxBytes : 0)
         if role == .backup { startSpare() }
-        guard let (host, port) = splitHostPort(config.syncAddress) else { throw SocketError(operation: "parse", address: config.syncAddress, errno: EINVAL) }
-        let fabric = try TCPFabric(node: me, configuration: TCPFabric.Configuration(clusterKey: clusterKey.bytes, members: [me, config.peer]))
-        syncFabric = fabric
-        let at = PeerAddress(node: me, host: host, port: port)
-        endpoint = role == .primary
-            ? try await FabricSyncChannel.Endpoint.primary(fabric: fabric, listenAt: at, configuration: fabricConfig)
-            : try await FabricSyncChannel.Endpoint.backup(memory: memory, fabric: fabric, listenAt: at, configuration: fabricConfig)
-        Task { await self.connectLoop() }
+        try await openSyncEndpoint(as: role)
         let driver = Thread { [self] in driverLoop() }
         driver.name = "plover-vm-driver"
         driver.start()
     }
 
-    /// Starts serving clients and (primary) scheduling checkpoints, once the node runs.
-    /// `recoveredThrough` is the last index the node's log held when this process opened it
-    /// (`ReplicaServer.recoveredLastIndex`): above 0, the process restarted, its VM is new and
-    /// the entries up to it are replays it skips.
-    public func attach(_ node: ReplicaNode, recoveredThrough: LogIndex = 0) throws {
+    /// Starts serving clients and watching the roles (checkpoint scheduling on the primary, the
+    /// take-over on a leading backup), once the node runs.
+    public func attach(_ node: ReplicaNode) throws {
         self.node = node
-        if recoveredThrough > 0 {
-            markInconsistent("this replica restarted: its log holds \(recoveredThrough) entries its new VM never ran")
-        }
-        queueCond.withLock {
-            historyThrough = recoveredThrough
-            queueCond.broadcast()
-        }
         front = try ClientFront(address: config.frontAddress) { [weak self] line, reply in self?.frontLine(line, reply: reply) }
-        if role == .primary {
-            let t = Thread { [self] in schedulerLoop() }
-            t.name = "plover-vm-scheduler"
-            t.start()
-        }
+        let t = Thread { [self] in schedulerLoop() }
+        t.name = "plover-vm-scheduler"
+        t.start()
     }
 
     /// Kills the QEMUs, closes the front and the link. The node is the caller's to stop.
@@ -149,7 +170,7 @@ public final class VMReplicator: @unchecked Sendable {
         }
         front?.stop()
         ch?.close()
-        syncFabric?.close()
+        lock.withLock { syncFabric }?.close()
         a?.kill()
         b?.kill()
         queueCond.withLock { queueCond.broadcast() }
@@ -163,8 +184,8 @@ public final class VMReplicator: @unchecked Sendable {
     }
 
     func markInconsistent(_ why: String) {
-        lock.withLock { if inconsistent == nil { inconsistent = why } }
-        let next = role == .backup ? "the next complete checkpoint re-protects it" : "it hands leadership to the backup"
+        lock.withLock { inconsistent = why }
+        let next = role == .backup ? "the next complete checkpoint re-protects it" : "it hands leadership to the other VM replica"
         logger.warning("vm: this replica's VM is not a copy of the replicated VM and answers no client: \(why); \(next)")
     }
 
@@ -231,16 +252,19 @@ public final class VMReplicator: @unchecked Sendable {
         }
         switch role {
         case .primary:
-            outputs.hold(payload)
-        case .backup:
-            // Took over: no backup of its own to wait for (re-protection is not built), so
-            // output goes out at once — unless a failed sync left this VM inconsistent.
-            if broken { outputs.drop(); return }
-            let first = lock.withLock { () -> Bool in
-                defer { tookOver = true }
-                return !tookOver
+            if lock.withLock({ protected }) {
+                outputs.hold(payload)
+            } else {
+                // No backup holds a copy of this VM yet: waiting would only delay the answer.
+                outputs.passedThrough()
+                front?.broadcast(payload)
             }
-            if first { logger.notice("vm: backup \(me) leads and releases its own VM's output from now on (took over)") }
+        case .backup:
+            // Only once it took over (the scheduler decides: the primary is gone) is this VM the
+            // one clients see; until the driver has made it the primary and a new backup is
+            // re-protected its output goes out at once. A backup leading for a moment while
+            // the primary lives hands leadership back and answers nothing.
+            guard !broken, lock.withLock({ tookOver }) else { outputs.drop(); return }
             outputs.passedThrough()
             front?.broadcast(payload)
         }
@@ -265,16 +289,25 @@ public final class VMReplicator: @unchecked Sendable {
 
     func driverLoop() {
         while true {
-            let batch = queueCond.withLock { () -> [(LogIndex, VMLogEntry)]? in
-                while (queue.isEmpty || historyThrough == nil) && !lock.withLock({ stopped }) { queueCond.wait() }
+            let next = queueCond.withLock { () -> ([(LogIndex, VMLogEntry)], Bool, Bool)? in
+                while (queue.isEmpty && !takeOverRequested && !demoteRequested || historyThrough == nil) && !lock.withLock({ stopped }) { queueCond.wait() }
                 if lock.withLock({ stopped }) { return nil }
-                defer { queue = [] }
-                return queue
+                defer {
+                    queue = []
+                    takeOverRequested = false
+                    demoteRequested = false
+                }
+                return (queue, takeOverRequested, demoteRequested)
             }
-            guard let batch else { return }
+            guard let (batch, takeOver, demote) = next else { return }
+            // After the entries already committed: the new primary's VM has run every input.
+            defer {
+                if takeOver { becomePrimary() }
+                if demote { becomeBackup() }
+            }
             let history = queueCond.withLock { historyThrough ?? 0 }
             for (n, (index, entry)) in batch.enumerated() {
-                if case let .checkpoint(epoch, proposer) = entry, proposer == me { nextEpoch = max(nextEpoch, epoch + 1) }
+                if case let .checkpoint(epoch, proposer) = entry, proposer == me { lock.withLock { nextEpoch = max(nextEpoch, epoch + 1) } }
                 if index <= history { continue }
                 switch entry {
                 case .input where lock.withLock({ inconsistent != nil }):
@@ -306,12 +339,19 @@ public final class VMReplicator: @unchecked Sendable {
 
     // MARK: Sync link
 
-    func connectLoop() async {
-        guard let endpoint, let (host, port) = splitHostPort(config.peerSyncAddress) else { return }
-        while !lock.withLock({ stopped || channel != nil }) {
+    /// Connects `endpoint` to the peer until a link is up; gives up once another endpoint
+    /// replaced it (a change of role) or the replica stops.
+    func connectLoop(_ endpoint: FabricSyncChannel.Endpoint) async {
+        guard let (host, port) = splitHostPort(config.peerSyncAddress) else { return }
+        while !lock.withLock({ stopped || channel != nil || self.endpoint !== endpoint }) {
             do {
                 let ch = try await endpoint.connect(to: PeerAddress(node: config.peer, host: host, port: port))
-                lock.withLock { channel = ch }
+                let kept = lock.withLock { () -> Bool in
+                    guard self.endpoint === endpoint, !stopped else { return false }
+                    channel = ch
+                    return true
+                }
+                guard kept else { ch.close(); return }
                 logger.info("vm: syncvm link to node \(config.peer) is up")
             } catch {
                 try? await Task.sleep(for: .milliseconds(200))
@@ -331,7 +371,7 @@ public final class VMReplicator: @unchecked Sendable {
         if let down {
             down.close()
             logger.info("vm: syncvm link to node \(config.peer) is down; connecting again")
-            Task { await self.connectLoop() }
+            if let e = lock.withLock({ endpoint }) { Task { await self.connectLoop(e) } }
         }
         let deadline = ContinuousClock.now + timeout
         while ContinuousClock.now < deadline {
@@ -339,51 +379,5 @@ public final class VMReplicator: @unchecked Sendable {
             usleep(20_000)
         }
         return nil
-    }
-
-    // MARK: Checkpoint scheduling (primary)
-
-    /// PLOVER's trigger: output is waiting and the guest went idle (its QEMU's CPU rate fell
-    /// below the threshold for one window), or the oldest held output reached the max period.
-    func schedulerLoop() {
-        var meter: CPUMeter?
-        var rate: Double?
-        let window = Double(config.idleWindowMilliseconds) / 1000
-        let maxAge = Duration.milliseconds(config.checkpointMaxMilliseconds)
-        while !lock.withLock({ stopped }) {
-            Thread.sleep(forTimeInterval: window)
-            // Sample every window while leading, so a decision never waits for a first sample.
-            guard let node, node.status.role == .leader, let q = lock.withLock({ current }) else {
-                meter = nil
-                continue
-            }
-            if let why = lock.withLock({ inconsistent }) {
-                // Its VM is no copy of the one clients saw: let the backup, which holds one, lead.
-                if lastHandOff.map({ ContinuousClock.now - $0 > .seconds(2) }) ?? true {
-                    lastHandOff = .now
-                    logger.warning("vm: primary \(me) leads with a VM that is not the replicated one (\(why)); handing leadership to node \(config.peer)")
-                    let peer = config.peer
-                    Task { try? await node.transferLeadership(to: peer) }
-                }
-                continue
-            }
-            if meter?.pid != q.pid { meter = CPUMeter(pid: q.pid) }
-            rate = meter!.sample()
-            let minGap = Duration.milliseconds(config.checkpointMinGapMilliseconds)
-            guard !lock.withLock({ inFlight || ContinuousClock.now - lastCheckpointEnd < (lastCheckpointFailed ? max(minGap, failedCheckpointBackoff) : minGap) }),
-                  let oldest = outputs.oldestHeld else { continue }
-            let idle = rate.map { $0 * 100 < Double(config.idleCPUPercent) } ?? false
-            guard idle || ContinuousClock.now - oldest >= maxAge else { continue }
-            let epoch = nextEpoch
-            nextEpoch += 1
-            lock.withLock { inFlight = true }
-            let entry = VMLogEntry.checkpoint(epoch: epoch, proposer: me).encoded()
-            Task {
-                do { _ = try await node.propose(entry) } catch {
-                    self.logger.warning("vm: checkpoint \(epoch) not committed: \(error)")
-                    self.lock.withLock { self.inFlight = false }
-                }
-            }
-        }
     }
 }
