@@ -129,6 +129,17 @@ final class VMCluster {
         for pid in takeQEMUPIDs(id) { Glibc.kill(pid, SIGKILL) }
     }
 
+    /// Sends `signal` to replica `id` and every QEMU it runs (SIGSTOP/SIGCONT: a paused host).
+    func signal(_ id: NodeID, _ signal: Int32) {
+        if let p = processes[id] { Glibc.kill(p.processIdentifier, signal) }
+        let dir = runDir(id)
+        for f in (try? FileManager.default.contentsOfDirectory(atPath: dir)) ?? [] where f.hasSuffix(".pid") {
+            if let text = try? String(contentsOfFile: dir + "/" + f, encoding: .utf8), let pid = pid_t(text.trimmingCharacters(in: .whitespacesAndNewlines)) {
+                Glibc.kill(pid, signal)
+            }
+        }
+    }
+
     /// Stops everything (SIGTERM, then SIGKILL), kills leftover QEMUs, removes the RAM files.
     func stopAll() {
         for (_, p) in processes { ChildProcesses.stop(p) }
@@ -200,10 +211,22 @@ final class CounterClient {
         seq += 1
         let line = "\(op) \(name) \(seq)\(extra)"
         let deadline = ContinuousClock.now + timeout
+        var silent = 0
         while ContinuousClock.now < deadline {
             if fd < 0 { connectNext() }
+            let wasConnected = fd >= 0
             if fd >= 0, write(line + "\n"), let v = awaitAnswer(until: min(deadline, ContinuousClock.now + resendAfter)) { return v }
             retries += 1
+            // A front that neither answers nor hangs up (its host paused) is left after two tries.
+            if wasConnected && fd >= 0 {
+                silent += 1
+                if silent >= 2 {
+                    silent = 0
+                    dropConnection()
+                }
+            } else {
+                silent = 0
+            }
         }
         throw CLIError("no answer to \"\(line)\" within \(timeout) from fronts \(fronts)")
     }

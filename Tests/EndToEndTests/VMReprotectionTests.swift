@@ -109,6 +109,39 @@ extension EndToEnd {
 
         @Test(.enabled(if: VM.qemuInstalled, "qemu-system-x86_64 is not installed; scripts/install-deps.sh (run by make test) installs it"),
               .timeLimit(.minutes(5)))
+        func pausedPrimaryThatWasTakenOverBecomesTheBackupWhenItWakes() async throws {
+            let checks = Checks()
+            defer { checks.recordIssues() }
+            try await onOwnThread {
+                try VM.withCluster(checks, vmExtra: "checkpoint_timeout_ms = 8000") { cluster in
+                    try cluster.startAll()
+                    let client = CounterClient(name: "c1", fronts: [cluster.fronts[1]!, cluster.fronts[2]!])
+                    var answers: [UInt64] = []
+                    for _ in 0..<3 { answers.append(try client.request(timeout: .seconds(90))) }
+                    // The primary's host stops (replica process and QEMU); node 2 takes over.
+                    let offset1 = Self.logSize(cluster, 1)
+                    cluster.signal(1, SIGSTOP)
+                    for _ in 0..<3 { answers.append(try client.request(timeout: .seconds(60))) }
+                    checks.expect(Self.waitForLog(cluster, 2, "is the primary now", after: 0, timeout: .seconds(10)),
+                                  "node 2 never became the primary")
+                    // It wakes up to find its VM taken over: it becomes node 2's backup.
+                    cluster.signal(1, SIGCONT)
+                    checks.expect(Self.waitForLog(cluster, 1, "is a backup now", after: offset1, timeout: .seconds(30)),
+                                  "the woken primary did not become a backup")
+                    checks.expect(Self.waitForLog(cluster, 1, "vm: protected:", after: offset1, timeout: .seconds(60)),
+                                  "the woken primary was never re-protected")
+                    for _ in 0..<3 { answers.append(try client.request(timeout: .seconds(60))) }
+                    checks.expect(answers == Array(1...9), "answers through the pause and re-protection: \(answers)")
+                    cluster.kill(2)
+                    var after: [UInt64] = []
+                    for _ in 0..<3 { after.append(try client.request(timeout: .seconds(60))) }
+                    checks.expect(after == [10, 11, 12], "answers after node 2 died: \(after)")
+                }
+            }
+        }
+
+        @Test(.enabled(if: VM.qemuInstalled, "qemu-system-x86_64 is not installed; scripts/install-deps.sh (run by make test) installs it"),
+              .timeLimit(.minutes(5)))
         func restartedBackupThatWasNeverReprotectedAnswersNobody() async throws {
             let checks = Checks()
             defer { checks.recordIssues() }
