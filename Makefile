@@ -64,7 +64,7 @@ bench-interpose: deps
 	./benchmarks/interpose/run.sh
 
 # VM replication with QEMU under TCG (benchmarks/vm/README.md), a few minutes.
-VM_REQUESTS ?= 200
+VM_REQUESTS ?= 40
 bench-vm: deps
 	$(SWIFT) build -c release --product plover
 	.build/release/plover bench vm --requests $(VM_REQUESTS) --out benchmarks/vm/results.md
