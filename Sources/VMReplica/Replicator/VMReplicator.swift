@@ -15,6 +15,7 @@ import RDMAPaxos
 public final class VMReplicator: @unchecked Sendable {
     // @unchecked Sendable: `lock` guards `current`, `spare`, `channel`, `inFlight`, `unusable`,
     // `stopped`; the checkpoint fields (`hashDiff`, `epoch` counters) belong to the driver thread.
+    /// What a VM replica does for the VM (the witness runs none).
     public enum Role: String, Sendable, CaseIterable {
         /// Prefers to lead; runs checkpoints as the syncvm primary.
         case primary
@@ -31,7 +32,9 @@ public final class VMReplicator: @unchecked Sendable {
     /// Primary: a backup holds a copy of its VM, so output waits for the covering checkpoint.
     /// False for a backup that became primary until its first checkpoint with a new backup.
     var protected = true
+    /// This replica's node id in the consensus cluster.
     public let me: NodeID
+    /// The `[vm]` table it runs with.
     public let config: VMConfig
     let logger: Logger
     let clusterKey: ClusterKey
@@ -95,6 +98,8 @@ public final class VMReplicator: @unchecked Sendable {
     /// Primary, inconsistent: when it last asked the backup to lead instead.
     var lastHandOff: ContinuousClock.Instant?
 
+    /// A replica that starts as `role` for node `me`; `clusterKey` authenticates the syncvm link.
+    /// Nothing runs until `start`.
     public init(role: Role, me: NodeID, config: VMConfig, clusterKey: ClusterKey, logger: Logger) {
         self.configuredRole = role
         self.currentRole = role
