@@ -75,11 +75,15 @@ public final class FabricSyncChannel: SyncChannel {
             }
         }
 
-        /// Connects a queue pair to the peer's endpoint and starts receiving.
-        /// An endpoint may connect again after its previous channel went down: its mailbox is
-        /// cleared first, so nothing the old peer wrote is read as the new one's.
-        public func connect(to peer: PeerAddress) async throws -> FabricSyncChannel {
+        /// Clears this side's mailbox. An endpoint may connect again after its channel went
+        /// down; call this once the old channel is closed and before connecting, so nothing the
+        /// old peer wrote is read as the new one's.
+        public func resetMailbox() {
             region.store([UInt8](repeating: 0, count: layout.bytes), at: mailboxOffset)
+        }
+
+        /// Connects a queue pair to the peer's endpoint and starts receiving.
+        public func connect(to peer: PeerAddress) async throws -> FabricSyncChannel {
             let qp = try await fabric.connect(to: peer, exporting: region)
             let remote = qp.remote.lengthBytes
             let peerMailbox = remote - layout.bytes

@@ -169,7 +169,7 @@ extension EndToEnd {
                     checks.expect(client.retries > before, "the client never tried again")
                     checks.expect(Self.waitForLog(cluster, 2, "became leader", after: offset, timeout: .seconds(1)), "node 2 never led after its restart")
                     let log = (try? String(contentsOfFile: cluster.logPath(2), encoding: .utf8)) ?? ""
-                    checks.expect(!log.contains("took over"), "node 2 released its new VM's output (took over)")
+                    checks.expect(!log.contains("is the primary now"), "node 2 became the primary with a new VM")
                 }
             }
         }

@@ -11,10 +11,10 @@ import Testing
 @Suite struct VMReplicatorPartsTests {
     @Test func logEntriesRoundTripAndBadOnesAreRefused() throws {
         let frame = GuestLink().requestFrame(payload: Array("INC a 1\n".utf8))
-        for e in [VMLogEntry.input(frame: frame), .checkpoint(epoch: 0x0102_0304_0506_0708, proposer: 0xA0B0_C0D0)] {
+        for e in [VMLogEntry.input(frame: frame), .checkpoint(epoch: 0x0102_0304_0506_0708, proposer: 0xA0B0_C0D0), .takeOver(by: 0x0A0B_0C0D)] {
             #expect(try VMLogEntry(decoding: e.encoded()) == e)
         }
-        for bad: [UInt8] in [[], [1], [1, 2, 3], [2] + [UInt8](repeating: 0, count: 11), [3] + [UInt8](repeating: 0, count: 20)] {
+        for bad: [UInt8] in [[], [1], [1, 2, 3], [2] + [UInt8](repeating: 0, count: 11), [3] + [UInt8](repeating: 0, count: 20), [3, 0, 0, 1], [4, 0, 0, 0, 1]] {
             #expect(throws: DecodeError.self, "\(bad)") { try VMLogEntry(decoding: bad) }
         }
     }
@@ -161,11 +161,30 @@ import Testing
         var (p, b) = InMemorySyncChannel.pair(backupMemory: backupMemory)
         try await b.send(VMReplicator.readyFrame(epoch: 3))
         try await b.send(VMReplicator.readyFrame(epoch: 4))
-        try await VMReplicator.awaitReady(p, epoch: 4)  // the stale ready of 3 is skipped
+        try await VMReplicator.awaitReady(p, epoch: 4)  // the stale ready of 3 is skipped...
+        // ...and answered with a skip, so the late backup drops checkpoint 3 at once.
+        let answer = try await b.receive()
+        #expect(answer == VMReplicator.skipFrame(epoch: 3))
+        #expect(VMReplicator.handshakeEpoch(answer, kind: 0xEF) == 3)
+        #expect(VMReplicator.handshakeEpoch(answer, kind: 0xEE) == nil)
+        #expect(VMReplicator.handshakeEpoch(VMReplicator.readyFrame(epoch: 0x0102030405060708), kind: 0xEE) == 0x0102030405060708)
         try await b.send(VMReplicator.readyFrame(epoch: 9))
         await #expect(throws: SyncError.wrongSession(expected: 5, got: 9)) { try await VMReplicator.awaitReady(p, epoch: 5) }
         (p, b) = InMemorySyncChannel.pair(backupMemory: backupMemory)
         try await b.send([1, 2, 3])
         await #expect(throws: SyncError.self) { try await VMReplicator.awaitReady(p, epoch: 1) }
+    }
+
+    @Test func theBackupsReaderSeesTheFrameItAlreadyReadFirst() async throws {
+        let backupMemory = try GuestMemory(pageCount: 4)
+        let (p, b) = InMemorySyncChannel.pair(backupMemory: backupMemory)
+        try await p.send([7])
+        let replay = FirstFrameReplay([5, 6], then: b)
+        #expect(try await replay.receive() == [5, 6])
+        #expect(try await replay.receive() == [7])
+        try await replay.send([8])
+        #expect(try await p.receive() == [8])
+        replay.close()
+        await #expect(throws: SyncChannelError.closed) { try await p.receive() }
     }
 }

@@ -11,6 +11,9 @@ public enum VMLogEntry: Equatable, Sendable {
     /// Both VM replicas pause at this log position and run syncvm; `proposer` is the VM primary
     /// that asked for it, `epoch` counts its checkpoints.
     case checkpoint(epoch: UInt64, proposer: NodeID)
+    /// `node`, a backup that leads while the primary is gone, owns the VM from this log
+    /// position: it becomes the primary and the old primary a backup, each when it applies this.
+    case takeOver(by: NodeID)
 
     public func encoded() -> [UInt8] {
         switch self {
@@ -20,6 +23,8 @@ public enum VMLogEntry: Equatable, Sendable {
             for i in (0..<8).reversed() { b.append(UInt8(epoch >> (8 * UInt64(i)) & 0xff)) }
             for i in (0..<4).reversed() { b.append(UInt8(proposer >> (8 * UInt32(i)) & 0xff)) }
             return b
+        case let .takeOver(node):
+            return [3] + (0..<4).reversed().map { UInt8(node >> (8 * UInt32($0)) & 0xff) }
         }
     }
 
@@ -37,6 +42,8 @@ public enum VMLogEntry: Equatable, Sendable {
             let epoch = b[1..<9].reduce(UInt64(0)) { $0 << 8 | UInt64($1) }
             let proposer = b[9..<13].reduce(UInt32(0)) { $0 << 8 | UInt32($1) }
             self = .checkpoint(epoch: epoch, proposer: NodeID(proposer))
+        case 3? where b.count == 5:
+            self = .takeOver(by: NodeID(b[1..<5].reduce(UInt32(0)) { $0 << 8 | UInt32($1) }))
         default:
             throw DecodeError("VM log entry", "unknown kind \(b.first.map(String.init) ?? "(empty)") or wrong length \(b.count)")
         }
@@ -70,6 +77,7 @@ public final class VMInputLog: StateMachine, @unchecked Sendable {
         switch e {
         case .input: inputs += 1
         case .checkpoint: checkpoints += 1
+        case .takeOver: break
         }
         deliver?(index, e)
         return [1]

@@ -7,6 +7,7 @@
 import Glibc
 #endif
 import Foundation
+import Synchronization
 import RDMAPaxos
 
 /// What one checkpoint did, one line of `checkpoints.log` in the run directory.
@@ -105,6 +106,21 @@ extension VMReplicator {
         }
     }
 
+    /// `cont` after an outgoing migration. QEMU reports the migration "completed" before its
+    /// migration thread has finished cleaning up, and refuses `cont` until then ("Migration is
+    /// not finalized yet"), so that answer is retried for a short while.
+    func resume(_ q: QEMUInstance) throws {
+        let deadline = ContinuousClock.now + .seconds(5)
+        while true {
+            do {
+                try q.qmp.execute("cont")
+                return
+            } catch let e as QMPError where e.problem.contains("not finalized") && ContinuousClock.now < deadline {
+                usleep(2000)
+            }
+        }
+    }
+
     /// Samples `q`'s CPU rate one idle window at a time until a window stays below
     /// `idle_cpu_percent`; false when `limit` passed first (the caller goes on anyway).
     func waitUntilIdle(_ q: QEMUInstance, atMost limit: Duration) -> Bool {
@@ -128,15 +144,30 @@ extension VMReplicator {
         [0xEE] + (0..<8).reversed().map { UInt8(epoch >> (8 * UInt64($0)) & 0xff) }
     }
 
-    /// Waits for the backup's ready frame for `epoch`, skipping stale ones from checkpoints the
-    /// primary already gave up on.
+    /// Primary → backup in answer to a ready frame for a checkpoint the primary already gave up
+    /// on: the backup drops that checkpoint at once and goes on to the next one in the log,
+    /// instead of waiting out its timeout while the primary waits for the next one.
+    static func skipFrame(epoch: UInt64) -> [UInt8] {
+        [0xEF] + (0..<8).reversed().map { UInt8(epoch >> (8 * UInt64($0)) & 0xff) }
+    }
+
+    /// The epoch in a 9-byte handshake frame of `kind` (0xEE ready, 0xEF skip).
+    static func handshakeEpoch(_ f: [UInt8], kind: UInt8) -> UInt64? {
+        guard f.count == 9, f[0] == kind else { return nil }
+        return f[1...].reduce(UInt64(0)) { $0 << 8 | UInt64($1) }
+    }
+
+    /// Waits for the backup's ready frame for `epoch`. A ready frame of an earlier checkpoint
+    /// (one this primary already gave up on) is answered with a skip frame.
     static func awaitReady(_ ch: some SyncChannel, epoch: UInt64) async throws {
         while true {
             let f = try await ch.receive()
-            guard f.count == 9, f[0] == 0xEE else { throw SyncError.unexpectedMessage(expected: "ready", got: "a \(f.count)-byte frame") }
-            let e = f[1...].reduce(UInt64(0)) { $0 << 8 | UInt64($1) }
+            guard let e = handshakeEpoch(f, kind: 0xEE) else {
+                throw SyncError.unexpectedMessage(expected: "ready", got: "a \(f.count)-byte frame")
+            }
             if e == epoch { return }
             guard e < epoch else { throw SyncError.wrongSession(expected: epoch, got: e) }
+            try await ch.send(skipFrame(epoch: e))
         }
     }
 
@@ -158,13 +189,16 @@ extension VMReplicator {
         } catch { r.error = "backup not ready for checkpoint \(epoch): \(error)"; return false }
         r.wait = ContinuousClock.now - waitStart
         let start = ContinuousClock.now
+        // From the pause on the backup may end up holding this VM (even if this side then fails
+        // to see the checkpoint complete): output waits for checkpoints from here.
+        lock.withLock { protected = true }
         do {
             try q.qmp.execute("stop")
         } catch { r.error = "stop: \(error)"; return false }
         // Everything read from the guest so far was produced before the pause.
         let cut = outputs.cut()
         var resumed = false
-        defer { if !resumed { _ = try? q.qmp.execute("cont") } }
+        defer { if !resumed { _ = try? resume(q) } }
         do {
             // Until the first sync nothing says which pages are equal: all pages are candidates.
             let scanStart = ContinuousClock.now
@@ -184,9 +218,7 @@ extension VMReplicator {
                 return s == "completed"
             }
             r.migrate = ContinuousClock.now - m
-            // The backup holds this VM now: what it produces from here waits for checkpoints.
-            lock.withLock { protected = true }
-            try q.qmp.execute("cont")
+            try resume(q)
             resumed = true
             r.pause = ContinuousClock.now - start
             let out = outputs.release(through: cut)
@@ -209,9 +241,6 @@ extension VMReplicator {
         var r = CheckpointRecord(epoch: epoch, index: index, role: .backup)
         defer { record(r) }
         guard lock.withLock({ unusable == nil }), let old = lock.withLock({ current }) else { r.error = "VM unusable"; return }
-        // Clients have seen this VM's own answers: overwriting it with the primary's state could
-        // contradict them. The primary's checkpoint fails and it keeps its output held.
-        guard !lock.withLock({ tookOver }) else { r.error = "this backup took over and no longer accepts checkpoints"; return }
         // The backup replays the same inputs later than the primary (and, under TCG, in a QEMU
         // whose translation cache is cold). Stopping it mid-request would make every page that
         // request writes diverge, so it first finishes what it was given: it stops once its
@@ -241,6 +270,25 @@ extension VMReplicator {
         }
         guard let next else { r.error = "no standby QEMU for the device state"; return }
         guard let ch = waitForChannel(timeout: checkpointTimeout) else { r.error = "syncvm link to node \(config.peer) is not up"; return }
+        let scanStart = ContinuousClock.now
+        let dirty = hashDiff?.collect() ?? DirtyBitmap.all(pageCount: memory.pageCount)
+        r.scan = ContinuousClock.now - scanStart
+        // Ready, then the primary's first answer: a skip if it gave this checkpoint up before
+        // this replica got here (it was late: paused, restarting, catching up in the log).
+        let first: [UInt8]
+        do {
+            try blocking(timeout: checkpointTimeout) { try await ch.send(Self.readyFrame(epoch: epoch)) }
+            first = try blocking(timeout: checkpointTimeout) { try await ch.receive() }
+        } catch {
+            r.error = "\(error)"
+            hashDiff = nil  // collect() moved the baseline: the next sync compares all pages
+            return
+        }
+        if Self.handshakeEpoch(first, kind: 0xEF) == epoch {
+            r.error = "the primary gave checkpoint \(epoch) up before this backup was ready"
+            hashDiff = nil
+            return
+        }
         // A QEMU takes one incoming migration in its life: unless this checkpoint makes `next`
         // the current VM, it is replaced by a fresh standby for the next checkpoint.
         var installed = false
@@ -253,16 +301,18 @@ extension VMReplicator {
         }
         do {
             try next.qmp.execute("migrate-incoming", ["uri": "tcp:\(config.migrationAddress)"])
-        } catch { r.error = "migrate-incoming: \(error)"; return }
-        let scanStart = ContinuousClock.now
-        let dirty = hashDiff?.collect() ?? DirtyBitmap.all(pageCount: memory.pageCount)
-        r.scan = ContinuousClock.now - scanStart
+        } catch {
+            r.error = "migrate-incoming: \(error)"
+            hashDiff = nil
+            ch.close()  // the primary is waiting in the sync: fail it now rather than at its timeout
+            return
+        }
         let state = MemorySyncStateStore(.inSync(session: 0))
         let engine = SyncBackup(memory: memory, pool: pool, state: state)
         let result: SyncResult
         do {
-            try blocking(timeout: checkpointTimeout) { try await ch.send(Self.readyFrame(epoch: epoch)) }
-            result = try blocking(timeout: checkpointTimeout) { try await engine.run(dirty: dirty, over: ch, expectedSession: epoch) }
+            let replay = FirstFrameReplay(first, then: ch)
+            result = try blocking(timeout: checkpointTimeout) { try await engine.run(dirty: dirty, over: replay, expectedSession: epoch) }
         } catch {
             r.error = "\(error)"
             if !state.load().isInSync {
@@ -310,4 +360,24 @@ extension VMReplicator {
             logger.notice("vm: protected: checkpoint \(epoch) made this VM a copy of the primary's (before it: \(why)); it may take over now")
         }
     }
+}
+
+/// A channel whose first received frame is one already read from `inner` (the backup reads the
+/// primary's first answer to its ready frame itself, to see whether it is a skip).
+final class FirstFrameReplay<Inner: SyncChannel>: SyncChannel {
+    private let first: Mutex<[UInt8]?>
+    private let inner: Inner
+    init(_ frame: [UInt8], then inner: Inner) {
+        first = Mutex(frame)
+        self.inner = inner
+    }
+    func send(_ frame: [UInt8]) async throws { try await inner.send(frame) }
+    func receive() async throws -> [UInt8] {
+        if let f = first.withLock({ f -> [UInt8]? in defer { f = nil }; return f }) { return f }
+        return try await inner.receive()
+    }
+    func writePages(_ pages: ArraySlice<UInt32>, from memory: GuestMemory) async throws {
+        try await inner.writePages(pages, from: memory)
+    }
+    func close() { inner.close() }
 }

@@ -56,25 +56,48 @@ extension VMReplicator {
         Task { await self.connectLoop(e) }
     }
 
+    /// Drops a syncvm link that went down (the peer's process died, a sync failed, the peer
+    /// reopened its endpoint in another role) and starts connecting again. The endpoint's
+    /// mailbox is cleared first, while no peer is connected, so nothing the old peer wrote is
+    /// read as the new one's. Called every scheduler window and before each checkpoint.
+    func reviveLinkIfDown() {
+        let (down, e) = lock.withLock { () -> (FabricSyncChannel?, FabricSyncChannel.Endpoint?) in
+            guard let c = channel, c.isDown else { return (nil, nil) }
+            channel = nil
+            return (c, endpoint)
+        }
+        guard let down else { return }
+        down.close()
+        logger.info("vm: syncvm link to node \(config.peer) is down; connecting again")
+        if let e {
+            e.resetMailbox()
+            Task { await self.connectLoop(e) }
+        }
+    }
+
     // MARK: Take-over
 
-    /// Driver thread: a consistent backup that leads becomes the primary. It has run every
-    /// committed input; its VM is what clients see from now on, so it no longer takes
-    /// checkpoints, gives up its standby QEMU, and opens a primary's syncvm endpoint for a
-    /// backup to join. Its output goes out at once until the first checkpoint with that backup.
-    func becomePrimary() {
-        guard let node, node.status.role == .leader else { return }
-        let (ok, standby) = lock.withLock { () -> (Bool, QEMUInstance?) in
-            guard currentRole == .backup, inconsistent == nil, unusable == nil, !stopped else { return (false, nil) }
+    /// Driver thread, applying `takeOver(by: me)` at `index`: this backup becomes the primary.
+    /// It has run every input before the entry, its VM is the one clients see from now on: the
+    /// standby QEMU goes, a primary's syncvm endpoint opens for a backup to join, and output goes
+    /// out at once until the first checkpoint with that backup.
+    func becomePrimary(at index: LogIndex) {
+        let (ok, standby, why) = lock.withLock { () -> (Bool, QEMUInstance?, String?) in
+            guard currentRole == .backup, inconsistent == nil, unusable == nil, !stopped else {
+                return (false, nil, inconsistent ?? unusable)
+            }
             currentRole = .primary
             protected = false
-            tookOver = true
+            inFlight = false
             defer { spare = nil }
-            return (true, spare)
+            return (true, spare, nil)
         }
-        guard ok else { return }
+        guard ok else {
+            if let why { logger.error("vm: the take-over at log index \(index) found this VM unfit (\(why)); no replica holds the VM now") }
+            return
+        }
         standby?.kill()
-        logger.notice("vm: node \(me) is the primary now: it leads and its VM is the one clients see; output goes out unprotected until a backup is re-protected")
+        logger.notice("vm: node \(me) is the primary now (take-over at log index \(index)): its VM is the one clients see; output goes out unprotected until a backup is re-protected")
         do {
             try blocking(timeout: checkpointTimeout) { try await self.openSyncEndpoint(as: .primary) }
         } catch {
@@ -82,26 +105,24 @@ extension VMReplicator {
         }
     }
 
-    /// Driver thread: a primary whose VM the other replica took over (it leads, and closed the
-    /// syncvm link to open a primary's endpoint) becomes that replica's backup. Its VM is no
-    /// copy of the one clients now see: its held output is dropped, it answers nobody, and the
-    /// new primary's next checkpoint re-protects it (every page compared).
-    func becomeBackup() {
-        guard let node, node.status.role != .leader, node.status.leader == config.peer else { return }
+    /// Driver thread: this primary stops owning the VM (the other replica's take-over was
+    /// committed, or its own VM is no copy of anything) and becomes a backup. Its held output
+    /// is dropped (clients resend), its RAM is mapped writable with the mailbox, a backup's
+    /// endpoint and a standby QEMU open, and the new primary's next checkpoint re-protects it.
+    func becomeBackup(because why: String) {
         let (ok, held) = lock.withLock { () -> (Bool, Int) in
             guard currentRole == .primary, !stopped else { return (false, 0) }
             currentRole = .backup
             protected = true
-            tookOver = false
+            inFlight = false
             return (true, outputs.heldCount)
         }
         guard ok else { return }
-        markInconsistent("node \(config.peer) took over the VM while this replica did not lead")
+        markInconsistent(why)
         outputs.dropHeld()
         hashDiff = nil
         logger.notice("vm: node \(me) is a backup now; \(held) answers it held are dropped (clients resend)")
         do {
-            // The backup's endpoint exports guest RAM for the primary to write into.
             let fabricConfig = FabricSyncChannel.Configuration()
             memory = try GuestMemory(mappingFile: config.qemu.ramFile, writable: true, trailingBytes: fabricConfig.mailboxBytes)
             try blocking(timeout: checkpointTimeout) { try await self.openSyncEndpoint(as: .backup) }
@@ -113,55 +134,46 @@ extension VMReplicator {
 
     // MARK: Scheduling
 
-    /// One loop per replica, every `idle_window_ms`, deciding what only a leader may:
+    /// One loop per replica, every `idle_window_ms`: revives a syncvm link that went down, and
+    /// decides what only a leader may:
     /// - a VM that is no copy of the replicated one (restarted, never synced) hands leadership
-    ///   to the other VM replica;
-    /// - a backup that leads takes over when the primary is gone (its syncvm link is down), or
-    ///   after `handBackLimit` of trying in vain to hand leadership back to a live primary;
+    ///   to the other VM replica, and a primary with one steps down to backup;
+    /// - a consistent backup that leads proposes a take-over when the primary is gone (its syncvm
+    ///   link is down) or after `handBackLimit` of trying in vain to hand leadership back to a
+    ///   live primary; roles change only when that entry is applied, in log order, on both;
     /// - a primary asks for checkpoints: PLOVER's trigger (output is waiting and the guest went
     ///   idle — its QEMU's CPU rate fell below the threshold for one window — or the oldest held
     ///   output reached the max period) or, while unprotected, as soon as a backup's link is up.
-    /// A primary that does not lead, while the other replica leads and the link has been down
-    /// for `demoteAfter`, lost the VM to a take-over: it becomes a backup to be re-protected.
     func schedulerLoop() {
         var meter: CPUMeter?
         var rate: Double?
         var leadingSince: ContinuousClock.Instant?
-        var peerLeadsSince: ContinuousClock.Instant?
         let window = Double(config.idleWindowMilliseconds) / 1000
         let maxAge = Duration.milliseconds(config.checkpointMaxMilliseconds)
         while !lock.withLock({ stopped }) {
             Thread.sleep(forTimeInterval: window)
+            reviveLinkIfDown()
             guard let node else { continue }
-            let status = node.status
             let (role, why, broken, isProtected, linkUp) = lock.withLock {
                 (currentRole, inconsistent, unusable, protected, channel.map { !$0.isDown } ?? false)
             }
-            guard status.role == .leader, let q = lock.withLock({ current }) else {
+            if role == .primary && why != nil {
+                queueCond.withLock {
+                    demoteRequested = true
+                    queueCond.signal()
+                }
+            }
+            guard node.status.role == .leader, let q = lock.withLock({ current }) else {
                 meter = nil
                 leadingSince = nil
-                if role == .primary && status.leader == config.peer && !linkUp {
-                    if peerLeadsSince == nil { peerLeadsSince = .now }
-                    if ContinuousClock.now - peerLeadsSince! >= demoteAfter {
-                        peerLeadsSince = nil
-                        queueCond.withLock {
-                            demoteRequested = true
-                            queueCond.signal()
-                        }
-                    }
-                } else {
-                    peerLeadsSince = nil
-                }
                 continue
             }
-            peerLeadsSince = nil
             if leadingSince == nil { leadingSince = .now }
-            if broken != nil { continue }
-            if let why {
+            if why != nil || broken != nil {
                 // Its VM is no copy of the one clients saw: let the other replica lead.
                 if lastHandOff.map({ ContinuousClock.now - $0 > .seconds(2) }) ?? true {
                     lastHandOff = .now
-                    logger.warning("vm: node \(me) leads with a VM that is not the replicated one (\(why)); handing leadership to node \(config.peer)")
+                    logger.warning("vm: node \(me) leads with a VM that is not the replicated one (\(why ?? broken!)); handing leadership to node \(config.peer)")
                     let peer = config.peer
                     Task { try? await node.transferLeadership(to: peer) }
                 }
@@ -170,17 +182,16 @@ extension VMReplicator {
             if role == .backup {
                 let waited = ContinuousClock.now - leadingSince!
                 if !linkUp || waited >= handBackLimit {
-                    let first = lock.withLock { () -> Bool in
-                        defer { tookOver = true }
-                        return !tookOver
-                    }
-                    if first {
+                    if lastTakeOverProposal.map({ ContinuousClock.now - $0 > .seconds(2) }) ?? true {
+                        lastTakeOverProposal = .now
                         let because = linkUp ? "the primary did not take leadership back within \(handBackLimit)" : "the syncvm link to the primary is down"
-                        logger.notice("vm: backup \(me) leads and took over: \(because)")
-                    }
-                    queueCond.withLock {
-                        takeOverRequested = true
-                        queueCond.signal()
+                        logger.notice("vm: backup \(me) leads and takes over: \(because)")
+                        let entry = VMLogEntry.takeOver(by: me).encoded()
+                        Task {
+                            do { _ = try await node.propose(entry) } catch {
+                                self.logger.warning("vm: take-over by node \(self.me) not committed: \(error)")
+                            }
+                        }
                     }
                 } else if lastHandOff.map({ ContinuousClock.now - $0 > .seconds(2) }) ?? true {
                     // An election while the primary lives (its link is up): give leadership back.

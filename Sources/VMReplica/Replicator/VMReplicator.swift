@@ -57,9 +57,6 @@ public final class VMReplicator: @unchecked Sendable {
     /// restored from a snapshot): it must not answer clients. A backup becomes consistent again
     /// at its next complete checkpoint, which then compares every page; a primary stays so.
     var inconsistent: String?
-    /// Backup: it released output of its own as leader. From then its VM's state is what clients
-    /// saw, so no checkpoint may overwrite it (see `backupCheckpoint`).
-    var tookOver = false
     var stopped = false
     var qemuSerial = 0
     /// Serializes QEMU starts: each one's NIC connection is the next one accepted.
@@ -85,16 +82,13 @@ public final class VMReplicator: @unchecked Sendable {
     /// Entries up to this index were in the log before this process started: replays, which
     /// the new VM must not run (set by `attach`; the driver waits for it).
     var historyThrough: LogIndex?
-    /// Backup: leading and consistent, it asked the driver (under `queueCond`) to make it the primary.
-    var takeOverRequested = false
-    /// Primary: the other replica took over; it asked the driver (under `queueCond`) to make it a backup.
+    /// Primary with an inconsistent VM: it asked the driver (under `queueCond`) to make it a backup.
     var demoteRequested = false
     /// A backup leading while the primary's link is up hands leadership back for this long
     /// before it takes over anyway.
     let handBackLimit = Duration.seconds(6)
-    /// A primary that does not lead, while the other replica leads with the link down, becomes
-    /// a backup after this long.
-    let demoteAfter = Duration.seconds(2)
+    /// Backup: when it last proposed a take-over (one at a time, every 2 s at most).
+    var lastTakeOverProposal: ContinuousClock.Instant?
     /// Primary, inconsistent: when it last asked the backup to lead instead.
     var lastHandOff: ContinuousClock.Instant?
 
@@ -221,8 +215,9 @@ public final class VMReplicator: @unchecked Sendable {
                         q.kill()
                         throw error
                     }
+                    // Not needed once this replica became the primary, nor when another one is up.
                     let keep = lock.withLock { () -> Bool in
-                        guard !stopped else { return false }
+                        guard !stopped, currentRole == .backup, spare == nil else { return false }
                         spare = q
                         return true
                     }
@@ -265,13 +260,10 @@ public final class VMReplicator: @unchecked Sendable {
                 front?.broadcast(payload)
             }
         case .backup:
-            // Only once it took over (the scheduler decides: the primary is gone) is this VM the
-            // one clients see; until the driver has made it the primary and a new backup is
-            // re-protected its output goes out at once. A backup leading for a moment while
-            // the primary lives hands leadership back and answers nothing.
-            guard !broken, lock.withLock({ tookOver }) else { outputs.drop(); return }
-            outputs.passedThrough()
-            front?.broadcast(payload)
+            // Its VM is the one clients see only once a committed take-over made it the
+            // primary; leading before that (an election, or while its take-over commits) it
+            // answers nothing.
+            outputs.drop()
         }
     }
 
@@ -294,25 +286,21 @@ public final class VMReplicator: @unchecked Sendable {
 
     func driverLoop() {
         while true {
-            let next = queueCond.withLock { () -> ([(LogIndex, VMLogEntry)], Bool, Bool)? in
-                while (queue.isEmpty && !takeOverRequested && !demoteRequested || historyThrough == nil) && !lock.withLock({ stopped }) { queueCond.wait() }
+            let next = queueCond.withLock { () -> ([(LogIndex, VMLogEntry)], Bool)? in
+                while (queue.isEmpty && !demoteRequested || historyThrough == nil) && !lock.withLock({ stopped }) { queueCond.wait() }
                 if lock.withLock({ stopped }) { return nil }
                 defer {
                     queue = []
-                    takeOverRequested = false
                     demoteRequested = false
                 }
-                return (queue, takeOverRequested, demoteRequested)
+                return (queue, demoteRequested)
             }
-            guard let (batch, takeOver, demote) = next else { return }
-            // After the entries already committed: the new primary's VM has run every input.
-            defer {
-                if takeOver { becomePrimary() }
-                if demote { becomeBackup() }
-            }
+            guard let (batch, demote) = next else { return }
             let history = queueCond.withLock { historyThrough ?? 0 }
             for (n, (index, entry)) in batch.enumerated() {
-                if case let .checkpoint(epoch, proposer) = entry, proposer == me { lock.withLock { nextEpoch = max(nextEpoch, epoch + 1) } }
+                if case let .checkpoint(epoch, proposer) = entry, proposer == me {
+                    lock.withLock { nextEpoch = max(nextEpoch, epoch + 1) }
+                }
                 if index <= history { continue }
                 switch entry {
                 case .input where lock.withLock({ inconsistent != nil }):
@@ -322,6 +310,7 @@ public final class VMReplicator: @unchecked Sendable {
                     // asks for one only after the previous one ended: this one is over (a replica
                     // catching up on its log).
                     logger.info("vm: skipping checkpoint \(epoch) at \(index): node \(proposer) already asked for a later one")
+                    if proposer == me { lock.withLock { inFlight = false } }
                 case let .input(frame):
                     let q = lock.withLock { current }
                     let ok = q?.nic.write(frame: frame)
@@ -334,11 +323,18 @@ public final class VMReplicator: @unchecked Sendable {
                             lastCheckpointEnd = .now
                             lastCheckpointFailed = !ok
                         }
-                    } else if role == .backup && proposer == config.peer {
-                        backupCheckpoint(epoch: epoch, index: index)
+                    } else {
+                        if proposer == me { lock.withLock { inFlight = false } }
+                        if role == .backup && proposer == config.peer { backupCheckpoint(epoch: epoch, index: index) }
                     }
+                case let .takeOver(node) where node == me:
+                    becomePrimary(at: index)
+                case let .takeOver(node):
+                    if node == config.peer { becomeBackup(because: "node \(node) took the VM over at log index \(index)") }
                 }
             }
+            // An inconsistent primary asked to step aside (its VM is no copy of anything).
+            if demote, let why = lock.withLock({ inconsistent }) { becomeBackup(because: why) }
         }
     }
 
@@ -364,20 +360,10 @@ public final class VMReplicator: @unchecked Sendable {
         }
     }
 
-    /// The syncvm link, waiting up to `timeout` for it. A link that went down (the peer's
-    /// process died or a sync failed) is dropped and connected again, so a restarted peer can
-    /// be re-protected.
+    /// The syncvm link, waiting up to `timeout` for it; a link that went down is connected
+    /// again first (`reviveLinkIfDown`), so a restarted peer can be re-protected.
     func waitForChannel(timeout: Duration) -> FabricSyncChannel? {
-        let down = lock.withLock { () -> FabricSyncChannel? in
-            guard let c = channel, c.isDown else { return nil }
-            channel = nil
-            return c
-        }
-        if let down {
-            down.close()
-            logger.info("vm: syncvm link to node \(config.peer) is down; connecting again")
-            if let e = lock.withLock({ endpoint }) { Task { await self.connectLoop(e) } }
-        }
+        reviveLinkIfDown()
         let deadline = ContinuousClock.now + timeout
         while ContinuousClock.now < deadline {
             if let c = lock.withLock({ channel }) { return c }
