@@ -4,7 +4,9 @@
 /// A set of page indices in `0..<pageCount`. Bits at and past `pageCount` in the last word are
 /// always zero, so counts and unions never see phantom pages.
 public struct DirtyBitmap: Equatable, Sendable {
+    /// Pages the set ranges over: its members are in `0..<pageCount`.
     public let pageCount: Int
+    /// The bits: page `i` is bit `i % 64` of word `i / 64` (QEMU's dirty-log layout).
     public private(set) var words: [UInt64]
 
     static func wordCount(forPages pages: Int) -> Int { (pages + 63) >> 6 }
@@ -50,23 +52,27 @@ public struct DirtyBitmap: Equatable, Sendable {
         if !words.isEmpty { words[words.count - 1] &= Self.tailMask(pageCount) }
     }
 
+    /// Whether `page` is in the set; indices out of range trap.
     @inline(__always)
     public func contains(_ page: Int) -> Bool {
         precondition(page >= 0 && page < pageCount, "page \(page) outside 0..<\(pageCount)")
         return words[page >> 6] & (1 << UInt64(page & 63)) != 0
     }
 
+    /// Adds `page`; indices out of range trap.
     @inline(__always)
     public mutating func insert(_ page: Int) {
         precondition(page >= 0 && page < pageCount, "page \(page) outside 0..<\(pageCount)")
         words[page >> 6] |= 1 << UInt64(page & 63)
     }
 
+    /// Removes `page`; indices out of range trap.
     public mutating func remove(_ page: Int) {
         precondition(page >= 0 && page < pageCount, "page \(page) outside 0..<\(pageCount)")
         words[page >> 6] &= ~(1 << UInt64(page & 63))
     }
 
+    /// Empties the set; `pageCount` stays.
     public mutating func removeAll() {
         for i in words.indices { words[i] = 0 }
     }
@@ -78,6 +84,7 @@ public struct DirtyBitmap: Equatable, Sendable {
         return n
     }
 
+    /// Whether no page is in the set.
     public var isEmpty: Bool { words.allSatisfy { $0 == 0 } }
 
     /// Adds every page of `other`. Both bitmaps must describe the same RAM size.
@@ -90,6 +97,7 @@ public struct DirtyBitmap: Equatable, Sendable {
         }
     }
 
+    /// The pages in either bitmap. Both must describe the same RAM size.
     public func union(_ other: DirtyBitmap) -> DirtyBitmap {
         var u = self
         u.formUnion(other)

@@ -12,8 +12,12 @@ public protocol DirtyPageSource: AnyObject {
     func syncCompleted(rewrote pages: DirtyBitmap)
 }
 
+/// A dirty log that does not fit the source's RAM size: a wrong word count, bits set past the
+/// last page, or a `DirtyBitmap` over another number of pages.
 public struct DirtyLogError: Error, Equatable, Sendable, CustomStringConvertible {
+    /// Words in the rejected log.
     public var words: Int
+    /// Pages of the source the log was recorded into.
     public var pageCount: Int
     public var description: String {
         "dirty log of \(words) words does not describe \(pageCount) pages (needs \((pageCount + 63) / 64) words, no bits past the last page)"
@@ -23,9 +27,11 @@ public struct DirtyLogError: Error, Equatable, Sendable, CustomStringConvertible
 /// (a) Bitmaps handed in from outside: QEMU's dirty log, delivered through the C ABI once the
 /// patched QEMU exists. Bitmaps recorded between syncs accumulate.
 public final class ExternalDirtyLog: DirtyPageSource {
+    /// Pages of the guest RAM the recorded logs describe.
     public let pageCount: Int
     private var pending: DirtyBitmap
 
+    /// A source over `pageCount` pages with nothing recorded yet.
     public init(pageCount: Int) {
         self.pageCount = pageCount
         self.pending = DirtyBitmap(pageCount: pageCount)
@@ -39,6 +45,7 @@ public final class ExternalDirtyLog: DirtyPageSource {
         pending.formUnion(b)
     }
 
+    /// Adds the pages of `bitmap`. Throws when it covers another number of pages.
     public func record(_ bitmap: DirtyBitmap) throws(DirtyLogError) {
         guard bitmap.pageCount == pageCount else { throw DirtyLogError(words: bitmap.words.count, pageCount: pageCount) }
         pending.formUnion(bitmap)
@@ -57,7 +64,9 @@ public final class ExternalDirtyLog: DirtyPageSource {
 /// (b) Hash-diff: the pages whose hash differs from the hash recorded at the last sync. Works
 /// with an unpatched QEMU at the cost of hashing all of memory per sync.
 public final class HashDiffDirtySource: DirtyPageSource {
+    /// The guest RAM whose pages are compared.
     public let memory: GuestMemory
+    /// Threads that hash it: every page at each `collect`, the rewritten ones after a sync.
     public let pool: PageHashPool
     /// Local only, never sent: any fixed value works.
     private let seed: UInt64 = 0x706C_6F76_6572

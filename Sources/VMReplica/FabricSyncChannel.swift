@@ -19,9 +19,11 @@ import Synchronization
 public final class FabricSyncChannel: SyncChannel {
     /// One side before the link is up: its region is registered and the fabric listens.
     public final class Endpoint: Sendable {
+        /// The fabric this side's region is registered with; a channel consumes its completion queue.
         public let fabric: any Fabric
         /// Where the peer connects (the bound port when asked for port 0).
         public let address: PeerAddress
+        /// Ring size, write batching, timings and faults of the channels it connects.
         public let configuration: Configuration
         let region: MemoryRegion
         let mailboxOffset: Int
@@ -147,7 +149,9 @@ public final class FabricSyncChannel: SyncChannel {
         self.state = Mutex(State())
     }
 
+    /// What this end has put on the link and taken off it so far.
     public var counters: Counters { state.withLock { $0.counters } }
+    /// Whether this is the primary's end, the one that writes pages.
     public var isPrimary: Bool { endpoint.isPrimary }
     /// The link failed or was closed: every call throws. Connect the endpoint again for a new one.
     public var isDown: Bool { state.withLock { $0.failure != nil } }

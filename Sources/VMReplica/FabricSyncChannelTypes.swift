@@ -3,7 +3,11 @@
 
 import Synchronization
 
+/// Why a `FabricSyncChannel` could not be set up, or why it failed other than by a dropped
+/// link (that is `SyncChannelError.closed`).
 public enum FabricSyncChannelError: Error, Equatable, Sendable, CustomStringConvertible {
+    /// `ringBytes` is not a multiple of 64 in 4096...2^30, or `writeBytesMax` or
+    /// `signalEveryWrites` is not positive; the string says which.
     case badConfiguration(String)
     /// The backup's guest memory has no room after its RAM for the mailbox.
     case noMailboxRoom(trailingBytes: Int, needed: Int)
@@ -24,6 +28,7 @@ public enum FabricSyncChannelError: Error, Equatable, Sendable, CustomStringConv
 }
 
 extension FabricSyncChannel {
+    /// How a channel sizes its mailbox ring, batches its page writes and times its thread.
     public struct Configuration: Sendable {
         /// Data bytes of each side's ring; a record carries at most half. Both sides must agree.
         public var ringBytes: Int
@@ -37,8 +42,11 @@ extension FabricSyncChannel {
         public var keepaliveInterval: Duration
         /// How long `close()` waits for its "closed" mark to land before dropping the connection.
         public var closeLinger: Duration
+        /// Faults to inject (none by default).
         public var faults: Faults
 
+        /// Defaults: a 1 MiB ring, page WRITEs of up to 1 MiB, a completion every 32 writes, 5 ms
+        /// polls, a keepalive every 100 ms and 1 s to linger on close.
         public init(ringBytes: Int = 1 << 20, writeBytesMax: Int = 1 << 20, signalEveryWrites: Int = 32,
                     pollInterval: Duration = .milliseconds(5), keepaliveInterval: Duration = .milliseconds(100),
                     closeLinger: Duration = .seconds(1), faults: Faults = Faults()) {
@@ -64,6 +72,7 @@ extension FabricSyncChannel {
         /// this value — then cut the link.
         public var cutAfterFrames: Int?
         let tally = FrameTally()
+        /// No faults unless a limit is given.
         public init(cutAfterPages: Int? = nil, cutAfterFrames: Int? = nil) {
             self.cutAfterPages = cutAfterPages
             self.cutAfterFrames = cutAfterFrames
@@ -72,23 +81,31 @@ extension FabricSyncChannel {
 
     /// What this end put on the link and took off it.
     public struct Counters: Equatable, Sendable {
+        /// Control frames sent.
         public var framesSent = 0
+        /// Control frames received whole.
         public var framesReceived = 0
-        /// Bytes of the control frames themselves (the sync messages).
+        /// Bytes of the control frames sent (the sync messages themselves).
         public var controlBytesSent = 0
+        /// Bytes of the control frames received.
         public var controlBytesReceived = 0
-        /// Primary: pages written by one-sided WRITEs and known landed; their bytes; the WRITEs.
+        /// Primary: pages written by one-sided WRITEs and known landed.
         public var pagesWritten = 0
+        /// Primary: bytes of those pages.
         public var pageBytesWritten = 0
+        /// Primary: the WRITEs that carried them (contiguous pages share one).
         public var pageWrites = 0
         /// Backup: pages the primary announced as landed ("pages done" records).
         public var pagesLanded = 0
-        /// Records posted (fragments, wrap markers, "pages done"), and their bytes beyond frame bytes.
+        /// Records posted into the peer's ring (fragments, wrap markers, "pages done").
         public var recordsPosted = 0
+        /// Bytes of those records beyond the frame bytes they carry.
         public var recordOverheadBytes = 0
         /// Credit and status cells written (flow control, keepalive, goodbye).
         public var cellWrites = 0
+        /// Bytes of those cell writes.
         public var cellBytes = 0
+        /// Every byte this end wrote into the peer: frames, record overhead, cells and pages.
         public var postedBytes: Int { controlBytesSent + recordOverheadBytes + cellBytes + pageBytesWritten }
     }
 }

@@ -12,11 +12,18 @@ import Darwin
 
 /// Why a guest-memory view could not be created. Each case names the file and the problem.
 public enum GuestMemoryError: Error, Equatable, Sendable, CustomStringConvertible {
+    /// No file exists at `path`.
     case fileMissing(path: String)
+    /// Opening or `fstat`ing the file failed with `errno`.
     case openFailed(path: String, errno: Int32)
+    /// The file's size, `bytes`, is not a whole number of `pageSize`-byte pages.
     case sizeNotPageMultiple(path: String, bytes: Int, pageSize: Int)
+    /// The file is zero bytes long.
     case empty(path: String)
+    /// Mapping `bytes` bytes failed with `errno` (`path` is "(anonymous)" for anonymous memory).
     case mmapFailed(path: String, bytes: Int, errno: Int32)
+    /// The page size is not a power of two, the page count is not positive or too large, or
+    /// `trailingBytes` is out of range (`pageCount` is 0 when mapping a file).
     case invalidGeometry(pageCount: Int, pageSize: Int)
 
     public var description: String {
@@ -48,8 +55,11 @@ public final class GuestMemory: @unchecked Sendable {
     /// syncvm works in x86 base pages, the granularity of QEMU's dirty log.
     public static let defaultPageSize = 4096
 
+    /// Bytes per page (a power of two).
     public let pageSize: Int
+    /// Number of pages of RAM.
     public let pageCount: Int
+    /// Whether pages may be written (anonymous memory always may).
     public let isWritable: Bool
     /// The file behind the mapping, or nil for anonymous memory.
     public let path: String?
@@ -62,6 +72,7 @@ public final class GuestMemory: @unchecked Sendable {
     public let trailerOffset: Int
     let base: UnsafeMutableRawPointer
 
+    /// Bytes of RAM, `pageCount * pageSize`; the trailer is not included.
     public var byteCount: Int { pageCount * pageSize }
     /// Everything mapped: RAM, padding, trailer.
     var mappedBytes: Int { trailerOffset + trailingBytes }

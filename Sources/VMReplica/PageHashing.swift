@@ -18,6 +18,7 @@ public enum PageHashFunction: String, Sendable, CaseIterable {
     /// The engine's default: measured fastest or equal on every case (docs/design/syncvm.md, "syncvm").
     public static let `default` = PageHashFunction.xxh3Dispatch
 
+    /// XXH3-64 of the `count` bytes at `bytes`, with `seed`.
     @inline(__always)
     public func hash(_ bytes: UnsafeRawPointer, count: Int, seed: UInt64) -> UInt64 {
         switch self {
@@ -49,6 +50,7 @@ public enum PageHashFunction: String, Sendable, CaseIterable {
 public final class PageHashPool: Sendable {
     /// Threads that hash, including the calling thread.
     public let threadCount: Int
+    /// The XXH3 build every thread of the pool uses.
     public let function: PageHashFunction
     private let workers: Workers
 
@@ -80,6 +82,8 @@ public final class PageHashPool: Sendable {
         workers.run(job)
     }
 
+    /// The hashes of `pages` of `memory` with `seed`, in the order of `pages`. Blocks the
+    /// caller, which hashes too, until every page is done.
     public func hash(pages: [UInt32], of memory: GuestMemory, seed: UInt64) -> [UInt64] {
         [UInt64](unsafeUninitializedCapacity: pages.count) { out, initialized in
             pages.withUnsafeBufferPointer { p in hash(pages: p, of: memory, seed: seed, into: out) }

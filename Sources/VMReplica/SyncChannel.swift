@@ -7,12 +7,15 @@
 
 import Synchronization
 
+/// Why a `SyncChannel` call failed.
 public enum SyncChannelError: Error, Equatable, Sendable, CustomStringConvertible {
     /// The link went down (the peer closed it, or the transfer was cut off).
     case closed
+    /// A control frame of `bytes` bytes, over `SyncWire.frameBytesMax`; nothing was sent.
     case frameTooLarge(bytes: Int)
     /// A bulk write named a page outside the backup's registered memory or of another size.
     case pageOutOfRange(page: Int, pageCount: Int)
+    /// A bulk write of `local`-byte pages into a backup memory of `remote`-byte pages.
     case pageSizeMismatch(local: Int, remote: Int)
 
     public var description: String {
@@ -48,6 +51,7 @@ public final class InMemorySyncChannel: SyncChannel {
         public var cutAfterPages: Int?
         /// Deliver this many control frames in total, then take the link down.
         public var cutAfterFrames: Int?
+        /// No faults unless a limit is given.
         public init(cutAfterPages: Int? = nil, cutAfterFrames: Int? = nil) {
             self.cutAfterPages = cutAfterPages
             self.cutAfterFrames = cutAfterFrames
@@ -56,13 +60,21 @@ public final class InMemorySyncChannel: SyncChannel {
 
     /// What crossed the link, counted by the link itself.
     public struct Counters: Equatable, Sendable {
+        /// Control frames the primary sent.
         public var framesToBackup = 0
+        /// Control frames the backup sent.
         public var framesToPrimary = 0
+        /// Bytes of the control frames the primary sent.
         public var controlBytesToBackup = 0
+        /// Bytes of the control frames the backup sent.
         public var controlBytesToPrimary = 0
+        /// Pages the primary's bulk writes landed in the backup's memory.
         public var pagesWritten = 0
+        /// Bytes of those pages.
         public var pageBytesWritten = 0
+        /// Control-frame bytes in both directions.
         public var controlBytes: Int { controlBytesToBackup + controlBytesToPrimary }
+        /// Every byte that crossed the link: control frames and pages.
         public var totalBytes: Int { controlBytes + pageBytesWritten }
     }
 
@@ -81,6 +93,7 @@ public final class InMemorySyncChannel: SyncChannel {
         return (InMemorySyncChannel(link: link, isPrimary: true), InMemorySyncChannel(link: link, isPrimary: false))
     }
 
+    /// What has crossed the link so far; both ends see the same numbers.
     public var counters: Counters { link.state.withLock { $0.counters } }
 
     public func send(_ frame: [UInt8]) async throws {

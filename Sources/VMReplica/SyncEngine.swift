@@ -8,17 +8,23 @@
 /// Why a sync failed. Bad bytes from the peer surface as `DecodeError`, a dropped link as
 /// `SyncChannelError`.
 public enum SyncError: Error, Equatable, Sendable, CustomStringConvertible {
+    /// The two guests' RAM differ in page size or page count.
     case geometryMismatch(primary: SyncGeometry, backup: SyncGeometry)
+    /// The backup does not support page hash `algorithm`.
     case unsupportedHash(algorithm: UInt8)
     /// A dirty bitmap (local or the peer's) describes a different number of pages.
     case dirtyBitmapMismatch(pages: Int, expected: Int)
+    /// A message arrived that is not the protocol's next step.
     case unexpectedMessage(expected: String, got: String)
+    /// A frame of another session arrived, or a backup given `expectedSession` got a hello of another.
     case wrongSession(expected: UInt64, got: UInt64)
     /// The backup's hashes did not arrive in order or in the agreed number.
     case hashSequence(String)
     /// The primary claims to have written a page outside the dirty union.
     case commitOutsideUnion(page: Int)
+    /// The backup's re-hash of the written pages did not match the primary's digest.
     case verifyFailed(session: UInt64)
+    /// The backup's guest memory is mapped read-only.
     case backupNotWritable(path: String)
 
     public var description: String {
@@ -45,6 +51,8 @@ public enum SyncError: Error, Equatable, Sendable, CustomStringConvertible {
     }
 }
 
+/// How one side runs a sync. The primary's `verify` decides for both sides; `batchPagesMax`
+/// counts on the primary, `hashesPerFrameMax` on the backup.
 public struct SyncOptions: Sendable {
     /// Ask the backup to re-hash the written pages before it claims sync.
     public var verify = true
@@ -53,6 +61,8 @@ public struct SyncOptions: Sendable {
     /// Hashes per control frame; at most `SyncWire.hashesPerFrameMax`.
     public var hashesPerFrameMax = SyncWire.hashesPerFrameMax
 
+    /// Traps when `batchPagesMax` is not positive or `hashesPerFrameMax` is outside
+    /// `1...SyncWire.hashesPerFrameMax`.
     public init(verify: Bool = true, batchPagesMax: Int = 256, hashesPerFrameMax: Int = SyncWire.hashesPerFrameMax) {
         precondition(batchPagesMax >= 1, "batchPagesMax must be positive")
         precondition((1...SyncWire.hashesPerFrameMax).contains(hashesPerFrameMax), "hashesPerFrameMax outside the wire limit")
@@ -102,10 +112,14 @@ func elapsed(since start: inout ContinuousClock.Instant) -> Duration {
 
 /// The primary's side of syncvm.
 public struct SyncPrimary: Sendable {
+    /// The primary's guest RAM; the sync only reads it.
     public let memory: GuestMemory
+    /// Threads that hash the pages of the dirty union.
     public let pool: PageHashPool
+    /// Whether the backup verifies, and how many pages go in one bulk write.
     public let options: SyncOptions
 
+    /// The primary's side over `memory`; nothing is sent before `run`.
     public init(memory: GuestMemory, pool: PageHashPool, options: SyncOptions = SyncOptions()) {
         self.memory = memory
         self.pool = pool
@@ -225,11 +239,16 @@ public struct SyncPrimary: Sendable {
 /// The backup's side of syncvm. Records "not in sync" in `state` before any page can land and
 /// "in sync" only after a complete (and, if asked, verified) commit.
 public struct SyncBackup: Sendable {
+    /// The backup's guest RAM, where the primary's pages land; it must be writable.
     public let memory: GuestMemory
+    /// Threads that hash the pages of the dirty union.
     public let pool: PageHashPool
+    /// Where the backup records whether its memory is in sync.
     public let state: any SyncStateStore
+    /// How many hashes go in one frame (the primary's hello decides `verify`).
     public let options: SyncOptions
 
+    /// The backup's side over `memory`; nothing is read or stored before `run`.
     public init(memory: GuestMemory, pool: PageHashPool, state: any SyncStateStore,
                 options: SyncOptions = SyncOptions()) {
         self.memory = memory

@@ -9,18 +9,26 @@
 public enum SyncWire {
     /// "PLSV" read as a big-endian u32.
     public static let magic: UInt32 = 0x504C_5356
+    /// The format's version; a frame of another version is refused.
     public static let version: UInt16 = 1
     /// magic u32, version u16, kind u8, reserved u8, session u64, payload length u32.
     public static let headerBytes = 20
     /// Largest payload either side accepts. A dense bitmap must fit, which bounds the guest at
     /// `pageCountMax` pages (128 GiB of 4 KiB pages).
     public static let payloadBytesMax = 4 << 20
+    /// Largest frame: the header and the largest payload.
     public static let frameBytesMax = headerBytes + payloadBytesMax
+    /// Bytes before a bitmap's words or indices: form u8, 3 reserved, set count u32, page count u64.
     public static let bitmapHeaderBytes = 16
+    /// Most pages a geometry or bitmap may have: a dense bitmap of them fills one payload.
     public static let pageCountMax = (payloadBytesMax - bitmapHeaderBytes) / 8 * 64
+    /// Bytes before the values of a hashes message: first entry u32, count u32.
     public static let hashesHeaderBytes = 8
+    /// Most hashes one frame carries.
     public static let hashesPerFrameMax = (payloadBytesMax - hashesHeaderBytes) / 8
+    /// Smallest page size a peer may announce, in bytes.
     public static let pageSizeMin = 512
+    /// Largest page size a peer may announce, in bytes (a power of two in between is accepted).
     public static let pageSizeMax = 1 << 20
     /// The only page hash so far: XXH3-64 with the session's seed.
     public static let hashAlgorithmXXH3_64: UInt8 = 1
@@ -28,19 +36,25 @@ public enum SyncWire {
 
 /// The RAM shape both peers must share.
 public struct SyncGeometry: Equatable, Sendable, CustomStringConvertible {
+    /// Bytes per page.
     public var pageSize: Int
+    /// Number of pages.
     public var pageCount: Int
+    /// `pageCount` pages of `pageSize` bytes.
     public init(pageSize: Int, pageCount: Int) {
         self.pageSize = pageSize
         self.pageCount = pageCount
     }
+    /// The shape of `memory`.
     public init(_ memory: GuestMemory) { self.init(pageSize: memory.pageSize, pageCount: memory.pageCount) }
     public var description: String { "\(pageCount) pages of \(pageSize) bytes (\(pageCount * pageSize) bytes)" }
 }
 
 /// The primary's opening message.
 public struct SyncHello: Equatable, Sendable {
+    /// The primary's RAM shape; a backup of another shape refuses the session.
     public var geometry: SyncGeometry
+    /// The page hash to use; `SyncWire.hashAlgorithmXXH3_64` is the only one a backup accepts.
     public var hashAlgorithm: UInt8
     /// The backup re-hashes the pages it received before it claims to be in sync.
     public var verify: Bool
@@ -48,12 +62,17 @@ public struct SyncHello: Equatable, Sendable {
     public var seed: UInt64
 }
 
+/// The backup's answer to a hello.
 public enum HelloStatus: UInt8, Sendable {
+    /// The backup takes part in the session.
     case accepted = 0
+    /// The backup's RAM has another shape.
     case geometryMismatch = 1
+    /// The backup does not know the hash algorithm.
     case unsupportedHash = 2
 }
 
+/// The backup's answer to a commit.
 public enum CommitStatus: UInt8, Sendable {
     /// The backup recorded itself as in sync.
     case inSync = 0
@@ -61,7 +80,9 @@ public enum CommitStatus: UInt8, Sendable {
     case verifyFailed = 1
 }
 
+/// A syncvm control message; the cases are in the order a session sends them.
 public enum SyncMessage: Equatable, Sendable {
+    /// The primary opens the session.
     case hello(SyncHello)
     /// The backup's answer, carrying its own geometry so a mismatch names both sides.
     case helloReply(HelloStatus, SyncGeometry)
@@ -72,6 +93,7 @@ public enum SyncMessage: Equatable, Sendable {
     /// All divergent pages have landed: `written` lists them, `digest` hashes the primary's
     /// page hashes of them in ascending page order.
     case commit(digest: UInt64, written: DirtyBitmap)
+    /// The backup's outcome, its last message in the session.
     case commitReply(CommitStatus)
 
     var kind: UInt8 {
@@ -99,14 +121,19 @@ public enum SyncMessage: Equatable, Sendable {
 
 /// A message in a session.
 public struct SyncFrame: Equatable, Sendable {
+    /// The sync session, chosen by the primary.
     public var session: UInt64
+    /// What the frame carries; its kind goes in the header.
     public var message: SyncMessage
 
+    /// `message` as a frame of `session`.
     public init(session: UInt64, _ message: SyncMessage) {
         self.session = session
         self.message = message
     }
 
+    /// The frame's bytes, header then payload. A payload over `SyncWire.payloadBytesMax` is a
+    /// caller bug and traps.
     public func encoded() -> [UInt8] {
         var w = WireWriter(capacity: SyncWire.headerBytes + 64)
         w.u32(SyncWire.magic)
@@ -147,6 +174,8 @@ public struct SyncFrame: Equatable, Sendable {
         return w.bytes
     }
 
+    /// Parses one frame. Throws `DecodeError` for a wrong magic or version, a length or count
+    /// that does not add up, an unknown kind or status, reserved bits set, or trailing bytes.
     public static func decode(_ bytes: [UInt8]) throws(DecodeError) -> SyncFrame {
         var r = WireReader(bytes, what: "syncvm frame")
         guard bytes.count >= SyncWire.headerBytes else {

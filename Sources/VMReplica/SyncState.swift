@@ -13,12 +13,14 @@ import Darwin
 #endif
 import Synchronization
 
+/// Whether the backup's memory is a copy of the primary's, as the backup last recorded it.
 public enum BackupSyncState: Equatable, Sendable, CustomStringConvertible {
     /// The memory is not known to match the primary; `reason` says why.
     case notInSync(reason: String)
     /// The memory matched the primary at the end of `session`.
     case inSync(session: UInt64)
 
+    /// Whether the memory may be trusted as the primary's: check it before promoting the backup.
     public var isInSync: Bool {
         if case .inSync = self { return true }
         return false
@@ -35,7 +37,9 @@ public enum BackupSyncState: Equatable, Sendable, CustomStringConvertible {
 /// Where the backup keeps its sync state. `store` must be durable when it returns for as long
 /// as the guest memory itself is (a state file next to a RAM file on the same file system).
 public protocol SyncStateStore: Sendable {
+    /// The state last stored; before the first `store`, the store's initial state.
     func load() -> BackupSyncState
+    /// Records `state`, durably by the time it returns. A sync fails when this throws.
     func store(_ state: BackupSyncState) throws
 }
 
@@ -43,6 +47,7 @@ public protocol SyncStateStore: Sendable {
 public final class MemorySyncStateStore: SyncStateStore {
     private let state: Mutex<BackupSyncState>
 
+    /// A store holding `initial` ("not in sync" by default).
     public init(_ initial: BackupSyncState = .notInSync(reason: "never synced")) {
         state = Mutex(initial)
     }
@@ -51,9 +56,13 @@ public final class MemorySyncStateStore: SyncStateStore {
     public func store(_ s: BackupSyncState) { state.withLock { $0 = s } }
 }
 
+/// A file operation of `FileSyncStateStore.store` failed.
 public struct SyncStateFileError: Error, Equatable, Sendable, CustomStringConvertible {
+    /// The file or directory the operation failed on.
     public var path: String
+    /// What failed: "create", "write", "replace" or "sync directory of".
     public var operation: String
+    /// The system's error number.
     public var errno: Int32
     public var description: String {
         "cannot \(operation) sync state file \(path): \(String(cString: strerror(errno)))"
@@ -64,8 +73,10 @@ public struct SyncStateFileError: Error, Equatable, Sendable, CustomStringConver
 /// fsync the directory). A missing or unreadable file reads as "not in sync": only a complete,
 /// well-formed record can claim sync.
 public final class FileSyncStateStore: SyncStateStore {
+    /// The state file; `store` writes `PATH.tmp` next to it first.
     public let path: String
 
+    /// A store in the file at `path`; nothing is read or written yet.
     public init(path: String) { self.path = path }
 
     public func load() -> BackupSyncState {
@@ -87,6 +98,8 @@ public final class FileSyncStateStore: SyncStateStore {
         return .notInSync(reason: "state file malformed")
     }
 
+    /// Throws `SyncStateFileError` when the file cannot be written or replaced, or its directory
+    /// cannot be synced.
     public func store(_ state: BackupSyncState) throws {
         let line: String
         switch state {

@@ -3,14 +3,20 @@
 
 /// Addresses of the front and of the guest on the VM's private link.
 public struct GuestLink: Sendable, Equatable {
+    /// The guest NIC's MAC address, where request frames go (the same as `QEMUSettings.guestMAC`).
     public var guestMAC: [UInt8] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56]
+    /// The guest's IPv4 address, four bytes.
     public var guestIP: [UInt8] = [10, 99, 0, 2]
+    /// The UDP port of the guest's service.
     public var guestPort: UInt16 = 7000
     /// The front's own (virtual) addresses; the guest has a static ARP entry for them.
     public var frontMAC: [UInt8] = [0x02, 0, 0, 0, 0, 0x01]
+    /// The front's IPv4 address, four bytes: the source of requests, where answers must go.
     public var frontIP: [UInt8] = [10, 99, 0, 1]
+    /// The front's UDP port: the source port of requests, where answers must go.
     public var frontPort: UInt16 = 40000
 
+    /// The addresses the guest image is set up with (scripts/vm-guest/init).
     public init() {}
 
     /// One UDP datagram from the front to the guest's service, as an Ethernet frame.

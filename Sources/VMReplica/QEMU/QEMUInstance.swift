@@ -8,15 +8,22 @@ import Foundation
 
 /// What every QEMU of one VM shares: the same machine, so device state migrates between them.
 public struct QEMUSettings: Sendable, Equatable {
+    /// The QEMU executable: an absolute path, or a name looked up on `PATH`.
     public var binary = "qemu-system-x86_64"
+    /// The guest's kernel image (`-kernel`).
     public var kernel: String
+    /// The guest's initial RAM disk (`-initrd`).
     public var initrd: String
+    /// The guest kernel's command line (`-append`).
     public var append = "console=ttyS0 quiet panic=-1"
+    /// Guest RAM in MiB (`-m`, and the size of the RAM file's memory backend).
     public var memoryMiB = 128
     /// The guest RAM file (`memory-backend-file,share=on`); syncvm maps it too.
     public var ramFile: String
+    /// The MAC address of the guest's virtio NIC.
     public var guestMAC = "52:54:00:12:34:56"
 
+    /// Settings for a VM booting `kernel` and `initrd` with its RAM in `ramFile`; defaults for the rest.
     public init(kernel: String, initrd: String, ramFile: String) {
         self.kernel = kernel
         self.initrd = initrd
@@ -45,13 +52,19 @@ public struct QEMUSettings: Sendable, Equatable {
 public final class QEMUInstance: @unchecked Sendable {
     // @unchecked Sendable: `qmp` is used by the VM driver thread only; the rest is immutable
     // apart from `Process`, which is thread-safe for what is used here.
+    /// The instance's name; its files in the run directory are `NAME.qmp`, `NAME.log`, `NAME.pid`, ...
     public let name: String
+    /// The QEMU process.
     public let process: Process
+    /// QEMU's QMP connection, for the VM driver thread only.
     public let qmp: QMPClient
+    /// The replica process's end of the guest NIC's `-netdev stream` connection.
     public let nic: NICStream
+    /// Path of the file QEMU writes the guest's serial console to.
     public let serialLog: String
     /// QEMU's `-pidfile`: removed when this instance is killed, so nobody kills a reused pid later.
     public let pidFile: String
+    /// QEMU's process id.
     public var pid: pid_t { process.processIdentifier }
 
     init(name: String, process: Process, qmp: QMPClient, nic: NICStream, serialLog: String, pidFile: String) {
@@ -140,6 +153,7 @@ public final class NICStream: @unchecked Sendable {
         return Sockets.readExactly(fd, n)
     }
 
+    /// Shuts the connection down and closes it; later writes return false. Calling it again does nothing.
     public func close() {
         lock.withLock {
             guard !closed else { return }

@@ -8,7 +8,9 @@ import Foundation
 
 /// A QMP command failed, QEMU answered something unexpected, or the socket broke.
 public struct QMPError: Error, Sendable, CustomStringConvertible {
+    /// Path of the QMP socket ("-" when QEMU itself was not found).
     public var socket: String
+    /// What went wrong; for a failed command, QEMU's own description.
     public var problem: String
     public var description: String { "QMP \(socket): \(problem)" }
 }
@@ -16,6 +18,7 @@ public struct QMPError: Error, Sendable, CustomStringConvertible {
 /// A blocking QMP client for one QEMU process. Not thread-safe: one caller at a time.
 public final class QMPClient: @unchecked Sendable {
     // @unchecked Sendable: used by one thread at a time (the VM driver), by contract.
+    /// Path of QEMU's QMP socket.
     public let path: String
     private let fd: Int32
     private var buffer: [UInt8] = []

@@ -10,9 +10,11 @@ import Foundation
 /// (`/proc/PID/task/*/schedstat`, nanoseconds) and falls back to `/proc/PID/stat`
 /// (utime + stime, in clock ticks) where those are missing.
 public struct CPUMeter: Sendable {
+    /// The process measured.
     public let pid: pid_t
     private var last: (cpu: UInt64, at: ContinuousClock.Instant)?
 
+    /// A meter for `pid`; its first `sample()` only sets the starting point.
     public init(pid: pid_t) { self.pid = pid }
 
     /// CPU time (nanoseconds, all threads) used so far; nil once the process is gone.
@@ -50,5 +52,6 @@ public struct CPUMeter: Sendable {
         return Double(cpu &- l.cpu) / wallNs
     }
 
+    /// Forgets the previous sample: the next `sample()` starts over and returns nil.
     public mutating func reset() { last = nil }
 }

@@ -12,6 +12,7 @@ import Foundation
 /// the newline); it answers errors through the reply closure it is given.
 public final class ClientFront: @unchecked Sendable {
     // @unchecked Sendable: `connections` and `stopped` are only touched under `lock`.
+    /// The TCP port the front listens on (the bound one when `address` asked for port 0).
     public let port: Int
     private let listener: Int32
     private let lock = NSLock()
@@ -22,6 +23,8 @@ public final class ClientFront: @unchecked Sendable {
     /// Lines longer than this close the connection (a datagram must fit one Ethernet frame).
     public static let lineBytesMax = 1400
 
+    /// Listens at `address` (IPv4 host:port) and accepts clients on a thread of its own. Throws
+    /// `SocketError` when the address does not parse or cannot be listened on.
     public init(address: String, onLine: @escaping @Sendable ([UInt8], @escaping @Sendable (String) -> Void) -> Void) throws {
         guard let (host, port) = splitHostPort(address) else {
             throw SocketError(operation: "parse front address", address: address, errno: EINVAL)
@@ -38,6 +41,7 @@ public final class ClientFront: @unchecked Sendable {
         for fd in lock.withLock({ connections }) { Sockets.writeAll(fd, bytes) }
     }
 
+    /// Stops accepting clients and shuts every connection down.
     public func stop() {
         let fds = lock.withLock { () -> [Int32] in
             stopped = true

@@ -11,11 +11,15 @@ public final class OutputGuard: @unchecked Sendable {
     private let lock = NSLock()
     private var held: [(payload: [UInt8], at: ContinuousClock.Instant)] = []
     private var base: UInt64 = 0
+    /// Outputs released so far, passed-through ones included.
     public private(set) var releasedCount: UInt64 = 0
+    /// Outputs dropped so far: never released.
     public private(set) var droppedCount: UInt64 = 0
 
+    /// A guard holding nothing.
     public init() {}
 
+    /// Holds one output of the guest until a `release(through:)` past it.
     public func hold(_ payload: [UInt8]) { lock.withLock { held.append((payload, .now)) } }
 
     /// Output that will never be released (a backup's, or one that is not leading).
@@ -24,6 +28,7 @@ public final class OutputGuard: @unchecked Sendable {
     /// Counts output released without holding (a backup that took over and has no backup).
     public func passedThrough() { lock.withLock { releasedCount += 1 } }
 
+    /// Outputs held now.
     public var heldCount: Int { lock.withLock { held.count } }
     /// When the oldest held output arrived; nil when nothing is held.
     public var oldestHeld: ContinuousClock.Instant? { lock.withLock { held.first?.at } }

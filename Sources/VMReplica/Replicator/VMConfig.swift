@@ -6,6 +6,7 @@ import RDMAPaxos
 
 /// How one VM replica (primary or backup) runs its VM and talks to its peer.
 public struct VMConfig: Sendable, Equatable {
+    /// How this replica starts its QEMUs (`kernel`, `initrd`, `ram_file`, `qemu`, `append`, `memory_mib`).
     public var qemu: QEMUSettings
     /// Sockets, QEMU logs and the checkpoint log (relative paths: relative to the config file).
     public var runDir: String
@@ -17,7 +18,9 @@ public struct VMConfig: Sendable, Equatable {
     public var migrationAddress: String
     /// The other VM replica (the witness runs no VM).
     public var peer: NodeID
+    /// host:port of the peer's syncvm endpoint.
     public var peerSyncAddress: String
+    /// host:port where the peer's next QEMU receives device state.
     public var peerMigrationAddress: String
     /// The guest counts as idle when its QEMU uses less than this share of one core.
     public var idleCPUPercent = 30
@@ -37,6 +40,7 @@ public struct VMConfig: Sendable, Equatable {
     public var recordRAMDigest = false
     /// Backup: list the pages each sync rewrote in the checkpoint log (finding what diverges).
     public var logDivergentPages = false
+    /// The front's and the guest's addresses on the VM's private link (not read from the file).
     public var link = GuestLink()
 
     /// Reads the `[vm]` table of `path`; relative paths there are relative to the file's directory.

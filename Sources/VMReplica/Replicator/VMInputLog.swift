@@ -15,6 +15,8 @@ public enum VMLogEntry: Equatable, Sendable {
     /// position: it becomes the primary and the old primary a backup, each when it applies this.
     case takeOver(by: NodeID)
 
+    /// The entry as a log command: kind 1 and the frame, or kind 2, the epoch (u64) and the
+    /// proposer (u32), big-endian.
     public func encoded() -> [UInt8] {
         switch self {
         case let .input(frame): return [1] + frame
@@ -34,6 +36,8 @@ public enum VMLogEntry: Equatable, Sendable {
         return false
     }
 
+    /// Decodes a log command. Throws `DecodeError` for an unknown kind, an input shorter than an
+    /// Ethernet header, or a checkpoint of the wrong length.
     public init(decoding b: [UInt8]) throws(DecodeError) {
         switch b.first {
         case 1? where b.count >= 15:  // at least an Ethernet header
@@ -55,19 +59,27 @@ public enum VMLogEntry: Equatable, Sendable {
 public final class VMInputLog: StateMachine, @unchecked Sendable {
     // @unchecked Sendable: the node calls apply/query/snapshot/restore from its one thread;
     // the counters are read elsewhere only through `query` on that thread.
+    /// Input entries applied.
     public private(set) var inputs: UInt64 = 0
+    /// Checkpoint entries applied.
     public private(set) var checkpoints: UInt64 = 0
+    /// Commands applied that are not a `VMLogEntry` (they are not delivered).
     public private(set) var malformed: UInt64 = 0
+    /// Index of the last entry applied, or of the snapshot restored.
     public private(set) var appliedIndex: LogIndex = 0
     let deliver: (@Sendable (LogIndex, VMLogEntry) -> Void)?
     /// Called when the log jumped ahead by a snapshot: the local VM missed inputs.
     let onRestore: (@Sendable (LogIndex) -> Void)?
 
+    /// `deliver` gets each committed entry with its index; `onRestore` gets the index of a
+    /// snapshot that replaced the log.
     public init(deliver: (@Sendable (LogIndex, VMLogEntry) -> Void)? = nil, onRestore: (@Sendable (LogIndex) -> Void)? = nil) {
         self.deliver = deliver
         self.onRestore = onRestore
     }
 
+    /// Counts the entry and passes it to `deliver`. Answers `[1]`, or `[0]` for a command that
+    /// does not decode (counted as `malformed`).
     public func apply(_ command: [UInt8], index: LogIndex) -> [UInt8] {
         appliedIndex = index
         guard let e = try? VMLogEntry(decoding: command) else {
@@ -98,6 +110,8 @@ public final class VMInputLog: StateMachine, @unchecked Sendable {
         return b
     }
 
+    /// Takes the snapshot's counters and calls `onRestore`. Throws `DecodeError` unless the
+    /// snapshot is 32 bytes.
     public func restore(_ snapshot: [UInt8], index: LogIndex) throws {
         guard snapshot.count == 32 else { throw DecodeError("VM log snapshot", "\(snapshot.count) bytes, expected 32") }
         let v = (0..<4).map { k in snapshot[(k * 8)..<(k * 8 + 8)].reduce(UInt64(0)) { $0 << 8 | UInt64($1) } }
