@@ -19,8 +19,11 @@ public struct DirtyLogError: Error, Equatable, Sendable, CustomStringConvertible
     public var words: Int
     /// Pages of the source the log was recorded into.
     public var pageCount: Int
+    /// Pages the rejected bitmap covers, when a whole bitmap (not raw words) was handed in.
+    public var bitmapPages: Int? = nil
     public var description: String {
-        "dirty log of \(words) words does not describe \(pageCount) pages (needs \((pageCount + 63) / 64) words, no bits past the last page)"
+        if let bitmapPages { return "dirty bitmap of \(bitmapPages) pages does not match the guest's \(pageCount) pages" }
+        return "dirty log of \(words) words does not describe \(pageCount) pages (needs \((pageCount + 63) / 64) words, no bits past the last page)"
     }
 }
 
@@ -47,7 +50,7 @@ public final class ExternalDirtyLog: DirtyPageSource {
 
     /// Adds the pages of `bitmap`. Throws when it covers another number of pages.
     public func record(_ bitmap: DirtyBitmap) throws(DirtyLogError) {
-        guard bitmap.pageCount == pageCount else { throw DirtyLogError(words: bitmap.words.count, pageCount: pageCount) }
+        guard bitmap.pageCount == pageCount else { throw DirtyLogError(words: bitmap.words.count, pageCount: pageCount, bitmapPages: bitmap.pageCount) }
         pending.formUnion(bitmap)
     }
 

@@ -369,8 +369,8 @@ public final class FabricSyncChannel: SyncChannel {
             return try post(bytes, at: offset, immediate: immediate, signaled: false)
         } catch {
             let wake = fail(SyncChannelError.closed, &s)
-            // Resumed after the lock is released by the caller's `throw`; a waiter cannot run
-            // before then anyway, since resuming only schedules it.
+            // Resumed while the caller still holds the lock: resuming only schedules a waiter,
+            // and whatever it does next with this channel waits for the lock.
             wake?.resume()
             dropConnection()
             throw SyncChannelError.closed

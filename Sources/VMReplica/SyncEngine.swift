@@ -32,7 +32,7 @@ public enum SyncError: Error, Equatable, Sendable, CustomStringConvertible {
         case .geometryMismatch(let p, let b):
             return "guest memory differs in shape: primary has \(p), backup has \(b)"
         case .unsupportedHash(let a):
-            return "peer asked for page hash algorithm \(a); this side supports XXH3-64 (\(SyncWire.hashAlgorithmXXH3_64))"
+            return "the backup does not support page hash algorithm \(a) (this version supports only XXH3-64, algorithm \(SyncWire.hashAlgorithmXXH3_64))"
         case .dirtyBitmapMismatch(let n, let e):
             return "dirty bitmap covers \(n) pages, guest memory has \(e)"
         case .unexpectedMessage(let e, let g):

@@ -106,7 +106,12 @@ public final class FileSyncStateStore: SyncStateStore {
         case .inSync(let s): line = "in-sync \(s)\n"
         case .notInSync(let r):
             // One line, bounded, so `load` reads it back whole.
-            let clean = String(r.map { $0.isNewline ? " " : $0 }.prefix(400))
+            // Bounded in bytes, not characters: `load` reads 512 bytes, and a character may take 4.
+            var clean = ""
+            for c in r.map({ $0.isNewline ? " " : $0 }) {
+                guard clean.utf8.count + String(c).utf8.count <= 400 else { break }
+                clean.append(c)
+            }
             line = "not-in-sync \(clean)\n"
         }
         let tmp = path + ".tmp"
@@ -123,9 +128,8 @@ public final class FileSyncStateStore: SyncStateStore {
         guard rename(tmp, path) == 0 else { throw SyncStateFileError(path: path, operation: "replace", errno: errno) }
         let dir = path.lastIndex(of: "/").map { String(path[..<$0]) } ?? "."
         let dfd = open(dir.isEmpty ? "/" : dir, O_RDONLY)
-        if dfd >= 0 {
-            defer { close(dfd) }
-            guard fsync(dfd) == 0 else { throw SyncStateFileError(path: dir, operation: "sync directory of", errno: errno) }
-        }
+        guard dfd >= 0 else { throw SyncStateFileError(path: dir, operation: "open directory of", errno: errno) }
+        defer { close(dfd) }
+        guard fsync(dfd) == 0 else { throw SyncStateFileError(path: dir, operation: "sync directory of", errno: errno) }
     }
 }

@@ -44,5 +44,9 @@ import Testing
         let log = ExternalDirtyLog(pageCount: 100)
         #expect(throws: DirtyLogError(words: 1, pageCount: 100)) { try log.record(words: [1]) }
         #expect(throws: DirtyLogError.self) { try log.record(words: [0, 1 << 40]) }  // page 104
+        // A whole bitmap of 120 pages has as many words as 100 pages need: the error names pages.
+        let wrong = DirtyLogError(words: 2, pageCount: 100, bitmapPages: 120)
+        #expect(throws: wrong) { try log.record(DirtyBitmap(pageCount: 120, pages: [3])) }
+        #expect("\(wrong)" == "dirty bitmap of 120 pages does not match the guest's 100 pages")
     }
 }

@@ -15,6 +15,15 @@ import Testing
         #expect(store.load() == .notInSync(reason: "cut off"))
     }
 
+    @Test func longReasonInWideCharactersReadsBackAsItsBoundedPrefix() throws {
+        let dir = try TempDir()
+        let store = FileSyncStateStore(path: dir.path + "/state")
+        // 300 four-byte characters: a prefix of 400 characters would be 1200 bytes.
+        try store.store(.notInSync(reason: String(repeating: "\u{1F600}", count: 300)))
+        let back = store.load()
+        #expect(back == .notInSync(reason: String(repeating: "\u{1F600}", count: 100)), "read back \(back)")
+    }
+
     @Test(arguments: ["", "in-sync 12", "in-sync twelve\n", "garbage\n"])
     func damagedStateFileNeverReadsAsInSync(contents: String) throws {
         let dir = try TempDir()

@@ -135,6 +135,14 @@ import Testing
         #expect(CPUMeter.cpuNanoseconds(pid: -5) == nil)
     }
 
+    @Test func cpuUsedBetweenSamplesNeverRunsBackwardsWhenAThreadExits() {
+        // Thread 11 exited (its 900 ns leave the sum), 12 grew by 30, 13 is new with 5.
+        #expect(CPUMeter.used(from: [11: 900, 12: 100], to: [12: 130, 13: 5]) == 35)
+        // A reused thread id with a smaller count is a new thread: all of it counts.
+        #expect(CPUMeter.used(from: [7: 500], to: [7: 40]) == 40)
+        #expect(CPUMeter.used(from: [:], to: [:]) == 0)
+    }
+
     @Test func backupRefusesASessionOtherThanItsCheckpointBeforeWritingAnything() async throws {
         let pages = 64
         let primary = try GuestMemory(pageCount: pages)

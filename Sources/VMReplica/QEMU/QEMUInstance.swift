@@ -93,13 +93,16 @@ public final class QEMUInstance: @unchecked Sendable {
         p.standardError = log
         p.standardInput = FileHandle.nullDevice
         try p.run()
+        var nicFD: Int32 = -1
         do {
-            let fd = try Sockets.accept(nicListener, timeout: .seconds(30), what: nicSocket)
+            nicFD = try Sockets.accept(nicListener, timeout: .seconds(30), what: nicSocket)
             let qmp = try QMPClient(path: qmpPath, timeout: .seconds(30))
-            return QEMUInstance(name: name, process: p, qmp: qmp, nic: NICStream(fd: fd), serialLog: serial, pidFile: "\(runDir)/\(name).pid")
+            return QEMUInstance(name: name, process: p, qmp: qmp, nic: NICStream(fd: nicFD), serialLog: serial, pidFile: "\(runDir)/\(name).pid")
         } catch {
             Glibc.kill(p.processIdentifier, SIGKILL)
             p.waitUntilExit()
+            if nicFD >= 0 { close(nicFD) }
+            unlink("\(runDir)/\(name).pid")
             let tail = (try? String(contentsOfFile: "\(runDir)/\(name).log", encoding: .utf8)).map { String($0.suffix(600)) } ?? ""
             throw QMPError(socket: qmpPath, problem: "QEMU \(name) did not come up: \(error)" + (tail.isEmpty ? "" : "; its output: \(tail)"))
         }

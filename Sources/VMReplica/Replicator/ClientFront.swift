@@ -36,19 +36,34 @@ public final class ClientFront: @unchecked Sendable {
         t.start()
     }
 
-    /// Sends `bytes` to every connected client.
+    /// A client that cannot take a line within this long (its socket buffer stays full) is cut
+    /// off; it reconnects and resends what it has no answer for.
+    public static let sendTimeout = Duration.seconds(2)
+
+    /// Sends `bytes` to every connected client. Writes happen under the lock that also guards
+    /// closing a connection, so a line never goes to a descriptor number the kernel has since
+    /// handed to something else.
     public func broadcast(_ bytes: [UInt8]) {
-        for fd in lock.withLock({ connections }) { Sockets.writeAll(fd, bytes) }
+        lock.withLock {
+            for fd in connections where !Sockets.writeAll(fd, bytes) { shutdown(fd, Int32(SHUT_RDWR)) }
+        }
+    }
+
+    /// Writes `bytes` to one connection if it is still open.
+    private func send(_ bytes: [UInt8], to fd: Int32) {
+        lock.withLock {
+            guard connections.contains(fd) else { return }
+            if !Sockets.writeAll(fd, bytes) { shutdown(fd, Int32(SHUT_RDWR)) }
+        }
     }
 
     /// Stops accepting clients and shuts every connection down.
     public func stop() {
-        let fds = lock.withLock { () -> [Int32] in
+        lock.withLock {
             stopped = true
-            return connections
+            for fd in connections { shutdown(fd, Int32(SHUT_RDWR)) }
         }
         shutdown(listener, Int32(SHUT_RDWR))
-        for fd in fds { shutdown(fd, Int32(SHUT_RDWR)) }
     }
 
     private func acceptLoop() {
@@ -60,6 +75,8 @@ public final class ClientFront: @unchecked Sendable {
             }
             var one: Int32 = 1
             setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
+            var limit = timeval(tv_sec: Int(Self.sendTimeout.components.seconds), tv_usec: 0)
+            setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &limit, socklen_t(MemoryLayout<timeval>.size))
             let ok = lock.withLock { () -> Bool in
                 guard !stopped else { return false }
                 connections.append(fd)
@@ -76,7 +93,7 @@ public final class ClientFront: @unchecked Sendable {
     private func serve(_ fd: Int32) {
         var pending: [UInt8] = []
         var chunk = [UInt8](repeating: 0, count: 4096)
-        let reply: @Sendable (String) -> Void = { Sockets.writeAll(fd, Array(($0 + "\n").utf8)) }
+        let reply: @Sendable (String) -> Void = { [self] in send(Array(($0 + "\n").utf8), to: fd) }
         loop: while true {
             let n = chunk.withUnsafeMutableBytes { read(fd, $0.baseAddress!, 4096) }
             if n < 0 && errno == EINTR { continue }
@@ -92,7 +109,9 @@ public final class ClientFront: @unchecked Sendable {
                 break loop
             }
         }
-        lock.withLock { connections.removeAll { $0 == fd } }
-        close(fd)
+        lock.withLock {
+            connections.removeAll { $0 == fd }
+            close(fd)
+        }
     }
 }
