@@ -14,6 +14,11 @@ extension EndToEnd {
                 .contains { access("\($0)/qemu-system-x86_64", X_OK) == 0 }
         }
 
+        /// Runs a test only where QEMU is installed.
+        static var needsQEMU: ConditionTrait {
+            .enabled(if: qemuInstalled, "qemu-system-x86_64 is not installed; scripts/install-deps.sh (run by make test) installs it")
+        }
+
         static var repoRoot: String {
             URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent().path
         }
@@ -32,8 +37,7 @@ extension EndToEnd {
             return text.trimmingCharacters(in: .whitespacesAndNewlines)
         }
 
-        @Test(.enabled(if: qemuInstalled, "qemu-system-x86_64 is not installed; scripts/install-deps.sh (run by make test) installs it"),
-              .timeLimit(.minutes(5)))
+        @Test(needsQEMU, .timeLimit(.minutes(5)))
         func checkpointsMakeTheBackupEqualAndItTakesOverAfterKill9() async throws {
             let checks = Checks()
             defer { checks.recordIssues() }
