@@ -68,6 +68,7 @@ VM_REQUESTS ?= 40
 bench-vm: deps
 	$(SWIFT) build -c release --product plover
 	.build/release/plover bench vm --requests $(VM_REQUESTS) --out benchmarks/vm/results.md
+	python3 benchmarks/vm/plot.py benchmarks/vm/results.md benchmarks/vm/vm.svg
 
 clean:
 	rm -rf .build
