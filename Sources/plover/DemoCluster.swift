@@ -1,4 +1,5 @@
 import Foundation
+import Synchronization
 import RDMAPaxos
 
 /// `plover node` processes on loopback (three by default), each with its own config, data dir
@@ -199,8 +200,20 @@ func writeFreshClusterKey(to path: String) {
     _ = FileManager.default.createFile(atPath: path, contents: Data((hex + "\n").utf8), attributes: [.posixPermissions: 0o600])
 }
 
-/// A port the kernel just handed out for loopback (free when we looked).
+/// Ports `freePort()` already returned in this process: the kernel may hand a just-released
+/// port out again at once, and two members of one cluster must not get the same one.
+private let portsHandedOut = Mutex<Set<Int>>([])
+
+/// A loopback port that was free when we looked and that this process has not handed out before.
 func freePort() throws -> Int {
+    for _ in 0..<64 {
+        let port = try kernelPickedPort()
+        if portsHandedOut.withLock({ $0.insert(port).inserted }) { return port }
+    }
+    throw CLIError("cannot find a free loopback port that was not handed out already")
+}
+
+private func kernelPickedPort() throws -> Int {
     let s = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
     guard s >= 0 else { throw CLIError("socket: \(String(cString: strerror(errno)))") }
     defer { close(s) }

@@ -39,6 +39,8 @@ struct VMBench: ParsableCommand {
 
         guard !clientList.isEmpty, clientList.allSatisfy({ $0 <= 32 }) else { throw CLIError("--clients \(clients): give numbers from 1 to 32, comma-separated") }
         say("unreplicated guest: \(requests) requests per client per workload, clients \(clientList)")
+        let machine = MachineDescription.current(dataDir: absoluteDir)
+        let qemu = MachineDescription.shell("qemu-system-x86_64 --version | head -1")
         let plain = try unreplicated(kernel: kernel, initrd: initrd)
         var results: [WorkloadResult] = []
         var first: [String: String]?
@@ -71,7 +73,7 @@ struct VMBench: ParsableCommand {
             }
             cluster.stopAll()
         }
-        let report = Self.report(results, requests: requests, first: first)
+        let report = Self.report(results, requests: requests, first: first, machine: machine, qemu: qemu)
         print(report)
         if let out { try report.write(toFile: out, atomically: true, encoding: .utf8) }
     }
@@ -188,7 +190,8 @@ struct VMBench: ParsableCommand {
         return r.values
     }
 
-    static func report(_ results: [WorkloadResult], requests: Int, first: [String: String]?) -> String {
+    static func report(_ results: [WorkloadResult], requests: Int, first: [String: String]?,
+                       machine: MachineDescription, qemu: String) -> String {
         func pct(_ v: [Double], _ p: Double) -> Double {
             let s = v.sorted()
             return s.isEmpty ? .nan : s[min(s.count - 1, max(0, Int((Double(s.count) * p).rounded(.up)) - 1))]
@@ -197,6 +200,8 @@ struct VMBench: ParsableCommand {
         let num = { (c: [String: String], k: String) in Double(c[k] ?? "") ?? 0 }
         let mean = { (v: [Double]) in v.isEmpty ? Double.nan : v.reduce(0, +) / Double(v.count) }
         var s = "# VM replication benchmark\n\n"
+        s += "Machine: \(machine.cores) cores, \(machine.cpu), kernel \(machine.kernel), \(qemu), \(machine.date)"
+        s += machine.busyBefore.map { String(format: "; %.0f%% of the cores were busy with other work in the second before the run.\n\n", $0 * 100) } ?? ".\n\n"
         s += "\(ProcessInfo.processInfo.activeProcessorCount) cores shared by both QEMUs (TCG), three replica processes and the client; "
         s += "128 MiB guest; `plover bench vm --requests \(requests) --clients \(clientCounts(results))`; each client sends its next request when the previous one is answered.\n\n"
         s += "## Client request latency (ms)\n\n| workload | clients | configuration | requests | p50 | p90 | p99 | max |\n|---|---|---|---|---|---|---|---|\n"
