@@ -54,7 +54,15 @@ struct VMBench: ParsableCommand {
             try cluster.startAll()
             let pool = (0..<clientList.max()!).map { CounterClient(name: "bench\($0)", fronts: [cluster.fronts[1]!]) }
             _ = try pool[0].request(timeout: .seconds(120))  // boots both guests, first full sync
-            if first == nil { first = cluster.checkpoints(1).first { $0["ok"] == "true" } }
+            // The primary logs a checkpoint after releasing its answers: wait for the line, so
+            // the first (all pages compared) is not counted with the first workload.
+            let logged = ContinuousClock.now + .seconds(10)
+            var boot = cluster.checkpoints(1).first { $0["ok"] == "true" }
+            while boot == nil, ContinuousClock.now < logged {
+                usleep(20_000)
+                boot = cluster.checkpoints(1).first { $0["ok"] == "true" }
+            }
+            if first == nil { first = boot }
             for n in clientList {
                 for (i, w) in Self.workloads.enumerated() {
                     for c in pool { c.retries = 0 }
