@@ -74,9 +74,10 @@ struct VMBench: ParsableCommand {
                             return millis(ContinuousClock.now - t)
                         }
                     }
-                    let cps = cluster.checkpoints(1).dropFirst(before).filter { $0["ok"] == "true" }
+                    let cps = cluster.checkpoints(1).dropFirst(before)
                     results.append(WorkloadResult(name: w.name, gap: gap, clients: n, plain: plain[n]![i], replicated: lat,
-                                                  retries: pool.reduce(0) { $0 + $1.retries }, checkpoints: Array(cps)))
+                                                  retries: pool.reduce(0) { $0 + $1.retries },
+                                                  checkpoints: cps.filter { $0["ok"] == "true" }, failed: cps.filter { $0["ok"] != "true" }))
                 }
             }
             cluster.stopAll()
@@ -93,7 +94,10 @@ struct VMBench: ParsableCommand {
         var plain: [Double]
         var replicated: [Double]
         var retries: Int
+        /// The primary's completed checkpoints during the workload.
         var checkpoints: [[String: String]]
+        /// The primary's checkpoints that failed during the workload, with their errors.
+        var failed: [[String: String]]
     }
 
     func buildGuest() throws -> String {
@@ -218,7 +222,13 @@ struct VMBench: ParsableCommand {
                 s += "| \(r.name) | \(r.clients) | \(name) | \(v.count) | \(f(pct(v, 0.5))) | \(f(pct(v, 0.9))) | \(f(pct(v, 0.99))) | \(f(v.max() ?? .nan)) |\n"
             }
         }
-        s += "\nClient resends in the replicated runs: " + results.map { "\($0.name), \($0.clients) clients, gap \($0.gap) ms: \($0.retries)" }.joined(separator: ", ") + ".\n\n"
+        s += "\nClient resends in the replicated runs (a client resends after 3 s without an answer): "
+        s += results.map { "\($0.name), \($0.clients) clients, gap \($0.gap) ms: \($0.retries)" }.joined(separator: ", ") + ".\n\n"
+        let failures = results.filter { !$0.failed.isEmpty }
+        s += "Failed checkpoints (output stays held until a later one completes): "
+        s += failures.isEmpty ? "none.\n\n" : failures.map { r in
+            "\(r.name), \(r.clients) clients, gap \(r.gap) ms: \(r.failed.count) (" + r.failed.map { $0["error"] ?? "?" }.joined(separator: "; ") + ")"
+        }.joined(separator: ", ") + ".\n\n"
         s += "## Bytes per syncvm\n\nSteady-state checkpoints (the first one, which compares every page, is reported below). "
         s += "VMReplica sends divergent pages plus control frames; a Remus/COLO-style checkpoint sends every page the primary dirtied.\n\n"
         s += "| workload | clients | min gap (ms) | checkpoints | dirty union (pages, mean) | divergent (pages, mean) | VMReplica bytes (mean) | all-dirty bytes (mean) | all-dirty / VMReplica |\n|---|---|---|---|---|---|---|---|---|\n"

@@ -167,8 +167,14 @@ final class VMCluster {
     /// Parsed lines of replica `id`'s checkpoints.log.
     func checkpoints(_ id: NodeID) -> [[String: String]] {
         let text = (try? String(contentsOfFile: runDir(id) + "/checkpoints.log", encoding: .utf8)) ?? ""
-        return text.split(separator: "\n").map { line -> [String: String] in
+        return text.split(separator: "\n").map { whole -> [String: String] in
             var d: [String: String] = [:]
+            // The error, quoted and holding spaces, is the last field.
+            var line = whole[...]
+            if let e = line.range(of: " error=\"") {
+                d["error"] = String(line[e.upperBound...].dropLast(line.hasSuffix("\"") ? 1 : 0))
+                line = line[..<e.lowerBound]
+            }
             for f in line.split(separator: " ") {
                 guard let eq = f.firstIndex(of: "=") else { continue }
                 d[String(f[..<eq])] = String(f[eq...].dropFirst())

@@ -1,6 +1,6 @@
 // The VM replica's parts that run without QEMU: log entries, the input log state machine,
-// guest frames, the output guard, the [vm] config table, the CPU meter, and the backup's
-// refusal of a sync session other than its checkpoint's.
+// guest frames, the output guard, the [vm] config table, the CPU meter, the backup's
+// refusal of a sync session other than its checkpoint's, and how a killed QEMU is seen dead.
 
 import Foundation
 import RDMAPaxos
@@ -194,5 +194,26 @@ import Testing
         #expect(try await p.receive() == [8])
         replay.close()
         await #expect(throws: SyncChannelError.closed) { try await p.receive() }
+    }
+
+    /// `QEMUInstance.kill` waits for death as /proc shows it, not for Foundation to notice: a
+    /// killed child is dead while still an unreaped zombie.
+    @Test func aKilledChildIsDeadWhileStillAZombie() throws {
+        #expect(QEMUInstance.alive(getpid()))
+        var pid: pid_t = 0
+        let argv: [UnsafeMutablePointer<CChar>?] = [strdup("/bin/sleep"), strdup("30"), nil]
+        defer { argv.forEach { free($0) } }
+        #expect(posix_spawn(&pid, "/bin/sleep", nil, nil, argv, environ) == 0)
+        #expect(QEMUInstance.alive(pid))
+        kill(pid, SIGKILL)
+        let deadline = ContinuousClock.now + .seconds(5)
+        while QEMUInstance.alive(pid), ContinuousClock.now < deadline { usleep(1000) }
+        #expect(!QEMUInstance.alive(pid), "pid \(pid) still alive 5 s after SIGKILL")
+        // Not reaped yet: /proc still lists it, as a zombie.
+        let stat = try String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8)
+        #expect(stat.contains(") Z "), "\(stat)")
+        var status: Int32 = 0
+        #expect(waitpid(pid, &status, 0) == pid)
+        #expect(!QEMUInstance.alive(pid))
     }
 }

@@ -295,7 +295,7 @@ extension VMReplicator {
         defer {
             if !installed {
                 lock.withLock { if spare === next { spare = nil } }
-                next.kill()
+                next.killDetached()
                 startSpare()
             }
         }
@@ -352,7 +352,9 @@ extension VMReplicator {
         }
         installed = true
         startReader(next)
-        old.kill()
+        old.killDetached { [logger] took in
+            if took > .milliseconds(200) { logger.info("vm: the replaced QEMU \(old.name) took \(took) to exit after SIGKILL") }
+        }
         startSpare()
         r.ok = true
         if let why = wasInconsistent {
