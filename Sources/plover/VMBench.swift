@@ -141,7 +141,7 @@ struct VMBench: ParsableCommand {
         let writeLock = NSLock()
         func ask(_ k: Int, _ seq: Int, _ op: String = "INC", _ extra: String = "", wait: Duration) -> Bool {
             let frame = link.requestFrame(payload: Array("\(op) plain\(k) \(seq)\(extra)\n".utf8))
-            writeLock.withLock { q.nic.write(frame: frame) }
+            guard writeLock.withLock({ q.nic.write(frame: frame) }) else { return false }
             let deadline = ContinuousClock.now + wait
             while let a = queues[k].take(until: deadline) {
                 if String(decoding: a, as: UTF8.self).hasPrefix("plain\(k) \(seq) ") { return true }
