@@ -139,9 +139,9 @@ struct VMBench: ParsableCommand {
         }
         reader.start()
         let writeLock = NSLock()
-        func ask(_ k: Int, _ seq: Int, _ op: String = "INC", _ extra: String = "", wait: Duration) -> Bool {
+        func ask(_ k: Int, _ seq: Int, _ op: String = "INC", _ extra: String = "", wait: Duration) throws -> Bool {
             let frame = link.requestFrame(payload: Array("\(op) plain\(k) \(seq)\(extra)\n".utf8))
-            guard writeLock.withLock({ q.nic.write(frame: frame) }) else { return false }
+            guard writeLock.withLock({ q.nic.write(frame: frame) }) else { throw CLIError("the unreplicated guest's NIC is closed (its QEMU exited?); see \(run)") }
             let deadline = ContinuousClock.now + wait
             while let a = queues[k].take(until: deadline) {
                 if String(decoding: a, as: UTF8.self).hasPrefix("plain\(k) \(seq) ") { return true }
@@ -150,7 +150,7 @@ struct VMBench: ParsableCommand {
         }
         let bootDeadline = ContinuousClock.now + .seconds(120)
         var boot = 0
-        while !ask(0, boot, wait: .milliseconds(500)) {
+        while try !ask(0, boot, wait: .milliseconds(500)) {
             guard ContinuousClock.now < bootDeadline else { throw CLIError("the unreplicated guest never answered; see \(run)") }
             boot += 1
         }
@@ -163,7 +163,7 @@ struct VMBench: ParsableCommand {
                     try (0..<requests).map { _ in
                         let seq = seqLock.withLock { () -> Int in seqs[k] += 1; return seqs[k] }
                         let t = ContinuousClock.now
-                        guard ask(k, seq, w.op, w.extra, wait: .seconds(10)) else { throw CLIError("the unreplicated guest did not answer request \(seq) of client \(k)") }
+                        guard try ask(k, seq, w.op, w.extra, wait: .seconds(10)) else { throw CLIError("the unreplicated guest did not answer request \(seq) of client \(k)") }
                         return millis(ContinuousClock.now - t)
                     }
                 }

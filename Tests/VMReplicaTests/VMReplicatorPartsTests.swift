@@ -203,7 +203,14 @@ import Testing
         var pid: pid_t = 0
         let argv: [UnsafeMutablePointer<CChar>?] = [strdup("/bin/sleep"), strdup("30"), nil]
         defer { argv.forEach { free($0) } }
-        #expect(posix_spawn(&pid, "/bin/sleep", nil, nil, argv, environ) == 0)
+        try #require(posix_spawn(&pid, "/bin/sleep", nil, nil, argv, environ) == 0 && pid > 0)
+        var reaped = false
+        defer {
+            if !reaped {
+                kill(pid, SIGKILL)
+                waitpid(pid, nil, 0)
+            }
+        }
         #expect(QEMUInstance.alive(pid))
         kill(pid, SIGKILL)
         let deadline = ContinuousClock.now + .seconds(5)
@@ -214,6 +221,7 @@ import Testing
         #expect(stat.contains(") Z "), "\(stat)")
         var status: Int32 = 0
         #expect(waitpid(pid, &status, 0) == pid)
+        reaped = true
         #expect(!QEMUInstance.alive(pid))
     }
 }

@@ -129,6 +129,9 @@ public final class QEMUInstance: @unchecked Sendable {
     /// checkpoint's pause need not wait for it. `reaped` gets how long the death took.
     public func killDetached(reaped: @escaping @Sendable (Duration) -> Void = { _ in }) {
         let start = ContinuousClock.now
+        // Signalled here, so that the caller's next step (resuming another QEMU on the same
+        // RAM) comes after it; only the wait is on the other thread.
+        if process.isRunning { Glibc.kill(process.processIdentifier, SIGKILL) }
         let t = Thread { [self] in
             kill()
             reaped(ContinuousClock.now - start)

@@ -47,7 +47,11 @@ struct CheckpointRecord {
         if let i = idle { f.append("idle=\(i)") }
         if let d = ramDigest { f.append("ram_digest=\(String(d, radix: 16))") }
         if let p = divergentPages { f.append("divergent_pages=\(p.rangesDescription)") }
-        if let e = error { f.append("error=\"\(e.replacingOccurrences(of: "\"", with: "'"))\"") }
+        if let e = error {
+            // One record per line: quotes and line breaks in the error become ' and spaces.
+            let flat = e.replacingOccurrences(of: "\"", with: "'").split(whereSeparator: \.isNewline).joined(separator: " ")
+            f.append("error=\"\(flat)\"")
+        }
         return f.joined(separator: " ")
     }
 }
