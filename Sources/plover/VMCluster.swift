@@ -129,6 +129,11 @@ final class VMCluster {
         for pid in takeQEMUPIDs(id) { Glibc.kill(pid, SIGKILL) }
     }
 
+    /// kill -9 every QEMU replica `id` started; the replica process lives on.
+    func killQEMUs(of id: NodeID) {
+        for pid in takeQEMUPIDs(id) { Glibc.kill(pid, SIGKILL) }
+    }
+
     /// Sends `signal` to replica `id` and every QEMU it runs (SIGSTOP/SIGCONT: a paused host).
     func signal(_ id: NodeID, _ signal: Int32) {
         if let p = processes[id] { Glibc.kill(p.processIdentifier, signal) }

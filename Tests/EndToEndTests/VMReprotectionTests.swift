@@ -6,7 +6,8 @@ import Testing
 
 /// A VM backup whose process and QEMU were killed and started again: it boots a new VM, so until
 /// a checkpoint has copied the primary's VM into it, it must not answer anyone, even as leader;
-/// the next checkpoint (every page compared) re-protects it, and it can take over again.
+/// the next checkpoint (every page compared) re-protects it, and it can take over again. The
+/// same when only a replica's QEMU dies: a primary gives the VM to its backup first.
 extension EndToEnd {
     @Suite(.serialized) struct VMReprotectionTests {
         typealias VM = VMReplicationTests
@@ -134,6 +135,44 @@ extension EndToEnd {
                 for _ in 0..<3 { answers.append(try client.request(timeout: .seconds(60))) }
                 checks.expect(answers == Array(1...9), "answers through the pause and re-protection: \(answers)")
                 try Self.killAndExpect(cluster, 2, client, checks, [10, 11, 12], "after node 2 died")
+            }
+        }
+
+        @Test(VM.needsQEMU, .timeLimit(.minutes(5)))
+        func primarysQEMUKilledAloneHandsTheVMToTheBackupWhichReprotectsIt() async throws {
+            try await Self.fromThreeAnswers(vmExtra: "checkpoint_timeout_ms = 8000") { cluster, client, checks, answers in
+                // Only the primary's QEMU dies; its replica process lives and must give the VM up.
+                let offset1 = Self.logSize(cluster, 1)
+                cluster.killQEMUs(of: 1)
+                checks.expect(Self.waitForLog(cluster, 1, "exited", after: offset1, timeout: .seconds(10)),
+                              "node 1 did not notice its QEMU exit")
+                for _ in 0..<3 { answers.append(try client.request(timeout: .seconds(60))) }
+                checks.expect(Self.waitForLog(cluster, 2, "is the primary now", after: 0, timeout: .seconds(10)),
+                              "node 2 never became the primary")
+                checks.expect(Self.waitForLog(cluster, 1, "is a backup now", after: offset1, timeout: .seconds(30)),
+                              "node 1 did not become a backup")
+                checks.expect(Self.waitForLog(cluster, 1, "vm: protected:", after: offset1, timeout: .seconds(60)),
+                              "node 1 was never re-protected into a new QEMU")
+                for _ in 0..<3 { answers.append(try client.request(timeout: .seconds(60))) }
+                checks.expect(answers == Array(1...9), "answers through the QEMU's death and re-protection: \(answers)")
+                try Self.killAndExpect(cluster, 2, client, checks, [10, 11, 12], "after node 2 died")
+            }
+        }
+
+        @Test(VM.needsQEMU, .timeLimit(.minutes(5)))
+        func backupsQEMUsKilledAloneAreReplacedAndItCanTakeOverAgain() async throws {
+            try await Self.fromThreeAnswers(vmExtra: "checkpoint_timeout_ms = 8000") { cluster, client, checks, answers in
+                // The backup's running QEMU and its standby die; its replica process lives.
+                let offset2 = Self.logSize(cluster, 2)
+                cluster.killQEMUs(of: 2)
+                checks.expect(Self.waitForLog(cluster, 2, "exited", after: offset2, timeout: .seconds(10)),
+                              "node 2 did not notice its QEMU exit")
+                // The primary's answers wait for a checkpoint that re-protects node 2.
+                for _ in 0..<3 { answers.append(try client.request(timeout: .seconds(90))) }
+                checks.expect(Self.waitForLog(cluster, 2, "vm: protected:", after: offset2, timeout: .seconds(60)),
+                              "node 2 was never re-protected into a new QEMU")
+                checks.expect(answers == Array(1...6), "answers around the backup's QEMU death: \(answers)")
+                try Self.killAndExpect(cluster, 1, client, checks, [7, 8, 9], "after the primary died")
             }
         }
 

@@ -259,7 +259,10 @@ extension VMReplicator {
             r.wait = ContinuousClock.now - idleStart
         }
         let start = ContinuousClock.now
-        do { try old.qmp.execute("stop") } catch { r.error = "stop: \(error)"; return }
+        do { try old.qmp.execute("stop") } catch {
+            // A VM that is no copy (its QEMU may be dead) is replaced whatever it answers.
+            if wasInconsistent == nil { r.error = "stop: \(error)"; return }
+        }
         // Resume the old QEMU unless its RAM was touched or the new one took over.
         var resumeOld = true
         defer {

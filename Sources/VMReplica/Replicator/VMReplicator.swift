@@ -238,6 +238,13 @@ public final class VMReplicator: @unchecked Sendable {
                 guard let payload = config.link.answerPayload(frame) else { continue }
                 handleOutput(payload, from: q)
             }
+            // The stream ends when QEMU does (or this side closed it: a replaced or stopped VM,
+            // no longer current). The current VM gone is a lost copy: a primary hands the VM to
+            // its backup and becomes a backup itself; either way the next checkpoint of the
+            // primary re-protects this replica into its standby QEMU.
+            if lock.withLock({ current === q && !stopped }) {
+                markInconsistent("its QEMU \(q.name) (pid \(q.pid)) exited")
+            }
         }
         t.name = "plover-vm-nic-\(q.name)"
         t.start()
