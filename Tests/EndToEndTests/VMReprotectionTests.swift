@@ -117,24 +117,35 @@ extension EndToEnd {
             }
         }
 
+        /// Node 1, the primary, loses its VM (`lose`); node 2 takes over and answers 4–6;
+        /// `afterTakeOver` runs; node 1 must become node 2's backup and be re-protected (answers
+        /// 7–9 through checkpoints), then carry on alone when node 2 dies (10–12).
+        static func primaryLosesItsVMAndIsReprotected(_ cluster: VMCluster, _ client: CounterClient, _ checks: Checks,
+                                                      _ answers: inout [UInt64], what: String,
+                                                      lose: () -> Void, afterTakeOver: () -> Void = {}) throws {
+            let offset1 = logSize(cluster, 1)
+            lose()
+            for _ in 0..<3 { answers.append(try client.request(timeout: .seconds(60))) }
+            checks.expect(waitForLog(cluster, 2, "is the primary now", after: 0, timeout: .seconds(10)),
+                          "\(what): node 2 never became the primary")
+            afterTakeOver()
+            checks.expect(waitForLog(cluster, 1, "is a backup now", after: offset1, timeout: .seconds(30)),
+                          "\(what): node 1 did not become a backup")
+            checks.expect(waitForLog(cluster, 1, "vm: protected:", after: offset1, timeout: .seconds(60)),
+                          "\(what): node 1 was never re-protected")
+            for _ in 0..<3 { answers.append(try client.request(timeout: .seconds(60))) }
+            checks.expect(answers == Array(1...9), "answers through \(what) and re-protection: \(answers)")
+            try killAndExpect(cluster, 2, client, checks, [10, 11, 12], "after node 2 died")
+        }
+
         @Test(VM.needsQEMU, .timeLimit(.minutes(5)))
         func pausedPrimaryThatWasTakenOverBecomesTheBackupWhenItWakes() async throws {
             try await Self.fromThreeAnswers(vmExtra: "checkpoint_timeout_ms = 8000") { cluster, client, checks, answers in
-                // The primary's host stops (replica process and QEMU); node 2 takes over.
-                let offset1 = Self.logSize(cluster, 1)
-                cluster.signal(1, SIGSTOP)
-                for _ in 0..<3 { answers.append(try client.request(timeout: .seconds(60))) }
-                checks.expect(Self.waitForLog(cluster, 2, "is the primary now", after: 0, timeout: .seconds(10)),
-                              "node 2 never became the primary")
-                // It wakes up to find its VM taken over: it becomes node 2's backup.
-                cluster.signal(1, SIGCONT)
-                checks.expect(Self.waitForLog(cluster, 1, "is a backup now", after: offset1, timeout: .seconds(30)),
-                              "the woken primary did not become a backup")
-                checks.expect(Self.waitForLog(cluster, 1, "vm: protected:", after: offset1, timeout: .seconds(60)),
-                              "the woken primary was never re-protected")
-                for _ in 0..<3 { answers.append(try client.request(timeout: .seconds(60))) }
-                checks.expect(answers == Array(1...9), "answers through the pause and re-protection: \(answers)")
-                try Self.killAndExpect(cluster, 2, client, checks, [10, 11, 12], "after node 2 died")
+                // The primary's host stops (replica process and QEMU); node 2 takes over. Node 1
+                // wakes up to find its VM taken over: it becomes node 2's backup.
+                try Self.primaryLosesItsVMAndIsReprotected(cluster, client, checks, &answers, what: "the pause",
+                                                           lose: { cluster.signal(1, SIGSTOP) },
+                                                           afterTakeOver: { cluster.signal(1, SIGCONT) })
             }
         }
 
@@ -142,20 +153,12 @@ extension EndToEnd {
         func primarysQEMUKilledAloneHandsTheVMToTheBackupWhichReprotectsIt() async throws {
             try await Self.fromThreeAnswers(vmExtra: "checkpoint_timeout_ms = 8000") { cluster, client, checks, answers in
                 // Only the primary's QEMU dies; its replica process lives and must give the VM up.
-                let offset1 = Self.logSize(cluster, 1)
-                cluster.killQEMUs(of: 1)
-                checks.expect(Self.waitForLog(cluster, 1, "exited", after: offset1, timeout: .seconds(10)),
-                              "node 1 did not notice its QEMU exit")
-                for _ in 0..<3 { answers.append(try client.request(timeout: .seconds(60))) }
-                checks.expect(Self.waitForLog(cluster, 2, "is the primary now", after: 0, timeout: .seconds(10)),
-                              "node 2 never became the primary")
-                checks.expect(Self.waitForLog(cluster, 1, "is a backup now", after: offset1, timeout: .seconds(30)),
-                              "node 1 did not become a backup")
-                checks.expect(Self.waitForLog(cluster, 1, "vm: protected:", after: offset1, timeout: .seconds(60)),
-                              "node 1 was never re-protected into a new QEMU")
-                for _ in 0..<3 { answers.append(try client.request(timeout: .seconds(60))) }
-                checks.expect(answers == Array(1...9), "answers through the QEMU's death and re-protection: \(answers)")
-                try Self.killAndExpect(cluster, 2, client, checks, [10, 11, 12], "after node 2 died")
+                try Self.primaryLosesItsVMAndIsReprotected(cluster, client, checks, &answers, what: "the QEMU's death") {
+                    let offset1 = Self.logSize(cluster, 1)
+                    cluster.killQEMUs(of: 1)
+                    checks.expect(Self.waitForLog(cluster, 1, "exited", after: offset1, timeout: .seconds(10)),
+                                  "node 1 did not notice its QEMU exit")
+                }
             }
         }
 
