@@ -260,8 +260,10 @@ extension VMReplicator {
         }
         let start = ContinuousClock.now
         do { try old.qmp.execute("stop") } catch {
-            // A VM that is no copy (its QEMU may be dead) is replaced whatever it answers.
-            if wasInconsistent == nil { r.error = "stop: \(error)"; return }
+            guard wasInconsistent != nil else { r.error = "stop: \(error)"; return }
+            // A VM that is no copy is replaced anyway; its QEMU (dead, or alive but not
+            // answering) must not write the RAM while it is synced: kill it and wait.
+            old.kill()
         }
         // Resume the old QEMU unless its RAM was touched or the new one took over.
         var resumeOld = true
@@ -275,7 +277,11 @@ extension VMReplicator {
             next = lock.withLock { spare }
             return next != nil
         }
-        guard let next else { r.error = "no standby QEMU for the device state"; return }
+        guard let next else {
+            r.error = "no standby QEMU for the device state"
+            startSpare()  // the last launch failed or is stuck: try again for the next checkpoint
+            return
+        }
         guard let ch = waitForChannel(timeout: checkpointTimeout) else { r.error = "syncvm link to node \(config.peer) is not up"; return }
         let scanStart = ContinuousClock.now
         let dirty = hashDiff?.collect() ?? DirtyBitmap.all(pageCount: memory.pageCount)
@@ -353,9 +359,15 @@ extension VMReplicator {
             return
         }
         r.migrate = ContinuousClock.now - m
-        lock.withLock {
+        // The swap and the end of "inconsistent" in one step: a reason set during this checkpoint
+        // (a snapshot restore, this QEMU's death) is about what this checkpoint may not have
+        // covered, so it stays; a death of `next` from here on is reported against `next`.
+        let cleared = lock.withLock { () -> Bool in
             current = next
             spare = nil
+            guard wasInconsistent != nil, inconsistent == wasInconsistent else { return false }
+            inconsistent = nil
+            return true
         }
         installed = true
         startReader(next)
@@ -364,8 +376,7 @@ extension VMReplicator {
         }
         startSpare()
         r.ok = true
-        if let why = wasInconsistent {
-            lock.withLock { inconsistent = nil }
+        if let why = wasInconsistent, cleared {
             logger.notice("vm: protected: checkpoint \(epoch) made this VM a copy of the primary's (before it: \(why)); it may take over now")
         }
     }

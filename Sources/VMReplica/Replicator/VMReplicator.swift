@@ -182,8 +182,28 @@ public final class VMReplicator: @unchecked Sendable {
             + (u.map { " unusable=\"\($0)\"" } ?? "") + (i.map { " inconsistent=\"\($0)\"" } ?? "")
     }
 
+    /// Marks the VM inconsistent if `q` is still the current VM and nothing else already did
+    /// (checked and set in one step: a checkpoint swapping `current` cannot slip in between).
+    func markInconsistent(_ why: String, ifCurrent q: QEMUInstance) {
+        let (isCurrent, already) = lock.withLock { () -> (Bool, String?) in
+            guard current === q, !stopped else { return (false, nil) }
+            defer { if inconsistent == nil { inconsistent = why } }
+            return (true, inconsistent)
+        }
+        guard isCurrent else { return }
+        if let already {
+            logger.warning("vm: \(why); this VM was already no copy of the replicated VM (\(already))")
+        } else {
+            logInconsistent(why)
+        }
+    }
+
     func markInconsistent(_ why: String) {
         lock.withLock { inconsistent = why }
+        logInconsistent(why)
+    }
+
+    private func logInconsistent(_ why: String) {
         let next = role == .backup ? "the next complete checkpoint re-protects it" : "it hands leadership to the other VM replica"
         logger.warning("vm: this replica's VM is not a copy of the replicated VM and answers no client: \(why); \(next)")
     }
@@ -242,9 +262,7 @@ public final class VMReplicator: @unchecked Sendable {
             // no longer current). The current VM gone is a lost copy: a primary hands the VM to
             // its backup and becomes a backup itself; either way the next checkpoint of the
             // primary re-protects this replica into its standby QEMU.
-            if lock.withLock({ current === q && !stopped }) {
-                markInconsistent("its QEMU \(q.name) (pid \(q.pid)) exited")
-            }
+            markInconsistent("its QEMU \(q.name) (pid \(q.pid)) exited", ifCurrent: q)
         }
         t.name = "plover-vm-nic-\(q.name)"
         t.start()
