@@ -329,8 +329,11 @@ extension VMReplicator {
         } catch {
             r.error = "\(error)"
             if !state.load().isInSync {
+                // Part of the primary's RAM landed: the old VM is no copy of anything now, and
+                // must not run; the next checkpoint (every page compared) replaces it.
                 resumeOld = false
-                markUnusable("checkpoint \(epoch) stopped after pages were written (\(error))")
+                hashDiff = nil
+                markInconsistent("checkpoint \(epoch) stopped after pages were written (\(error))")
             } else if hashDiff != nil {
                 // Nothing was written; the collect() above moved the baseline, so put the pages
                 // it found back in play by forgetting the baseline (next sync compares all pages).
@@ -355,7 +358,8 @@ extension VMReplicator {
             if status != "running" { try next.qmp.execute("cont") }
         } catch {
             r.error = "\(error)"
-            markUnusable("checkpoint \(epoch): RAM synced but device state never arrived (\(error))")
+            hashDiff = nil
+            markInconsistent("checkpoint \(epoch): RAM synced but device state never arrived (\(error))")
             return
         }
         r.migrate = ContinuousClock.now - m
