@@ -57,12 +57,9 @@ struct VMBench: ParsableCommand {
             // The primary logs a checkpoint after releasing its answers: wait for the line, so
             // the first (all pages compared) is not counted with the first workload.
             let logged = ContinuousClock.now + .seconds(10)
-            var boot = cluster.checkpoints(1).first { $0["ok"] == "true" }
-            while boot == nil, ContinuousClock.now < logged {
-                usleep(20_000)
-                boot = cluster.checkpoints(1).first { $0["ok"] == "true" }
-            }
-            if first == nil { first = boot }
+            let firstOK = { cluster.checkpoints(1).first { $0["ok"] == "true" } }
+            while firstOK() == nil, ContinuousClock.now < logged { usleep(20_000) }
+            if first == nil { first = firstOK() }
             for n in clientList {
                 for (i, w) in Self.workloads.enumerated() {
                     for c in pool { c.retries = 0 }

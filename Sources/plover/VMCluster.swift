@@ -126,7 +126,7 @@ final class VMCluster {
             p.waitUntilExit()
             ChildProcesses.unregister(p.processIdentifier)
         }
-        for pid in takeQEMUPIDs(id) { Glibc.kill(pid, SIGKILL) }
+        killQEMUs(of: id)
     }
 
     /// kill -9 every QEMU replica `id` started; the replica process lives on.

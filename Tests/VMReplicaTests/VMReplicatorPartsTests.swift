@@ -217,8 +217,8 @@ import Testing
         while QEMUInstance.alive(pid), ContinuousClock.now < deadline { usleep(1000) }
         #expect(!QEMUInstance.alive(pid), "pid \(pid) still alive 5 s after SIGKILL")
         // Not reaped yet: /proc still lists it, as a zombie.
-        let stat = try String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8)
-        #expect(stat.contains(") Z "), "\(stat)")
+        let state = ProcStat.fields(of: pid)?.first
+        #expect(state == "Z", "state of pid \(pid): \(state.map(String.init) ?? "gone")")
         var status: Int32 = 0
         #expect(waitpid(pid, &status, 0) == pid)
         reaped = true

@@ -142,9 +142,7 @@ public final class QEMUInstance: @unchecked Sendable {
 
     /// Whether `pid` is running: it exists and is not a zombie.
     static func alive(_ pid: Int32) -> Bool {
-        guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
-              let close = stat.lastIndex(of: ")") else { return false }
-        let state = stat[stat.index(after: close)...].dropFirst().first
+        guard let state = ProcStat.fields(of: pid)?.first else { return false }
         return state != "Z" && state != "X"
     }
 

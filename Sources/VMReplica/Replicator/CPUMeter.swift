@@ -35,11 +35,7 @@ public struct CPUMeter: Sendable {
             }
             if !byThread.isEmpty { return byThread }
         }
-        guard let s = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
-              let close = s.lastIndex(of: ")") else { return nil }
-        // Fields after "(comm)": state is field 3, utime 14, stime 15.
-        let f = s[s.index(after: close)...].split(separator: " ")
-        guard f.count > 12, let u = UInt64(f[11]), let k = UInt64(f[12]) else { return nil }
+        guard let f = ProcStat.fields(of: pid), f.count > 12, let u = UInt64(f[11]), let k = UInt64(f[12]) else { return nil }
         let hz = UInt64(max(1, sysconf(Int32(_SC_CLK_TCK))))
         return [0: (u + k) * (1_000_000_000 / hz)]
     }

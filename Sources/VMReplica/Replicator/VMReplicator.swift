@@ -187,8 +187,9 @@ public final class VMReplicator: @unchecked Sendable {
     func markInconsistent(_ why: String, ifCurrent q: QEMUInstance) {
         let (isCurrent, already) = lock.withLock { () -> (Bool, String?) in
             guard current === q, !stopped else { return (false, nil) }
-            defer { if inconsistent == nil { inconsistent = why } }
-            return (true, inconsistent)
+            let already = inconsistent
+            if already == nil { inconsistent = why }
+            return (true, already)
         }
         guard isCurrent else { return }
         if let already {
