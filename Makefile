@@ -22,7 +22,7 @@ test: deps check-docs
 
 # Every public declaration of the libraries has a doc comment (scripts/check-doc-comments.py).
 check-docs:
-	python3 scripts/check-doc-comments.py Sources/RDMAPaxos Sources/PloverCheck Sources/VMReplica
+	python3 scripts/check-doc-comments.py Sources/RDMAPaxos Sources/RDMAPaxosCore Sources/RDMAPaxosSimulation Sources/PloverCheck Sources/VMReplica
 
 # On an RDMA machine: the verbs, fabric and ring suites, whose shared tests gain cases on the real
 # device (and rdma_cm cases with PLOVER_RDMA_ADDRESS=<IPv4 of the device's interface>; pick a device

@@ -35,12 +35,9 @@ let package = Package(
 
         // The pure consensus state machine: its own module so the compiler
         // enforces "no I/O, no clocks, no C" (it cannot import what it does not depend on).
-        .target(name: "RDMAPaxosCore", path: "Sources/RDMAPaxos/Core"),
+        .target(name: "RDMAPaxosCore"),
         // Seeded fault simulator over the core (used by tests and `plover simulate`).
-        .target(
-            name: "RDMAPaxosSimulation",
-            dependencies: ["RDMAPaxosCore"],
-            path: "Sources/RDMAPaxos/Simulation"),
+        .target(name: "RDMAPaxosSimulation", dependencies: ["RDMAPaxosCore"]),
         // Storage, fabrics and the runtime; re-exports the core.
         .target(
             name: "RDMAPaxos",
@@ -54,9 +51,7 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "Prometheus", package: "swift-prometheus"),
-            ],
-            path: "Sources/RDMAPaxos",
-            exclude: ["Core", "Simulation"]),
+            ]),
         .target(
             name: "VMReplica",
             dependencies: ["RDMAPaxos", "CXXHash", .product(name: "Logging", package: "swift-log")]),

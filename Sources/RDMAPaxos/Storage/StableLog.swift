@@ -1,5 +1,3 @@
-@_exported import RDMAPaxosCore
-
 /// How far "durable" goes when a `StableLog` call returns.
 public enum Durability: String, Sendable, CaseIterable {
     /// Returned means on disk: each group commit ends with an fsync of the log. The default.
