@@ -34,14 +34,21 @@ int apus_wake_fd = -1;
 #define WAKE_TAG 0x696e746572706f73ULL
 
 
-/* A client connection the server accepted while this replica led. */
+/* A client connection the server accepted while this replica led.
+ *
+ * Everything the server learns of a client follows the log: its bytes and its end of stream are
+ * handed out only once committed, and only in log order across clients (the pending queue); a
+ * client of a lost term reads nothing more until a committed CLOSE ends it; write errors are
+ * hidden, so the server never frees a client at a point of its own choosing. */
 struct client {
     uint64_t id;
     int fd;
-    int broken;       /* leadership was lost or a proposal failed: reads fail with ECONNRESET */
-    int close_logged; /* a CLOSE entry was proposed */
-    int eof;          /* the peer finished sending: reads return 0 once buf is consumed */
+    int broken;       /* leadership was lost or a proposal failed: reads wait for a committed CLOSE */
+    int close_logged; /* a CLOSE entry (or an end-of-stream item) was proposed */
+    int eof;          /* a committed end of stream: reads return 0 once buf is consumed */
     int eof_returned; /* the server has read that 0 */
+    int queued;       /* on the pending queue: committed bytes or a committed end not yet read */
+    struct client *pending_next;
     /* Bytes read ahead in epoll_wait and committed, not yet handed to the server. */
     unsigned char *buf;
     size_t buf_len, buf_off;
@@ -62,7 +69,13 @@ struct replay *apus_replays;
 struct replay *apus_replay_by_sfd[APUS_FD_MAX];
 uint32_t apus_incarnation;
 static uint32_t next_conn;
-static int started, was_leader, barrier_done, ready;
+static int started, ready;
+/* Readiness follows the log: the leader term it was reached in, and how far the steps of becoming
+ * ready (barrier, CLOSEs of the earlier leaders' connections, replay) went in the current term. */
+static uint64_t current_term;
+static int ready_phase;
+/* Clients with committed input the server has not read, in log order; only the head may read. */
+static struct client *pending_head, *pending_tail;
 static size_t read_ahead_bytes = 16384;
 
 void apus_setup_from_env(void) {
@@ -119,6 +132,19 @@ void apus_after_epoll_ctl(int epfd, int op, int fd, const struct epoll_event *ev
     pthread_mutex_unlock(&mu);
 }
 
+int apus_epoll_ctl_recorded_only(int epfd, int op, int fd, const struct epoll_event *ev) {
+    if (epfd != atomic_load(&app_epfd) || fd < 0 || fd >= APUS_FD_MAX || atomic_load(&apus_fd_kind[fd]) != APUS_FD_CLIENT) return 0;
+    pthread_mutex_lock(&mu);
+    struct client *c = client_by_fd[fd];
+    int recorded = c && c->broken;
+    if (recorded) {
+        c->watched = op != EPOLL_CTL_DEL;
+        if (ev && op != EPOLL_CTL_DEL) { c->data = ev->data.u64; c->events = ev->events; }
+    }
+    pthread_mutex_unlock(&mu);
+    return recorded;
+}
+
 int apus_is_app_epoll(int epfd) { return epfd >= 0 && epfd == atomic_load_explicit(&app_epfd, memory_order_relaxed); }
 
 /* MARK: proposals */
@@ -155,41 +181,107 @@ void apus_propose_async(int op, uint64_t id) {
 
 /* MARK: role */
 
+/* A client of an ended term: the real client hears the end at once, the server only when a
+ * committed CLOSE says so. Its fd leaves the kernel's epoll set (a shut-down socket would wake
+ * the server in a loop) and the server's later epoll_ctl calls on it are only recorded. */
 static void break_client(struct client *c) {
     if (c->broken) return;
     c->broken = 1;
-    shutdown(c->fd, SHUT_RDWR); /* the server sees the connection readable and reads the reset */
+    shutdown(c->fd, SHUT_RDWR); /* the server's writes now fail, unseen (hooks.c) */
+    int epfd = atomic_load(&app_epfd);
+    if (epfd >= 0) REAL(epoll_ctl)(epfd, EPOLL_CTL_DEL, c->fd, NULL);
 }
 
-/* Follows leadership changes. A replica serves clients ("ready") only once it leads, a barrier
- * entry of its own committed (so every earlier entry was delivered) and all of them were
- * replayed into the server. Called on the server thread, without mu held. */
+static void queue_push(struct client *c) {
+    if (c->queued) return;
+    c->queued = 1;
+    c->pending_next = NULL;
+    if (pending_tail) pending_tail->pending_next = c; else pending_head = c;
+    pending_tail = c;
+}
+
+static void queue_remove(struct client *c) {
+    if (!c->queued) return;
+    c->queued = 0;
+    struct client *prev = NULL;
+    for (struct client *p = pending_head; p; prev = p, p = p->pending_next) {
+        if (p != c) continue;
+        if (prev) prev->pending_next = c->pending_next; else pending_head = c->pending_next;
+        if (pending_tail == c) pending_tail = prev;
+        break;
+    }
+    c->pending_next = NULL;
+}
+
+/* Leaves the queue once the server has read all of a client's committed input. */
+static void queue_settle(struct client *c) {
+    if (c->queued && !c->buf && (!c->eof || c->eof_returned)) queue_remove(c);
+}
+
+static struct client *client_by_id(uint64_t id) {
+    for (struct client *c = clients; c; c = c->next) if (c->id == id) return c;
+    return NULL;
+}
+
+/* A committed CLOSE of one of this process's own connections (replay thread of the server,
+ * under mu): for a client of a lost term it is the end the server may now read; 1 once done. */
+int apus_own_close(uint64_t id) {
+    struct client *c = client_by_id(id);
+    if (!c || !c->broken) return 1; /* gone, or a live client whose end the read path handled */
+    if (!c->eof) { c->eof = 1; queue_push(c); }
+    return 0; /* done once the server closed it */
+}
+
+/* Follows leadership in log terms. A replica serves clients ("ready") only once, in the term it
+ * leads now: a barrier of its own committed (every earlier entry was delivered), everything
+ * before it was replayed into the server, CLOSEs for the connections of earlier terms (other
+ * leaders' replays and its own broken clients) committed behind a second barrier and were
+ * replayed too. A term that ends at any step starts over in the next. Called on the server
+ * thread, without mu held. */
 static void update_role(void) {
-    int leader = interpose_is_leader();
+    uint64_t term = interpose_leader_term();
     pthread_mutex_lock(&mu);
-    if (was_leader && !leader) {
+    if (term != current_term) {
         for (struct client *c = clients; c; c = c->next) break_client(c);
-        barrier_done = 0;
+        /* A CLOSE proposed in an ended term may never have committed: propose it again. */
+        for (struct replay *r = apus_replays; r; r = r->next) r->close_proposed = 0;
+        for (struct client *c = clients; c; c = c->next) if (!c->eof) c->close_logged = 0;
+        current_term = term;
+        ready_phase = 0;
         ready = 0;
     }
-    was_leader = leader;
-    int need_barrier = leader && !barrier_done;
+    int phase = ready_phase;
     pthread_mutex_unlock(&mu);
-    if (need_barrier) {
-        /* A barrier that times out changes nothing in the server: try again on the next call. */
-        int rc = interpose_checkpoint(NULL);
-        pthread_mutex_lock(&mu);
-        barrier_done = rc == INTERPOSE_OK;
-        pthread_mutex_unlock(&mu);
+    if (term != 0 && phase == 0) {
+        /* A barrier that fails changes nothing in the server: try again on the next call. */
+        if (interpose_checkpoint(NULL) == INTERPOSE_OK) {
+            pthread_mutex_lock(&mu);
+            if (current_term == term) ready_phase = 1;
+            pthread_mutex_unlock(&mu);
+        }
     }
     pthread_mutex_lock(&mu);
-    apus_pump();
-    if (leader && barrier_done && !ready && apus_replay_idle()) {
-        ready = 1;
-        /* Connections of earlier leaders are gone with them: close them on every replica. */
+    /* This replica's own committed bytes come before anything it replays. */
+    if (!pending_head) apus_pump();
+    int settled = !pending_head && apus_replay_idle();
+    phase = current_term == term ? ready_phase : -1;
+    if (term != 0 && phase == 1 && settled) {
         for (struct replay *r = apus_replays; r; r = r->next) {
             if (!r->close_proposed) { r->close_proposed = 1; apus_propose_async(OP_CLOSE, r->id); }
         }
+        for (struct client *c = clients; c; c = c->next) {
+            if (c->broken && !c->close_logged) { c->close_logged = 1; apus_propose_async(OP_CLOSE, c->id); }
+        }
+        pthread_mutex_unlock(&mu);
+        int rc = interpose_checkpoint(NULL); /* commits after those CLOSEs */
+        pthread_mutex_lock(&mu);
+        if (rc == INTERPOSE_OK && current_term == term) ready_phase = 2;
+        if (!pending_head) apus_pump();
+        settled = !pending_head && apus_replay_idle();
+    }
+    if (term != 0 && current_term == term && ready_phase == 2 && settled && interpose_leader_term() == term) {
+        ready_phase = 3;
+        ready = 1;
     }
     pthread_mutex_unlock(&mu);
 }
@@ -225,7 +317,7 @@ static struct client *client_for_event(uint64_t data) {
 
 /* Committed bytes (or an end of stream) the server has not read yet, on an fd it watches. */
 static int has_leftover(const struct client *c) {
-    return c->watched && (c->events & EPOLLIN) && (c->buf || (c->eof && !c->eof_returned));
+    return c->queued && c->watched && (c->events & EPOLLIN);
 }
 
 /* One log entry of a round (a BATCH of clients' bytes) and its outcome. */
@@ -245,6 +337,7 @@ static void round_done(void *context, int status, uint64_t index) {
     pthread_mutex_unlock(&round_mu);
 }
 
+/* One client's part of a round: bytes, or its end of stream (bytes NULL). */
 struct read_item { struct client *c; unsigned char *bytes; size_t len; };
 
 /* Reads ahead every client the events report readable, proposes all the bytes as BATCH entries
@@ -266,10 +359,10 @@ static void read_ahead(struct epoll_event *events, int n) {
             continue;
         }
         free(b);
-        if (r == 0) {
-            c->eof = 1;
-            if (!c->close_logged) { c->close_logged = 1; apus_propose_async(OP_CLOSE, c->id); }
-        } /* else EAGAIN or an error: the server's own read sees it */
+        if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) continue;
+        /* End of stream, or a reset: either way the client is gone, and the server learns it at
+         * this place of the round, in the log, like every replica. */
+        if (!c->close_logged) { c->close_logged = 1; reads[m++] = (struct read_item){ c, NULL, 0 }; }
     }
     /* Pack the reads, in event order, into as few BATCH entries as fit. */
     int nb = 0;
@@ -282,8 +375,9 @@ static void read_ahead(struct epoll_event *events, int n) {
         size_t off = apus_encode(b, OP_BATCH, 0);
         for (int k = i; k < j; k++) {
             for (int x = 0; x < 8; x++) b[off + x] = (unsigned char)(reads[k].c->id >> (8 * x));
-            for (int x = 0; x < 4; x++) b[off + 8 + x] = (unsigned char)(reads[k].len >> (8 * x));
-            memcpy(b + off + ITEM_HEADER_BYTES, reads[k].bytes, reads[k].len);
+            uint32_t mark = reads[k].bytes ? (uint32_t)reads[k].len : ITEM_END_OF_STREAM;
+            for (int x = 0; x < 4; x++) b[off + 8 + x] = (unsigned char)(mark >> (8 * x));
+            if (reads[k].len) memcpy(b + off + ITEM_HEADER_BYTES, reads[k].bytes, reads[k].len);
             off += ITEM_HEADER_BYTES + reads[k].len;
         }
         batches[nb++] = (struct round_item){ b, total, i, j - i, 1 };
@@ -308,12 +402,17 @@ static void read_ahead(struct epoll_event *events, int n) {
         if (it->status == INTERPOSE_EUNKNOWN) apus_fail_stop("a proposal timed out and may still commit");
         for (int k = it->first; k < it->first + it->count; k++) {
             struct read_item *r = &reads[k];
-            if (it->status == INTERPOSE_OK) {
+            if (it->status == INTERPOSE_OK && r->bytes) {
                 r->c->buf = r->bytes;
                 r->c->buf_off = 0;
                 r->c->buf_len = r->len;
+                queue_push(r->c);
+            } else if (it->status == INTERPOSE_OK) {
+                r->c->eof = 1;
+                queue_push(r->c);
             } else {
                 free(r->bytes);
+                if (!r->bytes) r->c->close_logged = 0; /* the end did not commit: propose it again */
                 break_client(r->c);
             }
         }
@@ -329,7 +428,7 @@ int apus_epoll_wait(int epfd, struct epoll_event *events, int max, int timeout, 
     update_role();
     pthread_mutex_lock(&mu);
     int leftovers = 0;
-    for (struct client *c = clients; c; c = c->next) leftovers += has_leftover(c);
+    for (struct client *c = pending_head; c; c = c->pending_next) leftovers += has_leftover(c);
     pthread_mutex_unlock(&mu);
     apus_in_hook = 0;
     /* With committed bytes still unread, the server must come back at once. */
@@ -352,10 +451,18 @@ int apus_epoll_wait(int epfd, struct epoll_event *events, int max, int timeout, 
          * fds that are not clients): new bytes read now would be handled before older committed
          * ones, in an order the log does not record. */
         int j = 0;
-        for (int i = 0; i < k; i++) if (!client_for_event(events[i].data.u64)) events[j++] = events[i];
+        for (int i = 0; i < k; i++) {
+            /* Clients keep their write readiness; only input waits for its turn. */
+            if (client_for_event(events[i].data.u64)) events[i].events &= ~(uint32_t)(EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR | EPOLLPRI);
+            if (events[i].events) events[j++] = events[i];
+        }
         k = j;
-        for (struct client *c = clients; c && k < max; c = c->next) {
-            if (has_leftover(c)) events[k++] = (struct epoll_event){ .events = EPOLLIN, .data.u64 = c->data };
+        /* The clients with committed input, in log order. */
+        for (struct client *c = pending_head; c; c = c->pending_next) {
+            if (!has_leftover(c)) continue;
+            int merged = 0;
+            for (int i = 0; i < k && !merged; i++) if (events[i].data.u64 == c->data) { events[i].events |= EPOLLIN; merged = 1; }
+            if (!merged && k < max) events[k++] = (struct epoll_event){ .events = EPOLLIN, .data.u64 = c->data };
         }
     } else if (clients && k > 0) {
         read_ahead(events, k);
@@ -390,7 +497,7 @@ int apus_after_accept(int listen_fd, int fd) {
             }
         }
     }
-    if (!ready) {
+    if (!ready || interpose_leader_term() != current_term) {
         /* A follower (or a leader still catching up) serves no clients: they must use the leader. */
         pthread_mutex_unlock(&mu);
         REAL(close)(fd);
@@ -401,14 +508,9 @@ int apus_after_accept(int listen_fd, int fd) {
     if (!c) apus_fail_stop("out of memory accepting a connection");
     c->id = ((uint64_t)apus_incarnation << 32) | ++next_conn;
     c->fd = fd;
-    pthread_mutex_unlock(&mu);
-    if (propose_sync(OP_OPEN, c->id, NULL, 0) != INTERPOSE_OK) {
-        free(c);
-        REAL(close)(fd);
-        errno = EAGAIN;
-        return -1;
-    }
-    pthread_mutex_lock(&mu);
+    /* Not waited for: the client's first bytes are proposed after it from this thread, so they
+     * commit only if it did (a connection storm costs no round trip per connection). */
+    apus_propose_async(OP_OPEN, c->id);
     c->next = clients;
     clients = c;
     client_by_fd[fd] = c;
@@ -434,21 +536,38 @@ ssize_t apus_read(int fd, void *buf, size_t count) {
     struct client *c = client_by_fd[fd];
     pthread_mutex_unlock(&mu);
     if (kind != APUS_FD_CLIENT || !c) return REAL(read)(fd, buf, count);
+    if (count == 0) return 0; /* reads nothing, ends nothing */
     pthread_mutex_lock(&mu);
+    if (c->queued && c != pending_head) {
+        /* Another client's committed input comes first in the log: this one waits its turn. */
+        pthread_mutex_unlock(&mu);
+        errno = EAGAIN;
+        return -1;
+    }
     if (c->buf) {
         /* Read ahead in epoll_wait and already committed. */
         size_t k = c->buf_len - c->buf_off < count ? c->buf_len - c->buf_off : count;
         memcpy(buf, c->buf + c->buf_off, k);
         c->buf_off += k;
         if (c->buf_off == c->buf_len) { free(c->buf); c->buf = NULL; }
+        queue_settle(c);
         pthread_mutex_unlock(&mu);
         return (ssize_t)k;
     }
-    int eof = c->eof, broken = c->broken;
-    if (eof) c->eof_returned = 1;
+    if (c->eof) {
+        c->eof_returned = 1;
+        queue_settle(c);
+        pthread_mutex_unlock(&mu);
+        return 0;
+    }
+    if (c->broken || pending_head) {
+        /* A client of a lost term reads nothing until a committed CLOSE ends it; and no client
+         * reads new bytes while committed ones wait. */
+        pthread_mutex_unlock(&mu);
+        errno = EAGAIN;
+        return -1;
+    }
     pthread_mutex_unlock(&mu);
-    if (eof) return 0;
-    if (broken) { errno = ECONNRESET; return -1; }
     /* Not read ahead (a server that reads without being told by epoll): read, commit, hand over. */
     ssize_t n = REAL(read)(fd, buf, count);
     if (n > 0) {
@@ -456,15 +575,30 @@ ssize_t apus_read(int fd, void *buf, size_t count) {
             pthread_mutex_lock(&mu);
             break_client(c);
             pthread_mutex_unlock(&mu);
-            errno = ECONNRESET;
+            errno = EAGAIN;
             return -1;
         }
-    } else if (n == 0 && !c->close_logged) {
-        c->close_logged = 1;
-        apus_propose_async(OP_CLOSE, c->id);
-        errno = 0;
+        return n;
     }
-    return n;
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) return n;
+    /* End of stream or a reset: the server hears it once the CLOSE committed. */
+    pthread_mutex_lock(&mu);
+    int logged = c->close_logged;
+    c->close_logged = 1;
+    pthread_mutex_unlock(&mu);
+    if (!logged && propose_sync(OP_CLOSE, c->id, NULL, 0) != INTERPOSE_OK) {
+        pthread_mutex_lock(&mu);
+        c->close_logged = 0;
+        break_client(c);
+        pthread_mutex_unlock(&mu);
+        errno = EAGAIN;
+        return -1;
+    }
+    pthread_mutex_lock(&mu);
+    c->eof = 1;
+    c->eof_returned = 1;
+    pthread_mutex_unlock(&mu);
+    return 0;
 }
 
 void apus_before_close(int fd) {
@@ -479,7 +613,8 @@ void apus_before_close(int fd) {
         for (struct client **p = &clients; *p; p = &(*p)->next) {
             if (*p == c) { *p = c->next; break; }
         }
-        if (!c->broken && !c->close_logged) apus_propose_async(OP_CLOSE, c->id);
+        queue_remove(c);
+        if (!c->close_logged) apus_propose_async(OP_CLOSE, c->id);
         free(c->buf);
         free(c);
     } else if (kind == APUS_FD_REPLAY && apus_replay_by_sfd[fd]) {

@@ -24,6 +24,18 @@ struct interpose_real {
     int (*epoll_ctl)(int, int, int, struct epoll_event *);
     int (*epoll_wait)(int, struct epoll_event *, int, int);
     int (*epoll_pwait)(int, struct epoll_event *, int, int, const sigset_t *);
+    int (*epoll_pwait2)(int, struct epoll_event *, int, const struct timespec *, const sigset_t *);
+    ssize_t (*write)(int, const void *, size_t);
+    ssize_t (*writev)(int, const struct iovec *, int);
+    ssize_t (*send)(int, const void *, size_t, int);
+    ssize_t (*sendto)(int, const void *, size_t, int, const struct sockaddr *, socklen_t);
+    ssize_t (*sendmsg)(int, const struct msghdr *, int);
+    ssize_t (*preadv2)(int, const struct iovec *, int, off_t, int);
+    int (*recvmmsg)(int, struct mmsghdr *, unsigned int, int, struct timespec *);
+    ssize_t (*splice)(int, off_t *, int, off_t *, size_t, unsigned int);
+    int (*dup2)(int, int);
+    int (*dup3)(int, int, int);
+    int (*close_range)(unsigned int, unsigned int, int);
 };
 extern struct interpose_real apus_real_fns;
 #define REAL(name) (apus_real_fns.name)
@@ -51,6 +63,8 @@ ssize_t apus_read(int fd, void *buf, size_t count);
 void apus_before_close(int fd);
 void apus_after_epoll_ctl(int epfd, int op, int fd, const struct epoll_event *ev);
 int apus_is_app_epoll(int epfd);
+/* 1 if an epoll_ctl on the server's set concerns a client of an ended term: it is recorded, not made. */
+int apus_epoll_ctl_recorded_only(int epfd, int op, int fd, const struct epoll_event *ev);
 int apus_epoll_wait(int epfd, struct epoll_event *events, int max, int timeout, const sigset_t *mask, int pwait);
 void apus_log(const char *fmt, ...);
 
@@ -61,6 +75,8 @@ enum { OP_OPEN = 1, OP_DATA = 2, OP_CLOSE = 3, OP_BATCH = 4 };
  * (u32 LE) and that many bytes, in the order the server will read them. One log entry per round
  * keeps the replicas' per-entry costs off the per-client path. */
 #define ITEM_HEADER_BYTES 12
+/* An item length that marks the client's end of stream (no bytes follow), in its place in the round. */
+#define ITEM_END_OF_STREAM 0xFFFFFFFFu
 #define HEADER_BYTES 9 /* op, connection id (little-endian u64) */
 
 /* A loopback connection replaying another leader's client connection into the local server. */
@@ -96,6 +112,8 @@ void apus_propose_async(int op, uint64_t id);
 void apus_deliver(void *context, int kind, uint64_t index, const void *data, size_t len);
 /* Replays queued entries as far as the server allows (server thread, mu held). */
 void apus_pump(void);
+/* A committed CLOSE of this process's own connection id (apus.c; server thread, mu held): 1 once done. */
+int apus_own_close(uint64_t id);
 /* No entry is queued or half replayed. */
 int apus_replay_idle(void);
 

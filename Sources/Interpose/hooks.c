@@ -10,6 +10,8 @@
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
+#include <linux/close_range.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -30,6 +32,18 @@ static void resolve(void) {
     apus_real_fns.epoll_ctl = dlsym(RTLD_NEXT, "epoll_ctl");
     apus_real_fns.epoll_wait = dlsym(RTLD_NEXT, "epoll_wait");
     apus_real_fns.epoll_pwait = dlsym(RTLD_NEXT, "epoll_pwait");
+    apus_real_fns.epoll_pwait2 = dlsym(RTLD_NEXT, "epoll_pwait2");
+    apus_real_fns.write = dlsym(RTLD_NEXT, "write");
+    apus_real_fns.writev = dlsym(RTLD_NEXT, "writev");
+    apus_real_fns.send = dlsym(RTLD_NEXT, "send");
+    apus_real_fns.sendto = dlsym(RTLD_NEXT, "sendto");
+    apus_real_fns.sendmsg = dlsym(RTLD_NEXT, "sendmsg");
+    apus_real_fns.preadv2 = dlsym(RTLD_NEXT, "preadv2");
+    apus_real_fns.recvmmsg = dlsym(RTLD_NEXT, "recvmmsg");
+    apus_real_fns.splice = dlsym(RTLD_NEXT, "splice");
+    apus_real_fns.dup2 = dlsym(RTLD_NEXT, "dup2");
+    apus_real_fns.dup3 = dlsym(RTLD_NEXT, "dup3");
+    apus_real_fns.close_range = dlsym(RTLD_NEXT, "close_range");
 }
 
 static pthread_once_t resolved = PTHREAD_ONCE_INIT;
@@ -140,20 +154,22 @@ ssize_t recvmsg(int fd, struct msghdr *msg, int flags) {
     return tracked_readv(fd, msg->msg_iov, (int)msg->msg_iovlen);
 }
 
+static void closing(int fd);
+
 int close(int fd) {
     ENSURE();
-    if (fd >= 0 && fd < APUS_FD_MAX && atomic_load_explicit(&apus_on, memory_order_relaxed) && !apus_in_hook) {
-        int saved = errno;
-        apus_in_hook = 1;
-        apus_before_close(fd);
-        apus_in_hook = 0;
-        errno = saved;
-    }
+    closing(fd);
     return REAL(close)(fd);
 }
 
 int epoll_ctl(int epfd, int op, int fd, struct epoll_event *ev) {
     ENSURE();
+    if (atomic_load_explicit(&apus_on, memory_order_relaxed) && !apus_in_hook) {
+        apus_in_hook = 1;
+        int recorded = apus_epoll_ctl_recorded_only(epfd, op, fd, ev);
+        apus_in_hook = 0;
+        if (recorded) return 0;
+    }
     int r = REAL(epoll_ctl)(epfd, op, fd, ev);
     if (r == 0 && atomic_load_explicit(&apus_on, memory_order_relaxed) && !apus_in_hook) {
         int saved = errno;
@@ -177,4 +193,133 @@ int epoll_pwait(int epfd, struct epoll_event *events, int max, int timeout, cons
     if (!atomic_load_explicit(&apus_on, memory_order_relaxed) || apus_in_hook || !apus_is_app_epoll(epfd))
         return REAL(epoll_pwait)(epfd, events, max, timeout, mask);
     return apus_epoll_wait(epfd, events, max, timeout, mask, 1);
+}
+
+/* MARK: fortified reads (glibc's _FORTIFY_SOURCE builds call these instead of read/recv) */
+
+ssize_t __read_chk(int fd, void *buf, size_t count, size_t buflen) {
+    if (count > buflen) abort(); /* what glibc's own check does (__chk_fail) */
+    return read(fd, buf, count);
+}
+
+ssize_t __recv_chk(int fd, void *buf, size_t len, size_t buflen, int flags) {
+    if (len > buflen) abort();
+    return recv(fd, buf, len, flags);
+}
+
+ssize_t __recvfrom_chk(int fd, void *buf, size_t len, size_t buflen, int flags, struct sockaddr *addr, socklen_t *alen) {
+    if (len > buflen) abort();
+    return recvfrom(fd, buf, len, flags, addr, alen);
+}
+
+ssize_t preadv2(int fd, const struct iovec *iov, int n, off_t offset, int flags) {
+    ENSURE();
+    /* Offset -1 on a socket is a plain scatter read. */
+    if (!apus_tracked(fd) || offset != -1 || flags != 0) return REAL(preadv2)(fd, iov, n, offset, flags);
+    return tracked_readv(fd, iov, n);
+}
+
+/* MARK: read paths the shim cannot replicate: refused before a client byte is consumed */
+
+int recvmmsg(int fd, struct mmsghdr *msgs, unsigned int n, int flags, struct timespec *timeout) {
+    ENSURE();
+    if (apus_tracked(fd)) apus_fail_stop("the server reads a client connection with recvmmsg, which libinterpose does not replicate");
+    return REAL(recvmmsg)(fd, msgs, n, flags, timeout);
+}
+
+ssize_t splice(int in, off_t *in_off, int out, off_t *out_off, size_t len, unsigned int flags) {
+    ENSURE();
+    if (apus_tracked(in)) apus_fail_stop("the server splices from a client connection, which libinterpose does not replicate");
+    return REAL(splice)(in, in_off, out, out_off, len, flags);
+}
+
+/* MARK: writes to clients: an error is hidden, so the server drops a client only when the log
+ * says it ended (a write error seen on one replica only would free it at a different point). */
+
+static int is_client(int fd) {
+    return apus_tracked(fd) && atomic_load_explicit(&apus_fd_kind[fd], memory_order_acquire) == APUS_FD_CLIENT;
+}
+
+static ssize_t hide_write_error(ssize_t r, size_t len) {
+    if (r >= 0 || errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) return r;
+    return (ssize_t)len;
+}
+
+static size_t iov_bytes(const struct iovec *iov, int n) {
+    size_t total = 0;
+    for (int i = 0; i < n; i++) total += iov[i].iov_len;
+    return total;
+}
+
+ssize_t write(int fd, const void *buf, size_t count) {
+    ENSURE();
+    ssize_t r = REAL(write)(fd, buf, count);
+    return is_client(fd) ? hide_write_error(r, count) : r;
+}
+
+ssize_t writev(int fd, const struct iovec *iov, int n) {
+    ENSURE();
+    ssize_t r = REAL(writev)(fd, iov, n);
+    return is_client(fd) ? hide_write_error(r, iov_bytes(iov, n)) : r;
+}
+
+ssize_t send(int fd, const void *buf, size_t len, int flags) {
+    ENSURE();
+    ssize_t r = REAL(send)(fd, buf, len, flags);
+    return is_client(fd) ? hide_write_error(r, len) : r;
+}
+
+ssize_t sendto(int fd, const void *buf, size_t len, int flags, const struct sockaddr *addr, socklen_t alen) {
+    ENSURE();
+    ssize_t r = REAL(sendto)(fd, buf, len, flags, addr, alen);
+    return is_client(fd) ? hide_write_error(r, len) : r;
+}
+
+ssize_t sendmsg(int fd, const struct msghdr *msg, int flags) {
+    ENSURE();
+    ssize_t r = REAL(sendmsg)(fd, msg, flags);
+    return is_client(fd) ? hide_write_error(r, iov_bytes(msg->msg_iov, (int)msg->msg_iovlen)) : r;
+}
+
+/* MARK: closes by other names */
+
+static void closing(int fd) {
+    if (fd < 0 || fd >= APUS_FD_MAX || !atomic_load_explicit(&apus_on, memory_order_relaxed) || apus_in_hook) return;
+    int saved = errno;
+    apus_in_hook = 1;
+    apus_before_close(fd);
+    apus_in_hook = 0;
+    errno = saved;
+}
+
+int dup2(int old, int new) {
+    ENSURE();
+    if (old != new) closing(new);
+    return REAL(dup2)(old, new);
+}
+
+int dup3(int old, int new, int flags) {
+    ENSURE();
+    if (old != new) closing(new);
+    return REAL(dup3)(old, new, flags);
+}
+
+int close_range(unsigned int first, unsigned int last, int flags) {
+    ENSURE();
+    if (!(flags & CLOSE_RANGE_CLOEXEC)) {
+        for (unsigned int fd = first; fd <= last && fd < APUS_FD_MAX; fd++) closing((int)fd);
+    }
+    return REAL(close_range)(first, last, flags);
+}
+
+int epoll_pwait2(int epfd, struct epoll_event *events, int max, const struct timespec *timeout, const sigset_t *mask) {
+    ENSURE();
+    if (!atomic_load_explicit(&apus_on, memory_order_relaxed) || apus_in_hook || !apus_is_app_epoll(epfd))
+        return REAL(epoll_pwait2)(epfd, events, max, timeout, mask);
+    int ms = -1;
+    if (timeout) {
+        long long t = (long long)timeout->tv_sec * 1000 + (timeout->tv_nsec + 999999) / 1000000;
+        ms = t > 0x7fffffff ? 0x7fffffff : (int)t;
+    }
+    return apus_epoll_wait(epfd, events, max, ms, mask, 1);
 }

@@ -35,6 +35,7 @@ void apus_deliver(void *context, int kind, uint64_t index, const void *data, siz
             for (int i = 0; i < 8; i++) item_id |= (uint64_t)p[off + i] << (8 * i);
             for (int i = 0; i < 4; i++) item_len |= (uint32_t)p[off + 8 + i] << (8 * i);
             off += ITEM_HEADER_BYTES;
+            if (item_len == ITEM_END_OF_STREAM) { enqueue_entry(OP_CLOSE, item_id, NULL, 0); continue; }
             if (item_len > len - off) break;
             enqueue_entry(OP_DATA, item_id, p + off, item_len);
             off += item_len;
@@ -48,8 +49,9 @@ void apus_deliver(void *context, int kind, uint64_t index, const void *data, siz
 
 /* Queues another process's committed entry for the server thread and wakes it. */
 static void enqueue_entry(int op, uint64_t id, const unsigned char *data, size_t len) {
-    /* This process's own connections: the read path already handed the bytes to the server. */
-    if ((uint32_t)(id >> 32) == apus_incarnation) return;
+    /* This process's own connections: the read path already handed their bytes to the server.
+     * Their CLOSEs still count: one may end a client of a term this replica lost. */
+    if ((uint32_t)(id >> 32) == apus_incarnation && op != OP_CLOSE) return;
     struct entry *e = malloc(sizeof *e + len);
     if (!e) apus_fail_stop("out of memory queueing a committed entry");
     e->next = NULL;
@@ -57,7 +59,7 @@ static void enqueue_entry(int op, uint64_t id, const unsigned char *data, size_t
     e->id = id;
     e->len = len;
     e->off = 0;
-    memcpy(e->data, data, len);
+    if (len) memcpy(e->data, data, len);
     pthread_mutex_lock(&qmu);
     if (q_tail) q_tail->next = e; else q_head = e;
     q_tail = e;
@@ -141,6 +143,7 @@ static int replay_step(struct entry *e) {
         }
         return r->unconsumed <= 0;
     case OP_CLOSE:
+        if ((uint32_t)(e->id >> 32) == apus_incarnation) return apus_own_close(e->id);
         if (!r) return 1;
         if (!r->cclosed) { REAL(close)(r->cfd); r->cclosed = 1; }
         if (r->sfd >= 0 && !r->sclosed) return 0;

@@ -31,6 +31,12 @@ public func interpose_is_leader() -> Int32 {
     return node.status.role == .leader ? 1 : 0
 }
 
+@_cdecl("interpose_leader_term")
+public func interpose_leader_term() -> UInt64 {
+    guard let status = Runtime.shared.node?.status, status.role == .leader else { return 0 }
+    return status.ballot.term
+}
+
 @_cdecl("interpose_leader_id")
 public func interpose_leader_id() -> UInt64 {
     Runtime.shared.node?.status.leader.map { UInt64($0) } ?? 0

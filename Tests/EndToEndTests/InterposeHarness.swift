@@ -131,9 +131,15 @@ final class RespClient {
     /// Sends one command and returns its reply; throws if the connection fails.
     func call(_ args: String...) throws -> Reply { try call(args) }
 
-    func call(_ args: [String]) throws -> Reply {
-        var out = "*\(args.count)\r\n"
-        for a in args { out += "$\(a.utf8.count)\r\n\(a)\r\n" }
+    func call(_ args: [String]) throws -> Reply { try pipeline([args])[0] }
+
+    /// Sends several commands in one write (a pipeline) and returns their replies in order.
+    func pipeline(_ commands: [[String]]) throws -> [Reply] {
+        var out = ""
+        for args in commands {
+            out += "*\(args.count)\r\n"
+            for a in args { out += "$\(a.utf8.count)\r\n\(a)\r\n" }
+        }
         let bytes = Array(out.utf8)
         var sent = 0
         while sent < bytes.count {
@@ -141,7 +147,7 @@ final class RespClient {
             guard n > 0 else { throw CLIError("send failed: \(String(cString: strerror(errno)))") }
             sent += n
         }
-        return try reply()
+        return try commands.map { _ in try reply() }
     }
 
     private func line() throws -> String {

@@ -139,6 +139,50 @@ extension EndToEnd {
             }
         }
 
+        /// Redis reads only the rest of a bulk value of 32 KiB or more, so with large values it
+        /// consumes part of one client's committed bytes, serves another client, and comes back:
+        /// the leader must still hand bytes to the server in log order, or its lists are ordered
+        /// unlike the followers'. Writers pipeline a large SET and an RPUSH; racers RPUSH alone.
+        @Test func pipelinedLargeValuesBesideSmallOnesKeepEveryReplicaEqual() async throws {
+            try await Self.withRedis("redis-order") { r, checks in
+                let (leader, _) = try r.connectToLeader()
+                let port = r.ports[leader]!
+                var threads: [Thread] = []
+                let done = DispatchGroup()
+                for w in 0..<6 {
+                    done.enter()
+                    let t = Thread {
+                        defer { done.leave() }
+                        guard let c = try? RespClient(port: port) else { checks.record("writer \(w) cannot connect"); return }
+                        for i in 0..<15 {
+                            let list = "list-\(i % 3)"
+                            if w < 3 {
+                                let size = 40_000 + (w * 7_919 + i * 3_001) % 30_000
+                                let big = String(repeating: Character(UnicodeScalar(UInt8(97 + (w + i) % 26))), count: size)
+                                let replies = (try? c.pipeline([["SET", "big-\(w)-\(i)", big], ["RPUSH", list, "w\(w)-\(i)"]])) ?? []
+                                if replies.count != 2 || replies[0] != .simple("OK") { checks.record("writer \(w) round \(i): \(replies)"); return }
+                            } else {
+                                let replies = (try? c.pipeline([["RPUSH", list, "r\(w)-\(i)-a"], ["RPUSH", list, "r\(w)-\(i)-b"]])) ?? []
+                                if replies.count != 2 { checks.record("racer \(w) round \(i): \(replies)"); return }
+                            }
+                        }
+                    }
+                    threads.append(t)
+                }
+                for t in threads { t.start() }
+                done.wait()
+                let same = r.converged(timeout: .seconds(30))
+                let lists = r.cluster.ids.map { id -> String in
+                    guard let local = try? RespClient(unixPath: r.socketPath(id)) else { return "\(id): unreachable" }
+                    return "\(id): " + (0..<3).map { list -> String in
+                        guard case let .array(items)? = try? local.call("LRANGE", "list-\(list)", "0", "-1") else { return "?" }
+                        return items.map { if case let .bulk(v?) = $0 { v } else { "?" } }.joined(separator: ",")
+                    }.joined(separator: " | ")
+                }
+                checks.expect(same, "the replicas' Redis digests differ (leader \(leader)):\n" + lists.joined(separator: "\n") + "\n" + r.logTails())
+            }
+        }
+
         @Test func leaderKilledClientsMoveOnAndNothingAcknowledgedIsLost() async throws {
             try await Self.withRedis("redis-kill") { r, checks in
                 let (first, _) = try r.connectToLeader()

@@ -77,6 +77,11 @@ int interpose_shutdown(void);
 /* 1 if this replica leads now, 0 if not (or not initialised). */
 int interpose_is_leader(void);
 
+/* The term of this replica's ballot while it leads (at least 1), 0 while it does not. Two calls
+ * that return the same non-zero term saw one unbroken tenure: a leadership lost and regained in
+ * between returns a higher term. */
+uint64_t interpose_leader_term(void);
+
 /* The node id of the leader this replica knows of, 0 if none or not initialised. */
 uint64_t interpose_leader_id(void);
 
