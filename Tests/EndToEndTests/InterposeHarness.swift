@@ -135,6 +135,12 @@ final class RespClient {
 
     /// Sends several commands in one write (a pipeline) and returns their replies in order.
     func pipeline(_ commands: [[String]]) throws -> [Reply] {
+        try send(commands)
+        return try commands.map { _ in try reply() }
+    }
+
+    /// Sends several commands in one write without reading the replies.
+    func send(_ commands: [[String]]) throws {
         var out = ""
         for args in commands {
             out += "*\(args.count)\r\n"
@@ -147,7 +153,6 @@ final class RespClient {
             guard n > 0 else { throw CLIError("send failed: \(String(cString: strerror(errno)))") }
             sent += n
         }
-        return try commands.map { _ in try reply() }
     }
 
     private func line() throws -> String {
