@@ -1,5 +1,6 @@
 import Foundation
 import Metrics
+import PloverCheck
 import Testing
 import RDMAPaxos
 
@@ -11,6 +12,7 @@ import RDMAPaxos
         var nodes: [NodeID: ReplicaNode] = [:]
         var machines: [NodeID: KeyValueStateMachine] = [:]
         var storage: [NodeID: MemoryLog.Storage] = [:]
+        var logs: [NodeID: MemoryLog] = [:]
         var snapshots: [NodeID: MemorySnapshotStore] = [:]
         let membership: Membership
         let metricsFactory: (any MetricsFactory)?
@@ -33,11 +35,13 @@ import RDMAPaxos
             o.compactEveryEntries = 50
             o.metricsFactory = metricsFactory
             let sm = KeyValueStateMachine()
-            let node = ReplicaNode(options: o, stateMachine: sm, log: try MemoryLog(storage: storage[id]!),
+            let log = try MemoryLog(storage: storage[id]!)
+            let node = ReplicaNode(options: o, stateMachine: sm, log: log,
                                    snapshots: snapshots[id]!, transport: hub.transport(for: id),
                                    ticks: TimerTickSource(interval: .milliseconds(5)))
             try node.start()
             nodes[id] = node
+            logs[id] = log
             machines[id] = sm
             hub.reconnect(id)
         }
@@ -156,5 +160,135 @@ import RDMAPaxos
         let next = try await c.leader(excluding: [l.options.replica.id])
         #expect(next.options.replica.id != 3)
         try await c.put("b", "2", via: next)
+    }
+
+    // MARK: Answers to proposals
+
+    /// A transport for node 1 whose peers the test plays: it records what the node sends and
+    /// delivers what the test says, so elections happen exactly when the test wants them.
+    final class ScriptedPeers: MessageTransport, @unchecked Sendable {
+        // @unchecked Sendable: `sent` and `receive` are only touched under `lock`.
+        let lock = NSLock()
+        var sent: [Message] = []
+        var receive: (@Sendable (Message) -> Void)?
+        func start(onReceive: @escaping @Sendable (Message) -> Void) throws { lock.withLock { receive = onReceive } }
+        func send(_ message: Message) { lock.withLock { sent.append(message) } }
+        func stop() { lock.withLock { receive = nil } }
+        func deliver(_ m: Message) { lock.withLock { receive }?(m) }
+
+        /// Ticks the node until it asks for promises above `ballot`; returns its ballot.
+        func campaign(_ ticks: ManualTickSource, above ballot: Ballot) async throws -> Ballot {
+            for _ in 0..<400 {
+                let asked = lock.withLock {
+                    sent.compactMap { m -> Ballot? in
+                        guard case .prepare = m.body else { return nil }
+                        return m.ballot
+                    }.max()
+                }
+                if let b = asked, b > ballot { return b }
+                ticks.fire()
+                try await Task.sleep(for: .milliseconds(5))
+            }
+            throw CommandError("node 1 did not campaign above \(ballot)")
+        }
+    }
+
+    /// Results of proposals made with a completion, by name.
+    final class Answers: @unchecked Sendable {
+        // @unchecked Sendable: `results` is only touched under `lock`.
+        private let lock = NSLock()
+        private var results: [String: Result<[UInt8], any Error>] = [:]
+        func set(_ name: String, _ r: Result<[UInt8], any Error>) { lock.withLock { results[name] = r } }
+        var names: [String] { lock.withLock { results.keys.sorted() } }
+        func error(_ name: String) -> NodeError? {
+            guard case let .failure(e)? = lock.withLock({ results[name] }) else { return nil }
+            return e as? NodeError
+        }
+        func succeeded(_ name: String) -> Bool {
+            if case .success? = lock.withLock({ results[name] }) { return true }
+            return false
+        }
+    }
+
+    static func put(_ key: String) -> [UInt8] { KeyValueStateMachine.Command.put(key: Array(key.utf8), value: [1]).encoded() }
+
+    /// Node 1 leads, proposes A and B, is deposed before they commit (the new leader overwrites
+    /// its log), and is elected again: its no-op and the new proposal C take the indexes A and B
+    /// held. A and B must be answered `superseded`, not dropped when C takes B's index.
+    @Test func aReelectedLeaderAnswersItsEarlierProposalsBeforeReusingTheirIndexes() async throws {
+        let peers = ScriptedPeers()
+        let ticks = ManualTickSource()
+        var cfg = ReplicaConfig(id: 1)
+        cfg.preVote = false
+        cfg.checkQuorum = false
+        let node = ReplicaNode(options: NodeOptions(replica: cfg, bootstrap: Membership(Self.three)), stateMachine: KeyValueStateMachine(),
+                               log: try MemoryLog(), snapshots: MemorySnapshotStore(), transport: peers, ticks: ticks)
+        try node.start()
+        defer { node.stop() }
+        let answers = Answers()
+
+        // Node 1 leads with node 2's promise; A and B go to indexes 2 and 3, accepted by nobody.
+        let b1 = try await peers.campaign(ticks, above: .zero)
+        peers.deliver(Message(from: 2, to: 1, ballot: b1, body: .promise(granted: true, suffixPrevBallot: .zero, suffix: [])))
+        try #require(await eventually { node.status.role == .leader })
+        node.propose(Self.put("a")) { answers.set("A", $0) }
+        node.propose(Self.put("b")) { answers.set("B", $0) }
+        try #require(await eventually { node.status.lastIndex == 3 })
+
+        // Node 2 leads at a higher ballot and overwrites node 1's log from index 1 on.
+        let b2 = Ballot(term: b1.term + 1, node: 2)
+        peers.deliver(Message(from: 2, to: 1, ballot: b2, body: .accept(
+            prevIndex: 0, prevBallot: .zero, entries: [LogEntry(index: 1, ballot: b2, kind: .noop, payload: [])], commit: 0)))
+        try #require(await eventually { node.status.leader == 2 && node.status.lastIndex == 1 })
+
+        // Node 1 leads again with node 3's promise: its no-op takes index 2, C index 3.
+        let b3 = try await peers.campaign(ticks, above: b2)
+        peers.deliver(Message(from: 3, to: 1, ballot: b3, body: .promise(granted: true, suffixPrevBallot: .zero, suffix: [])))
+        try #require(await eventually { node.status.role == .leader && node.status.lastIndex == 2 })
+        node.propose(Self.put("c")) { answers.set("C", $0) }
+        try #require(await eventually { node.status.lastIndex == 3 })
+
+        // Node 3 accepts through 3: the no-op and C commit.
+        peers.deliver(Message(from: 3, to: 1, ballot: b3, body: .accepted(success: true, index: 3)))
+        #expect(await eventually { answers.names == ["A", "B", "C"] }, "answered: \(answers.names)")
+        #expect(answers.error("A") == .superseded)
+        #expect(answers.error("B") == .superseded)
+        #expect(answers.succeeded("C"))
+    }
+
+    /// The leader's log fails under a proposal that other replicas may already hold: the client
+    /// must hear "outcome unknown", not a failure it could take as "not applied" and re-send.
+    @Test func aProposalCutOffByAStorageFailureHasAnUnknownOutcomeAtTheClient() async throws {
+        let c = try Cluster([Member(id: 1, role: .voter)])
+        defer { c.stopAll() }
+        let l = try await c.leader()
+        let server = try ClientServer.start(node: l, host: "127.0.0.1", port: 0)
+        defer { server.stop() }
+        try await c.put("a", "1", via: l)
+        c.logs[1]!.fail(with: .diskFull(path: "memory-log"))
+        let port = server.boundPort
+        let failure = try await onOwnThread { () -> NodeClient.Failure? in
+            let client = NodeClient(endpoints: [1: "127.0.0.1:\(port)"], timeout: .seconds(5))
+            do {
+                _ = try client.propose(Self.put("b"), attempts: 1)
+                return nil
+            } catch {
+                return error as? NodeClient.Failure
+            }
+        }
+        let f = try #require(failure, "the proposal succeeded on a failed log")
+        #expect(f.outcomeUnknown, "\(f)")
+        #expect(f.description.contains("storage failed"), "\(f)")
+    }
+
+    @Test func errorCodesSayWhetherAProposalMayStillTakeEffect() {
+        let unknownCodes: [ClientErrorCode] = [.timedOut, .stopped, .storage, .other]
+        let definiteCodes: [ClientErrorCode] = [.notLeader, .superseded, .refused, .badRequest]
+        let unknownErrors: [NodeError] = [.timedOut, .outcomeUnknown, .stopped, .storage("disk full")]
+        let definiteErrors: [NodeError] = [.notLeader(leader: nil), .superseded, .refused(.emptyProposal)]
+        for code in unknownCodes { #expect(code.leavesProposalOutcomeUnknown, "\(code)") }
+        for code in definiteCodes { #expect(!code.leavesProposalOutcomeUnknown, "\(code)") }
+        for error in unknownErrors { #expect(error.leavesProposalOutcomeUnknown, "\(error)") }
+        for error in definiteErrors { #expect(!error.leavesProposalOutcomeUnknown, "\(error)") }
     }
 }

@@ -79,9 +79,21 @@ public enum ClientFrame: Equatable, Sendable {
 /// Why a request failed, as carried in an `error` frame (one code per `NodeError` case; unknown
 /// codes decode as `other`).
 public enum ClientErrorCode: UInt8, Sendable {
-    /// Not the leader; timed out (outcome unknown); superseded by a new leader; refused by the
-    /// core; node stopped; storage failure; malformed request; anything else.
+    /// Not the leader; timed out or overtaken by a snapshot (outcome unknown); superseded by a new
+    /// leader; refused by the core; node stopped; storage failure; malformed request; anything else.
     case notLeader = 1, timedOut = 2, superseded = 3, refused = 4, stopped = 5, storage = 6, badRequest = 7, other = 255
+
+    /// Whether a proposal answered with this code may still take effect, so that sending it again
+    /// could apply it twice: it may be in a leader's log although this answer is an error. True
+    /// for `timedOut`, `stopped` and `storage` (the node stopped, or its log failed, while the
+    /// command may already have been replicated) and for `other` (an error this client cannot
+    /// interpret); false for the codes that say it did not take effect.
+    public var leavesProposalOutcomeUnknown: Bool {
+        switch self {
+        case .timedOut, .stopped, .storage, .other: true
+        case .notLeader, .superseded, .refused, .badRequest: false
+        }
+    }
 
     init(_ e: NodeError) {
         switch e {

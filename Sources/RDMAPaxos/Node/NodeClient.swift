@@ -28,8 +28,10 @@ public final class NodeClient {
     /// Why a client call failed after trying what it could.
     public struct Failure: Error, CustomStringConvertible {
         public var description: String
-        /// True when a proposal may have taken effect: it reached a node and then the
-        /// connection failed, or the node answered "timed out". Read before retrying it.
+        /// True when a proposal may have taken effect: it reached a node and then the connection
+        /// failed, or the node answered with an error that leaves its outcome open ("timed out",
+        /// a snapshot overtook it, the node stopped or its storage failed, an error this client
+        /// does not know; `ClientErrorCode.leavesProposalOutcomeUnknown`). Read before retrying it.
         public var outcomeUnknown = false
     }
 
@@ -37,7 +39,8 @@ public final class NodeClient {
     ///
     /// Retries elsewhere only while the command certainly did not take effect (no connection,
     /// "not the leader", "superseded"). Once it may have reached a leader, a failure throws a
-    /// `Failure` with `outcomeUnknown` instead: sending it again could apply it twice.
+    /// `Failure` with `outcomeUnknown` instead: sending it again could apply it twice. Errors that
+    /// say it did not take effect ("refused", a bad request) throw with `outcomeUnknown` false.
     public func propose(_ command: [UInt8], attempts: Int = 20) throws -> [UInt8] {
         try call(attempts: attempts, idempotent: false) { .propose(id: $0, command: command) }
     }
@@ -100,9 +103,11 @@ public final class NodeClient {
             switch answer {
             case let .ok(rid, result) where rid == id:
                 return result
-            case let .error(_, code, _, message) where !idempotent && (code == .timedOut || code == .stopped):
-                // "stopped" may come from a leader that was replicating the command as it stopped.
-                throw Failure(description: "node \(target): \(message)", outcomeUnknown: true)
+            case let .error(_, code, _, message) where !idempotent && code.leavesProposalOutcomeUnknown:
+                // "stopped" and "storage" may come from a leader that was replicating the command as
+                // it stopped or its log failed: the other replicas can still commit it.
+                let note = code == .timedOut ? "" : "; the command may or may not have taken effect"
+                throw Failure(description: "node \(target): \(message)\(note)", outcomeUnknown: true)
             case let .error(_, code, leader, message) where code == .notLeader || code == .superseded || code == .stopped:
                 // Leadership is moving: follow the hint, else try the next member.
                 last = "node \(target): \(message)"
@@ -115,7 +120,9 @@ public final class NodeClient {
             case let .error(_, _, _, message):
                 throw Failure(description: "node \(target): \(message)")
             default:
-                throw Failure(description: "node \(target) sent an unexpected answer")
+                // An answer that is not this request's: the command itself may have been applied.
+                throw Failure(description: "node \(target) sent an unexpected answer" + (idempotent ? "" : "; the command may or may not have taken effect"),
+                              outcomeUnknown: !idempotent)
             }
         }
         throw Failure(description: "no leader answered after \(attempts) attempts; last: \(last)")

@@ -42,10 +42,22 @@ public enum NodeError: Error, Sendable, Equatable, CustomStringConvertible {
     case superseded
     /// The replica jumped ahead by installing a snapshot; the proposal's outcome is unknown.
     case outcomeUnknown
-    /// The node is stopped.
+    /// The node is stopped. A proposal it was replicating when it stopped may still commit.
     case stopped
-    /// The stable log failed; the node stopped serving (see the message for what to do).
+    /// The stable log failed; the node stopped serving (see the message for what to do). A
+    /// proposal pending when it failed may already be on other replicas and still commit there:
+    /// its outcome is unknown.
     case storage(String)
+
+    /// Whether a proposal that failed with this error may still take effect (`timedOut`,
+    /// `outcomeUnknown`, `stopped`, `storage`): read before proposing it again. The other cases
+    /// say it did not.
+    public var leavesProposalOutcomeUnknown: Bool {
+        switch self {
+        case .timedOut, .outcomeUnknown, .stopped, .storage: true
+        case .notLeader, .refused, .superseded: false
+        }
+    }
 
     public var description: String {
         switch self {

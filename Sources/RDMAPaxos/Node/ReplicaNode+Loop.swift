@@ -73,6 +73,11 @@ extension ReplicaNode {
             proposals[i] = nil
             p.continuation.resume(throwing: NodeError.timedOut)
         }
+        for (i, ps) in displaced where ps.contains(where: { $0.deadline <= tickCount }) {
+            let waiting = ps.filter { $0.deadline > tickCount }
+            displaced[i] = waiting.isEmpty ? nil : waiting
+            for p in ps where p.deadline <= tickCount { p.continuation.resume(throwing: NodeError.timedOut) }
+        }
         for (id, r) in reads where r.deadline <= tickCount {
             reads[id] = nil
             r.continuation.resume(throwing: NodeError.timedOut)
@@ -88,9 +93,14 @@ extension ReplicaNode {
             do {
                 let (first, actions) = try replica.propose(chunk.map(\.command))
                 for (i, c) in chunk.enumerated() {
-                    proposals[first + LogIndex(i)] = PendingProposal(
+                    let pending = PendingProposal(
                         ballot: replica.promised, deadline: tickCount + options.requestTimeoutTicks,
                         continuation: c.continuation, queuedAt: c.queuedAt)
+                    // A proposal of an earlier term still waiting at this index is not answered
+                    // yet, nor dropped: its entry may still commit elsewhere (see `displaced`).
+                    if let earlier = proposals.updateValue(pending, forKey: first + LogIndex(i)) {
+                        displaced[first + LogIndex(i), default: []].append(earlier)
+                    }
                 }
                 metrics.proposalsPerBatch.record(chunk.count)
                 perform(actions)
@@ -144,6 +154,10 @@ extension ReplicaNode {
                 proposals[i] = nil
                 p.continuation.resume(throwing: NodeError.outcomeUnknown)
             }
+            for (i, ps) in displaced where i <= s.index {
+                displaced[i] = nil
+                ps.forEach { $0.continuation.resume(throwing: NodeError.outcomeUnknown) }
+            }
         }
         if !a.apply.isEmpty { metrics.entriesApplied.increment(by: a.apply.count) }
         for e in a.apply { applyEntry(e) }
@@ -170,16 +184,22 @@ extension ReplicaNode {
 
     func applyEntry(_ e: LogEntry) {
         let result = e.kind == .command ? machine.apply(e.payload, index: e.index) : []
-        if let p = proposals.removeValue(forKey: e.index) {
-            let committed = p.ballot == e.ballot
-            let latency = metrics.commitLatency
-            completions.append {
-                if committed {
-                    latency.recordNanoseconds(Int64(DispatchTime.now().uptimeNanoseconds &- p.queuedAt))
-                    p.continuation.resume(returning: result)
-                } else {
-                    p.continuation.resume(throwing: NodeError.superseded)
-                }
+        if let p = proposals.removeValue(forKey: e.index) { answerProposal(p, applied: e, result: result) }
+        if let ps = displaced.removeValue(forKey: e.index) {
+            for p in ps { answerProposal(p, applied: e, result: result) }
+        }
+    }
+
+    /// Answers a proposal made at `e.index`: `e` is its entry (the same ballot) or took its place.
+    func answerProposal(_ p: PendingProposal, applied e: LogEntry, result: [UInt8]) {
+        let committed = p.ballot == e.ballot
+        let latency = metrics.commitLatency
+        completions.append {
+            if committed {
+                latency.recordNanoseconds(Int64(DispatchTime.now().uptimeNanoseconds &- p.queuedAt))
+                p.continuation.resume(returning: result)
+            } else {
+                p.continuation.resume(throwing: NodeError.superseded)
             }
         }
     }
@@ -262,8 +282,10 @@ extension ReplicaNode {
         completions.forEach { $0() }
         completions = []
         for p in proposals.values { p.continuation.resume(throwing: error) }
+        for p in displaced.values.joined() { p.continuation.resume(throwing: error) }
         for r in reads.values { r.continuation.resume(throwing: error) }
         proposals = [:]
+        displaced = [:]
         reads = [:]
     }
 
@@ -292,7 +314,7 @@ extension ReplicaNode {
         metrics.appliedIndex.record(s.appliedIndex)
         metrics.lastIndex.record(s.lastIndex)
         metrics.durableIndex.record(s.durableIndex)
-        metrics.pendingProposals.record(proposals.count)
+        metrics.pendingProposals.record(proposals.count + displaced.values.reduce(0) { $0 + $1.count })
         metrics.pendingReads.record(reads.count)
     }
 }

@@ -27,6 +27,11 @@ public final class ReplicaNode: @unchecked Sendable {
     var replica: Replica!
     var tickCount = 0
     var proposals: [LogIndex: PendingProposal] = [:]
+    /// Proposals from an earlier term of this replica whose index a proposal of a later term took
+    /// (it was deposed before they committed, then elected again). Still pending: another replica
+    /// may hold their entries and commit them yet, so only the entry applied at their index says
+    /// whether they took effect. Almost always empty.
+    var displaced: [LogIndex: [PendingProposal]] = [:]
     var reads: [UInt64: PendingRead] = [:]
     var nextReadID: UInt64 = 1
     var acksAwaitingPersist: [(sequence: UInt64, messages: [Message])] = []
@@ -194,8 +199,26 @@ public final class ReplicaNode: @unchecked Sendable {
             }
         }
         if let s = snapshot, s.index == 0 { snapshot = nil }
+        if let s = snapshot { try alignLog(with: s) }
         let from = max(log.firstIndex, (snapshot?.index ?? 0) + 1)
         let entries = from <= log.lastIndex ? try log.entries(from...log.lastIndex) : []
         return RestoredState(hardState: hard, snapshot: snapshot, entries: entries)
+    }
+
+    /// Makes the stable log start right after `s`, as the persist unit that saved `s` would have
+    /// (`startPersist`: save the snapshot, then `compactPrefix`). A crash between the two, or
+    /// before the entries a follower applied were durable, leaves a log that still holds entries
+    /// at or below `s.index`, or that ends below it (always so after installing a leader's
+    /// snapshot: the conflicting suffix was truncated first). The core restores from the snapshot
+    /// and appends at `s.index + 1`, which such a log would refuse (its contiguity precondition
+    /// traps, on every restart). Entries above `s.index` are kept. Only entries that cannot follow
+    /// the snapshot (the log holds `s.index` with another ballot, and more after it; no crash
+    /// leaves that) stop the start instead: the node will not guess which history is right.
+    func alignLog(with s: Snapshot) throws {
+        guard s.index > log.snapshot.index else { return }
+        if log.lastIndex > s.index, let held = try log.entries(s.index...s.index).first, held.ballot != s.ballot {
+            throw NodeError.storage("the log holds entry \(s.index) at ballot \(held.ballot) and entries after it, but the snapshot at \(s.index) has ballot \(s.ballot); rebuild this replica from its peers")
+        }
+        try log.compactPrefix(through: s.index, ballot: s.ballot)
     }
 }
