@@ -53,6 +53,7 @@ final class Runtime: Sendable {
         }
         // The program's state cannot be captured in a snapshot, so the log is never compacted.
         config.compactEveryEntries = Int.max / 2
+        config.compactEveryBytes = Int.max / 2
         var logger = Logger(label: "interpose.\(config.id)") { StreamLogHandler.standardError(label: $0) }
         logger.logLevel = ProcessInfo.processInfo.environment["INTERPOSE_LOG_LEVEL"].flatMap(Logger.Level.init(rawValue:)) ?? .notice
         let machine = CallbackStateMachine(deliver: deliver, context: context)

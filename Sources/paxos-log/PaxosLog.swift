@@ -52,7 +52,7 @@ func fail(_ error: Error) -> ExitCode {
     case .badPath, .notAStore: return ExitCode(Exit.notAStore)
     case .locked: return ExitCode(Exit.locked)
     case .versionMismatch: return ExitCode(Exit.versionMismatch)
-    case .corrupt, .missing, .diskFull, .closed, .engine: return ExitCode(Exit.unreadable)
+    case .corrupt, .missing, .diskFull, .memoryFull, .closed, .engine: return ExitCode(Exit.unreadable)
     }
 }
 

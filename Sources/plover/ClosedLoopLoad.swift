@@ -58,7 +58,8 @@ struct LatencySummary {
 }
 
 /// The closed-loop load both systems get: N threads, each with its own client, each putting
-/// one new key after another and timing every put.
+/// one new key after another (or, with a key space, cycling over that many keys, as etcd's
+/// benchmark does with --key-space-size) and timing every put.
 enum ClosedLoopLoad {
     struct Result {
         var latency: LatencySummary
@@ -71,7 +72,7 @@ enum ClosedLoopLoad {
 
     /// Runs `warmup` seconds unmeasured, then `seconds` measured: a put counts when it both
     /// started and finished inside the measured window.
-    static func run(clients: Int, valueBytes: Int, warmup: Double, seconds: Double, keyPrefix: String,
+    static func run(clients: Int, valueBytes: Int, warmup: Double, seconds: Double, keyPrefix: String, keySpace: Int? = nil,
                     makeClient: @escaping @Sendable () -> any PutClient) -> Result {
         let begin = now()
         let measureFrom = begin + UInt64(warmup * 1e9)
@@ -83,7 +84,7 @@ enum ClosedLoopLoad {
             finished.enter()
             let mine = results[t]
             let th = Thread {
-                loop(client: makeClient(), thread: t, valueBytes: valueBytes, keyPrefix: keyPrefix,
+                loop(client: makeClient(), thread: t, valueBytes: valueBytes, keyPrefix: keyPrefix, keySpace: keySpace,
                      measureFrom: measureFrom, end: end, into: mine)
                 finished.leave()
             }
@@ -96,7 +97,7 @@ enum ClosedLoopLoad {
                       errors: results.reduce(0) { $0 + $1.errors }, firstError: results.lazy.compactMap(\.firstError).first)
     }
 
-    private static func loop(client: any PutClient, thread t: Int, valueBytes: Int, keyPrefix: String,
+    private static func loop(client: any PutClient, thread t: Int, valueBytes: Int, keyPrefix: String, keySpace: Int?,
                              measureFrom: UInt64, end: UInt64, into r: ThreadResult) {
         let value = [UInt8](repeating: UInt8(ascii: "v"), count: valueBytes)
         var i = 0
@@ -104,8 +105,9 @@ enum ClosedLoopLoad {
         while true {
             let t0 = now()
             if t0 >= end { break }
-            // A fresh key per put: no put returns (or stores over) an earlier value.
-            let key = Array("\(keyPrefix)/\(t)/\(i)".utf8)
+            // A fresh key per put (no put stores over an earlier value), or keys cycled over the
+            // key space so the state stays bounded however long the run.
+            let key = Array((keySpace.map { "\(keyPrefix)/\((t &* 1_000_003 &+ i) % $0)" } ?? "\(keyPrefix)/\(t)/\(i)").utf8)
             i += 1
             do {
                 try client.put(key: key, value: value)

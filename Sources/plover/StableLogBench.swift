@@ -51,7 +51,6 @@ struct StableLogBench: ParsableCommand {
         try? FileManager.default.removeItem(atPath: path)
         defer { try? FileManager.default.removeItem(atPath: path) }
         var options = BerkeleyDBLog.Options()
-        options.memoryBytesMax = 1 << 30
         let durability: Durability
         switch mode {
         case "fsync", "async", "memory": durability = Durability(rawValue: mode)!
@@ -60,8 +59,6 @@ struct StableLogBench: ParsableCommand {
             options.batchBytesMax = 1 // every commit takes exactly one append: no group commit
         }
         let log = try BerkeleyDBLog.open(path: path, durability: durability, options: options)
-        // Memory mode holds everything in its cache: bound the run by entries as well as time.
-        let entriesMax = durability == .memory ? (payload > 1024 ? 100_000 : 400_000) : Int.max
         let shared = Shared(payload: payload)
         let start = DispatchTime.now().uptimeNanoseconds
         let deadline = start + UInt64(seconds * 1e9)
@@ -72,11 +69,21 @@ struct StableLogBench: ParsableCommand {
             finished.enter()
             let mine = latencies[t]
             Thread {
-                Self.appendLoop(log, shared, mine, deadline: deadline, entriesMax: entriesMax)
+                Self.appendLoop(log, shared, mine, deadline: deadline)
                 finished.leave()
             }.start()
         }
+        // Memory mode holds the log in a bounded cache: compact it as a node does, at half.
+        let compactor = DispatchGroup()
+        if let cap = log.capacityBytes {
+            compactor.enter()
+            Thread {
+                Self.compactLoop(log, atBytes: cap / 2, until: finished)
+                compactor.leave()
+            }.start()
+        }
         finished.wait()
+        compactor.wait()
         let elapsed = Double(DispatchTime.now().uptimeNanoseconds - start) / 1e9
         try log.close()
         var all = latencies.flatMap(\.values)
@@ -89,16 +96,28 @@ struct StableLogBench: ParsableCommand {
     }
 
     /// One closed-loop appender: append, wait until durable, repeat.
-    private static func appendLoop(_ log: BerkeleyDBLog, _ shared: Shared, _ mine: Latencies, deadline: UInt64, entriesMax: Int) {
+    private static func appendLoop(_ log: BerkeleyDBLog, _ shared: Shared, _ mine: Latencies, deadline: UInt64) {
         let sem = DispatchSemaphore(value: 0)
         while DispatchTime.now().uptimeNanoseconds < deadline {
             let t0 = DispatchTime.now().uptimeNanoseconds
-            guard shared.appendNext(log, entriesMax: entriesMax, { result in
+            shared.appendNext(log) { result in
                 if case let .failure(e) = result { fatalError("append failed: \(e)") }
                 mine.values.append(DispatchTime.now().uptimeNanoseconds - t0)
                 sem.signal()
-            }) else { break }
+            }
             sem.wait()
+        }
+    }
+
+    /// Compacts the durable prefix whenever the log holds `atBytes`, until the appenders finish.
+    private static func compactLoop(_ log: BerkeleyDBLog, atBytes: Int, until appenders: DispatchGroup) {
+        while appenders.wait(timeout: .now() + .milliseconds(1)) == .timedOut {
+            guard log.heldBytes >= atBytes else { continue }
+            do {
+                try log.compactPrefix(through: log.durableIndex, ballot: Ballot(term: 1, node: 1))
+            } catch {
+                fatalError("compaction failed: \(error)")
+            }
         }
     }
 
@@ -142,14 +161,11 @@ private final class Shared: @unchecked Sendable {
     private let payload: [UInt8]
     init(payload: Int) { self.payload = [UInt8](repeating: 0xAB, count: payload) }
 
-    func appendNext(_ log: BerkeleyDBLog, entriesMax: Int,
-                    _ done: @escaping @Sendable (Result<Void, StableLogError>) -> Void) -> Bool {
+    func appendNext(_ log: BerkeleyDBLog, _ done: @escaping @Sendable (Result<Void, StableLogError>) -> Void) {
         lock.lock()
         defer { lock.unlock() }
-        guard next <= LogIndex(entriesMax) else { return false }
         log.append([LogEntry(index: next, ballot: Ballot(term: 1, node: 1), kind: .command, payload: payload)], onDurable: done)
         next += 1
-        return true
     }
 }
 

@@ -142,6 +142,42 @@ func makeStore(_ path: String, _ range: ClosedRange<LogIndex>, term: UInt64 = 1)
         #expect(StableLogError.diskFull(path: "/d").description.contains("no space left"))
     }
 
+    @Test func memoryModeCountsPagesAndCompactionGivesThemBack() throws {
+        // A 4 KiB command is past the overflow threshold of a 16 KiB page: it takes a page whole.
+        #expect(LogRecord.storedBytes(valueBytes: 4096 + LogRecord.headerBytes, pageBytes: 16 << 10) > 16 << 10)
+        #expect(LogRecord.storedBytes(valueBytes: 64 + LogRecord.headerBytes, pageBytes: 16 << 10) < 256)
+        var options = BerkeleyDBLog.Options()
+        options.memoryBytesMax = 16 << 20
+        let log = try BerkeleyDBLog.open(path: "in-memory", durability: .memory, options: options)
+        defer { try? log.close() }
+        let cap = try #require(log.capacityBytes)
+        #expect(cap == 16 << 20)
+        // 16 MiB holds about a thousand such pages; compacting at half lets ten times that through.
+        var compactions = 0
+        for i in LogIndex(1)...10_000 {
+            try log.append([entry(i, bytes: 4096)])
+            if log.heldBytes >= cap / 2 {
+                try log.compactPrefix(through: i, ballot: Ballot(term: 1, node: 1))
+                #expect(log.heldBytes == 0)
+                compactions += 1
+            }
+        }
+        #expect(compactions >= 10)
+    }
+
+    @Test func aFullMemoryLogSaysSo() throws {
+        var options = BerkeleyDBLog.Options()
+        options.memoryBytesMax = 16 << 20
+        let log = try BerkeleyDBLog.open(path: "in-memory", durability: .memory, options: options)
+        defer { try? log.close() }
+        var failure: StableLogError?
+        for i in LogIndex(1)...5_000 where failure == nil {
+            do { try log.append([entry(i, bytes: 4096)]) } catch let e as StableLogError { failure = e }
+        }
+        #expect(failure == .memoryFull(path: "in-memory", capacityBytes: 16 << 20))
+        #expect(failure?.description.contains("memory_log_bytes_max") == true)
+    }
+
     @Test func debianBerkeleyDBToolsReadTheStore() throws {
         let dir = TempDir("dbtools")
         defer { dir.remove() }

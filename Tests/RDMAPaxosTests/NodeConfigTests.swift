@@ -66,6 +66,20 @@ import RDMAPaxos
         do { _ = try NodeConfig.parse(text, file: "c.toml") } catch { #expect(error.description == message) }
     }
 
+    @Test func memoryLogCapMustHoldTheUncommittedEntries() throws {
+        let memory = Self.good.replacingOccurrences(of: "durability = \"async\"", with: "durability = \"memory\"")
+        #expect(try NodeConfig.parse(memory, file: "c.toml").memoryLogBytesMax == 512 << 20)
+        let small = memory + "\n\n[limits]\nmemory_log_bytes_max = 134217728\n"
+        do {
+            _ = try NodeConfig.parse(small, file: "c.toml")
+            Issue.record("a cap below 8 × uncommitted_bytes_max was accepted")
+        } catch {
+            #expect(error.description.hasPrefix("c.toml: limits.memory_log_bytes_max: must be at least 8 × limits.uncommitted_bytes_max"))
+        }
+        let fits = small + "uncommitted_bytes_max = 16777216\n"
+        #expect(try NodeConfig.parse(fits, file: "c.toml").memoryLogBytesMax == 128 << 20)
+    }
+
     @Test func metricsAddressIsOptionalAndKeptAsGiven() throws {
         #expect(try NodeConfig.parse(Self.good, file: "c.toml").metricsAddress == nil)
         let text = Self.good.replacingOccurrences(of: "fabric = \"tcp\"", with: "fabric = \"tcp\"\nmetrics_address = \"127.0.0.1:9102\"")

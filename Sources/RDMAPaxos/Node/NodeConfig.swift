@@ -58,6 +58,12 @@ public struct NodeConfig: Sendable, Equatable {
     /// Applied entries held in the log before the node snapshots and compacts
     /// (`limits.compact_every_entries`).
     public var compactEveryEntries = 50_000
+    /// `durability = "memory"`: the bytes the in-memory log may hold
+    /// (`limits.memory_log_bytes_max`, `BerkeleyDBLog.Options.memoryBytesMax`). The node compacts
+    /// at half of it (log and snapshot together) and warns at three quarters.
+    public var memoryLogBytesMax = 512 << 20
+    /// `NodeOptions.compactEveryBytes` (not a file key): nil derives it from `memoryLogBytesMax`.
+    public var compactEveryBytes: Int?
     /// Every replica of the cluster, this one included.
     public var members: [MemberConfig] = []
 
@@ -138,6 +144,7 @@ public struct NodeConfig: Sendable, Equatable {
             c.inflightMessagesMax = try t.int("inflight_messages_max", default: c.inflightMessagesMax, range: 1...65_536)
             c.uncommittedBytesMax = try t.int("uncommitted_bytes_max", default: c.uncommittedBytesMax, range: 1024...(1 << 40))
             c.compactEveryEntries = try t.int("compact_every_entries", default: c.compactEveryEntries, range: 2...(1 << 40))
+            c.memoryLogBytesMax = try t.int("memory_log_bytes_max", default: c.memoryLogBytesMax, range: (16 << 20)...(1 << 40))
             try t.finish()
         }
         for var m in try r.tableArray("members") {
@@ -191,6 +198,11 @@ public struct NodeConfig: Sendable, Equatable {
         }
         guard members.contains(where: { $0.role == .voter }) else { throw ConfigError(file: file, key: "members", problem: "at least one member must have role = \"voter\"") }
         guard !dataDir.isEmpty || durability == .memory else { throw ConfigError(file: file, key: "data_dir", problem: "must not be empty") }
+        // Compaction starts at half the cap; the other half holds what it cannot remove: entries
+        // not yet applied, up to uncommitted_bytes_max of payload, which can take 4× that in pages.
+        if durability == .memory && memoryLogBytesMax / 8 < uncommittedBytesMax {
+            throw ConfigError(file: file, key: "limits.memory_log_bytes_max", problem: "must be at least 8 × limits.uncommitted_bytes_max (\(uncommittedBytesMax)) with durability = \"memory\": compaction starts at half of it, and the other half must hold the uncommitted entries (up to 4× their payload in Berkeley DB pages)")
+        }
     }
 }
 

@@ -18,6 +18,8 @@ struct NodeMetrics: Sendable {
     let durableIndex: Gauge
     let pendingProposals: Gauge
     let pendingReads: Gauge
+    let logBytes: Gauge
+    let snapshotBytes: Gauge
     let storageFailures: Counter
     let node: [(String, String)]
     let factory: any MetricsFactory
@@ -45,6 +47,8 @@ struct NodeMetrics: Sendable {
         durableIndex = Gauge(label: N.durableIndex, dimensions: node, factory: factory)
         pendingProposals = Gauge(label: N.pendingProposals, dimensions: node, factory: factory)
         pendingReads = Gauge(label: N.pendingReads, dimensions: node, factory: factory)
+        logBytes = Gauge(label: N.logBytes, dimensions: node, factory: factory)
+        snapshotBytes = Gauge(label: N.snapshotBytes, dimensions: node, factory: factory)
         storageFailures = Counter(label: N.storageFailures, dimensions: node, factory: factory)
     }
 

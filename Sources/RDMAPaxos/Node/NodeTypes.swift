@@ -10,12 +10,19 @@ public struct NodeOptions: Sendable {
     public var requestTimeoutTicks: Int = 500
     /// Compact the log into a snapshot once this many applied entries are held.
     public var compactEveryEntries: Int = 50_000
+    /// Compact the log into a snapshot once it holds this many bytes (`StableLog.heldBytes`,
+    /// plus the snapshot's bytes when the log has a `capacityBytes`, i.e. lives in memory too).
+    /// nil: half the log's `capacityBytes`, or no byte trigger when the log has none.
+    public var compactEveryBytes: Int?
     /// Most commands proposed in one batch (one accept message, one group commit).
     public var proposalsPerBatchMax: Int = 4096
     /// Seed of the core's election-timeout randomness.
     public var seed: UInt64
     /// Called on the node's thread for role and leader changes (for logs and demos).
     public var onEvent: (@Sendable (Event) -> Void)?
+    /// Called on the node's thread with a warning for the operator (a memory-mode log or its
+    /// snapshot nearing the log's `capacityBytes`).
+    public var onWarning: (@Sendable (String) -> Void)?
     /// Where the node's metrics go (docs/operations.md, "Metrics"); nil: the process-wide
     /// `MetricsSystem.factory` (a no-op until something bootstraps it).
     public var metricsFactory: (any MetricsFactory)?

@@ -28,6 +28,12 @@ public enum PloverMetrics {
     public static let pendingProposals = "plover_pending_proposals"
     /// Gauge: linearizable reads waiting for an answer.
     public static let pendingReads = "plover_pending_reads"
+    /// Gauge: bytes the stable log's entries take (`StableLog.heldBytes`).
+    public static let logBytes = "plover_log_bytes"
+    /// Gauge: bytes of the latest snapshot this replica holds.
+    public static let snapshotBytes = "plover_snapshot_bytes"
+    /// Gauge: the stable log's `capacityBytes` (memory mode); not exported when unbounded.
+    public static let logCapacity = "plover_log_capacity_bytes"
     /// Counter: stable-log failures that stopped the node serving.
     public static let storageFailures = "plover_storage_failures_total"
     /// Counter: messages the ring transport queued for a peer.

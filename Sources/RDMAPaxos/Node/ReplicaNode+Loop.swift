@@ -214,14 +214,34 @@ extension ReplicaNode {
         }
     }
 
+    /// Bytes at which the node compacts: `compactEveryBytes`, else half the log's capacity.
+    var compactAtBytes: Int? { options.compactEveryBytes ?? log.capacityBytes.map { $0 / 2 } }
+
+    /// What counts against the byte trigger: the log, and the snapshot when the log lives in
+    /// memory (memory mode keeps both in RAM in place of a disk).
+    var heldBytes: Int { log.heldBytes + (log.capacityBytes == nil ? 0 : snapshotBytes) }
+
     func maybeCompact() {
         // A witness keeps its whole log: after losing a voter it may be the only holder of
         // committed entries the surviving voter lacks, and it hands them over in its promise
         // (docs/design/consensus.md, "Witness hand-over").
-        guard !replica.isWitness else { return }
+        guard !replica.isWitness, failure == nil else { return }
         let applied = replica.appliedIndex
-        guard applied >= replica.firstIndex, Int(applied - replica.firstIndex) + 1 >= options.compactEveryEntries else { return }
+        guard applied >= replica.firstIndex else { return }
+        let appliedHeld = Int(applied - replica.firstIndex) + 1
+        let byEntries = appliedHeld >= options.compactEveryEntries
+        // By bytes only once the applied prefix is a quarter of the entries or more: entries
+        // not yet applied must not make the node snapshot after every entry it applies.
+        let byBytes = appliedHeld * 4 >= Int(replica.lastIndex - replica.firstIndex) + 1
+            && (compactAtBytes.map { heldBytes >= $0 } ?? false)
+        guard byEntries || byBytes else { return }
         let data = machine.snapshot()
+        // Compaction trades log for snapshot; a snapshot that alone reaches the trigger leaves
+        // nothing to trade, and the log would fill up next.
+        if let trigger = compactAtBytes, let cap = log.capacityBytes, data.count >= trigger {
+            failStorage("the state machine's snapshot is \(data.count) bytes, at least the \(trigger) at which this memory-mode replica compacts (half of memory_log_bytes_max = \(cap)): it cannot fit beside the log; raise memory_log_bytes_max to more than twice the state's size, or use durability = \"async\"")
+            return
+        }
         perform(replica.compact(through: applied, snapshot: data))
     }
 
@@ -234,6 +254,7 @@ extension ReplicaNode {
             if let t = p.truncateFrom { try log.truncateSuffix(from: t) }
             if let s = p.snapshot {
                 try snapshots.save(s)
+                snapshotBytes = s.data.count
                 try log.compactPrefix(through: s.index, ballot: s.ballot)
             }
             if let h = p.hardState { try log.saveHardState(h) }
@@ -316,5 +337,30 @@ extension ReplicaNode {
         metrics.durableIndex.record(s.durableIndex)
         metrics.pendingProposals.record(proposals.count + displaced.values.reduce(0) { $0 + $1.count })
         metrics.pendingReads.record(reads.count)
+        watchLogBytes()
+    }
+
+    /// Log and snapshot gauges; for a log with a capacity, one warning per crossing of 75 % of it
+    /// (compaction is not keeping the log down) and of 75 % of the compaction trigger by the
+    /// snapshot alone (the replica stops when the snapshot reaches the trigger).
+    func watchLogBytes() {
+        let logBytes = log.heldBytes
+        metrics.logBytes.record(logBytes)
+        metrics.snapshotBytes.record(snapshotBytes)
+        guard let cap = log.capacityBytes else { return }
+        let held = logBytes + snapshotBytes
+        if held >= cap / 4 * 3, !warnedLogFull {
+            warnedLogFull = true
+            options.onWarning?("the in-memory log and snapshot take \(held) of \(cap) bytes (memory_log_bytes_max): compaction is not keeping up (entries not yet applied, or a witness, which keeps its whole log); the replica stops when the log is full")
+        } else if held < cap / 2 {
+            warnedLogFull = false
+        }
+        guard let trigger = compactAtBytes else { return }
+        if snapshotBytes >= trigger / 4 * 3, !warnedSnapshotLarge {
+            warnedSnapshotLarge = true
+            options.onWarning?("the state machine's snapshot is \(snapshotBytes) bytes, 75 % of the \(trigger) at which this memory-mode replica compacts: the replica stops when it reaches it; raise memory_log_bytes_max")
+        } else if snapshotBytes < trigger / 2 {
+            warnedSnapshotLarge = false
+        }
     }
 }

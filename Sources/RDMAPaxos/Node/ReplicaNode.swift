@@ -46,6 +46,10 @@ public final class ReplicaNode: @unchecked Sendable {
     var ringMetrics: RingMetrics?
     var metricsRole: Role?
     var metricsLeader: NodeID?
+    /// Bytes of the latest snapshot saved (owned by the node thread).
+    var snapshotBytes = 0
+    /// Warnings given and not yet re-armed (owned by the node thread).
+    var warnedLogFull = false, warnedSnapshotLarge = false
 
     enum RunState { case created, running, stopping, stopped }
 
@@ -106,6 +110,10 @@ public final class ReplicaNode: @unchecked Sendable {
     public func start() throws {
         let restored = try loadRestoredState()
         if let s = restored.snapshot, !s.data.isEmpty { try machine.restore(s.data, index: s.index) }
+        snapshotBytes = restored.snapshot?.data.count ?? 0
+        if let cap = log.capacityBytes {
+            Gauge(label: PloverMetrics.logCapacity, dimensions: metrics.node, factory: metrics.factory).record(cap)
+        }
         replica = Replica(config: options.replica, restoring: restored, bootstrap: options.bootstrap, seed: options.seed)
         publishStatus()
         try transport.start { [weak self] m in self?.enqueue(.message(m)) }

@@ -43,6 +43,7 @@ public final class ReplicaServer: Sendable {
         var logOptions = BerkeleyDBLog.Options()
         // Fault injection for stalled-disk tests (docs/reliability.md); unset in normal use.
         logOptions.stallWhileFileExists = ProcessInfo.processInfo.environment["PLOVER_FAULT_DISK_STALL_FILE"]
+        logOptions.memoryBytesMax = c.memoryLogBytesMax
         let log = try BerkeleyDBLog.open(path: c.dataDir, durability: c.durability, options: logOptions)
         let recovered = log.lastIndex
         let snapshots: any SnapshotStore = c.durability == .memory
@@ -58,7 +59,9 @@ public final class ReplicaServer: Sendable {
         var options = NodeOptions(replica: c.replicaConfig, bootstrap: c.membership, seed: UInt64(c.id) &* 0x9E37_79B9_7F4A_7C15 ^ UInt64(getpid()))
         options.requestTimeoutTicks = c.requestTimeoutTicks
         options.compactEveryEntries = c.compactEveryEntries
+        options.compactEveryBytes = c.compactEveryBytes
         options.onEvent = { e in logger.info("\(e)") }
+        options.onWarning = { w in logger.warning("\(w)") }
         options.metricsFactory = PloverMetrics.prometheusFactory(registry: metricsRegistry)
         options.metricsSampleEveryTicks = max(1, 1000 / c.tickMilliseconds)
         let node = ReplicaNode(options: options, stateMachine: stateMachine, log: log, snapshots: snapshots,

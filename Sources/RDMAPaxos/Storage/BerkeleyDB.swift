@@ -21,6 +21,9 @@ final class BerkeleyDB: @unchecked Sendable {
         /// Open the databases read-only (inspectors).
         var readOnly = false
         var cacheBytes = 64 << 20
+        /// `inMemory`: the bytes the store may hold (`BerkeleyDBLog.Options.memoryBytesMax`), for
+        /// the error an append gets when the cache is full.
+        var capacityBytes: Int?
         var logBufferBytes = 8 << 20
         var pageBytes: UInt32 = 16 << 10
     }
@@ -29,6 +32,10 @@ final class BerkeleyDB: @unchecked Sendable {
     static let metaFile = "meta.db"
 
     let path: String
+    /// `inMemory` stores: what the cache may hold (see `Config.capacityBytes`); nil on disk.
+    let capacityBytes: Int?
+    /// Page size of `entries.db`, read back once it is open (an existing store keeps its own).
+    private(set) var entriesPageBytes = 16 << 10
     private var env: UnsafeMutablePointer<DB_ENV>?
     private var entriesDB: UnsafeMutablePointer<DB>?
     private var metaDB: UnsafeMutablePointer<DB>?
@@ -36,6 +43,7 @@ final class BerkeleyDB: @unchecked Sendable {
 
     init(path: String, config: Config) throws(StableLogError) {
         self.path = path
+        capacityBytes = config.inMemory ? config.capacityBytes : nil
         var envp: UnsafeMutablePointer<DB_ENV>?
         try check(db_env_create(&envp, 0), "db_env_create")
         guard let env = envp else { throw .engine(path: path, code: -1, message: "db_env_create returned no handle") }
@@ -57,8 +65,9 @@ final class BerkeleyDB: @unchecked Sendable {
             guard let envp, let box = envp.pointee.app_private, let msg else { return }
             Unmanaged<ErrorMessages>.fromOpaque(box).takeUnretainedValue().record(String(cString: msg))
         }
-        // These only take effect when this process creates the environment region.
-        try check(env.pointee.set_cachesize!(env, 0, UInt32(config.cacheBytes), 1), "set_cachesize")
+        // These only take effect when this process creates the environment region. A private
+        // (in-memory) environment mallocs its cache as pages come in, up to this size.
+        try check(env.pointee.set_cachesize!(env, UInt32(config.cacheBytes >> 30), UInt32(config.cacheBytes & ((1 << 30) - 1)), 1), "set_cachesize")
         try check(env.pointee.set_lg_bsize!(env, UInt32(config.logBufferBytes)), "set_lg_bsize")
         // A deadlock picks the locker with the fewest write locks: an inspector's read, never the node.
         try check(env.pointee.set_lk_detect!(env, UInt32(DB_LOCK_MINWRITE)), "set_lk_detect")
@@ -75,7 +84,10 @@ final class BerkeleyDB: @unchecked Sendable {
         if config.inMemory { flags |= UInt32(DB_PRIVATE) }
         try check(env.pointee.open!(env, config.inMemory ? nil : path, flags, 0o600), "opening the environment")
 
-        entriesDB = try openTable(Self.entriesFile, name: "entries", config: config)
+        let entries = try openTable(Self.entriesFile, name: "entries", config: config)
+        entriesDB = entries
+        var pageBytes: UInt32 = 0
+        if entries.pointee.get_pagesize!(entries, &pageBytes) == 0, pageBytes > 0 { entriesPageBytes = Int(pageBytes) }
         metaDB = try openTable(Self.metaFile, name: "meta", config: config)
     }
 
@@ -111,11 +123,14 @@ final class BerkeleyDB: @unchecked Sendable {
     /// Turns a Berkeley DB (or errno) return code into the error a user can act on.
     func check(_ rc: Int32, _ what: @autoclosure () -> String) throws(StableLogError) {
         guard rc != 0 else { return }
-        throw Self.error(rc, what(), path: path, detail: messages.take())
+        throw Self.error(rc, what(), path: path, detail: messages.take(), capacityBytes: capacityBytes)
     }
 
-    static func error(_ rc: Int32, _ what: String, path: String, detail: String? = nil) -> StableLogError {
+    static func error(_ rc: Int32, _ what: String, path: String, detail: String? = nil, capacityBytes: Int? = nil) -> StableLogError {
         if rc == ENOSPC || rc == EDQUOT { return .diskFull(path: path) }
+        // An in-memory store's cache is its disk: ENOMEM (BDB3017, "unable to allocate space
+        // from the buffer cache") means it is full.
+        if rc == ENOMEM, let capacityBytes { return .memoryFull(path: path, capacityBytes: capacityBytes) }
         var message = "\(what): \(String(cString: db_strerror(rc)))"
         if let detail { message += " (\(detail))" }
         return .engine(path: path, code: rc, message: message)

@@ -18,7 +18,9 @@ public final class BerkeleyDBLog: StableLog, @unchecked Sendable {
         public var batchBytesMax = 8 << 20
         /// A checkpoint (which lets old log files be deleted) after this many bytes written.
         public var checkpointEveryBytes = 64 << 20
-        /// `.memory` mode keeps everything in a cache of this size; appends fail when it is full.
+        /// `.memory` mode keeps everything in a cache: the entries' pages (`heldBytes`) may take
+        /// this many bytes (`capacityBytes`; the cache gets 1/16 more for Berkeley DB's buffer
+        /// headers). Appends fail with `.memoryFull` past it: compact before (a node does at half).
         public var memoryBytesMax = 512 << 20
         /// Fault injection for tests of stalled disks: while a file exists at this path, the
         /// writer completes nothing (appends and other writes wait), as a hung disk would.
@@ -32,11 +34,13 @@ public final class BerkeleyDBLog: StableLog, @unchecked Sendable {
     public let durability: Durability
     /// The store's directory.
     public let path: String
+    public let capacityBytes: Int?
     let engine: GroupCommitEngine
 
-    private init(path: String, durability: Durability, engine: GroupCommitEngine) {
+    private init(path: String, durability: Durability, capacityBytes: Int?, engine: GroupCommitEngine) {
         self.path = path
         self.durability = durability
+        self.capacityBytes = capacityBytes
         self.engine = engine
     }
 
@@ -53,7 +57,8 @@ public final class BerkeleyDBLog: StableLog, @unchecked Sendable {
         var isNew = true
         if durability == .memory {
             config.inMemory = true
-            config.cacheBytes = options.memoryBytesMax
+            config.capacityBytes = options.memoryBytesMax
+            config.cacheBytes = options.memoryBytesMax + options.memoryBytesMax / 16
             config.createDatabases = true
         } else {
             isNew = try !StoreDirectory.prepare(path, create: create)
@@ -68,7 +73,7 @@ public final class BerkeleyDBLog: StableLog, @unchecked Sendable {
             _ = try lock?.tryLock(.environment, .shared)
             let engine = GroupCommitEngine(db: db, lock: lock, durability: durability, options: options, state: state)
             engine.start()
-            return BerkeleyDBLog(path: path, durability: durability, engine: engine)
+            return BerkeleyDBLog(path: path, durability: durability, capacityBytes: db.capacityBytes, engine: engine)
         } catch {
             lock?.unlock(.environment)
             lock?.unlock(.writer)
@@ -86,7 +91,7 @@ public final class BerkeleyDBLog: StableLog, @unchecked Sendable {
                 try StoreDirectory.putMeta(db, .snapshot, LogRecord.encodeSnapshot(.none), txn: txn)
                 try StoreDirectory.putMeta(db, .hardstate, HardState().encoded(), txn: txn)
             }
-            return .init(snapshot: .none, hardState: HardState(), lastIndex: 0)
+            return .init(snapshot: .none, hardState: HardState(), lastIndex: 0, heldBytes: 0)
         }
         let meta = try StoreDirectory.readMetadata(db)
         try StoreDirectory.inTransaction(db, sync: sync) { txn throws(StableLogError) in
@@ -95,6 +100,12 @@ public final class BerkeleyDBLog: StableLog, @unchecked Sendable {
         // A compaction deletes in several transactions after recording the snapshot point; finish
         // one that a crash interrupted.
         try GroupCommitEngine.deleteEntries(db, through: meta.snapshot.index, sync: sync)
+        var held = 0
+        let pageBytes = db.entriesPageBytes
+        try db.scan(.entries, from: .first, txn: nil) { _, v throws(StableLogError) in
+            held += LogRecord.storedBytes(valueBytes: v.count, pageBytes: pageBytes)
+            return .next
+        }
         var first: LogIndex?
         try db.scan(.entries, from: .first, txn: nil) { k, _ throws(StableLogError) in
             first = LogRecord.index(ofKey: k)
@@ -106,13 +117,13 @@ public final class BerkeleyDBLog: StableLog, @unchecked Sendable {
             return .stop
         }
         guard let first, let last else {
-            return .init(snapshot: meta.snapshot, hardState: meta.hardState, lastIndex: meta.snapshot.index)
+            return .init(snapshot: meta.snapshot, hardState: meta.hardState, lastIndex: meta.snapshot.index, heldBytes: 0)
         }
         guard first == meta.snapshot.index + 1 else { throw .missing(path: db.path, index: meta.snapshot.index + 1) }
         if case let .failure(p) = LogRecord.decode(index: last.0, value: last.1) {
             throw .corrupt(path: db.path, detail: p.description)
         }
-        return .init(snapshot: meta.snapshot, hardState: meta.hardState, lastIndex: last.0)
+        return .init(snapshot: meta.snapshot, hardState: meta.hardState, lastIndex: last.0, heldBytes: held)
     }
 
     deinit { engine.shutdown() }
@@ -121,6 +132,7 @@ public final class BerkeleyDBLog: StableLog, @unchecked Sendable {
     public var lastIndex: LogIndex { engine.locked { $0.lastIndex } }
     public var durableIndex: LogIndex { engine.locked { $0.durableIndex } }
     public var snapshot: SnapshotPoint { engine.locked { $0.snapshot } }
+    public var heldBytes: Int { engine.locked { $0.heldBytes } }
 
     public func append(_ entries: [LogEntry], onDurable: @escaping @Sendable (Result<Void, StableLogError>) -> Void) {
         engine.append(entries, onDurable)

@@ -14,6 +14,8 @@ final class GroupCommitEngine: @unchecked Sendable {
         var hardState: HardState
         var lastIndex: LogIndex
         var durableIndex: LogIndex = 0
+        /// `LogRecord.storedBytes` of the durable entries held (`StableLog.heldBytes`).
+        var heldBytes: Int
         /// Appended, not yet durable: contiguous, ending at `lastIndex`. Served to readers.
         var pending: [LogEntry] = []
         /// The first failure: from then on every operation fails with it.
@@ -22,11 +24,12 @@ final class GroupCommitEngine: @unchecked Sendable {
         /// Group commits done (appends only): lets tests see that appends share commits.
         var commits = 0
 
-        init(snapshot: SnapshotPoint, hardState: HardState, lastIndex: LogIndex) {
+        init(snapshot: SnapshotPoint, hardState: HardState, lastIndex: LogIndex, heldBytes: Int) {
             self.snapshot = snapshot
             self.hardState = hardState
             self.lastIndex = lastIndex
             self.durableIndex = lastIndex
+            self.heldBytes = heldBytes
         }
     }
 
@@ -53,6 +56,10 @@ final class GroupCommitEngine: @unchecked Sendable {
     /// Deleting records logs their old values, so big deletions are split into transactions of
     /// about this many bytes (the in-memory log of `.memory` mode must hold a whole transaction).
     private static let deleteChunkBytes = 1 << 20
+    /// Payload bytes in one transaction: unbounded on disk; in `.memory` mode the in-memory log
+    /// buffer must hold a whole transaction, so a bigger group commit takes several (nothing in
+    /// that mode survives a crash, so nothing depends on one batch being atomic).
+    private let transactionBytesMax: Int
 
     init(db: BerkeleyDB, lock: StoreLock?, durability: Durability, options: BerkeleyDBLog.Options, state: State) {
         self.db = db
@@ -64,6 +71,7 @@ final class GroupCommitEngine: @unchecked Sendable {
         case .async: .write
         case .memory: .none
         }
+        transactionBytesMax = durability == .memory ? max(1, options.logBufferBytes / 4) : Int.max
     }
 
     func start() {
@@ -205,13 +213,15 @@ final class GroupCommitEngine: @unchecked Sendable {
                 w.finish(failure.map { .failure($0) } ?? perform(c))
                 continue
             }
-            let result: Result<Void, StableLogError> = failure.map { .failure($0) } ?? commit(batch)
+            let committed: Result<Int, StableLogError> = failure.map { .failure($0) } ?? commit(batch)
+            let result = committed.map { _ in () }
             cond.lock()
-            switch result {
-            case .success:
+            switch committed {
+            case let .success(bytes):
                 if let last = batch.last {
                     state.commits += 1
                     state.durableIndex = last.index
+                    state.heldBytes += bytes
                     state.pending.removeFirst(min(batch.count, state.pending.count))
                 }
             case let .failure(e):
@@ -228,20 +238,36 @@ final class GroupCommitEngine: @unchecked Sendable {
         while FileManager.default.fileExists(atPath: path) { Thread.sleep(forTimeInterval: 0.01) }
     }
 
-    private func commit(_ batch: [LogEntry]) -> Result<Void, StableLogError> {
-        guard !batch.isEmpty else { return .success(()) }
+    /// Writes `batch`; returns the `LogRecord.storedBytes` it added.
+    private func commit(_ batch: [LogEntry]) -> Result<Int, StableLogError> {
+        guard !batch.isEmpty else { return .success(0) }
         do throws(StableLogError) {
-            var bytes = 0
-            try StoreDirectory.inTransaction(db, sync: sync) { txn throws(StableLogError) in
-                bytes = 0
-                for e in batch {
-                    let value = LogRecord.encode(e)
-                    bytes += value.count
-                    try db.put(.entries, key: LogRecord.key(e.index), value: value, txn: txn)
+            var stored = 0
+            var rest = batch[...]
+            while !rest.isEmpty {
+                var count = 0, payload = 0
+                for e in rest {
+                    if count > 0 && payload >= transactionBytesMax { break }
+                    payload += e.payload.count + LogRecord.headerBytes
+                    count += 1
                 }
+                let chunk = rest.prefix(count)
+                rest = rest.dropFirst(count)
+                var bytes = 0, chunkStored = 0
+                try StoreDirectory.inTransaction(db, sync: sync) { txn throws(StableLogError) in
+                    bytes = 0
+                    chunkStored = 0
+                    for e in chunk {
+                        let value = LogRecord.encode(e)
+                        bytes += value.count
+                        chunkStored += LogRecord.storedBytes(valueBytes: value.count, pageBytes: db.entriesPageBytes)
+                        try db.put(.entries, key: LogRecord.key(e.index), value: value, txn: txn)
+                    }
+                }
+                stored += chunkStored
+                try maybeCheckpoint(after: bytes)
             }
-            try maybeCheckpoint(after: bytes)
-            return .success(())
+            return .success(stored)
         } catch {
             return .failure(error)
         }
@@ -259,8 +285,9 @@ final class GroupCommitEngine: @unchecked Sendable {
         do throws(StableLogError) {
             switch c {
             case let .truncate(from):
-                try Self.deleteEntries(db, from: from, sync: sync)
+                let freed = try Self.deleteEntries(db, from: from, sync: sync)
                 cond.lock()
+                state.heldBytes -= freed
                 state.lastIndex = min(state.lastIndex, from - 1)
                 state.durableIndex = min(state.durableIndex, from - 1)
                 state.pending.removeAll { $0.index >= from }
@@ -280,7 +307,8 @@ final class GroupCommitEngine: @unchecked Sendable {
                 if state.durableIndex < through { state.durableIndex = through }
                 state.pending.removeAll { $0.index <= through }
                 cond.unlock()
-                try Self.deleteEntries(db, through: through, sync: sync)
+                let freed = try Self.deleteEntries(db, through: through, sync: sync)
+                locked { $0.heldBytes -= freed }
             case let .hardState(hs):
                 try StoreDirectory.inTransaction(db, sync: sync) { txn throws(StableLogError) in
                     try StoreDirectory.putMeta(db, .hardstate, hs.encoded(), txn: txn)
@@ -319,37 +347,48 @@ final class GroupCommitEngine: @unchecked Sendable {
     }
 
     /// Deletes entries with index >= `from`, newest first, in transactions of bounded size: a
-    /// crash part-way leaves a shorter but still contiguous log.
-    static func deleteEntries(_ db: BerkeleyDB, from: LogIndex, sync: BerkeleyDB.Sync) throws(StableLogError) {
-        var done = false
+    /// crash part-way leaves a shorter but still contiguous log. Returns the `storedBytes` freed.
+    @discardableResult
+    static func deleteEntries(_ db: BerkeleyDB, from: LogIndex, sync: BerkeleyDB.Sync) throws(StableLogError) -> Int {
+        var done = false, freed = 0
         while !done {
-            try StoreDirectory.inTransaction(db, sync: sync) { txn throws(StableLogError) in
-                var bytes = 0
+            let chunkFreed: Int = try StoreDirectory.inTransaction(db, sync: sync) { txn throws(StableLogError) in
+                var bytes = 0, stored = 0
                 done = true
                 try db.scan(.entries, from: .last, backwards: true, txn: txn) { k, v throws(StableLogError) in
                     guard let i = LogRecord.index(ofKey: k), i >= from else { return .stop }
                     if bytes >= deleteChunkBytes { done = false; return .stop }
                     bytes += v.count
+                    stored += LogRecord.storedBytes(valueBytes: v.count, pageBytes: db.entriesPageBytes)
                     return .nextAndDeleteCurrent
                 }
+                return stored
             }
+            freed += chunkFreed
         }
+        return freed
     }
 
     /// Deletes entries with index <= `through`, oldest first, in transactions of bounded size.
-    static func deleteEntries(_ db: BerkeleyDB, through: LogIndex, sync: BerkeleyDB.Sync) throws(StableLogError) {
-        var done = false
+    /// Returns the `storedBytes` freed.
+    @discardableResult
+    static func deleteEntries(_ db: BerkeleyDB, through: LogIndex, sync: BerkeleyDB.Sync) throws(StableLogError) -> Int {
+        var done = false, freed = 0
         while !done {
-            try StoreDirectory.inTransaction(db, sync: sync) { txn throws(StableLogError) in
-                var bytes = 0
+            let chunkFreed: Int = try StoreDirectory.inTransaction(db, sync: sync) { txn throws(StableLogError) in
+                var bytes = 0, stored = 0
                 done = true
                 try db.scan(.entries, from: .first, txn: txn) { k, v throws(StableLogError) in
                     guard let i = LogRecord.index(ofKey: k), i <= through else { return .stop }
                     if bytes >= deleteChunkBytes { done = false; return .stop }
                     bytes += v.count
+                    stored += LogRecord.storedBytes(valueBytes: v.count, pageBytes: db.entriesPageBytes)
                     return .nextAndDeleteCurrent
                 }
+                return stored
             }
+            freed += chunkFreed
         }
+        return freed
     }
 }

@@ -25,6 +25,23 @@ public enum LogRecord {
     /// Largest payload a record may claim; anything above is treated as corruption.
     public static let payloadBytesMax = 64 << 20
 
+    /// Bytes of `entries.db` pages one record with a value of `valueBytes` takes, erring high
+    /// (Berkeley DB 5.3 btree, no checksums: 26-byte page header, bt_minkey 2). A value above
+    /// the overflow threshold, about a quarter page, gets overflow pages of its own and takes
+    /// them whole: with 16 KiB pages a 4 KiB command costs 16 KiB, four times its size. A smaller
+    /// value shares a leaf page; its items count twice, as leaves may be half full after a split.
+    /// Freed pages go on the database's free list and are reused, never given back, so in
+    /// `.memory` mode the cache holds the most this sum ever reached.
+    static func storedBytes(valueBytes: Int, pageBytes: Int) -> Int {
+        let pageHeader = 26, keyItem = 14, overflowItem = 14 // BKEYDATA_PSIZE(8), BOVERFLOW_PSIZE
+        let overflowThreshold = (pageBytes - pageHeader) / 4 - 10 // B_MINKEY_TO_OVFLSIZE
+        if valueBytes > overflowThreshold {
+            let perPage = pageBytes - pageHeader
+            return (valueBytes + perPage - 1) / perPage * pageBytes + 2 * (keyItem + overflowItem)
+        }
+        return 2 * (keyItem + (3 + valueBytes + 3) / 4 * 4 + 2)
+    }
+
     /// The keys of `meta.db`.
     public enum MetaKey: String, CaseIterable, Sendable {
         /// Format version, durability mode, snapshot point and hard state (layout above).

@@ -14,6 +14,8 @@ public final class MemoryLog: StableLog, @unchecked Sendable {
         // @unchecked Sendable: all fields are guarded by `lock`.
         let lock = NSLock()
         var entries: [LogEntry] = []
+        /// `recordBytes` of `entries`, kept as they change.
+        var heldBytes = 0
         var snapshot = SnapshotPoint.none
         var hardState = HardState()
         var inUse = false
@@ -65,6 +67,14 @@ public final class MemoryLog: StableLog, @unchecked Sendable {
     public var lastIndex: LogIndex { peek { storage.entries.last?.index ?? storage.snapshot.index } }
     public var durableIndex: LogIndex { lastIndex }
     public var snapshot: SnapshotPoint { peek { storage.snapshot } }
+    /// Record bytes (header and payload) of the entries held: no pages to model here.
+    public var heldBytes: Int { peek { storage.heldBytes } }
+    /// Unbounded: nil.
+    public var capacityBytes: Int? { nil }
+
+    static func recordBytes<S: Sequence<LogEntry>>(_ entries: S) -> Int {
+        entries.reduce(0) { $0 + LogRecord.headerBytes + $1.payload.count }
+    }
 
     public func append(_ entries: [LogEntry], onDurable: @escaping @Sendable (Result<Void, StableLogError>) -> Void) {
         let result: Result<Void, StableLogError>
@@ -76,6 +86,7 @@ public final class MemoryLog: StableLog, @unchecked Sendable {
                     last = e.index
                 }
                 storage.entries.append(contentsOf: entries)
+                storage.heldBytes += Self.recordBytes(entries)
             }
             result = .success(())
         } catch {
@@ -92,6 +103,7 @@ public final class MemoryLog: StableLog, @unchecked Sendable {
                 last = e.index
             }
             storage.entries.append(contentsOf: entries)
+            storage.heldBytes += Self.recordBytes(entries)
         }
     }
 
@@ -107,6 +119,7 @@ public final class MemoryLog: StableLog, @unchecked Sendable {
     public func truncateSuffix(from index: LogIndex) throws {
         try withState {
             precondition(index > storage.snapshot.index, "truncateSuffix(from: \(index)) reaches into the compacted prefix (\(storage.snapshot.index))")
+            storage.heldBytes -= Self.recordBytes(storage.entries.lazy.filter { $0.index >= index })
             storage.entries.removeAll { $0.index >= index }
         }
         completions.sync {} // Waits for pending completions, as the real log waits for pending appends.
@@ -116,6 +129,7 @@ public final class MemoryLog: StableLog, @unchecked Sendable {
         try withState {
             guard index > storage.snapshot.index else { return }
             storage.snapshot = SnapshotPoint(index: index, ballot: ballot)
+            storage.heldBytes -= Self.recordBytes(storage.entries.lazy.filter { $0.index <= index })
             storage.entries.removeAll { $0.index <= index }
         }
     }

@@ -37,6 +37,12 @@ public protocol StableLog: AnyObject, Sendable {
     var durableIndex: LogIndex { get }
     /// The point the prefix was compacted through: index and ballot of the last removed entry.
     var snapshot: SnapshotPoint { get }
+    /// Bytes the durable entries take in the store (an estimate that errs high): what compacting
+    /// the prefix gives back.
+    var heldBytes: Int { get }
+    /// The most bytes the store can hold, when it is bounded (`BerkeleyDBLog` in `.memory` mode:
+    /// its cache); nil when only the disk bounds it. Past it appends fail with `.memoryFull`.
+    var capacityBytes: Int? { get }
 
     /// Queues `entries` for the next group commit; `onDurable` runs when they are durable.
     func append(_ entries: [LogEntry], onDurable: @escaping @Sendable (Result<Void, StableLogError>) -> Void)
@@ -71,6 +77,8 @@ public enum StableLogError: Error, Sendable, Equatable, CustomStringConvertible 
     case locked(path: String)
     /// The device is full.
     case diskFull(path: String)
+    /// A `.memory` log's cache (`capacityBytes`) is full.
+    case memoryFull(path: String, capacityBytes: Int)
     /// A record failed its checksum or could not be decoded.
     case corrupt(path: String, detail: String)
     /// An entry that should be held is missing.
@@ -89,6 +97,7 @@ public enum StableLogError: Error, Sendable, Equatable, CustomStringConvertible 
         case let .badPath(p, r): "\(p): bad log directory: \(r)"
         case let .locked(p): "\(p): the log store is in use by another process (stop it, or pick another data dir)"
         case let .diskFull(p): "\(p): no space left on device; free space and restart the node"
+        case let .memoryFull(p, c): "\(p): the in-memory log is full (memory_log_bytes_max = \(c) bytes): it holds more than compaction can remove (entries not yet applied, or a witness's whole log); raise memory_log_bytes_max or lower uncommitted_bytes_max, then restart the replica (it catches up from its peers)"
         case let .corrupt(p, d): "\(p): corrupt log store: \(d); rebuild this replica from its peers (docs/operations.md)"
         case let .missing(p, i): "\(p): log entry \(i) is missing; rebuild this replica from its peers (docs/operations.md)"
         case let .versionMismatch(p, f, e): "\(p): log format version \(f), this build reads version \(e)"
