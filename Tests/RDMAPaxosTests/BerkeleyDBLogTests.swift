@@ -165,6 +165,27 @@ func makeStore(_ path: String, _ range: ClosedRange<LogIndex>, term: UInt64 = 1)
         #expect(compactions >= 10)
     }
 
+    @Test func aBigCompactionOnDiskDoesNotHoldTheNextAppendBehindItsDeletion() throws {
+        let dir = TempDir("lazy-delete")
+        defer { dir.remove() }
+        let log = try BerkeleyDBLog.open(path: dir.path, durability: .async)
+        defer { try? log.close() }
+        for i in stride(from: LogIndex(1), through: 20_000, by: 500) {
+            try log.append((i..<i + 500).map { entry($0, bytes: 1024) })
+        }
+        let before = log.heldBytes
+        try log.compactPrefix(through: 19_999, ballot: Ballot(term: 1, node: 1))
+        // The compaction point is recorded at once; the next append does not wait for the
+        // deletion of ~20 MB of records, which goes on between group commits.
+        try log.append([entry(20_001, bytes: 1024)])
+        #expect(log.heldBytes > before / 2, "the deletion ran before the next append: \(log.heldBytes) of \(before) bytes left")
+        #expect(log.firstIndex == 20_000 && log.lastIndex == 20_001)
+        let deadline = ContinuousClock.now + .seconds(30)
+        while log.heldBytes > before / 100 && ContinuousClock.now < deadline { Thread.sleep(forTimeInterval: 0.01) }
+        #expect(log.heldBytes <= before / 100, "dead records were not deleted: \(log.heldBytes) of \(before) bytes left")
+        #expect(try log.entries(20_000...20_001).map(\.index) == [20_000, 20_001])
+    }
+
     @Test func aFullMemoryLogSaysSo() throws {
         var options = BerkeleyDBLog.Options()
         options.memoryBytesMax = 16 << 20

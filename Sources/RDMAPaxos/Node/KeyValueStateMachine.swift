@@ -2,7 +2,7 @@
 ///
 /// Commands: `put(key, value)` returns the previous value; `delete(key)` returns the removed
 /// value. Queries: `get(key)`. Keys and values are bytes.
-public final class KeyValueStateMachine: StateMachine {
+public final class KeyValueStateMachine: SnapshotCapturing {
     /// The current map.
     public private(set) var map: [[UInt8]: [UInt8]] = [:]
     /// Index of the last command applied or snapshot restored.
@@ -67,7 +67,15 @@ public final class KeyValueStateMachine: StateMachine {
 
     public func query(_ key: [UInt8]) -> [UInt8] { Self.optional(map[key]) }
 
-    public func snapshot() -> [UInt8] {
+    public func snapshot() -> [UInt8] { Self.encode(map, appliedIndex: appliedIndex) }
+
+    /// The map is a copy-on-write value: capturing it costs nothing until the next put.
+    public func captureSnapshot() -> @Sendable () -> [UInt8] {
+        let (m, at) = (map, appliedIndex)
+        return { Self.encode(m, appliedIndex: at) }
+    }
+
+    static func encode(_ map: [[UInt8]: [UInt8]], appliedIndex: LogIndex) -> [UInt8] {
         var w = ByteWriter()
         w.u64(appliedIndex)
         w.u32(UInt32(map.count))

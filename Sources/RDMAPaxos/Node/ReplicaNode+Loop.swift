@@ -23,6 +23,10 @@ extension ReplicaNode {
                 case let .message(m): perform(replica.receive(m))
                 case let .persisted(seq): onPersisted(seq)
                 case let .storageFailed(reason): failStorage(reason)
+                case let .snapshotTaken(index, data): compact(through: index, data)
+                case let .snapshotSaved(seq):
+                    compacting = false
+                    if let seq { onPersisted(seq) }
                 case let .propose(p): commands.append(p)
                 case let .read(q, c): startRead(q, c)
                 case let .localRead(q, c):
@@ -229,20 +233,42 @@ extension ReplicaNode {
         let applied = replica.appliedIndex
         guard applied >= replica.firstIndex else { return }
         let appliedHeld = Int(applied - replica.firstIndex) + 1
+        // By entries, on disk only once the log is at least as big as the last snapshot: a
+        // compaction writes the whole state, so with a large state and small entries a fixed
+        // entry count would spend most of the disk on rewriting the state.
         let byEntries = appliedHeld >= options.compactEveryEntries
+            && (log.capacityBytes != nil || log.heldBytes >= snapshotBytes)
         // By bytes only once the applied prefix is a quarter of the entries or more: entries
         // not yet applied must not make the node snapshot after every entry it applies.
         let byBytes = appliedHeld * 4 >= Int(replica.lastIndex - replica.firstIndex) + 1
             && (compactAtBytes.map { heldBytes >= $0 } ?? false)
-        guard byEntries || byBytes else { return }
-        let data = machine.snapshot()
+        guard byEntries || byBytes, !compacting else { return }
+        guard let capturing = machine as? SnapshotCapturing else {
+            compact(through: applied, machine.snapshot())
+            return
+        }
+        // Point in time here, serialized elsewhere: the node goes on applying and answering
+        // (heartbeats, check-quorum) while a large state is encoded.
+        compacting = true
+        let serialize = capturing.captureSnapshot()
+        snapshotQueue.async { [weak self] in
+            let data = serialize()
+            self?.enqueue(.snapshotTaken(applied, data))
+        }
+    }
+
+    func compact(through applied: LogIndex, _ data: [UInt8]) {
         // Compaction trades log for snapshot; a snapshot that alone reaches the trigger leaves
         // nothing to trade, and the log would fill up next.
         if let trigger = compactAtBytes, let cap = log.capacityBytes, data.count >= trigger {
+            compacting = false
             failStorage("the state machine's snapshot is \(data.count) bytes, at least the \(trigger) at which this memory-mode replica compacts (half of memory_log_bytes_max = \(cap)): it cannot fit beside the log; raise memory_log_bytes_max to more than twice the state's size, or use durability = \"async\"")
             return
         }
+        let before = compactionsSaving
         perform(replica.compact(through: applied, snapshot: data))
+        // Nothing to save (a newer snapshot came from the leader meanwhile): done.
+        if compactionsSaving == before { compacting = false }
     }
 
     // MARK: Persistence
@@ -250,19 +276,49 @@ extension ReplicaNode {
     /// Starts one persist unit. Synchronous parts (truncate, snapshot, hard state) are rare;
     /// entries go to the log's group commit and complete on its thread.
     func startPersist(_ p: Persist) {
+        let seq = p.sequence
+        // A compaction of this replica's own applied prefix (every entry at or below it already
+        // handed to the log, no truncation) is saved off the node thread: writing a large state
+        // with fsync here would stall heartbeats long enough to lose leadership. The log's writer
+        // orders the compaction after every append before it, so the store stays contiguous.
+        if let s = p.snapshot, p.truncateFrom == nil, p.entries.isEmpty, s.index <= appendedThrough {
+            do {
+                if let h = p.hardState { try log.saveHardState(h) }
+            } catch {
+                failStorage("\(error)")
+                return
+            }
+            compactionsSaving += 1
+            snapshotBytes = s.data.count
+            snapshotQueue.async { [weak self, snapshots, log] in
+                do {
+                    try snapshots.save(s)
+                    try log.compactPrefix(through: s.index, ballot: s.ballot)
+                    self?.enqueue(.snapshotSaved(seq))
+                } catch {
+                    self?.enqueue(.storageFailed("saving snapshot \(s.index): \(error)"))
+                    self?.enqueue(.snapshotSaved(nil))
+                }
+            }
+            return
+        }
         do {
-            if let t = p.truncateFrom { try log.truncateSuffix(from: t) }
+            if let t = p.truncateFrom {
+                try log.truncateSuffix(from: t)
+                appendedThrough = min(appendedThrough, t - 1)
+            }
             if let s = p.snapshot {
                 try snapshots.save(s)
                 snapshotBytes = s.data.count
                 try log.compactPrefix(through: s.index, ballot: s.ballot)
+                appendedThrough = max(appendedThrough, s.index)
             }
             if let h = p.hardState { try log.saveHardState(h) }
         } catch {
             failStorage("\(error)")
             return
         }
-        let seq = p.sequence
+        if let last = p.entries.last { appendedThrough = last.index }
         if p.entries.isEmpty {
             // Through the queue, not directly: the core's actions must be carried out in call order.
             enqueue(.persisted(seq))

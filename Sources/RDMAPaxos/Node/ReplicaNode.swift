@@ -48,6 +48,15 @@ public final class ReplicaNode: @unchecked Sendable {
     var metricsLeader: NodeID?
     /// Bytes of the latest snapshot saved (owned by the node thread).
     var snapshotBytes = 0
+    /// A compaction is being serialized or saved off the node thread; no second one starts.
+    var compacting = false
+    /// Compactions handed to `snapshotQueue` to save, ever (tells `compact` whether one started).
+    var compactionsSaving = 0
+    /// The highest index handed to `log.append` (owned by the node thread): a compaction at or
+    /// below it only drops entries the log already has or will have, so it can run off the thread.
+    var appendedThrough: LogIndex = 0
+    /// Serializes and saves snapshots, one at a time, off the node thread.
+    let snapshotQueue = DispatchQueue(label: "plover.snapshot")
     /// Warnings given and not yet re-armed (owned by the node thread).
     var warnedLogFull = false, warnedSnapshotLarge = false
 
@@ -62,6 +71,11 @@ public final class ReplicaNode: @unchecked Sendable {
         case read([UInt8], CheckedContinuation<[UInt8], any Error>)
         case localRead([UInt8], CheckedContinuation<[UInt8], any Error>)
         case transferLeadership(NodeID, CheckedContinuation<Void, any Error>)
+        /// A snapshot serialized off the node thread (`SnapshotCapturing`), taken at this index.
+        case snapshotTaken(LogIndex, [UInt8])
+        /// A compaction's snapshot was saved and the log compacted off the node thread: its
+        /// persist unit, or nil when it failed before saving (the error came as `storageFailed`).
+        case snapshotSaved(UInt64?)
     }
 
     /// Where a proposal's answer goes: an async caller's continuation or a completion closure.
@@ -111,6 +125,7 @@ public final class ReplicaNode: @unchecked Sendable {
         let restored = try loadRestoredState()
         if let s = restored.snapshot, !s.data.isEmpty { try machine.restore(s.data, index: s.index) }
         snapshotBytes = restored.snapshot?.data.count ?? 0
+        appendedThrough = log.lastIndex
         if let cap = log.capacityBytes {
             Gauge(label: PloverMetrics.logCapacity, dimensions: metrics.node, factory: metrics.factory).record(cap)
         }

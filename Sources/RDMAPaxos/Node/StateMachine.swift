@@ -13,3 +13,15 @@ public protocol StateMachine: AnyObject {
     /// Replaces the whole state with a snapshot taken at `index`.
     func restore(_ snapshot: [UInt8], index: LogIndex) throws
 }
+
+/// A state machine that hands out a point-in-time copy of its state cheaply, so the node can
+/// serialize and save a snapshot on another thread while it goes on applying commands (a node
+/// whose state machine is only a `StateMachine` serializes on its own thread, and stalls for as
+/// long as that takes).
+public protocol SnapshotCapturing: StateMachine {
+    /// Returns a closure that serializes the state as it is now, the same bytes `snapshot()`
+    /// would return now. The node calls this on its own thread and runs the closure on another,
+    /// concurrently with `apply`: the closure must read only what it captured (a copy-on-write
+    /// value such as a `Dictionary`), never `self`.
+    func captureSnapshot() -> @Sendable () -> [UInt8]
+}

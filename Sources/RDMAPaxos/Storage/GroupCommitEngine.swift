@@ -23,6 +23,9 @@ final class GroupCommitEngine: @unchecked Sendable {
         var closed = false
         /// Group commits done (appends only): lets tests see that appends share commits.
         var commits = 0
+        /// Entries at or below this index are dead (a compaction recorded its point) and are
+        /// still being deleted, one bounded transaction at a time between group commits.
+        var deleteThrough: LogIndex = 0
 
         init(snapshot: SnapshotPoint, hardState: HardState, lastIndex: LogIndex, heldBytes: Int) {
             self.snapshot = snapshot
@@ -181,7 +184,16 @@ final class GroupCommitEngine: @unchecked Sendable {
     private func run() {
         while true {
             cond.lock()
-            while queue.isEmpty { cond.wait() }
+            while queue.isEmpty {
+                // Idle: delete dead entries a chunk at a time, then look at the queue again.
+                if state.deleteThrough > 0 && state.failure == nil {
+                    cond.unlock()
+                    deleteDeadChunk()
+                    cond.lock()
+                    continue
+                }
+                cond.wait()
+            }
             var batch: [LogEntry] = []
             var completions: [@Sendable (Result<Void, StableLogError>) -> Void] = []
             var control: (Control, Waiter)?
@@ -229,6 +241,23 @@ final class GroupCommitEngine: @unchecked Sendable {
             }
             cond.unlock()
             for done in completions { done(result) }
+            // Under steady load the queue is never empty: one chunk after each commit still
+            // gets a compaction's deletion done without holding appends behind all of it.
+            if locked({ $0.deleteThrough > 0 && $0.failure == nil }) { deleteDeadChunk() }
+        }
+    }
+
+    /// Deletes one bounded transaction of dead entries (at or below `deleteThrough`).
+    private func deleteDeadChunk() {
+        let through = locked { $0.deleteThrough }
+        do throws(StableLogError) {
+            let (freed, done) = try Self.deleteChunk(db, through: through, sync: sync)
+            locked {
+                $0.heldBytes -= freed
+                if done && $0.deleteThrough == through { $0.deleteThrough = 0 }
+            }
+        } catch {
+            locked { if $0.failure == nil { $0.failure = error } }
         }
     }
 
@@ -306,9 +335,18 @@ final class GroupCommitEngine: @unchecked Sendable {
                 if state.lastIndex < through { state.lastIndex = through }
                 if state.durableIndex < through { state.durableIndex = through }
                 state.pending.removeAll { $0.index <= through }
-                cond.unlock()
-                let freed = try Self.deleteEntries(db, through: through, sync: sync)
-                locked { $0.heldBytes -= freed }
+                if sync == .none {
+                    // In memory the deletion is quick, and what it frees is what bounds the cache.
+                    cond.unlock()
+                    let freed = try Self.deleteEntries(db, through: through, sync: sync)
+                    locked { $0.heldBytes -= freed }
+                } else {
+                    // On disk the records go later, a chunk at a time between group commits
+                    // (`deleteDeadChunk`): deleting a big prefix at once would hold every append
+                    // behind it, long enough for the replica to look like its disk stalled.
+                    state.deleteThrough = max(state.deleteThrough, through)
+                    cond.unlock()
+                }
             case let .hardState(hs):
                 try StoreDirectory.inTransaction(db, sync: sync) { txn throws(StableLogError) in
                     try StoreDirectory.putMeta(db, .hardstate, hs.encoded(), txn: txn)
@@ -375,20 +413,28 @@ final class GroupCommitEngine: @unchecked Sendable {
     static func deleteEntries(_ db: BerkeleyDB, through: LogIndex, sync: BerkeleyDB.Sync) throws(StableLogError) -> Int {
         var done = false, freed = 0
         while !done {
-            let chunkFreed: Int = try StoreDirectory.inTransaction(db, sync: sync) { txn throws(StableLogError) in
-                var bytes = 0, stored = 0
-                done = true
-                try db.scan(.entries, from: .first, txn: txn) { k, v throws(StableLogError) in
-                    guard let i = LogRecord.index(ofKey: k), i <= through else { return .stop }
-                    if bytes >= deleteChunkBytes { done = false; return .stop }
-                    bytes += v.count
-                    stored += LogRecord.storedBytes(valueBytes: v.count, pageBytes: db.entriesPageBytes)
-                    return .nextAndDeleteCurrent
-                }
-                return stored
-            }
+            let (chunkFreed, last) = try deleteChunk(db, through: through, sync: sync)
             freed += chunkFreed
+            done = last
         }
         return freed
+    }
+
+    /// Deletes the oldest entries with index <= `through` in one transaction of about
+    /// `deleteChunkBytes`. Returns the `storedBytes` freed and whether none is left.
+    static func deleteChunk(_ db: BerkeleyDB, through: LogIndex, sync: BerkeleyDB.Sync) throws(StableLogError) -> (Int, Bool) {
+        var done = true
+        let freed: Int = try StoreDirectory.inTransaction(db, sync: sync) { txn throws(StableLogError) in
+            var bytes = 0, stored = 0
+            try db.scan(.entries, from: .first, txn: txn) { k, v throws(StableLogError) in
+                guard let i = LogRecord.index(ofKey: k), i <= through else { return .stop }
+                if bytes >= deleteChunkBytes { done = false; return .stop }
+                bytes += v.count
+                stored += LogRecord.storedBytes(valueBytes: v.count, pageBytes: db.entriesPageBytes)
+                return .nextAndDeleteCurrent
+            }
+            return stored
+        }
+        return (freed, done)
     }
 }
