@@ -2,7 +2,7 @@
 SWIFT ?= swift
 BUILD_FLAGS ?=
 
-.PHONY: deps build test test-rdma check-docs demo simulate bench-stable-log bench-consensus bench-syncvm bench-interpose bench-vm clean
+.PHONY: deps build test test-rdma check-docs demo simulate bench-stable-log bench-consensus bench-syncvm bench-interpose bench-vm bench-soak clean
 
 deps:
 	./scripts/install-deps.sh
@@ -69,6 +69,14 @@ bench-vm: deps
 	$(SWIFT) build -c release --product plover
 	.build/release/plover bench vm --requests $(VM_REQUESTS) --out benchmarks/vm/results.md
 	python3 benchmarks/vm/plot.py benchmarks/vm/results.md benchmarks/vm/vm.svg
+
+# Ten minutes of 16 clients writing 4 KiB values with fsync on one cluster: throughput, p99,
+# leader changes, RSS and disk over time (benchmarks/soak/README.md).
+SOAK_SECONDS ?= 600
+bench-soak: deps
+	$(SWIFT) build -c release --product plover
+	.build/release/plover bench soak --seconds $(SOAK_SECONDS) --out benchmarks/soak/results.md
+	python3 benchmarks/soak/plot.py benchmarks/soak/results.md benchmarks/soak/soak.svg
 
 clean:
 	rm -rf .build
