@@ -8,6 +8,7 @@ pkgs=(
   libxxhash-dev                                             # XXH3 page hashing
   redis-server redis-tools                                  # Interpose tests and benchmark (real Redis under LD_PRELOAD)
   qemu-system-x86 busybox-static gcc libc6-dev              # VM replication tests (scripts/build-vm-guest.sh)
+  python3 iproute2                                          # doc check and plots; network namespaces in the tests
 )
 pkgs+=("$@")
 missing=()
@@ -17,7 +18,13 @@ done
 [ ${#missing[@]} -eq 0 ] && exit 0
 echo "installing Debian packages: ${missing[*]}"
 sudo=""
-[ "$(id -u)" -eq 0 ] || sudo="sudo -n"
+if [ "$(id -u)" -ne 0 ]; then
+  if ! command -v sudo >/dev/null 2>&1 || ! sudo -n true 2>/dev/null; then
+    echo "install-deps: installing ${missing[*]} needs root: run 'make deps' as root (or with passwordless sudo)" >&2
+    exit 1
+  fi
+  sudo="sudo -n"
+fi
 export DEBIAN_FRONTEND=noninteractive
 $sudo apt-get update -qq
 $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null

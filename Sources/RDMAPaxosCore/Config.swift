@@ -26,6 +26,11 @@ public struct ReplicaConfig: Sendable, Hashable {
     public var uncommittedBytesMax: Int = 64 << 20
     /// Most linearizable reads waiting for confirmation; beyond, reads are refused.
     public var pendingReadsMax: Int = 4096
+    /// Least ticks between two automatic transfers to a higher-priority voter started by this
+    /// replica. A transfer that does not complete (the preferred replica cannot take over in
+    /// time: a slow disk, say) refuses proposals while it lasts; retried at every heartbeat, it
+    /// would keep the cluster refusing and leadership moving. 6,000 ticks is a minute at 10 ms.
+    public var priorityTransferIntervalTicks: Int = 6_000
 
     /// The defaults above for the replica `id`.
     public init(id: NodeID) { self.id = id }

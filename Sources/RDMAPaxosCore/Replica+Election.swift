@@ -215,9 +215,13 @@ extension Replica {
     /// Hands leadership to a caught-up voter with a higher priority (the VM primary, say).
     mutating func preferHigherPriority() {
         guard transferTarget == nil, let me = membership.member(id) else { return }
+        if let last = lastPriorityTransferAt, ticks - last < UInt64(config.priorityTransferIntervalTicks) { return }
         let better = membership.members
             .filter { $0.role == .voter && $0.priority > me.priority && progress[$0.id]?.match == log.lastIndex && progress[$0.id]?.recentActive == true }
             .max { $0.priority < $1.priority }
-        if let b = better, commitIndex == log.lastIndex { _ = startTransfer(to: b.id) }
+        if let b = better, commitIndex == log.lastIndex {
+            lastPriorityTransferAt = ticks
+            _ = startTransfer(to: b.id)
+        }
     }
 }

@@ -66,6 +66,8 @@ public struct Replica: Sendable {
     var uncommittedBytes = 0
     var transferTarget: NodeID?
     var transferElapsed = 0
+    /// When this replica last started an automatic transfer to a higher-priority voter.
+    var lastPriorityTransferAt: UInt64?
     var readRound: UInt64 = 0
     var pendingReads: [PendingRead] = []
 

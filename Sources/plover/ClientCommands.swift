@@ -40,14 +40,30 @@ struct KV: ParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Set KEY to VALUE (linearizable; prints the previous value).")
         @OptionGroup var cluster: ClusterOptions
         @Argument var key: String
-        @Argument var value: String
+        @Argument(help: "The value; omitted or '-': read from standard input (for values over the argument limit).") var value: String?
         func run() throws {
             try checkKey(key)
-            let r = try client(cluster).propose(KeyValueStateMachine.Command.put(key: Array(key.utf8), value: Array(value.utf8)).encoded())
+            let bytes = try value.flatMap { $0 == "-" ? nil : Array($0.utf8) } ?? Self.readStandardInput()
+            let r = try client(cluster).propose(KeyValueStateMachine.Command.put(key: Array(key.utf8), value: bytes).encoded())
             try printResult(r, absent: "(no previous value)")
         }
-    }
 
+        /// Standard input up to the value limit; more is an error that names the limit.
+        static func readStandardInput() throws -> [UInt8] {
+            var bytes: [UInt8] = []
+            var chunk = [UInt8](repeating: 0, count: 1 << 16)
+            while true {
+                let n = chunk.withUnsafeMutableBytes { read(0, $0.baseAddress, $0.count) }
+                if n < 0 && errno == EINTR { continue }
+                guard n >= 0 else { throw CLIError("reading the value from standard input: \(String(cString: strerror(errno)))") }
+                if n == 0 { return bytes }
+                bytes += chunk[..<n]
+                if bytes.count > KeyValueStateMachine.Command.valueBytesMax {
+                    throw ValidationError("the value on standard input is over the limit of \(KeyValueStateMachine.Command.valueBytesMax) bytes")
+                }
+            }
+        }
+    }
     struct Get: ParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Print KEY's value (linearizable read through the leader).")
         @OptionGroup var cluster: ClusterOptions
@@ -87,7 +103,7 @@ func client(_ options: ClusterOptions) throws -> NodeClient {
 func printResult(_ r: [UInt8], absent: String, failIfAbsent: Bool = false) throws {
     if let v = KeyValueStateMachine.decodeResult(r) {
         print(String(decoding: v, as: UTF8.self))
-    } else if r == [2] {
+    } else if KeyValueStateMachine.resultCode(r) == .malformed {
         throw CLIError("the replicas rejected the command as malformed")
     } else {
         print(absent)
@@ -105,8 +121,15 @@ struct Status: ParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Show each replica's role, ballot, leader and log indexes.")
     @OptionGroup var cluster: ClusterOptions
     @Option(help: "Only this node.") var node: NodeID?
+    @Flag(help: "Redraw a table of every replica every --interval seconds until interrupted.") var watch = false
+    @Option(help: "Seconds between redraws with --watch.") var interval: Double = 1
+
+    func validate() throws {
+        guard interval >= 0.1 else { throw ValidationError("--interval must be at least 0.1 seconds, not \(interval)") }
+    }
 
     func run() throws {
+        if watch { return try StatusWatch(endpoints: try cluster.resolve(), only: node, interval: interval).run() }
         let endpoints = try cluster.resolve()
         let c = NodeClient(endpoints: endpoints, timeout: .seconds(2))
         var unreachable = 0

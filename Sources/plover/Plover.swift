@@ -16,5 +16,6 @@ struct Plover: AsyncParsableCommand {
             StableLogWriterCommand.self,
             Doctor.self,
             VMCommand.self,
+            ProxyCommand.self,
         ])
 }

@@ -72,8 +72,9 @@ extension EndToEnd {
                 try c.start(victim)
                 try Self.put(client, "after", "rebuild")
                 acked["after"] = "rebuild"
-                // Known defect: the leader that knew the replica's old log ignores the empty
-                // replica's rejections, so it only catches up under the next leader.
+                // The leader that knew the replica's old log must believe the empty replica's
+                // rejections and resend; the fallback below (a leader change) only keeps the rest
+                // of the test going if it does not, and the expectation after it fails then.
                 let stuck = (try? c.waitConverged(timeout: .seconds(3))) == nil
                 if stuck {
                     let l = try c.waitForLeader(excluding: nil)

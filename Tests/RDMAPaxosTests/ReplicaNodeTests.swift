@@ -112,6 +112,35 @@ import RDMAPaxos
         for (id, sm) in c.machines { #expect(sm.map.count == 2, "node \(id)") }
     }
 
+    @Test func proposalsDuringATransferAreHeldNotRefused() async throws {
+        let c = try Cluster(Self.three)
+        defer { c.stopAll() }
+        let l = try await c.leader()
+        let me = l.options.replica.id
+        let target = c.nodes.keys.sorted().first { $0 != me }!
+        // The target is cut off, so the transfer cannot complete and times out after an election
+        // timeout. Proposals made meanwhile either commit or are told who leads now (which
+        // clients follow); none is refused.
+        c.hub.isolate(target)
+        try await l.transferLeadership(to: target)
+        let outcomes = await withTaskGroup(of: String.self) { g in
+            for i in 0..<20 {
+                g.addTask {
+                    do {
+                        try await c.put("during-\(i)", "x", via: l)
+                        return "ok"
+                    } catch NodeError.notLeader {
+                        return "notLeader"
+                    } catch {
+                        return "\(error)"
+                    }
+                }
+            }
+            return await g.reduce(into: [String]()) { $0.append($1) }
+        }
+        #expect(outcomes.allSatisfy { $0 == "ok" || $0 == "notLeader" }, "\(outcomes)")
+    }
+
     @Test func followersRefuseProposalsAndNameTheLeader() async throws {
         let c = try Cluster(Self.three)
         defer { c.stopAll() }

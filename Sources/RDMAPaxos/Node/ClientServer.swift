@@ -110,6 +110,7 @@ extension NodeStatus {
             lines.append("follower_match=" + followerMatch.sorted { $0.key < $1.key }.map { "\($0.key):\($0.value)" }.joined(separator: ","))
         }
         if let f = failure { lines.append("failure=\(f)") }
+        if let w = storageWarning { lines.append("storage_warning=\(w)") }
         return lines.joined(separator: "\n")
     }
 }

@@ -46,19 +46,32 @@ public final class KeyValueStateMachine: SnapshotCapturing {
         public static let valueBytesMax = 16 << 20
     }
 
-    /// Result encoding: 0 = absent, 1 + bytes = present.
-    static func optional(_ v: [UInt8]?) -> [UInt8] { v.map { [1] + $0 } ?? [0] }
+    /// The first byte of every result of `apply` and `query`.
+    public enum ResultCode: UInt8, Sendable {
+        /// There was no value (nothing follows).
+        case absent = 0
+        /// The value follows.
+        case present = 1
+        /// The command did not decode; every replica rejected it alike (nothing follows).
+        case malformed = 2
+    }
+
+    /// Result encoding: `absent`, or `present` followed by the value.
+    static func optional(_ v: [UInt8]?) -> [UInt8] { v.map { [ResultCode.present.rawValue] + $0 } ?? [ResultCode.absent.rawValue] }
+
+    /// The code of a result of `put`, `delete` or `get`; nil for bytes no replica returns.
+    public static func resultCode(_ bytes: [UInt8]) -> ResultCode? { bytes.first.flatMap(ResultCode.init(rawValue:)) }
 
     /// Decodes a result of `put`, `delete` or `get`: the value, or nil if there was none.
     public static func decodeResult(_ bytes: [UInt8]) -> [UInt8]? {
-        bytes.first == 1 ? Array(bytes.dropFirst()) : nil
+        resultCode(bytes) == .present ? Array(bytes.dropFirst()) : nil
     }
 
     public func apply(_ command: [UInt8], index: LogIndex) -> [UInt8] {
         appliedIndex = index
         // A command that does not decode was proposed by a buggy client; every replica
         // rejects it identically, so the state stays the same everywhere.
-        guard let c = try? Command(decoding: command) else { return [2] }
+        guard let c = try? Command(decoding: command) else { return [ResultCode.malformed.rawValue] }
         switch c {
         case let .put(k, v): return Self.optional(map.updateValue(v, forKey: k))
         case let .delete(k): return Self.optional(map.removeValue(forKey: k))

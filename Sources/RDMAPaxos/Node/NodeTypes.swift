@@ -107,4 +107,7 @@ public struct NodeStatus: Sendable, Equatable {
     public var followerMatch: [NodeID: LogIndex]
     /// Set once the node stopped serving because of a storage failure.
     public var failure: String?
+    /// Set while the node holds writes because its log's disk has no room for them (it serves
+    /// status and local reads, and neither leads nor acknowledges, until space is freed).
+    public var storageWarning: String? = nil
 }

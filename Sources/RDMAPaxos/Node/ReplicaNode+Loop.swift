@@ -42,6 +42,10 @@ extension ReplicaNode {
                     }
                 }
             }
+            if !parked.isEmpty {
+                commands = parked + commands
+                parked = []
+            }
             if failure == nil { proposeBatch(commands) } else { commands.forEach { $0.continuation.resume(throwing: NodeError.storage(failure!)) } }
             // Publish before answering, so a client that got its answer sees a status that includes it.
             publishStatus()
@@ -72,6 +76,7 @@ extension ReplicaNode {
 
     func onTick() {
         tickCount += 1
+        if !persistBacklog.isEmpty { drainPersistBacklog() }
         perform(replica.tick())
         for (i, p) in proposals where p.deadline <= tickCount {
             proposals[i] = nil
@@ -109,6 +114,13 @@ extension ReplicaNode {
                 metrics.proposalsPerBatch.record(chunk.count)
                 perform(actions)
             } catch {
+                if case .leadershipTransferInProgress = error {
+                    // Not refused: held until the transfer ends, then proposed here (it timed
+                    // out) or answered "not the leader" with the new one, whom clients follow.
+                    parked.append(contentsOf: chunk)
+                    parked.append(contentsOf: rest)
+                    return
+                }
                 let e: NodeError = if case let .notLeader(l) = error { .notLeader(leader: l) } else { .refused(error) }
                 chunk.forEach { $0.continuation.resume(throwing: e) }
             }
@@ -273,9 +285,42 @@ extension ReplicaNode {
 
     // MARK: Persistence
 
-    /// Starts one persist unit. Synchronous parts (truncate, snapshot, hard state) are rare;
-    /// entries go to the log's group commit and complete on its thread.
+    /// Starts one persist unit, or holds it (and every unit after it, to keep their order) while
+    /// the log's disk has no room: failing the write would stop the replica for good, and a
+    /// Berkeley DB region page first touched on a full disk would kill it. Held units leave the
+    /// core's persist outstanding, so it stops leading and acknowledging (disk stall) while the
+    /// node thread goes on answering status, metrics and local reads; `drainPersistBacklog`
+    /// carries them out once space is back.
     func startPersist(_ p: Persist) {
+        if !persistBacklog.isEmpty || lacksSpace(for: p) {
+            persistBacklog.append(p)
+            return
+        }
+        carryOut(p)
+    }
+
+    func drainPersistBacklog() {
+        while let p = persistBacklog.first, !lacksSpace(for: p) {
+            persistBacklog.removeFirst()
+            carryOut(p)
+        }
+    }
+
+    func lacksSpace(for p: Persist) -> Bool {
+        let bytes = p.entries.reduce(0) { $0 + $1.payload.count + LogRecord.headerBytes } + (p.snapshot?.data.count ?? 0)
+        guard let shortfall = log.spaceShortfall(forBytes: bytes) else {
+            if storageWarning != nil {
+                storageWarning = nil
+                options.onWarning?("the log's disk has room again: writing the \(persistBacklog.count) held persist units")
+            }
+            return false
+        }
+        if storageWarning == nil { options.onWarning?(shortfall) }
+        storageWarning = shortfall
+        return true
+    }
+
+    func carryOut(_ p: Persist) {
         let seq = p.sequence
         // A compaction of this replica's own applied prefix (every entry at or below it already
         // handed to the log, no truncation) is saved off the node thread: writing a large state
@@ -359,6 +404,8 @@ extension ReplicaNode {
         completions.forEach { $0() }
         completions = []
         for p in proposals.values { p.continuation.resume(throwing: error) }
+        for p in parked { p.continuation.resume(throwing: error) }
+        parked = []
         for p in displaced.values.joined() { p.continuation.resume(throwing: error) }
         for r in reads.values { r.continuation.resume(throwing: error) }
         proposals = [:]
@@ -372,7 +419,7 @@ extension ReplicaNode {
             id: r.id, role: failure == nil ? r.role : .follower, isWitness: r.isWitness, ballot: r.promised, leader: r.leader,
             firstIndex: r.firstIndex, lastIndex: r.lastIndex, durableIndex: r.durableIndex,
             commitIndex: r.commitIndex, appliedIndex: r.appliedIndex, membership: r.membership,
-            followerMatch: r.followerMatch, failure: failure)
+            followerMatch: r.followerMatch, failure: failure, storageWarning: storageWarning)
         cond.withLock { published = s }
         updateMetrics(s)
     }

@@ -48,6 +48,12 @@ public final class ReplicaNode: @unchecked Sendable {
     var metricsLeader: NodeID?
     /// Bytes of the latest snapshot saved (owned by the node thread).
     var snapshotBytes = 0
+    /// Persist units held, in order, while the log's disk has no room for them (owned by the node
+    /// thread); with the first one's reason, reported in status and once as a warning.
+    var persistBacklog: [Persist] = []
+    var storageWarning: String?
+    /// Proposals that arrived during a leader transfer, held until it ends (owned by the node thread).
+    var parked: [QueuedProposal] = []
     /// A compaction is being serialized or saved off the node thread; no second one starts.
     var compacting = false
     /// Compactions handed to `snapshotQueue` to save, ever (tells `compact` whether one started).

@@ -98,8 +98,15 @@ public final class FileSnapshotStore: SnapshotStore, @unchecked Sendable {
         guard fd >= 0 else { throw SnapshotStoreError(path: file, reason: "cannot create: \(String(cString: strerror(errno)))") }
         defer { close(fd) }
         var done = 0
+        var flushed = 0
         while done < bytes.count {
-            let n = bytes[done...].withUnsafeBytes { Foundation.write(fd, $0.baseAddress, $0.count) }
+            // Flushed as it goes: one fsync of hundreds of MB at the end would flood the disk
+            // and hold the log's own fsyncs behind it.
+            if sync && done - flushed >= Self.flushEveryBytes {
+                if fdatasync(fd) != 0 { throw SnapshotStoreError(path: file, reason: "fdatasync failed: \(String(cString: strerror(errno)))") }
+                flushed = done
+            }
+            let n = bytes[done..<min(bytes.count, done + Self.flushEveryBytes)].withUnsafeBytes { Foundation.write(fd, $0.baseAddress, $0.count) }
             if n < 0 {
                 if errno == EINTR { continue }
                 throw SnapshotStoreError(path: file, reason: "write failed: \(String(cString: strerror(errno)))")
@@ -110,4 +117,6 @@ public final class FileSnapshotStore: SnapshotStore, @unchecked Sendable {
     }
 
     static func checksum(_ b: [UInt8]) -> UInt64 { LogRecord.checksum(b[...], seed: UInt64(magic)) }
+    /// How much of a snapshot is written between two flushes.
+    static let flushEveryBytes = 8 << 20
 }

@@ -71,6 +71,12 @@ final class BerkeleyDB: @unchecked Sendable {
         try check(env.pointee.set_lg_bsize!(env, UInt32(config.logBufferBytes)), "set_lg_bsize")
         // A deadlock picks the locker with the fewest write locks: an inspector's read, never the node.
         try check(env.pointee.set_lk_detect!(env, UInt32(DB_LOCK_MINWRITE)), "set_lk_detect")
+        if !config.inMemory && !config.readOnly {
+            // The region files (__db.00N) are memory-mapped and would be sparse: a page first
+            // touched when the disk is full kills the process with SIGBUS. Written out at open
+            // instead, a disk too small for them fails the open with ENOSPC (a clear error).
+            try check(env.pointee.set_flags!(env, UInt32(DB_REGION_INIT), 1), "set_flags(DB_REGION_INIT)")
+        }
         if config.inMemory {
             try check(env.pointee.log_set_config!(env, UInt32(DB_LOG_IN_MEMORY), 1), "log_set_config")
         } else if !config.readOnly {

@@ -26,6 +26,10 @@ public final class BerkeleyDBLog: StableLog, @unchecked Sendable {
         /// writer completes nothing (appends and other writes wait), as a hung disk would.
         /// `plover node` sets it from the `PLOVER_FAULT_DISK_STALL_FILE` environment variable.
         public var stallWhileFileExists: String?
+        /// Disk modes: free bytes on the store's file system that writes leave untouched (for
+        /// Berkeley DB's own log and checkpoints, and for compaction, which needs space to free
+        /// space). A node holds writes that would eat into it (`spaceShortfall(forBytes:)`).
+        public var diskReserveBytes = 32 << 20
         /// Options with the defaults shown: 64 MiB cache, 8 MiB log buffer and batches, no stall
         /// file.
         public init() {}
@@ -36,8 +40,10 @@ public final class BerkeleyDBLog: StableLog, @unchecked Sendable {
     public let path: String
     public let capacityBytes: Int?
     let engine: GroupCommitEngine
+    private let diskReserveBytes: Int
 
-    private init(path: String, durability: Durability, capacityBytes: Int?, engine: GroupCommitEngine) {
+    private init(path: String, durability: Durability, capacityBytes: Int?, engine: GroupCommitEngine, diskReserveBytes: Int) {
+        self.diskReserveBytes = diskReserveBytes
         self.path = path
         self.durability = durability
         self.capacityBytes = capacityBytes
@@ -61,6 +67,11 @@ public final class BerkeleyDBLog: StableLog, @unchecked Sendable {
             config.cacheBytes = options.memoryBytesMax + options.memoryBytesMax / 16
             config.createDatabases = true
         } else {
+            // 64 KiB pages (Berkeley DB's largest) on disk: an item over a quarter page goes to
+            // overflow pages of its own, so with 16 KiB pages every 4 KiB command took a whole
+            // page and the disk wrote four times the log's bytes. A store keeps the page size it
+            // was created with.
+            config.pageBytes = 64 << 10
             isNew = try !StoreDirectory.prepare(path, create: create)
             lock = try StoreDirectory.lockForWriting(path)
             config.recover = true
@@ -73,7 +84,8 @@ public final class BerkeleyDBLog: StableLog, @unchecked Sendable {
             _ = try lock?.tryLock(.environment, .shared)
             let engine = GroupCommitEngine(db: db, lock: lock, durability: durability, options: options, state: state)
             engine.start()
-            return BerkeleyDBLog(path: path, durability: durability, capacityBytes: db.capacityBytes, engine: engine)
+            return BerkeleyDBLog(path: path, durability: durability, capacityBytes: db.capacityBytes, engine: engine,
+                                 diskReserveBytes: options.diskReserveBytes)
         } catch {
             lock?.unlock(.environment)
             lock?.unlock(.writer)
@@ -171,6 +183,18 @@ public final class BerkeleyDBLog: StableLog, @unchecked Sendable {
 
     public func close() throws {
         try engine.close()
+    }
+
+    /// Disk modes: short when the file system's free bytes (for unprivileged writers) minus the
+    /// reserve cannot hold `bytes` written twice (Berkeley DB logs each record, then writes its page).
+    public func spaceShortfall(forBytes bytes: Int) -> String? {
+        guard durability != .memory else { return nil }
+        var fs = statvfs()
+        guard statvfs(path, &fs) == 0 else { return nil }
+        let free = Int(fs.f_bavail) * Int(fs.f_frsize)
+        let needed = 2 * bytes + diskReserveBytes
+        guard free < needed else { return nil }
+        return "\(path): no space for the log: \(free >> 20) MiB free, \(needed >> 20) MiB needed (\(diskReserveBytes >> 20) MiB of it kept in reserve); writes wait until space is freed, and this replica acknowledges and leads nothing meanwhile"
     }
 }
 

@@ -26,6 +26,8 @@ final class GroupCommitEngine: @unchecked Sendable {
         /// Entries at or below this index are dead (a compaction recorded its point) and are
         /// still being deleted, one bounded transaction at a time between group commits.
         var deleteThrough: LogIndex = 0
+        /// A checkpoint runs on `checkpoints`.
+        var checkpointing = false
 
         init(snapshot: SnapshotPoint, hardState: HardState, lastIndex: LogIndex, heldBytes: Int) {
             self.snapshot = snapshot
@@ -56,6 +58,8 @@ final class GroupCommitEngine: @unchecked Sendable {
     private var state: State
     private var queue: [Op] = []
     private var bytesSinceCheckpoint = 0
+    /// Runs checkpoints off the writer thread, one at a time.
+    private let checkpoints = DispatchQueue(label: "stable-log-checkpoint")
     /// Deleting records logs their old values, so big deletions are split into transactions of
     /// about this many bytes (the in-memory log of `.memory` mode must hold a whole transaction).
     private static let deleteChunkBytes = 1 << 20
@@ -304,9 +308,21 @@ final class GroupCommitEngine: @unchecked Sendable {
 
     private func maybeCheckpoint(after bytes: Int) throws(StableLogError) {
         bytesSinceCheckpoint += bytes
-        if bytesSinceCheckpoint >= options.checkpointEveryBytes {
+        guard bytesSinceCheckpoint >= options.checkpointEveryBytes else { return }
+        guard sync != .none else {
             bytesSinceCheckpoint = 0
             try db.checkpoint()
+            return
+        }
+        // On disk a checkpoint writes every dirty cache page and fsyncs the databases: seconds
+        // when the disk is busy. On its own thread (the environment is free-threaded) it never
+        // holds a group commit behind it, which the replica would take for a stalled disk.
+        guard locked({ !$0.checkpointing }) else { return }
+        bytesSinceCheckpoint = 0
+        locked { $0.checkpointing = true }
+        checkpoints.async { [self] in
+            do throws(StableLogError) { try db.checkpoint() } catch { locked { if $0.failure == nil { $0.failure = error } } }
+            locked { $0.checkpointing = false }
         }
     }
 
@@ -363,6 +379,7 @@ final class GroupCommitEngine: @unchecked Sendable {
     }
 
     private func finishClose(_ failure: StableLogError?) -> Result<Void, StableLogError> {
+        checkpoints.sync {} // a background checkpoint finishes before the store closes
         var result: Result<Void, StableLogError> = failure.map { .failure($0) } ?? .success(())
         if failure == nil && sync != .none {
             do throws(StableLogError) { try db.checkpoint() } catch { result = .failure(error) }

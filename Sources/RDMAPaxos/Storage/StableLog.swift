@@ -67,6 +67,16 @@ public protocol StableLog: AnyObject, Sendable {
 
     /// Flushes and releases the store. Further calls throw `StableLogError.closed`.
     func close() throws
+
+    /// Why `bytes` more could not be written now without running the storage out of space (a
+    /// message that names the directory and what is free), or nil when there is room. The node
+    /// holds its writes while this says no, instead of letting them fail.
+    func spaceShortfall(forBytes bytes: Int) -> String?
+}
+
+extension StableLog {
+    /// Logs with no disk below them never run short.
+    public func spaceShortfall(forBytes bytes: Int) -> String? { nil }
 }
 
 /// Why a stable log could not do what was asked. Every case names the store and says what to do.
