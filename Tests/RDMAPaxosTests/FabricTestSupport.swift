@@ -1,6 +1,7 @@
 import Foundation
 import Synchronization
 import Testing
+import VerbsTestSupport
 @testable import RDMAPaxos
 
 #if canImport(Glibc)

@@ -2,6 +2,7 @@ import CVerbs
 import Foundation
 import PloverCheck
 import SoftRDMA
+import VerbsTestSupport
 import Testing
 @testable import RDMAPaxos
 

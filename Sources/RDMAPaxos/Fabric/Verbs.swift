@@ -62,9 +62,9 @@ public enum VerbsProbe {
 }
 
 /// Return-code checks for every verbs call: one place that turns C failures into `VerbsError`.
-enum Verbs {
+package enum Verbs {
     /// Verbs calls return 0 or an errno (some return -1 and set errno).
-    static func check(_ rc: Int32, _ operation: String) throws(VerbsError) {
+    package static func check(_ rc: Int32, _ operation: String) throws(VerbsError) {
         guard rc != 0 else { return }
         let code = rc > 0 ? rc : errno
         throw VerbsError(operation: operation, code: code, message: "\(operation) failed (\(VerbsError.explain(code)))")
@@ -82,7 +82,7 @@ enum Verbs {
         return withUnsafeMutablePointer(to: &sin) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { body($0) } }
     }
 
-    static func check<T>(_ p: T?, _ operation: String) throws(VerbsError) -> T {
+    package static func check<T>(_ p: T?, _ operation: String) throws(VerbsError) -> T {
         guard let p else {
             let code = errno
             throw VerbsError(operation: operation, code: code, message: "\(operation) failed (\(VerbsError.explain(code)))")

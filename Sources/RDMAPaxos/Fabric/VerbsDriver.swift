@@ -15,7 +15,7 @@ import Glibc
 ///
 /// Each method returns what the C call returns (a pointer, or NULL with errno set; 0 or an errno
 /// value); callers pass results through `Verbs.check`, the one place that turns them into errors.
-protocol VerbsDriver: Sendable {
+package protocol VerbsDriver: Sendable {
     func deviceNames() throws(VerbsError) -> [String]
     /// Opens the device called `name` (the first one when nil).
     func openDevice(named name: String?) throws(VerbsError) -> (name: String, context: UnsafeMutablePointer<ibv_context>)

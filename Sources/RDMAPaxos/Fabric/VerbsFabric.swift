@@ -100,7 +100,7 @@ public final class VerbsFabric: Fabric {
     }
 
     /// Opens a device through `driver` (the tests pass a software RDMA device).
-    init(node: NodeID, configuration: Configuration, driver: any VerbsDriver) throws(VerbsError) {
+    package init(node: NodeID, configuration: Configuration, driver: any VerbsDriver) throws(VerbsError) {
         guard configuration.outstandingWritesMax > 0, configuration.slotBytesMax > 0, configuration.receiveDepth > 0,
               configuration.completionQueueEntries > 0, (0...255).contains(configuration.gidIndex) else {
             throw VerbsError(operation: "configuration", code: EINVAL,
