@@ -59,14 +59,18 @@ final class FabricWorld: Sendable {
     let softLedger = SoftVerbsLedger()
     init(_ kind: FabricKind) { self.kind = kind }
 
-    func softVerbs(ethernet: Bool = false) throws -> SoftVerbs {
+    /// The shared suites run the software device with a random read delay of up to this long, so
+    /// a staging slot the fabric reused before its write completed would send the wrong bytes.
+    static let softReadDelayMicroseconds: UInt32 = 50
+
+    func softVerbs(ethernet: Bool = false, readDelayMicroseconds: UInt32 = FabricWorld.softReadDelayMicroseconds) throws -> SoftVerbs {
         let subnet = try self.subnet.withLock { s in
             if let s { return s }
             let fresh = try SoftSubnet()
             s = fresh
             return fresh
         }
-        return SoftVerbs(subnet: subnet, ethernet: ethernet, ledger: softLedger)
+        return SoftVerbs(subnet: subnet, ethernet: ethernet, ledger: softLedger, readDelayMicroseconds: readDelayMicroseconds)
     }
 
     func fabric(_ node: NodeID, key: [UInt8] = testClusterKey, members: Set<NodeID> = testMembers,

@@ -30,13 +30,23 @@ package final class SoftSubnet: Sendable {
 /// What a `SoftVerbs` driver opened and closed: every context must be closed once its fabric is
 /// gone, which needs every queue pair, registration, CQ and PD released first (the device refuses
 /// otherwise, as hardware does).
+///
+/// It also counts the queue pairs created and those moved to RTR, so a test can show that a peer
+/// refused at connect got no queue pair, or none past INIT.
 package final class SoftVerbsLedger: Sendable {
-    private let counts = Mutex((opened: 0, closed: 0))
+    private struct Counts { var opened = 0, closed = 0, queuePairs = 0, readyToReceive = 0 }
+    private let counts = Mutex(Counts())
     package init() {}
     func opened() { counts.withLock { $0.opened += 1 } }
     func closed() { counts.withLock { $0.closed += 1 } }
+    func createdQueuePair() { counts.withLock { $0.queuePairs += 1 } }
+    func movedToReadyToReceive() { counts.withLock { $0.readyToReceive += 1 } }
     package var openContexts: Int { counts.withLock { $0.opened - $0.closed } }
     package var everOpened: Int { counts.withLock { $0.opened } }
+    /// Queue pairs created through drivers that share this ledger.
+    package var queuePairsCreated: Int { counts.withLock { $0.queuePairs } }
+    /// Successful INIT → RTR transitions through drivers that share this ledger.
+    package var queuePairsReadyToReceive: Int { counts.withLock { $0.readyToReceive } }
 }
 
 /// `VerbsDriver` over the software RDMA device: VerbsFabric's control path calls these; its data
@@ -46,11 +56,19 @@ package struct SoftVerbs: VerbsDriver {
     /// A RoCE-like port (addressed by GID) instead of an InfiniBand one (addressed by LID).
     package var ethernet = false
     package var ledger = SoftVerbsLedger()
+    /// Each WRITE's source bytes are read at a random point up to this long after its post
+    /// (`soft_rdma_set_read_delay`); 0: as soon as the device's requester thread gets to it.
+    package var readDelayMicroseconds: UInt32 = 0
+    /// The memlock limit the device enforces on registrations (`soft_rdma_set_memlock_limit`); nil:
+    /// none (as for a process with CAP_IPC_LOCK, which the tests are).
+    package var memlockLimitBytes: UInt64?
 
-    package init(subnet: SoftSubnet, ethernet: Bool = false, ledger: SoftVerbsLedger = SoftVerbsLedger()) {
+    package init(subnet: SoftSubnet, ethernet: Bool = false, ledger: SoftVerbsLedger = SoftVerbsLedger(),
+                 readDelayMicroseconds: UInt32 = 0) {
         self.subnet = subnet
         self.ethernet = ethernet
         self.ledger = ledger
+        self.readDelayMicroseconds = readDelayMicroseconds
     }
 
     package var deviceName: String { ethernet ? "soft_roce" : "soft_ib" }
@@ -62,6 +80,8 @@ package struct SoftVerbs: VerbsDriver {
             throw VerbsError(operation: "soft_rdma_open_device", code: ENODEV, message: "no RDMA device named \(name ?? "?")")
         }
         let context = try Verbs.check(soft_rdma_open_device(subnet.path, ethernet ? 1 : 0), "soft_rdma_open_device")
+        soft_rdma_set_read_delay(context, readDelayMicroseconds)
+        soft_rdma_set_memlock_limit(context, memlockLimitBytes ?? 0)
         ledger.opened()
         return (deviceName, context)
     }
@@ -100,11 +120,15 @@ package struct SoftVerbs: VerbsDriver {
     package func destroyCompletionQueue(_ cq: UnsafeMutablePointer<ibv_cq>) -> Int32 { soft_rdma_destroy_cq(cq) }
 
     package func createQueuePair(_ pd: UnsafeMutablePointer<ibv_pd>, _ attributes: inout ibv_qp_init_attr) -> UnsafeMutablePointer<ibv_qp>? {
-        soft_rdma_create_qp(pd, &attributes)
+        let qp = soft_rdma_create_qp(pd, &attributes)
+        if qp != nil { ledger.createdQueuePair() }
+        return qp
     }
 
     package func modifyQueuePair(_ qp: UnsafeMutablePointer<ibv_qp>, _ attributes: inout ibv_qp_attr, _ mask: Int32) -> Int32 {
-        soft_rdma_modify_qp(qp, &attributes, mask)
+        let rc = soft_rdma_modify_qp(qp, &attributes, mask)
+        if rc == 0, attributes.qp_state == IBV_QPS_RTR { ledger.movedToReadyToReceive() }
+        return rc
     }
 
     package func destroyQueuePair(_ qp: UnsafeMutablePointer<ibv_qp>) -> Int32 { soft_rdma_destroy_qp(qp) }

@@ -261,10 +261,10 @@ public final class VerbsFabric: Fabric {
 
     /// A queue pair created and moved to INIT here (receives posted, known to the poller), for the
     /// out-of-band exchange to connect.
-    func makeQueuePair(peer: NodeID, inboundFrom: NodeID?) throws(VerbsError) -> VerbsQueuePair {
+    func makeQueuePair(peer: NodeID, inboundFrom: NodeID?, limits: VerbsQueuePair.Limits? = nil) throws(VerbsError) -> VerbsQueuePair {
         var attr = queuePairAttributes
         let raw = try Verbs.check(device.driver.createQueuePair(device.protectionDomain, &attr), "ibv_create_qp")
-        let qp = try VerbsQueuePair(device: device, qp: raw, origin: .driver, peer: peer, limits: queuePairLimits,
+        let qp = try VerbsQueuePair(device: device, qp: raw, origin: .driver, peer: peer, limits: limits ?? queuePairLimits,
                                     completions: completions, logger: logger)
         try qp.initialize()
         for _ in 0..<configuration.receiveDepth { try qp.postReceive() }

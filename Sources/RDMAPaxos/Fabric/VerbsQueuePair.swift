@@ -11,6 +11,7 @@ final class StagingBuffer: @unchecked Sendable {
     let base: UnsafeMutableRawPointer
     private var registration: VerbsRegistration?
     let slotBytes: Int
+    let slots: Int
 
     init(device: VerbsDevice, slots: Int, slotBytes: Int) throws(VerbsError) {
         var p: UnsafeMutableRawPointer?
@@ -19,6 +20,7 @@ final class StagingBuffer: @unchecked Sendable {
         }
         base = p
         self.slotBytes = slotBytes
+        self.slots = slots
         // A send source only: the NIC reads it, nobody writes it remotely.
         do { registration = try device.register(p, lengthBytes: slots * slotBytes, remoteWrite: false) } catch { free(p); throw error }
     }
@@ -56,6 +58,16 @@ final class VerbsQueuePair: QueuePair, @unchecked Sendable {
     struct Limits {
         var outstandingWritesMax: Int
         var slotBytesMax: Int
+        /// Slots of the staging buffer. One per outstanding write, so a slot is written again only
+        /// after its write completed: the NIC reads a slot when it sends, any time before the
+        /// completion. Fewer is a bug that tests plant, to show the software device catches it.
+        var stagingSlots: Int
+
+        init(outstandingWritesMax: Int, slotBytesMax: Int, stagingSlots: Int? = nil) {
+            self.outstandingWritesMax = outstandingWritesMax
+            self.slotBytesMax = slotBytesMax
+            self.stagingSlots = stagingSlots ?? outstandingWritesMax
+        }
     }
 
     let peer: NodeID
@@ -86,7 +98,7 @@ final class VerbsQueuePair: QueuePair, @unchecked Sendable {
     init(device: VerbsDevice, qp: UnsafeMutablePointer<ibv_qp>, origin: Origin, peer: NodeID, limits: Limits,
          completions: CompletionQueue, logger: Logger) throws(VerbsError) {
         do {
-            staging = try StagingBuffer(device: device, slots: limits.outstandingWritesMax, slotBytes: limits.slotBytesMax)
+            staging = try StagingBuffer(device: device, slots: limits.stagingSlots, slotBytes: limits.slotBytesMax)
         } catch {
             if case let .connectionManager(id) = origin { rdma_destroy_qp(id) } else { _ = device.driver.destroyQueuePair(qp) }
             throw error
@@ -217,7 +229,9 @@ final class VerbsQueuePair: QueuePair, @unchecked Sendable {
             // Unsignalled writes hold their slot until a later signalled one completes: signal at
             // least every half ring so slots come back.
             let signal = signaled || seq % UInt64(max(1, limit / 2)) == 0
-            let slot = staging.base + Int(seq % UInt64(limit)) * staging.slotBytes
+            // The slot of the write `slots` writes earlier, which completed (at most `limit` are
+            // outstanding): the NIC may read a slot until its write's completion.
+            let slot = staging.base + Int(seq % UInt64(staging.slots)) * staging.slotBytes
             bytes.withUnsafeBytes { if let b = $0.baseAddress { slot.copyMemory(from: b, byteCount: $0.count) } }
             var sge = ibv_sge(addr: UInt64(UInt(bitPattern: slot)), length: UInt32(bytes.count), lkey: staging.localKey)
             var wr = ibv_send_wr()
