@@ -15,7 +15,7 @@ import VerbsTestSupport
     func stagingSlotsReusedBeforeTheirCompletionSendTheWrongBytes(stagingSlots: Int) async throws {
         let world = FabricWorld(.verbs)
         let driver = try world.softVerbs(readDelayMicroseconds: 2000)
-        let config = VerbsFabric.Configuration(connection: .outOfBand, members: [1, 2])
+        let config = VerbsFabric.Configuration(clusterKey: testClusterKey, connection: .outOfBand, members: [1, 2])
         let a = try VerbsFabric(node: 1, configuration: config, driver: driver)
         let b = try VerbsFabric(node: 2, configuration: config, driver: driver)
         defer { a.close(); b.close() }

@@ -14,11 +14,16 @@ import Synchronization
 /// (`ibv_post_send`, `ibv_post_recv`, `ibv_poll_cq`) is the same under every driver. Only these run
 /// on hardware alone: `SystemVerbs` and `ConnectionManager` (rdma_cm).
 ///
+/// Peers prove the cluster key on both connect paths before either side's queue pair reaches RTR
+/// on the acceptor (docs/design/fabric.md, "Verbs connect exchanges"): out of band, an HMAC
+/// challenge both ways as on the TCP fabric; over rdma_cm, a request signed with a nonce and the
+/// time, accepted once and within a time window. Refusals are logged with the peer's address and
+/// the node it claimed, and counted (`statistics`).
+///
 /// On a machine without an RDMA device `init(node:configuration:)` throws a `VerbsError` that says
 /// so ("no RDMA device: ibv_get_device_list found none (errno ENOSYS: …) — use fabric = tcp").
 ///
-/// Not yet done: authenticating peers (rdma_cm's private data and the out-of-band exchange are
-/// both unauthenticated) and IPv6 / host-name addresses (IPv4 literals only).
+/// Not yet done: IPv6 / host-name addresses (IPv4 literals only).
 public final class VerbsFabric: Fabric {
     /// Device, connection and sizing choices of one verbs fabric.
     public struct Configuration: Sendable {
@@ -32,6 +37,8 @@ public final class VerbsFabric: Fabric {
             case outOfBand = "tcp"
         }
 
+        /// Shared secret of the cluster (at least 16 bytes): peers prove they hold it when they connect.
+        public var clusterKey: [UInt8]
         /// Device to open (`ibv_devices` names); the first one when nil.
         public var deviceName: String?
         /// Physical port of the device (1-based, as verbs counts).
@@ -54,9 +61,11 @@ public final class VerbsFabric: Fabric {
         public var connectTimeout: Duration
 
         /// A configuration; unset parameters take the defaults shown.
-        public init(deviceName: String? = nil, port: UInt8 = 1, gidIndex: Int = 0, connection: Connection = .connectionManager,
-                    members: Set<NodeID>, outstandingWritesMax: Int = 512, slotBytesMax: Int = 64 << 10,
-                    completionQueueEntries: Int = 8192, receiveDepth: Int = 512, connectTimeout: Duration = .seconds(2)) {
+        public init(clusterKey: [UInt8], deviceName: String? = nil, port: UInt8 = 1, gidIndex: Int = 0,
+                    connection: Connection = .connectionManager, members: Set<NodeID>, outstandingWritesMax: Int = 512,
+                    slotBytesMax: Int = 64 << 10, completionQueueEntries: Int = 8192, receiveDepth: Int = 512,
+                    connectTimeout: Duration = .seconds(2)) {
+            self.clusterKey = clusterKey
             self.deviceName = deviceName
             self.port = port
             self.gidIndex = gidIndex
@@ -70,6 +79,13 @@ public final class VerbsFabric: Fabric {
         }
     }
 
+    /// Counters of the fabric's connection handling.
+    public struct Statistics: Hashable, Sendable {
+        /// Connections refused by either side: a wrong key, an unknown or wrong node, a replayed or
+        /// expired nonce, a malformed message, or an acceptor not ready yet.
+        public var connectionsRefused = 0
+    }
+
     public let localNode: NodeID
     public let completions: CompletionQueue
     /// The configuration this fabric was opened with.
@@ -77,6 +93,15 @@ public final class VerbsFabric: Fabric {
     let device: VerbsDevice
     let connector: any VerbsConnector
     let logger: Logger
+    /// Nonces of out-of-band hellos, and of rdma_cm requests, accepted recently.
+    let replays = VerbsReplayMemory()
+    let connectRequestReplays = VerbsReplayMemory(capacity: 65_536)
+    private let counters = Mutex(Statistics())
+
+    /// A snapshot of the counters.
+    public var statistics: Statistics { counters.withLock { $0 } }
+
+    func noteRefused() { counters.withLock { $0.connectionsRefused += 1 } }
 
     struct State {
         var regions: [UInt64: (region: MemoryRegion, registration: VerbsRegistration)] = [:]
@@ -99,12 +124,21 @@ public final class VerbsFabric: Fabric {
                       driver: SystemVerbs(forConnectionManager: configuration.connection == .connectionManager))
     }
 
-    /// Opens a device through `driver` (the tests pass a software RDMA device).
-    package init(node: NodeID, configuration: Configuration, driver: any VerbsDriver) throws(VerbsError) {
+    /// Opens a device through `driver` (the tests pass a software RDMA device), logging to `logger`
+    /// (the tests read what it says).
+    package init(node: NodeID, configuration: Configuration, driver: any VerbsDriver, logger: Logger? = nil) throws(VerbsError) {
+        guard configuration.clusterKey.count >= ClusterKey.bytesMin else {
+            throw VerbsError(operation: "configuration", code: EINVAL,
+                             message: "the cluster key must be at least \(ClusterKey.bytesMin) bytes (got \(configuration.clusterKey.count))")
+        }
+        guard configuration.members.contains(node) else {
+            throw VerbsError(operation: "configuration", code: EINVAL,
+                             message: "node \(node) is not among the members \(configuration.members.sorted())")
+        }
         guard configuration.outstandingWritesMax > 0, configuration.slotBytesMax > 0, configuration.receiveDepth > 0,
               configuration.completionQueueEntries > 0, (0...255).contains(configuration.gidIndex) else {
             throw VerbsError(operation: "configuration", code: EINVAL,
-                             message: "verbs limits must be positive and gidIndex in 0...255: \(configuration)")
+                             message: "verbs limits must be positive and gidIndex in 0...255 (outstandingWritesMax \(configuration.outstandingWritesMax), slotBytesMax \(configuration.slotBytesMax), receiveDepth \(configuration.receiveDepth), completionQueueEntries \(configuration.completionQueueEntries), gidIndex \(configuration.gidIndex))")
         }
         self.localNode = node
         self.configuration = configuration
@@ -116,7 +150,7 @@ public final class VerbsFabric: Fabric {
         case .outOfBand: self.connector = try OutOfBandConnector()
         }
         self.completions = CompletionQueue(capacityEntries: configuration.completionQueueEntries)
-        var logger = Logger(label: "plover.verbs-fabric")
+        var logger = logger ?? Logger(label: "plover.verbs-fabric")
         logger[metadataKey: "node"] = "\(node)"
         self.logger = logger
         let poller = Thread { [self] in pollCompletions() }
@@ -270,6 +304,10 @@ public final class VerbsFabric: Fabric {
         for _ in 0..<configuration.receiveDepth { try qp.postReceive() }
         adopt(qp, inboundFrom: inboundFrom)
         return qp
+    }
+
+    func exportedRegion() -> RemoteRegion? {
+        state.withLock { $0.exported?.remote }
     }
 
     func exportedDescriptor() -> [UInt8]? {

@@ -102,7 +102,7 @@ public final class ReplicaServer: Sendable {
             try TCPFabric(node: c.id, configuration: TCPFabric.Configuration(clusterKey: key.bytes, members: members))
         }
         func verbs() throws -> any Fabric {
-            try VerbsFabric(node: c.id, configuration: VerbsFabric.Configuration(connection: c.verbsConnection, members: members))
+            try VerbsFabric(node: c.id, configuration: VerbsFabric.Configuration(clusterKey: key.bytes, connection: c.verbsConnection, members: members))
         }
         switch c.fabric {
         case .tcp:
