@@ -4,33 +4,39 @@ import RDMAPaxos
 /// `plover doctor`: which fabrics can run on this machine, and why not when they cannot.
 struct Doctor: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Report which fabrics (verbs, tcp) are usable here, and the Berkeley DB version.",
-        discussion: "Exits 0 when at least one fabric is usable, 1 otherwise.")
+        abstract: "Report which fabrics (verbs, tcp) are usable here, the memlock limit verbs needs, and the Berkeley DB version.",
+        discussion: """
+            With --config, the memlock check uses that node's members (and its [vm] table, if any) \
+            instead of a 3-member cluster with the defaults. Exits 0 when at least one fabric is \
+            usable, 1 otherwise.
+            """)
 
     @Option(help: "Address the TCP fabric would listen on.") var host = "127.0.0.1"
+    @Option(help: "A node's config file (docs/operations.md, \"Configuration\"): check what it pins.") var config: String?
 
     func run() throws {
         var usable: [String] = []
+        var node: NodeConfig?
+        if let config {
+            do { node = try NodeConfig.load(path: config) } catch { throw CLIError(error.description) }
+        }
 
+        var device = false
         do {
             let devices = try VerbsProbe.deviceNames()
+            device = true
             print("verbs: devices: \(devices.joined(separator: ", "))")
-            do {
-                try VerbsProbe.connectionManager()
-                print("verbs: rdma_cm event channel: ok")
-                usable.append("verbs")
-            } catch {
-                print("verbs: unusable: \(error)")
-            }
         } catch {
             print("verbs: unusable: \(error)")
-            do {
-                try VerbsProbe.connectionManager()
-                print("verbs: rdma_cm event channel: ok (but no device)")
-            } catch {
-                print("verbs: \(error)")
-            }
         }
+        do {
+            try VerbsProbe.connectionManager()
+            print("verbs: rdma_cm event channel: ok\(device ? "" : " (but no device)")")
+        } catch {
+            print("verbs: \(error)")
+        }
+        let memlockOK = Self.memlock(node)
+        if device && memlockOK { usable.append("verbs") }
 
         do {
             let port = try TCPFabric.probeListening(host: host)
@@ -46,5 +52,27 @@ struct Doctor: ParsableCommand {
             throw ExitCode(1)
         }
         print("usable fabrics: \(usable.joined(separator: ", "))")
+    }
+
+    /// Prints the memlock limit against what a verbs node pins; false when it is too low.
+    static func memlock(_ node: NodeConfig?) -> Bool {
+        let limit = MemlockLimit.current()
+        print("memlock: this process may pin \(limit)")
+        if let node, node.fabric == .tcp {
+            print("memlock: node \(node.id) uses fabric = tcp, which pins nothing")
+            return true
+        }
+        let members = node?.members.map(\.id) ?? [1, 2, 3]
+        let who = node.map { "node \($0.id) (\($0.members.count) members)" } ?? "a replica of 3 members with the defaults"
+        do {
+            let budget = try VerbsMemoryBudget.replica(members: members, ringBytes: RingTransport.Configuration.defaultRingBytes,
+                                                       configuration: VerbsFabric.Configuration(clusterKey: [], members: Set(members)))
+            let (ok, line) = budget.check(against: limit)
+            print("memlock: \(who) on verbs \(line)")
+            return ok
+        } catch {
+            print("memlock: cannot size \(who): \(error)")
+            return false
+        }
     }
 }

@@ -132,4 +132,6 @@ package struct SoftVerbs: VerbsDriver {
     }
 
     package func destroyQueuePair(_ qp: UnsafeMutablePointer<ibv_qp>) -> Int32 { soft_rdma_destroy_qp(qp) }
+
+    package func memlockLimit() -> MemlockLimit { MemlockLimit(bytes: memlockLimitBytes, capabilityBypasses: false) }
 }

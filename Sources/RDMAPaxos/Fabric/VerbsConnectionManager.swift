@@ -140,7 +140,7 @@ final class ConnectionManager: VerbsConnector, @unchecked Sendable {
             case .resolveRoute:
                 try Verbs.check(rdma_resolve_route(id, 2000), "rdma_resolve_route")
             case .createQueuePairAndConnect:
-                let qp = try fabric.makeQueuePair(id: id, peer: c.peer)
+                let qp = try fabric.makeQueuePair(id: id, peer: c.peer, sends: true)
                 c.qp = qp
                 var param = rdma_conn_param()
                 param.retry_count = 7
@@ -214,7 +214,7 @@ final class ConnectionManager: VerbsConnector, @unchecked Sendable {
         let descriptor = request.accept(key: fabric.configuration.clusterKey, acceptor: fabric.localNode, region: exported)
         var qp: VerbsQueuePair?
         do {
-            let created = try fabric.makeQueuePair(id: id, peer: node)
+            let created = try fabric.makeQueuePair(id: id, peer: node, sends: false)
             qp = created
             // Known to the poller before the peer can write: its first immediate needs the re-post.
             fabric.adopt(created, inboundFrom: node)

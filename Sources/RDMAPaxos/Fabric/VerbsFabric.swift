@@ -161,6 +161,17 @@ public final class VerbsFabric: Fabric {
         events.start()
     }
 
+    /// What this fabric's device may pin (RLIMIT_MEMLOCK, unless CAP_IPC_LOCK lifts it).
+    public var memlockLimit: MemlockLimit { device.driver.memlockLimit() }
+
+    /// Throws, with the numbers and how to raise the limit, when `budget` (what the caller is
+    /// about to register) does not fit under `memlockLimit`: a node checks before it starts
+    /// rather than failing one queue pair at a time.
+    public func checkMemlock(_ budget: VerbsMemoryBudget) throws(VerbsError) {
+        let (ok, line) = budget.check(against: memlockLimit)
+        guard ok else { throw VerbsError(operation: "ibv_reg_mr", code: ENOMEM, message: "the verbs fabric of node \(localNode) \(line)") }
+    }
+
     public func registerRegion(lengthBytes: Int) throws(FabricError) -> MemoryRegion {
         try register(try MemoryRegion(owner: localNode, lengthBytes: lengthBytes, key: 0))
     }
@@ -274,7 +285,7 @@ public final class VerbsFabric: Fabric {
     }
 
     /// A queue pair on an rdma_cm id (in INIT, receives posted); rdma_cm connects it. HARDWARE ONLY.
-    func makeQueuePair(id: UnsafeMutablePointer<rdma_cm_id>, peer: NodeID) throws(VerbsError) -> VerbsQueuePair {
+    func makeQueuePair(id: UnsafeMutablePointer<rdma_cm_id>, peer: NodeID, sends: Bool) throws(VerbsError) -> VerbsQueuePair {
         guard id.pointee.verbs == device.context else {
             let routed = id.pointee.verbs.map { String(cString: ibv_get_device_name($0.pointee.device)) } ?? "no device"
             throw VerbsError(operation: "rdma_create_qp", code: EXDEV,
@@ -286,7 +297,7 @@ public final class VerbsFabric: Fabric {
             rdma_destroy_qp(id)
             throw VerbsError(operation: "rdma_create_qp", code: EINVAL, message: "rdma_cm id has no queue pair")
         }
-        let qp = try VerbsQueuePair(device: device, qp: raw, origin: .connectionManager(id), peer: peer, limits: queuePairLimits,
+        let qp = try VerbsQueuePair(device: device, qp: raw, origin: .connectionManager(id), peer: peer, limits: sends ? queuePairLimits : nil,
                                     completions: completions, logger: logger)
         try qp.createdByConnectionManager()
         for _ in 0..<configuration.receiveDepth { try qp.postReceive() }
@@ -294,11 +305,13 @@ public final class VerbsFabric: Fabric {
     }
 
     /// A queue pair created and moved to INIT here (receives posted, known to the poller), for the
-    /// out-of-band exchange to connect.
+    /// out-of-band exchange to connect. An inbound one (`inboundFrom`) gets no staging buffer:
+    /// nothing is sent on it.
     func makeQueuePair(peer: NodeID, inboundFrom: NodeID?, limits: VerbsQueuePair.Limits? = nil) throws(VerbsError) -> VerbsQueuePair {
         var attr = queuePairAttributes
         let raw = try Verbs.check(device.driver.createQueuePair(device.protectionDomain, &attr), "ibv_create_qp")
-        let qp = try VerbsQueuePair(device: device, qp: raw, origin: .driver, peer: peer, limits: limits ?? queuePairLimits,
+        let qp = try VerbsQueuePair(device: device, qp: raw, origin: .driver, peer: peer,
+                                    limits: limits ?? (inboundFrom == nil ? queuePairLimits : nil),
                                     completions: completions, logger: logger)
         try qp.initialize()
         for _ in 0..<configuration.receiveDepth { try qp.postReceive() }

@@ -77,7 +77,9 @@ final class VerbsQueuePair: QueuePair, @unchecked Sendable {
     let psn = UInt32.random(in: 0...0xFF_FFFF)
     private let origin: Origin
     private let device: VerbsDevice
-    private let staging: StagingBuffer
+    /// Nil on an inbound queue pair: it only receives (WRITE_WITH_IMM's immediates), so it pins no
+    /// staging memory.
+    private let staging: StagingBuffer?
     private let completions: CompletionQueue
     private let outstandingWritesMax: Int
     private let logger: Logger
@@ -94,11 +96,12 @@ final class VerbsQueuePair: QueuePair, @unchecked Sendable {
     static let sendBit: UInt64 = 1 << 63
     static func isSend(wrID: UInt64) -> Bool { wrID & sendBit != 0 }
 
-    /// Adopts `qp`. If this throws, `qp` is destroyed but an rdma_cm id is left to its owner.
-    init(device: VerbsDevice, qp: UnsafeMutablePointer<ibv_qp>, origin: Origin, peer: NodeID, limits: Limits,
+    /// Adopts `qp`; `limits` sizes its staging buffer, nil for a queue pair that never sends. If
+    /// this throws, `qp` is destroyed but an rdma_cm id is left to its owner.
+    init(device: VerbsDevice, qp: UnsafeMutablePointer<ibv_qp>, origin: Origin, peer: NodeID, limits: Limits?,
          completions: CompletionQueue, logger: Logger) throws(VerbsError) {
         do {
-            staging = try StagingBuffer(device: device, slots: limits.stagingSlots, slotBytes: limits.slotBytesMax)
+            staging = try limits.map { l throws(VerbsError) in try StagingBuffer(device: device, slots: l.stagingSlots, slotBytes: l.slotBytesMax) }
         } catch {
             if case let .connectionManager(id) = origin { rdma_destroy_qp(id) } else { _ = device.driver.destroyQueuePair(qp) }
             throw error
@@ -108,7 +111,7 @@ final class VerbsQueuePair: QueuePair, @unchecked Sendable {
         self.origin = origin
         self.peer = peer
         self.number = qp.pointee.qp_num
-        self.outstandingWritesMax = limits.outstandingWritesMax
+        self.outstandingWritesMax = limits?.outstandingWritesMax ?? 0
         self.completions = completions
         self.logger = logger
     }
@@ -219,6 +222,7 @@ final class VerbsQueuePair: QueuePair, @unchecked Sendable {
     func postWrite(_ bytes: [UInt8], remoteOffset: Int, key: UInt32, immediate: UInt32?,
                    workRequestID: UInt64, signaled: Bool) throws(FabricError) {
         let limit = outstandingWritesMax
+        guard let staging else { throw .invalidRequest("the queue pair from node \(peer) only receives") }
         guard bytes.count <= staging.slotBytes else {
             throw .invalidRequest("a write of \(bytes.count) bytes exceeds slotBytesMax \(staging.slotBytes)")
         }
