@@ -35,6 +35,7 @@ struct Doctor: ParsableCommand {
         } catch {
             print("verbs: \(error)")
         }
+        print(Self.connectLine(node))
         let memlockOK = Self.memlock(node)
         if device && memlockOK { usable.append("verbs") }
 
@@ -52,6 +53,13 @@ struct Doctor: ParsableCommand {
             throw ExitCode(1)
         }
         print("usable fabrics: \(usable.joined(separator: ", "))")
+    }
+
+    /// How verbs queue pairs connect, and which way is tested.
+    static func connectLine(_ node: NodeConfig?) -> String {
+        let how = "verbs_connect: tcp (the default: an out-of-band exchange over TCP, the path make test runs over a software RDMA device); rdma_cm: hardware only, never run by make test (make test-rdma with PLOVER_RDMA_ADDRESS runs it)"
+        guard let node else { return how }
+        return "verbs_connect: node \(node.id) uses \(node.verbsConnection.rawValue)" + (node.verbsConnectWarning.map { "; \($0)" } ?? "") + "\n" + how
     }
 
     /// Prints the memlock limit against what a verbs node pins; false when it is too low.

@@ -20,10 +20,12 @@ import Testing
 @Suite struct DoctorMemlockTests {
     static let tools = ["/usr/bin/setpriv", "/usr/bin/prlimit"].allSatisfy { FileManager.default.isExecutableFile(atPath: $0) }
 
-    @Test func doctorSaysWhatVerbsPins() throws {
+    @Test func doctorSaysWhatVerbsPinsAndWhichConnectPathIsTested() throws {
         let r = try runCommand(try builtExecutable("plover"), ["doctor"])
         #expect(r.stdout.contains("memlock: this process may pin "), "\(r.stdout)")
         #expect(r.stdout.contains("memlock: a replica of 3 members with the defaults on verbs pins "), "\(r.stdout)")
+        #expect(r.stdout.contains("verbs_connect: tcp (the default"), "\(r.stdout)")
+        #expect(r.stdout.contains("rdma_cm: hardware only, never run by make test"), "\(r.stdout)")
     }
 
     @Test(.enabled(if: tools, "needs setpriv and prlimit (util-linux)"))

@@ -30,10 +30,13 @@ public final class VerbsFabric: Fabric {
         /// How queue pairs are connected.
         public enum Connection: String, Sendable, CaseIterable {
             /// librdmacm: peers are addressed by an IP address of their RDMA interface (IPoIB or the
-            /// RoCE netdev), and rdma_cm moves the queue pairs to RTS. Needs a device.
+            /// RoCE netdev), and rdma_cm moves the queue pairs to RTS. HARDWARE ONLY: the software
+            /// device of the tests has no rdma_cm, so this path runs only on an RDMA machine
+            /// (`make test-rdma` with `PLOVER_RDMA_ADDRESS`).
             case connectionManager = "rdma_cm"
             /// A TCP side channel carries QP number, PSN, LID/GID and region descriptor; the fabric
-            /// moves the queue pairs itself. Peers are addressed by any IPv4 address.
+            /// moves the queue pairs itself. Peers are addressed by any IPv4 address. The default,
+            /// and the path every verbs test runs.
             case outOfBand = "tcp"
         }
 
@@ -45,7 +48,7 @@ public final class VerbsFabric: Fabric {
         public var port: UInt8
         /// GID table index for RoCE addressing (out-of-band connections on an Ethernet link layer).
         public var gidIndex: Int
-        /// How queue pairs are connected (rdma_cm or the out-of-band TCP exchange).
+        /// How queue pairs are connected: the out-of-band TCP exchange (the default) or rdma_cm.
         public var connection: Connection
         /// The cluster members allowed to connect.
         public var members: Set<NodeID>
@@ -62,7 +65,7 @@ public final class VerbsFabric: Fabric {
 
         /// A configuration; unset parameters take the defaults shown.
         public init(clusterKey: [UInt8], deviceName: String? = nil, port: UInt8 = 1, gidIndex: Int = 0,
-                    connection: Connection = .connectionManager, members: Set<NodeID>, outstandingWritesMax: Int = 512,
+                    connection: Connection = .outOfBand, members: Set<NodeID>, outstandingWritesMax: Int = 512,
                     slotBytesMax: Int = 64 << 10, completionQueueEntries: Int = 8192, receiveDepth: Int = 512,
                     connectTimeout: Duration = .seconds(2)) {
             self.clusterKey = clusterKey

@@ -129,7 +129,8 @@ public final class ReplicaServer: Sendable {
             fabric.close()
             throw error
         }
-        return (fabric, "verbs (\(c.fabric == .auto ? "auto" : "configured"))")
+        if let warning = c.verbsConnectWarning { logger.warning("\(warning)") }
+        return (fabric, "verbs (\(c.fabric == .auto ? "auto" : "configured"), connect \(c.verbsConnection.rawValue))")
     }
 
     /// Stops the metrics endpoint, the client server and the node, in that order.
