@@ -1,5 +1,6 @@
 import ArgumentParser
 import RDMAPaxos
+import VMReplica
 
 /// `plover doctor`: which fabrics can run on this machine, and why not when they cannot.
 struct Doctor: ParsableCommand {
@@ -36,7 +37,7 @@ struct Doctor: ParsableCommand {
             print("verbs: \(error)")
         }
         print(Self.connectLine(node))
-        let memlockOK = Self.memlock(node)
+        let memlockOK = Self.memlock(node, configPath: config)
         if device && memlockOK { usable.append("verbs") }
 
         do {
@@ -62,8 +63,9 @@ struct Doctor: ParsableCommand {
         return "verbs_connect: node \(node.id) uses \(node.verbsConnection.rawValue)" + (node.verbsConnectWarning.map { "; \($0)" } ?? "") + "\n" + how
     }
 
-    /// Prints the memlock limit against what a verbs node pins; false when it is too low.
-    static func memlock(_ node: NodeConfig?) -> Bool {
+    /// Prints the memlock limit against what a verbs node pins (with a [vm] table in its config,
+    /// its syncvm endpoint too: the backup registers its guest RAM); false when it is too low.
+    static func memlock(_ node: NodeConfig?, configPath: String?) -> Bool {
         let limit = MemlockLimit.current()
         print("memlock: this process may pin \(limit)")
         if let node, node.fabric == .tcp {
@@ -72,15 +74,29 @@ struct Doctor: ParsableCommand {
         }
         let members = node?.members.map(\.id) ?? [1, 2, 3]
         let who = node.map { "node \($0.id) (\($0.members.count) members)" } ?? "a replica of 3 members with the defaults"
+        var budgets: [VerbsMemoryBudget] = []
         do {
-            let budget = try VerbsMemoryBudget.replica(members: members, ringBytes: RingTransport.Configuration.defaultRingBytes,
-                                                       configuration: VerbsFabric.Configuration(clusterKey: [], members: Set(members)))
-            let (ok, line) = budget.check(against: limit)
-            print("memlock: \(who) on verbs \(line)")
-            return ok
+            budgets.append(try VerbsMemoryBudget.replica(members: members, ringBytes: RingTransport.Configuration.defaultRingBytes,
+                                                         configuration: VerbsFabric.Configuration(clusterKey: [], members: Set(members))))
         } catch {
             print("memlock: cannot size \(who): \(error)")
             return false
+        }
+        let (replicaOK, line) = budgets[0].check(against: limit)
+        print("memlock: \(who) on verbs \(line)")
+        guard let configPath, (try? TableReader.section("vm", ofFile: configPath)) != nil else { return replicaOK }
+        do {
+            let vm = try VMConfig.load(path: configPath)
+            budgets.append(SyncLink.verbsMemoryBudget(guestBytes: vm.qemu.memoryMiB << 20, backup: true))
+            let total = budgets.map(\.totalBytes).reduce(0, +)
+            let ok = limit.allows(total)
+            print("memlock: its syncvm endpoint on verbs (a backup registers its \(vm.qemu.memoryMiB) MiB of guest RAM) pins \(budgets[1])")
+            print("memlock: together \(MemlockLimit.format(total)): "
+                + (ok ? "within the memlock limit \(limit)" : "more than the memlock limit \(limit): \(MemlockLimit.advice)"))
+            return ok
+        } catch {
+            print("memlock: cannot read the [vm] table: \(error)")
+            return replicaOK
         }
     }
 }
