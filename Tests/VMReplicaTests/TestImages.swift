@@ -1,6 +1,7 @@
 // Shared fixtures: seeded randomness, guest-memory images with a known dirtying history, and
 // a runner that drives both ends of a sync at once.
 
+import Foundation
 import RDMAPaxos
 import Testing
 import VerbsTestSupport
@@ -88,6 +89,15 @@ enum SyncTransport: String, CaseIterable, Sendable, CustomTestStringConvertible 
     /// `FabricSyncChannel` over `VerbsFabric` on the software RDMA device (connected out of band,
     /// sized by `SyncLink.verbsFabricConfiguration`, each WRITE read up to 50 µs after its post).
     case verbsFabric
+    /// The same on a real RDMA device (`make test-rdma`; `PLOVER_RDMA_DEVICE` picks one): only
+    /// where `ibv_get_device_list` finds a device.
+    case verbsHardware = "verbs-hardware"
+
+    static var allCases: [SyncTransport] {
+        [.inMemory, .memoryFabric, .tcpFabric, .verbsFabric] + ((try? VerbsProbe.deviceNames()) == nil ? [] : [.verbsHardware])
+    }
+    /// The fabric transports (every case but `inMemory`).
+    static var fabrics: [SyncTransport] { allCases.filter { $0 != .inMemory } }
     var testDescription: String { rawValue }
 }
 
@@ -170,6 +180,11 @@ struct FabricLink {
             let c = SyncLink.verbsFabricConfiguration(clusterKey: try ClusterKey(bytes: testClusterKey), connection: .outOfBand,
                                                       members: [1, 2], channel: channel)
             return (try VerbsFabric(node: 1, configuration: c, driver: driver), try VerbsFabric(node: 2, configuration: c, driver: driver))
+        case .verbsHardware:
+            var c = SyncLink.verbsFabricConfiguration(clusterKey: try ClusterKey(bytes: testClusterKey), connection: .outOfBand,
+                                                      members: [1, 2], channel: channel)
+            c.deviceName = ProcessInfo.processInfo.environment["PLOVER_RDMA_DEVICE"]
+            return (try VerbsFabric(node: 1, configuration: c), try VerbsFabric(node: 2, configuration: c))
         }
     }
 
