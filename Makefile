@@ -24,13 +24,15 @@ test: deps check-docs
 check-docs:
 	python3 scripts/check-doc-comments.py Sources/RDMAPaxos Sources/RDMAPaxosCore Sources/RDMAPaxosSimulation Sources/PloverCheck Sources/VMReplica
 
-# On an RDMA machine: the verbs, fabric and ring suites, whose shared tests gain cases on the real
-# device (and rdma_cm cases with PLOVER_RDMA_ADDRESS=<IPv4 of the device's interface>; pick a device
-# with PLOVER_RDMA_DEVICE). Where ibv_get_device_list finds nothing they are skipped and say why.
+# On an RDMA machine: the verbs, fabric, ring and syncvm-link suites, whose shared tests gain cases
+# on the real device (and rdma_cm cases with PLOVER_RDMA_ADDRESS=<IPv4 of the device's interface>;
+# pick a device with PLOVER_RDMA_DEVICE), plus the connect-path, memlock and doctor checks. Where
+# ibv_get_device_list finds nothing the hardware cases are skipped and say why. The runbook:
+# docs/operations.md, "Running the hardware suite".
 test-rdma: deps
 	$(SWIFT) build $(BUILD_FLAGS)
 	$(SWIFT) run $(BUILD_FLAGS) plover doctor
-	$(SWIFT) test $(BUILD_FLAGS) --no-parallel --filter 'Verbs|Fabric|Ring|QueuePair'
+	$(SWIFT) test $(BUILD_FLAGS) --no-parallel --filter 'Verbs|Fabric|Ring|QueuePair|Sync|OutOfBand|ConnectRequest|SoftDevice|Memlock|Doctor'
 
 # A long simulator campaign: make simulate SEED=100000 SEEDS=100000
 SEED ?= 1

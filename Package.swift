@@ -94,6 +94,9 @@ let package = Package(
         // and a peer process for the device's cross-process tests.
         .target(name: "SoftRDMA", path: "Tests/SoftRDMA"),
         .executableTarget(name: "soft-rdma-peer", dependencies: ["SoftRDMA"], path: "Tests/SoftRDMAPeer"),
+        // `VerbsFabric` over that device, for every test target that runs fabrics (its types are
+        // `package`: they reach `VerbsFabric`'s driver seam, which no product exposes).
+        .target(name: "VerbsTestSupport", dependencies: ["RDMAPaxos", "SoftRDMA"], path: "Tests/VerbsTestSupport"),
 
         .testTarget(
             name: "RDMAPaxosCoreTests",
@@ -103,12 +106,12 @@ let package = Package(
         .testTarget(
             name: "RDMAPaxosTests",
             dependencies: [
-                "RDMAPaxos", "PloverCheck", "SoftRDMA", "soft-rdma-peer",
+                "RDMAPaxos", "PloverCheck", "SoftRDMA", "VerbsTestSupport", "soft-rdma-peer",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "Prometheus", package: "swift-prometheus"),
             ]),
-        .testTarget(name: "VMReplicaTests", dependencies: ["VMReplica"]),
+        .testTarget(name: "VMReplicaTests", dependencies: ["VMReplica", "VerbsTestSupport"]),
         // Real `plover node` processes on loopback (kill -9, SIGSTOP, restarts).
         // Also libinterpose.so: C programs built by the tests (a replica, a stand-in for a patched
         // QEMU) and Redis under LD_PRELOAD.

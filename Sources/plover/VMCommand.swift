@@ -59,7 +59,8 @@ func runVMReplica(_ role: VMReplicator.Role?, configPath: String) async throws {
         guard let keyPath = c.clusterKeyFile else { throw CLIError("\(configPath): cluster_key_file is required") }
         let key: ClusterKey
         do { key = try ClusterKey.load(path: keyPath) } catch { throw CLIError(error.description) }
-        let a = VMReplicator(role: role, me: c.id, config: vm, clusterKey: key, logger: logger)
+        let link = SyncLink.configured(c, clusterKey: key, logger: logger)
+        let a = VMReplicator(role: role, me: c.id, config: vm, clusterKey: key, logger: logger, syncLink: link)
         replicator = a
         machine = a.inputLog
     } else {
@@ -85,7 +86,7 @@ func runVMReplica(_ role: VMReplicator.Role?, configPath: String) async throws {
             server.stop()
             throw CLIError("VM replica \(c.id): cannot open the front: \(error)")
         }
-        logger.info("vm \(replicator.role.rawValue) \(c.id) serving: front on \(replicator.config.frontAddress), syncvm on \(replicator.config.syncAddress), peers on \(c.me.address)")
+        logger.info("vm \(replicator.role.rawValue) \(c.id) serving: front on \(replicator.config.frontAddress), syncvm on \(replicator.config.syncAddress) over \(replicator.syncLink.kind), peers on \(c.me.address)")
     } else {
         logger.info("vm witness \(c.id) serving: peers on \(c.me.address)")
     }

@@ -192,6 +192,19 @@ import Testing
         #expect(collect(a.completions, count: 1).map(\.status) == [.remoteAccessError])
     }
 
+    /// Every fabric with a cluster key refuses a peer that holds another one (the memory fabric
+    /// has none). On an RDMA machine this runs both verbs connect paths on the device.
+    @Test(arguments: FabricKind.allCases.filter { $0 != .memory })
+    func aPeerWithAnotherClusterKeyCannotConnect(kind: FabricKind) async throws {
+        let world = FabricWorld(kind)
+        let b = try world.fabric(2)
+        let a = try world.fabric(1, key: Array("another cluster's key, 32 bytes!".utf8))
+        defer { a.close(); b.close() }
+        let address = try await b.listen(at: world.listenAddress(2), exporting: try b.registerRegion(lengthBytes: 4096))
+        let regionA = try a.registerRegion(lengthBytes: 64)
+        await #expect(throws: FabricError.self) { _ = try await a.connect(to: address, exporting: regionA) }
+    }
+
     @Test func wrappingNothingIsRefused() throws {
         let f = MemoryFabric(node: 1, network: MemoryNetwork())
         defer { f.close() }

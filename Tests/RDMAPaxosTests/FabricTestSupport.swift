@@ -1,6 +1,8 @@
 import Foundation
+import Logging
 import Synchronization
 import Testing
+import VerbsTestSupport
 @testable import RDMAPaxos
 
 #if canImport(Glibc)
@@ -58,20 +60,24 @@ final class FabricWorld: Sendable {
     let softLedger = SoftVerbsLedger()
     init(_ kind: FabricKind) { self.kind = kind }
 
-    func softVerbs(ethernet: Bool = false) throws -> SoftVerbs {
+    /// The shared suites run the software device with a random read delay of up to this long, so
+    /// a staging slot the fabric reused before its write completed would send the wrong bytes.
+    static let softReadDelayMicroseconds: UInt32 = 50
+
+    func softVerbs(ethernet: Bool = false, readDelayMicroseconds: UInt32 = FabricWorld.softReadDelayMicroseconds) throws -> SoftVerbs {
         let subnet = try self.subnet.withLock { s in
             if let s { return s }
             let fresh = try SoftSubnet()
             s = fresh
             return fresh
         }
-        return SoftVerbs(subnet: subnet, ethernet: ethernet, ledger: softLedger)
+        return SoftVerbs(subnet: subnet, ethernet: ethernet, ledger: softLedger, readDelayMicroseconds: readDelayMicroseconds)
     }
 
     func fabric(_ node: NodeID, key: [UInt8] = testClusterKey, members: Set<NodeID> = testMembers,
                 outstandingWritesMax: Int = 1024) throws -> any Fabric {
         func verbs(_ connection: VerbsFabric.Configuration.Connection) -> VerbsFabric.Configuration {
-            .init(deviceName: RDMAHardware.deviceName, connection: connection, members: members,
+            .init(clusterKey: key, deviceName: RDMAHardware.deviceName, connection: connection, members: members,
                   outstandingWritesMax: outstandingWritesMax)
         }
         return switch kind {
@@ -80,7 +86,7 @@ final class FabricWorld: Sendable {
                                                                   outstandingWritesMax: outstandingWritesMax,
                                                                   handshakeTimeout: .seconds(3)))
         case .verbs:
-            try VerbsFabric(node: node, configuration: .init(connection: .outOfBand, members: members,
+            try VerbsFabric(node: node, configuration: .init(clusterKey: key, connection: .outOfBand, members: members,
                                                              outstandingWritesMax: outstandingWritesMax),
                             driver: try softVerbs())
         case .verbsHardware: try VerbsFabric(node: node, configuration: verbs(.outOfBand))
@@ -174,7 +180,7 @@ final class RawClient {
     /// Half-closes the connection: the server sees end of stream after what was sent.
     func finishSending() { _ = Glibc.shutdown(fd, Int32(SHUT_WR)) }
 
-    private func read(_ n: Int) -> [UInt8]? {
+    func read(_ n: Int) -> [UInt8]? {
         var out = [UInt8](repeating: 0, count: n)
         var got = 0
         while got < n {
@@ -204,5 +210,35 @@ final class RawClient {
         var w = ByteWriter()
         w.u32(UInt32(body.count + 1)); w.u8(type); w.raw(body)
         return w.bytes
+    }
+}
+
+/// A `LogHandler` that keeps every message, for tests that check what a component logged (a
+/// refused peer must be named in the log).
+struct CapturedLog: LogHandler {
+    final class Lines: Sendable {
+        private let lines = Mutex<[String]>([])
+        func append(_ line: String) { lines.withLock { $0.append(line) } }
+        var all: [String] { lines.withLock { $0 } }
+        func contains(_ fragment: String) -> Bool { all.contains { $0.contains(fragment) } }
+    }
+
+    let lines = Lines()
+    var metadata: Logger.Metadata = [:]
+    var logLevel: Logger.Level = .trace
+
+    subscript(metadataKey key: String) -> Logger.Metadata.Value? {
+        get { metadata[key] }
+        set { metadata[key] = newValue }
+    }
+
+    func log(event: LogEvent) {
+        lines.append("\(event.level) \(event.message)")
+    }
+
+    /// A logger writing here, and the lines it wrote.
+    static func logger() -> (Logger, Lines) {
+        let handler = CapturedLog()
+        return (Logger(label: "test") { _ in handler }, handler.lines)
     }
 }

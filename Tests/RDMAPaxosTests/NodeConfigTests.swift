@@ -39,10 +39,29 @@ import RDMAPaxos
         #expect(c.membership.voting == [1, 2, 3])
         #expect(c.membership.member(3)?.role == .witness && c.membership.member(3)?.priority == 0)
         #expect(c.membership.member(1)?.priority == 2)
-        #expect(c.verbsConnection == .connectionManager)
+        #expect(c.verbsConnection == .outOfBand && !c.verbsConnectionSet)
         let outOfBand = try NodeConfig.parse(Self.good.replacingOccurrences(of: "fabric = \"tcp\"", with: "fabric = \"verbs\"\nverbs_connect = \"tcp\""),
                                              file: "c.toml")
         #expect(outOfBand.fabric == .verbs && outOfBand.verbsConnection == .outOfBand)
+        let cm = try NodeConfig.parse(Self.good.replacingOccurrences(of: "fabric = \"tcp\"", with: "verbs_connect = \"rdma_cm\""), file: "c.toml")
+        #expect(cm.fabric == .auto && cm.verbsConnection == .connectionManager)
+    }
+
+    /// A file that may run verbs and leaves `verbs_connect` out relied on the old default (rdma_cm):
+    /// one warning line. Setting the key either way, or `fabric = "tcp"`, silences it.
+    @Test func relyingOnTheOldVerbsConnectDefaultWarnsOnce() throws {
+        func parse(_ fabricLines: String) throws -> NodeConfig {
+            try NodeConfig.parse(Self.good.replacingOccurrences(of: "fabric = \"tcp\"", with: fabricLines), file: "c.toml")
+        }
+        for lines in ["fabric = \"auto\"", "fabric = \"verbs\"", ""] {
+            let warning = try #require(try parse(lines).verbsConnectWarning, "no warning for \(lines)")
+            #expect(!warning.contains("\n"))
+            #expect(warning.hasPrefix("verbs_connect is not set: verbs queue pairs connect out of band over TCP"))
+            #expect(warning.contains("verbs_connect = \"rdma_cm\" (hardware only"))
+        }
+        for lines in ["fabric = \"tcp\"", "fabric = \"auto\"\nverbs_connect = \"tcp\"", "fabric = \"verbs\"\nverbs_connect = \"rdma_cm\""] {
+            #expect(try parse(lines).verbsConnectWarning == nil, "a warning for \(lines)")
+        }
     }
 
     @Test(arguments: [

@@ -2,6 +2,7 @@ import CVerbs
 import Foundation
 import PloverCheck
 import SoftRDMA
+import VerbsTestSupport
 import Testing
 @testable import RDMAPaxos
 
@@ -32,7 +33,7 @@ private let noRDMADevice = (try? VerbsProbe.deviceNames()) == nil
 
     @Test(.enabled(if: noRDMADevice))
     func openingTheFabricWithoutADeviceThrowsInsteadOfCrashing() {
-        #expect(throws: VerbsError.self) { try VerbsFabric(node: 1, configuration: .init(members: [1, 2])) }
+        #expect(throws: VerbsError.self) { try VerbsFabric(node: 1, configuration: .init(clusterKey: testClusterKey, members: [1, 2])) }
     }
 
     @Test(.enabled(if: noRDMADevice))
@@ -58,22 +59,6 @@ private let noRDMADevice = (try? VerbsProbe.deviceNames()) == nil
 
 /// The out-of-band connect path, addressing and object lifetimes, over the software RDMA device.
 @Suite(.timeLimit(.minutes(1))) struct VerbsOverSoftDeviceTests {
-    @Test func outOfBandHelloRoundTripsAndRefusesMalformedBytes() {
-        let port = VerbsPortAddress(lid: 7, gid: Array(0..<16), ethernet: true, mtu: IBV_MTU_4096.rawValue)
-        let region = RemoteRegion(node: 1, base: 0x7F00_0000_1000, key: 0xDEAD_BEEF, lengthBytes: 1 << 20)
-        let hello = OutOfBandHello(kind: .request, from: 1, to: 2, endpoint: VerbsEndpoint(queuePair: 0x12345, psn: 0xABCDE, port: port),
-                                   descriptor: VerbsFabric.privateData(node: 1, region: region))
-        let bytes = hello.encoded()
-        #expect(bytes.count == OutOfBandHello.bytes)
-        #expect(OutOfBandHello.decode(bytes) == hello)
-        #expect(OutOfBandHello.decode(Array(bytes.dropLast())) == nil)
-        for (offset, value) in [(0, 0), (5, 2), (6, 3), (7, 2), (16, 1), (26, 0), (27, 1)] as [(Int, UInt8)] {
-            var bad = bytes
-            bad[offset] = value
-            #expect(OutOfBandHello.decode(bad) == nil, "byte \(offset) = \(value) was accepted")
-        }
-    }
-
     /// Two processes on one subnet: this one through `VerbsFabric`'s queue pair, the other
     /// (`soft-rdma-peer`) through the raw verbs calls. Writes land both ways with their immediates,
     /// and once the peer process is killed, a write to it fails instead of waiting forever.
@@ -81,7 +66,7 @@ private let noRDMADevice = (try? VerbsProbe.deviceNames()) == nil
         let driver = try FabricWorld(.verbs).softVerbs()
         // It waits on the peer's output: on a thread of its own, not the test pool's.
         try await onOwnThread {
-            let fabric = try VerbsFabric(node: 1, configuration: .init(connection: .outOfBand, members: [1, 2]), driver: driver)
+            let fabric = try VerbsFabric(node: 1, configuration: .init(clusterKey: testClusterKey, connection: .outOfBand, members: [1, 2]), driver: driver)
             defer { fabric.close() }
             let region = try fabric.registerRegion(lengthBytes: 4096)
             let peer = try Child(try builtExecutable("soft-rdma-peer"), [driver.subnet.path], withInput: true)
@@ -120,7 +105,7 @@ private let noRDMADevice = (try? VerbsProbe.deviceNames()) == nil
     @Test func roceQueuePairsAreAddressedByGID() async throws {
         let world = FabricWorld(.verbs)
         let roce = try world.softVerbs(ethernet: true)
-        let config = VerbsFabric.Configuration(connection: .outOfBand, members: [1, 2, 3])
+        let config = VerbsFabric.Configuration(clusterKey: testClusterKey, connection: .outOfBand, members: [1, 2, 3])
         let a = try VerbsFabric(node: 1, configuration: config, driver: roce)
         let b = try VerbsFabric(node: 2, configuration: config, driver: roce)
         let ib = try VerbsFabric(node: 3, configuration: config, driver: try world.softVerbs())

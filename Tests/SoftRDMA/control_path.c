@@ -73,8 +73,22 @@ struct ibv_context *soft_rdma_open_device(const char *subnet_path, int ethernet)
     ctx->ibv.num_comp_vectors = 1;
     pthread_mutex_init(&ctx->ibv.mutex, NULL);
     pthread_mutex_init(&ctx->lock, NULL);
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&ctx->work, &ca);
     pthread_rwlock_init(&ctx->mr_lock, NULL);
+    struct timespec seed;
+    clock_gettime(CLOCK_MONOTONIC, &seed);
+    atomic_store(&ctx->random, (uint64_t)seed.tv_nsec ^ (uint64_t)getpid() << 32 ^ (uint64_t)port);
     int rc = pthread_create(&ctx->responder, NULL, soft_responder, ctx);
+    if (!rc) {
+        rc = pthread_create(&ctx->requester, NULL, soft_requester, ctx);
+        if (rc) {
+            atomic_store(&ctx->stopping, true);
+            pthread_join(ctx->responder, NULL);
+        }
+    }
     if (rc) {
         atomic_store(&n->ports[port].live, 0);
         free(ctx);
@@ -92,6 +106,10 @@ int soft_rdma_close_device(struct ibv_context *context) {
     pthread_mutex_unlock(&ctx->lock);
     if (busy) return EBUSY;
     atomic_store(&ctx->stopping, true);
+    pthread_mutex_lock(&ctx->lock);
+    pthread_cond_signal(&ctx->work);
+    pthread_mutex_unlock(&ctx->lock);
+    pthread_join(ctx->requester, NULL);
     pthread_join(ctx->responder, NULL);
     atomic_store(&ctx->net->ports[ctx->port].live, 0);
     munmap(ctx->net, SUBNET_BYTES);
@@ -147,6 +165,19 @@ int soft_rdma_dealloc_pd(struct ibv_pd *ibpd) {
     return 0;
 }
 
+/// The bytes of the whole pages `length` bytes at `addr` touch.
+static uint64_t pinned_bytes(const void *addr, size_t length) {
+    uint64_t page = (uint64_t)sysconf(_SC_PAGESIZE), start = (uint64_t)(uintptr_t)addr;
+    return ((start + length + page - 1) / page - start / page) * page;
+}
+
+void soft_rdma_set_memlock_limit(struct ibv_context *context, uint64_t bytes) {
+    struct soft_context *ctx = context_of(context);
+    pthread_rwlock_wrlock(&ctx->mr_lock);
+    ctx->memlock_limit = bytes;
+    pthread_rwlock_unlock(&ctx->mr_lock);
+}
+
 struct ibv_mr *soft_rdma_reg_mr(struct ibv_pd *ibpd, void *addr, size_t length, int access) {
     struct soft_context *ctx = context_of(ibpd->context);
     // Remote write needs local write (IB spec; hardware refuses it too).
@@ -163,10 +194,21 @@ struct ibv_mr *soft_rdma_reg_mr(struct ibv_pd *ibpd, void *addr, size_t length, 
                               .handle = key, .lkey = key, .rkey = key};
     mr->access = access;
     pthread_rwlock_wrlock(&ctx->mr_lock);
+    // Pinning counts whole pages, as the kernel does against RLIMIT_MEMLOCK; over the limit
+    // ibv_reg_mr fails with ENOMEM (a process with CAP_IPC_LOCK, like the tests', has no limit
+    // there: this one is set with soft_rdma_set_memlock_limit).
+    uint64_t pages = pinned_bytes(addr, length);
+    if (ctx->memlock_limit && ctx->pinned + pages > ctx->memlock_limit) {
+        pthread_rwlock_unlock(&ctx->mr_lock);
+        free(mr);
+        errno = ENOMEM;
+        return NULL;
+    }
+    ctx->pinned += pages;
     if (ctx->mr_count == ctx->mr_capacity) {
         int capacity = ctx->mr_capacity ? 2 * ctx->mr_capacity : 16;
         struct soft_mr **grown = realloc(ctx->mrs, (size_t)capacity * sizeof *grown);
-        if (!grown) { pthread_rwlock_unlock(&ctx->mr_lock); free(mr); errno = ENOMEM; return NULL; }
+        if (!grown) { ctx->pinned -= pages; pthread_rwlock_unlock(&ctx->mr_lock); free(mr); errno = ENOMEM; return NULL; }
         ctx->mrs = grown;
         ctx->mr_capacity = capacity;
     }
@@ -185,6 +227,7 @@ int soft_rdma_dereg_mr(struct ibv_mr *ibmr) {
     while (i < ctx->mr_count && ctx->mrs[i] != mr) i++;
     if (i == ctx->mr_count) { pthread_rwlock_unlock(&ctx->mr_lock); return EINVAL; }
     ctx->mrs[i] = ctx->mrs[--ctx->mr_count];
+    ctx->pinned -= pinned_bytes(ibmr->addr, ibmr->length);
     pthread_rwlock_unlock(&ctx->mr_lock);
     atomic_fetch_sub(&((struct soft_pd *)ibmr->pd)->users, 1);
     free(mr);
@@ -338,7 +381,7 @@ int soft_rdma_modify_qp(struct ibv_qp *ibqp, struct ibv_qp_attr *a, int mask) {
         soft_harvest(qp);  // what already landed completes as such; the rest is flushed
         soft_enter_error(qp);
     } else if (a->qp_state == IBV_QPS_RESET) {
-        qp->sq_count = qp->rq_count = 0;
+        qp->sq_count = qp->sq_sent = qp->rq_count = 0;
         atomic_store(&qp->shared->acked, (uint64_t)qp->ibv.qp_num << 40);
         atomic_store(&qp->shared->nak, 0);
         soft_set_state(qp, IBV_QPS_RESET);
@@ -358,6 +401,8 @@ int soft_rdma_destroy_qp(struct ibv_qp *ibqp) {
     pthread_mutex_lock(&qp->lock);     // a responder that found the QP is done with it
     pthread_mutex_unlock(&qp->lock);
     pthread_mutex_unlock(&ctx->lock);
+    pthread_mutex_lock(&qp->send_lock);  // the requester is done sending for it
+    pthread_mutex_unlock(&qp->send_lock);
     soft_set_state(qp, IBV_QPS_RESET);
     atomic_store(&qp->shared->qpn, 0);
     atomic_fetch_sub(&((struct soft_pd *)ibqp->pd)->users, 1);

@@ -1,9 +1,10 @@
-// The data path: posting, completions, and the responder that lands packets.
+// The data path: completions, posted receives, and the responder that lands packets (sending is in
+// requester.c).
 #include "soft_rdma_private.h"
 
 // ---- completions ----
 
-static void cq_push(struct soft_cq *cq, const struct ibv_wc *wc) {
+void soft_cq_push(struct soft_cq *cq, const struct ibv_wc *wc) {
     pthread_mutex_lock(&cq->lock);
     if (cq->count == cq->capacity) cq->overruns++;
     else cq->entries[(cq->head + cq->count++) % cq->capacity] = *wc;
@@ -14,7 +15,7 @@ static void complete_send(struct soft_qp *qp, const struct send_entry *e, enum i
     if (status == IBV_WC_SUCCESS && !e->signaled) return;
     struct ibv_wc wc = {.wr_id = e->wr_id, .status = status, .opcode = IBV_WC_RDMA_WRITE,
                         .byte_len = e->bytes, .qp_num = qp->ibv.qp_num};
-    cq_push(cq_of(qp->ibv.send_cq), &wc);
+    soft_cq_push(cq_of(qp->ibv.send_cq), &wc);
 }
 
 void soft_set_state(struct soft_qp *qp, enum ibv_qp_state s) {
@@ -27,10 +28,11 @@ void soft_enter_error(struct soft_qp *qp) {
     soft_set_state(qp, IBV_QPS_ERR);
     for (; qp->sq_count > 0; qp->sq_count--, qp->sq_head = (qp->sq_head + 1) % (int)qp->cap.max_send_wr)
         complete_send(qp, &qp->sq[qp->sq_head], IBV_WC_WR_FLUSH_ERR);
+    qp->sq_sent = 0;
     for (; qp->rq_count > 0; qp->rq_count--, qp->rq_head = (qp->rq_head + 1) % (int)qp->cap.max_recv_wr) {
         struct ibv_wc wc = {.wr_id = qp->rq[qp->rq_head], .status = IBV_WC_WR_FLUSH_ERR, .opcode = IBV_WC_RECV,
                             .qp_num = qp->ibv.qp_num};
-        cq_push(cq_of(qp->ibv.recv_cq), &wc);
+        soft_cq_push(cq_of(qp->ibv.recv_cq), &wc);
     }
 }
 
@@ -57,6 +59,7 @@ void soft_harvest(struct soft_qp *qp) {
         struct send_entry done = *e;
         qp->sq_head = (qp->sq_head + 1) % (int)qp->cap.max_send_wr;
         qp->sq_count--;
+        if (qp->sq_sent > 0) qp->sq_sent--;  // a dead target fails work not yet sent too
         complete_send(qp, &done, status);
         if (status != IBV_WC_SUCCESS) { soft_enter_error(qp); return; }
     }
@@ -97,147 +100,6 @@ int soft_poll_cq(struct ibv_cq *ibcq, int n, struct ibv_wc *wc) {
     return k;
 }
 
-// ---- the requester ----
-
-/// Copies one packet into `port`'s ring, waiting while the ring is full. False: the target is gone
-/// or stuck.
-static bool ring_push(struct subnet *n, int port, const struct packet *h, const uint8_t *payload) {
-    struct shared_port *p = &n->ports[port];
-    uint8_t *ring = ring_of(n, port);
-    size_t need = packet_stride(h->bytes);
-    lock_shared(&p->lock);
-    size_t at, to_end;
-    for (int waited = 0;; waited += 100) {
-        at = p->head % RING_BYTES;
-        to_end = RING_BYTES - at;
-        size_t total = need <= to_end ? need : to_end + need;
-        if (RING_BYTES - (p->head - p->tail) >= total) break;
-        if (waited >= STUCK_MS || !port_alive(p)) { pthread_mutex_unlock(&p->lock); return false; }
-        wait_shared(&p->writable, &p->lock, 100);
-    }
-    if (need > to_end) {
-        ((struct packet *)(ring + at))->kind = PACKET_PAD;
-        p->head += to_end;
-        at = 0;
-    }
-    memcpy(ring + at, h, sizeof *h);
-    if (h->bytes) memcpy(ring + at + sizeof *h, payload, h->bytes);
-    p->head += need;
-    pthread_cond_signal(&p->readable);
-    pthread_mutex_unlock(&p->lock);
-    return true;
-}
-
-/// Finds the MR with `key` (an lkey or rkey: they are equal here). Caller holds mr_lock.
-static struct soft_mr *find_mr(struct soft_context *ctx, uint32_t key) {
-    for (int i = 0; i < ctx->mr_count; i++)
-        if (ctx->mrs[i]->ibv.rkey == key) return ctx->mrs[i];
-    return NULL;
-}
-
-static bool covers(const struct soft_mr *mr, uint64_t va, uint64_t bytes) {
-    uint64_t base = (uint64_t)(uintptr_t)mr->ibv.addr;
-    return va >= base && bytes <= mr->ibv.length && va - base <= mr->ibv.length - bytes;
-}
-
-/// Local protection: every gathered range lies in an MR of the QP's PD (unless sent inline).
-static bool local_access_ok(struct soft_qp *qp, const struct ibv_send_wr *wr) {
-    if (wr->send_flags & IBV_SEND_INLINE) return true;
-    bool ok = true;
-    pthread_rwlock_rdlock(&qp->ctx->mr_lock);
-    for (int i = 0; ok && i < wr->num_sge; i++) {
-        struct soft_mr *mr = find_mr(qp->ctx, wr->sg_list[i].lkey);
-        ok = mr && mr->ibv.pd == qp->ibv.pd && covers(mr, wr->sg_list[i].addr, wr->sg_list[i].length);
-    }
-    pthread_rwlock_unlock(&qp->ctx->mr_lock);
-    return ok;
-}
-
-/// Marks message `m` failed (if it is still outstanding). Caller holds qp->lock.
-static void fail_message(struct soft_qp *qp, uint64_t m, enum ibv_wc_status status) {
-    for (int i = 0; i < qp->sq_count; i++) {
-        struct send_entry *e = &qp->sq[(qp->sq_head + i) % (int)qp->cap.max_send_wr];
-        if (e->message == m) { e->failed = status; return; }
-    }
-}
-
-/// The target port of this QP's connection, or -1 when no port answers to its address.
-static int route(struct soft_qp *qp) {
-    struct subnet *n = qp->ctx->net;
-    struct shared_qp *d = shared_qp(n, qp->dest_qpn);
-    if (!d) return -1;
-    int port = (int)d->port;
-    if (qp->global) {
-        union ibv_gid gid;
-        gid_of(n, port, &gid);
-        return memcmp(&gid, &qp->dgid, sizeof gid) == 0 ? port : -1;
-    }
-    return !n->ports[port].ethernet && qp->dlid == lid_of(port) ? port : -1;
-}
-
-int soft_post_send(struct ibv_qp *ibqp, struct ibv_send_wr *wr, struct ibv_send_wr **bad_wr) {
-    struct soft_qp *qp = qp_of(ibqp);
-    int rc = 0;
-    pthread_mutex_lock(&qp->send_lock);
-    for (; wr; wr = wr->next) {
-        pthread_mutex_lock(&qp->lock);
-        uint32_t state = atomic_load(&qp->shared->state);
-        if (state != IBV_QPS_RTS && state != IBV_QPS_ERR) rc = EINVAL;
-        else if (wr->opcode != IBV_WR_RDMA_WRITE && wr->opcode != IBV_WR_RDMA_WRITE_WITH_IMM) rc = EINVAL;
-        else if (wr->num_sge < 0 || (uint32_t)wr->num_sge > qp->cap.max_send_sge) rc = EINVAL;
-        else if ((uint32_t)qp->sq_count >= qp->cap.max_send_wr) rc = ENOMEM;
-        if (rc) { pthread_mutex_unlock(&qp->lock); break; }
-        uint64_t total = 0;
-        for (int i = 0; i < wr->num_sge; i++) total += wr->sg_list[i].length;
-        struct send_entry *e = &qp->sq[(qp->sq_head + qp->sq_count++) % (int)qp->cap.max_send_wr];
-        *e = (struct send_entry){.wr_id = wr->wr_id, .message = ++qp->next_message, .bytes = (uint32_t)total,
-                                 .signaled = qp->signal_all || (wr->send_flags & IBV_SEND_SIGNALED),
-                                 .failed = IBV_WC_SUCCESS};
-        clock_gettime(CLOCK_MONOTONIC, &e->posted);
-        if (state == IBV_QPS_ERR) { soft_enter_error(qp); pthread_mutex_unlock(&qp->lock); continue; }
-        int port = route(qp);
-        if (!local_access_ok(qp, wr)) e->failed = IBV_WC_LOC_PROT_ERR;
-        else if (total > (1u << 31)) e->failed = IBV_WC_LOC_LEN_ERR;
-        else if (port < 0) e->failed = IBV_WC_RETRY_EXC_ERR;  // nobody answers at that address
-        if (e->failed != IBV_WC_SUCCESS) { pthread_mutex_unlock(&qp->lock); continue; }
-        uint32_t packets = total == 0 ? 1 : (uint32_t)((total + qp->mtu_bytes - 1) / qp->mtu_bytes);
-        struct packet h = {.kind = PACKET_DATA, .dest_qpn = qp->dest_qpn, .src_qpn = qp->ibv.qp_num,
-                           .psn = qp->next_psn, .message = e->message, .va = wr->wr.rdma.remote_addr,
-                           .message_va = wr->wr.rdma.remote_addr, .message_bytes = (uint32_t)total,
-                           .rkey = wr->wr.rdma.rkey,
-                           .imm = wr->opcode == IBV_WR_RDMA_WRITE_WITH_IMM ? wr->imm_data : 0};
-        qp->next_psn = (qp->next_psn + packets) & PSN_MASK;
-        uint32_t mtu = qp->mtu_bytes;
-        pthread_mutex_unlock(&qp->lock);
-
-        // Gather now (hardware reads the buffers later; callers may not touch them before the
-        // completion either way), then send the packets holding only the send lock.
-        uint8_t *payload = malloc(total ? total : 1);
-        if (!payload) { rc = ENOMEM; break; }
-        size_t at = 0;
-        for (int i = 0; i < wr->num_sge; at += wr->sg_list[i].length, i++)
-            memcpy(payload + at, (void *)(uintptr_t)wr->sg_list[i].addr, wr->sg_list[i].length);
-        for (uint32_t i = 0; i < packets; i++) {
-            uint64_t offset = (uint64_t)i * mtu;
-            h.bytes = (uint32_t)(total - offset < mtu ? total - offset : mtu);
-            h.flags = (i == 0 ? FIRST : 0) | (i == packets - 1 ? LAST : 0) |
-                      (wr->opcode == IBV_WR_RDMA_WRITE_WITH_IMM ? WITH_IMM : 0);
-            h.va = wr->wr.rdma.remote_addr + offset;
-            if (!ring_push(qp->ctx->net, port, &h, payload + offset)) {
-                pthread_mutex_lock(&qp->lock);
-                fail_message(qp, h.message, IBV_WC_RETRY_EXC_ERR);
-                pthread_mutex_unlock(&qp->lock);
-                break;
-            }
-            h.psn = (h.psn + 1) & PSN_MASK;
-        }
-        free(payload);
-    }
-    pthread_mutex_unlock(&qp->send_lock);
-    if (rc) *bad_wr = wr;
-    return rc;
-}
-
 int soft_post_recv(struct ibv_qp *ibqp, struct ibv_recv_wr *wr, struct ibv_recv_wr **bad_wr) {
     struct soft_qp *qp = qp_of(ibqp);
     int rc = 0;
@@ -257,14 +119,25 @@ int soft_post_recv(struct ibv_qp *ibqp, struct ibv_recv_wr *wr, struct ibv_recv_
 
 // ---- the responder ----
 
+struct soft_mr *soft_find_mr(struct soft_context *ctx, uint32_t key) {
+    for (int i = 0; i < ctx->mr_count; i++)
+        if (ctx->mrs[i]->ibv.rkey == key) return ctx->mrs[i];
+    return NULL;
+}
+
+bool soft_covers(const struct soft_mr *mr, uint64_t va, uint64_t bytes) {
+    uint64_t base = (uint64_t)(uintptr_t)mr->ibv.addr;
+    return va >= base && bytes <= mr->ibv.length && va - base <= mr->ibv.length - bytes;
+}
+
 /// Checks the rkey, PD, access and bounds, and lands the packet's bytes.
 static bool land(struct soft_qp *qp, const struct packet *h, const uint8_t *payload) {
     if (!(qp->access & IBV_ACCESS_REMOTE_WRITE)) return false;
     if (h->message_bytes == 0) return true;
     pthread_rwlock_rdlock(&qp->ctx->mr_lock);
-    struct soft_mr *mr = find_mr(qp->ctx, h->rkey);
+    struct soft_mr *mr = soft_find_mr(qp->ctx, h->rkey);
     bool ok = mr && mr->ibv.pd == qp->ibv.pd && (mr->access & IBV_ACCESS_REMOTE_WRITE) &&
-              (!(h->flags & FIRST) || covers(mr, h->message_va, h->message_bytes)) && covers(mr, h->va, h->bytes);
+              (!(h->flags & FIRST) || soft_covers(mr, h->message_va, h->message_bytes)) && soft_covers(mr, h->va, h->bytes);
     if (ok && h->bytes) memcpy((void *)(uintptr_t)h->va, payload, h->bytes);
     pthread_rwlock_unlock(&qp->ctx->mr_lock);
     return ok;
@@ -304,7 +177,7 @@ static bool deliver(struct soft_context *ctx, const struct packet *h, const uint
                                     .wc_flags = IBV_WC_WITH_IMM};
                 qp->rq_head = (qp->rq_head + 1) % (int)qp->cap.max_recv_wr;
                 qp->rq_count--;
-                cq_push(cq_of(qp->ibv.recv_cq), &wc);
+                soft_cq_push(cq_of(qp->ibv.recv_cq), &wc);
             }
             ack(src, h);
         }

@@ -2,14 +2,17 @@
 //
 // The subnet file holds, for every port, a packet ring with a process-shared (robust) mutex, and
 // for every QP number a shared slot: its state and two words its peer's responder writes — the
-// last message that landed (`acked`) and the first that failed (`nak`). A poster copies its
-// packets into the target port's ring; the target context's responder thread checks and lands
-// them and writes the ack into the sender's slot; the sender's `poll_cq` turns acks into
-// completions. One mechanism serves QPs in one process and across processes.
+// last message that landed (`acked`) and the first that failed (`nak`). A poster queues its work
+// request (the gather list, not the bytes); the context's requester thread later reads the source
+// bytes straight into the target port's ring, as a NIC reads them by DMA after the post (so a
+// buffer reused before its completion sends the new bytes); the target context's responder thread
+// checks and lands the packets and writes the ack into the sender's slot; the sender's `poll_cq`
+// turns acks into completions. One mechanism serves QPs in one process and across processes.
 //
-// Lock order: context → QP → CQ; a port ring's lock and the MR lock are taken alone or last.
-// A QP's send lock serializes its posters and is never taken by the responder, so a poster may
-// wait for ring space without blocking the completions it waits for.
+// Lock order: context → QP → CQ; context → a QP's send lock; a port ring's lock, then the MR
+// lock; each taken alone or in that order. A QP's send lock is held by the requester while it
+// transmits (it may wait for ring space then) and by `destroy_qp` to wait for that; neither the
+// responder nor a poster takes it, so waiting for ring space blocks no completion.
 #ifndef SOFT_RDMA_PRIVATE_H
 #define SOFT_RDMA_PRIVATE_H
 
@@ -107,6 +110,15 @@ struct send_entry {
     bool signaled;
     enum ibv_wc_status failed;           // set when it failed before reaching the target
     struct timespec posted;
+    struct timespec due;                 // not read before this (the optional read delay)
+    // What the requester needs to transmit it later. The gather list is kept, not its bytes: they
+    // are read when the packets go out.
+    int port;                            // the target port, routed at post time
+    uint32_t psn, packets, imm, rkey;
+    bool with_imm;
+    uint64_t remote_addr;
+    int num_sge;
+    struct ibv_sge sge[SGE_MAX];
 };
 
 struct soft_context;
@@ -125,6 +137,7 @@ struct soft_qp {
     uint64_t next_message;
     struct send_entry *sq;
     int sq_head, sq_count;
+    int sq_sent;                         // the first sq_sent entries from sq_head were transmitted
     uint64_t *rq;
     int rq_head, rq_count;
 };
@@ -134,8 +147,12 @@ struct soft_context {
     struct ibv_device device;
     struct subnet *net;
     int port;
-    pthread_t responder;
+    pthread_t responder, requester;
     _Atomic bool stopping;
+    pthread_cond_t work;                 // with `lock`: a poster queued work for the requester
+    _Atomic uint32_t read_delay_us;      // soft_rdma_set_read_delay
+    _Atomic uint64_t random;             // splitmix64 state for the read delays
+    uint64_t memlock_limit, pinned;      // bytes, under mr_lock; a limit of 0: none
     pthread_rwlock_t mr_lock;            // readers land bytes; deregistration writes
     struct soft_mr **mrs;
     int mr_count, mr_capacity;
@@ -199,10 +216,18 @@ SOFT_HIDDEN void soft_set_state(struct soft_qp *qp, enum ibv_qp_state s);
 SOFT_HIDDEN void soft_harvest(struct soft_qp *qp);
 /// ERR: every outstanding send and posted receive completes flushed. Caller holds qp->lock.
 SOFT_HIDDEN void soft_enter_error(struct soft_qp *qp);
+/// Marks message `m` failed (if it is still outstanding). Caller holds qp->lock.
+SOFT_HIDDEN void soft_fail_message(struct soft_qp *qp, uint64_t m, enum ibv_wc_status status);
 SOFT_HIDDEN int soft_post_send(struct ibv_qp *qp, struct ibv_send_wr *wr, struct ibv_send_wr **bad_wr);
 SOFT_HIDDEN int soft_post_recv(struct ibv_qp *qp, struct ibv_recv_wr *wr, struct ibv_recv_wr **bad_wr);
 SOFT_HIDDEN int soft_poll_cq(struct ibv_cq *cq, int n, struct ibv_wc *wc);
 /// A context's responder thread: executes the packets that arrive at its port.
 SOFT_HIDDEN void *soft_responder(void *context);
+/// A context's requester thread: reads posted WRITEs' source bytes and sends their packets.
+SOFT_HIDDEN void *soft_requester(void *context);
+/// Finds the MR with `key` (an lkey or rkey: they are equal here). Caller holds mr_lock.
+SOFT_HIDDEN struct soft_mr *soft_find_mr(struct soft_context *ctx, uint32_t key);
+SOFT_HIDDEN bool soft_covers(const struct soft_mr *mr, uint64_t va, uint64_t bytes);
+SOFT_HIDDEN void soft_cq_push(struct soft_cq *cq, const struct ibv_wc *wc);
 
 #endif

@@ -6,7 +6,7 @@ import Testing
 @testable import VMReplica
 
 @Suite(.timeLimit(.minutes(1))) struct FabricSyncChannelTests {
-    static let fabrics: [SyncTransport] = [.memoryFabric, .tcpFabric]
+    static let fabrics = SyncTransport.fabrics
 
     @Test(arguments: fabrics)
     func pageBatchesLandInTheBackupsOwnGuestMemoryAtTheirOffsets(over transport: SyncTransport) async throws {

@@ -29,7 +29,7 @@ import Testing
     }
 
     /// The same accounting over a fabric: frames in the mailbox rings, pages as one-sided WRITEs.
-    @Test(arguments: [SyncTransport.memoryFabric, .tcpFabric],
+    @Test(arguments: SyncTransport.fabrics,
           [(11 as UInt64, 0.02, 1), (12, 0.2, 7), (13, 0.9, SyncWire.hashesPerFrameMax)])
     func bytesOverAFabricAreDivergentPagesPlusExactFramesPlusRecordOverhead(
         over transport: SyncTransport, scenario: (UInt64, Double, Int)

@@ -1,8 +1,10 @@
 // Shared fixtures: seeded randomness, guest-memory images with a known dirtying history, and
 // a runner that drives both ends of a sync at once.
 
+import Foundation
 import RDMAPaxos
 import Testing
+import VerbsTestSupport
 @testable import VMReplica
 
 // Seeded pages use the core's `SeededRandom` (SplitMix64): a failing seed reproduces.
@@ -84,6 +86,18 @@ enum SyncTransport: String, CaseIterable, Sendable, CustomTestStringConvertible 
     case memoryFabric
     /// `FabricSyncChannel` over `TCPFabric` on loopback.
     case tcpFabric
+    /// `FabricSyncChannel` over `VerbsFabric` on the software RDMA device (connected out of band,
+    /// sized by `SyncLink.verbsFabricConfiguration`, each WRITE read up to 50 µs after its post).
+    case verbsFabric
+    /// The same on a real RDMA device (`make test-rdma`; `PLOVER_RDMA_DEVICE` picks one): only
+    /// where `ibv_get_device_list` finds a device.
+    case verbsHardware = "verbs-hardware"
+
+    static var allCases: [SyncTransport] {
+        [.inMemory, .memoryFabric, .tcpFabric, .verbsFabric] + ((try? VerbsProbe.deviceNames()) == nil ? [] : [.verbsHardware])
+    }
+    /// The fabric transports (every case but `inMemory`).
+    static var fabrics: [SyncTransport] { allCases.filter { $0 != .inMemory } }
     var testDescription: String { rawValue }
 }
 
@@ -109,7 +123,8 @@ func runSync(primary: GuestMemory, primaryDirty: DirtyBitmap,
              backup: GuestMemory, backupDirty: DirtyBitmap,
              state: any SyncStateStore = MemorySyncStateStore(),
              options: SyncOptions = SyncOptions(), faults: InMemorySyncChannel.Faults = .init(),
-             session: UInt64 = 7, seed: UInt64 = 42, over transport: SyncTransport = .inMemory) async -> SyncRun {
+             session: UInt64 = 7, seed: UInt64 = 42, over transport: SyncTransport = .inMemory,
+             channel: FabricSyncChannel.Configuration = testFabricConfiguration) async -> SyncRun {
     let p = SyncPrimary(memory: primary, pool: PageHashPool(threadCount: 2), options: options)
     let b = SyncBackup(memory: backup, pool: PageHashPool(threadCount: 2), state: state, options: options)
     guard transport != .inMemory else {
@@ -119,7 +134,7 @@ func runSync(primary: GuestMemory, primaryDirty: DirtyBitmap,
         let br = await backupSide
         return SyncRun(primary: pr, backup: br, counters: pc.counters)
     }
-    var configuration = testFabricConfiguration
+    var configuration = channel
     configuration.faults = FabricSyncChannel.Faults(cutAfterPages: faults.cutAfterPages, cutAfterFrames: faults.cutAfterFrames)
     let link: FabricLink
     do {
@@ -152,7 +167,7 @@ struct FabricLink {
     var primary: FabricSyncChannel
     var backup: FabricSyncChannel
 
-    static func fabrics(_ transport: SyncTransport) throws -> (any Fabric, any Fabric) {
+    static func fabrics(_ transport: SyncTransport, channel: FabricSyncChannel.Configuration) throws -> (any Fabric, any Fabric) {
         switch transport {
         case .inMemory, .memoryFabric:
             let network = MemoryNetwork()
@@ -160,13 +175,23 @@ struct FabricLink {
         case .tcpFabric:
             let c = TCPFabric.Configuration(clusterKey: testClusterKey, members: [1, 2])
             return (try TCPFabric(node: 1, configuration: c), try TCPFabric(node: 2, configuration: c))
+        case .verbsFabric:
+            let driver = SoftVerbs(subnet: try SoftSubnet(), readDelayMicroseconds: 50)
+            let c = SyncLink.verbsFabricConfiguration(clusterKey: try ClusterKey(bytes: testClusterKey), connection: .outOfBand,
+                                                      members: [1, 2], channel: channel)
+            return (try VerbsFabric(node: 1, configuration: c, driver: driver), try VerbsFabric(node: 2, configuration: c, driver: driver))
+        case .verbsHardware:
+            var c = SyncLink.verbsFabricConfiguration(clusterKey: try ClusterKey(bytes: testClusterKey), connection: .outOfBand,
+                                                      members: [1, 2], channel: channel)
+            c.deviceName = ProcessInfo.processInfo.environment["PLOVER_RDMA_DEVICE"]
+            return (try VerbsFabric(node: 1, configuration: c), try VerbsFabric(node: 2, configuration: c))
         }
     }
 
     static func make(_ transport: SyncTransport, backup memory: GuestMemory,
                      configuration: FabricSyncChannel.Configuration = testFabricConfiguration,
                      backupConfiguration: FabricSyncChannel.Configuration? = nil) async throws -> FabricLink {
-        let (pf, bf) = try fabrics(transport)
+        let (pf, bf) = try fabrics(transport, channel: configuration)
         do {
             let pe = try await FabricSyncChannel.Endpoint.primary(
                 fabric: pf, listenAt: PeerAddress(node: 1, host: "127.0.0.1", port: 0), configuration: configuration)

@@ -37,10 +37,13 @@ public final class RingTransport: MessageTransport {
         /// Request a writer completion every this many records (selective signalling).
         public var signalEveryWrites: Int
 
+        /// The default `ringBytes`: 1 MiB.
+        public static let defaultRingBytes = 1 << 20
+
         /// A configuration with 1 MiB rings, a 2 ms poll interval, reconnect backoff from 10 ms to
         /// 1 s and a signalled write every 32 records by default.
         public init(listenAddress: PeerAddress, cluster: [NodeID], peerAddresses: [PeerAddress] = [],
-                    ringBytes: Int = 1 << 20, limits: WireCodec.Limits = .standard,
+                    ringBytes: Int = defaultRingBytes, limits: WireCodec.Limits = .standard,
                     pollInterval: Duration = .milliseconds(2), reconnectDelayMin: Duration = .milliseconds(10),
                     reconnectDelayMax: Duration = .seconds(1), signalEveryWrites: Int = 32) {
             self.listenAddress = listenAddress

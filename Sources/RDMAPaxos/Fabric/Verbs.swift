@@ -1,4 +1,5 @@
 import CVerbs
+import Synchronization
 
 #if canImport(Glibc)
 import Glibc
@@ -62,9 +63,9 @@ public enum VerbsProbe {
 }
 
 /// Return-code checks for every verbs call: one place that turns C failures into `VerbsError`.
-enum Verbs {
+package enum Verbs {
     /// Verbs calls return 0 or an errno (some return -1 and set errno).
-    static func check(_ rc: Int32, _ operation: String) throws(VerbsError) {
+    package static func check(_ rc: Int32, _ operation: String) throws(VerbsError) {
         guard rc != 0 else { return }
         let code = rc > 0 ? rc : errno
         throw VerbsError(operation: operation, code: code, message: "\(operation) failed (\(VerbsError.explain(code)))")
@@ -82,7 +83,7 @@ enum Verbs {
         return withUnsafeMutablePointer(to: &sin) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { body($0) } }
     }
 
-    static func check<T>(_ p: T?, _ operation: String) throws(VerbsError) -> T {
+    package static func check<T>(_ p: T?, _ operation: String) throws(VerbsError) -> T {
         guard let p else {
             let code = errno
             throw VerbsError(operation: operation, code: code, message: "\(operation) failed (\(VerbsError.explain(code)))")
@@ -116,6 +117,8 @@ final class VerbsDevice: @unchecked Sendable {
     let port: UInt8
     let gidIndex: Int32
     let address: VerbsPortAddress
+    /// Bytes of the registrations alive now, in whole pages (what counts against RLIMIT_MEMLOCK).
+    let pinnedBytes = Mutex<UInt64>(0)
 
     init(driver: any VerbsDriver, name wanted: String?, port: UInt8, gidIndex: Int32,
          completionQueueEntries: Int32) throws(VerbsError) {
@@ -157,10 +160,23 @@ final class VerbsDevice: @unchecked Sendable {
     }
 
     /// Registers `bytes` at `base` for local writes and, with `remoteWrite`, for peers' WRITEs.
+    /// A registration the memlock limit refuses says so, with the limit, what is pinned already
+    /// and how to raise it.
     func register(_ base: UnsafeMutableRawPointer, lengthBytes: Int, remoteWrite: Bool = true) throws(VerbsError) -> VerbsRegistration {
         let access = remoteWrite ? Int32(IBV_ACCESS_LOCAL_WRITE.rawValue | IBV_ACCESS_REMOTE_WRITE.rawValue) : 0
-        let mr = try Verbs.check(driver.registerMemory(protectionDomain, base, lengthBytes, access), "ibv_reg_mr")
-        return VerbsRegistration(mr, device: self)
+        errno = 0
+        let bytes = VerbsMemoryBudget.pages(UInt64(lengthBytes))
+        guard let mr = driver.registerMemory(protectionDomain, base, lengthBytes, access) else {
+            let code = errno
+            let pinned = pinnedBytes.withLock { $0 }
+            guard code == ENOMEM || code == EPERM || code == EAGAIN else {
+                throw VerbsError(operation: "ibv_reg_mr", code: code, message: "ibv_reg_mr of \(lengthBytes) bytes failed (\(VerbsError.explain(code)))")
+            }
+            throw VerbsError(operation: "ibv_reg_mr", code: code,
+                             message: "cannot register \(MemlockLimit.format(bytes)) with \(name) (ibv_reg_mr: \(VerbsError.explain(code))): this process may pin \(driver.memlockLimit()) and has \(MemlockLimit.format(pinned)) pinned already; \(MemlockLimit.advice) (`plover doctor --config FILE` says how much a node pins)")
+        }
+        pinnedBytes.withLock { $0 += bytes }
+        return VerbsRegistration(mr, bytes: bytes, device: self)
     }
 
     /// Polls up to `wcs.count` work completions (`ibv_poll_cq` is inline in the header: no syscall).
@@ -174,12 +190,16 @@ final class VerbsDevice: @unchecked Sendable {
 final class VerbsRegistration: @unchecked Sendable {
     // `@unchecked Sendable`: written once; deregistered only in deinit.
     let mr: UnsafeMutablePointer<ibv_mr>
+    private let bytes: UInt64
     private let device: VerbsDevice
-    init(_ mr: UnsafeMutablePointer<ibv_mr>, device: VerbsDevice) {
+    init(_ mr: UnsafeMutablePointer<ibv_mr>, bytes: UInt64, device: VerbsDevice) {
         self.mr = mr
+        self.bytes = bytes
         self.device = device
     }
-    deinit { _ = device.driver.deregisterMemory(mr) }
+    deinit {
+        if device.driver.deregisterMemory(mr) == 0 { device.pinnedBytes.withLock { $0 -= bytes } }
+    }
     var remoteKey: UInt32 { mr.pointee.rkey }
     var localKey: UInt32 { mr.pointee.lkey }
 }

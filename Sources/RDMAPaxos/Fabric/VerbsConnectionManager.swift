@@ -4,7 +4,9 @@ import Synchronization
 
 // HARDWARE ONLY: rdma_cm connection handling for `VerbsFabric` (`connection = .connectionManager`).
 // Compiles everywhere; runs only where librdmacm finds a device (the software RDMA device of the
-// tests has no rdma_cm: the tests connect out of band, `VerbsOutOfBand.swift`).
+// tests has no rdma_cm: the tests connect out of band, `VerbsOutOfBand.swift`). What it sends and
+// checks is `VerbsConnectRequest`, which the tests do run: a request signed with the cluster key,
+// a nonce and the time, verified before any queue pair exists on the accepting side.
 
 /// librdmacm: one event channel and one thread for every connection of a `VerbsFabric`.
 final class ConnectionManager: VerbsConnector, @unchecked Sendable {
@@ -14,7 +16,10 @@ final class ConnectionManager: VerbsConnector, @unchecked Sendable {
     private struct Connecting {
         var machine = ConnectionStateMachine()
         var peer: NodeID
-        var privateData: [UInt8]
+        /// This node's exported region, signed into the request when it is sent.
+        var region: RemoteRegion
+        /// The request as sent: the accept must be signed for it.
+        var request: VerbsConnectRequest?
         var deadline: ContinuousClock.Instant
         var qp: VerbsQueuePair?
         var done: @Sendable (Result<VerbsQueuePair, any Error>) -> Void
@@ -59,7 +64,10 @@ final class ConnectionManager: VerbsConnector, @unchecked Sendable {
         do {
             try Verbs.check(rdma_create_id(channel, &created, nil, RDMA_PS_TCP), "rdma_create_id")
             guard let id = created else { throw VerbsError(operation: "rdma_create_id", code: EINVAL, message: "no id") }
-            var c = Connecting(peer: peer.node, privateData: privateData, deadline: .now + timeout, done: done)
+            guard let (_, region) = VerbsFabric.parsePrivateData(privateData) else {
+                throw VerbsError(operation: "rdma_connect", code: EINVAL, message: "no region descriptor to offer")
+            }
+            var c = Connecting(peer: peer.node, region: region, deadline: .now + timeout, done: done)
             _ = c.machine.handle(.start)
             state.withLock { $0.connecting[UInt(bitPattern: id)] = c }
             let ms = Int32(timeout.components.seconds * 1000)
@@ -105,6 +113,11 @@ final class ConnectionManager: VerbsConnector, @unchecked Sendable {
             }
             return
         }
+        // A plover acceptor puts its reason in the reject's first private byte.
+        if type == RDMA_CM_EVENT_REJECTED, let reason = privateData.first.flatMap(VerbsPeerRefusal.Reason.init(rawValue:)) {
+            fabric.noteRefused()
+            fabric.logger.warning("node \(c.peer) refused the rdma_cm connection: \(VerbsPeerRefusal(reason, claimed: fabric.localNode))")
+        }
         let event: ConnectionStateMachine.Event = switch type {
         case RDMA_CM_EVENT_ADDR_RESOLVED: .addressResolved
         case RDMA_CM_EVENT_ADDR_ERROR: .addressError
@@ -127,20 +140,34 @@ final class ConnectionManager: VerbsConnector, @unchecked Sendable {
             case .resolveRoute:
                 try Verbs.check(rdma_resolve_route(id, 2000), "rdma_resolve_route")
             case .createQueuePairAndConnect:
-                let qp = try fabric.makeQueuePair(id: id, peer: c.peer)
+                let qp = try fabric.makeQueuePair(id: id, peer: c.peer, sends: true)
                 c.qp = qp
                 var param = rdma_conn_param()
                 param.retry_count = 7
                 param.rnr_retry_count = 7
-                param.private_data_len = UInt8(c.privateData.count)
-                let rc = c.privateData.withUnsafeBytes { b -> Int32 in
+                // Signed now, so its time is fresh when the acceptor checks it.
+                let (request, data) = VerbsConnectRequest.signed(key: fabric.configuration.clusterKey, node: fabric.localNode,
+                                                                  region: c.region, acceptor: c.peer, time: Self.now())
+                c.request = request
+                param.private_data_len = UInt8(data.count)
+                let rc = data.withUnsafeBytes { b -> Int32 in
                     param.private_data = b.baseAddress
                     return rdma_connect(id, &param)
                 }
                 try Verbs.check(rc, "rdma_connect")
             case .reportEstablished:
-                guard let qp = c.qp, let (node, region) = VerbsFabric.parsePrivateData(privateData), node == c.peer else {
-                    throw VerbsError(operation: "rdma_connect", code: EPROTO, message: "peer sent no valid region descriptor")
+                guard let qp = c.qp, let request = c.request else {
+                    throw VerbsError(operation: "rdma_connect", code: EPROTO, message: "established without a request sent")
+                }
+                // rdma_cm moved this end's queue pair to RTS on the reply already; nothing was
+                // posted on it, and it goes to ERROR unless the reply proves the key.
+                let region: RemoteRegion
+                do {
+                    region = try request.verifyAccept(privateData, key: fabric.configuration.clusterKey, acceptor: c.peer)
+                } catch {
+                    fabric.noteRefused()
+                    fabric.logger.warning("rdma_cm connection to node \(c.peer) refused: its reply failed the check (\(error))")
+                    throw VerbsError(operation: "rdma_connect", code: EACCES, message: "node \(c.peer): \(error)")
                 }
                 try qp.establishedByConnectionManager(remote: region)
                 fabric.adopt(qp, inboundFrom: nil)
@@ -164,18 +191,30 @@ final class ConnectionManager: VerbsConnector, @unchecked Sendable {
         }
     }
 
+    /// A connect request: checked (`VerbsConnectRequest.verify`) before any queue pair exists, and
+    /// refused with the reason as the reject's private data (one byte) and in the log.
     private func accept(_ fabric: VerbsFabric, id: UnsafeMutablePointer<rdma_cm_id>, privateData: [UInt8]) {
-        guard let (node, region) = VerbsFabric.parsePrivateData(privateData),
-              fabric.configuration.members.contains(node), node != fabric.localNode,
-              let descriptor = fabric.exportedDescriptor() else {
-            fabric.logger.warning("rejected an rdma_cm connection request: unknown node or malformed descriptor")
-            rdma_reject(id, nil, 0)
+        let request: VerbsConnectRequest
+        let exported: RemoteRegion
+        do throws(VerbsPeerRefusal) {
+            request = try VerbsConnectRequest.verify(privateData, key: fabric.configuration.clusterKey, me: fabric.localNode,
+                                                     members: fabric.configuration.members, now: Self.now(),
+                                                     replays: fabric.connectRequestReplays)
+            guard let region = fabric.exportedRegion() else { throw VerbsPeerRefusal(.notReady, claimed: request.node) }
+            exported = region
+        } catch {
+            fabric.noteRefused()
+            fabric.logger.warning("refused an rdma_cm connection from \(Self.peerName(id)) claiming node \(error.claimed.map(String.init) ?? "?"): \(error)")
+            var reason = error.reason.rawValue
+            rdma_reject(id, &reason, 1)
             rdma_destroy_id(id)
             return
         }
+        let node = request.node, region = request.region
+        let descriptor = request.accept(key: fabric.configuration.clusterKey, acceptor: fabric.localNode, region: exported)
         var qp: VerbsQueuePair?
         do {
-            let created = try fabric.makeQueuePair(id: id, peer: node)
+            let created = try fabric.makeQueuePair(id: id, peer: node, sends: false)
             qp = created
             // Known to the poller before the peer can write: its first immediate needs the re-post.
             fabric.adopt(created, inboundFrom: node)
@@ -193,6 +232,20 @@ final class ConnectionManager: VerbsConnector, @unchecked Sendable {
             fabric.logger.error("accepting node \(node) failed: \(error)")
             rdma_reject(id, nil, 0)
             if let qp { fabric.forget(qp) } else { rdma_destroy_id(id) }  // a queue pair destroys its id when released
+        }
+    }
+
+    /// Seconds since 1970, the clock connect requests carry.
+    static func now() -> UInt32 { UInt32(clamping: Int(Date().timeIntervalSince1970)) }
+
+    /// "a.b.c.d:port" of the peer of an rdma_cm id, for the log.
+    private static func peerName(_ id: UnsafeMutablePointer<rdma_cm_id>) -> String {
+        guard let sa = rdma_get_peer_addr(id), sa.pointee.sa_family == sa_family_t(AF_INET) else { return "?" }
+        return sa.withMemoryRebound(to: sockaddr_in.self, capacity: 1) { sin in
+            var address = sin.pointee.sin_addr
+            var text = [CChar](repeating: 0, count: Int(INET_ADDRSTRLEN))
+            inet_ntop(AF_INET, &address, &text, socklen_t(text.count))
+            return "\(String(decoding: text.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)):\(UInt16(bigEndian: sin.pointee.sin_port))"
         }
     }
 

@@ -15,7 +15,7 @@ import Glibc
 ///
 /// Each method returns what the C call returns (a pointer, or NULL with errno set; 0 or an errno
 /// value); callers pass results through `Verbs.check`, the one place that turns them into errors.
-protocol VerbsDriver: Sendable {
+package protocol VerbsDriver: Sendable {
     func deviceNames() throws(VerbsError) -> [String]
     /// Opens the device called `name` (the first one when nil).
     func openDevice(named name: String?) throws(VerbsError) -> (name: String, context: UnsafeMutablePointer<ibv_context>)
@@ -32,6 +32,9 @@ protocol VerbsDriver: Sendable {
     func createQueuePair(_ pd: UnsafeMutablePointer<ibv_pd>, _ attributes: inout ibv_qp_init_attr) -> UnsafeMutablePointer<ibv_qp>?
     func modifyQueuePair(_ qp: UnsafeMutablePointer<ibv_qp>, _ attributes: inout ibv_qp_attr, _ mask: Int32) -> Int32
     func destroyQueuePair(_ qp: UnsafeMutablePointer<ibv_qp>) -> Int32
+    /// What `registerMemory` may pin: the process's RLIMIT_MEMLOCK for libibverbs; for a software
+    /// device, the limit it was told to enforce.
+    func memlockLimit() -> MemlockLimit
 }
 
 /// libibverbs. HARDWARE ONLY past `deviceNames()`: without a device, `openDevice` throws first.
@@ -114,4 +117,6 @@ struct SystemVerbs: VerbsDriver {
     }
 
     func destroyQueuePair(_ qp: UnsafeMutablePointer<ibv_qp>) -> Int32 { ibv_destroy_qp(qp) }
+
+    func memlockLimit() -> MemlockLimit { .current() }
 }

@@ -14,31 +14,41 @@ import Synchronization
 /// (`ibv_post_send`, `ibv_post_recv`, `ibv_poll_cq`) is the same under every driver. Only these run
 /// on hardware alone: `SystemVerbs` and `ConnectionManager` (rdma_cm).
 ///
+/// Peers prove the cluster key on both connect paths before either side's queue pair reaches RTR
+/// on the acceptor (docs/design/fabric.md, "Verbs connect exchanges"): out of band, an HMAC
+/// challenge both ways as on the TCP fabric; over rdma_cm, a request signed with a nonce and the
+/// time, accepted once and within a time window. Refusals are logged with the peer's address and
+/// the node it claimed, and counted (`statistics`).
+///
 /// On a machine without an RDMA device `init(node:configuration:)` throws a `VerbsError` that says
 /// so ("no RDMA device: ibv_get_device_list found none (errno ENOSYS: …) — use fabric = tcp").
 ///
-/// Not yet done: authenticating peers (rdma_cm's private data and the out-of-band exchange are
-/// both unauthenticated) and IPv6 / host-name addresses (IPv4 literals only).
+/// Not yet done: IPv6 / host-name addresses (IPv4 literals only).
 public final class VerbsFabric: Fabric {
     /// Device, connection and sizing choices of one verbs fabric.
     public struct Configuration: Sendable {
         /// How queue pairs are connected.
         public enum Connection: String, Sendable, CaseIterable {
             /// librdmacm: peers are addressed by an IP address of their RDMA interface (IPoIB or the
-            /// RoCE netdev), and rdma_cm moves the queue pairs to RTS. Needs a device.
+            /// RoCE netdev), and rdma_cm moves the queue pairs to RTS. HARDWARE ONLY: the software
+            /// device of the tests has no rdma_cm, so this path runs only on an RDMA machine
+            /// (`make test-rdma` with `PLOVER_RDMA_ADDRESS`).
             case connectionManager = "rdma_cm"
             /// A TCP side channel carries QP number, PSN, LID/GID and region descriptor; the fabric
-            /// moves the queue pairs itself. Peers are addressed by any IPv4 address.
+            /// moves the queue pairs itself. Peers are addressed by any IPv4 address. The default,
+            /// and the path every verbs test runs.
             case outOfBand = "tcp"
         }
 
+        /// Shared secret of the cluster (at least 16 bytes): peers prove they hold it when they connect.
+        public var clusterKey: [UInt8]
         /// Device to open (`ibv_devices` names); the first one when nil.
         public var deviceName: String?
         /// Physical port of the device (1-based, as verbs counts).
         public var port: UInt8
         /// GID table index for RoCE addressing (out-of-band connections on an Ethernet link layer).
         public var gidIndex: Int
-        /// How queue pairs are connected (rdma_cm or the out-of-band TCP exchange).
+        /// How queue pairs are connected: the out-of-band TCP exchange (the default) or rdma_cm.
         public var connection: Connection
         /// The cluster members allowed to connect.
         public var members: Set<NodeID>
@@ -54,9 +64,11 @@ public final class VerbsFabric: Fabric {
         public var connectTimeout: Duration
 
         /// A configuration; unset parameters take the defaults shown.
-        public init(deviceName: String? = nil, port: UInt8 = 1, gidIndex: Int = 0, connection: Connection = .connectionManager,
-                    members: Set<NodeID>, outstandingWritesMax: Int = 512, slotBytesMax: Int = 64 << 10,
-                    completionQueueEntries: Int = 8192, receiveDepth: Int = 512, connectTimeout: Duration = .seconds(2)) {
+        public init(clusterKey: [UInt8], deviceName: String? = nil, port: UInt8 = 1, gidIndex: Int = 0,
+                    connection: Connection = .outOfBand, members: Set<NodeID>, outstandingWritesMax: Int = 512,
+                    slotBytesMax: Int = 64 << 10, completionQueueEntries: Int = 8192, receiveDepth: Int = 512,
+                    connectTimeout: Duration = .seconds(2)) {
+            self.clusterKey = clusterKey
             self.deviceName = deviceName
             self.port = port
             self.gidIndex = gidIndex
@@ -70,6 +82,13 @@ public final class VerbsFabric: Fabric {
         }
     }
 
+    /// Counters of the fabric's connection handling.
+    public struct Statistics: Hashable, Sendable {
+        /// Connections refused by either side: a wrong key, an unknown or wrong node, a replayed or
+        /// expired nonce, a malformed message, or an acceptor not ready yet.
+        public var connectionsRefused = 0
+    }
+
     public let localNode: NodeID
     public let completions: CompletionQueue
     /// The configuration this fabric was opened with.
@@ -77,6 +96,15 @@ public final class VerbsFabric: Fabric {
     let device: VerbsDevice
     let connector: any VerbsConnector
     let logger: Logger
+    /// Nonces of out-of-band hellos, and of rdma_cm requests, accepted recently.
+    let replays = VerbsReplayMemory()
+    let connectRequestReplays = VerbsReplayMemory(capacity: 65_536)
+    private let counters = Mutex(Statistics())
+
+    /// A snapshot of the counters.
+    public var statistics: Statistics { counters.withLock { $0 } }
+
+    func noteRefused() { counters.withLock { $0.connectionsRefused += 1 } }
 
     struct State {
         var regions: [UInt64: (region: MemoryRegion, registration: VerbsRegistration)] = [:]
@@ -99,12 +127,21 @@ public final class VerbsFabric: Fabric {
                       driver: SystemVerbs(forConnectionManager: configuration.connection == .connectionManager))
     }
 
-    /// Opens a device through `driver` (the tests pass a software RDMA device).
-    init(node: NodeID, configuration: Configuration, driver: any VerbsDriver) throws(VerbsError) {
+    /// Opens a device through `driver` (the tests pass a software RDMA device), logging to `logger`
+    /// (the tests read what it says).
+    package init(node: NodeID, configuration: Configuration, driver: any VerbsDriver, logger: Logger? = nil) throws(VerbsError) {
+        guard configuration.clusterKey.count >= ClusterKey.bytesMin else {
+            throw VerbsError(operation: "configuration", code: EINVAL,
+                             message: "the cluster key must be at least \(ClusterKey.bytesMin) bytes (got \(configuration.clusterKey.count))")
+        }
+        guard configuration.members.contains(node) else {
+            throw VerbsError(operation: "configuration", code: EINVAL,
+                             message: "node \(node) is not among the members \(configuration.members.sorted())")
+        }
         guard configuration.outstandingWritesMax > 0, configuration.slotBytesMax > 0, configuration.receiveDepth > 0,
               configuration.completionQueueEntries > 0, (0...255).contains(configuration.gidIndex) else {
             throw VerbsError(operation: "configuration", code: EINVAL,
-                             message: "verbs limits must be positive and gidIndex in 0...255: \(configuration)")
+                             message: "verbs limits must be positive and gidIndex in 0...255 (outstandingWritesMax \(configuration.outstandingWritesMax), slotBytesMax \(configuration.slotBytesMax), receiveDepth \(configuration.receiveDepth), completionQueueEntries \(configuration.completionQueueEntries), gidIndex \(configuration.gidIndex))")
         }
         self.localNode = node
         self.configuration = configuration
@@ -116,7 +153,7 @@ public final class VerbsFabric: Fabric {
         case .outOfBand: self.connector = try OutOfBandConnector()
         }
         self.completions = CompletionQueue(capacityEntries: configuration.completionQueueEntries)
-        var logger = Logger(label: "plover.verbs-fabric")
+        var logger = logger ?? Logger(label: "plover.verbs-fabric")
         logger[metadataKey: "node"] = "\(node)"
         self.logger = logger
         let poller = Thread { [self] in pollCompletions() }
@@ -125,6 +162,17 @@ public final class VerbsFabric: Fabric {
         let events = Thread { [self] in connector.run(fabric: self) }
         events.name = "plover-verbs-connect"
         events.start()
+    }
+
+    /// What this fabric's device may pin (RLIMIT_MEMLOCK, unless CAP_IPC_LOCK lifts it).
+    public var memlockLimit: MemlockLimit { device.driver.memlockLimit() }
+
+    /// Throws, with the numbers and how to raise the limit, when `budget` (what the caller is
+    /// about to register) does not fit under `memlockLimit`: a node checks before it starts
+    /// rather than failing one queue pair at a time.
+    public func checkMemlock(_ budget: VerbsMemoryBudget) throws(VerbsError) {
+        let (ok, line) = budget.check(against: memlockLimit)
+        guard ok else { throw VerbsError(operation: "ibv_reg_mr", code: ENOMEM, message: "the verbs fabric of node \(localNode) \(line)") }
     }
 
     public func registerRegion(lengthBytes: Int) throws(FabricError) -> MemoryRegion {
@@ -240,7 +288,7 @@ public final class VerbsFabric: Fabric {
     }
 
     /// A queue pair on an rdma_cm id (in INIT, receives posted); rdma_cm connects it. HARDWARE ONLY.
-    func makeQueuePair(id: UnsafeMutablePointer<rdma_cm_id>, peer: NodeID) throws(VerbsError) -> VerbsQueuePair {
+    func makeQueuePair(id: UnsafeMutablePointer<rdma_cm_id>, peer: NodeID, sends: Bool) throws(VerbsError) -> VerbsQueuePair {
         guard id.pointee.verbs == device.context else {
             let routed = id.pointee.verbs.map { String(cString: ibv_get_device_name($0.pointee.device)) } ?? "no device"
             throw VerbsError(operation: "rdma_create_qp", code: EXDEV,
@@ -252,7 +300,7 @@ public final class VerbsFabric: Fabric {
             rdma_destroy_qp(id)
             throw VerbsError(operation: "rdma_create_qp", code: EINVAL, message: "rdma_cm id has no queue pair")
         }
-        let qp = try VerbsQueuePair(device: device, qp: raw, origin: .connectionManager(id), peer: peer, limits: queuePairLimits,
+        let qp = try VerbsQueuePair(device: device, qp: raw, origin: .connectionManager(id), peer: peer, limits: sends ? queuePairLimits : nil,
                                     completions: completions, logger: logger)
         try qp.createdByConnectionManager()
         for _ in 0..<configuration.receiveDepth { try qp.postReceive() }
@@ -260,16 +308,22 @@ public final class VerbsFabric: Fabric {
     }
 
     /// A queue pair created and moved to INIT here (receives posted, known to the poller), for the
-    /// out-of-band exchange to connect.
-    func makeQueuePair(peer: NodeID, inboundFrom: NodeID?) throws(VerbsError) -> VerbsQueuePair {
+    /// out-of-band exchange to connect. An inbound one (`inboundFrom`) gets no staging buffer:
+    /// nothing is sent on it.
+    func makeQueuePair(peer: NodeID, inboundFrom: NodeID?, limits: VerbsQueuePair.Limits? = nil) throws(VerbsError) -> VerbsQueuePair {
         var attr = queuePairAttributes
         let raw = try Verbs.check(device.driver.createQueuePair(device.protectionDomain, &attr), "ibv_create_qp")
-        let qp = try VerbsQueuePair(device: device, qp: raw, origin: .driver, peer: peer, limits: queuePairLimits,
+        let qp = try VerbsQueuePair(device: device, qp: raw, origin: .driver, peer: peer,
+                                    limits: limits ?? (inboundFrom == nil ? queuePairLimits : nil),
                                     completions: completions, logger: logger)
         try qp.initialize()
         for _ in 0..<configuration.receiveDepth { try qp.postReceive() }
         adopt(qp, inboundFrom: inboundFrom)
         return qp
+    }
+
+    func exportedRegion() -> RemoteRegion? {
+        state.withLock { $0.exported?.remote }
     }
 
     func exportedDescriptor() -> [UInt8]? {

@@ -19,82 +19,19 @@ protocol VerbsConnector: AnyObject, Sendable {
     func stop()
 }
 
-/// The one message each way of the out-of-band exchange: 68 bytes, big-endian.
-///
-/// | offset | bytes | field |
-/// | --- | --- | --- |
-/// | 0 | 4 | "PLVQ" |
-/// | 4 | 2 | version (1) |
-/// | 6 | 1 | kind: 1 request (connector), 2 accept (acceptor) |
-/// | 7 | 1 | link layer: 0 InfiniBand, 1 Ethernet (RoCE) |
-/// | 8 | 4 | sender's node id |
-/// | 12 | 4 | receiver's node id |
-/// | 16 | 4 | sender's QP number |
-/// | 20 | 4 | sender's first PSN |
-/// | 24 | 2 | sender's LID |
-/// | 26 | 1 | sender's active MTU (`ibv_mtu`) |
-/// | 27 | 1 | zero |
-/// | 28 | 16 | sender's GID |
-/// | 44 | 24 | region descriptor: u32 node, u64 base, u32 rkey, u64 length |
-struct OutOfBandHello: Hashable, Sendable {
-    enum Kind: UInt8, Sendable { case request = 1, accept = 2 }
-    static let magic = Array("PLVQ".utf8)
-    static let version: UInt16 = 1
-    static let bytes = 68
-
-    var kind: Kind
-    var from: NodeID
-    var to: NodeID
-    var endpoint: VerbsEndpoint
-    /// The sender's exported region (`VerbsFabric.privateData`).
-    var descriptor: [UInt8]
-
-    func encoded() -> [UInt8] {
-        var w = ByteWriter(capacity: Self.bytes)
-        w.raw(Self.magic)
-        w.u16(Self.version)
-        w.u8(kind.rawValue)
-        w.u8(endpoint.port.ethernet ? 1 : 0)
-        w.u32(from)
-        w.u32(to)
-        w.u32(endpoint.queuePair)
-        w.u32(endpoint.psn)
-        w.u16(endpoint.port.lid)
-        w.u8(UInt8(truncatingIfNeeded: endpoint.port.mtu))
-        w.u8(0)
-        w.raw(Array((endpoint.port.gid + [UInt8](repeating: 0, count: 16)).prefix(16)))
-        w.raw(descriptor)
-        return w.bytes
-    }
-
-    /// Nil unless `bytes` is exactly one well-formed message.
-    static func decode(_ bytes: [UInt8]) -> OutOfBandHello? {
-        guard bytes.count == Self.bytes else { return nil }
-        var r = ByteReader(bytes, what: "out-of-band hello")
-        guard let magic = try? r.raw(4), magic == Self.magic, (try? r.u16()) == Self.version,
-              let kind = (try? r.u8()).flatMap(Kind.init(rawValue:)), let linkLayer = try? r.u8(), linkLayer <= 1,
-              let from = try? r.u32(), let to = try? r.u32(), let qpn = try? r.u32(), qpn <= 0xFF_FFFF,
-              let psn = try? r.u32(), psn <= 0xFF_FFFF, let lid = try? r.u16(),
-              let mtu = try? r.u8(), (1...5).contains(mtu), (try? r.u8()) == 0,
-              let gid = try? r.raw(16), let descriptor = try? r.raw(24)
-        else { return nil }
-        let port = VerbsPortAddress(lid: lid, gid: gid, ethernet: linkLayer == 1, mtu: UInt32(mtu))
-        return OutOfBandHello(kind: kind, from: from, to: to, endpoint: VerbsEndpoint(queuePair: qpn, psn: psn, port: port),
-                              descriptor: descriptor)
-    }
-}
-
 /// Connects queue pairs without rdma_cm, the way many RDMA programs do: the two ends trade QP
 /// number, first PSN, LID/GID, MTU and region descriptor over TCP, and each moves its own queue
-/// pair INIT → RTR → RTS. The acceptor reaches RTS before it answers, so the connector's first
-/// write always finds it ready. The TCP connection then stays open as the queue pair's liveness
-/// signal: when it ends (the peer closed its fabric, died, or its queue pair entered the error
-/// state) this end's queue pair moves to ERROR — what rdma_cm's DISCONNECTED event does on the
-/// other path. Works on hardware and on the tests' software device alike.
+/// pair INIT → RTR → RTS. Both ends first prove the cluster key, with the TCP fabric's kind of
+/// HMAC challenge (`OutOfBandDialer`, `OutOfBandAnswerer`): the acceptor creates its queue pair
+/// only for a connector that proved it, and the connector moves its own past INIT only for an
+/// acceptor that did. The acceptor reaches RTS before it answers, so the connector's first write
+/// always finds it ready. The TCP connection then stays open as the queue pair's liveness signal:
+/// when it ends (the peer closed its fabric, died, or its queue pair entered the error state) this
+/// end's queue pair moves to ERROR — what rdma_cm's DISCONNECTED event does on the other path.
+/// Works on hardware and on the tests' software device alike.
 ///
-/// Like rdma_cm's private data, the exchange is not authenticated: a host that can reach the port
-/// and names a member can learn the exported region's key. The event thread answers one request at
-/// a time, waiting at most `connectTimeout` for each.
+/// The event thread answers one connection at a time, waiting at most `connectTimeout` for each
+/// message.
 final class OutOfBandConnector: VerbsConnector, @unchecked Sendable {
     // `@unchecked Sendable`: the wake pipe's descriptors are written once; the rest is in `state`.
     private struct State {
@@ -166,48 +103,68 @@ final class OutOfBandConnector: VerbsConnector, @unchecked Sendable {
         thread.start()
     }
 
-    /// The connector's half: create and initialize a queue pair, trade endpoints, connect it.
+    /// The connector's half: create and initialize a queue pair, prove the key both ways, trade
+    /// endpoints, connect it.
     private func dial(_ fabric: VerbsFabric, _ peer: PeerAddress, _ descriptor: [UInt8], _ timeout: Duration) throws(VerbsError) -> VerbsQueuePair {
         let qp = try fabric.makeQueuePair(peer: peer.node, inboundFrom: nil)
-        let fd = try Self.dialTCP(host: peer.host, port: peer.port, timeout: timeout)
-        do throws(VerbsError) {
-            let request = OutOfBandHello(kind: .request, from: fabric.localNode, to: peer.node, endpoint: qp.endpoint, descriptor: descriptor)
-            try Self.send(fd, request.encoded())
-            guard let reply = OutOfBandHello.decode(try Self.receive(fd, count: OutOfBandHello.bytes)), reply.kind == .accept,
-                  reply.from == peer.node, reply.to == fabric.localNode,
-                  let (node, region) = VerbsFabric.parsePrivateData(reply.descriptor), node == peer.node else {
-                throw VerbsError(operation: "out-of-band exchange", code: EPROTO, message: "node \(peer.node) answered with a malformed message")
+        let fd: Int32
+        do { fd = try Self.dialTCP(host: peer.host, port: peer.port, timeout: timeout) } catch { qp.moveToError(); throw error }
+        do {
+            var dialer = OutOfBandDialer(key: fabric.configuration.clusterKey, me: fabric.localNode, peer: peer.node)
+            try Self.send(fd, dialer.hello.encoded())
+            let request: OutOfBandMessage
+            do {
+                request = try dialer.respond(to: try Self.receiveMessage(fd), endpoint: qp.endpoint, descriptor: descriptor)
+            } catch let refusal as VerbsPeerRefusal where refusal.reason == .badMAC {
+                // Tell the acceptor why this end hangs up, so its log names the cause too.
+                try? Self.send(fd, OutOfBandMessage.reject(.badMAC).encoded())
+                throw refusal
             }
-            try qp.connect(to: reply.endpoint, region: region)
+            try Self.send(fd, request.encoded())
+            let (endpoint, region) = try dialer.accepted(try Self.receiveMessage(fd))
+            try qp.connect(to: endpoint, region: region)
         } catch {
             close(fd)
             qp.moveToError()
-            throw error
+            if let refusal = error as? VerbsPeerRefusal {
+                fabric.noteRefused()
+                fabric.logger.warning("out-of-band connection to node \(peer.node) at \(peer.host):\(peer.port) refused: \(refusal)")
+                throw VerbsError(operation: "out-of-band exchange", code: EACCES,
+                                 message: "node \(peer.node) at \(peer.host):\(peer.port): \(refusal)")
+            }
+            throw error as? VerbsError ?? VerbsError(operation: "out-of-band exchange", code: EIO, message: "\(error)")
         }
         watch(fd, qp)
         return qp
     }
 
-    /// The acceptor's half, on the event thread.
+    /// The acceptor's half, on the event thread. Every refusal is logged with the connector's
+    /// address and claimed node, and sent to it; no queue pair exists before the key is proven.
     private func answer(_ fabric: VerbsFabric, _ fd: Int32) {
         Self.setTimeouts(fd, fabric.configuration.connectTimeout)
+        let from = Self.peerName(fd)  // now: a refused connector may be gone by the time it is logged
+        var answerer = OutOfBandAnswerer(key: fabric.configuration.clusterKey, me: fabric.localNode,
+                                         members: fabric.configuration.members)
         var qp: VerbsQueuePair?
         do {
-            guard let request = OutOfBandHello.decode(try Self.receive(fd, count: OutOfBandHello.bytes)), request.kind == .request,
-                  request.to == fabric.localNode, request.from != fabric.localNode, fabric.configuration.members.contains(request.from),
-                  let (node, region) = VerbsFabric.parsePrivateData(request.descriptor), node == request.from,
-                  let exported = fabric.exportedDescriptor() else {
-                throw VerbsError(operation: "out-of-band exchange", code: EPROTO,
-                                 message: "malformed request, unknown node, request for another node, or nothing exported yet")
-            }
-            let created = try fabric.makeQueuePair(peer: request.from, inboundFrom: request.from)
+            let challenge = try answerer.challenge(try Self.receiveMessage(fd), replays: fabric.replays)
+            try Self.send(fd, challenge.encoded())
+            let (peer, endpoint, region) = try answerer.verify(try Self.receiveMessage(fd))
+            guard let exported = fabric.exportedDescriptor() else { throw VerbsPeerRefusal(.notReady, claimed: peer) }
+            let created = try fabric.makeQueuePair(peer: peer, inboundFrom: peer)
             qp = created
-            try created.connect(to: request.endpoint, region: region)
-            try Self.send(fd, OutOfBandHello(kind: .accept, from: fabric.localNode, to: request.from, endpoint: created.endpoint,
-                                             descriptor: exported).encoded())
+            try created.connect(to: endpoint, region: region)
+            try Self.send(fd, answerer.accept(endpoint: created.endpoint, descriptor: exported).encoded())
+            fabric.logger.info("accepted a queue pair from node \(peer) (\(from), out of band)")
             watch(fd, created)
         } catch {
-            fabric.logger.warning("refused an out-of-band connection: \(error)")
+            if let refusal = error as? VerbsPeerRefusal {
+                fabric.noteRefused()
+                try? Self.send(fd, OutOfBandMessage.reject(refusal.reason).encoded())
+                fabric.logger.warning("refused an out-of-band connection from \(from) claiming node \((refusal.claimed ?? answerer.claimed).map(String.init) ?? "?"): \(refusal)")
+            } else {
+                fabric.logger.warning("out-of-band connection from \(from) claiming node \(answerer.claimed.map(String.init) ?? "?") failed: \(error)")
+            }
             close(fd)
             if let qp {
                 qp.moveToError()
@@ -305,6 +262,14 @@ final class OutOfBandConnector: VerbsConnector, @unchecked Sendable {
         }
     }
 
+    /// One whole message: the header, then the body its kind sizes. Throws a `VerbsPeerRefusal`
+    /// for bytes that are not this protocol's, a `VerbsError` when the connection ends or times out.
+    private static func receiveMessage(_ fd: Int32) throws -> OutOfBandMessage {
+        let header = try receive(fd, count: OutOfBandMessage.headerBytes)
+        let kind = try OutOfBandMessage.kind(ofHeader: header)
+        return try OutOfBandMessage.decode(header + (try receive(fd, count: OutOfBandMessage.bodyBytes(kind: kind)!)))
+    }
+
     private static func receive(_ fd: Int32, count: Int) throws(VerbsError) -> [UInt8] {
         var out = [UInt8](repeating: 0, count: count)
         var got = 0
@@ -312,8 +277,7 @@ final class OutOfBandConnector: VerbsConnector, @unchecked Sendable {
             let n = out.withUnsafeMutableBytes { recv(fd, $0.baseAddress! + got, count - got, 0) }
             if n < 0 && errno == EINTR { continue }
             if n == 0 {
-                throw VerbsError(operation: "recv", code: ECONNRESET,
-                                 message: "the peer ended the out-of-band exchange (it refused: wrong node, not a member, or nothing exported)")
+                throw VerbsError(operation: "recv", code: ECONNRESET, message: "the peer ended the out-of-band exchange")
             }
             guard n > 0 else {
                 let e = errno
@@ -323,5 +287,16 @@ final class OutOfBandConnector: VerbsConnector, @unchecked Sendable {
             got += n
         }
         return out
+    }
+
+    /// "a.b.c.d:port" of the other end of `fd`, for the log.
+    private static func peerName(_ fd: Int32) -> String {
+        var sin = sockaddr_in()
+        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+        let rc = withUnsafeMutablePointer(to: &sin) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getpeername(fd, $0, &length) } }
+        guard rc == 0 else { return "?" }
+        var text = [CChar](repeating: 0, count: Int(INET_ADDRSTRLEN))
+        inet_ntop(AF_INET, &sin.sin_addr, &text, socklen_t(text.count))
+        return "\(String(decoding: text.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)):\(UInt16(bigEndian: sin.sin_port))"
     }
 }

@@ -11,6 +11,7 @@ final class StagingBuffer: @unchecked Sendable {
     let base: UnsafeMutableRawPointer
     private var registration: VerbsRegistration?
     let slotBytes: Int
+    let slots: Int
 
     init(device: VerbsDevice, slots: Int, slotBytes: Int) throws(VerbsError) {
         var p: UnsafeMutableRawPointer?
@@ -19,6 +20,7 @@ final class StagingBuffer: @unchecked Sendable {
         }
         base = p
         self.slotBytes = slotBytes
+        self.slots = slots
         // A send source only: the NIC reads it, nobody writes it remotely.
         do { registration = try device.register(p, lengthBytes: slots * slotBytes, remoteWrite: false) } catch { free(p); throw error }
     }
@@ -56,6 +58,16 @@ final class VerbsQueuePair: QueuePair, @unchecked Sendable {
     struct Limits {
         var outstandingWritesMax: Int
         var slotBytesMax: Int
+        /// Slots of the staging buffer. One per outstanding write, so a slot is written again only
+        /// after its write completed: the NIC reads a slot when it sends, any time before the
+        /// completion. Fewer is a bug that tests plant, to show the software device catches it.
+        var stagingSlots: Int
+
+        init(outstandingWritesMax: Int, slotBytesMax: Int, stagingSlots: Int? = nil) {
+            self.outstandingWritesMax = outstandingWritesMax
+            self.slotBytesMax = slotBytesMax
+            self.stagingSlots = stagingSlots ?? outstandingWritesMax
+        }
     }
 
     let peer: NodeID
@@ -65,7 +77,9 @@ final class VerbsQueuePair: QueuePair, @unchecked Sendable {
     let psn = UInt32.random(in: 0...0xFF_FFFF)
     private let origin: Origin
     private let device: VerbsDevice
-    private let staging: StagingBuffer
+    /// Nil on an inbound queue pair: it only receives (WRITE_WITH_IMM's immediates), so it pins no
+    /// staging memory.
+    private let staging: StagingBuffer?
     private let completions: CompletionQueue
     private let outstandingWritesMax: Int
     private let logger: Logger
@@ -82,11 +96,12 @@ final class VerbsQueuePair: QueuePair, @unchecked Sendable {
     static let sendBit: UInt64 = 1 << 63
     static func isSend(wrID: UInt64) -> Bool { wrID & sendBit != 0 }
 
-    /// Adopts `qp`. If this throws, `qp` is destroyed but an rdma_cm id is left to its owner.
-    init(device: VerbsDevice, qp: UnsafeMutablePointer<ibv_qp>, origin: Origin, peer: NodeID, limits: Limits,
+    /// Adopts `qp`; `limits` sizes its staging buffer, nil for a queue pair that never sends. If
+    /// this throws, `qp` is destroyed but an rdma_cm id is left to its owner.
+    init(device: VerbsDevice, qp: UnsafeMutablePointer<ibv_qp>, origin: Origin, peer: NodeID, limits: Limits?,
          completions: CompletionQueue, logger: Logger) throws(VerbsError) {
         do {
-            staging = try StagingBuffer(device: device, slots: limits.outstandingWritesMax, slotBytes: limits.slotBytesMax)
+            staging = try limits.map { l throws(VerbsError) in try StagingBuffer(device: device, slots: l.stagingSlots, slotBytes: l.slotBytesMax) }
         } catch {
             if case let .connectionManager(id) = origin { rdma_destroy_qp(id) } else { _ = device.driver.destroyQueuePair(qp) }
             throw error
@@ -96,7 +111,7 @@ final class VerbsQueuePair: QueuePair, @unchecked Sendable {
         self.origin = origin
         self.peer = peer
         self.number = qp.pointee.qp_num
-        self.outstandingWritesMax = limits.outstandingWritesMax
+        self.outstandingWritesMax = limits?.outstandingWritesMax ?? 0
         self.completions = completions
         self.logger = logger
     }
@@ -207,6 +222,7 @@ final class VerbsQueuePair: QueuePair, @unchecked Sendable {
     func postWrite(_ bytes: [UInt8], remoteOffset: Int, key: UInt32, immediate: UInt32?,
                    workRequestID: UInt64, signaled: Bool) throws(FabricError) {
         let limit = outstandingWritesMax
+        guard let staging else { throw .invalidRequest("the queue pair from node \(peer) only receives") }
         guard bytes.count <= staging.slotBytes else {
             throw .invalidRequest("a write of \(bytes.count) bytes exceeds slotBytesMax \(staging.slotBytes)")
         }
@@ -217,7 +233,9 @@ final class VerbsQueuePair: QueuePair, @unchecked Sendable {
             // Unsignalled writes hold their slot until a later signalled one completes: signal at
             // least every half ring so slots come back.
             let signal = signaled || seq % UInt64(max(1, limit / 2)) == 0
-            let slot = staging.base + Int(seq % UInt64(limit)) * staging.slotBytes
+            // The slot of the write `slots` writes earlier, which completed (at most `limit` are
+            // outstanding): the NIC may read a slot until its write's completion.
+            let slot = staging.base + Int(seq % UInt64(staging.slots)) * staging.slotBytes
             bytes.withUnsafeBytes { if let b = $0.baseAddress { slot.copyMemory(from: b, byteCount: $0.count) } }
             var sge = ibv_sge(addr: UInt64(UInt(bitPattern: slot)), length: UInt32(bytes.count), lkey: staging.localKey)
             var wr = ibv_send_wr()

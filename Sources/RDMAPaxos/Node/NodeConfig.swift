@@ -31,8 +31,12 @@ public struct NodeConfig: Sendable, Equatable {
     public var durability: Durability = .fsync
     /// Which fabric to use (`fabric`); `auto` by default.
     public var fabric: FabricChoice = .auto
-    /// How `VerbsFabric` connects queue pairs: rdma_cm, or the out-of-band exchange over TCP.
-    public var verbsConnection: VerbsFabric.Configuration.Connection = .connectionManager
+    /// How `VerbsFabric` connects queue pairs (`verbs_connect`): the out-of-band exchange over TCP
+    /// (`tcp`, the default: the path `make test` runs over the software RDMA device), or rdma_cm
+    /// (`rdma_cm`, hardware only).
+    public var verbsConnection: VerbsFabric.Configuration.Connection = .outOfBand
+    /// Whether the file set `verbs_connect` (the default was rdma_cm before it became `tcp`).
+    public var verbsConnectionSet = false
     /// Path of the cluster key file (relative paths are relative to the config file).
     public var clusterKeyFile: String?
     /// host:port of the Prometheus endpoint (`GET /metrics`); nil: none. Meant for loopback.
@@ -69,6 +73,15 @@ public struct NodeConfig: Sendable, Equatable {
 
     /// This replica's entry in `members` (validated to exist).
     public var me: MemberConfig { members.first { $0.id == id }! }
+    /// One line for the log when this file may rely on the old `verbs_connect` default (rdma_cm):
+    /// it leaves the key out and may run verbs (`fabric` is `auto` or `verbs`), so members'
+    /// `address`es written as RDMA interface addresses for rdma_cm are now reached over TCP for
+    /// the out-of-band exchange. Nil otherwise.
+    public var verbsConnectWarning: String? {
+        guard !verbsConnectionSet, fabric != .tcp else { return nil }
+        return "verbs_connect is not set: verbs queue pairs connect out of band over TCP to each member's address (the default was rdma_cm before); if these addresses are for rdma_cm on RDMA interfaces, make sure TCP reaches them, or set verbs_connect = \"rdma_cm\" (hardware only, not run by make test); set verbs_connect = \"tcp\" to silence this"
+    }
+
     /// The initial cluster configuration described by `members`.
     public var membership: Membership { Membership(members.map { Member(id: $0.id, role: $0.role, priority: $0.priority) }) }
 
@@ -125,7 +138,8 @@ public struct NodeConfig: Sendable, Equatable {
         c.dataDir = try r.string("data_dir")
         c.durability = try r.choice("durability", default: .fsync)
         c.fabric = try r.choice("fabric", default: .auto)
-        c.verbsConnection = try r.choice("verbs_connect", default: .connectionManager)
+        c.verbsConnectionSet = r.value("verbs_connect") != nil
+        c.verbsConnection = try r.choice("verbs_connect", default: .outOfBand)
         c.clusterKeyFile = try r.optionalString("cluster_key_file")
         if let a = try r.optionalString("metrics_address") { c.metricsAddress = try r.address(a, key: "metrics_address") }
         if var t = try r.subtable("timing") {

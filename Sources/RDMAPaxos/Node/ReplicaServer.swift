@@ -50,11 +50,11 @@ public final class ReplicaServer: Sendable {
             ? MemorySnapshotStore() : FileSnapshotStore(directory: c.dataDir, sync: c.durability == .fsync)
 
         let members = Set(c.members.map(\.id))
-        let (fabric, why) = try makeFabric(c, key: key, members: members, logger: logger)
         let peers = c.members.filter { $0.id != c.id }.map { PeerAddress(node: $0.id, host: host($0.address), port: port($0.address)) }
-        let transport = try await RingTransport.open(fabric: fabric, configuration: RingTransport.Configuration(
-            listenAddress: PeerAddress(node: c.id, host: host(c.me.address), port: port(c.me.address)),
-            cluster: c.members.map(\.id), peerAddresses: peers))
+        let rings = RingTransport.Configuration(listenAddress: PeerAddress(node: c.id, host: host(c.me.address), port: port(c.me.address)),
+                                                cluster: c.members.map(\.id), peerAddresses: peers)
+        let (fabric, why) = try makeFabric(c, key: key, members: members, ringBytes: rings.ringBytes, logger: logger)
+        let transport = try await RingTransport.open(fabric: fabric, configuration: rings)
 
         var options = NodeOptions(replica: c.replicaConfig, bootstrap: c.membership, seed: UInt64(c.id) &* 0x9E37_79B9_7F4A_7C15 ^ UInt64(getpid()))
         options.requestTimeoutTicks = c.requestTimeoutTicks
@@ -97,26 +97,40 @@ public final class ReplicaServer: Sendable {
     }
 
     /// `fabric = auto` takes verbs when a device exists and says why it fell back to TCP otherwise.
-    static func makeFabric(_ c: NodeConfig, key: ClusterKey, members: Set<NodeID>, logger: Logger) throws -> (any Fabric, String) {
+    /// A verbs fabric whose memlock limit cannot cover what the node pins (rings and staging
+    /// buffers) fails the start with the numbers and how to raise it, `auto` included: the device
+    /// is there, the limit is what to fix.
+    static func makeFabric(_ c: NodeConfig, key: ClusterKey, members: Set<NodeID>, ringBytes: Int, logger: Logger) throws -> (any Fabric, String) {
         func tcp() throws -> any Fabric {
             try TCPFabric(node: c.id, configuration: TCPFabric.Configuration(clusterKey: key.bytes, members: members))
         }
-        func verbs() throws -> any Fabric {
-            try VerbsFabric(node: c.id, configuration: VerbsFabric.Configuration(connection: c.verbsConnection, members: members))
+        func verbs() throws -> VerbsFabric {
+            try VerbsFabric(node: c.id, configuration: VerbsFabric.Configuration(clusterKey: key.bytes, connection: c.verbsConnection,
+                                                                              members: members))
         }
+        let fabric: VerbsFabric
         switch c.fabric {
         case .tcp:
             return (try tcp(), "tcp (configured)")
         case .verbs:
-            return (try verbs(), "verbs (configured)")
+            fabric = try verbs()
         case .auto:
             do {
-                return (try verbs(), "verbs (auto)")
+                fabric = try verbs()
             } catch {
                 logger.notice("fabric auto: RDMA unavailable (\(error)); using tcp")
                 return (try tcp(), "tcp (auto: \(error))")
             }
         }
+        do {
+            try fabric.checkMemlock(try VerbsMemoryBudget.replica(members: c.members.map(\.id), ringBytes: ringBytes,
+                                                                   configuration: fabric.configuration))
+        } catch {
+            fabric.close()
+            throw error
+        }
+        if let warning = c.verbsConnectWarning { logger.warning("\(warning)") }
+        return (fabric, "verbs (\(c.fabric == .auto ? "auto" : "configured"), connect \(c.verbsConnection.rawValue))")
     }
 
     /// Stops the metrics endpoint, the client server and the node, in that order.

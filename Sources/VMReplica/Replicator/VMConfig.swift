@@ -12,7 +12,7 @@ public struct VMConfig: Sendable, Equatable {
     public var runDir: String
     /// host:port of the client-facing front (lines in, the guest's answers out).
     public var frontAddress: String
-    /// host:port of this replica's syncvm endpoint (a TCP fabric; RDMA where available).
+    /// host:port of this replica's syncvm endpoint, on the node's configured fabric (`SyncLink`).
     public var syncAddress: String
     /// host:port where this replica's next QEMU receives device state (backup).
     public var migrationAddress: String

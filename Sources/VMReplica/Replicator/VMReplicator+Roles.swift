@@ -12,8 +12,9 @@ import RDMAPaxos
 extension VMReplicator {
     // MARK: syncvm endpoint
 
-    /// Opens this replica's syncvm endpoint for `role` on `sync_address` (a fresh TCP fabric;
-    /// the previous one, if any, is closed first so the port is free) and starts connecting it.
+    /// Opens this replica's syncvm endpoint for `role` on `sync_address` (a fresh fabric of
+    /// `syncLink`'s kind; the previous one, if any, is closed first so the port is free) and starts
+    /// connecting it.
     func openSyncEndpoint(as role: Role) async throws {
         let (oldChannel, oldFabric) = lock.withLock { () -> (FabricSyncChannel?, (any Fabric)?) in
             defer {
@@ -28,9 +29,9 @@ extension VMReplicator {
         guard let (host, port) = splitHostPort(config.syncAddress) else {
             throw SocketError(operation: "parse", address: config.syncAddress, errno: EINVAL)
         }
-        let fabric = try TCPFabric(node: me, configuration: TCPFabric.Configuration(clusterKey: clusterKey.bytes, members: [me, config.peer]))
+        let fabric = try syncLink.open(me, [me, config.peer])
         let at = PeerAddress(node: me, host: host, port: port)
-        let configuration = FabricSyncChannel.Configuration()
+        let configuration = syncLink.channel
         // The port may linger for a moment after the old fabric closed.
         var attempt = 0
         var opened: FabricSyncChannel.Endpoint?
@@ -123,8 +124,7 @@ extension VMReplicator {
         hashDiff = nil
         logger.notice("vm: node \(me) is a backup now; \(held) answers it held are dropped (clients resend)")
         do {
-            let fabricConfig = FabricSyncChannel.Configuration()
-            memory = try GuestMemory(mappingFile: config.qemu.ramFile, writable: true, trailingBytes: fabricConfig.mailboxBytes)
+            memory = try GuestMemory(mappingFile: config.qemu.ramFile, writable: true, trailingBytes: syncLink.channel.mailboxBytes)
             try blocking(timeout: checkpointTimeout) { try await self.openSyncEndpoint(as: .backup) }
             startSpare()
         } catch {

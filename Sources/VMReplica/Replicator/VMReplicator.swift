@@ -38,6 +38,8 @@ public final class VMReplicator: @unchecked Sendable {
     public let config: VMConfig
     let logger: Logger
     let clusterKey: ClusterKey
+    /// The fabric the syncvm link runs over, and its channel configuration.
+    public let syncLink: SyncLink
     let outputs = OutputGuard()
     let pool = PageHashPool(threadCount: 2)
 
@@ -92,9 +94,11 @@ public final class VMReplicator: @unchecked Sendable {
     /// Primary, inconsistent: when it last asked the backup to lead instead.
     var lastHandOff: ContinuousClock.Instant?
 
-    /// A replica that starts as `role` for node `me`; `clusterKey` authenticates the syncvm link.
-    /// Nothing runs until `start`.
-    public init(role: Role, me: NodeID, config: VMConfig, clusterKey: ClusterKey, logger: Logger) {
+    /// A replica that starts as `role` for node `me`; `clusterKey` authenticates the syncvm link,
+    /// which runs over `syncLink` (the node's configured fabric, `SyncLink.configured`; TCP when
+    /// nil). Nothing runs until `start`.
+    public init(role: Role, me: NodeID, config: VMConfig, clusterKey: ClusterKey, logger: Logger, syncLink: SyncLink? = nil) {
+        self.syncLink = syncLink ?? .tcp(clusterKey: clusterKey)
         self.configuredRole = role
         self.currentRole = role
         // A backup's VM boots on its own: it is a copy of the primary's only after a checkpoint.
@@ -136,9 +140,8 @@ public final class VMReplicator: @unchecked Sendable {
         try first.qmp.execute("migrate-set-capabilities", ["capabilities": [["capability": "x-ignore-shared", "state": true]]])
         lock.withLock { current = first }
         startReader(first)
-        let fabricConfig = FabricSyncChannel.Configuration()
         memory = try GuestMemory(mappingFile: config.qemu.ramFile, writable: role == .backup,
-                                 trailingBytes: role == .backup ? fabricConfig.mailboxBytes : 0)
+                                 trailingBytes: role == .backup ? syncLink.channel.mailboxBytes : 0)
         if role == .backup { startSpare() }
         try await openSyncEndpoint(as: role)
         let driver = Thread { [self] in driverLoop() }

@@ -61,6 +61,10 @@ extension FabricSyncChannel {
 
         /// Bytes of one mailbox; the backup's `GuestMemory` needs at least this many `trailingBytes`.
         public var mailboxBytes: Int { MailboxLayout.ringOffset + ringBytes }
+
+        /// The largest single WRITE a channel posts — a page batch, or a ring record (at most half
+        /// the ring) — which its fabric must accept (`VerbsFabric.Configuration.slotBytesMax`).
+        public var writeBytesLargest: Int { max(writeBytesMax, ringBytes / 2, MailboxLayout.ringOffset) }
     }
 
     /// Faults to inject, for tests of interrupted syncs. A cut drops the connection without a

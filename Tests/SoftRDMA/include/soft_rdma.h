@@ -17,6 +17,9 @@
 //   lands them only if its QP is in RTR/RTS, is connected to the sender's QP, expects that PSN, and
 //   the rkey names an MR of the QP's PD with REMOTE_WRITE covering the range, with REMOTE_WRITE in
 //   the QP's access flags. Writes on one QP land in posting order.
+// - A WRITE's source bytes are read after the post, when the context's requester thread sends its
+//   packets (a NIC reads them by DMA then), so a send buffer reused before its completion sends
+//   the new bytes. `soft_rdma_set_read_delay` makes that moment a random point later still.
 // - Completions: the sender's after the bytes landed (signalled ones, and every error); the
 //   target's for WRITE_WITH_IMM only (IBV_WC_RECV_RDMA_WITH_IMM, consuming a posted receive; with
 //   none posted the responder waits, as with an infinite RNR retry count).
@@ -27,6 +30,9 @@
 //   receives too), and incoming writes are refused from then on. Moving it to RESET discards them
 //   without completions, as the IB spec and hardware do. Writes from a QP in ERR never land.
 // - Destroying a PD, CQ or context that still has users fails with EBUSY, as hardware does.
+// - Registering memory past a memlock limit fails with ENOMEM, as `ibv_reg_mr` does past
+//   RLIMIT_MEMLOCK; the limit is set per context (`soft_rdma_set_memlock_limit`), since the tests
+//   run as root, whose CAP_IPC_LOCK lifts the real one.
 #ifndef SOFT_RDMA_H
 #define SOFT_RDMA_H
 
@@ -45,6 +51,15 @@ int soft_rdma_subnet_remove(const char *path);
 /// RoCE-like port (LID 0, addressed by GID only); otherwise an InfiniBand port with a LID.
 struct ibv_context *soft_rdma_open_device(const char *subnet_path, int ethernet);
 int soft_rdma_close_device(struct ibv_context *context);
+
+/// Reads each WRITE's source bytes at a random point up to `max_microseconds` after its post (still
+/// in posting order on each QP) instead of as soon as the requester thread gets to it: tests that
+/// check a caller leaves its send buffers alone until their completion. 0 (the default) turns it off.
+void soft_rdma_set_read_delay(struct ibv_context *context, unsigned max_microseconds);
+
+/// Limits the bytes the context's MRs may pin (whole pages, as the kernel counts them against
+/// RLIMIT_MEMLOCK): `soft_rdma_reg_mr` past it fails with ENOMEM. 0 (the default): no limit.
+void soft_rdma_set_memlock_limit(struct ibv_context *context, uint64_t bytes);
 
 int soft_rdma_query_port(struct ibv_context *context, uint8_t port_num, struct ibv_port_attr *port_attr);
 int soft_rdma_query_gid(struct ibv_context *context, uint8_t port_num, int index, union ibv_gid *gid);
