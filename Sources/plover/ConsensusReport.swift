@@ -11,6 +11,13 @@ struct MachineDescription {
     /// other work on a shared machine skews every number.
     var busyBefore: Double?
 
+    /// "Machine: …" for a results file, ending with a blank line.
+    func markdownLine(dataDirs: String) -> String {
+        var s = "Machine: \(cores) cores, \(cpu), kernel \(kernel), \(dataDirs) on \(dataFilesystem), \(date)"
+        s += busyBefore.map { String(format: "; %.0f%% of the cores were busy with other work in the second before the run", $0 * 100) } ?? ""
+        return s + ".\n\n"
+    }
+
     static func current(dataDir: String) -> MachineDescription {
         MachineDescription(
             cores: shell("nproc"),
@@ -77,9 +84,7 @@ struct ConsensusReport {
     func markdown() -> String {
         var s = "# Consensus benchmark results\n\n"
         s += "Command: `make bench-consensus` (release build, then `\(command)`).\n\n"
-        s += "Machine: \(machine.cores) cores, \(machine.cpu), kernel \(machine.kernel), disk-backed data dirs on "
-        s += "\(machine.dataFilesystem), \(machine.date)"
-        s += machine.busyBefore.map { String(format: "; %.0f%% of the cores were busy with other work in the second before the run.\n\n", $0 * 100) } ?? ".\n\n"
+        s += machine.markdownLine(dataDirs: "disk-backed data dirs")
         s += "- **plover**: 3 `plover node` replicas on 127.0.0.1 (TCP fabric, Berkeley DB log), tick "
         s += "\(timing.tickMilliseconds) ms, heartbeat \(timing.heartbeatTicks) ticks, election timeout \(timing.electionTimeoutTicks) ticks; "
         s += "clients use `NodeClient` (one connection per thread, leader only).\n"

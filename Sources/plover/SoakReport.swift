@@ -29,9 +29,7 @@ struct SoakReport {
     func markdown() -> String {
         var s = "# Soak benchmark results\n\n"
         s += "Command: `make bench-soak` (release build, then `plover \(command)`).\n\n"
-        s += "Machine: \(machine.cores) cores, \(machine.cpu), kernel \(machine.kernel), data dirs on \(machine.dataFilesystem), \(machine.date)"
-        if let b = machine.busyBefore { s += String(format: "; %.0f%% of the cores were busy with other work in the second before the run", b * 100) }
-        s += ".\n\n"
+        s += machine.markdownLine(dataDirs: "data dirs")
         s += "Load: \(clients) closed-loop clients (`NodeClient`, following the leader), values of \(valueBytes) B, keys cycled over \(keySpace) "
         s += "(a state of about \(keySpace * valueBytes / 1_000_000) MB per replica), \(Int(seconds)) s on one 3-replica cluster with durability `\(durability)` "
         s += "(tick 10 ms, heartbeat 10 ticks, election timeout 100 ticks, disk stall 200 ticks, compaction defaults). "

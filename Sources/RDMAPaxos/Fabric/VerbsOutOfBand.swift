@@ -158,12 +158,17 @@ final class OutOfBandConnector: VerbsConnector, @unchecked Sendable {
             fabric.logger.info("accepted a queue pair from node \(peer) (\(from), out of band)")
             watch(fd, created)
         } catch {
+            // Read once, outside the log calls' autoclosures (capturing `answerer` there crashed
+            // the release compiler's ownership verifier, Swift 6.3.1).
+            let claimed = answerer.claimed
             if let refusal = error as? VerbsPeerRefusal {
                 fabric.noteRefused()
                 try? Self.send(fd, OutOfBandMessage.reject(refusal.reason).encoded())
-                fabric.logger.warning("refused an out-of-band connection from \(from) claiming node \((refusal.claimed ?? answerer.claimed).map(String.init) ?? "?"): \(refusal)")
+                let who = (refusal.claimed ?? claimed).map(String.init) ?? "?"
+                fabric.logger.warning("refused an out-of-band connection from \(from) claiming node \(who): \(refusal)")
             } else {
-                fabric.logger.warning("out-of-band connection from \(from) claiming node \(answerer.claimed.map(String.init) ?? "?") failed: \(error)")
+                let who = claimed.map(String.init) ?? "?"
+                fabric.logger.warning("out-of-band connection from \(from) claiming node \(who) failed: \(error)")
             }
             close(fd)
             if let qp {

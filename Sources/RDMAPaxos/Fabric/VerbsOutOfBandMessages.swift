@@ -199,7 +199,9 @@ struct OutOfBandAnswerer {
     let me: NodeID
     let members: Set<NodeID>
     let nonce: [UInt8]
-    private var hello: (connector: NodeID, nonce: [UInt8])?
+    /// The connector's hello, once read.
+    private struct Hello { let connector: NodeID; let nonce: [UInt8] }
+    private var hello: Hello?
 
     init(key: [UInt8], me: NodeID, members: Set<NodeID>, nonce: [UInt8] = VerbsPeerMAC.nonce(bytes: OutOfBandMessage.nonceBytes)) {
         self.key = key
@@ -218,7 +220,7 @@ struct OutOfBandAnswerer {
         guard to == me else { throw .init(.wrongNode, claimed: from) }
         guard from != me, members.contains(from) else { throw .init(.unknownNode, claimed: from) }
         guard replays.admit(connectorNonce) else { throw .init(.replayed, claimed: from) }
-        hello = (from, connectorNonce)
+        hello = Hello(connector: from, nonce: connectorNonce)
         let fields = OutOfBandTranscript.fields(connector: from, acceptor: me, connectorNonce: connectorNonce, acceptorNonce: nonce)
         return .challenge(from: me, to: from, nonce: nonce, mac: VerbsPeerMAC.mac(key: key, label: OutOfBandTranscript.challengeLabel, fields))
     }
