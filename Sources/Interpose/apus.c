@@ -23,8 +23,6 @@
 #include "interpose.h"
 
 atomic_int apus_on;
-_Atomic unsigned char apus_fd_kind[APUS_FD_MAX];
-_Atomic unsigned char apus_shim_fd[APUS_FD_MAX];
 
 static const char *config_path;
 int apus_app_port;
@@ -33,11 +31,8 @@ int apus_wake_fd = -1;
 /* The epoll data of the shim's wake-up eventfd ("interpos"); the server's own events never carry it. */
 #define WAKE_TAG 0x696e746572706f73ULL
 
-pthread_mutex_t apus_mu = PTHREAD_MUTEX_INITIALIZER;
-static unsigned char listener_kind[APUS_FD_MAX]; /* 0 unknown, 1 the server's listener, 2 other */
 struct client *apus_clients;
 int apus_client_count;
-static struct client *client_by_fd[APUS_FD_MAX];
 static uint64_t next_serial;
 static int started;
 static pid_t server_tid;
@@ -79,8 +74,9 @@ _Noreturn void apus_refuse_server(const char *why) {
 }
 
 static int is_app_listener(int fd) {
-    if (fd < 0 || fd >= APUS_FD_MAX) return 0;
-    if (listener_kind[fd]) return listener_kind[fd] == 1;
+    if (!apus_fd_in_range(fd)) return 0;
+    int known = atomic_load(&apus_fds[fd].listener);
+    if (known) return known == 1;
     struct sockaddr_storage a;
     socklen_t len = sizeof a;
     int listening = 0;
@@ -89,30 +85,26 @@ static int is_app_listener(int fd) {
         && getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &listening, &ilen) == 0 && listening
         && ((a.ss_family == AF_INET && ntohs(((struct sockaddr_in *)&a)->sin_port) == apus_app_port)
             || (a.ss_family == AF_INET6 && ntohs(((struct sockaddr_in6 *)&a)->sin6_port) == apus_app_port));
-    listener_kind[fd] = yes ? 1 : 2;
+    atomic_store(&apus_fds[fd].listener, yes ? 1 : 2);
     return yes;
 }
 
 /* MARK: epoll_ctl */
 
-static int tracked_kind(int fd) {
-    return fd >= 0 && fd < APUS_FD_MAX ? atomic_load(&apus_fd_kind[fd]) : APUS_FD_NONE;
-}
-
 void apus_after_epoll_ctl(int epfd, int op, int fd, const struct epoll_event *ev) {
     if (op == EPOLL_CTL_ADD && is_app_listener(fd)) atomic_store(&apus_app_epfd, epfd);
-    if (epfd != atomic_load(&apus_app_epfd) || tracked_kind(fd) != APUS_FD_CLIENT) return;
-    pthread_mutex_lock(&apus_mu);
-    struct client *c = client_by_fd[fd];
+    if (epfd != atomic_load(&apus_app_epfd) || apus_fd_kind_of(fd) != APUS_FD_CLIENT) return;
+    apus_lock();
+    struct client *c = apus_fd_client(fd);
     if (c) {
         c->watched = op != EPOLL_CTL_DEL;
         if (ev && op != EPOLL_CTL_DEL) { c->data = ev->data.u64; c->events = ev->events; }
     }
-    pthread_mutex_unlock(&apus_mu);
+    apus_unlock();
 }
 
 int apus_epoll_ctl_recorded_only(int epfd, int op, int fd, const struct epoll_event *ev) {
-    int kind = tracked_kind(fd);
+    int kind = apus_fd_kind_of(fd);
     if (kind == APUS_FD_NONE) return 0;
     int app = atomic_load(&apus_app_epfd);
     if (op != EPOLL_CTL_DEL && app >= 0 && epfd != app) {
@@ -124,22 +116,23 @@ int apus_epoll_ctl_recorded_only(int epfd, int op, int fd, const struct epoll_ev
         apus_refuse_server(why);
     }
     if (epfd != app || kind != APUS_FD_CLIENT) return 0;
-    pthread_mutex_lock(&apus_mu);
-    struct client *c = client_by_fd[fd];
+    apus_lock();
+    struct client *c = apus_fd_client(fd);
     int recorded = c && c->broken;
     if (recorded) {
         c->watched = op != EPOLL_CTL_DEL;
         if (ev && op != EPOLL_CTL_DEL) { c->data = ev->data.u64; c->events = ev->events; }
     }
-    pthread_mutex_unlock(&apus_mu);
+    apus_unlock();
     return recorded;
 }
 
 int apus_is_app_epoll(int epfd) { return epfd >= 0 && epfd == atomic_load_explicit(&apus_app_epfd, memory_order_relaxed); }
 
-/* MARK: clients and the pending queue (mu held) */
+/* MARK: clients and the pending queue (the shim's lock held) */
 
 void apus_break_client(struct client *c) {
+    apus_assert_locked("apus_break_client");
     if (c->broken) return;
     c->broken = 1;
     shutdown(c->fd, SHUT_RDWR); /* the server's writes now fail, unseen (hooks.c) */
@@ -148,6 +141,7 @@ void apus_break_client(struct client *c) {
 }
 
 static void queue_push(struct client *c) {
+    apus_assert_locked("queue_push");
     if (c->queued) return;
     c->queued = 1;
     c->pending_next = NULL;
@@ -156,6 +150,7 @@ static void queue_push(struct client *c) {
 }
 
 static void queue_remove(struct client *c) {
+    apus_assert_locked("queue_remove");
     if (!c->queued) return;
     c->queued = 0;
     struct client *prev = NULL;
@@ -179,6 +174,7 @@ static struct client *client_by_id(conn_id id) {
 }
 
 int apus_own_close(conn_id id) {
+    apus_assert_locked("apus_own_close");
     struct client *c = client_by_id(id);
     if (!c || !c->broken) return 1; /* gone, or a live client whose end the read path handled */
     if (!c->eof) { c->eof = 1; queue_push(c); }
@@ -228,7 +224,7 @@ static void start(void) {
 /* The client an epoll event is for, by the data the server registered (Redis: the fd). */
 static struct client *client_for_event(uint64_t data) {
     if (data < APUS_FD_MAX) {
-        struct client *c = client_by_fd[data];
+        struct client *c = apus_fd_client((int)data);
         if (c && c->watched && c->data == data) return c;
     }
     for (struct client *c = apus_clients; c; c = c->next) if (c->watched && c->data == data) return c;
@@ -278,13 +274,13 @@ int apus_epoll_wait(int epfd, struct epoll_event *events, int max, int timeout, 
     long long deadline = timeout < 0 ? -1 : apus_now_ms() + timeout;
     int n, k, leftovers, owed;
     for (;;) {
-        pthread_mutex_lock(&apus_mu);
+        apus_lock();
         apus_update_role();
         leftovers = owed = 0;
         for (struct client *c = apus_pending_head; c; c = c->pending_next) leftovers += has_leftover(c);
         for (struct client *c = apus_clients; c; c = c->next) owed += is_owed(c);
         int shim_wait = apus_replay_wait_ms();
-        pthread_mutex_unlock(&apus_mu);
+        apus_unlock();
         /* With committed bytes still unread, the server must come back at once. */
         long long left = deadline < 0 ? -1 : deadline - apus_now_ms();
         if (deadline >= 0 && left < 0) left = 0;
@@ -308,7 +304,7 @@ int apus_epoll_wait(int epfd, struct epoll_event *events, int max, int timeout, 
         if (k > 0 || leftovers || owed || (deadline >= 0 && apus_now_ms() >= deadline)) break;
     }
     int saved = errno;
-    pthread_mutex_lock(&apus_mu);
+    apus_lock();
     if (leftovers) {
         k = report_leftovers(events, k, max);
     } else if (apus_clients) {
@@ -319,7 +315,7 @@ int apus_epoll_wait(int epfd, struct epoll_event *events, int max, int timeout, 
         }
         if (k > 0) apus_read_ahead(events, k);
     }
-    pthread_mutex_unlock(&apus_mu);
+    apus_unlock();
     apus_in_hook = 0;
     errno = saved;
     return k;
@@ -351,8 +347,8 @@ static void complain_refused(const char *fmt, long a, long b) {
 }
 
 int apus_after_accept(int listen_fd, int fd) {
-    pthread_mutex_lock(&apus_mu);
-    if (!is_app_listener(listen_fd)) { pthread_mutex_unlock(&apus_mu); return fd; }
+    apus_lock();
+    if (!is_app_listener(listen_fd)) { apus_unlock(); return fd; }
     struct replay *r = replay_by_peer(fd);
     if (r && fd >= APUS_FD_MAX) {
         apus_log("the server accepted replay connection %016llx:%llu as fd %d, above the %d the shim tracks "
@@ -360,14 +356,13 @@ int apus_after_accept(int listen_fd, int fd) {
                  (unsigned long long)r->id.inc, (unsigned long long)r->id.serial, fd, APUS_FD_MAX - 1);
         REAL(close)(fd);
         apus_replay_retry(r);
-        pthread_mutex_unlock(&apus_mu);
+        apus_unlock();
         return APUS_REFUSED;
     }
     if (r) {
         r->sfd = fd;
-        apus_replay_by_sfd[fd] = r;
-        atomic_store(&apus_fd_kind[fd], APUS_FD_REPLAY);
-        pthread_mutex_unlock(&apus_mu);
+        apus_fd_set_replay(fd, r);
+        apus_unlock();
         return fd;
     }
     int refuse = 0;
@@ -385,7 +380,7 @@ int apus_after_accept(int listen_fd, int fd) {
         refuse = 1;
     }
     if (refuse) {
-        pthread_mutex_unlock(&apus_mu);
+        apus_unlock();
         REAL(close)(fd);
         return APUS_REFUSED;
     }
@@ -400,9 +395,8 @@ int apus_after_accept(int listen_fd, int fd) {
     c->next = apus_clients;
     apus_clients = c;
     apus_client_count++;
-    client_by_fd[fd] = c;
-    atomic_store(&apus_fd_kind[fd], APUS_FD_CLIENT);
-    pthread_mutex_unlock(&apus_mu);
+    apus_fd_set_client(fd, c);
+    apus_unlock();
     return fd;
 }
 
@@ -411,10 +405,10 @@ int apus_after_accept(int listen_fd, int fd) {
 static ssize_t read_replay(int fd, void *buf, size_t count) {
     ssize_t n = REAL(read)(fd, buf, count);
     int e = errno;
-    pthread_mutex_lock(&apus_mu);
-    struct replay *r = apus_replay_by_sfd[fd];
+    apus_lock();
+    struct replay *r = apus_fd_replay(fd);
     if (r && n > 0) r->unconsumed -= n;
-    pthread_mutex_unlock(&apus_mu);
+    apus_unlock();
     errno = e;
     return n;
 }
@@ -433,25 +427,25 @@ static ssize_t read_direct(struct client *c, void *buf, size_t count) {
         errno = e;
         return n;
     }
-    pthread_mutex_lock(&apus_mu);
+    apus_lock();
     int logged = n <= 0 && c->close_logged;
     if (n <= 0) c->close_logged = 1;
-    pthread_mutex_unlock(&apus_mu);
+    apus_unlock();
     /* End of stream or a reset: the server hears it once it committed. */
     int rc = logged ? INTERPOSE_OK : propose_item_sync(c->id, n > 0 ? b : NULL, n > 0 ? (size_t)n : 0);
-    pthread_mutex_lock(&apus_mu);
+    apus_lock();
     if (rc != INTERPOSE_OK) {
         free(b);
         if (n <= 0) c->close_logged = 0;
         apus_break_client(c);
-        pthread_mutex_unlock(&apus_mu);
+        apus_unlock();
         errno = EAGAIN;
         return -1;
     }
     if (n <= 0) {
         free(b);
         c->eof = c->eof_returned = 1;
-        pthread_mutex_unlock(&apus_mu);
+        apus_unlock();
         return 0;
     }
     size_t k = (size_t)n < count ? (size_t)n : count;
@@ -462,7 +456,7 @@ static ssize_t read_direct(struct client *c, void *buf, size_t count) {
     } else {
         free(b);
     }
-    pthread_mutex_unlock(&apus_mu);
+    apus_unlock();
     return (ssize_t)k;
 }
 
@@ -473,16 +467,16 @@ ssize_t apus_read(int fd, void *buf, size_t count) {
                  "libinterpose orders the reads of one thread only", (int)gettid(), fd, (int)server_tid);
         apus_refuse_server(why);
     }
-    int kind = tracked_kind(fd);
+    int kind = apus_fd_kind_of(fd);
     if (kind == APUS_FD_REPLAY) return read_replay(fd, buf, count);
-    pthread_mutex_lock(&apus_mu);
-    struct client *c = client_by_fd[fd];
-    if (kind != APUS_FD_CLIENT || !c) { pthread_mutex_unlock(&apus_mu); return REAL(read)(fd, buf, count); }
-    if (count == 0) { pthread_mutex_unlock(&apus_mu); return 0; } /* reads nothing, ends nothing */
+    apus_lock();
+    struct client *c = apus_fd_client(fd);
+    if (kind != APUS_FD_CLIENT || !c) { apus_unlock(); return REAL(read)(fd, buf, count); }
+    if (count == 0) { apus_unlock(); return 0; } /* reads nothing, ends nothing */
     if (c->queued && c != apus_pending_head) {
         /* Another client's committed input comes first in the log: this one waits its turn. */
         c->owed = 1;
-        pthread_mutex_unlock(&apus_mu);
+        apus_unlock();
         errno = EAGAIN;
         return -1;
     }
@@ -493,30 +487,31 @@ ssize_t apus_read(int fd, void *buf, size_t count) {
         c->buf_off += k;
         if (c->buf_off == c->buf_len) { free(c->buf); c->buf = NULL; }
         queue_settle(c);
-        pthread_mutex_unlock(&apus_mu);
+        apus_unlock();
         return (ssize_t)k;
     }
     if (c->eof) {
         c->eof_returned = 1;
         queue_settle(c);
-        pthread_mutex_unlock(&apus_mu);
+        apus_unlock();
         return 0;
     }
     if (c->broken || apus_pending_head) {
         /* A client of a lost term reads nothing until a committed CLOSE ends it; and no client
          * reads new bytes while committed ones wait. */
         if (!c->broken) c->owed = 1;
-        pthread_mutex_unlock(&apus_mu);
+        apus_unlock();
         errno = EAGAIN;
         return -1;
     }
-    pthread_mutex_unlock(&apus_mu);
+    apus_unlock();
     return read_direct(c, buf, count);
 }
 
-/* MARK: read-ahead results (mu held) */
+/* MARK: read-ahead results (the shim's lock held) */
 
 void apus_take_committed(struct client *c, unsigned char *bytes, size_t len) {
+    apus_assert_locked("apus_take_committed");
     if (bytes) {
         c->buf = bytes;
         c->buf_off = 0;
@@ -532,14 +527,13 @@ struct client *apus_client_for_event(uint64_t data) { return client_for_event(da
 /* MARK: close */
 
 void apus_before_close(int fd) {
-    listener_kind[fd] = 0;
-    if (atomic_load(&apus_fd_kind[fd]) == APUS_FD_NONE) return;
-    pthread_mutex_lock(&apus_mu);
-    int kind = atomic_load(&apus_fd_kind[fd]);
-    atomic_store(&apus_fd_kind[fd], APUS_FD_NONE);
-    if (kind == APUS_FD_CLIENT && client_by_fd[fd]) {
-        struct client *c = client_by_fd[fd];
-        client_by_fd[fd] = NULL;
+    atomic_store(&apus_fds[fd].listener, 0);
+    if (apus_fd_kind_of(fd) == APUS_FD_NONE) return;
+    apus_lock();
+    struct client *c = apus_fd_client(fd);
+    struct replay *r = apus_fd_replay(fd);
+    apus_fd_forget(fd);
+    if (c) {
         for (struct client **p = &apus_clients; *p; p = &(*p)->next) {
             if (*p == c) { *p = c->next; break; }
         }
@@ -548,9 +542,8 @@ void apus_before_close(int fd) {
         if (!c->close_logged) apus_propose_close(c->id, 1);
         free(c->buf);
         free(c);
-    } else if (kind == APUS_FD_REPLAY && apus_replay_by_sfd[fd]) {
-        apus_replay_by_sfd[fd]->sclosed = 1;
-        apus_replay_by_sfd[fd] = NULL;
+    } else if (r) {
+        r->sclosed = 1;
     }
-    pthread_mutex_unlock(&apus_mu);
+    apus_unlock();
 }

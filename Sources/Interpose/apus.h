@@ -3,12 +3,14 @@
  *
  * Threads and locks:
  * - the server thread (the one that waits on the epoll set watching the listener) runs every
- *   APUS path: leader read-ahead, the read hook, readiness, replay. Their state is under `mu`
- *   (apus.c), which is never held while waiting for the replica;
+ *   APUS path: leader read-ahead, the read hook, readiness, replay. Their state is under the
+ *   shim's lock (apus_lock, fdtable.c), which is never held while waiting for the replica;
  * - the replica's node thread runs the deliver callback (replay.c) and proposal outcomes. It
- *   takes only the entry queue's lock and the CLOSE-retry lock, never `mu`: the server thread
- *   proposes while holding `mu`, and a proposal can complete on the proposing thread;
- * - a forked child touches no lock at all (hooks.c). */
+ *   takes only the entry queue's lock and the CLOSE-retry lock, never the shim's lock: the
+ *   server thread proposes while holding it, and a proposal can complete on the proposing
+ *   thread. apus_lock() stops the process if the deliver callback's thread tries;
+ * - a forked child touches no lock at all (hooks.c).
+ * Functions that need the shim's lock check that their caller holds it (apus_assert_locked). */
 #ifndef INTERPOSE_APUS_H
 #define INTERPOSE_APUS_H
 
@@ -60,18 +62,8 @@ enum apus_fd_kind { APUS_FD_NONE = 0, APUS_FD_CLIENT = 1, APUS_FD_REPLAY = 2 };
 
 /* Set once INTERPOSE_CONFIG and INTERPOSE_PORT are present; cleared in a forked child. */
 extern atomic_int apus_on;
-/* Per fd: what the shim knows it to be (enum apus_fd_kind). */
-extern _Atomic unsigned char apus_fd_kind[APUS_FD_MAX];
-/* Per fd: 1 for the shim's own end of a replay connection. A forked child closes these (it must
- * not keep a connection the parent ends) without taking a lock. */
-extern _Atomic unsigned char apus_shim_fd[APUS_FD_MAX];
 /* Set on a thread while it runs inside a hook: nested libc calls pass straight through. */
 extern __thread int apus_in_hook;
-
-static inline int apus_tracked(int fd) {
-    return atomic_load_explicit(&apus_on, memory_order_relaxed) && !apus_in_hook && fd >= 0 && fd < APUS_FD_MAX
-        && atomic_load_explicit(&apus_fd_kind[fd], memory_order_acquire) != APUS_FD_NONE;
-}
 
 /* Returned by apus_after_accept for a connection it closed: the accept hook takes the next one. */
 #define APUS_REFUSED (-2)
@@ -136,7 +128,6 @@ struct entry {
 extern int apus_app_port;
 extern int apus_wake_fd;
 extern struct replay *apus_replays;
-extern struct replay *apus_replay_by_sfd[APUS_FD_MAX];
 extern int apus_replay_count;
 
 _Noreturn void apus_fail_stop(const char *why);
@@ -151,9 +142,9 @@ uint64_t apus_claim_incarnation(void);
 void apus_replay_retry(struct replay *r);
 /* The deliver callback (replica thread): queues other processes' committed entries. */
 void apus_deliver(void *context, int kind, uint64_t index, const void *data, size_t len);
-/* Replays queued entries as far as the server allows (server thread, mu held). */
+/* Replays queued entries as far as the server allows (server thread, the shim's lock held). */
 void apus_pump(void);
-/* A committed CLOSE of this process's own connection id (apus.c; server thread, mu held): 1 once done. */
+/* A committed CLOSE of this process's own connection id (apus.c; server thread, the shim's lock held): 1 once done. */
 int apus_own_close(conn_id id);
 /* No entry is queued or half replayed. */
 int apus_replay_idle(void);

@@ -1,12 +1,13 @@
 /* apus_leader.h - internal: the leader's clients, shared by apus.c (hooks' paths), readahead.c
- * (read-ahead rounds) and role.c (readiness). Everything here is guarded by apus_mu and used on
- * the server thread only. */
+ * (read-ahead rounds) and role.c (readiness). Everything here is guarded by the shim's lock
+ * (apus_lock) and used on the server thread only. */
 #ifndef INTERPOSE_APUS_LEADER_H
 #define INTERPOSE_APUS_LEADER_H
 
 #include <pthread.h>
 
 #include "apus.h"
+#include "fdtable.h"
 
 /* A client connection the server accepted while this replica led.
  *
@@ -34,7 +35,6 @@ struct client {
     struct client *next;
 };
 
-extern pthread_mutex_t apus_mu;
 extern struct client *apus_clients;
 extern struct client *apus_pending_head;
 extern int apus_client_count;
@@ -49,11 +49,11 @@ void apus_take_committed(struct client *c, unsigned char *bytes, size_t len);
 struct client *apus_client_for_event(uint64_t data);
 
 /* readahead.c: reads ahead every client the events report readable, proposes the bytes as BATCH
- * entries and waits for the commit (mu held; released while waiting). */
+ * entries and waits for the commit (the shim's lock held; released while waiting). */
 void apus_read_ahead(struct epoll_event *events, int n);
 
 /* role.c */
-/* Follows leadership by term; never waits for the replica (mu held). */
+/* Follows leadership by term; never waits for the replica (the shim's lock held). */
 void apus_update_role(void);
 /* 1 while this replica may take clients: it is ready in the term it leads now. */
 int apus_ready(void);

@@ -15,7 +15,7 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "apus.h"
+#include "fdtable.h"
 
 struct interpose_real apus_real_fns;
 __thread int apus_in_hook;
@@ -52,16 +52,11 @@ static pthread_once_t resolved = PTHREAD_ONCE_INIT;
 /* A forked child (Redis forks to save) runs the server's code but no replica: every hook passes
  * through there. Locks another thread held at fork time stay locked in the child, so the child
  * must never reach them. It closes its copies of the shim's replay connections, found through
- * an array of atomics rather than the replay list (which another thread may have been changing):
+ * the fd table's atomic flags rather than the replay list (which another thread may have been changing):
  * the parent ends those connections, and a child holding a copy would keep them open. */
 static void in_forked_child(void) {
     atomic_store(&apus_on, 0);
-    for (int fd = 0; fd < APUS_FD_MAX; fd++) {
-        if (atomic_load_explicit(&apus_shim_fd[fd], memory_order_relaxed)) {
-            atomic_store_explicit(&apus_shim_fd[fd], 0, memory_order_relaxed);
-            REAL(close)(fd);
-        }
-    }
+    apus_fd_close_shim_fds();
 }
 
 __attribute__((constructor)) static void interpose_load(void) {
@@ -263,7 +258,7 @@ ssize_t splice(int in, off_t *in_off, int out, off_t *out_off, size_t len, unsig
  * says it ended (a write error seen on one replica only would free it at a different point). */
 
 static int is_client(int fd) {
-    return apus_tracked(fd) && atomic_load_explicit(&apus_fd_kind[fd], memory_order_acquire) == APUS_FD_CLIENT;
+    return apus_tracked(fd) && apus_fd_kind_of(fd) == APUS_FD_CLIENT;
 }
 
 static ssize_t hide_write_error(ssize_t r, size_t len) {

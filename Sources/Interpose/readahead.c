@@ -69,7 +69,7 @@ static int pack(struct read_item *reads, int m, struct round_item *batches) {
     return nb;
 }
 
-/* Proposes every batch and waits for all outcomes (mu not held). */
+/* Proposes every batch and waits for all outcomes (the shim's lock not held). */
 static void propose_and_wait(struct round_item *batches, int nb) {
     pthread_mutex_lock(&round_mu);
     round_pending = nb;
@@ -86,15 +86,16 @@ static void propose_and_wait(struct round_item *batches, int nb) {
 }
 
 void apus_read_ahead(struct epoll_event *events, int n) {
+    apus_assert_locked("apus_read_ahead");
     struct read_item *reads = malloc((size_t)n * sizeof *reads);
     struct round_item *batches = malloc((size_t)n * sizeof *batches);
     if (!reads || !batches) apus_fail_stop("out of memory reading ahead");
     int m = read_clients(events, n, reads);
     int nb = pack(reads, m, batches);
     if (nb > 0) {
-        pthread_mutex_unlock(&apus_mu);
+        apus_unlock();
         propose_and_wait(batches, nb);
-        pthread_mutex_lock(&apus_mu);
+        apus_lock();
     }
     for (int i = 0; i < nb; i++) {
         struct round_item *it = &batches[i];

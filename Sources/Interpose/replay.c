@@ -16,7 +16,7 @@
 #include <sys/random.h>
 #include <unistd.h>
 
-#include "apus.h"
+#include "fdtable.h"
 #include "interpose.h"
 
 /* MARK: incarnation */
@@ -151,7 +151,10 @@ void apus_deliver(void *context, int kind, uint64_t index, const void *data, siz
     static int complaints;
     if (kind != INTERPOSE_ENTRY_INPUT) return;
     const char *why = NULL;
-    if (wire_decode(data, len, visit, NULL, &why) != 0 && complaints < 10) {
+    apus_on_replica_thread(1);
+    int rc = wire_decode(data, len, visit, NULL, &why);
+    apus_on_replica_thread(0);
+    if (rc != 0 && complaints < 10) {
         /* Every replica decodes the same bytes and skips the same entry. */
         complaints++;
         apus_log("skipping log entry %llu: %s", (unsigned long long)index, why);
@@ -159,10 +162,9 @@ void apus_deliver(void *context, int kind, uint64_t index, const void *data, siz
     apus_wake();
 }
 
-/* MARK: replay connections (server thread, under mu) */
+/* MARK: replay connections (server thread, the shim's lock held) */
 
 struct replay *apus_replays;
-struct replay *apus_replay_by_sfd[APUS_FD_MAX];
 int apus_replay_count;
 
 static struct replay *find_replay(conn_id id) {
@@ -201,8 +203,8 @@ static void give_up_socket(struct replay *r, int s, const char *what, int err) {
     complain(r, what, err);
 }
 
-/* Makes the shim's end and starts a non-blocking connect to the server (no waiting under mu:
- * the server accepts it on a later turn of its loop). 1 once started. */
+/* Makes the shim's end and starts a non-blocking connect to the server (no waiting under the
+ * shim's lock: the server accepts it on a later turn of its loop). 1 once started. */
 static int replay_connect(struct replay *r) {
     if (apus_now_ms() < r->retry_at) return 0;
     int s = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
@@ -228,7 +230,7 @@ static int replay_connect(struct replay *r) {
         return 0;
     }
     r->cfd = s;
-    atomic_store(&apus_shim_fd[s], 1);
+    apus_fd_mark_shim(s, 1);
     r->connected_at = apus_now_ms();
     r->backoff_ms = 0;
     r->warned = 0;
@@ -240,7 +242,7 @@ static void close_shim_end(struct replay *r) {
     /* A forked child (Redis's BGSAVE) may still hold a copy of this fd: shutting the socket down
      * ends the connection for the server now, not when the child exits. */
     shutdown(r->cfd, SHUT_RDWR);
-    atomic_store(&apus_shim_fd[r->cfd], 0);
+    apus_fd_mark_shim(r->cfd, 0);
     REAL(close)(r->cfd);
     r->cclosed = 1;
 }
@@ -281,7 +283,7 @@ static void replay_free(struct replay *r) {
         if (*p == r) { *p = r->next; break; }
     }
     close_shim_end(r);
-    if (r->sfd >= 0 && !r->sclosed && apus_replay_by_sfd[r->sfd] == r) apus_replay_by_sfd[r->sfd] = NULL;
+    if (r->sfd >= 0 && !r->sclosed && apus_fd_replay(r->sfd) == r) apus_fd_forget(r->sfd);
     apus_replay_count--;
     free(r);
 }
@@ -326,6 +328,7 @@ static void drain_replies(struct replay *r) {
 }
 
 void apus_pump(void) {
+    apus_assert_locked("apus_pump");
     /* The server writes its replies before it waits again, so the connection of an entry just
      * handled holds them now; every 256 calls all are swept (replies written later, in parts). */
     static unsigned calls;

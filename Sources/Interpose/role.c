@@ -72,7 +72,7 @@ static void barrier_abandon(void) {
 
 struct closing { conn_id id; struct closing *next; };
 /* Freed clients whose CLOSE did not commit. Filled by outcome callbacks (replica thread, or the
- * proposing thread itself), so under a lock of its own, never with apus_mu. */
+ * proposing thread itself), so under a lock of its own, never the shim's lock. */
 static pthread_mutex_t retry_mu = PTHREAD_MUTEX_INITIALIZER;
 static struct closing *retry_list;
 
@@ -140,6 +140,7 @@ static void new_term(uint64_t term) {
 }
 
 void apus_update_role(void) {
+    apus_assert_locked("apus_update_role");
     uint64_t term = interpose_leader_term();
     if (term != current_term) new_term(term);
     /* This replica's own committed bytes come before anything it replays. */
