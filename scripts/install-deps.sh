@@ -7,6 +7,7 @@ pkgs=(
   libdb-dev db5.3-util                                      # Berkeley DB 5.3 and its tools
   libxxhash-dev                                             # XXH3 page hashing
   redis-server redis-tools                                  # Interpose tests and benchmark (real Redis under LD_PRELOAD)
+  memcached                                                 # Interpose: a server shape the shim must refuse
   qemu-system-x86 busybox-static gcc libc6-dev              # VM replication tests (scripts/build-vm-guest.sh)
   python3 iproute2                                          # doc check and plots; network namespaces in the tests
 )

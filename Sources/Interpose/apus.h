@@ -1,5 +1,16 @@
 /* apus.h - internal: the LD_PRELOAD replication of an unmodified TCP server (APUS mode).
- * Not part of the C ABI. docs/design/interpose.md describes the protocol. */
+ * Not part of the C ABI. docs/design/interpose.md describes the protocol.
+ *
+ * Threads and locks:
+ * - the server thread (the one that waits on the epoll set watching the listener) runs every
+ *   APUS path: leader read-ahead, the read hook, readiness, replay. Their state is under the
+ *   shim's lock (apus_lock, fdtable.c), which is never held while waiting for the replica;
+ * - the replica's node thread runs the deliver callback (replay.c) and proposal outcomes. It
+ *   takes only the entry queue's lock and the CLOSE-retry lock, never the shim's lock: the
+ *   server thread proposes while holding it, and a proposal can complete on the proposing
+ *   thread. apus_lock() stops the process if the deliver callback's thread tries;
+ * - a forked child touches no lock at all (hooks.c).
+ * Functions that need the shim's lock check that their caller holds it (apus_assert_locked). */
 #ifndef INTERPOSE_APUS_H
 #define INTERPOSE_APUS_H
 
@@ -10,6 +21,8 @@
 #include <sys/socket.h>
 #include <sys/types.h>
 #include <sys/uio.h>
+
+#include "wire.h"
 
 /* The libc functions the hooks wrap, resolved with dlsym(RTLD_NEXT). */
 struct interpose_real {
@@ -40,22 +53,20 @@ struct interpose_real {
 extern struct interpose_real apus_real_fns;
 #define REAL(name) (apus_real_fns.name)
 
-/* Highest fd number (exclusive) the shim tracks; connections above it are passed through. */
+/* Highest fd number (exclusive) the shim tracks. The shim keeps the server's soft fd limit at
+ * or below it (limits.c), so the kernel hands out no fd it cannot track unless the server
+ * raises the limit itself; such connections are refused with a message. */
 #define APUS_FD_MAX 65536
 
 enum apus_fd_kind { APUS_FD_NONE = 0, APUS_FD_CLIENT = 1, APUS_FD_REPLAY = 2 };
 
 /* Set once INTERPOSE_CONFIG and INTERPOSE_PORT are present; cleared in a forked child. */
 extern atomic_int apus_on;
-/* Per fd: what the shim knows it to be (enum apus_fd_kind). */
-extern _Atomic unsigned char apus_fd_kind[APUS_FD_MAX];
 /* Set on a thread while it runs inside a hook: nested libc calls pass straight through. */
 extern __thread int apus_in_hook;
 
-static inline int apus_tracked(int fd) {
-    return atomic_load_explicit(&apus_on, memory_order_relaxed) && !apus_in_hook && fd >= 0 && fd < APUS_FD_MAX
-        && atomic_load_explicit(&apus_fd_kind[fd], memory_order_acquire) != APUS_FD_NONE;
-}
+/* Returned by apus_after_accept for a connection it closed: the accept hook takes the next one. */
+#define APUS_REFUSED (-2)
 
 void apus_setup_from_env(void);
 int apus_after_accept(int listen_fd, int fd);
@@ -66,55 +77,83 @@ int apus_is_app_epoll(int epfd);
 /* 1 if an epoll_ctl on the server's set concerns a client of an ended term: it is recorded, not made. */
 int apus_epoll_ctl_recorded_only(int epfd, int op, int fd, const struct epoll_event *ev);
 int apus_epoll_wait(int epfd, struct epoll_event *events, int max, int timeout, const sigset_t *mask, int pwait);
-void apus_log(const char *fmt, ...);
+void apus_log(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+long long apus_now_ms(void);
+
+/* MARK: limits (limits.c) */
+
+/* Parsed from the environment by apus_setup_from_env (a bad value stops the server at start). */
+extern size_t apus_read_ahead_bytes;   /* INTERPOSE_READ_BYTES */
+extern size_t apus_queue_bytes_max;    /* INTERPOSE_QUEUE_BYTES */
+extern long apus_clients_max;          /* INTERPOSE_MAX_CLIENTS, or computed at start (-1 until then) */
+/* Reads the INTERPOSE_* tuning variables; stops the process naming a bad one. */
+void apus_read_limits_from_env(void);
+/* Raises the soft fd limit to the hard one (at most APUS_FD_MAX). */
+void apus_raise_fd_limit(void);
+/* Once the replica runs: how many connections the leader may hold (a follower needs two
+ * descriptors for each), unless INTERPOSE_MAX_CLIENTS says. */
+void apus_compute_client_cap(void);
+/* The soft fd limit and the number of open fds now (for messages). */
+long apus_fd_limit(void);
+int apus_open_fds(void);
+/* 1 for errors that mean "out of a resource now" (descriptors, memory, ports): wait and retry. */
+int apus_resource_error(int err);
 
 /* MARK: shared between apus.c (leader, role, hooks) and replay.c (followers' replay) */
 
-enum { OP_OPEN = 1, OP_DATA = 2, OP_CLOSE = 3, OP_BATCH = 4 };
-/* A BATCH entry carries a read-ahead round: id 0, then for each client its id (u64 LE), a length
- * (u32 LE) and that many bytes, in the order the server will read them. One log entry per round
- * keeps the replicas' per-entry costs off the per-client path. */
-#define ITEM_HEADER_BYTES 12
-/* An item length that marks the client's end of stream (no bytes follow), in its place in the round. */
-#define ITEM_END_OF_STREAM 0xFFFFFFFFu
-#define HEADER_BYTES 9 /* op, connection id (little-endian u64) */
-
 /* A loopback connection replaying another leader's client connection into the local server. */
 struct replay {
-    uint64_t id;
-    int cfd;            /* the shim's end */
+    conn_id id;
+    int cfd;            /* the shim's end, -1 until a socket could be made */
     int sfd;            /* the server's end (-1 until the server accepted it) */
     uint16_t port;      /* the shim's end's local port: how the accept hook recognises it */
     long unconsumed;    /* bytes written that the server has not read yet */
     int cclosed, sclosed, close_proposed;
+    long long retry_at;     /* when to try making the socket again after a resource error */
+    long long backoff_ms;   /* the next wait after another failure */
+    long long connected_at; /* when the connect was started, for the "not accepted yet" warning */
+    int warned;
     struct replay *next;
 };
 
 /* A committed entry of another leader, waiting to be replayed. */
 struct entry {
     struct entry *next;
-    int op;
-    uint64_t id;
+    int op;             /* WIRE_OPEN, WIRE_CLOSE or WIRE_ITEM_DATA (an end of stream is a CLOSE) */
+    conn_id id;
     size_t len, off;
     unsigned char data[];
 };
 
 extern int apus_app_port;
 extern int apus_wake_fd;
-extern uint32_t apus_incarnation;
 extern struct replay *apus_replays;
-extern struct replay *apus_replay_by_sfd[APUS_FD_MAX];
+extern int apus_replay_count;
 
 _Noreturn void apus_fail_stop(const char *why);
-size_t apus_encode(unsigned char *out, int op, uint64_t id);
-void apus_propose_async(int op, uint64_t id);
+/* Stops the process before it serves: the server has a shape libinterpose cannot replicate. */
+_Noreturn void apus_refuse_server(const char *why);
+/* This process's incarnation (random, 64 bits): the first half of its connection ids. */
+uint64_t apus_incarnation(void);
+/* The incarnation, for a new connection id: from now on entries with it are this process's own. */
+uint64_t apus_claim_incarnation(void);
+/* The server accepted replay connection `r` as an fd the shim cannot track and it was closed:
+ * make the connection again later. */
+void apus_replay_retry(struct replay *r);
 /* The deliver callback (replica thread): queues other processes' committed entries. */
 void apus_deliver(void *context, int kind, uint64_t index, const void *data, size_t len);
-/* Replays queued entries as far as the server allows (server thread, mu held). */
+/* Replays queued entries as far as the server allows (server thread, the shim's lock held). */
 void apus_pump(void);
-/* A committed CLOSE of this process's own connection id (apus.c; server thread, mu held): 1 once done. */
-int apus_own_close(uint64_t id);
+/* A committed CLOSE of this process's own connection id (apus.c; server thread, the shim's lock held): 1 once done. */
+int apus_own_close(conn_id id);
 /* No entry is queued or half replayed. */
 int apus_replay_idle(void);
+/* Milliseconds until replay wants another turn without any event (a retry), or -1. */
+int apus_replay_wait_ms(void);
+/* Around every wait of the server thread for the replica (a proposal's commit): while it waits,
+ * the deliver callback must not block on a full queue, or neither thread would move. */
+void apus_server_waits(int waiting);
+/* Wakes the server thread's epoll_wait (any thread; no lock). */
+void apus_wake(void);
 
 #endif

@@ -15,7 +15,7 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "apus.h"
+#include "fdtable.h"
 
 struct interpose_real apus_real_fns;
 __thread int apus_in_hook;
@@ -51,8 +51,13 @@ static pthread_once_t resolved = PTHREAD_ONCE_INIT;
 
 /* A forked child (Redis forks to save) runs the server's code but no replica: every hook passes
  * through there. Locks another thread held at fork time stay locked in the child, so the child
- * must never reach them. */
-static void in_forked_child(void) { atomic_store(&apus_on, 0); }
+ * must never reach them. It closes its copies of the shim's replay connections, found through
+ * the fd table's atomic flags rather than the replay list (which another thread may have been changing):
+ * the parent ends those connections, and a child holding a copy would keep them open. */
+static void in_forked_child(void) {
+    atomic_store(&apus_on, 0);
+    apus_fd_close_shim_fds();
+}
 
 __attribute__((constructor)) static void interpose_load(void) {
     pthread_once(&resolved, resolve);
@@ -73,24 +78,40 @@ void apus_log(const char *fmt, ...) {
     (void)w;
 }
 
-static int after_accept(int listen_fd, int fd) {
-    if (fd < 0 || !atomic_load_explicit(&apus_on, memory_order_relaxed) || apus_in_hook) return fd;
-    int saved = errno;
-    apus_in_hook = 1;
-    int r = apus_after_accept(listen_fd, fd);
-    apus_in_hook = 0;
-    if (r >= 0) errno = saved;
-    return r;
+/* A connection the shim refuses (a follower's client, one past the cap) is closed and the next
+ * one in the backlog is taken in the same call: an edge-triggered server that got EAGAIN would
+ * not come back for the replay connections queued behind it. The bound keeps a flood of refused
+ * connections from holding the server here forever; EAGAIN after it (level-triggered servers
+ * come back at once). */
+#define REFUSALS_PER_CALL 4096
+
+static int accept_common(int fd, struct sockaddr *addr, socklen_t *len, int flags, int four) {
+    socklen_t room = len ? *len : 0;
+    for (int refused = 0; refused < REFUSALS_PER_CALL; refused++) {
+        if (len) *len = room;
+        int c = four ? REAL(accept4)(fd, addr, len, flags) : REAL(accept)(fd, addr, len);
+        if (c < 0 || !atomic_load_explicit(&apus_on, memory_order_relaxed) || apus_in_hook) return c;
+        int saved = errno;
+        apus_in_hook = 1;
+        int r = apus_after_accept(fd, c);
+        apus_in_hook = 0;
+        if (r != APUS_REFUSED) {
+            errno = saved;
+            return r;
+        }
+    }
+    errno = EAGAIN;
+    return -1;
 }
 
 int accept(int fd, struct sockaddr *addr, socklen_t *len) {
     ENSURE();
-    return after_accept(fd, REAL(accept)(fd, addr, len));
+    return accept_common(fd, addr, len, 0, 0);
 }
 
 int accept4(int fd, struct sockaddr *addr, socklen_t *len, int flags) {
     ENSURE();
-    return after_accept(fd, REAL(accept4)(fd, addr, len, flags));
+    return accept_common(fd, addr, len, flags, 1);
 }
 
 static ssize_t tracked_read(int fd, void *buf, size_t count) {
@@ -223,13 +244,13 @@ ssize_t preadv2(int fd, const struct iovec *iov, int n, off_t offset, int flags)
 
 int recvmmsg(int fd, struct mmsghdr *msgs, unsigned int n, int flags, struct timespec *timeout) {
     ENSURE();
-    if (apus_tracked(fd)) apus_fail_stop("the server reads a client connection with recvmmsg, which libinterpose does not replicate");
+    if (apus_tracked(fd)) apus_refuse_server("it reads a client connection with recvmmsg, which libinterpose does not replicate");
     return REAL(recvmmsg)(fd, msgs, n, flags, timeout);
 }
 
 ssize_t splice(int in, off_t *in_off, int out, off_t *out_off, size_t len, unsigned int flags) {
     ENSURE();
-    if (apus_tracked(in)) apus_fail_stop("the server splices from a client connection, which libinterpose does not replicate");
+    if (apus_tracked(in)) apus_refuse_server("it splices from a client connection, which libinterpose does not replicate");
     return REAL(splice)(in, in_off, out, out_off, len, flags);
 }
 
@@ -237,7 +258,7 @@ ssize_t splice(int in, off_t *in_off, int out, off_t *out_off, size_t len, unsig
  * says it ended (a write error seen on one replica only would free it at a different point). */
 
 static int is_client(int fd) {
-    return apus_tracked(fd) && atomic_load_explicit(&apus_fd_kind[fd], memory_order_acquire) == APUS_FD_CLIENT;
+    return apus_tracked(fd) && apus_fd_kind_of(fd) == APUS_FD_CLIENT;
 }
 
 static ssize_t hide_write_error(ssize_t r, size_t len) {

@@ -1,6 +1,9 @@
 /* replay.c - followers' side of APUS mode: committed entries of other processes are queued by
  * the deliver callback (replica thread) and replayed into the local server by its own thread,
- * one entry at a time, over loopback connections (docs/design/interpose.md, "Followers"). */
+ * one entry at a time, over loopback connections (docs/design/interpose.md, "Followers").
+ *
+ * Nothing here stops the process because of what the log holds: a replay connection that cannot
+ * be made now (no descriptor, no port) waits and is retried, and says so. */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <errno.h>
@@ -10,59 +13,93 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
 #include <unistd.h>
 
-#include "apus.h"
+#include "fdtable.h"
 #include "interpose.h"
 
-static pthread_mutex_t qmu = PTHREAD_MUTEX_INITIALIZER; /* the entry queue (filled on the replica thread) */
-static struct entry *q_head, *q_tail, *current;
+/* MARK: incarnation */
 
-static void enqueue_entry(int op, uint64_t id, const unsigned char *data, size_t len);
+static _Atomic uint64_t incarnation;
+static atomic_int incarnation_used;
 
-/* Runs on the replica thread: queues another leader's committed entries for the server thread. */
-void apus_deliver(void *context, int kind, uint64_t index, const void *data, size_t len) {
-    (void)context, (void)index;
-    const unsigned char *p = data;
-    if (kind != INTERPOSE_ENTRY_INPUT || len < HEADER_BYTES) return;
-    uint64_t id = 0;
-    for (int i = 0; i < 8; i++) id |= (uint64_t)p[1 + i] << (8 * i);
-    if (p[0] == OP_BATCH) {
-        size_t off = HEADER_BYTES;
-        while (off + ITEM_HEADER_BYTES <= len) {
-            uint64_t item_id = 0;
-            uint32_t item_len = 0;
-            for (int i = 0; i < 8; i++) item_id |= (uint64_t)p[off + i] << (8 * i);
-            for (int i = 0; i < 4; i++) item_len |= (uint32_t)p[off + 8 + i] << (8 * i);
-            off += ITEM_HEADER_BYTES;
-            if (item_len == ITEM_END_OF_STREAM) { enqueue_entry(OP_CLOSE, item_id, NULL, 0); continue; }
-            if (item_len > len - off) break;
-            enqueue_entry(OP_DATA, item_id, p + off, item_len);
-            off += item_len;
-        }
-    } else {
-        enqueue_entry(p[0], id, p + HEADER_BYTES, len - HEADER_BYTES);
+static uint64_t random64(void) {
+    uint64_t v = 0;
+    while (v == 0) {
+        if (getrandom(&v, sizeof v, 0) != sizeof v) v = ((uint64_t)getpid() << 32) ^ (uint64_t)apus_now_ms();
     }
+    return v;
+}
+
+uint64_t apus_incarnation(void) {
+    uint64_t v = atomic_load(&incarnation);
+    if (v == 0) {
+        uint64_t zero = 0;
+        atomic_compare_exchange_strong(&incarnation, &zero, random64());
+        v = atomic_load(&incarnation);
+    }
+    return v;
+}
+
+uint64_t apus_claim_incarnation(void) {
+    atomic_store(&incarnation_used, 1);
+    return apus_incarnation();
+}
+
+/* Whether a committed connection id is this process's own. An id with this incarnation seen
+ * before this process made any id is another process's that drew the same random number: this
+ * one draws again. Every entry committed before this process's first id was delivered first
+ * (readiness waits for a barrier), so such a collision is always seen in time. */
+static int is_own(uint64_t inc) {
+    uint64_t mine = apus_incarnation();
+    if (inc != mine) return 0;
+    if (atomic_load(&incarnation_used)) return 1;
+    atomic_compare_exchange_strong(&incarnation, &mine, random64());
+    apus_log("another process used this process's random incarnation; drew a new one");
+    return 0;
+}
+
+/* MARK: the entry queue (filled on the replica thread, drained on the server thread) */
+
+static pthread_mutex_t qmu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t q_room = PTHREAD_COND_INITIALIZER;
+static struct entry *q_head, *q_tail, *current;
+static size_t q_bytes;      /* held by queued entries and the one being replayed */
+static int server_waiting;  /* the server thread waits for a commit: delivery must not block */
+
+void apus_server_waits(int waiting) {
+    pthread_mutex_lock(&qmu);
+    server_waiting = waiting;
+    if (waiting) pthread_cond_broadcast(&q_room);
+    pthread_mutex_unlock(&qmu);
+}
+
+void apus_wake(void) {
     uint64_t one = 1;
     if (apus_wake_fd >= 0 && write(apus_wake_fd, &one, sizeof one) < 0) { /* the counter is already non-zero */ }
 }
 
-/* Queues another process's committed entry for the server thread and wakes it. */
-static void enqueue_entry(int op, uint64_t id, const unsigned char *data, size_t len) {
-    /* This process's own connections: the read path already handed their bytes to the server.
-     * Their CLOSEs still count: one may end a client of a term this replica lost. */
-    if ((uint32_t)(id >> 32) == apus_incarnation && op != OP_CLOSE) return;
+static size_t entry_bytes(const struct entry *e) { return sizeof *e + e->len; }
+
+/* Queues an entry for the server thread. Back-pressure: past apus_queue_bytes_max the replica
+ * thread waits here until the server has replayed enough, so a slow server slows this replica's
+ * delivery (and, through consensus flow control, its intake) instead of growing memory without
+ * end. Never while the server thread itself waits for a commit: the commit it waits for may be
+ * behind this entry, and neither thread would move. */
+static void enqueue(int op, conn_id id, const unsigned char *data, size_t len) {
     struct entry *e = malloc(sizeof *e + len);
     if (!e) apus_fail_stop("out of memory queueing a committed entry");
-    e->next = NULL;
-    e->op = op;
-    e->id = id;
-    e->len = len;
-    e->off = 0;
+    *e = (struct entry){ .op = op, .id = id, .len = len };
     if (len) memcpy(e->data, data, len);
     pthread_mutex_lock(&qmu);
+    while (q_bytes > apus_queue_bytes_max && !server_waiting) {
+        apus_wake();
+        pthread_cond_wait(&q_room, &qmu);
+    }
     if (q_tail) q_tail->next = e; else q_head = e;
     q_tail = e;
+    q_bytes += entry_bytes(e);
     pthread_mutex_unlock(&qmu);
 }
 
@@ -74,6 +111,14 @@ static struct entry *dequeue(void) {
     return e;
 }
 
+static void release(struct entry *e) {
+    pthread_mutex_lock(&qmu);
+    q_bytes -= entry_bytes(e);
+    if (q_bytes <= apus_queue_bytes_max) pthread_cond_broadcast(&q_room);
+    pthread_mutex_unlock(&qmu);
+    free(e);
+}
+
 static int queue_empty(void) {
     pthread_mutex_lock(&qmu);
     int empty = q_head == NULL;
@@ -81,44 +126,165 @@ static int queue_empty(void) {
     return empty;
 }
 
-/* MARK: replay (server thread, under mu) */
+/* MARK: delivery (replica thread) */
 
-static struct replay *find_replay(uint64_t id) {
-    for (struct replay *r = apus_replays; r; r = r->next) if (r->id == id) return r;
+static void visit(void *ctx, int op, conn_id id, const unsigned char *data, size_t len) {
+    (void)ctx;
+    switch (op) {
+    case WIRE_OPEN:
+    case WIRE_ITEM_DATA:
+        /* This process's own connections: the read path already handed their bytes over. */
+        if (!is_own(id.inc)) enqueue(op, id, data, len);
+        break;
+    case WIRE_CLOSE:
+    case WIRE_ITEM_END:
+        /* Own ones count too: a CLOSE may end a client of a term this replica lost. */
+        enqueue(WIRE_CLOSE, id, NULL, 0);
+        break;
+    default: /* BARRIER: a leader's own marker */
+        break;
+    }
+}
+
+void apus_deliver(void *context, int kind, uint64_t index, const void *data, size_t len) {
+    (void)context;
+    static int complaints;
+    if (kind != INTERPOSE_ENTRY_INPUT) return;
+    const char *why = NULL;
+    apus_on_replica_thread(1);
+    int rc = wire_decode(data, len, visit, NULL, &why);
+    apus_on_replica_thread(0);
+    if (rc != 0 && complaints < 10) {
+        /* Every replica decodes the same bytes and skips the same entry. */
+        complaints++;
+        apus_log("skipping log entry %llu: %s", (unsigned long long)index, why);
+    }
+    apus_wake();
+}
+
+/* MARK: replay connections (server thread, the shim's lock held) */
+
+struct replay *apus_replays;
+int apus_replay_count;
+
+static struct replay *find_replay(conn_id id) {
+    for (struct replay *r = apus_replays; r; r = r->next) if (conn_id_eq(r->id, id)) return r;
     return NULL;
 }
 
-static struct replay *replay_open(uint64_t id) {
-    int s = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (s < 0) apus_fail_stop("cannot create a replay socket");
-    struct sockaddr_in a = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
-    socklen_t len = sizeof a;
-    if (bind(s, (struct sockaddr *)&a, sizeof a) != 0 || getsockname(s, (struct sockaddr *)&a, &len) != 0)
-        apus_fail_stop("cannot bind a replay socket on 127.0.0.1");
+static struct replay *replay_new(conn_id id) {
     struct replay *r = calloc(1, sizeof *r);
     if (!r) apus_fail_stop("out of memory opening a replay connection");
     r->id = id;
-    r->cfd = s;
-    r->sfd = -1;
-    r->port = ntohs(a.sin_port);
+    r->cfd = r->sfd = -1;
     r->next = apus_replays;
     apus_replays = r;
-    /* Known before connecting, so the accept hook recognises the server's end. The listen
-     * backlog completes the handshake; the server accepts it on its next loop. */
+    apus_replay_count++;
+    return r;
+}
+
+/* One line about replay waiting on a resource, at most every 10 s (it retries far more often). */
+static void complain(struct replay *r, const char *what, int err) {
+    static long long last;
+    long long now = apus_now_ms();
+    if (last && now - last < 10000) return;
+    last = now;
+    apus_log("replay of connection %016llx:%llu waits: cannot %s: %s (%d descriptors open, limit %ld; %d replay connections); "
+             "retrying. A follower holds two descriptors per connection of the leader: raise this replica's fd limit "
+             "or lower INTERPOSE_MAX_CLIENTS on the leader",
+             (unsigned long long)r->id.inc, (unsigned long long)r->id.serial, what, strerror(err), apus_open_fds(),
+             apus_fd_limit(), apus_replay_count);
+}
+
+static void give_up_socket(struct replay *r, int s, const char *what, int err) {
+    if (s >= 0) REAL(close)(s);
+    r->backoff_ms = r->backoff_ms ? (r->backoff_ms * 2 > 2000 ? 2000 : r->backoff_ms * 2) : 50;
+    r->retry_at = apus_now_ms() + r->backoff_ms;
+    complain(r, what, err);
+}
+
+/* Makes the shim's end and starts a non-blocking connect to the server (no waiting under the
+ * shim's lock: the server accepts it on a later turn of its loop). 1 once started. */
+static int replay_connect(struct replay *r) {
+    if (apus_now_ms() < r->retry_at) return 0;
+    int s = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+    if (s < 0) { give_up_socket(r, -1, "make a socket", errno); return 0; }
+    if (s >= APUS_FD_MAX) { give_up_socket(r, s, "get a descriptor below 65536", EMFILE); return 0; }
+    struct sockaddr_in a = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
+    socklen_t len = sizeof a;
+    if (bind(s, (struct sockaddr *)&a, sizeof a) != 0 || getsockname(s, (struct sockaddr *)&a, &len) != 0) {
+        give_up_socket(r, s, "bind a socket on 127.0.0.1", errno);
+        return 0;
+    }
+    /* The server needs a descriptor of its own to accept it; without one its accept fails and a
+     * level-triggered server retries it in a loop. */
+    int probe = fcntl(s, F_DUPFD_CLOEXEC, 0);
+    if (probe < 0) { give_up_socket(r, s, "leave a descriptor for the server to accept it", errno); return 0; }
+    REAL(close)(probe);
+    /* The port is known before connecting, so the accept hook recognises the server's end. */
+    r->port = ntohs(a.sin_port);
     struct sockaddr_in server = { .sin_family = AF_INET, .sin_port = htons((uint16_t)apus_app_port),
                                   .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
-    if (connect(s, (struct sockaddr *)&server, sizeof server) != 0)
-        apus_fail_stop("cannot connect a replay connection to the server on 127.0.0.1:INTERPOSE_PORT");
-    fcntl(s, F_SETFL, fcntl(s, F_GETFL) | O_NONBLOCK);
-    return r;
+    if (connect(s, (struct sockaddr *)&server, sizeof server) != 0 && errno != EINPROGRESS) {
+        give_up_socket(r, s, "connect to the server on 127.0.0.1:INTERPOSE_PORT", errno);
+        return 0;
+    }
+    r->cfd = s;
+    apus_fd_mark_shim(s, 1);
+    r->connected_at = apus_now_ms();
+    r->backoff_ms = 0;
+    r->warned = 0;
+    return 1;
+}
+
+static void close_shim_end(struct replay *r) {
+    if (r->cfd < 0 || r->cclosed) return;
+    /* A forked child (Redis's BGSAVE) may still hold a copy of this fd: shutting the socket down
+     * ends the connection for the server now, not when the child exits. */
+    shutdown(r->cfd, SHUT_RDWR);
+    apus_fd_mark_shim(r->cfd, 0);
+    REAL(close)(r->cfd);
+    r->cclosed = 1;
+}
+
+void apus_replay_retry(struct replay *r) {
+    close_shim_end(r);
+    r->cfd = -1;
+    r->cclosed = 0;
+    r->port = 0;
+    give_up_socket(r, -1, "replay into a descriptor the shim tracks", EMFILE);
+}
+
+/* 1 once the server accepted the replay connection (connecting or retrying first). */
+static int replay_ready(struct replay *r) {
+    if (r->sfd >= 0) return 1;
+    if (r->cfd < 0) { replay_connect(r); return 0; }
+    int err = 0;
+    socklen_t len = sizeof err;
+    if (getsockopt(r->cfd, SOL_SOCKET, SO_ERROR, &err, &len) == 0 && err != 0) {
+        /* The connect failed (nothing was accepted): start over later. */
+        close_shim_end(r);
+        r->cfd = -1;
+        r->cclosed = 0;
+        give_up_socket(r, -1, "connect to the server on 127.0.0.1:INTERPOSE_PORT", err);
+        return 0;
+    }
+    if (!r->warned && apus_now_ms() - r->connected_at > 5000) {
+        r->warned = 1;
+        apus_log("the server has not accepted replay connection %016llx:%llu for 5 s; replay waits for it "
+                 "(is its accept failing? %d descriptors open, limit %ld)",
+                 (unsigned long long)r->id.inc, (unsigned long long)r->id.serial, apus_open_fds(), apus_fd_limit());
+    }
+    return 0;
 }
 
 static void replay_free(struct replay *r) {
     for (struct replay **p = &apus_replays; *p; p = &(*p)->next) {
         if (*p == r) { *p = r->next; break; }
     }
-    if (!r->cclosed) REAL(close)(r->cfd);
-    if (r->sfd >= 0 && !r->sclosed && apus_replay_by_sfd[r->sfd] == r) apus_replay_by_sfd[r->sfd] = NULL;
+    close_shim_end(r);
+    if (r->sfd >= 0 && !r->sclosed && apus_fd_replay(r->sfd) == r) apus_fd_forget(r->sfd);
+    apus_replay_count--;
     free(r);
 }
 
@@ -126,12 +292,13 @@ static void replay_free(struct replay *r) {
 static int replay_step(struct entry *e) {
     struct replay *r = find_replay(e->id);
     switch (e->op) {
-    case OP_OPEN:
-        if (!r) r = replay_open(e->id);
-        return r->sfd >= 0;
-    case OP_DATA:
-        if (!r) r = replay_open(e->id); /* only if its OPEN was compacted away or came from a restart */
-        if (r->sfd < 0 || r->sclosed) return r->sclosed; /* a server that closed it drops the rest */
+    case WIRE_OPEN:
+        if (!r) r = replay_new(e->id);
+        return replay_ready(r);
+    case WIRE_ITEM_DATA:
+        if (!r) r = replay_new(e->id); /* its OPEN was before this process's log (not today: no compaction) */
+        if (r->sclosed) return 1;       /* a server that closed it drops the rest */
+        if (!replay_ready(r)) return 0;
         while (e->off < e->len) {
             ssize_t w = write(r->cfd, e->data + e->off, e->len - e->off);
             if (w < 0) {
@@ -142,10 +309,10 @@ static int replay_step(struct entry *e) {
             r->unconsumed += w;
         }
         return r->unconsumed <= 0;
-    case OP_CLOSE:
-        if ((uint32_t)(e->id >> 32) == apus_incarnation) return apus_own_close(e->id);
+    case WIRE_CLOSE:
+        if (is_own(e->id.inc)) return apus_own_close(e->id);
         if (!r) return 1;
-        if (!r->cclosed) { REAL(close)(r->cfd); r->cclosed = 1; }
+        close_shim_end(r);
         if (r->sfd >= 0 && !r->sclosed) return 0;
         replay_free(r);
         return 1;
@@ -157,10 +324,11 @@ static int replay_step(struct entry *e) {
 /* Discards the server's replies on a replay connection (followers answer no one). */
 static void drain_replies(struct replay *r) {
     char sink[16384];
-    if (r && !r->cclosed) while (REAL(recv)(r->cfd, sink, sizeof sink, MSG_DONTWAIT) > 0) {}
+    if (r && r->cfd >= 0 && !r->cclosed) while (REAL(recv)(r->cfd, sink, sizeof sink, MSG_DONTWAIT) > 0) {}
 }
 
 void apus_pump(void) {
+    apus_assert_locked("apus_pump");
     /* The server writes its replies before it waits again, so the connection of an entry just
      * handled holds them now; every 256 calls all are swept (replies written later, in parts). */
     static unsigned calls;
@@ -169,11 +337,20 @@ void apus_pump(void) {
         if (!current) current = dequeue();
         if (!current) break;
         int done = replay_step(current);
-        if (current->op == OP_DATA) drain_replies(find_replay(current->id));
+        if (current->op == WIRE_ITEM_DATA) drain_replies(find_replay(current->id));
         if (!done) break;
-        free(current);
+        release(current);
         current = NULL;
     }
 }
 
 int apus_replay_idle(void) { return !current && queue_empty(); }
+
+int apus_replay_wait_ms(void) {
+    if (!current || current->op == WIRE_CLOSE) return -1;
+    struct replay *r = find_replay(current->id);
+    if (!r || r->sfd >= 0) return -1;
+    if (r->cfd >= 0) return 500; /* connecting: look at its error and the 5 s warning */
+    long long left = r->retry_at - apus_now_ms();
+    return left <= 0 ? 0 : (int)left;
+}

@@ -47,6 +47,8 @@ struct interpose_vm {
     uint64_t *snapshot; /* the poll thread's copy while it sends the union */
     char hook_message[512];
     int hook_message_set;
+    int stall_ms;              /* STALL_TIMEOUT_MS, or INTERPOSE_VM_STALL_MS */
+    long long send_deadline;   /* the whole answer to the request being served must be sent by then */
 };
 
 struct interpose_vm_state {
@@ -92,13 +94,23 @@ static int broke(interpose_vm *vm, int code) {
     return code;
 }
 
+/* Sends everything by vm->send_deadline (set by the answer's first send). The deadline covers
+ * the whole answer to one request (or the hello),
+ * not each send: the poll thread holds QEMU's big lock, and an agent that takes a few bytes now
+ * and then would otherwise hold QEMU for as long as it likes. */
 static int write_all(interpose_vm *vm, const void *data, size_t length) {
     const unsigned char *p = data;
+    if (vm->send_deadline == 0) vm->send_deadline = now_ms() + vm->stall_ms;
     while (length > 0) {
-        ssize_t n = send(vm->fd, p, length, MSG_NOSIGNAL);
-        if (n < 0 && errno == EINTR) continue;
-        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
-            return broke(vm, fail(INTERPOSE_VM_ETIMEDOUT, "the agent at %s took no data for %d s", vm->path, STALL_TIMEOUT_MS / 1000));
+        long long left = vm->send_deadline - now_ms();
+        struct pollfd w = { .fd = vm->fd, .events = POLLOUT };
+        int ready = left > 0 ? poll(&w, 1, (int)left) : 0;
+        if (ready < 0 && errno == EINTR) continue;
+        if (ready == 0)
+            return broke(vm, fail(INTERPOSE_VM_ETIMEDOUT, "the agent at %s did not take an answer within %d ms (%zu bytes were left to send)",
+                                  vm->path, vm->stall_ms, length));
+        ssize_t n = send(vm->fd, p, length, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (n < 0 && (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK)) continue;
         if (n <= 0) return broke(vm, fail(INTERPOSE_VM_ECLOSED, "sending to the agent at %s: %s", vm->path, strerror(errno)));
         p += n;
         length -= (size_t)n;
@@ -151,7 +163,7 @@ static int read_frame(interpose_vm *vm, int timeout_ms, int *type, unsigned char
     *body = NULL;
     if (!wait_readable(vm->fd, timeout_ms)) return 0;
     unsigned char h[5];
-    int r = read_full(vm, h, sizeof h, STALL_TIMEOUT_MS);
+    int r = read_full(vm, h, sizeof h, vm->stall_ms);
     if (r < 0) return r;
     uint32_t n = get32(h);
     if (n > INTERPOSE_VM_MAX_FRAME)
@@ -159,7 +171,7 @@ static int read_frame(interpose_vm *vm, int timeout_ms, int *type, unsigned char
                               vm->path, n, h[4], INTERPOSE_VM_MAX_FRAME));
     unsigned char *b = malloc((size_t)n + 1);
     if (!b) return broke(vm, fail(INTERPOSE_VM_ECLOSED, "no memory for a frame of %u bytes from the agent at %s", n, vm->path));
-    r = read_full(vm, b, n, STALL_TIMEOUT_MS);
+    r = read_full(vm, b, n, vm->stall_ms);
     if (r < 0) { free(b); return r; }
     b[n] = 0;
     *type = h[4];
@@ -181,10 +193,20 @@ int interpose_vm_connect(const char *socket_path, uint64_t ram_bytes, uint32_t p
         return fail(INTERPOSE_VM_EINVAL, "RAM of %llu bytes is not a whole, non-zero number of %u-byte pages",
                     (unsigned long long)ram_bytes, page_size);
     strcpy(addr.sun_path, socket_path);
+    int stall_ms = STALL_TIMEOUT_MS;
+    const char *stall = getenv("INTERPOSE_VM_STALL_MS");
+    if (stall && *stall) {
+        char *end;
+        long v = strtol(stall, &end, 10);
+        if (*end || v < 100 || v > 3600000)
+            return fail(INTERPOSE_VM_EINVAL, "INTERPOSE_VM_STALL_MS=%s is not a whole number of milliseconds from 100 to 3600000", stall);
+        stall_ms = (int)v;
+    }
 
     interpose_vm *vm = calloc(1, sizeof *vm);
     if (!vm) return fail(INTERPOSE_VM_EINVAL, "no memory for the connection");
     vm->fd = -1;
+    vm->stall_ms = stall_ms;
     strcpy(vm->path, socket_path);
     vm->ram_bytes = ram_bytes;
     vm->page_size = page_size;
@@ -207,8 +229,6 @@ int interpose_vm_connect(const char *socket_path, uint64_t ram_bytes, uint32_t p
         interpose_vm_disconnect(vm);
         return fail(INTERPOSE_VM_ECONNECT, "cannot connect to the agent at %s: %s", socket_path, strerror(e));
     }
-    struct timeval tv = { .tv_sec = STALL_TIMEOUT_MS / 1000 };
-    setsockopt(vm->fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
 
     unsigned char hello[16];
     put32(hello, INTERPOSE_VM_ABI_VERSION);
@@ -368,6 +388,7 @@ static int serve(interpose_vm *vm, int type, const unsigned char *body, uint32_t
         return broke(vm, fail(INTERPOSE_VM_EPROTO, "the agent at %s sent a request (type 0x%02x) of %u bytes", vm->path, type, length));
     uint32_t seq = get32(body);
     vm->hook_message_set = 0;
+    vm->send_deadline = 0; /* starts at the answer's first byte: the hooks' own time does not count */
     switch (type) {
     case FRAME_STOP:
         return vm->hooks.stop ? reply_hook(vm, seq, "stop", vm->hooks.stop(vm->context)) : no_hook(vm, seq, "stop");

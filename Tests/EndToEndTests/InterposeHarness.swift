@@ -26,13 +26,15 @@ enum InterposeHarness {
 
     /// Compiles `interpose-c/NAME.c` into `dir/NAME` with the system C compiler, warnings as
     /// errors, against Sources/Interpose/include and libinterpose.so only.
-    static func compileC(_ name: String, into dir: String) throws -> String {
-        let lib = try library()
+    /// `linkLibrary: false` compiles the program alone (a harness that includes a C file of the
+    /// library itself); `flags` are added (sanitizers, say).
+    static func compileC(_ name: String, into dir: String, linkLibrary: Bool = true, flags: [String] = []) throws -> String {
+        let lib = linkLibrary ? try library() : ""
         let out = dir + "/" + name
-        let (status, output) = try run("/usr/bin/cc", ["-std=c11", "-Wall", "-Wextra", "-Werror", "-o", out,
+        let link = linkLibrary ? [lib, "-Wl,-rpath," + (lib as NSString).deletingLastPathComponent] : []
+        let (status, output) = try run("/usr/bin/cc", ["-std=c11", "-Wall", "-Wextra", "-Werror"] + flags + ["-o", out,
                                                    packageRoot + "/Tests/EndToEndTests/interpose-c/\(name).c",
-                                                   "-I", packageRoot + "/Sources/Interpose/include",
-                                                   lib, "-Wl,-rpath," + (lib as NSString).deletingLastPathComponent, "-lpthread"])
+                                                   "-I", packageRoot + "/Sources/Interpose/include"] + link + ["-lpthread"])
         guard status == 0 else { throw CLIError("cc failed (\(status)):\n\(output)") }
         return out
     }

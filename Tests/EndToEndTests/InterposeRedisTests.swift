@@ -29,17 +29,20 @@ extension EndToEnd {
 
             func socketPath(_ id: NodeID) -> String { root + "/redis-\(id).sock" }
 
-            func start(_ id: NodeID) throws {
+            /// Starts replica `id`'s Redis; `fdLimit` runs it under `prlimit --nofile=N:N` (soft and hard).
+            func start(_ id: NodeID, fdLimit: Int? = nil, environment: [String: String] = [:]) throws {
                 let dir = root + "/redis-\(id)"
                 try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
-                processes[id] = try InterposeHarness.spawn("/usr/bin/redis-server", [
+                let (program, prefix) = fdLimit.map { ("/usr/bin/prlimit", ["--nofile=\($0):\($0)", "/usr/bin/redis-server"]) }
+                    ?? ("/usr/bin/redis-server", [])
+                processes[id] = try InterposeHarness.spawn(program, prefix + [
                     "--port", String(ports[id]!), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
                     "--unixsocket", socketPath(id), "--unixsocketperm", "700", "--enable-debug-command", "local",
                     "--daemonize", "no", "--dir", dir,
                 ], log: root + "/redis-\(id).log", environment: [
                     "LD_PRELOAD": library, "INTERPOSE_CONFIG": cluster.configPath(id), "INTERPOSE_PORT": String(ports[id]!),
                     "INTERPOSE_LOG_LEVEL": "info",
-                ])
+                ].merging(environment) { $1 })
             }
 
             func kill(_ id: NodeID) { if let p = processes.removeValue(forKey: id) { InterposeHarness.kill9(p) } }
@@ -80,21 +83,26 @@ extension EndToEnd {
             func logTails() -> String {
                 cluster.ids.map { id in
                     let text = (try? String(contentsOfFile: root + "/redis-\(id).log", encoding: .utf8)) ?? ""
-                    return "redis \(id):\n" + text.split(separator: "\n").suffix(8).map { "  " + $0 }.joined(separator: "\n")
+                    let status = cluster.status(id)
+                    let local = try? RespClient(unixPath: socketPath(id))
+                    let keys = (try? local?.call("DBSIZE")).map { "\($0!)" } ?? "-"
+                    return "redis \(id) (role \(status["role"] ?? "-"), applied \(status["applied_index"] ?? "-") of \(status["commit_index"] ?? "-"), keys \(keys)):\n"
+                        + text.split(separator: "\n").suffix(8).map { "  " + $0 }.joined(separator: "\n")
                 }.joined(separator: "\n")
             }
         }
 
-        static func withRedis(_ name: String, _ body: @escaping @Sendable (ShimmedRedis, Checks) throws -> Void) async throws {
+        static func withRedis(_ name: String, fdLimit: Int? = nil, environment: [String: String] = [:],
+                              _ body: @escaping @Sendable (ShimmedRedis, Checks) throws -> Void) async throws {
             let checks = Checks()
             defer { checks.recordIssues() }
             try await onOwnThread {
                 let r = try ShimmedRedis(name)
                 defer { r.stopAll() }
-                for id in r.cluster.ids { try r.start(id) }
+                for id in r.cluster.ids { try r.start(id, fdLimit: fdLimit, environment: environment) }
                 try body(r, checks)
                 r.stopAll()
-                try? FileManager.default.removeItem(atPath: r.root)
+                if !checks.hasFailures { try? FileManager.default.removeItem(atPath: r.root) }
             }
         }
 

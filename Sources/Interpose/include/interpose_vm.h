@@ -123,7 +123,10 @@ int interpose_vm_abi_version(void);
  * is a power of two from 512 to 2 MiB and divides `ram_bytes`. `hooks` (may be NULL: no hooks)
  * and `context`, passed to every hook, are kept for the connection's life. On success `*out`
  * receives the handle; on failure it is set to NULL and the code says which step failed
- * (ECONNECT, EREFUSED with the agent's reason, ETIMEDOUT, ECLOSED, EPROTO, EINVAL). */
+ * (ECONNECT, EREFUSED with the agent's reason, ETIMEDOUT, ECLOSED, EPROTO, EINVAL).
+ * The stall limit (30 s; INTERPOSE_VM_STALL_MS in the environment sets another, 100 ms to 1 h,
+ * EINVAL for a value outside that) bounds the agent inside a frame it sends and the time it
+ * takes to accept a whole answer of QEMU's. */
 int interpose_vm_connect(const char *socket_path, uint64_t ram_bytes, uint32_t page_size,
                          const interpose_vm_hooks *hooks, void *context, interpose_vm **out);
 
@@ -133,7 +136,8 @@ int interpose_vm_fd(const interpose_vm *vm);
 /* Waits up to `timeout_ms` (0: do not wait, -1: no limit) for requests from the agent and serves
  * every complete one that is there, running its hook. Returns how many it served (0 when none
  * came), or a negative code: ECLOSED when the agent went away, EPROTO for a frame it cannot
- * accept, ETIMEDOUT when the agent stalled inside a frame for 30 s, ESTATE after an earlier
+ * accept, ETIMEDOUT when the agent stalled inside a frame, or did not take a whole answer, within
+ * the stall limit (30 s), ESTATE after an earlier
  * failure. After a negative code the connection is unusable (disconnect it). A failing hook is
  * not a failure of interpose_vm_poll: the agent gets the error. */
 int interpose_vm_poll(interpose_vm *vm, int timeout_ms);
