@@ -381,6 +381,14 @@ final class GroupCommitEngine: @unchecked Sendable {
     private func finishClose(_ failure: StableLogError?) -> Result<Void, StableLogError> {
         checkpoints.sync {} // a background checkpoint finishes before the store closes
         var result: Result<Void, StableLogError> = failure.map { .failure($0) } ?? .success(())
+        // A closed store holds no dead records: inspectors (`paxos-log`) read what is there.
+        let through = locked { $0.deleteThrough }
+        if failure == nil && through > 0 {
+            do throws(StableLogError) {
+                let freed = try Self.deleteEntries(db, through: through, sync: sync)
+                locked { $0.heldBytes -= freed; $0.deleteThrough = 0 }
+            } catch { result = .failure(error) }
+        }
         if failure == nil && sync != .none {
             do throws(StableLogError) { try db.checkpoint() } catch { result = .failure(error) }
         }
