@@ -101,6 +101,15 @@ public struct Message: Hashable, Sendable {
         case snapshotReceived(index: LogIndex, bytes: Int)
         /// Leader transfer: campaign now, ignoring the election timer.
         case timeoutNow
+        /// From a replica recovering state it may have lost (started with `RestoredState.intact`
+        /// false), in place of `accepted(success: true)` (after persist; `index` as there) and of
+        /// `heartbeatReply` (`index` 0). The leader uses it for flow control but counts it in no
+        /// quorum until it has sent `recovered`. `nonce` names this start of the replica.
+        case recovering(nonce: UInt64, index: LogIndex)
+        /// Leader to a recovering replica: `barrier`, an entry of the leader's ballot appended after
+        /// it learned of the recovery (`nonce`), is committed without counting the replica, and the
+        /// replica holds the leader's log through it. The replica votes and counts again.
+        case recovered(nonce: UInt64, barrier: LogIndex)
     }
 }
 
@@ -122,6 +131,8 @@ extension Message: CustomStringConvertible {
             body = "InstallSnapshot \(c.index)@\(c.ballot)" + (c.totalBytes > c.data.count ? " bytes=\(c.offset)+\(c.data.count)/\(c.totalBytes)" : "")
         case let .snapshotReceived(i, n): body = "SnapshotReceived \(i) bytes=\(n)"
         case .timeoutNow: body = "TimeoutNow"
+        case let .recovering(_, i): body = "Recovering" + (i > 0 ? " \(i)" : "")
+        case let .recovered(_, b): body = "Recovered barrier=\(b)"
         }
         return "\(from)->\(to) b=\(ballot) \(body)"
     }

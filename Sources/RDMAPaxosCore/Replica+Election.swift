@@ -10,6 +10,15 @@ extension Replica {
         // Time since we last heard from a leader keeps growing on members that never campaign
         // (witnesses, learners, stalled disks): their leader lease must run out too.
         electionElapsed += 1
+        if var r = recovery {
+            r.ticksWithoutLeader += 1
+            // Long enough for a healthy cluster to elect someone several times over.
+            if r.ticksWithoutLeader >= 5 * config.electionTimeoutTicks && !r.stallReported {
+                r.stallReported = true
+                out.events.append(.recoveryStalled(reason: "no leader heard from in \(r.ticksWithoutLeader) ticks; recovering members do not vote, so a quorum of members whose state survived must elect one. If a majority of members restarted with lost state, the cluster cannot recover by itself (docs/operations.md, \"Recovering from lost state\")"))
+            }
+            recovery = r
+        }
         guard electionElapsed >= randomizedElectionTimeout, promotable, !diskStalled else { return }
         resetElectionTimer()
         campaign(force: false)
@@ -129,8 +138,10 @@ extension Replica {
     }
 
     mutating func handlePreVote(_ m: Message, lastIndex: LogIndex, lastBallot: Ballot) {
-        // A witness backs a candidate behind it: it will hand over its log in the promise.
-        let granted = m.ballot > promised && !inLeaderLease && (isWitness || isUpToDate(lastIndex: lastIndex, lastBallot: lastBallot))
+        // A witness backs a candidate behind it: it will hand over its log in the promise. A
+        // recovering replica may have forgotten a higher promise: it backs nobody.
+        let granted = recovery == nil && m.ballot > promised && !inLeaderLease
+            && (isWitness || isUpToDate(lastIndex: lastIndex, lastBallot: lastBallot))
         send(m.from, .preVoteReply(granted: granted))
     }
 
@@ -144,6 +155,12 @@ extension Replica {
             return
         }
         if m.ballot > promised { becomeFollower(m.ballot, leader: nil) }
+        if recovery != nil {
+            // Adopting the higher ballot is always safe; promising is not (we may have forgotten
+            // a promise or an acceptance the candidate's rivals counted on).
+            send(m.from, .promise(granted: false, suffixPrevBallot: .zero, suffix: []))
+            return
+        }
         var granted = isUpToDate(lastIndex: lastIndex, lastBallot: lastBallot)
         var suffix: [LogEntry] = []
         var prevBallot = Ballot.zero
@@ -191,7 +208,7 @@ extension Replica {
         if checkQuorumElapsed >= config.electionTimeoutTicks {
             checkQuorumElapsed = 0
             if config.checkQuorum {
-                let active = membership.voting.filter { $0 == id || progress[$0]?.recentActive == true }.count
+                let active = membership.voting.filter { $0 == id || progress[$0].map { $0.recentActive && $0.counts } == true }.count
                 if active < membership.quorum {
                     out.events.append(.steppedDown(reason: "no quorum heard from in \(config.electionTimeoutTicks) ticks"))
                     becomeFollower(promised, leader: nil)
@@ -216,7 +233,8 @@ extension Replica {
     mutating func preferHigherPriority() {
         guard transferTarget == nil, let me = membership.member(id) else { return }
         let better = membership.members
-            .filter { $0.role == .voter && $0.priority > me.priority && progress[$0.id]?.match == log.lastIndex && progress[$0.id]?.recentActive == true }
+            .filter { $0.role == .voter && $0.priority > me.priority && progress[$0.id]?.match == log.lastIndex
+                && progress[$0.id]?.recentActive == true && progress[$0.id]?.counts == true }
             .max { $0.priority < $1.priority }
         if let b = better, commitIndex == log.lastIndex { _ = startTransfer(to: b.id) }
     }

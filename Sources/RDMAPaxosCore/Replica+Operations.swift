@@ -35,7 +35,7 @@ extension Replica {
     /// Releases reads whose heartbeat round a quorum (including us) has answered.
     mutating func confirmReads() {
         guard role == .leader, !pendingReads.isEmpty else { return }
-        var acks = membership.voting.map { $0 == id ? readRound : (progress[$0]?.readAck ?? 0) }
+        var acks = membership.voting.map { $0 == id ? readRound : (progress[$0].map { $0.counts ? $0.readAck : 0 } ?? 0) }
         acks.sort(by: >)
         let confirmed = acks[membership.quorum - 1]
         var keep: [PendingRead] = []
@@ -96,7 +96,7 @@ extension Replica {
     mutating func startTransfer(to target: NodeID) -> Bool {
         transferTarget = target
         transferElapsed = 0
-        if progress[target]?.match == log.lastIndex {
+        if progress[target]?.match == log.lastIndex && progress[target]?.counts == true {
             send(target, .timeoutNow)
         } else {
             sendAppend(to: target)

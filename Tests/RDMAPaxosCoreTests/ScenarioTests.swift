@@ -143,7 +143,13 @@ func run(_ command: String, on c: inout ScenarioCluster, file: String, line: Int
     case "stall-disk": c.stalled.insert(try node(0))
     case "unstall-disk": c.stalled.remove(try node(0))
     case "crash": c.crash(try node(0))
-    case "restart": c.restart(try node(0))
+    case "restart":
+        // restart ID [amnesia] [intact|lost]: lose the disk first; tell the replica its state is
+        // intact or may have been lost (default: lost exactly when the disk was).
+        let flags = Set(args.dropFirst())
+        guard flags.isSubset(of: ["amnesia", "intact", "lost"]) else { throw bad("usage: restart ID [amnesia] [intact|lost]") }
+        c.restart(try node(0), amnesia: flags.contains("amnesia"),
+                  intact: flags.contains("intact") ? true : flags.contains("lost") ? false : nil)
     case "compact":
         let id = try node(0)
         let data = Array(c.nodes[id]!.applied.joined(separator: ",").utf8)

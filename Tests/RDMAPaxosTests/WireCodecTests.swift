@@ -25,6 +25,9 @@ func everyKindOfMessage(from: NodeID = 1, to: NodeID = 2, term: UInt64 = 7) -> [
         .timeoutNow,
         .snapshotReceived(index: 100, bytes: 1 << 20),
         .promise(granted: true, suffixPrevBallot: Ballot(term: 1, node: 1), suffix: [LogEntry(index: 8, ballot: Ballot(term: 2, node: 1), kind: .command, payload: [1, 2])]),
+        .recovering(nonce: 0xDEAD_BEEF_0000_0001, index: 41),
+        .recovering(nonce: 7, index: 0),
+        .recovered(nonce: 0xDEAD_BEEF_0000_0001, barrier: 42),
     ]
     return bodies.map { Message(from: from, to: to, ballot: b, body: $0) }
 }
@@ -32,7 +35,7 @@ func everyKindOfMessage(from: NodeID = 1, to: NodeID = 2, term: UInt64 = 7) -> [
 @Suite struct WireCodecTests {
     @Test func everyBodyCaseRoundTrips() throws {
         let messages = everyKindOfMessage()
-        #expect(Set(messages.map { WireCodec.tag($0.body) }).count == 11)
+        #expect(Set(messages.map { WireCodec.tag($0.body) }).count == 13)
         for m in messages {
             #expect(try WireCodec.decode(WireCodec.encode(m)) == m)
         }

@@ -1,8 +1,11 @@
-/// The binary form of a `Message` inside a ring record or any other transport (version 2;
+/// The binary form of a `Message` inside a ring record or any other transport (version 3;
 /// docs/design/fabric.md, "Fabric and rings"). Big-endian, built on the core's `ByteWriter`/`ByteReader`.
 ///
+/// Version 3 (recovery from lost state) added tags 12 and 13; version 2 peers are refused (a
+/// cluster upgrades all its members together).
+///
 /// ```
-/// u8  version (1)   u8 tag (Body case)   u32 from   u32 to   ballot (u64 term, u32 node)
+/// u8  version (3)   u8 tag (Body case)   u32 from   u32 to   ballot (u64 term, u32 node)
 /// body, by tag:
 ///  1 preVote        u64 lastIndex, ballot lastBallot
 ///  2 preVoteReply   u8 granted
@@ -17,12 +20,14 @@
 ///                   u64 offset, u32 length + data (one chunk; offset + length ≤ totalBytes)
 /// 10 timeoutNow     (nothing)
 /// 11 snapshotReceived u64 index, u64 bytes
+/// 12 recovering     u64 nonce, u64 index
+/// 13 recovered      u64 nonce, u64 barrier
 /// ```
 /// Decoding never traps: every length is checked against the bytes present and the limits
 /// below, booleans must be 0 or 1, and trailing bytes are an error.
 public enum WireCodec {
     /// Wire format version; messages of any other version are refused.
-    public static let version: UInt8 = 2
+    public static let version: UInt8 = 3
     /// Fixed part before the body: version, tag, from, to, ballot.
     static let headerBytes = 1 + 1 + 4 + 4 + 12
     /// Smallest encoded entry (empty payload); bounds `count` before allocating anything.
@@ -76,6 +81,8 @@ public enum WireCodec {
             w.u64(UInt64(c.totalBytes)); w.u64(UInt64(c.offset)); w.blob(c.data)
         case .timeoutNow: break
         case let .snapshotReceived(i, n): w.u64(i); w.u64(UInt64(n))
+        case let .recovering(n, i): w.u64(n); w.u64(i)
+        case let .recovered(n, b): w.u64(n); w.u64(b)
         }
         return w.bytes
     }
@@ -127,6 +134,8 @@ public enum WireCodec {
             let index = try r.u64(), n = try r.u64()
             guard n <= UInt64(Int.max) else { throw DecodeError("message", "snapshot byte count \(n) out of range") }
             body = .snapshotReceived(index: index, bytes: Int(n))
+        case 12: body = .recovering(nonce: try r.u64(), index: try r.u64())
+        case 13: body = .recovered(nonce: try r.u64(), barrier: try r.u64())
         default: throw DecodeError("message", "unknown body tag \(tag)")
         }
         try r.finish()
@@ -173,6 +182,8 @@ public enum WireCodec {
         case .installSnapshot: 9
         case .timeoutNow: 10
         case .snapshotReceived: 11
+        case .recovering: 12
+        case .recovered: 13
         }
     }
 
