@@ -135,6 +135,7 @@ extension ReplicaNode {
                 }
             case .becameLeader: metrics.electionsWon.increment()
             case let .startedElection(_, pre): (pre ? metrics.preElectionsStarted : metrics.electionsStarted).increment()
+            case .recoveryStalled: options.onWarning?("\(e)")
             default: break
             }
         }
@@ -316,7 +317,7 @@ extension ReplicaNode {
             id: r.id, role: failure == nil ? r.role : .follower, isWitness: r.isWitness, ballot: r.promised, leader: r.leader,
             firstIndex: r.firstIndex, lastIndex: r.lastIndex, durableIndex: r.durableIndex,
             commitIndex: r.commitIndex, appliedIndex: r.appliedIndex, membership: r.membership,
-            followerMatch: r.followerMatch, failure: failure)
+            followerMatch: r.followerMatch, failure: failure, recovery: r.recoveryStatus)
         cond.withLock { published = s }
         updateMetrics(s)
     }
