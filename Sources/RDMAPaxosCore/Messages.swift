@@ -81,10 +81,14 @@ public struct Message: Hashable, Sendable {
         /// Phase 1a. `force` (leader transfer) overrides the receiver's leader lease.
         case prepare(lastIndex: LogIndex, lastBallot: Ballot, commit: LogIndex, force: Bool)
         /// Phase 1b. Sent only after the promise is durable. A witness whose log is ahead of the
-        /// candidate's grants anyway and hands over its entries from the candidate's commit index
-        /// on (or from its own first entry if it compacted further), with the ballot of the entry
-        /// before them (`suffixPrevBallot`), since a witness can never lead to commit them itself.
-        case promise(granted: Bool, suffixPrevBallot: Ballot, suffix: [LogEntry])
+        /// candidate's grants anyway and hands over its entries, since a witness can never lead to
+        /// commit them itself: from the candidate's last entry on if it holds that entry, else
+        /// from the candidate's commit index on (or from its own first entry if it compacted
+        /// further), with the ballot of the entry before them (`suffixPrevBallot`), at most
+        /// `ReplicaConfig.batchBytesMax` bytes of them. `more`: the witness holds entries after
+        /// `suffix`; the candidate asks again (a `prepare` from the end of what it received) and
+        /// counts the vote only once it holds everything the witness has.
+        case promise(granted: Bool, suffixPrevBallot: Ballot, suffix: [LogEntry], more: Bool = false)
         /// Phase 2a: entries following (prevIndex, prevBallot), and the leader's commit index.
         case accept(prevIndex: LogIndex, prevBallot: Ballot, entries: [LogEntry], commit: LogIndex)
         /// Phase 2b. On success `index` is the highest index now matching the leader (durable);
@@ -120,7 +124,9 @@ extension Message: CustomStringConvertible {
         case let .preVote(i, b): body = "PreVote last=\(i)@\(b)"
         case let .preVoteReply(g): body = "PreVoteReply \(g ? "granted" : "rejected")"
         case let .prepare(i, b, c, f): body = "Prepare last=\(i)@\(b) commit=\(c)\(f ? " force" : "")"
-        case let .promise(g, _, s): body = "Promise \(g ? "granted" : "rejected")" + (s.isEmpty ? "" : " suffix=\(s.first!.index)...\(s.last!.index)@\(s.last!.ballot)")
+        case let .promise(g, _, s, more):
+            body = "Promise \(g ? "granted" : "rejected")" + (s.isEmpty ? "" : " suffix=\(s.first!.index)...\(s.last!.index)@\(s.last!.ballot)")
+                + (more ? " more" : "")
         case let .accept(pi, pb, es, c):
             let list = es.map { "\($0.index)@\($0.ballot)" + ($0.kind == .command ? ":\(String(decoding: $0.payload, as: UTF8.self))" : ":\($0.kind)") }
             body = "Accept prev=\(pi)@\(pb) commit=\(c) [\(list.joined(separator: " "))]"

@@ -54,6 +54,7 @@ extension Replica {
         leader = nil
         votes = [:]
         handedOver = [:]
+        candidacyForce = force
         snapshotInbox = nil
         resetElectionTimer()
         // Our own vote counts once our promise to ourselves is durable (see `persisted`).
@@ -70,11 +71,10 @@ extension Replica {
         let rejected = voting.filter { votes[$0] == false }.count
         if granted >= membership.quorum {
             if role == .preCandidate { becomeCandidate(force: false); return }
-            adoptHandedOverLog()
+            // Hand-overs are adopted as they arrive; a witness's vote counts only once we hold
+            // everything it has. Adopting can change the configuration: counted in the new one.
             handedOver = [:]
-            // Adopting a log can change the configuration: the quorum must hold in the new one too.
-            let stillGranted = membership.voting.filter { votes[$0] == true }.count
-            if stillGranted >= membership.quorum && membership.member(id)?.role == .voter { becomeLeader() }
+            if membership.member(id)?.role == .voter { becomeLeader() }
         } else if rejected > voting.count - membership.quorum {
             becomeFollower(promised, leader: nil)
         }
@@ -164,37 +164,75 @@ extension Replica {
         var granted = isUpToDate(lastIndex: lastIndex, lastBallot: lastBallot)
         var suffix: [LogEntry] = []
         var prevBallot = Ballot.zero
+        var more = false
         if !granted && isWitness {
             // The witness may hold entries (perhaps committed) that no voter alive has; it can
-            // never lead, so it gives them to the candidate, which adopts them before leading
-            // if its log matches at the entry before them.
-            let from = max(commit + 1, log.firstIndex)
-            suffix = log.entries(from, through: log.lastIndex)
+            // never lead, so it gives them to the candidate, at most one accept's worth at a
+            // time: the candidate asks again from the end of what it received. Log matching:
+            // if we hold the candidate's last entry, everything before it is the same here.
+            let from = log.ballot(at: lastIndex) == lastBallot ? lastIndex + 1 : max(commit + 1, log.firstIndex)
+            suffix = log.slice(from: from, bytesMax: config.batchBytesMax)
             prevBallot = log.ballot(at: from - 1) ?? .zero
+            more = (suffix.last?.index ?? log.lastIndex) < log.lastIndex
             granted = !suffix.isEmpty
         }
         if granted { resetElectionTimer() }
-        send(m.from, .promise(granted: granted, suffixPrevBallot: prevBallot, suffix: suffix), afterPersist: true)
+        send(m.from, .promise(granted: granted, suffixPrevBallot: prevBallot, suffix: suffix, more: more), afterPersist: true)
     }
 
-    /// Before leading, take the most up-to-date log handed over by a witness in the quorum:
-    /// the new leader's log must be at least as up to date as every promiser's.
-    mutating func adoptHandedOverLog() {
-        guard let (_, best) = handedOver.max(by: { ($0.value.last!.ballot, $0.value.last!.index) < ($1.value.last!.ballot, $1.value.last!.index) }),
-              let last = best.last, (last.ballot, last.index) > (log.lastBallot, log.lastIndex) else { return }
-        for e in best {
-            if let b = log.ballot(at: e.index) {
-                if b == e.ballot { continue }
-                truncateLocal(from: e.index)
-            }
-            appendLocal(e)
+    /// What a piece of a witness's hand-over means for its vote.
+    enum HandOverOutcome { case rejected, pending, complete }
+
+    /// A promise from a witness ahead of us, carrying a piece of its log. `rejected`: the piece does
+    /// not fit our log (we would stay behind this promiser); `pending`: more follows and we asked
+    /// for it; `complete`: we hold everything the witness has (or its log is behind ours).
+    mutating func takeHandOver(from w: NodeID, prevBallot: Ballot, _ chunk: [LogEntry], more: Bool) -> HandOverOutcome {
+        guard membership.member(w)?.role == .witness, let first = chunk.first else { return .rejected }
+        var h: HandOver
+        if let held = handedOver[w], first.index == held.end.index + 1, prevBallot == held.end.ballot {
+            h = held
+            h.entries.append(contentsOf: chunk)
+        } else if first.index > commitIndex, log.ballot(at: first.index - 1) == prevBallot {
+            h = HandOver(prevIndex: first.index - 1, prevBallot: prevBallot, entries: chunk)
+        } else {
+            // A hand-over we cannot take would leave us behind this promiser: not a vote.
+            handedOver[w] = nil
+            return .rejected
         }
-    }
-
-    /// A witness's hand-over is usable only if our log matches the witness's just before it.
-    func canAdopt(_ suffix: [LogEntry], prevBallot: Ballot) -> Bool {
-        guard let first = suffix.first, first.index > commitIndex else { return false }
-        return log.ballot(at: first.index - 1) == prevBallot
+        // Leading entries we hold with the same ballot are common ground (log matching).
+        let common = h.entries.prefix { log.ballot(at: $0.index) == $0.ballot }.count
+        if common > 0 {
+            h.prevIndex = h.entries[common - 1].index
+            h.prevBallot = h.entries[common - 1].ballot
+            h.entries.removeFirst(common)
+        }
+        if let end = h.entries.last, (end.ballot, end.index) > (log.lastBallot, log.lastIndex) {
+            // Adopt it only now that it makes our log more up to date: until then the entries wait
+            // aside, since votes already counted rely on our log never becoming less up to date.
+            guard h.prevIndex >= commitIndex, log.ballot(at: h.prevIndex) == h.prevBallot else {
+                handedOver[w] = nil
+                return .rejected
+            }
+            for e in h.entries {
+                if let b = log.ballot(at: e.index) {
+                    if b == e.ballot { continue }
+                    truncateLocal(from: e.index)
+                }
+                appendLocal(e)
+            }
+            h = HandOver(prevIndex: end.index, prevBallot: end.ballot, entries: [])
+        }
+        guard more else {
+            // We hold everything the witness has, or its whole log is behind ours.
+            handedOver[w] = nil
+            return .complete
+        }
+        handedOver[w] = h
+        send(w, .prepare(lastIndex: h.end.index, lastBallot: h.end.ballot, commit: commitIndex, force: candidacyForce))
+        // The candidacy is making progress: a long hand-over must not time it out (the pieces
+        // kept aside would be asked for again).
+        resetElectionTimer()
+        return .pending
     }
 
     mutating func tickLeader() {

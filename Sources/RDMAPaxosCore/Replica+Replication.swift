@@ -32,18 +32,20 @@ extension Replica {
             guard role == .preCandidate else { return }
             votes[m.from] = granted
             tallyVotes()
-        case let .promise(granted, prevBallot, suffix):
+        case let .promise(granted, prevBallot, suffix, more):
             guard role == .candidate else { return }
-            var vote = granted
             if granted && !suffix.isEmpty {
-                // A hand-over we cannot take would leave us behind this promiser: not a vote.
-                if membership.member(m.from)?.role == .witness && canAdopt(suffix, prevBallot: prevBallot) {
-                    handedOver[m.from] = suffix
-                } else {
-                    vote = false
+                // A witness ahead of us: its vote counts once we hold everything it has. Pieces
+                // arriving after that (duplicates, reordered) change nothing.
+                if votes[m.from] == true { return }
+                switch takeHandOver(from: m.from, prevBallot: prevBallot, suffix, more: more) {
+                case .pending: return
+                case .complete: votes[m.from] = true
+                case .rejected: votes[m.from] = false
                 }
+            } else {
+                votes[m.from] = granted
             }
-            votes[m.from] = vote
             tallyVotes()
         case let .accept(prevIndex, prevBallot, entries, commit):
             followLeader(m.from)

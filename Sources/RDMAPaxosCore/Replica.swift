@@ -62,12 +62,15 @@ public struct Replica: Sendable {
 
     // Elections.
     var votes: [NodeID: Bool] = [:]
-    /// Log suffixes witnesses handed over with their promises in this election.
-    var handedOver: [NodeID: [LogEntry]] = [:]
+    /// Entries witnesses handed over in this election that are not adopted yet (see
+    /// `takeHandOver`), by witness.
+    var handedOver: [NodeID: HandOver] = [:]
     /// Index up to which this follower's log is known to equal the current leader's.
     var leaderMatch: LogIndex = 0
     /// A snapshot arriving in chunks: its first chunk's header and the bytes received so far.
     var snapshotInbox: SnapshotChunk?
+    /// The candidacy's `force` flag, repeated when asking a witness for more of its log.
+    var candidacyForce = false
     /// Set while this replica recovers state it may have lost (see `RestoredState.intact`).
     var recovery: Recovery?
 
@@ -102,6 +105,17 @@ public struct Replica: Sendable {
     var stepSnapshot: Snapshot?
     var hardStateDirty = false
     var stepSelfVote: Ballot?
+
+    /// How far a witness's hand-over got: (prevIndex, prevBallot) is common to its log and ours;
+    /// `entries` follow it in the witness's log, kept aside until adopting them makes our log
+    /// more up to date.
+    struct HandOver: Sendable {
+        var prevIndex: LogIndex
+        var prevBallot: Ballot
+        var entries: [LogEntry]
+        /// The last position received: the next piece must follow it.
+        var end: (index: LogIndex, ballot: Ballot) { entries.last.map { ($0.index, $0.ballot) } ?? (prevIndex, prevBallot) }
+    }
 
     struct InFlightPersist: Sendable {
         var sequence: UInt64

@@ -48,7 +48,7 @@ extension Simulation {
                 throw fail("node \(m.from) acknowledged \(index)@\(vouching.map(String.init(describing:)) ?? "?") before it was durable"
                            + " (disk holds \(disk.lastIndex)@\(disk.ballot(at: disk.lastIndex).map(String.init(describing:)) ?? "-"))")
             }
-        case .promise(true, _, _):
+        case .promise(true, _, _, _):
             guard disk.hardState.promised >= m.ballot
             else { throw fail("node \(m.from) promised \(m.ballot) before the promise was durable (disk: \(disk.hardState.promised))") }
         default: break

@@ -21,6 +21,7 @@ struct ScenarioCluster {
     var output: [String] = []
     var seed: UInt64 = 1
     var snapshotChunkBytes: Int?
+    var batchBytesMax: Int?
 
     var ids: [NodeID] { nodes.keys.sorted() }
 
@@ -30,6 +31,7 @@ struct ScenarioCluster {
         c.heartbeatTicks = 1
         c.diskStallTicks = 5
         if let n = snapshotChunkBytes { c.snapshotChunkBytes = n }
+        if let n = batchBytesMax { c.batchBytesMax = n }
         return c
     }
 

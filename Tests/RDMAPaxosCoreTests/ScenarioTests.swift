@@ -91,6 +91,10 @@ func run(_ command: String, on c: inout ScenarioCluster, file: String, line: Int
             guard let n = Int(chunk), n > 0 else { throw bad("chunk= needs a positive byte count") }
             c.snapshotChunkBytes = n
         }
+        if let batch = option("batch") {
+            guard let n = Int(batch), n > 0 else { throw bad("batch= needs a positive byte count") }
+            c.batchBytesMax = n
+        }
         var priorities: [NodeID: UInt8] = [:]
         for p in (option("priority") ?? "").split(separator: ",") {
             let kv = p.split(separator: ":")

@@ -25,6 +25,7 @@ func everyKindOfMessage(from: NodeID = 1, to: NodeID = 2, term: UInt64 = 7) -> [
         .timeoutNow,
         .snapshotReceived(index: 100, bytes: 1 << 20),
         .promise(granted: true, suffixPrevBallot: Ballot(term: 1, node: 1), suffix: [LogEntry(index: 8, ballot: Ballot(term: 2, node: 1), kind: .command, payload: [1, 2])]),
+        .promise(granted: true, suffixPrevBallot: Ballot(term: 1, node: 1), suffix: [LogEntry(index: 8, ballot: Ballot(term: 2, node: 1), kind: .noop, payload: [])], more: true),
         .recovering(nonce: 0xDEAD_BEEF_0000_0001, index: 41),
         .recovering(nonce: 7, index: 0),
         .recovered(nonce: 0xDEAD_BEEF_0000_0001, barrier: 42),

@@ -1,8 +1,8 @@
 /// The binary form of a `Message` inside a ring record or any other transport (version 3;
 /// docs/design/fabric.md, "Fabric and rings"). Big-endian, built on the core's `ByteWriter`/`ByteReader`.
 ///
-/// Version 3 (recovery from lost state) added tags 12 and 13; version 2 peers are refused (a
-/// cluster upgrades all its members together).
+/// Version 3 (recovery from lost state, bounded witness hand-over) added `more` to promise and
+/// tags 12 and 13; version 2 peers are refused (a cluster upgrades all its members together).
 ///
 /// ```
 /// u8  version (3)   u8 tag (Body case)   u32 from   u32 to   ballot (u64 term, u32 node)
@@ -10,7 +10,8 @@
 ///  1 preVote        u64 lastIndex, ballot lastBallot
 ///  2 preVoteReply   u8 granted
 ///  3 prepare        u64 lastIndex, ballot lastBallot, u64 commit, u8 force
-///  4 promise        u8 granted, ballot suffixPrevBallot, u32 count, count × entry (as in accept)
+///  4 promise        u8 granted, ballot suffixPrevBallot, u32 count, count × entry (as in accept),
+///                   u8 more
 ///  5 accept         u64 prevIndex, ballot prevBallot, u64 commit, u32 count,
 ///                   count × (u64 index, ballot, u8 kind, u32 length, payload)
 ///  6 accepted       u8 success, u64 index
@@ -69,7 +70,7 @@ public enum WireCodec {
         case let .preVote(i, b): w.u64(i); w.ballot(b)
         case let .preVoteReply(g): w.u8(g ? 1 : 0)
         case let .prepare(i, b, c, f): w.u64(i); w.ballot(b); w.u64(c); w.u8(f ? 1 : 0)
-        case let .promise(g, pb, s): w.u8(g ? 1 : 0); w.ballot(pb); writeEntries(s, &w)
+        case let .promise(g, pb, s, more): w.u8(g ? 1 : 0); w.ballot(pb); writeEntries(s, &w); w.u8(more ? 1 : 0)
         case let .accept(pi, pb, es, c):
             w.u64(pi); w.ballot(pb); w.u64(c)
             writeEntries(es, &w)
@@ -112,7 +113,9 @@ public enum WireCodec {
         case 1: body = .preVote(lastIndex: try r.u64(), lastBallot: try r.ballot())
         case 2: body = .preVoteReply(granted: try bool(&r))
         case 3: body = .prepare(lastIndex: try r.u64(), lastBallot: try r.ballot(), commit: try r.u64(), force: try bool(&r))
-        case 4: body = .promise(granted: try bool(&r), suffixPrevBallot: try r.ballot(), suffix: try readEntries(&r, limits))
+        case 4:
+            let g = try bool(&r), pb = try r.ballot(), s = try readEntries(&r, limits)
+            body = .promise(granted: g, suffixPrevBallot: pb, suffix: s, more: try bool(&r))
         case 5:
             let pi = try r.u64(), pb = try r.ballot(), c = try r.u64()
             body = .accept(prevIndex: pi, prevBallot: pb, entries: try readEntries(&r, limits), commit: c)
@@ -189,7 +192,7 @@ public enum WireCodec {
 
     private static func estimatedBodyBytes(_ b: Message.Body) -> Int {
         switch b {
-        case let .accept(_, _, es, _): 40 + es.reduce(0) { $0 + entryBytesMin + $1.payload.count }
+        case let .accept(_, _, es, _), let .promise(_, _, es, _): 40 + es.reduce(0) { $0 + entryBytesMin + $1.payload.count }
         case let .installSnapshot(c): 80 + c.data.count + c.membership.members.count * 6
         default: 32
         }
