@@ -92,6 +92,10 @@ public enum Event: Sendable, Hashable, CustomStringConvertible {
     /// Leader: member `member` restarted with lost state; it counts in no quorum until `barrier`
     /// (a no-op appended for it) commits without it.
     case memberRecovering(member: NodeID, barrier: LogIndex)
+    /// Leader: the witness cannot compact its log past `index`, the last entry voter `voter` is
+    /// known to hold; `voter` has not answered for `ticks` ticks (a warning for the operator: the
+    /// witness's log grows until the voter returns or is removed).
+    case witnessCompactionHeldBack(voter: NodeID, index: LogIndex, ticks: Int)
 
     public var description: String {
         switch self {
@@ -105,6 +109,7 @@ public enum Event: Sendable, Hashable, CustomStringConvertible {
         case let .recoveryStalled(r): "recovery stalled: \(r)"
         case let .recovered(l, i): "recovered from leader \(l) through \(i)"
         case let .memberRecovering(m, b): "member \(m) is recovering lost state; it counts again once \(b) commits"
+        case let .witnessCompactionHeldBack(v, i, t): "witness compaction held back at \(i) by voter \(v), not heard from in \(t) ticks"
         }
     }
 }

@@ -94,8 +94,10 @@ public struct Message: Hashable, Sendable {
         /// Phase 2b. On success `index` is the highest index now matching the leader (durable);
         /// on failure it is a hint: the receiver's last index.
         case accepted(success: Bool, index: LogIndex)
-        /// Keeps followers from campaigning, carries the commit index and read-index rounds.
-        case heartbeat(commit: LogIndex, readRound: UInt64)
+        /// Keeps followers from campaigning, carries the commit index and read-index rounds. To a
+        /// witness, `votersDurable` is the highest index every voter holds durably (and committed):
+        /// the witness may compact its log through it. 0 to other members.
+        case heartbeat(commit: LogIndex, readRound: UInt64, votersDurable: LogIndex = 0)
         /// Answer to `heartbeat`, echoing its read-index round.
         case heartbeatReply(readRound: UInt64)
         /// Replaces the receiver's prefix when the leader no longer holds the entries it needs;
@@ -131,7 +133,7 @@ extension Message: CustomStringConvertible {
             let list = es.map { "\($0.index)@\($0.ballot)" + ($0.kind == .command ? ":\(String(decoding: $0.payload, as: UTF8.self))" : ":\($0.kind)") }
             body = "Accept prev=\(pi)@\(pb) commit=\(c) [\(list.joined(separator: " "))]"
         case let .accepted(s, i): body = "Accepted \(s ? "ok" : "reject") \(i)"
-        case let .heartbeat(c, r): body = "Heartbeat commit=\(c)" + (r > 0 ? " read=\(r)" : "")
+        case let .heartbeat(c, r, v): body = "Heartbeat commit=\(c)" + (r > 0 ? " read=\(r)" : "") + (v > 0 ? " voters-durable=\(v)" : "")
         case let .heartbeatReply(r): body = "HeartbeatReply" + (r > 0 ? " read=\(r)" : "")
         case let .installSnapshot(c):
             body = "InstallSnapshot \(c.index)@\(c.ballot)" + (c.totalBytes > c.data.count ? " bytes=\(c.offset)+\(c.data.count)/\(c.totalBytes)" : "")

@@ -27,6 +27,10 @@ struct Progress: Sendable, Hashable {
     var stalledTicks = 0
     /// Whether the follower is recovering lost state (`Message.Body.recovering`).
     var recovery: Recovery = .none
+    /// Check-quorum periods in a row the follower was not heard from.
+    var silentPeriods = 0
+    /// `Event.witnessCompactionHeldBack` was reported for this absence.
+    var warnedHoldingBack = false
 
     /// A follower's recovery from lost state, as the leader sees it.
     enum Recovery: Sendable, Hashable {

@@ -253,6 +253,7 @@ extension Replica {
                     return
                 }
             }
+            warnIfWitnessCompactionHeldBack()
             for k in progress.keys { progress[k]!.recentActive = false }
         }
         if transferTarget != nil {
@@ -275,5 +276,34 @@ extension Replica {
                 && progress[$0.id]?.recentActive == true && progress[$0.id]?.counts == true }
             .max { $0.priority < $1.priority }
         if let b = better, commitIndex == log.lastIndex { _ = startTransfer(to: b.id) }
+    }
+
+    /// The highest committed index every voter holds durably (the leader's own durable index for
+    /// itself): a witness may compact its log through it.
+    func votersDurableIndex() -> LogIndex {
+        let held = membership.members.filter { $0.role == .voter }.map { $0.id == id ? durableIndex : (progress[$0.id]?.match ?? 0) }
+        return min(held.min() ?? 0, commitIndex)
+    }
+
+    /// Once per check-quorum period: a voter silent for three periods in a row whose match sets
+    /// the witness's compaction bound gets one warning per absence.
+    mutating func warnIfWitnessCompactionHeldBack() {
+        let hasWitness = membership.members.contains { $0.role == .witness }
+        let bound = votersDurableIndex()
+        for peer in progress.keys.sorted() {
+            var pr = progress[peer]!
+            if pr.recentActive {
+                pr.silentPeriods = 0
+                pr.warnedHoldingBack = false
+            } else {
+                pr.silentPeriods += 1
+                if hasWitness, pr.silentPeriods >= 3, !pr.warnedHoldingBack, membership.member(peer)?.role == .voter,
+                   pr.match == bound, bound < commitIndex {
+                    pr.warnedHoldingBack = true
+                    out.events.append(.witnessCompactionHeldBack(voter: peer, index: bound, ticks: pr.silentPeriods * config.electionTimeoutTicks))
+                }
+            }
+            progress[peer] = pr
+        }
     }
 }

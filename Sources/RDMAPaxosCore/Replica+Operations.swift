@@ -106,9 +106,10 @@ extension Replica {
 
     // MARK: Compaction
 
-    /// Replaces the log prefix through `index` (already applied) with a state machine snapshot.
+    /// Replaces the log prefix through `index` (at most `compactableIndex`: applied, and on a
+    /// witness held durably by every voter) with a state machine snapshot (a witness's is empty).
     public mutating func compact(through index: LogIndex, snapshot data: [UInt8]) -> Actions {
-        precondition(index <= appliedIndex, "can only compact what was applied")
+        precondition(index <= compactableIndex, "can only compact what was applied (a witness: what every voter holds)")
         guard index > log.snapshot.index, let ballot = log.ballot(at: index) else { return finish() }
         var m = snapshotMembership
         for e in log.entries(log.firstIndex, through: index) where e.kind == .membership {

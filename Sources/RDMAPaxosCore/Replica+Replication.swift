@@ -53,9 +53,10 @@ extension Replica {
         case let .accepted(success, index):
             guard role == .leader else { return }
             handleAccepted(from: m.from, success: success, index: index)
-        case let .heartbeat(commit, round):
+        case let .heartbeat(commit, round, held):
             followLeader(m.from)
             if leaderMatch > commitIndex { commitIndex = max(commitIndex, min(commit, leaderMatch)) }
+            votersDurable = max(votersDurable, held)
             // A recovering replica's answer confirms no read: it may have forgotten a higher promise.
             if let r = recovery {
                 send(m.from, .recovering(nonce: r.nonce, index: 0))
@@ -217,8 +218,14 @@ extension Replica {
 
     mutating func broadcastHeartbeat() {
         for peer in progress.keys.sorted() {
-            send(peer, .heartbeat(commit: min(commitIndex, progress[peer]!.match), readRound: readRound))
+            send(peer, heartbeat(to: peer, commit: min(commitIndex, progress[peer]!.match)))
         }
+    }
+
+    /// A heartbeat; a witness's carries how far it may compact.
+    func heartbeat(to peer: NodeID, commit: LogIndex) -> Message.Body {
+        let held = membership.member(peer)?.role == .witness ? votersDurableIndex() : 0
+        return .heartbeat(commit: commit, readRound: readRound, votersDurable: held)
     }
 
     /// Sends the next accept (or the snapshot) to one follower, within its flow-control window.
@@ -342,7 +349,7 @@ extension Replica {
         }
         // Let followers learn the new commit index promptly.
         for peer in progress.keys.sorted() where progress[peer]!.match >= n && progress[peer]!.match > 0 {
-            send(peer, .heartbeat(commit: n, readRound: readRound))
+            send(peer, heartbeat(to: peer, commit: n))
         }
         // Recovering followers whose barrier just committed hear so now.
         for peer in progress.keys.sorted() { finishRecovery(of: peer) }

@@ -73,6 +73,8 @@ public struct Replica: Sendable {
     var candidacyForce = false
     /// Set while this replica recovers state it may have lost (see `RestoredState.intact`).
     var recovery: Recovery?
+    /// Witness: the highest index every voter holds durably, as the leader last said.
+    var votersDurable: LogIndex = 0
 
     struct Recovery: Sendable {
         /// Names this start of the replica in `recovering` and `recovered` messages.
@@ -238,6 +240,11 @@ public struct Replica: Sendable {
         }
         return "no leader heard from in \(r.ticksWithoutLeader) ticks; recovering members do not vote, so a quorum of members whose state survived must elect one"
     }
+
+    /// Highest index the caller may pass to `compact(through:snapshot:)`: the applied index; on a
+    /// witness, no further than every voter holds durably (the witness may be the only holder of
+    /// entries a surviving voter lacks).
+    public var compactableIndex: LogIndex { isWitness ? min(appliedIndex, votersDurable) : appliedIndex }
 
     /// The entry at `index` if the replica still holds it.
     public func entry(at index: LogIndex) -> LogEntry? { log.entry(at: index) }

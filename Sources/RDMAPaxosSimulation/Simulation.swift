@@ -253,11 +253,11 @@ struct Simulation {
         }
         if chance(options.compactRate) {
             let id = ids[rng.below(ids.count)]
-            // A witness keeps its whole log, as the runtime does (see ReplicaNode.maybeCompact).
-            if var r = nodes[id]!.replica, !r.isWitness, r.appliedIndex >= r.firstIndex {
+            // A witness only through what every voter holds (as the runtime, ReplicaNode.maybeCompact).
+            if var r = nodes[id]!.replica, r.compactableIndex >= r.firstIndex {
                 // The state machine has applied exactly through appliedIndex: snapshot it there.
-                let through = r.appliedIndex
-                let a = r.compact(through: through, snapshot: encodeState(nodes[id]!.state))
+                let through = r.compactableIndex
+                let a = r.compact(through: through, snapshot: r.isWitness ? [] : encodeState(nodes[id]!.state))
                 nodes[id]!.replica = r
                 report.compactions += 1
                 log("compact \(id) through \(through)")

@@ -157,7 +157,7 @@ func run(_ command: String, on c: inout ScenarioCluster, file: String, line: Int
     case "compact":
         let id = try node(0)
         let data = Array(c.nodes[id]!.applied.joined(separator: ",").utf8)
-        c.with(id) { r in r.compact(through: r.appliedIndex, snapshot: data) }
+        c.with(id) { r in r.compact(through: r.compactableIndex, snapshot: r.isWitness ? [] : data) }
     case "transfer-leader":
         let (id, target) = (try node(0), try node(1))
         do { try c.with(id) { try $0.transferLeadership(to: target) } } catch let e as ProposalRefusal { c.emit("\(id): refused: \(e)") }

@@ -172,6 +172,26 @@ import RDMAPaxos
         #expect(KeyValueStateMachine.decodeResult(v) == Array("42".utf8))
     }
 
+    /// The witness compacts (every 50 entries here) through what both voters hold, with empty
+    /// snapshots; with a voter stopped it keeps what that voter lacks.
+    @Test func witnessCompactsOnlyWhatEveryVoterHolds() async throws {
+        let c = try Cluster([Member(id: 1, role: .voter, priority: 2), Member(id: 2, role: .voter), Member(id: 3, role: .witness, priority: 0)])
+        defer { c.stopAll() }
+        let l = try await c.leader()
+        for i in 0..<120 { try await c.put("k\(i)", "v\(i)", via: l) }
+        try await c.waitConverged()
+        for _ in 0..<200 where c.nodes[3]!.status.firstIndex <= 50 { try await Task.sleep(for: .milliseconds(10)) }
+        #expect(c.nodes[3]!.status.firstIndex > 50, "\(c.nodes[3]!.status.text)")
+        #expect(try c.snapshots[3]!.load().map { $0.data.isEmpty && $0.index == c.nodes[3]!.status.firstIndex - 1 } == true)
+        // Voter 2 stops: the witness keeps every entry 2 may lack, however many commit.
+        let held = c.nodes[2]!.status.durableIndex
+        c.crash(2)
+        for i in 120..<240 { try await c.put("k\(i)", "v\(i)", via: l) }
+        try await Task.sleep(for: .milliseconds(50))
+        #expect(c.nodes[3]!.status.firstIndex <= held + 1, "witness compacted past what voter 2 holds (\(held)): \(c.nodes[3]!.status.text)")
+        #expect(c.nodes[3]!.status.lastIndex >= 240)
+    }
+
     @Test func witnessPersistsButNeverLeadsOrApplies() async throws {
         let c = try Cluster([Member(id: 1, role: .voter, priority: 2), Member(id: 2, role: .voter), Member(id: 3, role: .witness, priority: 0)])
         defer { c.stopAll() }

@@ -19,6 +19,7 @@ func everyKindOfMessage(from: NodeID = 1, to: NodeID = 2, term: UInt64 = 7) -> [
         .accept(prevIndex: 0, prevBallot: .zero, entries: [], commit: 0),
         .accepted(success: true, index: 13),
         .heartbeat(commit: 12, readRound: 99),
+        .heartbeat(commit: 12, readRound: 0, votersDurable: 11),
         .heartbeatReply(readRound: 99),
         .installSnapshot(SnapshotChunk(whole: Snapshot(index: 100, ballot: b, membership: membership, data: [1, 2, 3, 255]))),
         .installSnapshot(SnapshotChunk(index: 100, ballot: b, membership: membership, totalBytes: 1 << 30, offset: 1 << 20, data: [9, 8])),

@@ -1,8 +1,9 @@
 /// The binary form of a `Message` inside a ring record or any other transport (version 3;
 /// docs/design/fabric.md, "Fabric and rings"). Big-endian, built on the core's `ByteWriter`/`ByteReader`.
 ///
-/// Version 3 (recovery from lost state, bounded witness hand-over) added `more` to promise and
-/// tags 12 and 13; version 2 peers are refused (a cluster upgrades all its members together).
+/// Version 3 (recovery from lost state, bounded witness hand-over, witness compaction) added
+/// `more` to promise, `votersDurable` to heartbeat, and tags 12 and 13; version 2 peers are
+/// refused (a cluster upgrades all its members together).
 ///
 /// ```
 /// u8  version (3)   u8 tag (Body case)   u32 from   u32 to   ballot (u64 term, u32 node)
@@ -15,7 +16,7 @@
 ///  5 accept         u64 prevIndex, ballot prevBallot, u64 commit, u32 count,
 ///                   count × (u64 index, ballot, u8 kind, u32 length, payload)
 ///  6 accepted       u8 success, u64 index
-///  7 heartbeat      u64 commit, u64 readRound
+///  7 heartbeat      u64 commit, u64 readRound, u64 votersDurable
 ///  8 heartbeatReply u64 readRound
 ///  9 installSnapshot u64 index, ballot, u32 length + Membership.encoded(), u64 totalBytes,
 ///                   u64 offset, u32 length + data (one chunk; offset + length ≤ totalBytes)
@@ -75,7 +76,7 @@ public enum WireCodec {
             w.u64(pi); w.ballot(pb); w.u64(c)
             writeEntries(es, &w)
         case let .accepted(s, i): w.u8(s ? 1 : 0); w.u64(i)
-        case let .heartbeat(c, r): w.u64(c); w.u64(r)
+        case let .heartbeat(c, r, v): w.u64(c); w.u64(r); w.u64(v)
         case let .heartbeatReply(r): w.u64(r)
         case let .installSnapshot(c):
             w.u64(c.index); w.ballot(c.ballot); w.blob(c.membership.encoded())
@@ -120,7 +121,7 @@ public enum WireCodec {
             let pi = try r.u64(), pb = try r.ballot(), c = try r.u64()
             body = .accept(prevIndex: pi, prevBallot: pb, entries: try readEntries(&r, limits), commit: c)
         case 6: body = .accepted(success: try bool(&r), index: try r.u64())
-        case 7: body = .heartbeat(commit: try r.u64(), readRound: try r.u64())
+        case 7: body = .heartbeat(commit: try r.u64(), readRound: try r.u64(), votersDurable: try r.u64())
         case 8: body = .heartbeatReply(readRound: try r.u64())
         case 9:
             let index = try r.u64(), b = try r.ballot()

@@ -135,7 +135,7 @@ extension ReplicaNode {
                 }
             case .becameLeader: metrics.electionsWon.increment()
             case let .startedElection(_, pre): (pre ? metrics.preElectionsStarted : metrics.electionsStarted).increment()
-            case .recoveryStalled: options.onWarning?("\(e)")
+            case .recoveryStalled, .witnessCompactionHeldBack: options.onWarning?("\(e)")
             default: break
             }
         }
@@ -223,27 +223,28 @@ extension ReplicaNode {
     var heldBytes: Int { log.heldBytes + (log.capacityBytes == nil ? 0 : snapshotBytes) }
 
     func maybeCompact() {
-        // A witness keeps its whole log: after losing a voter it may be the only holder of
-        // committed entries the surviving voter lacks, and it hands them over in its promise
-        // (docs/design/consensus.md, "Witness hand-over").
-        guard !replica.isWitness, failure == nil else { return }
-        let applied = replica.appliedIndex
-        guard applied >= replica.firstIndex else { return }
-        let appliedHeld = Int(applied - replica.firstIndex) + 1
+        // A witness compacts only what every voter holds durably (`compactableIndex`): after
+        // losing a voter it may be the only holder of committed entries the surviving voter
+        // lacks, and it hands them over in its promise (docs/design/consensus.md, "Witness
+        // hand-over"). Its snapshots carry no state.
+        guard failure == nil else { return }
+        let through = replica.compactableIndex
+        guard through >= replica.firstIndex else { return }
+        let appliedHeld = Int(through - replica.firstIndex) + 1
         let byEntries = appliedHeld >= options.compactEveryEntries
         // By bytes only once the applied prefix is a quarter of the entries or more: entries
         // not yet applied must not make the node snapshot after every entry it applies.
         let byBytes = appliedHeld * 4 >= Int(replica.lastIndex - replica.firstIndex) + 1
             && (compactAtBytes.map { heldBytes >= $0 } ?? false)
         guard byEntries || byBytes else { return }
-        let data = machine.snapshot()
+        let data = replica.isWitness ? [] : machine.snapshot()
         // Compaction trades log for snapshot; a snapshot that alone reaches the trigger leaves
         // nothing to trade, and the log would fill up next.
         if let trigger = compactAtBytes, let cap = log.capacityBytes, data.count >= trigger {
             failStorage("the state machine's snapshot is \(data.count) bytes, at least the \(trigger) at which this memory-mode replica compacts (half of memory_log_bytes_max = \(cap)): it cannot fit beside the log; raise memory_log_bytes_max to more than twice the state's size, or use durability = \"async\"")
             return
         }
-        perform(replica.compact(through: applied, snapshot: data))
+        perform(replica.compact(through: through, snapshot: data))
     }
 
     // MARK: Persistence
@@ -352,7 +353,7 @@ extension ReplicaNode {
         let held = logBytes + snapshotBytes
         if held >= cap / 4 * 3, !warnedLogFull {
             warnedLogFull = true
-            options.onWarning?("the in-memory log and snapshot take \(held) of \(cap) bytes (memory_log_bytes_max): compaction is not keeping up (entries not yet applied, or a witness, which keeps its whole log); the replica stops when the log is full")
+            options.onWarning?("the in-memory log and snapshot take \(held) of \(cap) bytes (memory_log_bytes_max): compaction is not keeping up (entries not yet applied, or a witness whose compaction an absent voter holds back); the replica stops when the log is full")
         } else if held < cap / 2 {
             warnedLogFull = false
         }
