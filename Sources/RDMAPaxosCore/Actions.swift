@@ -80,6 +80,22 @@ public enum Event: Sendable, Hashable, CustomStringConvertible {
     case membershipChanged(Membership)
     /// A pending linearizable read with this id will not be answered; the client should retry.
     case readRefused(id: UInt64, reason: String)
+    /// This replica started with state it may have lost (`RestoredState.intact` false): it votes
+    /// in nothing until a leader has brought it back (`recovered`).
+    case recovering(reason: String)
+    /// This recovering replica has heard from no leader for a long while: a leader needs a quorum
+    /// of members whose state survived (a warning for the operator; docs/operations.md).
+    case recoveryStalled(reason: String)
+    /// This replica holds the leader's log through `index`, committed without it after it started:
+    /// it votes and counts in quorums again.
+    case recovered(leader: NodeID, index: LogIndex)
+    /// Leader: member `member` restarted with lost state; it counts in no quorum until `barrier`
+    /// (a no-op appended for it) commits without it.
+    case memberRecovering(member: NodeID, barrier: LogIndex)
+    /// Leader: the witness cannot compact its log past `index`, the last entry voter `voter` is
+    /// known to hold; `voter` has not answered for `ticks` ticks (a warning for the operator: the
+    /// witness's log grows until the voter returns or is removed).
+    case witnessCompactionHeldBack(voter: NodeID, index: LogIndex, ticks: Int)
 
     public var description: String {
         switch self {
@@ -89,6 +105,11 @@ public enum Event: Sendable, Hashable, CustomStringConvertible {
         case let .steppedDown(r): "stepped down: \(r)"
         case let .membershipChanged(m): "membership \(m.members.map { "\($0.id):\($0.role)" }.joined(separator: ","))"
         case let .readRefused(id, r): "read \(id) refused: \(r)"
+        case let .recovering(r): "recovering: \(r)"
+        case let .recoveryStalled(r): "recovery stalled: \(r)"
+        case let .recovered(l, i): "recovered from leader \(l) through \(i)"
+        case let .memberRecovering(m, b): "member \(m) is recovering lost state; it counts again once \(b) commits"
+        case let .witnessCompactionHeldBack(v, i, t): "witness compaction held back at \(i) by voter \(v), not heard from in \(t) ticks"
         }
     }
 }

@@ -123,12 +123,15 @@ extension Membership {
 }
 
 extension HardState {
-    /// The hard state as bytes: promised ballot, commit index, then the encoded membership.
+    /// The hard state as bytes: promised ballot, commit index, the encoded membership, then one
+    /// byte 1 only when recovering (so that hard states written before that flag existed decode
+    /// as not recovering).
     public func encoded() -> [UInt8] {
         var w = ByteWriter()
         w.ballot(promised)
         w.u64(commitIndex)
         w.blob(membership.encoded())
+        if recovering { w.u8(1) }
         return w.bytes
     }
 
@@ -138,7 +141,13 @@ extension HardState {
         let promised = try r.ballot()
         let commit = try r.u64()
         let m = try Membership(decoding: try r.blob(max: 1 << 20))
+        var recovering = false
+        if r.remaining > 0 {
+            let flag = try r.u8()
+            guard flag == 1 else { throw DecodeError("hard state", "recovering flag \(flag)") }
+            recovering = true
+        }
         try r.finish()
-        self.init(promised: promised, commitIndex: commit, membership: m)
+        self.init(promised: promised, commitIndex: commit, membership: m, recovering: recovering)
     }
 }

@@ -81,17 +81,23 @@ public struct Message: Hashable, Sendable {
         /// Phase 1a. `force` (leader transfer) overrides the receiver's leader lease.
         case prepare(lastIndex: LogIndex, lastBallot: Ballot, commit: LogIndex, force: Bool)
         /// Phase 1b. Sent only after the promise is durable. A witness whose log is ahead of the
-        /// candidate's grants anyway and hands over its entries from the candidate's commit index
-        /// on (or from its own first entry if it compacted further), with the ballot of the entry
-        /// before them (`suffixPrevBallot`), since a witness can never lead to commit them itself.
-        case promise(granted: Bool, suffixPrevBallot: Ballot, suffix: [LogEntry])
+        /// candidate's grants anyway and hands over its entries, since a witness can never lead to
+        /// commit them itself: from the candidate's last entry on if it holds that entry, else
+        /// from the candidate's commit index on (or from its own first entry if it compacted
+        /// further), with the ballot of the entry before them (`suffixPrevBallot`), at most
+        /// `ReplicaConfig.batchBytesMax` bytes of them. `more`: the witness holds entries after
+        /// `suffix`; the candidate asks again (a `prepare` from the end of what it received) and
+        /// counts the vote only once it holds everything the witness has.
+        case promise(granted: Bool, suffixPrevBallot: Ballot, suffix: [LogEntry], more: Bool = false)
         /// Phase 2a: entries following (prevIndex, prevBallot), and the leader's commit index.
         case accept(prevIndex: LogIndex, prevBallot: Ballot, entries: [LogEntry], commit: LogIndex)
         /// Phase 2b. On success `index` is the highest index now matching the leader (durable);
         /// on failure it is a hint: the receiver's last index.
         case accepted(success: Bool, index: LogIndex)
-        /// Keeps followers from campaigning, carries the commit index and read-index rounds.
-        case heartbeat(commit: LogIndex, readRound: UInt64)
+        /// Keeps followers from campaigning, carries the commit index and read-index rounds. To a
+        /// witness, `votersDurable` is the highest index every voter holds durably (and committed):
+        /// the witness may compact its log through it. 0 to other members.
+        case heartbeat(commit: LogIndex, readRound: UInt64, votersDurable: LogIndex = 0)
         /// Answer to `heartbeat`, echoing its read-index round.
         case heartbeatReply(readRound: UInt64)
         /// Replaces the receiver's prefix when the leader no longer holds the entries it needs;
@@ -101,6 +107,15 @@ public struct Message: Hashable, Sendable {
         case snapshotReceived(index: LogIndex, bytes: Int)
         /// Leader transfer: campaign now, ignoring the election timer.
         case timeoutNow
+        /// From a replica recovering state it may have lost (started with `RestoredState.intact`
+        /// false), in place of `accepted(success: true)` (after persist; `index` as there) and of
+        /// `heartbeatReply` (`index` 0). The leader uses it for flow control but counts it in no
+        /// quorum until it has sent `recovered`. `nonce` names this start of the replica.
+        case recovering(nonce: UInt64, index: LogIndex)
+        /// Leader to a recovering replica: `barrier`, an entry of the leader's ballot appended after
+        /// it learned of the recovery (`nonce`), is committed without counting the replica, and the
+        /// replica holds the leader's log through it. The replica votes and counts again.
+        case recovered(nonce: UInt64, barrier: LogIndex)
     }
 }
 
@@ -111,17 +126,21 @@ extension Message: CustomStringConvertible {
         case let .preVote(i, b): body = "PreVote last=\(i)@\(b)"
         case let .preVoteReply(g): body = "PreVoteReply \(g ? "granted" : "rejected")"
         case let .prepare(i, b, c, f): body = "Prepare last=\(i)@\(b) commit=\(c)\(f ? " force" : "")"
-        case let .promise(g, _, s): body = "Promise \(g ? "granted" : "rejected")" + (s.isEmpty ? "" : " suffix=\(s.first!.index)...\(s.last!.index)@\(s.last!.ballot)")
+        case let .promise(g, _, s, more):
+            body = "Promise \(g ? "granted" : "rejected")" + (s.isEmpty ? "" : " suffix=\(s.first!.index)...\(s.last!.index)@\(s.last!.ballot)")
+                + (more ? " more" : "")
         case let .accept(pi, pb, es, c):
             let list = es.map { "\($0.index)@\($0.ballot)" + ($0.kind == .command ? ":\(String(decoding: $0.payload, as: UTF8.self))" : ":\($0.kind)") }
             body = "Accept prev=\(pi)@\(pb) commit=\(c) [\(list.joined(separator: " "))]"
         case let .accepted(s, i): body = "Accepted \(s ? "ok" : "reject") \(i)"
-        case let .heartbeat(c, r): body = "Heartbeat commit=\(c)" + (r > 0 ? " read=\(r)" : "")
+        case let .heartbeat(c, r, v): body = "Heartbeat commit=\(c)" + (r > 0 ? " read=\(r)" : "") + (v > 0 ? " voters-durable=\(v)" : "")
         case let .heartbeatReply(r): body = "HeartbeatReply" + (r > 0 ? " read=\(r)" : "")
         case let .installSnapshot(c):
             body = "InstallSnapshot \(c.index)@\(c.ballot)" + (c.totalBytes > c.data.count ? " bytes=\(c.offset)+\(c.data.count)/\(c.totalBytes)" : "")
         case let .snapshotReceived(i, n): body = "SnapshotReceived \(i) bytes=\(n)"
         case .timeoutNow: body = "TimeoutNow"
+        case let .recovering(_, i): body = "Recovering" + (i > 0 ? " \(i)" : "")
+        case let .recovered(_, b): body = "Recovered barrier=\(b)"
         }
         return "\(from)->\(to) b=\(ballot) \(body)"
     }

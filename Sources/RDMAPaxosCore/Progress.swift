@@ -25,6 +25,28 @@ struct Progress: Sendable, Hashable {
     var snapshotNext = 0
     /// Ticks since `match` last advanced while the follower lagged.
     var stalledTicks = 0
+    /// Whether the follower is recovering lost state (`Message.Body.recovering`).
+    var recovery: Recovery = .none
+    /// Check-quorum periods in a row the follower was not heard from.
+    var silentPeriods = 0
+    /// `Event.witnessCompactionHeldBack` was reported for this absence.
+    var warnedHoldingBack = false
+
+    /// A follower's recovery from lost state, as the leader sees it.
+    enum Recovery: Sendable, Hashable {
+        /// Not recovering (or its recovery finished under an earlier leader).
+        case none
+        /// Recovering since it started with `nonce`; counts in no quorum until `barrier` commits.
+        case waiting(nonce: UInt64, barrier: LogIndex)
+        /// `barrier` committed without it and it holds it: counts again; `recovered` is (re)sent.
+        case done(nonce: UInt64, barrier: LogIndex)
+    }
+
+    /// Whether the follower's acknowledgements count in quorums (commit, reads, check-quorum).
+    var counts: Bool {
+        if case .waiting = recovery { return false }
+        return true
+    }
 
     init(next: LogIndex) { self.next = next }
 

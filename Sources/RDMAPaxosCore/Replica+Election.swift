@@ -10,6 +10,15 @@ extension Replica {
         // Time since we last heard from a leader keeps growing on members that never campaign
         // (witnesses, learners, stalled disks): their leader lease must run out too.
         electionElapsed += 1
+        if var r = recovery {
+            r.ticksWithoutLeader += 1
+            // Long enough for a healthy cluster to elect someone several times over.
+            if r.ticksWithoutLeader >= 5 * config.electionTimeoutTicks && !r.stallReported {
+                r.stallReported = true
+                out.events.append(.recoveryStalled(reason: "no leader heard from in \(r.ticksWithoutLeader) ticks; recovering members do not vote, so a quorum of members whose state survived must elect one. If a majority of members restarted with lost state, the cluster cannot recover by itself (docs/operations.md, \"Recovering from lost state\")"))
+            }
+            recovery = r
+        }
         guard electionElapsed >= randomizedElectionTimeout, promotable, !diskStalled else { return }
         resetElectionTimer()
         campaign(force: false)
@@ -45,6 +54,7 @@ extension Replica {
         leader = nil
         votes = [:]
         handedOver = [:]
+        candidacyForce = force
         snapshotInbox = nil
         resetElectionTimer()
         // Our own vote counts once our promise to ourselves is durable (see `persisted`).
@@ -61,11 +71,10 @@ extension Replica {
         let rejected = voting.filter { votes[$0] == false }.count
         if granted >= membership.quorum {
             if role == .preCandidate { becomeCandidate(force: false); return }
-            adoptHandedOverLog()
+            // Hand-overs are adopted as they arrive; a witness's vote counts only once we hold
+            // everything it has. Adopting can change the configuration: counted in the new one.
             handedOver = [:]
-            // Adopting a log can change the configuration: the quorum must hold in the new one too.
-            let stillGranted = membership.voting.filter { votes[$0] == true }.count
-            if stillGranted >= membership.quorum && membership.member(id)?.role == .voter { becomeLeader() }
+            if membership.member(id)?.role == .voter { becomeLeader() }
         } else if rejected > voting.count - membership.quorum {
             becomeFollower(promised, leader: nil)
         }
@@ -129,8 +138,10 @@ extension Replica {
     }
 
     mutating func handlePreVote(_ m: Message, lastIndex: LogIndex, lastBallot: Ballot) {
-        // A witness backs a candidate behind it: it will hand over its log in the promise.
-        let granted = m.ballot > promised && !inLeaderLease && (isWitness || isUpToDate(lastIndex: lastIndex, lastBallot: lastBallot))
+        // A witness backs a candidate behind it: it will hand over its log in the promise. A
+        // recovering replica may have forgotten a higher promise: it backs nobody.
+        let granted = recovery == nil && m.ballot > promised && !inLeaderLease
+            && (isWitness || isUpToDate(lastIndex: lastIndex, lastBallot: lastBallot))
         send(m.from, .preVoteReply(granted: granted))
     }
 
@@ -144,40 +155,84 @@ extension Replica {
             return
         }
         if m.ballot > promised { becomeFollower(m.ballot, leader: nil) }
+        if recovery != nil {
+            // Adopting the higher ballot is always safe; promising is not (we may have forgotten
+            // a promise or an acceptance the candidate's rivals counted on).
+            send(m.from, .promise(granted: false, suffixPrevBallot: .zero, suffix: []))
+            return
+        }
         var granted = isUpToDate(lastIndex: lastIndex, lastBallot: lastBallot)
         var suffix: [LogEntry] = []
         var prevBallot = Ballot.zero
+        var more = false
         if !granted && isWitness {
             // The witness may hold entries (perhaps committed) that no voter alive has; it can
-            // never lead, so it gives them to the candidate, which adopts them before leading
-            // if its log matches at the entry before them.
-            let from = max(commit + 1, log.firstIndex)
-            suffix = log.entries(from, through: log.lastIndex)
+            // never lead, so it gives them to the candidate, at most one accept's worth at a
+            // time: the candidate asks again from the end of what it received. Log matching:
+            // if we hold the candidate's last entry, everything before it is the same here.
+            let from = log.ballot(at: lastIndex) == lastBallot ? lastIndex + 1 : max(commit + 1, log.firstIndex)
+            suffix = log.slice(from: from, bytesMax: config.batchBytesMax)
             prevBallot = log.ballot(at: from - 1) ?? .zero
+            more = (suffix.last?.index ?? log.lastIndex) < log.lastIndex
             granted = !suffix.isEmpty
         }
         if granted { resetElectionTimer() }
-        send(m.from, .promise(granted: granted, suffixPrevBallot: prevBallot, suffix: suffix), afterPersist: true)
+        send(m.from, .promise(granted: granted, suffixPrevBallot: prevBallot, suffix: suffix, more: more), afterPersist: true)
     }
 
-    /// Before leading, take the most up-to-date log handed over by a witness in the quorum:
-    /// the new leader's log must be at least as up to date as every promiser's.
-    mutating func adoptHandedOverLog() {
-        guard let (_, best) = handedOver.max(by: { ($0.value.last!.ballot, $0.value.last!.index) < ($1.value.last!.ballot, $1.value.last!.index) }),
-              let last = best.last, (last.ballot, last.index) > (log.lastBallot, log.lastIndex) else { return }
-        for e in best {
-            if let b = log.ballot(at: e.index) {
-                if b == e.ballot { continue }
-                truncateLocal(from: e.index)
-            }
-            appendLocal(e)
+    /// What a piece of a witness's hand-over means for its vote.
+    enum HandOverOutcome { case rejected, pending, complete }
+
+    /// A promise from a witness ahead of us, carrying a piece of its log. `rejected`: the piece does
+    /// not fit our log (we would stay behind this promiser); `pending`: more follows and we asked
+    /// for it; `complete`: we hold everything the witness has (or its log is behind ours).
+    mutating func takeHandOver(from w: NodeID, prevBallot: Ballot, _ chunk: [LogEntry], more: Bool) -> HandOverOutcome {
+        guard membership.member(w)?.role == .witness, let first = chunk.first else { return .rejected }
+        var h: HandOver
+        if let held = handedOver[w], first.index == held.end.index + 1, prevBallot == held.end.ballot {
+            h = held
+            h.entries.append(contentsOf: chunk)
+        } else if first.index > commitIndex, log.ballot(at: first.index - 1) == prevBallot {
+            h = HandOver(prevIndex: first.index - 1, prevBallot: prevBallot, entries: chunk)
+        } else {
+            // A hand-over we cannot take would leave us behind this promiser: not a vote.
+            handedOver[w] = nil
+            return .rejected
         }
-    }
-
-    /// A witness's hand-over is usable only if our log matches the witness's just before it.
-    func canAdopt(_ suffix: [LogEntry], prevBallot: Ballot) -> Bool {
-        guard let first = suffix.first, first.index > commitIndex else { return false }
-        return log.ballot(at: first.index - 1) == prevBallot
+        // Leading entries we hold with the same ballot are common ground (log matching).
+        let common = h.entries.prefix { log.ballot(at: $0.index) == $0.ballot }.count
+        if common > 0 {
+            h.prevIndex = h.entries[common - 1].index
+            h.prevBallot = h.entries[common - 1].ballot
+            h.entries.removeFirst(common)
+        }
+        if let end = h.entries.last, (end.ballot, end.index) > (log.lastBallot, log.lastIndex) {
+            // Adopt it only now that it makes our log more up to date: until then the entries wait
+            // aside, since votes already counted rely on our log never becoming less up to date.
+            guard h.prevIndex >= commitIndex, log.ballot(at: h.prevIndex) == h.prevBallot else {
+                handedOver[w] = nil
+                return .rejected
+            }
+            for e in h.entries {
+                if let b = log.ballot(at: e.index) {
+                    if b == e.ballot { continue }
+                    truncateLocal(from: e.index)
+                }
+                appendLocal(e)
+            }
+            h = HandOver(prevIndex: end.index, prevBallot: end.ballot, entries: [])
+        }
+        guard more else {
+            // We hold everything the witness has, or its whole log is behind ours.
+            handedOver[w] = nil
+            return .complete
+        }
+        handedOver[w] = h
+        send(w, .prepare(lastIndex: h.end.index, lastBallot: h.end.ballot, commit: commitIndex, force: candidacyForce))
+        // The candidacy is making progress: a long hand-over must not time it out (the pieces
+        // kept aside would be asked for again).
+        resetElectionTimer()
+        return .pending
     }
 
     mutating func tickLeader() {
@@ -191,13 +246,14 @@ extension Replica {
         if checkQuorumElapsed >= config.electionTimeoutTicks {
             checkQuorumElapsed = 0
             if config.checkQuorum {
-                let active = membership.voting.filter { $0 == id || progress[$0]?.recentActive == true }.count
+                let active = membership.voting.filter { $0 == id || progress[$0].map { $0.recentActive && $0.counts } == true }.count
                 if active < membership.quorum {
                     out.events.append(.steppedDown(reason: "no quorum heard from in \(config.electionTimeoutTicks) ticks"))
                     becomeFollower(promised, leader: nil)
                     return
                 }
             }
+            warnIfWitnessCompactionHeldBack()
             for k in progress.keys { progress[k]!.recentActive = false }
         }
         if transferTarget != nil {
@@ -217,11 +273,41 @@ extension Replica {
         guard transferTarget == nil, let me = membership.member(id) else { return }
         if let last = lastPriorityTransferAt, ticks - last < UInt64(config.priorityTransferIntervalTicks) { return }
         let better = membership.members
-            .filter { $0.role == .voter && $0.priority > me.priority && progress[$0.id]?.match == log.lastIndex && progress[$0.id]?.recentActive == true }
+            .filter { $0.role == .voter && $0.priority > me.priority && progress[$0.id]?.match == log.lastIndex
+                && progress[$0.id]?.recentActive == true && progress[$0.id]?.counts == true }
             .max { $0.priority < $1.priority }
         if let b = better, commitIndex == log.lastIndex {
             lastPriorityTransferAt = ticks
             _ = startTransfer(to: b.id)
+        }
+    }
+
+    /// The highest committed index every voter holds durably (the leader's own durable index for
+    /// itself): a witness may compact its log through it.
+    func votersDurableIndex() -> LogIndex {
+        let held = membership.members.filter { $0.role == .voter }.map { $0.id == id ? durableIndex : (progress[$0.id]?.match ?? 0) }
+        return min(held.min() ?? 0, commitIndex)
+    }
+
+    /// Once per check-quorum period: a voter silent for three periods in a row whose match sets
+    /// the witness's compaction bound gets one warning per absence.
+    mutating func warnIfWitnessCompactionHeldBack() {
+        let hasWitness = membership.members.contains { $0.role == .witness }
+        let bound = votersDurableIndex()
+        for peer in progress.keys.sorted() {
+            var pr = progress[peer]!
+            if pr.recentActive {
+                pr.silentPeriods = 0
+                pr.warnedHoldingBack = false
+            } else {
+                pr.silentPeriods += 1
+                if hasWitness, pr.silentPeriods >= 3, !pr.warnedHoldingBack, membership.member(peer)?.role == .voter,
+                   pr.match == bound, bound < commitIndex {
+                    pr.warnedHoldingBack = true
+                    out.events.append(.witnessCompactionHeldBack(voter: peer, index: bound, ticks: pr.silentPeriods * config.electionTimeoutTicks))
+                }
+            }
+            progress[peer] = pr
         }
     }
 }

@@ -35,7 +35,7 @@ extension Replica {
     /// Releases reads whose heartbeat round a quorum (including us) has answered.
     mutating func confirmReads() {
         guard role == .leader, !pendingReads.isEmpty else { return }
-        var acks = membership.voting.map { $0 == id ? readRound : (progress[$0]?.readAck ?? 0) }
+        var acks = membership.voting.map { $0 == id ? readRound : (progress[$0].map { $0.counts ? $0.readAck : 0 } ?? 0) }
         acks.sort(by: >)
         let confirmed = acks[membership.quorum - 1]
         var keep: [PendingRead] = []
@@ -96,7 +96,7 @@ extension Replica {
     mutating func startTransfer(to target: NodeID) -> Bool {
         transferTarget = target
         transferElapsed = 0
-        if progress[target]?.match == log.lastIndex {
+        if progress[target]?.match == log.lastIndex && progress[target]?.counts == true {
             send(target, .timeoutNow)
         } else {
             sendAppend(to: target)
@@ -106,9 +106,10 @@ extension Replica {
 
     // MARK: Compaction
 
-    /// Replaces the log prefix through `index` (already applied) with a state machine snapshot.
+    /// Replaces the log prefix through `index` (at most `compactableIndex`: applied, and on a
+    /// witness held durably by every voter) with a state machine snapshot (a witness's is empty).
     public mutating func compact(through index: LogIndex, snapshot data: [UInt8]) -> Actions {
-        precondition(index <= appliedIndex, "can only compact what was applied")
+        precondition(index <= compactableIndex, "can only compact what was applied (a witness: what every voter holds)")
         guard index > log.snapshot.index, let ballot = log.ballot(at: index) else { return finish() }
         var m = snapshotMembership
         for e in log.entries(log.firstIndex, through: index) where e.kind == .membership {

@@ -10,7 +10,7 @@ extension Replica {
         }
         let fromLeader: Bool
         switch m.body {
-        case .accept, .heartbeat, .installSnapshot, .timeoutNow: fromLeader = true
+        case .accept, .heartbeat, .installSnapshot, .timeoutNow, .recovered: fromLeader = true
         default: fromLeader = false
         }
         if m.ballot > promised {
@@ -32,18 +32,20 @@ extension Replica {
             guard role == .preCandidate else { return }
             votes[m.from] = granted
             tallyVotes()
-        case let .promise(granted, prevBallot, suffix):
+        case let .promise(granted, prevBallot, suffix, more):
             guard role == .candidate else { return }
-            var vote = granted
             if granted && !suffix.isEmpty {
-                // A hand-over we cannot take would leave us behind this promiser: not a vote.
-                if membership.member(m.from)?.role == .witness && canAdopt(suffix, prevBallot: prevBallot) {
-                    handedOver[m.from] = suffix
-                } else {
-                    vote = false
+                // A witness ahead of us: its vote counts once we hold everything it has. Pieces
+                // arriving after that (duplicates, reordered) change nothing.
+                if votes[m.from] == true { return }
+                switch takeHandOver(from: m.from, prevBallot: prevBallot, suffix, more: more) {
+                case .pending: return
+                case .complete: votes[m.from] = true
+                case .rejected: votes[m.from] = false
                 }
+            } else {
+                votes[m.from] = granted
             }
-            votes[m.from] = vote
             tallyVotes()
         case let .accept(prevIndex, prevBallot, entries, commit):
             followLeader(m.from)
@@ -51,14 +53,20 @@ extension Replica {
         case let .accepted(success, index):
             guard role == .leader else { return }
             handleAccepted(from: m.from, success: success, index: index)
-        case let .heartbeat(commit, round):
+        case let .heartbeat(commit, round, held):
             followLeader(m.from)
             if leaderMatch > commitIndex { commitIndex = max(commitIndex, min(commit, leaderMatch)) }
-            send(m.from, .heartbeatReply(readRound: round))
+            votersDurable = max(votersDurable, held)
+            // A recovering replica's answer confirms no read: it may have forgotten a higher promise.
+            if let r = recovery {
+                send(m.from, .recovering(nonce: r.nonce, index: 0))
+            } else {
+                send(m.from, .heartbeatReply(readRound: round))
+            }
         case let .heartbeatReply(round):
             guard role == .leader, var pr = progress[m.from] else { return }
             pr.recentActive = true
-            pr.readAck = max(pr.readAck, round)
+            if pr.counts { pr.readAck = max(pr.readAck, round) }
             if case .probe = pr.state { pr.probeSent = false }
             progress[m.from] = pr
             confirmReads()
@@ -72,6 +80,19 @@ extension Replica {
         case .timeoutNow:
             followLeader(m.from)
             if promotable && !diskStalled { becomeCandidate(force: true) }
+        case let .recovering(nonce, index):
+            guard role == .leader, progress[m.from] != nil else { return }
+            handleRecovering(from: m.from, nonce: nonce, index: index)
+        case let .recovered(nonce, barrier):
+            followLeader(m.from)
+            // We hold the barrier (an entry of the leader's ballot), hence its log through it.
+            guard let r = recovery, r.nonce == nonce,
+                  barrier <= log.snapshot.index || log.ballot(at: barrier) == m.ballot else { return }
+            recovery = nil
+            hardStateDirty = true
+            leaderMatch = max(leaderMatch, barrier)
+            commitIndex = max(commitIndex, barrier)
+            out.events.append(.recovered(leader: m.from, index: barrier))
         case .preVote, .prepare:
             preconditionFailure("handled above")
         }
@@ -82,6 +103,10 @@ extension Replica {
         precondition(role != .leader || from == id, "two leaders share ballot \(promised)")
         if role != .follower || leader != from { becomeFollower(promised, leader: from) }
         electionElapsed = 0
+        if recovery != nil {
+            recovery!.ticksWithoutLeader = 0
+            recovery!.stallReported = false
+        }
     }
 
     mutating func handleAccept(from: NodeID, prevIndex: LogIndex, prevBallot: Ballot, entries: [LogEntry], commit: LogIndex) {
@@ -95,7 +120,7 @@ extension Replica {
             prevIndex += LogIndex(skip)
             prevBallot = log.ballot(at: prevIndex) ?? prevBallot
             if prevIndex < commitIndex {
-                send(from, .accepted(success: true, index: commitIndex), afterPersist: true)
+                acknowledge(from, commitIndex)
                 return
             }
         }
@@ -114,7 +139,7 @@ extension Replica {
         let lastNew = prevIndex + LogIndex(entries.count)
         leaderMatch = max(leaderMatch, lastNew)
         commitIndex = max(commitIndex, min(commit, lastNew))
-        send(from, .accepted(success: true, index: lastNew), afterPersist: true)
+        acknowledge(from, lastNew)
     }
 
     /// Collects a snapshot's chunks in order; installs it when the last byte arrives. A chunk that
@@ -123,7 +148,7 @@ extension Replica {
     mutating func handleSnapshotChunk(from: NodeID, _ c: SnapshotChunk) {
         guard c.index > commitIndex else {
             snapshotInbox = nil
-            send(from, .accepted(success: true, index: commitIndex), afterPersist: true)
+            acknowledge(from, commitIndex)
             return
         }
         if log.ballot(at: c.index) == c.ballot {
@@ -133,7 +158,7 @@ extension Replica {
             snapshotInbox = nil
             leaderMatch = max(leaderMatch, c.index)
             commitIndex = max(commitIndex, c.index)
-            send(from, .accepted(success: true, index: c.index), afterPersist: true)
+            acknowledge(from, c.index)
             return
         }
         if c.offset == 0 {
@@ -175,7 +200,7 @@ extension Replica {
         stepSnapshot = s
         refreshMembership()
         if !isWitness { out.restore = s }
-        send(from, .accepted(success: true, index: s.index), afterPersist: true)
+        acknowledge(from, s.index)
     }
 
     // MARK: Leader side
@@ -193,8 +218,14 @@ extension Replica {
 
     mutating func broadcastHeartbeat() {
         for peer in progress.keys.sorted() {
-            send(peer, .heartbeat(commit: min(commitIndex, progress[peer]!.match), readRound: readRound))
+            send(peer, heartbeat(to: peer, commit: min(commitIndex, progress[peer]!.match)))
         }
+    }
+
+    /// A heartbeat; a witness's carries how far it may compact.
+    func heartbeat(to peer: NodeID, commit: LogIndex) -> Message.Body {
+        let held = membership.member(peer)?.role == .witness ? votersDurableIndex() : 0
+        return .heartbeat(commit: commit, readRound: readRound, votersDurable: held)
     }
 
     /// Sends the next accept (or the snapshot) to one follower, within its flow-control window.
@@ -279,7 +310,7 @@ extension Replica {
             }
             progress[from] = pr
             maybeCommit()
-            if transferTarget == from && pr.match == log.lastIndex { send(from, .timeoutNow) }
+            if transferTarget == from && pr.match == log.lastIndex && pr.counts { send(from, .timeoutNow) }
         } else {
             if case .snapshot = pr.state { progress[from] = pr; return }
             // A hint below the match we recorded is either a reordered old rejection or a
@@ -300,7 +331,8 @@ extension Replica {
     /// Commits the highest index a quorum holds durably, if it is of our own ballot.
     mutating func maybeCommit() {
         guard role == .leader else { return }
-        var matches = membership.voting.map { $0 == id ? durableIndex : (progress[$0]?.match ?? 0) }
+        // A recovering follower's copies count for nothing until its barrier commits without it.
+        var matches = membership.voting.map { $0 == id ? durableIndex : (progress[$0].map { $0.counts ? $0.match : 0 } ?? 0) }
         guard !matches.isEmpty else { return }
         matches.sort(by: >)
         let n = matches[membership.quorum - 1]
@@ -317,8 +349,53 @@ extension Replica {
         }
         // Let followers learn the new commit index promptly.
         for peer in progress.keys.sorted() where progress[peer]!.match >= n && progress[peer]!.match > 0 {
-            send(peer, .heartbeat(commit: n, readRound: readRound))
+            send(peer, heartbeat(to: peer, commit: n))
         }
+        // Recovering followers whose barrier just committed hear so now.
+        for peer in progress.keys.sorted() { finishRecovery(of: peer) }
+    }
+
+    /// A follower recovering lost state (`nonce` names its start). A new recovery gets a barrier:
+    /// a no-op appended now, after every promise the follower may have forgotten. Once the
+    /// barrier commits without the follower, no candidate that counted a forgotten promise can
+    /// win any more (every quorum of the others meets the barrier's, which holds an entry such a
+    /// candidate lacks), so the follower counts again.
+    mutating func handleRecovering(from peer: NodeID, nonce: UInt64, index: LogIndex) {
+        guard var pr = progress[peer] else { return }
+        switch pr.recovery {
+        case let .waiting(n, _) where n == nonce: break
+        case let .done(n, barrier) where n == nonce:
+            // It has not heard yet (or the answer was lost).
+            send(peer, .recovered(nonce: n, barrier: barrier))
+        default:
+            appendAsLeader(kind: .noop, payload: [])
+            pr.recovery = .waiting(nonce: nonce, barrier: log.lastIndex)
+            progress[peer] = pr
+            out.events.append(.memberRecovering(member: peer, barrier: log.lastIndex))
+            broadcastAppend()
+            guard role == .leader, progress[peer] != nil else { return }
+        }
+        if index > 0 {
+            // An acknowledgement for flow control; it counts in no quorum while waiting.
+            handleAccepted(from: peer, success: true, index: index)
+            guard role == .leader, progress[peer] != nil else { return }
+        } else {
+            // In place of a heartbeat reply.
+            pr = progress[peer]!
+            pr.recentActive = true
+            if case .probe = pr.state { pr.probeSent = false }
+            progress[peer] = pr
+            if pr.match < log.lastIndex, pr.state == .probe || pr.next <= log.lastIndex { sendAppend(to: peer) }
+        }
+        finishRecovery(of: peer)
+    }
+
+    /// A recovering follower holding its barrier, committed without it, counts again: tell it.
+    mutating func finishRecovery(of peer: NodeID) {
+        guard var pr = progress[peer], case let .waiting(n, barrier) = pr.recovery, commitIndex >= barrier, pr.match >= barrier else { return }
+        pr.recovery = .done(nonce: n, barrier: barrier)
+        progress[peer] = pr
+        send(peer, .recovered(nonce: n, barrier: barrier))
     }
 
     /// Followers whose match has not moved for a while get their window reset and a fresh probe:

@@ -6,12 +6,20 @@ public struct RestoredState: Sendable {
     public var snapshot: Snapshot?
     /// Every entry after the snapshot, in order. All of them are durable.
     public var entries: [LogEntry]
+    /// Whether this is everything the replica ever made durable. False when the stable log may
+    /// have lost writes it acknowledged: a restart in memory mode, or in async mode after the
+    /// host itself may have gone down. The replica then forgot promises and acceptances others
+    /// counted on, so it recovers before it votes (docs/design/consensus.md, "Recovery from lost
+    /// state"); so does one whose `hardState.recovering` says an earlier start had not finished
+    /// recovering. A replica that never ran has lost nothing: true.
+    public var intact: Bool
 
     /// A restored state; the defaults describe a replica that never ran.
-    public init(hardState: HardState = HardState(), snapshot: Snapshot? = nil, entries: [LogEntry] = []) {
+    public init(hardState: HardState = HardState(), snapshot: Snapshot? = nil, entries: [LogEntry] = [], intact: Bool = true) {
         self.hardState = hardState
         self.snapshot = snapshot
         self.entries = entries
+        self.intact = intact
     }
 }
 
@@ -54,12 +62,28 @@ public struct Replica: Sendable {
 
     // Elections.
     var votes: [NodeID: Bool] = [:]
-    /// Log suffixes witnesses handed over with their promises in this election.
-    var handedOver: [NodeID: [LogEntry]] = [:]
+    /// Entries witnesses handed over in this election that are not adopted yet (see
+    /// `takeHandOver`), by witness.
+    var handedOver: [NodeID: HandOver] = [:]
     /// Index up to which this follower's log is known to equal the current leader's.
     var leaderMatch: LogIndex = 0
     /// A snapshot arriving in chunks: its first chunk's header and the bytes received so far.
     var snapshotInbox: SnapshotChunk?
+    /// The candidacy's `force` flag, repeated when asking a witness for more of its log.
+    var candidacyForce = false
+    /// Set while this replica recovers state it may have lost (see `RestoredState.intact`).
+    var recovery: Recovery?
+    /// Witness: the highest index every voter holds durably, as the leader last said.
+    var votersDurable: LogIndex = 0
+
+    struct Recovery: Sendable {
+        /// Names this start of the replica in `recovering` and `recovered` messages.
+        var nonce: UInt64
+        /// Ticks since a leader was last heard from.
+        var ticksWithoutLeader = 0
+        /// `Event.recoveryStalled` was reported since a leader was last heard from.
+        var stallReported = false
+    }
 
     // Leadership.
     var progress: [NodeID: Progress] = [:]
@@ -85,6 +109,17 @@ public struct Replica: Sendable {
     var stepSnapshot: Snapshot?
     var hardStateDirty = false
     var stepSelfVote: Ballot?
+
+    /// How far a witness's hand-over got: (prevIndex, prevBallot) is common to its log and ours;
+    /// `entries` follow it in the witness's log, kept aside until adopting them makes our log
+    /// more up to date.
+    struct HandOver: Sendable {
+        var prevIndex: LogIndex
+        var prevBallot: Ballot
+        var entries: [LogEntry]
+        /// The last position received: the next piece must follow it.
+        var end: (index: LogIndex, ballot: Ballot) { entries.last.map { ($0.index, $0.ballot) } ?? (prevIndex, prevBallot) }
+    }
 
     struct InFlightPersist: Sendable {
         var sequence: UInt64
@@ -122,6 +157,16 @@ public struct Replica: Sendable {
         membershipIndex = point.index
         refreshMembership()
         resetElectionTimer()
+        if !state.intact || state.hardState.recovering {
+            var nonce: UInt64 = 0
+            while nonce == 0 { nonce = rng.next() }
+            recovery = Recovery(nonce: nonce)
+            // Saved by the first call's persist (the runtime saves it before starting the replica):
+            // a restart that loses nothing more must not make this replica vote before it recovered.
+            if !state.hardState.recovering { hardStateDirty = true }
+            // Reported by the first call's actions.
+            out.events.append(.recovering(reason: "started with state that may have been lost; this replica votes in nothing until a leader has brought it back"))
+        }
     }
 
     // MARK: Public inputs
@@ -185,6 +230,24 @@ public struct Replica: Sendable {
     /// Match index of each follower, as the leader sees it (empty unless leading).
     public var followerMatch: [NodeID: LogIndex] { progress.mapValues(\.match) }
 
+    /// Whether this replica is recovering state it may have lost: it does not campaign, vote or
+    /// count in quorums until a leader has brought it back.
+    public var isRecovering: Bool { recovery != nil }
+
+    /// Why a recovering replica is not voting yet, for status displays; nil when not recovering.
+    public var recoveryStatus: String? {
+        guard let r = recovery else { return nil }
+        if let l = leader {
+            return "catching up with leader \(l); it votes again once an entry the leader appends now commits without it"
+        }
+        return "no leader heard from in \(r.ticksWithoutLeader) ticks; recovering members do not vote, so a quorum of members whose state survived must elect one"
+    }
+
+    /// Highest index the caller may pass to `compact(through:snapshot:)`: the applied index; on a
+    /// witness, no further than every voter holds durably (the witness may be the only holder of
+    /// entries a surviving voter lacks).
+    public var compactableIndex: LogIndex { isWitness ? min(appliedIndex, votersDurable) : appliedIndex }
+
     /// The entry at `index` if the replica still holds it.
     public func entry(at index: LogIndex) -> LogEntry? { log.entry(at: index) }
 
@@ -198,8 +261,18 @@ public struct Replica: Sendable {
         randomizedElectionTimeout = base + rng.below(base) + max(0, top - myPriority) * base
     }
 
-    /// Whether this replica may ever campaign: a voter of the current configuration.
-    var promotable: Bool { membership.member(id)?.role == .voter }
+    /// Whether this replica may campaign: a voter of the current configuration, not recovering.
+    var promotable: Bool { membership.member(id)?.role == .voter && recovery == nil }
+
+    /// Acknowledges entries through `index` once this call's persist is durable: `recovering`
+    /// instead while this replica recovers, so that the leader does not count it.
+    mutating func acknowledge(_ to: NodeID, _ index: LogIndex) {
+        if let r = recovery {
+            send(to, .recovering(nonce: r.nonce, index: index), afterPersist: true)
+        } else {
+            send(to, .accepted(success: true, index: index), afterPersist: true)
+        }
+    }
 
     mutating func send(_ to: NodeID, _ body: Message.Body, afterPersist: Bool = false) {
         let m = Message(from: id, to: to, ballot: promised, body: body)
@@ -243,7 +316,7 @@ public struct Replica: Sendable {
         }
     }
 
-    var hardState: HardState { HardState(promised: promised, commitIndex: commitIndex, membership: membership) }
+    var hardState: HardState { HardState(promised: promised, commitIndex: commitIndex, membership: membership, recovering: recovery != nil) }
 
     /// Collects this call's output: applies, the persist unit and the ordering of acks.
     mutating func finish() -> Actions {

@@ -134,13 +134,17 @@ public struct HardState: Hashable, Sendable {
     public var commitIndex: LogIndex
     /// The configuration in force as of the last saved membership entry or snapshot.
     public var membership: Membership
+    /// The replica started with state it may have lost and has not recovered yet: it must not
+    /// vote after a restart either, even one that lost nothing (see `RestoredState.intact`).
+    public var recovering: Bool
 
     /// The hard state of a fresh replica by default: nothing promised, nothing committed, no
-    /// members.
-    public init(promised: Ballot = .zero, commitIndex: LogIndex = 0, membership: Membership = .empty) {
+    /// members, not recovering.
+    public init(promised: Ballot = .zero, commitIndex: LogIndex = 0, membership: Membership = .empty, recovering: Bool = false) {
         self.promised = promised
         self.commitIndex = commitIndex
         self.membership = membership
+        self.recovering = recovering
     }
 }
 

@@ -6,6 +6,7 @@ extension Simulation {
         for e in a.events {
             log("\(id): \(e)")
             if case .becameLeader = e { report.elections += 1 }
+            if case .recovered = e { report.recoveries += 1 }
         }
         if let p = a.persist {
             var n = nodes[id]!
@@ -30,20 +31,24 @@ extension Simulation {
     /// The ballot of the entry an acceptance vouches for, as the sender's log held it when it
     /// produced the message (nil when that entry is already compacted into a snapshot).
     func vouched(_ id: NodeID, _ m: Message) -> Ballot? {
-        guard case let .accepted(true, index) = m.body else { return nil }
-        return nodes[id]!.replica?.entry(at: index)?.ballot
+        switch m.body {
+        case let .accepted(true, index): return nodes[id]!.replica?.entry(at: index)?.ballot
+        case let .recovering(_, index) where index > 0: return nodes[id]!.replica?.entry(at: index)?.ballot
+        default:
+            return nil
+        }
     }
 
     /// Puts a message on the wire after checking the durability rule for acks.
     mutating func transmit(_ m: Message, vouching: Ballot?) throws(SimulationFailure) {
         let disk = nodes[m.from]!.disk
         switch m.body {
-        case let .accepted(true, index):
+        case let .accepted(true, index), let .recovering(_, index):
             guard disk.lastIndex >= index, vouching == nil || disk.ballot(at: index) == vouching else {
                 throw fail("node \(m.from) acknowledged \(index)@\(vouching.map(String.init(describing:)) ?? "?") before it was durable"
                            + " (disk holds \(disk.lastIndex)@\(disk.ballot(at: disk.lastIndex).map(String.init(describing:)) ?? "-"))")
             }
-        case .promise(true, _, _):
+        case .promise(true, _, _, _):
             guard disk.hardState.promised >= m.ballot
             else { throw fail("node \(m.from) promised \(m.ballot) before the promise was durable (disk: \(disk.hardState.promised))") }
         default: break
@@ -196,7 +201,7 @@ extension Simulation {
         guard let l = liveLeader(), let lr = nodes[l]!.replica, lr.commitIndex == lr.lastIndex else { return false }
         return ids.filter { $0 != permanentlyDown }.allSatisfy { id in
             guard let r = nodes[id]!.replica else { return false }
-            return r.commitIndex == lr.commitIndex && (r.isWitness || nodes[id]!.stateIndex == lr.commitIndex)
+            return r.commitIndex == lr.commitIndex && (r.isWitness || nodes[id]!.stateIndex == lr.commitIndex) && !r.isRecovering
         }
     }
 

@@ -18,6 +18,10 @@ struct SimNode {
     var stateIndex: LogIndex = 0
     var restartAt: Int?
     var checkedCommit: LogIndex = 0
+    /// The disk as of the last async flush (what an async node keeps when the host goes down).
+    var flushed = SimulatedDisk()
+    /// The node crashed losing durable state; it restarts told so.
+    var lostState = false
 }
 
 struct Simulation {
@@ -84,7 +88,15 @@ struct Simulation {
     mutating func start(_ id: NodeID) {
         var n = nodes[id]!
         n.incarnation += 1
-        n.replica = Replica(config: replicaConfig(id), restoring: n.disk.restored, bootstrap: members, seed: rng.next())
+        if n.lostState && !options.trustLostState {
+            // As the runtime does before starting a replica that may have lost state: recorded
+            // durably, so that a crash before it recovered does not make the next start trust it.
+            n.disk.hardState.recovering = true
+        }
+        var restored = n.disk.restored
+        restored.intact = !n.lostState || options.trustLostState
+        n.lostState = false
+        n.replica = Replica(config: replicaConfig(id), restoring: restored, bootstrap: members, seed: rng.next())
         n.state = []
         n.stateIndex = 0
         if let s = n.disk.snapshot {
@@ -108,7 +120,7 @@ struct Simulation {
     func clusterState() -> String {
         ids.map { id in
             guard let r = nodes[id]!.replica else { return "  \(id): down" }
-            return "  \(id): \(r.role) at \(r.promised) leader \(r.leader.map(String.init) ?? "-") log \(r.firstIndex)...\(r.lastIndex)@\(r.lastBallot)"
+            return "  \(id): \(r.role)\(r.isRecovering ? " (recovering)" : "") at \(r.promised) leader \(r.leader.map(String.init) ?? "-") log \(r.firstIndex)...\(r.lastIndex)@\(r.lastBallot)"
                 + " commit \(r.commitIndex) applied \(r.appliedIndex) durable \(r.durableIndex) state \(nodes[id]!.stateIndex)"
                 + " disk \(nodes[id]!.disk.lastIndex) pending \(nodes[id]!.disk.pending.count)"
                 + (r.role == .leader ? " match \(r.followerMatch.sorted { $0.key < $1.key })" : "")
@@ -153,7 +165,13 @@ struct Simulation {
         // With a witness, every other seed leaves one voter down for good: the survivors (one
         // voter short) must still elect a leader, even when the witness holds entries they lack.
         let voters = ids.filter { members.member($0)?.role == .voter }
-        if options.witness && options.seed % 8 < 4, let lost = voters.randomElement(using: &rng) {
+        // Not while a member lost state: with one voter gone for good, the rest of a three-member
+        // cluster would not be a majority of members whose state survived.
+        let lossPending = ids.contains { id in
+            let n = nodes[id]!
+            return n.lostState || (n.replica.map(\.isRecovering) ?? n.disk.hardState.recovering)
+        }
+        if options.witness && options.seed % 8 < 4, !lossPending, let lost = voters.randomElement(using: &rng) {
             permanentlyDown = lost
         }
         for id in ids where id != permanentlyDown {
@@ -174,8 +192,15 @@ struct Simulation {
         if now >= healCutAt { cut = [] }
         for id in ids where nodes[id]!.replica == nil && id != permanentlyDown {
             if let at = nodes[id]!.restartAt, at <= now {
+                let lost = nodes[id]!.lostState
                 start(id)
-                log("restart \(id)")
+                log("restart \(id)" + (lost ? " with lost state" + (options.trustLostState ? ", told it is intact" : "") : ""))
+            }
+        }
+        if now % max(1, options.flushEveryTicks) == 0 {
+            for id in ids where nodes[id]!.replica != nil {
+                nodes[id]!.flushed = nodes[id]!.disk
+                nodes[id]!.flushed.pending = []
             }
         }
         try deliverMessages()
@@ -190,11 +215,24 @@ struct Simulation {
 
     mutating func injectFaults() throws(SimulationFailure) {
         if chance(options.crashRate), let victim = pickCrashVictim() {
+            // Losing state only while the voting members down or recovering stay a minority
+            // once this one joins them.
+            let voting = members.voting
+            let impaired = voting.filter { $0 != victim && (nodes[$0]!.replica == nil || nodes[$0]!.replica!.isRecovering) }.count
+            let loses = chance(options.lostStateRate) && impaired < (voting.count - 1) / 2
             nodes[victim]!.replica = nil
             nodes[victim]!.disk.pending = []
             nodes[victim]!.restartAt = now + 5 + rng.below(40)
             report.crashes += 1
-            log("crash \(victim)")
+            var how = ""
+            if loses {
+                let everything = rng.below(2) == 0
+                nodes[victim]!.disk = everything ? SimulatedDisk() : nodes[victim]!.flushed
+                nodes[victim]!.lostState = true
+                report.lostStateCrashes += 1
+                how = everything ? ", losing everything (memory mode)" : ", losing what was written since tick \(now / options.flushEveryTicks * options.flushEveryTicks) (async mode)"
+            }
+            log("crash \(victim)" + how)
         }
         if cut.isEmpty && chance(options.partitionRate) {
             let kind = rng.below(3)
@@ -215,11 +253,11 @@ struct Simulation {
         }
         if chance(options.compactRate) {
             let id = ids[rng.below(ids.count)]
-            // A witness keeps its whole log, as the runtime does (see ReplicaNode.maybeCompact).
-            if var r = nodes[id]!.replica, !r.isWitness, r.appliedIndex >= r.firstIndex {
+            // A witness only through what every voter holds (as the runtime, ReplicaNode.maybeCompact).
+            if var r = nodes[id]!.replica, r.compactableIndex >= r.firstIndex {
                 // The state machine has applied exactly through appliedIndex: snapshot it there.
-                let through = r.appliedIndex
-                let a = r.compact(through: through, snapshot: encodeState(nodes[id]!.state))
+                let through = r.compactableIndex
+                let a = r.compact(through: through, snapshot: r.isWitness ? [] : encodeState(nodes[id]!.state))
                 nodes[id]!.replica = r
                 report.compactions += 1
                 log("compact \(id) through \(through)")

@@ -26,6 +26,18 @@ public struct SimulationOptions: Sendable, Hashable {
     // Per-tick faults while faults are on.
     /// Probability per tick that a node crashes (losing writes not yet durable) and restarts later.
     public var crashRate: Double = 0.01
+    /// Probability that a crash also loses durable state, as memory mode (everything) or async
+    /// mode (what was written since the last flush) can: half each. The node restarts told its
+    /// state may be lost (`RestoredState.intact` false) and must recover before it votes. Such a
+    /// crash is injected only while fewer than (voting − 1) / 2 voting members are down or
+    /// recovering, since a majority that lost state cannot recover by itself.
+    public var lostStateRate: Double = 0.3
+    /// Async mode's flush interval: a crash that loses state keeps the disk as of the last
+    /// multiple of this many ticks.
+    public var flushEveryTicks: Int = 10
+    /// A broken variant for checking the checkers: a node that lost state is told it is intact,
+    /// as before recovery existed. Runs with it must fail.
+    public var trustLostState: Bool = false
     /// Probability per tick that one node is cut off, both ways or one way, for a while.
     public var partitionRate: Double = 0.01
     /// Probability per tick that one node's disk stalls for a while.
@@ -75,6 +87,10 @@ public struct SimulationReport: Sendable, Hashable, CustomStringConvertible {
     public var messagesDuplicated = 0
     /// Node crashes injected.
     public var crashes = 0
+    /// Crashes that also lost durable state (memory or async mode).
+    public var lostStateCrashes = 0
+    /// Recoveries completed by nodes that lost state (`recovered` events).
+    public var recoveries = 0
     /// Partitions injected.
     public var partitions = 0
     /// Disk stalls injected.
@@ -88,7 +104,8 @@ public struct SimulationReport: Sendable, Hashable, CustomStringConvertible {
 
     public var description: String {
         "seed \(seed): \(ticks) ticks, \(committed) committed, \(acknowledged) acked, \(readsConfirmed) reads, "
-            + "\(elections) leaders, \(crashes) crashes, \(partitions) partitions, \(diskStalls) disk stalls, "
+            + "\(elections) leaders, \(crashes) crashes (\(lostStateCrashes) losing state, \(recoveries) recoveries), "
+            + "\(partitions) partitions, \(diskStalls) disk stalls, "
             + "\(compactions) compactions, \(snapshotsInstalled) snapshot installs, "
             + "\(messagesDelivered) delivered / \(messagesDropped) dropped / \(messagesDuplicated) duplicated"
     }

@@ -94,8 +94,9 @@ final class DemoCluster {
 
     func startAll() throws { for id in ids { try start(id) } }
 
-    func start(_ id: NodeID) throws {
-        let command = launchPrefix(id) + [executable, "node", "--config", configPath(id)]
+    /// Starts replica `id`; `arguments` go to `plover node` after its config (`--recover`, say).
+    func start(_ id: NodeID, arguments: [String] = []) throws {
+        let command = launchPrefix(id) + [executable, "node", "--config", configPath(id)] + arguments
         let p = try ChildProcesses.spawn(command[0], Array(command.dropFirst()), log: logPath(id),
                                          environment: diskStallFailpoints ? ["PLOVER_FAULT_DISK_STALL_FILE": stallFile(id)] : [:])
         processes[id] = p
@@ -182,8 +183,9 @@ final class DemoCluster {
         let c = NodeClient(endpoints: endpoints, timeout: .milliseconds(500))
         while ContinuousClock.now < deadline {
             // A witness applies nothing: it has converged when it holds the whole log.
+            // A replica still recovering lost state has not converged either.
             let applied = processes.keys.compactMap { id -> String? in
-                guard let s = try? c.status(of: id) else { return nil }
+                guard let s = try? c.status(of: id), !s.contains("role=recovering") else { return nil }
                 let key = s.contains("role=witness") ? "last_index=" : "applied_index="
                 return s.split(separator: "\n").first { $0.hasPrefix(key) }.map { String($0.dropFirst(key.count)) }
             }

@@ -11,6 +11,12 @@ struct NodeCommand: AsyncParsableCommand {
         commandName: "node", abstract: "Run one replica of the key-value store.")
 
     @Option(help: "The replica's TOML config file (docs/operations.md, \"Configuration\").") var config: String
+    @Flag(help: ArgumentHelp("Start as if the stable log had lost nothing, even if the durability mode says it may have (memory mode, async after the host went down). Risky: entries and promises it lost are lost to the cluster unless a quorum of other members holds them. Only to bring back a cluster whose majority lost state (docs/operations.md, \"Recovering from lost state\").")) var assumeIntact = false
+    @Flag(help: ArgumentHelp("Start as a replica that lost its state: it recovers from the leader before it votes. For a replica rebuilt from its peers with an empty data directory (docs/operations.md, \"Rebuilding a replica\").")) var recover = false
+
+    func validate() throws {
+        if assumeIntact && recover { throw ValidationError("--assume-intact and --recover contradict each other") }
+    }
 
     func run() async throws {
         let c: NodeConfig
@@ -24,7 +30,8 @@ struct NodeCommand: AsyncParsableCommand {
         MetricsSystem.bootstrap(PloverMetrics.prometheusFactory(registry: registry))
         let server: ReplicaServer
         do {
-            server = try await ReplicaServer.start(config: c, stateMachine: KeyValueStateMachine(), logger: logger, metricsRegistry: registry)
+            server = try await ReplicaServer.start(config: c, stateMachine: KeyValueStateMachine(), logger: logger, metricsRegistry: registry,
+                                                   override: assumeIntact ? .assumeIntact : recover ? .recover : nil)
         } catch let e as ConfigError {
             throw CLIError(e.description)
         }

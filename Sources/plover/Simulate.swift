@@ -8,7 +8,8 @@ struct Simulate: ParsableCommand {
         discussion: """
             Each seed builds a cluster (3 or 5 voters, with or without a witness and a learner, \
             rotating by seed), injects message loss, duplication, reordering, partitions, crashes \
-            that lose undurable state and stalled disks, then heals and checks convergence. \
+            that lose undurable state (some lose durable state too, as memory and async modes \
+            can) and stalled disks, then heals and checks convergence. \
             A failure prints the seed; rerun it with --seed N --trace.
             """)
 
@@ -16,19 +17,23 @@ struct Simulate: ParsableCommand {
     @Option(help: "How many consecutive seeds to run.") var seeds: Int = 1
     @Flag(help: "Print every event of the run.") var trace = false
     @Option(help: "Ticks with faults before healing.") var faultTicks: Int?
+    @Option(help: ArgumentHelp("Run a deliberately broken variant that the checkers must catch: trust-lost-state (a replica that lost state on a crash is told its state is intact, as before recovery existed).",
+                               valueName: "variant")) var broken: String?
 
     func validate() throws {
         guard seeds > 0 else { throw ValidationError("--seeds must be at least 1 (got \(seeds))") }
         if let t = faultTicks, t < 0 { throw ValidationError("--fault-ticks must not be negative (got \(t))") }
+        if let b = broken, b != "trust-lost-state" { throw ValidationError("--broken must be trust-lost-state (got \(b))") }
     }
 
     func run() throws {
-        var totals = (runs: 0, committed: 0, acked: 0, crashes: 0, partitions: 0, stalls: 0)
+        var totals = (runs: 0, committed: 0, acked: 0, crashes: 0, lostState: 0, recoveries: 0, partitions: 0, stalls: 0)
         installSeedReporter()
         for s in seed..<(seed + UInt64(seeds)) {
             currentSeed.store(s, ordering: .relaxed)
             var o = SimulationOptions.standard(seed: s)
             if let t = faultTicks { o.faultTicks = t }
+            o.trustLostState = broken == "trust-lost-state"
             do {
                 let r = try simulate(o, trace: trace)
                 if trace || seeds == 1 { print(r) }
@@ -36,6 +41,8 @@ struct Simulate: ParsableCommand {
                 totals.committed += r.committed
                 totals.acked += r.acknowledged
                 totals.crashes += r.crashes
+                totals.lostState += r.lostStateCrashes
+                totals.recoveries += r.recoveries
                 totals.partitions += r.partitions
                 totals.stalls += r.diskStalls
             } catch {
@@ -44,7 +51,8 @@ struct Simulate: ParsableCommand {
             }
         }
         print("\(totals.runs) seeds passed (\(seed)...\(seed + UInt64(seeds) - 1)): \(totals.committed) entries committed, "
-              + "\(totals.acked) writes acknowledged, \(totals.crashes) crashes, \(totals.partitions) partitions, "
+              + "\(totals.acked) writes acknowledged, \(totals.crashes) crashes (\(totals.lostState) losing state, "
+              + "\(totals.recoveries) recoveries), \(totals.partitions) partitions, "
               + "\(totals.stalls) disk stalls, 0 violations")
     }
 }

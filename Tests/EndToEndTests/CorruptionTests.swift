@@ -66,10 +66,11 @@ extension EndToEnd {
                 try Self.put(client, "during", "repair")
                 acked["during"] = "repair"
 
-                // The repair: remove the data directory and start the node empty.
+                // The repair: remove the data directory and start the node empty, recovering
+                // (docs/operations.md, "Rebuilding a replica").
                 c.processes[victim] = nil
                 try FileManager.default.removeItem(atPath: c.dataDir(victim))
-                try c.start(victim)
+                try c.start(victim, arguments: ["--recover"])
                 try Self.put(client, "after", "rebuild")
                 acked["after"] = "rebuild"
                 // The leader that knew the replica's old log must believe the empty replica's
@@ -86,6 +87,9 @@ extension EndToEnd {
                 var missing = 0
                 for (k, v) in acked where try client.localRead(Array(k.utf8), at: victim).decodedValue != v { missing += 1 }
                 checks.expect(missing == 0, "the rebuilt replica lacks \(missing) of \(acked.count) acknowledged writes")
+                let rebuilt = (try? String(contentsOfFile: c.logPath(victim), encoding: .utf8)) ?? ""
+                checks.expect(rebuilt.contains("--recover") && rebuilt.contains("recovered from leader"), "log: \(rebuilt.suffix(800))")
+                checks.expect(c.status(victim)["role"] != "recovering", "status: \(c.status(victim))")
                 return stuck
             }
             #expect(!stuck, "the rebuilt replica did not catch up under the leader in office")

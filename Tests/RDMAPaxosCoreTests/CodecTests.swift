@@ -9,6 +9,18 @@ import Testing
         #expect(try HardState(decoding: hs.encoded()) == hs)
     }
 
+    @Test func recoveringFlagRoundTripsAndOlderHardStatesAreNotRecovering() throws {
+        var hs = HardState(promised: Ballot(term: 3, node: 1), commitIndex: 9, membership: Membership([Member(id: 1, role: .voter)]))
+        let plain = hs.encoded()
+        hs.recovering = true
+        let flagged = hs.encoded()
+        #expect(flagged == plain + [1], "the flag is one trailing byte, absent when not recovering")
+        #expect(try HardState(decoding: flagged) == hs)
+        #expect(try HardState(decoding: plain).recovering == false)
+        #expect(throws: DecodeError.self) { try HardState(decoding: plain + [0]) }
+        #expect(throws: DecodeError.self) { try HardState(decoding: flagged + [1]) }
+    }
+
     @Test func truncatedHardStateIsAnErrorNotATrap() {
         let bytes = HardState().encoded()
         #expect(throws: DecodeError.self) { try HardState(decoding: Array(bytes.dropLast())) }

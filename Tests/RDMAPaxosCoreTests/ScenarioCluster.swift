@@ -21,6 +21,7 @@ struct ScenarioCluster {
     var output: [String] = []
     var seed: UInt64 = 1
     var snapshotChunkBytes: Int?
+    var batchBytesMax: Int?
 
     var ids: [NodeID] { nodes.keys.sorted() }
 
@@ -30,6 +31,7 @@ struct ScenarioCluster {
         c.heartbeatTicks = 1
         c.diskStallTicks = 5
         if let n = snapshotChunkBytes { c.snapshotChunkBytes = n }
+        if let n = batchBytesMax { c.batchBytesMax = n }
         return c
     }
 
@@ -110,16 +112,22 @@ struct ScenarioCluster {
         queue.removeAll { $0.from == id }
     }
 
-    mutating func restart(_ id: NodeID) {
+    /// Restarts from what the node's disk holds. `amnesia`: the disk lost everything first (memory
+    /// mode). `intact`: what the replica is told about its state (by default, whether nothing was
+    /// lost; telling a replica that lost its state otherwise is the behaviour before recovery).
+    mutating func restart(_ id: NodeID, amnesia: Bool = false, intact: Bool? = nil) {
         var n = nodes[id]!
-        n.replica = Replica(config: config(id), restoring: n.disk.restored, bootstrap: bootstrap, seed: seed + 1)
+        if amnesia { n.disk = SimulatedDisk() }
+        var restored = n.disk.restored
+        restored.intact = intact ?? !amnesia
+        n.replica = Replica(config: config(id), restoring: restored, bootstrap: bootstrap, seed: seed + 1)
         n.applied = []
         nodes[id] = n
     }
 
     func status(_ id: NodeID) -> String {
         guard let r = nodes[id]!.replica else { return "\(id): down" }
-        let role = r.isWitness && r.role == .follower ? "witness" : r.role.rawValue
+        let role = r.isRecovering ? "recovering" : r.isWitness && r.role == .follower ? "witness" : r.role.rawValue
         return "\(id): \(role) ballot=\(r.promised) leader=\(r.leader.map(String.init) ?? "-") log=\(r.firstIndex)..\(r.lastIndex)"
             + " commit=\(r.commitIndex) applied=\(r.appliedIndex)"
     }

@@ -91,6 +91,10 @@ func run(_ command: String, on c: inout ScenarioCluster, file: String, line: Int
             guard let n = Int(chunk), n > 0 else { throw bad("chunk= needs a positive byte count") }
             c.snapshotChunkBytes = n
         }
+        if let batch = option("batch") {
+            guard let n = Int(batch), n > 0 else { throw bad("batch= needs a positive byte count") }
+            c.batchBytesMax = n
+        }
         var priorities: [NodeID: UInt8] = [:]
         for p in (option("priority") ?? "").split(separator: ",") {
             let kv = p.split(separator: ":")
@@ -143,11 +147,17 @@ func run(_ command: String, on c: inout ScenarioCluster, file: String, line: Int
     case "stall-disk": c.stalled.insert(try node(0))
     case "unstall-disk": c.stalled.remove(try node(0))
     case "crash": c.crash(try node(0))
-    case "restart": c.restart(try node(0))
+    case "restart":
+        // restart ID [amnesia] [intact|lost]: lose the disk first; tell the replica its state is
+        // intact or may have been lost (default: lost exactly when the disk was).
+        let flags = Set(args.dropFirst())
+        guard flags.isSubset(of: ["amnesia", "intact", "lost"]) else { throw bad("usage: restart ID [amnesia] [intact|lost]") }
+        c.restart(try node(0), amnesia: flags.contains("amnesia"),
+                  intact: flags.contains("intact") ? true : flags.contains("lost") ? false : nil)
     case "compact":
         let id = try node(0)
         let data = Array(c.nodes[id]!.applied.joined(separator: ",").utf8)
-        c.with(id) { r in r.compact(through: r.appliedIndex, snapshot: data) }
+        c.with(id) { r in r.compact(through: r.compactableIndex, snapshot: r.isWitness ? [] : data) }
     case "transfer-leader":
         let (id, target) = (try node(0), try node(1))
         do { try c.with(id) { try $0.transferLeadership(to: target) } } catch let e as ProposalRefusal { c.emit("\(id): refused: \(e)") }

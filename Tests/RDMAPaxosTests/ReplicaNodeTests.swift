@@ -27,11 +27,13 @@ import RDMAPaxos
             }
         }
 
-        func start(_ id: NodeID) throws {
+        /// `intact`: what the node is told about its stable log (false: it recovers before voting).
+        func start(_ id: NodeID, intact: Bool = true) throws {
             var cfg = ReplicaConfig(id: id)
             cfg.electionTimeoutTicks = 10
             cfg.heartbeatTicks = 2
-            var o = NodeOptions(replica: cfg, bootstrap: membership, seed: UInt64(id) * 7919)
+            var o = NodeOptions(replica: cfg, bootstrap: membership, seed: UInt64(id) * 7919 &+ UInt64(nodes.count))
+            o.stateIntact = intact
             o.compactEveryEntries = 50
             o.metricsFactory = metricsFactory
             let sm = KeyValueStateMachine()
@@ -166,6 +168,30 @@ import RDMAPaxos
         for (id, sm) in c.machines { #expect(sm.map.count == 150, "node \(id)") }
     }
 
+    /// Memory mode after a restart: the node is told its state may be lost. It saves that before
+    /// taking part, shows it in its status, recovers from the leader and catches up.
+    @Test func replicaRestartedWithLostStateRecoversBeforeItVotes() async throws {
+        let c = try Cluster(Self.three)
+        defer { c.stopAll() }
+        let l = try await c.leader()
+        for i in 0..<30 { try await c.put("k\(i)", "v\(i)", via: l) }
+        let victim = c.nodes.keys.sorted().first { $0 != l.options.replica.id }!
+        c.crash(victim)
+        c.storage[victim] = MemoryLog.Storage()
+        c.snapshots[victim] = MemorySnapshotStore()
+        try c.start(victim, intact: false)
+        let early = c.nodes[victim]!.status
+        #expect(early.recovery != nil && early.text.contains("role=recovering") && early.text.contains("recovery="), "\(early.text)")
+        #expect(try c.logs[victim]!.loadHardState().recovering, "saved before the node took part")
+        for i in 30..<40 { try await c.put("k\(i)", "v\(i)", via: l) }
+        for _ in 0..<400 where c.nodes[victim]!.status.recovery != nil { try await Task.sleep(for: .milliseconds(10)) }
+        #expect(c.nodes[victim]!.status.recovery == nil, "\(c.nodes[victim]!.status.text)")
+        try await c.waitConverged()
+        #expect(c.machines[victim]!.map.count == 40)
+        for _ in 0..<100 where (try? c.logs[victim]!.loadHardState().recovering) != false { try await Task.sleep(for: .milliseconds(10)) }
+        #expect(try !c.logs[victim]!.loadHardState().recovering)
+    }
+
     @Test func linearizableReadSeesAcknowledgedWrite() async throws {
         let c = try Cluster(Self.three)
         defer { c.stopAll() }
@@ -173,6 +199,26 @@ import RDMAPaxos
         try await c.put("x", "42", via: l)
         let v = try await l.read(Array("x".utf8))
         #expect(KeyValueStateMachine.decodeResult(v) == Array("42".utf8))
+    }
+
+    /// The witness compacts (every 50 entries here) through what both voters hold, with empty
+    /// snapshots; with a voter stopped it keeps what that voter lacks.
+    @Test func witnessCompactsOnlyWhatEveryVoterHolds() async throws {
+        let c = try Cluster([Member(id: 1, role: .voter, priority: 2), Member(id: 2, role: .voter), Member(id: 3, role: .witness, priority: 0)])
+        defer { c.stopAll() }
+        let l = try await c.leader()
+        for i in 0..<120 { try await c.put("k\(i)", "v\(i)", via: l) }
+        try await c.waitConverged()
+        for _ in 0..<200 where c.nodes[3]!.status.firstIndex <= 50 { try await Task.sleep(for: .milliseconds(10)) }
+        #expect(c.nodes[3]!.status.firstIndex > 50, "\(c.nodes[3]!.status.text)")
+        #expect(try c.snapshots[3]!.load().map { $0.data.isEmpty && $0.index == c.nodes[3]!.status.firstIndex - 1 } == true)
+        // Voter 2 stops: the witness keeps every entry 2 may lack, however many commit.
+        let held = c.nodes[2]!.status.durableIndex
+        c.crash(2)
+        for i in 120..<240 { try await c.put("k\(i)", "v\(i)", via: l) }
+        try await Task.sleep(for: .milliseconds(50))
+        #expect(c.nodes[3]!.status.firstIndex <= held + 1, "witness compacted past what voter 2 holds (\(held)): \(c.nodes[3]!.status.text)")
+        #expect(c.nodes[3]!.status.lastIndex >= 240)
     }
 
     @Test func witnessPersistsButNeverLeadsOrApplies() async throws {

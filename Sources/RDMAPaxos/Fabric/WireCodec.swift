@@ -1,28 +1,35 @@
-/// The binary form of a `Message` inside a ring record or any other transport (version 2;
+/// The binary form of a `Message` inside a ring record or any other transport (version 3;
 /// docs/design/fabric.md, "Fabric and rings"). Big-endian, built on the core's `ByteWriter`/`ByteReader`.
 ///
+/// Version 3 (recovery from lost state, bounded witness hand-over, witness compaction) added
+/// `more` to promise, `votersDurable` to heartbeat, and tags 12 and 13; version 2 peers are
+/// refused (a cluster upgrades all its members together).
+///
 /// ```
-/// u8  version (1)   u8 tag (Body case)   u32 from   u32 to   ballot (u64 term, u32 node)
+/// u8  version (3)   u8 tag (Body case)   u32 from   u32 to   ballot (u64 term, u32 node)
 /// body, by tag:
 ///  1 preVote        u64 lastIndex, ballot lastBallot
 ///  2 preVoteReply   u8 granted
 ///  3 prepare        u64 lastIndex, ballot lastBallot, u64 commit, u8 force
-///  4 promise        u8 granted, ballot suffixPrevBallot, u32 count, count × entry (as in accept)
+///  4 promise        u8 granted, ballot suffixPrevBallot, u32 count, count × entry (as in accept),
+///                   u8 more
 ///  5 accept         u64 prevIndex, ballot prevBallot, u64 commit, u32 count,
 ///                   count × (u64 index, ballot, u8 kind, u32 length, payload)
 ///  6 accepted       u8 success, u64 index
-///  7 heartbeat      u64 commit, u64 readRound
+///  7 heartbeat      u64 commit, u64 readRound, u64 votersDurable
 ///  8 heartbeatReply u64 readRound
 ///  9 installSnapshot u64 index, ballot, u32 length + Membership.encoded(), u64 totalBytes,
 ///                   u64 offset, u32 length + data (one chunk; offset + length ≤ totalBytes)
 /// 10 timeoutNow     (nothing)
 /// 11 snapshotReceived u64 index, u64 bytes
+/// 12 recovering     u64 nonce, u64 index
+/// 13 recovered      u64 nonce, u64 barrier
 /// ```
 /// Decoding never traps: every length is checked against the bytes present and the limits
 /// below, booleans must be 0 or 1, and trailing bytes are an error.
 public enum WireCodec {
     /// Wire format version; messages of any other version are refused.
-    public static let version: UInt8 = 2
+    public static let version: UInt8 = 3
     /// Fixed part before the body: version, tag, from, to, ballot.
     static let headerBytes = 1 + 1 + 4 + 4 + 12
     /// Smallest encoded entry (empty payload); bounds `count` before allocating anything.
@@ -64,18 +71,20 @@ public enum WireCodec {
         case let .preVote(i, b): w.u64(i); w.ballot(b)
         case let .preVoteReply(g): w.u8(g ? 1 : 0)
         case let .prepare(i, b, c, f): w.u64(i); w.ballot(b); w.u64(c); w.u8(f ? 1 : 0)
-        case let .promise(g, pb, s): w.u8(g ? 1 : 0); w.ballot(pb); writeEntries(s, &w)
+        case let .promise(g, pb, s, more): w.u8(g ? 1 : 0); w.ballot(pb); writeEntries(s, &w); w.u8(more ? 1 : 0)
         case let .accept(pi, pb, es, c):
             w.u64(pi); w.ballot(pb); w.u64(c)
             writeEntries(es, &w)
         case let .accepted(s, i): w.u8(s ? 1 : 0); w.u64(i)
-        case let .heartbeat(c, r): w.u64(c); w.u64(r)
+        case let .heartbeat(c, r, v): w.u64(c); w.u64(r); w.u64(v)
         case let .heartbeatReply(r): w.u64(r)
         case let .installSnapshot(c):
             w.u64(c.index); w.ballot(c.ballot); w.blob(c.membership.encoded())
             w.u64(UInt64(c.totalBytes)); w.u64(UInt64(c.offset)); w.blob(c.data)
         case .timeoutNow: break
         case let .snapshotReceived(i, n): w.u64(i); w.u64(UInt64(n))
+        case let .recovering(n, i): w.u64(n); w.u64(i)
+        case let .recovered(n, b): w.u64(n); w.u64(b)
         }
         return w.bytes
     }
@@ -105,12 +114,14 @@ public enum WireCodec {
         case 1: body = .preVote(lastIndex: try r.u64(), lastBallot: try r.ballot())
         case 2: body = .preVoteReply(granted: try bool(&r))
         case 3: body = .prepare(lastIndex: try r.u64(), lastBallot: try r.ballot(), commit: try r.u64(), force: try bool(&r))
-        case 4: body = .promise(granted: try bool(&r), suffixPrevBallot: try r.ballot(), suffix: try readEntries(&r, limits))
+        case 4:
+            let g = try bool(&r), pb = try r.ballot(), s = try readEntries(&r, limits)
+            body = .promise(granted: g, suffixPrevBallot: pb, suffix: s, more: try bool(&r))
         case 5:
             let pi = try r.u64(), pb = try r.ballot(), c = try r.u64()
             body = .accept(prevIndex: pi, prevBallot: pb, entries: try readEntries(&r, limits), commit: c)
         case 6: body = .accepted(success: try bool(&r), index: try r.u64())
-        case 7: body = .heartbeat(commit: try r.u64(), readRound: try r.u64())
+        case 7: body = .heartbeat(commit: try r.u64(), readRound: try r.u64(), votersDurable: try r.u64())
         case 8: body = .heartbeatReply(readRound: try r.u64())
         case 9:
             let index = try r.u64(), b = try r.ballot()
@@ -127,6 +138,8 @@ public enum WireCodec {
             let index = try r.u64(), n = try r.u64()
             guard n <= UInt64(Int.max) else { throw DecodeError("message", "snapshot byte count \(n) out of range") }
             body = .snapshotReceived(index: index, bytes: Int(n))
+        case 12: body = .recovering(nonce: try r.u64(), index: try r.u64())
+        case 13: body = .recovered(nonce: try r.u64(), barrier: try r.u64())
         default: throw DecodeError("message", "unknown body tag \(tag)")
         }
         try r.finish()
@@ -173,12 +186,14 @@ public enum WireCodec {
         case .installSnapshot: 9
         case .timeoutNow: 10
         case .snapshotReceived: 11
+        case .recovering: 12
+        case .recovered: 13
         }
     }
 
     private static func estimatedBodyBytes(_ b: Message.Body) -> Int {
         switch b {
-        case let .accept(_, _, es, _): 40 + es.reduce(0) { $0 + entryBytesMin + $1.payload.count }
+        case let .accept(_, _, es, _), let .promise(_, _, es, _): 40 + es.reduce(0) { $0 + entryBytesMin + $1.payload.count }
         case let .installSnapshot(c): 80 + c.data.count + c.membership.members.count * 6
         default: 32
         }

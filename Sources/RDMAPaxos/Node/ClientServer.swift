@@ -101,7 +101,7 @@ extension NodeStatus {
     /// `key=value` lines, stable order, for `plover status` and scripts.
     public var text: String {
         var lines = [
-            "id=\(id)", "role=\(isWitness && role == .follower ? "witness" : role.rawValue)", "ballot=\(ballot)",
+            "id=\(id)", "role=\(recovery != nil ? "recovering" : isWitness && role == .follower ? "witness" : role.rawValue)", "ballot=\(ballot)",
             "leader=\(leader.map(String.init) ?? "none")", "first_index=\(firstIndex)", "last_index=\(lastIndex)",
             "durable_index=\(durableIndex)", "commit_index=\(commitIndex)", "applied_index=\(appliedIndex)",
             "members=" + membership.members.map { "\($0.id):\($0.role):\($0.priority)" }.joined(separator: ","),
@@ -111,6 +111,7 @@ extension NodeStatus {
         }
         if let f = failure { lines.append("failure=\(f)") }
         if let w = storageWarning { lines.append("storage_warning=\(w)") }
+        if let r = recovery { lines.append("recovery=\(r)") }
         return lines.joined(separator: "\n")
     }
 }

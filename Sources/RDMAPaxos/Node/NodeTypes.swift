@@ -16,8 +16,19 @@ public struct NodeOptions: Sendable {
     public var compactEveryBytes: Int?
     /// Most commands proposed in one batch (one accept message, one group commit).
     public var proposalsPerBatchMax: Int = 4096
-    /// Seed of the core's election-timeout randomness.
+    /// Seed of the core's election-timeout randomness (and of the nonce naming this start of the
+    /// replica when it recovers lost state: use a different seed at every start).
     public var seed: UInt64
+    /// Whether the stable log holds everything this replica ever acknowledged
+    /// (`RestoredState.intact`). False after a restart that may have lost acknowledged writes
+    /// (memory mode, async mode after the host went down): the replica then recovers from the
+    /// leader before it votes (`ReplicaServer` decides; docs/operations.md, "Durability modes
+    /// and restarts").
+    public var stateIntact = true
+    /// Start as intact even when `stateIntact` is false or an earlier start had not finished
+    /// recovering (`plover node --assume-intact`; docs/operations.md, "Recovering from lost
+    /// state"): the replica votes at once.
+    public var assumeIntact = false
     /// Called on the node's thread for role and leader changes (for logs and demos).
     public var onEvent: (@Sendable (Event) -> Void)?
     /// Called on the node's thread with a warning for the operator (a memory-mode log or its
@@ -110,4 +121,6 @@ public struct NodeStatus: Sendable, Equatable {
     /// Set while the node holds writes because its log's disk has no room for them (it serves
     /// status and local reads, and neither leads nor acknowledges, until space is freed).
     public var storageWarning: String? = nil
+    /// Set while the replica recovers state it may have lost: why it does not vote yet.
+    public var recovery: String?
 }

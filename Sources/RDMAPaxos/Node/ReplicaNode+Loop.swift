@@ -151,6 +151,7 @@ extension ReplicaNode {
                 }
             case .becameLeader: metrics.electionsWon.increment()
             case let .startedElection(_, pre): (pre ? metrics.preElectionsStarted : metrics.electionsStarted).increment()
+            case .recoveryStalled, .witnessCompactionHeldBack: options.onWarning?("\(e)")
             default: break
             }
         }
@@ -238,13 +239,14 @@ extension ReplicaNode {
     var heldBytes: Int { log.heldBytes + (log.capacityBytes == nil ? 0 : snapshotBytes) }
 
     func maybeCompact() {
-        // A witness keeps its whole log: after losing a voter it may be the only holder of
-        // committed entries the surviving voter lacks, and it hands them over in its promise
-        // (docs/design/consensus.md, "Witness hand-over").
-        guard !replica.isWitness, failure == nil else { return }
-        let applied = replica.appliedIndex
-        guard applied >= replica.firstIndex else { return }
-        let appliedHeld = Int(applied - replica.firstIndex) + 1
+        // A witness compacts only what every voter holds durably (`compactableIndex`): after
+        // losing a voter it may be the only holder of committed entries the surviving voter
+        // lacks, and it hands them over in its promise (docs/design/consensus.md, "Witness
+        // hand-over"). Its snapshots carry no state.
+        guard failure == nil else { return }
+        let through = replica.compactableIndex
+        guard through >= replica.firstIndex else { return }
+        let appliedHeld = Int(through - replica.firstIndex) + 1
         // By entries, on disk only once the log is at least as big as the last snapshot: a
         // compaction writes the whole state, so with a large state and small entries a fixed
         // entry count would spend most of the disk on rewriting the state.
@@ -255,8 +257,8 @@ extension ReplicaNode {
         let byBytes = appliedHeld * 4 >= Int(replica.lastIndex - replica.firstIndex) + 1
             && (compactAtBytes.map { heldBytes >= $0 } ?? false)
         guard byEntries || byBytes, !compacting else { return }
-        guard let capturing = machine as? SnapshotCapturing else {
-            compact(through: applied, machine.snapshot())
+        guard !replica.isWitness, let capturing = machine as? SnapshotCapturing else {
+            compact(through: through, replica.isWitness ? [] : machine.snapshot())
             return
         }
         // Point in time here, serialized elsewhere: the node goes on applying and answering
@@ -265,7 +267,7 @@ extension ReplicaNode {
         let serialize = capturing.captureSnapshot()
         snapshotQueue.async { [weak self] in
             let data = serialize()
-            self?.enqueue(.snapshotTaken(applied, data))
+            self?.enqueue(.snapshotTaken(through, data))
         }
     }
 
@@ -419,7 +421,7 @@ extension ReplicaNode {
             id: r.id, role: failure == nil ? r.role : .follower, isWitness: r.isWitness, ballot: r.promised, leader: r.leader,
             firstIndex: r.firstIndex, lastIndex: r.lastIndex, durableIndex: r.durableIndex,
             commitIndex: r.commitIndex, appliedIndex: r.appliedIndex, membership: r.membership,
-            followerMatch: r.followerMatch, failure: failure, storageWarning: storageWarning)
+            followerMatch: r.followerMatch, failure: failure, storageWarning: storageWarning, recovery: r.recoveryStatus)
         cond.withLock { published = s }
         updateMetrics(s)
     }
@@ -454,7 +456,7 @@ extension ReplicaNode {
         let held = logBytes + snapshotBytes
         if held >= cap / 4 * 3, !warnedLogFull {
             warnedLogFull = true
-            options.onWarning?("the in-memory log and snapshot take \(held) of \(cap) bytes (memory_log_bytes_max): compaction is not keeping up (entries not yet applied, or a witness, which keeps its whole log); the replica stops when the log is full")
+            options.onWarning?("the in-memory log and snapshot take \(held) of \(cap) bytes (memory_log_bytes_max): compaction is not keeping up (entries not yet applied, or a witness whose compaction an absent voter holds back); the replica stops when the log is full")
         } else if held < cap / 2 {
             warnedLogFull = false
         }

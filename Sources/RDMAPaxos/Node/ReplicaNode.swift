@@ -128,7 +128,17 @@ public final class ReplicaNode: @unchecked Sendable {
 
     /// Loads the durable state, restores the state machine and starts serving.
     public func start() throws {
-        let restored = try loadRestoredState()
+        var restored = try loadRestoredState()
+        restored.intact = options.stateIntact || options.assumeIntact
+        if options.assumeIntact && restored.hardState.recovering {
+            restored.hardState.recovering = false
+            try log.saveHardState(restored.hardState)
+        } else if !restored.intact && !restored.hardState.recovering {
+            // Recorded before the replica takes part (and before `ReplicaServer` records this
+            // run), so that a crash before it recovered cannot make the next start trust this log.
+            restored.hardState.recovering = true
+            try log.saveHardState(restored.hardState)
+        }
         if let s = restored.snapshot, !s.data.isEmpty { try machine.restore(s.data, index: s.index) }
         snapshotBytes = restored.snapshot?.data.count ?? 0
         appendedThrough = log.lastIndex

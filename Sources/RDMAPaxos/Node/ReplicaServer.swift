@@ -19,9 +19,18 @@ public final class ReplicaServer: Sendable {
     /// snapshot's index when only a snapshot was left): 0 for a replica with no history, more
     /// after a restart. Entries up to it that the state machine sees again are replays.
     public let recoveredLastIndex: LogIndex
+    /// Whether the replica started with a stable log it could trust, and why
+    /// (`NodeOptions.stateIntact`; a replica that could not recovers before it votes).
+    public let trust: StateTrust
+    let durability: Durability
+    let dataDir: String
 
-    init(node: ReplicaNode, clientServer: ClientServer, metricsEndpoint: MetricsEndpoint?, fabricDescription: String, recoveredLastIndex: LogIndex) {
+    init(node: ReplicaNode, clientServer: ClientServer, metricsEndpoint: MetricsEndpoint?, fabricDescription: String, recoveredLastIndex: LogIndex,
+         trust: StateTrust, durability: Durability, dataDir: String) {
         self.recoveredLastIndex = recoveredLastIndex
+        self.trust = trust
+        self.durability = durability
+        self.dataDir = dataDir
         self.node = node
         self.clientServer = clientServer
         self.metricsEndpoint = metricsEndpoint
@@ -30,16 +39,32 @@ public final class ReplicaServer: Sendable {
 
     /// Starts the replica. Its metrics go to `metricsRegistry` (through
     /// `PloverMetrics.prometheusFactory`), which the endpoint serves; `plover node` passes the
-    /// registry it bootstrapped the process-wide `MetricsSystem` with.
+    /// registry it bootstrapped the process-wide `MetricsSystem` with. `override` (`plover node
+    /// --assume-intact` or `--recover`) replaces the judgement of whether the stable log lost
+    /// acknowledged writes (docs/operations.md, "Recovering from lost state").
     public static func start(config c: NodeConfig, stateMachine: any StateMachine, logger: Logger,
-                             metricsRegistry: PrometheusCollectorRegistry = PrometheusCollectorRegistry()) async throws -> ReplicaServer {
+                             metricsRegistry: PrometheusCollectorRegistry = PrometheusCollectorRegistry(),
+                             override: StateTrust.Override? = nil) async throws -> ReplicaServer {
         guard let keyPath = c.clusterKeyFile else {
             throw ConfigError(file: "config", key: "cluster_key_file", problem: "is required: peers authenticate with the cluster key")
         }
         let key = try ClusterKey.load(path: keyPath)
-        if c.durability != .memory {
+        if c.durability != .memory || !c.dataDir.isEmpty {
             try FileManager.default.createDirectory(atPath: c.dataDir, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
         }
+        var trust = StateTrust.assess(durability: c.durability, dataDir: c.dataDir)
+        if override == .assumeIntact {
+            logger.warning("--assume-intact: this replica votes at once (\(trust.reason)); entries and promises it lost are lost to the cluster if no quorum of other members holds them")
+            trust = StateTrust(intact: true, reason: "--assume-intact (\(trust.reason))")
+        } else if override == .recover {
+            trust = StateTrust(intact: false, reason: "--recover (\(trust.reason))")
+            logger.warning("--recover: this replica recovers from the leader before it votes (status role=recovering)")
+        } else if trust.intact {
+            logger.info("stable log trusted: \(trust.reason)")
+        } else {
+            logger.warning("stable log may have lost acknowledged writes (\(trust.reason)): this replica recovers from the leader before it votes (status role=recovering)")
+        }
+        if c.durability == .memory && c.dataDir.isEmpty { logger.warning("\(trust.reason)") }
         var logOptions = BerkeleyDBLog.Options()
         // Fault injection for stalled-disk tests (docs/reliability.md); unset in normal use.
         logOptions.stallWhileFileExists = ProcessInfo.processInfo.environment["PLOVER_FAULT_DISK_STALL_FILE"]
@@ -56,7 +81,10 @@ public final class ReplicaServer: Sendable {
         let (fabric, why) = try makeFabric(c, key: key, members: members, ringBytes: rings.ringBytes, logger: logger)
         let transport = try await RingTransport.open(fabric: fabric, configuration: rings)
 
-        var options = NodeOptions(replica: c.replicaConfig, bootstrap: c.membership, seed: UInt64(c.id) &* 0x9E37_79B9_7F4A_7C15 ^ UInt64(getpid()))
+        var options = NodeOptions(replica: c.replicaConfig, bootstrap: c.membership,
+                                  seed: UInt64(c.id) &* 0x9E37_79B9_7F4A_7C15 ^ UInt64(getpid()) ^ UInt64.random(in: 0...UInt64.max))
+        options.stateIntact = trust.intact
+        options.assumeIntact = override == .assumeIntact
         options.requestTimeoutTicks = c.requestTimeoutTicks
         options.compactEveryEntries = c.compactEveryEntries
         options.compactEveryBytes = c.compactEveryBytes
@@ -71,6 +99,14 @@ public final class ReplicaServer: Sendable {
         } catch {
             transport.stop()
             try? log.close()
+            throw error
+        }
+        do {
+            // The next start judges from this record of the run; written once the replica saved
+            // that it is recovering, if it is (`ReplicaNode.start`).
+            if !c.dataDir.isEmpty { try StateTrust.writeMarker(c.dataDir, clean: c.durability == .fsync) }
+        } catch {
+            node.stop()
             throw error
         }
         let client: ClientServer
@@ -93,7 +129,8 @@ public final class ReplicaServer: Sendable {
                 throw ConfigError(file: "config", key: "metrics_address", problem: "cannot listen on \(a): \(error)")
             }
         }
-        return ReplicaServer(node: node, clientServer: client, metricsEndpoint: endpoint, fabricDescription: why, recoveredLastIndex: recovered)
+        return ReplicaServer(node: node, clientServer: client, metricsEndpoint: endpoint, fabricDescription: why, recoveredLastIndex: recovered,
+                             trust: trust, durability: c.durability, dataDir: c.dataDir)
     }
 
     /// `fabric = auto` takes verbs when a device exists and says why it fell back to TCP otherwise.
@@ -133,11 +170,16 @@ public final class ReplicaServer: Sendable {
         return (fabric, "verbs (\(c.fabric == .auto ? "auto" : "configured"), connect \(c.verbsConnection.rawValue))")
     }
 
-    /// Stops the metrics endpoint, the client server and the node, in that order.
+    /// Stops the metrics endpoint, the client server and the node, in that order. In async mode
+    /// the log is then synced to disk and the stop recorded, so the next start trusts it.
     public func stop() {
         metricsEndpoint?.stop()
         clientServer.stop()
         node.stop()
+        if durability == .async {
+            sync()
+            try? StateTrust.writeMarker(dataDir, clean: true)
+        }
     }
 }
 
