@@ -87,6 +87,7 @@ final class VMCluster {
                 peer = \(peer)
                 peer_sync_address = "\(syncs[peer]!)"
                 peer_migration_address = "\(migrations[peer]!)"
+                peer_front_address = "\(fronts[peer]!)"
                 \(vmExtra)
 
                 """
@@ -94,15 +95,28 @@ final class VMCluster {
         return s
     }
 
-    func start(_ id: NodeID) throws {
-        let p = try ChildProcesses.spawn(executable, ["vm", Self.roles[id]!, "--config", configPath(id)], log: logPath(id), truncate: true)
+    /// Starts replica `id`; `environment` adds variables (a checkpoint failpoint, say).
+    func start(_ id: NodeID, environment: [String: String] = [:]) throws {
+        let p = try ChildProcesses.spawn(executable, ["vm", Self.roles[id]!, "--config", configPath(id)], log: logPath(id), truncate: true,
+                                         environment: environment)
         processes[id] = p
+    }
+
+    /// Whether replica `id`'s process has exited (a failpoint killed it, say); reaps it if so.
+    func hasExited(_ id: NodeID) -> Bool {
+        guard let p = processes[id] else { return true }
+        guard !p.isRunning else { return false }
+        processes[id] = nil
+        ChildProcesses.unregister(p.processIdentifier)
+        killQEMUs(of: id)
+        return true
     }
 
     /// Starts replica `id` again after `kill(id)`: same config, data dir and run dir; its log
     /// file is appended to.
-    func restart(_ id: NodeID) throws {
-        let p = try ChildProcesses.spawn(executable, ["vm", Self.roles[id]!, "--config", configPath(id)], log: logPath(id), truncate: false)
+    func restart(_ id: NodeID, environment: [String: String] = [:]) throws {
+        let p = try ChildProcesses.spawn(executable, ["vm", Self.roles[id]!, "--config", configPath(id)], log: logPath(id), truncate: false,
+                                         environment: environment)
         processes[id] = p
     }
 

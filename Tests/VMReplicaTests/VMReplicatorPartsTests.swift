@@ -11,10 +11,10 @@ import Testing
 @Suite struct VMReplicatorPartsTests {
     @Test func logEntriesRoundTripAndBadOnesAreRefused() throws {
         let frame = GuestLink().requestFrame(payload: Array("INC a 1\n".utf8))
-        for e in [VMLogEntry.input(frame: frame), .checkpoint(epoch: 0x0102_0304_0506_0708, proposer: 0xA0B0_C0D0), .takeOver(by: 0x0A0B_0C0D)] {
+        for e in [VMLogEntry.input(frame: frame), .checkpoint(epoch: 0x0102_0304_0506_0708, proposer: 0xA0B0_C0D0), .takeOver(by: 0x0A0B_0C0D), .unprotected(by: 7)] {
             #expect(try VMLogEntry(decoding: e.encoded()) == e)
         }
-        for bad: [UInt8] in [[], [1], [1, 2, 3], [2] + [UInt8](repeating: 0, count: 11), [3] + [UInt8](repeating: 0, count: 20), [3, 0, 0, 1], [4, 0, 0, 0, 1]] {
+        for bad: [UInt8] in [[], [1], [1, 2, 3], [2] + [UInt8](repeating: 0, count: 11), [3] + [UInt8](repeating: 0, count: 20), [3, 0, 0, 1], [4, 0, 0, 1], [4, 0, 0, 0, 0, 1], [5, 0, 0, 0, 1]] {
             #expect(throws: DecodeError.self, "\(bad)") { try VMLogEntry(decoding: bad) }
         }
     }
@@ -61,7 +61,7 @@ import Testing
     }
 
     @Test func outputGuardReleasesExactlyWhatCameBeforeTheCut() {
-        let g = OutputGuard()
+        let g = OutputGuard<[UInt8]>()
         #expect(g.oldestHeld == nil)
         for i in 0..<3 { g.hold([UInt8(i)]) }
         let cut = g.cut()

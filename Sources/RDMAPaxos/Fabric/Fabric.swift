@@ -186,7 +186,8 @@ public protocol Fabric: AnyObject, Sendable {
     func rotateKey(of region: MemoryRegion) throws(FabricError) -> RemoteRegion
 
     /// Fences `peer`: its queue pairs into this node enter the error state, so nothing it posts
-    /// lands until it connects again.
+    /// lands until it connects again. A write of `peer`'s already being copied into a region
+    /// has finished when this returns: nothing of the peer's lands afterwards.
     func revokeAccess(from peer: NodeID)
 
     /// Stops listening and moves every queue pair to the error state. Idempotent.

@@ -1,3 +1,6 @@
+#if canImport(Glibc)
+import Glibc
+#endif
 import Synchronization
 
 /// The in-process "wire" that `MemoryFabric` endpoints attach to: several simulated hosts in one
@@ -73,6 +76,8 @@ public final class MemoryFabric: Fabric {
         /// Inbound queue pair ids per writer, and those revoked.
         var inbound: [UInt64: NodeID] = [:]
         var revoked: Set<UInt64> = []
+        /// Writes per inbound queue pair being copied into a region right now.
+        var landing: [UInt64: Int] = [:]
         var keyCounter: UInt32
     }
     private let state: Mutex<State>
@@ -144,9 +149,13 @@ public final class MemoryFabric: Fabric {
     }
 
     public func revokeAccess(from peer: NodeID) {
-        state.withLock { s in
-            for (id, node) in s.inbound where node == peer { s.revoked.insert(id) }
+        let ids = state.withLock { s in
+            let ids = s.inbound.filter { $0.value == peer }.map(\.key)
+            s.revoked.formUnion(ids)
+            return ids
         }
+        // A write that passed the access check before the fence may still be copying.
+        while state.withLock({ s in ids.contains { s.landing[$0, default: 0] > 0 } }) { usleep(50) }
     }
 
     public func close() {
@@ -177,10 +186,12 @@ public final class MemoryFabric: Fabric {
     /// Lands a write for an inbound queue pair the way a responder NIC would.
     fileprivate func execute(_ w: MemoryQueuePair.Request, inboundID: UInt64, writer: NodeID, base: UInt64) -> CompletionStatus {
         let region: MemoryRegion? = state.withLock { s in
-            guard !s.closed, !s.revoked.contains(inboundID) else { return nil }
-            return s.regions[base]
+            guard !s.closed, !s.revoked.contains(inboundID), let r = s.regions[base] else { return nil }
+            s.landing[inboundID, default: 0] += 1
+            return r
         }
         guard let region else { return .transportError }
+        defer { state.withLock { s in s.landing[inboundID, default: 0] -= 1 } }
         let ok = w.bytes.withUnsafeBytes { region.land($0, at: w.remoteOffset, key: w.key) }
         guard ok else { return .remoteAccessError }
         if let imm = w.immediate {

@@ -1,3 +1,6 @@
+#if canImport(Glibc)
+import Glibc
+#endif
 import Crypto
 import Logging
 import NIOCore
@@ -70,6 +73,8 @@ public final class TCPFabric: Fabric {
         var peer: NodeID
         var channel: any Channel
         var revoked = false
+        /// Writes from this connection being copied into a region right now.
+        var landing = 0
     }
     private struct State {
         var regions: [UInt64: MemoryRegion] = [:]
@@ -224,6 +229,9 @@ public final class TCPFabric: Fabric {
         }
         if !channels.isEmpty { logger.notice("revoked write access of node \(peer)") }
         for c in channels { c.close(promise: nil) }
+        // A write that passed the access check before the fence may still be copying: wait for it,
+        // so nothing of the peer's lands after this returns (as with a queue pair in ERROR).
+        while state.withLock({ s in s.inbound.values.contains { $0.peer == peer && $0.landing > 0 } }) { usleep(50) }
     }
 
     public func close() {
@@ -288,10 +296,14 @@ public final class TCPFabric: Fabric {
     func land(_ w: Frames.Write, from peer: NodeID, inbound id: UInt64) -> Bool? {
         let region: MemoryRegion?? = state.withLock { s in
             guard let c = s.inbound[id], !c.revoked else { return .none }
-            return .some(s.regions[w.base])
+            let r = s.regions[w.base]
+            if r != nil { s.inbound[id]?.landing += 1 }
+            return .some(r)
         }
         guard let region else { return nil }  // revoked: the caller closes the connection
-        guard let region, let offset = Int(exactly: w.offset) else { return false }
+        guard let region else { return false }
+        defer { state.withLock { s in s.inbound[id]?.landing -= 1 } }
+        guard let offset = Int(exactly: w.offset) else { return false }
         let ok = w.data.withUnsafeReadableBytes { region.land($0, at: offset, key: w.key) }
         if ok, let imm = w.immediate {
             completions.push(Completion(kind: .writeImmediateReceived, status: .success, peer: peer,

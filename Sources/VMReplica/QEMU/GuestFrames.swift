@@ -19,10 +19,16 @@ public struct GuestLink: Sendable, Equatable {
     /// The addresses the guest image is set up with (scripts/vm-guest/init).
     public init() {}
 
-    /// One UDP datagram from the front to the guest's service, as an Ethernet frame.
-    public func requestFrame(payload: [UInt8]) -> [UInt8] {
+    /// How many UDP ports from `frontPort` on the front may use as sources: one per client
+    /// connection, so that the guest's answer (sent back to the request's source port) goes to
+    /// the connection that asked.
+    public var frontPortCount: UInt16 = 16_384
+
+    /// One UDP datagram from the front (source port `sourcePort`, by default `frontPort`) to the
+    /// guest's service, as an Ethernet frame.
+    public func requestFrame(payload: [UInt8], sourcePort: UInt16? = nil) -> [UInt8] {
         var udp: [UInt8] = []
-        udp.be16(frontPort); udp.be16(guestPort); udp.be16(UInt16(8 + payload.count)); udp.be16(0)
+        udp.be16(sourcePort ?? frontPort); udp.be16(guestPort); udp.be16(UInt16(8 + payload.count)); udp.be16(0)
         udp += payload
         var ip: [UInt8] = [0x45, 0]
         ip.be16(UInt16(20 + udp.count))
@@ -36,7 +42,11 @@ public struct GuestLink: Sendable, Equatable {
 
     /// The payload when `frame` is a UDP datagram from the guest's service to the front; nil
     /// for anything else (ARP, other ports, malformed frames).
-    public func answerPayload(_ f: [UInt8]) -> [UInt8]? {
+    public func answerPayload(_ f: [UInt8]) -> [UInt8]? { answer(f)?.payload }
+
+    /// The answer in `frame` and the front port it is addressed to, when `frame` is a UDP datagram
+    /// from the guest's service to one of the front's ports; nil for anything else.
+    public func answer(_ f: [UInt8]) -> GuestAnswer? {
         guard f.count >= 42, f[12] == 0x08, f[13] == 0x00, f[14] >> 4 == 4 else { return nil }
         let ihl = Int(f[14] & 0x0f) * 4
         guard ihl >= 20, f[23] == 17, Array(f[26..<30]) == guestIP, Array(f[30..<34]) == frontIP else { return nil }
@@ -44,8 +54,8 @@ public struct GuestLink: Sendable, Equatable {
         guard f.count >= u + 8 else { return nil }
         let src = UInt16(f[u]) << 8 | UInt16(f[u + 1]), dst = UInt16(f[u + 2]) << 8 | UInt16(f[u + 3])
         let len = Int(f[u + 4]) << 8 | Int(f[u + 5])
-        guard src == guestPort, dst == frontPort, len >= 8, u + len <= f.count else { return nil }
-        return Array(f[(u + 8)..<(u + len)])
+        guard src == guestPort, dst >= frontPort, dst - frontPort < frontPortCount, len >= 8, u + len <= f.count else { return nil }
+        return GuestAnswer(port: dst, payload: Array(f[(u + 8)..<(u + len)]))
     }
 
     static func checksum(_ b: [UInt8]) -> UInt16 {
@@ -55,6 +65,21 @@ public struct GuestLink: Sendable, Equatable {
         if i < b.count { s += UInt32(b[i]) << 8 }
         while s >> 16 != 0 { s = (s & 0xffff) + (s >> 16) }
         return ~UInt16(s)
+    }
+}
+
+/// One answer of the guest's service: the front port it went to (which names the client
+/// connection that asked) and its payload.
+public struct GuestAnswer: Sendable, Equatable {
+    /// The UDP destination port: the source port of the request it answers.
+    public var port: UInt16
+    /// The UDP payload.
+    public var payload: [UInt8]
+
+    /// An answer of `payload` to front port `port`.
+    public init(port: UInt16, payload: [UInt8]) {
+        self.port = port
+        self.payload = payload
     }
 }
 

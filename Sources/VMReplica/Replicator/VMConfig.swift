@@ -34,8 +34,15 @@ public struct VMConfig: Sendable, Equatable {
     /// Backup: at a checkpoint, how long it may keep running for its guest to go idle (to finish
     /// replaying the inputs before the checkpoint) before it pauses regardless.
     public var backupIdleMaxMilliseconds = 1000
-    /// A sync or migration step that takes longer than this fails the checkpoint.
+    /// A sync or migration step that takes longer than this fails the checkpoint. A link that
+    /// goes down or a lost leadership ends a checkpoint at once, whatever this says.
     public var checkpointTimeoutMilliseconds = 20_000
+    /// A primary whose syncvm link to the backup stays down this long (or whose checkpoints fail
+    /// three times in a row) goes on without it: it releases what it held and answers at once
+    /// until the backup is re-protected.
+    public var backupLostMilliseconds = 1000
+    /// host:port of the peer's front, named in the refusal a front gives while it does not serve.
+    public var peerFrontAddress: String?
     /// Hash both whole RAM files at every checkpoint while paused and log the digests (tests).
     public var recordRAMDigest = false
     /// Backup: list the pages each sync rewrote in the checkpoint log (finding what diverges).
@@ -67,6 +74,8 @@ public struct VMConfig: Sendable, Equatable {
         c.checkpointMinGapMilliseconds = try r.int("checkpoint_min_gap_ms", default: 0, range: 0...3_600_000)
         c.backupIdleMaxMilliseconds = try r.int("backup_idle_max_ms", default: c.backupIdleMaxMilliseconds, range: 0...60_000)
         c.checkpointTimeoutMilliseconds = try r.int("checkpoint_timeout_ms", default: c.checkpointTimeoutMilliseconds, range: 100...3_600_000)
+        c.backupLostMilliseconds = try r.int("backup_lost_ms", default: c.backupLostMilliseconds, range: 100...3_600_000)
+        if let a = try r.optionalString("peer_front_address") { c.peerFrontAddress = try r.address(a, key: "peer_front_address") }
         c.recordRAMDigest = try r.bool("record_ram_digest", default: false)
         c.logDivergentPages = try r.bool("log_divergent_pages", default: false)
         try r.finish()

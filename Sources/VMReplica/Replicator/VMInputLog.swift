@@ -14,9 +14,13 @@ public enum VMLogEntry: Equatable, Sendable {
     /// `node`, a backup that leads while the primary is gone, owns the VM from this log
     /// position: it becomes the primary and the old primary a backup, each when it applies this.
     case takeOver(by: NodeID)
+    /// `node`, the primary, goes on without a backup from this log position (its backup is
+    /// gone): it releases the output it held, and the backup's VM is no copy until a checkpoint
+    /// after this entry re-protects it; a take-over by the backup before that is void.
+    case unprotected(by: NodeID)
 
-    /// The entry as a log command: kind 1 and the frame, or kind 2, the epoch (u64) and the
-    /// proposer (u32), big-endian.
+    /// The entry as a log command: kind 1 and the frame; kind 2, the epoch (u64) and the
+    /// proposer (u32); kind 3 (take-over) or 4 (unprotected) and the node (u32); big-endian.
     public func encoded() -> [UInt8] {
         switch self {
         case let .input(frame): return [1] + frame
@@ -27,6 +31,8 @@ public enum VMLogEntry: Equatable, Sendable {
             return b
         case let .takeOver(node):
             return [3] + (0..<4).reversed().map { UInt8(node >> (8 * UInt32($0)) & 0xff) }
+        case let .unprotected(node):
+            return [4] + (0..<4).reversed().map { UInt8(node >> (8 * UInt32($0)) & 0xff) }
         }
     }
 
@@ -48,6 +54,8 @@ public enum VMLogEntry: Equatable, Sendable {
             self = .checkpoint(epoch: epoch, proposer: NodeID(proposer))
         case 3? where b.count == 5:
             self = .takeOver(by: NodeID(b[1..<5].reduce(UInt32(0)) { $0 << 8 | UInt32($1) }))
+        case 4? where b.count == 5:
+            self = .unprotected(by: NodeID(b[1..<5].reduce(UInt32(0)) { $0 << 8 | UInt32($1) }))
         default:
             throw DecodeError("VM log entry", "unknown kind \(b.first.map(String.init) ?? "(empty)") or wrong length \(b.count)")
         }
@@ -89,7 +97,7 @@ public final class VMInputLog: StateMachine, @unchecked Sendable {
         switch e {
         case .input: inputs += 1
         case .checkpoint: checkpoints += 1
-        case .takeOver: break
+        case .takeOver, .unprotected: break
         }
         deliver?(index, e)
         return [1]

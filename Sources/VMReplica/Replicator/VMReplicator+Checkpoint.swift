@@ -32,6 +32,10 @@ struct CheckpointRecord {
     var ramDigest: UInt64?
     /// Backup, with `log_divergent_pages`: the pages the sync rewrote.
     var divergentPages: DirtyBitmap?
+    /// Backup: pages put back when the checkpoint was cut off after pages landed.
+    var rolledBack: Int?
+    /// Backup, with `record_ram_digest`: whether the RAM after the roll-back hashed as before the sync.
+    var rollbackDigestMatches: Bool?
 
     var line: String {
         func ms(_ d: Duration) -> String { String(format: "%.2f", Double(d.components.seconds) * 1000 + Double(d.components.attoseconds) / 1e15) }
@@ -47,6 +51,8 @@ struct CheckpointRecord {
         if let i = idle { f.append("idle=\(i)") }
         if let d = ramDigest { f.append("ram_digest=\(String(d, radix: 16))") }
         if let p = divergentPages { f.append("divergent_pages=\(p.rangesDescription)") }
+        if let n = rolledBack { f.append("rolled_back_pages=\(n)") }
+        if let m = rollbackDigestMatches { f.append("rollback_digest_match=\(m)") }
         if let e = error {
             // One record per line: quotes and line breaks in the error become ' and spaces.
             let flat = e.replacingOccurrences(of: "\"", with: "'").split(whereSeparator: \.isNewline).joined(separator: " ")
@@ -62,21 +68,35 @@ private final class Box<T>: @unchecked Sendable {
     var result: Result<T, any Error>?
 }
 
+/// A checkpoint stopped before its end, and why (the link went down, leadership was lost, the
+/// replica is stopping, or a step took longer than `checkpoint_timeout_ms`).
+struct CheckpointAborted: Error, CustomStringConvertible {
+    var reason: String
+    var description: String { "checkpoint aborted: \(reason)" }
+}
+
 extension VMReplicator {
-    /// Runs `body` on the concurrency pool and waits for it on this (non-pool) thread. After
-    /// `timeout` the sync link is closed, which fails whatever the sync was waiting for.
-    func blocking<T: Sendable>(timeout: Duration, _ body: @escaping @Sendable () async throws -> T) throws -> T {
+    /// Runs `body` on the concurrency pool and waits for it on this (non-pool) thread, checking
+    /// `abort` every 10 ms. After `timeout`, or as soon as `abort` gives a reason, the sync link
+    /// is closed, which fails whatever the sync was waiting for, and that reason is thrown.
+    func blocking<T: Sendable>(timeout: Duration, abortIf abort: () -> String? = { nil },
+                               _ body: @escaping @Sendable () async throws -> T) throws -> T {
         let box = Box<T>()
         let done = DispatchSemaphore(value: 0)
         Task {
             do { box.result = .success(try await body()) } catch { box.result = .failure(error) }
             done.signal()
         }
-        let ns = Int(timeout.components.seconds) * 1_000_000_000 + Int(timeout.components.attoseconds / 1_000_000_000)
-        if done.wait(timeout: .now() + .nanoseconds(ns)) == .timedOut {
+        let deadline = ContinuousClock.now + timeout
+        var aborted: String?
+        while done.wait(timeout: .now() + .milliseconds(10)) == .timedOut {
+            guard let why = abort() ?? (ContinuousClock.now >= deadline ? "no progress within \(timeout) (checkpoint_timeout_ms)" : nil) else { continue }
+            aborted = why
             lock.withLock { channel }?.close()
             done.wait()
+            break
         }
+        if case .failure = box.result!, let aborted { throw CheckpointAborted(reason: aborted) }
         return try box.result!.get()
     }
 
@@ -101,13 +121,38 @@ extension VMReplicator {
         }
     }
 
-    /// Waits until `check` holds, polling every millisecond.
-    func poll(_ what: String, timeout: Duration, _ check: () throws -> Bool) throws {
+    /// Waits until `check` holds, polling every millisecond; throws `CheckpointAborted` once
+    /// `abort` gives a reason.
+    func poll(_ what: String, timeout: Duration, abortIf abort: () -> String? = { nil }, _ check: () throws -> Bool) throws {
         let deadline = ContinuousClock.now + timeout
         while try !check() {
             guard ContinuousClock.now < deadline else { throw QMPError(socket: "-", problem: "\(what) did not happen within \(timeout)") }
+            if let why = abort() { throw CheckpointAborted(reason: "\(why) while waiting for \(what)") }
             usleep(1000)
         }
+    }
+
+    /// Why a checkpoint over `ch` must stop now: the replica stops, the link went down, or (a
+    /// primary) this replica no longer leads. Nil while it may go on.
+    func abortReason(_ ch: FabricSyncChannel, primary: Bool) -> String? {
+        if lock.withLock({ stopped }) { return "this replica is stopping" }
+        if ch.isDown { return "the syncvm link to node \(config.peer) went down" }
+        if primary, let node, node.status.role != .leader { return "this replica no longer leads" }
+        return nil
+    }
+
+    /// Sync options whose progress reaches this checkpoint's failpoint.
+    func syncOptions(armed: CheckpointPhase?) -> SyncOptions {
+        var o = SyncOptions()
+        guard armed != nil else { return o }
+        let failpoints = self.failpoints
+        o.onProgress = { step in
+            switch step {
+            case .hashesExchanged: failpoints.reached(.hashes, armed: armed)
+            case .firstPagesWritten, .commitReceived: failpoints.reached(.pages, armed: armed)
+            }
+        }
+        return o
     }
 
     /// `cont` after an outgoing migration. QEMU reports the migration "completed" before its
@@ -177,21 +222,26 @@ extension VMReplicator {
 
     // MARK: Primary
 
-    /// Runs checkpoint `epoch` as the syncvm primary; true when it completed.
+    /// Runs checkpoint `epoch` as the syncvm primary; true when it completed. It gives up at
+    /// once when the link goes down or this replica stops leading (a failover must not wait for
+    /// a checkpoint that cannot finish); the VM then runs on with its output held.
     @discardableResult
     func primaryCheckpoint(epoch: UInt64, index: LogIndex) -> Bool {
+        let armed = failpoints.arm(as: .primary)
         var r = CheckpointRecord(epoch: epoch, index: index, role: .primary)
         defer { record(r) }
         guard let q = lock.withLock({ current }) else { r.error = "no VM"; return false }
-        guard let ch = waitForChannel(timeout: checkpointTimeout) else { r.error = "syncvm link to node \(config.peer) is not up"; return false }
+        guard let ch = waitForChannel(timeout: linkGrace) else { r.error = "syncvm link to node \(config.peer) is not up"; return false }
+        let abort = { self.abortReason(ch, primary: true) }
         // The primary keeps running until the backup has reached this log position, paused and
         // scanned: the driver writes no input past the checkpoint, so the state the primary
         // stops in is still "every input up to the checkpoint", just later in guest time.
         let waitStart = ContinuousClock.now
         do {
-            try blocking(timeout: checkpointTimeout) { try await Self.awaitReady(ch, epoch: epoch) }
+            try blocking(timeout: checkpointTimeout, abortIf: abort) { try await Self.awaitReady(ch, epoch: epoch) }
         } catch { r.error = "backup not ready for checkpoint \(epoch): \(error)"; return false }
         r.wait = ContinuousClock.now - waitStart
+        failpoints.reached(.handshake, armed: armed)
         let start = ContinuousClock.now
         // From the pause on the backup may end up holding this VM (even if this side then fails
         // to see the checkpoint complete): output waits for checkpoints from here.
@@ -208,25 +258,32 @@ extension VMReplicator {
             let scanStart = ContinuousClock.now
             let dirty = hashDiff?.collect() ?? DirtyBitmap.all(pageCount: memory.pageCount)
             r.scan = ContinuousClock.now - scanStart
-            let engine = SyncPrimary(memory: memory, pool: pool)
-            let result = try blocking(timeout: checkpointTimeout) { try await engine.run(dirty: dirty, over: ch, session: epoch) }
+            let engine = SyncPrimary(memory: memory, pool: pool, options: syncOptions(armed: armed))
+            let result = try blocking(timeout: checkpointTimeout, abortIf: abort) { try await engine.run(dirty: dirty, over: ch, session: epoch) }
             r.stats = result.stats
             r.sync = ContinuousClock.now - start
             r.ramDigest = ramDigest()
             if hashDiff == nil { hashDiff = HashDiffDirtySource(memory: memory, pool: pool) }
             let m = ContinuousClock.now
             try q.qmp.execute("migrate", ["uri": "tcp:\(config.peerMigrationAddress)"])
-            try poll("migration of device state to node \(config.peer)", timeout: checkpointTimeout) {
-                let (s, info) = try q.qmp.migrationStatus()
-                if s == "failed" || s == "cancelled" { throw QMPError(socket: q.qmp.path, problem: "migration \(s): \(info["error-desc"] ?? "")") }
-                return s == "completed"
+            failpoints.reached(.device, armed: armed)
+            do {
+                try poll("migration of device state to node \(config.peer)", timeout: checkpointTimeout, abortIf: abort) {
+                    let (s, info) = try q.qmp.migrationStatus()
+                    if s == "failed" || s == "cancelled" { throw QMPError(socket: q.qmp.path, problem: "migration \(s): \(info["error-desc"] ?? "")") }
+                    return s == "completed"
+                }
+            } catch {
+                _ = try? q.qmp.execute("migrate_cancel")
+                throw error
             }
             r.migrate = ContinuousClock.now - m
+            failpoints.reached(.resume, armed: armed)
             try resume(q)
             resumed = true
             r.pause = ContinuousClock.now - start
             let out = outputs.release(through: cut)
-            for p in out { front?.broadcast(p) }
+            for a in out { front?.deliver(a) }
             r.released = out.count
             r.ok = true
         } catch {
@@ -241,7 +298,13 @@ extension VMReplicator {
 
     // MARK: Backup
 
+    /// Runs checkpoint `epoch` as the backup, atomically: the pages the primary may overwrite are
+    /// copied first (`PageUndoLog`), and a checkpoint cut off at any point — the primary dead, the
+    /// link down, a step timed out — fences the primary, puts those pages back and resumes the
+    /// old VM, which is then exactly what it was: the VM that executed every input before the
+    /// checkpoint, fit to take over. Only a checkpoint whose device state arrived replaces it.
     func backupCheckpoint(epoch: UInt64, index: LogIndex) {
+        let armed = failpoints.arm(as: .backup)
         var r = CheckpointRecord(epoch: epoch, index: index, role: .backup)
         defer { record(r) }
         guard lock.withLock({ unusable == nil }), let old = lock.withLock({ current }) else { r.error = "VM unusable"; return }
@@ -265,7 +328,8 @@ extension VMReplicator {
             // answering) must not write the RAM while it is synced: kill it and wait.
             old.kill()
         }
-        // Resume the old QEMU unless its RAM was touched or the new one took over.
+        // Resume the old QEMU unless the new one took over (or the old one is no copy and its
+        // RAM was written).
         var resumeOld = true
         defer {
             if resumeOld { _ = try? old.qmp.execute("cont") }
@@ -273,7 +337,7 @@ extension VMReplicator {
         }
         // The standby QEMU was started after the previous checkpoint; wait for it if it is slow.
         var next: QEMUInstance?
-        try? poll("standby QEMU", timeout: checkpointTimeout) {
+        try? poll("standby QEMU", timeout: checkpointTimeout, abortIf: { self.lock.withLock { self.stopped } ? "this replica is stopping" : nil }) {
             next = lock.withLock { spare }
             return next != nil
         }
@@ -282,7 +346,12 @@ extension VMReplicator {
             startSpare()  // the last launch failed or is stuck: try again for the next checkpoint
             return
         }
-        guard let ch = waitForChannel(timeout: checkpointTimeout) else { r.error = "syncvm link to node \(config.peer) is not up"; return }
+        guard let ch = waitForChannel(timeout: linkGrace) else {
+            r.error = "syncvm link to node \(config.peer) is not up"
+            hashDiff = nil
+            return
+        }
+        let abort = { self.abortReason(ch, primary: false) }
         let scanStart = ContinuousClock.now
         let dirty = hashDiff?.collect() ?? DirtyBitmap.all(pageCount: memory.pageCount)
         r.scan = ContinuousClock.now - scanStart
@@ -290,8 +359,9 @@ extension VMReplicator {
         // this replica got here (it was late: paused, restarting, catching up in the log).
         let first: [UInt8]
         do {
-            try blocking(timeout: checkpointTimeout) { try await ch.send(Self.readyFrame(epoch: epoch)) }
-            first = try blocking(timeout: checkpointTimeout) { try await ch.receive() }
+            try blocking(timeout: checkpointTimeout, abortIf: abort) { try await ch.send(Self.readyFrame(epoch: epoch)) }
+            failpoints.reached(.handshake, armed: armed)
+            first = try blocking(timeout: checkpointTimeout, abortIf: abort) { try await ch.receive() }
         } catch {
             r.error = "\(error)"
             hashDiff = nil  // collect() moved the baseline: the next sync compares all pages
@@ -320,20 +390,40 @@ extension VMReplicator {
             ch.close()  // the primary is waiting in the sync: fail it now rather than at its timeout
             return
         }
+        // Before any page can land: a VM that is a copy keeps a way back to itself.
+        let undo: PageUndoLog? = wasInconsistent == nil ? PageUndoLog() : nil
+        let before = undo != nil ? ramDigest() : nil
+        /// Cuts the checkpoint off after pages may have landed: back to the old VM if it can.
+        func cutOff(_ why: String) {
+            hashDiff = nil
+            next.kill()
+            guard let undo else {
+                // The old VM was no copy to begin with and its RAM is half-written now: the next
+                // checkpoint (every page compared) replaces it.
+                resumeOld = false
+                markInconsistent("checkpoint \(epoch) was cut off after pages were written (\(why))")
+                return
+            }
+            // Nothing of the primary's may land from here on: fence it, then put the pages back.
+            lock.withLock { syncFabric }?.revokeAccess(from: config.peer)
+            ch.close()
+            let n = undo.restore(into: memory)
+            r.rolledBack = n
+            if let before {
+                r.rollbackDigestMatches = ramDigest() == before
+            }
+            logger.notice("vm: checkpoint \(epoch) was cut off (\(why)); put \(n) pages back: this VM is again the one that ran every input before it, and may take over")
+        }
         let state = MemorySyncStateStore(.inSync(session: 0))
-        let engine = SyncBackup(memory: memory, pool: pool, state: state)
+        let engine = SyncBackup(memory: memory, pool: pool, state: state, options: syncOptions(armed: armed), undo: undo)
         let result: SyncResult
         do {
             let replay = FirstFrameReplay(first, then: ch)
-            result = try blocking(timeout: checkpointTimeout) { try await engine.run(dirty: dirty, over: replay, expectedSession: epoch) }
+            result = try blocking(timeout: checkpointTimeout, abortIf: abort) { try await engine.run(dirty: dirty, over: replay, expectedSession: epoch) }
         } catch {
             r.error = "\(error)"
             if !state.load().isInSync {
-                // Part of the primary's RAM landed: the old VM is no copy of anything now, and
-                // must not run; the next checkpoint (every page compared) replaces it.
-                resumeOld = false
-                hashDiff = nil
-                markInconsistent("checkpoint \(epoch) stopped after pages were written (\(error))")
+                cutOff("\(error)")
             } else if hashDiff != nil {
                 // Nothing was written; the collect() above moved the baseline, so put the pages
                 // it found back in play by forgetting the baseline (next sync compares all pages).
@@ -344,25 +434,29 @@ extension VMReplicator {
         r.stats = result.stats
         r.sync = ContinuousClock.now - start
         if config.logDivergentPages { r.divergentPages = result.divergent }
+        // The new baseline is taken now, while no VM runs on this RAM (the standby starts running
+        // by itself once the device state is in); a cut-off below drops it with the pages.
         if let h = hashDiff { h.syncCompleted(rewrote: result.divergent) } else { hashDiff = HashDiffDirtySource(memory: memory, pool: pool) }
         r.ramDigest = ramDigest()
-        // From here the old QEMU's RAM is the primary's; it must not run again.
-        resumeOld = false
+        failpoints.reached(.device, armed: armed)
         let m = ContinuousClock.now
         do {
             var status = ""
-            try poll("device state from node \(config.peer)", timeout: checkpointTimeout) {
+            try poll("device state from node \(config.peer)", timeout: checkpointTimeout, abortIf: abort) {
                 status = try next.qmp.status()
                 return status != "inmigrate"
             }
+            failpoints.reached(.resume, armed: armed)
             if status != "running" { try next.qmp.execute("cont") }
         } catch {
             r.error = "\(error)"
-            hashDiff = nil
-            markInconsistent("checkpoint \(epoch): RAM synced but device state never arrived (\(error))")
+            cutOff("RAM synced but the device state did not arrive: \(error)")
             return
         }
+        undo?.clear()
         r.migrate = ContinuousClock.now - m
+        // From here the old QEMU's RAM is the primary's; it must not run again.
+        resumeOld = false
         // The swap and the end of "inconsistent" in one step: a reason set during this checkpoint
         // (a snapshot restore, this QEMU's death) is about what this checkpoint may not have
         // covered, so it stays; a death of `next` from here on is reported against `next`.

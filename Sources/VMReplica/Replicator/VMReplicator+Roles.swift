@@ -90,6 +90,11 @@ extension VMReplicator {
             currentRole = .primary
             protected = false
             inFlight = false
+            // It answers without a backup from here: the old primary's VM is no copy until a
+            // checkpoint re-protects it, and a take-over by it before that is void.
+            unprotectedSince = index
+            failedCheckpointsInARow = 0
+            linkDownSince = nil
             defer { spare = nil }
             return (true, spare, nil)
         }
@@ -116,6 +121,9 @@ extension VMReplicator {
             currentRole = .backup
             protected = true
             inFlight = false
+            unprotectedSince = nil
+            unprotectedRequested = false
+            failedCheckpointsInARow = 0
             return (true, outputs.heldCount)
         }
         guard ok else { return }
@@ -130,6 +138,24 @@ extension VMReplicator {
         } catch {
             markUnusable("cannot become node \(config.peer)'s backup: \(error)")
         }
+    }
+
+    /// Driver thread, applying `unprotected(by: me)` at `index`: this primary goes on without a
+    /// backup. The output it held is released (the entry is committed, so no backup can take the
+    /// VM over without a checkpoint after it), and output goes out at once until a backup is
+    /// re-protected; the scheduler asks for that checkpoint as soon as a backup's link is up.
+    func goUnprotected(at index: LogIndex) {
+        let ok = lock.withLock { () -> Bool in
+            unprotectedRequested = false
+            guard currentRole == .primary, !stopped else { return false }
+            protected = false
+            unprotectedSince = index
+            return true
+        }
+        guard ok else { return }
+        let out = outputs.releaseAll()
+        for a in out { front?.deliver(a) }
+        logger.warning("vm: primary \(me) goes on without a backup from log index \(index) (released \(out.count) held answers); node \(config.peer) must be re-protected before it may take over")
     }
 
     // MARK: Scheduling
@@ -199,6 +225,29 @@ extension VMReplicator {
                     logger.info("vm: backup \(me) leads while primary \(config.peer) is up; handing leadership back")
                     let peer = config.peer
                     Task { try? await node.transferLeadership(to: peer) }
+                }
+                continue
+            }
+            // A primary whose backup is gone (link down past the grace, or checkpoints failing
+            // with the link up) goes on without it rather than hold every answer until it returns.
+            let backupLost = lock.withLock { () -> String? in
+                if linkUp { linkDownSince = nil } else if linkDownSince == nil { linkDownSince = .now }
+                guard protected, !unprotectedRequested, !inFlight else { return nil }
+                if let since = linkDownSince, ContinuousClock.now - since >= backupLostAfter {
+                    return "its syncvm link has been down for \(ContinuousClock.now - since)"
+                }
+                if failedCheckpointsInARow >= 3 { return "\(failedCheckpointsInARow) checkpoints in a row failed" }
+                return nil
+            }
+            if let because = backupLost {
+                lock.withLock { unprotectedRequested = true }
+                logger.warning("vm: primary \(me) lost its backup (\(because)); going on without it")
+                let entry = VMLogEntry.unprotected(by: me).encoded()
+                Task {
+                    do { _ = try await node.propose(entry) } catch {
+                        self.logger.warning("vm: going on without a backup not committed: \(error)")
+                        self.lock.withLock { self.unprotectedRequested = false }
+                    }
                 }
                 continue
             }

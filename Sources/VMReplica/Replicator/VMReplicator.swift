@@ -40,7 +40,7 @@ public final class VMReplicator: @unchecked Sendable {
     let clusterKey: ClusterKey
     /// The fabric the syncvm link runs over, and its channel configuration.
     public let syncLink: SyncLink
-    let outputs = OutputGuard()
+    let outputs = OutputGuard<GuestAnswer>()
     let pool = PageHashPool(threadCount: 2)
 
     let lock = NSLock()
@@ -93,6 +93,26 @@ public final class VMReplicator: @unchecked Sendable {
     var lastTakeOverProposal: ContinuousClock.Instant?
     /// Primary, inconsistent: when it last asked the backup to lead instead.
     var lastHandOff: ContinuousClock.Instant?
+    /// Crashes a test arms (`PLOVER_VM_FAILPOINTS`, CheckpointFailpoint.swift).
+    lazy var failpoints = CheckpointFailpoints(runDir: config.runDir) { [weak self] in
+        guard let self else { return }
+        let qs = self.lock.withLock { [self.current, self.spare] }
+        for q in qs.compactMap({ $0 }) { Glibc.kill(q.pid, SIGKILL) }
+    }
+    /// How long a checkpoint waits for a syncvm link that is down: a peer that is alive is
+    /// connected again within this; a dead one must not hold the checkpoint (and a failover) up.
+    let linkGrace = Duration.milliseconds(500)
+    /// A primary whose syncvm link stays down this long goes on without its backup.
+    var backupLostAfter: Duration { .milliseconds(config.backupLostMilliseconds) }
+    /// Primary: when its syncvm link to the backup was first seen down (nil while up).
+    var linkDownSince: ContinuousClock.Instant?
+    /// Primary: consecutive checkpoints that failed with the link up.
+    var failedCheckpointsInARow = 0
+    /// Primary: it asked to go on without its backup and that is not committed yet.
+    var unprotectedRequested = false
+    /// Primary: the log index where it went on without a backup, until a checkpoint completes
+    /// after it (a take-over by the backup before that is void: the backup lacks released output).
+    var unprotectedSince: LogIndex?
 
     /// A replica that starts as `role` for node `me`; `clusterKey` authenticates the syncvm link,
     /// which runs over `syncLink` (the node's configured fabric, `SyncLink.configured`; TCP when
@@ -122,6 +142,9 @@ public final class VMReplicator: @unchecked Sendable {
     /// the entries up to that index are replays it skips, and a primary comes back as the
     /// backup of whoever holds the VM now.
     public func start(recoveredThrough: LogIndex = 0) async throws {
+        if failpoints.file != nil {
+            logger.warning("vm: PLOVER_VM_FAILPOINTS=1: a checkpoint armed through \(config.runDir)/crash-at kills this replica (a test failpoint)")
+        }
         if recoveredThrough > 0 {
             markInconsistent("this replica restarted: its log holds \(recoveredThrough) entries its new VM never ran")
             if configuredRole == .primary {
@@ -153,7 +176,10 @@ public final class VMReplicator: @unchecked Sendable {
     /// take-over on a leading backup), once the node runs.
     public func attach(_ node: ReplicaNode) throws {
         self.node = node
-        front = try ClientFront(address: config.frontAddress) { [weak self] line, reply in self?.frontLine(line, reply: reply) }
+        let link = config.link
+        front = try ClientFront(address: config.frontAddress, sourcePorts: (link.frontPort + 1)..<(link.frontPort + link.frontPortCount)) {
+            [weak self] line, port, reply in self?.frontLine(line, sourcePort: port, reply: reply)
+        }
         let t = Thread { [self] in schedulerLoop() }
         t.name = "plover-vm-scheduler"
         t.start()
@@ -259,8 +285,8 @@ public final class VMReplicator: @unchecked Sendable {
     func startReader(_ q: QEMUInstance) {
         let t = Thread { [self] in
             while let frame = q.nic.readFrame() {
-                guard let payload = config.link.answerPayload(frame) else { continue }
-                handleOutput(payload, from: q)
+                guard let answer = config.link.answer(frame) else { continue }
+                handleOutput(answer, from: q)
             }
             // The stream ends when QEMU does (or this side closed it: a replaced or stopped VM,
             // no longer current). The current VM gone is a lost copy: a primary hands the VM to
@@ -272,21 +298,21 @@ public final class VMReplicator: @unchecked Sendable {
         t.start()
     }
 
-    func handleOutput(_ payload: [UInt8], from q: QEMUInstance) {
+    func handleOutput(_ answer: GuestAnswer, from q: QEMUInstance) {
         let (isCurrent, broken) = lock.withLock { (current === q, unusable != nil || inconsistent != nil) }
         guard isCurrent, let node, node.status.role == .leader, !(role == .primary && broken) else {
             outputs.drop()
-            logger.debug("vm: dropped output from \(q.name) (current \(isCurrent)): \(String(decoding: payload, as: UTF8.self))")
+            logger.debug("vm: dropped output from \(q.name) (current \(isCurrent)): \(String(decoding: answer.payload, as: UTF8.self))")
             return
         }
         switch role {
         case .primary:
             if lock.withLock({ protected }) {
-                outputs.hold(payload)
+                outputs.hold(answer)
             } else {
                 // No backup holds a copy of this VM yet: waiting would only delay the answer.
                 outputs.passedThrough()
-                front?.broadcast(payload)
+                front?.deliver(answer)
             }
         case .backup:
             // Its VM is the one clients see only once a committed take-over made it the
@@ -298,9 +324,25 @@ public final class VMReplicator: @unchecked Sendable {
 
     // MARK: Inputs
 
-    func frontLine(_ line: [UInt8], reply: @escaping @Sendable (String) -> Void) {
+    /// Why this replica's front must not take a request now (it would never answer it), with
+    /// where to go instead; nil when it serves.
+    func refusal(_ node: ReplicaNode) -> String? {
+        let status = node.status
+        let other = config.peerFrontAddress.map { " at \($0)" } ?? ""
+        guard status.role == .leader else {
+            if let l = status.leader, l == config.peer { return "ERR not the primary: node \(l) leads; its front is\(other.isEmpty ? " unknown here" : other)" }
+            return "ERR not the primary: no VM replica leads right now; try again shortly"
+        }
+        let (role, why, broken) = lock.withLock { (currentRole, inconsistent, unusable) }
+        if let w = broken ?? why { return "ERR this replica's VM is not serving (\(w)); try node \(config.peer)\(other)" }
+        if role == .backup { return "ERR this replica is taking the VM over; try again shortly" }
+        return nil
+    }
+
+    func frontLine(_ line: [UInt8], sourcePort: UInt16, reply: @escaping @Sendable (String) -> Void) {
         guard let node else { reply("ERR starting"); return }
-        let frame = config.link.requestFrame(payload: line + [10])
+        if let no = refusal(node) { reply(no); return }
+        let frame = config.link.requestFrame(payload: line + [10], sourcePort: sourcePort)
         Task {
             do { _ = try await node.propose(VMLogEntry.input(frame: frame).encoded()) } catch { reply("ERR \(error)") }
         }
@@ -351,6 +393,8 @@ public final class VMReplicator: @unchecked Sendable {
                             inFlight = false
                             lastCheckpointEnd = .now
                             lastCheckpointFailed = !ok
+                            failedCheckpointsInARow = ok ? 0 : failedCheckpointsInARow + 1
+                            if ok, let since = unprotectedSince, index > since { unprotectedSince = nil }
                         }
                     } else {
                         if proposer == me { lock.withLock { inFlight = false } }
@@ -359,7 +403,20 @@ public final class VMReplicator: @unchecked Sendable {
                 case let .takeOver(node) where node == me:
                     becomePrimary(at: index)
                 case let .takeOver(node):
-                    if node == config.peer { becomeBackup(because: "node \(node) took the VM over at log index \(index)") }
+                    guard node == config.peer else { break }
+                    if role == .primary, let since = lock.withLock({ unprotectedSince }) {
+                        // The backup cannot hold this VM: it was not re-protected after this primary
+                        // went on without it (and released output). It refuses the take-over too.
+                        logger.warning("vm: the take-over by node \(node) at log index \(index) is void: its VM was not re-protected since this primary went on without a backup at \(since); node \(me) keeps the VM")
+                        break
+                    }
+                    becomeBackup(because: "node \(node) took the VM over at log index \(index)")
+                case let .unprotected(node) where node == me:
+                    goUnprotected(at: index)
+                case let .unprotected(node):
+                    if node == config.peer && role == .backup {
+                        markInconsistent("primary \(node) went on without a backup at log index \(index)")
+                    }
                 }
             }
             // An inconsistent primary asked to step aside (its VM is no copy of anything).

@@ -60,6 +60,8 @@ public struct SyncOptions: Sendable {
     public var batchPagesMax = 256
     /// Hashes per control frame; at most `SyncWire.hashesPerFrameMax`.
     public var hashesPerFrameMax = SyncWire.hashesPerFrameMax
+    /// Called as the sync passes each `SyncProgress` step (a checkpoint's failpoints use it).
+    public var onProgress: (@Sendable (SyncProgress) -> Void)?
 
     /// Traps when `batchPagesMax` is not positive or `hashesPerFrameMax` is outside
     /// `1...SyncWire.hashesPerFrameMax`.
@@ -70,6 +72,16 @@ public struct SyncOptions: Sendable {
         self.batchPagesMax = batchPagesMax
         self.hashesPerFrameMax = hashesPerFrameMax
     }
+}
+
+/// Steps of one sync that its caller may observe (`SyncOptions.onProgress`).
+public enum SyncProgress: Sendable, Equatable {
+    /// Every page hash was exchanged; no page has been written yet.
+    case hashesExchanged
+    /// Primary: the first batch of pages was written into the backup.
+    case firstPagesWritten
+    /// Backup: the primary's commit arrived (every page landed; none confirmed yet).
+    case commitReceived
 }
 
 /// Frame I/O for one session: encodes, decodes, checks the session and counts bytes.
@@ -199,11 +211,13 @@ public struct SyncPrimary: Sendable {
         }
         stats.divergentPages = divergent.count
         stats.phases.hashExchange = elapsed(since: &mark)
+        options.onProgress?(.hashesExchanged)
 
         var sent = 0
         while sent < divergent.count {
             let batch = divergent[sent..<min(sent + options.batchPagesMax, divergent.count)]
             try await channel.writePages(batch, from: memory)
+            if sent == 0 { options.onProgress?(.firstPagesWritten) }
             sent += batch.count
         }
         stats.pageBytesSent = divergent.count * geometry.pageSize
@@ -247,14 +261,18 @@ public struct SyncBackup: Sendable {
     public let state: any SyncStateStore
     /// How many hashes go in one frame (the primary's hello decides `verify`).
     public let options: SyncOptions
+    /// Where the pages the primary may overwrite are copied before it may write any (nil: no
+    /// copies; a sync cut off after pages landed then leaves the memory half-written).
+    public let undo: PageUndoLog?
 
     /// The backup's side over `memory`; nothing is read or stored before `run`.
     public init(memory: GuestMemory, pool: PageHashPool, state: any SyncStateStore,
-                options: SyncOptions = SyncOptions()) {
+                options: SyncOptions = SyncOptions(), undo: PageUndoLog? = nil) {
         self.memory = memory
         self.pool = pool
         self.state = state
         self.options = options
+        self.undo = undo
     }
 
     /// Serves one sync. `dirty` holds the pages the backup VM wrote since the last sync. The
@@ -321,6 +339,8 @@ public struct SyncBackup: Sendable {
         stats.phases.bitmapExchange = elapsed(since: &mark)
 
         let mine = pool.hash(pages: pages, of: memory, seed: hello.seed)
+        // The primary writes only after it has every hash: the union is still untouched here.
+        undo?.save(pages, of: memory)
         stats.phases.hashing = elapsed(since: &mark)
 
         var next = 0
@@ -330,12 +350,14 @@ public struct SyncBackup: Sendable {
             next = end
         }
         stats.phases.hashExchange = elapsed(since: &mark)
+        options.onProgress?(.hashesExchanged)
 
         // The primary's bulk writes have landed by the time its commit arrives.
         guard case .commit(let digest, let written) = try await link.receive() else {
             throw SyncError.unexpectedMessage(expected: "commit", got: "another message")
         }
         stats.phases.transfer = elapsed(since: &mark)
+        options.onProgress?(.commitReceived)
         guard written.pageCount == geometry.pageCount else {
             throw SyncError.dirtyBitmapMismatch(pages: written.pageCount, expected: geometry.pageCount)
         }
