@@ -2,7 +2,7 @@
 SWIFT ?= swift
 BUILD_FLAGS ?=
 
-.PHONY: deps build test test-rdma check-docs demo simulate bench-stable-log bench-consensus bench-syncvm bench-interpose bench-vm bench-soak clean
+.PHONY: deps build test test-rdma check-docs demo simulate bench-stable-log bench-consensus bench-syncvm bench-interpose bench-vm bench-vm-failover bench-soak clean
 
 deps:
 	./scripts/install-deps.sh
@@ -71,6 +71,12 @@ bench-vm: deps
 	$(SWIFT) build -c release --product plover
 	.build/release/plover bench vm --requests $(VM_REQUESTS) --out benchmarks/vm/results.md
 	python3 benchmarks/vm/plot.py benchmarks/vm/results.md benchmarks/vm/vm.svg
+
+# VM failover under load: ten kill -9s of the primary with 16 clients writing
+# (benchmarks/vm-failover/README.md), a few minutes.
+bench-vm-failover: deps
+	$(SWIFT) build -c release --product plover
+	.build/release/plover bench vm-failover --kills 10 --clients 16 --resend-ms 100 --out benchmarks/vm-failover/results.md
 
 # Ten minutes of 16 clients writing 4 KiB values with fsync on one cluster: throughput, p99,
 # leader changes, RSS and disk over time (benchmarks/soak/README.md).

@@ -97,18 +97,7 @@ struct VMBench: ParsableCommand {
         var failed: [[String: String]]
     }
 
-    func buildGuest() throws -> String {
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: "/bin/bash")
-        p.arguments = ["scripts/build-vm-guest.sh"]
-        let pipe = Pipe()
-        p.standardOutput = pipe
-        try p.run()
-        let text = String(decoding: pipe.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-        p.waitUntilExit()
-        guard p.terminationStatus == 0 else { throw CLIError("scripts/build-vm-guest.sh failed; run from the repository root") }
-        return text.trimmingCharacters(in: .whitespacesAndNewlines)
-    }
+    func buildGuest() throws -> String { try buildVMGuest() }
 
     /// One QEMU, no consensus and no output guard: request frames in, answers out. For each
     /// client count, each workload's latencies (all clients together).

@@ -22,6 +22,13 @@ public struct QEMUSettings: Sendable, Equatable {
     public var ramFile: String
     /// The MAC address of the guest's virtio NIC.
     public var guestMAC = "52:54:00:12:34:56"
+    /// The accelerator (`-machine accel=`). Both replicas must use the same one: device state
+    /// migrates between their QEMUs.
+    public var accel = QEMUAccel.tcg
+    /// Virtual CPUs (`-smp`).
+    public var cpus = 1
+    /// Arguments appended to QEMU's command line as they are (`qemu_args`).
+    public var extraArguments: [String] = []
 
     /// Settings for a VM booting `kernel` and `initrd` with its RAM in `ramFile`; defaults for the rest.
     public init(kernel: String, initrd: String, ramFile: String) {
@@ -30,10 +37,10 @@ public struct QEMUSettings: Sendable, Equatable {
         self.ramFile = ramFile
     }
 
-    /// QEMU's command line. Only TCG is used: KVM is not assumed (docs/design/vmreplica.md).
+    /// QEMU's command line.
     func arguments(nicSocket: String, qmpSocket: String, serialLog: String, pidFile: String, incoming: Bool) -> [String] {
         var a = [
-            "-machine", "q35,accel=tcg,memory-backend=mem", "-m", "\(memoryMiB)",
+            "-machine", "q35,accel=\(accel.rawValue),memory-backend=mem", "-m", "\(memoryMiB)", "-smp", "\(cpus)",
             "-nodefaults", "-no-user-config", "-display", "none", "-monitor", "none",
             "-serial", "file:\(serialLog)",
             "-kernel", kernel, "-initrd", initrd, "-append", append,
@@ -44,8 +51,16 @@ public struct QEMUSettings: Sendable, Equatable {
             "-pidfile", pidFile,
         ]
         if incoming { a += ["-incoming", "defer"] }
-        return a
+        return a + extraArguments
     }
+}
+
+/// QEMU's accelerator for a VM replica's QEMUs.
+public enum QEMUAccel: String, Sendable, Equatable, CaseIterable {
+    /// Software emulation: works everywhere, slowly.
+    case tcg
+    /// The kernel's hypervisor (/dev/kvm).
+    case kvm
 }
 
 /// One running QEMU process with its QMP connection and its NIC stream.
@@ -122,6 +137,7 @@ public final class QEMUInstance: @unchecked Sendable {
             if Self.alive(pid) { process.waitUntilExit() }
         }
         unlink(pidFile)
+        unlink(qmp.path)
         nic.close()
     }
 

@@ -49,6 +49,9 @@ public struct VMConfig: Sendable, Equatable {
     public var logDivergentPages = false
     /// The front's and the guest's addresses on the VM's private link (not read from the file).
     public var link = GuestLink()
+    /// `accel = "auto"`: probe KVM at start and fall back to TCG (`qemu.accel` then says TCG
+    /// until the probe ran).
+    public var accelAuto = false
 
     /// Reads the `[vm]` table of `path`; relative paths there are relative to the file's directory.
     public static func load(path: String) throws(ConfigError) -> VMConfig {
@@ -62,6 +65,13 @@ public struct VMConfig: Sendable, Equatable {
         q.binary = try r.optionalString("qemu") ?? q.binary
         q.append = try r.optionalString("append") ?? q.append
         q.memoryMiB = try r.int("memory_mib", default: q.memoryMiB, range: 16...65_536)
+        q.cpus = try r.int("cpus", default: q.cpus, range: 1...256)
+        let accel = try r.optionalString("accel") ?? "tcg"
+        guard ["tcg", "kvm", "auto"].contains(accel) else {
+            throw ConfigError(file: path, key: "vm.accel", problem: "must be one of tcg, kvm, auto (got \"\(accel)\")")
+        }
+        q.accel = QEMUAccel(rawValue: accel) ?? .tcg
+        if let extra = try r.optionalString("qemu_args") { q.extraArguments = extra.split(whereSeparator: \.isWhitespace).map(String.init) }
         func addr(_ key: String) throws(ConfigError) -> String { try r.address(try r.string(key), key: key) }
         var c = VMConfig(qemu: q, runDir: resolve(try r.string("run_dir")),
                          frontAddress: try addr("front_address"), syncAddress: try addr("sync_address"),
@@ -76,6 +86,7 @@ public struct VMConfig: Sendable, Equatable {
         c.checkpointTimeoutMilliseconds = try r.int("checkpoint_timeout_ms", default: c.checkpointTimeoutMilliseconds, range: 100...3_600_000)
         c.backupLostMilliseconds = try r.int("backup_lost_ms", default: c.backupLostMilliseconds, range: 100...3_600_000)
         if let a = try r.optionalString("peer_front_address") { c.peerFrontAddress = try r.address(a, key: "peer_front_address") }
+        c.accelAuto = accel == "auto"
         c.recordRAMDigest = try r.bool("record_ram_digest", default: false)
         c.logDivergentPages = try r.bool("log_divergent_pages", default: false)
         try r.finish()

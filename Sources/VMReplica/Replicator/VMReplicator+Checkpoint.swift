@@ -109,10 +109,18 @@ extension VMReplicator {
         return hashes.withUnsafeBytes { pool.function.hash($0, seed: 0) }
     }
 
+    /// Size at which `checkpoints.log` is rotated (one older generation is kept).
+    static let checkpointLogBytesMax = 8 << 20
+
     func record(_ r: CheckpointRecord) {
         let line = r.line
         if r.ok { logger.info("vm: checkpoint \(line)") } else { logger.error("vm: checkpoint failed \(line)") }
         let path = config.runDir + "/checkpoints.log"
+        // Bounded: past `checkpointLogBytesMax` the log becomes checkpoints.log.1 (replacing the
+        // one before) and a new one starts.
+        if let size = (try? FileManager.default.attributesOfItem(atPath: path))?[.size] as? Int, size > Self.checkpointLogBytesMax {
+            rename(path, path + ".1")
+        }
         if !FileManager.default.fileExists(atPath: path) { _ = FileManager.default.createFile(atPath: path, contents: nil) }
         if let h = FileHandle(forWritingAtPath: path) {
             h.seekToEndOfFile()

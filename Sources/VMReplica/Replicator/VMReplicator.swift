@@ -36,6 +36,8 @@ public final class VMReplicator: @unchecked Sendable {
     public let me: NodeID
     /// The `[vm]` table it runs with.
     public let config: VMConfig
+    /// How its QEMUs start: `config.qemu` with `accel = "auto"` resolved (under `lock`).
+    var qemuSettings: QEMUSettings
     let logger: Logger
     let clusterKey: ClusterKey
     /// The fabric the syncvm link runs over, and its channel configuration.
@@ -125,6 +127,7 @@ public final class VMReplicator: @unchecked Sendable {
         if role == .backup { inconsistent = "no checkpoint has copied the primary's VM into it yet" }
         self.me = me
         self.config = config
+        self.qemuSettings = config.qemu
         self.clusterKey = clusterKey
         self.logger = logger
     }
@@ -157,6 +160,11 @@ public final class VMReplicator: @unchecked Sendable {
             queueCond.broadcast()
         }
         try FileManager.default.createDirectory(atPath: config.runDir, withIntermediateDirectories: true)
+        if config.accelAuto {
+            let (accel, why) = AccelProbe.choose(config.qemu, scratch: config.runDir)
+            lock.withLock { qemuSettings.accel = accel }
+            logger.notice("vm: accel = \"auto\" chose \(accel.rawValue): \(why)")
+        }
         unlink(config.qemu.ramFile)
         nicListener = try Sockets.listenUnix(nicPath)
         let first = try launchLock.withLock { try launch(incoming: false) }
@@ -185,7 +193,11 @@ public final class VMReplicator: @unchecked Sendable {
         t.start()
     }
 
-    /// Kills the QEMUs, closes the front and the link. The node is the caller's to stop.
+    /// QEMU logs (`qemu-N.log`, `qemu-N.serial.log`) kept in the run directory.
+    static let qemuLogsKept = 4
+
+    /// Kills the QEMUs, closes the front and the link, removes the RAM file and the NIC socket.
+    /// The node is the caller's to stop.
     public func stop() {
         lock.withLock { stopped = true }
         // A standby QEMU being started now either finishes and is registered, or sees `stopped`
@@ -201,6 +213,9 @@ public final class VMReplicator: @unchecked Sendable {
         lock.withLock { syncFabric }?.close()
         a?.kill()
         b?.kill()
+        // Nothing maps the guest's RAM any more (it would stay in /dev/shm until a reboot).
+        unlink(config.qemu.ramFile)
+        unlink(nicPath)
         queueCond.withLock { queueCond.broadcast() }
     }
 
@@ -248,7 +263,11 @@ public final class VMReplicator: @unchecked Sendable {
     /// Starts the next QEMU. Callers hold `launchLock`.
     func launch(incoming: Bool) throws -> QEMUInstance {
         let n = lock.withLock { qemuSerial += 1; return qemuSerial }
-        return try QEMUInstance.launch(config.qemu, name: "qemu-\(n)", runDir: config.runDir, nicListener: nicListener,
+        // A backup starts a QEMU per checkpoint: keep the logs of the last few only.
+        if n > Self.qemuLogsKept {
+            for suffix in ["log", "serial.log"] { unlink("\(config.runDir)/qemu-\(n - Self.qemuLogsKept).\(suffix)") }
+        }
+        return try QEMUInstance.launch(lock.withLock { qemuSettings }, name: "qemu-\(n)", runDir: config.runDir, nicListener: nicListener,
                                        nicSocket: nicPath, incoming: incoming)
     }
 
