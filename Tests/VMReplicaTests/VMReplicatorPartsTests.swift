@@ -121,6 +121,77 @@ import Testing
         #expect { try VMConfig.load(path: path) } throws: { ($0 as? ConfigError)?.key == "vm" }
         try (node + vm.replacingOccurrences(of: "kernel = \"k\"", with: "kernel = \"missing\"")).write(toFile: path, atomically: true, encoding: .utf8)
         #expect { try VMConfig.load(path: path) } throws: { ($0 as? ConfigError)?.key == "vm.kernel" }
+        // QEMU's accelerator, CPUs and extra arguments; the failover keys.
+        #expect(c.qemu.accel == .tcg && !c.accelAuto && c.qemu.cpus == 1 && c.qemu.extraArguments.isEmpty && c.backupLostMilliseconds == 1000 && c.peerFrontAddress == nil)
+        try (node + vm + "accel = \"auto\"\ncpus = 2\nqemu_args = \"-rtc base=utc  -no-hpet\"\nbackup_lost_ms = 300\npeer_front_address = \"127.0.0.1:9\"\n")
+            .write(toFile: path, atomically: true, encoding: .utf8)
+        let q = try VMConfig.load(path: path)
+        #expect(q.accelAuto && q.qemu.cpus == 2 && q.qemu.extraArguments == ["-rtc", "base=utc", "-no-hpet"])
+        #expect(q.backupLostMilliseconds == 300 && q.peerFrontAddress == "127.0.0.1:9")
+        let args = q.qemu.arguments(nicSocket: "n", qmpSocket: "q", serialLog: "s", pidFile: "p", incoming: false)
+        #expect(args.contains("q35,accel=tcg,memory-backend=mem") && args.suffix(3) == ["-rtc", "base=utc", "-no-hpet"])
+        for (bad, key) in [("accel = \"xen\"", "vm.accel"), ("cpus = 0", "vm.cpus"), ("backup_lost_ms = 5", "vm.backup_lost_ms"),
+                           ("peer_front_address = \"nowhere\"", "vm.peer_front_address")] {
+            try (node + vm + bad + "\n").write(toFile: path, atomically: true, encoding: .utf8)
+            #expect(performing: { try VMConfig.load(path: path) }, throws: { ($0 as? ConfigError)?.key == key })
+        }
+    }
+
+    /// `accel = "auto"` takes KVM only when a guest kernel started under it; a QEMU that
+    /// hangs (as guests do under this machine's /dev/kvm) or fails means TCG. Stand-ins for QEMU
+    /// play both parts.
+    @Test(.enabled(if: access("/dev/kvm", R_OK | W_OK) == 0, "needs /dev/kvm"))
+    func autoAccelTakesKVMOnlyWhenAGuestMakesProgressUnderIt() throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("accel-\(UUID().uuidString)").path
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        func stub(_ name: String, _ body: String) throws -> QEMUSettings {
+            let path = dir + "/" + name
+            try "#!/bin/sh\n\(body)\n".write(toFile: path, atomically: true, encoding: .utf8)
+            chmod(path, 0o755)
+            var s = QEMUSettings(kernel: "k", initrd: "i", ramFile: "r")
+            s.binary = path
+            return s
+        }
+        // Writes the kernel's banner to the file named by "-serial file:PATH", as a booting guest does.
+        let talks = try stub("talks", #"for a; do case "$a" in file:*) echo "Linux version" > "${a#file:}";; esac; done; exec sleep 30"#)
+        let hangs = try stub("hangs", "exec sleep 30")
+        let fails = try stub("fails", "exit 3")
+        #expect(AccelProbe.choose(talks, scratch: dir, timeout: .seconds(5)).0 == .kvm)
+        let (h, why) = AccelProbe.choose(hangs, scratch: dir, timeout: .milliseconds(500))
+        #expect(h == .tcg && why.contains("did not start"), "\(why)")
+        #expect(AccelProbe.choose(fails, scratch: dir, timeout: .seconds(5)).0 == .tcg)
+    }
+
+    @Test func checkpointFailpointsParseAndNameWhatIsWrong() throws {
+        #expect(try CheckpointFailpoint.parse("primary:pages\n") == CheckpointFailpoint(role: .primary, phase: .pages))
+        #expect(try CheckpointFailpoint.parse("backup:resume") == CheckpointFailpoint(role: .backup, phase: .resume))
+        for bad in ["primary", "witness:pages", "backup:sync", "primary:pages:3", ""] {
+            #expect(performing: { try CheckpointFailpoint.parse(bad) }, throws: { "\($0)".contains("is not ROLE:PHASE") })
+        }
+        // Without PLOVER_VM_FAILPOINTS nothing is armed, whatever the run directory holds.
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("fp-\(UUID().uuidString)").path
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        try "primary:hashes".write(toFile: dir + "/crash-at", atomically: true, encoding: .utf8)
+        #expect(CheckpointFailpoints(runDir: dir, environment: [:], killQEMUs: {}).arm(as: .primary) == nil)
+        let on = CheckpointFailpoints(runDir: dir, environment: ["PLOVER_VM_FAILPOINTS": "1"], killQEMUs: {})
+        #expect(on.arm(as: .backup) == nil, "armed for the other role: kept")
+        #expect(on.arm(as: .primary) == .hashes)
+        #expect(on.arm(as: .primary) == nil, "an armed checkpoint consumes the file")
+    }
+
+    @Test func undoLogPutsBackExactlyThePagesItSaved() throws {
+        let m = try GuestMemory(pageCount: 8)
+        for p in 0..<8 { m.withMutablePage(p) { $0.initializeMemory(as: UInt8.self, repeating: UInt8(p)) } }
+        let undo = PageUndoLog()
+        undo.save([1, 5], of: m)
+        #expect(undo.count == 2)
+        for p in [1, 5, 6] { m.withMutablePage(p) { $0.initializeMemory(as: UInt8.self, repeating: 0xEE) } }
+        #expect(undo.restore(into: m) == 2)
+        #expect(m.page(1).allSatisfy { $0 == 1 } && m.page(5).allSatisfy { $0 == 5 })
+        #expect(m.page(6).allSatisfy { $0 == 0xEE }, "a page it did not save is left alone")
+        #expect(undo.count == 0 && undo.restore(into: m) == 0, "a restore empties the log")
     }
 
     @Test func cpuMeterSeesThisProcessWorking() {
@@ -223,5 +294,42 @@ import Testing
         #expect(waitpid(pid, &status, 0) == pid)
         reaped = true
         #expect(!QEMUInstance.alive(pid))
+    }
+
+    /// Each connection's requests carry a source port of its own, and an answer goes to the
+    /// connection whose port it is addressed to, never to another client.
+    @Test func frontSendsEachAnswerOnlyToTheConnectionThatAsked() throws {
+        let seen = Mutex<[UInt16]>([])
+        let front = try ClientFront(address: "127.0.0.1:0", sourcePorts: 40001..<40003) { _, port, _ in seen.withLock { $0.append(port) } }
+        defer { front.stop() }
+        func waitFor(_ n: Int) { for _ in 0..<500 where seen.withLock({ $0.count }) < n { usleep(2000) } }
+        let a = try Sockets.connectTCP(host: "127.0.0.1", port: front.port)
+        let b = try Sockets.connectTCP(host: "127.0.0.1", port: front.port)
+        defer { close(a); close(b) }
+        _ = Sockets.writeAll(a, Array("INC a 1\n".utf8))
+        waitFor(1)
+        _ = Sockets.writeAll(b, Array("INC b 1\n".utf8))
+        waitFor(2)
+        let ports = seen.withLock { $0 }
+        #expect(ports.count == 2 && ports[0] != ports[1] && ports.allSatisfy { (40001..<40003).contains($0) })
+        guard ports.count == 2 else { return }
+        front.deliver(GuestAnswer(port: ports[0], payload: Array("a 1 7\n".utf8)))
+        front.deliver(GuestAnswer(port: 40000, payload: Array("nobody\n".utf8)))
+        guard case let .bytes(got) = Sockets.readExactly(a, 6, deadline: .now + .seconds(2)) else {
+            Issue.record("the client that asked got no answer")
+            return
+        }
+        #expect(got == Array("a 1 7\n".utf8))
+        var p = pollfd(fd: b, events: Int16(POLLIN), revents: 0)
+        #expect(poll(&p, 1, 200) == 0, "the other client got an answer that was not its own")
+        #expect(front.undeliverable == 1)
+        // A third connection finds no free source port: it is told so and closed.
+        let c = try Sockets.connectTCP(host: "127.0.0.1", port: front.port)
+        defer { close(c) }
+        var buf = [UInt8](repeating: 0, count: 200)
+        var pc = pollfd(fd: c, events: Int16(POLLIN), revents: 0)
+        _ = poll(&pc, 1, 2000)
+        let n = buf.withUnsafeMutableBytes { read(c, $0.baseAddress!, 200) }
+        #expect(n > 0 && String(decoding: buf[..<max(0, n)], as: UTF8.self).hasPrefix("ERR too many connections"))
     }
 }
