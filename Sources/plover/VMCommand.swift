@@ -11,7 +11,60 @@ import VMReplica
 struct VMCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "vm", abstract: "Run one replica of a replicated QEMU VM (PLOVER: primary, backup, witness).",
-        subcommands: [VMPrimary.self, VMBackup.self, VMWitness.self])
+        subcommands: [VMPrimary.self, VMBackup.self, VMWitness.self, VMStatus.self, VMSwitchover.self])
+}
+
+struct VMStatus: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "status", abstract: "Show a running VM replica's role, protection, link, held output and last checkpoint.")
+    @Option(help: "The replica's TOML config file with a [vm] table.") var config: String
+    func run() throws { print(try vmControl(configPath: config, "status")) }
+}
+
+struct VMSwitchover: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "switchover",
+        abstract: "Planned switchover: the primary checkpoints, then hands the VM to its backup (host maintenance).")
+    @Option(help: "The config file of the replica that is the primary now.") var config: String
+    func run() throws {
+        let answer = try vmControl(configPath: config, "switchover")
+        guard answer.hasPrefix("OK") else { throw CLIError(answer) }
+        print(answer)
+    }
+}
+
+/// Sends `request` to the running replica's control socket (`run_dir/control.sock`) and returns
+/// its answer; an `ERR` status answer or no replica is an error.
+func vmControl(configPath: String, _ request: String) throws -> String {
+    let vm: VMConfig
+    do { vm = try VMConfig.load(path: configPath) } catch { throw CLIError(error.description) }
+    let path = vm.runDir + "/control.sock"
+    let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+    guard fd >= 0 else { throw CLIError("socket: \(String(cString: strerror(errno)))") }
+    defer { close(fd) }
+    var addr = sockaddr_un()
+    addr.sun_family = sa_family_t(AF_UNIX)
+    guard path.utf8.count < MemoryLayout.size(ofValue: addr.sun_path) else { throw CLIError("\(path): path too long for a Unix socket") }
+    withUnsafeMutableBytes(of: &addr.sun_path) { p in
+        for (i, b) in path.utf8.enumerated() { p[i] = b }
+    }
+    let ok = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) == 0 } }
+    guard ok else {
+        throw CLIError("no VM replica answers at \(path) (\(String(cString: strerror(errno)))): is `plover vm primary|backup --config \(configPath)` running?")
+    }
+    let line = Array((request + "\n").utf8)
+    guard line.withUnsafeBytes({ write(fd, $0.baseAddress!, $0.count) }) == line.count else { throw CLIError("\(path): write failed") }
+    var out: [UInt8] = []
+    var chunk = [UInt8](repeating: 0, count: 4096)
+    while true {
+        let n = chunk.withUnsafeMutableBytes { read(fd, $0.baseAddress!, 4096) }
+        if n < 0 && errno == EINTR { continue }
+        guard n > 0 else { break }
+        out += chunk[..<n]
+    }
+    let text = String(decoding: out, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+    guard !text.isEmpty else { throw CLIError("\(path): the replica closed the connection without an answer") }
+    return text
 }
 
 struct VMPrimary: AsyncParsableCommand {

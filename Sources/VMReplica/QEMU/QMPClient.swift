@@ -15,13 +15,16 @@ public struct QMPError: Error, Sendable, CustomStringConvertible {
     public var description: String { "QMP \(socket): \(problem)" }
 }
 
-/// A blocking QMP client for one QEMU process. Not thread-safe: one caller at a time.
+/// A blocking QMP client for one QEMU process. Commands from several threads run one at a time
+/// (the VM driver's, and the operator's queries through the replica's QMP socket).
 public final class QMPClient: @unchecked Sendable {
-    // @unchecked Sendable: used by one thread at a time (the VM driver), by contract.
+    // @unchecked Sendable: `buffer` and the socket are only used under `lock` (the initializer
+    // runs before anyone else has the client).
     /// Path of QEMU's QMP socket.
     public let path: String
     private let fd: Int32
     private var buffer: [UInt8] = []
+    private let lock = NSLock()
 
     /// Connects (retrying until `timeout`: QEMU creates the socket while it starts), reads the
     /// greeting and leaves capabilities negotiation mode.
@@ -51,6 +54,8 @@ public final class QMPClient: @unchecked Sendable {
     /// QEMU's own description.
     @discardableResult
     public func execute(_ command: String, _ arguments: [String: Any] = [:]) throws -> Any {
+        lock.lock()
+        defer { lock.unlock() }
         var request: [String: Any] = ["execute": command]
         if !arguments.isEmpty { request["arguments"] = arguments }
         let data = try JSONSerialization.data(withJSONObject: request)

@@ -120,6 +120,27 @@ enum Sockets {
 
     /// Writes all of `bytes`; false once the peer is gone.
     @discardableResult
+    /// Accepts connections on `listener` on a thread named `name` until the listener is shut
+    /// down (then closes it), serving each on a thread of its own; `serve` owns the descriptor
+    /// and closes it.
+    static func serve(_ listener: Int32, name: String, _ serve: @escaping @Sendable (Int32) -> Void) {
+        let t = Thread {
+            while true {
+                let fd = Glibc.accept(listener, nil, nil)
+                if fd < 0 {
+                    if errno == EINTR || errno == ECONNABORTED { continue }
+                    break
+                }
+                let c = Thread { serve(fd) }
+                c.name = name + "-conn"
+                c.start()
+            }
+            close(listener)
+        }
+        t.name = name
+        t.start()
+    }
+
     static func writeAll(_ fd: Int32, _ bytes: [UInt8]) -> Bool {
         var off = 0
         while off < bytes.count {

@@ -114,6 +114,8 @@ extension VMReplicator {
 
     func record(_ r: CheckpointRecord) {
         let line = r.line
+        let stamp = ISO8601DateFormatter().string(from: Date())
+        lock.withLock { lastCheckpoint = "at=\(stamp) " + line }
         if r.ok { logger.info("vm: checkpoint \(line)") } else { logger.error("vm: checkpoint failed \(line)") }
         let path = config.runDir + "/checkpoints.log"
         // Bounded: past `checkpointLogBytesMax` the log becomes checkpoints.log.1 (replacing the

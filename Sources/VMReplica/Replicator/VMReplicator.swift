@@ -106,6 +106,11 @@ public final class VMReplicator: @unchecked Sendable {
     let linkGrace = Duration.milliseconds(500)
     /// A primary whose syncvm link stays down this long goes on without its backup.
     var backupLostAfter: Duration { .milliseconds(config.backupLostMilliseconds) }
+    /// The control socket's listener and the operator's QMP socket (`VMControl.swift`).
+    var controlListener: Int32 = -1
+    var operatorQMP: QMPOperatorSocket?
+    /// The last checkpoint's line of `checkpoints.log`, with when it ended (`plover vm status`).
+    var lastCheckpoint: String?
     /// Primary: when its syncvm link to the backup was first seen down (nil while up).
     var linkDownSince: ContinuousClock.Instant?
     /// Primary: consecutive checkpoints that failed with the link up.
@@ -188,6 +193,7 @@ public final class VMReplicator: @unchecked Sendable {
         front = try ClientFront(address: config.frontAddress, sourcePorts: (link.frontPort + 1)..<(link.frontPort + link.frontPortCount)) {
             [weak self] line, port, reply in self?.frontLine(line, sourcePort: port, reply: reply)
         }
+        try openControl()
         let t = Thread { [self] in schedulerLoop() }
         t.name = "plover-vm-scheduler"
         t.start()
@@ -209,6 +215,7 @@ public final class VMReplicator: @unchecked Sendable {
             }
         }
         front?.stop()
+        closeControl()
         ch?.close()
         lock.withLock { syncFabric }?.close()
         a?.kill()
