@@ -76,7 +76,7 @@ bench-vm: deps
 # (benchmarks/vm-failover/README.md), a few minutes.
 bench-vm-failover: deps
 	$(SWIFT) build -c release --product plover
-	.build/release/plover bench vm-failover --kills 10 --clients 16 --resend-ms 100 --out benchmarks/vm-failover/results.md
+	.build/release/plover bench vm-failover --kills 10 --clients 16 --resend-ms 100 --settle-seconds 60 --out benchmarks/vm-failover/results.md
 
 # Ten minutes of 16 clients writing 4 KiB values with fsync on one cluster: throughput, p99,
 # leader changes, RSS and disk over time (benchmarks/soak/README.md).
