@@ -172,102 +172,82 @@ extension VMReplicator {
     ///   output reached the max period) or, while unprotected, as soon as a backup's link is up.
     func schedulerLoop() {
         var meter: CPUMeter?
-        var rate: Double?
         var leadingSince: ContinuousClock.Instant?
         let window = Double(config.idleWindowMilliseconds) / 1000
-        let maxAge = Duration.milliseconds(config.checkpointMaxMilliseconds)
+        let rules = SchedulerRules(handBackLimit: handBackLimit, backupLostAfter: backupLostAfter,
+                                   checkpointMinGap: .milliseconds(config.checkpointMinGapMilliseconds),
+                                   failedCheckpointBackoff: failedCheckpointBackoff,
+                                   checkpointMaxAge: .milliseconds(config.checkpointMaxMilliseconds))
         while !lock.withLock({ stopped }) {
             Thread.sleep(forTimeInterval: window)
             reviveLinkIfDown()
             guard let node else { continue }
-            let (role, why, broken, isProtected, linkUp) = lock.withLock {
-                (currentRole, inconsistent, unusable, protected, channel.map { !$0.isDown } ?? false)
+            let q = lock.withLock { current }
+            let leading = node.status.role == .leader && q != nil
+            if leading { leadingSince = leadingSince ?? .now } else { leadingSince = nil; meter = nil }
+            if let q, leading {
+                if meter?.pid != q.pid { meter = CPUMeter(pid: q.pid) }
             }
-            if role == .primary && why != nil {
-                queueCond.withLock {
-                    demoteRequested = true
-                    queueCond.signal()
+            let rate: Double? = meter != nil ? meter!.sample() : nil
+            let now = ContinuousClock.now
+            let view = lock.withLock { () -> SchedulerView in
+                let linkUp = channel.map { !$0.isDown } ?? false
+                if linkUp { linkDownSince = nil } else if linkDownSince == nil { linkDownSince = now }
+                return SchedulerView(
+                    role: currentRole, leading: leading, notACopy: unusable ?? inconsistent, protected: protected, linkUp: linkUp,
+                    linkDownFor: linkDownSince.map { now - $0 }, checkpointInFlight: inFlight, unprotectedRequested: unprotectedRequested,
+                    failedCheckpointsInARow: failedCheckpointsInARow, sinceLastCheckpointEnd: now - lastCheckpointEnd,
+                    lastCheckpointFailed: lastCheckpointFailed, leadingFor: leadingSince.map { now - $0 } ?? .zero,
+                    sinceHandOff: lastHandOff.map { now - $0 }, sinceTakeOverProposal: lastTakeOverProposal.map { now - $0 },
+                    oldestHeldAge: outputs.oldestHeld.map { now - $0 },
+                    guestIdle: rate.map { $0 * 100 < Double(config.idleCPUPercent) } ?? false)
+            }
+            carryOut(VMScheduler.decide(view, rules), node: node)
+        }
+    }
+
+    /// Does what the scheduler decided.
+    func carryOut(_ action: SchedulerAction, node: ReplicaNode) {
+        switch action {
+        case .nothing:
+            return
+        case .demote:
+            queueCond.withLock {
+                demoteRequested = true
+                queueCond.signal()
+            }
+        case let .handLeadership(because):
+            lastHandOff = .now
+            logger.warning("vm: node \(me) hands leadership to node \(config.peer): \(because)")
+            let peer = config.peer
+            Task { try? await node.transferLeadership(to: peer) }
+        case let .proposeTakeOver(because):
+            lastTakeOverProposal = .now
+            logger.notice("vm: backup \(me) leads and takes over: \(because)")
+            let entry = VMLogEntry.takeOver(by: me).encoded()
+            Task {
+                do { _ = try await node.propose(entry) } catch {
+                    self.logger.warning("vm: take-over by node \(self.me) not committed: \(error)")
                 }
             }
-            guard node.status.role == .leader, let q = lock.withLock({ current }) else {
-                meter = nil
-                leadingSince = nil
-                continue
-            }
-            if leadingSince == nil { leadingSince = .now }
-            if why != nil || broken != nil {
-                // Its VM is no copy of the one clients saw: let the other replica lead.
-                if lastHandOff.map({ ContinuousClock.now - $0 > .seconds(2) }) ?? true {
-                    lastHandOff = .now
-                    logger.warning("vm: node \(me) leads with a VM that is not the replicated one (\(why ?? broken!)); handing leadership to node \(config.peer)")
-                    let peer = config.peer
-                    Task { try? await node.transferLeadership(to: peer) }
+        case let .proposeUnprotected(because):
+            lock.withLock { unprotectedRequested = true }
+            logger.warning("vm: primary \(me) lost its backup (\(because)); going on without it")
+            let entry = VMLogEntry.unprotected(by: me).encoded()
+            Task {
+                do { _ = try await node.propose(entry) } catch {
+                    self.logger.warning("vm: going on without a backup not committed: \(error)")
+                    self.lock.withLock { self.unprotectedRequested = false }
                 }
-                continue
             }
-            if role == .backup {
-                let waited = ContinuousClock.now - leadingSince!
-                if !linkUp || waited >= handBackLimit {
-                    if lastTakeOverProposal.map({ ContinuousClock.now - $0 > .seconds(2) }) ?? true {
-                        lastTakeOverProposal = .now
-                        let because = linkUp ? "the primary did not take leadership back within \(handBackLimit)" : "the syncvm link to the primary is down"
-                        logger.notice("vm: backup \(me) leads and takes over: \(because)")
-                        let entry = VMLogEntry.takeOver(by: me).encoded()
-                        Task {
-                            do { _ = try await node.propose(entry) } catch {
-                                self.logger.warning("vm: take-over by node \(self.me) not committed: \(error)")
-                            }
-                        }
-                    }
-                } else if lastHandOff.map({ ContinuousClock.now - $0 > .seconds(2) }) ?? true {
-                    // An election while the primary lives (its link is up): give leadership back.
-                    lastHandOff = .now
-                    logger.info("vm: backup \(me) leads while primary \(config.peer) is up; handing leadership back")
-                    let peer = config.peer
-                    Task { try? await node.transferLeadership(to: peer) }
-                }
-                continue
-            }
-            // A primary whose backup is gone (link down past the grace, or checkpoints failing
-            // with the link up) goes on without it rather than hold every answer until it returns.
-            let backupLost = lock.withLock { () -> String? in
-                if linkUp { linkDownSince = nil } else if linkDownSince == nil { linkDownSince = .now }
-                guard protected, !unprotectedRequested, !inFlight else { return nil }
-                if let since = linkDownSince, ContinuousClock.now - since >= backupLostAfter {
-                    return "its syncvm link has been down for \(ContinuousClock.now - since)"
-                }
-                if failedCheckpointsInARow >= 3 { return "\(failedCheckpointsInARow) checkpoints in a row failed" }
-                return nil
-            }
-            if let because = backupLost {
-                lock.withLock { unprotectedRequested = true }
-                logger.warning("vm: primary \(me) lost its backup (\(because)); going on without it")
-                let entry = VMLogEntry.unprotected(by: me).encoded()
-                Task {
-                    do { _ = try await node.propose(entry) } catch {
-                        self.logger.warning("vm: going on without a backup not committed: \(error)")
-                        self.lock.withLock { self.unprotectedRequested = false }
-                    }
-                }
-                continue
-            }
-            if meter?.pid != q.pid { meter = CPUMeter(pid: q.pid) }
-            rate = meter!.sample()
-            let minGap = Duration.milliseconds(config.checkpointMinGapMilliseconds)
-            guard !lock.withLock({ inFlight || ContinuousClock.now - lastCheckpointEnd < (lastCheckpointFailed ? max(minGap, failedCheckpointBackoff) : minGap) })
-            else { continue }
-            if isProtected {
-                guard let oldest = outputs.oldestHeld else { continue }
-                let idle = rate.map { $0 * 100 < Double(config.idleCPUPercent) } ?? false
-                guard idle || ContinuousClock.now - oldest >= maxAge else { continue }
-            } else {
-                guard linkUp else { continue }
-            }
-            let epoch = lock.withLock { () -> UInt64 in
+        case .proposeCheckpoint:
+            let epoch = lock.withLock { () -> UInt64? in
+                guard !inFlight else { return nil }  // a switchover took the slot meanwhile
                 inFlight = true
                 defer { nextEpoch += 1 }
                 return nextEpoch
             }
+            guard let epoch else { return }
             let entry = VMLogEntry.checkpoint(epoch: epoch, proposer: me).encoded()
             Task {
                 do { _ = try await node.propose(entry) } catch {
