@@ -15,6 +15,11 @@ extension EndToEnd {
             let library: String
             var ports: [NodeID: Int] = [:]
             var processes: [NodeID: Process] = [:]
+            /// With a value, every Redis runs with `INTERPOSE_SNAPSHOT=redis` and this many bytes of
+            /// log between snapshots (its file: dump.rdb in its dir).
+            var snapshotBytes: Int?
+            /// More redis-server arguments for every replica.
+            var redisArgs: [String] = []
 
             init(_ name: String) throws {
                 guard FileManager.default.isExecutableFile(atPath: "/usr/bin/redis-server") else {
@@ -39,10 +44,16 @@ extension EndToEnd {
                     "--port", String(ports[id]!), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
                     "--unixsocket", socketPath(id), "--unixsocketperm", "700", "--enable-debug-command", "local",
                     "--daemonize", "no", "--dir", dir,
-                ], log: root + "/redis-\(id).log", environment: [
+                ] + redisArgs, log: root + "/redis-\(id).log", environment: [
                     "LD_PRELOAD": library, "INTERPOSE_CONFIG": cluster.configPath(id), "INTERPOSE_PORT": String(ports[id]!),
                     "INTERPOSE_LOG_LEVEL": "info",
-                ].merging(environment) { $1 })
+                ].merging(snapshotEnvironment(id)) { $1 }.merging(environment) { $1 })
+            }
+
+            func snapshotEnvironment(_ id: NodeID) -> [String: String] {
+                guard let bytes = snapshotBytes else { return [:] }
+                return ["INTERPOSE_SNAPSHOT": "redis", "INTERPOSE_SNAPSHOT_FILE": root + "/redis-\(id)/dump.rdb",
+                        "INTERPOSE_SNAPSHOT_BYTES": String(bytes)]
             }
 
             func kill(_ id: NodeID) { if let p = processes.removeValue(forKey: id) { InterposeHarness.kill9(p) } }
@@ -93,11 +104,14 @@ extension EndToEnd {
         }
 
         static func withRedis(_ name: String, fdLimit: Int? = nil, environment: [String: String] = [:],
+                              snapshotBytes: Int? = nil, redisArgs: [String] = [],
                               _ body: @escaping @Sendable (ShimmedRedis, Checks) throws -> Void) async throws {
             let checks = Checks()
             defer { checks.recordIssues() }
             try await onOwnThread {
                 let r = try ShimmedRedis(name)
+                r.snapshotBytes = snapshotBytes
+                r.redisArgs = redisArgs
                 defer { r.stopAll() }
                 for id in r.cluster.ids { try r.start(id, fdLimit: fdLimit, environment: environment) }
                 try body(r, checks)

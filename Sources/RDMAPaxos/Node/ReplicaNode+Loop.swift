@@ -272,6 +272,9 @@ extension ReplicaNode {
     }
 
     func compact(through applied: LogIndex, _ data: [UInt8]) {
+        // Only what was applied (a witness: what every voter holds). The node's own
+        // compactions always are; this refuses a bad `compact(through:snapshot:)`.
+        guard applied <= replica.compactableIndex else { return }
         // Compaction trades log for snapshot; a snapshot that alone reaches the trigger leaves
         // nothing to trade, and the log would fill up next.
         if let trigger = compactAtBytes, let cap = log.capacityBytes, data.count >= trigger {
