@@ -35,7 +35,8 @@ extension EndToEnd {
             func socketPath(_ id: NodeID) -> String { root + "/redis-\(id).sock" }
 
             /// Starts replica `id`'s Redis; `fdLimit` runs it under `prlimit --nofile=N:N` (soft and hard).
-            func start(_ id: NodeID, fdLimit: Int? = nil, environment: [String: String] = [:]) throws {
+            /// `args`: more redis-server arguments for this start only.
+            func start(_ id: NodeID, fdLimit: Int? = nil, environment: [String: String] = [:], args: [String] = []) throws {
                 let dir = root + "/redis-\(id)"
                 try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
                 let (program, prefix) = fdLimit.map { ("/usr/bin/prlimit", ["--nofile=\($0):\($0)", "/usr/bin/redis-server"]) }
@@ -44,7 +45,7 @@ extension EndToEnd {
                     "--port", String(ports[id]!), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
                     "--unixsocket", socketPath(id), "--unixsocketperm", "700", "--enable-debug-command", "local",
                     "--daemonize", "no", "--dir", dir,
-                ] + redisArgs, log: root + "/redis-\(id).log", environment: [
+                ] + redisArgs + args, log: root + "/redis-\(id).log", environment: [
                     "LD_PRELOAD": library, "INTERPOSE_CONFIG": cluster.configPath(id), "INTERPOSE_PORT": String(ports[id]!),
                     "INTERPOSE_LOG_LEVEL": "info",
                 ].merging(snapshotEnvironment(id)) { $1 }.merging(environment) { $1 })
@@ -96,7 +97,7 @@ extension EndToEnd {
                     let text = (try? String(contentsOfFile: root + "/redis-\(id).log", encoding: .utf8)) ?? ""
                     let status = cluster.status(id)
                     let local = try? RespClient(unixPath: socketPath(id))
-                    let keys = (try? local?.call("DBSIZE")).map { "\($0!)" } ?? "-"
+                    let keys = (try? local?.call("DBSIZE")).flatMap { $0 }.map { "\($0)" } ?? "-"
                     return "redis \(id) (role \(status["role"] ?? "-"), applied \(status["applied_index"] ?? "-") of \(status["commit_index"] ?? "-"), keys \(keys)):\n"
                         + text.split(separator: "\n").suffix(8).map { "  " + $0 }.joined(separator: "\n")
                 }.joined(separator: "\n")

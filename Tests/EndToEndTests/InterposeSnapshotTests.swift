@@ -23,16 +23,27 @@ extension EndToEnd.InterposeRedisTests {
             checks.expect(r.converged(timeout: .seconds(30)), "digests differ after the snapshots:\n" + r.logTails())
 
             // A follower restarted after compacting comes back from its own latest snapshot, not
-            // from index 1: its log still starts past 1 and its Redis loads the file.
+            // from index 1: its log still starts past 1 and its Redis loads the file. It comes
+            // back saving slowly (Redis's rdb-key-save-delay), so the next cut's save outlasts
+            // entries its replica applies meanwhile: the snapshot must still be labelled with the
+            // cut's entry, not with how far the replica got.
             let own = Set(r.snapshotsTaken(follower))
             r.kill(follower)
             try writer.write(bytes: 8 << 10)
-            try r.start(follower)
+            try r.start(follower, args: ["--rdb-key-save-delay", "10000"])
             let loadedOwn = InterposeHarness.waitUntil(.seconds(30)) { r.snapshotsLoaded(follower).contains { own.contains($0) } }
             checks.expect(loadedOwn, "follower \(follower) did not load one of its own snapshots (\(own.sorted())) after a restart:\n" + r.snapshotSummary())
             try writer.write(bytes: 4 << 10) // a restarted follower learns the commit index from the next accept
             checks.expect(r.converged(timeout: .seconds(30)), "digests differ after the follower came back from its snapshot:\n" + r.logTails())
             checks.expect(r.firstIndex(follower) > 1, "follower \(follower) replays from index 1:\n" + r.snapshotSummary())
+            let slowBefore = Set(r.snapshotsTaken(follower))
+            try writer.write(bytes: 160 << 10)
+            let slowSaved = InterposeHarness.waitUntil(.seconds(30)) { r.snapshotsTaken(follower).contains { !slowBefore.contains($0) } }
+            checks.expect(slowSaved, "follower \(follower) took no snapshot while saving slowly:\n" + r.snapshotSummary())
+            r.kill(follower)
+            try r.start(follower)
+            try writer.write(bytes: 4 << 10)
+            checks.expect(r.converged(timeout: .seconds(30)), "digests differ after the follower came back from a snapshot it saved slowly:\n" + r.logTails())
 
             // A follower that is down while the leader compacts past everything it holds needs
             // the leader's snapshot: it loads one it never took itself.
