@@ -105,7 +105,7 @@ extension EndToEnd {
         }
 
         static func withRedis(_ name: String, fdLimit: Int? = nil, environment: [String: String] = [:],
-                              snapshotBytes: Int? = nil, redisArgs: [String] = [],
+                              snapshotBytes: Int? = nil, redisArgs: [String] = [], startReplicas: Bool = true,
                               _ body: @escaping @Sendable (ShimmedRedis, Checks) throws -> Void) async throws {
             let checks = Checks()
             defer { checks.recordIssues() }
@@ -114,7 +114,7 @@ extension EndToEnd {
                 r.snapshotBytes = snapshotBytes
                 r.redisArgs = redisArgs
                 defer { r.stopAll() }
-                for id in r.cluster.ids { try r.start(id, fdLimit: fdLimit, environment: environment) }
+                if startReplicas { for id in r.cluster.ids { try r.start(id, fdLimit: fdLimit, environment: environment) } }
                 try body(r, checks)
                 r.stopAll()
                 if !checks.hasFailures { try? FileManager.default.removeItem(atPath: r.root) }
