@@ -7,8 +7,9 @@ extension EndToEnd.InterposeRedisTests {
     /// The log's end (docs/design/interpose.md, "Snapshots"): with `INTERPOSE_SNAPSHOT=redis` every
     /// replica's Redis saves at the leader's SNAPSHOT entries and the log is compacted behind them.
     /// A follower restarted after a compaction comes back from its own snapshot, one restarted
-    /// after the leader compacted past its whole log gets the leader's; every replica's data set
-    /// stays equal and every acknowledged write is on every replica.
+    /// after the leader compacted past its whole log gets the leader's, and so does one paused
+    /// meanwhile with a connection open; every replica's data set stays equal and every
+    /// acknowledged write is on every replica.
     @Test func followersComeBackFromSnapshotsOfACompactedLog() async throws {
         try await Self.withRedis("redis-snapshots", snapshotBytes: 64 << 10) { r, checks in
             let (leader, _) = try r.connectToLeader()
@@ -61,6 +62,22 @@ extension EndToEnd.InterposeRedisTests {
             }
             checks.expect(fromPeer, "follower \(follower) did not load a snapshot from the leader after entry \(leaderBefore):\n" + r.snapshotSummary())
             checks.expect(r.converged(timeout: .seconds(30)), "digests differ after the follower loaded the leader's snapshot:\n" + r.logTails())
+
+            // A follower paused (SIGSTOP) with a client's replay connection open, while the leader
+            // compacts past its log, gets the leader's snapshot while its Redis runs: the load ends
+            // that connection first (it was closed in the part of the log the snapshot replaces).
+            try writer.write(bytes: 2 << 10) // the writer's connection stays open
+            let pausedLoads = r.snapshotsLoaded(follower).count
+            let pausedLast = r.lastIndex(follower)
+            Glibc.kill(r.processes[follower]!.processIdentifier, SIGSTOP)
+            try writer.write(bytes: 300 << 10)
+            _ = InterposeHarness.waitUntil(.seconds(20)) { r.firstIndex(leader) > pausedLast + 1 }
+            Glibc.kill(r.processes[follower]!.processIdentifier, SIGCONT)
+            try writer.write(bytes: 4 << 10)
+            let loadedLive = InterposeHarness.waitUntil(.seconds(30)) { r.snapshotsLoaded(follower).count > pausedLoads }
+            checks.expect(loadedLive, "follower \(follower), paused while the leader compacted past entry \(pausedLast), loaded no snapshot:\n" + r.snapshotSummary())
+            try writer.write(bytes: 4 << 10)
+            checks.expect(r.converged(timeout: .seconds(30)), "digests differ after a running follower loaded the leader's snapshot:\n" + r.logTails())
             writer.checkAcknowledged(checks)
         }
     }
