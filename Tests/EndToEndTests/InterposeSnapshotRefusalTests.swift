@@ -32,6 +32,26 @@ extension EndToEnd.InterposeRedisTests {
         }
     }
 
+    /// `INTERPOSE_SNAPSHOT_FILE` naming a file the server does not save to: after each save the
+    /// file is missing (the shim removes it before saving, so a stale one cannot pass for new),
+    /// every replica says so and takes no snapshot, nothing is compacted, and they stay equal.
+    @Test func aSnapshotFileTheServerDoesNotWriteIsReportedAndNothingIsCompacted() async throws {
+        let wrong = FileManager.default.temporaryDirectory.path + "/plover-not-saved-by-redis-\(getpid()).rdb"
+        try await Self.withRedis("redis-snapshot-wrong-file", environment: ["INTERPOSE_SNAPSHOT_FILE": wrong], snapshotBytes: 64 << 10) { r, checks in
+            let writer = SnapshotWriter(r)
+            try writer.write(bytes: 160 << 10)
+            let reported = InterposeHarness.waitUntil(.seconds(20)) {
+                r.cluster.ids.allSatisfy { r.logText($0).contains("INTERPOSE_SNAPSHOT_FILE=\(wrong) cannot be read after the server saved") }
+            }
+            checks.expect(reported, "not every replica reported the missing snapshot file:\n" + r.snapshotSummary())
+            for id in r.cluster.ids {
+                checks.expect(r.snapshotsTaken(id).isEmpty && r.firstIndex(id) == 1, "replica \(id) compacted without its server's file:\n" + r.snapshotSummary())
+            }
+            checks.expect(r.converged(timeout: .seconds(30)), "digests differ:\n" + r.logTails())
+            writer.checkAcknowledged(checks)
+        }
+    }
+
     /// A replica whose stored snapshot is corrupt stops and names the file, never loading it; one
     /// whose Redis refuses to load a snapshot (DEBUG disabled) stops and says what to enable;
     /// with both put right it comes back from the snapshot equal to the others.
