@@ -65,7 +65,7 @@ let package = Package(
         // script keeps every symbol but the hooks and `interpose_*` local (docs/design/interpose.md).
         .target(
             name: "InterposeRuntime",
-            dependencies: ["Interpose", "RDMAPaxos", .product(name: "Logging", package: "swift-log")],
+            dependencies: ["Interpose", "RDMAPaxos", "CXXHash", .product(name: "Logging", package: "swift-log")],
             linkerSettings: [.unsafeFlags(["-Xlinker", "--version-script=Sources/Interpose/exports.map"])]),
         // Test support with no dependencies: a linearizability checker for register histories and
         // a seeded input fuzzer (used by the bad-input and end-to-end tests).

@@ -53,6 +53,7 @@ void apus_setup_from_env(void) {
         apus_refuse_server(why);
     }
     apus_read_limits_from_env();
+    apus_snapshot_setup_from_env();
     apus_raise_fd_limit();
     /* A copy: servers that set their process title (Redis does) write over the environment. */
     config_path = strdup(cfg);
@@ -207,6 +208,7 @@ static void start(void) {
     struct epoll_event ev = { .events = EPOLLIN, .data.u64 = WAKE_TAG };
     if (REAL(epoll_ctl)(atomic_load(&apus_app_epfd), EPOLL_CTL_ADD, apus_wake_fd, &ev) != 0) apus_fail_stop("cannot watch the wake-up eventfd");
     interpose_set_deliver(apus_deliver, NULL);
+    apus_snapshot_register();
     /* The replica may deliver while it starts; nothing drains the queue until this returns. */
     apus_server_waits(1);
     int rc = interpose_init(config_path);

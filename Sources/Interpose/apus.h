@@ -86,6 +86,9 @@ long long apus_now_ms(void);
 extern size_t apus_read_ahead_bytes;   /* INTERPOSE_READ_BYTES */
 extern size_t apus_queue_bytes_max;    /* INTERPOSE_QUEUE_BYTES */
 extern long apus_clients_max;          /* INTERPOSE_MAX_CLIENTS, or computed at start (-1 until then) */
+/* A whole number in [lo, hi] from variable `name`, or `fallback` when unset; stops the process
+ * naming the variable when it is anything else. */
+long apus_env_number(const char *name, long fallback, long lo, long hi);
 /* Reads the INTERPOSE_* tuning variables; stops the process naming a bad one. */
 void apus_read_limits_from_env(void);
 /* Raises the soft fd limit to the hard one (at most APUS_FD_MAX). */
@@ -116,11 +119,16 @@ struct replay {
     struct replay *next;
 };
 
+/* Queued ops that are not wire ops: a snapshot's file for the server to load. */
+enum { APUS_OP_LOAD = 0x31 };
+
 /* A committed entry of another leader, waiting to be replayed. */
 struct entry {
     struct entry *next;
-    int op;             /* WIRE_OPEN, WIRE_CLOSE or WIRE_ITEM_DATA (an end of stream is a CLOSE) */
+    int op;             /* WIRE_OPEN, WIRE_CLOSE, WIRE_ITEM_DATA (an end of stream is a CLOSE),
+                           WIRE_SNAPSHOT or APUS_OP_LOAD (data: the file) */
     conn_id id;
+    uint64_t index;     /* the log entry it came from (a load: the snapshot's) */
     size_t len, off;
     unsigned char data[];
 };
@@ -140,6 +148,16 @@ uint64_t apus_claim_incarnation(void);
 /* The server accepted replay connection `r` as an fd the shim cannot track and it was closed:
  * make the connection again later. */
 void apus_replay_retry(struct replay *r);
+/* Queues an entry for the server thread (replica thread; waits while the queue is full). */
+void apus_enqueue(int op, conn_id id, uint64_t index, const unsigned char *data, size_t len);
+/* Replay connections by id (the shim's lock held). The shim's own connections into the server
+ * (a snapshot's save or load command) have incarnation 0, which no process draws. */
+struct replay *apus_replay_find(conn_id id);
+struct replay *apus_replay_new(conn_id id);
+/* 1 once the server accepted `r` (connecting, or retrying after a resource error, first). */
+int apus_replay_accepted(struct replay *r);
+/* Ends `r`: shuts the shim's end; 1 once the server closed its end too and `r` is freed. */
+int apus_replay_end(struct replay *r);
 /* The deliver callback (replica thread): queues other processes' committed entries. */
 void apus_deliver(void *context, int kind, uint64_t index, const void *data, size_t len);
 /* Replays queued entries as far as the server allows (server thread, the shim's lock held). */
@@ -155,5 +173,30 @@ int apus_replay_wait_ms(void);
 void apus_server_waits(int waiting);
 /* Wakes the server thread's epoll_wait (any thread; no lock). */
 void apus_wake(void);
+
+/* MARK: the server's snapshots (snapshot.c; docs/design/interpose.md, "Snapshots") */
+
+/* Reads INTERPOSE_SNAPSHOT, INTERPOSE_SNAPSHOT_FILE and INTERPOSE_SNAPSHOT_BYTES (a bad value
+ * stops the process naming it) and moves an earlier snapshot file aside, so the server starts
+ * empty and loads only what the log says (constructor, before the server reads its files). */
+void apus_snapshot_setup_from_env(void);
+/* Before interpose_init: registers the function that takes restored snapshots. */
+void apus_snapshot_register(void);
+/* Deliver callback: counts an entry's bytes; a SNAPSHOT entry starts the count over. */
+void apus_snapshot_count(size_t bytes, int snapshot_entry);
+/* 1 if snapshots are configured. */
+int apus_snapshots_on(void);
+/* Leader: enough log since the last SNAPSHOT entry that a cut is due. */
+int apus_snapshot_due(void);
+/* Replay of a SNAPSHOT entry / of a snapshot to load (server thread, the shim's lock held):
+ * 1 when done, 0 to wait for the server. */
+int apus_snapshot_step(struct entry *e);
+int apus_load_step(struct entry *e);
+/* Milliseconds until a snapshot or load in progress wants another look, or -1. */
+int apus_snapshot_wait_ms(const struct entry *e);
+
+/* Defined by the Swift half (Sources/InterposeRuntime/ServerSnapshot.swift). */
+int interpose_apus_set_restore(int (*fn)(uint64_t index, const void *file, size_t length));
+int interpose_apus_snapshot_taken(uint64_t index, const void *file, size_t length);
 
 #endif

@@ -29,7 +29,7 @@ long long apus_now_ms(void) {
 
 /* A positive integer in [lo, hi] from variable `name`, or `fallback` when unset. A value that is
  * not one stops the process: running with a setting other than the one asked for is worse. */
-static long env_number(const char *name, long fallback, long lo, long hi) {
+long apus_env_number(const char *name, long fallback, long lo, long hi) {
     const char *v = getenv(name);
     if (!v || !*v) return fallback;
     char *end;
@@ -45,9 +45,9 @@ static long env_number(const char *name, long fallback, long lo, long hi) {
 
 void apus_read_limits_from_env(void) {
     /* One read must fit a BATCH entry (below the log's batch limit); Redis reads 16 KiB. */
-    apus_read_ahead_bytes = (size_t)env_number("INTERPOSE_READ_BYTES", 16384, 512, 128 * 1024);
-    apus_queue_bytes_max = (size_t)env_number("INTERPOSE_QUEUE_BYTES", 64L << 20, 1L << 20, 1L << 40);
-    clients_max_from_env = env_number("INTERPOSE_MAX_CLIENTS", -1, 1, APUS_FD_MAX / 2);
+    apus_read_ahead_bytes = (size_t)apus_env_number("INTERPOSE_READ_BYTES", 16384, 512, 128 * 1024);
+    apus_queue_bytes_max = (size_t)apus_env_number("INTERPOSE_QUEUE_BYTES", 64L << 20, 1L << 20, 1L << 40);
+    clients_max_from_env = apus_env_number("INTERPOSE_MAX_CLIENTS", -1, 1, APUS_FD_MAX / 2);
 }
 
 long apus_fd_limit(void) {

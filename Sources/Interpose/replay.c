@@ -87,10 +87,10 @@ static size_t entry_bytes(const struct entry *e) { return sizeof *e + e->len; }
  * delivery (and, through consensus flow control, its intake) instead of growing memory without
  * end. Never while the server thread itself waits for a commit: the commit it waits for may be
  * behind this entry, and neither thread would move. */
-static void enqueue(int op, conn_id id, const unsigned char *data, size_t len) {
+void apus_enqueue(int op, conn_id id, uint64_t index, const unsigned char *data, size_t len) {
     struct entry *e = malloc(sizeof *e + len);
     if (!e) apus_fail_stop("out of memory queueing a committed entry");
-    *e = (struct entry){ .op = op, .id = id, .len = len };
+    *e = (struct entry){ .op = op, .id = id, .index = index, .len = len };
     if (len) memcpy(e->data, data, len);
     pthread_mutex_lock(&qmu);
     while (q_bytes > apus_queue_bytes_max && !server_waiting) {
@@ -129,17 +129,22 @@ static int queue_empty(void) {
 /* MARK: delivery (replica thread) */
 
 static void visit(void *ctx, int op, conn_id id, const unsigned char *data, size_t len) {
-    (void)ctx;
+    uint64_t index = *(const uint64_t *)ctx;
     switch (op) {
     case WIRE_OPEN:
     case WIRE_ITEM_DATA:
         /* This process's own connections: the read path already handed their bytes over. */
-        if (!is_own(id.inc)) enqueue(op, id, data, len);
+        if (!is_own(id.inc)) apus_enqueue(op, id, index, data, len);
         break;
     case WIRE_CLOSE:
     case WIRE_ITEM_END:
         /* Own ones count too: a CLOSE may end a client of a term this replica lost. */
-        enqueue(WIRE_CLOSE, id, NULL, 0);
+        apus_enqueue(WIRE_CLOSE, id, index, NULL, 0);
+        break;
+    case WIRE_SNAPSHOT:
+        /* Every replica's, the leader's own included: each saves its own server here. */
+        apus_snapshot_count(0, 1);
+        if (apus_snapshots_on()) apus_enqueue(WIRE_SNAPSHOT, (conn_id){ 0, index }, index, NULL, 0);
         break;
     default: /* BARRIER: a leader's own marker */
         break;
@@ -152,7 +157,8 @@ void apus_deliver(void *context, int kind, uint64_t index, const void *data, siz
     if (kind != INTERPOSE_ENTRY_INPUT) return;
     const char *why = NULL;
     apus_on_replica_thread(1);
-    int rc = wire_decode(data, len, visit, NULL, &why);
+    apus_snapshot_count(len, 0);
+    int rc = wire_decode(data, len, visit, &index, &why);
     apus_on_replica_thread(0);
     if (rc != 0 && complaints < 10) {
         /* Every replica decodes the same bytes and skips the same entry. */
@@ -167,12 +173,12 @@ void apus_deliver(void *context, int kind, uint64_t index, const void *data, siz
 struct replay *apus_replays;
 int apus_replay_count;
 
-static struct replay *find_replay(conn_id id) {
+struct replay *apus_replay_find(conn_id id) {
     for (struct replay *r = apus_replays; r; r = r->next) if (conn_id_eq(r->id, id)) return r;
     return NULL;
 }
 
-static struct replay *replay_new(conn_id id) {
+struct replay *apus_replay_new(conn_id id) {
     struct replay *r = calloc(1, sizeof *r);
     if (!r) apus_fail_stop("out of memory opening a replay connection");
     r->id = id;
@@ -255,8 +261,7 @@ void apus_replay_retry(struct replay *r) {
     give_up_socket(r, -1, "replay into a descriptor the shim tracks", EMFILE);
 }
 
-/* 1 once the server accepted the replay connection (connecting or retrying first). */
-static int replay_ready(struct replay *r) {
+int apus_replay_accepted(struct replay *r) {
     if (r->sfd >= 0) return 1;
     if (r->cfd < 0) { replay_connect(r); return 0; }
     int err = 0;
@@ -288,17 +293,24 @@ static void replay_free(struct replay *r) {
     free(r);
 }
 
+int apus_replay_end(struct replay *r) {
+    close_shim_end(r);
+    if (r->sfd >= 0 && !r->sclosed) return 0;
+    replay_free(r);
+    return 1;
+}
+
 /* Advances one entry as far as the server allows: 1 when done, 0 to wait for the server. */
 static int replay_step(struct entry *e) {
-    struct replay *r = find_replay(e->id);
+    struct replay *r = apus_replay_find(e->id);
     switch (e->op) {
     case WIRE_OPEN:
-        if (!r) r = replay_new(e->id);
-        return replay_ready(r);
+        if (!r) r = apus_replay_new(e->id);
+        return apus_replay_accepted(r);
     case WIRE_ITEM_DATA:
-        if (!r) r = replay_new(e->id); /* its OPEN was before this process's log (not today: no compaction) */
+        if (!r) r = apus_replay_new(e->id); /* not expected: no connection is open at a snapshot */
         if (r->sclosed) return 1;       /* a server that closed it drops the rest */
-        if (!replay_ready(r)) return 0;
+        if (!apus_replay_accepted(r)) return 0;
         while (e->off < e->len) {
             ssize_t w = write(r->cfd, e->data + e->off, e->len - e->off);
             if (w < 0) {
@@ -311,20 +323,21 @@ static int replay_step(struct entry *e) {
         return r->unconsumed <= 0;
     case WIRE_CLOSE:
         if (is_own(e->id.inc)) return apus_own_close(e->id);
-        if (!r) return 1;
-        close_shim_end(r);
-        if (r->sfd >= 0 && !r->sclosed) return 0;
-        replay_free(r);
-        return 1;
+        return r ? apus_replay_end(r) : 1;
+    case WIRE_SNAPSHOT:
+        return apus_snapshot_step(e);
+    case APUS_OP_LOAD:
+        return apus_load_step(e);
     default:
         return 1;
     }
 }
 
-/* Discards the server's replies on a replay connection (followers answer no one). */
+/* Discards the server's replies on a replay connection (followers answer no one); the shim's
+ * own connections keep theirs, which snapshot.c reads. */
 static void drain_replies(struct replay *r) {
     char sink[16384];
-    if (r && r->cfd >= 0 && !r->cclosed) while (REAL(recv)(r->cfd, sink, sizeof sink, MSG_DONTWAIT) > 0) {}
+    if (r && r->id.inc != 0 && r->cfd >= 0 && !r->cclosed) while (REAL(recv)(r->cfd, sink, sizeof sink, MSG_DONTWAIT) > 0) {}
 }
 
 void apus_pump(void) {
@@ -337,7 +350,7 @@ void apus_pump(void) {
         if (!current) current = dequeue();
         if (!current) break;
         int done = replay_step(current);
-        if (current->op == WIRE_ITEM_DATA) drain_replies(find_replay(current->id));
+        if (current->op == WIRE_ITEM_DATA) drain_replies(apus_replay_find(current->id));
         if (!done) break;
         release(current);
         current = NULL;
@@ -347,8 +360,9 @@ void apus_pump(void) {
 int apus_replay_idle(void) { return !current && queue_empty(); }
 
 int apus_replay_wait_ms(void) {
+    if (current && (current->op == WIRE_SNAPSHOT || current->op == APUS_OP_LOAD)) return apus_snapshot_wait_ms(current);
     if (!current || current->op == WIRE_CLOSE) return -1;
-    struct replay *r = find_replay(current->id);
+    struct replay *r = apus_replay_find(current->id);
     if (!r || r->sfd >= 0) return -1;
     if (r->cfd >= 0) return 500; /* connecting: look at its error and the 5 s warning */
     long long left = r->retry_at - apus_now_ms();

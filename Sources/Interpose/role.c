@@ -10,7 +10,9 @@
  * Nothing here waits for the replica: barriers are proposed asynchronously and looked at on the
  * server's next epoll_wait. The server thread must keep running its loop meanwhile, because
  * replay needs it, and because the deliver callback waits for replay when its queue is full (a
- * blocking barrier behind a full queue would never commit). */
+ * blocking barrier behind a full queue would never commit).
+ *
+ * A ready leader with a snapshot protocol also cuts the log now and then (cut() below). */
 #define _GNU_SOURCE
 #include <stdlib.h>
 
@@ -39,17 +41,21 @@ static void barrier_done(void *context, int status, uint64_t index) {
     apus_wake();
 }
 
-static void barrier_propose(void) {
+/* Proposes a BARRIER (or, with `snapshot`, a SNAPSHOT entry, a barrier every replica saves its
+ * server at) and tracks its outcome. */
+static void marker_propose(int snapshot) {
     struct barrier *b = calloc(1, sizeof *b);
     if (!b) apus_fail_stop("out of memory proposing a barrier");
     unsigned char e[1];
-    if (interpose_propose_async(e, wire_barrier(e), barrier_done, b) != INTERPOSE_OK) {
+    if (interpose_propose_async(e, snapshot ? wire_snapshot(e) : wire_barrier(e), barrier_done, b) != INTERPOSE_OK) {
         /* Not proposed (the outcome callback will not run): look again on the next call. */
         free(b);
         return;
     }
     barrier = b;
 }
+
+static void barrier_propose(void) { marker_propose(0); }
 
 /* B_OK, B_PENDING or B_FAILED (no barrier counts as failed); a finished barrier is freed. */
 static int barrier_outcome(void) {
@@ -139,6 +145,17 @@ static void new_term(uint64_t term) {
     phase = P_BARRIER;
 }
 
+/* A cut (snapshot.c): every client of this term ends, as if the term had, and a SNAPSHOT entry
+ * commits behind their CLOSEs; the leader takes clients again once it has replayed it, so no
+ * connection of the log is open at the entry. Then it goes on as after (3) above: if a CLOSE
+ * did not commit, it proposes it again behind a barrier (no replica saves where one is open). */
+static void cut(void) {
+    for (struct client *c = apus_clients; c; c = c->next) apus_break_client(c);
+    propose_closes();
+    marker_propose(1);
+    phase = barrier ? P_WAIT_CLOSED : P_CLOSE;
+}
+
 void apus_update_role(void) {
     apus_assert_locked("apus_update_role");
     uint64_t term = interpose_leader_term();
@@ -179,6 +196,7 @@ void apus_update_role(void) {
     case P_READY:
         /* Freed clients whose CLOSE failed in this term: propose again now. */
         propose_retried_closes();
+        if (apus_snapshot_due()) cut();
         break;
     }
 }

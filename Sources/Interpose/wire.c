@@ -30,6 +30,11 @@ size_t wire_barrier(unsigned char *out) {
     return 1;
 }
 
+size_t wire_snapshot(unsigned char *out) {
+    out[0] = WIRE_SNAPSHOT;
+    return 1;
+}
+
 size_t wire_batch_start(unsigned char *out) {
     out[0] = WIRE_BATCH;
     return 1;
@@ -73,6 +78,10 @@ int wire_decode(const unsigned char *p, size_t len, wire_visit_fn visit, void *c
     case WIRE_BARRIER:
         if (len != 1) { *why = "a BARRIER entry has the wrong length"; return -1; }
         visit(ctx, WIRE_BARRIER, (conn_id){ 0, 0 }, NULL, 0);
+        return 0;
+    case WIRE_SNAPSHOT:
+        if (len != 1) { *why = "a SNAPSHOT entry has the wrong length"; return -1; }
+        visit(ctx, WIRE_SNAPSHOT, (conn_id){ 0, 0 }, NULL, 0);
         return 0;
     case WIRE_BATCH:
         if (len == 1) { *why = "a BATCH entry has no items"; return -1; }

@@ -9,6 +9,8 @@
  *                         order the server reads them; length 0xFFFFFFFF (no bytes) is that
  *                         client's end of stream, in its place in the round
  *   BARRIER               a leader's marker (readiness); every replica skips it
+ *   SNAPSHOT              a leader's cut: every replica with a snapshot protocol saves its server
+ *                         here if no connection of the log is open (snapshot.c)
  * A connection id is 16 bytes: the 64-bit random incarnation of the process that accepted it
  * and a 64-bit serial number it counts (both little-endian), so ids never wrap and processes
  * pick ids without asking one another. The ops of the earlier format (8-byte ids, ops 1-4) are
@@ -23,7 +25,7 @@ typedef struct { uint64_t inc, serial; } conn_id;
 
 static inline int conn_id_eq(conn_id a, conn_id b) { return a.inc == b.inc && a.serial == b.serial; }
 
-enum { WIRE_OPEN = 0x11, WIRE_CLOSE = 0x13, WIRE_BATCH = 0x14, WIRE_BARRIER = 0x15 };
+enum { WIRE_OPEN = 0x11, WIRE_CLOSE = 0x13, WIRE_BATCH = 0x14, WIRE_BARRIER = 0x15, WIRE_SNAPSHOT = 0x16 };
 /* What the decoder reports per item: the ops above, plus a BATCH's items. */
 enum { WIRE_ITEM_DATA = 0x21, WIRE_ITEM_END = 0x22 };
 
@@ -36,13 +38,15 @@ enum { WIRE_ITEM_DATA = 0x21, WIRE_ITEM_END = 0x22 };
 size_t wire_control(unsigned char *out, int op, conn_id id);
 /* A BARRIER entry into `out` (1 byte); returns the length. */
 size_t wire_barrier(unsigned char *out);
+/* A SNAPSHOT entry into `out` (1 byte); returns the length. */
+size_t wire_snapshot(unsigned char *out);
 /* Starts a BATCH entry in `out`; returns the offset of its first item. */
 size_t wire_batch_start(unsigned char *out);
 /* Appends one item at `off` (room for WIRE_ITEM_HEADER_BYTES + len): bytes, or the client's end
  * of stream when `data` is NULL. Returns the offset after it. */
 size_t wire_batch_item(unsigned char *out, size_t off, conn_id id, const void *data, size_t len);
 
-/* Receives one decoded item: `op` is WIRE_OPEN, WIRE_CLOSE, WIRE_BARRIER, WIRE_ITEM_DATA (with
+/* Receives one decoded item: `op` is WIRE_OPEN, WIRE_CLOSE, WIRE_BARRIER, WIRE_SNAPSHOT, WIRE_ITEM_DATA (with
  * bytes) or WIRE_ITEM_END; `data` points into the entry. */
 typedef void (*wire_visit_fn)(void *ctx, int op, conn_id id, const unsigned char *data, size_t len);
 

@@ -14,10 +14,13 @@ final class CallbackStateMachine: StateMachine, @unchecked Sendable {
     let deliver: interpose_deliver_fn?
     /// The callback's context pointer as an integer (it is only passed back to C).
     let context: UInt
+    /// The shim's function that loads a server snapshot's file (APUS mode with a snapshot protocol).
+    let restoreFile: RestoreFunction?
 
-    init(deliver: interpose_deliver_fn?, context: UInt) {
+    init(deliver: interpose_deliver_fn?, context: UInt, restore: RestoreFunction? = nil) {
         self.deliver = deliver
         self.context = context
+        self.restoreFile = restore
     }
 
     func apply(_ command: [UInt8], index: LogIndex) -> [UInt8] {
@@ -33,14 +36,21 @@ final class CallbackStateMachine: StateMachine, @unchecked Sendable {
     /// The C program's state cannot be read from here, so there is nothing to query.
     func query(_ query: [UInt8]) -> [UInt8] { [] }
 
-    /// Never called: the runtime turns compaction off (the C program's state cannot be captured),
-    /// so a replica that starts over rebuilds its program's state from the whole log.
+    /// Never called: the node does not snapshot on its own (a C program's state cannot be
+    /// captured at an index the node picks). Snapshots come from the shim's server instead, at
+    /// SNAPSHOT entries (`interpose_apus_snapshot_taken`).
     func snapshot() -> [UInt8] { [] }
 
+    /// A server snapshot (after a restart, or from a peer): checked, then handed to the shim,
+    /// which loads it into its server before it replays the entries after `index`.
     func restore(_ snapshot: [UInt8], index: LogIndex) throws {
-        guard snapshot.isEmpty else {
-            throw NodeError.storage("a snapshot at index \(index) arrived, but a C program's state cannot be restored from one")
+        guard !snapshot.isEmpty else { return }
+        guard let restoreFile else {
+            throw NodeError.storage("a snapshot at index \(index) arrived, but this replica has no snapshot protocol to load it into its program: set the same INTERPOSE_SNAPSHOT and INTERPOSE_SNAPSHOT_FILE on every replica (docs/design/interpose.md, \"Snapshots\")")
         }
+        let file = try ServerSnapshot.file(in: snapshot, index: index)
+        let rc = file.withUnsafeBytes { restoreFile(index, $0.baseAddress, $0.count) }
+        guard rc == 0 else { throw NodeError.storage("the shim could not take the server snapshot at index \(index) (\(file.count) bytes) to load") }
     }
 
     /// The proposer's log index, from `apply`'s result.

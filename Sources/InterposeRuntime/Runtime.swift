@@ -14,6 +14,7 @@ final class Runtime: Sendable {
         var phase: Phase = .idle
         var deliver: interpose_deliver_fn?
         var context: UInt = 0
+        var restore: RestoreFunction?
     }
 
     let state = Mutex(State())
@@ -34,14 +35,24 @@ final class Runtime: Sendable {
         }
     }
 
+    func setRestore(_ fn: RestoreFunction?) -> Int32 {
+        state.withLock { s in
+            guard case .idle = s.phase else {
+                return fail(INTERPOSE_ESTATE, "interpose_apus_set_restore: call it before interpose_init")
+            }
+            s.restore = fn
+            return INTERPOSE_OK
+        }
+    }
+
     /// Loads the config and starts the replica; blocks the calling (C) thread until it serves.
     func start(configPath: String) -> Int32 {
-        let claimed: (interpose_deliver_fn?, UInt)? = state.withLock { s in
+        let claimed: (interpose_deliver_fn?, UInt, RestoreFunction?)? = state.withLock { s in
             guard case .idle = s.phase else { return nil }
             s.phase = .starting
-            return (s.deliver, s.context)
+            return (s.deliver, s.context, s.restore)
         }
-        guard let (deliver, context) = claimed else {
+        guard let (deliver, context, restore) = claimed else {
             return fail(INTERPOSE_ESTATE, "interpose_init: a replica was already started in this process")
         }
         var config: NodeConfig
@@ -51,12 +62,14 @@ final class Runtime: Sendable {
             state.withLock { $0.phase = .idle }
             return fail(INTERPOSE_ECONFIG, "interpose_init: \(error)")
         }
-        // The program's state cannot be captured in a snapshot, so the log is never compacted.
+        // The node never snapshots on its own: a C program's state cannot be captured at an index
+        // the node picks. The shim compacts through the server's own snapshots, taken at SNAPSHOT
+        // entries (`interpose_apus_snapshot_taken`); without a snapshot protocol nothing does.
         config.compactEveryEntries = Int.max / 2
         config.compactEveryBytes = Int.max / 2
         var logger = Logger(label: "interpose.\(config.id)") { StreamLogHandler.standardError(label: $0) }
         logger.logLevel = ProcessInfo.processInfo.environment["INTERPOSE_LOG_LEVEL"].flatMap(Logger.Level.init(rawValue:)) ?? .notice
-        let machine = CallbackStateMachine(deliver: deliver, context: context)
+        let machine = CallbackStateMachine(deliver: deliver, context: context, restore: restore)
         let (finalConfig, finalLogger) = (config, logger)
         let result = Blocking.run {
             try await ReplicaServer.start(config: finalConfig, stateMachine: machine, logger: finalLogger)

@@ -15,6 +15,11 @@ extension EndToEnd {
             let library: String
             var ports: [NodeID: Int] = [:]
             var processes: [NodeID: Process] = [:]
+            /// With a value, every Redis runs with `INTERPOSE_SNAPSHOT=redis` and this many bytes of
+            /// log between snapshots (its file: dump.rdb in its dir).
+            var snapshotBytes: Int?
+            /// More redis-server arguments for every replica.
+            var redisArgs: [String] = []
 
             init(_ name: String) throws {
                 guard FileManager.default.isExecutableFile(atPath: "/usr/bin/redis-server") else {
@@ -30,7 +35,8 @@ extension EndToEnd {
             func socketPath(_ id: NodeID) -> String { root + "/redis-\(id).sock" }
 
             /// Starts replica `id`'s Redis; `fdLimit` runs it under `prlimit --nofile=N:N` (soft and hard).
-            func start(_ id: NodeID, fdLimit: Int? = nil, environment: [String: String] = [:]) throws {
+            /// `args`: more redis-server arguments for this start only.
+            func start(_ id: NodeID, fdLimit: Int? = nil, environment: [String: String] = [:], args: [String] = []) throws {
                 let dir = root + "/redis-\(id)"
                 try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
                 let (program, prefix) = fdLimit.map { ("/usr/bin/prlimit", ["--nofile=\($0):\($0)", "/usr/bin/redis-server"]) }
@@ -39,10 +45,16 @@ extension EndToEnd {
                     "--port", String(ports[id]!), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
                     "--unixsocket", socketPath(id), "--unixsocketperm", "700", "--enable-debug-command", "local",
                     "--daemonize", "no", "--dir", dir,
-                ], log: root + "/redis-\(id).log", environment: [
+                ] + redisArgs + args, log: root + "/redis-\(id).log", environment: [
                     "LD_PRELOAD": library, "INTERPOSE_CONFIG": cluster.configPath(id), "INTERPOSE_PORT": String(ports[id]!),
                     "INTERPOSE_LOG_LEVEL": "info",
-                ].merging(environment) { $1 })
+                ].merging(snapshotEnvironment(id)) { $1 }.merging(environment) { $1 })
+            }
+
+            func snapshotEnvironment(_ id: NodeID) -> [String: String] {
+                guard let bytes = snapshotBytes else { return [:] }
+                return ["INTERPOSE_SNAPSHOT": "redis", "INTERPOSE_SNAPSHOT_FILE": root + "/redis-\(id)/dump.rdb",
+                        "INTERPOSE_SNAPSHOT_BYTES": String(bytes)]
             }
 
             func kill(_ id: NodeID) { if let p = processes.removeValue(forKey: id) { InterposeHarness.kill9(p) } }
@@ -85,7 +97,7 @@ extension EndToEnd {
                     let text = (try? String(contentsOfFile: root + "/redis-\(id).log", encoding: .utf8)) ?? ""
                     let status = cluster.status(id)
                     let local = try? RespClient(unixPath: socketPath(id))
-                    let keys = (try? local?.call("DBSIZE")).map { "\($0!)" } ?? "-"
+                    let keys = (try? local?.call("DBSIZE")).flatMap { $0 }.map { "\($0)" } ?? "-"
                     return "redis \(id) (role \(status["role"] ?? "-"), applied \(status["applied_index"] ?? "-") of \(status["commit_index"] ?? "-"), keys \(keys)):\n"
                         + text.split(separator: "\n").suffix(8).map { "  " + $0 }.joined(separator: "\n")
                 }.joined(separator: "\n")
@@ -93,13 +105,16 @@ extension EndToEnd {
         }
 
         static func withRedis(_ name: String, fdLimit: Int? = nil, environment: [String: String] = [:],
+                              snapshotBytes: Int? = nil, redisArgs: [String] = [], startReplicas: Bool = true,
                               _ body: @escaping @Sendable (ShimmedRedis, Checks) throws -> Void) async throws {
             let checks = Checks()
             defer { checks.recordIssues() }
             try await onOwnThread {
                 let r = try ShimmedRedis(name)
+                r.snapshotBytes = snapshotBytes
+                r.redisArgs = redisArgs
                 defer { r.stopAll() }
-                for id in r.cluster.ids { try r.start(id, fdLimit: fdLimit, environment: environment) }
+                if startReplicas { for id in r.cluster.ids { try r.start(id, fdLimit: fdLimit, environment: environment) } }
                 try body(r, checks)
                 r.stopAll()
                 if !checks.hasFailures { try? FileManager.default.removeItem(atPath: r.root) }

@@ -272,6 +272,9 @@ extension ReplicaNode {
     }
 
     func compact(through applied: LogIndex, _ data: [UInt8]) {
+        // Only what was applied (a witness: what every voter holds). The node's own
+        // compactions always are; this refuses a bad `compact(through:snapshot:)`.
+        guard applied <= replica.compactableIndex else { return }
         // Compaction trades log for snapshot; a snapshot that alone reaches the trigger leaves
         // nothing to trade, and the log would fill up next.
         if let trigger = compactAtBytes, let cap = log.capacityBytes, data.count >= trigger {
@@ -355,9 +358,14 @@ extension ReplicaNode {
                 appendedThrough = min(appendedThrough, t - 1)
             }
             if let s = p.snapshot {
-                try snapshots.save(s)
+                // On the snapshot queue, after any compaction still being saved there: two saves
+                // at once would race on the store's file (a follower that compacts its own prefix
+                // while the leader's snapshot arrives: `snapshot.bin.tmp` renamed away under it).
+                try snapshotQueue.sync { [snapshots, log] in
+                    try snapshots.save(s)
+                    try log.compactPrefix(through: s.index, ballot: s.ballot)
+                }
                 snapshotBytes = s.data.count
-                try log.compactPrefix(through: s.index, ballot: s.ballot)
                 appendedThrough = max(appendedThrough, s.index)
             }
             if let h = p.hardState { try log.saveHardState(h) }

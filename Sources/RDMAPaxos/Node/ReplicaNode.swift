@@ -189,6 +189,15 @@ public final class ReplicaNode: @unchecked Sendable {
         if !enqueue(.propose(queued)) { completion(.failure(NodeError.stopped)) }
     }
 
+    /// Compacts the log through `index`, with `snapshot` as the state machine's state right
+    /// after applying it: for a state machine whose state can be captured only at points of its
+    /// own choosing, later than it applied them (the interpose runtime's server snapshots, taken
+    /// at a log entry every replica replays; docs/design/interpose.md, "Snapshots"). `index` must
+    /// have been applied here; one at or below the latest snapshot's is ignored.
+    public func compact(through index: LogIndex, snapshot: [UInt8]) {
+        _ = enqueue(.snapshotTaken(index, snapshot))
+    }
+
     /// A linearizable read: answered from this replica's state machine after the leader
     /// confirmed its leadership with a quorum (read-index). Leader only.
     public func read(_ query: [UInt8]) async throws -> [UInt8] {

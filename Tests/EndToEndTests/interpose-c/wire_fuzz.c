@@ -4,7 +4,7 @@
  *   wire_fuzz SEED ITERATIONS
  *
  * Each iteration builds a random valid entry (BATCH items with bytes or ends of stream, OPEN,
- * CLOSE, BARRIER) and checks that it decodes to exactly what went in; then mutates it (flipped
+ * CLOSE, BARRIER, SNAPSHOT) and checks that it decodes to exactly what went in; then mutates it (flipped
  * bytes, cut short, grown, random lengths) and checks that the decoder either rejects it without
  * visiting anything or visits items that lie inside it. Prints "ok N" or the first "FAIL ...". */
 #include <stdio.h>
@@ -47,10 +47,12 @@ static size_t build(unsigned char *out, struct want *want, int *nwant, unsigned 
         *nwant = 1;
         return wire_control(out, op, id);
     }
-    case 1:
-        want[0] = (struct want){ WIRE_BARRIER, { 0, 0 }, NULL, 0 };
+    case 1: {
+        int snapshot = (int)below(2);
+        want[0] = (struct want){ snapshot ? WIRE_SNAPSHOT : WIRE_BARRIER, { 0, 0 }, NULL, 0 };
         *nwant = 1;
-        return wire_barrier(out);
+        return snapshot ? wire_snapshot(out) : wire_barrier(out);
+    }
     default: {
         size_t off = wire_batch_start(out);
         int n = 1 + (int)below(MAX_ITEMS);
