@@ -133,6 +133,11 @@ final class VMCluster {
         }
     }
 
+    /// Stops replica `id` as an operator would (SIGTERM, then SIGKILL after 5 s).
+    func stop(_ id: NodeID) {
+        if let p = processes.removeValue(forKey: id) { ChildProcesses.stop(p) }
+    }
+
     /// kill -9 the replica and every QEMU it started.
     func kill(_ id: NodeID) {
         if let p = processes.removeValue(forKey: id) {

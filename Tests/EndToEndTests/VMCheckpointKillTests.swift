@@ -2,7 +2,7 @@ import Foundation
 import PloverCheck
 import RDMAPaxos
 import Testing
-import VMReplica
+@testable import VMReplica
 @testable import plover
 
 /// Atomic checkpoints under load: a replica killed (process and QEMUs, SIGKILL) at each phase of
@@ -175,6 +175,18 @@ extension EndToEnd {
                     primary = backup
                 }
                 checks.expect(load.timedOut.isEmpty, "requests left unanswered for 10 s: \(load.timedOut.prefix(3))")
+                // Nothing grows per checkpoint: a backup starts a QEMU for each, and keeps the
+                // logs of the last four only.
+                for id: NodeID in [1, 2] {
+                    let files = (try? FileManager.default.contentsOfDirectory(atPath: cluster.runDir(id))) ?? []
+                    let logs = files.filter { $0.hasPrefix("qemu-") && $0.hasSuffix(".log") }
+                    checks.expect(logs.count <= 2 * VMReplicator.qemuLogsKept, "node \(id)'s run directory holds \(logs.count) QEMU logs: \(logs.sorted())")
+                }
+                // A replica stopped with SIGTERM removes its RAM file from /dev/shm.
+                let ram = cluster.ramFile(primary)
+                checks.expect(FileManager.default.fileExists(atPath: ram), "the running primary has no RAM file at \(ram)")
+                cluster.stop(primary)
+                checks.expect(!FileManager.default.fileExists(atPath: ram), "node \(primary) stopped and left its RAM file \(ram)")
             }
         }
     }
