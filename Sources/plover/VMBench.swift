@@ -198,8 +198,7 @@ struct VMBench: ParsableCommand {
         let num = { (c: [String: String], k: String) in Double(c[k] ?? "") ?? 0 }
         let mean = { (v: [Double]) in v.isEmpty ? Double.nan : v.reduce(0, +) / Double(v.count) }
         var s = "# VM replication benchmark\n\n"
-        s += "Machine: \(machine.cores) cores, \(machine.cpu), kernel \(machine.kernel), \(qemu), \(machine.date)"
-        s += machine.busyBefore.map { String(format: "; %.0f%% of the cores were busy with other work in the second before the run.\n\n", $0 * 100) } ?? ".\n\n"
+        s += vmMachineLine(machine, qemu: qemu)
         s += "\(ProcessInfo.processInfo.activeProcessorCount) cores shared by both QEMUs (TCG), three replica processes and the client; "
         s += "128 MiB guest; `plover bench vm --requests \(requests) --clients \(clientCounts(results))`; each client sends its next request when the previous one is answered.\n\n"
         s += "## Client request latency (ms)\n\n| workload | clients | configuration | requests | p50 | p90 | p99 | max |\n|---|---|---|---|---|---|---|---|\n"

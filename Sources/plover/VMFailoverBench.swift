@@ -124,8 +124,7 @@ struct VMFailoverBench: ParsableCommand {
         func f(_ x: Double) -> String { String(format: "%.0f", x) }
         let times = rounds.map { ms($0.failover) }.sorted()
         var s = "# VM failover under load\n\n"
-        s += "Machine: \(machine.cores) cores, \(machine.cpu), kernel \(machine.kernel), \(qemu), \(machine.date)"
-        s += machine.busyBefore.map { String(format: "; %.0f%% of the cores were busy with other work in the second before the run.\n\n", $0 * 100) } ?? ".\n\n"
+        s += vmMachineLine(machine, qemu: qemu)
         s += "`\(command)`: \(load.clients) closed-loop clients through both fronts, checkpoints back to back, 128 MiB guest under TCG; "
         s += "each round kill -9s the primary's replica process and its QEMUs 1–3 s after the backup is protected, then restarts the killed replica.\n\n"
         s += "| kill | node killed | kill → first answer (ms) | restart → re-protected (s) |\n|---|---|---|---|\n"
@@ -144,16 +143,24 @@ struct VMFailoverBench: ParsableCommand {
     }
 }
 
-/// Builds (or finds cached) the test guest; returns its directory. Run from the repository root.
-func buildVMGuest() throws -> String {
+/// Builds (or finds cached) the test guest with `root`/scripts/build-vm-guest.sh (into `cache`, or
+/// the script's default); returns its directory.
+func buildVMGuest(root: String = ".", cache: String? = nil) throws -> String {
     let p = Process()
     p.executableURL = URL(fileURLWithPath: "/bin/bash")
-    p.arguments = ["scripts/build-vm-guest.sh"]
+    p.arguments = [root + "/scripts/build-vm-guest.sh"] + (cache.map { [$0] } ?? [])
     let pipe = Pipe()
     p.standardOutput = pipe
     try p.run()
     let text = String(decoding: pipe.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
     p.waitUntilExit()
-    guard p.terminationStatus == 0 else { throw CLIError("scripts/build-vm-guest.sh failed; run from the repository root") }
+    guard p.terminationStatus == 0 else { throw CLIError("scripts/build-vm-guest.sh failed (status \(p.terminationStatus)); run from the repository root") }
     return text.trimmingCharacters(in: .whitespacesAndNewlines)
+}
+
+/// "Machine: ..." of a VM benchmark's results, ending with a blank line.
+func vmMachineLine(_ machine: MachineDescription, qemu: String) -> String {
+    var s = "Machine: \(machine.cores) cores, \(machine.cpu), kernel \(machine.kernel), \(qemu), \(machine.date)"
+    s += machine.busyBefore.map { String(format: "; %.0f%% of the cores were busy with other work in the second before the run.\n\n", $0 * 100) } ?? ".\n\n"
+    return s
 }

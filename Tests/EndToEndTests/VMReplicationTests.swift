@@ -25,16 +25,7 @@ extension EndToEnd {
 
         /// Builds (or finds cached) the guest kernel and initramfs; returns their directory.
         static func buildGuest() throws -> String {
-            let p = Process()
-            p.executableURL = URL(fileURLWithPath: "/bin/bash")
-            p.arguments = [repoRoot + "/scripts/build-vm-guest.sh", repoRoot + "/build/cache/vm-guest"]
-            let out = Pipe()
-            p.standardOutput = out
-            try p.run()
-            let text = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-            p.waitUntilExit()
-            guard p.terminationStatus == 0 else { throw CLIError("scripts/build-vm-guest.sh failed (status \(p.terminationStatus))") }
-            return text.trimmingCharacters(in: .whitespacesAndNewlines)
+            try plover.buildVMGuest(root: repoRoot, cache: repoRoot + "/build/cache/vm-guest")
         }
 
         @Test(needsQEMU, .timeLimit(.minutes(5)))
