@@ -48,7 +48,8 @@ public struct Replica: Sendable {
     public internal(set) var appliedIndex: LogIndex
     /// Configuration in force: the last membership entry in the log, else the snapshot's.
     public internal(set) var membership: Membership
-    var membershipIndex: LogIndex
+    /// Index of the entry that holds `membership` (the snapshot's index when it came from there).
+    public internal(set) var membershipIndex: LogIndex
     /// Configuration at the snapshot point, and the snapshot's bytes (sent to lagging followers).
     var snapshotMembership: Membership
     var snapshotData: [UInt8]
@@ -87,6 +88,17 @@ public struct Replica: Sendable {
 
     // Leadership.
     var progress: [NodeID: Progress] = [:]
+    /// Members the leader's configuration dropped, told so with its heartbeats once that
+    /// configuration commits.
+    var departed: [NodeID: Departed] = [:]
+    struct Departed: Sendable {
+        var index: LogIndex
+        var heartbeatsLeft: Int
+    }
+    /// How many heartbeats tell a removed member it was removed.
+    public static let departedHeartbeats = 50
+    /// `Event.removedFromCluster` was reported (once per start).
+    var removalReported = false
     var uncommittedBytes = 0
     var transferTarget: NodeID?
     var transferElapsed = 0

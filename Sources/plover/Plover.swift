@@ -11,6 +11,7 @@ struct Plover: AsyncParsableCommand {
             KV.self,
             Demo.self,
             Status.self,
+            MemberCommand.self,
             Simulate.self,
             BenchCommand.self,
             StableLogWriterCommand.self,
