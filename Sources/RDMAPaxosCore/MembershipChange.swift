@@ -36,9 +36,11 @@ public enum MembershipChange: Hashable, Sendable, CustomStringConvertible {
 public enum MembershipRefusal: Error, Hashable, Sendable, CustomStringConvertible {
     /// Only the leader changes the configuration.
     case notLeader(member: NodeID, leader: NodeID?)
-    /// The configuration at `index` is not committed yet (or the leader has not committed an entry
-    /// of its own ballot yet): one change at a time.
+    /// The configuration at `index` is not committed yet: one change at a time.
     case changeInProgress(member: NodeID, index: LogIndex)
+    /// A new leader has not committed an entry of its own ballot yet, so it cannot know whether a
+    /// configuration it holds is the last one (`ReplicaNode` waits for it instead of refusing).
+    case leaderNotReady(member: NodeID)
     /// Leadership is moving to `to`; ask there.
     case transferInProgress(member: NodeID, to: NodeID)
     /// `member` is not in the configuration.
@@ -59,6 +61,7 @@ public enum MembershipRefusal: Error, Hashable, Sendable, CustomStringConvertibl
             "cannot change node \(m): this replica is not the leader" + (l.map { "; the leader is node \($0)" } ?? "; no leader known yet")
         case let .changeInProgress(m, i):
             "cannot change node \(m): the membership change at index \(i) is not committed yet; one change at a time, retry once it commits"
+        case let .leaderNotReady(m): "cannot change node \(m) yet: the new leader has not committed its first entry; retry in a moment"
         case let .transferInProgress(m, t): "cannot change node \(m): leadership is moving to node \(t); retry there"
         case let .unknownMember(m, ms): "node \(m) is not a member (members: \(ms.map(String.init).joined(separator: ", ")))"
         case let .alreadyMember(m, r): "node \(m) is already a member (\(r))"
@@ -81,8 +84,10 @@ public struct MembershipSituation: Sendable, Hashable {
     public var me: NodeID
     /// The leader this replica knows of; itself when leading.
     public var leader: NodeID?
-    /// Index of a configuration (or of the new leader's first entry) not committed yet, if any.
+    /// Index of a configuration not committed yet, if any.
     public var pendingIndex: LogIndex?
+    /// The leader has committed an entry of its own ballot.
+    public var leaderReady: Bool
     /// A leadership transfer in progress, to this node.
     public var transferTarget: NodeID?
     /// Members the leader heard from recently (itself not included).
@@ -97,13 +102,14 @@ public struct MembershipSituation: Sendable, Hashable {
     public var nodeIDMax: NodeID?
 
     /// A situation with every field given.
-    public init(membership: Membership, me: NodeID, leader: NodeID?, pendingIndex: LogIndex?, transferTarget: NodeID?,
+    public init(membership: Membership, me: NodeID, leader: NodeID?, pendingIndex: LogIndex?, leaderReady: Bool = true, transferTarget: NodeID?,
                 reachable: Set<NodeID>, match: [NodeID: LogIndex], lastIndex: LogIndex, catchUpEntriesMax: LogIndex,
                 nodeIDMax: NodeID?) {
         self.membership = membership
         self.me = me
         self.leader = leader
         self.pendingIndex = pendingIndex
+        self.leaderReady = leaderReady
         self.transferTarget = transferTarget
         self.reachable = reachable
         self.match = match
@@ -141,6 +147,7 @@ extension MembershipChange {
         guard s.leader == s.me else { return .failure(.notLeader(member: id, leader: s.leader)) }
         if let t = s.transferTarget { return .failure(.transferInProgress(member: id, to: t)) }
         if let i = s.pendingIndex { return .failure(.changeInProgress(member: id, index: i)) }
+        guard s.leaderReady else { return .failure(.leaderNotReady(member: id)) }
         let current = s.membership
         var next = current.members
         let ids = current.members.map(\.id)
@@ -178,7 +185,7 @@ extension MembershipChange {
             guard let m = current.member(id) else { return .failure(.unknownMember(member: id, members: ids)) }
             guard m.role == .learner else { return .failure(.invalid(member: id, reason: "only a learner can be promoted; it is a \(m.role)")) }
             let match = s.match[id] ?? 0
-            guard s.reachable.contains(id), match + s.catchUpEntriesMax >= s.lastIndex else {
+            guard s.reachable.contains(id), match > 0, match + s.catchUpEntriesMax >= s.lastIndex else {
                 return .failure(.learnerNotCaughtUp(member: id, match: match, lastIndex: s.lastIndex))
             }
             next = next.map { $0.id == id ? Member(id: id, role: .voter, priority: max(1, $0.priority), peerAddress: $0.peerAddress, clientAddress: $0.clientAddress) : $0 }
@@ -217,12 +224,12 @@ extension Replica {
     /// What this replica knows that `MembershipChange.plan(in:)` weighs (`catchUpEntriesMax` and
     /// `nodeIDMax` come from the caller).
     public func membershipSituation(catchUpEntriesMax: LogIndex, nodeIDMax: NodeID?) -> MembershipSituation {
-        var pending: LogIndex?
-        if role == .leader {
-            if membershipIndex > commitIndex { pending = membershipIndex } else if log.ballot(at: commitIndex) != promised { pending = log.lastIndex }
-        }
-        let reachable = Set(progress.filter { $0.value.counts && ($0.value.recentActive || $0.value.silentPeriods == 0) }.keys)
-        return MembershipSituation(membership: membership, me: id, leader: leader, pendingIndex: pending, transferTarget: transferTarget,
+        let pending: LogIndex? = role == .leader && membershipIndex > commitIndex ? membershipIndex : nil
+        // Heard from in this check-quorum period, or in the last one and holding some of our log
+        // (a member added a moment ago and never heard from is not reachable).
+        let reachable = Set(progress.filter { $0.value.counts && ($0.value.recentActive || $0.value.silentPeriods == 0 && $0.value.match > 0) }.keys)
+        return MembershipSituation(membership: membership, me: id, leader: leader, pendingIndex: pending,
+                                   leaderReady: role == .leader && log.ballot(at: commitIndex) == promised, transferTarget: transferTarget,
                                    reachable: reachable, match: progress.mapValues(\.match), lastIndex: log.lastIndex,
                                    catchUpEntriesMax: catchUpEntriesMax, nodeIDMax: nodeIDMax)
     }

@@ -180,7 +180,7 @@ public struct NodeConfig: Sendable, Equatable {
             c.nodeIDMax = try t.int("node_id_max", default: c.nodeIDMax, range: 2...64)
             try t.finish()
         }
-        for var m in try r.tableArray("members") {
+        for var m in try requireMembers || r.value("members") != nil ? r.tableArray("members") : [] {
             let id = try m.nodeID("id")
             let role: MemberRole = try m.choice("role", default: .voter, names: MemberRole.allCases.map(\.description)) { name in
                 MemberRole.allCases.first { $0.description == name }

@@ -420,6 +420,7 @@ extension ReplicaNode {
         proposals = [:]
         displaced = [:]
         reads = [:]
+        failMembershipWork(error)
     }
 
     func publishStatus() {

@@ -30,6 +30,8 @@ public struct MembershipAnswer: Sendable, Equatable, CustomStringConvertible {
 
 /// Node-thread state of membership work (`ReplicaNode.membershipWork`).
 struct MembershipWork {
+    /// Changes that reached a leader before it committed its first entry, retried every tick.
+    var waiting: [(change: MembershipChange, deadline: Int, continuation: CheckedContinuation<MembershipAnswer, any Error>)] = []
     /// Removals of this (leading) replica waiting for leadership to move.
     var handOvers: [(change: MembershipChange, target: NodeID, deadline: Int, continuation: CheckedContinuation<MembershipAnswer, any Error>)] = []
     /// Removed members still reachable until this tick, so that they can hear they were removed.
@@ -69,9 +71,15 @@ extension ReplicaNode {
 
     // MARK: Node thread
 
-    func changeMembership(_ change: MembershipChange, _ c: CheckedContinuation<MembershipAnswer, any Error>) {
+    func changeMembership(_ change: MembershipChange, _ c: CheckedContinuation<MembershipAnswer, any Error>, deadline: Int? = nil) {
         let s = replica.membershipSituation(catchUpEntriesMax: options.catchUpEntriesMax, nodeIDMax: options.nodeIDMax)
-        switch change.plan(in: s) {
+        let plan = change.plan(in: s)
+        if case .failure(.leaderNotReady) = plan, (deadline ?? .max) > tickCount {
+            // A leader just elected commits its first entry within a round trip: wait for it.
+            membershipWork.waiting.append((change, deadline ?? tickCount + options.requestTimeoutTicks, c))
+            return
+        }
+        switch plan {
         case let .failure(r):
             let e: NodeError = if case let .notLeader(_, l) = r { .notLeader(leader: l) } else { .membershipRefused(r) }
             completions.append { c.resume(throwing: e) }
@@ -112,6 +120,11 @@ extension ReplicaNode {
     /// Once a tick: answers removals waiting on a hand-over, and forgets removed peers whose
     /// grace period ended.
     func tickMembership() {
+        if !membershipWork.waiting.isEmpty {
+            let again = membershipWork.waiting
+            membershipWork.waiting = []
+            for w in again { changeMembership(w.change, w.continuation, deadline: w.deadline) }
+        }
         if !membershipWork.handOvers.isEmpty {
             var waiting = membershipWork.handOvers
             waiting.removeAll { h in
@@ -134,6 +147,14 @@ extension ReplicaNode {
             for n in over { membershipWork.departing[n] = nil }
             transport.updatePeers(connect: [], disconnect: over)
         }
+    }
+
+    /// Fails membership requests still waiting (the node stopped or its log failed).
+    func failMembershipWork(_ error: NodeError) {
+        for w in membershipWork.waiting { w.continuation.resume(throwing: error) }
+        for h in membershipWork.handOvers { h.continuation.resume(throwing: error) }
+        membershipWork.waiting = []
+        membershipWork.handOvers = []
     }
 
     /// Connects to the members of `m` (the latest configuration in the log) whose addresses it
