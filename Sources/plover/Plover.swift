@@ -12,6 +12,7 @@ struct Plover: AsyncParsableCommand {
             Demo.self,
             Status.self,
             MemberCommand.self,
+            SnapshotCommand.self,
             Simulate.self,
             BenchCommand.self,
             StableLogWriterCommand.self,

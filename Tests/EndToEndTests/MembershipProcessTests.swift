@@ -153,3 +153,85 @@ extension EndToEnd {
         }
     }
 }
+
+extension EndToEnd.MembershipProcessTests {
+    /// Runs `plover ARGS` to completion: exit status and both outputs.
+    static func plover(_ c: DemoCluster, _ args: [String]) throws -> (Int32, String) {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: c.executable)
+        p.arguments = args
+        let out = Pipe()
+        p.standardOutput = out
+        p.standardError = out
+        try p.run()
+        let text = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        p.waitUntilExit()
+        return (p.terminationStatus, text)
+    }
+
+    @Test func backupRestoresIntoANewClusterOfOneThatGrowsByJoining() async throws {
+        try await EndToEnd.onCluster("member-backup") { c, checks -> Void in
+            _ = try c.waitForLeader(excluding: nil)
+            let client = NodeClient(endpoints: c.endpoints)
+            for i in 0..<50 {
+                _ = try client.propose(KeyValueStateMachine.Command.put(key: Array("k\(i)".utf8), value: Array("v\(i)".utf8)).encoded())
+            }
+            let file = c.root + "/backup.bin"
+            let list = try Self.plover(c, ["member", "list", "--endpoints", "1=\(c.endpoints[1]!)"])
+            checks.expect(list.0 == 0 && list.1.contains("(leader)") && list.1.contains(c.peers[2]!), list.1)
+            let saved = try Self.plover(c, ["snapshot", "save", "--endpoints", "1=\(c.endpoints[1]!)", file])
+            checks.expect(saved.0 == 0 && saved.1.contains("saved node"), saved.1)
+
+            // A new cluster of one member from the backup (as after losing a majority for good).
+            let root = c.root + "/new"
+            let fresh = try DemoCluster(root: root, durability: "fsync", replicas: 1, executable: c.executable)
+            defer { fresh.stopAll() }
+            let restored = try Self.plover(c, ["snapshot", "restore", "--config", fresh.configPath(1), file])
+            checks.expect(restored.0 == 0, restored.1)
+            let again = try Self.plover(c, ["snapshot", "restore", "--config", fresh.configPath(1), file])
+            checks.expect(again.0 != 0 && again.1.contains("is not empty"), "restoring twice: \(again.1)")
+            try fresh.startAll()
+            _ = try fresh.waitForLeader(excluding: nil)
+            let newClient = NodeClient(endpoints: fresh.endpoints)
+            checks.expect(try newClient.read(Array("k49".utf8)).decodedValue == "v49")
+            checks.expect(Self.members(fresh, at: 1) == "1:voter:1", Self.members(fresh, at: 1))
+
+            // It grows by joining: a learner from the restored state, promoted.
+            let two = try fresh.prepareJoiner(2)
+            _ = try Self.change(fresh, .add(two))
+            try fresh.startJoining(2, via: 1)
+            _ = try Self.change(fresh, .promote(2))
+            _ = try newClient.propose(KeyValueStateMachine.Command.put(key: Array("after".utf8), value: Array("restore".utf8)).encoded())
+            try fresh.waitConverged()
+            let both = NodeClient(endpoints: fresh.endpoints)
+            checks.expect(try both.localRead(Array("k0".utf8), at: 2).decodedValue == "v0")
+            checks.expect(try both.localRead(Array("after".utf8), at: 2).decodedValue == "restore")
+        }
+    }
+
+    @Test func sigtermOnTheLeaderHandsLeadershipOverBeforeStopping() async throws {
+        try await EndToEnd.onCluster("member-sigterm") { c, checks -> Void in
+            let leader = try c.waitForLeader(excluding: nil)
+            let load = DemoLoad(endpoints: c.endpoints, clients: 2)
+            load.start()
+            Thread.sleep(forTimeInterval: 0.5)
+            c.stop(leader)
+            let next = try c.waitForLeader(excluding: leader)
+            Thread.sleep(forTimeInterval: 0.3)
+            load.stop()
+            let log = (try? String(contentsOfFile: c.logPath(leader), encoding: .utf8)) ?? ""
+            checks.expect(log.contains("handed leadership to node \(next) before stopping"), "log of node \(leader):\n\(log.suffix(800))")
+            checks.expect(load.acknowledged > 20, "the load made too little progress")
+            try Self.expectEveryWrite(load.ackedWrites, on: c.ids.filter { $0 != leader }, in: c, checks)
+        }
+    }
+
+    static func expectEveryWrite(_ acked: [String: String], on ids: [NodeID], in c: DemoCluster, _ checks: Checks) throws {
+        try c.waitConverged()
+        let client = NodeClient(endpoints: c.endpoints)
+        for id in ids {
+            let missing = try acked.filter { try client.localRead(Array($0.key.utf8), at: id).decodedValue != $0.value }.count
+            checks.expect(missing == 0, "\(missing) acknowledged writes missing on node \(id)")
+        }
+    }
+}

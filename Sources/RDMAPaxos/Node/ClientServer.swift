@@ -64,7 +64,7 @@ final class ClientFrameHandler: ChannelInboundHandler {
         case let .configuration(id):
             let s = node.status
             reply(.ok(id: id, result: ConfigurationReply(leader: s.leader, membership: s.membership).wireBytes), on: channel)
-        case .changeMembership:
+        case .changeMembership, .backup:
             Self.spawnAnswer(frame, node: node, on: channel)
         default:
             reply(.error(id: frame.id, code: .badRequest, leader: nil, message: "not a request"), on: channel)
@@ -84,6 +84,7 @@ final class ClientFrameHandler: ChannelInboundHandler {
             case let .read(_, query): result = try await node.read(query)
             case let .localRead(_, query): result = try await node.localRead(query)
             case let .changeMembership(_, change): result = try await node.changeMembership(change).wireBytes
+            case .backup: result = FileSnapshotStore.encode(try await node.backup())
             default: return
             }
             reply(.ok(id: id, result: result), on: channel)

@@ -45,3 +45,17 @@ extension NodeClient {
         return nextID
     }
 }
+
+extension NodeClient {
+    /// A backup of node `node`'s state machine and configuration (client request 7).
+    public func backup(of node: NodeID) throws -> Snapshot {
+        try connect(node)
+        let id = nextRequestID()
+        try send(.backup(id: id))
+        switch try receive() {
+        case let .ok(_, bytes): return try FileSnapshotStore.decode(bytes, path: "backup from node \(node)")
+        case let .error(_, _, _, message): throw Failure(description: "node \(node): \(message)")
+        default: throw Failure(description: "node \(node) sent an unexpected answer to a backup request")
+        }
+    }
+}

@@ -34,6 +34,7 @@ extension ReplicaNode {
                     completions.append { c.resume(returning: answer) }
                 case let .changeMembership(change, c): changeMembership(change, c)
                 case let .handOver(c): startHandOver(c)
+                case let .backup(c): takeBackup(c)
                 case let .transferLeadership(target, c):
                     do {
                         perform(try replica.transferLeadership(to: target))
@@ -74,6 +75,7 @@ extension ReplicaNode {
         case let .transferLeadership(_, c): c.resume(throwing: error)
         case let .changeMembership(_, c): c.resume(throwing: error)
         case let .handOver(c): c.resume(returning: nil)
+        case let .backup(c): c.resume(throwing: error)
         default: break
         }
     }

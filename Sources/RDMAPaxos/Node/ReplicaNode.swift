@@ -84,6 +84,8 @@ public final class ReplicaNode: @unchecked Sendable {
         case changeMembership(MembershipChange, CheckedContinuation<MembershipAnswer, any Error>)
         /// A graceful stop's leadership hand-over (ReplicaNode+HandOver.swift).
         case handOver(CheckedContinuation<NodeID?, Never>)
+        /// A copy of the state machine and configuration for a backup (ReplicaNode+Backup.swift).
+        case backup(CheckedContinuation<Snapshot, any Error>)
         /// A snapshot serialized off the node thread (`SnapshotCapturing`), taken at this index.
         case snapshotTaken(LogIndex, [UInt8])
         /// A compaction's snapshot was saved and the log compacted off the node thread: its
