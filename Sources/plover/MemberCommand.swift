@@ -66,6 +66,23 @@ struct MemberCommand: ParsableCommand {
     }
 }
 
+extension ClusterOptions {
+    /// The members of the live configuration (asked of the first replica of `given` that answers),
+    /// with their client addresses; `given` when none answers or it records no addresses. A config
+    /// file's `[[members]]` only bootstrapped the cluster: members may have been added or removed.
+    func resolveLive(_ given: [NodeID: String]) -> [NodeID: String] {
+        for id in given.keys.sorted() {
+            guard let reply = try? NodeClient(endpoints: given, timeout: .seconds(1)).configuration(of: id) else { continue }
+            var live: [NodeID: String] = [:]
+            for m in reply.membership.members {
+                if let a = m.clientAddress.isEmpty ? given[m.id] : m.clientAddress { live[m.id] = a }
+            }
+            return live.isEmpty ? given : live
+        }
+        return given
+    }
+}
+
 /// A client of the cluster whose endpoints are those given plus every member's client address in
 /// the configuration the first answering replica follows (a config file's members may be stale).
 func discover(_ options: ClusterOptions) throws -> (NodeClient, ConfigurationReply) {

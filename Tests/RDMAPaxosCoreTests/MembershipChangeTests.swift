@@ -117,4 +117,20 @@ import Testing
             #expect(throws: DecodeError.self) { try Membership(decoding: Array(m.encoded().prefix(n))) }
         }
     }
+
+    /// A member that joined after the leader's snapshot (it is not in the snapshot's configuration)
+    /// keeps the role it joined with: a witness restores nothing from the (empty) snapshot data and
+    /// applies nothing; a learner restores the state machine.
+    @Test func aJoinerNotInTheSnapshotsConfigurationKeepsItsRole() {
+        let old = Membership([Self.member(1), Self.member(2), Self.member(3, .witness)])
+        let snapshot = Snapshot(index: 10, ballot: Ballot(term: 1, node: 1), membership: old, data: [])
+        for (role, restores) in [(MemberRole.witness, false), (.learner, true)] {
+            let joined = Membership(old.members.filter { $0.id != 3 } + [Self.member(4, role)])
+            var r = Replica(config: ReplicaConfig(id: 4), bootstrap: joined, seed: 1)
+            let a = r.receive(Message(from: 1, to: 4, ballot: Ballot(term: 1, node: 1), body: .installSnapshot(SnapshotChunk(whole: snapshot))))
+            #expect((a.restore != nil) == restores, "\(role)")
+            #expect(r.isWitness == (role == .witness), "\(role)")
+            #expect(r.commitIndex == 10)
+        }
+    }
 }

@@ -9,17 +9,16 @@ extension ReplicaNode {
     public func handOverLeadership(timeout: Duration) async -> NodeID? {
         let s = status
         guard s.role == .leader, s.failure == nil else { return nil }
-        let target: NodeID? = await withCheckedContinuation { c in
+        let started: NodeID? = await withCheckedContinuation { c in
             if !enqueue(.handOver(c)) { c.resume(returning: nil) }
         }
-        guard let target else { return nil }
+        guard started != nil else { return nil }
         let deadline = ContinuousClock.now + timeout
         while ContinuousClock.now < deadline {
             let now = status
             if now.role != .leader, let l = now.leader, l != options.replica.id { return l }
             try? await Task.sleep(for: .milliseconds(1))
         }
-        _ = target
         return nil
     }
 

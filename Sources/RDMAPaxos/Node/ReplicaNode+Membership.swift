@@ -144,7 +144,11 @@ extension ReplicaNode {
         }
         let over = membershipWork.departing.filter { $0.value <= tickCount }.map(\.key)
         if !over.isEmpty {
-            for n in over { membershipWork.departing[n] = nil }
+            for n in over {
+                membershipWork.departing[n] = nil
+                // Fenced as a deposed leader is: whatever it still has in flight fails.
+                transport.fence(n)
+            }
             transport.updatePeers(connect: [], disconnect: over)
         }
     }
