@@ -2,7 +2,7 @@
 SWIFT ?= swift
 BUILD_FLAGS ?=
 
-.PHONY: deps build test test-rdma check-docs demo simulate bench-stable-log bench-consensus bench-syncvm bench-interpose bench-vm bench-vm-failover bench-soak clean
+.PHONY: deps build test test-rdma check-docs demo simulate bench-stable-log bench-consensus bench-syncvm bench-interpose bench-vm bench-vm-failover bench-soak bench-stop-gap clean
 
 deps:
 	./scripts/install-deps.sh
@@ -81,6 +81,10 @@ bench-vm-failover: deps
 # Ten minutes of 16 clients writing 4 KiB values with fsync on one cluster: throughput, p99,
 # leader changes, RSS and disk over time (benchmarks/soak/README.md).
 SOAK_SECONDS ?= 600
+bench-stop-gap:
+	$(SWIFT) build -c release --product plover
+	.build/release/plover bench stop-gap --out benchmarks/stop-gap/results.md
+
 bench-soak: deps
 	$(SWIFT) build -c release --product plover
 	.build/release/plover bench soak --seconds $(SOAK_SECONDS) --out benchmarks/soak/results.md

@@ -128,7 +128,7 @@ final class Runtime: Sendable {
         case .notLeader: INTERPOSE_ENOTLEADER
         case .superseded: INTERPOSE_ESUPERSEDED
         case .timedOut, .outcomeUnknown: INTERPOSE_EUNKNOWN
-        case .refused: INTERPOSE_EREFUSED
+        case .refused, .membershipRefused: INTERPOSE_EREFUSED
         case .stopped, .storage, nil: INTERPOSE_ESTOPPED
         }
     }

@@ -96,6 +96,9 @@ public enum Event: Sendable, Hashable, CustomStringConvertible {
     /// known to hold; `voter` has not answered for `ticks` ticks (a warning for the operator: the
     /// witness's log grows until the voter returns or is removed).
     case witnessCompactionHeldBack(voter: NodeID, index: LogIndex, ticks: Int)
+    /// This replica is not a member of the configuration committed at `index`, as leader `leader`
+    /// says: it was removed and should stop (the runtime logs it and stops serving).
+    case removedFromCluster(leader: NodeID, index: LogIndex)
 
     public var description: String {
         switch self {
@@ -110,6 +113,7 @@ public enum Event: Sendable, Hashable, CustomStringConvertible {
         case let .recovered(l, i): "recovered from leader \(l) through \(i)"
         case let .memberRecovering(m, b): "member \(m) is recovering lost state; it counts again once \(b) commits"
         case let .witnessCompactionHeldBack(v, i, t): "witness compaction held back at \(i) by voter \(v), not heard from in \(t) ticks"
+        case let .removedFromCluster(l, i): "removed from the cluster by the configuration at index \(i) (leader \(l))"
         }
     }
 }

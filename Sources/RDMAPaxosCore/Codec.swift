@@ -94,34 +94,6 @@ public struct ByteReader: Sendable {
     }
 }
 
-extension Membership {
-    /// The configuration as bytes: a u16 count, then per member its id (u32), role and priority (u8
-    /// each).
-    public func encoded() -> [UInt8] {
-        var w = ByteWriter()
-        w.u16(UInt16(members.count))
-        for m in members { w.u32(m.id); w.u8(m.role.rawValue); w.u8(m.priority) }
-        return w.bytes
-    }
-
-    /// Decodes `encoded()`; throws on truncation, trailing bytes, an unknown role or a duplicate
-    /// id.
-    public init(decoding bytes: [UInt8]) throws(DecodeError) {
-        var r = ByteReader(bytes, what: "membership")
-        let n = Int(try r.u16())
-        var ms: [Member] = []
-        for _ in 0..<n {
-            let id = try r.u32()
-            let raw = try r.u8()
-            guard let role = MemberRole(rawValue: raw) else { throw DecodeError("membership", "unknown role \(raw)") }
-            ms.append(Member(id: id, role: role, priority: try r.u8()))
-        }
-        try r.finish()
-        guard Set(ms.map(\.id)).count == ms.count else { throw DecodeError("membership", "duplicate member id") }
-        self.init(ms)
-    }
-}
-
 extension HardState {
     /// The hard state as bytes: promised ballot, commit index, the encoded membership, then one
     /// byte 1 only when recovering (so that hard states written before that flag existed decode

@@ -116,6 +116,10 @@ public struct Message: Hashable, Sendable {
         /// it learned of the recovery (`nonce`), is committed without counting the replica, and the
         /// replica holds the leader's log through it. The replica votes and counts again.
         case recovered(nonce: UInt64, barrier: LogIndex)
+        /// Leader to a node that a committed configuration (the one at `configIndex`) no longer
+        /// holds: it is out of the cluster and should stop. Sent in answer to anything it sends and
+        /// with the leader's heartbeats for a while after the removal commits.
+        case removed(configIndex: LogIndex)
     }
 }
 
@@ -141,6 +145,7 @@ extension Message: CustomStringConvertible {
         case .timeoutNow: body = "TimeoutNow"
         case let .recovering(_, i): body = "Recovering" + (i > 0 ? " \(i)" : "")
         case let .recovered(_, b): body = "Recovered barrier=\(b)"
+        case let .removed(i): body = "Removed config=\(i)"
         }
         return "\(from)->\(to) b=\(ballot) \(body)"
     }

@@ -121,7 +121,11 @@ extension Replica {
         for m in membership.members where m.id != id && progress[m.id] == nil {
             progress[m.id] = Progress(next: log.lastIndex + 1)
         }
-        for peer in progress.keys where !membership.contains(peer) { progress[peer] = nil }
+        for peer in progress.keys where !membership.contains(peer) {
+            progress[peer] = nil
+            departed[peer] = Departed(index: membershipIndex, heartbeatsLeft: Self.departedHeartbeats)
+        }
+        for peer in departed.keys where membership.contains(peer) { departed[peer] = nil }
     }
 
     /// True if a log ending at (index, ballot) holds at least everything ours does.
@@ -138,6 +142,8 @@ extension Replica {
     }
 
     mutating func handlePreVote(_ m: Message, lastIndex: LogIndex, lastBallot: Ballot) {
+        // A node outside the configuration (removed, or never added) gets no vote.
+        guard membership.contains(m.from) else { return send(m.from, .preVoteReply(granted: false)) }
         // A witness backs a candidate behind it: it will hand over its log in the promise. A
         // recovering replica may have forgotten a higher promise: it backs nobody.
         let granted = recovery == nil && m.ballot > promised && !inLeaderLease
@@ -146,6 +152,7 @@ extension Replica {
     }
 
     mutating func handlePrepare(_ m: Message, lastIndex: LogIndex, lastBallot: Ballot, commit: LogIndex, force: Bool) {
+        guard membership.contains(m.from) else { return send(m.from, .promise(granted: false, suffixPrevBallot: .zero, suffix: [])) }
         if inLeaderLease && !force {
             send(m.from, .promise(granted: false, suffixPrevBallot: .zero, suffix: []))
             return

@@ -3,6 +3,11 @@
 extension Replica {
     /// Routes one message after the ballot rules every message obeys.
     mutating func step(_ m: Message) {
+        if role == .leader, !membership.contains(m.from), membershipIndex <= commitIndex, m.from != id {
+            // Out of the committed configuration: its messages change nothing here; it learns why.
+            send(m.from, .removed(configIndex: membershipIndex))
+            return
+        }
         switch m.body {
         case let .preVote(i, b): return handlePreVote(m, lastIndex: i, lastBallot: b)
         case let .prepare(i, b, c, force): return handlePrepare(m, lastIndex: i, lastBallot: b, commit: c, force: force)
@@ -10,7 +15,7 @@ extension Replica {
         }
         let fromLeader: Bool
         switch m.body {
-        case .accept, .heartbeat, .installSnapshot, .timeoutNow, .recovered: fromLeader = true
+        case .accept, .heartbeat, .installSnapshot, .timeoutNow, .recovered, .removed: fromLeader = true
         default: fromLeader = false
         }
         if m.ballot > promised {
@@ -77,6 +82,13 @@ extension Replica {
             handleSnapshotChunk(from: m.from, c)
         case let .snapshotReceived(index, bytes):
             handleSnapshotReceived(from: m.from, index: index, bytes: bytes)
+        case let .removed(index):
+            // Stale if our own configuration is at least as recent and still holds us.
+            if membership.contains(id) && membershipIndex >= index { return }
+            if !removalReported {
+                removalReported = true
+                out.events.append(.removedFromCluster(leader: m.from, index: index))
+            }
         case .timeoutNow:
             followLeader(m.from)
             if promotable && !diskStalled { becomeCandidate(force: true) }
@@ -219,6 +231,12 @@ extension Replica {
     mutating func broadcastHeartbeat() {
         for peer in progress.keys.sorted() {
             send(peer, heartbeat(to: peer, commit: min(commitIndex, progress[peer]!.match)))
+        }
+        // Members a committed configuration removed hear it for a while (a learner never asks).
+        for peer in departed.keys.sorted() where departed[peer]!.index <= commitIndex {
+            send(peer, .removed(configIndex: departed[peer]!.index))
+            departed[peer]!.heartbeatsLeft -= 1
+            if departed[peer]!.heartbeatsLeft <= 0 { departed[peer] = nil }
         }
     }
 

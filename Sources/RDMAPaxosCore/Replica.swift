@@ -48,7 +48,8 @@ public struct Replica: Sendable {
     public internal(set) var appliedIndex: LogIndex
     /// Configuration in force: the last membership entry in the log, else the snapshot's.
     public internal(set) var membership: Membership
-    var membershipIndex: LogIndex
+    /// Index of the entry that holds `membership` (the snapshot's index when it came from there).
+    public internal(set) var membershipIndex: LogIndex
     /// Configuration at the snapshot point, and the snapshot's bytes (sent to lagging followers).
     var snapshotMembership: Membership
     var snapshotData: [UInt8]
@@ -87,6 +88,19 @@ public struct Replica: Sendable {
 
     // Leadership.
     var progress: [NodeID: Progress] = [:]
+    /// Members the leader's configuration dropped, told so with its heartbeats once that
+    /// configuration commits.
+    var departed: [NodeID: Departed] = [:]
+    struct Departed: Sendable {
+        var index: LogIndex
+        var heartbeatsLeft: Int
+    }
+    /// How many heartbeats tell a removed member it was removed.
+    public static let departedHeartbeats = 50
+    /// `Event.removedFromCluster` was reported (once per start).
+    var removalReported = false
+    /// This replica's role in the last configuration that held it.
+    var lastOwnRole: MemberRole?
     var uncommittedBytes = 0
     var transferTarget: NodeID?
     var transferElapsed = 0
@@ -155,6 +169,7 @@ public struct Replica: Sendable {
         snapshotMembership = base
         membership = base
         membershipIndex = point.index
+        lastOwnRole = base.member(config.id)?.role ?? bootstrap.member(config.id)?.role
         refreshMembership()
         resetElectionTimer()
         if !state.intact || state.hardState.recovering {
@@ -224,8 +239,10 @@ public struct Replica: Sendable {
     public var firstIndex: LogIndex { log.firstIndex }
     /// Ballot of the last entry (or of the snapshot point when empty).
     public var lastBallot: Ballot { log.lastBallot }
-    /// Whether this replica is a witness in the configuration in force.
-    public var isWitness: Bool { membership.member(id)?.role == .witness }
+    /// Whether this replica is a witness in the configuration in force; when that configuration
+    /// does not hold it (a member that joined after the snapshot it was sent), its role in the last
+    /// one that did.
+    public var isWitness: Bool { (membership.member(id)?.role ?? lastOwnRole) == .witness }
 
     /// Match index of each follower, as the leader sees it (empty unless leading).
     public var followerMatch: [NodeID: LogIndex] { progress.mapValues(\.match) }
@@ -306,6 +323,7 @@ public struct Replica: Sendable {
 
     mutating func refreshMembership() {
         let (index, m) = log.lastMembership() ?? (log.snapshot.index, snapshotMembership)
+        if let mine = m.member(id)?.role { lastOwnRole = mine }
         if m != membership || index != membershipIndex {
             let changed = m != membership
             membership = m

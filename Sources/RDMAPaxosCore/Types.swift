@@ -90,12 +90,19 @@ public struct Member: Hashable, Sendable {
     /// Leader preference: among healthy candidates, higher priority campaigns first.
     /// A witness never campaigns whatever its priority.
     public var priority: UInt8
+    /// host:port of the member's fabric (peer-to-peer) endpoint; empty when unknown (a
+    /// configuration written by a build that did not record addresses).
+    public var peerAddress: String
+    /// host:port where the member answers clients; empty when unknown.
+    public var clientAddress: String
 
-    /// A member with the default priority 1.
-    public init(id: NodeID, role: MemberRole, priority: UInt8 = 1) {
+    /// A member with the default priority 1 and, unless given, no addresses.
+    public init(id: NodeID, role: MemberRole, priority: UInt8 = 1, peerAddress: String = "", clientAddress: String = "") {
         self.id = id
         self.role = role
         self.priority = priority
+        self.peerAddress = peerAddress
+        self.clientAddress = clientAddress
     }
 }
 

@@ -210,6 +210,7 @@ struct Simulation {
             try handle(id, a)
         }
         if faultsOn || rng.below(4) == 0 { try clientTraffic() }
+        if options.membershipRate > 0, !faultsOn || chance(options.membershipRate) { try changeMembership() }
         try checkCommitted()
     }
 

@@ -44,6 +44,10 @@ public struct SimulationOptions: Sendable, Hashable {
     public var diskStallRate: Double = 0.005
     /// Probability per tick that one node snapshots its state and compacts its log.
     public var compactRate: Double = 0.02
+    /// Probability per tick that the leader changes the membership of the learner topology's last
+    /// node, through the operators' guards (`MembershipChange.plan(in:)`): promote it, demote it,
+    /// remove it, add it back. The heal phase adds it back if it is out. 0: never.
+    public var membershipRate: Double = 0
     /// Probability per tick that the leader is given a command to propose.
     public var proposeRate: Double = 0.5
     /// Probability per tick that the leader is asked for a linearizable read.
@@ -61,7 +65,7 @@ public struct SimulationOptions: Sendable, Hashable {
         case 0: o.voters = 3
         case 1: o.voters = 5
         case 2: o.voters = 3; o.witness = true
-        default: o.voters = 5; o.witness = true; o.learner = true
+        default: o.voters = 5; o.witness = true; o.learner = true; o.membershipRate = 0.02
         }
         return o
     }
@@ -101,12 +105,14 @@ public struct SimulationReport: Sendable, Hashable, CustomStringConvertible {
     public var snapshotsInstalled = 0
     /// Elections won (`becameLeader` events).
     public var elections = 0
+    /// Membership changes proposed (`SimulationOptions.membershipRate`).
+    public var membershipChanges = 0
 
     public var description: String {
         "seed \(seed): \(ticks) ticks, \(committed) committed, \(acknowledged) acked, \(readsConfirmed) reads, "
             + "\(elections) leaders, \(crashes) crashes (\(lostStateCrashes) losing state, \(recoveries) recoveries), "
             + "\(partitions) partitions, \(diskStalls) disk stalls, "
-            + "\(compactions) compactions, \(snapshotsInstalled) snapshot installs, "
+            + "\(compactions) compactions, \(snapshotsInstalled) snapshot installs, \(membershipChanges) membership changes, "
             + "\(messagesDelivered) delivered / \(messagesDropped) dropped / \(messagesDuplicated) duplicated"
     }
 }

@@ -129,8 +129,8 @@ struct Status: ParsableCommand {
     }
 
     func run() throws {
-        if watch { return try StatusWatch(endpoints: try cluster.resolve(), only: node, interval: interval).run() }
-        let endpoints = try cluster.resolve()
+        let endpoints = cluster.resolveLive(try cluster.resolve())
+        if watch { return try StatusWatch(endpoints: endpoints, only: node, interval: interval).run() }
         let c = NodeClient(endpoints: endpoints, timeout: .seconds(2))
         var unreachable = 0
         for id in endpoints.keys.sorted() where node == nil || node == id {

@@ -19,7 +19,7 @@ final class DemoCluster {
     var endpoints: [NodeID: String] = [:]
     var peers: [NodeID: String] = [:]
     var processes: [NodeID: Process] = [:]
-    let ids: [NodeID]
+    var ids: [NodeID]
     /// When set, node 3 of three is a witness (PLOVER's shape: primary 1, backup 2, witness 3).
     let witness: Bool
 

@@ -77,7 +77,8 @@ struct Doctor: ParsableCommand {
         var budgets: [VerbsMemoryBudget] = []
         do {
             budgets.append(try VerbsMemoryBudget.replica(members: members, ringBytes: RingTransport.Configuration.defaultRingBytes,
-                                                         configuration: VerbsFabric.Configuration(clusterKey: [], members: Set(members))))
+                                                         configuration: VerbsFabric.Configuration(clusterKey: [], members: Set(members)),
+                                                         ringSlots: node?.ringSlots ?? Array(1...16)))
         } catch {
             print("memlock: cannot size \(who): \(error)")
             return false

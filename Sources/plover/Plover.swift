@@ -11,6 +11,8 @@ struct Plover: AsyncParsableCommand {
             KV.self,
             Demo.self,
             Status.self,
+            MemberCommand.self,
+            SnapshotCommand.self,
             Simulate.self,
             BenchCommand.self,
             StableLogWriterCommand.self,

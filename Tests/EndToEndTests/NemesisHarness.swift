@@ -117,7 +117,9 @@ extension RegisterWorkload {
     /// After a fault campaign: waits for the replicas to converge, reads every register once more,
     /// then checks that every acknowledged fresh-key write is on every replica, that the replicas
     /// agree on every register, and that the history is linearizable.
-    func verifyAfterFaults(on c: DemoCluster, clients: Int, seed: UInt64, faults: String, _ checks: Checks) throws {
+    /// `holders`: the replicas that hold the state (all of `c.ids` by default; a witness holds none).
+    func verifyAfterFaults(on c: DemoCluster, clients: Int, seed: UInt64, faults: String, _ checks: Checks, holders: [NodeID]? = nil) throws {
+        let holders = holders ?? c.ids
         try c.waitConverged()
         finalReads()
 
@@ -125,13 +127,13 @@ extension RegisterWorkload {
         let acked = acknowledgedUniqueWrites
         let client = NodeClient(endpoints: c.endpoints)
         var lost = 0
-        for id in c.ids {
+        for id in holders {
             lost += try acked.filter { try client.localRead(Array($0.key.utf8), at: id).decodedValue != $0.value }.count
         }
         // Every replica holds the same registers, and they are what the final reads returned.
         let history = operations
         for key in keys {
-            let values = try c.ids.map { try client.localRead(Array(key.utf8), at: $0).decodedValue }
+            let values = try holders.map { try client.localRead(Array(key.utf8), at: $0).decodedValue }
             checks.expect(Set(values).count == 1, "replicas disagree on \(key): \(values)")
             let final = history.last { $0.key == key && $0.process == clients }
             checks.expect(final.map { $0.kind == .read(values[0]) && $0.isComplete } == true, "final read of \(key): \(String(describing: final))")

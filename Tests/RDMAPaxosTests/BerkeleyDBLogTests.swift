@@ -80,10 +80,32 @@ func makeStore(_ path: String, _ range: ClosedRange<LogIndex>, term: UInt64 = 1)
         defer { dir.remove() }
         try makeStore(dir.path, 1...1)
         try withRawStore(dir.path) { db in
-            try rawPut(db, .meta, key: Array("format".utf8), value: LogRecord.encodeMeta(.format, LogRecord.encodeFormat(2)))
+            try rawPut(db, .meta, key: Array("format".utf8), value: LogRecord.encodeMeta(.format, LogRecord.encodeFormat(3)))
         }
-        #expect(throws: StableLogError.versionMismatch(path: dir.path, found: 2, expected: 1)) {
+        #expect(throws: StableLogError.versionMismatch(path: dir.path, found: 3, expected: 2)) {
             try BerkeleyDBLog.open(path: dir.path)
+        }
+        #expect(StableLogError.versionMismatch(path: "D", found: 3, expected: 2).description == "D: log format version 3, this build reads version 2 (and upgrades 1 to 2)")
+    }
+
+    /// A store written before configurations carried addresses (format 1, its hard state holding a
+    /// format-1 configuration) opens, keeps its entries, and is marked format 2.
+    @Test func aFormatOneStoreOpensAndIsMarkedFormatTwo() throws {
+        let dir = TempDir("version-one")
+        defer { dir.remove() }
+        try makeStore(dir.path, 1...3)
+        let oldHardState: [UInt8] = HardState(promised: Ballot(term: 2, node: 1), commitIndex: 3).encoded().prefix(20) + [0, 0, 0, 8, 0, 1, 0, 0, 0, 1, 0, 1]
+        try withRawStore(dir.path) { db in
+            try rawPut(db, .meta, key: Array("format".utf8), value: LogRecord.encodeMeta(.format, LogRecord.encodeFormat(1)))
+            try rawPut(db, .meta, key: Array("hardstate".utf8), value: LogRecord.encodeMeta(.hardstate, oldHardState))
+        }
+        let log = try BerkeleyDBLog.open(path: dir.path)
+        #expect(try log.entries(1...3).count == 3)
+        #expect(try log.loadHardState().membership == Membership([Member(id: 1, role: .voter)]))
+        try log.close()
+        try withRawStore(dir.path) { db in
+            let format = try StoreDirectory.readMetadata(db).formatVersion
+            #expect(format == 2)
         }
     }
 

@@ -24,7 +24,7 @@ import Testing
         #expect(fields["first index"] == "11")
         #expect(fields["last index"] == "30")
         #expect(fields["entries"] == "20")
-        #expect(fields["format version"] == "1")
+        #expect(fields["format version"] == "2")
         #expect(fields["durability"]?.hasPrefix("async") == true)
         #expect(fields["promised"] == "5.2")
         #expect(fields["commit index"] == "25")
@@ -118,7 +118,7 @@ import Testing
         }
         let r = try paxosLog("stat", dir.path)
         #expect(r.status == 4)
-        #expect(r.stderr.contains("log format version 9, this build reads version 1"))
+        #expect(r.stderr.contains("log format version 9, this build reads version 2 (and upgrades 1 to 2)"))
     }
 
     @Test func statAndVerifyWorkWhileANodeHasTheStoreOpen() throws {

@@ -12,6 +12,17 @@ import RDMAPaxosSimulation
         #expect(report.acknowledged > 0, "\(report)")
     }
 
+    /// The learner topology changes its membership under faults (promote, demote, remove, add
+    /// back, through the operators' guards) while every checker runs, and converges after.
+    @Test func membershipChangesUnderFaultsKeepEveryChecker() throws {
+        var changes = 0
+        for seed in stride(from: 3, through: 159, by: 4) as StrideThrough<UInt64> {
+            let r = try simulate(.standard(seed: seed))
+            changes += r.membershipChanges
+        }
+        #expect(changes >= 40, "only \(changes) membership changes in 40 runs")
+    }
+
     /// Crashes that lose durable state happen, and the replicas that lost it recover.
     @Test func lostStateCrashesHappenAndRecover() throws {
         var lost = 0, recovered = 0

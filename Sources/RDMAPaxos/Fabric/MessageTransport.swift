@@ -16,9 +16,14 @@ public protocol MessageTransport: AnyObject, Sendable {
     /// still has in flight fail instead of landing (DARE and Mu do the same with verbs). The peer
     /// may reconnect afterwards; from then on the ballot in every message keeps it out.
     func fence(_ peer: NodeID)
+    /// Follows the configuration: connects to (or re-addresses) `connect`, and forgets
+    /// `disconnect` (removed members): no reconnecting, messages to them dropped.
+    func updatePeers(connect: [PeerAddress], disconnect: [NodeID])
 }
 
 extension MessageTransport {
     /// Transports without one-sided access (test doubles) have nothing to revoke.
     public func fence(_ peer: NodeID) {}
+    /// Transports that reach every node without addresses (test doubles) ignore it.
+    public func updatePeers(connect: [PeerAddress], disconnect: [NodeID]) {}
 }

@@ -163,6 +163,22 @@ public final class RingTransport: MessageTransport {
         links[address.node]?.out.withLock { $0.address = address }
     }
 
+    /// Sets the addresses of `connect` (the next reconnect uses a changed one) and forgets those
+    /// of `disconnect`, closing their queue pairs. Nodes without a ring here are skipped.
+    public func updatePeers(connect: [PeerAddress], disconnect: [NodeID]) {
+        for a in connect where a.node != fabric.localNode {
+            links[a.node]?.out.withLock { s in
+                if s.address != a { s.address = a; s.qp?.moveToError() }
+            }
+        }
+        for n in disconnect {
+            links[n]?.out.withLock { s in
+                s.address = nil
+                s.qp?.moveToError()
+            }
+        }
+    }
+
     // MARK: MessageTransport
 
     public func start(onReceive: @escaping @Sendable (Message) -> Void) throws {

@@ -88,8 +88,10 @@ public struct VerbsMemoryBudget: Sendable, Equatable, CustomStringConvertible {
 
     /// A replica on a verbs fabric with `configuration`: the receive region of `RingLayout` for
     /// `members` and `ringBytes`, and one queue pair to each other member.
-    public static func replica(members: [NodeID], ringBytes: Int, configuration: VerbsFabric.Configuration) throws(FabricError) -> VerbsMemoryBudget {
-        let layout = try RingLayout(owner: members.min() ?? 1, cluster: members, ringBytes: ringBytes)
+    public static func replica(members: [NodeID], ringBytes: Int, configuration: VerbsFabric.Configuration,
+                               ringSlots: [NodeID]? = nil) throws(FabricError) -> VerbsMemoryBudget {
+        // The region holds a ring per possible peer id (`ringSlots`); queue pairs go to members only.
+        let layout = try RingLayout(owner: members.min() ?? 1, cluster: ringSlots ?? members, ringBytes: ringBytes)
         return VerbsMemoryBudget(regionBytes: UInt64(layout.regionBytes), sendingQueuePairs: max(0, members.count - 1),
                                  stagingBytesPerQueuePair: UInt64(configuration.outstandingWritesMax * configuration.slotBytesMax))
     }

@@ -1,12 +1,13 @@
-/// The binary form of a `Message` inside a ring record or any other transport (version 3;
+/// The binary form of a `Message` inside a ring record or any other transport (version 4;
 /// docs/design/fabric.md, "Fabric and rings"). Big-endian, built on the core's `ByteWriter`/`ByteReader`.
 ///
 /// Version 3 (recovery from lost state, bounded witness hand-over, witness compaction) added
 /// `more` to promise, `votersDurable` to heartbeat, and tags 12 and 13; version 2 peers are
-/// refused (a cluster upgrades all its members together).
+/// refused (a cluster upgrades all its members together). Version 4 (membership for operators)
+/// carries the configuration in format 2 (with addresses; `Membership.encoded()`) and adds tag 14.
 ///
 /// ```
-/// u8  version (3)   u8 tag (Body case)   u32 from   u32 to   ballot (u64 term, u32 node)
+/// u8  version (4)   u8 tag (Body case)   u32 from   u32 to   ballot (u64 term, u32 node)
 /// body, by tag:
 ///  1 preVote        u64 lastIndex, ballot lastBallot
 ///  2 preVoteReply   u8 granted
@@ -24,12 +25,13 @@
 /// 11 snapshotReceived u64 index, u64 bytes
 /// 12 recovering     u64 nonce, u64 index
 /// 13 recovered      u64 nonce, u64 barrier
+/// 14 removed        u64 configIndex
 /// ```
 /// Decoding never traps: every length is checked against the bytes present and the limits
 /// below, booleans must be 0 or 1, and trailing bytes are an error.
 public enum WireCodec {
     /// Wire format version; messages of any other version are refused.
-    public static let version: UInt8 = 3
+    public static let version: UInt8 = 4
     /// Fixed part before the body: version, tag, from, to, ballot.
     static let headerBytes = 1 + 1 + 4 + 4 + 12
     /// Smallest encoded entry (empty payload); bounds `count` before allocating anything.
@@ -85,6 +87,7 @@ public enum WireCodec {
         case let .snapshotReceived(i, n): w.u64(i); w.u64(UInt64(n))
         case let .recovering(n, i): w.u64(n); w.u64(i)
         case let .recovered(n, b): w.u64(n); w.u64(b)
+        case let .removed(i): w.u64(i)
         }
         return w.bytes
     }
@@ -106,7 +109,9 @@ public enum WireCodec {
         }
         var r = ByteReader(bytes, what: "message")
         let v = try r.u8()
-        guard v == version else { throw DecodeError("message", "unsupported wire version \(v)") }
+        guard v == version else {
+            throw DecodeError("message", "wire format \(v), this build reads \(version): every member of a cluster must run a build of the same wire format")
+        }
         let tag = try r.u8()
         let from = try r.u32(), to = try r.u32(), ballot = try r.ballot()
         let body: Message.Body
@@ -140,6 +145,7 @@ public enum WireCodec {
             body = .snapshotReceived(index: index, bytes: Int(n))
         case 12: body = .recovering(nonce: try r.u64(), index: try r.u64())
         case 13: body = .recovered(nonce: try r.u64(), barrier: try r.u64())
+        case 14: body = .removed(configIndex: try r.u64())
         default: throw DecodeError("message", "unknown body tag \(tag)")
         }
         try r.finish()
@@ -188,13 +194,14 @@ public enum WireCodec {
         case .snapshotReceived: 11
         case .recovering: 12
         case .recovered: 13
+        case .removed: 14
         }
     }
 
     private static func estimatedBodyBytes(_ b: Message.Body) -> Int {
         switch b {
         case let .accept(_, _, es, _), let .promise(_, _, es, _): 40 + es.reduce(0) { $0 + entryBytesMin + $1.payload.count }
-        case let .installSnapshot(c): 80 + c.data.count + c.membership.members.count * 6
+        case let .installSnapshot(c): 80 + c.data.count + c.membership.encodedBytes
         default: 32
         }
     }

@@ -4,6 +4,11 @@
 ///     frame    = u32 length (of the rest) | u8 kind | u64 request id | body
 ///     requests : 1 propose(command bytes)  2 read(query bytes)  3 status()
 ///                4 local read(query bytes): this replica's state, possibly stale (any role)
+///                5 configuration(): the replica's configuration (`ConfigurationReply`)
+///                6 change membership(`MembershipChange.wireBytes`): answered with a
+///                  `MembershipAnswer.wireBytes` once committed (MembershipFrames.swift)
+///                7 backup(): this replica's state machine and configuration as a snapshot file
+///                  (`FileSnapshotStore.encode`)
 ///     responses: 128 ok(result bytes)  129 error(u8 code, u32 leader or 0, message utf8)
 ///                130 status(text utf8)
 public enum ClientFrame: Equatable, Sendable {
@@ -15,6 +20,12 @@ public enum ClientFrame: Equatable, Sendable {
     case status(id: UInt64)
     /// Request 4: a read of this replica's state as it is, possibly stale; any role answers.
     case localRead(id: UInt64, query: [UInt8])
+    /// Request 5: the configuration this replica follows and the leader it knows.
+    case configuration(id: UInt64)
+    /// Request 6: a membership change, through the leader.
+    case changeMembership(id: UInt64, change: MembershipChange)
+    /// Request 7: a snapshot of this replica's applied state, for a backup.
+    case backup(id: UInt64)
     /// Response 128: the request succeeded with `result`.
     case ok(id: UInt64, result: [UInt8])
     /// Response 129: the request failed; `leader` says where to retry when known.
@@ -28,7 +39,8 @@ public enum ClientFrame: Equatable, Sendable {
     /// The request id, echoed in the response.
     public var id: UInt64 {
         switch self {
-        case let .propose(id, _), let .read(id, _), let .status(id), let .localRead(id, _), let .ok(id, _), let .error(id, _, _, _), let .statusReply(id, _): id
+        case let .propose(id, _), let .read(id, _), let .status(id), let .localRead(id, _), let .ok(id, _), let .error(id, _, _, _), let .statusReply(id, _),
+             let .configuration(id), let .changeMembership(id, _), let .backup(id): id
         }
     }
 
@@ -40,6 +52,9 @@ public enum ClientFrame: Equatable, Sendable {
         case let .read(id, q): w.u8(2); w.u64(id); w.raw(q)
         case let .status(id): w.u8(3); w.u64(id)
         case let .localRead(id, q): w.u8(4); w.u64(id); w.raw(q)
+        case let .configuration(id): w.u8(5); w.u64(id)
+        case let .changeMembership(id, c): w.u8(6); w.u64(id); w.raw(c.wireBytes)
+        case let .backup(id): w.u8(7); w.u64(id)
         case let .ok(id, r): w.u8(128); w.u64(id); w.raw(r)
         case let .error(id, code, leader, msg): w.u8(129); w.u64(id); w.u8(code.rawValue); w.u32(leader ?? 0); w.raw(Array(msg.utf8))
         case let .statusReply(id, text): w.u8(130); w.u64(id); w.raw(Array(text.utf8))
@@ -63,6 +78,13 @@ public enum ClientFrame: Equatable, Sendable {
             guard rest.isEmpty else { throw DecodeError("client frame", "status request carries \(rest.count) stray bytes") }
             self = .status(id: id)
         case 4: self = .localRead(id: id, query: rest)
+        case 5:
+            guard rest.isEmpty else { throw DecodeError("client frame", "configuration request carries \(rest.count) stray bytes") }
+            self = .configuration(id: id)
+        case 6: self = .changeMembership(id: id, change: try MembershipChange(wireBytes: rest))
+        case 7:
+            guard rest.isEmpty else { throw DecodeError("client frame", "backup request carries \(rest.count) stray bytes") }
+            self = .backup(id: id)
         case 128: self = .ok(id: id, result: rest)
         case 129:
             var e = ByteReader(rest, what: "client error frame")
@@ -100,7 +122,7 @@ public enum ClientErrorCode: UInt8, Sendable {
         case .notLeader: self = .notLeader
         case .timedOut, .outcomeUnknown: self = .timedOut
         case .superseded: self = .superseded
-        case .refused: self = .refused
+        case .refused, .membershipRefused: self = .refused
         case .stopped: self = .stopped
         case .storage: self = .storage
         }

@@ -61,6 +61,11 @@ final class ClientFrameHandler: ChannelInboundHandler {
             Self.spawnAnswer(frame, node: node, on: channel)
         case let .status(id):
             reply(.statusReply(id: id, text: node.status.text), on: channel)
+        case let .configuration(id):
+            let s = node.status
+            reply(.ok(id: id, result: ConfigurationReply(leader: s.leader, membership: s.membership).wireBytes), on: channel)
+        case .changeMembership, .backup:
+            Self.spawnAnswer(frame, node: node, on: channel)
         default:
             reply(.error(id: frame.id, code: .badRequest, leader: nil, message: "not a request"), on: channel)
         }
@@ -78,6 +83,8 @@ final class ClientFrameHandler: ChannelInboundHandler {
             case let .propose(_, command): result = try await node.propose(command)
             case let .read(_, query): result = try await node.read(query)
             case let .localRead(_, query): result = try await node.localRead(query)
+            case let .changeMembership(_, change): result = try await node.changeMembership(change).wireBytes
+            case .backup: result = FileSnapshotStore.encode(try await node.backup())
             default: return
             }
             reply(.ok(id: id, result: result), on: channel)
@@ -111,6 +118,7 @@ extension NodeStatus {
         }
         if let f = failure { lines.append("failure=\(f)") }
         if let w = storageWarning { lines.append("storage_warning=\(w)") }
+        if let r = removed { lines.append("removed=\(r)") }
         if let r = recovery { lines.append("recovery=\(r)") }
         return lines.joined(separator: "\n")
     }

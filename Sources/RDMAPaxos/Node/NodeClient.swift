@@ -14,7 +14,7 @@ public final class NodeClient {
     public let timeout: Duration
     private var fd: Int32 = -1
     private var connectedTo: NodeID?
-    private var nextID: UInt64 = 1
+    var nextID: UInt64 = 1
 
     /// A client of the cluster at `endpoints` (at least one); connects on first use.
     public init(endpoints: [NodeID: String], timeout: Duration = .seconds(5)) {

@@ -68,8 +68,16 @@ public struct NodeConfig: Sendable, Equatable {
     public var memoryLogBytesMax = 512 << 20
     /// `NodeOptions.compactEveryBytes` (not a file key): nil derives it from `memoryLogBytesMax`.
     public var compactEveryBytes: Int?
-    /// Every replica of the cluster, this one included.
+    /// Every replica of the cluster, this one included. Only bootstraps a new cluster: once a
+    /// replica's log holds a configuration, that one says who the members are and where.
     public var members: [MemberConfig] = []
+    /// Highest node id a member may have (`limits.node_id_max`, 2 to 64; 16 by default). Every
+    /// replica's receive region holds one ring per possible peer id, so members can be added at
+    /// run time without restarting anyone; all members of a cluster must use the same value.
+    public var nodeIDMax = 16
+
+    /// The node ids that have a ring in every replica's region: 1 through `nodeIDMax`.
+    public var ringSlots: [NodeID] { Array(1...NodeID(nodeIDMax)) }
 
     /// This replica's entry in `members` (validated to exist).
     public var me: MemberConfig { members.first { $0.id == id }! }
@@ -83,7 +91,15 @@ public struct NodeConfig: Sendable, Equatable {
     }
 
     /// The initial cluster configuration described by `members`.
-    public var membership: Membership { Membership(members.map { Member(id: $0.id, role: $0.role, priority: $0.priority) }) }
+    public var membership: Membership {
+        Membership(members.map { Member(id: $0.id, role: $0.role, priority: $0.priority, peerAddress: $0.address, clientAddress: $0.clientAddress) })
+    }
+
+    /// `members` taken from a configuration (a cluster this replica joins): its addresses must be
+    /// known.
+    public mutating func adoptMembers(_ m: Membership) {
+        members = m.members.map { MemberConfig(id: $0.id, address: $0.peerAddress, clientAddress: $0.clientAddress, role: $0.role, priority: $0.priority) }
+    }
 
     /// The consensus core's configuration: this file's timings and limits, the other fields at
     /// their defaults.
@@ -107,22 +123,24 @@ public struct NodeConfig: Sendable, Equatable {
     }
 
     /// Reads and validates a config file. Every problem names the file, the key and what is wrong.
-    public static func load(path: String) throws(ConfigError) -> NodeConfig {
+    public static func load(path: String, requireMembers: Bool = true) throws(ConfigError) -> NodeConfig {
         guard let data = FileManager.default.contents(atPath: path) else {
             throw ConfigError(file: path, key: nil, problem: "cannot be read (missing or not permitted)")
         }
         guard let text = String(data: data, encoding: .utf8) else {
             throw ConfigError(file: path, key: nil, problem: "is not UTF-8 text")
         }
-        var c = try parse(text, file: path)
+        var c = try parse(text, file: path, requireMembers: requireMembers)
         let base = (path as NSString).deletingLastPathComponent
         if let k = c.clusterKeyFile, !k.hasPrefix("/") { c.clusterKeyFile = base.isEmpty ? k : base + "/" + k }
         if !c.dataDir.hasPrefix("/") { c.dataDir = base.isEmpty ? c.dataDir : base + "/" + c.dataDir }
         return c
     }
 
-    /// Parses config text (`file` only names it in errors).
-    public static func parse(_ text: String, file: String) throws(ConfigError) -> NodeConfig {
+    /// Parses config text (`file` only names it in errors). `requireMembers: false` (a replica
+    /// joining a running cluster, `plover node --join`) allows a file without `id` and
+    /// `[[members]]`, and leaves validation to `validate(file:)` once they are known.
+    public static func parse(_ text: String, file: String, requireMembers: Bool = true) throws(ConfigError) -> NodeConfig {
         try checkTableHeaders(text, file: file)
         let table: TOMLTable
         do {
@@ -134,7 +152,7 @@ public struct NodeConfig: Sendable, Equatable {
         }
         var r = TableReader(table, file: file, path: "")
         var c = NodeConfig(id: 0, dataDir: "", members: [])
-        c.id = try r.nodeID("id")
+        c.id = requireMembers || r.value("id") != nil ? try r.nodeID("id") : 0
         c.dataDir = try r.string("data_dir")
         c.durability = try r.choice("durability", default: .fsync)
         c.fabric = try r.choice("fabric", default: .auto)
@@ -159,9 +177,10 @@ public struct NodeConfig: Sendable, Equatable {
             c.uncommittedBytesMax = try t.int("uncommitted_bytes_max", default: c.uncommittedBytesMax, range: 1024...(1 << 40))
             c.compactEveryEntries = try t.int("compact_every_entries", default: c.compactEveryEntries, range: 2...(1 << 40))
             c.memoryLogBytesMax = try t.int("memory_log_bytes_max", default: c.memoryLogBytesMax, range: (16 << 20)...(1 << 40))
+            c.nodeIDMax = try t.int("node_id_max", default: c.nodeIDMax, range: 2...64)
             try t.finish()
         }
-        for var m in try r.tableArray("members") {
+        for var m in try requireMembers || r.value("members") != nil ? r.tableArray("members") : [] {
             let id = try m.nodeID("id")
             let role: MemberRole = try m.choice("role", default: .voter, names: MemberRole.allCases.map(\.description)) { name in
                 MemberRole.allCases.first { $0.description == name }
@@ -176,7 +195,7 @@ public struct NodeConfig: Sendable, Equatable {
         // [vm] belongs to `plover vm` (VMReplica's VMConfig reads it).
         _ = r.value("vm")
         try r.finish()
-        try c.validate(file: file)
+        if requireMembers || !c.members.isEmpty { try c.validate(file: file) }
         return c
     }
 
@@ -197,11 +216,18 @@ public struct NodeConfig: Sendable, Equatable {
         }
     }
 
-    func validate(file: String) throws(ConfigError) {
+    /// Checks the whole configuration; every problem names the file and the key.
+    public func validate(file: String) throws(ConfigError) {
         guard !members.isEmpty else { throw ConfigError(file: file, key: "members", problem: "at least one [[members]] table is required") }
         var seen: Set<NodeID> = []
         var addresses: Set<String> = []
         for (i, m) in members.enumerated() {
+            guard m.id <= nodeIDMax else {
+                throw ConfigError(file: file, key: "members[\(i)].id", problem: "node id \(m.id) is above limits.node_id_max (\(nodeIDMax)); raise it on every member or use a smaller id")
+            }
+            guard !m.address.isEmpty, !m.clientAddress.isEmpty else {
+                throw ConfigError(file: file, key: "members[\(i)]", problem: "node \(m.id) has no address or client_address")
+            }
             guard seen.insert(m.id).inserted else { throw ConfigError(file: file, key: "members[\(i)].id", problem: "node id \(m.id) appears twice") }
             guard addresses.insert(m.address).inserted else { throw ConfigError(file: file, key: "members[\(i)].address", problem: "\(m.address) is used by two members") }
             guard addresses.insert(m.clientAddress).inserted else { throw ConfigError(file: file, key: "members[\(i)].client_address", problem: "\(m.clientAddress) is used twice") }

@@ -39,6 +39,13 @@ public struct NodeOptions: Sendable {
     public var metricsFactory: (any MetricsFactory)?
     /// Read the transport's ring statistics every this many ticks (`ReplicaServer`: about once a second).
     public var metricsSampleEveryTicks: Int = 100
+    /// A learner at most this many entries behind the leader's last index may be promoted.
+    public var catchUpEntriesMax: LogIndex = 1_000
+    /// Highest node id a member may have (`limits.node_id_max`); nil: no limit.
+    public var nodeIDMax: NodeID?
+    /// Called on the node's thread once a leader said this replica was removed from the cluster,
+    /// with a line for the log; the node stops serving requests (`plover node` then exits).
+    public var onRemoved: (@Sendable (String) -> Void)?
 
     /// Options with the runtime's defaults; `seed` drives the core's randomized election timeouts.
     public init(replica: ReplicaConfig, bootstrap: Membership, seed: UInt64 = 1) {
@@ -54,6 +61,8 @@ public enum NodeError: Error, Sendable, Equatable, CustomStringConvertible {
     case notLeader(leader: NodeID?)
     /// The leader refused the request (overloaded, transfer or membership change in progress).
     case refused(ProposalRefusal)
+    /// A membership change was refused; the refusal names the member and the reason.
+    case membershipRefused(MembershipRefusal)
     /// Not answered in time; a proposal may or may not have committed.
     case timedOut
     /// Leadership changed and another entry took the proposal's place: it did not commit.
@@ -73,7 +82,7 @@ public enum NodeError: Error, Sendable, Equatable, CustomStringConvertible {
     public var leavesProposalOutcomeUnknown: Bool {
         switch self {
         case .timedOut, .outcomeUnknown, .stopped, .storage: true
-        case .notLeader, .refused, .superseded: false
+        case .notLeader, .refused, .membershipRefused, .superseded: false
         }
     }
 
@@ -81,6 +90,7 @@ public enum NodeError: Error, Sendable, Equatable, CustomStringConvertible {
         switch self {
         case let .notLeader(l): "not the leader" + (l.map { "; the leader is node \($0)" } ?? "; no leader known yet")
         case let .refused(r): "refused: \(r)"
+        case let .membershipRefused(r): "refused: \(r)"
         case .timedOut: "timed out; the request may or may not have taken effect"
         case .superseded: "leadership changed before the command committed; it did not take effect"
         case .outcomeUnknown: "the replica installed a snapshot; the command's outcome is unknown"
@@ -123,4 +133,6 @@ public struct NodeStatus: Sendable, Equatable {
     public var storageWarning: String? = nil
     /// Set while the replica recovers state it may have lost: why it does not vote yet.
     public var recovery: String?
+    /// Set once a leader said this replica was removed from the cluster (it stopped serving).
+    public var removed: String? = nil
 }

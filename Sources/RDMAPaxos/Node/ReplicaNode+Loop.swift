@@ -32,6 +32,9 @@ extension ReplicaNode {
                 case let .localRead(q, c):
                     let answer = machine.query(q)
                     completions.append { c.resume(returning: answer) }
+                case let .changeMembership(change, c): changeMembership(change, c)
+                case let .handOver(c): startHandOver(c)
+                case let .backup(c): takeBackup(c)
                 case let .transferLeadership(target, c):
                     do {
                         perform(try replica.transferLeadership(to: target))
@@ -70,6 +73,9 @@ extension ReplicaNode {
         case let .propose(p): p.continuation.resume(throwing: error)
         case let .read(_, c), let .localRead(_, c): c.resume(throwing: error)
         case let .transferLeadership(_, c): c.resume(throwing: error)
+        case let .changeMembership(_, c): c.resume(throwing: error)
+        case let .handOver(c): c.resume(returning: nil)
+        case let .backup(c): c.resume(throwing: error)
         default: break
         }
     }
@@ -78,6 +84,7 @@ extension ReplicaNode {
         tickCount += 1
         if !persistBacklog.isEmpty { drainPersistBacklog() }
         perform(replica.tick())
+        tickMembership()
         for (i, p) in proposals where p.deadline <= tickCount {
             proposals[i] = nil
             p.continuation.resume(throwing: NodeError.timedOut)
@@ -152,6 +159,8 @@ extension ReplicaNode {
             case .becameLeader: metrics.electionsWon.increment()
             case let .startedElection(_, pre): (pre ? metrics.preElectionsStarted : metrics.electionsStarted).increment()
             case .recoveryStalled, .witnessCompactionHeldBack: options.onWarning?("\(e)")
+            case let .membershipChanged(m): followConfiguration(m)
+            case let .removedFromCluster(leader, index): leaveCluster(leader: leader, index: index)
             default: break
             }
         }
@@ -421,6 +430,7 @@ extension ReplicaNode {
         proposals = [:]
         displaced = [:]
         reads = [:]
+        failMembershipWork(error)
     }
 
     func publishStatus() {
@@ -429,7 +439,8 @@ extension ReplicaNode {
             id: r.id, role: failure == nil ? r.role : .follower, isWitness: r.isWitness, ballot: r.promised, leader: r.leader,
             firstIndex: r.firstIndex, lastIndex: r.lastIndex, durableIndex: r.durableIndex,
             commitIndex: r.commitIndex, appliedIndex: r.appliedIndex, membership: r.membership,
-            followerMatch: r.followerMatch, failure: failure, storageWarning: storageWarning, recovery: r.recoveryStatus)
+            followerMatch: r.followerMatch, failure: failure, storageWarning: storageWarning, recovery: r.recoveryStatus,
+            removed: membershipWork.removed)
         cond.withLock { published = s }
         updateMetrics(s)
     }

@@ -65,6 +65,9 @@ public final class ReplicaNode: @unchecked Sendable {
     let snapshotQueue = DispatchQueue(label: "plover.snapshot")
     /// Warnings given and not yet re-armed (owned by the node thread).
     var warnedLogFull = false, warnedSnapshotLarge = false
+    /// Membership requests waiting on a hand-over, removed peers, removal (owned by the node
+    /// thread; ReplicaNode+Membership.swift).
+    var membershipWork = MembershipWork()
 
     enum RunState { case created, running, stopping, stopped }
 
@@ -77,6 +80,12 @@ public final class ReplicaNode: @unchecked Sendable {
         case read([UInt8], CheckedContinuation<[UInt8], any Error>)
         case localRead([UInt8], CheckedContinuation<[UInt8], any Error>)
         case transferLeadership(NodeID, CheckedContinuation<Void, any Error>)
+        /// An operator's membership change (ReplicaNode+Membership.swift).
+        case changeMembership(MembershipChange, CheckedContinuation<MembershipAnswer, any Error>)
+        /// A graceful stop's leadership hand-over (ReplicaNode+HandOver.swift).
+        case handOver(CheckedContinuation<NodeID?, Never>)
+        /// A copy of the state machine and configuration for a backup (ReplicaNode+Backup.swift).
+        case backup(CheckedContinuation<Snapshot, any Error>)
         /// A snapshot serialized off the node thread (`SnapshotCapturing`), taken at this index.
         case snapshotTaken(LogIndex, [UInt8])
         /// A compaction's snapshot was saved and the log compacted off the node thread: its
@@ -146,6 +155,7 @@ public final class ReplicaNode: @unchecked Sendable {
             Gauge(label: PloverMetrics.logCapacity, dimensions: metrics.node, factory: metrics.factory).record(cap)
         }
         replica = Replica(config: options.replica, restoring: restored, bootstrap: options.bootstrap, seed: options.seed)
+        followConfiguration(replica.membership)
         publishStatus()
         try transport.start { [weak self] m in self?.enqueue(.message(m)) }
         // Running only once the transport is: had it thrown, there would be no loop for `stop` to wait for.

@@ -24,9 +24,12 @@ public final class ReplicaServer: Sendable {
     public let trust: StateTrust
     let durability: Durability
     let dataDir: String
+    /// Length of a tick in milliseconds (for the graceful stop's deadline).
+    let tickMilliseconds: Int
 
     init(node: ReplicaNode, clientServer: ClientServer, metricsEndpoint: MetricsEndpoint?, fabricDescription: String, recoveredLastIndex: LogIndex,
-         trust: StateTrust, durability: Durability, dataDir: String) {
+         trust: StateTrust, durability: Durability, dataDir: String, tickMilliseconds: Int) {
+        self.tickMilliseconds = tickMilliseconds
         self.recoveredLastIndex = recoveredLastIndex
         self.trust = trust
         self.durability = durability
@@ -42,9 +45,11 @@ public final class ReplicaServer: Sendable {
     /// registry it bootstrapped the process-wide `MetricsSystem` with. `override` (`plover node
     /// --assume-intact` or `--recover`) replaces the judgement of whether the stable log lost
     /// acknowledged writes (docs/operations.md, "Recovering from lost state").
-    public static func start(config c: NodeConfig, stateMachine: any StateMachine, logger: Logger,
+    public static func start(config file: NodeConfig, stateMachine: any StateMachine, logger: Logger,
                              metricsRegistry: PrometheusCollectorRegistry = PrometheusCollectorRegistry(),
-                             override: StateTrust.Override? = nil) async throws -> ReplicaServer {
+                             override: StateTrust.Override? = nil,
+                             onRemoved: (@Sendable (String) -> Void)? = nil) async throws -> ReplicaServer {
+        var c = file
         guard let keyPath = c.clusterKeyFile else {
             throw ConfigError(file: "config", key: "cluster_key_file", problem: "is required: peers authenticate with the cluster key")
         }
@@ -71,13 +76,20 @@ public final class ReplicaServer: Sendable {
         logOptions.memoryBytesMax = c.memoryLogBytesMax
         let log = try BerkeleyDBLog.open(path: c.dataDir, durability: c.durability, options: logOptions)
         let recovered = log.lastIndex
+        do {
+            c = try followRecordedConfiguration(c, recorded: try log.loadHardState().membership, logger: logger)
+        } catch {
+            try? log.close()
+            throw error
+        }
         let snapshots: any SnapshotStore = c.durability == .memory
             ? MemorySnapshotStore() : FileSnapshotStore(directory: c.dataDir, sync: c.durability == .fsync)
 
-        let members = Set(c.members.map(\.id))
+        // A ring for every possible id, so members added later need no restart (`limits.node_id_max`).
+        let members = Set(c.ringSlots)
         let peers = c.members.filter { $0.id != c.id }.map { PeerAddress(node: $0.id, host: host($0.address), port: port($0.address)) }
         let rings = RingTransport.Configuration(listenAddress: PeerAddress(node: c.id, host: host(c.me.address), port: port(c.me.address)),
-                                                cluster: c.members.map(\.id), peerAddresses: peers)
+                                                cluster: c.ringSlots, peerAddresses: peers)
         let (fabric, why) = try makeFabric(c, key: key, members: members, ringBytes: rings.ringBytes, logger: logger)
         let transport = try await RingTransport.open(fabric: fabric, configuration: rings)
 
@@ -92,6 +104,11 @@ public final class ReplicaServer: Sendable {
         options.onWarning = { w in logger.warning("\(w)") }
         options.metricsFactory = PloverMetrics.prometheusFactory(registry: metricsRegistry)
         options.metricsSampleEveryTicks = max(1, 1000 / c.tickMilliseconds)
+        options.nodeIDMax = NodeID(c.nodeIDMax)
+        options.onRemoved = { why in
+            logger.warning("\(why)")
+            onRemoved?(why)
+        }
         let node = ReplicaNode(options: options, stateMachine: stateMachine, log: log, snapshots: snapshots,
                                transport: transport, ticks: TimerTickSource(interval: .milliseconds(c.tickMilliseconds)))
         do {
@@ -130,7 +147,7 @@ public final class ReplicaServer: Sendable {
             }
         }
         return ReplicaServer(node: node, clientServer: client, metricsEndpoint: endpoint, fabricDescription: why, recoveredLastIndex: recovered,
-                             trust: trust, durability: c.durability, dataDir: c.dataDir)
+                             trust: trust, durability: c.durability, dataDir: c.dataDir, tickMilliseconds: c.tickMilliseconds)
     }
 
     /// `fabric = auto` takes verbs when a device exists and says why it fell back to TCP otherwise.
@@ -161,13 +178,24 @@ public final class ReplicaServer: Sendable {
         }
         do {
             try fabric.checkMemlock(try VerbsMemoryBudget.replica(members: c.members.map(\.id), ringBytes: ringBytes,
-                                                                   configuration: fabric.configuration))
+                                                                   configuration: fabric.configuration, ringSlots: c.ringSlots))
         } catch {
             fabric.close()
             throw error
         }
         if let warning = c.verbsConnectWarning { logger.warning("\(warning)") }
         return (fabric, "verbs (\(c.fabric == .auto ? "auto" : "configured"), connect \(c.verbsConnection.rawValue))")
+    }
+
+    /// A graceful stop: a leader first hands leadership to a caught-up voter (at most `handOver`,
+    /// a few election timeouts by default), so that writes move on without waiting for an
+    /// election; then `stop()`. Returns the new leader when there was a hand-over.
+    @discardableResult
+    public func stopGracefully(handOver: Duration? = nil) async -> NodeID? {
+        let ticks = node.options.replica.electionTimeoutTicks * 3
+        let moved = await node.handOverLeadership(timeout: handOver ?? .milliseconds(ticks * tickMilliseconds))
+        stop()
+        return moved
     }
 
     /// Stops the metrics endpoint, the client server and the node, in that order. In async mode
@@ -180,6 +208,37 @@ public final class ReplicaServer: Sendable {
             sync()
             try? StateTrust.writeMarker(dataDir, clean: true)
         }
+    }
+}
+
+extension ReplicaServer {
+    /// The configuration file's `[[members]]` only bootstrap a new cluster: once the log records a
+    /// configuration, its members and addresses are the ones this replica uses (the file's address
+    /// fills in for a member recorded without one, by a build that did not record addresses). A
+    /// replica its own log leaves out was removed: it does not start.
+    static func followRecordedConfiguration(_ file: NodeConfig, recorded: Membership, logger: Logger) throws -> NodeConfig {
+        guard !recorded.members.isEmpty else { return file }
+        guard recorded.contains(file.id) else {
+            throw ConfigError(file: "config", key: "id", problem: "node \(file.id) is not a member of the configuration recorded in \(file.dataDir) (members \(recorded.members.map { String($0.id) }.joined(separator: ", "))): it was removed from the cluster; to bring this machine back, delete the data directory, add it again (plover member add) and start it with --join")
+        }
+        var c = file
+        let fromFile = Dictionary(file.members.map { ($0.id, $0) }, uniquingKeysWith: { a, _ in a })
+        var merged: [NodeConfig.MemberConfig] = []
+        for m in recorded.members {
+            let f = fromFile[m.id]
+            let address = m.peerAddress.isEmpty ? f?.address : m.peerAddress
+            let client = m.clientAddress.isEmpty ? f?.clientAddress : m.clientAddress
+            guard let address, let client else {
+                logger.warning("node \(m.id) is a member but neither the recorded configuration nor the config file gives its addresses: it is not reached until a configuration with them commits")
+                continue
+            }
+            merged.append(.init(id: m.id, address: address, clientAddress: client, role: m.role, priority: m.priority))
+        }
+        c.members = merged
+        if Set(merged.map(\.id)) != Set(file.members.map(\.id)) || merged.contains(where: { fromFile[$0.id]?.address != $0.address }) {
+            logger.info("members from the configuration recorded in the log, not the config file: \(merged.map { "\($0.id)@\($0.address)" }.joined(separator: ", "))")
+        }
+        return c
     }
 }
 

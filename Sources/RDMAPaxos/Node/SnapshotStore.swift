@@ -36,7 +36,9 @@ public final class FileSnapshotStore: SnapshotStore, @unchecked Sendable {
     public let path: String
     private let sync: Bool
     static let magic: UInt32 = 0x504C_5653 // "PLVS"
-    static let version: UInt32 = 1
+    /// Version 2 holds the configuration in format 2 (with addresses); version 1 files still load.
+    static let version: UInt32 = 2
+    static let versionsRead: ClosedRange<UInt32> = 1...2
 
     /// `sync: false` skips the fsyncs (durability `async`).
     public init(directory: String, sync: Bool = true) {
@@ -49,18 +51,23 @@ public final class FileSnapshotStore: SnapshotStore, @unchecked Sendable {
         guard let data = FileManager.default.contents(atPath: path) else {
             throw SnapshotStoreError(path: path, reason: "cannot be read")
         }
-        let bytes = [UInt8](data)
+        return try Self.decode([UInt8](data), path: path)
+    }
+
+    /// A snapshot from the bytes of a snapshot file (`encode(_:)`, a backup written by `plover
+    /// snapshot save`); errors name `path`.
+    public static func decode(_ bytes: [UInt8], path: String) throws -> Snapshot {
         guard bytes.count >= 16 else { throw SnapshotStoreError(path: path, reason: "truncated (\(bytes.count) bytes)") }
         let body = Array(bytes.dropLast(8))
         var tail = ByteReader(Array(bytes.suffix(8)), what: "snapshot checksum")
-        guard try tail.u64() == Self.checksum(body) else {
+        guard try tail.u64() == checksum(body) else {
             throw SnapshotStoreError(path: path, reason: "checksum mismatch: the file is corrupt")
         }
         do {
             var r = ByteReader(body, what: "snapshot")
-            guard try r.u32() == Self.magic else { throw SnapshotStoreError(path: path, reason: "not a plover snapshot") }
+            guard try r.u32() == magic else { throw SnapshotStoreError(path: path, reason: "not a plover snapshot") }
             let v = try r.u32()
-            guard v == Self.version else { throw SnapshotStoreError(path: path, reason: "format version \(v), this build reads \(Self.version)") }
+            guard versionsRead.contains(v) else { throw SnapshotStoreError(path: path, reason: "format version \(v), this build reads versions 1 and \(version)") }
             let index = try r.u64()
             let ballot = try r.ballot()
             let membership = try Membership(decoding: try r.blob(max: 1 << 20))
@@ -73,6 +80,18 @@ public final class FileSnapshotStore: SnapshotStore, @unchecked Sendable {
     }
 
     public func save(_ s: Snapshot) throws {
+        let bytes = Self.encode(s)
+        let tmp = path + ".tmp"
+        try writeFile(tmp, bytes)
+        guard rename(tmp, path) == 0 else { throw SnapshotStoreError(path: path, reason: "rename failed: \(String(cString: strerror(errno)))") }
+        if sync {
+            let dir = open((path as NSString).deletingLastPathComponent, O_RDONLY)
+            if dir >= 0 { fsync(dir); close(dir) }
+        }
+    }
+
+    /// The bytes of a snapshot file: magic, version, index, ballot, configuration, data, checksum.
+    public static func encode(_ s: Snapshot) -> [UInt8] {
         var w = ByteWriter(capacity: s.data.count + 64)
         w.u32(Self.magic)
         w.u32(Self.version)
@@ -84,13 +103,7 @@ public final class FileSnapshotStore: SnapshotStore, @unchecked Sendable {
         var sum = ByteWriter()
         sum.u64(Self.checksum(bytes))
         bytes += sum.bytes
-        let tmp = path + ".tmp"
-        try writeFile(tmp, bytes)
-        guard rename(tmp, path) == 0 else { throw SnapshotStoreError(path: path, reason: "rename failed: \(String(cString: strerror(errno)))") }
-        if sync {
-            let dir = open((path as NSString).deletingLastPathComponent, O_RDONLY)
-            if dir >= 0 { fsync(dir); close(dir) }
-        }
+        return bytes
     }
 
     private func writeFile(_ file: String, _ bytes: [UInt8]) throws {

@@ -108,6 +108,10 @@ public final class BerkeleyDBLog: StableLog, @unchecked Sendable {
         let meta = try StoreDirectory.readMetadata(db)
         try StoreDirectory.inTransaction(db, sync: sync) { txn throws(StableLogError) in
             try StoreDirectory.putMeta(db, .durability, Array(durability.rawValue.utf8), txn: txn)
+            // An older store is written in this build's format from now on.
+            if meta.formatVersion != LogRecord.formatVersion {
+                try StoreDirectory.putMeta(db, .format, LogRecord.encodeFormat(LogRecord.formatVersion), txn: txn)
+            }
         }
         // A compaction deletes in several transactions after recording the snapshot point; finish
         // one that a crash interrupted.

@@ -1,6 +1,10 @@
 import CXXHash
 
-/// The on-disk layout of a log store's records (format version 1; docs/design/stable-log.md, "Stable log").
+/// The on-disk layout of a log store's records (format version 2; docs/design/stable-log.md, "Stable log").
+/// Version 2 changed no record layout: membership entries and the hard state hold configurations
+/// in format 2 (with addresses, `Membership.encoded()`), which a build of version 1 cannot read.
+/// A version 1 store opens and is marked version 2 at once (its format-1 configurations still
+/// decode).
 ///
 /// `entries.db` (btree), one record per log entry:
 /// ```
@@ -19,8 +23,10 @@ import CXXHash
 /// `format` (u32 version), `durability` (mode name the store was last opened with),
 /// `snapshot` (u64 index, ballot), `hardstate` (`HardState.encoded()`).
 public enum LogRecord {
-    /// The format this build writes and reads.
-    public static let formatVersion: UInt32 = 1
+    /// The format this build writes.
+    public static let formatVersion: UInt32 = 2
+    /// The formats this build opens (a version 1 store is upgraded to 2 when opened for writing).
+    public static let formatsRead: ClosedRange<UInt32> = 1...2
     static let headerBytes = 25
     /// Largest payload a record may claim; anything above is treated as corruption.
     public static let payloadBytesMax = 64 << 20

@@ -110,7 +110,7 @@ public enum StableLogError: Error, Sendable, Equatable, CustomStringConvertible 
         case let .memoryFull(p, c): "\(p): the in-memory log is full (memory_log_bytes_max = \(c) bytes): it holds more than compaction can remove (entries not yet applied, or a witness's whole log); raise memory_log_bytes_max or lower uncommitted_bytes_max, then restart the replica (it catches up from its peers)"
         case let .corrupt(p, d): "\(p): corrupt log store: \(d); rebuild this replica from its peers (docs/operations.md)"
         case let .missing(p, i): "\(p): log entry \(i) is missing; rebuild this replica from its peers (docs/operations.md)"
-        case let .versionMismatch(p, f, e): "\(p): log format version \(f), this build reads version \(e)"
+        case let .versionMismatch(p, f, e): "\(p): log format version \(f), this build reads version \(e)" + (e > 1 ? " (and upgrades 1 to \(e))" : "")
         case let .notAStore(p, r): "\(p): not a plover log store: \(r)"
         case let .closed(p): "\(p): the log store is closed"
         case let .engine(p, c, m): "\(p): storage engine error \(c): \(m)"

@@ -68,7 +68,7 @@ enum StoreDirectory {
         do { format = try LogRecord.decodeFormat(formatBytes) } catch {
             throw .corrupt(path: path, detail: "format record: \(error)")
         }
-        guard format == LogRecord.formatVersion else {
+        guard LogRecord.formatsRead.contains(format) else {
             throw .versionMismatch(path: path, found: format, expected: LogRecord.formatVersion)
         }
         var meta = StoreMetadata(formatVersion: format, durability: "unknown", snapshot: .none, hardState: HardState())
