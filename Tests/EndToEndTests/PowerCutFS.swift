@@ -28,10 +28,15 @@ final class PowerCutFS {
     }()
 
     /// Makes `root/disk` (the backing "platters") and mounts the file system on `root/mnt`.
-    init(root: String, fsyncLies: Bool = false) throws {
-        backing = root + "/disk"
-        mountPoint = root + "/mnt"
-        log = root + "/powercutfs.log"
+    convenience init(root: String, fsyncLies: Bool = false) throws {
+        try self.init(backing: root + "/disk", mountPoint: root + "/mnt", log: root + "/powercutfs.log", fsyncLies: fsyncLies)
+    }
+
+    /// Mounts the file system on `mountPoint`, keeping what is synced in `backing`.
+    init(backing: String, mountPoint: String, log: String, fsyncLies: Bool = false) throws {
+        self.backing = backing
+        self.mountPoint = mountPoint
+        self.log = log
         self.fsyncLies = fsyncLies
         for d in [backing, mountPoint] { try FileManager.default.createDirectory(atPath: d, withIntermediateDirectories: true) }
         try mount()
@@ -69,7 +74,7 @@ final class PowerCutFS {
         while isMounted && Date() < deadline { usleep(10_000) }
     }
 
-    /// Cuts the power for good and removes everything.
+    /// Cuts the power for good and removes everything under `root`.
     func remove(root: String) {
         cut()
         try? FileManager.default.removeItem(atPath: root)
