@@ -24,9 +24,10 @@ extension EndToEnd {
             let cluster: DemoCluster
             var disks: [NodeID: PowerCutFS] = [:]
 
-            init(_ name: String, durability: String = "fsync", fsyncLies: Bool) throws {
+            init(_ name: String, durability: String = "fsync", extraConfig: String = "", fsyncLies: Bool) throws {
                 root = ClusterProcessTests.scratch(name)
-                cluster = try DemoCluster(root: root, durability: durability, executable: try ClusterProcessTests.ploverExecutable())
+                cluster = try DemoCluster(root: root, durability: durability, executable: try ClusterProcessTests.ploverExecutable(),
+                                          extraConfig: extraConfig)
                 for id in cluster.ids {
                     try FileManager.default.createDirectory(atPath: cluster.dataDir(id), withIntermediateDirectories: true)
                     disks[id] = try PowerCutFS(backing: root + "/disk-\(id)", mountPoint: cluster.dataDir(id),
@@ -57,10 +58,10 @@ extension EndToEnd {
         }
 
         /// Runs `body` on a powered cluster off the shared threads; failures go to `checks`.
-        static func onPoweredCluster(_ name: String, durability: String = "fsync", fsyncLies: Bool, checks: Checks,
-                                     _ body: @escaping @Sendable (PoweredCluster) throws -> Void) async throws {
+        static func onPoweredCluster(_ name: String, durability: String = "fsync", extraConfig: String = "", fsyncLies: Bool,
+                                     checks: Checks, _ body: @escaping @Sendable (PoweredCluster) throws -> Void) async throws {
             try await onOwnThread {
-                let p = try PoweredCluster(name, durability: durability, fsyncLies: fsyncLies)
+                let p = try PoweredCluster(name, durability: durability, extraConfig: extraConfig, fsyncLies: fsyncLies)
                 do {
                     try body(p)
                 } catch {
@@ -99,9 +100,10 @@ extension EndToEnd {
         }
 
         /// Every replica loses power at once under load, then all come back.
-        static func wholeClusterCut(_ name: String, durability: String = "fsync", fsyncLies: Bool = false, checks: Checks) async throws {
+        static func wholeClusterCut(_ name: String, durability: String = "fsync", extraConfig: String = "", fsyncLies: Bool = false,
+                                    checks: Checks) async throws {
             let seed = UInt64.random(in: 1...UInt64(UInt32.max))
-            try await onPoweredCluster(name, durability: durability, fsyncLies: fsyncLies, checks: checks) { p in
+            try await onPoweredCluster(name, durability: durability, extraConfig: extraConfig, fsyncLies: fsyncLies, checks: checks) { p in
                 let c = p.cluster
                 _ = try c.waitForLeader(excluding: nil)
                 let load = RegisterWorkload(endpoints: c.endpoints, clients: 4, keys: 5)
@@ -123,12 +125,13 @@ extension EndToEnd {
         }
 
         /// The check above where writes are acknowledged before they are on disk: `async`
-        /// durability, whose replicas (on a host that did not reboot) trust their state after the
-        /// cut as if it were `fsync`. The last ~100 ms of acknowledged writes are gone from a
-        /// majority, and the check must say so.
+        /// durability without its periodic flush (`async_flush_ms = 0`), whose replicas (on a
+        /// host that did not reboot) trust their state after the cut as if it were `fsync`.
+        /// Everything since the store was created is gone, and the check must say so.
         @Test func theWholeClusterCheckCatchesWritesAcknowledgedBeforeTheyAreDurable() async throws {
             let checks = Checks()
-            try await Self.wholeClusterCut("powercut-all-async", durability: "async", checks: checks)
+            try await Self.wholeClusterCut("powercut-all-async", durability: "async", extraConfig: "[limits]\nasync_flush_ms = 0\n",
+                                           checks: checks)
             #expect(checks.hasFailures, "an async cluster lost nothing it acknowledged in a power cut of every replica")
             print("as expected, the check failed on the async cluster: \(checks.summary)")
         }

@@ -69,10 +69,11 @@ public final class ReplicaServer: Sendable {
         // Fault injection for stalled-disk tests (docs/reliability.md); unset in normal use.
         logOptions.stallWhileFileExists = ProcessInfo.processInfo.environment["PLOVER_FAULT_DISK_STALL_FILE"]
         logOptions.memoryBytesMax = c.memoryLogBytesMax
+        logOptions.asyncFlushInterval = .milliseconds(c.asyncFlushMilliseconds)
         let log = try BerkeleyDBLog.open(path: c.dataDir, durability: c.durability, options: logOptions)
         let recovered = log.lastIndex
         let snapshots: any SnapshotStore = c.durability == .memory
-            ? MemorySnapshotStore() : FileSnapshotStore(directory: c.dataDir, sync: c.durability == .fsync)
+            ? MemorySnapshotStore() : FileSnapshotStore(directory: c.dataDir, sync: c.durability != .memory)
 
         let members = Set(c.members.map(\.id))
         let peers = c.members.filter { $0.id != c.id }.map { PeerAddress(node: $0.id, host: host($0.address), port: port($0.address)) }
