@@ -51,6 +51,19 @@ extension EndToEnd {
                 try cluster.start(id)
             }
 
+            /// After the whole cluster restarted: one write committed through the new leader.
+            /// Until then every replica reports the same applied index (none has applied
+            /// anything yet), which `waitConverged` would take for convergence.
+            func barrier() throws {
+                let client = NodeClient(endpoints: cluster.endpoints, timeout: .seconds(2))
+                let put = KeyValueStateMachine.Command.put(key: Array("barrier".utf8), value: [1]).encoded()
+                for _ in 0..<30 {
+                    if (try? client.propose(put)) != nil { return }
+                    Thread.sleep(forTimeInterval: 0.2)
+                }
+                throw CLIError("no write committed after the power came back")
+            }
+
             func remove(keepingLogs: Bool) {
                 cluster.stopAll()
                 for (_, d) in disks { d.cut() }
@@ -68,7 +81,7 @@ extension EndToEnd {
                 } catch {
                     checks.record("\(error)\n" + p.cluster.logTails())
                 }
-                p.remove(keepingLogs: false)
+                p.remove(keepingLogs: ProcessInfo.processInfo.environment["POWERCUT_DEBUG"] != nil)
             }
         }
 
@@ -114,6 +127,7 @@ extension EndToEnd {
                 load.end()
                 for id in c.ids { try p.restore(id) }
                 _ = try c.waitForLeader(excluding: nil)
+                try p.barrier()
                 try load.verifyAfterFaults(on: c, clients: 4, seed: seed, faults: "one power cut of the whole \(durability) cluster"
                                            + (fsyncLies ? " on disks ignoring log flushes" : ""), checks)
             }
@@ -198,11 +212,13 @@ extension EndToEnd {
                 let acked = writes.stop()
                 for id in c.ids { try p.restore(id) }
                 _ = try c.waitForLeader(excluding: nil)
+                try p.barrier()
                 try c.waitConverged()
                 let client = NodeClient(endpoints: c.endpoints)
                 var lost: [UInt64] = []
                 for w in acked where try client.localRead(Array(w.key.utf8), at: c.ids[0]).decodedValue != w.key {
                     lost.append(cutAt > w.at ? cutAt - w.at : 0)
+                    if ProcessInfo.processInfo.environment["POWERCUT_DEBUG"] != nil { print("lost \(w.key) \(Double(cutAt > w.at ? cutAt - w.at : 0) / 1e6) ms") }
                 }
                 let oldest = lost.max() ?? 0
                 print("async power cut (\(name), async_flush_ms = \(flushMilliseconds)): \(acked.count) writes acknowledged, \(lost.count) lost"
