@@ -15,11 +15,14 @@ final class PowerCutFS {
     /// Compiles the file system once per test run (needs libfuse3-dev and pkg-config, which
     /// scripts/install-deps.sh installs).
     static let executable: Result<String, CLIError> = {
-        let dir = FileManager.default.temporaryDirectory.path + "/plover-powercutfs-\(getpid())"
+        // One place for every run, replaced atomically: a run never leaves a copy behind, and
+        // a file system still mounted by another run keeps the binary it started from.
+        let dir = FileManager.default.temporaryDirectory.path + "/plover-powercutfs"
         try? FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         let out = dir + "/powercutfs"
         let source = InterposeHarness.packageRoot + "/Tests/EndToEndTests/powercut-fs/powercutfs.c"
-        let command = "cc -std=c11 -Wall -Wextra -Werror -O2 -o '\(out)' '\(source)' $(pkg-config --cflags --libs fuse3)"
+        let command = "cc -std=c11 -Wall -Wextra -Werror -O2 -o '\(out).\(getpid())' '\(source)' $(pkg-config --cflags --libs fuse3)"
+            + " && mv -f '\(out).\(getpid())' '\(out)'"
         guard let (status, output) = try? InterposeHarness.run("/bin/sh", ["-c", command]), status == 0 else {
             return .failure(CLIError("cannot build powercutfs (needs libfuse3-dev and pkg-config: make deps): \(command)"))
         }
