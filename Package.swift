@@ -115,7 +115,7 @@ let package = Package(
         // Real `plover node` processes on loopback (kill -9, SIGSTOP, restarts).
         // Also libinterpose.so: C programs built by the tests (a replica, a stand-in for a patched
         // QEMU) and Redis under LD_PRELOAD.
-        .testTarget(name: "EndToEndTests", dependencies: ["plover", "PloverCheck", "VMReplica"], exclude: ["interpose-c"]),
+        .testTarget(name: "EndToEndTests", dependencies: ["plover", "PloverCheck", "VMReplica"], exclude: ["interpose-c", "powercut-fs"]),
         .testTarget(name: "PloverCheckTests", dependencies: ["PloverCheck"]),
     ],
     swiftLanguageModes: [.v6]

@@ -10,6 +10,7 @@ pkgs=(
   memcached                                                 # Interpose: a server shape the shim must refuse
   qemu-system-x86 busybox-static gcc libc6-dev              # VM replication tests (scripts/build-vm-guest.sh)
   python3 iproute2                                          # doc check and plots; network namespaces in the tests
+  libfuse3-dev fuse3 pkg-config                             # power-cut tests: a FUSE file system that drops unsynced writes
 )
 pkgs+=("$@")
 missing=()

@@ -38,6 +38,11 @@ final class Checks: @unchecked Sendable {
 
     var hasFailures: Bool { lock.withLock { !failures.isEmpty } }
 
+    /// The first failures' messages, one line each (for a test that expects failures).
+    var summary: String {
+        lock.withLock { failures.prefix(3).map { String($0.0.prefix(300)) }.joined(separator: "; ") }
+    }
+
     /// Records every collected failure as an issue of the current test.
     func recordIssues() {
         for (message, location) in lock.withLock({ failures }) { Issue.record(Comment(rawValue: message), sourceLocation: location) }

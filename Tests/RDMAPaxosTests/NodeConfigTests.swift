@@ -99,6 +99,12 @@ import RDMAPaxos
         #expect(try NodeConfig.parse(fits, file: "c.toml").memoryLogBytesMax == 128 << 20)
     }
 
+    @Test func asyncFlushIntervalDefaultsTo100MillisecondsAndIsBounded() throws {
+        #expect(try NodeConfig.parse(Self.good, file: "c.toml").asyncFlushMilliseconds == 100)
+        #expect(try NodeConfig.parse(Self.good + "\n\n[limits]\nasync_flush_ms = 0\n", file: "c.toml").asyncFlushMilliseconds == 0)
+        #expect(throws: ConfigError.self) { try NodeConfig.parse(Self.good + "\n\n[limits]\nasync_flush_ms = 60001\n", file: "c.toml") }
+    }
+
     @Test func metricsAddressIsOptionalAndKeptAsGiven() throws {
         #expect(try NodeConfig.parse(Self.good, file: "c.toml").metricsAddress == nil)
         let text = Self.good.replacingOccurrences(of: "fabric = \"tcp\"", with: "fabric = \"tcp\"\nmetrics_address = \"127.0.0.1:9102\"")

@@ -78,4 +78,52 @@ import RDMAPaxos
         #expect(restored.map[Array("a0".utf8)] == [7])
         #expect(restored.map.count <= 12)
     }
+
+    /// A snapshot store whose `save` waits until the test lets it go, standing for hundreds of MB
+    /// written with fsync on a busy disk.
+    final class GatedStore: SnapshotStore, @unchecked Sendable {
+        // @unchecked Sendable: `inner` is thread-safe; the gates are semaphores.
+        let inner = MemorySnapshotStore()
+        let started = DispatchSemaphore(value: 0)
+        let release = DispatchSemaphore(value: 0)
+        func load() throws -> Snapshot? { try inner.load() }
+        func save(_ snapshot: Snapshot) throws {
+            started.signal()
+            release.wait()
+            try inner.save(snapshot)
+        }
+    }
+
+    /// While a compaction's snapshot is being saved, later writes are acknowledged and the
+    /// stall detector stays quiet: the save is the node's own work, not its log's disk being
+    /// stuck. (Before, the compaction's persist unit stayed in flight until the save ended: every
+    /// later ack waited behind it, and after `disk_stall_ticks` the leader stepped down with
+    /// "stable log stalled", which is what the soak's leader changes were.)
+    @Test func proposalsCommitAndTheLeaderStaysWhileASnapshotIsBeingSaved() async throws {
+        var cfg = ReplicaConfig(id: 1)
+        cfg.electionTimeoutTicks = 10
+        cfg.heartbeatTicks = 2
+        cfg.diskStallTicks = 10
+        var o = NodeOptions(replica: cfg, bootstrap: Membership([Member(id: 1, role: .voter)]), seed: 1)
+        o.compactEveryEntries = 10
+        let store = GatedStore()
+        let hub = LocalHub()
+        let node = ReplicaNode(options: o, stateMachine: KeyValueStateMachine(), log: try MemoryLog(storage: MemoryLog.Storage()),
+                               snapshots: store, transport: hub.transport(for: 1), ticks: TimerTickSource(interval: .milliseconds(5)))
+        try node.start()
+        defer { store.release.signal(); node.stop() }
+        for _ in 0..<400 where node.status.role != .leader { try await Task.sleep(for: .milliseconds(10)) }
+        try #require(node.status.role == .leader)
+        #expect(await Self.answered(node, (0..<12).map { "a\($0)" }))
+        let began = await Task.detached { store.started.wait(timeout: .now() + 10) == .success }.value
+        try #require(began, "no snapshot save started after 12 entries with compact_every_entries 10")
+        // The save is held for 20 stall periods: proposals are still answered, one by one.
+        let answered = await Self.answered(node, (0..<20).map { "b\($0)" })
+        #expect(answered, "proposals were not answered while a snapshot was being saved")
+        try await Task.sleep(for: .milliseconds(1000))
+        #expect(node.status.role == .leader, "the leader stepped down while its snapshot was being saved")
+        store.release.signal()
+        for _ in 0..<400 where (try? store.load()) == nil { try await Task.sleep(for: .milliseconds(10)) }
+        #expect(try store.load() != nil)
+    }
 }

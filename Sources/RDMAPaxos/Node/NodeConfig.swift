@@ -66,6 +66,11 @@ public struct NodeConfig: Sendable, Equatable {
     /// (`limits.memory_log_bytes_max`, `BerkeleyDBLog.Options.memoryBytesMax`). The node compacts
     /// at half of it (log and snapshot together) and warns at three quarters.
     public var memoryLogBytesMax = 512 << 20
+    /// `durability = "async"`: milliseconds between flushes of the log to disk
+    /// (`limits.async_flush_ms`, `BerkeleyDBLog.Options.asyncFlushInterval`): a power cut loses
+    /// at most the writes acknowledged in the last interval (plus one flush). 0 flushes only at
+    /// checkpoints, which loses far more (tests use it as a broken variant).
+    public var asyncFlushMilliseconds = 100
     /// `NodeOptions.compactEveryBytes` (not a file key): nil derives it from `memoryLogBytesMax`.
     public var compactEveryBytes: Int?
     /// Every replica of the cluster, this one included. Only bootstraps a new cluster: once a
@@ -178,6 +183,7 @@ public struct NodeConfig: Sendable, Equatable {
             c.compactEveryEntries = try t.int("compact_every_entries", default: c.compactEveryEntries, range: 2...(1 << 40))
             c.memoryLogBytesMax = try t.int("memory_log_bytes_max", default: c.memoryLogBytesMax, range: (16 << 20)...(1 << 40))
             c.nodeIDMax = try t.int("node_id_max", default: c.nodeIDMax, range: 2...64)
+            c.asyncFlushMilliseconds = try t.int("async_flush_ms", default: c.asyncFlushMilliseconds, range: 0...60_000)
             try t.finish()
         }
         for var m in try requireMembers || r.value("members") != nil ? r.tableArray("members") : [] {

@@ -24,9 +24,8 @@ extension ReplicaNode {
                 case let .persisted(seq): onPersisted(seq)
                 case let .storageFailed(reason): failStorage(reason)
                 case let .snapshotTaken(index, data): compact(through: index, data)
-                case let .snapshotSaved(seq):
+                case .snapshotSaved:
                     compacting = false
-                    if let seq { onPersisted(seq) }
                 case let .propose(p): commands.append(p)
                 case let .read(q, c): startRead(q, c)
                 case let .localRead(q, c):
@@ -353,12 +352,16 @@ extension ReplicaNode {
                 do {
                     try snapshots.save(s)
                     try log.compactPrefix(through: s.index, ballot: s.ballot)
-                    self?.enqueue(.snapshotSaved(seq))
                 } catch {
                     self?.enqueue(.storageFailed("saving snapshot \(s.index): \(error)"))
-                    self?.enqueue(.snapshotSaved(nil))
                 }
+                self?.enqueue(.snapshotSaved)
             }
+            // Done for the core at once: nothing after it waits for the snapshot (the log keeps
+            // the entries until the compaction is recorded, so a crash meanwhile loses nothing).
+            // Left in flight, a save of hundreds of MB held back every later persist's acks and,
+            // after `disk_stall_ticks`, looked like a stalled disk: the leader stepped down.
+            enqueue(.persisted(seq))
             return
         }
         do {

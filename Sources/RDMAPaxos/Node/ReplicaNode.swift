@@ -88,9 +88,9 @@ public final class ReplicaNode: @unchecked Sendable {
         case backup(CheckedContinuation<Snapshot, any Error>)
         /// A snapshot serialized off the node thread (`SnapshotCapturing`), taken at this index.
         case snapshotTaken(LogIndex, [UInt8])
-        /// A compaction's snapshot was saved and the log compacted off the node thread: its
-        /// persist unit, or nil when it failed before saving (the error came as `storageFailed`).
-        case snapshotSaved(UInt64?)
+        /// A compaction's snapshot was saved and the log compacted off the node thread, or the
+        /// save failed (the error came first, as `storageFailed`): the next compaction may start.
+        case snapshotSaved
     }
 
     /// Where a proposal's answer goes: an async caller's continuation or a completion closure.

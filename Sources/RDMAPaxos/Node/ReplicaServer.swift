@@ -74,6 +74,7 @@ public final class ReplicaServer: Sendable {
         // Fault injection for stalled-disk tests (docs/reliability.md); unset in normal use.
         logOptions.stallWhileFileExists = ProcessInfo.processInfo.environment["PLOVER_FAULT_DISK_STALL_FILE"]
         logOptions.memoryBytesMax = c.memoryLogBytesMax
+        logOptions.asyncFlushInterval = .milliseconds(c.asyncFlushMilliseconds)
         let log = try BerkeleyDBLog.open(path: c.dataDir, durability: c.durability, options: logOptions)
         let recovered = log.lastIndex
         do {
@@ -83,7 +84,7 @@ public final class ReplicaServer: Sendable {
             throw error
         }
         let snapshots: any SnapshotStore = c.durability == .memory
-            ? MemorySnapshotStore() : FileSnapshotStore(directory: c.dataDir, sync: c.durability == .fsync)
+            ? MemorySnapshotStore() : FileSnapshotStore(directory: c.dataDir, sync: c.durability != .memory)
 
         // A ring for every possible id, so members added later need no restart (`limits.node_id_max`).
         let members = Set(c.ringSlots)

@@ -40,7 +40,9 @@ public final class FileSnapshotStore: SnapshotStore, @unchecked Sendable {
     static let version: UInt32 = 2
     static let versionsRead: ClosedRange<UInt32> = 1...2
 
-    /// `sync: false` skips the fsyncs (durability `async`).
+    /// `sync: false` skips the fsyncs. Durability `async` syncs too: the log's compaction is
+    /// flushed within `async_flush_ms`, and a snapshot lost to a power cut behind a compaction
+    /// that survived it would lose far more than that bound.
     public init(directory: String, sync: Bool = true) {
         path = directory + "/snapshot.bin"
         self.sync = sync

@@ -192,6 +192,13 @@ final class BerkeleyDB: @unchecked Sendable {
         try check(env.pointee.txn_checkpoint!(env, 0, 0, 0), "checkpoint")
     }
 
+    /// Writes Berkeley DB's log buffer out and fsyncs the log: every transaction committed
+    /// before the call is on disk after it (whatever each commit's own sync flag was).
+    func flushLog() throws(StableLogError) {
+        guard let env else { throw .closed(path: path) }
+        try check(env.pointee.log_flush!(env, nil), "flushing the log")
+    }
+
     // MARK: Records
 
     private func db(_ t: Table) throws(StableLogError) -> UnsafeMutablePointer<DB> {

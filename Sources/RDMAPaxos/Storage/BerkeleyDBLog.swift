@@ -18,6 +18,11 @@ public final class BerkeleyDBLog: StableLog, @unchecked Sendable {
         public var batchBytesMax = 8 << 20
         /// A checkpoint (which lets old log files be deleted) after this many bytes written.
         public var checkpointEveryBytes = 64 << 20
+        /// `.async` mode: the log is flushed to disk (written and fsynced) this often, which
+        /// bounds what a power cut loses to the entries acknowledged in the last interval (plus
+        /// one flush). Zero never flushes between checkpoints: only for the test that shows the
+        /// bound fails without the flusher.
+        public var asyncFlushInterval: Duration = .milliseconds(100)
         /// `.memory` mode keeps everything in a cache: the entries' pages (`heldBytes`) may take
         /// this many bytes (`capacityBytes`; the cache gets 1/16 more for Berkeley DB's buffer
         /// headers). Appends fail with `.memoryFull` past it: compact before (a node does at half).
