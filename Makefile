@@ -2,7 +2,7 @@
 SWIFT ?= swift
 BUILD_FLAGS ?=
 
-.PHONY: deps build test test-rdma check-docs demo simulate bench-stable-log bench-consensus bench-syncvm bench-interpose bench-vm bench-vm-failover bench-soak bench-stop-gap clean
+.PHONY: deps build test test-rdma check-docs demo simulate bench-stable-log bench-consensus bench-syncvm bench-interpose bench-vm bench-vm-failover bench-soak bench-soak-memory bench-stop-gap clean
 
 deps:
 	./scripts/install-deps.sh
@@ -89,6 +89,12 @@ bench-soak: deps
 	$(SWIFT) build -c release --product plover
 	.build/release/plover bench soak --seconds $(SOAK_SECONDS) --out benchmarks/soak/results.md
 	python3 benchmarks/soak/plot.py benchmarks/soak/results.md benchmarks/soak/soak.svg
+
+# The same soak with memory logs: memory must stay below memory_log_bytes_max for the whole run.
+bench-soak-memory: deps
+	$(SWIFT) build -c release --product plover
+	.build/release/plover bench soak --durability memory --seconds $(SOAK_SECONDS) --out benchmarks/soak/results-memory.md
+	python3 benchmarks/soak/plot.py benchmarks/soak/results-memory.md benchmarks/soak/soak-memory.svg
 
 clean:
 	rm -rf .build
