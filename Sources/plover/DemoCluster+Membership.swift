@@ -8,21 +8,7 @@ extension DemoCluster {
         precondition(peers[id] == nil, "node \(id) is already part of this cluster")
         peers[id] = "127.0.0.1:\(try freePort())"
         endpoints[id] = "127.0.0.1:\(try freePort())"
-        let text = """
-            # Replica \(id), joining the running plover demo cluster.
-            id = \(id)
-            data_dir = "data/\(id)"
-            durability = "\(durability)"
-            fabric = "auto"
-            cluster_key_file = "cluster.key"
-
-            [timing]
-            tick_ms = \(timing.tickMilliseconds)
-            election_timeout_ticks = \(timing.electionTimeoutTicks)
-            heartbeat_ticks = \(timing.heartbeatTicks)
-            disk_stall_ticks = \(timing.diskStallTicks)
-
-            """ + (extraConfig.isEmpty ? "" : "\n" + extraConfig)
+        let text = configHead(for: id, "joining the running plover demo cluster") + (extraConfig.isEmpty ? "" : "\n" + extraConfig)
         try text.write(toFile: configPath(id), atomically: true, encoding: .utf8)
         return Member(id: id, role: role, priority: role == .voter ? 1 : 0, peerAddress: peers[id]!, clientAddress: endpoints[id]!)
     }

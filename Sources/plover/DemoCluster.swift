@@ -61,9 +61,10 @@ final class DemoCluster {
 
     func configPath(_ id: NodeID) -> String { root + "/node-\(id).toml" }
 
-    func config(for id: NodeID) -> String {
-        var s = """
-            # Replica \(id) of the plover demo cluster.
+    /// A replica's config up to its `[timing]` table (`what` says whose replica it is).
+    func configHead(for id: NodeID, _ what: String) -> String {
+        """
+            # Replica \(id) \(what).
             id = \(id)
             data_dir = "data/\(id)"
             durability = "\(durability)"
@@ -77,6 +78,10 @@ final class DemoCluster {
             disk_stall_ticks = \(timing.diskStallTicks)
 
             """
+    }
+
+    func config(for id: NodeID) -> String {
+        var s = configHead(for: id, "of the plover demo cluster")
         for m in ids {
             s += """
 

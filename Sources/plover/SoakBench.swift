@@ -16,6 +16,7 @@ struct SoakBench: ParsableCommand {
     @Option(help: "Value size in bytes.") var values: Int = 4096
     @Option(help: "Keys cycled over (a fresh key per put would grow the state without bound).") var keySpace: Int = 100_000
     @Option(help: "Durability of the replicas' logs: fsync, async or memory.") var durability: String = "fsync"
+    @Option(help: "memory_log_bytes_max of each replica with --durability memory (above twice the state).") var memoryLogBytesMax: Int = 2 << 30
     @Option(help: "Directory for the data dirs (default: a new temporary directory; deleted afterwards).") var dir: String?
     @Option(help: "Write the markdown results here as well as to stdout.") var out: String?
 
@@ -30,7 +31,11 @@ struct SoakBench: ParsableCommand {
         try FileManager.default.createDirectory(atPath: root, withIntermediateDirectories: true)
         defer { if dir == nil { try? FileManager.default.removeItem(atPath: root) } }
         let machine = MachineDescription.current(dataDir: root)
-        let cluster = try DemoCluster(root: root, durability: durability, timing: ConsensusBench.ploverTiming)
+        // Memory mode counts the state (as its snapshot) with the log against memory_log_bytes_max
+        // and compacts at half of it: a ~400 MB state needs the cap above twice that, or the
+        // replicas stop with "the state machine's snapshot ... cannot fit beside the log".
+        let limits = durability == "memory" ? "[limits]\nmemory_log_bytes_max = \(memoryLogBytesMax)\n" : ""
+        let cluster = try DemoCluster(root: root, durability: durability, timing: ConsensusBench.ploverTiming, extraConfig: limits)
         defer { cluster.stopAll() }
         try cluster.startAll()
         _ = try cluster.waitForLeader(excluding: nil)
