@@ -118,21 +118,13 @@ extension VMReplicator {
     func proposeAndWait(_ entry: VMLogEntry) -> Result<Void, any Error> {
         guard let node else { return .failure(CheckpointAborted(reason: "no node")) }
         let bytes = entry.encoded()
-        let box = ResultBox()
+        let box = Box<Void>()
         let done = DispatchSemaphore(value: 0)
         Task {
-            do { _ = try await node.propose(bytes); box.set(.success(())) } catch { box.set(.failure(error)) }
+            do { _ = try await node.propose(bytes); box.result = .success(()) } catch { box.result = .failure(error) }
             done.signal()
         }
         done.wait()
-        return box.get()
+        return box.result!
     }
-}
-
-/// One outcome handed from a task to a waiting thread.
-private final class ResultBox: @unchecked Sendable {
-    // @unchecked Sendable: written once before the semaphore is signalled, read after.
-    private var value: Result<Void, any Error> = .success(())
-    func set(_ v: Result<Void, any Error>) { value = v }
-    func get() -> Result<Void, any Error> { value }
 }

@@ -63,7 +63,7 @@ struct CheckpointRecord {
 }
 
 /// Result of an async call awaited from a plain thread.
-private final class Box<T>: @unchecked Sendable {
+final class Box<T>: @unchecked Sendable {
     // @unchecked Sendable: written once before the semaphore is signalled, read after.
     var result: Result<T, any Error>?
 }
