@@ -19,6 +19,8 @@ struct StableLogWriterCommand: ParsableCommand {
     @Option(help: "async mode: milliseconds between log flushes (0: none between checkpoints, a broken variant for tests).")
     var asyncFlushMs: Int = 100
     @Option(help: "Microseconds to wait between appends (0: as fast as the window allows).") var paceUs: Int = 0
+    @Option(help: "Megabytes of entries between Berkeley DB checkpoints (0: the default, 64).")
+    var checkpointEveryMb: Int = 0
     @Flag(help: "Print each durable index with the CLOCK_MONOTONIC nanoseconds at which it was reported.")
     var timestamps = false
 
@@ -33,6 +35,7 @@ struct StableLogWriterCommand: ParsableCommand {
         }
         var options = BerkeleyDBLog.Options()
         options.asyncFlushInterval = .milliseconds(asyncFlushMs)
+        if checkpointEveryMb > 0 { options.checkpointEveryBytes = checkpointEveryMb << 20 }
         let log = try BerkeleyDBLog.open(path: directory, durability: mode, options: options)
         let timestamps = timestamps
         let window = DispatchSemaphore(value: max(1, inflight))

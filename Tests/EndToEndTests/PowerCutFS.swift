@@ -9,6 +9,11 @@ final class PowerCutFS {
     let backing: String
     let mountPoint: String
     let fsyncLies: Bool
+    /// `NAME:N`: the file system cuts its own power at the Nth fsync of the file NAME (see
+    /// powercutfs.c); `faultOptions` may make it `--torn` (halfway through that sync's pages) or
+    /// `--eio` (that sync fails, no cut).
+    let cutAtSync: String?
+    let faultOptions: [String]
     private(set) var process: Process?
     private let log: String
 
@@ -31,16 +36,20 @@ final class PowerCutFS {
     }()
 
     /// Makes `root/disk` (the backing "platters") and mounts the file system on `root/mnt`.
-    convenience init(root: String, fsyncLies: Bool = false) throws {
-        try self.init(backing: root + "/disk", mountPoint: root + "/mnt", log: root + "/powercutfs.log", fsyncLies: fsyncLies)
+    convenience init(root: String, fsyncLies: Bool = false, cutAtSync: String? = nil, faultOptions: [String] = []) throws {
+        try self.init(backing: root + "/disk", mountPoint: root + "/mnt", log: root + "/powercutfs.log",
+                      fsyncLies: fsyncLies, cutAtSync: cutAtSync, faultOptions: faultOptions)
     }
 
     /// Mounts the file system on `mountPoint`, keeping what is synced in `backing`.
-    init(backing: String, mountPoint: String, log: String, fsyncLies: Bool = false) throws {
+    init(backing: String, mountPoint: String, log: String, fsyncLies: Bool = false, cutAtSync: String? = nil,
+         faultOptions: [String] = []) throws {
         self.backing = backing
         self.mountPoint = mountPoint
         self.log = log
         self.fsyncLies = fsyncLies
+        self.cutAtSync = cutAtSync
+        self.faultOptions = faultOptions
         for d in [backing, mountPoint] { try FileManager.default.createDirectory(atPath: d, withIntermediateDirectories: true) }
         try mount()
     }
@@ -50,10 +59,13 @@ final class PowerCutFS {
         return mounts.split(separator: "\n").contains { $0.split(separator: " ").dropFirst().first.map(String.init) == mountPoint }
     }
 
-    /// Starts the file system on the backing directory; returns once it is mounted.
+    /// Starts the file system on the backing directory; returns once it is mounted. A planned
+    /// cut (`cutAtSync`) applies to the first mount only: the power comes back for good.
     func mount() throws {
         let exe = try Self.executable.get()
-        process = try ChildProcesses.spawn(exe, [backing, mountPoint] + (fsyncLies ? ["--fsync-lies"] : []), log: log)
+        var options = fsyncLies ? ["--fsync-lies"] : []
+        if !cutDone, let at = cutAtSync { options += ["--cut-at-sync", at] + faultOptions }
+        process = try ChildProcesses.spawn(exe, [backing, mountPoint] + options, log: log)
         let deadline = Date().addingTimeInterval(10)
         while !isMounted {
             guard Date() < deadline, process?.isRunning == true else {
@@ -63,9 +75,22 @@ final class PowerCutFS {
         }
     }
 
+    private var cutDone = false
+
+    /// Whether the file system cut its own power (`cutAtSync`); waits up to `seconds` for it.
+    func cutItself(within seconds: Double) -> Bool {
+        let deadline = Date().addingTimeInterval(seconds)
+        while process?.isRunning == true && Date() < deadline { usleep(5_000) }
+        return process?.isRunning == false
+    }
+
+    /// What the file system wrote to its log (its power-cut message among it).
+    var output: String { (try? String(contentsOfFile: log, encoding: .utf8)) ?? "" }
+
     /// The power cut: the file system's process dies with every unsynced write; then the mount
     /// point is detached (programs still using it get errors, as a dead machine's would).
     func cut() {
+        cutDone = true
         if let p = process {
             kill(p.processIdentifier, SIGKILL)
             p.waitUntilExit()

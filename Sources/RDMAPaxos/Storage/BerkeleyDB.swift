@@ -150,7 +150,12 @@ final class BerkeleyDB: @unchecked Sendable {
     // MARK: Transactions
 
     /// A live transaction; commit or abort it exactly once.
-    struct Txn { fileprivate let raw: UnsafeMutablePointer<DB_TXN> }
+    /// A transaction; `wrote` says whether it changed anything (a commit then has a record to sync).
+    final class Txn {
+        fileprivate let raw: UnsafeMutablePointer<DB_TXN>
+        fileprivate var wrote = false
+        fileprivate init(raw: UnsafeMutablePointer<DB_TXN>) { self.raw = raw }
+    }
 
     enum Sync {
         /// Write and fsync the log.
@@ -175,13 +180,49 @@ final class BerkeleyDB: @unchecked Sendable {
         return Txn(raw: t)
     }
 
+    /// Commits `txn`. With `.fsync` it also checks that Berkeley DB's log really is on disk past
+    /// where the log ended before the commit: Berkeley DB 5.3 reports a commit durable when the
+    /// flush of a log file it has just switched to fails (EIO, ENOSPC, a lost network disk) and
+    /// nothing in that file has been synced yet (`__log_flush_commit` takes a commit in a later
+    /// file than the last sync for one already on disk). Without this check such a commit would
+    /// be acknowledged and lost at the next power cut (docs/reliability.md, "Power loss").
     func commit(_ txn: Txn, _ sync: Sync) throws(StableLogError) {
         let flags: UInt32 = switch sync {
         case .fsync: UInt32(DB_TXN_SYNC)
         case .write: UInt32(DB_TXN_WRITE_NOSYNC)
         case .none: UInt32(DB_TXN_NOSYNC)
         }
+        // A transaction that changed nothing has no commit record, so nothing to sync.
+        var endBefore: LogPosition?
+        if sync == .fsync && txn.wrote {
+            do { endBefore = try logPositions().end } catch { abort(txn); throw error }
+        }
         try check(txn.raw.pointee.commit!(txn.raw, flags), "committing")
+        guard let endBefore else { return }
+        let onDisk = try logPositions().onDisk
+        guard onDisk > endBefore else {
+            throw .engine(path: path, code: EIO, message: "committing: Berkeley DB reported the commit durable, but its log is on disk only up to \(onDisk) and the commit lies after \(endBefore): a write or fsync of the log failed")
+        }
+    }
+
+    /// A position in Berkeley DB's log: a log file's number and a byte offset in it.
+    struct LogPosition: Comparable, CustomStringConvertible {
+        var file: UInt32
+        var offset: UInt32
+        static func < (a: Self, b: Self) -> Bool { (a.file, a.offset) < (b.file, b.offset) }
+        var description: String { "log.\(String(format: "%010u", file)) offset \(offset)" }
+    }
+
+    /// Where the next log record goes, and how far the log is known to be on disk (Berkeley DB's
+    /// last-synced position: the first byte after what a successful fsync covered).
+    func logPositions() throws(StableLogError) -> (end: LogPosition, onDisk: LogPosition) {
+        guard let env else { throw .closed(path: path) }
+        var stat: UnsafeMutablePointer<DB_LOG_STAT>?
+        try check(env.pointee.log_stat!(env, &stat, 0), "reading the log's position")
+        guard let stat else { throw .engine(path: path, code: -1, message: "log_stat returned nothing") }
+        defer { free(stat) }
+        return (LogPosition(file: stat.pointee.st_cur_file, offset: stat.pointee.st_cur_offset),
+                LogPosition(file: stat.pointee.st_disk_file, offset: stat.pointee.st_disk_offset))
     }
 
     func abort(_ txn: Txn) { _ = txn.raw.pointee.abort!(txn.raw) }
@@ -207,6 +248,7 @@ final class BerkeleyDB: @unchecked Sendable {
     }
 
     func put(_ table: Table, key: [UInt8], value: [UInt8], txn: Txn) throws(StableLogError) {
+        txn.wrote = true
         let d = try db(table)
         // DB->put only reads the key and data; the casts avoid copying the arrays.
         let rc = key.withUnsafeBytes { k in
@@ -237,6 +279,7 @@ final class BerkeleyDB: @unchecked Sendable {
     }
 
     func delete(_ table: Table, key: [UInt8], txn: Txn) throws(StableLogError) {
+        txn.wrote = true
         let d = try db(table)
         var key = key
         let rc = key.withUnsafeMutableBytes { k in
@@ -295,7 +338,9 @@ final class BerkeleyDB: @unchecked Sendable {
             switch try body(k, v) {
             case .stop: return
             case .next: break
-            case .nextAndDeleteCurrent: try check(c.pointee.del!(c, 0), "deleting a record")
+            case .nextAndDeleteCurrent:
+                txn?.wrote = true
+                try check(c.pointee.del!(c, 0), "deleting a record")
             }
             rc = c.pointee.get!(c, &kd, &vd, nextOp)
         }

@@ -1,6 +1,6 @@
 // powercutfs: a FUSE file system for power-loss tests.
 //
-//   powercutfs BACKING MOUNTPOINT [--fsync-lies]
+//   powercutfs BACKING MOUNTPOINT [--fsync-lies] [--cut-at-sync NAME:N [--torn | --eio]]
 //
 // Runs in the foreground. Files live in BACKING, which plays the disk's platters. A write lands
 // in this process's memory only (the "page cache"), and reaches BACKING when the file is fsynced
@@ -14,6 +14,15 @@
 // writing anything: a disk that acknowledges flushes it never did. The databases and everything
 // else still sync, so a store comes back and opens, but without what its log held since the
 // last checkpoint: the broken variant the power-loss tests must catch.
+//
+// --cut-at-sync NAME:N cuts the power by itself at the Nth fsync of the file named NAME (its last
+// path component), before that sync writes anything: a power cut at an exact point of a
+// protocol, e.g. the first sync of a new log file. With --torn the cut comes halfway through that
+// sync instead: the first half of its changed pages reach BACKING, the rest do not, as when a
+// disk loses power while it writes a large flush (pages of 4 KiB are the unit a disk writes
+// whole; a database page bigger than that may be torn). With --eio there is no cut: that sync
+// fails with EIO and writes nothing (its pages stay unsynced), and the file system goes on, as
+// with a disk that reports a failed flush.
 //
 // Single-threaded (-s): every request is served in turn, so no locking is needed.
 
@@ -30,6 +39,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <signal.h>
 #include <sys/statvfs.h>
 #include <unistd.h>
 
@@ -49,6 +59,9 @@ struct cached {
 
 static char backing[PATH_MAX];
 static int fsync_lies;
+static const char *cut_name; // --cut-at-sync NAME:N
+static long cut_at, cut_syncs;
+static int cut_torn, cut_eio;
 static struct cached *files;
 static unsigned long long syncs, synced_bytes;
 
@@ -137,17 +150,39 @@ static int lies_about(const char *path) {
     return fsync_lies && strncmp(base ? base + 1 : path, "log.", 4) == 0;
 }
 
+// Whether this sync is the one --cut-at-sync names.
+static int cut_here(const char *path) {
+    const char *base = strrchr(path, '/');
+    if (!cut_name || strcmp(base ? base + 1 : path, cut_name) != 0) return 0;
+    return ++cut_syncs == cut_at;
+}
+
+static void power_cut(const char *path, size_t written) {
+    fprintf(stderr, "powercutfs: power cut at sync %ld of %s after %zu pages\n", cut_syncs, path, written);
+    fflush(stderr);
+    kill(getpid(), SIGKILL);
+}
+
 static int sync_file(const char *path) {
     struct cached *c = find(path);
+    int cut = cut_here(path);
+    if (cut && cut_eio) {
+        fprintf(stderr, "powercutfs: sync %ld of %s fails with EIO\n", cut_syncs, path);
+        return -EIO;
+    }
+    if (cut && !cut_torn) power_cut(path, 0);
     if (!c || lies_about(path)) return 0;
     char rp[PATH_MAX];
     real_path(rp, path);
     int fd = open(rp, O_WRONLY);
     if (fd < 0) return -errno;
     int r = 0;
-    size_t pages = (c->size + PAGE - 1) / PAGE;
+    size_t pages = (c->size + PAGE - 1) / PAGE, dirty = 0, written = 0;
+    for (size_t p = 0; p < pages; p++) dirty += c->dirty[p];
     for (size_t p = 0; p < pages && r == 0; p++) {
         if (!c->dirty[p]) continue;
+        if (cut && written == dirty / 2) { close(fd); power_cut(path, written); }
+        written++;
         size_t off = p * PAGE, len = c->size - off < PAGE ? c->size - off : PAGE;
         if (pwrite(fd, c->data + off, len, (off_t)off) != (ssize_t)len) r = -EIO;
         synced_bytes += len;
@@ -368,12 +403,33 @@ static const struct fuse_operations ops = {
 };
 
 int main(int argc, char **argv) {
-    if (argc < 3) {
-        fprintf(stderr, "usage: %s BACKING MOUNTPOINT [--fsync-lies]\n", argv[0]);
-        return 2;
-    }
+    const char *usage = "usage: %s BACKING MOUNTPOINT [--fsync-lies] [--cut-at-sync NAME:N [--torn | --eio]]\n";
+    if (argc < 3) { fprintf(stderr, usage, argv[0]); return 2; }
     if (!realpath(argv[1], backing)) { perror(argv[1]); return 2; }
-    fsync_lies = argc > 3 && strcmp(argv[3], "--fsync-lies") == 0;
+    for (int i = 3; i < argc; i++) {
+        if (strcmp(argv[i], "--fsync-lies") == 0) {
+            fsync_lies = 1;
+        } else if (strcmp(argv[i], "--torn") == 0) {
+            cut_torn = 1;
+        } else if (strcmp(argv[i], "--eio") == 0) {
+            cut_eio = 1;
+        } else if (strcmp(argv[i], "--cut-at-sync") == 0 && i + 1 < argc) {
+            char *spec = argv[++i], *colon = strrchr(spec, ':'), *end = NULL;
+            if (colon) cut_at = strtol(colon + 1, &end, 10);
+            if (!colon || colon == spec || !end || *end || cut_at < 1) {
+                fprintf(stderr, "--cut-at-sync '%s': expected NAME:N with N >= 1\n", spec);
+                return 2;
+            }
+            *colon = 0;
+            cut_name = spec;
+        } else {
+            fprintf(stderr, "unknown argument '%s'\n", argv[i]);
+            fprintf(stderr, usage, argv[0]);
+            return 2;
+        }
+    }
+    if ((cut_torn || cut_eio) && !cut_name) { fprintf(stderr, "--torn and --eio need --cut-at-sync\n"); return 2; }
+    if (cut_torn && cut_eio) { fprintf(stderr, "--torn and --eio exclude each other\n"); return 2; }
     char *args[] = {argv[0], argv[2], "-f", "-s", "-o", "fsname=powercutfs,subtype=powercutfs", NULL};
     return fuse_main(6, args, &ops, NULL);
 }
