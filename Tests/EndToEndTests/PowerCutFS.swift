@@ -1,5 +1,5 @@
 import Foundation
-@testable import plover
+@testable import PloverTesting
 
 /// `powercutfs` (powercut-fs/powercutfs.c) mounted for a test: a FUSE file system that keeps
 /// every write in its own memory until the file is fsynced, and loses what was not synced when

@@ -1,6 +1,6 @@
 import Foundation
 import Testing
-@testable import plover
+@testable import PloverTesting
 @testable import RDMAPaxos
 
 extension EndToEnd {

@@ -2,7 +2,7 @@ import Foundation
 import RDMAPaxos
 import Testing
 @testable import VMReplica
-@testable import plover
+@testable import PloverTesting
 
 /// What an operator drives on a running VM pair, with clients writing: `plover vm status`, the
 /// operator's QMP socket (queries answered, `stop` refused, the VM untouched), and a planned

@@ -2,7 +2,7 @@ import Foundation
 import PloverCheck
 import RDMAPaxos
 import Testing
-@testable import plover
+@testable import PloverTesting
 
 /// PLOVER end to end with Debian's unpatched QEMU under TCG: `plover vm primary`, `backup` and
 /// `witness` processes, a guest built at test time (scripts/build-vm-guest.sh) running a UDP
