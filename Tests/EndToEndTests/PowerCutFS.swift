@@ -85,4 +85,4 @@ final class PowerCutFS {
 }
 
 /// CLOCK_MONOTONIC in nanoseconds, the clock `plover _stablelog-writer --timestamps` prints.
-func monotonicNanoseconds() -> UInt64 { StableLogWriterCommand.monotonicNanoseconds() }
+func monotonicNanoseconds() -> UInt64 { StableLogWriter.monotonicNanoseconds() }

@@ -76,7 +76,7 @@ extension EndToEnd {
                 let got = top == 0 ? [] : try log.entries(1...top)
                 for e in got {
                     guard e.index == outcome.survived + 1,
-                          e.payload == StableLogWriterCommand.payload(index: e.index, bytes: 100) else { break }
+                          e.payload == StableLogWriter.payload(index: e.index, bytes: 100) else { break }
                     outcome.survived = e.index
                 }
             } catch {

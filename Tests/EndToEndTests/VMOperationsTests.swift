@@ -3,6 +3,7 @@ import RDMAPaxos
 import Testing
 @testable import VMReplica
 @testable import PloverTesting
+@testable import plover
 
 /// What an operator drives on a running VM pair, with clients writing: `plover vm status`, the
 /// operator's QMP socket (queries answered, `stop` refused, the VM untouched), and a planned
