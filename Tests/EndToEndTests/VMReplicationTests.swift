@@ -25,7 +25,7 @@ extension EndToEnd {
 
         /// Builds (or finds cached) the guest kernel and initramfs; returns their directory.
         static func buildGuest() throws -> String {
-            try plover.buildVMGuest(root: repoRoot, cache: repoRoot + "/build/cache/vm-guest")
+            try PloverTesting.buildVMGuest(root: repoRoot, cache: repoRoot + "/build/cache/vm-guest")
         }
 
         @Test(needsQEMU, .timeLimit(.minutes(5)))
