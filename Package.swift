@@ -1,4 +1,5 @@
 // swift-tools-version: 6.1
+import Foundation
 import PackageDescription
 
 // Layout and the reasons for it: docs/design.md ("Package layout").
@@ -131,3 +132,9 @@ let package = Package(
     ],
     swiftLanguageModes: [.v6]
 )
+
+// `make docs` (swift package generate-documentation) needs the DocC plugin; only that command
+// sets PLOVER_DOCS, so other builds neither fetch nor resolve it.
+if ProcessInfo.processInfo.environment["PLOVER_DOCS"] != nil {
+    package.dependencies.append(.package(url: "https://github.com/swiftlang/swift-docc-plugin", from: "1.5.0"))
+}
