@@ -22,7 +22,8 @@ test: deps check-docs
 	$(MAKE) test-example
 
 # The service author's example (Examples/replicated-counter): a package of its own that depends on
-# this one by path, built and tested in its own .build.
+# this one by path, built and tested in its own .build (from clean on 2 cores: ~105 s to build,
+# ~25 s to test).
 test-example:
 	cd Examples/replicated-counter && $(SWIFT) build $(BUILD_FLAGS) && $(SWIFT) test $(BUILD_FLAGS) --no-parallel
 

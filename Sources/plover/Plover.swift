@@ -1,5 +1,4 @@
 import ArgumentParser
-import PloverTesting
 import RDMAPaxos
 
 @main

@@ -1,5 +1,4 @@
 import Foundation
-import PloverTesting
 import RDMAPaxos
 
 /// `plover status --watch`: a live table of the cluster, redrawn every interval: each replica's
