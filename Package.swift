@@ -1,4 +1,5 @@
 // swift-tools-version: 6.1
+import Foundation
 import PackageDescription
 
 // Layout and the reasons for it: docs/design.md ("Package layout").
@@ -14,6 +15,8 @@ let package = Package(
         // a patched QEMU calls (include/interpose_vm.h).
         .library(name: "interpose", type: .dynamic, targets: ["InterposeRuntime"]),
         .library(name: "PloverCheck", targets: ["PloverCheck"]),
+        // Real `plover node` clusters (and etcd, VM) on loopback for tests, the demo and the benchmarks.
+        .library(name: "PloverTesting", targets: ["PloverTesting"]),
         .executable(name: "plover", targets: ["plover"]),
         .executable(name: "paxos-log", targets: ["paxos-log"]),
         .executable(name: "syncvm-bench", targets: ["syncvm-bench"]),
@@ -71,10 +74,19 @@ let package = Package(
         // a seeded input fuzzer (used by the bad-input and end-to-end tests).
         .target(name: "PloverCheck", dependencies: ["RDMAPaxosCore"]),
 
+        // The cluster harness over real processes (DemoCluster, VMCluster, EtcdCluster, loads) and
+        // the benchmarks that drive it; `plover bench` mounts the benchmarks' commands.
+        .target(
+            name: "PloverTesting",
+            dependencies: [
+                "RDMAPaxos", "VMReplica",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ]),
+
         .executableTarget(
             name: "plover",
             dependencies: [
-                "RDMAPaxos", "RDMAPaxosSimulation", "VMReplica",
+                "RDMAPaxos", "RDMAPaxosSimulation", "VMReplica", "PloverTesting",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Metrics", package: "swift-metrics"),
@@ -115,8 +127,14 @@ let package = Package(
         // Real `plover node` processes on loopback (kill -9, SIGSTOP, restarts).
         // Also libinterpose.so: C programs built by the tests (a replica, a stand-in for a patched
         // QEMU) and Redis under LD_PRELOAD.
-        .testTarget(name: "EndToEndTests", dependencies: ["plover", "PloverCheck", "VMReplica"], exclude: ["interpose-c", "powercut-fs"]),
+        .testTarget(name: "EndToEndTests", dependencies: ["plover", "PloverTesting", "PloverCheck", "VMReplica"], exclude: ["interpose-c", "powercut-fs"]),
         .testTarget(name: "PloverCheckTests", dependencies: ["PloverCheck"]),
     ],
     swiftLanguageModes: [.v6]
 )
+
+// `make docs` (swift package generate-documentation) needs the DocC plugin; only that command
+// sets PLOVER_DOCS, so other builds neither fetch nor resolve it.
+if ProcessInfo.processInfo.environment["PLOVER_DOCS"] != nil {
+    package.dependencies.append(.package(url: "https://github.com/swiftlang/swift-docc-plugin", from: "1.5.0"))
+}

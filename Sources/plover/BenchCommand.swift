@@ -1,4 +1,5 @@
 import ArgumentParser
+import PloverTesting
 
 /// `plover bench …`: runnable benchmarks (benchmarks/README.md lists them and their results).
 struct BenchCommand: ParsableCommand {

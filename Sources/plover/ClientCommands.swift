@@ -1,5 +1,6 @@
 import ArgumentParser
 import Foundation
+import PloverTesting
 import RDMAPaxos
 
 /// Where the client finds the cluster: a member's config file, or explicit endpoints.
@@ -109,12 +110,6 @@ func printResult(_ r: [UInt8], absent: String, failIfAbsent: Bool = false) throw
         print(absent)
         if failIfAbsent { throw ExitCode(1) }
     }
-}
-
-/// An error printed as `error: MESSAGE` with exit status 1.
-struct CLIError: Error, CustomStringConvertible {
-    var description: String
-    init(_ d: String) { description = d }
 }
 
 struct Status: ParsableCommand {

@@ -1,7 +1,7 @@
 import ArgumentParser
 import Foundation
 import RDMAPaxos
-import Synchronization
+import PloverTesting
 
 /// `plover demo`: a live three-replica cluster on loopback with Berkeley DB logs. Writes under
 /// load, kills the leader with SIGKILL, shows the failover, restarts the old leader, and checks
@@ -81,79 +81,5 @@ struct Demo: ParsableCommand {
         say("                   swift run paxos-log verify \(root)/data/2")
         say("Node output:       \(root)/node-N.log")
         if missing > 0 { throw ExitCode(1) }
-    }
-}
-
-func say(_ s: String) {
-    // Straight to fd 1, unbuffered, so progress shows as it happens even through a pipe.
-    let line = s + "\n"
-    _ = line.utf8CString.withUnsafeBufferPointer { write(1, $0.baseAddress, $0.count - 1) }
-}
-
-func ms(_ d: Duration) -> String {
-    let v = Double(d.components.seconds) * 1000 + Double(d.components.attoseconds) / 1e15
-    return String(format: "%.0f ms", v)
-}
-
-/// Writers that record exactly which writes were acknowledged.
-final class DemoLoad: @unchecked Sendable {
-    // @unchecked Sendable: mutable state is behind `lock`; `running` is atomic.
-    let endpoints: [NodeID: String]
-    let clients: Int
-    let running = Atomic<Bool>(false)
-    let lock = NSLock()
-    var acked: [String: String] = [:]
-    var ackTimes: [ContinuousClock.Instant] = []
-    var failures = 0
-    var threads: [Thread] = []
-    let done = DispatchGroup()
-
-    init(endpoints: [NodeID: String], clients: Int) {
-        self.endpoints = endpoints
-        self.clients = clients
-    }
-
-    func start() {
-        running.store(true, ordering: .relaxed)
-        for t in 0..<clients {
-            done.enter()
-            let th = Thread { [self] in
-                let c = NodeClient(endpoints: endpoints, timeout: .seconds(2))
-                var i = 0
-                while running.load(ordering: .relaxed) {
-                    let k = "w\(t)-\(i)", v = "v\(i)"
-                    do {
-                        _ = try c.propose(KeyValueStateMachine.Command.put(key: Array(k.utf8), value: Array(v.utf8)).encoded(), attempts: 100)
-                        lock.withLock {
-                            acked[k] = v
-                            ackTimes.append(.now)
-                        }
-                        i += 1
-                    } catch {
-                        lock.withLock { failures += 1 }
-                    }
-                }
-                done.leave()
-            }
-            threads.append(th)
-            th.start()
-        }
-    }
-
-    func stop() {
-        running.store(false, ordering: .relaxed)
-        done.wait()
-    }
-
-    var acknowledged: Int { lock.withLock { acked.count } }
-    var ackedWrites: [String: String] { lock.withLock { acked } }
-
-    func waitForWrite(after t: ContinuousClock.Instant, timeout: Duration) -> ContinuousClock.Instant? {
-        let deadline = ContinuousClock.now + timeout
-        while ContinuousClock.now < deadline {
-            if let first = lock.withLock({ ackTimes.last(where: { $0 > t }).map { _ in ackTimes.first { $0 > t }! } }) { return first }
-            Thread.sleep(forTimeInterval: 0.005)
-        }
-        return nil
     }
 }

@@ -1,4 +1,5 @@
 import ArgumentParser
+import PloverTesting
 import RDMAPaxos
 import VMReplica
 

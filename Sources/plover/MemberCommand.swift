@@ -1,5 +1,6 @@
 import ArgumentParser
 import Foundation
+import PloverTesting
 import RDMAPaxos
 
 /// `plover member list|add|remove|promote|role`: membership changes against a running cluster.

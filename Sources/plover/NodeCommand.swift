@@ -3,6 +3,7 @@ import Foundation
 import Logging
 import Metrics
 import Prometheus
+import PloverTesting
 import RDMAPaxos
 
 /// `plover node --config FILE`: one replica with the key-value state machine, until SIGTERM/SIGINT.
@@ -132,9 +133,6 @@ func waitForTermination() async {
         }
     }
 }
-
-/// Signal sources must outlive the call that installed them.
-nonisolated(unsafe) var retainedSignalSources: [any DispatchSourceSignal] = []
 
 final class OnceFlag: @unchecked Sendable {
     // @unchecked Sendable: `done` is only touched under `lock`.

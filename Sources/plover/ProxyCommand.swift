@@ -1,5 +1,6 @@
 import ArgumentParser
 import Foundation
+import PloverTesting
 import RDMAPaxos
 
 /// `plover proxy`: one stable address for the clients of a server replicated by

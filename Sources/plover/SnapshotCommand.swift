@@ -1,5 +1,6 @@
 import ArgumentParser
 import Foundation
+import PloverTesting
 import RDMAPaxos
 
 /// `plover snapshot save|restore`: back up the replicated state and configuration, and start a

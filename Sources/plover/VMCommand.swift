@@ -3,6 +3,7 @@ import Foundation
 import Logging
 import Metrics
 import Prometheus
+import PloverTesting
 import RDMAPaxos
 import VMReplica
 

@@ -37,9 +37,7 @@ enum SyncVMBench {
         let pageCount = gib << 30 / pageSize
         let bytes = pageCount * pageSize
 
-        func seconds(_ d: Duration) -> Double {
-            Double(d.components.seconds) + Double(d.components.attoseconds) * 1e-18
-        }
+        func seconds(_ d: Duration) -> Double { d.inSeconds }
 
         /// Best of `reps` runs: the least disturbed by other work on a shared machine.
         func best(_ body: () -> Void) -> Double {

@@ -1,7 +1,7 @@
 import Foundation
 import PloverCheck
 import Testing
-@testable import plover
+@testable import PloverTesting
 import RDMAPaxos
 
 extension EndToEnd {

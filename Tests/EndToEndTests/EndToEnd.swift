@@ -1,6 +1,6 @@
 import Foundation
 import PloverCheck
-@testable import plover
+@testable import PloverTesting
 import Testing
 
 /// Every suite that runs real replica processes, one at a time.

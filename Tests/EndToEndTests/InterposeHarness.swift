@@ -1,5 +1,5 @@
 import Foundation
-@testable import plover
+@testable import PloverTesting
 import RDMAPaxos
 
 /// What the libinterpose.so tests need: the built library, the C driver compiled against the

@@ -1,6 +1,6 @@
 import Foundation
 import PloverCheck
-@testable import plover
+@testable import PloverTesting
 import RDMAPaxos
 import Testing
 

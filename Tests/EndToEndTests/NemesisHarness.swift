@@ -1,6 +1,6 @@
 import Foundation
 import PloverCheck
-@testable import plover
+@testable import PloverTesting
 import RDMAPaxos
 import Synchronization
 import Testing
@@ -34,7 +34,7 @@ final class RegisterWorkload: @unchecked Sendable {
     /// Nanoseconds since the workload was created (one clock for every client).
     func now() -> UInt64 {
         let d = ContinuousClock.now - start
-        return UInt64(d.components.seconds) * 1_000_000_000 + UInt64(d.components.attoseconds / 1_000_000_000)
+        return UInt64(d.wholeNanoseconds)
     }
 
     func begin(seed: UInt64) {

@@ -1,6 +1,6 @@
 import Foundation
 import Synchronization
-@testable import plover
+@testable import PloverTesting
 import RDMAPaxos
 
 /// One network namespace per replica, each joined by a veth pair to a bridge in this host's

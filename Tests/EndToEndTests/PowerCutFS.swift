@@ -1,5 +1,5 @@
 import Foundation
-@testable import plover
+@testable import PloverTesting
 
 /// `powercutfs` (powercut-fs/powercutfs.c) mounted for a test: a FUSE file system that keeps
 /// every write in its own memory until the file is fsynced, and loses what was not synced when
@@ -110,4 +110,4 @@ final class PowerCutFS {
 }
 
 /// CLOCK_MONOTONIC in nanoseconds, the clock `plover _stablelog-writer --timestamps` prints.
-func monotonicNanoseconds() -> UInt64 { StableLogWriterCommand.monotonicNanoseconds() }
+func monotonicNanoseconds() -> UInt64 { StableLogWriter.monotonicNanoseconds() }

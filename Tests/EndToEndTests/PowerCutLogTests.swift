@@ -1,6 +1,6 @@
 import Foundation
 import Testing
-@testable import plover
+@testable import PloverTesting
 @testable import RDMAPaxos
 
 extension EndToEnd {
@@ -116,7 +116,7 @@ extension EndToEnd {
                 let got = top == 0 ? [] : try log.entries(1...top)
                 for e in got {
                     guard e.index == outcome.survived + 1,
-                          e.payload == StableLogWriterCommand.payload(index: e.index, bytes: 100) else { break }
+                          e.payload == StableLogWriter.payload(index: e.index, bytes: 100) else { break }
                     outcome.survived = e.index
                 }
             } catch {

@@ -1,7 +1,7 @@
 import Foundation
 import PloverCheck
 import Testing
-@testable import plover
+@testable import PloverTesting
 
 extension EndToEnd.QEMUHooksTests {
     /// An agent that takes QEMU's answer a few bytes at a time: every send makes progress, so only

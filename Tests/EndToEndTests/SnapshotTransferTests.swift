@@ -1,6 +1,6 @@
 import Foundation
 import Testing
-@testable import plover
+@testable import PloverTesting
 import RDMAPaxos
 
 extension EndToEnd {

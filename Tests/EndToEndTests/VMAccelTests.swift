@@ -1,7 +1,7 @@
 import Foundation
 import Testing
 import VMReplica
-@testable import plover
+@testable import PloverTesting
 
 /// `accel = "auto"` on this host, with the real guest: whatever it picks must boot the guest's
 /// kernel, and when it falls back to TCG although /dev/kvm opens, a guest under KVM must indeed

@@ -3,7 +3,7 @@ import PloverCheck
 import RDMAPaxos
 import Testing
 @testable import VMReplica
-@testable import plover
+@testable import PloverTesting
 
 /// Atomic checkpoints under load: a replica killed (process and QEMUs, SIGKILL) at each phase of
 /// a checkpoint — handshake, hashes, pages, device state, resume — through the checkpoint

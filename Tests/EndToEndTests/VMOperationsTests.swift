@@ -2,6 +2,7 @@ import Foundation
 import RDMAPaxos
 import Testing
 @testable import VMReplica
+@testable import PloverTesting
 @testable import plover
 
 /// What an operator drives on a running VM pair, with clients writing: `plover vm status`, the

@@ -2,7 +2,7 @@ import Foundation
 import PloverCheck
 import RDMAPaxos
 import Testing
-@testable import plover
+@testable import PloverTesting
 
 /// PLOVER end to end with Debian's unpatched QEMU under TCG: `plover vm primary`, `backup` and
 /// `witness` processes, a guest built at test time (scripts/build-vm-guest.sh) running a UDP
@@ -25,7 +25,7 @@ extension EndToEnd {
 
         /// Builds (or finds cached) the guest kernel and initramfs; returns their directory.
         static func buildGuest() throws -> String {
-            try plover.buildVMGuest(root: repoRoot, cache: repoRoot + "/build/cache/vm-guest")
+            try PloverTesting.buildVMGuest(root: repoRoot, cache: repoRoot + "/build/cache/vm-guest")
         }
 
         @Test(needsQEMU, .timeLimit(.minutes(5)))

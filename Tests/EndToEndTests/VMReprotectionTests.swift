@@ -2,7 +2,7 @@ import Foundation
 import PloverCheck
 import RDMAPaxos
 import Testing
-@testable import plover
+@testable import PloverTesting
 
 /// A VM backup whose process and QEMU were killed and started again: it boots a new VM, so until
 /// a checkpoint has copied the primary's VM into it, it must not answer anyone, even as leader;

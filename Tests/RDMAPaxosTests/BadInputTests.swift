@@ -65,7 +65,7 @@ import Testing
             let machine = KeyValueStateMachine()
             for i in 0..<o.runs {
                 let bytes = i % 4 == 0 ? f.randomBytes(maxCount: 24) : f.mutate(valid[f.below(valid.count)])
-                // What a replica does with a committed command it cannot decode: result [2], no change.
+                // What a replica does with a committed command it cannot decode: result code `.malformed`, no change.
                 let before = machine.map
                 let result = machine.apply(bytes, index: UInt64(i + 1))
                 guard let c = try? KeyValueStateMachine.Command(decoding: bytes) else {

@@ -19,7 +19,7 @@ package func connectBlockingTCP(host: String, port: Int, timeout: Duration) thro
     defer { freeaddrinfo(res) }
     let s = socket(ai.pointee.ai_family, ai.pointee.ai_socktype, ai.pointee.ai_protocol)
     guard s >= 0 else { throw BlockingTCPError(description: "socket: \(String(cString: strerror(errno)))") }
-    var tv = timeval(tv_sec: Int(timeout.components.seconds), tv_usec: Int(timeout.components.attoseconds / 1_000_000_000_000))
+    var tv = timeout.timeval
     setsockopt(s, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
     setsockopt(s, SOL_SOCKET, SO_SNDTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
     var one: Int32 = 1

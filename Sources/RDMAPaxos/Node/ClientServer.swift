@@ -60,7 +60,8 @@ final class ClientFrameHandler: ChannelInboundHandler {
         case .propose, .read, .localRead:
             Self.spawnAnswer(frame, node: node, on: channel)
         case let .status(id):
-            reply(.statusReply(id: id, text: node.status.text), on: channel)
+            // The log's size rides along (the status itself is the node's published view).
+            reply(.statusReply(id: id, text: node.status.text + "\nlog_bytes=\(node.log.heldBytes)"), on: channel)
         case let .configuration(id):
             let s = node.status
             reply(.ok(id: id, result: ConfigurationReply(leader: s.leader, membership: s.membership).wireBytes), on: channel)

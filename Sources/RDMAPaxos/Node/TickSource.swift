@@ -21,7 +21,7 @@ public final class TimerTickSource: TickSource, @unchecked Sendable {
 
     public func start(_ onTick: @escaping @Sendable () -> Void) {
         let t = DispatchSource.makeTimerSource(queue: DispatchQueue(label: "plover.tick"))
-        let ns = Int(interval.components.seconds) * 1_000_000_000 + Int(interval.components.attoseconds / 1_000_000_000)
+        let ns = Int(interval.wholeNanoseconds)
         t.schedule(deadline: .now() + .nanoseconds(ns), repeating: .nanoseconds(ns), leeway: .nanoseconds(ns / 10))
         t.setEventHandler(handler: onTick)
         // Starting again replaces the timer: the old one must not keep firing.

@@ -9,8 +9,8 @@ import VMReplica
 /// 2. the replicated VM (`plover vm` primary, backup, witness) through the front;
 /// then from the replicas' checkpoint logs: bytes per syncvm (divergent pages) vs every page the
 /// primary dirtied (what Remus/COLO-style checkpointing sends), and pause times.
-struct VMBench: ParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "vm", abstract: "Benchmark VM replication with QEMU under TCG.")
+package struct VMBench: ParsableCommand {
+    package static let configuration = CommandConfiguration(commandName: "vm", abstract: "Benchmark VM replication with QEMU under TCG.")
 
     @Option(help: "Requests per client per configuration (each client sends its next request once the previous one is answered).") var requests = 100
     @Option(help: "Numbers of concurrent clients to run each workload with, comma-separated.") var clients = "1,16"
@@ -30,7 +30,9 @@ struct VMBench: ParsableCommand {
     /// same way on both replicas).
     static let workloads: [(name: String, op: String, extra: String)] = [("INC (counter)", "INC", ""), ("PUT 256 KiB", "PUT", " 256")]
 
-    func run() throws {
+    package init() {}
+
+    package func run() throws {
         let guest = try buildGuest()
         let kernel = guest + "/vmlinuz", initrd = guest + "/initrd.gz"
         try? FileManager.default.removeItem(atPath: dir)
@@ -248,7 +250,7 @@ func clientCounts(_ r: [VMBench.WorkloadResult]) -> String {
 /// The first gap of a run: the unreplicated rows are printed once, beside it.
 func gapsFirst(_ r: [VMBench.WorkloadResult]) -> Int { r.first?.gap ?? 0 }
 
-func millis(_ d: Duration) -> Double { Double(d.components.seconds) * 1000 + Double(d.components.attoseconds) / 1e15 }
+func millis(_ d: Duration) -> Double { d.inMilliseconds }
 
 /// Answers from the guest, handed from the reader thread to the benchmark thread.
 final class AnswerQueue: @unchecked Sendable {
@@ -269,7 +271,7 @@ final class AnswerQueue: @unchecked Sendable {
             while items.isEmpty && !closed {
                 let left = deadline - ContinuousClock.now
                 guard left > .zero else { return nil }
-                _ = cond.wait(until: Date(timeIntervalSinceNow: Double(left.components.seconds) + Double(left.components.attoseconds) / 1e18))
+                _ = cond.wait(until: Date(timeIntervalSinceNow: left.inSeconds))
             }
             return items.isEmpty ? nil : items.removeFirst()
         }

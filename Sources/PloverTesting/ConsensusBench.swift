@@ -6,8 +6,8 @@ import RDMAPaxos
 /// memory durability) next to a 3-member etcd cluster, all on loopback, driven by the same
 /// closed-loop client; plus one loopback TCP round trip as the floor. See
 /// benchmarks/consensus/README.md.
-struct ConsensusBench: ParsableCommand {
-    static let configuration = CommandConfiguration(
+package struct ConsensusBench: ParsableCommand {
+    package static let configuration = CommandConfiguration(
         commandName: "consensus",
         abstract: "Benchmark 3 plover replicas against a 3-member etcd cluster on loopback.")
 
@@ -25,7 +25,7 @@ struct ConsensusBench: ParsableCommand {
     @Option(help: "Write an SVG plot here.") var svg: String?
     @Flag(help: "Keep data dirs and node/etcd logs.") var keep = false
 
-    func validate() throws {
+    package func validate() throws {
         for s in list(systems) where BenchSystem(rawValue: s) == nil {
             throw ValidationError("unknown system \(s); known: \(BenchSystem.allCases.map(\.rawValue).joined(separator: ", "))")
         }
@@ -34,7 +34,9 @@ struct ConsensusBench: ParsableCommand {
         guard seconds > 0, warmup >= 0 else { throw ValidationError("--seconds must be > 0 and --warmup >= 0") }
     }
 
-    func run() throws {
+    package init() {}
+
+    package func run() throws {
         let chosen = list(systems).compactMap(BenchSystem.init(rawValue:))
         // Missing etcd is a clear error before anything starts.
         let etcd = chosen.contains(where: \.isEtcd) ? try EtcdCluster.locate() : nil

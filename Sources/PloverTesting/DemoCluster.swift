@@ -4,22 +4,45 @@ import RDMAPaxos
 
 /// `plover node` processes on loopback (three by default), each with its own config, data dir
 /// and log file. Used by `plover demo`, `plover bench consensus` and the end-to-end tests.
-final class DemoCluster {
+///
+/// Any executable that takes `node --config FILE` and reads a replica config (`NodeConfig`) can
+/// run the replicas: `plover` itself, or a service's own server built on `ReplicaServer`. Not
+/// thread-safe: drive one cluster from one thread.
+public final class DemoCluster {
     /// The `[timing]` table of every replica's config.
-    struct Timing {
-        var tickMilliseconds = 10
-        var electionTimeoutTicks = 15
-        var heartbeatTicks = 2
-        var diskStallTicks = 100
+    public struct Timing: Sendable {
+        /// Milliseconds per tick (`tick_ms`).
+        public var tickMilliseconds = 10
+        /// Ticks without a leader's heartbeat before a follower stands for election.
+        public var electionTimeoutTicks = 15
+        /// Ticks between a leader's heartbeats.
+        public var heartbeatTicks = 2
+        /// Ticks a stable-log write may take before the replica counts its disk as stalled.
+        public var diskStallTicks = 100
+
+        /// A timing table; the defaults are 10 ms ticks, election after 15 ticks, heartbeats every
+        /// 2 and a disk stall after 100.
+        public init(tickMilliseconds: Int = 10, electionTimeoutTicks: Int = 15, heartbeatTicks: Int = 2, diskStallTicks: Int = 100) {
+            self.tickMilliseconds = tickMilliseconds
+            self.electionTimeoutTicks = electionTimeoutTicks
+            self.heartbeatTicks = heartbeatTicks
+            self.diskStallTicks = diskStallTicks
+        }
     }
 
-    let root: String
-    let durability: String
-    let timing: Timing
-    var endpoints: [NodeID: String] = [:]
-    var peers: [NodeID: String] = [:]
+    /// The directory holding every replica's config (`node-N.toml`), log (`node-N.log`) and data (`data/N`).
+    public let root: String
+    /// The replicas' durability: `fsync`, `async` or `memory`.
+    public let durability: String
+    /// The `[timing]` table every replica gets.
+    public let timing: Timing
+    /// Each member's client address (`host:port`), for `NodeClient`.
+    public internal(set) var endpoints: [NodeID: String] = [:]
+    /// Each member's peer (replication) address.
+    public internal(set) var peers: [NodeID: String] = [:]
     var processes: [NodeID: Process] = [:]
-    var ids: [NodeID]
+    /// The members, in id order (1...replicas, plus joiners).
+    public internal(set) var ids: [NodeID]
     /// When set, node 3 of three is a witness (PLOVER's shape: primary 1, backup 2, witness 3).
     let witness: Bool
 
@@ -33,7 +56,10 @@ final class DemoCluster {
     /// Replicas started from now on get a disk-stall failpoint (`stallDisk`), for tests.
     var diskStallFailpoints = false
 
-    init(root: String, durability: String, witness: Bool = false, replicas: Int = 3, timing: Timing = Timing(),
+    /// Writes a config for each of `replicas` members (ids 1...replicas, free loopback ports, a
+    /// fresh cluster key) under `root`; starts nothing. `executable node --config FILE` runs a
+    /// replica; `extraConfig` is appended to every config.
+    public init(root: String, durability: String, witness: Bool = false, replicas: Int = 3, timing: Timing = Timing(),
          executable: String = selfExecutable(), extraConfig: String = "",
          hosts: [NodeID: String] = [:], launchPrefix: @escaping (NodeID) -> [String] = { _ in [] }) throws {
         precondition(replicas >= 1 && replicas <= 9, "a demo cluster has 1 to 9 replicas")
@@ -59,7 +85,8 @@ final class DemoCluster {
         for id in ids { try config(for: id).write(toFile: configPath(id), atomically: true, encoding: .utf8) }
     }
 
-    func configPath(_ id: NodeID) -> String { root + "/node-\(id).toml" }
+    /// Where replica `id`'s config is.
+    public func configPath(_ id: NodeID) -> String { root + "/node-\(id).toml" }
 
     /// A replica's config up to its `[timing]` table (`what` says whose replica it is).
     func configHead(for id: NodeID, _ what: String) -> String {
@@ -97,10 +124,11 @@ final class DemoCluster {
         return s + (extraConfig.isEmpty ? "" : "\n" + extraConfig)
     }
 
-    func startAll() throws { for id in ids { try start(id) } }
+    /// Starts every member's process.
+    public func startAll() throws { for id in ids { try start(id) } }
 
     /// Starts replica `id`; `arguments` go to `plover node` after its config (`--recover`, say).
-    func start(_ id: NodeID, arguments: [String] = []) throws {
+    public func start(_ id: NodeID, arguments: [String] = []) throws {
         let command = launchPrefix(id) + [executable, "node", "--config", configPath(id)] + arguments
         let p = try ChildProcesses.spawn(command[0], Array(command.dropFirst()), log: logPath(id),
                                          environment: diskStallFailpoints ? ["PLOVER_FAULT_DISK_STALL_FILE": stallFile(id)] : [:])
@@ -108,12 +136,12 @@ final class DemoCluster {
     }
 
     /// Pauses (SIGSTOP) or resumes (SIGCONT) a replica process: an isolated, then returning, node.
-    func pause(_ id: NodeID, _ paused: Bool) {
+    public func pause(_ id: NodeID, _ paused: Bool) {
         if let p = processes[id] { Glibc.kill(p.processIdentifier, paused ? SIGSTOP : SIGCONT) }
     }
 
     /// One replica's status as key/value pairs (empty if unreachable).
-    func status(_ id: NodeID) -> [String: String] {
+    public func status(_ id: NodeID) -> [String: String] {
         guard let text = try? NodeClient(endpoints: endpoints, timeout: .milliseconds(500)).status(of: id) else { return [:] }
         return Dictionary(text.split(separator: "\n").compactMap { line in
             line.firstIndex(of: "=").map { (String(line[..<$0]), String(line[line.index(after: $0)...])) }
@@ -121,7 +149,7 @@ final class DemoCluster {
     }
 
     /// Stops a replica the clean way (SIGTERM) and waits for it to exit.
-    func stop(_ id: NodeID) {
+    public func stop(_ id: NodeID) {
         guard let p = processes.removeValue(forKey: id) else { return }
         if p.isRunning {
             p.terminate()
@@ -130,7 +158,8 @@ final class DemoCluster {
         p.waitUntilExit()
     }
 
-    func dataDir(_ id: NodeID) -> String { root + "/data/\(id)" }
+    /// Replica `id`'s data directory (its stable log, for `paxos-log`).
+    public func dataDir(_ id: NodeID) -> String { root + "/data/\(id)" }
     func stallFile(_ id: NodeID) -> String { root + "/stall-disk-\(id)" }
 
     /// Stalls (or releases) replica `id`'s stable log: no write completes while stalled. Needs
@@ -142,16 +171,19 @@ final class DemoCluster {
             try? FileManager.default.removeItem(atPath: stallFile(id))
         }
     }
-    func logPath(_ id: NodeID) -> String { root + "/node-\(id).log" }
+    /// Where replica `id`'s standard output and error go.
+    public func logPath(_ id: NodeID) -> String { root + "/node-\(id).log" }
 
-    func kill(_ id: NodeID) {
+    /// Kills replica `id` with SIGKILL (a crash) and waits for it to exit.
+    public func kill(_ id: NodeID) {
         guard let p = processes.removeValue(forKey: id) else { return }
         Glibc.kill(p.processIdentifier, SIGKILL)
         p.waitUntilExit()
         ChildProcesses.unregister(p.processIdentifier)
     }
 
-    func stopAll() {
+    /// Stops every running replica (SIGTERM, then SIGKILL after 5 s) and waits for them.
+    public func stopAll() {
         for (_, p) in processes where p.isRunning {
             p.terminate()
             Glibc.kill(p.processIdentifier, SIGCONT)  // a paused replica must run to see SIGTERM
@@ -160,8 +192,9 @@ final class DemoCluster {
         processes = [:]
     }
 
-    /// Polls the running replicas until one reports itself leader.
-    func waitForLeader(excluding: NodeID?, timeout: Duration = .seconds(20)) throws -> NodeID {
+    /// Polls the running replicas until one reports itself leader (other than `excluding`) and
+    /// returns it; throws after `timeout`, with each replica's last log lines.
+    public func waitForLeader(excluding: NodeID?, timeout: Duration = .seconds(20)) throws -> NodeID {
         let deadline = ContinuousClock.now + timeout
         let c = NodeClient(endpoints: endpoints, timeout: .milliseconds(500))
         while ContinuousClock.now < deadline {
@@ -174,7 +207,7 @@ final class DemoCluster {
     }
 
     /// The last lines of each replica's log, for failure messages.
-    func logTails(lines: Int = 6) -> String {
+    public func logTails(lines: Int = 6) -> String {
         ids.map { id in
             let text = (try? String(contentsOfFile: root + "/node-\(id).log", encoding: .utf8)) ?? "(no log)"
             return "node \(id) (\(processes[id].map { $0.isRunning ? "running" : "exited \($0.terminationStatus)" } ?? "not started")):\n"
@@ -183,7 +216,7 @@ final class DemoCluster {
     }
 
     /// Waits until every running replica applied everything the leader committed.
-    func waitConverged(timeout: Duration = .seconds(30)) throws {
+    public func waitConverged(timeout: Duration = .seconds(30)) throws {
         let deadline = ContinuousClock.now + timeout
         let c = NodeClient(endpoints: endpoints, timeout: .milliseconds(500))
         while ContinuousClock.now < deadline {
@@ -212,7 +245,7 @@ func writeFreshClusterKey(to path: String) {
 private let portsHandedOut = Mutex<Set<Int>>([])
 
 /// A loopback port that was free when we looked and that this process has not handed out before.
-func freePort() throws -> Int {
+public func freePort() throws -> Int {
     for _ in 0..<64 {
         let port = try kernelPickedPort()
         if portsHandedOut.withLock({ $0.insert(port).inserted }) { return port }
@@ -237,6 +270,6 @@ private func kernelPickedPort() throws -> Int {
 }
 
 /// This executable's path, so the demo can start replicas of itself.
-func selfExecutable() -> String {
+@usableFromInline func selfExecutable() -> String {
     (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
 }

@@ -5,8 +5,8 @@ import RDMAPaxos
 /// `plover bench stop-gap`: the write gap clients see when the leader of a 3-replica cluster is
 /// stopped under load, with `kill -TERM` (a graceful stop: the leader hands leadership over
 /// first) and, for comparison, `kill -9` (the others elect a new leader after a timeout).
-struct StopGapBench: ParsableCommand {
-    static let configuration = CommandConfiguration(
+package struct StopGapBench: ParsableCommand {
+    package static let configuration = CommandConfiguration(
         commandName: "stop-gap",
         abstract: "Write gap when the leader is stopped under load: SIGTERM (hand-over) vs SIGKILL (benchmarks/stop-gap).")
 
@@ -15,7 +15,7 @@ struct StopGapBench: ParsableCommand {
     @Option(help: "Directory for the data dirs (default: a new temporary directory; deleted afterwards).") var dir: String?
     @Option(help: "Write the markdown results here as well as to stdout.") var out: String?
 
-    func validate() throws {
+    package func validate() throws {
         guard rounds >= 1, clients >= 1 else { throw ValidationError("--rounds and --clients must be positive") }
     }
 
@@ -28,7 +28,9 @@ struct StopGapBench: ParsableCommand {
         var typicalGapMs: Double
     }
 
-    func run() throws {
+    package init() {}
+
+    package func run() throws {
         let root = dir ?? NSTemporaryDirectory() + "plover-stop-gap-\(getpid())"
         try FileManager.default.createDirectory(atPath: root, withIntermediateDirectories: true)
         defer { if dir == nil { try? FileManager.default.removeItem(atPath: root) } }

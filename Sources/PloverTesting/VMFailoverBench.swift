@@ -9,8 +9,8 @@ import VMReplica
 /// hang-up); checkpoints run back to back. Each round waits until the backup is protected, lets
 /// the load run a random 1–3 s, then kill -9s the primary's replica process and its QEMUs, times
 /// kill → first answer, and restarts the killed replica, which joins as the new backup.
-struct VMFailoverBench: ParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "vm-failover", abstract: "Benchmark VM failover under load (kill -9 of the primary).")
+package struct VMFailoverBench: ParsableCommand {
+    package static let configuration = CommandConfiguration(commandName: "vm-failover", abstract: "Benchmark VM failover under load (kill -9 of the primary).")
 
     @Option(help: "Kills of the primary.") var kills = 10
     @Option(help: "Concurrent closed-loop clients (at most 64).") var clients = 16
@@ -35,7 +35,9 @@ struct VMFailoverBench: ParsableCommand {
         var reprotected: Duration?
     }
 
-    func run() throws {
+    package init() {}
+
+    package func run() throws {
         guard (1...64).contains(clients), kills >= 1, resendMs >= 1 else { throw CLIError("--clients 1...64, --kills ≥ 1 and --resend-ms ≥ 1") }
         let guest = try buildVMGuest()
         let absolute = (dir as NSString).isAbsolutePath ? dir : FileManager.default.currentDirectoryPath + "/" + dir

@@ -312,7 +312,7 @@ final class CounterClient {
             let left = until - ContinuousClock.now
             guard left > .zero else { return nil }
             var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
-            let ms = Int32(max(1, left.components.seconds * 1000 + left.components.attoseconds / 1_000_000_000_000_000))
+            let ms = Int32(clamping: max(1, left.wholeMilliseconds))
             guard poll(&p, 1, ms) == 1 else { return nil }
             var chunk = [UInt8](repeating: 0, count: 4096)
             let n = chunk.withUnsafeMutableBytes { read(fd, $0.baseAddress!, 4096) }

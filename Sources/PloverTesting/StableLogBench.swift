@@ -5,8 +5,8 @@ import RDMAPaxos
 /// `plover bench stable-log`: appends/s and append→durable latency of `BerkeleyDBLog` for each
 /// durability mode, payload size and number of concurrent appenders, next to a baseline that
 /// commits (and fsyncs) one transaction per record. See benchmarks/stable-log/README.md.
-struct StableLogBench: ParsableCommand {
-    static let configuration = CommandConfiguration(
+package struct StableLogBench: ParsableCommand {
+    package static let configuration = CommandConfiguration(
         commandName: "stable-log",
         abstract: "Benchmark the Berkeley DB stable log's group commit against one fsync per record.")
 
@@ -27,7 +27,9 @@ struct StableLogBench: ParsableCommand {
         var p99Micros: Double
     }
 
-    func run() throws {
+    package init() {}
+
+    package func run() throws {
         let sizes = payloads.split(separator: ",").compactMap { Int($0) }
         let counts = appenders.split(separator: ",").compactMap { Int($0) }
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)

@@ -5,8 +5,8 @@ import RDMAPaxos
 /// `plover bench soak`: a long closed-loop load on one 3-replica cluster, sampled every few
 /// seconds: throughput, p99, client errors, leader changes, each node's RSS and data-dir size.
 /// It shows what a short benchmark cannot: whether compaction, snapshots and memory keep up.
-struct SoakBench: ParsableCommand {
-    static let configuration = CommandConfiguration(
+package struct SoakBench: ParsableCommand {
+    package static let configuration = CommandConfiguration(
         commandName: "soak",
         abstract: "Sustained load on a 3-replica cluster, sampled over time (benchmarks/soak).")
 
@@ -20,13 +20,15 @@ struct SoakBench: ParsableCommand {
     @Option(help: "Directory for the data dirs (default: a new temporary directory; deleted afterwards).") var dir: String?
     @Option(help: "Write the markdown results here as well as to stdout.") var out: String?
 
-    func validate() throws {
+    package func validate() throws {
         guard seconds >= sample, sample >= 1 else { throw ValidationError("--seconds must be at least --sample, and --sample at least 1") }
         guard clients >= 1, values >= 1, keySpace >= 1 else { throw ValidationError("--clients, --values and --key-space must be positive") }
         guard ["fsync", "async", "memory"].contains(durability) else { throw ValidationError("--durability must be fsync, async or memory, not \(durability)") }
     }
 
-    func run() throws {
+    package init() {}
+
+    package func run() throws {
         let root = dir ?? NSTemporaryDirectory() + "plover-soak-\(getpid())"
         try FileManager.default.createDirectory(atPath: root, withIntermediateDirectories: true)
         defer { if dir == nil { try? FileManager.default.removeItem(atPath: root) } }
