@@ -41,6 +41,9 @@ extension VMReplicaMachine {
             out += [.warning("vm: node \(me) hands leadership to node \(peer): \(because)"), .handLeadership(because: because)]
         case let .proposeTakeOver(because):
             lastTakeOverProposal = now
+            // A checkpoint of the old primary's still in flight here cannot finish: the driver
+            // must be free to apply the take-over.
+            out += abortCheckpoint("this backup takes the VM over")
             out += [.notice("vm: backup \(me) leads and takes over: \(because)"), .propose(.takeOver(by: me))]
         case let .proposeUnprotected(because):
             unprotectedRequested = true
@@ -76,7 +79,8 @@ extension VMReplicaMachine {
     /// with nothing listening any more means the process is gone (kill -9, a crash), which is
     /// known at once, long before the election timeout would tell.
     mutating func linkWentDown(leader: NodeID?) -> [Action] {
-        guard role == .backup, notACopy == nil, !stopping, leader == peer else { return [] }
+        guard role == .backup, !stopping, leader == peer else { return [] }
+        if let why = notACopy { return [.info("vm: the syncvm link to primary \(peer) went down; this VM is no copy (\(why)), so it forces no election")] }
         return [.probePeer]
     }
 
@@ -85,10 +89,14 @@ extension VMReplicaMachine {
     /// a forced election (at most once per retry period): a link that dropped for any other
     /// reason (a checkpoint's abort, a primary reopening its endpoint) leaves leadership alone.
     mutating func peerProbed(listening: Bool, leader: NodeID?, now: Instant) -> [Action] {
-        guard !listening, role == .backup, notACopy == nil, !stopping, leader == peer else { return [] }
+        guard role == .backup, notACopy == nil, !stopping, leader == peer else { return [] }
+        guard !listening else { return [.info("vm: node \(peer) still listens at its syncvm address: the election timeout decides whether it is gone")] }
         if let last = lastCampaign, now - last < rules.retryEvery { return [] }
         lastCampaign = now
-        return [.campaignNow(because: "the syncvm link to primary \(peer) was reset and nothing listens at its address: its process is gone")]
+        // A checkpoint waiting on that primary cannot finish: it rolls back now, so the driver
+        // is free to apply the take-over once this replica leads.
+        return abortCheckpoint("primary \(peer)'s process is gone")
+            + [.campaignNow(because: "the syncvm link to primary \(peer) was reset and nothing listens at its address: its process is gone")]
     }
 
     // MARK: Checkpoint phases

@@ -194,6 +194,8 @@ extension VMReplicator {
         let window = UInt32(config.idleWindowMilliseconds * 1000)
         while ContinuousClock.now < deadline {
             usleep(window)
+            // A checkpoint that cannot finish (its primary is gone) does not wait any longer.
+            if lock.withLock({ machine.checkpointAbort }) != nil { return false }
             guard let rate = meter.sample() else { return false }
             if rate * 100 < Double(config.idleCPUPercent) { return true }
         }
@@ -363,7 +365,7 @@ extension VMReplicator {
         }
         // The standby QEMU was started after the previous checkpoint; wait for it if it is slow.
         var next: QEMUInstance?
-        try? poll("standby QEMU", timeout: checkpointTimeout, abortIf: { self.isStopped ? "this replica is stopping" : nil }) {
+        try? poll("standby QEMU", timeout: checkpointTimeout, abortIf: { self.isStopped ? "this replica is stopping" : self.lock.withLock { self.machine.checkpointAbort } }) {
             next = lock.withLock { spare }
             return next != nil
         }

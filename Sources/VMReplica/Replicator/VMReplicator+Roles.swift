@@ -72,6 +72,13 @@ extension VMReplicator {
         guard let down else { return false }
         down.close()
         logger.info("vm: syncvm link to node \(config.peer) is down; connecting again")
+        // Whoever finds it down first (the scheduler, or a checkpoint about to wait for it)
+        // tells the machine, whose failure detector may probe the primary.
+        if let node {
+            let leader = node.status.leader
+            lock.withLock { timeline.start() }
+            run { $0.linkWentDown(leader: leader) }
+        }
         if let e {
             e.resetMailbox()
             Task { await self.connectLoop(e) }
@@ -125,13 +132,9 @@ extension VMReplicator {
         let window = Double(config.idleWindowMilliseconds) / 1000
         while !isStopped {
             Thread.sleep(forTimeInterval: window)
-            let wentDown = reviveLinkIfDown()
+            reviveLinkIfDown()
             guard let node else { continue }
             let status = node.status
-            if wentDown {
-                lock.withLock { timeline.start() }
-                run { $0.linkWentDown(leader: status.leader) }
-            }
             let q = lock.withLock { current }
             let leading = status.role == .leader && q != nil
             if let q, leading {

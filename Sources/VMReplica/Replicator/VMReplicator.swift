@@ -384,8 +384,10 @@ public final class VMReplicator: @unchecked Sendable {
         reviveLinkIfDown()
         let deadline = ContinuousClock.now + timeout
         while ContinuousClock.now < deadline {
-            if let c = lock.withLock({ channel }) { return c }
-            usleep(20_000)
+            let (c, aborted) = lock.withLock { (channel, machine.checkpointAbort) }
+            if let c { return c }
+            if aborted != nil { return nil }  // e.g. the failure detector found the primary gone
+            usleep(5_000)
         }
         return nil
     }
