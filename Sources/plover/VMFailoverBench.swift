@@ -91,9 +91,11 @@ struct VMFailoverBench: ParsableCommand {
             backupStart = logSize(cluster, primary)
             if leadershipsBeforeKills == nil { leadershipsBeforeKills = leaderships() }
             let backupLogFrom = logSize(cluster, backup)
+            // The clock starts at the SIGKILL (the first thing `kill` does), not when it returns:
+            // it then waits for Foundation to notice the exit, which can take tens of ms.
             let killedAt = Date().timeIntervalSince1970 * 1000
-            cluster.kill(primary)
             let killed = ContinuousClock.now
+            cluster.kill(primary)
             guard let answered = load.firstAnswer(after: killed, timeout: .seconds(120)) else {
                 throw CLIError("round \(k): no answer within 120 s after node \(primary) was killed")
             }
