@@ -33,6 +33,23 @@ package struct VMFailoverBench: ParsableCommand {
         var killed: NodeID
         var failover: Duration
         var reprotected: Duration?
+        /// The new primary's failover timeline, in milliseconds after the kill, by step name.
+        var steps: [String: Double] = [:]
+    }
+
+    /// The steps of the replicator's "failover timeline" line (FailoverTimeline.swift), in order.
+    static let stepNames = ["link_down", "probe_refused", "campaign", "leading", "takeover_proposed", "takeover_applied", "serving", "first_answer"]
+
+    /// The last failover timeline in `text`, each step in milliseconds after `killedAt` (unix ms).
+    static func timeline(in text: Substring, killedAt: Double) -> [String: Double] {
+        guard let r = text.range(of: "failover timeline (unix ms): ", options: .backwards) else { return [:] }
+        let line = text[r.upperBound...].prefix { $0 != "\n" }
+        var steps: [String: Double] = [:]
+        for pair in line.split(separator: " ") {
+            let kv = pair.split(separator: "=")
+            if kv.count == 2, let v = Double(kv[1]) { steps[String(kv[0])] = v - killedAt }
+        }
+        return steps
     }
 
     package init() {}
@@ -75,12 +92,20 @@ package struct VMFailoverBench: ParsableCommand {
             Thread.sleep(forTimeInterval: 1 + Double(rng.next() % 2000) / 1000)
             backupStart = logSize(cluster, primary)
             if leadershipsBeforeKills == nil { leadershipsBeforeKills = leaderships() }
-            cluster.kill(primary)
+            let backupLogFrom = logSize(cluster, backup)
+            // The clock starts at the SIGKILL (the first thing `kill` does), not when it returns:
+            // it then waits for Foundation to notice the exit, which can take tens of ms.
+            let killedAt = Date().timeIntervalSince1970 * 1000
             let killed = ContinuousClock.now
+            cluster.kill(primary)
             guard let answered = load.firstAnswer(after: killed, timeout: .seconds(120)) else {
                 throw CLIError("round \(k): no answer within 120 s after node \(primary) was killed")
             }
-            rounds.append(Round(killed: primary, failover: answered - killed))
+            // The new primary logs its timeline with its first answer.
+            _ = waitForLog(cluster, backup, "failover timeline", after: backupLogFrom, timeout: .seconds(5))
+            let log = (try? Data(contentsOf: URL(fileURLWithPath: cluster.logPath(backup)))) ?? Data()
+            let text = String(decoding: log.dropFirst(backupLogFrom), as: UTF8.self)
+            rounds.append(Round(killed: primary, failover: answered - killed, steps: Self.timeline(in: text[...], killedAt: killedAt)))
             say("kill \(k) of node \(primary): first answer after \(answered - killed)")
             try cluster.restart(primary)
             restartedAt = .now
@@ -132,6 +157,13 @@ package struct VMFailoverBench: ParsableCommand {
         s += "| kill | node killed | kill → first answer (ms) | restart → re-protected (s) |\n|---|---|---|---|\n"
         for (i, r) in rounds.enumerated() {
             s += "| \(i + 1) | \(r.killed) | \(f(ms(r.failover))) | \(r.reprotected.map { String(format: "%.1f", ms($0) / 1000) } ?? "-") |\n"
+        }
+        s += "\nWhere the time went, from the new primary's failover timeline (ms after the kill; - where a step was not logged): "
+        s += "the syncvm link seen down, the probe finding nothing listening at the primary's address, the forced election asked for, "
+        s += "this replica seen leading, the take-over proposed and applied, its primary endpoint open (output goes out), its first answer to a client.\n\n"
+        s += "| kill | " + stepNames.joined(separator: " | ") + " |\n|" + String(repeating: "---|", count: stepNames.count + 1) + "\n"
+        for (i, r) in rounds.enumerated() {
+            s += "| \(i + 1) | " + stepNames.map { r.steps[$0].map { f($0) } ?? "-" }.joined(separator: " | ") + " |\n"
         }
         let p50 = times.isEmpty ? .nan : times[(times.count - 1) / 2]
         s += "\nKill → first answer over \(times.count) kills: p50 \(f(p50)) ms, max \(f(times.last ?? .nan)) ms; "

@@ -48,8 +48,8 @@ extension VMReplicator {
     /// `key=value` lines for `plover vm status`.
     var statusText: String {
         let s = lock.withLock { () -> (Role, Bool, LogIndex?, String?, String?, Bool, Bool, QEMUInstance?, QEMUAccel, String?) in
-            (currentRole, protected, unprotectedSince, inconsistent, unusable, channel.map { !$0.isDown } ?? false, inFlight, current,
-             qemuSettings.accel, lastCheckpoint)
+            (machine.role, machine.protected, machine.unprotectedSince, machine.inconsistent, machine.unusable, channel.map { !$0.isDown } ?? false,
+             machine.checkpointSlotTaken || machine.checkpoint != nil, current, qemuSettings.accel, lastCheckpoint)
         }
         let (role, isProtected, since, why, broken, linkUp, inflight, q, accel, last) = s
         let vm: String
@@ -76,7 +76,7 @@ extension VMReplicator {
     /// still held are dropped with its role and their clients resend.
     func switchover() -> String {
         guard let node else { return "ERR the replica is starting" }
-        let (role, why, linkUp, since) = lock.withLock { (currentRole, unusable ?? inconsistent, channel.map { !$0.isDown } ?? false, unprotectedSince) }
+        let (role, why, linkUp, since) = lock.withLock { (machine.role, machine.notACopy, channel.map { !$0.isDown } ?? false, machine.unprotectedSince) }
         guard role == .primary else { return "ERR node \(me) is not the primary (it is the \(role.rawValue)); run the switchover against node \(config.peer)" }
         guard node.status.role == .leader else { return "ERR node \(me) does not lead right now; try again in a moment" }
         if let why { return "ERR node \(me)'s VM is not the replicated one (\(why)): there is nothing to hand over" }
@@ -86,27 +86,23 @@ extension VMReplicator {
         let deadline = ContinuousClock.now + checkpointTimeout + .seconds(5)
         var epoch: UInt64?
         while epoch == nil {
-            epoch = lock.withLock { () -> UInt64? in
-                guard !inFlight else { return nil }
-                inFlight = true
-                defer { nextEpoch += 1 }
-                return nextEpoch
-            }
+            epoch = lock.withLock { machine.claimCheckpoint() }
             if epoch == nil {
                 guard ContinuousClock.now < deadline else { return "ERR a checkpoint in flight did not end within \(checkpointTimeout)" }
                 usleep(5000)
             }
         }
         logger.notice("vm: switchover requested: checkpoint \(epoch!), then node \(config.peer) takes the VM over")
-        if case let .failure(e) = proposeAndWait(VMLogEntry.checkpoint(epoch: epoch!, proposer: me)) {
-            lock.withLock { inFlight = false }
+        let entry = VMLogEntry.checkpoint(epoch: epoch!, proposer: me)
+        if case let .failure(e) = proposeAndWait(entry) {
+            run { $0.proposalFailed(entry) }
             return "ERR the switchover's checkpoint was not committed: \(e)"
         }
-        while lock.withLock({ inFlight }) {
+        while lock.withLock({ machine.checkpointSlotTaken }) {
             guard ContinuousClock.now < deadline else { return "ERR the switchover's checkpoint \(epoch!) did not end within \(checkpointTimeout)" }
             usleep(5000)
         }
-        guard !lock.withLock({ lastCheckpointFailed }) else { return "ERR the switchover's checkpoint \(epoch!) failed (see checkpoints.log); nothing was handed over" }
+        guard !lock.withLock({ machine.lastCheckpointFailed }) else { return "ERR the switchover's checkpoint \(epoch!) failed (see checkpoints.log); nothing was handed over" }
         // 2. The take-over by the backup, in log order after it.
         if case let .failure(e) = proposeAndWait(VMLogEntry.takeOver(by: config.peer)) {
             return "ERR the take-over by node \(config.peer) was not committed: \(e); node \(me) keeps the VM"

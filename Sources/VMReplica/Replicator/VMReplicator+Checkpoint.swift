@@ -92,6 +92,7 @@ extension VMReplicator {
         while done.wait(timeout: .now() + .milliseconds(10)) == .timedOut {
             guard let why = abort() ?? (ContinuousClock.now >= deadline ? "no progress within \(timeout) (checkpoint_timeout_ms)" : nil) else { continue }
             aborted = why
+            _ = lock.withLock { machine.abortCheckpoint(why) }
             lock.withLock { channel }?.close()
             done.wait()
             break
@@ -142,24 +143,28 @@ extension VMReplicator {
         }
     }
 
-    /// Why a checkpoint over `ch` must stop now: the replica stops, the link went down, or (a
-    /// primary) this replica no longer leads. Nil while it may go on.
-    func abortReason(_ ch: FabricSyncChannel, primary: Bool) -> String? {
-        if lock.withLock({ stopped }) { return "this replica is stopping" }
-        if ch.isDown { return "the syncvm link to node \(config.peer) went down" }
-        if primary, let node, node.status.role != .leader { return "this replica no longer leads" }
-        return nil
+    /// Why the checkpoint over `ch` must stop now: the machine hears what the wait sees (the
+    /// link's state, whether this replica leads) and says whether it may go on (nil) or not.
+    func checkpointAbort(_ ch: FabricSyncChannel) -> String? {
+        let leading = node?.status.role == .leader
+        run { $0.checkpointObserved(linkUp: !ch.isDown, leading: leading) }
+        return lock.withLock { machine.checkpointAbort }
+    }
+
+    /// The checkpoint reached `phase`: the machine records it, then an armed failpoint may kill
+    /// this replica there.
+    func reach(_ phase: CheckpointPhase, armed: CheckpointPhase?) {
+        lock.withLock { machine.reached(phase) }
+        failpoints.reached(phase, armed: armed)
     }
 
     /// Sync options whose progress reaches this checkpoint's failpoint.
     func syncOptions(armed: CheckpointPhase?) -> SyncOptions {
         var o = SyncOptions()
-        guard armed != nil else { return o }
-        let failpoints = self.failpoints
-        o.onProgress = { step in
+        o.onProgress = { [weak self] step in
             switch step {
-            case .hashesExchanged: failpoints.reached(.hashes, armed: armed)
-            case .firstPagesWritten, .commitReceived: failpoints.reached(.pages, armed: armed)
+            case .hashesExchanged: self?.reach(.hashes, armed: armed)
+            case .firstPagesWritten, .commitReceived: self?.reach(.pages, armed: armed)
             }
         }
         return o
@@ -189,6 +194,8 @@ extension VMReplicator {
         let window = UInt32(config.idleWindowMilliseconds * 1000)
         while ContinuousClock.now < deadline {
             usleep(window)
+            // A checkpoint that cannot finish (its primary is gone) does not wait any longer.
+            if lock.withLock({ machine.checkpointAbort }) != nil { return false }
             guard let rate = meter.sample() else { return false }
             if rate * 100 < Double(config.idleCPUPercent) { return true }
         }
@@ -240,9 +247,10 @@ extension VMReplicator {
         let armed = failpoints.arm(as: .primary)
         var r = CheckpointRecord(epoch: epoch, index: index, role: .primary)
         defer { record(r) }
+        defer { run { $0.checkpointEnded(r.ok ? .completed : .failed(reason: r.error ?? "", pagesMayHaveLanded: false), now: .now) } }
         guard let q = lock.withLock({ current }) else { r.error = "no VM"; return false }
         guard let ch = waitForChannel(timeout: linkGrace) else { r.error = "syncvm link to node \(config.peer) is not up"; return false }
-        let abort = { self.abortReason(ch, primary: true) }
+        let abort = { self.checkpointAbort(ch) }
         // The primary keeps running until the backup has reached this log position, paused and
         // scanned: the driver writes no input past the checkpoint, so the state the primary
         // stops in is still "every input up to the checkpoint", just later in guest time.
@@ -251,11 +259,11 @@ extension VMReplicator {
             try blocking(timeout: checkpointTimeout, abortIf: abort) { try await Self.awaitReady(ch, epoch: epoch) }
         } catch { r.error = "backup not ready for checkpoint \(epoch): \(error)"; return false }
         r.wait = ContinuousClock.now - waitStart
-        failpoints.reached(.handshake, armed: armed)
-        let start = ContinuousClock.now
         // From the pause on the backup may end up holding this VM (even if this side then fails
-        // to see the checkpoint complete): output waits for checkpoints from here.
-        lock.withLock { protected = true }
+        // to see the checkpoint complete): output waits for checkpoints from here (the machine
+        // makes the primary protected at the handshake).
+        reach(.handshake, armed: armed)
+        let start = ContinuousClock.now
         do {
             try q.qmp.execute("stop")
         } catch { r.error = "stop: \(error)"; return false }
@@ -276,7 +284,7 @@ extension VMReplicator {
             if hashDiff == nil { hashDiff = HashDiffDirtySource(memory: memory, pool: pool) }
             let m = ContinuousClock.now
             try q.qmp.execute("migrate", ["uri": "tcp:\(config.peerMigrationAddress)"])
-            failpoints.reached(.device, armed: armed)
+            reach(.device, armed: armed)
             do {
                 try poll("migration of device state to node \(config.peer)", timeout: checkpointTimeout, abortIf: abort) {
                     let (s, info) = try q.qmp.migrationStatus()
@@ -288,7 +296,7 @@ extension VMReplicator {
                 throw error
             }
             r.migrate = ContinuousClock.now - m
-            failpoints.reached(.resume, armed: armed)
+            reach(.resume, armed: armed)
             try resume(q)
             resumed = true
             r.pause = ContinuousClock.now - start
@@ -298,8 +306,8 @@ extension VMReplicator {
             r.ok = true
         } catch {
             // Output stays held: only a later complete checkpoint may release it. The dirty
-            // pages collected above are forgotten with the baseline: the next sync compares all.
-            hashDiff = nil
+            // pages collected above are forgotten with the baseline (the machine's dropBaseline):
+            // the next sync compares all.
             r.error = "\(error)"
             r.pause = ContinuousClock.now - start
         }
@@ -313,16 +321,26 @@ extension VMReplicator {
     /// link down, a step timed out — fences the primary, puts those pages back and resumes the
     /// old VM, which is then exactly what it was: the VM that executed every input before the
     /// checkpoint, fit to take over. Only a checkpoint whose device state arrived replaces it.
+    /// What happens on each ending is the machine's decision (`checkpointEnded`).
     func backupCheckpoint(epoch: UInt64, index: LogIndex) {
         let armed = failpoints.arm(as: .backup)
         var r = CheckpointRecord(epoch: epoch, index: index, role: .backup)
         defer { record(r) }
-        guard lock.withLock({ unusable == nil }), let old = lock.withLock({ current }) else { r.error = "VM unusable"; return }
+        // Every path out tells the machine how the checkpoint ended, exactly once.
+        var ended = false
+        func end(_ outcome: VMReplicaMachine.CheckpointOutcome) -> [VMReplicaMachine.Action] {
+            ended = true
+            let actions = lock.withLock { machine.checkpointEnded(outcome, now: .now) }
+            perform(actions)
+            return actions
+        }
+        defer { if !ended { _ = end(.failed(reason: r.error ?? "", pagesMayHaveLanded: false)) } }
+        let (unusable, wasInconsistent, oldVM) = lock.withLock { (machine.unusable, machine.checkpoint?.startedInconsistent, current) }
+        guard unusable == nil, let old = oldVM else { r.error = "VM unusable"; return }
         // The backup replays the same inputs later than the primary (and, under TCG, in a QEMU
         // whose translation cache is cold). Stopping it mid-request would make every page that
         // request writes diverge, so it first finishes what it was given: it stops once its
         // guest is idle, as the primary's was when it asked for the checkpoint, or at the bound.
-        let wasInconsistent = lock.withLock { inconsistent }
         if wasInconsistent != nil {
             // Nothing of this VM is kept: compare every page, and do not wait for it.
             hashDiff = nil
@@ -347,7 +365,7 @@ extension VMReplicator {
         }
         // The standby QEMU was started after the previous checkpoint; wait for it if it is slow.
         var next: QEMUInstance?
-        try? poll("standby QEMU", timeout: checkpointTimeout, abortIf: { self.lock.withLock { self.stopped } ? "this replica is stopping" : nil }) {
+        try? poll("standby QEMU", timeout: checkpointTimeout, abortIf: { self.isStopped ? "this replica is stopping" : self.lock.withLock { self.machine.checkpointAbort } }) {
             next = lock.withLock { spare }
             return next != nil
         }
@@ -358,28 +376,28 @@ extension VMReplicator {
         }
         guard let ch = waitForChannel(timeout: linkGrace) else {
             r.error = "syncvm link to node \(config.peer) is not up"
-            hashDiff = nil
             return
         }
-        let abort = { self.abortReason(ch, primary: false) }
+        let abort = { self.checkpointAbort(ch) }
         let scanStart = ContinuousClock.now
         let dirty = hashDiff?.collect() ?? DirtyBitmap.all(pageCount: memory.pageCount)
         r.scan = ContinuousClock.now - scanStart
         // Ready, then the primary's first answer: a skip if it gave this checkpoint up before
         // this replica got here (it was late: paused, restarting, catching up in the log).
+        // Any failure from here forgets the baseline collect() just moved (the next sync
+        // compares every page): the machine's dropBaseline.
         let first: [UInt8]
         do {
             try blocking(timeout: checkpointTimeout, abortIf: abort) { try await ch.send(Self.readyFrame(epoch: epoch)) }
-            failpoints.reached(.handshake, armed: armed)
+            reach(.handshake, armed: armed)
             first = try blocking(timeout: checkpointTimeout, abortIf: abort) { try await ch.receive() }
         } catch {
             r.error = "\(error)"
-            hashDiff = nil  // collect() moved the baseline: the next sync compares all pages
             return
         }
         if Self.handshakeEpoch(first, kind: 0xEF) == epoch {
             r.error = "the primary gave checkpoint \(epoch) up before this backup was ready"
-            hashDiff = nil
+            _ = end(.skipped)
             return
         }
         // A QEMU takes one incoming migration in its life: unless this checkpoint makes `next`
@@ -396,33 +414,34 @@ extension VMReplicator {
             try next.qmp.execute("migrate-incoming", ["uri": "tcp:\(config.migrationAddress)"])
         } catch {
             r.error = "migrate-incoming: \(error)"
-            hashDiff = nil
             ch.close()  // the primary is waiting in the sync: fail it now rather than at its timeout
             return
         }
         // Before any page can land: a VM that is a copy keeps a way back to itself.
         let undo: PageUndoLog? = wasInconsistent == nil ? PageUndoLog() : nil
         let before = undo != nil ? ramDigest() : nil
-        /// Cuts the checkpoint off after pages may have landed: back to the old VM if it can.
+        /// Cuts the checkpoint off after pages may have landed: the machine says whether the old
+        /// VM rolls back (it was a copy) or is abandoned (it was none; the next checkpoint
+        /// replaces it).
         func cutOff(_ why: String) {
-            hashDiff = nil
             next.kill()
-            guard let undo else {
-                // The old VM was no copy to begin with and its RAM is half-written now: the next
-                // checkpoint (every page compared) replaces it.
-                resumeOld = false
-                markInconsistent("checkpoint \(epoch) was cut off after pages were written (\(why))")
-                return
+            for a in end(.failed(reason: why, pagesMayHaveLanded: true)) {
+                switch a {
+                case .abandonVM:
+                    resumeOld = false
+                case .rollBack:
+                    guard let undo else { preconditionFailure("a roll-back without saved pages") }
+                    // Nothing of the primary's may land from here on: fence it, then put the pages back.
+                    lock.withLock { syncFabric }?.revokeAccess(from: config.peer)
+                    ch.close()
+                    let n = undo.restore(into: memory)
+                    r.rolledBack = n
+                    if let before { r.rollbackDigestMatches = ramDigest() == before }
+                    logger.notice("vm: checkpoint \(epoch) was cut off (\(why)); put \(n) pages back: this VM is again the one that ran every input before it, and may take over")
+                default:
+                    break
+                }
             }
-            // Nothing of the primary's may land from here on: fence it, then put the pages back.
-            lock.withLock { syncFabric }?.revokeAccess(from: config.peer)
-            ch.close()
-            let n = undo.restore(into: memory)
-            r.rolledBack = n
-            if let before {
-                r.rollbackDigestMatches = ramDigest() == before
-            }
-            logger.notice("vm: checkpoint \(epoch) was cut off (\(why)); put \(n) pages back: this VM is again the one that ran every input before it, and may take over")
         }
         let state = MemorySyncStateStore(.inSync(session: 0))
         let engine = SyncBackup(memory: memory, pool: pool, state: state, options: syncOptions(armed: armed), undo: undo)
@@ -432,13 +451,7 @@ extension VMReplicator {
             result = try blocking(timeout: checkpointTimeout, abortIf: abort) { try await engine.run(dirty: dirty, over: replay, expectedSession: epoch) }
         } catch {
             r.error = "\(error)"
-            if !state.load().isInSync {
-                cutOff("\(error)")
-            } else if hashDiff != nil {
-                // Nothing was written; the collect() above moved the baseline, so put the pages
-                // it found back in play by forgetting the baseline (next sync compares all pages).
-                hashDiff = nil
-            }
+            if !state.load().isInSync { cutOff("\(error)") }
             return
         }
         r.stats = result.stats
@@ -448,7 +461,7 @@ extension VMReplicator {
         // by itself once the device state is in); a cut-off below drops it with the pages.
         if let h = hashDiff { h.syncCompleted(rewrote: result.divergent) } else { hashDiff = HashDiffDirtySource(memory: memory, pool: pool) }
         r.ramDigest = ramDigest()
-        failpoints.reached(.device, armed: armed)
+        reach(.device, armed: armed)
         let m = ContinuousClock.now
         do {
             var status = ""
@@ -456,7 +469,7 @@ extension VMReplicator {
                 status = try next.qmp.status()
                 return status != "inmigrate"
             }
-            failpoints.reached(.resume, armed: armed)
+            reach(.resume, armed: armed)
             if status != "running" { try next.qmp.execute("cont") }
         } catch {
             r.error = "\(error)"
@@ -467,26 +480,22 @@ extension VMReplicator {
         r.migrate = ContinuousClock.now - m
         // From here the old QEMU's RAM is the primary's; it must not run again.
         resumeOld = false
-        // The swap and the end of "inconsistent" in one step: a reason set during this checkpoint
-        // (a snapshot restore, this QEMU's death) is about what this checkpoint may not have
-        // covered, so it stays; a death of `next` from here on is reported against `next`.
-        let cleared = lock.withLock { () -> Bool in
+        // The swap and the machine's end of the checkpoint in one step: "inconsistent" ends
+        // only together with the swap (a death of `next` from here on is reported against it).
+        let actions = lock.withLock { () -> [VMReplicaMachine.Action] in
             current = next
             spare = nil
-            guard wasInconsistent != nil, inconsistent == wasInconsistent else { return false }
-            inconsistent = nil
-            return true
+            return machine.checkpointEnded(.completed, now: .now)
         }
+        ended = true
         installed = true
+        perform(actions)
         startReader(next)
         old.killDetached { [logger] took in
             if took > .milliseconds(200) { logger.info("vm: the replaced QEMU \(old.name) took \(took) to exit after SIGKILL") }
         }
         startSpare()
         r.ok = true
-        if let why = wasInconsistent, cleared {
-            logger.notice("vm: protected: checkpoint \(epoch) made this VM a copy of the primary's (before it: \(why)); it may take over now")
-        }
     }
 }
 

@@ -60,74 +60,56 @@ extension VMReplicator {
     /// Drops a syncvm link that went down (the peer's process died, a sync failed, the peer
     /// reopened its endpoint in another role) and starts connecting again. The endpoint's
     /// mailbox is cleared first, while no peer is connected, so nothing the old peer wrote is
-    /// read as the new one's. Called every scheduler window and before each checkpoint.
-    func reviveLinkIfDown() {
+    /// read as the new one's. Called every scheduler window and before each checkpoint; true when
+    /// it found the link down.
+    @discardableResult
+    func reviveLinkIfDown() -> Bool {
         let (down, e) = lock.withLock { () -> (FabricSyncChannel?, FabricSyncChannel.Endpoint?) in
             guard let c = channel, c.isDown else { return (nil, nil) }
             channel = nil
             return (c, endpoint)
         }
-        guard let down else { return }
+        guard let down else { return false }
         down.close()
         logger.info("vm: syncvm link to node \(config.peer) is down; connecting again")
+        // Whoever finds it down first (the scheduler, or a checkpoint about to wait for it)
+        // tells the machine, whose failure detector may probe the primary.
+        if let node {
+            let leader = node.status.leader
+            lock.withLock { timeline.start() }
+            run { $0.linkWentDown(leader: leader) }
+        }
         if let e {
             e.resetMailbox()
             Task { await self.connectLoop(e) }
         }
+        return true
     }
 
-    // MARK: Take-over
+    // MARK: Role changes (the effects of the machine's becomePrimary / becomeBackup)
 
-    /// Driver thread, applying `takeOver(by: me)` at `index`: this backup becomes the primary.
-    /// It has run every input before the entry, its VM is the one clients see from now on: the
-    /// standby QEMU goes, a primary's syncvm endpoint opens for a backup to join, and output goes
-    /// out at once until the first checkpoint with that backup.
+    /// Driver thread, after `takeOver(by: me)` made this backup the primary: the standby QEMU
+    /// goes, and a primary's syncvm endpoint opens for a backup to join.
     func becomePrimary(at index: LogIndex) {
-        let (ok, standby, why) = lock.withLock { () -> (Bool, QEMUInstance?, String?) in
-            guard currentRole == .backup, inconsistent == nil, unusable == nil, !stopped else {
-                return (false, nil, inconsistent ?? unusable)
-            }
-            currentRole = .primary
-            protected = false
-            inFlight = false
-            // It answers without a backup from here: the old primary's VM is no copy until a
-            // checkpoint re-protects it, and a take-over by it before that is void.
-            unprotectedSince = index
-            failedCheckpointsInARow = 0
-            linkDownSince = nil
+        let standby = lock.withLock { () -> QEMUInstance? in
+            timeline.note(.takeOverApplied)
             defer { spare = nil }
-            return (true, spare, nil)
-        }
-        guard ok else {
-            if let why { logger.error("vm: the take-over at log index \(index) found this VM unfit (\(why)); no replica holds the VM now") }
-            return
+            return spare
         }
         standby?.kill()
-        logger.notice("vm: node \(me) is the primary now (take-over at log index \(index)): its VM is the one clients see; output goes out unprotected until a backup is re-protected")
         do {
             try blocking(timeout: checkpointTimeout) { try await self.openSyncEndpoint(as: .primary) }
         } catch {
             logger.error("vm: cannot open the primary's syncvm endpoint on \(config.syncAddress): \(error); no backup can be re-protected")
         }
+        lock.withLock { timeline.note(.serving) }
     }
 
-    /// Driver thread: this primary stops owning the VM (the other replica's take-over was
-    /// committed, or its own VM is no copy of anything) and becomes a backup. Its held output
-    /// is dropped (clients resend), its RAM is mapped writable with the mailbox, a backup's
-    /// endpoint and a standby QEMU open, and the new primary's next checkpoint re-protects it.
-    func becomeBackup(because why: String) {
-        let (ok, held) = lock.withLock { () -> (Bool, Int) in
-            guard currentRole == .primary, !stopped else { return (false, 0) }
-            currentRole = .backup
-            protected = true
-            inFlight = false
-            unprotectedSince = nil
-            unprotectedRequested = false
-            failedCheckpointsInARow = 0
-            return (true, outputs.heldCount)
-        }
-        guard ok else { return }
-        markInconsistent(why)
+    /// Driver thread, after this primary became a backup: its held output is dropped (clients
+    /// resend), its RAM is mapped writable with the mailbox, a backup's endpoint and a standby
+    /// QEMU open, and the new primary's next checkpoint re-protects it.
+    func becomeBackup() {
+        let held = outputs.heldCount
         outputs.dropHeld()
         hashDiff = nil
         logger.notice("vm: node \(me) is a backup now; \(held) answers it held are dropped (clients resend)")
@@ -136,125 +118,38 @@ extension VMReplicator {
             try blocking(timeout: checkpointTimeout) { try await self.openSyncEndpoint(as: .backup) }
             startSpare()
         } catch {
-            markUnusable("cannot become node \(config.peer)'s backup: \(error)")
+            run { $0.markUnusable("cannot become node \(self.config.peer)'s backup: \(error)") }
         }
-    }
-
-    /// Driver thread, applying `unprotected(by: me)` at `index`: this primary goes on without a
-    /// backup. The output it held is released (the entry is committed, so no backup can take the
-    /// VM over without a checkpoint after it), and output goes out at once until a backup is
-    /// re-protected; the scheduler asks for that checkpoint as soon as a backup's link is up.
-    func goUnprotected(at index: LogIndex) {
-        let ok = lock.withLock { () -> Bool in
-            unprotectedRequested = false
-            guard currentRole == .primary, !stopped else { return false }
-            protected = false
-            unprotectedSince = index
-            return true
-        }
-        guard ok else { return }
-        let out = outputs.releaseAll()
-        for a in out { front?.deliver(a) }
-        logger.warning("vm: primary \(me) goes on without a backup from log index \(index) (released \(out.count) held answers); node \(config.peer) must be re-protected before it may take over")
     }
 
     // MARK: Scheduling
 
-    /// One loop per replica, every `idle_window_ms`: revives a syncvm link that went down, and
-    /// decides what only a leader may:
-    /// - a VM that is no copy of the replicated one (restarted, never synced) hands leadership
-    ///   to the other VM replica, and a primary with one steps down to backup;
-    /// - a consistent backup that leads proposes a take-over when the primary is gone (its syncvm
-    ///   link is down) or after `handBackLimit` of trying in vain to hand leadership back to a
-    ///   live primary; roles change only when that entry is applied, in log order, on both;
-    /// - a primary asks for checkpoints: PLOVER's trigger (output is waiting and the guest went
-    ///   idle — its QEMU's CPU rate fell below the threshold for one window — or the oldest held
-    ///   output reached the max period) or, while unprotected, as soon as a backup's link is up.
+    /// One loop per replica, every `idle_window_ms`: revives a syncvm link that went down (and
+    /// tells the machine, whose failure detector may probe the primary), then gives the machine
+    /// one window of what it observed; the rules are `VMScheduler.decide`.
     func schedulerLoop() {
         var meter: CPUMeter?
-        var leadingSince: ContinuousClock.Instant?
         let window = Double(config.idleWindowMilliseconds) / 1000
-        let rules = SchedulerRules(handBackLimit: handBackLimit, backupLostAfter: backupLostAfter,
-                                   checkpointMinGap: .milliseconds(config.checkpointMinGapMilliseconds),
-                                   failedCheckpointBackoff: failedCheckpointBackoff,
-                                   checkpointMaxAge: .milliseconds(config.checkpointMaxMilliseconds))
-        while !lock.withLock({ stopped }) {
+        while !isStopped {
             Thread.sleep(forTimeInterval: window)
             reviveLinkIfDown()
             guard let node else { continue }
+            let status = node.status
             let q = lock.withLock { current }
-            let leading = node.status.role == .leader && q != nil
-            if leading { leadingSince = leadingSince ?? .now } else { leadingSince = nil; meter = nil }
+            let leading = status.role == .leader && q != nil
             if let q, leading {
                 if meter?.pid != q.pid { meter = CPUMeter(pid: q.pid) }
+            } else {
+                meter = nil
             }
             let rate: Double? = meter != nil ? meter!.sample() : nil
             let now = ContinuousClock.now
-            let view = lock.withLock { () -> SchedulerView in
-                let linkUp = channel.map { !$0.isDown } ?? false
-                if linkUp { linkDownSince = nil } else if linkDownSince == nil { linkDownSince = now }
-                return SchedulerView(
-                    role: currentRole, leading: leading, notACopy: unusable ?? inconsistent, protected: protected, linkUp: linkUp,
-                    linkDownFor: linkDownSince.map { now - $0 }, checkpointInFlight: inFlight, unprotectedRequested: unprotectedRequested,
-                    failedCheckpointsInARow: failedCheckpointsInARow, sinceLastCheckpointEnd: now - lastCheckpointEnd,
-                    lastCheckpointFailed: lastCheckpointFailed, leadingFor: leadingSince.map { now - $0 } ?? .zero,
-                    sinceHandOff: lastHandOff.map { now - $0 }, sinceTakeOverProposal: lastTakeOverProposal.map { now - $0 },
-                    oldestHeldAge: outputs.oldestHeld.map { now - $0 },
-                    guestIdle: rate.map { $0 * 100 < Double(config.idleCPUPercent) } ?? false)
-            }
-            carryOut(VMScheduler.decide(view, rules), node: node)
-        }
-    }
-
-    /// Does what the scheduler decided.
-    func carryOut(_ action: SchedulerAction, node: ReplicaNode) {
-        switch action {
-        case .nothing:
-            return
-        case .demote:
-            queueCond.withLock {
-                demoteRequested = true
-                queueCond.signal()
-            }
-        case let .handLeadership(because):
-            lastHandOff = .now
-            logger.warning("vm: node \(me) hands leadership to node \(config.peer): \(because)")
-            let peer = config.peer
-            Task { try? await node.transferLeadership(to: peer) }
-        case let .proposeTakeOver(because):
-            lastTakeOverProposal = .now
-            logger.notice("vm: backup \(me) leads and takes over: \(because)")
-            let entry = VMLogEntry.takeOver(by: me).encoded()
-            Task {
-                do { _ = try await node.propose(entry) } catch {
-                    self.logger.warning("vm: take-over by node \(self.me) not committed: \(error)")
-                }
-            }
-        case let .proposeUnprotected(because):
-            lock.withLock { unprotectedRequested = true }
-            logger.warning("vm: primary \(me) lost its backup (\(because)); going on without it")
-            let entry = VMLogEntry.unprotected(by: me).encoded()
-            Task {
-                do { _ = try await node.propose(entry) } catch {
-                    self.logger.warning("vm: going on without a backup not committed: \(error)")
-                    self.lock.withLock { self.unprotectedRequested = false }
-                }
-            }
-        case .proposeCheckpoint:
-            let epoch = lock.withLock { () -> UInt64? in
-                guard !inFlight else { return nil }  // a switchover took the slot meanwhile
-                inFlight = true
-                defer { nextEpoch += 1 }
-                return nextEpoch
-            }
-            guard let epoch else { return }
-            let entry = VMLogEntry.checkpoint(epoch: epoch, proposer: me).encoded()
-            Task {
-                do { _ = try await node.propose(entry) } catch {
-                    self.logger.warning("vm: checkpoint \(epoch) not committed: \(error)")
-                    self.lock.withLock { self.inFlight = false }
-                }
-            }
+            let o = VMReplicaMachine.Observation(
+                leading: leading, linkUp: lock.withLock { channel.map { !$0.isDown } ?? false },
+                oldestHeldAge: outputs.oldestHeld.map { now - $0 },
+                guestIdle: rate.map { $0 * 100 < Double(config.idleCPUPercent) } ?? false)
+            if leading && lock.withLock({ machine.role == .backup }) { lock.withLock { timeline.note(.leading) } }
+            run { $0.tick(o, now: now) }
         }
     }
 }

@@ -13,8 +13,9 @@ import RDMAPaxos
 /// One VM replica. `start` boots the VM, opens the syncvm link and the front; the caller then
 /// starts the consensus node with `inputLog` as its state machine and hands it to `attach`.
 public final class VMReplicator: @unchecked Sendable {
-    // @unchecked Sendable: `lock` guards `current`, `spare`, `channel`, `inFlight`, `unusable`,
-    // `stopped`; the checkpoint fields (`hashDiff`, `epoch` counters) belong to the driver thread.
+    // @unchecked Sendable: `lock` guards `machine`, `current`, `spare`, `channel`, `endpoint`,
+    // `syncFabric` and the few effect fields marked so; the checkpoint fields (`hashDiff`) belong
+    // to the driver thread.
     /// What a VM replica does for the VM (the witness runs none).
     public enum Role: String, Sendable, CaseIterable {
         /// Prefers to lead; runs checkpoints as the syncvm primary.
@@ -27,11 +28,10 @@ public final class VMReplicator: @unchecked Sendable {
     public let configuredRole: Role
     /// What it is now: the configured role, except that a restarted primary starts as a backup
     /// and a backup that leads becomes the primary ("Re-protection" in docs/design/vmreplica.md).
-    public var role: Role { lock.withLock { currentRole } }
-    var currentRole: Role
-    /// Primary: a backup holds a copy of its VM, so output waits for the covering checkpoint.
-    /// False for a backup that became primary until its first checkpoint with a new backup.
-    var protected = true
+    public var role: Role { lock.withLock { machine.role } }
+    /// The role and checkpoint state (VMReplicaMachine.swift), under `lock`; everything in this
+    /// class and its extensions is the effects around it.
+    var machine: VMReplicaMachine
     /// This replica's node id in the consensus cluster.
     public let me: NodeID
     /// The `[vm]` table it runs with.
@@ -49,19 +49,6 @@ public final class VMReplicator: @unchecked Sendable {
     var current: QEMUInstance?
     var spare: QEMUInstance?
     var channel: FabricSyncChannel?
-    var inFlight = false
-    /// When the last checkpoint this primary ran ended (for `checkpoint_min_gap_ms`).
-    var lastCheckpointEnd = ContinuousClock.now
-    /// The last checkpoint failed: the next one waits `failedCheckpointBackoff` at least (a
-    /// backup that is down or broken is not asked again every idle window).
-    var lastCheckpointFailed = false
-    let failedCheckpointBackoff = Duration.seconds(1)
-    var unusable: String?
-    /// The VM is not a copy of the replicated one (this process restarted, or its log was
-    /// restored from a snapshot): it must not answer clients. A backup becomes consistent again
-    /// at its next complete checkpoint, which then compares every page; a primary stays so.
-    var inconsistent: String?
-    var stopped = false
     var qemuSerial = 0
     /// Serializes QEMU starts: each one's NIC connection is the next one accepted.
     let launchLock = NSLock()
@@ -74,27 +61,19 @@ public final class VMReplicator: @unchecked Sendable {
     var nicListener: Int32 = -1
     var nicPath: String { config.runDir + "/nic.sock" }
 
-    /// The next checkpoint epoch this replica proposes (under `lock`): above every epoch of its
-    /// own in the log, including those of an earlier process.
-    var nextEpoch: UInt64 = 1
-
     // Driver-thread state.
     let queueCond = NSCondition()
     var queue: [(LogIndex, VMLogEntry)] = []
+    /// `start` ran (the driver waits for it: it says which entries are replays).
+    var driverReleased = false
     var hashDiff: HashDiffDirtySource?
     var otherFrames: UInt64 = 0
-    /// Entries up to this index were in the log before this process started: replays, which
-    /// the new VM must not run (set by `attach`; the driver waits for it).
-    var historyThrough: LogIndex?
-    /// Primary with an inconsistent VM: it asked the driver (under `queueCond`) to make it a backup.
+    /// The scheduler asked the driver (under `queueCond`) to demote this inconsistent primary.
     var demoteRequested = false
-    /// A backup leading while the primary's link is up hands leadership back for this long
-    /// before it takes over anyway.
-    let handBackLimit = Duration.seconds(6)
-    /// Backup: when it last proposed a take-over (one at a time, every 2 s at most).
-    var lastTakeOverProposal: ContinuousClock.Instant?
-    /// Primary, inconsistent: when it last asked the backup to lead instead.
-    var lastHandOff: ContinuousClock.Instant?
+    /// A leading backup hands leadership back to a live primary for this long before it takes over anyway.
+    static let handBackLimit = Duration.seconds(6)
+    /// After a failed checkpoint the next one waits this long at least.
+    static let failedCheckpointBackoff = Duration.seconds(1)
     /// Crashes a test arms (`PLOVER_VM_FAILPOINTS`, CheckpointFailpoint.swift).
     lazy var failpoints = CheckpointFailpoints(runDir: config.runDir) { [weak self] in
         guard let self else { return }
@@ -104,22 +83,13 @@ public final class VMReplicator: @unchecked Sendable {
     /// How long a checkpoint waits for a syncvm link that is down: a peer that is alive is
     /// connected again within this; a dead one must not hold the checkpoint (and a failover) up.
     let linkGrace = Duration.milliseconds(500)
-    /// A primary whose syncvm link stays down this long goes on without its backup.
-    var backupLostAfter: Duration { .milliseconds(config.backupLostMilliseconds) }
     /// The control socket's listener and the operator's QMP socket (`VMControl.swift`).
     var controlListener: Int32 = -1
     var operatorQMP: QMPOperatorSocket?
     /// The last checkpoint's line of `checkpoints.log`, with when it ended (`plover vm status`).
     var lastCheckpoint: String?
-    /// Primary: when its syncvm link to the backup was first seen down (nil while up).
-    var linkDownSince: ContinuousClock.Instant?
-    /// Primary: consecutive checkpoints that failed with the link up.
-    var failedCheckpointsInARow = 0
-    /// Primary: it asked to go on without its backup and that is not committed yet.
-    var unprotectedRequested = false
-    /// Primary: the log index where it went on without a backup, until a checkpoint completes
-    /// after it (a take-over by the backup before that is void: the backup lacks released output).
-    var unprotectedSince: LogIndex?
+    /// When each step of the last failover happened (under `lock`; FailoverTimeline.swift).
+    var timeline = FailoverTimeline()
 
     /// A replica that starts as `role` for node `me`; `clusterKey` authenticates the syncvm link,
     /// which runs over `syncLink` (the node's configured fabric, `SyncLink.configured`; TCP when
@@ -127,9 +97,11 @@ public final class VMReplicator: @unchecked Sendable {
     public init(role: Role, me: NodeID, config: VMConfig, clusterKey: ClusterKey, logger: Logger, syncLink: SyncLink? = nil) {
         self.syncLink = syncLink ?? .tcp(clusterKey: clusterKey)
         self.configuredRole = role
-        self.currentRole = role
-        // A backup's VM boots on its own: it is a copy of the primary's only after a checkpoint.
-        if role == .backup { inconsistent = "no checkpoint has copied the primary's VM into it yet" }
+        let rules = SchedulerRules(handBackLimit: Self.handBackLimit, backupLostAfter: .milliseconds(config.backupLostMilliseconds),
+                                   checkpointMinGap: .milliseconds(config.checkpointMinGapMilliseconds),
+                                   failedCheckpointBackoff: Self.failedCheckpointBackoff,
+                                   checkpointMaxAge: .milliseconds(config.checkpointMaxMilliseconds))
+        self.machine = VMReplicaMachine(role: role, me: me, peer: config.peer, rules: rules, now: .now)
         self.me = me
         self.config = config
         self.qemuSettings = config.qemu
@@ -141,7 +113,7 @@ public final class VMReplicator: @unchecked Sendable {
     public lazy var inputLog: VMInputLog = VMInputLog(
         deliver: { [weak self] index, entry in self?.enqueue(index, entry) },
         onRestore: { [weak self] index in
-            self?.markInconsistent("the log was restored from a snapshot at \(index): this VM missed the inputs before it")
+            self?.run { $0.markInconsistent("the log was restored from a snapshot at \(index): this VM missed the inputs before it") }
         })
 
     /// Boots the VM (and, on the backup, the first standby QEMU) and starts the syncvm link.
@@ -153,15 +125,9 @@ public final class VMReplicator: @unchecked Sendable {
         if failpoints.file != nil {
             logger.warning("vm: PLOVER_VM_FAILPOINTS=1: a checkpoint armed through \(config.runDir)/crash-at kills this replica (a test failpoint)")
         }
-        if recoveredThrough > 0 {
-            markInconsistent("this replica restarted: its log holds \(recoveredThrough) entries its new VM never ran")
-            if configuredRole == .primary {
-                lock.withLock { currentRole = .backup }
-                logger.notice("vm: primary \(me) restarted; it joins as the backup of node \(config.peer) and is re-protected by its checkpoints")
-            }
-        }
+        run { $0.started(recoveredThrough: recoveredThrough) }
         queueCond.withLock {
-            historyThrough = recoveredThrough
+            driverReleased = true
             queueCond.broadcast()
         }
         try FileManager.default.createDirectory(atPath: config.runDir, withIntermediateDirectories: true)
@@ -205,7 +171,7 @@ public final class VMReplicator: @unchecked Sendable {
     /// Kills the QEMUs, closes the front and the link, removes the RAM file and the NIC socket.
     /// The node is the caller's to stop.
     public func stop() {
-        lock.withLock { stopped = true }
+        run { $0.stop() }
         // A standby QEMU being started now either finishes and is registered, or sees `stopped`
         // and kills itself, before this returns: none outlives the replica process.
         let (a, b, ch) = launchLock.withLock {
@@ -228,41 +194,23 @@ public final class VMReplicator: @unchecked Sendable {
 
     /// A one-line summary for logs and `plover vm` status output.
     public var summary: String {
-        let (u, i, inflight) = lock.withLock { (unusable, inconsistent, inFlight) }
+        let (u, i, inflight) = lock.withLock { (machine.unusable, machine.inconsistent, machine.checkpointSlotTaken || machine.checkpoint != nil) }
         return "role=\(role.rawValue) held=\(outputs.heldCount) released=\(outputs.releasedCount) dropped=\(outputs.droppedCount) checkpoint_in_flight=\(inflight)"
             + (u.map { " unusable=\"\($0)\"" } ?? "") + (i.map { " inconsistent=\"\($0)\"" } ?? "")
     }
 
-    /// Marks the VM inconsistent if `q` is still the current VM and nothing else already did
-    /// (checked and set in one step: a checkpoint swapping `current` cannot slip in between).
+    /// The replica is stopping (or stopped).
+    var isStopped: Bool { lock.withLock { machine.stopping } }
+
+    /// Steps the machine under `lock` and carries out what it returns, outside the lock.
+    func run(_ event: (inout VMReplicaMachine) -> [VMReplicaMachine.Action]) {
+        perform(lock.withLock { event(&machine) })
+    }
+
+    /// Marks the VM inconsistent if `q` is still the current VM (checked and set in one step: a
+    /// checkpoint swapping `current` cannot slip in between).
     func markInconsistent(_ why: String, ifCurrent q: QEMUInstance) {
-        let (isCurrent, already) = lock.withLock { () -> (Bool, String?) in
-            guard current === q, !stopped else { return (false, nil) }
-            let already = inconsistent
-            if already == nil { inconsistent = why }
-            return (true, already)
-        }
-        guard isCurrent else { return }
-        if let already {
-            logger.warning("vm: \(why); this VM was already no copy of the replicated VM (\(already))")
-        } else {
-            logInconsistent(why)
-        }
-    }
-
-    func markInconsistent(_ why: String) {
-        lock.withLock { inconsistent = why }
-        logInconsistent(why)
-    }
-
-    private func logInconsistent(_ why: String) {
-        let next = role == .backup ? "the next complete checkpoint re-protects it" : "it hands leadership to the other VM replica"
-        logger.warning("vm: this replica's VM is not a copy of the replicated VM and answers no client: \(why); \(next)")
-    }
-
-    func markUnusable(_ why: String) {
-        lock.withLock { if unusable == nil { unusable = why } }
-        logger.error("vm: this replica's VM can no longer take over: \(why)")
+        run { m in current === q ? m.markInconsistent(why) : [] }
     }
 
     // MARK: QEMU
@@ -282,7 +230,7 @@ public final class VMReplicator: @unchecked Sendable {
     func startSpare() {
         let t = Thread { [self] in
             launchLock.withLock {
-                guard !lock.withLock({ stopped }) else { return }
+                guard !isStopped else { return }
                 do {
                     let q = try launch(incoming: true)
                     do {
@@ -293,7 +241,7 @@ public final class VMReplicator: @unchecked Sendable {
                     }
                     // Not needed once this replica became the primary, nor when another one is up.
                     let keep = lock.withLock { () -> Bool in
-                        guard !stopped, currentRole == .backup, spare == nil else { return false }
+                        guard !machine.stopping, machine.role == .backup, spare == nil else { return false }
                         spare = q
                         return true
                     }
@@ -325,20 +273,21 @@ public final class VMReplicator: @unchecked Sendable {
     }
 
     func handleOutput(_ answer: GuestAnswer, from q: QEMUInstance) {
-        let (isCurrent, broken) = lock.withLock { (current === q, unusable != nil || inconsistent != nil) }
-        guard isCurrent, let node, node.status.role == .leader, !(role == .primary && broken) else {
+        let (isCurrent, role, serves, isProtected) = lock.withLock { (current === q, machine.role, machine.notACopy == nil, machine.protected) }
+        guard isCurrent, let node, node.status.role == .leader, !(role == .primary && !serves) else {
             outputs.drop()
             logger.debug("vm: dropped output from \(q.name) (current \(isCurrent)): \(String(decoding: answer.payload, as: UTF8.self))")
             return
         }
         switch role {
         case .primary:
-            if lock.withLock({ protected }) {
+            if isProtected {
                 outputs.hold(answer)
             } else {
                 // No backup holds a copy of this VM yet: waiting would only delay the answer.
                 outputs.passedThrough()
                 front?.deliver(answer)
+                noteAnswerDelivered()
             }
         case .backup:
             // Its VM is the one clients see only once a committed take-over made it the
@@ -359,7 +308,7 @@ public final class VMReplicator: @unchecked Sendable {
             if let l = status.leader, l == config.peer { return "ERR not the primary: node \(l) leads; its front is\(other.isEmpty ? " unknown here" : other)" }
             return "ERR not the primary: no VM replica leads right now; try again shortly"
         }
-        let (role, why, broken) = lock.withLock { (currentRole, inconsistent, unusable) }
+        let (role, why, broken) = lock.withLock { (machine.role, machine.inconsistent, machine.unusable) }
         if let w = broken ?? why { return "ERR this replica's VM is not serving (\(w)); try node \(config.peer)\(other)" }
         if role == .backup { return "ERR this replica is taking the VM over; try again shortly" }
         return nil
@@ -381,11 +330,13 @@ public final class VMReplicator: @unchecked Sendable {
         }
     }
 
+    /// The input driver: applies committed entries in log order through the machine and carries
+    /// out what it returns (inputs into the VM, checkpoints, role changes) on this one thread.
     func driverLoop() {
         while true {
             let next = queueCond.withLock { () -> ([(LogIndex, VMLogEntry)], Bool)? in
-                while (queue.isEmpty && !demoteRequested || historyThrough == nil) && !lock.withLock({ stopped }) { queueCond.wait() }
-                if lock.withLock({ stopped }) { return nil }
+                while (queue.isEmpty && !demoteRequested || !driverReleased) && !isStopped { queueCond.wait() }
+                if isStopped { return nil }
                 defer {
                     queue = []
                     demoteRequested = false
@@ -393,60 +344,15 @@ public final class VMReplicator: @unchecked Sendable {
                 return (queue, demoteRequested)
             }
             guard let (batch, demote) = next else { return }
-            let history = queueCond.withLock { historyThrough ?? 0 }
             for (n, (index, entry)) in batch.enumerated() {
-                if case let .checkpoint(epoch, proposer) = entry, proposer == me {
-                    lock.withLock { nextEpoch = max(nextEpoch, epoch + 1) }
-                }
-                if index <= history { continue }
-                switch entry {
-                case .input where lock.withLock({ inconsistent != nil }):
-                    continue  // a VM that is no copy yet: the checkpoint that re-protects it overwrites it
-                case let .checkpoint(epoch, proposer) where batch[(n + 1)...].contains { $0.1.isCheckpoint(by: proposer) }:
-                    // A later checkpoint by the same proposer is already committed, and a primary
-                    // asks for one only after the previous one ended: this one is over (a replica
-                    // catching up on its log).
-                    logger.info("vm: skipping checkpoint \(epoch) at \(index): node \(proposer) already asked for a later one")
-                    if proposer == me { lock.withLock { inFlight = false } }
-                case let .input(frame):
-                    let q = lock.withLock { current }
-                    let ok = q?.nic.write(frame: frame)
-                    logger.debug("vm: input \(index) into \(q?.name ?? "no VM"): \(ok ?? false)")
-                case let .checkpoint(epoch, proposer):
-                    if role == .primary && proposer == me {
-                        let ok = primaryCheckpoint(epoch: epoch, index: index)
-                        lock.withLock {
-                            inFlight = false
-                            lastCheckpointEnd = .now
-                            lastCheckpointFailed = !ok
-                            failedCheckpointsInARow = ok ? 0 : failedCheckpointsInARow + 1
-                            if ok, let since = unprotectedSince, index > since { unprotectedSince = nil }
-                        }
-                    } else {
-                        if proposer == me { lock.withLock { inFlight = false } }
-                        if role == .backup && proposer == config.peer { backupCheckpoint(epoch: epoch, index: index) }
-                    }
-                case let .takeOver(node) where node == me:
-                    becomePrimary(at: index)
-                case let .takeOver(node):
-                    guard node == config.peer else { break }
-                    if role == .primary, let since = lock.withLock({ unprotectedSince }) {
-                        // The backup cannot hold this VM: it was not re-protected after this primary
-                        // went on without it (and released output). It refuses the take-over too.
-                        logger.warning("vm: the take-over by node \(node) at log index \(index) is void: its VM was not re-protected since this primary went on without a backup at \(since); node \(me) keeps the VM")
-                        break
-                    }
-                    becomeBackup(because: "node \(node) took the VM over at log index \(index)")
-                case let .unprotected(node) where node == me:
-                    goUnprotected(at: index)
-                case let .unprotected(node):
-                    if node == config.peer && role == .backup {
-                        markInconsistent("primary \(node) went on without a backup at log index \(index)")
-                    }
-                }
+                // A later checkpoint by the same proposer already committed: this one is over (a
+                // primary asks for one only after the previous one ended).
+                var superseded = false
+                if case let .checkpoint(_, proposer) = entry { superseded = batch[(n + 1)...].contains { $0.1.isCheckpoint(by: proposer) } }
+                run { $0.apply(entry, at: index, superseded: superseded) }
             }
             // An inconsistent primary asked to step aside (its VM is no copy of anything).
-            if demote, let why = lock.withLock({ inconsistent }) { becomeBackup(because: why) }
+            if demote { run { $0.demote() } }
         }
     }
 
@@ -456,11 +362,11 @@ public final class VMReplicator: @unchecked Sendable {
     /// replaced it (a change of role) or the replica stops.
     func connectLoop(_ endpoint: FabricSyncChannel.Endpoint) async {
         guard let (host, port) = splitHostPort(config.peerSyncAddress) else { return }
-        while !lock.withLock({ stopped || channel != nil || self.endpoint !== endpoint }) {
+        while !lock.withLock({ machine.stopping || channel != nil || self.endpoint !== endpoint }) {
             do {
                 let ch = try await endpoint.connect(to: PeerAddress(node: config.peer, host: host, port: port))
                 let kept = lock.withLock { () -> Bool in
-                    guard self.endpoint === endpoint, !stopped else { return false }
+                    guard self.endpoint === endpoint, !machine.stopping else { return false }
                     channel = ch
                     return true
                 }
@@ -478,8 +384,10 @@ public final class VMReplicator: @unchecked Sendable {
         reviveLinkIfDown()
         let deadline = ContinuousClock.now + timeout
         while ContinuousClock.now < deadline {
-            if let c = lock.withLock({ channel }) { return c }
-            usleep(20_000)
+            let (c, aborted) = lock.withLock { (channel, machine.checkpointAbort) }
+            if let c { return c }
+            if aborted != nil { return nil }  // e.g. the failure detector found the primary gone
+            usleep(5_000)
         }
         return nil
     }

@@ -1,0 +1,88 @@
+// When each step of a failover happened on the backup that takes over, in wall-clock
+// milliseconds, so a benchmark can set them against the moment it killed the primary
+// (`plover bench vm-failover` reads the line this logs). A measurement, not a decision.
+
+#if canImport(Glibc)
+import Glibc
+#endif
+import Foundation
+
+/// The steps of one failover as seen by the backup, from its syncvm link dropping to the first
+/// answer it sends as the new primary.
+struct FailoverTimeline {
+    enum Step: String, CaseIterable {
+        /// The scheduler found the syncvm link down.
+        case linkDown = "link_down"
+        /// The probe found nothing listening at the primary's address.
+        case probeRefused = "probe_refused"
+        /// The forced election was asked for.
+        case campaign
+        /// The scheduler saw this backup lead.
+        case leading
+        /// `takeOver(by: me)` was proposed.
+        case takeOverProposed = "takeover_proposed"
+        /// The driver applied it.
+        case takeOverApplied = "takeover_applied"
+        /// The primary's syncvm endpoint is open: output goes out.
+        case serving
+        /// The first answer went to a client.
+        case firstAnswer = "first_answer"
+    }
+
+    private(set) var at: [Step: Double] = [:]
+
+    /// A timeline is being recorded (from the link going down until the first answer).
+    var isOpen: Bool { at[.linkDown] != nil }
+
+    /// Starts a new timeline at the link going down.
+    mutating func start() {
+        at = [.linkDown: Self.nowMilliseconds]
+    }
+
+    /// Records the first time `step` happened in the open timeline.
+    mutating func note(_ step: Step) {
+        guard isOpen, at[step] == nil else { return }
+        at[step] = Self.nowMilliseconds
+    }
+
+    /// `key=value` pairs in step order, for the steps that happened.
+    var line: String {
+        Step.allCases.compactMap { s in at[s].map { "\(s.rawValue)=\(String(format: "%.1f", $0))" } }.joined(separator: " ")
+    }
+
+    static var nowMilliseconds: Double {
+        var ts = timespec()
+        clock_gettime(CLOCK_REALTIME, &ts)
+        return Double(ts.tv_sec) * 1000 + Double(ts.tv_nsec) / 1e6
+    }
+}
+
+/// Whether a TCP listener answers at an address.
+enum PeerProbe {
+    /// False only when the connection is refused (nothing listens there: on a host that is up,
+    /// the process is gone); true when it connects, and also when the answer does not come
+    /// within `timeout` (a host that is down or unreachable says nothing either way).
+    static func listens(host: String, port: Int, timeout: Duration) -> Bool {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        guard fd >= 0 else { return true }
+        defer { close(fd) }
+        var addr = sockaddr_in()
+        addr.sin_family = sa_family_t(AF_INET)
+        addr.sin_port = in_port_t(UInt16(port).bigEndian)
+        guard inet_pton(AF_INET, host == "localhost" ? "127.0.0.1" : host, &addr.sin_addr) == 1 else { return true }
+        _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK)
+        let r = withUnsafePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+        }
+        if r == 0 { return true }
+        if errno == ECONNREFUSED { return false }
+        guard errno == EINPROGRESS else { return true }
+        var p = pollfd(fd: fd, events: Int16(POLLOUT), revents: 0)
+        let ms = Int32(timeout.components.seconds * 1000 + timeout.components.attoseconds / 1_000_000_000_000_000)
+        guard poll(&p, 1, ms) == 1 else { return true }
+        var err: Int32 = 0
+        var len = socklen_t(MemoryLayout<Int32>.size)
+        getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len)
+        return err != ECONNREFUSED
+    }
+}
