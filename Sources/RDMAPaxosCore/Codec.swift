@@ -25,13 +25,26 @@ public struct ByteWriter: Sendable {
     /// Appends one byte.
     public mutating func u8(_ v: UInt8) { bytes.append(v) }
     /// Appends two bytes, big-endian.
-    public mutating func u16(_ v: UInt16) { for s in stride(from: 8, through: 0, by: -8) { bytes.append(UInt8(truncatingIfNeeded: v >> UInt16(s))) } }
+    public mutating func u16(_ v: UInt16) { withUnsafeBytes(of: v.bigEndian) { bytes.append(contentsOf: $0) } }
     /// Appends four bytes, big-endian.
-    public mutating func u32(_ v: UInt32) { for s in stride(from: 24, through: 0, by: -8) { bytes.append(UInt8(truncatingIfNeeded: v >> UInt32(s))) } }
+    public mutating func u32(_ v: UInt32) { withUnsafeBytes(of: v.bigEndian) { bytes.append(contentsOf: $0) } }
     /// Appends eight bytes, big-endian.
-    public mutating func u64(_ v: UInt64) { for s in stride(from: 56, through: 0, by: -8) { bytes.append(UInt8(truncatingIfNeeded: v >> UInt64(s))) } }
+    public mutating func u64(_ v: UInt64) { withUnsafeBytes(of: v.bigEndian) { bytes.append(contentsOf: $0) } }
     /// Appends the bytes as they are, without a length.
-    public mutating func raw(_ b: [UInt8]) { bytes.append(contentsOf: b) }
+    public mutating func raw(_ b: some Sequence<UInt8>) { bytes.append(contentsOf: b) }
+    /// Appends each value as eight big-endian bytes, in one resize (hash arrays reach megabytes).
+    public mutating func u64s(_ values: [UInt64]) {
+        let start = bytes.count
+        bytes.append(contentsOf: repeatElement(0, count: values.count * 8))
+        bytes.withUnsafeMutableBytes { out in
+            for (i, v) in values.enumerated() { out.storeBytes(of: v.bigEndian, toByteOffset: start + i * 8, as: UInt64.self) }
+        }
+    }
+    /// Overwrites the four bytes at `offset` (written earlier) with `v`, big-endian: a length
+    /// known only once what follows it is written.
+    public mutating func patchU32(at offset: Int, _ v: UInt32) {
+        bytes.withUnsafeMutableBytes { $0.storeBytes(of: v.bigEndian, toByteOffset: offset, as: UInt32.self) }
+    }
     /// A u32 length followed by the bytes.
     public mutating func blob(_ b: [UInt8]) { u32(UInt32(b.count)); bytes.append(contentsOf: b) }
     /// Appends a ballot: term as u64, then node as u32 (12 bytes).
@@ -64,10 +77,15 @@ public struct ByteReader: Sendable {
     }
 
     mutating func uint<T: FixedWidthInteger & UnsignedInteger>(_: T.Type) throws(DecodeError) -> T {
-        var v: T = 0
-        for b in try take(MemoryLayout<T>.size) { v = v << 8 | T(b) }
-        return v
+        let n = MemoryLayout<T>.size
+        guard remaining >= n else { throw error("truncated at byte \(offset): need \(n), have \(remaining)") }
+        let v = bytes.withUnsafeBytes { $0.loadUnaligned(fromByteOffset: offset, as: T.self) }
+        offset += n
+        return T(bigEndian: v)
     }
+
+    /// A decoding error naming what this reader decodes.
+    public func error(_ reason: String) -> DecodeError { DecodeError(what, reason) }
 
     /// Reads one byte; throws when none is left.
     public mutating func u8() throws(DecodeError) -> UInt8 { try uint(UInt8.self) }
@@ -79,6 +97,15 @@ public struct ByteReader: Sendable {
     public mutating func u64() throws(DecodeError) -> UInt64 { try uint(UInt64.self) }
     /// Reads the next `n` bytes; throws on truncation.
     public mutating func raw(_ n: Int) throws(DecodeError) -> [UInt8] { Array(try take(n)) }
+    /// Reads `count` big-endian u64 values in one pass; throws on truncation.
+    public mutating func u64s(_ count: Int) throws(DecodeError) -> [UInt64] {
+        guard count >= 0, remaining >= count * 8 else { throw error("truncated: \(count) words need \(count * 8) bytes, have \(remaining)") }
+        let start = offset
+        offset += count * 8
+        return bytes.withUnsafeBytes { raw in
+            (0..<count).map { UInt64(bigEndian: raw.loadUnaligned(fromByteOffset: start + $0 * 8, as: UInt64.self)) }
+        }
+    }
     /// Reads a u32 length and that many bytes; throws if the length exceeds `max` or the input.
     public mutating func blob(max: Int) throws(DecodeError) -> [UInt8] {
         let n = Int(try u32())

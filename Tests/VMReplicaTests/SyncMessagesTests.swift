@@ -69,7 +69,7 @@ import Testing
 
     @Test func invalidGeometryInHelloIsRejected() {
         for (size, count) in [(4095, 10), (256, 10), (4096, 0), (4096, SyncWire.pageCountMax + 1)] {
-            var w = WireWriter(capacity: 64)
+            var w = ByteWriter(capacity: 64)
             w.u32(SyncWire.magic); w.u16(1); w.u8(1); w.u8(0); w.u64(1); w.u32(24)
             w.u32(UInt32(size)); w.u64(UInt64(count)); w.u8(1); w.u8(1); w.u16(0); w.u64(0)
             #expect(throws: DecodeError.self, "\(size) x \(count)") { try SyncFrame.decode(w.bytes) }
@@ -86,8 +86,8 @@ import Testing
     }
 
     @Test func bitmapsThatLieAreRejected() {
-        func frame(_ body: (inout WireWriter) -> Void) -> [UInt8] {
-            var w = WireWriter(capacity: 64)
+        func frame(_ body: (inout ByteWriter) -> Void) -> [UInt8] {
+            var w = ByteWriter(capacity: 64)
             w.u32(SyncWire.magic); w.u16(1); w.u8(3); w.u8(0); w.u64(1); w.u32(0)
             body(&w)
             w.patchU32(at: 16, UInt32(w.bytes.count - 20))

@@ -258,7 +258,7 @@ public final class FabricSyncChannel: SyncChannel {
             throw SyncChannelError.closed
         }
         // Every page WRITE completed, so it landed; the record after them says so, with counts.
-        var w = WireWriter(capacity: 16)
+        var w = ByteWriter(capacity: 16)
         w.u64(UInt64(allowed)); w.u64(UInt64(total))
         try await postRecord(.pagesDone, payload: w.bytes[...])
     }

@@ -65,14 +65,14 @@ enum MailboxFormat {
     }
 
     static func cell(_ a: UInt64, _ b: UInt64) -> [UInt8] {
-        var w = WireWriter(capacity: 16)
+        var w = ByteWriter(capacity: 16)
         w.u64(a); w.u64(b)
         return RingFormat.sealed(w.bytes)
     }
 
     static func record(_ kind: Kind, flags: UInt8 = 0, sequence: UInt64, frameBytes: UInt32 = 0,
                        fragmentOffset: UInt32 = 0, payload: ArraySlice<UInt8>) -> [UInt8] {
-        var w = WireWriter(capacity: MailboxLayout.recordHeaderBytes - 8 + payload.count)
+        var w = ByteWriter(capacity: MailboxLayout.recordHeaderBytes - 8 + payload.count)
         w.u32(UInt32(MailboxLayout.recordHeaderBytes + payload.count))
         w.u8(kind.rawValue); w.u8(flags); w.u16(0)
         w.u64(sequence); w.u32(frameBytes); w.u32(fragmentOffset)

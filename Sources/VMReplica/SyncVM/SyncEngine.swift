@@ -109,7 +109,7 @@ struct SessionLink<Channel: SyncChannel> {
 /// Digest the backup checks after transfer: XXH3 of the written pages' hashes, big-endian, in
 /// ascending page order.
 func writtenDigest(_ hashes: [UInt64], seed: UInt64, function: PageHashFunction) -> UInt64 {
-    var w = WireWriter(capacity: hashes.count * 8)
+    var w = ByteWriter(capacity: hashes.count * 8)
     w.u64s(hashes)
     return w.bytes.withUnsafeBytes { function.hash($0, seed: seed) }
 }

@@ -135,7 +135,7 @@ public struct SyncFrame: Equatable, Sendable {
     /// The frame's bytes, header then payload. A payload over `SyncWire.payloadBytesMax` is a
     /// caller bug and traps.
     public func encoded() -> [UInt8] {
-        var w = WireWriter(capacity: SyncWire.headerBytes + 64)
+        var w = ByteWriter(capacity: SyncWire.headerBytes + 64)
         w.u32(SyncWire.magic)
         w.u16(SyncWire.version)
         w.u8(message.kind)
@@ -177,7 +177,7 @@ public struct SyncFrame: Equatable, Sendable {
     /// Parses one frame. Throws `DecodeError` for a wrong magic or version, a length or count
     /// that does not add up, an unknown kind or status, reserved bits set, or trailing bytes.
     public static func decode(_ bytes: [UInt8]) throws(DecodeError) -> SyncFrame {
-        var r = WireReader(bytes, what: "syncvm frame")
+        var r = ByteReader(bytes, what: "syncvm frame")
         guard bytes.count >= SyncWire.headerBytes else {
             throw DecodeError("syncvm frame", "\(bytes.count) bytes, shorter than the \(SyncWire.headerBytes)-byte header")
         }
@@ -247,7 +247,7 @@ public struct SyncFrame: Equatable, Sendable {
 // MARK: - Dirty bitmap encoding
 
 extension DirtyBitmap {
-    /// Bytes of the encoding `WireWriter.bitmap` picks: dense words, or a u32 index list when
+    /// Bytes of the encoding `ByteWriter.bitmap` picks: dense words, or a u32 index list when
     /// that is strictly smaller (sparse dirty sets are the common case).
     public var encodedByteCount: Int {
         SyncWire.bitmapHeaderBytes + min(words.count * 8, count * 4)
@@ -256,33 +256,8 @@ extension DirtyBitmap {
     var encodesSparse: Bool { count * 4 < words.count * 8 }
 }
 
-struct WireWriter {
-    private(set) var bytes: [UInt8]
-
-    init(capacity: Int) {
-        bytes = []
-        bytes.reserveCapacity(capacity)
-    }
-
-    mutating func u8(_ v: UInt8) { bytes.append(v) }
-    mutating func raw(_ b: some Sequence<UInt8>) { bytes.append(contentsOf: b) }
-    mutating func u16(_ v: UInt16) { withUnsafeBytes(of: v.bigEndian) { bytes.append(contentsOf: $0) } }
-    mutating func u32(_ v: UInt32) { withUnsafeBytes(of: v.bigEndian) { bytes.append(contentsOf: $0) } }
-    mutating func u64(_ v: UInt64) { withUnsafeBytes(of: v.bigEndian) { bytes.append(contentsOf: $0) } }
-
-    mutating func patchU32(at offset: Int, _ v: UInt32) {
-        bytes.withUnsafeMutableBytes { $0.storeBytes(of: v.bigEndian, toByteOffset: offset, as: UInt32.self) }
-    }
-
-    /// Appends a whole array in one resize: hash arrays reach megabytes.
-    mutating func u64s(_ values: [UInt64]) {
-        let start = bytes.count
-        bytes.append(contentsOf: repeatElement(0, count: values.count * 8))
-        bytes.withUnsafeMutableBytes { out in
-            for (i, v) in values.enumerated() { out.storeBytes(of: v.bigEndian, toByteOffset: start + i * 8, as: UInt64.self) }
-        }
-    }
-
+// syncvm's fields on the package's one byte codec (RDMAPaxosCore's ByteWriter/ByteReader).
+extension ByteWriter {
     /// form u8 (0 dense, 1 sparse), 3 zero bytes, set count u32, page count u64, then the
     /// words (dense) or the ascending page indices as u32 (sparse).
     mutating func bitmap(_ b: DirtyBitmap) {
@@ -299,42 +274,7 @@ struct WireWriter {
     }
 }
 
-struct WireReader {
-    let bytes: [UInt8]
-    let what: String
-    private(set) var offset = 0
-
-    init(_ bytes: [UInt8], what: String) {
-        self.bytes = bytes
-        self.what = what
-    }
-
-    var remaining: Int { bytes.count - offset }
-
-    func error(_ reason: String) -> DecodeError { DecodeError(what, reason) }
-
-    private mutating func load<T: FixedWidthInteger>(_: T.Type) throws(DecodeError) -> T {
-        let n = MemoryLayout<T>.size
-        guard remaining >= n else { throw error("truncated at byte \(offset): need \(n), have \(remaining)") }
-        let v = bytes.withUnsafeBytes { $0.loadUnaligned(fromByteOffset: offset, as: T.self) }
-        offset += n
-        return T(bigEndian: v)
-    }
-
-    mutating func u8() throws(DecodeError) -> UInt8 { try load(UInt8.self) }
-    mutating func u16() throws(DecodeError) -> UInt16 { try load(UInt16.self) }
-    mutating func u32() throws(DecodeError) -> UInt32 { try load(UInt32.self) }
-    mutating func u64() throws(DecodeError) -> UInt64 { try load(UInt64.self) }
-
-    mutating func u64s(_ count: Int) throws(DecodeError) -> [UInt64] {
-        guard count >= 0, remaining >= count * 8 else { throw error("truncated: \(count) words need \(count * 8) bytes, have \(remaining)") }
-        let start = offset
-        offset += count * 8
-        return bytes.withUnsafeBytes { raw in
-            (0..<count).map { UInt64(bigEndian: raw.loadUnaligned(fromByteOffset: start + $0 * 8, as: UInt64.self)) }
-        }
-    }
-
+extension ByteReader {
     mutating func pageSize() throws(DecodeError) -> Int {
         let v = Int(try u32())
         guard v >= SyncWire.pageSizeMin, v <= SyncWire.pageSizeMax, v.nonzeroBitCount == 1 else {
