@@ -197,6 +197,8 @@ public final class RingTransport: PolledMessageTransport {
             fabric.completions.setDoorbell(nil)
             throw error
         }
+        // Peers may have announced sessions (or written records) before the doorbell was there.
+        wake()
     }
 
     public func receiveWaiting(_ deliver: (Message) -> Void) -> Int {
@@ -409,14 +411,15 @@ public final class RingTransport: PolledMessageTransport {
     }
 
     /// Polled mode's thread: consumes completions (a failed write means the queue pair is in
-    /// error; `maintain` reconnects it) and wakes the reader for records no immediate announced.
+    /// error; `maintain` reconnects it) and, after each wait, wakes the reader if a ring holds a
+    /// record, a new session or credit to return (whether or not an immediate announced it).
     private func watchLoop(_ wake: @Sendable () -> Void) {
         while !stopped {
             let cs = fabric.completions.wait(max: 1024, timeout: configuration.pollInterval)
             for c in cs where c.kind == .write && c.status != .success {
                 logger.debug("write to node \(c.peer) completed \(c.status)")
             }
-            if cs.isEmpty, !receivingPaused.withLock({ $0 }), links.values.contains(where: hasWaitingRecord) { wake() }
+            if !receivingPaused.withLock({ $0 }), links.values.contains(where: hasWaitingRecord) { wake() }
         }
     }
 

@@ -173,6 +173,8 @@ public final class ReplicaNode: @unchecked Sendable {
         }
         // Running only once the transport is: had it thrown, there would be no loop for `stop` to wait for.
         cond.withLock { state = .running }
+        // Records that landed while the node was not running yet rang no queued wake-up.
+        if transport is any PolledMessageTransport { messagesLanded() }
         ticks.start { [weak self] in self?.enqueue(.tick) }
         let t = Thread { [self] in runLoop() }
         t.name = "plover-node-\(options.replica.id)"
@@ -197,7 +199,9 @@ public final class ReplicaNode: @unchecked Sendable {
 
     /// A polled transport's wake-up: one `messagesWaiting` event until the node thread takes it.
     func messagesLanded() {
-        if !wakePending.exchange(true, ordering: .acquiringAndReleasing) { enqueue(.messagesWaiting) }
+        guard !wakePending.exchange(true, ordering: .acquiringAndReleasing) else { return }
+        // Not running yet (a wake-up during `start`) or any more: the next wake-up must queue.
+        if !enqueue(.messagesWaiting) { wakePending.store(false, ordering: .releasing) }
     }
 
     /// Proposes `command`; returns the state machine's result once it committed and applied here.
