@@ -161,7 +161,7 @@ struct ConsensusReport {
                 s += "| request | path | p50 µs | p99 µs |\n|---|---|---:|---:|\n"
                 s += String(format: "| loopback round trip | two threads, blocking sockets | %.0f | %.0f |\n", roundTrip.p50Micros, roundTrip.p99Micros)
                 s += String(format: "| `status` | client → leader's event loop → client | %.0f | %.0f |\n", p.status.p50Micros, p.status.p99Micros)
-                s += String(format: "| local read | + task hop + node thread + completion | %.0f | %.0f |\n", p.localRead.p50Micros, p.localRead.p99Micros)
+                s += String(format: "| local read | + node thread and back to the event loop | %.0f | %.0f |\n", p.localRead.p50Micros, p.localRead.p99Micros)
                 if let m = row(.ploverMemory, valueSizes.first ?? 64, 1) {
                     s += "| put (\(Self.size(m.valueBytes))) | + replication to a follower and back, commit, apply | "
                     s += String(format: "%.0f | %.0f |\n", m.result.latency.p50Micros, m.result.latency.p99Micros)

@@ -31,6 +31,10 @@ public struct ReplicaConfig: Sendable, Hashable {
     /// time: a slow disk, say) refuses proposals while it lasts; retried at every heartbeat, it
     /// would keep the cluster refusing and leadership moving. 6,000 ticks is a minute at 10 ms.
     public var priorityTransferIntervalTicks: Int = 6_000
+    /// A deliberately broken leader for checking the simulator's checkers, never for use: it
+    /// counts itself toward the commit quorum for entries its own stable log has not made durable
+    /// yet, so a crash of the leader can lose an entry that committed and was acknowledged.
+    package var brokenLeaderCountsUndurableEntries = false
 
     /// The defaults above for the replica `id`.
     public init(id: NodeID) { self.id = id }

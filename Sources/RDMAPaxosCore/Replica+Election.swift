@@ -66,17 +66,17 @@ extension Replica {
     }
 
     mutating func tallyVotes() {
-        let voting = membership.voting
-        let granted = voting.filter { votes[$0] == true }.count
-        let rejected = voting.filter { votes[$0] == false }.count
-        if granted >= membership.quorum {
+        switch Quorum(membership.voting).result(votes) {
+        case .won:
             if role == .preCandidate { becomeCandidate(force: false); return }
             // Hand-overs are adopted as they arrive; a witness's vote counts only once we hold
             // everything it has. Adopting can change the configuration: counted in the new one.
             handedOver = [:]
             if membership.member(id)?.role == .voter { becomeLeader() }
-        } else if rejected > voting.count - membership.quorum {
+        case .lost:
             becomeFollower(promised, leader: nil)
+        case .pending:
+            break
         }
     }
 
@@ -253,8 +253,8 @@ extension Replica {
         if checkQuorumElapsed >= config.electionTimeoutTicks {
             checkQuorumElapsed = 0
             if config.checkQuorum {
-                let active = membership.voting.filter { $0 == id || progress[$0].map { $0.recentActive && $0.counts } == true }.count
-                if active < membership.quorum {
+                let active = membership.voting.filter { $0 == id || progress[$0].map { $0.recentActive && $0.counts } == true }
+                if !Quorum(membership.voting).isMajority(active) {
                     out.events.append(.steppedDown(reason: "no quorum heard from in \(config.electionTimeoutTicks) ticks"))
                     becomeFollower(promised, leader: nil)
                     return

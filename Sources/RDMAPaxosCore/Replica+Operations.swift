@@ -35,9 +35,7 @@ extension Replica {
     /// Releases reads whose heartbeat round a quorum (including us) has answered.
     mutating func confirmReads() {
         guard role == .leader, !pendingReads.isEmpty else { return }
-        var acks = membership.voting.map { $0 == id ? readRound : (progress[$0].map { $0.counts ? $0.readAck : 0 } ?? 0) }
-        acks.sort(by: >)
-        let confirmed = acks[membership.quorum - 1]
+        let confirmed = Quorum(membership.voting).confirmedRound { $0 == id ? readRound : progress[$0].map { $0.counts ? $0.readAck : 0 } }
         var keep: [PendingRead] = []
         for r in pendingReads {
             if let index = r.index, r.round <= confirmed {

@@ -349,11 +349,11 @@ extension Replica {
     /// Commits the highest index a quorum holds durably, if it is of our own ballot.
     mutating func maybeCommit() {
         guard role == .leader else { return }
-        // A recovering follower's copies count for nothing until its barrier commits without it.
-        var matches = membership.voting.map { $0 == id ? durableIndex : (progress[$0].map { $0.counts ? $0.match : 0 } ?? 0) }
-        guard !matches.isEmpty else { return }
-        matches.sort(by: >)
-        let n = matches[membership.quorum - 1]
+        // The leader counts for what its own log made durable (its accepts went out in parallel
+        // with its write); a follower for what it acknowledged, which it does only once durable. A
+        // recovering follower's copies count for nothing until its barrier commits without it.
+        let own = config.brokenLeaderCountsUndurableEntries ? log.lastIndex : durableIndex
+        let n = Quorum(membership.voting).committedIndex { $0 == id ? own : progress[$0].map { $0.counts ? $0.match : 0 } }
         guard n > commitIndex, log.ballot(at: n) == promised else { return }
         let newlyCommitted = log.entries(commitIndex + 1, through: n)
         uncommittedBytes = max(0, uncommittedBytes - newlyCommitted.reduce(0) { $0 + ($1.ballot == promised ? $1.payload.count : 0) })

@@ -126,7 +126,7 @@ public struct Membership: Hashable, Sendable {
     public var voting: [NodeID] { members.filter { $0.role != .learner }.map(\.id) }
 
     /// Smallest number of voting members that forms a majority.
-    public var quorum: Int { voting.count / 2 + 1 }
+    public var quorum: Int { Quorum(voting).size }
 
     /// Whether `id` is a member in any role.
     public func contains(_ id: NodeID) -> Bool { member(id) != nil }

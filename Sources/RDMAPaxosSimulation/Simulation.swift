@@ -75,6 +75,7 @@ struct Simulation {
 
     func replicaConfig(_ id: NodeID) -> ReplicaConfig {
         var c = ReplicaConfig(id: id)
+        c.brokenLeaderCountsUndurableEntries = options.leaderCountsUndurableEntries
         c.electionTimeoutTicks = 10
         c.heartbeatTicks = 2
         c.diskStallTicks = 8

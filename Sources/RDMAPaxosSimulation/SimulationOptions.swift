@@ -38,6 +38,10 @@ public struct SimulationOptions: Sendable, Hashable {
     /// A broken variant for checking the checkers: a node that lost state is told it is intact,
     /// as before recovery existed. Runs with it must fail.
     public var trustLostState: Bool = false
+    /// A broken variant for checking the checkers: leaders count themselves toward the commit
+    /// quorum for entries their own disk has not made durable yet, and clients are answered on
+    /// such commits. Runs with it must fail (a crashed leader loses an acknowledged write).
+    public var leaderCountsUndurableEntries: Bool = false
     /// Probability per tick that one node is cut off, both ways or one way, for a while.
     public var partitionRate: Double = 0.01
     /// Probability per tick that one node's disk stalls for a while.

@@ -17,13 +17,15 @@ struct Simulate: ParsableCommand {
     @Option(help: "How many consecutive seeds to run.") var seeds: Int = 1
     @Flag(help: "Print every event of the run.") var trace = false
     @Option(help: "Ticks with faults before healing.") var faultTicks: Int?
-    @Option(help: ArgumentHelp("Run a deliberately broken variant that the checkers must catch: trust-lost-state (a replica that lost state on a crash is told its state is intact, as before recovery existed).",
+    @Option(help: ArgumentHelp("Run a deliberately broken variant that the checkers must catch: trust-lost-state (a replica that lost state on a crash is told its state is intact, as before recovery existed) or leader-counts-undurable (a leader counts itself toward the commit quorum before its own write is durable).",
                                valueName: "variant")) var broken: String?
 
     func validate() throws {
         guard seeds > 0 else { throw ValidationError("--seeds must be at least 1 (got \(seeds))") }
         if let t = faultTicks, t < 0 { throw ValidationError("--fault-ticks must not be negative (got \(t))") }
-        if let b = broken, b != "trust-lost-state" { throw ValidationError("--broken must be trust-lost-state (got \(b))") }
+        if let b = broken, !["trust-lost-state", "leader-counts-undurable"].contains(b) {
+            throw ValidationError("--broken must be trust-lost-state or leader-counts-undurable (got \(b))")
+        }
     }
 
     func run() throws {
@@ -34,6 +36,7 @@ struct Simulate: ParsableCommand {
             var o = SimulationOptions.standard(seed: s)
             if let t = faultTicks { o.faultTicks = t }
             o.trustLostState = broken == "trust-lost-state"
+            o.leaderCountsUndurableEntries = broken == "leader-counts-undurable"
             do {
                 let r = try simulate(o, trace: trace)
                 if trace || seeds == 1 { print(r) }

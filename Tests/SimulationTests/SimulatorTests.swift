@@ -49,6 +49,22 @@ import RDMAPaxosSimulation
         #expect(failure != nil, "no violation in 1,000 seeds with recovery off")
     }
 
+    /// The persistence checkers catch a leader that counts itself toward the commit quorum before
+    /// its own write is durable and answers clients on that commit (`plover simulate --broken
+    /// leader-counts-undurable`): a leader crash then loses an acknowledged write.
+    @Test func aLeaderCountingUndurableEntriesIsCaught() {
+        var failure: SimulationFailure?
+        for seed in 1...1000 as ClosedRange<UInt64> {
+            var o = SimulationOptions.standard(seed: seed)
+            o.leaderCountsUndurableEntries = true
+            do { _ = try simulate(o) } catch {
+                failure = error
+                break
+            }
+        }
+        #expect(failure != nil, "no violation in 1,000 seeds with the leader counting undurable entries")
+    }
+
     @Test func sameSeedReplaysIdentically() throws {
         let a = try simulate(.standard(seed: 77))
         let b = try simulate(.standard(seed: 77))

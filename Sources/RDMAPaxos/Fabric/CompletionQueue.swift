@@ -15,6 +15,7 @@ public final class CompletionQueue: @unchecked Sendable {
     private var head = 0
     private var interrupted = false
     private var overruns = 0
+    private var doorbell: (@Sendable () -> Void)?
 
     /// An empty queue holding at most `capacityEntries` (positive) completions.
     public init(capacityEntries: Int = 1 << 16) {
@@ -27,13 +28,25 @@ public final class CompletionQueue: @unchecked Sendable {
 
     func push(_ c: Completion) {
         condition.lock()
-        defer { condition.unlock() }
         if entries.count - head >= capacityEntries {
             overruns += 1
+            condition.unlock()
             return
         }
         entries.append(c)
         condition.signal()
+        let ring = c.kind == .writeImmediateReceived ? doorbell : nil
+        condition.unlock()
+        ring?()
+    }
+
+    /// Called by the thread that pushes each `writeImmediateReceived` completion, right after the
+    /// push (outside the queue's lock): lets the thread that reads the rings wake at once, without
+    /// a second thread between (`RingTransport.startPolled`). Nil: no doorbell.
+    public func setDoorbell(_ ring: (@Sendable () -> Void)?) {
+        condition.lock()
+        doorbell = ring
+        condition.unlock()
     }
 
     /// Takes up to `max` completions without waiting (`ibv_poll_cq`).

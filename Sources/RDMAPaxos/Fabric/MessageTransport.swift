@@ -21,6 +21,19 @@ public protocol MessageTransport: AnyObject, Sendable {
     func updatePeers(connect: [PeerAddress], disconnect: [NodeID])
 }
 
+/// A transport whose incoming messages the caller reads on its own thread: the replica's loop
+/// then steps the core on the messages it reads, with no transport thread handing them over
+/// (docs/design/runtime.md, "One thread, one queue").
+public protocol PolledMessageTransport: MessageTransport {
+    /// Starts the transport without a delivering thread: `wake` is called, from any thread and
+    /// possibly more often than needed, whenever messages may be waiting; the caller then calls
+    /// `receiveWaiting(_:)`. Use either this or `start(onReceive:)`, once.
+    func startPolled(wake: @escaping @Sendable () -> Void) throws
+    /// Hands every message waiting now to `deliver`, in order per sender, on the caller's
+    /// thread; returns how many. Call it from one thread at a time, and not after `stop()`.
+    func receiveWaiting(_ deliver: (Message) -> Void) -> Int
+}
+
 extension MessageTransport {
     /// Transports without one-sided access (test doubles) have nothing to revoke.
     public func fence(_ peer: NodeID) {}

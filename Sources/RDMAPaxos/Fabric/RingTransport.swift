@@ -15,7 +15,7 @@ import Synchronization
 /// only then does the sender write records. Records of an older epoch or lap are never delivered.
 /// A full ring, a missing connection or an oversized message drops the message and counts it:
 /// consensus retransmits.
-public final class RingTransport: MessageTransport {
+public final class RingTransport: PolledMessageTransport {
     /// Addresses, ring size, limits and timings of a transport.
     public struct Configuration: Sendable {
         /// Where this node listens; `node` is its id.
@@ -182,6 +182,46 @@ public final class RingTransport: MessageTransport {
     // MARK: MessageTransport
 
     public func start(onReceive: @escaping @Sendable (Message) -> Void) throws {
+        try begin(.deliver(onReceive))
+    }
+
+    /// Polled mode (`PolledMessageTransport`): a record landing in a ring (its WRITE_WITH_IMM
+    /// completion, pushed by the fabric's thread) calls `wake` at once; the caller reads the rings
+    /// on its own thread with `receiveWaiting`. The transport's thread only consumes completions
+    /// and, every `pollInterval`, calls `wake` if a ring holds a record that no immediate
+    /// announced (a lost wake-up costs at most one poll interval, never a message).
+    public func startPolled(wake: @escaping @Sendable () -> Void) throws {
+        // Before the sessions start: their announcements ring it too.
+        fabric.completions.setDoorbell(wake)
+        do { try begin(.polled(wake)) } catch {
+            fabric.completions.setDoorbell(nil)
+            throw error
+        }
+        // Peers may have announced sessions (or written records) before the doorbell was there.
+        wake()
+    }
+
+    public func receiveWaiting(_ deliver: (Message) -> Void) -> Int {
+        guard !receivingPaused.withLock({ $0 }) else { return 0 }
+        var inbox: [Message] = []
+        var total = 0
+        for link in links.values {
+            poll(link, into: &inbox)
+            for m in inbox { deliver(m) }
+            total += inbox.count
+            inbox.removeAll(keepingCapacity: true)
+            returnCredit(link)
+        }
+        if total > 0 { count(\.delivered, by: total) }
+        return total
+    }
+
+    private enum Receiving {
+        case deliver(@Sendable (Message) -> Void)
+        case polled(@Sendable () -> Void)
+    }
+
+    private func begin(_ receiving: Receiving) throws {
         let exited = DispatchSemaphore(value: 0)
         try run.withLock { r throws(FabricError) in
             guard !r.stopped else { throw FabricError.notRunning }
@@ -193,7 +233,10 @@ public final class RingTransport: MessageTransport {
             }
         }
         let thread = Thread { [self] in
-            receiveLoop(onReceive)
+            switch receiving {
+            case let .deliver(onReceive): receiveLoop(onReceive)
+            case let .polled(wake): watchLoop(wake)
+            }
             exited.signal()
         }
         thread.name = "plover-ring-\(fabric.localNode)"
@@ -222,6 +265,7 @@ public final class RingTransport: MessageTransport {
             return (r.tasks, r.exited)
         }
         for t in tasks { t.cancel() }
+        fabric.completions.setDoorbell(nil)
         fabric.completions.interrupt()
         exited?.wait()
         for link in links.values { link.out.withLock { $0.qp?.moveToError() } }
@@ -363,6 +407,37 @@ public final class RingTransport: MessageTransport {
                 inbox.removeAll(keepingCapacity: true)
                 returnCredit(link)
             }
+        }
+    }
+
+    /// Polled mode's thread: consumes completions (a failed write means the queue pair is in
+    /// error; `maintain` reconnects it) and, after each wait, wakes the reader if a ring holds a
+    /// record, a new session or credit to return (whether or not an immediate announced it).
+    private func watchLoop(_ wake: @Sendable () -> Void) {
+        while !stopped {
+            let cs = fabric.completions.wait(max: 1024, timeout: configuration.pollInterval)
+            for c in cs where c.kind == .write && c.status != .success {
+                logger.debug("write to node \(c.peer) completed \(c.status)")
+            }
+            if !receivingPaused.withLock({ $0 }), links.values.contains(where: hasWaitingRecord) { wake() }
+        }
+    }
+
+    /// Whether the ring `link.peer` writes holds a record at the read position (cheap: one header).
+    private func hasWaitingRecord(_ link: PeerLink) -> Bool {
+        let ringOffset = layout.ringOffset(link.inIndex)
+        return link.inbound.withLock { st in
+            // A new session announced and not yet taken up (its credit answer is due), or credit
+            // not yet returned.
+            let announced: UInt64? = region.withBytes(offset: layout.controlOffset(link.inIndex), count: 16) { b in
+                RingFormat.unsealed(b).map { RingFormat.readU64($0, 0) }
+            }
+            if let e = announced, e != 0, e != st.epoch { return true }
+            if st.creditDirty && st.epoch != 0 { return true }
+            guard st.epoch != 0 else { return false }
+            let phys = Int(st.readPos % UInt64(layout.ringBytes))
+            let h = region.withBytes(offset: ringOffset + phys, count: RingLayout.recordHeaderBytes) { RingFormat.header($0) }
+            return h.epoch == st.epoch && h.sequence == st.sequence
         }
     }
 

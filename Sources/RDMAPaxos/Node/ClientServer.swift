@@ -56,9 +56,16 @@ final class ClientFrameHandler: ChannelInboundHandler {
             return
         }
         let node = self.node
+        let id = frame.id
         switch frame {
-        case .propose, .read, .localRead:
-            Self.spawnAnswer(frame, node: node, on: channel)
+        // The hot requests are answered by the node's thread itself: it hands the encoded answer
+        // to the connection's event loop, with no task or continuation between.
+        case let .propose(_, command):
+            node.propose(command) { Self.reply(id: id, $0, on: channel) }
+        case let .read(_, query):
+            node.read(query) { Self.reply(id: id, $0, on: channel) }
+        case let .localRead(_, query):
+            node.localRead(query) { Self.reply(id: id, $0, on: channel) }
         case let .status(id):
             // The log's size rides along (the status itself is the node's published view).
             reply(.statusReply(id: id, text: node.status.text + "\nlog_bytes=\(node.log.heldBytes)"), on: channel)
@@ -76,24 +83,31 @@ final class ClientFrameHandler: ChannelInboundHandler {
         Task { await answer(frame, node: node, on: channel) }
     }
 
+    /// The rare requests (membership changes, backups) go through the node's async interface.
     static func answer(_ frame: ClientFrame, node: ReplicaNode, on channel: any Channel) async {
-        let id = frame.id
+        let result: Result<[UInt8], any Error>
         do {
-            let result: [UInt8]
             switch frame {
-            case let .propose(_, command): result = try await node.propose(command)
-            case let .read(_, query): result = try await node.read(query)
-            case let .localRead(_, query): result = try await node.localRead(query)
-            case let .changeMembership(_, change): result = try await node.changeMembership(change).wireBytes
-            case .backup: result = FileSnapshotStore.encode(try await node.backup())
+            case let .changeMembership(_, change): result = .success(try await node.changeMembership(change).wireBytes)
+            case .backup: result = .success(FileSnapshotStore.encode(try await node.backup()))
             default: return
             }
-            reply(.ok(id: id, result: result), on: channel)
-        } catch let e as NodeError {
+        } catch {
+            result = .failure(error)
+        }
+        reply(id: frame.id, result, on: channel)
+    }
+
+    /// Answers request `id` with the node's result or error.
+    static func reply(id: UInt64, _ result: Result<[UInt8], any Error>, on channel: any Channel) {
+        switch result {
+        case let .success(bytes):
+            reply(.ok(id: id, result: bytes), on: channel)
+        case let .failure(e as NodeError):
             var leader: NodeID?
             if case let .notLeader(l) = e { leader = l }
             reply(.error(id: id, code: ClientErrorCode(e), leader: leader, message: e.description), on: channel)
-        } catch {
+        case let .failure(error):
             reply(.error(id: id, code: .other, leader: nil, message: "\(error)"), on: channel)
         }
     }

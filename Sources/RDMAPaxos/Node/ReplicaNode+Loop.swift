@@ -14,6 +14,7 @@ extension ReplicaNode {
             if stopping { break }
             var commands: [QueuedProposal] = []
             for e in batch {
+                if case .messagesWaiting = e { wakePending.store(false, ordering: .releasing) }
                 if failure != nil {
                     reject(e, NodeError.storage(failure!))
                     continue
@@ -21,6 +22,8 @@ extension ReplicaNode {
                 switch e {
                 case .tick: onTick()
                 case let .message(m): perform(replica.receive(m))
+                case .messagesWaiting:
+                    _ = (transport as? any PolledMessageTransport)?.receiveWaiting { perform(replica.receive($0)) }
                 case let .persisted(seq): onPersisted(seq)
                 case let .storageFailed(reason): failStorage(reason)
                 case let .snapshotTaken(index, data): compact(through: index, data)
@@ -133,7 +136,7 @@ extension ReplicaNode {
         }
     }
 
-    func startRead(_ query: [UInt8], _ c: CheckedContinuation<[UInt8], any Error>) {
+    func startRead(_ query: [UInt8], _ c: ProposalReply) {
         let id = nextReadID
         nextReadID += 1
         do {

@@ -1,5 +1,6 @@
 import Foundation
 import Metrics
+import Synchronization
 
 /// A running replica: drives the pure consensus core with a stable log, a message transport
 /// and a clock, and applies committed commands to a `StateMachine`.
@@ -19,6 +20,9 @@ public final class ReplicaNode: @unchecked Sendable {
     let metrics: NodeMetrics
 
     let cond = NSCondition()
+    /// A `messagesWaiting` event is queued and not yet taken (set by any thread, cleared by the
+    /// node thread before it reads the rings, so a landing during the read queues another).
+    let wakePending = Atomic<Bool>(false)
     var events: [NodeEvent] = []
     var state: RunState = .created
     var published: NodeStatus?
@@ -74,11 +78,13 @@ public final class ReplicaNode: @unchecked Sendable {
     enum NodeEvent {
         case tick
         case message(Message)
+        /// A polled transport has messages waiting: the node thread reads them itself.
+        case messagesWaiting
         case persisted(UInt64)
         case storageFailed(String)
         case propose(QueuedProposal)
-        case read([UInt8], CheckedContinuation<[UInt8], any Error>)
-        case localRead([UInt8], CheckedContinuation<[UInt8], any Error>)
+        case read([UInt8], ProposalReply)
+        case localRead([UInt8], ProposalReply)
         case transferLeadership(NodeID, CheckedContinuation<Void, any Error>)
         /// An operator's membership change (ReplicaNode+Membership.swift).
         case changeMembership(MembershipChange, CheckedContinuation<MembershipAnswer, any Error>)
@@ -93,7 +99,8 @@ public final class ReplicaNode: @unchecked Sendable {
         case snapshotSaved
     }
 
-    /// Where a proposal's answer goes: an async caller's continuation or a completion closure.
+    /// Where a proposal's or read's answer goes: an async caller's continuation or a completion
+    /// closure (the client server's, which writes the answer to its connection at once).
     struct ProposalReply: Sendable {
         let deliver: @Sendable (Result<[UInt8], any Error>) -> Void
         func resume(returning value: [UInt8]) { deliver(.success(value)) }
@@ -118,7 +125,7 @@ public final class ReplicaNode: @unchecked Sendable {
         var query: [UInt8]
         var index: LogIndex?
         var deadline: Int
-        var continuation: CheckedContinuation<[UInt8], any Error>
+        var continuation: ProposalReply
     }
 
     /// A node over the given parts; nothing runs until `start()`. Metrics go to
@@ -157,9 +164,17 @@ public final class ReplicaNode: @unchecked Sendable {
         replica = Replica(config: options.replica, restoring: restored, bootstrap: options.bootstrap, seed: options.seed)
         followConfiguration(replica.membership)
         publishStatus()
-        try transport.start { [weak self] m in self?.enqueue(.message(m)) }
+        if let polled = transport as? any PolledMessageTransport {
+            // The fabric's thread that lands a record wakes this node's thread, which reads the
+            // rings itself: no transport thread between them on the path of a commit.
+            try polled.startPolled { [weak self] in self?.messagesLanded() }
+        } else {
+            try transport.start { [weak self] m in self?.enqueue(.message(m)) }
+        }
         // Running only once the transport is: had it thrown, there would be no loop for `stop` to wait for.
         cond.withLock { state = .running }
+        // Records that landed while the node was not running yet rang no queued wake-up.
+        if transport is any PolledMessageTransport { messagesLanded() }
         ticks.start { [weak self] in self?.enqueue(.tick) }
         let t = Thread { [self] in runLoop() }
         t.name = "plover-node-\(options.replica.id)"
@@ -177,8 +192,16 @@ public final class ReplicaNode: @unchecked Sendable {
         }
         guard wasRunning else { return }
         ticks.stop()
-        transport.stop()
+        // The node thread reads a polled transport's rings: it must be done before they go.
         cond.withLock { while state != .stopped { cond.wait() } }
+        transport.stop()
+    }
+
+    /// A polled transport's wake-up: one `messagesWaiting` event until the node thread takes it.
+    func messagesLanded() {
+        guard !wakePending.exchange(true, ordering: .acquiringAndReleasing) else { return }
+        // Not running yet (a wake-up during `start`) or any more: the next wake-up must queue.
+        if !enqueue(.messagesWaiting) { wakePending.store(false, ordering: .releasing) }
     }
 
     /// Proposes `command`; returns the state machine's result once it committed and applied here.
@@ -212,16 +235,28 @@ public final class ReplicaNode: @unchecked Sendable {
     /// confirmed its leadership with a quorum (read-index). Leader only.
     public func read(_ query: [UInt8]) async throws -> [UInt8] {
         try await withCheckedThrowingContinuation { c in
-            if !enqueue(.read(query, c)) { c.resume(throwing: NodeError.stopped) }
+            read(query) { c.resume(with: $0) }
         }
+    }
+
+    /// A linearizable read whose answer (or `NodeError`) goes to `completion`, on the node's
+    /// thread: it must not block.
+    public func read(_ query: [UInt8], completion: @escaping @Sendable (Result<[UInt8], any Error>) -> Void) {
+        if !enqueue(.read(query, ProposalReply(deliver: completion))) { completion(.failure(NodeError.stopped)) }
     }
 
     /// Answers `query` from this replica's state machine as it is now, on any role: possibly
     /// stale (etcd's "serializable" read). For inspection and for checking replicas agree.
     public func localRead(_ query: [UInt8]) async throws -> [UInt8] {
         try await withCheckedThrowingContinuation { c in
-            if !enqueue(.localRead(query, c)) { c.resume(throwing: NodeError.stopped) }
+            localRead(query) { c.resume(with: $0) }
         }
+    }
+
+    /// A local read whose answer (or `NodeError`) goes to `completion`, on the node's thread: it
+    /// must not block.
+    public func localRead(_ query: [UInt8], completion: @escaping @Sendable (Result<[UInt8], any Error>) -> Void) {
+        if !enqueue(.localRead(query, ProposalReply(deliver: completion))) { completion(.failure(NodeError.stopped)) }
     }
 
     /// Hands leadership to voter `target` (etcd's move-leader): the leader stops taking proposals,
