@@ -407,8 +407,5 @@ final class TCPQueuePair: QueuePair {
 
 extension Duration {
     /// The same span as NIO's `TimeAmount`.
-    var timeAmount: TimeAmount {
-        let (seconds, attoseconds) = components
-        return .nanoseconds(seconds * 1_000_000_000 + attoseconds / 1_000_000_000)
-    }
+    var timeAmount: TimeAmount { .nanoseconds(wholeNanoseconds) }
 }

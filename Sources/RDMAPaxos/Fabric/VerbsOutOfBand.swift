@@ -233,8 +233,7 @@ final class OutOfBandConnector: VerbsConnector, @unchecked Sendable {
     // MARK: blocking socket I/O with timeouts (two small messages per connection)
 
     private static func setTimeouts(_ fd: Int32, _ timeout: Duration) {
-        let (seconds, attoseconds) = timeout.components
-        var tv = timeval(tv_sec: Int(seconds), tv_usec: Int(attoseconds / 1_000_000_000_000))
+        var tv = timeout.timeval
         setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
         setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
     }

@@ -111,7 +111,7 @@ enum Sockets {
     /// Waits up to `timeout` for a connection on a listening socket.
     static func accept(_ fd: Int32, timeout: Duration, what: String) throws -> Int32 {
         var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
-        let ms = Int32(timeout.components.seconds * 1000 + timeout.components.attoseconds / 1_000_000_000_000_000)
+        let ms = Int32(clamping: timeout.wholeMilliseconds)
         guard poll(&p, 1, ms) == 1 else { throw SocketError(operation: "no connection within \(timeout) on", address: what, errno: ETIMEDOUT) }
         let c = Glibc.accept(fd, nil, nil)
         guard c >= 0 else { throw SocketError(operation: "accept on", address: what, errno: errno) }
@@ -182,7 +182,7 @@ enum Sockets {
             let left = deadline - ContinuousClock.now
             guard left > .zero else { return .timedOut }
             var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
-            let ms = Int32(clamping: left.components.seconds * 1000 + left.components.attoseconds / 1_000_000_000_000_000 + 1)
+            let ms = Int32(clamping: left.wholeMilliseconds + 1)
             let ready = poll(&p, 1, ms)
             if ready < 0 && errno == EINTR { continue }
             if ready < 0 { return .failed(errno) }

@@ -50,7 +50,7 @@ public struct CPUMeter: Sendable {
         defer { last = (cpu, now) }
         guard let l = last else { return nil }
         let wall = now - l.at
-        let wallNs = Double(wall.components.seconds) * 1e9 + Double(wall.components.attoseconds) / 1e9
+        let wallNs = wall.inSeconds * 1e9
         guard wallNs > 0 else { return nil }
         return Double(Self.used(from: l.cpu, to: cpu)) / wallNs
     }

@@ -78,7 +78,7 @@ enum PeerProbe {
         if errno == ECONNREFUSED { return false }
         guard errno == EINPROGRESS else { return true }
         var p = pollfd(fd: fd, events: Int16(POLLOUT), revents: 0)
-        let ms = Int32(timeout.components.seconds * 1000 + timeout.components.attoseconds / 1_000_000_000_000_000)
+        let ms = Int32(clamping: timeout.wholeMilliseconds)
         guard poll(&p, 1, ms) == 1 else { return true }
         var err: Int32 = 0
         var len = socklen_t(MemoryLayout<Int32>.size)

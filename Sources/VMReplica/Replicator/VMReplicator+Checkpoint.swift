@@ -38,7 +38,7 @@ struct CheckpointRecord {
     var rollbackDigestMatches: Bool?
 
     var line: String {
-        func ms(_ d: Duration) -> String { String(format: "%.2f", Double(d.components.seconds) * 1000 + Double(d.components.attoseconds) / 1e15) }
+        func ms(_ d: Duration) -> String { String(format: "%.2f", d.inMilliseconds) }
         var f = ["epoch=\(epoch)", "index=\(index)", "role=\(role.rawValue)", "ok=\(ok)", "pause_ms=\(ms(pause))",
                  "wait_ms=\(ms(wait))", "scan_ms=\(ms(scan))", "sync_ms=\(ms(sync))", "migrate_ms=\(ms(migrate))"]
         if let s = stats {
