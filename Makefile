@@ -2,7 +2,7 @@
 SWIFT ?= swift
 BUILD_FLAGS ?=
 
-.PHONY: deps build test test-example test-rdma check-docs docs demo simulate bench-stable-log bench-consensus bench-syncvm bench-interpose bench-vm bench-vm-failover bench-soak bench-soak-memory bench-stop-gap clean
+.PHONY: deps build test test-example test-rdma check-docs docs demo simulate bench-stable-log bench-consensus bench-syncvm bench-interpose bench-vm bench-vm-failover bench-soak bench-soak-memory bench-stop-gap bench-failover clean
 
 deps:
 	./scripts/install-deps.sh
@@ -92,13 +92,20 @@ bench-vm-failover: deps
 	$(SWIFT) build -c release --product plover
 	.build/release/plover bench vm-failover --kills 10 --clients 16 --resend-ms 100 --settle-seconds 60 --out benchmarks/vm-failover/results.md
 
-# Ten minutes of 16 clients writing 4 KiB values with fsync on one cluster: throughput, p99,
-# leader changes, RSS and disk over time (benchmarks/soak/README.md).
-SOAK_SECONDS ?= 600
+# Leader kill -9 under load, default vs fast timing: unavailability window, lost writes, spurious
+# elections in 5 minutes without faults (benchmarks/failover/README.md), ~15 min.
+bench-failover: deps
+	$(SWIFT) build -c release --product plover
+	.build/release/plover bench failover --out benchmarks/failover/results.md
+
+# SIGTERM vs SIGKILL of the leader under load: the write gap (benchmarks/stop-gap/README.md).
 bench-stop-gap:
 	$(SWIFT) build -c release --product plover
 	.build/release/plover bench stop-gap --out benchmarks/stop-gap/results.md
 
+# Ten minutes of 16 clients writing 4 KiB values with fsync on one cluster: throughput, p99,
+# leader changes, RSS and disk over time (benchmarks/soak/README.md).
+SOAK_SECONDS ?= 600
 bench-soak: deps
 	$(SWIFT) build -c release --product plover
 	.build/release/plover bench soak --seconds $(SOAK_SECONDS) --out benchmarks/soak/results.md
