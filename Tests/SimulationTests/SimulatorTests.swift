@@ -65,6 +65,40 @@ import RDMAPaxosSimulation
         #expect(failure != nil, "no violation in 1,000 seeds with the leader counting undurable entries")
     }
 
+    /// SKIPNOOP
+    @Test func aLeaderSkippingItsNoopIsCaught() {
+        let failure = firstViolation { $0.leaderSkipsNoop = true }
+        #expect(failure != nil, "no violation in 1,000 seeds with leaders skipping their no-op")
+    }
+
+    /// FORGET
+    @Test func aReplicaForgettingItsPromiseOnRestartIsCaught() {
+        let failure = firstViolation { $0.forgetPromiseOnRestart = true }
+        #expect(failure != nil, "no violation in 1,000 seeds with promises forgotten on restart")
+    }
+
+    /// APPLY
+    @Test func applyingPastTheCommitIndexIsCaught() {
+        let failure = firstViolation { $0.applyPastCommit = true }
+        #expect(failure != nil, "no violation in 1,000 seeds with replicas applying past their commit index")
+    }
+
+    /// READ
+    @Test func readsWithoutQuorumConfirmationAreCaught() {
+        let failure = firstViolation { $0.readWithoutQuorum = true }
+        #expect(failure != nil, "no violation in 1,000 seeds with reads answered without a quorum round")
+    }
+
+    /// The first violation over seeds 1 to 1,000 of the standard fault mixes, changed by `broken`.
+    func firstViolation(_ broken: (inout SimulationOptions) -> Void) -> SimulationFailure? {
+        for seed in 1...1000 as ClosedRange<UInt64> {
+            var o = SimulationOptions.standard(seed: seed)
+            broken(&o)
+            do { _ = try simulate(o) } catch { return error }
+        }
+        return nil
+    }
+
     @Test func sameSeedReplaysIdentically() throws {
         let a = try simulate(.standard(seed: 77))
         let b = try simulate(.standard(seed: 77))
