@@ -35,6 +35,20 @@ public struct ReplicaConfig: Sendable, Hashable {
     /// counts itself toward the commit quorum for entries its own stable log has not made durable
     /// yet, so a crash of the leader can lose an entry that committed and was acknowledged.
     package var brokenLeaderCountsUndurableEntries = false
+    /// A deliberately broken leader for checking the simulator's checkers, never for use: a new
+    /// leader appends no no-op of its own ballot and commits the suffix it recovered by counting
+    /// copies of earlier ballots, which a later leader may still overwrite.
+    package var brokenLeaderSkipsNoop = false
+    /// A deliberately broken replica for checking the simulator's checkers, never for use: at a
+    /// restart it ignores the promised ballot its stable log restored (treats it as lost) and
+    /// may then promise or accept a ballot below one it promised before the crash.
+    package var brokenForgetsPromiseOnRestart = false
+    /// A deliberately broken replica for checking the simulator's checkers, never for use: it
+    /// applies every entry its log holds, beyond its commit index.
+    package var brokenAppliesPastCommit = false
+    /// A deliberately broken leader for checking the simulator's checkers, never for use: it
+    /// answers linearizable reads without the heartbeat round a quorum must confirm.
+    package var brokenReadsWithoutQuorum = false
 
     /// The defaults above for the replica `id`.
     public init(id: NodeID) { self.id = id }

@@ -113,7 +113,7 @@ extension Replica {
         uncommittedBytes = 0
         out.events.append(.becameLeader(promised))
         // The no-op in our ballot commits the recovered suffix (fills the position after it).
-        appendAsLeader(kind: .noop, payload: [])
+        if !config.brokenLeaderSkipsNoop { appendAsLeader(kind: .noop, payload: []) }
         broadcastAppend()
     }
 

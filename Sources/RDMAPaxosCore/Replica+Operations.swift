@@ -35,7 +35,8 @@ extension Replica {
     /// Releases reads whose heartbeat round a quorum (including us) has answered.
     mutating func confirmReads() {
         guard role == .leader, !pendingReads.isEmpty else { return }
-        let confirmed = Quorum(membership.voting).confirmedRound { $0 == id ? readRound : progress[$0].map { $0.counts ? $0.readAck : 0 } }
+        let confirmed = config.brokenReadsWithoutQuorum ? readRound
+            : Quorum(membership.voting).confirmedRound { $0 == id ? readRound : progress[$0].map { $0.counts ? $0.readAck : 0 } }
         var keep: [PendingRead] = []
         for r in pendingReads {
             if let index = r.index, r.round <= confirmed {

@@ -158,7 +158,7 @@ public struct Replica: Sendable {
         self.rng = SeededRandom(seed: seed ^ UInt64(config.id) &* 0x9E37_79B9)
         let point = state.snapshot.map { SnapshotPoint(index: $0.index, ballot: $0.ballot) } ?? .none
         log = InMemoryLog(snapshot: point, entries: state.entries)
-        promised = state.hardState.promised
+        promised = config.brokenForgetsPromiseOnRestart ? .zero : state.hardState.promised
         commitIndex = min(max(state.hardState.commitIndex, point.index), log.lastIndex)
         appliedIndex = point.index
         durableIndex = log.lastIndex
@@ -263,7 +263,12 @@ public struct Replica: Sendable {
     /// Highest index the caller may pass to `compact(through:snapshot:)`: the applied index; on a
     /// witness, no further than every voter holds durably (the witness may be the only holder of
     /// entries a surviving voter lacks).
-    public var compactableIndex: LogIndex { isWitness ? min(appliedIndex, votersDurable) : appliedIndex }
+    public var compactableIndex: LogIndex {
+        // The broken variant applies past the commit index; compacting there would make the
+        // core trip its own preconditions before a checker could look.
+        let applied = config.brokenAppliesPastCommit ? min(appliedIndex, commitIndex) : appliedIndex
+        return isWitness ? min(applied, votersDurable) : applied
+    }
 
     /// The entry at `index` if the replica still holds it.
     public func entry(at index: LogIndex) -> LogEntry? { log.entry(at: index) }
@@ -338,11 +343,12 @@ public struct Replica: Sendable {
 
     /// Collects this call's output: applies, the persist unit and the ordering of acks.
     mutating func finish() -> Actions {
-        if appliedIndex < commitIndex {
+        let applyThrough = config.brokenAppliesPastCommit ? log.lastIndex : commitIndex
+        if appliedIndex < applyThrough {
             let from = appliedIndex + 1
             precondition(from >= log.firstIndex, "committed entries below the snapshot were not restored")
-            if !isWitness { out.apply.append(contentsOf: log.entries(from, through: commitIndex)) }
-            appliedIndex = commitIndex
+            if !isWitness { out.apply.append(contentsOf: log.entries(from, through: applyThrough)) }
+            appliedIndex = applyThrough
         }
         // The hard state is written only when the promise or the configuration changed; the
         // commit index rides along then. A restart may thus replay from an older commit index,

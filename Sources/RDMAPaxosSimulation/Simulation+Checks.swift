@@ -110,14 +110,18 @@ extension Simulation {
         guard let l = liveLeader() else { return }
         if chance(options.proposeRate) { _ = try proposeCommand(at: l) }
         if chance(options.readRate) {
-            let id = nextRead
-            nextRead += 1
-            do {
-                let a = try nodes[l]!.replica!.read(id: id)
-                reads[id] = (l, nodes[l]!.incarnation, highestAcked)
-                try handle(l, a)
-            } catch {}
+            try startRead(at: l)
         }
+    }
+
+    mutating func startRead(at l: NodeID) throws(SimulationFailure) {
+        let id = nextRead
+        nextRead += 1
+        do {
+            let a = try nodes[l]!.replica!.read(id: id)
+            reads[id] = (l, nodes[l]!.incarnation, highestAcked)
+            try handle(l, a)
+        } catch {}
     }
 
     /// Proposes a fresh unique command; returns it if the leader took it.
@@ -185,6 +189,14 @@ extension Simulation {
         if let (cmd, a, b) = duplicateCommand {
             throw fail("command \(String(decoding: cmd, as: UTF8.self)) committed twice, at \(a) and \(b)")
         }
+    }
+
+    /// A restarted replica resumes from at least the promise its disk holds durably: a promise
+    /// made before a crash binds the replica after it.
+    func checkRestored(_ id: NodeID) throws(SimulationFailure) {
+        let durable = nodes[id]!.disk.hardState.promised
+        guard let r = nodes[id]!.replica, r.promised < durable else { return }
+        throw fail("node \(id) restarted at promise \(r.promised) though its disk holds the promise \(durable)")
     }
 
     mutating func confirmRead(_ id: NodeID, _ r: ReadState) throws(SimulationFailure) {

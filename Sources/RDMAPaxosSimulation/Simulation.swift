@@ -76,6 +76,10 @@ struct Simulation {
     func replicaConfig(_ id: NodeID) -> ReplicaConfig {
         var c = ReplicaConfig(id: id)
         c.brokenLeaderCountsUndurableEntries = options.leaderCountsUndurableEntries
+        c.brokenLeaderSkipsNoop = options.leaderSkipsNoop
+        c.brokenForgetsPromiseOnRestart = options.forgetPromiseOnRestart
+        c.brokenAppliesPastCommit = options.applyPastCommit
+        c.brokenReadsWithoutQuorum = options.readWithoutQuorum
         c.electionTimeoutTicks = 10
         c.heartbeatTicks = 2
         c.diskStallTicks = 8
@@ -138,7 +142,7 @@ struct Simulation {
 
     mutating func run() throws(SimulationFailure) {
         for _ in 0..<options.faultTicks { try step() }
-        heal()
+        try heal()
         let before = nodes.values.map(\.stateIndex).max() ?? 0
         var probe: [UInt8]?
         var probeAt = 0
@@ -160,7 +164,7 @@ struct Simulation {
                    + clusterState())
     }
 
-    mutating func heal() {
+    mutating func heal() throws(SimulationFailure) {
         faultsOn = false
         cut = []
         // With a witness, every other seed leaves one voter down for good: the survivors (one
@@ -177,7 +181,10 @@ struct Simulation {
         }
         for id in ids where id != permanentlyDown {
             nodes[id]!.disk.stalledUntil = 0
-            if nodes[id]!.replica == nil { start(id) }
+            if nodes[id]!.replica == nil {
+                start(id)
+                try checkRestored(id)
+            }
         }
         if let lost = permanentlyDown {
             nodes[lost]!.replica = nil
@@ -196,6 +203,7 @@ struct Simulation {
                 let lost = nodes[id]!.lostState
                 start(id)
                 log("restart \(id)" + (lost ? " with lost state" + (options.trustLostState ? ", told it is intact" : "") : ""))
+                try checkRestored(id)
             }
         }
         if now % max(1, options.flushEveryTicks) == 0 {

@@ -42,6 +42,18 @@ public struct SimulationOptions: Sendable, Hashable {
     /// quorum for entries their own disk has not made durable yet, and clients are answered on
     /// such commits. Runs with it must fail (a crashed leader loses an acknowledged write).
     public var leaderCountsUndurableEntries: Bool = false
+    /// A broken variant for checking the checkers: a new leader appends no no-op of its own
+    /// ballot and commits the suffix it recovered by counting copies of earlier ballots.
+    public var leaderSkipsNoop: Bool = false
+    /// A broken variant for checking the checkers: a restarted replica treats the promised
+    /// ballot its stable log restored as lost.
+    public var forgetPromiseOnRestart: Bool = false
+    /// A broken variant for checking the checkers: replicas apply entries beyond their commit
+    /// index (the simulated clients are answered on those applies).
+    public var applyPastCommit: Bool = false
+    /// A broken variant for checking the checkers: the leader answers linearizable reads without
+    /// a quorum confirming its heartbeat round.
+    public var readWithoutQuorum: Bool = false
     /// Probability per tick that one node is cut off, both ways or one way, for a while.
     public var partitionRate: Double = 0.01
     /// Probability per tick that one node's disk stalls for a while.

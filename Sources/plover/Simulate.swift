@@ -17,14 +17,17 @@ struct Simulate: ParsableCommand {
     @Option(help: "How many consecutive seeds to run.") var seeds: Int = 1
     @Flag(help: "Print every event of the run.") var trace = false
     @Option(help: "Ticks with faults before healing.") var faultTicks: Int?
-    @Option(help: ArgumentHelp("Run a deliberately broken variant that the checkers must catch: trust-lost-state (a replica that lost state on a crash is told its state is intact, as before recovery existed) or leader-counts-undurable (a leader counts itself toward the commit quorum before its own write is durable).",
+    @Option(help: ArgumentHelp("Run a deliberately broken variant that the checkers must catch: trust-lost-state (a replica that lost state on a crash is told its state is intact, as before recovery existed), leader-counts-undurable (a leader counts itself toward the commit quorum before its own write is durable), skip-leader-noop (a new leader appends no no-op of its ballot and commits earlier ballots' entries by counting copies), forget-promise-on-restart (a restarted replica loses its promised ballot), apply-past-commit (replicas apply entries beyond their commit index) or read-without-quorum (the leader answers reads without a quorum confirming its heartbeat round).",
                                valueName: "variant")) var broken: String?
+
+    static let variants = ["trust-lost-state", "leader-counts-undurable", "skip-leader-noop",
+                           "forget-promise-on-restart", "apply-past-commit", "read-without-quorum"]
 
     func validate() throws {
         guard seeds > 0 else { throw ValidationError("--seeds must be at least 1 (got \(seeds))") }
         if let t = faultTicks, t < 0 { throw ValidationError("--fault-ticks must not be negative (got \(t))") }
-        if let b = broken, !["trust-lost-state", "leader-counts-undurable"].contains(b) {
-            throw ValidationError("--broken must be trust-lost-state or leader-counts-undurable (got \(b))")
+        if let b = broken, !Self.variants.contains(b) {
+            throw ValidationError("--broken must be one of \(Self.variants.joined(separator: ", ")) (got \(b))")
         }
     }
 
@@ -37,6 +40,10 @@ struct Simulate: ParsableCommand {
             if let t = faultTicks { o.faultTicks = t }
             o.trustLostState = broken == "trust-lost-state"
             o.leaderCountsUndurableEntries = broken == "leader-counts-undurable"
+            o.leaderSkipsNoop = broken == "skip-leader-noop"
+            o.forgetPromiseOnRestart = broken == "forget-promise-on-restart"
+            o.applyPastCommit = broken == "apply-past-commit"
+            o.readWithoutQuorum = broken == "read-without-quorum"
             do {
                 let r = try simulate(o, trace: trace)
                 if trace || seeds == 1 { print(r) }
