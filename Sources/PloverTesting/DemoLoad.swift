@@ -53,6 +53,10 @@ package final class DemoLoad: @unchecked Sendable {
     }
 
     package var acknowledged: Int { lock.withLock { acked.count } }
+    /// When each write acknowledged after `t` was acknowledged, in order.
+    package func ackTimes(after t: ContinuousClock.Instant) -> [ContinuousClock.Instant] {
+        lock.withLock { ackTimes.filter { $0 > t } }
+    }
     package var ackedWrites: [String: String] { lock.withLock { acked } }
 
     package func waitForWrite(after t: ContinuousClock.Instant, timeout: Duration) -> ContinuousClock.Instant? {

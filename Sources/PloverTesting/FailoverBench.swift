@@ -82,7 +82,7 @@ package struct FailoverBench: ParsableCommand {
                 throw CLIError("no write was acknowledged within 20 s of killing leader \(leader)\n" + cluster.logTails())
             }
             Thread.sleep(forTimeInterval: 0.3)
-            let times = load.lock.withLock { load.ackTimes.filter { $0 > killedAt - .milliseconds(300) } }
+            let times = load.ackTimes(after: killedAt - .milliseconds(300))
             let gaps = zip(times, times.dropFirst()).map { millis($0.1 - $0.0) }
             o.windows.append(gaps.max() ?? 0)
             print(String(format: "  kill %d: leader %d, no acknowledged write for %.1f ms", k + 1, leader, o.windows.last!))

@@ -55,8 +55,7 @@ package struct StopGapBench: ParsableCommand {
                 // The gap is over once writes flow again; give them a second to show it.
                 _ = try cluster.waitForLeader(excluding: leader)
                 Thread.sleep(forTimeInterval: 1)
-                let times = load.lock.withLock { load.ackTimes }
-                let window = times.filter { $0 > before - .milliseconds(500) }
+                let window = load.ackTimes(after: before - .milliseconds(500))
                 guard window.count > 1 else { throw CLIError("no write was acknowledged around the stop of node \(leader)") }
                 let pairs = Array(zip(window, window[1...]))
                 let gaps = pairs.map { millis($0.1 - $0.0) }
