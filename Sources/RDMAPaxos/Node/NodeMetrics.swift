@@ -21,6 +21,8 @@ struct NodeMetrics: Sendable {
     let logBytes: Gauge
     let snapshotBytes: Gauge
     let storageFailures: Counter
+    let lateTicks: Counter
+    let tickDelay: CoreMetrics.Timer
     let node: [(String, String)]
     let factory: any MetricsFactory
 
@@ -50,6 +52,8 @@ struct NodeMetrics: Sendable {
         logBytes = Gauge(label: N.logBytes, dimensions: node, factory: factory)
         snapshotBytes = Gauge(label: N.snapshotBytes, dimensions: node, factory: factory)
         storageFailures = Counter(label: N.storageFailures, dimensions: node, factory: factory)
+        lateTicks = Counter(label: N.lateTicks, dimensions: node, factory: factory)
+        tickDelay = CoreMetrics.Timer(label: N.tickDelay, dimensions: node, factory: factory)
     }
 
     func setRole(_ role: Role) {

@@ -10,6 +10,11 @@ public enum PloverMetrics {
     public static let entriesApplied = "plover_entries_applied_total"
     /// Counter: elections started, labelled `kind` = `election` or `pre_vote`.
     public static let electionsStarted = "plover_elections_started_total"
+    /// Counter: ticks that reached the node thread together with an earlier one, because the
+    /// thread fell behind its clock (a starved or overloaded machine).
+    public static let lateTicks = "plover_late_ticks_total"
+    /// Timer: how late the oldest of several ticks that ran together was.
+    public static let tickDelay = "plover_tick_delay_seconds"
     /// Counter: elections this node won.
     public static let electionsWon = "plover_elections_won_total"
     /// Counter: changes of the leader this node knows of.
@@ -63,6 +68,10 @@ public enum PloverMetrics {
             .milliseconds(1), .milliseconds(2), .milliseconds(5), .milliseconds(10), .milliseconds(25),
             .milliseconds(50), .milliseconds(100), .milliseconds(250), .milliseconds(500),
             .seconds(1), .seconds(5),
+        ]
+        f.durationHistogramBuckets[tickDelay] = [
+            .milliseconds(5), .milliseconds(10), .milliseconds(25), .milliseconds(50), .milliseconds(100),
+            .milliseconds(250), .milliseconds(500), .seconds(1), .seconds(5),
         ]
         f.valueHistogramBuckets[proposalsPerBatch] = (0...12).map { Double(1 << $0) }
         return f

@@ -13,6 +13,8 @@ extension ReplicaNode {
             }
             if stopping { break }
             var commands: [QueuedProposal] = []
+            // Ticks run after every other event of the batch (see `runTicks`).
+            var dueTicks: [UInt64] = []
             for e in batch {
                 if case .messagesWaiting = e { wakePending.store(false, ordering: .releasing) }
                 if failure != nil {
@@ -20,7 +22,7 @@ extension ReplicaNode {
                     continue
                 }
                 switch e {
-                case .tick: onTick()
+                case let .tick(queuedAt): dueTicks.append(queuedAt)
                 case let .message(m): perform(replica.receive(m))
                 case .messagesWaiting:
                     _ = (transport as? any PolledMessageTransport)?.receiveWaiting { perform(replica.receive($0)) }
@@ -47,6 +49,7 @@ extension ReplicaNode {
                     }
                 }
             }
+            if !dueTicks.isEmpty && failure == nil { runTicks(queuedAt: dueTicks) }
             if !parked.isEmpty {
                 commands = parked + commands
                 parked = []
@@ -80,6 +83,37 @@ extension ReplicaNode {
         case let .backup(c): c.resume(throwing: error)
         default: break
         }
+    }
+
+    /// Runs the ticks a batch held, after its other events. When the node thread falls behind
+    /// (starved of CPU on a loaded machine), ticks queue up while peers' messages and the log's
+    /// completions wait beside them. Two things keep that delay from costing an election:
+    /// - Messages that landed meanwhile are read first, then time moves on: a follower sees the
+    ///   leader's heartbeats and a leader its followers' replies before its timers age.
+    /// - Ticks that ran late count as one (for a clock of real time, `TickSource.dropsLateTicks`), as a ticker that drops ticks for a slow receiver: a
+    ///   leader starved for an election timeout sent no heartbeats meanwhile, so no follower had
+    ///   anything to answer, and counting the whole delay would make check-quorum step it down
+    ///   for its own stall (and the disk-stall rule blame the disk for it).
+    /// Time on a starved node runs slower, so it also detects a dead peer later; safety never
+    /// depends on timing (docs/design/runtime.md, "Ticks on a starved node").
+    func runTicks(queuedAt: [UInt64]) {
+        if queuedAt.count > 1 {
+            _ = (transport as? any PolledMessageTransport)?.receiveWaiting { perform(replica.receive($0)) }
+            noteLateTicks(count: queuedAt.count, oldest: queuedAt[0])
+        }
+        for _ in 0..<(ticks.dropsLateTicks ? 1 : queuedAt.count) where failure == nil { onTick() }
+    }
+
+    /// Ticks that arrived together: counts the dropped ones and, at most every 10 s, warns once the delay
+    /// reached half an election timeout (the point where starvation starts to cost elections).
+    func noteLateTicks(count: Int, oldest: UInt64) {
+        metrics.lateTicks.increment(by: count - 1)
+        let late = DispatchTime.now().uptimeNanoseconds &- oldest
+        metrics.tickDelay.recordNanoseconds(Int64(clamping: late))
+        guard count >= max(2, options.replica.electionTimeoutTicks / 2) else { return }
+        if let last = lastLateTickWarning, DispatchTime.now().uptimeNanoseconds &- last < 10_000_000_000 { return }
+        lastLateTickWarning = DispatchTime.now().uptimeNanoseconds
+        options.onWarning?("node thread fell behind: \(count) ticks ran together, the oldest \(late / 1_000_000) ms late (election timeout: \(options.replica.electionTimeoutTicks) ticks); the machine is overloaded and elections may follow (docs/operations.md, \"Timing profiles\")")
     }
 
     func onTick() {

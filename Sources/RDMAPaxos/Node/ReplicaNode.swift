@@ -30,6 +30,8 @@ public final class ReplicaNode: @unchecked Sendable {
     // Owned by the node thread.
     var replica: Replica!
     var tickCount = 0
+    /// When the node last warned that its ticks ran late (uptime ns; owned by the node thread).
+    var lastLateTickWarning: UInt64?
     var proposals: [LogIndex: PendingProposal] = [:]
     /// Proposals from an earlier term of this replica whose index a proposal of a later term took
     /// (it was deposed before they committed, then elected again). Still pending: another replica
@@ -76,7 +78,8 @@ public final class ReplicaNode: @unchecked Sendable {
     enum RunState { case created, running, stopping, stopped }
 
     enum NodeEvent {
-        case tick
+        /// One tick of the node's clock, queued at this `DispatchTime` uptime (nanoseconds).
+        case tick(queuedAt: UInt64)
         case message(Message)
         /// A polled transport has messages waiting: the node thread reads them itself.
         case messagesWaiting
@@ -175,7 +178,7 @@ public final class ReplicaNode: @unchecked Sendable {
         cond.withLock { state = .running }
         // Records that landed while the node was not running yet rang no queued wake-up.
         if transport is any PolledMessageTransport { messagesLanded() }
-        ticks.start { [weak self] in self?.enqueue(.tick) }
+        ticks.start { [weak self] in self?.enqueue(.tick(queuedAt: DispatchTime.now().uptimeNanoseconds)) }
         let t = Thread { [self] in runLoop() }
         t.name = "plover-node-\(options.replica.id)"
         t.start()

@@ -7,6 +7,15 @@ public protocol TickSource: AnyObject, Sendable {
     func start(_ onTick: @escaping @Sendable () -> Void)
     /// Stops ticking; no `onTick` call starts after it returns (idempotent).
     func stop()
+    /// Whether ticks stand for real time, so that ticks the node could not run on time (its
+    /// thread starved of CPU) count as one: true for a timer, false for a clock driven by hand,
+    /// whose every tick counts.
+    var dropsLateTicks: Bool { get }
+}
+
+extension TickSource {
+    /// A tick source drops no late ticks unless it says so.
+    public var dropsLateTicks: Bool { false }
 }
 
 /// Ticks from a background thread every `interval`.
@@ -18,6 +27,9 @@ public final class TimerTickSource: TickSource, @unchecked Sendable {
 
     /// A tick source firing every `interval` on its own dispatch queue.
     public init(interval: Duration) { self.interval = interval }
+
+    /// A timer's ticks stand for real time: late ones count as one.
+    public var dropsLateTicks: Bool { true }
 
     public func start(_ onTick: @escaping @Sendable () -> Void) {
         let t = DispatchSource.makeTimerSource(queue: DispatchQueue(label: "plover.tick"))
