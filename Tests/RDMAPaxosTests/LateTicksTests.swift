@@ -1,0 +1,97 @@
+import Foundation
+import Synchronization
+import Testing
+@testable import RDMAPaxos
+
+/// A leader whose node thread is starved (here: held in the state machine) while its clock keeps
+/// ticking must not step down for its own stall: it sent no heartbeats meanwhile, so its
+/// followers had nothing to answer (docs/design/runtime.md, "Ticks on a starved node").
+@Suite(.timeLimit(.minutes(1))) struct LateTicksTests {
+    /// A clock the test fires by hand that says whether its ticks stand for real time.
+    final class BurstTicks: TickSource, Sendable {
+        private let onTick = Mutex<(@Sendable () -> Void)?>(nil)
+        let dropsLateTicks: Bool
+        init(dropsLateTicks: Bool) { self.dropsLateTicks = dropsLateTicks }
+        func start(_ f: @escaping @Sendable () -> Void) { onTick.withLock { $0 = f } }
+        func stop() { onTick.withLock { $0 = nil } }
+        func fire(_ times: Int) {
+            let f = onTick.withLock { $0 }
+            for _ in 0..<times { f?() }
+        }
+    }
+
+    /// A key-value machine whose `apply` of the key "hold" waits until the test releases it,
+    /// holding the node thread.
+    final class HoldingMachine: StateMachine, @unchecked Sendable {
+        // @unchecked Sendable: `inner` is used only on the node thread; the semaphores are thread-safe.
+        let inner = KeyValueStateMachine()
+        let entered = DispatchSemaphore(value: 0)
+        let release = DispatchSemaphore(value: 0)
+        func apply(_ command: [UInt8], index: LogIndex) -> [UInt8] {
+            if command == ReplicaNodeTests.put("hold") {
+                entered.signal()
+                release.wait()
+            }
+            return inner.apply(command, index: index)
+        }
+        func query(_ query: [UInt8]) -> [UInt8] { inner.query(query) }
+        func snapshot() -> [UInt8] { inner.snapshot() }
+        func restore(_ snapshot: [UInt8], index: LogIndex) throws { try inner.restore(snapshot, index: index) }
+    }
+
+    /// With a real-time clock the leader stays; a clock whose every tick counts (the old
+    /// behaviour for real time) makes check-quorum depose it — the test can tell the two apart.
+    @Test(arguments: [true, false])
+    func aLeaderStarvedForSeveralElectionTimeoutsKeepsLeading(dropsLateTicks: Bool) async throws {
+        let peers = ReplicaNodeTests.ScriptedPeers()
+        let ticks = BurstTicks(dropsLateTicks: dropsLateTicks)
+        let machine = HoldingMachine()
+        var cfg = ReplicaConfig(id: 1)
+        cfg.preVote = false
+        cfg.checkQuorum = true
+        cfg.electionTimeoutTicks = 10
+        let node = ReplicaNode(options: NodeOptions(replica: cfg, bootstrap: Membership(ReplicaNodeTests.three)),
+                               stateMachine: machine, log: try MemoryLog(), snapshots: MemorySnapshotStore(),
+                               transport: peers, ticks: ticks)
+        try node.start()
+        defer { node.stop() }
+
+        // Node 1 leads with node 2's promise and commits its no-op with node 2's acceptance.
+        var ballot: Ballot?
+        for _ in 0..<400 where ballot == nil {
+            ticks.fire(1)
+            try await Task.sleep(for: .milliseconds(5))
+            ballot = peers.lock.withLock { peers.sent.compactMap { m -> Ballot? in
+                if case .prepare = m.body { return m.ballot }
+                return nil
+            }.max() }
+        }
+        let b = try #require(ballot)
+        peers.deliver(Message(from: 2, to: 1, ballot: b, body: .promise(granted: true, suffixPrevBallot: .zero, suffix: [])))
+        try #require(await eventually { node.status.role == .leader })
+        peers.deliver(Message(from: 2, to: 1, ballot: b, body: .accepted(success: true, index: 1)))
+        try #require(await eventually { node.status.commitIndex == 1 })
+
+        // The "hold" command commits; applying it holds the node thread.
+        node.propose(ReplicaNodeTests.put("hold")) { _ in }
+        try #require(await eventually { node.status.lastIndex == 2 })
+        peers.deliver(Message(from: 2, to: 1, ballot: b, body: .accepted(success: true, index: 2)))
+        #expect(machine.entered.wait(timeout: .now() + 10) == .success)
+
+        // Five election timeouts of ticks pile up while the thread is held, then node 2's
+        // answer to the last heartbeat sent before the stall.
+        ticks.fire(5 * cfg.electionTimeoutTicks)
+        peers.deliver(Message(from: 2, to: 1, ballot: b, body: .accepted(success: true, index: 2)))
+        machine.release.signal()
+        try #require(await eventually { node.status.appliedIndex == 2 })
+        // Let the loop finish what was queued.
+        ticks.fire(1)
+        try await Task.sleep(for: .milliseconds(50))
+
+        if dropsLateTicks {
+            #expect(node.status.role == .leader && node.status.ballot == b, "\(node.status.role) at \(node.status.ballot)")
+        } else {
+            #expect(node.status.role != .leader, "a clock counting every late tick should have let check-quorum depose the leader")
+        }
+    }
+}
