@@ -54,7 +54,11 @@ import Testing
                                stateMachine: machine, log: try MemoryLog(), snapshots: MemorySnapshotStore(),
                                transport: peers, ticks: ticks)
         try node.start()
-        defer { node.stop() }
+        // Released before stopping, whatever failed: a held node thread never stops.
+        defer {
+            machine.release.signal()
+            node.stop()
+        }
 
         // Node 1 leads with node 2's promise and commits its no-op with node 2's acceptance.
         var ballot: Ballot?
@@ -76,7 +80,7 @@ import Testing
         node.propose(ReplicaNodeTests.put("hold")) { _ in }
         try #require(await eventually { node.status.lastIndex == 2 })
         peers.deliver(Message(from: 2, to: 1, ballot: b, body: .accepted(success: true, index: 2)))
-        #expect(machine.entered.wait(timeout: .now() + 10) == .success)
+        try #require(machine.entered.wait(timeout: .now() + 10) == .success)
 
         // Five election timeouts of ticks pile up while the thread is held, then node 2's
         // answer to the last heartbeat sent before the stall.
@@ -92,6 +96,49 @@ import Testing
             #expect(node.status.role == .leader && node.status.ballot == b, "\(node.status.role) at \(node.status.ballot)")
         } else {
             #expect(node.status.role != .leader, "a clock counting every late tick should have let check-quorum depose the leader")
+        }
+    }
+
+    /// A follower held on its node thread while five election timeouts of ticks pile up: if the
+    /// leader's heartbeat landed meanwhile, the late ticks count as one and it stays a follower;
+    /// if nothing came from the leader, every tick counts and it campaigns (a dead leader is
+    /// still detected on time by a busy follower).
+    @Test(arguments: [true, false])
+    func aStarvedFollowerCampaignsOnlyWhenTheLeaderWasSilent(leaderHeard: Bool) async throws {
+        let peers = ReplicaNodeTests.ScriptedPeers()
+        let ticks = BurstTicks(dropsLateTicks: true)
+        let machine = HoldingMachine()
+        var cfg = ReplicaConfig(id: 1)
+        cfg.preVote = false
+        cfg.checkQuorum = true
+        cfg.electionTimeoutTicks = 10
+        let node = ReplicaNode(options: NodeOptions(replica: cfg, bootstrap: Membership(ReplicaNodeTests.three)),
+                               stateMachine: machine, log: try MemoryLog(), snapshots: MemorySnapshotStore(),
+                               transport: peers, ticks: ticks)
+        try node.start()
+        // Released before stopping, whatever failed: a held node thread never stops.
+        defer {
+            machine.release.signal()
+            node.stop()
+        }
+
+        // Node 2 leads and replicates the "hold" command, committed: applying it holds node 1's thread.
+        let b = Ballot(term: 1, node: 2)
+        let hold = LogEntry(index: 1, ballot: b, kind: .command, payload: ReplicaNodeTests.put("hold"))
+        peers.deliver(Message(from: 2, to: 1, ballot: b, body: .accept(prevIndex: 0, prevBallot: .zero, entries: [hold], commit: 1)))
+        try #require(machine.entered.wait(timeout: .now() + 10) == .success)
+
+        ticks.fire(5 * cfg.electionTimeoutTicks)
+        if leaderHeard { peers.deliver(Message(from: 2, to: 1, ballot: b, body: .heartbeat(commit: 1, readRound: 0, votersDurable: 0))) }
+        machine.release.signal()
+        try #require(await eventually { node.status.appliedIndex == 1 })
+        try await Task.sleep(for: .milliseconds(50))
+
+        let campaigned = peers.lock.withLock { peers.sent.contains { if case .prepare = $0.body { return true } else { return false } } }
+        if leaderHeard {
+            #expect(!campaigned && node.status.leader == 2, "a follower that heard the leader during its stall campaigned")
+        } else {
+            #expect(campaigned, "a follower whose leader was silent for five election timeouts did not campaign")
         }
     }
 }

@@ -15,6 +15,7 @@ extension ReplicaNode {
             var commands: [QueuedProposal] = []
             // Ticks run after every other event of the batch (see `runTicks`).
             var dueTicks: [UInt64] = []
+            heardFromLeader = false
             for e in batch {
                 if case .messagesWaiting = e { wakePending.store(false, ordering: .releasing) }
                 if failure != nil {
@@ -23,9 +24,9 @@ extension ReplicaNode {
                 }
                 switch e {
                 case let .tick(queuedAt): dueTicks.append(queuedAt)
-                case let .message(m): perform(replica.receive(m))
+                case let .message(m): receive(m)
                 case .messagesWaiting:
-                    _ = (transport as? any PolledMessageTransport)?.receiveWaiting { perform(replica.receive($0)) }
+                    _ = (transport as? any PolledMessageTransport)?.receiveWaiting { receive($0) }
                 case let .persisted(seq): onPersisted(seq)
                 case let .storageFailed(reason): failStorage(reason)
                 case let .snapshotTaken(index, data): compact(through: index, data)
@@ -85,26 +86,35 @@ extension ReplicaNode {
         }
     }
 
-    /// Runs the ticks a batch held, after its other events. When the node thread falls behind
-    /// (starved of CPU on a loaded machine), ticks queue up while peers' messages and the log's
-    /// completions wait beside them. Two things keep that delay from costing an election:
-    /// - Messages that landed meanwhile are read first, then time moves on: a follower sees the
-    ///   leader's heartbeats and a leader its followers' replies before its timers age.
-    /// - Ticks that ran late count as one (for a clock of real time, `TickSource.dropsLateTicks`), as a ticker that drops ticks for a slow receiver: a
-    ///   leader starved for an election timeout sent no heartbeats meanwhile, so no follower had
-    ///   anything to answer, and counting the whole delay would make check-quorum step it down
-    ///   for its own stall (and the disk-stall rule blame the disk for it).
-    /// Time on a starved node runs slower, so it also detects a dead peer later; safety never
-    /// depends on timing (docs/design/runtime.md, "Ticks on a starved node").
-    func runTicks(queuedAt: [UInt64]) {
-        if queuedAt.count > 1 {
-            _ = (transport as? any PolledMessageTransport)?.receiveWaiting { perform(replica.receive($0)) }
-            noteLateTicks(count: queuedAt.count, oldest: queuedAt[0])
-        }
-        for _ in 0..<(ticks.dropsLateTicks ? 1 : queuedAt.count) where failure == nil { onTick() }
+    /// Steps the core with one peer message, noting whether it came from the leader.
+    func receive(_ m: Message) {
+        if m.from == replica.leader { heardFromLeader = true }
+        perform(replica.receive(m))
     }
 
-    /// Ticks that arrived together: counts the dropped ones and, at most every 10 s, warns once the delay
+    /// Runs the ticks a batch held, after its other events. When the node thread falls behind
+    /// (starved of CPU on a loaded machine), ticks queue up while peers' messages and the log's
+    /// completions wait beside them. Stepping them first, in queue order, would age every timer
+    /// by the whole delay before the evidence that the leader, the followers and the disk were
+    /// alive during it is seen. So:
+    /// - Messages that landed meanwhile are read first, then time moves on.
+    /// - With a clock of real time (`TickSource.dropsLateTicks`), late ticks count as one on a
+    ///   leader: starved, it sent no heartbeats, so no follower had anything to answer, and the
+    ///   whole delay would make check-quorum step it down for its own stall (and the disk-stall
+    ///   rule blame the disk). On a follower they count as one when the batch brought a message
+    ///   from the leader (the ticks are older than that message); otherwise every one counts, so
+    ///   a dead leader is still detected on time by a busy follower.
+    /// Safety never depends on timing (docs/design/runtime.md, "Ticks on a starved node").
+    func runTicks(queuedAt: [UInt64]) {
+        if queuedAt.count > 1 {
+            _ = (transport as? any PolledMessageTransport)?.receiveWaiting { receive($0) }
+            noteLateTicks(count: queuedAt.count, oldest: queuedAt[0])
+        }
+        let asOne = ticks.dropsLateTicks && (replica.role == .leader || heardFromLeader)
+        for _ in 0..<(asOne ? 1 : queuedAt.count) where failure == nil { onTick() }
+    }
+
+    /// Ticks that arrived together: counts them and, at most every 10 s, warns once the delay
     /// reached half an election timeout (the point where starvation starts to cost elections).
     func noteLateTicks(count: Int, oldest: UInt64) {
         metrics.lateTicks.increment(by: count - 1)

@@ -32,6 +32,8 @@ public final class ReplicaNode: @unchecked Sendable {
     var tickCount = 0
     /// When the node last warned that its ticks ran late (uptime ns; owned by the node thread).
     var lastLateTickWarning: UInt64?
+    /// The current batch delivered a message from the leader this node knows (node thread).
+    var heardFromLeader = false
     var proposals: [LogIndex: PendingProposal] = [:]
     /// Proposals from an earlier term of this replica whose index a proposal of a later term took
     /// (it was deposed before they committed, then elected again). Still pending: another replica
