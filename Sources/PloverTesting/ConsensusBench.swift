@@ -57,9 +57,13 @@ package struct ConsensusBench: ParsableCommand {
         }
         let machine = MachineDescription.current(dataDir: root)
 
-        say("loopback TCP round trip (64 B ping-pong between two threads)")
-        let rtt = try LoopbackRoundTrip.measure()
-        say(String(format: "  p50 %.1f µs, p99 %.1f µs (%d round trips)", rtt.p50Micros, rtt.p99Micros, rtt.count))
+        say("loopback TCP round trip (64 B ping-pong between two processes, and between two threads)")
+        let rtt = try LoopbackRoundTrip.measure(.process)
+        let rttThreads = try LoopbackRoundTrip.measure(.thread)
+        say(String(format: "  processes: p50 %.1f µs, p99 %.1f µs; threads: p50 %.1f µs", rtt.p50Micros, rtt.p99Micros, rttThreads.p50Micros))
+        say("64 B append + fdatasync, three writers in the data directory")
+        let fsync = try FdatasyncProbe.measure(dir: root + "/fdatasync-probe")
+        say(String(format: "  p50 %.1f µs, p99 %.1f µs (%d syncs)", fsync.p50Micros, fsync.p99Micros, fsync.count))
 
         var rows: [ConsensusRow] = []
         var probes: PloverProbes?
@@ -69,7 +73,7 @@ package struct ConsensusBench: ParsableCommand {
             if !keep { try? FileManager.default.removeItem(atPath: dataRoot) }
         }
 
-        let report = ConsensusReport(rows: rows, roundTrip: rtt, probes: probes, machine: machine, etcdVersion: etcdVersion,
+        let report = ConsensusReport(rows: rows, roundTrip: rtt, roundTripThreads: rttThreads, fdatasync: fsync, probes: probes, machine: machine, etcdVersion: etcdVersion,
                                      timing: Self.ploverTiming, seconds: seconds, warmup: warmup, command: commandLine())
         let text = report.markdown()
         print(text)

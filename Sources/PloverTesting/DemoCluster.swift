@@ -254,19 +254,9 @@ public func freePort() throws -> Int {
 }
 
 private func kernelPickedPort() throws -> Int {
-    let s = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-    guard s >= 0 else { throw CLIError("socket: \(String(cString: strerror(errno)))") }
-    defer { close(s) }
-    var a = sockaddr_in()
-    a.sin_family = sa_family_t(AF_INET)
-    a.sin_addr.s_addr = inet_addr("127.0.0.1")
-    a.sin_port = 0
-    var len = socklen_t(MemoryLayout<sockaddr_in>.size)
-    let ok = withUnsafeMutablePointer(to: &a) { p in
-        p.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(s, $0, len) == 0 && getsockname(s, $0, &len) == 0 }
-    }
-    guard ok else { throw CLIError("cannot find a free loopback port: \(String(cString: strerror(errno)))") }
-    return Int(UInt16(bigEndian: a.sin_port))
+    let s = try SocketDescriptor.listen(on: HostPort(host: "127.0.0.1", port: 0))
+    defer { s.close() }
+    return s.localPort
 }
 
 /// This executable's path, so the demo can start replicas of itself.

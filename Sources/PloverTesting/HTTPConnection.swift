@@ -12,7 +12,7 @@ final class HTTPConnection {
     let host: String
     let port: Int
     let timeout: Duration
-    private var fd: Int32 = -1
+    private var socket: SocketDescriptor?
     /// Received bytes not consumed yet, from `start`.
     private var buffer = [UInt8]()
     private var start = 0
@@ -26,8 +26,8 @@ final class HTTPConnection {
     deinit { close() }
 
     func close() {
-        if fd >= 0 { Glibc.close(fd) }
-        fd = -1
+        socket?.close()
+        socket = nil
         buffer = []
         start = 0
     }
@@ -35,7 +35,7 @@ final class HTTPConnection {
     /// POSTs `body` (JSON) to `path`; returns the status code and the response body.
     /// Reconnects once if a kept-alive connection turns out to be closed.
     func post(_ path: String, body: [UInt8]) throws -> (status: Int, body: [UInt8]) {
-        let fresh = fd < 0
+        let fresh = socket == nil
         do {
             return try exchange(path, body)
         } catch {
@@ -46,7 +46,7 @@ final class HTTPConnection {
     }
 
     private func exchange(_ path: String, _ body: [UInt8]) throws -> (status: Int, body: [UInt8]) {
-        if fd < 0 { try connect() }
+        if socket == nil { try connect() }
         var request = Array("POST \(path) HTTP/1.1\r\nHost: \(host):\(port)\r\nContent-Type: application/json\r\nContent-Length: \(body.count)\r\n\r\n".utf8)
         request += body
         try sendAll(request)
@@ -85,21 +85,14 @@ final class HTTPConnection {
     // MARK: Socket
 
     private func connect() throws {
-        let s: Int32
-        do { s = try connectBlockingTCP(host: host, port: port, timeout: timeout) } catch {
+        do { socket = try SocketDescriptor.connect(to: HostPort(host: host, port: port), timeout: timeout) } catch {
             throw Failure(description: "\(error)")
         }
-        fd = s
     }
 
     private func sendAll(_ bytes: [UInt8]) throws {
-        var done = 0
-        while done < bytes.count {
-            let n = bytes[done...].withUnsafeBytes { send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
-            if n < 0 && errno == EINTR { continue }
-            guard n > 0 else { throw Failure(description: "send to \(host):\(port): \(String(cString: strerror(errno)))") }
-            done += n
-        }
+        guard let socket else { throw Failure(description: "not connected to \(host):\(port)") }
+        do { try socket.send(bytes) } catch { throw Failure(description: "\(error)") }
     }
 
     /// Reads more bytes into the buffer (at least one).
@@ -110,14 +103,14 @@ final class HTTPConnection {
         }
         let old = buffer.count
         buffer.append(contentsOf: repeatElement(0, count: 16 << 10))
-        while true {
-            let n = buffer[old...].withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, 0) }
-            if n < 0 && errno == EINTR { continue }
-            buffer.removeLast(buffer.count - old - max(n, 0))
-            if n == 0 { throw Failure(description: "\(host):\(port) closed the connection") }
-            if n < 0 { throw Failure(description: "recv from \(host):\(port): \(errno == EAGAIN ? "timed out" : String(cString: strerror(errno)))") }
-            return
+        guard let socket else { throw Failure(description: "not connected to \(host):\(port)") }
+        let n: Int
+        do { n = try buffer[old...].withUnsafeMutableBytes { b throws(SocketFailure) in try socket.receive(into: b) } } catch {
+            buffer.removeLast(buffer.count - old)
+            throw Failure(description: "recv from \(host):\(port): \(error.errno == EAGAIN ? "timed out" : String(cString: strerror(error.errno)))")
         }
+        buffer.removeLast(buffer.count - old - n)
+        if n == 0 { throw Failure(description: "\(host):\(port) closed the connection") }
     }
 
     /// The status line and headers, without the blank line that ends them.

@@ -1,47 +1,55 @@
+import ArgumentParser
 import Foundation
 
-/// The floor for any request/response over loopback: a fixed-size ping-pong between two threads
-/// of this process over one TCP connection on 127.0.0.1 (blocking sockets, TCP_NODELAY).
+/// The floor for any request/response over loopback: a fixed-size ping-pong over one TCP
+/// connection on 127.0.0.1 (blocking sockets, TCP_NODELAY, `send`/`recv` as the TCP fabric and
+/// the client use them), between two threads of this process or between this process and a child
+/// (`plover bench echo`), as a replica and its peer or client are.
 enum LoopbackRoundTrip {
-    static func measure(messageBytes: Int = 64, seconds: Double = 2, warmupRounds: Int = 1000) throws -> LatencySummary {
-        let listener = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-        guard listener >= 0 else { throw CLIError("socket: \(String(cString: strerror(errno)))") }
-        defer { close(listener) }
-        var a = sockaddr_in()
-        a.sin_family = sa_family_t(AF_INET)
-        a.sin_addr.s_addr = inet_addr("127.0.0.1")
-        a.sin_port = 0  // the kernel picks a free port
-        var len = socklen_t(MemoryLayout<sockaddr_in>.size)
-        let bound = withUnsafeMutablePointer(to: &a) { p in
-            p.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                bind(listener, $0, len) == 0 && listen(listener, 1) == 0 && getsockname(listener, $0, &len) == 0
-            }
-        }
-        guard bound else { throw CLIError("loopback listener: \(String(cString: strerror(errno)))") }
+    /// Who answers the ping.
+    enum Peer { case thread, process }
 
-        // The echo side: read a message, send it back, until the peer closes.
+    static func measure(_ peer: Peer, messageBytes: Int = 64, seconds: Double = 2, warmupRounds: Int = 1000) throws -> LatencySummary {
+        let port: UInt16
+        var echo: Process?
         let echoDone = DispatchSemaphore(value: 0)
-        Thread {
-            let s = accept(listener, nil, nil)
-            if s >= 0 {
-                noDelay(s)
-                var buf = [UInt8](repeating: 0, count: messageBytes)
-                while exchange(s, &buf, receiveFirst: true) {}
-                close(s)
+        switch peer {
+        case .thread:
+            let listener = try SocketDescriptor.listen(on: HostPort(host: "127.0.0.1", port: 0), backlog: 1)
+            port = UInt16(listener.localPort)
+            Thread {
+                serveOne(listener, messageBytes: messageBytes)
+                listener.close()
+                echoDone.signal()
+            }.start()
+        case .process:
+            let dir = FileManager.default.temporaryDirectory.appendingPathComponent("plover-echo-\(getpid())").path
+            try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+            defer { try? FileManager.default.removeItem(atPath: dir) }
+            let portFile = dir + "/port"
+            let exe = try FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")
+            let child = try ChildProcesses.spawn(exe, ["bench", "echo", "--port-file", portFile, "--bytes", "\(messageBytes)"], log: dir + "/echo.log")
+            echo = child
+            let deadline = ContinuousClock.now + .seconds(10)
+            var found: UInt16?
+            while found == nil && ContinuousClock.now < deadline && child.isRunning {
+                found = (try? String(contentsOfFile: portFile, encoding: .utf8)).flatMap { UInt16($0.trimmingCharacters(in: .whitespacesAndNewlines)) }
+                if found == nil { Thread.sleep(forTimeInterval: 0.01) }
             }
-            echoDone.signal()
-        }.start()
+            guard let f = found else {
+                ChildProcesses.stop(child)
+                throw CLIError("the echo process (\(exe) bench echo) did not report its port: \((try? String(contentsOfFile: dir + "/echo.log", encoding: .utf8)) ?? "")")
+            }
+            port = f
+        }
+        defer {
+            if let echo {
+                echo.waitUntilExit()
+                ChildProcesses.unregister(echo.processIdentifier)
+            }
+        }
 
-        let c = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-        guard c >= 0 else { throw CLIError("socket: \(String(cString: strerror(errno)))") }
-        noDelay(c)
-        let connected = withUnsafePointer(to: &a) { p in
-            p.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(c, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) == 0 }
-        }
-        guard connected else {
-            close(c)
-            throw CLIError("loopback connect: \(String(cString: strerror(errno)))")
-        }
+        let c = try SocketDescriptor.connect(to: HostPort(host: "127.0.0.1", port: Int(port)))
         var buf = [UInt8](repeating: 0x5A, count: messageBytes)
         var samples: [UInt64] = []
         samples.reserveCapacity(1 << 16)
@@ -53,39 +61,59 @@ enum LoopbackRoundTrip {
             guard exchange(c, &buf, receiveFirst: false) else { break }
             samples.append(ClosedLoopLoad.now() - t0)
         }
-        close(c)
-        echoDone.wait()
-        guard !samples.isEmpty else { throw CLIError("loopback round trip: the echo thread went away") }
+        c.close()
+        if peer == .thread { echoDone.wait() }
+        guard !samples.isEmpty else { throw CLIError("loopback round trip: the echo side went away") }
         return LatencySummary(nanoseconds: samples)
     }
 
-    private static func noDelay(_ s: Int32) {
-        var one: Int32 = 1
-        setsockopt(s, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
+    /// Accepts one connection and sends every message back until the peer closes.
+    static func serveOne(_ listener: SocketDescriptor, messageBytes: Int) {
+        guard let s = try? listener.accept() else { return }
+        var buf = [UInt8](repeating: 0, count: messageBytes)
+        while exchange(s, &buf, receiveFirst: true) {}
+        s.close()
     }
 
     /// Sends then receives `buf` (or receives then sends it back); false once the peer is gone.
-    private static func exchange(_ s: Int32, _ buf: inout [UInt8], receiveFirst: Bool) -> Bool {
-        func sendAll(_ buf: inout [UInt8]) -> Bool {
-            var done = 0
-            while done < buf.count {
-                let n = buf[done...].withUnsafeBytes { send(s, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
-                if n < 0 && errno == EINTR { continue }
-                if n <= 0 { return false }
-                done += n
+    private static func exchange(_ s: SocketDescriptor, _ buf: inout [UInt8], receiveFirst: Bool) -> Bool {
+        do {
+            if receiveFirst {
+                guard let got = try s.receive(exactly: buf.count) else { return false }
+                buf = got
+                try s.send(buf)
+            } else {
+                try s.send(buf)
+                guard let got = try s.receive(exactly: buf.count) else { return false }
+                buf = got
             }
             return true
+        } catch {
+            return false
         }
-        func receiveAll(_ buf: inout [UInt8]) -> Bool {
-            var got = 0
-            while got < buf.count {
-                let n = buf[got...].withUnsafeMutableBytes { recv(s, $0.baseAddress, $0.count, 0) }
-                if n < 0 && errno == EINTR { continue }
-                if n <= 0 { return false }
-                got += n
-            }
-            return true
-        }
-        return receiveFirst ? receiveAll(&buf) && sendAll(&buf) : sendAll(&buf) && receiveAll(&buf)
+    }
+}
+
+/// `plover bench echo` (hidden): the other process of the two-process loopback round trip.
+/// Listens on 127.0.0.1, writes its port to `--port-file`, echoes one connection, exits.
+package struct RoundTripEcho: ParsableCommand {
+    package static let configuration = CommandConfiguration(
+        commandName: "echo", abstract: "Echo one loopback connection (the benchmarks' round-trip peer).", shouldDisplay: false)
+
+    @Option(help: "Where to write the port.") var portFile: String
+    @Option(help: "Message size in bytes.") var bytes: Int = 64
+
+    package init() {}
+
+    package func validate() throws {
+        guard (1...(1 << 20)).contains(bytes) else { throw ValidationError("--bytes: a size in 1...1048576") }
+    }
+
+    package func run() throws {
+        let listener = try SocketDescriptor.listen(on: HostPort(host: "127.0.0.1", port: 0), backlog: 1)
+        defer { listener.close() }
+        try "\(listener.localPort)\n".write(toFile: portFile + ".tmp", atomically: false, encoding: .utf8)
+        guard rename(portFile + ".tmp", portFile) == 0 else { throw CLIError("\(portFile): \(String(cString: strerror(errno)))") }
+        LoopbackRoundTrip.serveOne(listener, messageBytes: bytes)
     }
 }

@@ -22,6 +22,12 @@ public struct ReplicaConfig: Sendable, Hashable {
     public var snapshotChunkBytes: Int = 128 << 10
     /// Most accept messages in flight to one follower.
     public var inflightMessagesMax: Int = 64
+    /// Most bytes of entries (as `batchBytesMax` counts them) in accepts in flight to one
+    /// follower; a batch is cut to what is left of it (it still holds one entry, so the window may
+    /// be passed by one entry), and one accept always goes. Keep it below
+    /// the transport's buffer towards one peer (a ring's bytes): beyond that the transport drops
+    /// messages, which the leader only resends after a stall (etcd-raft's MaxInflightBytes).
+    public var inflightBytesMax: Int = 768 << 10
     /// Most bytes of proposed-but-uncommitted payload the leader holds; beyond, proposals are refused.
     public var uncommittedBytesMax: Int = 64 << 20
     /// Most linearizable reads waiting for confirmation; beyond, reads are refused.

@@ -14,8 +14,16 @@ struct Progress: Sendable, Hashable {
     var state: State = .probe
     /// In probe state: an accept is outstanding.
     var probeSent = false
-    /// Last indexes of accepts in flight, oldest first (replicate state).
-    var inflight: [LogIndex] = []
+    /// One accept in flight: its last index and the bytes of its entries.
+    struct InFlight: Sendable, Hashable {
+        var last: LogIndex
+        var bytes: Int
+    }
+
+    /// Accepts in flight, oldest first (replicate state).
+    var inflight: [InFlight] = []
+    /// Entry bytes of the accepts in flight.
+    var inflightBytes: Int { inflight.reduce(0) { $0 + $1.bytes } }
     /// Heard from since the last check-quorum round.
     var recentActive = false
     /// Highest read round this follower acknowledged.
@@ -65,11 +73,19 @@ struct Progress: Sendable, Hashable {
         inflight = []
     }
 
-    func isPaused(inflightMax: Int) -> Bool {
+    /// Whether nothing more may be sent: a probe outstanding, a snapshot under way, or the
+    /// window full — `inflightMax` accepts, or `inflightBytesMax` bytes of entries (the window
+    /// always admits one accept, however large).
+    func isPaused(inflightMax: Int, inflightBytesMax: Int) -> Bool {
         switch state {
         case .probe: probeSent
-        case .replicate: inflight.count >= inflightMax
+        case .replicate: inflight.count >= inflightMax || (!inflight.isEmpty && inflightBytes >= inflightBytesMax)
         case .snapshot: true
         }
+    }
+
+    /// Drops the accepts in flight through `index` (acknowledged).
+    mutating func acknowledge(through index: LogIndex) {
+        inflight.removeAll { $0.last <= index }
     }
 }

@@ -248,7 +248,7 @@ extension Replica {
 
     /// Sends the next accept (or the snapshot) to one follower, within its flow-control window.
     mutating func sendAppend(to peer: NodeID) {
-        guard var pr = progress[peer], !pr.isPaused(inflightMax: config.inflightMessagesMax) else { return }
+        guard var pr = progress[peer], !pr.isPaused(inflightMax: config.inflightMessagesMax, inflightBytesMax: config.inflightBytesMax) else { return }
         guard pr.next > log.snapshot.index else {
             // The entries it needs were compacted away.
             sendSnapshot(to: peer, &pr)
@@ -259,7 +259,9 @@ extension Replica {
         guard let prevBallot = log.ballot(at: prevIndex) else {
             preconditionFailure("follower \(peer) next index \(pr.next) is past our log end \(log.lastIndex)")
         }
-        let entries = log.slice(from: pr.next, bytesMax: config.batchBytesMax)
+        // A batch fills what is left of the byte window (at least one entry goes).
+        let window = max(1, config.inflightBytesMax - (pr.state == .replicate ? pr.inflightBytes : 0))
+        let entries = log.slice(from: pr.next, bytesMax: min(config.batchBytesMax, window))
         // Streaming with nothing new to send: heartbeats carry the commit index instead.
         if pr.state == .replicate && entries.isEmpty { return }
         send(peer, .accept(prevIndex: prevIndex, prevBallot: prevBallot, entries: entries, commit: commitIndex))
@@ -267,7 +269,7 @@ extension Replica {
         case .replicate:
             if let last = entries.last {
                 pr.next = last.index + 1
-                pr.inflight.append(last.index)
+                pr.inflight.append(.init(last: last.index, bytes: entries.reduce(0) { $0 + $1.payload.count + InMemoryLog.entryOverheadBytes }))
             }
         case .probe: pr.probeSent = true
         case .snapshot: break
@@ -320,7 +322,7 @@ extension Replica {
                 pr.stalledTicks = 0
             }
             pr.next = max(pr.next, index + 1)
-            pr.inflight.removeAll { $0 <= index }
+            pr.acknowledge(through: index)
             switch pr.state {
             case .probe: pr.becomeReplicate()
             case let .snapshot(i) where pr.match >= i: pr.becomeReplicate()
@@ -341,7 +343,7 @@ extension Replica {
             pr.next = next
             progress[from] = pr
         }
-        while let p = progress[from], !p.isPaused(inflightMax: config.inflightMessagesMax), p.next <= log.lastIndex {
+        while let p = progress[from], !p.isPaused(inflightMax: config.inflightMessagesMax, inflightBytesMax: config.inflightBytesMax), p.next <= log.lastIndex {
             sendAppend(to: from)
         }
     }

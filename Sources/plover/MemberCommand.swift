@@ -34,7 +34,7 @@ struct MemberCommand: ParsableCommand {
         @Option(help: "Leader preference (default 1 for a voter, 0 otherwise).") var priority: UInt8?
         func run() throws {
             let r = try parseRole(role)
-            for (name, a) in [("--address", address), ("--client-address", clientAddress)] where splitHostPort(a) == nil {
+            for (name, a) in [("--address", address), ("--client-address", clientAddress)] where HostPort(parsing: a) == nil {
                 throw ValidationError("\(name): \"\(a)\" is not host:port with a port from 1 to 65535")
             }
             let m = Member(id: id, role: r, priority: priority ?? (r == .voter ? 1 : 0), peerAddress: address, clientAddress: clientAddress)
@@ -124,11 +124,6 @@ func parseRole(_ s: String) throws -> MemberRole {
         throw ValidationError("role \"\(s)\" is not one of \(MemberRole.allCases.map(\.description).joined(separator: ", "))")
     }
     return r
-}
-
-func splitHostPort(_ a: String) -> (String, Int)? {
-    guard let colon = a.lastIndex(of: ":"), !a[..<colon].isEmpty, let p = Int(a[a.index(after: colon)...]), (1...65_535).contains(p) else { return nil }
-    return (String(a[..<colon]), p)
 }
 
 private func pad(_ s: String, _ n: Int) -> String { s.count >= n ? s + " " : s + String(repeating: " ", count: n - s.count) }

@@ -19,7 +19,7 @@ struct NodeCommand: AsyncParsableCommand {
 
     func validate() throws {
         if assumeIntact && recover { throw ValidationError("--assume-intact and --recover contradict each other") }
-        if let j = join, splitHostPort(j) == nil { throw ValidationError("--join: \"\(j)\" is not host:port (a member's client address)") }
+        if let j = join, HostPort(parsing: j) == nil { throw ValidationError("--join: \"\(j)\" is not host:port (a member's client address)") }
     }
 
     func run() async throws {

@@ -24,13 +24,13 @@ struct ProxyCommand: ParsableCommand {
         for id in backends.keys where endpoints[id] == nil {
             throw ValidationError("--servers names node \(id), which is not a member of the cluster (\(endpoints.keys.sorted()))")
         }
-        let (host, port) = try Self.hostPort(listen, what: "--listen")
+        let address = try Self.hostPort(listen, what: "--listen")
         let proxy = LeaderProxy(endpoints: endpoints, backends: backends)
-        try proxy.serve(host: host, port: port)
+        try proxy.serve(on: address)
     }
 
-    static func parseServers(_ list: String) throws -> [NodeID: (String, Int)] {
-        var out: [NodeID: (String, Int)] = [:]
+    static func parseServers(_ list: String) throws -> [NodeID: HostPort] {
+        var out: [NodeID: HostPort] = [:]
         for item in list.split(separator: ",") {
             let kv = item.split(separator: "=", maxSplits: 1)
             guard kv.count == 2, let id = NodeID(kv[0]), id > 0 else { throw ValidationError("--servers: \"\(item)\" is not ID=HOST:PORT") }
@@ -40,11 +40,9 @@ struct ProxyCommand: ParsableCommand {
         return out
     }
 
-    static func hostPort(_ s: String, what: String) throws -> (String, Int) {
-        guard let colon = s.lastIndex(of: ":"), let port = Int(s[s.index(after: colon)...]), (1...65535).contains(port) else {
-            throw ValidationError("\(what): \"\(s)\" is not HOST:PORT")
-        }
-        return (String(s[..<colon]), port)
+    static func hostPort(_ s: String, what: String) throws -> HostPort {
+        guard let a = HostPort(parsing: s) else { throw ValidationError("\(what): \"\(s)\" is not HOST:PORT with a port from 1 to 65535") }
+        return a
     }
 }
 
@@ -52,21 +50,20 @@ struct ProxyCommand: ParsableCommand {
 final class LeaderProxy: @unchecked Sendable {
     // @unchecked Sendable: immutable after init; `leaderCache` is only touched under `lock`.
     let endpoints: [NodeID: String]
-    let backends: [NodeID: (String, Int)]
+    let backends: [NodeID: HostPort]
     private let lock = NSLock()
     private var leaderCache: NodeID?
 
-    init(endpoints: [NodeID: String], backends: [NodeID: (String, Int)]) {
+    init(endpoints: [NodeID: String], backends: [NodeID: HostPort]) {
         self.endpoints = endpoints
         self.backends = backends
     }
 
-    func serve(host: String, port: Int) throws {
-        let listener = try Self.listenSocket(host: host, port: port)
-        print("plover proxy: listening on \(host):\(port), forwarding to the leader's server among \(backends.keys.sorted())")
+    func serve(on address: HostPort) throws {
+        let listener = try SocketDescriptor.listen(on: address)
+        print("plover proxy: listening on \(address), forwarding to the leader's server among \(backends.keys.sorted())")
         while true {
-            let client = accept(listener, nil, nil)
-            if client < 0 { if errno == EINTR || errno == ECONNABORTED { continue }; throw CLIError("accept on \(host):\(port): \(String(cString: strerror(errno)))") }
+            let client = try listener.accept()
             Thread { [self] in handle(client) }.start()
         }
     }
@@ -85,72 +82,36 @@ final class LeaderProxy: @unchecked Sendable {
         return nil
     }
 
-    func handle(_ client: Int32) {
+    func handle(_ client: SocketDescriptor) {
         // A few tries: the leader may have just changed, or not yet replayed the log (it closes
         // new connections until then).
-        var server: Int32 = -1
-        for attempt in 0..<20 where server < 0 {
-            if let l = leader(refresh: attempt > 0), let (h, p) = backends[l] { server = Self.connectSocket(host: h, port: p) }
-            if server < 0 { Thread.sleep(forTimeInterval: 0.1) }
+        var server: SocketDescriptor?
+        for attempt in 0..<20 where server == nil {
+            if let l = leader(refresh: attempt > 0), let a = backends[l] { server = try? SocketDescriptor.connect(to: a) }
+            if server == nil { Thread.sleep(forTimeInterval: 0.1) }
         }
-        guard server >= 0 else { close(client); return }
+        guard let server else { client.close(); return }
         let done = DispatchGroup()
         for (from, to) in [(client, server), (server, client)] {
             done.enter()
             Thread {
                 Self.pipe(from, to)
                 // Either side ending ends both: the client reconnects and is forwarded afresh.
-                shutdown(from, Int32(SHUT_RDWR))
-                shutdown(to, Int32(SHUT_RDWR))
+                from.shutdown()
+                to.shutdown()
                 done.leave()
             }.start()
         }
         done.wait()
-        close(client)
-        close(server)
+        client.close()
+        server.close()
     }
 
-    static func pipe(_ from: Int32, _ to: Int32) {
+    static func pipe(_ from: SocketDescriptor, _ to: SocketDescriptor) {
         var buf = [UInt8](repeating: 0, count: 64 << 10)
         while true {
-            let n = buf.withUnsafeMutableBytes { recv(from, $0.baseAddress, $0.count, 0) }
-            if n < 0 && errno == EINTR { continue }
-            guard n > 0 else { return }
-            var sent = 0
-            while sent < n {
-                let w = buf[sent..<n].withUnsafeBytes { send(to, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
-                if w < 0 && errno == EINTR { continue }
-                guard w > 0 else { return }
-                sent += w
-            }
+            guard let n = try? buf.withUnsafeMutableBytes({ b throws(SocketFailure) in try from.receive(into: b) }), n > 0 else { return }
+            guard (try? buf.withUnsafeBytes({ b throws(SocketFailure) in try to.send(UnsafeRawBufferPointer(rebasing: b[..<n])) })) != nil else { return }
         }
-    }
-
-    static func listenSocket(host: String, port: Int) throws -> Int32 {
-        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-        var one: Int32 = 1
-        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
-        var a = sockaddr_in()
-        a.sin_family = sa_family_t(AF_INET)
-        a.sin_port = in_port_t(UInt16(port).bigEndian)
-        guard inet_pton(AF_INET, host, &a.sin_addr) == 1 else { close(fd); throw CLIError("--listen: \"\(host)\" is not an IPv4 address") }
-        let ok = withUnsafePointer(to: &a) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) == 0 } }
-        guard ok, listen(fd, 128) == 0 else {
-            let e = String(cString: strerror(errno))
-            close(fd)
-            throw CLIError("cannot listen on \(host):\(port): \(e)")
-        }
-        return fd
-    }
-
-    static func connectSocket(host: String, port: Int) -> Int32 {
-        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-        var a = sockaddr_in()
-        a.sin_family = sa_family_t(AF_INET)
-        a.sin_port = in_port_t(UInt16(port).bigEndian)
-        guard inet_pton(AF_INET, host, &a.sin_addr) == 1,
-              withUnsafePointer(to: &a, { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) == 0 } })
-        else { close(fd); return -1 }
-        return fd
     }
 }

@@ -40,27 +40,15 @@ func vmControl(configPath: String, _ request: String) throws -> String {
     let vm: VMConfig
     do { vm = try VMConfig.load(path: configPath) } catch { throw CLIError(error.description) }
     let path = vm.runDir + "/control.sock"
-    let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
-    guard fd >= 0 else { throw CLIError("socket: \(String(cString: strerror(errno)))") }
-    defer { close(fd) }
-    var addr = sockaddr_un()
-    addr.sun_family = sa_family_t(AF_UNIX)
-    guard path.utf8.count < MemoryLayout.size(ofValue: addr.sun_path) else { throw CLIError("\(path): path too long for a Unix socket") }
-    withUnsafeMutableBytes(of: &addr.sun_path) { p in
-        for (i, b) in path.utf8.enumerated() { p[i] = b }
+    let socket: SocketDescriptor
+    do { socket = try SocketDescriptor.connect(unixPath: path) } catch {
+        throw CLIError("no VM replica answers at \(path) (\(String(cString: strerror(error.errno)))): is `plover vm primary|backup --config \(configPath)` running?")
     }
-    let ok = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) == 0 } }
-    guard ok else {
-        throw CLIError("no VM replica answers at \(path) (\(String(cString: strerror(errno)))): is `plover vm primary|backup --config \(configPath)` running?")
-    }
-    let line = Array((request + "\n").utf8)
-    guard line.withUnsafeBytes({ write(fd, $0.baseAddress!, $0.count) }) == line.count else { throw CLIError("\(path): write failed") }
+    defer { socket.close() }
+    do { try socket.send(Array((request + "\n").utf8)) } catch { throw CLIError("\(path): \(error)") }
     var out: [UInt8] = []
     var chunk = [UInt8](repeating: 0, count: 4096)
-    while true {
-        let n = chunk.withUnsafeMutableBytes { read(fd, $0.baseAddress!, 4096) }
-        if n < 0 && errno == EINTR { continue }
-        guard n > 0 else { break }
+    while let n = try? chunk.withUnsafeMutableBytes({ b throws(SocketFailure) in try socket.receive(into: b) }), n > 0 {
         out += chunk[..<n]
     }
     let text = String(decoding: out, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)

@@ -22,6 +22,8 @@ struct ScenarioCluster {
     var seed: UInt64 = 1
     var snapshotChunkBytes: Int?
     var batchBytesMax: Int?
+    var inflightBytesMax: Int?
+    var preVote = true
 
     var ids: [NodeID] { nodes.keys.sorted() }
 
@@ -32,6 +34,8 @@ struct ScenarioCluster {
         c.diskStallTicks = 5
         if let n = snapshotChunkBytes { c.snapshotChunkBytes = n }
         if let n = batchBytesMax { c.batchBytesMax = n }
+        if let n = inflightBytesMax { c.inflightBytesMax = n }
+        c.preVote = preVote
         return c
     }
 

@@ -68,26 +68,14 @@ final class OutOfBandConnector: VerbsConnector, @unchecked Sendable {
     }
 
     func listen(fabric: VerbsFabric, host: String, port: Int) throws(VerbsError) -> Int {
-        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        try Verbs.check(Int32(fd < 0 ? -1 : 0), "socket")
-        do throws(VerbsError) {
-            var one: Int32 = 1
-            setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
-            try Verbs.check(try Verbs.withIPv4Address(host: host, port: port) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) },
-                            "bind \(host):\(port)")
-            try Verbs.check(Glibc.listen(fd, 16), "listen")
-            var sin = sockaddr_in()
-            var length = socklen_t(MemoryLayout<sockaddr_in>.size)
-            try Verbs.check(withUnsafeMutablePointer(to: &sin) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &length) } },
-                            "getsockname")
-            let previous = state.withLock { s in defer { s.listener = fd }; return s.listener }
-            if previous >= 0 { close(previous) }
-            wake()
-            return Int(UInt16(bigEndian: sin.sin_port))
-        } catch {
-            close(fd)
-            throw error
+        let listener: SocketDescriptor
+        do { listener = try SocketDescriptor.listen(on: HostPort(host: host, port: port), backlog: 16) } catch {
+            throw VerbsError(operation: "listen", code: error.errno, message: "out-of-band listener: \(error)")
         }
+        let previous = state.withLock { s in defer { s.listener = listener.rawValue }; return s.listener }
+        if previous >= 0 { close(previous) }
+        wake()
+        return listener.localPort
     }
 
     func connect(fabric: VerbsFabric, to peer: PeerAddress, descriptor: [UInt8], timeout: Duration,
@@ -141,7 +129,7 @@ final class OutOfBandConnector: VerbsConnector, @unchecked Sendable {
     /// The acceptor's half, on the event thread. Every refusal is logged with the connector's
     /// address and claimed node, and sent to it; no queue pair exists before the key is proven.
     private func answer(_ fabric: VerbsFabric, _ fd: Int32) {
-        Self.setTimeouts(fd, fabric.configuration.connectTimeout)
+        SocketDescriptor(rawValue: fd, peer: "an out-of-band connector").setTimeouts(fabric.configuration.connectTimeout)
         let from = Self.peerName(fd)  // now: a refused connector may be gone by the time it is logged
         var answerer = OutOfBandAnswerer(key: fabric.configuration.clusterKey, me: fabric.localNode,
                                          members: fabric.configuration.members)
@@ -211,8 +199,7 @@ final class OutOfBandConnector: VerbsConnector, @unchecked Sendable {
             _ = poll(&fds, nfds_t(fds.count), 100)
             while read(wakeRead, &scratch, scratch.count) > 0 {}
             if listener >= 0, fds[1].revents != 0 {
-                let fd = accept(listener, nil, nil)
-                if fd >= 0 { answer(fabric, fd) }
+                if let c = try? SocketDescriptor(rawValue: listener, peer: "the out-of-band listener").accept() { answer(fabric, c.rawValue) }
             }
             // Nothing is ever sent after the exchange: readable means closed (or a broken peer).
             for (i, fd) in sockets.enumerated() where fds[2 + i].revents != 0 || watched[fd]?.isUsable == false {
@@ -232,37 +219,16 @@ final class OutOfBandConnector: VerbsConnector, @unchecked Sendable {
 
     // MARK: blocking socket I/O with timeouts (two small messages per connection)
 
-    private static func setTimeouts(_ fd: Int32, _ timeout: Duration) {
-        var tv = timeout.timeval
-        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
-        setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
-    }
-
     private static func dialTCP(host: String, port: Int, timeout: Duration) throws(VerbsError) -> Int32 {
-        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        try Verbs.check(Int32(fd < 0 ? -1 : 0), "socket")
-        setTimeouts(fd, timeout)  // on Linux SO_SNDTIMEO bounds connect() too
-        let rc = try Verbs.withIPv4Address(host: host, port: port) { Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
-        if rc != 0 {
-            let e = errno
-            close(fd)
-            throw VerbsError(operation: "connect", code: e, message: "cannot reach \(host):\(port) for the out-of-band exchange (\(VerbsError.explain(e)))")
+        do { return try SocketDescriptor.connect(to: HostPort(host: host, port: port), timeout: timeout).rawValue } catch {
+            throw VerbsError(operation: "connect", code: error.errno,
+                             message: "cannot reach \(host):\(port) for the out-of-band exchange (\(VerbsError.explain(error.errno)))")
         }
-        var one: Int32 = 1
-        setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
-        return fd
     }
 
     private static func send(_ fd: Int32, _ bytes: [UInt8]) throws(VerbsError) {
-        var sent = 0
-        while sent < bytes.count {
-            let n = bytes.withUnsafeBytes { Glibc.send(fd, $0.baseAddress! + sent, $0.count - sent, Int32(MSG_NOSIGNAL)) }
-            if n < 0 && errno == EINTR { continue }
-            guard n > 0 else {
-                let e = errno
-                throw VerbsError(operation: "send", code: e, message: "out-of-band exchange: send failed (\(VerbsError.explain(e)))")
-            }
-            sent += n
+        do { try SocketDescriptor(rawValue: fd, peer: "the out-of-band peer").send(bytes) } catch {
+            throw VerbsError(operation: "send", code: error.errno, message: "out-of-band exchange: send failed (\(VerbsError.explain(error.errno)))")
         }
     }
 
@@ -275,22 +241,14 @@ final class OutOfBandConnector: VerbsConnector, @unchecked Sendable {
     }
 
     private static func receive(_ fd: Int32, count: Int) throws(VerbsError) -> [UInt8] {
-        var out = [UInt8](repeating: 0, count: count)
-        var got = 0
-        while got < count {
-            let n = out.withUnsafeMutableBytes { recv(fd, $0.baseAddress! + got, count - got, 0) }
-            if n < 0 && errno == EINTR { continue }
-            if n == 0 {
-                throw VerbsError(operation: "recv", code: ECONNRESET, message: "the peer ended the out-of-band exchange")
-            }
-            guard n > 0 else {
-                let e = errno
-                throw VerbsError(operation: "recv", code: e,
-                                 message: e == EAGAIN ? "out-of-band exchange timed out" : "out-of-band exchange: recv failed (\(VerbsError.explain(e)))")
-            }
-            got += n
+        let got: [UInt8]?
+        do { got = try SocketDescriptor(rawValue: fd, peer: "the out-of-band peer").receive(exactly: count) } catch {
+            if error.errno == ECONNRESET { throw VerbsError(operation: "recv", code: ECONNRESET, message: "the peer ended the out-of-band exchange") }
+            throw VerbsError(operation: "recv", code: error.errno,
+                             message: error.errno == EAGAIN ? "out-of-band exchange timed out" : "out-of-band exchange: recv failed (\(VerbsError.explain(error.errno)))")
         }
-        return out
+        guard let got else { throw VerbsError(operation: "recv", code: ECONNRESET, message: "the peer ended the out-of-band exchange") }
+        return got
     }
 
     /// "a.b.c.d:port" of the other end of `fd`, for the log.

@@ -1,7 +1,4 @@
-// Both: the socket constants may belong to either module (see BlockingTCP.swift).
-import CVerbs
 import Foundation
-import Glibc
 
 /// A blocking client for the client protocol: one TCP connection at a time, follows the
 /// leader hint in `notLeader` answers, retries on other members when one is unreachable.
@@ -12,7 +9,7 @@ public final class NodeClient {
     public let endpoints: [NodeID: String]
     /// Send and receive timeout of each socket operation.
     public let timeout: Duration
-    private var fd: Int32 = -1
+    private var socket: SocketDescriptor?
     private var connectedTo: NodeID?
     var nextID: UInt64 = 1
 
@@ -138,41 +135,31 @@ public final class NodeClient {
     // MARK: Socket
 
     func connect(_ node: NodeID) throws {
-        if connectedTo == node && fd >= 0 {
+        if connectedTo == node, let s = socket {
             // Reuse the connection unless the node closed it meanwhile (it restarted, or dropped
             // an idle client): a request sent into a dead connection would look lost in flight.
-            var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
-            if poll(&p, 1, 0) == 0 { return }
+            if !s.waitReadable(.zero) { return }
         }
         disconnect()
         guard let address = endpoints[node] else { throw Failure(description: "node \(node) has no client address") }
-        let colon = address.lastIndex(of: ":")!
-        let host = String(address[..<colon])
-        guard let port = Int(address[address.index(after: colon)...]) else {
-            throw Failure(description: "node \(node): bad client address \(address)")
-        }
-        let s: Int32
-        do { s = try connectBlockingTCP(host: host, port: port, timeout: timeout) } catch {
+        guard let hp = HostPort(parsing: address) else { throw Failure(description: "node \(node): bad client address \(address)") }
+        do { socket = try SocketDescriptor.connect(to: hp, timeout: timeout) } catch {
             throw Failure(description: "node \(node): \(error)")
         }
-        fd = s
         connectedTo = node
     }
 
     /// Closes the connection, if any; the next request connects again.
     public func disconnect() {
-        if fd >= 0 { close(fd) }
-        fd = -1
+        socket?.close()
+        socket = nil
         connectedTo = nil
     }
 
     func send(_ f: ClientFrame) throws {
-        let bytes = f.encoded()
-        var done = 0
-        while done < bytes.count {
-            let n = bytes[done...].withUnsafeBytes { Glibc.send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
-            guard n > 0 else { throw Failure(description: "connection to node \(connectedTo ?? 0) lost while sending: \(String(cString: strerror(errno)))") }
-            done += n
+        guard let s = socket else { throw Failure(description: "not connected") }
+        do { try s.send(f.encoded()) } catch {
+            throw Failure(description: "connection to node \(connectedTo ?? 0) lost while sending: \(String(cString: strerror(error.errno)))")
         }
     }
 
@@ -188,17 +175,13 @@ public final class NodeClient {
     }
 
     func readExactly(_ n: Int) throws -> [UInt8] {
-        var out = [UInt8](repeating: 0, count: n)
-        var got = 0
-        while got < n {
-            let r = out[got...].withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, 0) }
-            if r == 0 { throw Failure(description: "connection to node \(connectedTo ?? 0) closed") }
-            if r < 0 {
-                if errno == EINTR { continue }
-                throw Failure(description: "connection to node \(connectedTo ?? 0) failed: \(errno == EAGAIN ? "timed out" : String(cString: strerror(errno)))")
-            }
-            got += r
+        guard let s = socket else { throw Failure(description: "not connected") }
+        let got: [UInt8]?
+        do { got = try s.receive(exactly: n) } catch {
+            let why = error.errno == EAGAIN ? "timed out" : String(cString: strerror(error.errno))
+            throw Failure(description: "connection to node \(connectedTo ?? 0) failed: \(why)")
         }
-        return out
+        guard let got else { throw Failure(description: "connection to node \(connectedTo ?? 0) closed") }
+        return got
     }
 }

@@ -57,6 +57,8 @@ public struct NodeConfig: Sendable, Equatable {
     public var batchBytesMax = 256 << 10
     /// `ReplicaConfig.inflightMessagesMax` (`limits.inflight_messages_max`, 1 to 65,536).
     public var inflightMessagesMax = 64
+    /// `ReplicaConfig.inflightBytesMax` (`limits.inflight_bytes_max`, 1 KiB to the ring's 1 MiB).
+    public var inflightBytesMax = 768 << 10
     /// `ReplicaConfig.uncommittedBytesMax` (`limits.uncommitted_bytes_max`).
     public var uncommittedBytesMax = 64 << 20
     /// Applied entries held in the log before the node snapshots and compacts
@@ -115,6 +117,7 @@ public struct NodeConfig: Sendable, Equatable {
         c.diskStallTicks = diskStallTicks
         c.batchBytesMax = batchBytesMax
         c.inflightMessagesMax = inflightMessagesMax
+        c.inflightBytesMax = inflightBytesMax
         c.uncommittedBytesMax = uncommittedBytesMax
         return c
     }
@@ -179,6 +182,7 @@ public struct NodeConfig: Sendable, Equatable {
         if var t = try r.subtable("limits") {
             c.batchBytesMax = try t.int("batch_bytes_max", default: c.batchBytesMax, range: 1024...(256 << 10))
             c.inflightMessagesMax = try t.int("inflight_messages_max", default: c.inflightMessagesMax, range: 1...65_536)
+            c.inflightBytesMax = try t.int("inflight_bytes_max", default: c.inflightBytesMax, range: 1024...RingTransport.Configuration.defaultRingBytes)
             c.uncommittedBytesMax = try t.int("uncommitted_bytes_max", default: c.uncommittedBytesMax, range: 1024...(1 << 40))
             c.compactEveryEntries = try t.int("compact_every_entries", default: c.compactEveryEntries, range: 2...(1 << 40))
             c.memoryLogBytesMax = try t.int("memory_log_bytes_max", default: c.memoryLogBytesMax, range: (16 << 20)...(1 << 40))

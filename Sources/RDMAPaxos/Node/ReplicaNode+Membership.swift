@@ -168,8 +168,8 @@ extension ReplicaNode {
         let me = options.replica.id
         let now = Set(m.members.map(\.id)).subtracting([me])
         let addressed = m.members.filter { $0.id != me && !$0.peerAddress.isEmpty }.compactMap { member -> PeerAddress? in
-            guard let (h, p) = splitAddress(member.peerAddress) else { return nil }
-            return PeerAddress(node: member.id, host: h, port: p)
+            guard let a = HostPort(parsing: member.peerAddress, allowingPortZero: true) else { return nil }
+            return PeerAddress(node: member.id, host: a.host, port: a.port)
         }
         for gone in membershipWork.peers.subtracting(now) {
             membershipWork.departing[gone] = tickCount + Replica.departedHeartbeats * options.replica.heartbeatTicks + options.replica.electionTimeoutTicks
@@ -187,13 +187,4 @@ extension ReplicaNode {
         membershipWork.removed = why
         options.onRemoved?(why)
     }
-}
-
-/// host and port of "host:port" (IPv6 hosts in brackets keep their colons); nil when malformed.
-func splitAddress(_ a: String) -> (String, Int)? {
-    guard let colon = a.lastIndex(of: ":"), let port = Int(a[a.index(after: colon)...]), (0...65_535).contains(port) else { return nil }
-    var host = String(a[..<colon])
-    if host.hasPrefix("[") && host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
-    guard !host.isEmpty else { return nil }
-    return (host, port)
 }

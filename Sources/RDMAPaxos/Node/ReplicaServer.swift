@@ -243,5 +243,7 @@ extension ReplicaServer {
     }
 }
 
-func host(_ address: String) -> String { String(address[..<address.lastIndex(of: ":")!]) }
-func port(_ address: String) -> Int { Int(address[address.index(after: address.lastIndex(of: ":")!)...])! }
+/// Host of an address the config reader already checked (`TableReader.address`).
+func host(_ address: String) -> String { HostPort(parsing: address)!.host }
+/// Port of an address the config reader already checked (`TableReader.address`).
+func port(_ address: String) -> Int { HostPort(parsing: address)!.port }

@@ -66,7 +66,7 @@ public struct TableReader {
 
     /// Checks "host:port" with a numeric port.
     public func address(_ s: String, key: String) throws(ConfigError) -> String {
-        guard let colon = s.lastIndex(of: ":"), !s[..<colon].isEmpty, let port = Int(s[s.index(after: colon)...]), (1...65535).contains(port) else {
+        guard HostPort(parsing: s) != nil else {
             throw error(key, "must be host:port with a port from 1 to 65535 (got \"\(s)\")")
         }
         return s
