@@ -101,16 +101,13 @@ final class HTTPConnection {
             buffer.removeAll(keepingCapacity: true)
             start = 0
         }
-        let old = buffer.count
-        buffer.append(contentsOf: repeatElement(0, count: 16 << 10))
         guard let socket else { throw Failure(description: "not connected to \(host):\(port)") }
-        let n: Int
-        do { n = try buffer[old...].withUnsafeMutableBytes { b throws(SocketFailure) in try socket.receive(into: b) } } catch {
-            buffer.removeLast(buffer.count - old)
+        let chunk: [UInt8]
+        do { chunk = try socket.receive(upTo: 16 << 10) } catch {
             throw Failure(description: "recv from \(host):\(port): \(error.errno == EAGAIN ? "timed out" : String(cString: strerror(error.errno)))")
         }
-        buffer.removeLast(buffer.count - old - n)
-        if n == 0 { throw Failure(description: "\(host):\(port) closed the connection") }
+        buffer += chunk
+        if chunk.isEmpty { throw Failure(description: "\(host):\(port) closed the connection") }
     }
 
     /// The status line and headers, without the blank line that ends them.

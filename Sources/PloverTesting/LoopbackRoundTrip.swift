@@ -1,5 +1,6 @@
 import ArgumentParser
 import Foundation
+import RDMAPaxos
 
 /// The floor for any request/response over loopback: a fixed-size ping-pong over one TCP
 /// connection on 127.0.0.1 (blocking sockets, TCP_NODELAY, `send`/`recv` as the TCP fabric and

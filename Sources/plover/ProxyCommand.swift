@@ -108,10 +108,8 @@ final class LeaderProxy: @unchecked Sendable {
     }
 
     static func pipe(_ from: SocketDescriptor, _ to: SocketDescriptor) {
-        var buf = [UInt8](repeating: 0, count: 64 << 10)
-        while true {
-            guard let n = try? buf.withUnsafeMutableBytes({ b throws(SocketFailure) in try from.receive(into: b) }), n > 0 else { return }
-            guard (try? buf.withUnsafeBytes({ b throws(SocketFailure) in try to.send(UnsafeRawBufferPointer(rebasing: b[..<n])) })) != nil else { return }
+        while let chunk = try? from.receive(upTo: 64 << 10), !chunk.isEmpty {
+            guard (try? to.send(chunk)) != nil else { return }
         }
     }
 }

@@ -47,10 +47,7 @@ func vmControl(configPath: String, _ request: String) throws -> String {
     defer { socket.close() }
     do { try socket.send(Array((request + "\n").utf8)) } catch { throw CLIError("\(path): \(error)") }
     var out: [UInt8] = []
-    var chunk = [UInt8](repeating: 0, count: 4096)
-    while let n = try? chunk.withUnsafeMutableBytes({ b throws(SocketFailure) in try socket.receive(into: b) }), n > 0 {
-        out += chunk[..<n]
-    }
+    while let chunk = try? socket.receive(upTo: 4096), !chunk.isEmpty { out += chunk }
     let text = String(decoding: out, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
     guard !text.isEmpty else { throw CLIError("\(path): the replica closed the connection without an answer") }
     return text

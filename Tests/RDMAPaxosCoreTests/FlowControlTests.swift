@@ -65,7 +65,8 @@ import Testing
         _ = takeAcceptBytes(&c, to: 3)
         try #require(first > 0)
         // Node 3 acknowledges everything it was sent: the leader sends more, again within the window.
-        c.with(1) { $0.receive(Message(from: 3, to: 1, ballot: c.nodes[1]!.replica!.promised, body: .accepted(success: true, index: first))) }
+        let ballot = c.nodes[1]!.replica!.promised
+        c.with(1) { $0.receive(Message(from: 3, to: 1, ballot: ballot, body: .accepted(success: true, index: first))) }
         let more = takeAcceptBytes(&c, to: 3)
         #expect(more.messages > 0)
         #expect(more.bytes <= (128 << 10) + 4096 + InMemoryLog.entryOverheadBytes)

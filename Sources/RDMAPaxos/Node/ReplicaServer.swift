@@ -244,6 +244,6 @@ extension ReplicaServer {
 }
 
 /// Host of an address the config reader already checked (`TableReader.address`).
-func host(_ address: String) -> String { HostPort(parsing: address)!.host }
+func host(_ address: String) -> String { HostPort(parsing: address, allowingPortZero: true)!.host }
 /// Port of an address the config reader already checked (`TableReader.address`).
-func port(_ address: String) -> Int { HostPort(parsing: address)!.port }
+func port(_ address: String) -> Int { HostPort(parsing: address, allowingPortZero: true)!.port }

@@ -137,7 +137,7 @@ package struct SocketDescriptor: Hashable, Sendable {
 
     /// Sends every byte (retrying short and interrupted sends; never raises SIGPIPE).
     package func send(_ bytes: [UInt8]) throws(SocketFailure) {
-        try bytes.withUnsafeBytes { b throws(SocketFailure) in try send(b) }
+        try bytes.withUnsafeBytes { b in Result { () throws(SocketFailure) in try send(b) } }.get()
     }
 
     /// Sends every byte of `buffer`.
@@ -161,13 +161,24 @@ package struct SocketDescriptor: Hashable, Sendable {
         }
     }
 
+    /// Receives what is there, up to `count` bytes (waiting for at least one); empty when the
+    /// peer closed.
+    package func receive(upTo count: Int) throws(SocketFailure) -> [UInt8] {
+        var out = [UInt8](repeating: 0, count: count)
+        let n = try out.withUnsafeMutableBytes { b in Result { () throws(SocketFailure) in try receive(into: b) } }.get()
+        out.removeLast(count - n)
+        return out
+    }
+
     /// Receives exactly `count` bytes; nil when the peer closed before the first byte, an error
     /// (`ECONNRESET`) when it closed in the middle.
     package func receive(exactly count: Int) throws(SocketFailure) -> [UInt8]? {
         var out = [UInt8](repeating: 0, count: count)
         var got = 0
         while got < count {
-            let n = try out.withUnsafeMutableBytes { b throws(SocketFailure) in try receive(into: UnsafeMutableRawBufferPointer(rebasing: b[got...])) }
+            let n = try out.withUnsafeMutableBytes { b in
+                Result { () throws(SocketFailure) in try receive(into: UnsafeMutableRawBufferPointer(rebasing: b[got...])) }
+            }.get()
             if n == 0 {
                 if got == 0 { return nil }
                 throw SocketFailure("receive from", peer, errno: ECONNRESET)
