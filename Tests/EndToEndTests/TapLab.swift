@@ -86,6 +86,25 @@ final class TapLab {
         return try result.withLock { $0! }.get()
     }
 
+    /// The bridge port (a tap or the client's link) the bridge forwards frames for `mac` to;
+    /// nil when it has not learnt that MAC.
+    func bridgePort(of mac: String) throws -> String? {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: NetworkLab.ipPath.replacingOccurrences(of: "/ip", with: "/bridge"))
+        p.arguments = ["fdb", "show", "br", bridge]
+        let out = Pipe()
+        p.standardOutput = out
+        p.standardError = FileHandle.nullDevice
+        try p.run()
+        let text = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        p.waitUntilExit()
+        for line in text.split(separator: "\n") where line.lowercased().hasPrefix(mac.lowercased() + " ") {
+            let words = line.split(separator: " ")
+            if let i = words.firstIndex(of: "dev"), i + 1 < words.count, !line.contains(" permanent") { return String(words[i + 1]) }
+        }
+        return nil
+    }
+
     /// glibc's setns(2), which Swift's Glibc module does not import.
     static func setns(_ fd: Int32, _ type: Int32) -> Int32 {
         guard let f = dlsym(UnsafeMutableRawPointer(bitPattern: 0), "setns") else { return -1 }  // RTLD_DEFAULT

@@ -8,11 +8,12 @@ import Testing
 /// A real network path into the replicated guest: each VM replica attaches to a tap on one bridge
 /// (`network = "tap"`, TapLab), and a client in its own network namespace keeps ONE TCP
 /// connection to Debian's unmodified redis-server in the guest, writing numbered keys
-/// (SET k_i i) throughout. The primary is killed (kill -9 of its replica process and QEMU) while
-/// the client writes; the same connection goes on against the backup. The killed replica is
-/// restarted and re-protected, then the new primary is paused (SIGSTOP of its replica and QEMU,
-/// a host that hangs: its tap stays up on the bridge, so only the gratuitous ARP of the next
-/// primary moves the guest's traffic over) and the connection goes on again. At the end every
+/// (SET k_i i). The primary is killed (kill -9 of its replica process and QEMU) while the client
+/// writes; the same connection goes on against the backup. The killed replica is restarted and
+/// re-protected, then the new primary is paused between two writes (SIGSTOP of its replica and
+/// QEMU, a host that hangs: its tap stays up on the bridge and the guest has nothing to send, so
+/// only the next primary's gratuitous ARP moves the guest's MAC to its port, which the test reads
+/// from the bridge's forwarding table) and the connection goes on again. At the end every
 /// acknowledged key is read back on that connection, and the RAM digests of the checkpoints both
 /// sides completed are equal.
 extension EndToEnd {
@@ -24,7 +25,7 @@ extension EndToEnd {
             // @unchecked Sendable: the connection is used by the writer thread only until `stop`
             // returned; the rest is under `state`.
             let redis: RedisConnection
-            private let state = Mutex<(acked: [Int], stop: Bool, error: String?, ackTimes: [ContinuousClock.Instant])>(([], false, nil, []))
+            private let state = Mutex<(acked: [Int], stop: Bool, error: String?, ackTimes: [ContinuousClock.Instant], pause: Bool, idle: Bool)>(([], false, nil, [], false, false))
             private let done = DispatchSemaphore(value: 0)
 
             init(_ redis: RedisConnection) {
@@ -38,6 +39,10 @@ extension EndToEnd {
                 defer { done.signal() }
                 var i = 0
                 while !state.withLock({ $0.stop }) {
+                    if state.withLock({ s in s.idle = s.pause; return s.pause }) {
+                        Thread.sleep(forTimeInterval: 0.01)
+                        continue
+                    }
                     i += 1
                     do {
                         // A failover's TCP retransmissions take seconds at most; a minute is a dead connection.
@@ -73,6 +78,14 @@ extension EndToEnd {
                 }
                 return false
             }
+
+            /// Holds the writes after the one in flight, which this waits for.
+            func pause() {
+                state.withLock { $0.pause = true }
+                while !state.withLock({ $0.idle || $0.error != nil }) { Thread.sleep(forTimeInterval: 0.01) }
+            }
+
+            func resume() { state.withLock { $0.pause = false } }
 
             /// Stops after the write in flight and waits for the thread.
             func stop() {
@@ -138,14 +151,23 @@ extension EndToEnd {
             let before2 = writer.acked.count
             try need(writer.waitForAcks(10, from: before2, timeout: .seconds(60)), "writes stopped after the re-protection")
 
-            // 2. The new primary's host hangs (SIGSTOP): its tap stays up, its syncvm link stays
-            // open; the election timeout and the hand-back limit make node 1 take over, and its
-            // gratuitous ARP moves the guest's MAC to node 1's port on the bridge.
+            // 2. The new primary's host hangs (SIGSTOP) while the client is between writes: its
+            // tap stays up on the bridge and its syncvm link open; the election timeout and the
+            // hand-back limit make node 1 take over. The guest has nothing to send, so nothing
+            // but node 1's gratuitous ARP can teach the bridge that the guest's MAC is behind
+            // node 1's tap now: without it the client's next segments go to the hung port.
+            writer.pause()
             let before3 = writer.acked.count
+            let offset2 = (try? String(contentsOfFile: cluster.logPath(1), encoding: .utf8))?.utf8.count ?? 0
             let pause = ContinuousClock.now
             cluster.signal(2, SIGSTOP)
             var resumed = false
             defer { if !resumed { cluster.signal(2, SIGCONT) } }
+            try need(wait(.seconds(60)) { log(cluster, 1, from: offset2).contains("serves clients on tap \(lab.taps[1]!); announced the guest") },
+                     "node 1 did not take over from the hung primary")
+            let port = try lab.bridgePort(of: "52:54:00:12:34:56")
+            checks.expect(port == lab.taps[1]!, "after the take-over the bridge sends the guest's MAC to \(port ?? "no port"), not to the new primary's tap \(lab.taps[1]!)")
+            writer.resume()
             try need(writer.waitForAcks(10, from: before3, timeout: .seconds(90)), "writes stopped after the primary's host hung")
             let first2 = writer.firstAck(after: pause).map { $0 - pause }
             cluster.signal(2, SIGCONT)
@@ -166,7 +188,7 @@ extension EndToEnd {
             checks.expect(missing.isEmpty, "\(missing.count) of \(acked.count) acknowledged writes are wrong after two failovers: \(missing.prefix(5))")
             checks.expect(acked == Array(1...acked.count), "acknowledgements out of order or with gaps: \(acked.prefix(10))...")
             _ = VM.commonCheckpoints(cluster, checks)
-            print("tap failover: \(acked.count) writes acknowledged on one connection; kill -9 → next reply \(first1.map { "\($0)" } ?? "-"), SIGSTOP → next reply \(first2.map { "\($0)" } ?? "-") (client route rto_min \(TapLab.rtoMin))")
+            print("tap failover: \(acked.count) writes acknowledged on one connection; kill -9 → next reply \(first1.map { "\($0)" } ?? "-"), SIGSTOP → next reply (idle client, then writing) \(first2.map { "\($0)" } ?? "-") (client route rto_min \(TapLab.rtoMin))")
         }
     }
 }
