@@ -85,6 +85,7 @@ bench-vm: deps
 	$(SWIFT) build -c release --product plover
 	.build/release/plover bench vm --requests $(VM_REQUESTS) --out benchmarks/vm/results.md
 	python3 benchmarks/vm/plot.py benchmarks/vm/results.md benchmarks/vm/vm.svg
+	.build/release/plover bench vm-tap --requests 40 --clients 1,16 --kills 5 --out benchmarks/vm-tap/results.md
 
 # VM failover under load: ten kill -9s of the primary with 16 clients writing
 # (benchmarks/vm-failover/README.md), a few minutes.

@@ -1,6 +1,9 @@
+// The network a tap-attached VM pair's clients need (a bridge, a tap per VM replica, a client
+// namespace), and a RESP client for one redis connection: used by the tap failover test and by
+// `plover bench vm-tap`. docs/design/vmreplica.md, "Tap attachment".
+
 import Foundation
 import Synchronization
-@testable import PloverTesting
 import RDMAPaxos
 
 /// The network a tap-attached VM pair's clients need, made with `ip` and removed afterwards: a
@@ -12,6 +15,9 @@ import RDMAPaxos
 ///
 /// Needs root (CAP_NET_ADMIN), /dev/net/tun and iproute2, as on the machines `make test` runs on.
 final class TapLab {
+    /// iproute2's `ip`.
+    static let ipPath = ["/usr/sbin/ip", "/sbin/ip", "/usr/bin/ip", "/bin/ip"].first { FileManager.default.isExecutableFile(atPath: $0) } ?? "ip"
+
     let tag: String
     let taps: [NodeID: String]
     let clientAddress = "10.99.0.10"
@@ -31,7 +37,7 @@ final class TapLab {
     }
 
     private func build() throws {
-        let ip = NetworkLab.ip
+        let ip = Self.ip
         try ip(["link", "add", bridge, "type", "bridge"])
         bridgeMade = true
         Self.noIPv6(bridge)
@@ -90,7 +96,7 @@ final class TapLab {
     /// nil when it has not learnt that MAC.
     func bridgePort(of mac: String) throws -> String? {
         let p = Process()
-        p.executableURL = URL(fileURLWithPath: NetworkLab.ipPath.replacingOccurrences(of: "/ip", with: "/bridge"))
+        p.executableURL = URL(fileURLWithPath: Self.ipPath.replacingOccurrences(of: "/ip", with: "/bridge"))
         p.arguments = ["fdb", "show", "br", bridge]
         let out = Pipe()
         p.standardOutput = out
@@ -112,22 +118,40 @@ final class TapLab {
     }
 
     func tearDown() {
-        if made.count > 0 || bridgeMade { try? NetworkLab.ip(["link", "delete", clientLink]) }
-        for t in made { try? NetworkLab.ip(["link", "delete", t]) }
+        if made.count > 0 || bridgeMade { try? Self.ip(["link", "delete", clientLink]) }
+        for t in made { try? Self.ip(["link", "delete", t]) }
         made = []
-        try? NetworkLab.ip(["netns", "delete", clientNamespace])
-        if bridgeMade { try? NetworkLab.ip(["link", "delete", bridge]) }
+        try? Self.ip(["netns", "delete", clientNamespace])
+        if bridgeMade { try? Self.ip(["link", "delete", bridge]) }
         bridgeMade = false
     }
 
     deinit { tearDown() }
 
     private static let labsMade = Atomic<Int>(0)
+
+    /// Runs `ip ARGS`; throws with its error output when it fails.
+    static func ip(_ args: [String]) throws {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: ipPath)
+        p.arguments = args
+        let err = Pipe()
+        p.standardError = err
+        p.standardOutput = FileHandle.nullDevice
+        do { try p.run() } catch { throw CLIError("cannot run \(ipPath) (iproute2): \(error)") }
+        p.waitUntilExit()
+        guard p.terminationStatus == 0 else {
+            let text = String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+            throw CLIError("ip \(args.joined(separator: " ")) failed (a tap network needs root and iproute2): \(text)")
+        }
+    }
 }
 
 /// One Redis connection speaking RESP, with a deadline on every answer and no reconnecting:
 /// the test needs to know that one TCP connection survived.
-final class RedisConnection {
+final class RedisConnection: @unchecked Sendable {
+    // @unchecked Sendable: one thread at a time uses a connection (a writer thread, then the
+    // caller once that thread stopped); nothing in it is shared between calls.
     let fd: Int32
     private var buffer: [UInt8] = []
 
