@@ -79,7 +79,8 @@ bench-interpose: deps
 	$(SWIFT) build -c release --product interpose
 	./benchmarks/interpose/run.sh
 
-# VM replication with QEMU under TCG (benchmarks/vm/README.md), a few minutes.
+# VM replication with QEMU under TCG (benchmarks/vm/README.md), a few minutes; then redis-server
+# in the guest over the tap attachment (benchmarks/vm-tap/README.md, needs root), about a minute.
 VM_REQUESTS ?= 40
 bench-vm: deps
 	$(SWIFT) build -c release --product plover
