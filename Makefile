@@ -79,12 +79,14 @@ bench-interpose: deps
 	$(SWIFT) build -c release --product interpose
 	./benchmarks/interpose/run.sh
 
-# VM replication with QEMU under TCG (benchmarks/vm/README.md), a few minutes.
+# VM replication with QEMU under TCG (benchmarks/vm/README.md), a few minutes; then redis-server
+# in the guest over the tap attachment (benchmarks/vm-tap/README.md, needs root), about a minute.
 VM_REQUESTS ?= 40
 bench-vm: deps
 	$(SWIFT) build -c release --product plover
 	.build/release/plover bench vm --requests $(VM_REQUESTS) --out benchmarks/vm/results.md
 	python3 benchmarks/vm/plot.py benchmarks/vm/results.md benchmarks/vm/vm.svg
+	.build/release/plover bench vm-tap --requests 40 --clients 1,16 --kills 5 --out benchmarks/vm-tap/results.md
 
 # VM failover under load: ten kill -9s of the primary with 16 clients writing
 # (benchmarks/vm-failover/README.md), a few minutes.

@@ -2,10 +2,11 @@
 # Builds the tiny test guest for VM replication from Debian packages, at test time:
 #   - the Debian cloud kernel (apt-get download + dpkg -x; no install),
 #   - an initramfs with busybox-static, the kernel's virtio-net modules, scripts/vm-guest/init
-#     and the UDP counter service (scripts/vm-guest/counter.c, gcc -static).
+#     and the UDP counter service (scripts/vm-guest/counter.c, gcc -static),
+#   - Debian's unmodified redis-server with the shared libraries `ldd` lists for it (TCP 6379).
 # Usage: scripts/build-vm-guest.sh [OUTDIR]   (default build/cache/vm-guest)
 # Prints OUTDIR; OUTDIR/vmlinuz and OUTDIR/initrd.gz are the result. Cached: a second run with
-# the same inputs does nothing. Needs busybox-static and gcc (scripts/install-deps.sh).
+# the same inputs does nothing. Needs busybox-static, gcc and redis-server (scripts/install-deps.sh).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 out="${1:-$here/../build/cache/vm-guest}"
@@ -46,6 +47,15 @@ for m in drivers/virtio/virtio_ring drivers/virtio/virtio drivers/virtio/virtio_
   else echo "build-vm-guest: module $m not in $deb" >&2; exit 1; fi
 done
 gcc -static -O2 -o root/bin/counter "$here/vm-guest/counter.c"
+# Debian's redis-server as it is: the binary (its real file: /usr/bin/redis-server is a link, and
+# redis picks its mode from its name) and every library the dynamic loader resolves for it.
+redis="$(command -v redis-server || true)"
+[ -n "$redis" ] || { echo "build-vm-guest: redis-server missing (install redis-server)" >&2; exit 1; }
+cp -L "$redis" root/bin/redis-server
+for lib in $(ldd "$redis" | awk '/=> \// {print $3} /^\t\/lib/ {print $1}'); do
+  mkdir -p "root$(dirname "$lib")"
+  cp -L "$lib" "root$lib"
+done
 cp "$here/vm-guest/init" root/init
 chmod +x root/init
 (cd root && find . | /bin/busybox cpio -o -H newc 2>/dev/null | gzip -1) > "$out/initrd.gz.tmp"

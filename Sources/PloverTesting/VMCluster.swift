@@ -19,8 +19,12 @@ final class VMCluster {
     var processes: [NodeID: Process] = [:]
     /// Extra lines for both VM replicas' [vm] tables (e.g. "record_ram_digest = true").
     let vmExtra: String
+    /// Each VM replica's tap device (`network = "tap"`; no fronts then), or nil for the line fronts.
+    let taps: [NodeID: String]?
 
-    init(root: String, kernel: String, initrd: String, vmExtra: String = "", executable: String = selfExecutable()) throws {
+    init(root: String, kernel: String, initrd: String, vmExtra: String = "", taps: [NodeID: String]? = nil,
+         executable: String = selfExecutable()) throws {
+        self.taps = taps
         self.root = root
         self.kernel = kernel
         self.initrd = initrd
@@ -34,7 +38,7 @@ final class VMCluster {
             clients[id] = "127.0.0.1:\(try freePort())"
         }
         for id: NodeID in [1, 2] {
-            fronts[id] = "127.0.0.1:\(try freePort())"
+            if taps == nil { fronts[id] = "127.0.0.1:\(try freePort())" }
             syncs[id] = "127.0.0.1:\(try freePort())"
             migrations[id] = "127.0.0.1:\(try freePort())"
         }
@@ -75,19 +79,20 @@ final class VMCluster {
         }
         if id != 3 {
             let peer: NodeID = id == 1 ? 2 : 1
+            let network = taps.map { "network = \"tap\"\ntap_name = \"\($0[id]!)\"" }
+                ?? "front_address = \"\(fronts[id]!)\"\npeer_front_address = \"\(fronts[peer]!)\""
             s += """
                 [vm]
                 kernel = "\(kernel)"
                 initrd = "\(initrd)"
                 ram_file = "\(ramFile(id))"
                 run_dir = "run-\(id)"
-                front_address = "\(fronts[id]!)"
+                \(network)
                 sync_address = "\(syncs[id]!)"
                 migration_address = "\(migrations[id]!)"
                 peer = \(peer)
                 peer_sync_address = "\(syncs[peer]!)"
                 peer_migration_address = "\(migrations[peer]!)"
-                peer_front_address = "\(fronts[peer]!)"
                 \(vmExtra)
 
                 """

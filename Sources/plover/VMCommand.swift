@@ -125,7 +125,7 @@ func runVMReplica(_ role: VMReplicator.Role?, configPath: String) async throws {
             server.stop()
             throw CLIError("VM replica \(c.id): cannot open the front: \(error)")
         }
-        logger.info("vm \(replicator.role.rawValue) \(c.id) serving: front on \(replicator.config.frontAddress), syncvm on \(replicator.config.syncAddress) over \(replicator.syncLink.kind), peers on \(c.me.address)")
+        logger.info("vm \(replicator.role.rawValue) \(c.id) serving: \(replicator.config.network.summary), syncvm on \(replicator.config.syncAddress) over \(replicator.syncLink.kind), peers on \(c.me.address)")
     } else {
         logger.info("vm witness \(c.id) serving: peers on \(c.me.address)")
     }

@@ -37,7 +37,7 @@ extension EndToEnd {
 
         /// Runs `body` against a fresh three-replica VM cluster (RAM digests recorded at every
         /// checkpoint); keeps its directory and adds the log tails when a check failed.
-        static func withCluster(_ checks: Checks, vmExtra: String = "", _ body: (VMCluster) throws -> Void) throws {
+        static func withCluster(_ checks: Checks, vmExtra: String = "", taps: [NodeID: String]? = nil, _ body: (VMCluster) throws -> Void) throws {
             let guest = try buildGuest()
             let exe = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent()
             guard let plover = [exe.appendingPathComponent("plover").path, exe.deletingLastPathComponent().appendingPathComponent("plover").path]
@@ -46,7 +46,7 @@ extension EndToEnd {
             }
             let root = FileManager.default.temporaryDirectory.appendingPathComponent("plover-vm-\(UUID().uuidString)").path
             let cluster = try VMCluster(root: root, kernel: guest + "/vmlinuz", initrd: guest + "/initrd.gz",
-                                        vmExtra: "record_ram_digest = true\n" + vmExtra, executable: plover)
+                                        vmExtra: "record_ram_digest = true\n" + vmExtra, taps: taps, executable: plover)
             var keep = false
             defer {
                 cluster.stopAll()

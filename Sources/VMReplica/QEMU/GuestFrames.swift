@@ -1,5 +1,6 @@
 // Ethernet + IPv4 + UDP, just enough for the client front: requests become UDP datagrams to the
-// guest's service, and the guest's UDP answers are recognised and unwrapped.
+// guest's service, and the guest's UDP answers are recognised and unwrapped. For the tap
+// attachment: which frames are the guest's, and the gratuitous ARP that announces it.
 
 /// Addresses of the front and of the guest on the VM's private link.
 public struct GuestLink: Sendable, Equatable {
@@ -56,6 +57,40 @@ public struct GuestLink: Sendable, Equatable {
         let len = Int(f[u + 4]) << 8 | Int(f[u + 5])
         guard src == guestPort, dst >= frontPort, dst - frontPort < frontPortCount, len >= 8, u + len <= f.count else { return nil }
         return GuestAnswer(port: dst, payload: Array(f[(u + 8)..<(u + len)]))
+    }
+
+    /// Whether a frame read from the clients' segment is for the guest: unicast to its MAC,
+    /// broadcast (ARP requests) or multicast. Unicast to another host, frames the guest itself
+    /// sent, and runts shorter than an Ethernet header are not.
+    public func isForGuest(_ f: [UInt8]) -> Bool {
+        guard f.count >= 14, Array(f[6..<12]) != guestMAC else { return false }
+        return f[0] & 1 != 0 || Array(f[0..<6]) == guestMAC
+    }
+
+    /// A gratuitous ARP for the guest: a broadcast ARP request from its MAC whose sender and
+    /// target address are both its IP, padded to Ethernet's 60-byte minimum. A bridge learns
+    /// the guest's MAC on the port it came in by; hosts refresh their neighbour entry.
+    public func gratuitousARP() -> [UInt8] {
+        var f: [UInt8] = Array(repeating: 0xff, count: 6) + guestMAC + [0x08, 0x06]
+        f += [0, 1, 0x08, 0x00, 6, 4, 0, 1]  // Ethernet, IPv4, address lengths, request
+        f += guestMAC + guestIP + [0, 0, 0, 0, 0, 0] + guestIP
+        return f + [UInt8](repeating: 0, count: 60 - f.count)
+    }
+
+    /// Parses "aa:bb:cc:dd:ee:ff" into six bytes; nil when it is not a MAC address.
+    public static func parseMAC(_ s: String) -> [UInt8]? {
+        let parts = s.split(separator: ":", omittingEmptySubsequences: false)
+        guard parts.count == 6 else { return nil }
+        let bytes = parts.compactMap { $0.count == 2 ? UInt8($0, radix: 16) : nil }
+        return bytes.count == 6 ? bytes : nil
+    }
+
+    /// Parses a dotted IPv4 address into four bytes; nil when it is not one.
+    public static func parseIPv4(_ s: String) -> [UInt8]? {
+        let parts = s.split(separator: ".", omittingEmptySubsequences: false)
+        guard parts.count == 4 else { return nil }
+        let bytes = parts.compactMap { $0.count <= 3 ? UInt8($0) : nil }
+        return bytes.count == 4 ? bytes : nil
     }
 
     static func checksum(_ b: [UInt8]) -> UInt16 {

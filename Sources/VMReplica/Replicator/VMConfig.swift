@@ -4,14 +4,32 @@
 import Foundation
 import RDMAPaxos
 
+/// How clients reach the replicated guest (`network` in the [vm] table).
+public enum VMNetwork: Sendable, Equatable {
+    /// `network = "front"` (the default): the line front at `front_address`; each line becomes one
+    /// UDP datagram to the guest's service on port 7000, and its answer goes back to that connection.
+    case front(address: String)
+    /// `network = "tap"`: the existing tap device `tap_name` on the clients' bridge. Every frame for
+    /// the guest read from it is an input; the guest's frames are written to it once released.
+    case tap(name: String)
+
+    /// "front on HOST:PORT" or "tap NAME", for logs.
+    public var summary: String {
+        switch self {
+        case let .front(address): "front on \(address)"
+        case let .tap(name): "tap \(name)"
+        }
+    }
+}
+
 /// How one VM replica (primary or backup) runs its VM and talks to its peer.
 public struct VMConfig: Sendable, Equatable {
     /// How this replica starts its QEMUs (`kernel`, `initrd`, `ram_file`, `qemu`, `append`, `memory_mib`).
     public var qemu: QEMUSettings
     /// Sockets, QEMU logs and the checkpoint log (relative paths: relative to the config file).
     public var runDir: String
-    /// host:port of the client-facing front (lines in, the guest's answers out).
-    public var frontAddress: String
+    /// How clients reach the guest: the line front or a tap device.
+    public var network: VMNetwork
     /// host:port of this replica's syncvm endpoint, on the node's configured fabric (`SyncLink`).
     public var syncAddress: String
     /// host:port where this replica's next QEMU receives device state (backup).
@@ -47,7 +65,8 @@ public struct VMConfig: Sendable, Equatable {
     public var recordRAMDigest = false
     /// Backup: list the pages each sync rewrote in the checkpoint log (finding what diverges).
     public var logDivergentPages = false
-    /// The front's and the guest's addresses on the VM's private link (not read from the file).
+    /// The front's and the guest's addresses on the VM's link: `guest_mac` (also the QEMU NIC's)
+    /// and `guest_ip` come from the file, the front's are fixed.
     public var link = GuestLink()
     /// `accel = "auto"`: probe KVM at start and fall back to TCG (`qemu.accel` then says TCG
     /// until the probe ran).
@@ -73,8 +92,37 @@ public struct VMConfig: Sendable, Equatable {
         q.accel = QEMUAccel(rawValue: accel) ?? .tcg
         if let extra = try r.optionalString("qemu_args") { q.extraArguments = extra.split(whereSeparator: \.isWhitespace).map(String.init) }
         func addr(_ key: String) throws(ConfigError) -> String { try r.address(try r.string(key), key: key) }
+        let network: VMNetwork
+        switch try r.optionalString("network") ?? "front" {
+        case "front":
+            if r.value("tap_name") != nil { throw r.error("tap_name", "is only for network = \"tap\" (this replica's network is \"front\")") }
+            network = .front(address: try addr("front_address"))
+        case "tap":
+            for k in ["front_address", "peer_front_address"] where r.value(k) != nil {
+                throw r.error(k, "is only for network = \"front\": with network = \"tap\" clients reach the guest at guest_ip through tap_name")
+            }
+            let name = try r.string("tap_name")
+            guard !name.isEmpty, name.utf8.count <= TapDevice.nameBytesMax, !name.contains("/") else {
+                throw r.error("tap_name", "\"\(name)\" is not an interface name (1 to \(TapDevice.nameBytesMax) bytes, no '/')")
+            }
+            network = .tap(name: name)
+        case let other:
+            throw r.error("network", "must be \"front\" or \"tap\" (got \"\(other)\")")
+        }
+        var link = GuestLink()
+        if let m = try r.optionalString("guest_mac") {
+            guard let mac = GuestLink.parseMAC(m), mac[0] & 1 == 0 else {
+                throw r.error("guest_mac", "\"\(m)\" is not a unicast MAC address (aa:bb:cc:dd:ee:ff)")
+            }
+            link.guestMAC = mac
+            q.guestMAC = m.lowercased()
+        }
+        if let a = try r.optionalString("guest_ip") {
+            guard let ip = GuestLink.parseIPv4(a) else { throw r.error("guest_ip", "\"\(a)\" is not an IPv4 address") }
+            link.guestIP = ip
+        }
         var c = VMConfig(qemu: q, runDir: resolve(try r.string("run_dir")),
-                         frontAddress: try addr("front_address"), syncAddress: try addr("sync_address"),
+                         network: network, syncAddress: try addr("sync_address"),
                          migrationAddress: try addr("migration_address"), peer: try r.nodeID("peer"),
                          peerSyncAddress: try addr("peer_sync_address"),
                          peerMigrationAddress: try addr("peer_migration_address"))
@@ -85,6 +133,7 @@ public struct VMConfig: Sendable, Equatable {
         c.backupIdleMaxMilliseconds = try r.int("backup_idle_max_ms", default: c.backupIdleMaxMilliseconds, range: 0...60_000)
         c.checkpointTimeoutMilliseconds = try r.int("checkpoint_timeout_ms", default: c.checkpointTimeoutMilliseconds, range: 100...3_600_000)
         c.backupLostMilliseconds = try r.int("backup_lost_ms", default: c.backupLostMilliseconds, range: 100...3_600_000)
+        c.link = link
         if let a = try r.optionalString("peer_front_address") { c.peerFrontAddress = try r.address(a, key: "peer_front_address") }
         c.accelAuto = accel == "auto"
         c.recordRAMDigest = try r.bool("record_ram_digest", default: false)
@@ -96,11 +145,11 @@ public struct VMConfig: Sendable, Equatable {
         return c
     }
 
-    init(qemu: QEMUSettings, runDir: String, frontAddress: String, syncAddress: String, migrationAddress: String,
+    init(qemu: QEMUSettings, runDir: String, network: VMNetwork, syncAddress: String, migrationAddress: String,
          peer: NodeID, peerSyncAddress: String, peerMigrationAddress: String) {
         self.qemu = qemu
         self.runDir = runDir
-        self.frontAddress = frontAddress
+        self.network = network
         self.syncAddress = syncAddress
         self.migrationAddress = migrationAddress
         self.peer = peer

@@ -66,6 +66,7 @@ extension VMReplicator {
             "held=\(outputs.heldCount) released=\(outputs.releasedCount) dropped=\(outputs.droppedCount)",
             "qemu=\(q.map { "\($0.name) pid=\($0.pid)" } ?? "none") accel=\(accel.rawValue)",
         ]
+        if let f = front { lines.append(f.status) }
         lines.append("last_checkpoint=" + (last ?? "none"))
         return lines.joined(separator: "\n")
     }

@@ -99,6 +99,13 @@ struct VMReplicaMachine {
         case campaignNow(because: String)
         /// Scheduler: ask the driver to turn this primary, whose VM is no copy, into a backup.
         case requestDemotion
+        /// The clients' attachment (a tap): this replica's VM is the one clients reach from here
+        /// on, so frames read from its tap are proposed as inputs; with `announce`, tell the
+        /// segment where the guest is now (a gratuitous ARP for its MAC and IP).
+        case takeAttachment(announce: Bool)
+        /// The clients' attachment: frames read from this replica's tap are no longer its to
+        /// propose (the other replica's tap sees the same flood); they are discarded.
+        case leaveAttachment
         case info(String)
         case notice(String)
         case warning(String)
@@ -122,7 +129,8 @@ struct VMReplicaMachine {
     /// primary comes back as the backup of whoever holds the VM now.
     mutating func started(recoveredThrough: LogIndex) -> [Action] {
         historyThrough = recoveredThrough
-        guard recoveredThrough > 0 else { return [] }
+        // A fresh primary owns the VM clients see from its first input on.
+        guard recoveredThrough > 0 else { return role == .primary ? [.takeAttachment(announce: true)] : [] }
         var out = markInconsistent("this replica restarted: its log holds \(recoveredThrough) entries its new VM never ran")
         if role == .primary {
             role = .backup
@@ -134,7 +142,7 @@ struct VMReplicaMachine {
     /// The replica is stopping: a checkpoint in flight gives up.
     mutating func stop() -> [Action] {
         stopping = true
-        return abortCheckpoint("this replica is stopping")
+        return abortCheckpoint("this replica is stopping") + [.leaveAttachment]
     }
 
     // MARK: Being a copy
@@ -222,7 +230,9 @@ struct VMReplicaMachine {
         unprotectedSince = index
         failedCheckpointsInARow = 0
         linkDownSince = nil
-        return [.becomePrimary(index: index),
+        // Clients first: their frames are taken in, and the guest announced on this replica's
+        // port, before the slower part of becoming the primary (a new syncvm endpoint).
+        return [.takeAttachment(announce: true), .becomePrimary(index: index),
                 .notice("vm: node \(me) is the primary now (take-over at log index \(index)): its VM is the one clients see; output goes out unprotected until a backup is re-protected")]
     }
 
@@ -235,7 +245,7 @@ struct VMReplicaMachine {
         unprotectedSince = nil
         unprotectedRequested = false
         failedCheckpointsInARow = 0
-        return markInconsistent(why) + [.becomeBackup(because: why)]
+        return [.leaveAttachment] + markInconsistent(why) + [.becomeBackup(because: why)]
     }
 
     /// Driver: the scheduler asked an inconsistent primary to step aside.

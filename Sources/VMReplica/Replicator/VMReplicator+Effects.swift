@@ -50,6 +50,10 @@ extension VMReplicator {
                 lock.withLock { timeline.note(.campaign) }
                 logger.notice("vm: backup \(me) starts an election now: \(because)")
                 _ = node.campaignNow(replacing: config.peer)
+            case let .takeAttachment(announce):
+                takeAttachment(announce: announce)
+            case .leaveAttachment:
+                leaveAttachment()
             case .requestDemotion:
                 queueCond.withLock {
                     demoteRequested = true

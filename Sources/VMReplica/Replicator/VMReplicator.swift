@@ -42,7 +42,8 @@ public final class VMReplicator: @unchecked Sendable {
     let clusterKey: ClusterKey
     /// The fabric the syncvm link runs over, and its channel configuration.
     public let syncLink: SyncLink
-    let outputs = OutputGuard<GuestAnswer>()
+    /// The guest's Ethernet frames on their way to clients (those the attachment carries).
+    let outputs = OutputGuard<[UInt8]>()
     let pool = PageHashPool(threadCount: 2)
 
     let lock = NSLock()
@@ -54,7 +55,9 @@ public final class VMReplicator: @unchecked Sendable {
     let launchLock = NSLock()
 
     var node: ReplicaNode?
-    var front: ClientFront?
+    /// The clients' attachment (ClientAttachment.swift): the line front, opened by `attach`, or
+    /// the tap, opened by `start`. Released output goes here.
+    var front: (any ClientAttachment)?
     var memory: GuestMemory!
     var endpoint: FabricSyncChannel.Endpoint?
     var syncFabric: (any Fabric)?
@@ -122,6 +125,7 @@ public final class VMReplicator: @unchecked Sendable {
     /// the entries up to that index are replays it skips, and a primary comes back as the
     /// backup of whoever holds the VM now.
     public func start(recoveredThrough: LogIndex = 0) async throws {
+        if case let .tap(name) = config.network { try openTap(name) }
         if failpoints.file != nil {
             logger.warning("vm: PLOVER_VM_FAILPOINTS=1: a checkpoint armed through \(config.runDir)/crash-at kills this replica (a test failpoint)")
         }
@@ -156,8 +160,11 @@ public final class VMReplicator: @unchecked Sendable {
     public func attach(_ node: ReplicaNode) throws {
         self.node = node
         let link = config.link
-        front = try ClientFront(address: config.frontAddress, sourcePorts: (link.frontPort + 1)..<(link.frontPort + link.frontPortCount)) {
-            [weak self] line, port, reply in self?.frontLine(line, sourcePort: port, reply: reply)
+        if case let .front(address) = config.network {
+            let f = try ClientFront(address: address, sourcePorts: (link.frontPort + 1)..<(link.frontPort + link.frontPortCount)) {
+                [weak self] line, port, reply in self?.frontLine(line, sourcePort: port, reply: reply)
+            }
+            front = LineFrontAttachment(front: f, link: link)
         }
         try openControl()
         let t = Thread { [self] in schedulerLoop() }
@@ -259,8 +266,8 @@ public final class VMReplicator: @unchecked Sendable {
     func startReader(_ q: QEMUInstance) {
         let t = Thread { [self] in
             while let frame = q.nic.readFrame() {
-                guard let answer = config.link.answer(frame) else { continue }
-                handleOutput(answer, from: q)
+                guard carries(frame) else { continue }
+                handleOutput(frame, from: q)
             }
             // The stream ends when QEMU does (or this side closed it: a replaced or stopped VM,
             // no longer current). The current VM gone is a lost copy: a primary hands the VM to
@@ -272,11 +279,18 @@ public final class VMReplicator: @unchecked Sendable {
         t.start()
     }
 
-    func handleOutput(_ answer: GuestAnswer, from q: QEMUInstance) {
+    /// Whether the output guard takes `frame` of the guest: every frame on a tap; only the
+    /// counter's answers on the line front.
+    func carries(_ frame: [UInt8]) -> Bool {
+        if case .tap = config.network { return true }
+        return config.link.answer(frame) != nil
+    }
+
+    func handleOutput(_ answer: [UInt8], from q: QEMUInstance) {
         let (isCurrent, role, serves, isProtected) = lock.withLock { (current === q, machine.role, machine.notACopy == nil, machine.protected) }
         guard isCurrent, let node, node.status.role == .leader, !(role == .primary && !serves) else {
             outputs.drop()
-            logger.debug("vm: dropped output from \(q.name) (current \(isCurrent)): \(String(decoding: answer.payload, as: UTF8.self))")
+            logger.debug("vm: dropped a \(answer.count)-byte frame from \(q.name) (current \(isCurrent))")
             return
         }
         switch role {

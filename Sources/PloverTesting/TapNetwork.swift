@@ -1,0 +1,223 @@
+// The network a tap-attached VM pair's clients need (a bridge, a tap per VM replica, a client
+// namespace), and a RESP client for one redis connection: used by the tap failover test and by
+// `plover bench vm-tap`. docs/design/vmreplica.md, "Tap attachment".
+
+import Foundation
+import Synchronization
+import RDMAPaxos
+
+/// The network a tap-attached VM pair's clients need, made with `ip` and removed afterwards: a
+/// bridge in this host's namespace with one persistent tap per VM replica on it (the replicas
+/// attach to them; a tap outlives a killed replica, so its restart finds it on the bridge), and
+/// a client namespace joined to the bridge by a veth pair, addressed in the guest's subnet, with
+/// IPv6 off and `rto_min` on its route to the guest (TCP resends a lost segment after 50 ms
+/// rather than 200 ms, which shortens what a failover costs a connection).
+///
+/// Needs root (CAP_NET_ADMIN), /dev/net/tun and iproute2, as on the machines `make test` runs on.
+final class TapLab {
+    /// iproute2's `ip`.
+    static let ipPath = ["/usr/sbin/ip", "/sbin/ip", "/usr/bin/ip", "/bin/ip"].first { FileManager.default.isExecutableFile(atPath: $0) } ?? "ip"
+
+    let tag: String
+    let taps: [NodeID: String]
+    let clientAddress = "10.99.0.10"
+    private var made: [String] = []
+    private var bridgeMade = false
+    var bridge: String { "\(tag)b" }
+    var clientNamespace: String { "\(tag)c" }
+    var clientLink: String { "\(tag)v" }
+    /// The client's route to the guest's subnet resends after this long at least.
+    static let rtoMin = "50ms"
+
+    init() throws {
+        let serial = Self.labsMade.add(1, ordering: .relaxed).newValue
+        tag = "plt\(Int(getpid()) % 10_000)x\(serial % 100)"
+        taps = [1: "\(tag)t1", 2: "\(tag)t2"]
+        do { try build() } catch { tearDown(); throw error }
+    }
+
+    private func build() throws {
+        let ip = Self.ip
+        try ip(["link", "add", bridge, "type", "bridge"])
+        bridgeMade = true
+        Self.noIPv6(bridge)
+        for id: NodeID in [1, 2] {
+            let t = taps[id]!
+            try ip(["tuntap", "add", "dev", t, "mode", "tap"])
+            made.append(t)
+            Self.noIPv6(t)
+            try ip(["link", "set", t, "master", bridge])
+            try ip(["link", "set", t, "up"])
+        }
+        try ip(["link", "set", bridge, "up"])
+        let ns = clientNamespace
+        try ip(["netns", "add", ns])
+        for k in ["all", "default"] { try ip(["netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.\(k).disable_ipv6=1"]) }
+        try ip(["link", "add", clientLink, "type", "veth", "peer", "name", "eth0", "netns", ns])
+        Self.noIPv6(clientLink)
+        try ip(["link", "set", clientLink, "master", bridge])
+        try ip(["link", "set", clientLink, "up"])
+        try ip(["-n", ns, "addr", "add", clientAddress + "/24", "dev", "eth0"])
+        try ip(["-n", ns, "link", "set", "eth0", "up"])
+        try ip(["-n", ns, "link", "set", "lo", "up"])
+        try ip(["-n", ns, "route", "replace", "10.99.0.0/24", "dev", "eth0", "src", clientAddress, "rto_min", Self.rtoMin])
+    }
+
+    /// No IPv6 on a host-side link: its router solicitations and MLD reports would be flooded
+    /// to the taps and logged as inputs for nothing.
+    private static func noIPv6(_ link: String) {
+        try? "1".write(toFile: "/proc/sys/net/ipv6/conf/\(link)/disable_ipv6", atomically: false, encoding: .utf8)
+    }
+
+    /// A TCP socket in the client namespace (created on a thread that entered it; the socket
+    /// stays there whichever thread uses it). Throws when the namespace cannot be entered.
+    func clientSocket() throws -> Int32 {
+        let ns = clientNamespace
+        let result = Mutex<Result<Int32, CLIError>?>(nil)
+        let done = DispatchSemaphore(value: 0)
+        let t = Thread {
+            defer { done.signal() }
+            let nsfd = open("/var/run/netns/\(ns)", O_RDONLY | O_CLOEXEC)
+            guard nsfd >= 0, Self.setns(nsfd, 0x4000_0000) == 0 else {  // CLONE_NEWNET
+                let e = errno
+                result.withLock { $0 = .failure(CLIError("cannot enter network namespace \(ns): \(String(cString: strerror(e)))")) }
+                return
+            }
+            close(nsfd)
+            let s = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+            result.withLock { $0 = s >= 0 ? .success(s) : .failure(CLIError("socket in \(ns): \(String(cString: strerror(errno)))")) }
+        }
+        t.start()
+        done.wait()
+        return try result.withLock { $0! }.get()
+    }
+
+    /// The bridge port (a tap or the client's link) the bridge forwards frames for `mac` to;
+    /// nil when it has not learnt that MAC.
+    func bridgePort(of mac: String) throws -> String? {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: Self.ipPath.replacingOccurrences(of: "/ip", with: "/bridge"))
+        p.arguments = ["fdb", "show", "br", bridge]
+        let out = Pipe()
+        p.standardOutput = out
+        p.standardError = FileHandle.nullDevice
+        try p.run()
+        let text = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        p.waitUntilExit()
+        for line in text.split(separator: "\n") where line.lowercased().hasPrefix(mac.lowercased() + " ") {
+            let words = line.split(separator: " ")
+            if let i = words.firstIndex(of: "dev"), i + 1 < words.count, !line.contains(" permanent") { return String(words[i + 1]) }
+        }
+        return nil
+    }
+
+    /// glibc's setns(2), which Swift's Glibc module does not import.
+    static func setns(_ fd: Int32, _ type: Int32) -> Int32 {
+        guard let f = dlsym(UnsafeMutableRawPointer(bitPattern: 0), "setns") else { return -1 }  // RTLD_DEFAULT
+        return unsafeBitCast(f, to: (@convention(c) (Int32, Int32) -> Int32).self)(fd, type)
+    }
+
+    func tearDown() {
+        if made.count > 0 || bridgeMade { try? Self.ip(["link", "delete", clientLink]) }
+        for t in made { try? Self.ip(["link", "delete", t]) }
+        made = []
+        try? Self.ip(["netns", "delete", clientNamespace])
+        if bridgeMade { try? Self.ip(["link", "delete", bridge]) }
+        bridgeMade = false
+    }
+
+    deinit { tearDown() }
+
+    private static let labsMade = Atomic<Int>(0)
+
+    /// Runs `ip ARGS`; throws with its error output when it fails.
+    static func ip(_ args: [String]) throws {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: ipPath)
+        p.arguments = args
+        let err = Pipe()
+        p.standardError = err
+        p.standardOutput = FileHandle.nullDevice
+        do { try p.run() } catch { throw CLIError("cannot run \(ipPath) (iproute2): \(error)") }
+        p.waitUntilExit()
+        guard p.terminationStatus == 0 else {
+            let text = String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+            throw CLIError("ip \(args.joined(separator: " ")) failed (a tap network needs root and iproute2): \(text)")
+        }
+    }
+}
+
+/// One Redis connection speaking RESP, with a deadline on every answer and no reconnecting:
+/// the test needs to know that one TCP connection survived.
+final class RedisConnection: @unchecked Sendable {
+    // @unchecked Sendable: one thread at a time uses a connection (a writer thread, then the
+    // caller once that thread stopped); nothing in it is shared between calls.
+    let fd: Int32
+    private var buffer: [UInt8] = []
+
+    /// Connects `fd` (a fresh TCP socket) to host:port, trying again until `timeout` (the
+    /// guest may still be booting).
+    init(socket make: () throws -> Int32, host: String, port: UInt16, timeout: Duration) throws {
+        let deadline = ContinuousClock.now + timeout
+        var last = "no attempt"
+        while ContinuousClock.now < deadline {
+            let s = try make()
+            var limit = timeval(tv_sec: 5, tv_usec: 0)
+            setsockopt(s, SOL_SOCKET, SO_SNDTIMEO, &limit, socklen_t(MemoryLayout<timeval>.size))
+            var one: Int32 = 1
+            setsockopt(s, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
+            var sa = sockaddr_in()
+            sa.sin_family = sa_family_t(AF_INET)
+            sa.sin_port = in_port_t(port.bigEndian)
+            sa.sin_addr.s_addr = inet_addr(host)
+            let ok = withUnsafePointer(to: &sa) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(s, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) == 0 } }
+            if ok {
+                fd = s
+                return
+            }
+            last = String(cString: strerror(errno))
+            close(s)
+            Thread.sleep(forTimeInterval: 0.5)
+        }
+        throw CLIError("cannot connect to redis at \(host):\(port) within \(timeout): \(last)")
+    }
+
+    deinit { close(fd) }
+
+    /// Sends one command and returns its reply: "+OK", "-ERR ...", ":N", the bulk string's
+    /// text, or "(nil)". Throws on a closed connection or no reply within `timeout`.
+    func command(_ args: [String], timeout: Duration) throws -> String {
+        var req = "*\(args.count)\r\n"
+        for a in args { req += "$\(a.utf8.count)\r\n\(a)\r\n" }
+        let sent = Array(req.utf8).withUnsafeBytes { send(fd, $0.baseAddress!, $0.count, Int32(MSG_NOSIGNAL)) }
+        guard sent == req.utf8.count else { throw CLIError("send \(args.first ?? ""): \(String(cString: strerror(errno)))") }
+        let deadline = ContinuousClock.now + timeout
+        let head = try line(until: deadline)
+        guard head.hasPrefix("$") else { return head }
+        guard let n = Int(head.dropFirst()), n >= 0 else { return "(nil)" }
+        while buffer.count < n + 2 { try fill(until: deadline) }
+        defer { buffer.removeFirst(n + 2) }
+        return String(decoding: buffer[..<n], as: UTF8.self)
+    }
+
+    private func line(until deadline: ContinuousClock.Instant) throws -> String {
+        while true {
+            if let i = buffer.firstIndex(of: 10) {
+                defer { buffer.removeFirst(i + 1) }
+                return String(decoding: buffer[..<i], as: UTF8.self).trimmingCharacters(in: .newlines)
+            }
+            try fill(until: deadline)
+        }
+    }
+
+    private func fill(until deadline: ContinuousClock.Instant) throws {
+        let left = deadline - ContinuousClock.now
+        guard left > .zero else { throw CLIError("no reply from redis in time") }
+        var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+        guard poll(&p, 1, Int32(clamping: max(1, left.wholeMilliseconds))) == 1 else { throw CLIError("no reply from redis in time") }
+        var chunk = [UInt8](repeating: 0, count: 4096)
+        let n = chunk.withUnsafeMutableBytes { read(fd, $0.baseAddress!, 4096) }
+        guard n > 0 else { throw CLIError("redis closed the connection (\(n < 0 ? String(cString: strerror(errno)) : "EOF"))") }
+        buffer += chunk[..<n]
+    }
+}

@@ -1,0 +1,217 @@
+import ArgumentParser
+import Foundation
+import RDMAPaxos
+import Synchronization
+import VMReplica
+
+/// `plover bench vm-tap` (benchmarks/vm-tap/README.md): Debian's redis-server in the test guest,
+/// reached over the tap attachment from a client namespace on a bridge (TapLab). In one run:
+/// 1. redis-benchmark SET and GET with each client count against the guest unreplicated (one
+///    QEMU on the tap, no log, no output guard);
+/// 2. the same against the replicated VM (`plover vm` primary, backup, witness, `network = "tap"`);
+/// 3. failover: one connection writing SETs, the primary killed (kill -9 of its replica and QEMU)
+///    `--kills` times (restarted and re-protected in between); kill → the new primary's first
+///    released frame (its failover timeline) and kill → the next reply on that connection.
+package struct VMTapBench: ParsableCommand {
+    package static let configuration = CommandConfiguration(commandName: "vm-tap", abstract: "Benchmark redis-server in a replicated VM over a tap (needs root).")
+
+    @Option(help: "redis-benchmark requests per client for each test.") var requests = 40
+    @Option(help: "Client counts, comma-separated.") var clients = "1,16"
+    @Option(help: "kill -9s of the primary for the failover times.") var kills = 5
+    @Option(help: "Scratch directory (deleted afterwards unless --keep).") var dir = "benchmarks/vm-tap/out"
+    @Flag(help: "Keep the scratch directory (replica logs, checkpoints.log).") var keep = false
+    @Option(help: "Write the markdown results here as well as to stdout.") var out: String?
+
+    var clientList: [Int] { clients.split(separator: ",").compactMap { Int($0) }.filter { $0 > 0 } }
+    var absoluteDir: String { (dir as NSString).isAbsolutePath ? dir : FileManager.default.currentDirectoryPath + "/" + dir }
+
+    package init() {}
+
+    /// One redis-benchmark test's summary (its --csv line).
+    struct Row {
+        var config: String
+        var test: String
+        var clients: Int
+        var requests: Int
+        var rps: Double
+        var p50: Double
+        var p99: Double
+        var max: Double
+    }
+
+    package func run() throws {
+        guard getuid() == 0 else { throw CLIError("plover bench vm-tap makes a bridge, taps and a network namespace: run it as root") }
+        guard !clientList.isEmpty else { throw CLIError("--clients \(clients): give client counts, comma-separated") }
+        let guest = try buildVMGuest()
+        let machine = MachineDescription.current(dataDir: FileManager.default.currentDirectoryPath)
+        let qemu = MachineDescription.shell("qemu-system-x86_64 --version | head -1")
+        try? FileManager.default.removeItem(atPath: absoluteDir)
+        try FileManager.default.createDirectory(atPath: absoluteDir, withIntermediateDirectories: true)
+        defer { if !keep { try? FileManager.default.removeItem(atPath: absoluteDir) } }
+        let lab = try TapLab()
+        defer { lab.tearDown() }
+        var rows: [Row] = []
+
+        say("unreplicated guest on tap \(lab.taps[1]!)")
+        let plain = try startPlainQEMU(guest: guest, tap: lab.taps[1]!)
+        do {
+            _ = try RedisConnection(socket: lab.clientSocket, host: "10.99.0.2", port: 6379, timeout: .seconds(120))
+            for n in clientList { rows += try benchmark(lab, config: "unreplicated", clients: n) }
+        } catch {
+            plain.terminate()
+            throw error
+        }
+        kill(plain.processIdentifier, SIGKILL)
+        plain.waitUntilExit()
+
+        say("replicated VM (primary, backup, witness) on taps \(lab.taps[1]!), \(lab.taps[2]!)")
+        let cluster = try VMCluster(root: absoluteDir + "/cluster", kernel: guest + "/vmlinuz", initrd: guest + "/initrd.gz", taps: lab.taps)
+        defer { cluster.stopAll() }
+        let leftovers = [1, 2].map { (cluster.runDir(NodeID($0)), cluster.ramFile(NodeID($0))) }
+        ChildProcesses.killOnInterrupt { VMCluster.killQEMUs(leftovers) }
+        try cluster.startAll()
+        let probe = try RedisConnection(socket: lab.clientSocket, host: "10.99.0.2", port: 6379, timeout: .seconds(120))
+        _ = try probe.command(["PING"], timeout: .seconds(60))
+        guard waitFor(.seconds(60), { log(cluster, 2).contains("vm: protected:") }) else { throw CLIError("the backup was never protected; see \(absoluteDir)") }
+        for n in clientList { rows += try benchmark(lab, config: "replicated", clients: n) }
+
+        say("failover: \(kills) kill -9s of the primary with one connection writing")
+        let failovers = try failover(cluster, probe)
+        let report = Self.report(rows, failovers: failovers, kills: kills, machine: vmMachineLine(machine, qemu: qemu),
+                                 command: "plover bench vm-tap --requests \(requests) --clients \(clients) --kills \(kills)")
+        print(report)
+        if let out { try report.write(toFile: out, atomically: true, encoding: .utf8) }
+    }
+
+    /// QEMU with the guest's NIC on `tap` itself (vnet_hdr off, as the replicas' taps).
+    func startPlainQEMU(guest: String, tap: String) throws -> Process {
+        let run = absoluteDir + "/plain"
+        try FileManager.default.createDirectory(atPath: run, withIntermediateDirectories: true)
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/usr/bin/qemu-system-x86_64")
+        p.arguments = ["-machine", "q35,accel=tcg", "-m", "128", "-nodefaults", "-no-user-config", "-display", "none", "-monitor", "none",
+                       "-serial", "file:\(run)/serial.log", "-kernel", guest + "/vmlinuz", "-initrd", guest + "/initrd.gz",
+                       "-append", "console=ttyS0 quiet panic=-1",
+                       "-netdev", "tap,id=n0,ifname=\(tap),script=no,downscript=no,vnet_hdr=off",
+                       "-device", "virtio-net-pci,netdev=n0,mac=52:54:00:12:34:56"]
+        p.standardOutput = FileHandle.nullDevice
+        p.standardError = FileHandle(forWritingAtPath: "/dev/null")
+        try p.run()
+        return p
+    }
+
+    /// redis-benchmark SET and GET with `n` clients from the client namespace.
+    func benchmark(_ lab: TapLab, config: String, clients n: Int) throws -> [Row] {
+        say("  \(config): redis-benchmark -t set,get -c \(n) -n \(requests * n)")
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: TapLab.ipPath)
+        p.arguments = ["netns", "exec", lab.clientNamespace, "redis-benchmark", "-h", "10.99.0.2", "-p", "6379", "-t", "set,get",
+                       "-c", "\(n)", "-n", "\(requests * n)", "-r", "100000", "--csv"]
+        let pipe = Pipe()
+        p.standardOutput = pipe
+        p.standardError = FileHandle.nullDevice
+        try p.run()
+        let text = String(decoding: pipe.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        p.waitUntilExit()
+        guard p.terminationStatus == 0 else { throw CLIError("redis-benchmark failed (\(p.terminationStatus)) against the \(config) guest: \(text)") }
+        // "test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms","p95_latency_ms","p99_latency_ms","max_latency_ms"
+        return text.split(separator: "\n").dropFirst().compactMap { line in
+            let f = line.split(separator: ",").map { $0.trimmingCharacters(in: CharacterSet(charactersIn: "\"")) }
+            guard f.count >= 8, let rps = Double(f[1]), let p50 = Double(f[4]), let p99 = Double(f[6]), let mx = Double(f[7]) else { return nil }
+            return Row(config: config, test: f[0], clients: n, requests: requests * n, rps: rps, p50: p50, p99: p99, max: mx)
+        }
+    }
+
+    /// kill → first frame released by the new primary and kill → next reply on `redis`, per kill (ms).
+    func failover(_ cluster: VMCluster, _ redis: RedisConnection) throws -> [(released: Double?, reply: Double)] {
+        let acks = Mutex<(times: [Double], stop: Bool, error: String?)>(([], false, nil))
+        let done = DispatchSemaphore(value: 0)
+        let writer = Thread {
+            defer { done.signal() }
+            var i = 0
+            while !acks.withLock({ $0.stop }) {
+                i += 1
+                do {
+                    guard try redis.command(["SET", "f_\(i)", "\(i)"], timeout: .seconds(60)) == "+OK" else { throw CLIError("SET f_\(i) refused") }
+                    acks.withLock { $0.times.append(unixMillis()) }
+                } catch {
+                    acks.withLock { $0.error = "\(error)" }
+                    return
+                }
+            }
+        }
+        writer.start()
+        defer {
+            acks.withLock { $0.stop = true }
+            done.wait()
+        }
+        var primary: NodeID = 1
+        var out: [(Double?, Double)] = []
+        for k in 0..<kills {
+            let count = acks.withLock { $0.times.count }
+            guard waitFor(.seconds(60), { acks.withLock { $0.times.count } >= count + 10 }) else {
+                throw CLIError("kill \(k + 1): writes stopped before the kill (\(acks.withLock { $0.error ?? "no error" }))")
+            }
+            let survivor: NodeID = primary == 1 ? 2 : 1
+            let offset = log(cluster, survivor).utf8.count
+            let t = unixMillis()
+            cluster.kill(primary)
+            guard waitFor(.seconds(60), { acks.withLock { $0.times.contains { $0 > t } } }) else {
+                throw CLIError("kill \(k + 1): no reply within 60 s (\(acks.withLock { $0.error ?? "no error" }))")
+            }
+            let reply = acks.withLock { $0.times.first { $0 > t }! } - t
+            _ = waitFor(.seconds(5)) { log(cluster, survivor, from: offset).contains("first_answer=") }
+            let line = log(cluster, survivor, from: offset).split(separator: "\n").first { $0.contains("failover timeline") }
+            let released = line.flatMap { l in l.split(separator: " ").first { $0.hasPrefix("first_answer=") } }.flatMap { Double($0.dropFirst(13)) }.map { $0 - t }
+            out.append((released, reply))
+            say(String(format: "  kill %d of node %d: first frame released %@ ms, next reply %.0f ms", k + 1, primary, released.map { String(format: "%.0f", $0) } ?? "-", reply))
+            let restartOffset = log(cluster, primary).utf8.count
+            try cluster.restart(primary)
+            let killed = primary
+            guard waitFor(.seconds(90), { log(cluster, killed, from: restartOffset).contains("vm: protected:") }) else {
+                throw CLIError("kill \(k + 1): node \(killed) was not re-protected after its restart")
+            }
+            primary = survivor
+        }
+        return out
+    }
+
+    func log(_ cluster: VMCluster, _ id: NodeID, from offset: Int = 0) -> String {
+        let text = (try? String(contentsOfFile: cluster.logPath(id), encoding: .utf8)) ?? ""
+        return String(text.utf8.dropFirst(offset)) ?? ""
+    }
+
+    func waitFor(_ timeout: Duration, _ condition: () -> Bool) -> Bool {
+        let deadline = ContinuousClock.now + timeout
+        while ContinuousClock.now < deadline {
+            if condition() { return true }
+            Thread.sleep(forTimeInterval: 0.02)
+        }
+        return condition()
+    }
+
+    static func report(_ rows: [Row], failovers: [(released: Double?, reply: Double)], kills: Int, machine: String, command: String) -> String {
+        func f(_ x: Double) -> String { String(format: "%.2f", x) }
+        var s = "# redis-server in a replicated VM over a tap\n\n" + machine
+        s += "`\(command)`; 128 MiB guest under TCG, Debian's redis-server 7 in it (no persistence), redis-benchmark in a client "
+        s += "network namespace on the same bridge as the replicas' taps; the client's route has `rto_min \(TapLab.rtoMin)`.\n\n"
+        s += "## redis-benchmark\n\n| test | clients | configuration | requests | requests/s | p50 ms | p99 ms | max ms |\n|---|---|---|---|---|---|---|---|\n"
+        for r in rows.sorted(by: { ($0.test, $0.clients, $0.config) < ($1.test, $1.clients, $1.config) }) {
+            s += "| \(r.test) | \(r.clients) | \(r.config) | \(r.requests) | \(f(r.rps)) | \(f(r.p50)) | \(f(r.p99)) | \(f(r.max)) |\n"
+        }
+        s += "\n## Failover (kill -9 of the primary's replica and QEMU, one connection writing SETs)\n\n"
+        s += "| kill | kill → first frame released by the new primary (ms) | kill → next reply on the same connection (ms) |\n|---|---|---|\n"
+        for (i, r) in failovers.enumerated() {
+            s += "| \(i + 1) | \(r.released.map { String(format: "%.0f", $0) } ?? "-") | \(String(format: "%.0f", r.reply)) |\n"
+        }
+        let replies = failovers.map(\.reply).sorted()
+        if !replies.isEmpty {
+            s += "\nNext reply: median \(String(format: "%.0f", replies[replies.count / 2])) ms, max \(String(format: "%.0f", replies.last!)) ms; "
+            s += "\(replies.filter { $0 <= 1000 }.count) of \(replies.count) within 1 s. The connection was the same one throughout.\n"
+        }
+        return s
+    }
+}
+
+/// Wall-clock milliseconds since 1970 (the replicas' failover timelines use the same clock).
+func unixMillis() -> Double { Date().timeIntervalSince1970 * 1000 }

@@ -1,0 +1,194 @@
+import Foundation
+import PloverCheck
+import RDMAPaxos
+import Synchronization
+import Testing
+@testable import PloverTesting
+
+/// A real network path into the replicated guest: each VM replica attaches to a tap on one bridge
+/// (`network = "tap"`, TapLab), and a client in its own network namespace keeps ONE TCP
+/// connection to Debian's unmodified redis-server in the guest, writing numbered keys
+/// (SET k_i i). The primary is killed (kill -9 of its replica process and QEMU) while the client
+/// writes; the same connection goes on against the backup. The killed replica is restarted and
+/// re-protected, then the new primary is paused between two writes (SIGSTOP of its replica and
+/// QEMU, a host that hangs: its tap stays up on the bridge and the guest has nothing to send, so
+/// only the next primary's gratuitous ARP moves the guest's MAC to its port, which the test reads
+/// from the bridge's forwarding table) and the connection goes on again. At the end every
+/// acknowledged key is read back on that connection, and the RAM digests of the checkpoints both
+/// sides completed are equal.
+extension EndToEnd {
+    @Suite(.serialized) struct VMTapFailoverTests {
+        typealias VM = VMReplicationTests
+
+        /// Writes SET k_i i on one connection until stopped; remembers every i acknowledged with +OK.
+        final class Writer: @unchecked Sendable {
+            // @unchecked Sendable: the connection is used by the writer thread only until `stop`
+            // returned; the rest is under `state`.
+            let redis: RedisConnection
+            private let state = Mutex<(acked: [Int], stop: Bool, error: String?, ackTimes: [ContinuousClock.Instant], pause: Bool, idle: Bool)>(([], false, nil, [], false, false))
+            private let done = DispatchSemaphore(value: 0)
+
+            init(_ redis: RedisConnection) {
+                self.redis = redis
+                let t = Thread { [self] in run() }
+                t.name = "tap-writer"
+                t.start()
+            }
+
+            private func run() {
+                defer { done.signal() }
+                var i = 0
+                while !state.withLock({ $0.stop }) {
+                    if state.withLock({ s in s.idle = s.pause; return s.pause }) {
+                        Thread.sleep(forTimeInterval: 0.01)
+                        continue
+                    }
+                    i += 1
+                    do {
+                        // A failover's TCP retransmissions take seconds at most; a minute is a dead connection.
+                        let r = try redis.command(["SET", "k_\(i)", "\(i)"], timeout: .seconds(60))
+                        guard r == "+OK" else {
+                            state.withLock { $0.error = "SET k_\(i) answered \(r)" }
+                            return
+                        }
+                        state.withLock {
+                            $0.acked.append(i)
+                            $0.ackTimes.append(.now)
+                        }
+                    } catch {
+                        state.withLock { $0.error = "SET k_\(i): \(error)" }
+                        return
+                    }
+                }
+            }
+
+            var acked: [Int] { state.withLock { $0.acked } }
+            var error: String? { state.withLock { $0.error } }
+            /// The first acknowledgement after `t`.
+            func firstAck(after t: ContinuousClock.Instant) -> ContinuousClock.Instant? { state.withLock { $0.ackTimes.first { $0 > t } } }
+
+            /// Waits until `n` more writes than `from` were acknowledged; false on timeout or error.
+            func waitForAcks(_ n: Int, from: Int, timeout: Duration) -> Bool {
+                let deadline = ContinuousClock.now + timeout
+                while ContinuousClock.now < deadline {
+                    let (count, err) = state.withLock { ($0.acked.count, $0.error) }
+                    if err != nil { return false }
+                    if count >= from + n { return true }
+                    Thread.sleep(forTimeInterval: 0.05)
+                }
+                return false
+            }
+
+            /// Holds the writes after the one in flight, which this waits for.
+            func pause() {
+                state.withLock { $0.pause = true }
+                while !state.withLock({ $0.idle || $0.error != nil }) { Thread.sleep(forTimeInterval: 0.01) }
+            }
+
+            func resume() { state.withLock { $0.pause = false } }
+
+            /// Stops after the write in flight and waits for the thread.
+            func stop() {
+                state.withLock { $0.stop = true }
+                done.wait()
+            }
+        }
+
+        static func wait(_ timeout: Duration, _ condition: () -> Bool) -> Bool {
+            let deadline = ContinuousClock.now + timeout
+            while ContinuousClock.now < deadline {
+                if condition() { return true }
+                Thread.sleep(forTimeInterval: 0.05)
+            }
+            return condition()
+        }
+
+        /// Replica `id`'s log from byte `offset` on.
+        static func log(_ cluster: VMCluster, _ id: NodeID, from offset: Int = 0) -> String {
+            let text = (try? String(contentsOfFile: cluster.logPath(id), encoding: .utf8)) ?? ""
+            return String(text.utf8.dropFirst(offset)) ?? ""
+        }
+
+        @Test(VM.needsQEMU, .timeLimit(.minutes(6)))
+        func oneTCPConnectionToRedisSurvivesAKillAndAPausedHost() async throws {
+            let checks = Checks()
+            defer { checks.recordIssues() }
+            try await onOwnThread {
+                let lab = try TapLab()
+                defer { lab.tearDown() }
+                try VM.withCluster(checks, taps: lab.taps) { cluster in
+                    try Self.scenario(cluster, lab, checks)
+                }
+            }
+        }
+
+        static func scenario(_ cluster: VMCluster, _ lab: TapLab, _ checks: Checks) throws {
+            try cluster.startAll()
+            // The connection is made through the log and the output guard, like everything after it.
+            let redis = try RedisConnection(socket: lab.clientSocket, host: "10.99.0.2", port: 6379, timeout: .seconds(120))
+            let writer = Writer(redis)
+            var stopped = false
+            defer { if !stopped { writer.stop() } }
+            func need(_ ok: Bool, _ what: String) throws {
+                if !ok { throw CLIError("\(what); writer: \(writer.acked.count) acknowledged, error \(writer.error ?? "none")") }
+            }
+            try need(writer.waitForAcks(20, from: 0, timeout: .seconds(120)), "the first 20 writes were not acknowledged")
+            try need(wait(.seconds(60)) { log(cluster, 2).contains("vm: protected:") }, "the backup was never protected")
+            try need(log(cluster, 1).contains("serves clients on tap \(lab.taps[1]!)"), "the primary does not say it serves on its tap")
+
+            // 1. kill -9 of the primary's replica and QEMU while the client writes.
+            let before1 = writer.acked.count
+            let kill1 = ContinuousClock.now
+            cluster.kill(1)
+            try need(writer.waitForAcks(20, from: before1, timeout: .seconds(60)), "writes stopped after the primary was killed")
+            let first1 = writer.firstAck(after: kill1).map { $0 - kill1 }
+            try need(log(cluster, 2).contains("serves clients on tap \(lab.taps[2]!); announced the guest"), "the new primary did not announce the guest on its tap")
+
+            // The killed replica comes back on its own tap and is re-protected by a checkpoint.
+            let offset1 = (try? String(contentsOfFile: cluster.logPath(1), encoding: .utf8))?.utf8.count ?? 0
+            try cluster.restart(1)
+            try need(wait(.seconds(90)) { log(cluster, 1, from: offset1).contains("vm: protected:") }, "the restarted replica was not re-protected")
+            let before2 = writer.acked.count
+            try need(writer.waitForAcks(10, from: before2, timeout: .seconds(60)), "writes stopped after the re-protection")
+
+            // 2. The new primary's host hangs (SIGSTOP) while the client is between writes: its
+            // tap stays up on the bridge and its syncvm link open; the election timeout and the
+            // hand-back limit make node 1 take over. The guest has nothing to send, so nothing
+            // but node 1's gratuitous ARP can teach the bridge that the guest's MAC is behind
+            // node 1's tap now: without it the client's next segments go to the hung port.
+            writer.pause()
+            let before3 = writer.acked.count
+            let offset2 = (try? String(contentsOfFile: cluster.logPath(1), encoding: .utf8))?.utf8.count ?? 0
+            let pause = ContinuousClock.now
+            cluster.signal(2, SIGSTOP)
+            var resumed = false
+            defer { if !resumed { cluster.signal(2, SIGCONT) } }
+            try need(wait(.seconds(60)) { log(cluster, 1, from: offset2).contains("serves clients on tap \(lab.taps[1]!); announced the guest") },
+                     "node 1 did not take over from the hung primary")
+            let port = try lab.bridgePort(of: "52:54:00:12:34:56")
+            checks.expect(port == lab.taps[1]!, "after the take-over the bridge sends the guest's MAC to \(port ?? "no port"), not to the new primary's tap \(lab.taps[1]!)")
+            writer.resume()
+            try need(writer.waitForAcks(10, from: before3, timeout: .seconds(90)), "writes stopped after the primary's host hung")
+            let first2 = writer.firstAck(after: pause).map { $0 - pause }
+            cluster.signal(2, SIGCONT)
+            resumed = true
+            try need(wait(.seconds(30)) { log(cluster, 2).contains("is a backup now") }, "the paused primary did not step down when it woke")
+            try need(writer.waitForAcks(5, from: writer.acked.count, timeout: .seconds(60)), "writes stopped after the old primary woke")
+            writer.stop()
+            stopped = true
+            checks.expect(writer.error == nil, "the writer failed: \(writer.error ?? "")")
+
+            // Every acknowledged write is there, read on the same connection.
+            let acked = writer.acked
+            var missing: [String] = []
+            for i in acked {
+                let v = try redis.command(["GET", "k_\(i)"], timeout: .seconds(60))
+                if v != "\(i)" { missing.append("k_\(i)=\(v)") }
+            }
+            checks.expect(missing.isEmpty, "\(missing.count) of \(acked.count) acknowledged writes are wrong after two failovers: \(missing.prefix(5))")
+            checks.expect(acked == Array(1...acked.count), "acknowledgements out of order or with gaps: \(acked.prefix(10))...")
+            _ = VM.commonCheckpoints(cluster, checks)
+            print("tap failover: \(acked.count) writes acknowledged on one connection; kill -9 → next reply \(first1.map { "\($0)" } ?? "-"), SIGSTOP → next reply (idle client, then writing) \(first2.map { "\($0)" } ?? "-") (client route rto_min \(TapLab.rtoMin))")
+        }
+    }
+}
