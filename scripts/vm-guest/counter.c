@@ -5,15 +5,23 @@
  * Request  "PUT <client> <seq> <kib>\n": like INC, and also writes <kib> KiB (at most 1024) of
  *          data derived from <seq> into the service's 4 MiB store, as a key-value SET of a large
  *          value would (the memory-heavy workload of the benchmark).
+ * Request  "DISK <client> <seq> <kib>": like INC, and also writes <kib> KiB (at most 1024) of
+ *          data derived from <seq> over the start of /data/<client>, plus one 4 KiB block of
+ *          random bytes at a random place of /data/noise, and fsyncs both (the guest's disk,
+ *          when it has one). The random block stands for what a real guest writes that is not a
+ *          function of its inputs (timestamps, temporary names): the primary's and the backup's
+ *          guests write it to different blocks.
  * A request that repeats a client's last <seq> gets the same answer again without taking
  * effect twice, so clients may resend a request whose answer never came back.
  * The state lives only in this process's memory (guest RAM). */
 #include <arpa/inet.h>
+#include <fcntl.h>
 #include <netinet/in.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <unistd.h>
 
 #define CLIENTS_MAX 64
 
@@ -37,6 +45,33 @@ static void put(unsigned long seq, unsigned long kib) {
         store[store_next] = (unsigned char)(seq * 131 + i);
         store_next = (store_next + 1) % STORE_BYTES;
     }
+}
+
+#define NOISE_BLOCKS 256
+
+/* DISK: deterministic data for <client>, one random block of noise, both fsynced. */
+static void disk(const char *name, unsigned long seq, unsigned long kib) {
+    static unsigned char buf[1024 * 1024];
+    char path[64];
+    if (kib > 1024) kib = 1024;
+    for (unsigned long i = 0; i < kib * 1024; i++) buf[i] = (unsigned char)(seq * 131 + i);
+    snprintf(path, sizeof path, "/data/%s", name);
+    int fd = open(path, O_WRONLY | O_CREAT, 0644);
+    if (fd < 0) return;
+    if (pwrite(fd, buf, kib * 1024, 0) < 0) perror("counter: write");
+    fsync(fd);
+    close(fd);
+    unsigned char noise[4096];
+    int r = open("/dev/urandom", O_RDONLY);
+    if (r < 0) return;
+    ssize_t got = read(r, noise, sizeof noise);
+    close(r);
+    int nf = open("/data/noise", O_WRONLY);
+    if (got != (ssize_t)sizeof noise || nf < 0) { if (nf >= 0) close(nf); return; }
+    off_t at = (off_t)(noise[0] | noise[1] << 8) % NOISE_BLOCKS * 4096;
+    if (pwrite(nf, noise, sizeof noise, at) < 0) perror("counter: noise");
+    fsync(nf);
+    close(nf);
 }
 
 static struct client *lookup(const char *name) {
@@ -76,6 +111,7 @@ int main(int argc, char **argv) {
         if (c->seq != seq || !c->answer[0]) {
             if (strcmp(op, "INC") == 0) counter++;
             else if (strcmp(op, "PUT") == 0) { counter++; put(seq, kib); }
+            else if (strcmp(op, "DISK") == 0) { counter++; disk(name, seq, kib); }
             else if (strcmp(op, "GET") != 0) continue;
             c->seq = seq;
             snprintf(c->answer, sizeof c->answer, "%s %lu %lu\n", name, seq, counter);
