@@ -17,7 +17,8 @@ final class VMCluster {
     var syncs: [NodeID: String] = [:]
     var migrations: [NodeID: String] = [:]
     var processes: [NodeID: Process] = [:]
-    /// Extra lines for both VM replicas' [vm] tables (e.g. "record_ram_digest = true").
+    /// Extra lines for both VM replicas' [vm] tables (e.g. "record_ram_digest = true"); `{id}`
+    /// in them becomes the replica's node id (`disk_image = "disk-{id}.img"`).
     let vmExtra: String
 
     init(root: String, kernel: String, initrd: String, vmExtra: String = "", executable: String = selfExecutable()) throws {
@@ -88,7 +89,7 @@ final class VMCluster {
                 peer_sync_address = "\(syncs[peer]!)"
                 peer_migration_address = "\(migrations[peer]!)"
                 peer_front_address = "\(fronts[peer]!)"
-                \(vmExtra)
+                \(vmExtra.replacingOccurrences(of: "{id}", with: "\(id)"))
 
                 """
         }
