@@ -27,6 +27,8 @@ struct DiskCheckpointRecord {
     /// Bytes of the disk session's other frames (hello, bitmaps, hashes, commit), both ways.
     var controlBytes = 0
     var blockSize = 0
+    /// Reading this side's dirty bitmap out of QEMU (NBD export, nbdinfo) and rotating it.
+    var collect: Duration = .zero
     var took: Duration = .zero
     /// Why this side listed every block (no bitmap history, a failed read).
     var all: String?
@@ -38,7 +40,9 @@ struct DiskCheckpointRecord {
     var fields: [String] {
         var f = ["disk_primary_dirty=\(primaryDirty)", "disk_backup_dirty=\(backupDirty)", "disk_union=\(union)",
                  "disk_divergent=\(divergent)", "disk_bytes=\(blockBytes)", "disk_control_bytes=\(controlBytes)",
-                 "disk_all_dirty_bytes=\(primaryDirty * blockSize)", "disk_ms=\(String(format: "%.2f", took.inMilliseconds))"]
+                 "disk_all_dirty_bytes=\(primaryDirty * blockSize)", "disk_collect_ms=\(String(format: "%.2f", collect.inMilliseconds))",
+                 "disk_ms=\(String(format: "%.2f", took.inMilliseconds))"]
+        if all != nil { f.append("disk_all_blocks=true") }
         if let d = digest { f.append("disk_digest=\(String(d, radix: 16))") }
         if let n = rolledBack { f.append("disk_rolled_back_blocks=\(n)") }
         if let m = rollbackDigestMatches { f.append("disk_rollback_digest_match=\(m)") }
@@ -76,9 +80,10 @@ extension VMReplicator {
     /// This side's dirty blocks, read from `q` (stopped); nil without a disk.
     func collectDisk(from q: QEMUInstance, into r: inout CheckpointRecord) -> DirtyBitmap? {
         guard let diskLog else { return nil }
+        let start = ContinuousClock.now
         let (dirty, why) = diskLog.collect(from: q)
-        r.disk = DiskCheckpointRecord(blockSize: Self.diskBlockBytes, all: why)
-        if let why, diskLog.baseline != nil, !why.hasPrefix("no dirty-bitmap history") {
+        r.disk = DiskCheckpointRecord(blockSize: Self.diskBlockBytes, collect: ContinuousClock.now - start, all: why)
+        if let why, !why.hasPrefix("no dirty-bitmap history") || why.contains("; ") {
             logger.warning("vm: reading the disk's dirty bitmap failed, comparing every block: \(why)")
         }
         return dirty
