@@ -2,7 +2,7 @@
 SWIFT ?= swift
 BUILD_FLAGS ?=
 
-.PHONY: deps build test test-example test-rdma check-docs docs demo simulate bench-stable-log bench-consensus bench-syncvm bench-interpose bench-vm bench-vm-failover bench-soak bench-soak-memory bench-stop-gap bench-failover clean
+.PHONY: deps build test test-example test-rdma check-docs docs demo simulate bench-stable-log bench-consensus bench-syncvm bench-interpose bench-vm bench-vm-disk bench-vm-failover bench-soak bench-soak-memory bench-stop-gap bench-failover clean
 
 deps:
 	./scripts/install-deps.sh
@@ -87,6 +87,10 @@ bench-vm: deps
 	.build/release/plover bench vm --requests $(VM_REQUESTS) --out benchmarks/vm/results.md
 	python3 benchmarks/vm/plot.py benchmarks/vm/results.md benchmarks/vm/vm.svg
 	.build/release/plover bench vm-tap --requests 40 --clients 1,16 --kills 5 --out benchmarks/vm-tap/results.md
+
+bench-vm-disk: deps
+	$(SWIFT) build -c release --product plover
+	.build/release/plover bench vm --disk-mb 64 --gaps 0 --requests $(VM_REQUESTS) --out benchmarks/vm-disk/results.md
 
 # VM failover under load: ten kill -9s of the primary with 16 clients writing
 # (benchmarks/vm-failover/README.md), a few minutes.

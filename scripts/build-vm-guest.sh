@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Builds the tiny test guest for VM replication from Debian packages, at test time:
 #   - the Debian cloud kernel (apt-get download + dpkg -x; no install),
-#   - an initramfs with busybox-static, the kernel's virtio-net modules, scripts/vm-guest/init
-#     and the UDP counter service (scripts/vm-guest/counter.c, gcc -static),
+#   - an initramfs with busybox-static, the kernel's virtio-net and virtio-blk modules,
+#     scripts/vm-guest/init and the UDP counter service (scripts/vm-guest/counter.c, gcc -static),
 #   - Debian's unmodified redis-server with the shared libraries `ldd` lists for it (TCP 6379).
 # Usage: scripts/build-vm-guest.sh [OUTDIR]   (default build/cache/vm-guest)
 # Prints OUTDIR; OUTDIR/vmlinuz and OUTDIR/initrd.gz are the result. Cached: a second run with
@@ -40,7 +40,7 @@ mkdir -p root/bin root/lib/modules root/proc root/sys root/dev root/tmp root/etc
 cp /bin/busybox root/bin/busybox
 for m in drivers/virtio/virtio_ring drivers/virtio/virtio drivers/virtio/virtio_pci_modern_dev \
          drivers/virtio/virtio_pci_legacy_dev drivers/virtio/virtio_pci net/core/failover \
-         drivers/net/net_failover drivers/net/virtio_net; do
+         drivers/net/net_failover drivers/net/virtio_net drivers/block/virtio_blk; do
   f="$mods/$m.ko"
   if [ -f "$f" ]; then cp "$f" root/lib/modules/
   elif [ -f "$f.xz" ]; then xz -dc "$f.xz" > "root/lib/modules/$(basename "$m").ko"

@@ -14,6 +14,7 @@ pkgs=(
   redis-server redis-tools                                  # Interpose tests and benchmark (real Redis under LD_PRELOAD)
   memcached                                                 # Interpose: a server shape the shim must refuse
   qemu-system-x86 busybox-static gcc libc6-dev xz-utils     # VM replication tests (scripts/build-vm-guest.sh)
+  libnbd-bin                                                # nbdinfo: reads a VM disk's dirty bitmap from QEMU's NBD export
   python3 iproute2                                          # doc check and plots; network namespaces in the tests
   mount util-linux                                          # tmpfs and FUSE mounts (disk-full, power-cut); setpriv, prlimit (doctor)
   libfuse3-dev fuse3 pkg-config                             # power-cut tests: a FUSE file system that drops unsynced writes

@@ -16,14 +16,20 @@ final class CounterLoad: @unchecked Sendable {
     let clients: Int
     let resendAfter: Duration
     let names: String
+    /// The request each client sends, and what follows its sequence number ("INC", "").
+    let op: String
+    let extra: String
     private let lock = NSLock()
     private var answers: [Answer] = []
     private var timeouts: [String] = []
     private var stopped = false
     private let finished = DispatchGroup()
 
-    /// `clients` clients named `NAMES0`, `NAMES1`, ... through `fronts`.
-    init(clients: Int, fronts: [String], resendAfter: Duration, names: String = "load") {
+    /// `clients` clients named `NAMES0`, `NAMES1`, ... through `fronts`, each sending `op` requests
+    /// (`DISK` with `extra` " 16" also writes the guest's disk).
+    init(clients: Int, fronts: [String], resendAfter: Duration, names: String = "load", op: String = "INC", extra: String = "") {
+        self.op = op
+        self.extra = extra
         self.clients = clients
         self.fronts = fronts
         self.resendAfter = resendAfter
@@ -39,7 +45,7 @@ final class CounterLoad: @unchecked Sendable {
                 c.current = i % fronts.count
                 while !lock.withLock({ stopped }) {
                     do {
-                        let v = try c.request(timeout: .seconds(10), resendAfter: resendAfter)
+                        let v = try c.request(op, extra: extra, timeout: .seconds(10), resendAfter: resendAfter)
                         lock.withLock { answers.append(Answer(client: i, value: v, at: .now)) }
                     } catch {
                         lock.withLock { timeouts.append("\(error)") }

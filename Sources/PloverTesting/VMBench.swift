@@ -19,6 +19,7 @@ package struct VMBench: ParsableCommand {
     @Flag(help: "The backup lists the pages each sync rewrote in its checkpoints.log (log_divergent_pages).") var logDivergentPages = false
     @Option(help: "Write the markdown results here as well as to stdout.") var out: String?
     @Option(help: "checkpoint_min_gap_ms values to run the replicated VM with, comma-separated.") var gaps = "0,1000"
+    @Option(help: "Give every VM a disk of this many MiB and add the DISK 256 KiB workload (0: no disk).") var diskMb = 0
 
     /// `--dir`, relative to the current directory unless absolute.
     var absoluteDir: String { (dir as NSString).isAbsolutePath ? dir : FileManager.default.currentDirectoryPath + "/" + dir }
@@ -29,6 +30,11 @@ package struct VMBench: ParsableCommand {
     /// into the service's store (a key-value SET of a large value: many pages, written the
     /// same way on both replicas).
     static let workloads: [(name: String, op: String, extra: String)] = [("INC (counter)", "INC", ""), ("PUT 256 KiB", "PUT", " 256")]
+    /// With a disk, a third: 256 KiB written to a file of the guest's disk and fsynced, the same
+    /// bytes on both replicas (the guest adds a block of its own every 100 ms).
+    var workloadList: [(name: String, op: String, extra: String)] {
+        Self.workloads + (diskMb > 0 ? [("DISK 256 KiB", "DISK", " 256")] : [])
+    }
 
     package init() {}
 
@@ -49,7 +55,8 @@ package struct VMBench: ParsableCommand {
         for gap in gapList {
             say("replicated VM (primary, backup, witness), checkpoint_min_gap_ms = \(gap): \(requests) requests per workload")
             let cluster = try VMCluster(root: absoluteDir + "/cluster-gap-\(gap)", kernel: kernel, initrd: initrd,
-                                        vmExtra: "checkpoint_min_gap_ms = \(gap)" + (logDivergentPages ? "\nlog_divergent_pages = true" : ""))
+                                        vmExtra: "checkpoint_min_gap_ms = \(gap)" + (logDivergentPages ? "\nlog_divergent_pages = true" : "")
+                                            + (diskMb > 0 ? "\ndisk_image = \"disk-{id}.img\"\ndisk_size_mb = \(diskMb)" : ""))
             defer { cluster.stopAll() }
             let leftovers = [1, 2].map { (cluster.runDir(NodeID($0)), cluster.ramFile(NodeID($0))) }
             ChildProcesses.killOnInterrupt { VMCluster.killQEMUs(leftovers) }
@@ -63,7 +70,7 @@ package struct VMBench: ParsableCommand {
             while firstOK() == nil, ContinuousClock.now < logged { usleep(20_000) }
             if first == nil { first = firstOK() }
             for n in clientList {
-                for (i, w) in Self.workloads.enumerated() {
+                for (i, w) in workloadList.enumerated() {
                     for c in pool { c.retries = 0 }
                     let before = cluster.checkpoints(1).count
                     let lat = try Self.concurrently(n) { k in
@@ -81,7 +88,8 @@ package struct VMBench: ParsableCommand {
             }
             cluster.stopAll()
         }
-        let report = Self.report(results, requests: requests, first: first, machine: machine, qemu: qemu)
+        var report = Self.report(results, requests: requests, first: first, machine: machine, qemu: qemu)
+        if diskMb > 0 { report += Self.diskReport(results, diskMb: diskMb) }
         print(report)
         if let out { try report.write(toFile: out, atomically: true, encoding: .utf8) }
     }
@@ -109,6 +117,12 @@ package struct VMBench: ParsableCommand {
         var s = QEMUSettings(kernel: kernel, initrd: initrd, ramFile: "/dev/shm/plover-bench-\(getpid()).ram")
         s.memoryMiB = 128
         defer { unlink(s.ramFile) }
+        if diskMb > 0 {
+            s.diskImage = run + "/disk.img"
+            guard FileManager.default.createFile(atPath: run + "/disk.img", contents: nil), truncate(run + "/disk.img", off_t(diskMb << 20)) == 0 else {
+                throw CLIError("cannot create the unreplicated guest's disk image \(run)/disk.img")
+            }
+        }
         let listener = try NICStream.listen(path: run + "/nic.sock")
         defer { close(listener) }
         let q = try QEMUInstance.launch(s, name: "plain", runDir: run, nicListener: listener, nicSocket: run + "/nic.sock", incoming: false)
@@ -146,7 +160,7 @@ package struct VMBench: ParsableCommand {
         let seqLock = NSLock()
         var out: [Int: [[Double]]] = [:]
         for n in clientList {
-            out[n] = try Self.workloads.map { w in
+            out[n] = try workloadList.map { w in
                 try Self.concurrently(n) { k in
                     try (0..<requests).map { _ in
                         let seq = seqLock.withLock { () -> Int in seqs[k] += 1; return seqs[k] }
@@ -275,5 +289,30 @@ final class AnswerQueue: @unchecked Sendable {
             }
             return items.isEmpty ? nil : items.removeFirst()
         }
+    }
+}
+
+extension VMBench {
+    /// The disk's bytes per checkpoint (with `--disk-mb`): what the disk step sent against a
+    /// Remus-style transfer of every block the primary wrote, from the primary's checkpoint log.
+    static func diskReport(_ results: [WorkloadResult], diskMb: Int) -> String {
+        func f(_ x: Double) -> String { String(format: "%.2f", x) }
+        let num = { (c: [String: String], k: String) in Double(c[k] ?? "") ?? 0 }
+        let mean = { (v: [Double]) in v.isEmpty ? Double.nan : v.reduce(0, +) / Double(v.count) }
+        func p50(_ v: [Double]) -> Double { let s = v.sorted(); return s.isEmpty ? .nan : s[(s.count - 1) / 2] }
+        var s = "\n## Disk bytes per checkpoint (\(diskMb) MiB image per VM, 4 KiB blocks)\n\n"
+        s += "VMReplica's disk step sends the divergent blocks of the union of both sides' dirty blocks (block frames) plus its control frames "
+        s += "(bitmaps, hashes, commit); a Remus-style checkpoint sends every block the primary wrote. Steady-state checkpoints only "
+        s += "(one that compared every block is left out).\n\n"
+        s += "| workload | clients | min gap (ms) | checkpoints | primary dirty (blocks, mean) | backup dirty | union | divergent | VMReplica disk bytes (mean) | all-dirty bytes (mean) | all-dirty / VMReplica | bitmap read p50 (ms) | disk step p50 (ms) |\n"
+        s += "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+        for r in results {
+            let c = r.checkpoints.filter { $0["disk_union"] != nil && $0["disk_all_blocks"] == nil }
+            let sent = c.map { num($0, "disk_bytes") + num($0, "disk_control_bytes") }, dirty = c.map { num($0, "disk_all_dirty_bytes") }
+            s += "| \(r.name) | \(r.clients) | \(r.gap) | \(c.count) | \(f(mean(c.map { num($0, "disk_primary_dirty") }))) | \(f(mean(c.map { num($0, "disk_backup_dirty") }))) | "
+            s += "\(f(mean(c.map { num($0, "disk_union") }))) | \(f(mean(c.map { num($0, "disk_divergent") }))) | \(Int(mean(sent))) | \(Int(mean(dirty))) | "
+            s += "**\(f(dirty.reduce(0, +) / max(1, sent.reduce(0, +))))×** | \(f(p50(c.map { num($0, "disk_collect_ms") }))) | \(f(p50(c.map { num($0, "disk_ms") }))) |\n"
+        }
+        return s
     }
 }

@@ -17,7 +17,8 @@ final class VMCluster {
     var syncs: [NodeID: String] = [:]
     var migrations: [NodeID: String] = [:]
     var processes: [NodeID: Process] = [:]
-    /// Extra lines for both VM replicas' [vm] tables (e.g. "record_ram_digest = true").
+    /// Extra lines for both VM replicas' [vm] tables (e.g. "record_ram_digest = true"); `{id}`
+    /// in them becomes the replica's node id (`disk_image = "disk-{id}.img"`).
     let vmExtra: String
     /// Each VM replica's tap device (`network = "tap"`; no fronts then), or nil for the line fronts.
     let taps: [NodeID: String]?
@@ -93,7 +94,7 @@ final class VMCluster {
                 peer = \(peer)
                 peer_sync_address = "\(syncs[peer]!)"
                 peer_migration_address = "\(migrations[peer]!)"
-                \(vmExtra)
+                \(vmExtra.replacingOccurrences(of: "{id}", with: "\(id)"))
 
                 """
         }

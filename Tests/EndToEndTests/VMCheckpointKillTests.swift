@@ -11,7 +11,8 @@ import Testing
 /// take over and serve every time, with every page a cut-off checkpoint wrote put back (the RAM
 /// hashes as before it); a dead backup or witness must not stop the primary from serving. Four
 /// clients write throughout, and no counter value is ever answered twice (an acknowledged
-/// increment lost by a failover would give its value again).
+/// increment lost by a failover would give its value again). Each VM has a disk and every request
+/// writes it, so a checkpoint cut off in its disk phase must put the backup's blocks back too.
 extension EndToEnd {
     @Suite(.serialized) struct VMCheckpointKillTests {
         typealias VM = VMReplicationTests
@@ -40,11 +41,12 @@ extension EndToEnd {
             let checks = Checks()
             defer { checks.recordIssues() }
             try await onOwnThread {
-                try VM.withCluster(checks, vmExtra: "backup_lost_ms = 1000") { cluster in
+                try VM.withCluster(checks, vmExtra: "backup_lost_ms = 1000\n" + VM.disk) { cluster in
                     try cluster.start(1, environment: failpoints)
                     try cluster.start(2, environment: failpoints)
                     try cluster.start(3)
-                    let load = CounterLoad(clients: 4, fronts: [cluster.fronts[1]!, cluster.fronts[2]!], resendAfter: .milliseconds(300))
+                    let load = CounterLoad(clients: 4, fronts: [cluster.fronts[1]!, cluster.fronts[2]!], resendAfter: .milliseconds(300),
+                                           op: "DISK", extra: " 16")
                     load.start()
                     defer {
                         load.stop()
@@ -62,11 +64,12 @@ extension EndToEnd {
         }
 
         /// The rolled-back checkpoints in replica `id`'s checkpoint log; every one must have put
-        /// the RAM back exactly as it was.
+        /// the RAM and the disk image back exactly as they were.
         static func rollBacks(_ cluster: VMCluster, _ id: NodeID, _ checks: Checks) -> [[String: String]] {
             let r = cluster.checkpoints(id).filter { $0["rolled_back_pages"] != nil }
             for c in r {
                 checks.expect(c["rollback_digest_match"] == "true", "node \(id) rolled checkpoint \(c["epoch"] ?? "?") back to a RAM that differs from before it: \(c)")
+                checks.expect(c["disk_rollback_digest_match"] == "true", "node \(id) rolled checkpoint \(c["epoch"] ?? "?") back to a disk that differs from before it: \(c)")
             }
             return r
         }
@@ -98,9 +101,13 @@ extension EndToEnd {
                     checks.expect(R.waitForLog(cluster, backup, "is the primary now", after: backupStart, timeout: .seconds(10)),
                                   "round \(phase): node \(backup) never became the primary")
                     // Pages had landed when the primary died at these phases: they were put back.
-                    if phase == .pages || phase == .device {
+                    if [.pages, .disk, .device].contains(phase) {
                         let rolled = Self.rollBacks(cluster, backup, checks)
                         checks.expect(rolled.count > rolledBefore, "round \(phase): node \(backup) shows no rolled-back checkpoint: \(cluster.checkpoints(backup).suffix(3))")
+                        // From the disk phase on, blocks had landed too: they were put back.
+                        if phase != .pages, let last = rolled.last {
+                            checks.expect(Int(last["disk_rolled_back_blocks"] ?? "") ?? 0 > 0, "round \(phase): node \(backup) put no disk block back: \(last)")
+                        }
                     }
                     backupStart = R.logSize(cluster, primary)
                     try cluster.restart(primary, environment: Self.failpoints)

@@ -6,7 +6,9 @@ import Testing
 
 /// PLOVER end to end with Debian's unpatched QEMU under TCG: `plover vm primary`, `backup` and
 /// `witness` processes, a guest built at test time (scripts/build-vm-guest.sh) running a UDP
-/// counter, a client through the front, checkpoints, kill -9 of the primary, takeover.
+/// counter, a client through the front, checkpoints, kill -9 of the primary, takeover. Each VM
+/// has a disk of its own; the requests write files on it, and checkpoints make the backup's
+/// image equal to the primary's.
 extension EndToEnd {
     @Suite(.serialized) struct VMReplicationTests {
         static var qemuInstalled: Bool {
@@ -32,8 +34,12 @@ extension EndToEnd {
         func checkpointsMakeTheBackupEqualAndItTakesOverAfterKill9() async throws {
             let checks = Checks()
             defer { checks.recordIssues() }
-            try await onOwnThread { try Self.withCluster(checks) { try Self.scenario($0, checks) } }
+            try await onOwnThread { try Self.withCluster(checks, vmExtra: Self.disk) { try Self.scenario($0, checks) } }
         }
+
+        /// A 16 MiB disk image per replica (created at its first start).
+        static let disk = "disk_image = \"disk-{id}.img\"\ndisk_size_mb = 16\n"
+        static let diskBlocks = (16 << 20) >> 12
 
         /// Runs `body` against a fresh three-replica VM cluster (RAM digests recorded at every
         /// checkpoint); keeps its directory and adds the log tails when a check failed.
@@ -70,8 +76,29 @@ extension EndToEnd {
             for (pc, bc) in common {
                 checks.expect(pc["ram_digest"] != nil && pc["ram_digest"] == bc["ram_digest"],
                               "epoch \(pc["epoch"]!): primary RAM digest \(pc["ram_digest"] ?? "-") != backup \(bc["ram_digest"] ?? "-")")
+                // With a disk, the images hashed by each side after the disk step must be equal too.
+                checks.expect(pc["disk_digest"] == bc["disk_digest"],
+                              "epoch \(pc["epoch"]!): primary disk digest \(pc["disk_digest"] ?? "-") != backup \(bc["disk_digest"] ?? "-")")
             }
             return common
+        }
+
+        /// The disk's checkpoints: every pair has digests; after the first (every block compared)
+        /// only the union of both sides' dirty blocks is compared, the backup's own writes are in
+        /// it, some blocks diverged, and what was sent is far less than the image.
+        static func checkDisk(_ common: [([String: String], [String: String])], _ checks: Checks) {
+            checks.expect(common.allSatisfy { $0.0["disk_digest"] != nil }, "a checkpoint without a disk digest: \(common.map(\.0))")
+            let later = common.dropFirst().map(\.0)
+            checks.expect(!later.isEmpty, "only one checkpoint completed on both replicas: \(common.map(\.0))")
+            func n(_ c: [String: String], _ k: String) -> Int { Int(c[k] ?? "") ?? -1 }
+            for c in later {
+                checks.expect((0..<diskBlocks).contains(n(c, "disk_union")), "checkpoint \(c["epoch"]!) compared every disk block: \(c)")
+                checks.expect((0..<(diskBlocks * 4096 / 16)).contains(n(c, "disk_bytes")), "checkpoint \(c["epoch"]!) sent \(n(c, "disk_bytes")) disk bytes, not far fewer than the image's \(diskBlocks * 4096): \(c)")
+            }
+            checks.expect(later.contains { n($0, "disk_backup_dirty") > 0 && n($0, "disk_divergent") > 0 },
+                          "no later checkpoint saw the backup's own dirty blocks and a divergent block: \(later)")
+            print("VMReplicationTests: disk per checkpoint (primary dirty/backup dirty/union/divergent/bytes): "
+                  + later.map { "\(n($0, "disk_primary_dirty"))/\(n($0, "disk_backup_dirty"))/\(n($0, "disk_union"))/\(n($0, "disk_divergent"))/\(n($0, "disk_bytes"))" }.joined(separator: ", "))
         }
 
         static func scenario(_ cluster: VMCluster, _ checks: Checks) throws {
@@ -79,7 +106,8 @@ extension EndToEnd {
             let client = CounterClient(name: "c1", fronts: [cluster.fronts[1]!, cluster.fronts[2]!])
             // The first request also waits out the boot of both guests (a few seconds under TCG).
             var answers: [UInt64] = []
-            for _ in 0..<5 { answers.append(try client.request(timeout: .seconds(90))) }
+            // Each request also writes 64 KiB to /data/c1 (and the guest writes /data/noise by itself).
+            for _ in 0..<5 { answers.append(try client.request("DISK", extra: " 64", timeout: .seconds(90))) }
             checks.expect(answers == [1, 2, 3, 4, 5], "answers before the failover: \(answers)")
 
             // Every answer was released by a checkpoint (its log line is written just after
@@ -94,6 +122,7 @@ extension EndToEnd {
             if let later = common.dropFirst().first {
                 checks.expect(Int(later.0["union"] ?? "") ?? .max < 32768, "a later checkpoint still compared every page: \(later.0)")
             }
+            Self.checkDisk(common, checks)
             checks.expect(released() >= 5, "the primary released \(released()) answers through checkpoints, expected at least 5")
 
             // Next request in flight while the primary dies (kill -9 of its replica process and QEMU).

@@ -56,6 +56,30 @@ import Testing
         return m.role == .primary && m.answersClients && !m.protected
     }
 
+    /// The disk step comes after the RAM's pages and before the device state: a backup cut off
+    /// there rolls back (RAM pages and disk blocks) and stays a copy; a backup that was no copy
+    /// is abandoned, and a primary forgets its baselines (RAM and disk: the next sync compares all).
+    @Test func aCheckpointCutOffInTheDiskPhaseRollsBackOrForgetsItsBaseline() {
+        let order = CheckpointPhase.allCases
+        #expect(order.firstIndex(of: .disk)! == order.firstIndex(of: .pages)! + 1 && order.firstIndex(of: .disk)! + 1 == order.firstIndex(of: .device)!)
+        var b = protectedBackup()
+        _ = b.apply(.checkpoint(epoch: 2, proposer: 1), at: 9)
+        reach(&b, through: .disk)
+        #expect(b.checkpoint?.phase == .disk)
+        #expect(b.checkpointEnded(.failed(reason: "disk sync: link down", pagesMayHaveLanded: true), now: t0)
+                == [.dropBaseline, .rollBack(reason: "disk sync: link down")])
+        #expect(b.notACopy == nil)
+        var fresh = VMReplicaMachine(role: .backup, me: 2, peer: 1, rules: rules, now: t0)
+        _ = fresh.started(recoveredThrough: 0)
+        _ = fresh.apply(.checkpoint(epoch: 1, proposer: 1), at: 5)
+        reach(&fresh, through: .disk)
+        #expect(fresh.checkpointEnded(.failed(reason: "cut", pagesMayHaveLanded: true), now: t0).prefix(2) == [.dropBaseline, .abandonVM])
+        var p = primary()
+        _ = p.apply(.checkpoint(epoch: 3, proposer: 1), at: 11)
+        reach(&p, through: .disk)
+        #expect(p.checkpointEnded(.failed(reason: "disk sync failed", pagesMayHaveLanded: false), now: t0) == [.dropBaseline])
+    }
+
     @Test func thePrimaryKilledAtAnyPhaseLeavesABackupThatTakesOver() {
         for cut in Self.cutPoints {
             var m = protectedBackup()

@@ -113,6 +113,18 @@ import Testing
         try (node + vm + "backup_idle_max_ms = 250\nlog_divergent_pages = true\n").write(toFile: path, atomically: true, encoding: .utf8)
         let tuned = try VMConfig.load(path: path)
         #expect(tuned.backupIdleMaxMilliseconds == 250 && tuned.logDivergentPages)
+        // No disk unless disk_image names one; relative to the config file, default 64 MiB.
+        #expect(c.qemu.diskImage == nil && !c.qemu.arguments(nicSocket: "n", qmpSocket: "q", serialLog: "s", pidFile: "p", incoming: false).contains("-blockdev"))
+        try (node + vm + "disk_image = \"vm,1.img\"\n").write(toFile: path, atomically: true, encoding: .utf8)
+        let withDisk = try VMConfig.load(path: path)
+        #expect(withDisk.qemu.diskImage == dir + "/vm,1.img" && withDisk.diskSizeMiB == 64)
+        let args = withDisk.qemu.arguments(nicSocket: "n", qmpSocket: "q", serialLog: "s", pidFile: "p", incoming: true)
+        #expect(args.contains("driver=raw,node-name=plover-disk0,file.driver=file,file.filename=\(dir)/vm,,1.img,file.locking=off"))
+        #expect(args.contains("virtio-blk-pci,drive=plover-disk0"))
+        try (node + vm + "disk_image = \"d.img\"\ndisk_size_mb = 0\n").write(toFile: path, atomically: true, encoding: .utf8)
+        #expect { try VMConfig.load(path: path) } throws: { ($0 as? ConfigError)?.key == "vm.disk_size_mb" }
+        try (node + vm + "disk_image = \"\"\n").write(toFile: path, atomically: true, encoding: .utf8)
+        #expect { try VMConfig.load(path: path) } throws: { ($0 as? ConfigError)?.key == "vm.disk_image" }
         try (node + vm + "backup_idle_max_ms = -1\n").write(toFile: path, atomically: true, encoding: .utf8)
         #expect { try VMConfig.load(path: path) } throws: { ($0 as? ConfigError)?.key == "vm.backup_idle_max_ms" }
         try (node + vm + "idle_cpu_percnt = 3\n").write(toFile: path, atomically: true, encoding: .utf8)

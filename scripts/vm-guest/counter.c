@@ -5,15 +5,27 @@
  * Request  "PUT <client> <seq> <kib>\n": like INC, and also writes <kib> KiB (at most 1024) of
  *          data derived from <seq> into the service's 4 MiB store, as a key-value SET of a large
  *          value would (the memory-heavy workload of the benchmark).
+ * Request  "DISK <client> <seq> <kib>": like INC, and also writes <kib> KiB (at most 1024) of
+ *          data derived from <seq> over the start of /data/<client> and fsyncs it (the guest's
+ *          disk, when it has one).
+ * With a disk, a second process writes one 4 KiB block of the guest clock's nanoseconds every
+ * 100 ms, at a place in /data/noise chosen by them, and fsyncs it. It stands for what a real
+ * guest writes that is not a function of its inputs (logs, timestamps, journal commits): the
+ * primary's and the backup's guests write it at different times, so to different blocks.
+ * (Random bytes would not do: after a checkpoint both guests' kernels hold the same random
+ * generator state.)
  * A request that repeats a client's last <seq> gets the same answer again without taking
  * effect twice, so clients may resend a request whose answer never came back.
  * The state lives only in this process's memory (guest RAM). */
 #include <arpa/inet.h>
+#include <fcntl.h>
 #include <netinet/in.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
 
 #define CLIENTS_MAX 64
 
@@ -39,6 +51,39 @@ static void put(unsigned long seq, unsigned long kib) {
     }
 }
 
+#define NOISE_BLOCKS 256
+
+/* DISK: deterministic data for <client>, fsynced. */
+static void disk(const char *name, unsigned long seq, unsigned long kib) {
+    static unsigned char buf[1024 * 1024];
+    char path[64];
+    if (kib > 1024) kib = 1024;
+    for (unsigned long i = 0; i < kib * 1024; i++) buf[i] = (unsigned char)(seq * 131 + i);
+    snprintf(path, sizeof path, "/data/%s", name);
+    int fd = open(path, O_WRONLY | O_CREAT, 0644);
+    if (fd < 0) return;
+    if (pwrite(fd, buf, kib * 1024, 0) < 0) perror("counter: write");
+    fsync(fd);
+    close(fd);
+}
+
+/* The guest's own nondeterministic disk writes (see the top of this file). */
+static void noise(void) {
+    int nf = open("/data/noise", O_WRONLY);
+    if (nf < 0) return;
+    if (fork() != 0) { close(nf); return; }
+    unsigned long long block[512];
+    for (;;) {
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        unsigned long long ns = (unsigned long long)ts.tv_sec * 1000000000ull + (unsigned long long)ts.tv_nsec;
+        for (int i = 0; i < 512; i++) block[i] = ns * 2654435761ull + (unsigned long long)i;
+        if (pwrite(nf, block, sizeof block, (off_t)(ns / 1000 % NOISE_BLOCKS) * 4096) < 0) perror("counter: noise");
+        fsync(nf);
+        usleep(100000);
+    }
+}
+
 static struct client *lookup(const char *name) {
     for (int i = 0; i < CLIENTS_MAX; i++)
         if (clients[i].name[0] && strcmp(clients[i].name, name) == 0) return &clients[i];
@@ -60,6 +105,7 @@ int main(int argc, char **argv) {
     }
     /* Touch the store once so its pages are resident before the first checkpoint. */
     for (unsigned i = 0; i < STORE_BYTES; i += 4096) store[i] = 1;
+    noise();
     printf("counter: listening on udp port %d\n", port);
     fflush(stdout);
     for (;;) {
@@ -76,6 +122,7 @@ int main(int argc, char **argv) {
         if (c->seq != seq || !c->answer[0]) {
             if (strcmp(op, "INC") == 0) counter++;
             else if (strcmp(op, "PUT") == 0) { counter++; put(seq, kib); }
+            else if (strcmp(op, "DISK") == 0) { counter++; disk(name, seq, kib); }
             else if (strcmp(op, "GET") != 0) continue;
             c->seq = seq;
             snprintf(c->answer, sizeof c->answer, "%s %lu %lu\n", name, seq, counter);

@@ -29,6 +29,12 @@ public struct QEMUSettings: Sendable, Equatable {
     public var cpus = 1
     /// Arguments appended to QEMU's command line as they are (`qemu_args`).
     public var extraArguments: [String] = []
+    /// The guest's disk, a raw image (`disk_image`), as a `virtio-blk-pci` device on node
+    /// `diskNodeName`; nil: no disk. Each replica has its own image; checkpoints sync it
+    /// (QEMU's migration never carries it).
+    public var diskImage: String?
+    /// The disk's block-graph node name, which the dirty bitmap and the NBD export name.
+    public static let diskNodeName = "plover-disk0"
 
     /// Settings for a VM booting `kernel` and `initrd` with its RAM in `ramFile`; defaults for the rest.
     public init(kernel: String, initrd: String, ramFile: String) {
@@ -50,6 +56,12 @@ public struct QEMUSettings: Sendable, Equatable {
             "-qmp", "unix:\(qmpSocket),server=on,wait=off",
             "-pidfile", pidFile,
         ]
+        if let disk = diskImage {
+            // locking=off: the backup's standby QEMU (inactive until its migration arrives) opens
+            // the image its running QEMU has open, and the replica process writes it between them.
+            a += ["-blockdev", "driver=raw,node-name=\(Self.diskNodeName),file.driver=file,file.filename=\(disk.replacingOccurrences(of: ",", with: ",,")),file.locking=off",
+                  "-device", "virtio-blk-pci,drive=\(Self.diskNodeName)"]
+        }
         if incoming { a += ["-incoming", "defer"] }
         return a + extraArguments
     }

@@ -19,7 +19,11 @@ public enum CheckpointPhase: String, Sendable, CaseIterable {
     /// Pages are landing on the backup: primary after its first batch, backup once the
     /// primary's commit arrived (every page landed, none confirmed).
     case pages
-    /// The RAM is synced; the device state is on its way to the backup's standby QEMU.
+    /// The disk's divergent blocks are landing: primary after its first block frame (or, when
+    /// none diverge, once the backup confirmed), backup once the disk commit arrived. Without
+    /// a disk, the step right after the RAM sync.
+    case disk
+    /// The RAM (and disk) is synced; the device state is on its way to the backup's standby QEMU.
     case device
     /// Primary: the device state arrived, the VM is not resumed and no output released yet.
     /// Backup: the device state arrived, the standby QEMU is not yet its VM.

@@ -71,6 +71,9 @@ public struct VMConfig: Sendable, Equatable {
     /// `accel = "auto"`: probe KVM at start and fall back to TCG (`qemu.accel` then says TCG
     /// until the probe ran).
     public var accelAuto = false
+    /// Size of the disk image `qemu.diskImage` when this replica creates it (`disk_size_mb`,
+    /// default 64); an existing image must have this size. Both replicas must use the same.
+    public var diskSizeMiB = 64
 
     /// Reads the `[vm]` table of `path`; relative paths there are relative to the file's directory.
     public static func load(path: String) throws(ConfigError) -> VMConfig {
@@ -138,6 +141,11 @@ public struct VMConfig: Sendable, Equatable {
         c.accelAuto = accel == "auto"
         c.recordRAMDigest = try r.bool("record_ram_digest", default: false)
         c.logDivergentPages = try r.bool("log_divergent_pages", default: false)
+        if let disk = try r.optionalString("disk_image") {
+            guard !disk.isEmpty else { throw ConfigError(file: path, key: "vm.disk_image", problem: "is empty: name a raw image file, or leave the key out for a VM without a disk") }
+            c.qemu.diskImage = resolve(disk)
+        }
+        c.diskSizeMiB = try r.int("disk_size_mb", default: c.diskSizeMiB, range: 1...131_072)
         try r.finish()
         for (k, v) in [("kernel", q.kernel), ("initrd", q.initrd)] where !FileManager.default.fileExists(atPath: v) {
             throw ConfigError(file: path, key: "vm.\(k)", problem: "\(v) does not exist (build the guest with scripts/build-vm-guest.sh)")

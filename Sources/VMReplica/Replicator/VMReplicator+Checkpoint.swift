@@ -36,6 +36,8 @@ struct CheckpointRecord {
     var rolledBack: Int?
     /// Backup, with `record_ram_digest`: whether the RAM after the roll-back hashed as before the sync.
     var rollbackDigestMatches: Bool?
+    /// The disk step (nil: no disk).
+    var disk: DiskCheckpointRecord?
 
     var line: String {
         func ms(_ d: Duration) -> String { String(format: "%.2f", d.inMilliseconds) }
@@ -53,6 +55,7 @@ struct CheckpointRecord {
         if let p = divergentPages { f.append("divergent_pages=\(p.rangesDescription)") }
         if let n = rolledBack { f.append("rolled_back_pages=\(n)") }
         if let m = rollbackDigestMatches { f.append("rollback_digest_match=\(m)") }
+        if let d = disk { f += d.fields }
         if let e = error {
             // One record per line: quotes and line breaks in the error become ' and spaces.
             let flat = e.replacingOccurrences(of: "\"", with: "'").split(whereSeparator: \.isNewline).joined(separator: " ")
@@ -276,12 +279,14 @@ extension VMReplicator {
             let scanStart = ContinuousClock.now
             let dirty = hashDiff?.collect() ?? DirtyBitmap.all(pageCount: memory.pageCount)
             r.scan = ContinuousClock.now - scanStart
+            let diskDirty = collectDisk(from: q, into: &r)
             let engine = SyncPrimary(memory: memory, pool: pool, options: syncOptions(armed: armed))
             let result = try blocking(timeout: checkpointTimeout, abortIf: abort) { try await engine.run(dirty: dirty, over: ch, session: epoch) }
             r.stats = result.stats
             r.sync = ContinuousClock.now - start
             r.ramDigest = ramDigest()
             if hashDiff == nil { hashDiff = HashDiffDirtySource(memory: memory, pool: pool) }
+            try primaryDisk(diskDirty, over: ch, epoch: epoch, armed: armed, abort: abort, record: &r)
             let m = ContinuousClock.now
             try q.qmp.execute("migrate", ["uri": "tcp:\(config.peerMigrationAddress)"])
             reach(.device, armed: armed)
@@ -382,6 +387,8 @@ extension VMReplicator {
         let scanStart = ContinuousClock.now
         let dirty = hashDiff?.collect() ?? DirtyBitmap.all(pageCount: memory.pageCount)
         r.scan = ContinuousClock.now - scanStart
+        if wasInconsistent != nil { diskLog?.dropBaseline() }
+        let diskDirty = collectDisk(from: old, into: &r)
         // Ready, then the primary's first answer: a skip if it gave this checkpoint up before
         // this replica got here (it was late: paused, restarting, catching up in the log).
         // Any failure from here forgets the baseline collect() just moved (the next sync
@@ -420,6 +427,8 @@ extension VMReplicator {
         // Before any page can land: a VM that is a copy keeps a way back to itself.
         let undo: PageUndoLog? = wasInconsistent == nil ? PageUndoLog() : nil
         let before = undo != nil ? ramDigest() : nil
+        let diskUndo: PageUndoLog? = undo != nil && disk != nil ? PageUndoLog() : nil
+        let diskBefore = diskUndo != nil ? diskDigest() : nil
         /// Cuts the checkpoint off after pages may have landed: the machine says whether the old
         /// VM rolls back (it was a copy) or is abandoned (it was none; the next checkpoint
         /// replaces it).
@@ -437,7 +446,14 @@ extension VMReplicator {
                     let n = undo.restore(into: memory)
                     r.rolledBack = n
                     if let before { r.rollbackDigestMatches = ramDigest() == before }
-                    logger.notice("vm: checkpoint \(epoch) was cut off (\(why)); put \(n) pages back: this VM is again the one that ran every input before it, and may take over")
+                    var blocks = ""
+                    if let diskUndo, let disk {
+                        let k = diskUndo.restore(into: disk)
+                        r.disk?.rolledBack = k
+                        if let diskBefore { r.disk?.rollbackDigestMatches = diskDigest() == diskBefore }
+                        blocks = " and \(k) disk blocks"
+                    }
+                    logger.notice("vm: checkpoint \(epoch) was cut off (\(why)); put \(n) pages\(blocks) back: this VM is again the one that ran every input before it, and may take over")
                 default:
                     break
                 }
@@ -461,6 +477,13 @@ extension VMReplicator {
         // by itself once the device state is in); a cut-off below drops it with the pages.
         if let h = hashDiff { h.syncCompleted(rewrote: result.divergent) } else { hashDiff = HashDiffDirtySource(memory: memory, pool: pool) }
         r.ramDigest = ramDigest()
+        do {
+            try backupDisk(diskDirty, over: ch, epoch: epoch, armed: armed, undo: diskUndo, abort: abort, record: &r)
+        } catch {
+            r.error = "disk: \(error)"
+            cutOff("RAM synced but the disk sync failed: \(error)")
+            return
+        }
         reach(.device, armed: armed)
         let m = ContinuousClock.now
         do {
@@ -477,6 +500,7 @@ extension VMReplicator {
             return
         }
         undo?.clear()
+        diskUndo?.clear()
         r.migrate = ContinuousClock.now - m
         // From here the old QEMU's RAM is the primary's; it must not run again.
         resumeOld = false
@@ -489,6 +513,8 @@ extension VMReplicator {
         }
         ended = true
         installed = true
+        // The standby's bitmap recorded every guest write since its guest started at the cut.
+        diskLog?.adopt(next)
         perform(actions)
         startReader(next)
         old.killDetached { [logger] took in

@@ -35,6 +35,7 @@ extension VMReplicator {
                 lock.withLock { channel }?.close()
             case .dropBaseline:
                 hashDiff = nil
+                diskLog?.dropBaseline()
             case .rollBack, .abandonVM:
                 break
             case let .propose(entry):

@@ -59,6 +59,9 @@ public final class VMReplicator: @unchecked Sendable {
     /// the tap, opened by `start`. Released output goes here.
     var front: (any ClientAttachment)?
     var memory: GuestMemory!
+    /// The disk image as 4 KiB blocks, and where its dirty blocks come from (nil: no disk).
+    var disk: GuestMemory?
+    var diskLog: DiskDirtyLog?
     var endpoint: FabricSyncChannel.Endpoint?
     var syncFabric: (any Fabric)?
     var nicListener: Int32 = -1
@@ -141,6 +144,7 @@ public final class VMReplicator: @unchecked Sendable {
             logger.notice("vm: accel = \"auto\" chose \(accel.rawValue): \(why)")
         }
         unlink(config.qemu.ramFile)
+        try openDisk()
         nicListener = try Sockets.listenUnix(nicPath)
         let first = try launchLock.withLock { try launch(incoming: false) }
         try first.qmp.execute("migrate-set-capabilities", ["capabilities": [["capability": "x-ignore-shared", "state": true]]])
@@ -229,8 +233,15 @@ public final class VMReplicator: @unchecked Sendable {
         if n > Self.qemuLogsKept {
             for suffix in ["log", "serial.log"] { unlink("\(config.runDir)/qemu-\(n - Self.qemuLogsKept).\(suffix)") }
         }
-        return try QEMUInstance.launch(lock.withLock { qemuSettings }, name: "qemu-\(n)", runDir: config.runDir, nicListener: nicListener,
-                                       nicSocket: nicPath, incoming: incoming)
+        let q = try QEMUInstance.launch(lock.withLock { qemuSettings }, name: "qemu-\(n)", runDir: config.runDir, nicListener: nicListener,
+                                        nicSocket: nicPath, incoming: incoming)
+        if let diskLog {
+            do { try diskLog.track(q) } catch {
+                q.kill()
+                throw error
+            }
+        }
+        return q
     }
 
     /// Backup: a `-incoming defer` QEMU for the next checkpoint, started outside the pause.
