@@ -118,9 +118,9 @@ import Testing
         try (node + vm + "disk_image = \"vm,1.img\"\n").write(toFile: path, atomically: true, encoding: .utf8)
         let withDisk = try VMConfig.load(path: path)
         #expect(withDisk.qemu.diskImage == dir + "/vm,1.img" && withDisk.diskSizeMiB == 64)
-        let args = withDisk.qemu.arguments(nicSocket: "n", qmpSocket: "q", serialLog: "s", pidFile: "p", incoming: true)
-        #expect(args.contains("driver=raw,node-name=plover-disk0,file.driver=file,file.filename=\(dir)/vm,,1.img,file.locking=off"))
-        #expect(args.contains("virtio-blk-pci,drive=plover-disk0"))
+        let diskArgs = withDisk.qemu.arguments(nicSocket: "n", qmpSocket: "q", serialLog: "s", pidFile: "p", incoming: true)
+        #expect(diskArgs.contains("driver=raw,node-name=plover-disk0,file.driver=file,file.filename=\(dir)/vm,,1.img,file.locking=off"))
+        #expect(diskArgs.contains("virtio-blk-pci,drive=plover-disk0"))
         try (node + vm + "disk_image = \"d.img\"\ndisk_size_mb = 0\n").write(toFile: path, atomically: true, encoding: .utf8)
         #expect { try VMConfig.load(path: path) } throws: { ($0 as? ConfigError)?.key == "vm.disk_size_mb" }
         try (node + vm + "disk_image = \"\"\n").write(toFile: path, atomically: true, encoding: .utf8)
