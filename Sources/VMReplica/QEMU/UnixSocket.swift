@@ -17,152 +17,68 @@ public struct SocketError: Error, Equatable, Sendable, CustomStringConvertible {
     public var description: String { "\(operation) \(address): \(String(cString: strerror(errno)))" }
 }
 
+/// The VM replica's blocking socket calls on raw descriptors (the QMP client, the NIC stream,
+/// the front, the control sockets), carried out by RDMAPaxos's one socket wrapper,
+/// `SocketDescriptor`, whose failures become `SocketError`s.
 enum Sockets {
-    static func unixAddress(_ path: String) throws -> sockaddr_un {
-        var a = sockaddr_un()
-        a.sun_family = sa_family_t(AF_UNIX)
-        let bytes = Array(path.utf8)
-        guard bytes.count < MemoryLayout.size(ofValue: a.sun_path) else {
-            throw SocketError(operation: "unix socket path too long:", address: path, errno: ENAMETOOLONG)
-        }
-        withUnsafeMutableBytes(of: &a.sun_path) { p in
-            for (i, b) in bytes.enumerated() { p[i] = b }
-        }
-        return a
+    private static func mapped<T>(_ body: () throws(SocketFailure) -> T) throws(SocketError) -> T {
+        do { return try body() } catch { throw SocketError(operation: error.operation, address: error.peer, errno: error.errno) }
     }
 
     /// Listens on a Unix-domain socket at `path` (an old socket file there is removed first).
     static func listenUnix(_ path: String) throws -> Int32 {
-        unlink(path)
-        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        guard fd >= 0 else { throw SocketError(operation: "socket", address: path, errno: errno) }
-        var a = try unixAddress(path)
-        let r = withUnsafePointer(to: &a) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) } }
-        guard r == 0, listen(fd, 8) == 0 else {
-            let e = errno
-            close(fd)
-            throw SocketError(operation: "listen on", address: path, errno: e)
-        }
-        return fd
+        try mapped { () throws(SocketFailure) in try SocketDescriptor.listen(unixPath: path).rawValue }
     }
 
+    /// Connects to the Unix-domain socket at `path`.
     static func connectUnix(_ path: String) throws -> Int32 {
-        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        guard fd >= 0 else { throw SocketError(operation: "socket", address: path, errno: errno) }
-        var a = try unixAddress(path)
-        let r = withUnsafePointer(to: &a) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) } }
-        guard r == 0 else {
-            let e = errno
-            close(fd)
-            throw SocketError(operation: "connect to", address: path, errno: e)
-        }
-        return fd
+        try mapped { () throws(SocketFailure) in try SocketDescriptor.connect(unixPath: path).rawValue }
     }
 
-    /// Listens on TCP `host:port` (IPv4 dotted quad). Returns the descriptor and the bound port.
+    /// Listens on TCP `host:port` (port 0: any); returns the descriptor and the port.
     static func listenTCP(host: String, port: Int) throws -> (fd: Int32, port: Int) {
-        let name = "\(host):\(port)"
-        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        guard fd >= 0 else { throw SocketError(operation: "socket", address: name, errno: errno) }
-        var one: Int32 = 1
-        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
-        var a = try ipv4Address(host: host, port: port, closingOnError: fd)
-        let r = withUnsafePointer(to: &a) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
-        guard r == 0, listen(fd, 64) == 0 else {
-            let e = errno
-            close(fd)
-            throw SocketError(operation: "listen on", address: name, errno: e)
+        try mapped { () throws(SocketFailure) in
+            let s = try SocketDescriptor.listen(on: HostPort(host: host, port: port), backlog: 64)
+            return (s.rawValue, s.localPort)
         }
-        var bound = sockaddr_in()
-        var len = socklen_t(MemoryLayout<sockaddr_in>.size)
-        _ = withUnsafeMutablePointer(to: &bound) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &len) } }
-        return (fd, Int(UInt16(bigEndian: bound.sin_port)))
     }
 
-    /// `host:port` (IPv4 dotted quad) as a socket address; closes `fd` when `host` is not one.
-    private static func ipv4Address(host: String, port: Int, closingOnError fd: Int32) throws -> sockaddr_in {
-        var a = sockaddr_in()
-        a.sin_family = sa_family_t(AF_INET)
-        a.sin_port = in_port_t(UInt16(port).bigEndian)
-        guard inet_pton(AF_INET, host, &a.sin_addr) == 1 else {
-            close(fd)
-            throw SocketError(operation: "parse IPv4 address", address: "\(host):\(port)", errno: EINVAL)
-        }
-        return a
-    }
-
-    /// Connects to TCP `host:port` (IPv4 dotted quad).
+    /// Connects to TCP `host:port`, Nagle off.
     static func connectTCP(host: String, port: Int) throws -> Int32 {
-        let name = "\(host):\(port)"
-        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        guard fd >= 0 else { throw SocketError(operation: "socket", address: name, errno: errno) }
-        var a = try ipv4Address(host: host, port: port, closingOnError: fd)
-        let r = withUnsafePointer(to: &a) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
-        guard r == 0 else {
-            let e = errno
-            close(fd)
-            throw SocketError(operation: "connect to", address: name, errno: e)
-        }
-        var one: Int32 = 1
-        setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
-        return fd
+        try mapped { () throws(SocketFailure) in try SocketDescriptor.connect(to: HostPort(host: host, port: port)).rawValue }
     }
 
     /// Waits up to `timeout` for a connection on a listening socket.
     static func accept(_ fd: Int32, timeout: Duration, what: String) throws -> Int32 {
-        var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
-        let ms = Int32(clamping: timeout.wholeMilliseconds)
-        guard poll(&p, 1, ms) == 1 else { throw SocketError(operation: "no connection within \(timeout) on", address: what, errno: ETIMEDOUT) }
-        let c = Glibc.accept(fd, nil, nil)
-        guard c >= 0 else { throw SocketError(operation: "accept on", address: what, errno: errno) }
-        return c
+        try mapped { () throws(SocketFailure) in try SocketDescriptor(rawValue: fd, peer: what).accept(timeout: timeout).rawValue }
     }
 
-    /// Writes all of `bytes`; false once the peer is gone.
-    @discardableResult
     /// Accepts connections on `listener` on a thread named `name` until the listener is shut
     /// down (then closes it), serving each on a thread of its own; `serve` owns the descriptor
     /// and closes it.
     static func serve(_ listener: Int32, name: String, _ serve: @escaping @Sendable (Int32) -> Void) {
         let t = Thread {
-            while true {
-                let fd = Glibc.accept(listener, nil, nil)
-                if fd < 0 {
-                    if errno == EINTR || errno == ECONNABORTED { continue }
-                    break
-                }
-                let c = Thread { serve(fd) }
-                c.name = name + "-conn"
-                c.start()
+            let l = SocketDescriptor(rawValue: listener, peer: name)
+            while let c = try? l.accept() {
+                let conn = Thread { serve(c.rawValue) }
+                conn.name = name + "-conn"
+                conn.start()
             }
-            close(listener)
+            l.close()
         }
         t.name = name
         t.start()
     }
 
+    /// Writes all of `bytes`; false once the peer is gone.
+    @discardableResult
     static func writeAll(_ fd: Int32, _ bytes: [UInt8]) -> Bool {
-        var off = 0
-        while off < bytes.count {
-            let n = bytes.withUnsafeBytes { Glibc.send(fd, $0.baseAddress! + off, bytes.count - off, Int32(MSG_NOSIGNAL)) }
-            if n < 0 && errno == EINTR { continue }
-            guard n > 0 else { return false }
-            off += n
-        }
-        return true
+        (try? SocketDescriptor(rawValue: fd, peer: "").send(bytes)) != nil
     }
 
     /// Reads exactly `count` bytes; nil at end of stream or on error.
     static func readExactly(_ fd: Int32, _ count: Int) -> [UInt8]? {
-        var buf = [UInt8](repeating: 0, count: count)
-        var off = 0
-        while off < count {
-            let n = buf.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress! + off, count - off) }
-            if n < 0 && errno == EINTR { continue }
-            guard n > 0 else { return nil }
-            off += n
-        }
-        return buf
+        (try? SocketDescriptor(rawValue: fd, peer: "").receive(exactly: count)) ?? nil
     }
 
     /// How a read with a deadline ended.
@@ -197,8 +113,7 @@ enum Sockets {
     }
 }
 
-/// Splits "host:port"; nil when it has no numeric port.
+/// Splits "host:port" (port 0 allowed: a listener's any port); nil when it is not one.
 func splitHostPort(_ s: String) -> (host: String, port: Int)? {
-    guard let colon = s.lastIndex(of: ":"), let p = Int(s[s.index(after: colon)...]), (0...65535).contains(p) else { return nil }
-    return (String(s[..<colon]), p)
+    HostPort(parsing: s, allowingPortZero: true).map { ($0.host, $0.port) }
 }
