@@ -55,6 +55,14 @@ public struct ReplicaConfig: Sendable, Hashable {
     /// A deliberately broken leader for checking the simulator's checkers, never for use: it
     /// answers linearizable reads without the heartbeat round a quorum must confirm.
     package var brokenReadsWithoutQuorum = false
+    /// A deliberately broken follower for checking the simulator's checkers, never for use: it
+    /// acknowledges accepted entries as soon as it appends them, before its stable log has made
+    /// them durable, so a crash can lose an entry the leader counted toward a commit.
+    package var brokenAcksBeforePersist = false
+    /// A deliberately broken leader for checking the simulator's checkers, never for use: it
+    /// still appends its no-op, but commits an entry of an earlier ballot as soon as a quorum
+    /// holds copies of it, which a later leader whose log ends in a higher ballot may overwrite.
+    package var brokenCommitsOlderBallotByCounting = false
 
     /// The defaults above for the replica `id`.
     public init(id: NodeID) { self.id = id }

@@ -90,7 +90,11 @@ extension Replica {
         role = .follower
         leader = newLeader
         if wasLeader { abandonLeadership() }
-        resetElectionTimer()
+        // Only news of a leader (or our own step-down) restarts the election timer. A higher
+        // ballot alone must not: a candidate that cannot win (its log is behind, and without
+        // pre-vote nothing stops it campaigning) would otherwise restart every voter's timer at
+        // each attempt and, timing out first every time, keep the cluster leaderless for good.
+        if wasLeader || newLeader != nil { resetElectionTimer() }
     }
 
     mutating func abandonLeadership() {

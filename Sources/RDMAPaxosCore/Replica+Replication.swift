@@ -356,7 +356,8 @@ extension Replica {
         // recovering follower's copies count for nothing until its barrier commits without it.
         let own = config.brokenLeaderCountsUndurableEntries ? log.lastIndex : durableIndex
         let n = Quorum(membership.voting).committedIndex { $0 == id ? own : progress[$0].map { $0.counts ? $0.match : 0 } }
-        guard n > commitIndex, log.ballot(at: n) == promised || config.brokenLeaderSkipsNoop else { return }
+        guard n > commitIndex, log.ballot(at: n) == promised || config.brokenLeaderSkipsNoop
+                || config.brokenCommitsOlderBallotByCounting else { return }
         let newlyCommitted = log.entries(commitIndex + 1, through: n)
         uncommittedBytes = max(0, uncommittedBytes - newlyCommitted.reduce(0) { $0 + ($1.ballot == promised ? $1.payload.count : 0) })
         let firstInBallot = log.ballot(at: commitIndex) != promised

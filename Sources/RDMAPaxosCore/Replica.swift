@@ -292,7 +292,7 @@ public struct Replica: Sendable {
         if let r = recovery {
             send(to, .recovering(nonce: r.nonce, index: index), afterPersist: true)
         } else {
-            send(to, .accepted(success: true, index: index), afterPersist: true)
+            send(to, .accepted(success: true, index: index), afterPersist: !config.brokenAcksBeforePersist)
         }
     }
 

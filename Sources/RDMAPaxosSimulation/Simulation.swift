@@ -14,7 +14,7 @@ struct SimNode {
     /// Incremented at each restart, so an ack is only credited to the incarnation that was asked.
     var incarnation = 0
     /// The state machine: commands applied, in order, and the index applied through.
-    var state: [[UInt8]] = []
+    var state: [StateEntry] = []
     var stateIndex: LogIndex = 0
     var restartAt: Int?
     var checkedCommit: LogIndex = 0
@@ -22,6 +22,10 @@ struct SimNode {
     var flushed = SimulatedDisk()
     /// The node crashed losing durable state; it restarts told so.
     var lostState = false
+    /// Ticks this node's clock advances per simulated tick (clock-rate skew), and the fraction
+    /// of a tick it has accumulated.
+    var clockRate = 1.0
+    var clockDebt = 0.0
 }
 
 struct Simulation {
@@ -62,13 +66,17 @@ struct Simulation {
         var ms: [Member] = []
         for i in 1...options.voters {
             let witness = options.witness && i == options.voters
-            ms.append(Member(id: NodeID(i), role: witness ? .witness : .voter, priority: witness ? 0 : 1))
+            let priority = witness ? 0 : options.unequalPriorities ? UInt8(1 + rng.below(3)) : 1
+            ms.append(Member(id: NodeID(i), role: witness ? .witness : .voter, priority: priority))
         }
         if options.learner { ms.append(Member(id: NodeID(options.voters + 1), role: .learner, priority: 0)) }
         members = Membership(ms)
         ids = ms.map(\.id)
         for id in ids {
             nodes[id] = SimNode()
+            if options.clockRateSpread > 0 {
+                nodes[id]!.clockRate = 1 + options.clockRateSpread * (Double(rng.below(2001)) / 1000 - 1)
+            }
             start(id)
         }
     }
@@ -80,6 +88,12 @@ struct Simulation {
         c.brokenForgetsPromiseOnRestart = options.forgetPromiseOnRestart
         c.brokenAppliesPastCommit = options.applyPastCommit
         c.brokenReadsWithoutQuorum = options.readWithoutQuorum
+        c.brokenAcksBeforePersist = options.ackBeforePersist
+        c.brokenCommitsOlderBallotByCounting = options.commitOlderBallotByCounting
+        c.checkQuorum = options.checkQuorum
+        c.preVote = options.preVote
+        // Short enough that priority hand-overs recur within a run.
+        c.priorityTransferIntervalTicks = 50
         c.electionTimeoutTicks = 10
         c.heartbeatTicks = 2
         c.diskStallTicks = 8
@@ -146,7 +160,10 @@ struct Simulation {
         let before = nodes.values.map(\.stateIndex).max() ?? 0
         var probe: [UInt8]?
         var probeAt = 0
-        for _ in 0..<options.healTicksMax {
+        // Timers run on each member's own clock: the slowest clock stretches the budget.
+        let slowest = nodes.values.map(\.clockRate).min() ?? 1
+        let healTicksMax = Int((Double(options.healTicksMax) / slowest).rounded(.up))
+        for _ in 0..<healTicksMax {
             try step()
             // A probe write proves the healed cluster commits; retry it if its leader lost office.
             if probe == nil || (acknowledged[probe!] == nil && now - probeAt > 40), let l = liveLeader() {
@@ -159,7 +176,7 @@ struct Simulation {
                 return
             }
         }
-        throw fail("liveness: no convergence within \(options.healTicksMax) ticks after faults healed"
+        throw fail("liveness: no convergence within \(healTicksMax) ticks after faults healed"
                    + " (leader: \(liveLeader().map(String.init) ?? "none"), probe acked: \(probe.map { acknowledged[$0] != nil } ?? false))\n"
                    + clusterState())
     }
@@ -215,11 +232,17 @@ struct Simulation {
         try deliverMessages()
         try completeDisks()
         for id in ids where nodes[id]!.replica != nil {
-            let a = nodes[id]!.replica!.tick()
-            try handle(id, a)
+            // Clock-rate skew: a fast clock ticks twice in some steps, a slow one skips some.
+            nodes[id]!.clockDebt += nodes[id]!.clockRate
+            while nodes[id]!.clockDebt >= 1, nodes[id]!.replica != nil {
+                nodes[id]!.clockDebt -= 1
+                let a = nodes[id]!.replica!.tick()
+                try handle(id, a)
+            }
         }
         if faultsOn || rng.below(4) == 0 { try clientTraffic() }
         if options.membershipRate > 0, !faultsOn || chance(options.membershipRate) { try changeMembership() }
+        if faultsOn, options.transferRate > 0, chance(options.transferRate) { try transferLeadership() }
         try checkCommitted()
     }
 
@@ -260,6 +283,13 @@ struct Simulation {
             nodes[id]!.disk.stalledUntil = UInt64(now + 5 + rng.below(30))
             report.diskStalls += 1
             log("disk stall \(id) until \(nodes[id]!.disk.stalledUntil)")
+        }
+        if options.diskFullRate > 0, chance(options.diskFullRate) {
+            let id = ids[rng.below(ids.count)]
+            let until = UInt64(now + 40 + rng.below(81))
+            nodes[id]!.disk.stalledUntil = max(nodes[id]!.disk.stalledUntil, until)
+            report.diskFulls += 1
+            log("disk full \(id) until \(until)")
         }
         if chance(options.compactRate) {
             let id = ids[rng.below(ids.count)]

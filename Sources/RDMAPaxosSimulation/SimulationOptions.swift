@@ -13,7 +13,8 @@ public struct SimulationOptions: Sendable, Hashable {
     public var learner: Bool = false
     /// Ticks with faults injected, then ticks allowed for the healed cluster to converge.
     public var faultTicks: Int = 300
-    /// Ticks the healed cluster gets to converge before the run fails for liveness.
+    /// Ticks the healed cluster gets to converge before the run fails for liveness, divided by
+    /// the slowest member's clock rate (see `clockRateSpread`).
     public var healTicksMax: Int = 300
 
     // Per-message faults while faults are on.
@@ -54,6 +55,37 @@ public struct SimulationOptions: Sendable, Hashable {
     /// A broken variant for checking the checkers: the leader answers linearizable reads without
     /// a quorum confirming its heartbeat round.
     public var readWithoutQuorum: Bool = false
+    /// A broken variant for checking the checkers: followers acknowledge entries before their
+    /// stable log has made them durable.
+    public var ackBeforePersist: Bool = false
+    /// A broken variant for checking the checkers: a new leader appends its no-op but commits an
+    /// earlier ballot's entry as soon as a quorum holds copies of it.
+    public var commitOlderBallotByCounting: Bool = false
+    /// Turns off the checkers that run at every step (agreement on commit and apply, reads, the
+    /// durability of acks and promises, restarts), leaving only the final checks after
+    /// convergence. Only for showing that the final checks can fail on their own.
+    public var onlyFinalChecks: Bool = false
+
+    // Configuration and operator faults.
+    /// The replicas' check-quorum setting (`ReplicaConfig.checkQuorum`). Off, a leader cut off
+    /// from its quorum keeps believing it leads while another is elected.
+    public var checkQuorum: Bool = true
+    /// The replicas' pre-vote setting (`ReplicaConfig.preVote`).
+    public var preVote: Bool = true
+    /// Clock-rate skew: each member's clock runs at a rate drawn from [1 − spread, 1 + spread]
+    /// ticks per simulated tick, for the whole run. 0: every clock runs at the same rate.
+    public var clockRateSpread: Double = 0
+    /// Voters get random priorities from 1 to 3 (the witness and learner keep 0), so leaders
+    /// hand over to caught-up voters of higher priority on their own.
+    public var unequalPriorities: Bool = false
+    /// Probability per tick that the leader is asked to transfer leadership to another voter.
+    public var transferRate: Double = 0
+    /// Probability per tick that one node's disk fills up: its writes are held (acknowledging
+    /// and leading nothing, as the runtime does) for 40 to 120 ticks, until space is freed.
+    public var diskFullRate: Double = 0
+    /// Probability that a linearizable read is sent to a node chosen among all that believe they
+    /// lead (a deposed leader that has not noticed yet) instead of the leader of the highest ballot.
+    public var staleLeaderReadShare: Double = 0.5
     /// Probability per tick that one node is cut off, both ways or one way, for a while.
     public var partitionRate: Double = 0.01
     /// Probability per tick that one node's disk stalls for a while.
@@ -83,6 +115,16 @@ public struct SimulationOptions: Sendable, Hashable {
         case 2: o.voters = 3; o.witness = true
         default: o.voters = 5; o.witness = true; o.learner = true; o.membershipRate = 0.02
         }
+        // The configuration and operator faults vary independently of the topology, drawn from
+        // a generator of their own so the run's own sequence stays seeded by `seed` alone.
+        var mix = SeededRandom(seed: seed ^ 0x5EED_F00D_CAFE_0001)
+        if mix.below(3) == 0 { o.checkQuorum = false }
+        if mix.below(3) == 0 { o.preVote = false }
+        if mix.below(2) == 0 { o.clockRateSpread = 0.5 }
+        if mix.below(3) == 0 { o.unequalPriorities = true }
+        if mix.below(2) == 0 { o.transferRate = 0.01 }
+        if mix.below(4) == 0 { o.delayTicksMax = 12 }
+        o.diskFullRate = 0.002
         return o
     }
 }
@@ -123,12 +165,19 @@ public struct SimulationReport: Sendable, Hashable, CustomStringConvertible {
     public var elections = 0
     /// Membership changes proposed (`SimulationOptions.membershipRate`).
     public var membershipChanges = 0
+    /// Leader transfers requested (`SimulationOptions.transferRate`).
+    public var transfers = 0
+    /// Full disks injected (`SimulationOptions.diskFullRate`).
+    public var diskFulls = 0
+    /// Reads issued at a leader other than the one of the highest ballot.
+    public var staleLeaderReads = 0
 
     public var description: String {
         "seed \(seed): \(ticks) ticks, \(committed) committed, \(acknowledged) acked, \(readsConfirmed) reads, "
             + "\(elections) leaders, \(crashes) crashes (\(lostStateCrashes) losing state, \(recoveries) recoveries), "
             + "\(partitions) partitions, \(diskStalls) disk stalls, "
             + "\(compactions) compactions, \(snapshotsInstalled) snapshot installs, \(membershipChanges) membership changes, "
+            + "\(transfers) transfers, \(diskFulls) full disks, \(staleLeaderReads) reads at deposed leaders, "
             + "\(messagesDelivered) delivered / \(messagesDropped) dropped / \(messagesDuplicated) duplicated"
     }
 }

@@ -9,7 +9,8 @@ struct Simulate: ParsableCommand {
             Each seed builds a cluster (3 or 5 voters, with or without a witness and a learner, \
             rotating by seed), injects message loss, duplication, reordering, partitions, crashes \
             that lose undurable state (some lose durable state too, as memory and async modes \
-            can) and stalled disks, then heals and checks convergence. \
+            can), stalled and full disks, leader transfers, and varies by seed check-quorum, pre-vote, \
+            clock rates and priorities, then heals and checks convergence. \
             A failure prints the seed; rerun it with --seed N --trace.
             """)
 
@@ -17,11 +18,14 @@ struct Simulate: ParsableCommand {
     @Option(help: "How many consecutive seeds to run.") var seeds: Int = 1
     @Flag(help: "Print every event of the run.") var trace = false
     @Option(help: "Ticks with faults before healing.") var faultTicks: Int?
-    @Option(help: ArgumentHelp("Run a deliberately broken variant that the checkers must catch: trust-lost-state (a replica that lost state on a crash is told its state is intact, as before recovery existed), leader-counts-undurable (a leader counts itself toward the commit quorum before its own write is durable), skip-leader-noop (a new leader appends no no-op of its ballot and commits earlier ballots' entries by counting copies), forget-promise-on-restart (a restarted replica loses its promised ballot), apply-past-commit (replicas apply entries beyond their commit index) or read-without-quorum (the leader answers reads without a quorum confirming its heartbeat round).",
+    @Option(help: ArgumentHelp("Run a deliberately broken variant that the checkers must catch: trust-lost-state (a replica that lost state on a crash is told its state is intact, as before recovery existed), leader-counts-undurable (a leader counts itself toward the commit quorum before its own write is durable), skip-leader-noop (a new leader appends no no-op of its ballot and commits earlier ballots' entries by counting copies), forget-promise-on-restart (a restarted replica loses its promised ballot), apply-past-commit (replicas apply entries beyond their commit index), read-without-quorum (the leader answers reads without a quorum confirming its heartbeat round), ack-before-persist (followers acknowledge entries before they are durable) or commit-older-ballot (a new leader commits an earlier ballot's entry once a quorum holds copies of it).",
                                valueName: "variant")) var broken: String?
+    @Flag(help: "Run only the final checks after convergence (state machines against the committed log, acknowledged writes present), not those at every step: shows that the final checks can fail on their own.")
+    var finalChecksOnly = false
 
     static let variants = ["trust-lost-state", "leader-counts-undurable", "skip-leader-noop",
-                           "forget-promise-on-restart", "apply-past-commit", "read-without-quorum"]
+                           "forget-promise-on-restart", "apply-past-commit", "read-without-quorum",
+                           "ack-before-persist", "commit-older-ballot"]
 
     func validate() throws {
         guard seeds > 0 else { throw ValidationError("--seeds must be at least 1 (got \(seeds))") }
@@ -32,7 +36,8 @@ struct Simulate: ParsableCommand {
     }
 
     func run() throws {
-        var totals = (runs: 0, committed: 0, acked: 0, crashes: 0, lostState: 0, recoveries: 0, partitions: 0, stalls: 0)
+        var totals = (runs: 0, committed: 0, acked: 0, crashes: 0, lostState: 0, recoveries: 0, partitions: 0, stalls: 0,
+                      fulls: 0, transfers: 0, staleReads: 0, elections: 0)
         installSeedReporter()
         for s in seed..<(seed + UInt64(seeds)) {
             currentSeed.store(s, ordering: .relaxed)
@@ -44,6 +49,9 @@ struct Simulate: ParsableCommand {
             o.forgetPromiseOnRestart = broken == "forget-promise-on-restart"
             o.applyPastCommit = broken == "apply-past-commit"
             o.readWithoutQuorum = broken == "read-without-quorum"
+            o.ackBeforePersist = broken == "ack-before-persist"
+            o.commitOlderBallotByCounting = broken == "commit-older-ballot"
+            o.onlyFinalChecks = finalChecksOnly
             do {
                 let r = try simulate(o, trace: trace)
                 if trace || seeds == 1 { print(r) }
@@ -55,6 +63,10 @@ struct Simulate: ParsableCommand {
                 totals.recoveries += r.recoveries
                 totals.partitions += r.partitions
                 totals.stalls += r.diskStalls
+                totals.fulls += r.diskFulls
+                totals.transfers += r.transfers
+                totals.staleReads += r.staleLeaderReads
+                totals.elections += r.elections
             } catch {
                 print(error.description)
                 throw ExitCode(1)
@@ -63,6 +75,7 @@ struct Simulate: ParsableCommand {
         print("\(totals.runs) seeds passed (\(seed)...\(seed + UInt64(seeds) - 1)): \(totals.committed) entries committed, "
               + "\(totals.acked) writes acknowledged, \(totals.crashes) crashes (\(totals.lostState) losing state, "
               + "\(totals.recoveries) recoveries), \(totals.partitions) partitions, "
-              + "\(totals.stalls) disk stalls, 0 violations")
+              + "\(totals.stalls) disk stalls, \(totals.fulls) full disks, \(totals.elections) leaders elected, "
+              + "\(totals.transfers) transfers, \(totals.staleReads) reads at deposed leaders, 0 violations")
     }
 }
