@@ -142,7 +142,7 @@ final class TapLab {
         p.waitUntilExit()
         guard p.terminationStatus == 0 else {
             let text = String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-            throw CLIError("ip \(args.joined(separator: " ")) failed (a tap network needs root and iproute2): \(text)")
+            throw CLIError("ip \(args.joined(separator: " ")) failed (tap networks and network namespaces need root and iproute2): \(text)")
         }
     }
 }

@@ -52,7 +52,7 @@ final class NetworkLab {
     }
 
     /// The words that start a command inside replica `id`'s namespace.
-    func launchPrefix(_ id: NodeID) -> [String] { [Self.ipPath, "netns", "exec", namespace(id)] }
+    func launchPrefix(_ id: NodeID) -> [String] { [TapLab.ipPath, "netns", "exec", namespace(id)] }
 
     /// Cuts (or restores) replica `id`'s only link.
     func isolate(_ id: NodeID, _ cut: Bool) throws {
@@ -72,21 +72,6 @@ final class NetworkLab {
 
     private static let labsMade = Atomic<Int>(0)
 
-    static let ipPath = ["/usr/sbin/ip", "/sbin/ip", "/usr/bin/ip", "/bin/ip"].first { FileManager.default.isExecutableFile(atPath: $0) } ?? "ip"
-
-    /// Runs `ip ARGS`; throws with its error output when it fails.
-    static func ip(_ args: [String]) throws {
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: ipPath)
-        p.arguments = args
-        let err = Pipe()
-        p.standardError = err
-        p.standardOutput = FileHandle.nullDevice
-        do { try p.run() } catch { throw CLIError("cannot run \(ipPath) (iproute2): \(error)") }
-        p.waitUntilExit()
-        guard p.terminationStatus == 0 else {
-            let text = String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-            throw CLIError("ip \(args.joined(separator: " ")) failed (network-namespace tests need root and iproute2): \(text)")
-        }
-    }
+    /// Runs `ip ARGS` (the tap lab's runner: one place that runs iproute2).
+    static func ip(_ args: [String]) throws { try TapLab.ip(args) }
 }

@@ -39,21 +39,30 @@ import Testing
         func restore(_ snapshot: [UInt8], index: LogIndex) throws { try inner.restore(snapshot, index: index) }
     }
 
-    /// With a real-time clock the leader stays; a clock whose every tick counts (the old
-    /// behaviour for real time) makes check-quorum depose it — the test can tell the two apart.
-    @Test(arguments: [true, false])
-    func aLeaderStarvedForSeveralElectionTimeoutsKeepsLeading(dropsLateTicks: Bool) async throws {
+    static let electionTimeoutTicks = 10
+
+    /// Node 1 of three (pre-vote off, check-quorum on) over scripted peers, started.
+    static func start(dropsLateTicks: Bool) throws
+        -> (ReplicaNodeTests.ScriptedPeers, BurstTicks, HoldingMachine, ReplicaNode) {
         let peers = ReplicaNodeTests.ScriptedPeers()
         let ticks = BurstTicks(dropsLateTicks: dropsLateTicks)
         let machine = HoldingMachine()
         var cfg = ReplicaConfig(id: 1)
         cfg.preVote = false
         cfg.checkQuorum = true
-        cfg.electionTimeoutTicks = 10
+        cfg.electionTimeoutTicks = electionTimeoutTicks
         let node = ReplicaNode(options: NodeOptions(replica: cfg, bootstrap: Membership(ReplicaNodeTests.three)),
                                stateMachine: machine, log: try MemoryLog(), snapshots: MemorySnapshotStore(),
                                transport: peers, ticks: ticks)
         try node.start()
+        return (peers, ticks, machine, node)
+    }
+
+    /// With a real-time clock the leader stays; a clock whose every tick counts (the old
+    /// behaviour for real time) makes check-quorum depose it — the test can tell the two apart.
+    @Test(arguments: [true, false])
+    func aLeaderStarvedForSeveralElectionTimeoutsKeepsLeading(dropsLateTicks: Bool) async throws {
+        let (peers, ticks, machine, node) = try Self.start(dropsLateTicks: dropsLateTicks)
         // Released before stopping, whatever failed: a held node thread never stops.
         defer {
             machine.release.signal()
@@ -84,7 +93,7 @@ import Testing
 
         // Five election timeouts of ticks pile up while the thread is held, then node 2's
         // answer to the last heartbeat sent before the stall.
-        ticks.fire(5 * cfg.electionTimeoutTicks)
+        ticks.fire(5 * Self.electionTimeoutTicks)
         peers.deliver(Message(from: 2, to: 1, ballot: b, body: .accepted(success: true, index: 2)))
         machine.release.signal()
         try #require(await eventually { node.status.appliedIndex == 2 })
@@ -105,17 +114,7 @@ import Testing
     /// still detected on time by a busy follower).
     @Test(arguments: [true, false])
     func aStarvedFollowerCampaignsOnlyWhenTheLeaderWasSilent(leaderHeard: Bool) async throws {
-        let peers = ReplicaNodeTests.ScriptedPeers()
-        let ticks = BurstTicks(dropsLateTicks: true)
-        let machine = HoldingMachine()
-        var cfg = ReplicaConfig(id: 1)
-        cfg.preVote = false
-        cfg.checkQuorum = true
-        cfg.electionTimeoutTicks = 10
-        let node = ReplicaNode(options: NodeOptions(replica: cfg, bootstrap: Membership(ReplicaNodeTests.three)),
-                               stateMachine: machine, log: try MemoryLog(), snapshots: MemorySnapshotStore(),
-                               transport: peers, ticks: ticks)
-        try node.start()
+        let (peers, ticks, machine, node) = try Self.start(dropsLateTicks: true)
         // Released before stopping, whatever failed: a held node thread never stops.
         defer {
             machine.release.signal()
@@ -128,7 +127,7 @@ import Testing
         peers.deliver(Message(from: 2, to: 1, ballot: b, body: .accept(prevIndex: 0, prevBallot: .zero, entries: [hold], commit: 1)))
         try #require(machine.entered.wait(timeout: .now() + 10) == .success)
 
-        ticks.fire(5 * cfg.electionTimeoutTicks)
+        ticks.fire(5 * Self.electionTimeoutTicks)
         if leaderHeard { peers.deliver(Message(from: 2, to: 1, ballot: b, body: .heartbeat(commit: 1, readRound: 0, votersDurable: 0))) }
         machine.release.signal()
         try #require(await eventually { node.status.appliedIndex == 1 })
