@@ -29,13 +29,19 @@ struct InMemoryLog: Sendable {
     /// Bytes an entry adds to a message besides its payload (index, ballot, kind, length).
     static let entryOverheadBytes = 32
 
+    /// Bytes an entry takes in a message, as `slice` and the in-flight window count them.
+    static func wireBytes(_ e: LogEntry) -> Int { e.payload.count + entryOverheadBytes }
+
+    /// Bytes `entries` take in a message.
+    static func wireBytes(_ entries: some Sequence<LogEntry>) -> Int { entries.reduce(0) { $0 + wireBytes($1) } }
+
     /// Entries from `from` on, at most `bytesMax` on the wire (always at least one if any).
     func slice(from: LogIndex, bytesMax: Int) -> [LogEntry] {
         guard from > snapshot.index, from <= lastIndex else { return [] }
         var out: [LogEntry] = []
         var bytes = 0
         for e in entries[Int(from - snapshot.index - 1)...] {
-            let size = e.payload.count + Self.entryOverheadBytes
+            let size = Self.wireBytes(e)
             if !out.isEmpty && bytes + size > bytesMax { break }
             bytes += size
             out.append(e)

@@ -269,7 +269,7 @@ extension Replica {
         case .replicate:
             if let last = entries.last {
                 pr.next = last.index + 1
-                pr.inflight.append(.init(last: last.index, bytes: entries.reduce(0) { $0 + $1.payload.count + InMemoryLog.entryOverheadBytes }))
+                pr.inflight.append(.init(last: last.index, bytes: InMemoryLog.wireBytes(entries)))
             }
         case .probe: pr.probeSent = true
         case .snapshot: break

@@ -25,7 +25,7 @@ import Testing
         c.queue.removeAll { m in
             guard m.to == to, case let .accept(_, _, entries, _) = m.body, !entries.isEmpty else { return false }
             messages += 1
-            bytes += entries.reduce(0) { $0 + $1.payload.count + InMemoryLog.entryOverheadBytes }
+            bytes += InMemoryLog.wireBytes(entries)
             return true
         }
         return (messages, bytes)

@@ -118,11 +118,12 @@ extension ReplicaNode {
     /// reached half an election timeout (the point where starvation starts to cost elections).
     func noteLateTicks(count: Int, oldest: UInt64) {
         metrics.lateTicks.increment(by: count - 1)
-        let late = DispatchTime.now().uptimeNanoseconds &- oldest
+        let now = DispatchTime.now().uptimeNanoseconds
+        let late = now &- oldest
         metrics.tickDelay.recordNanoseconds(Int64(clamping: late))
         guard count >= max(2, options.replica.electionTimeoutTicks / 2) else { return }
-        if let last = lastLateTickWarning, DispatchTime.now().uptimeNanoseconds &- last < 10_000_000_000 { return }
-        lastLateTickWarning = DispatchTime.now().uptimeNanoseconds
+        if let last = lastLateTickWarning, now &- last < 10_000_000_000 { return }
+        lastLateTickWarning = now
         options.onWarning?("node thread fell behind: \(count) ticks ran together, the oldest \(late / 1_000_000) ms late (election timeout: \(options.replica.electionTimeoutTicks) ticks); the machine is overloaded and elections may follow (docs/operations.md, \"Timing profiles\")")
     }
 
