@@ -290,6 +290,11 @@ public final class RingTransport: PolledMessageTransport {
 
     private var stopped: Bool { run.withLock { $0.stopped } }
 
+    /// Whether the reader took up a session `peer` announced; for tests of the connect order.
+    func hasTakenUpSession(from peer: NodeID) -> Bool {
+        links[peer]?.inbound.withLock { $0.epoch != 0 } ?? false
+    }
+
     /// Stops (or resumes) consuming the rings, as a slow receiver would; for tests of full rings.
     func pauseReceiving(_ paused: Bool) { receivingPaused.withLock { $0 = paused } }
 
@@ -360,7 +365,9 @@ public final class RingTransport: PolledMessageTransport {
         while !Task.isCancelled {
             let (needed, address) = link.out.withLock { s in (s.qp?.isUsable != true, s.address) }
             guard needed, let address else {
-                try? await Task.sleep(for: configuration.pollInterval * 5)
+                // Waiting for an address (or for the queue pair to fail): a long poll interval
+                // must not delay a connect once `setAddress` gives one.
+                try? await Task.sleep(for: min(configuration.pollInterval * 5, configuration.reconnectDelayMax))
                 continue
             }
             do {
@@ -377,7 +384,11 @@ public final class RingTransport: PolledMessageTransport {
                                      immediate: Immediate.session.rawValue, signaled: false)
                 }
                 // The peer may be waiting for credit on its own ring; it travels on this queue pair.
+                // Whoever reads the rings must return it now, not at its next poll: the peer's
+                // session may have been taken up before this queue pair existed, and its sender
+                // is not ready until this credit arrives.
                 link.inbound.withLock { $0.creditDirty = true }
+                fabric.completions.interrupt()
                 count(\.connects)
                 logger.debug("connected to node \(link.peer), epoch \(epoch)")
                 delay = configuration.reconnectDelayMin
