@@ -84,7 +84,7 @@ import Testing
                 let expected = base == remote.base && key == remote.key && fits
 
                 var w = ByteWriter()
-                w.u64(UInt64(i + 1)); w.u64(base); w.u32(key); w.u64(offset); w.u8(0); w.u32(0); w.raw(data)
+                w.u64(UInt64(i + 1)); w.u64(base); w.u32(key); w.u64(offset); w.u8(Frames.WriteFlag.acknowledge); w.u32(0); w.raw(data)
                 c.send(RawClient.frame(FrameType.write.rawValue, w.bytes))
                 guard let ack = c.readFrame(), ack.type == FrameType.ack.rawValue, ack.body.count == 9 else {
                     throw CommandError("iteration \(i): no ack; the connection closed")

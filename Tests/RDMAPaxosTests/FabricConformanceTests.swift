@@ -29,6 +29,27 @@ import Testing
         #expect(p.b.completions.poll().isEmpty)
     }
 
+    /// Unsignaled writes complete silently, yet must not stay outstanding: a queue pair that
+    /// allows 8 at once carries 2,000 of them (a refused post is retried), and the signaled
+    /// write after them is the one completion the writer sees.
+    @Test(arguments: FabricKind.allCases)
+    func unsignaledWritesAreReleasedWithoutCompletions(kind: FabricKind) async throws {
+        let world = FabricWorld(kind)
+        let a = try world.fabric(1, outstandingWritesMax: 8), b = try world.fabric(2)
+        defer { a.close(); b.close() }
+        let ra = try a.registerRegion(lengthBytes: 4096), rb = try b.registerRegion(lengthBytes: 4096)
+        _ = try await a.listen(at: world.listenAddress(1), exporting: ra)
+        let qp = try await a.connect(to: try await b.listen(at: world.listenAddress(2), exporting: rb), exporting: ra)
+        for i in 0..<2_000 {
+            guard await postRetrying(qp, [UInt8(truncatingIfNeeded: i)], at: i % 64, id: UInt64(i), signaled: false) else { return }
+        }
+        guard await postRetrying(qp, [7], at: 100, id: 9_999, signaled: true) else { return }
+        #expect(collect(a.completions, count: 1) == [Completion(kind: .write, status: .success, peer: 2, workRequestID: 9_999, immediate: nil)])
+        #expect(rb.read(offset: 100, count: 1) == [7])
+        #expect(rb.read(offset: 1_999 % 64, count: 1) == [UInt8(truncatingIfNeeded: 1_999)])
+        #expect(a.completions.poll().isEmpty)
+    }
+
     @Test(arguments: FabricKind.allCases)
     func writesOnOneQueuePairLandInPostingOrder(kind: FabricKind) async throws {
         let p = try await FabricPair.make(FabricWorld(kind), regionBytes: 8192)
@@ -221,4 +242,28 @@ final class OwnedBytes: Sendable {
         bytes.initializeMemory(as: UInt8.self, repeating: fill)
     }
     deinit { bytes.deallocate() }
+}
+
+/// Posts a write, retrying while the queue pair refuses it as having too many outstanding; false
+/// (with an issue recorded) after 10 s of refusals or on any other error.
+func postRetrying(_ qp: any QueuePair, _ bytes: [UInt8], at offset: Int, id: UInt64, signaled: Bool) async -> Bool {
+    let deadline = ContinuousClock.now + .seconds(10)
+    while true {
+        var refused = false
+        do {
+            try qp.postWrite(bytes, remoteOffset: offset, workRequestID: id, signaled: signaled)
+            return true
+        } catch {
+            guard case .tooManyOutstandingWrites = error else {
+                Issue.record("write \(id): \(error)")
+                return false
+            }
+            refused = true
+        }
+        guard refused, ContinuousClock.now < deadline else {
+            Issue.record("write \(id) refused for 10 s: unsignaled writes stay outstanding")
+            return false
+        }
+        try? await Task.sleep(for: .microseconds(200))
+    }
 }

@@ -69,6 +69,73 @@ struct RingCluster {
         #expect(await eventually { sender.send(messages[0]); return sender.statistics.sent > s.sent })
     }
 
+    /// The reader keeps credit until the writer's ring is over a quarter full: many small
+    /// messages cost few credit writes.
+    @Test(arguments: FabricKind.allCases)
+    func creditGoesBackOnlyWhenTheRingFillsUp(kind: FabricKind) async throws {
+        let c = try await RingCluster.make(kind, nodes: [1, 2], ringBytes: 4096)
+        defer { c.stop() }
+        let sender = c.transports[1]!, reader = c.transports[2]!
+        let returnedAtSessionStart = reader.statistics.creditReturns
+        let messages = (1...400).map { Message(from: 1, to: 2, ballot: Ballot(term: 1, node: 1), body: .heartbeat(commit: $0, readRound: 0)) }
+        for m in messages {
+            // One at a time, each read before the next: eager credit would return once per message.
+            let sent = sender.statistics.sent, read = c.inboxes[2]!.count
+            #expect(await eventually { sender.send(m); return sender.statistics.sent > sent })
+            #expect(await eventually { c.inboxes[2]!.count == read + 1 })
+        }
+        #expect(c.inboxes[2]!.all == messages)
+        let stride = RingLayout.stride(RingLayout.recordHeaderBytes + WireCodec.encode(messages[0]).count)
+        let returned = reader.statistics.creditReturns - returnedAtSessionStart
+        // 400 records pass through a 4 KiB ring: at least one return per lap, at most about one
+        // per quarter of the ring (each asking record is read once).
+        #expect(returned >= 400 * stride / 4096)
+        #expect(returned <= 400 * stride / 1024 + 4, "\(returned) credit writes for 400 records of \(stride) bytes")
+        #expect(sender.statistics.droppedRingFull == 0)
+    }
+
+    /// A message that needs more room than the credit the writer holds, while the reader read
+    /// everything and owes credit that no record asked for, gets in once the writer asks
+    /// through the control cell.
+    @Test(arguments: FabricKind.allCases)
+    func aWriterShortOfRoomAsksForTheCreditItIsOwed(kind: FabricKind) async throws {
+        let c = try await RingCluster.make(kind, nodes: [1, 2], ringBytes: 4096)
+        defer { c.stop() }
+        let sender = c.transports[1]!
+        func message(totalBytes: Int, _ i: UInt64) -> Message {
+            // A command entry whose record (header + encoded message) is `totalBytes` long.
+            func make(_ n: Int) -> Message {
+                let e = LogEntry(index: i, ballot: Ballot(term: 1, node: 1), kind: .command, payload: [UInt8](repeating: 7, count: n))
+                return Message(from: 1, to: 2, ballot: Ballot(term: 1, node: 1),
+                               body: .accept(prevIndex: i - 1, prevBallot: Ballot(term: 1, node: 1), entries: [e], commit: 0))
+            }
+            var n = totalBytes - RingLayout.recordHeaderBytes - WireCodec.encode(make(0)).count
+            while RingLayout.recordHeaderBytes + WireCodec.encode(make(n)).count > totalBytes { n -= 1 }
+            let m = make(n)
+            #expect(RingLayout.stride(RingLayout.recordHeaderBytes + WireCodec.encode(m).count) == totalBytes)
+            return m
+        }
+        func sendOnce(_ m: Message) async -> Bool {
+            let before = sender.statistics.sent
+            sender.send(m)
+            let delivered = c.inboxes[2]!.count
+            guard sender.statistics.sent == before + 1 else { return false }
+            return await eventually { c.inboxes[2]!.count == delivered + 1 }
+        }
+        // 1,536 bytes: over a quarter of the ring, so it asks and its credit comes back.
+        #expect(await sendOnce(message(totalBytes: 1_536, 1)))
+        // Eight records of 128 bytes: the ring is then exactly a quarter full; none asks.
+        for i in 0..<8 { #expect(await sendOnce(message(totalBytes: 128, UInt64(2 + i)))) }
+        // 2,048 bytes at position 2,560 must wrap: 1,536 + 2,048 bytes of room, 1,024 not returned.
+        let big = message(totalBytes: 2_048, 10)
+        sender.send(big)
+        #expect(sender.statistics.droppedRingFull == 1)
+        #expect(sender.statistics.creditRequests == 1)
+        #expect(await eventually { sender.send(big); return sender.statistics.sent == 10 })
+        #expect(await eventually { c.inboxes[2]!.count == 10 })
+        #expect(c.inboxes[2]!.all.last == big)
+    }
+
     @Test(arguments: FabricKind.allCases)
     func creditReturnLetsTheRingWrapManyTimes(kind: FabricKind) async throws {
         let c = try await RingCluster.make(kind, nodes: [1, 2], ringBytes: 1024)

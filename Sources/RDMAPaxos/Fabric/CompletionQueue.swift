@@ -28,6 +28,13 @@ public final class CompletionQueue: @unchecked Sendable {
 
     func push(_ c: Completion) {
         condition.lock()
+        if c.kind == .writeImmediateReceived, let ring = doorbell {
+            // The doorbell's owner reads the rings itself and needs nothing from the completion:
+            // queueing it would also wake the thread waiting here, a second wake-up per landing.
+            condition.unlock()
+            ring()
+            return
+        }
         if entries.count - head >= capacityEntries {
             overruns += 1
             condition.unlock()
@@ -35,14 +42,13 @@ public final class CompletionQueue: @unchecked Sendable {
         }
         entries.append(c)
         condition.signal()
-        let ring = c.kind == .writeImmediateReceived ? doorbell : nil
         condition.unlock()
-        ring?()
     }
 
-    /// Called by the thread that pushes each `writeImmediateReceived` completion, right after the
-    /// push (outside the queue's lock): lets the thread that reads the rings wake at once, without
-    /// a second thread between (`RingTransport.startPolled`). Nil: no doorbell.
+    /// Called, in place of queueing it, by the thread that pushes each `writeImmediateReceived`
+    /// completion (outside the queue's lock): lets the thread that reads the rings wake at once,
+    /// without a second thread between (`RingTransport.startPolled`). While a doorbell is set,
+    /// those completions are not queued and wake no waiter. Nil: no doorbell.
     public func setDoorbell(_ ring: (@Sendable () -> Void)?) {
         condition.lock()
         doorbell = ring

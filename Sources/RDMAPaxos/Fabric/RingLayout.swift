@@ -15,7 +15,7 @@ import CXXHash
 /// number, so a stale record from an earlier lap or session is never delivered.
 public struct RingLayout: Hashable, Sendable {
     /// Layout version written into the header cell.
-    public static let version: UInt16 = 1
+    public static let version: UInt16 = 2
     /// Size of the region's header cell.
     public static let headerBytes = 64
     /// Size of one credit or control cell.
@@ -87,6 +87,9 @@ public struct RingLayout: Hashable, Sendable {
 /// with syncvm's mailbox (`VMReplica.MailboxFormat`), which seals its own cells and records the same way.
 package enum RingFormat {
     enum Flags: UInt32 { case message = 0, wrap = 1 }
+    /// A record flag bit beside `Flags`: the writer wants its credit back once this record is
+    /// read (its ring is filling up); without it the reader keeps the credit for later.
+    static let creditWanted: UInt32 = 2
 
     package static func checksum(_ b: UnsafeRawBufferPointer) -> UInt64 { XXH3_64bits(b.baseAddress, b.count) }
 
@@ -122,16 +125,24 @@ package enum RingFormat {
         return sealed(w.bytes)
     }
 
-    /// Control cell: checksum, epoch of the sender's new session.
-    static func control(epoch: UInt64) -> [UInt8] {
-        var w = ByteWriter(capacity: 8); w.u64(epoch)
+    /// Control cell: checksum, epoch of the sender's session, and how many times in that session
+    /// the sender asked for its credit at once (its ring had no room for a message).
+    static func control(epoch: UInt64, creditRequests: UInt64 = 0) -> [UInt8] {
+        var w = ByteWriter(capacity: 16); w.u64(epoch); w.u64(creditRequests)
         return sealed(w.bytes)
+    }
+    /// Bytes of a sealed control cell.
+    static let controlBytes = 24
+    /// (epoch, credit requests) of a sealed control cell; nil when torn or never written.
+    static func controlCell(_ b: UnsafeRawBufferPointer) -> (epoch: UInt64, creditRequests: UInt64)? {
+        guard let body = unsealed(b), body.count >= 16 else { return nil }
+        return (readU64(body, 0), readU64(body, 8))
     }
 
     /// A record: checksum, u32 totalBytes (header + payload), u32 flags, u64 epoch, u64 seq, payload.
-    static func record(_ flags: Flags, epoch: UInt64, sequence: UInt64, payload: [UInt8]) -> [UInt8] {
+    static func record(_ flags: Flags, epoch: UInt64, sequence: UInt64, payload: [UInt8], creditWanted: Bool = false) -> [UInt8] {
         var w = ByteWriter(capacity: RingLayout.recordHeaderBytes - 8 + payload.count)
-        w.u32(UInt32(RingLayout.recordHeaderBytes + payload.count)); w.u32(flags.rawValue)
+        w.u32(UInt32(RingLayout.recordHeaderBytes + payload.count)); w.u32(flags.rawValue | (creditWanted ? Self.creditWanted : 0))
         w.u64(epoch); w.u64(sequence); w.raw(payload)
         return sealed(w.bytes)
     }

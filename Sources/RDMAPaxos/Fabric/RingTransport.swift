@@ -81,6 +81,11 @@ public final class RingTransport: PolledMessageTransport {
         public var undecodable = 0
         /// Queue pairs connected (first connections and reconnections).
         public var connects = 0
+        /// Credit cells written back to peers (the reader returns credit lazily: for a new
+        /// session, a record that asks, or a request in the control cell).
+        public var creditReturns = 0
+        /// Requests for credit written to peers' control cells, each after a message found no room.
+        public var creditRequests = 0
     }
 
     /// The configuration the transport was opened with.
@@ -315,9 +320,13 @@ public final class RingTransport: PolledMessageTransport {
             let phys = s.writePos % ring
             return phys + stride > ring ? ring - phys + stride : stride
         }
-        if !s.ready || s.writePos + needed() - s.creditPos > ring { refreshCredit(link, &s) }
+        // The credit cell is read when the ring looks a quarter full: the flag below depends on it.
+        if !s.ready || s.writePos + needed() - s.creditPos > ring / 4 { refreshCredit(link, &s) }
         guard s.ready else { return \.droppedNotConnected }
-        guard s.writePos + needed() - s.creditPos <= ring else { return \.droppedRingFull }
+        guard s.writePos + needed() - s.creditPos <= ring else {
+            requestCredit(on: link, qp, &s)
+            return \.droppedRingFull
+        }
         let ringOffset = link.remoteLayout.ringOffset(link.outIndex)
         do {
             let phys = s.writePos % ring
@@ -328,7 +337,12 @@ public final class RingTransport: PolledMessageTransport {
                 s.writePos += ring - phys
                 s.sequence += 1
             }
-            let record = RingFormat.record(.message, epoch: s.epoch, sequence: s.sequence, payload: payload)
+            // The reader returns credit lazily: only for a record that asks (the ring is over a
+            // quarter full after it, and no earlier asking record is still unanswered), a new
+            // session, or a request in the control cell.
+            let wanted = s.writePos + stride - s.creditPos > ring / 4 && s.creditPos >= s.askedAt
+            if wanted { s.askedAt = s.writePos + stride }
+            let record = RingFormat.record(.message, epoch: s.epoch, sequence: s.sequence, payload: payload, creditWanted: wanted)
             s.posted += 1
             try qp.postWrite(record, remoteOffset: ringOffset + Int(s.writePos % ring), immediate: Immediate.record.rawValue,
                              workRequestID: s.posted, signaled: s.posted % UInt64(configuration.signalEveryWrites) == 0)
@@ -341,6 +355,19 @@ public final class RingTransport: PolledMessageTransport {
             logger.debug("write to node \(link.peer) not posted: \(error)")
             return \.droppedPostFailed
         }
+    }
+
+    /// The ring has no room for a message while the reader may hold back credit for what it
+    /// read: ask for it through the control cell (once per credit position), so the next
+    /// attempt finds the room.
+    private func requestCredit(on link: PeerLink, _ qp: any QueuePair, _ s: inout Sender) {
+        guard s.requestedAt != s.creditPos else { return }
+        s.requestedAt = s.creditPos
+        s.creditRequests += 1
+        count(\.creditRequests)
+        try? qp.postWrite(RingFormat.control(epoch: s.epoch, creditRequests: s.creditRequests),
+                          remoteOffset: link.remoteLayout.controlOffset(link.outIndex), immediate: Immediate.session.rawValue,
+                          signaled: false)
     }
 
     /// Reads the credit cell the peer writes into this node's region.
@@ -387,7 +414,7 @@ public final class RingTransport: PolledMessageTransport {
                 // Whoever reads the rings must return it now, not at its next poll: the peer's
                 // session may have been taken up before this queue pair existed, and its sender
                 // is not ready until this credit arrives.
-                link.inbound.withLock { $0.creditDirty = true }
+                link.inbound.withLock { $0.creditDue = true }
                 fabric.completions.interrupt()
                 count(\.connects)
                 logger.debug("connected to node \(link.peer), epoch \(epoch)")
@@ -440,11 +467,9 @@ public final class RingTransport: PolledMessageTransport {
         return link.inbound.withLock { st in
             // A new session announced and not yet taken up (its credit answer is due), or credit
             // not yet returned.
-            let announced: UInt64? = region.withBytes(offset: layout.controlOffset(link.inIndex), count: 16) { b in
-                RingFormat.unsealed(b).map { RingFormat.readU64($0, 0) }
-            }
-            if let e = announced, e != 0, e != st.epoch { return true }
-            if st.creditDirty && st.epoch != 0 { return true }
+            let control = region.withBytes(offset: layout.controlOffset(link.inIndex), count: RingFormat.controlBytes) { RingFormat.controlCell($0) }
+            if let c = control, c.epoch != 0, c.epoch != st.epoch || c.creditRequests != st.creditRequests { return true }
+            if st.creditDue && st.epoch != 0 { return true }
             guard st.epoch != 0 else { return false }
             let phys = Int(st.readPos % UInt64(layout.ringBytes))
             let h = region.withBytes(offset: ringOffset + phys, count: RingLayout.recordHeaderBytes) { RingFormat.header($0) }
@@ -457,12 +482,13 @@ public final class RingTransport: PolledMessageTransport {
         let ring = layout.ringBytes
         let ringOffset = layout.ringOffset(link.inIndex)
         link.inbound.withLock { st in
-            let announced: UInt64? = region.withBytes(offset: layout.controlOffset(link.inIndex), count: 16) { b in
-                RingFormat.unsealed(b).map { RingFormat.readU64($0, 0) }
-            }
-            if let e = announced, e != 0, e != st.epoch {
-                st = Receiver(epoch: e)
-                st.creditDirty = true
+            let control = region.withBytes(offset: layout.controlOffset(link.inIndex), count: RingFormat.controlBytes) { RingFormat.controlCell($0) }
+            if let c = control, c.epoch != 0, c.epoch != st.epoch {
+                st = Receiver(epoch: c.epoch, creditRequests: c.creditRequests)
+                st.creditDue = true
+            } else if let c = control, c.epoch == st.epoch, c.creditRequests != st.creditRequests {
+                st.creditRequests = c.creditRequests
+                st.creditDue = true
             }
             guard st.epoch != 0 else { return }
             for _ in 0..<4096 {
@@ -471,7 +497,8 @@ public final class RingTransport: PolledMessageTransport {
                 let payloadBytes = h.totalBytes - RingLayout.recordHeaderBytes
                 guard h.epoch == st.epoch, h.sequence == st.sequence, payloadBytes >= 0,
                       payloadBytes <= layout.payloadBytesMax, phys + RingLayout.stride(h.totalBytes) <= ring,
-                      h.flags == RingFormat.Flags.message.rawValue || (h.flags == RingFormat.Flags.wrap.rawValue && payloadBytes == 0)
+                      h.flags & ~RingFormat.creditWanted == RingFormat.Flags.message.rawValue
+                          || (h.flags == RingFormat.Flags.wrap.rawValue && payloadBytes == 0)
                 else { return }
                 let payload: [UInt8]? = region.withBytes(offset: ringOffset + phys, count: h.totalBytes) { b in
                     RingFormat.unsealed(b).map { Array($0[(RingLayout.recordHeaderBytes - 8)...]) }
@@ -482,7 +509,7 @@ public final class RingTransport: PolledMessageTransport {
                     return
                 }
                 st.sequence += 1
-                st.creditDirty = true
+                if h.flags & RingFormat.creditWanted != 0 { st.creditDue = true }
                 if h.flags == RingFormat.Flags.wrap.rawValue {
                     st.readPos += UInt64(ring - phys)
                     continue
@@ -501,7 +528,7 @@ public final class RingTransport: PolledMessageTransport {
     /// Tells the peer how far its ring here was consumed, by a write into its credit cell.
     private func returnCredit(_ link: PeerLink) {
         link.inbound.withLock { st in
-            guard st.creditDirty, st.epoch != 0 else { return }
+            guard st.creditDue, st.epoch != 0 else { return }
             let cell = RingFormat.credit(epoch: st.epoch, consumed: st.readPos)
             let posted = link.out.withLock { s -> Bool in
                 guard let qp = s.qp, qp.isUsable else { return false }
@@ -510,7 +537,10 @@ public final class RingTransport: PolledMessageTransport {
                     return true
                 } catch { return false }
             }
-            if posted { st.creditDirty = false }
+            if posted {
+                st.creditDue = false
+                count(\.creditReturns)
+            }
         }
     }
 }
@@ -546,6 +576,12 @@ struct Sender {
     var creditPos: UInt64 = 0
     var sequence: UInt64 = 1
     var posted: UInt64 = 0
+    /// Credit requests written to the control cell in this session, and the credit position
+    /// at the last one (one request per position).
+    var creditRequests: UInt64 = 0
+    var requestedAt: UInt64 = .max
+    /// End of the last record that asked for credit; the next asks once credit reached it.
+    var askedAt: UInt64 = 0
 
     mutating func reset(qp: any QueuePair, epoch: UInt64) {
         let address = self.address
@@ -557,6 +593,9 @@ struct Receiver {
     var epoch: UInt64 = 0
     var readPos: UInt64 = 0
     var sequence: UInt64 = 1
-    var creditDirty = false
+    /// The control cell's credit requests already answered.
+    var creditRequests: UInt64 = 0
+    /// Credit must go back now: a new session, a record that asked, or a request.
+    var creditDue = false
     var tornAt: UInt64 = .max
 }

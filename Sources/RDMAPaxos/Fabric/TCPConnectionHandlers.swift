@@ -9,7 +9,7 @@ import NIOCore
 //   response(MAC_connector, region) →
 //                                 ←    accept(region)                       [or reject(reason)]
 //   write(seq, base, key, offset, imm, data) →   … lands in the region …
-//                                 ←    ack(seq, status)
+//                                 ←    ack(seq, status)   [when asked, or when it did not land]
 
 /// Acceptor side: authenticates the connector, then lands its writes and acknowledges them.
 final class AcceptorHandler: ChannelInboundHandler {
@@ -102,6 +102,8 @@ final class AcceptorHandler: ChannelInboundHandler {
                 context.close(promise: nil)
                 return
             }
+            // Only what the writer asked about, and every write that did not land, is answered.
+            guard w.acknowledge || !landed else { return }
             context.write(wrapOutboundOut(Frames.frame(.ack, context.channel.allocator, capacity: 9) { b in
                 b.writeInteger(w.sequence); b.writeInteger(UInt8(landed ? 0 : 1))
             }), promise: nil)

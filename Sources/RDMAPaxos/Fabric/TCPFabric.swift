@@ -11,8 +11,11 @@ import Synchronization
 ///
 /// A queue pair is one TCP connection, authenticated both ways with the cluster key. A WRITE
 /// travels as a frame; the target's fabric lands the bytes in the registered region on its I/O
-/// thread (the target's consensus loop takes no part), then acknowledges; the writer's completion
-/// follows the acknowledgement, so success means the bytes landed. TCP keeps each connection's
+/// thread (the target's consensus loop takes no part). The writer asks for an acknowledgement of
+/// each signaled write and of every `acknowledgeEveryWrites`-th one (bounding what is
+/// outstanding); one acknowledgement answers every earlier write as well, and a write that does
+/// not land is always answered. The writer's completion follows the acknowledgement, so success
+/// means the bytes landed. TCP keeps each connection's
 /// frames in order, which gives per-queue-pair order. Writes carry the region key; a wrong key or
 /// range is acknowledged as a remote access error and the writer's queue pair enters the error
 /// state, as in verbs.
@@ -94,8 +97,11 @@ public final class TCPFabric: Fabric {
 
     /// A fabric for `node` on `group`; throws `.badConfiguration` for a short key, a node that is 0
     /// or not a member, or limits that leave no room for one write.
+    ///
+    /// By default all of a fabric's connections share one event loop (of NIO's shared group): a
+    /// node thread that writes to every follower then wakes one thread, not one per connection.
     public init(node: NodeID, configuration: Configuration,
-                group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton) throws(FabricError) {
+                group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton.next()) throws(FabricError) {
         guard configuration.clusterKey.count >= 16 else { throw .badConfiguration("the cluster key must be at least 16 bytes") }
         guard node != 0, configuration.members.contains(node) else {
             throw .badConfiguration("node \(node) is not among the members \(configuration.members.sorted())")
@@ -324,7 +330,12 @@ final class TCPQueuePair: QueuePair {
         var inError = false
         var nextSequence: UInt64 = 1
         var outstanding = CircularBuffer<Pending>()
+        /// Writes posted since the last one that asked for an acknowledgement.
+        var unasked = 0
     }
+    /// Unsignaled writes in a row after which one asks for an acknowledgement anyway, so the
+    /// outstanding ones are released well before `outstandingWritesMax`.
+    static let acknowledgeEveryWrites = 32
     private let state = Mutex(State())
 
     init(fabric: TCPFabric, peer: NodeID, remote: RemoteRegion, channel: any Channel) {
@@ -349,10 +360,14 @@ final class TCPQueuePair: QueuePair {
             let seq = s.nextSequence
             s.nextSequence += 1
             s.outstanding.append(Pending(sequence: seq, workRequestID: workRequestID, signaled: signaled))
+            s.unasked += 1
+            let ask = signaled || s.unasked >= Self.acknowledgeEveryWrites || s.outstanding.count * 2 >= limit
+            if ask { s.unasked = 0 }
+            let flags = (immediate == nil ? 0 : Frames.WriteFlag.immediate) | (ask ? Frames.WriteFlag.acknowledge : 0)
             let frame = Frames.frame(.write, channel.allocator, capacity: Frames.writeHeaderBytes + bytes.count) { b in
                 b.writeInteger(seq); b.writeInteger(remote.base); b.writeInteger(key)
                 b.writeInteger(UInt64(bitPattern: Int64(remoteOffset)))
-                b.writeInteger(UInt8(immediate == nil ? 0 : 1)); b.writeInteger(immediate ?? 0)
+                b.writeInteger(flags); b.writeInteger(immediate ?? 0)
                 b.writeBytes(bytes)
             }
             // Always through the loop's task queue, under the lock: posting order is wire order.
@@ -360,17 +375,23 @@ final class TCPQueuePair: QueuePair {
         }
     }
 
-    /// The target answered the oldest outstanding write. False for an answer that matches none.
+    /// The target answered write `sequence`, and with it every earlier outstanding write (they
+    /// landed). False for an answer that matches no outstanding write.
     func acknowledged(sequence: UInt64, landed: Bool) -> Bool {
         let fail = state.withLock { s -> Bool? in
             if s.inError { return false }
-            guard let first = s.outstanding.first, first.sequence == sequence else { return nil }
-            s.outstanding.removeFirst()
+            guard let first = s.outstanding.first, let last = s.outstanding.last,
+                  first.sequence <= sequence, sequence <= last.sequence else { return nil }
+            while let p = s.outstanding.first, p.sequence < sequence {
+                s.outstanding.removeFirst()
+                if p.signaled { push(p, .success) }
+            }
+            let answered = s.outstanding.removeFirst()
             if landed {
-                if first.signaled { push(first, .success) }
+                if answered.signaled { push(answered, .success) }
                 return false
             }
-            push(first, .remoteAccessError)
+            push(answered, .remoteAccessError)
             errorLocked(&s, firstStatus: .flushed)
             return true
         }

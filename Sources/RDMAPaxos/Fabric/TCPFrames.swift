@@ -142,14 +142,20 @@ enum Frames {
         return readRegion(&b, owner: acceptor)
     }
 
-    struct Write { var sequence: UInt64; var base: UInt64; var key: UInt32; var offset: UInt64; var immediate: UInt32?; var data: ByteBuffer }
+    /// A write frame's flag bits: it carries an immediate; the writer wants it acknowledged.
+    enum WriteFlag { static let immediate: UInt8 = 1, acknowledge: UInt8 = 2 }
+    /// A write. The target acknowledges it only when asked (`acknowledge`), or when it did not
+    /// land; an acknowledgement of sequence n answers every earlier write too (they landed: TCP
+    /// keeps them in order and a write that does not land ends the connection).
+    struct Write { var sequence: UInt64; var base: UInt64; var key: UInt32; var offset: UInt64; var immediate: UInt32?; var acknowledge: Bool; var data: ByteBuffer }
     static func parseWrite(_ body: ByteBuffer) -> Write? {
         var b = body
         guard b.readableBytes >= writeHeaderBytes, let s = b.readInteger(as: UInt64.self),
               let base = b.readInteger(as: UInt64.self), let k = b.readInteger(as: UInt32.self),
-              let o = b.readInteger(as: UInt64.self), let has = b.readInteger(as: UInt8.self), has <= 1,
+              let o = b.readInteger(as: UInt64.self), let flags = b.readInteger(as: UInt8.self), flags <= WriteFlag.immediate | WriteFlag.acknowledge,
               let imm = b.readInteger(as: UInt32.self) else { return nil }
-        return Write(sequence: s, base: base, key: k, offset: o, immediate: has == 1 ? imm : nil, data: b)
+        return Write(sequence: s, base: base, key: k, offset: o, immediate: flags & WriteFlag.immediate != 0 ? imm : nil,
+                     acknowledge: flags & WriteFlag.acknowledge != 0, data: b)
     }
 
     static func parseAck(_ body: ByteBuffer) -> (sequence: UInt64, landed: Bool)? {
@@ -164,7 +170,7 @@ enum Frames {
 /// ids under a role label, so a MAC cannot be reflected back, reused with other ids, or replayed
 /// against a fresh nonce.
 enum TCPHandshake {
-    static let version: UInt16 = 1
+    static let version: UInt16 = 2
     enum Role: String { case acceptor = "plover-fabric-v1 acceptor", connector = "plover-fabric-v1 connector" }
 
     static func mac(key: SymmetricKey, role: Role, connector: NodeID, acceptor: NodeID,
