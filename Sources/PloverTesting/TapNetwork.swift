@@ -1,6 +1,7 @@
 // The network a tap-attached VM pair's clients need (a bridge, a tap per VM replica, a client
-// namespace), and a RESP client for one redis connection: used by the tap failover test and by
-// `plover bench vm-tap`. docs/design/vmreplica.md, "Tap attachment".
+// namespace), a RESP client for one redis connection and an HTTP GET for the guest's httpd: used
+// by the tap failover test and by `plover bench vm-tap` and `vm-bytes`. docs/design/vmreplica.md,
+// "Tap attachment".
 
 import Foundation
 import Synchronization
