@@ -88,6 +88,7 @@ bench-vm: deps
 	python3 benchmarks/vm/plot.py benchmarks/vm/results.md benchmarks/vm/vm.svg
 	.build/release/plover bench vm-tap --requests 40 --clients 1,16 --kills 5 --out benchmarks/vm-tap/results.md
 	.build/release/plover bench vm-bytes --requests 40 --runs 16x1,16x16,1x1 --out benchmarks/vm-bytes/results.md
+	.build/release/plover bench vm-bytes --requests 40 --runs 16x1,1x1 --redis-config "hz 1" --out benchmarks/vm-bytes/results-hz1.md
 
 bench-vm-disk: deps
 	$(SWIFT) build -c release --product plover

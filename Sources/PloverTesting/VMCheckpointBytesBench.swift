@@ -20,6 +20,7 @@ package struct VMCheckpointBytesBench: ParsableCommand {
     @Option(help: "redis-benchmark requests per client in each run.") var requests = 40
     @Option(help: "redis-benchmark runs as CxP (C clients, P requests in flight per client), comma-separated; the issue's workload is 16x1.") var runs = "16x1,16x16,1x1"
     @Option(help: "Disk image per VM, MiB.") var diskMb = 64
+    @Option(help: "redis-server settings to apply with CONFIG SET before the runs, as NAME VALUE pairs separated by commas (e.g. \"hz 1\").") var redisConfig = ""
     @Option(help: "Scratch directory (deleted afterwards unless --keep).") var dir = "benchmarks/vm-bytes/out"
     @Flag(help: "Keep the scratch directory (replica logs, checkpoints.log).") var keep = false
     @Option(help: "Write the markdown results here as well as to stdout.") var out: String?
@@ -102,6 +103,12 @@ package struct VMCheckpointBytesBench: ParsableCommand {
         }
         let persistence = try probe.command(["INFO", "persistence"], timeout: .seconds(60))
         guard persistence.contains("aof_enabled:1") else { throw CLIError("redis-server in the guest keeps no AOF on its disk: \(persistence.prefix(200))") }
+        for setting in redisConfig.split(separator: ",") {
+            let words = setting.split(separator: " ").map(String.init)
+            guard words.count == 2 else { throw CLIError("--redis-config \(redisConfig): \"\(setting)\" is not NAME VALUE") }
+            let answer = try probe.command(["CONFIG", "SET"] + words, timeout: .seconds(60))
+            guard answer == "+OK" else { throw CLIError("--redis-config: CONFIG SET \(setting) answered \(answer)") }
+        }
 
         var results: [Run] = []
         for (c, p) in runList {
@@ -121,7 +128,7 @@ package struct VMCheckpointBytesBench: ParsableCommand {
             results.append(Run(clients: c, pipeline: p, rps: rps, checkpoints: done, divergentPages: divergent))
         }
         let report = Self.report(results, diskMb: diskMb, machine: vmMachineLine(machine, qemu: qemu),
-                                 command: "plover bench vm-bytes --requests \(requests) --runs \(runs) --disk-mb \(diskMb)")
+                                 command: "plover bench vm-bytes --requests \(requests) --runs \(runs) --disk-mb \(diskMb)" + (redisConfig.isEmpty ? "" : " --redis-config '\(redisConfig)'"))
         print(report)
         if let out { try report.write(toFile: out, atomically: true, encoding: .utf8) }
     }
