@@ -3,7 +3,8 @@
 #   - the Debian cloud kernel (apt-get download + dpkg -x; no install),
 #   - an initramfs with busybox-static, the kernel's virtio-net and virtio-blk modules,
 #     scripts/vm-guest/init and the UDP counter service (scripts/vm-guest/counter.c, gcc -static),
-#   - Debian's unmodified redis-server with the shared libraries `ldd` lists for it (TCP 6379).
+#   - Debian's unmodified redis-server with the shared libraries `ldd` lists for it (TCP 6379),
+#   - busybox's httpd (TCP 80), whose page without a disk is root/www/index.html, made here.
 # Usage: scripts/build-vm-guest.sh [OUTDIR]   (default build/cache/vm-guest)
 # Prints OUTDIR; OUTDIR/vmlinuz and OUTDIR/initrd.gz are the result. Cached: a second run with
 # the same inputs does nothing. Needs busybox-static, gcc and redis-server (scripts/install-deps.sh).
@@ -56,6 +57,8 @@ for lib in $(ldd "$redis" | awk '/=> \// {print $3} /^\t\/lib/ {print $1}'); do
   mkdir -p "root$(dirname "$lib")"
   cp -L "$lib" "root$lib"
 done
+mkdir -p root/www
+echo "plover guest: served from the initramfs (/www)" > root/www/index.html
 cp "$here/vm-guest/init" root/init
 chmod +x root/init
 (cd root && find . | /bin/busybox cpio -o -H newc 2>/dev/null | gzip -1) > "$out/initrd.gz.tmp"

@@ -1,6 +1,7 @@
 // The network a tap-attached VM pair's clients need (a bridge, a tap per VM replica, a client
-// namespace), and a RESP client for one redis connection: used by the tap failover test and by
-// `plover bench vm-tap`. docs/design/vmreplica.md, "Tap attachment".
+// namespace), a RESP client for one redis connection and an HTTP GET for the guest's httpd: used
+// by the tap failover test and by `plover bench vm-tap` and `vm-bytes`. docs/design/vmreplica.md,
+// "Tap attachment".
 
 import Foundation
 import Synchronization
@@ -183,6 +184,37 @@ final class RedisConnection: @unchecked Sendable {
     }
 
     deinit { close(fd) }
+
+    /// One HTTP/1.0 GET of `path` on a new connection from `make` (a client-namespace socket) to
+    /// host:port, the guest's busybox httpd: the status line's code and the body, read to the
+    /// end of the connection. Throws when no complete answer came within `timeout`.
+    static func httpGet(socket make: () throws -> Int32, host: String, port: UInt16 = 80, path: String, timeout: Duration) throws -> (status: Int, body: String) {
+        let deadline = ContinuousClock.now + timeout
+        let c = try RedisConnection(socket: make, host: host, port: port, timeout: timeout)
+        let req = Array("GET \(path) HTTP/1.0\r\nHost: \(host)\r\n\r\n".utf8)
+        let sent = req.withUnsafeBytes { send(c.fd, $0.baseAddress!, $0.count, Int32(MSG_NOSIGNAL)) }
+        guard sent == req.count else { throw CLIError("GET \(path) from \(host): send: \(String(cString: strerror(errno)))") }
+        var got: [UInt8] = []
+        var chunk = [UInt8](repeating: 0, count: 4096)
+        while true {
+            let left = deadline - ContinuousClock.now
+            var p = pollfd(fd: c.fd, events: Int16(POLLIN), revents: 0)
+            guard left > .zero, poll(&p, 1, Int32(clamping: max(1, left.wholeMilliseconds))) == 1 else {
+                throw CLIError("GET \(path) from \(host):\(port): no complete answer within \(timeout) (\(got.count) bytes)")
+            }
+            let n = chunk.withUnsafeMutableBytes { read(c.fd, $0.baseAddress!, 4096) }
+            guard n >= 0 else { throw CLIError("GET \(path) from \(host):\(port): read: \(String(cString: strerror(errno)))") }
+            if n == 0 { break }
+            got += chunk[..<n]
+        }
+        let text = String(decoding: got, as: UTF8.self)
+        guard let head = text.split(separator: "\r\n", maxSplits: 1).first, head.hasPrefix("HTTP/"),
+              let code = Int(head.split(separator: " ").dropFirst().first ?? "") else {
+            throw CLIError("GET \(path) from \(host):\(port): no HTTP status line in \(text.prefix(80).debugDescription)")
+        }
+        let body = text.range(of: "\r\n\r\n").map { String(text[$0.upperBound...]) } ?? ""
+        return (code, body)
+    }
 
     /// Sends one command and returns its reply: "+OK", "-ERR ...", ":N", the bulk string's
     /// text, or "(nil)". Throws on a closed connection or no reply within `timeout`.

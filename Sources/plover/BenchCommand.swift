@@ -6,6 +6,6 @@ struct BenchCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "bench",
         abstract: "Run a benchmark.",
-        subcommands: [StableLogBench.self, ConsensusBench.self, VMBench.self, VMFailoverBench.self, VMTapBench.self, SoakBench.self,
+        subcommands: [StableLogBench.self, ConsensusBench.self, VMBench.self, VMFailoverBench.self, VMTapBench.self, VMCheckpointBytesBench.self, SoakBench.self,
                       StopGapBench.self, FailoverBench.self, RoundTripEcho.self])
 }

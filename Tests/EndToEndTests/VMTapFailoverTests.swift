@@ -5,17 +5,19 @@ import Synchronization
 import Testing
 @testable import PloverTesting
 
-/// A real network path into the replicated guest: each VM replica attaches to a tap on one bridge
-/// (`network = "tap"`, TapLab), and a client in its own network namespace keeps ONE TCP
-/// connection to Debian's unmodified redis-server in the guest, writing numbered keys
-/// (SET k_i i). The primary is killed (kill -9 of its replica process and QEMU) while the client
+/// A real network path into the replicated guest with a disk: each VM replica attaches to a tap on
+/// one bridge (`network = "tap"`, TapLab) and has a disk image of its own, and a client in its own
+/// network namespace keeps ONE TCP connection to Debian's unmodified redis-server in the guest
+/// (its AOF on the guest's disk), writing numbered keys (SET k_i i), and fetches a page from the
+/// guest's busybox httpd (kept on the disk) before and after the failover. The primary is killed (kill -9 of its replica process and QEMU) while the client
 /// writes; the same connection goes on against the backup. The killed replica is restarted and
 /// re-protected, then the new primary is paused between two writes (SIGSTOP of its replica and
 /// QEMU, a host that hangs: its tap stays up on the bridge and the guest has nothing to send, so
 /// only the next primary's gratuitous ARP moves the guest's MAC to its port, which the test reads
 /// from the bridge's forwarding table) and the connection goes on again. At the end every
-/// acknowledged key is read back on that connection, and the RAM digests of the checkpoints both
-/// sides completed are equal.
+/// acknowledged key is read back on that connection, and the RAM and disk digests of the
+/// checkpoints both sides completed are equal, with such a checkpoint in each direction (before
+/// the kill, and after the restarted replica's re-protection).
 extension EndToEnd {
     @Suite(.serialized) struct VMTapFailoverTests {
         typealias VM = VMReplicationTests
@@ -87,6 +89,13 @@ extension EndToEnd {
 
             func resume() { state.withLock { $0.pause = false } }
 
+            /// Runs `body` on the writer's connection between two writes.
+            func paused<T>(_ body: () throws -> T) rethrows -> T {
+                pause()
+                defer { resume() }
+                return try body()
+            }
+
             /// Stops after the write in flight and waits for the thread.
             func stop() {
                 state.withLock { $0.stop = true }
@@ -116,10 +125,30 @@ extension EndToEnd {
             try await onOwnThread {
                 let lab = try TapLab()
                 defer { lab.tearDown() }
-                try VM.withCluster(checks, taps: lab.taps) { cluster in
+                try VM.withCluster(checks, vmExtra: VM.disk, taps: lab.taps) { cluster in
                     try Self.scenario(cluster, lab, checks)
                 }
             }
+        }
+
+        /// The page busybox httpd serves from the guest's disk (scripts/vm-guest/init).
+        static let diskPage = "plover guest: served from the disk (/data/www)"
+
+        /// GET / from the guest's httpd over the tap path, on a connection of its own.
+        static func page(_ lab: TapLab) throws -> String {
+            let (status, body) = try RedisConnection.httpGet(socket: lab.clientSocket, host: "10.99.0.2", path: "/", timeout: .seconds(60))
+            guard status == 200 else { throw CLIError("GET / from the guest's httpd answered \(status): \(body.prefix(80))") }
+            return body.trimmingCharacters(in: .whitespacesAndNewlines)
+        }
+
+        /// Checkpoints both replicas completed with `primary` as the primary, each with RAM and disk digests.
+        static func digested(_ cluster: VMCluster, primary: NodeID) -> Int {
+            let p = cluster.checkpoints(primary).filter { $0["ok"] == "true" && $0["role"] == "primary" }
+            let b = cluster.checkpoints(primary == 1 ? 2 : 1).filter { $0["ok"] == "true" && $0["role"] == "backup" }
+            return p.filter { pc in
+                pc["ram_digest"] != nil && pc["disk_digest"] != nil
+                    && b.contains { $0["index"] == pc["index"] && $0["epoch"] == pc["epoch"] && $0["disk_digest"] != nil }
+            }.count
         }
 
         static func scenario(_ cluster: VMCluster, _ lab: TapLab, _ checks: Checks) throws {
@@ -135,6 +164,12 @@ extension EndToEnd {
             try need(writer.waitForAcks(20, from: 0, timeout: .seconds(120)), "the first 20 writes were not acknowledged")
             try need(wait(.seconds(60)) { log(cluster, 2).contains("vm: protected:") }, "the backup was never protected")
             try need(log(cluster, 1).contains("serves clients on tap \(lab.taps[1]!)"), "the primary does not say it serves on its tap")
+            // The guest's second server, on its own connection, and redis keeping its AOF on the disk.
+            let page1 = try page(lab)
+            checks.expect(page1 == diskPage, "before the failover the guest's httpd served \(page1.debugDescription), not the page on its disk")
+            let persistence = try writer.paused { try redis.command(["INFO", "persistence"], timeout: .seconds(60)) }
+            checks.expect(persistence.contains("aof_enabled:1"), "redis-server in the guest keeps no AOF on the disk: \(persistence.prefix(200))")
+            try need(wait(.seconds(30)) { digested(cluster, primary: 1) > 0 }, "no checkpoint with node 1 primary has RAM and disk digests on both sides")
 
             // 1. kill -9 of the primary's replica and QEMU while the client writes.
             let before1 = writer.acked.count
@@ -143,6 +178,8 @@ extension EndToEnd {
             try need(writer.waitForAcks(20, from: before1, timeout: .seconds(60)), "writes stopped after the primary was killed")
             let first1 = writer.firstAck(after: kill1).map { $0 - kill1 }
             try need(log(cluster, 2).contains("serves clients on tap \(lab.taps[2]!); announced the guest"), "the new primary did not announce the guest on its tap")
+            let page2 = try page(lab)
+            checks.expect(page2 == diskPage, "after the failover the guest's httpd served \(page2.debugDescription), not the page on its disk")
 
             // The killed replica comes back on its own tap and is re-protected by a checkpoint.
             let offset1 = (try? String(contentsOfFile: cluster.logPath(1), encoding: .utf8))?.utf8.count ?? 0
@@ -150,6 +187,9 @@ extension EndToEnd {
             try need(wait(.seconds(90)) { log(cluster, 1, from: offset1).contains("vm: protected:") }, "the restarted replica was not re-protected")
             let before2 = writer.acked.count
             try need(writer.waitForAcks(10, from: before2, timeout: .seconds(60)), "writes stopped after the re-protection")
+            // The checkpoint that re-protected node 1, and those after it, made its RAM and its disk
+            // equal to node 2's: each side hashed both after the disk step (compared at the end).
+            try need(wait(.seconds(30)) { digested(cluster, primary: 2) > 0 }, "no checkpoint with node 2 primary has RAM and disk digests on both sides")
 
             // 2. The new primary's host hangs (SIGSTOP) while the client is between writes: its
             // tap stays up on the bridge and its syncvm link open; the election timeout and the
@@ -187,8 +227,9 @@ extension EndToEnd {
             }
             checks.expect(missing.isEmpty, "\(missing.count) of \(acked.count) acknowledged writes are wrong after two failovers: \(missing.prefix(5))")
             checks.expect(acked == Array(1...acked.count), "acknowledgements out of order or with gaps: \(acked.prefix(10))...")
-            _ = VM.commonCheckpoints(cluster, checks)
-            print("tap failover: \(acked.count) writes acknowledged on one connection; kill -9 → next reply \(first1.map { "\($0)" } ?? "-"), SIGSTOP → next reply (idle client, then writing) \(first2.map { "\($0)" } ?? "-") (client route rto_min \(TapLab.rtoMin))")
+            let common = VM.commonCheckpoints(cluster, checks)
+            checks.expect(common.filter { $0.0["disk_digest"] != nil }.count >= 2, "fewer than two checkpoints with disk digests on both sides: \(common.map(\.0))")
+            print("tap failover: \(common.count) checkpoints with equal RAM and disk digests on both sides (\(digested(cluster, primary: 1)) with node 1 primary, \(digested(cluster, primary: 2)) with node 2); \(acked.count) writes acknowledged on one connection; kill -9 → next reply \(first1.map { "\($0)" } ?? "-"), SIGSTOP → next reply (idle client, then writing) \(first2.map { "\($0)" } ?? "-") (client route rto_min \(TapLab.rtoMin))")
         }
     }
 }

@@ -199,6 +199,31 @@ import Testing
         }
     }
 
+    /// The commit took but the backup's reply to it is lost (the link goes down on the last
+    /// frame): the primary fails, so the backup must not claim sync either, and the pages it
+    /// saved before the primary could write (its `undo` log) put it back exactly as it was.
+    @Test func lostCommitReplyLeavesNotInSyncAndTheUndoLogRestoresTheBackup() async throws {
+        let probe = try DivergedPair(pageCount: 300, seed: 51)
+        let full = await runSync(primary: probe.primary, primaryDirty: probe.primaryDirty, backup: probe.backup, backupDirty: probe.backupDirty)
+        let frames = full.counters.framesToBackup + full.counters.framesToPrimary
+        let pair = try DivergedPair(pageCount: 300, seed: 51)
+        let original = try DivergedPair(pageCount: 300, seed: 51).backup
+        let (pc, bc) = InMemorySyncChannel.pair(backupMemory: pair.backup, faults: .init(cutAfterFrames: frames - 1))
+        let state = MemorySyncStateStore()
+        let undo = PageUndoLog()
+        let p = SyncPrimary(memory: pair.primary, pool: PageHashPool(threadCount: 1))
+        let b = SyncBackup(memory: pair.backup, pool: PageHashPool(threadCount: 1), state: state, undo: undo)
+        async let backupSide = outcome { try await b.run(dirty: pair.backupDirty, over: bc) }
+        let pe = await outcome { try await p.run(dirty: pair.primaryDirty, over: pc, session: 8) }.error
+        let be = await backupSide.error
+        #expect(pe != nil && be as? SyncChannelError == .closed)
+        // Every divergent page landed before the commit: the reply alone was lost.
+        #expect(pair.primary.isIdentical(to: pair.backup))
+        #expect(state.load() == .notInSync(reason: "sync session 8 committed but its reply was not delivered"))
+        #expect(undo.restore(into: pair.backup) == pair.primaryDirty.union(pair.backupDirty).count)
+        #expect(pair.backup.isIdentical(to: original))
+    }
+
     @Test func pageCorruptedInTransferFailsVerifyAndStaysNotInSync() async throws {
         let pair = try DivergedPair(pageCount: 200, seed: 41)
         let (pc, bc) = InMemorySyncChannel.pair(backupMemory: pair.backup)

@@ -266,6 +266,26 @@ import Testing
         await #expect(throws: SyncError.self) { try await VMReplicator.awaitReady(p, epoch: 1) }
     }
 
+    /// One replica with a disk and one without: the primary refuses the backup's ready with an
+    /// error naming `vm.disk_image`, and answers it with a skip so the backup does not wait.
+    @Test(arguments: [(true, false), (false, true)])
+    func aPairWithADiskOnOneSideIsRefusedNamingDiskImage(primaryDisk: Bool, backupDisk: Bool) async throws {
+        let (p, b) = InMemorySyncChannel.pair(backupMemory: try GuestMemory(pageCount: 4))
+        try await b.send(VMReplicator.readyFrame(epoch: 6, disk: backupDisk))
+        do {
+            try await VMReplicator.awaitReady(p, epoch: 6, disk: primaryDisk, peer: 2)
+            Issue.record("a primary with disk \(primaryDisk) accepted a backup with disk \(backupDisk)")
+            return  // no skip frame follows: waiting for one would hang
+        } catch {
+            #expect("\(error)".hasPrefix("vm.disk_image: "), "\(error)")
+            #expect("\(error)".contains(primaryDisk ? "node 2's has none" : "node 2's VM has a disk"), "\(error)")
+        }
+        #expect(try await b.receive() == VMReplicator.skipFrame(epoch: 6))
+        // Both with a disk: accepted.
+        try await b.send(VMReplicator.readyFrame(epoch: 7, disk: true))
+        try await VMReplicator.awaitReady(p, epoch: 7, disk: true, peer: 2)
+    }
+
     @Test func theBackupsReaderSeesTheFrameItAlreadyReadFirst() async throws {
         let backupMemory = try GuestMemory(pageCount: 4)
         let (p, b) = InMemorySyncChannel.pair(backupMemory: backupMemory)

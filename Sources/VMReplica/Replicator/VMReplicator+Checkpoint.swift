@@ -207,10 +207,11 @@ extension VMReplicator {
 
     // MARK: Ready handshake
 
-    /// Backup → primary before the sync: "paused at checkpoint `epoch` and scanned". Not a
-    /// syncvm frame: the primary's replica process reads it before the engine runs.
-    static func readyFrame(epoch: UInt64) -> [UInt8] {
-        [0xEE] + (0..<8).reversed().map { UInt8(epoch >> (8 * UInt64($0)) & 0xff) }
+    /// Backup → primary before the sync: "paused at checkpoint `epoch` and scanned", and
+    /// whether the backup's VM has a disk (a tenth byte, 1 or 0). Not a syncvm frame: the
+    /// primary's replica process reads it before the engine runs.
+    static func readyFrame(epoch: UInt64, disk: Bool = false) -> [UInt8] {
+        [0xEE] + (0..<8).reversed().map { UInt8(epoch >> (8 * UInt64($0)) & 0xff) } + [disk ? 1 : 0]
     }
 
     /// Primary → backup in answer to a ready frame for a checkpoint the primary already gave up
@@ -220,19 +221,28 @@ extension VMReplicator {
         [0xEF] + (0..<8).reversed().map { UInt8(epoch >> (8 * UInt64($0)) & 0xff) }
     }
 
-    /// The epoch in a 9-byte handshake frame of `kind` (0xEE ready, 0xEF skip).
+    /// The epoch in a handshake frame of `kind` (0xEE ready: 10 bytes, 0xEF skip: 9 bytes).
     static func handshakeEpoch(_ f: [UInt8], kind: UInt8) -> UInt64? {
-        guard f.count == 9, f[0] == kind else { return nil }
-        return f[1...].reduce(UInt64(0)) { $0 << 8 | UInt64($1) }
+        guard f.count == (kind == 0xEE ? 10 : 9), f[0] == kind else { return nil }
+        return f[1...8].reduce(UInt64(0)) { $0 << 8 | UInt64($1) }
     }
 
     /// Waits for the backup's ready frame for `epoch`. A ready frame of an earlier checkpoint
-    /// (one this primary already gave up on) is answered with a skip frame.
-    static func awaitReady(_ ch: some SyncChannel, epoch: UInt64) async throws {
+    /// (one this primary already gave up on) is answered with a skip frame. A backup whose VM
+    /// has a disk when this one has none, or the other way round, is answered with a skip and
+    /// refused with an error naming `vm.disk_image` (each checkpoint would otherwise wait out
+    /// its timeout, one side in the disk session and the other for the device state).
+    static func awaitReady(_ ch: some SyncChannel, epoch: UInt64, disk: Bool = false, peer: NodeID = 0) async throws {
         while true {
             let f = try await ch.receive()
             guard let e = handshakeEpoch(f, kind: 0xEE) else {
                 throw SyncError.unexpectedMessage(expected: "ready", got: "a \(f.count)-byte frame")
+            }
+            if (f[9] != 0) != disk {
+                try await ch.send(skipFrame(epoch: e))
+                throw DiskImageError(description: disk
+                    ? "vm.disk_image: this replica's VM has a disk but node \(peer)'s has none: give both replicas a disk_image (of the same disk_size_mb) or neither"
+                    : "vm.disk_image: node \(peer)'s VM has a disk but this replica's has none: give both replicas a disk_image (of the same disk_size_mb) or neither")
             }
             if e == epoch { return }
             guard e < epoch else { throw SyncError.wrongSession(expected: epoch, got: e) }
@@ -258,8 +268,13 @@ extension VMReplicator {
         // scanned: the driver writes no input past the checkpoint, so the state the primary
         // stops in is still "every input up to the checkpoint", just later in guest time.
         let waitStart = ContinuousClock.now
+        let (hasDisk, peer) = (disk != nil, config.peer)
         do {
-            try blocking(timeout: checkpointTimeout, abortIf: abort) { try await Self.awaitReady(ch, epoch: epoch) }
+            try blocking(timeout: checkpointTimeout, abortIf: abort) { try await Self.awaitReady(ch, epoch: epoch, disk: hasDisk, peer: peer) }
+        } catch let e as DiskImageError {
+            logger.error("vm: checkpoint \(epoch) refused: \(e)")
+            r.error = "\(e)"
+            return false
         } catch { r.error = "backup not ready for checkpoint \(epoch): \(error)"; return false }
         r.wait = ContinuousClock.now - waitStart
         // From the pause on the backup may end up holding this VM (even if this side then fails
@@ -395,7 +410,8 @@ extension VMReplicator {
         // compares every page): the machine's dropBaseline.
         let first: [UInt8]
         do {
-            try blocking(timeout: checkpointTimeout, abortIf: abort) { try await ch.send(Self.readyFrame(epoch: epoch)) }
+            let hasDisk = disk != nil
+            try blocking(timeout: checkpointTimeout, abortIf: abort) { try await ch.send(Self.readyFrame(epoch: epoch, disk: hasDisk)) }
             reach(.handshake, armed: armed)
             first = try blocking(timeout: checkpointTimeout, abortIf: abort) { try await ch.receive() }
         } catch {

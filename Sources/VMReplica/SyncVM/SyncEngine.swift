@@ -251,7 +251,7 @@ public struct SyncPrimary: Sendable {
 // MARK: - Backup
 
 /// The backup's side of syncvm. Records "not in sync" in `state` before any page can land and
-/// "in sync" only after a complete (and, if asked, verified) commit.
+/// "in sync" only after a complete (and, if asked, verified) commit whose reply was sent.
 public struct SyncBackup: Sendable {
     /// The backup's guest RAM, where the primary's pages land; it must be writable.
     public let memory: GuestMemory
@@ -375,7 +375,15 @@ public struct SyncBackup: Sendable {
             stats.verified = true
         }
         try state.store(.inSync(session: first.session))
-        try await link.send(.commitReply(.inSync))
+        do {
+            try await link.send(.commitReply(.inSync))
+        } catch {
+            // The primary never learns that the commit took, so it fails its checkpoint and
+            // resumes without sending the rest (a VM's device state): memory holding its pages
+            // is then no state it agreed to. Say so, and the caller rolls back with `undo`.
+            try? state.store(.notInSync(reason: "sync session \(first.session) committed but its reply was not delivered"))
+            throw error
+        }
         stats.phases.commit = elapsed(since: &mark)
         stats.phases.total = mark - start
         stats.controlBytesSent = link.bytesSent
