@@ -109,8 +109,12 @@ public final class FabricSyncChannel: SyncChannel {
     private let peerMailboxOffset: Int
     private let configuration: Configuration
     private let state: Mutex<State>
-    /// Work-request ids, assigned in posting order (a completion covers every lower id).
-    private let posting = Mutex<UInt64>(0)
+    /// Work-request ids, assigned in posting order (a completion covers every lower id), from a
+    /// random base of this channel's own: the fabric's completion queue outlives a channel, and
+    /// a queue pair an earlier channel dropped flushes its outstanding writes there (unsignalled
+    /// ones too), so a completion outside this channel's ids says nothing about its link.
+    private let idBase: UInt64
+    private let posting: Mutex<UInt64>
 
     private struct State {
         /// Set once the link is down; every later call throws it.
@@ -143,6 +147,9 @@ public final class FabricSyncChannel: SyncChannel {
     private init(endpoint: Endpoint, qp: any QueuePair, peerMailboxOffset: Int) {
         self.endpoint = endpoint
         self.qp = qp
+        let base = UInt64.random(in: 1...(1 << 62))
+        self.idBase = base
+        self.posting = Mutex(base)
         self.layout = endpoint.layout
         self.peerMailboxOffset = peerMailboxOffset
         self.configuration = endpoint.configuration
@@ -451,7 +458,8 @@ public final class FabricSyncChannel: SyncChannel {
             var wakeSender: CheckedContinuation<Void, any Error>?
             var wake: Wake?
             let stop: Bool = state.withLock { s in
-                for c in completions where c.kind == .write {
+                let newest = posting.withLock { $0 }
+                for c in completions where c.kind == .write && c.workRequestID > idBase && c.workRequestID <= newest {
                     if c.status == .success { s.completed = max(s.completed, c.workRequestID) } else { linkBroken = true }
                 }
                 // Look at the link before the ring: whatever landed before the peer's goodbye (or
