@@ -7,6 +7,7 @@ extension Simulation {
             log("\(id): \(e)")
             if case .becameLeader = e { report.elections += 1 }
             if case .recovered = e { report.recoveries += 1 }
+            if case let .readRefused(rid, _) = e { reads[rid] = nil }
         }
         if let p = a.persist {
             var n = nodes[id]!
@@ -21,13 +22,15 @@ extension Simulation {
         }
         for m in a.send { try transmit(m, vouching: vouched(id, m)) }
         if let s = a.restore {
-            nodes[id]!.state = decodeState(s.data)
+            nodes[id]!.state = try restoredState(s, at: id)
             nodes[id]!.stateIndex = s.index
             report.snapshotsInstalled += 1
             log("\(id): restored snapshot \(s.index)")
         }
         for e in a.apply { try applyEntry(id, e) }
         for r in a.reads { try confirmRead(id, r) }
+        if !reads.isEmpty, nodes[id]!.replica != nil { try serveReads(id) }
+        if a.events.contains(where: { if case .removedFromCluster = $0 { true } else { false } }) { leaveCluster(id) }
     }
 
     /// The ballot of the entry an acceptance vouches for, as the sender's log held it when it
@@ -43,6 +46,7 @@ extension Simulation {
 
     /// Puts a message on the wire after checking the durability rule for acks.
     mutating func transmit(_ m: Message, vouching: Ballot?) throws(SimulationFailure) {
+        try checkTransportLimits(m)
         let disk = nodes[m.from]!.disk
         switch options.onlyFinalChecks ? .timeoutNow : m.body {
         case let .accepted(true, index), let .recovering(_, index):
@@ -111,38 +115,18 @@ extension Simulation {
     mutating func clientTraffic() throws(SimulationFailure) {
         guard let l = liveLeader() else { return }
         if chance(options.proposeRate) { _ = try proposeCommand(at: l) }
-        if chance(options.readRate) {
-            // A client that has not heard of the new leader asks whichever node it last knew as
-            // leader: any node that still believes it leads, deposed or not.
-            let leaders = ids.filter { nodes[$0]!.replica?.role == .leader }
-            let at = chance(options.staleLeaderReadShare) ? leaders[rng.below(leaders.count)] : l
-            if at != l { report.staleLeaderReads += 1 }
-            try startRead(at: at)
-        }
-    }
-
-    mutating func startRead(at l: NodeID) throws(SimulationFailure) {
-        let id = nextRead
-        nextRead += 1
-        do {
-            let a = try nodes[l]!.replica!.read(id: id)
-            reads[id] = (l, nodes[l]!.incarnation, highestAcked)
-            try handle(l, a)
-        } catch {}
+        try clientReads(leader: l)
     }
 
     /// Proposes a fresh unique command; returns it if the leader took it.
     mutating func proposeCommand(at l: NodeID) throws(SimulationFailure) -> [UInt8]? {
         nextCommand += 1
-        let cmd = Array("c\(nextCommand)".utf8)
-        do {
-            let (index, a) = try nodes[l]!.replica!.propose([cmd])
-            proposals[cmd] = (l, nodes[l]!.incarnation, index)
-            try handle(l, a)
-            return cmd
-        } catch {
-            return nil
-        }
+        let cmd = command(nextCommand)
+        // Only the core's refusal is caught: a checker's violation in `handle` propagates.
+        guard let (index, a) = try? nodes[l]!.replica!.propose([cmd]) else { return nil }
+        proposals[cmd] = (l, nodes[l]!.incarnation, index)
+        try handle(l, a)
+        return cmd
     }
 
     // MARK: Checkers
@@ -164,6 +148,7 @@ extension Simulation {
         if let p = proposals[e.payload], p.node == id, p.incarnation == n.incarnation, p.index == e.index, e.kind == .command {
             acknowledged[e.payload] = e.index
             highestAcked = max(highestAcked, e.index)
+            acknowledgedCommand[e.index] = e.payload
             report.acknowledged += 1
             proposals[e.payload] = nil
         }
@@ -208,19 +193,11 @@ extension Simulation {
         throw fail("node \(id) restarted at promise \(r.promised) though its disk holds the promise \(durable)")
     }
 
-    mutating func confirmRead(_ id: NodeID, _ r: ReadState) throws(SimulationFailure) {
-        guard let issued = reads.removeValue(forKey: r.id) else { throw fail("read \(r.id) confirmed twice or never issued") }
-        guard issued.node == id, issued.incarnation == nodes[id]!.incarnation else { throw fail("read \(r.id) confirmed by another node") }
-        guard r.index >= issued.mustSee || options.onlyFinalChecks else {
-            throw fail("read \(r.id) at index \(r.index) would miss acknowledged write at \(issued.mustSee)")
-        }
-        report.readsConfirmed += 1
-    }
-
     /// After healing: a leader, every running replica caught up, every acknowledged write there.
     func converged() -> Bool {
         guard let l = liveLeader(), let lr = nodes[l]!.replica, lr.commitIndex == lr.lastIndex else { return false }
         return ids.filter { $0 != permanentlyDown }.allSatisfy { id in
+            // A removed node counts once the leader has added it back and it caught up.
             guard let r = nodes[id]!.replica else { return false }
             return r.commitIndex == lr.commitIndex && (r.isWitness || nodes[id]!.stateIndex == lr.commitIndex) && !r.isRecovering
         }
@@ -252,6 +229,14 @@ extension Simulation {
         }
     }
 
+    /// The state machine a snapshot restores, refusing one that does not decode byte for byte.
+    func restoredState(_ s: Snapshot, at id: NodeID) throws(SimulationFailure) -> [StateEntry] {
+        guard let state = decodeState(s.data, filler: options.stateFillerBytes) else {
+            throw fail("node \(id) restored snapshot \(s.index) (\(s.data.count) bytes) that is not the state machine's snapshot")
+        }
+        return state
+    }
+
     func describe(_ e: LogEntry) -> String {
         "\(e.index)@\(e.ballot) \(e.kind) \(String(decoding: e.payload.prefix(16), as: UTF8.self))"
     }
@@ -261,24 +246,4 @@ extension Simulation {
 struct StateEntry: Equatable {
     var index: LogIndex
     var payload: [UInt8]
-}
-
-func encodeState(_ s: [StateEntry]) -> [UInt8] {
-    var w = ByteWriter()
-    w.u32(UInt32(s.count))
-    for c in s {
-        w.u64(c.index)
-        w.blob(c.payload)
-    }
-    return w.bytes
-}
-
-func decodeState(_ b: [UInt8]) -> [StateEntry] {
-    guard !b.isEmpty else { return [] }
-    var r = ByteReader(b, what: "simulated state")
-    guard let n = try? r.u32() else { preconditionFailure("simulated snapshot is corrupt") }
-    return (0..<n).map { _ in
-        guard let i = try? r.u64(), let p = try? r.blob(max: 1 << 20) else { preconditionFailure("simulated snapshot is corrupt") }
-        return StateEntry(index: i, payload: p)
-    }
 }

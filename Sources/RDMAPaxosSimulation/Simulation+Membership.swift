@@ -7,6 +7,11 @@ extension Simulation {
     mutating func changeMembership() throws(SimulationFailure) {
         guard options.learner, let target = ids.last, let l = liveLeader(), l != target, var r = nodes[l]!.replica else { return }
         let s = r.membershipSituation(catchUpEntriesMax: 8, nodeIDMax: nil)
+        if nodes[target]!.removed, s.membership.member(target) != nil {
+            // Added back before the notice of its removal reached it: the operator starts it again.
+            startAfresh(target)
+            return
+        }
         let change: MembershipChange
         switch s.membership.member(target)?.role {
         case nil:
@@ -19,14 +24,38 @@ extension Simulation {
             return
         }
         guard case let .success(.propose(next)) = change.plan(in: s) else { return }
+        let index: LogIndex, a: Actions
         do {
-            let (index, a) = try r.proposeMembership(next)
-            nodes[l]!.replica = r
-            report.membershipChanges += 1
-            log("leader \(l): \(change) at \(index)")
-            try handle(l, a)
+            (index, a) = try r.proposeMembership(next)
         } catch {
             log("leader \(l): \(change) refused by the core: \(error)")
+            return
         }
+        nodes[l]!.replica = r
+        report.membershipChanges += 1
+        log("leader \(l): \(change) at \(index)")
+        try handle(l, a)
+        if case .add = change, nodes[target]!.removed { startAfresh(target) }
+    }
+
+    /// The operator starts a member being added on an empty data directory.
+    mutating func startAfresh(_ id: NodeID) {
+        nodes[id]!.removed = false
+        start(id)
+        log("start \(id) afresh to join")
+    }
+
+    /// A node told it was removed stops and its data is deleted (`plover node` exits on
+    /// `Event.removedFromCluster`): otherwise it would campaign with ballots the members adopt.
+    mutating func leaveCluster(_ id: NodeID) {
+        guard nodes[id]!.replica != nil else { return }
+        nodes[id]!.replica = nil
+        nodes[id]!.disk = SimulatedDisk()
+        nodes[id]!.flushed = SimulatedDisk()
+        nodes[id]!.restartAt = nil
+        nodes[id]!.lostState = false
+        nodes[id]!.removed = true
+        reads = reads.filter { $0.value.node != id }
+        log("\(id) stops: removed from the cluster, its data deleted")
     }
 }

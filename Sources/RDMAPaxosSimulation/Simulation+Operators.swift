@@ -8,14 +8,16 @@ extension Simulation {
         let voters = members(of: l).filter { $0 != l }
         guard !voters.isEmpty else { return }
         let target = voters[rng.below(voters.count)]
+        let a: Actions
         do {
-            let a = try nodes[l]!.replica!.transferLeadership(to: target)
-            report.transfers += 1
-            log("leader \(l): transfer to \(target)")
-            try handle(l, a)
+            a = try nodes[l]!.replica!.transferLeadership(to: target)
         } catch {
             log("leader \(l): transfer to \(target) refused: \(error)")
+            return
         }
+        report.transfers += 1
+        log("leader \(l): transfer to \(target)")
+        try handle(l, a)
     }
 
     /// The voters (not witnesses) of the configuration node `id` currently applies.

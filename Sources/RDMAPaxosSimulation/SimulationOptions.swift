@@ -15,7 +15,7 @@ public struct SimulationOptions: Sendable, Hashable {
     public var faultTicks: Int = 300
     /// Ticks the healed cluster gets to converge before the run fails for liveness, divided by
     /// the slowest member's clock rate (see `clockRateSpread`).
-    public var healTicksMax: Int = 300
+    public var healTicksMax: Int = 600
 
     // Per-message faults while faults are on.
     /// Probability that a message is dropped.
@@ -86,6 +86,22 @@ public struct SimulationOptions: Sendable, Hashable {
     /// Probability that a linearizable read is sent to a node chosen among all that believe they
     /// lead (a deposed leader that has not noticed yet) instead of the leader of the highest ballot.
     public var staleLeaderReadShare: Double = 0.5
+    /// Probability per tick that the leader is cut off both ways for 60 to 120 ticks (longer than
+    /// an election and a commit take) while its clients, unaware, keep sending it reads.
+    public var staleLeaderRate: Double = 0
+    /// Probability per tick that a client unaware of the cut sends a linearizable read to the
+    /// leader `staleLeaderRate` cut off, while it still believes it leads.
+    public var staleLeaderReadRate: Double = 0.3
+    /// Share of client commands two to five times the replicas' batch limit (64 bytes in the
+    /// simulator): each travels alone in its accept and in a witness's hand-over.
+    public var largeCommandShare: Double = 0
+    /// Bytes of filler in every state machine snapshot, standing for a large state: with it,
+    /// snapshots go in 512-byte chunks instead of 64-byte ones, and a restored snapshot must
+    /// reproduce the filler byte for byte. 0: snapshots hold only the commands.
+    public var stateFillerBytes: Int = 0
+    /// The transport's limit on the entries or snapshot bytes one message carries (the real
+    /// transport drops a larger message): a message over it is a violation.
+    public var messageBytesMax: Int = 1024
     /// Probability per tick that one node is cut off, both ways or one way, for a while.
     public var partitionRate: Double = 0.01
     /// Probability per tick that one node's disk stalls for a while.
@@ -125,6 +141,9 @@ public struct SimulationOptions: Sendable, Hashable {
         if mix.below(2) == 0 { o.transferRate = 0.01 }
         if mix.below(4) == 0 { o.delayTicksMax = 12 }
         o.diskFullRate = 0.002
+        o.staleLeaderRate = 0.004
+        if mix.below(4) == 0 { o.largeCommandShare = 0.1 }
+        if mix.below(4) == 0 { o.stateFillerBytes = 2048 }
         return o
     }
 }
@@ -169,15 +188,20 @@ public struct SimulationReport: Sendable, Hashable, CustomStringConvertible {
     public var transfers = 0
     /// Full disks injected (`SimulationOptions.diskFullRate`).
     public var diskFulls = 0
-    /// Reads issued at a leader other than the one of the highest ballot.
+    /// Reads issued at a leader other than the one of the highest ballot, or at a leader cut off
+    /// by `SimulationOptions.staleLeaderRate`.
     public var staleLeaderReads = 0
+    /// Leaders cut off by `SimulationOptions.staleLeaderRate` (also counted in `partitions`).
+    public var leaderIsolations = 0
+    /// Reads served by a cut-off leader (`SimulationOptions.staleLeaderRate`) during its cut.
+    public var staleLeaderReadsServed = 0
 
     public var description: String {
         "seed \(seed): \(ticks) ticks, \(committed) committed, \(acknowledged) acked, \(readsConfirmed) reads, "
             + "\(elections) leaders, \(crashes) crashes (\(lostStateCrashes) losing state, \(recoveries) recoveries), "
             + "\(partitions) partitions, \(diskStalls) disk stalls, "
             + "\(compactions) compactions, \(snapshotsInstalled) snapshot installs, \(membershipChanges) membership changes, "
-            + "\(transfers) transfers, \(diskFulls) full disks, \(staleLeaderReads) reads at deposed leaders, "
+            + "\(transfers) transfers, \(diskFulls) full disks, \(staleLeaderReads) reads at deposed leaders (\(staleLeaderReadsServed) served by a cut-off one), "
             + "\(messagesDelivered) delivered / \(messagesDropped) dropped / \(messagesDuplicated) duplicated"
     }
 }

@@ -37,7 +37,7 @@ struct Simulate: ParsableCommand {
 
     func run() throws {
         var totals = (runs: 0, committed: 0, acked: 0, crashes: 0, lostState: 0, recoveries: 0, partitions: 0, stalls: 0,
-                      fulls: 0, transfers: 0, staleReads: 0, elections: 0)
+                      fulls: 0, transfers: 0, staleReads: 0, elections: 0, reads: 0, isolations: 0)
         installSeedReporter()
         for s in seed..<(seed + UInt64(seeds)) {
             currentSeed.store(s, ordering: .relaxed)
@@ -67,6 +67,8 @@ struct Simulate: ParsableCommand {
                 totals.transfers += r.transfers
                 totals.staleReads += r.staleLeaderReads
                 totals.elections += r.elections
+                totals.reads += r.readsConfirmed
+                totals.isolations += r.leaderIsolations
             } catch {
                 print(error.description)
                 throw ExitCode(1)
@@ -76,6 +78,7 @@ struct Simulate: ParsableCommand {
               + "\(totals.acked) writes acknowledged, \(totals.crashes) crashes (\(totals.lostState) losing state, "
               + "\(totals.recoveries) recoveries), \(totals.partitions) partitions, "
               + "\(totals.stalls) disk stalls, \(totals.fulls) full disks, \(totals.elections) leaders elected, "
-              + "\(totals.transfers) transfers, \(totals.staleReads) reads at deposed leaders, 0 violations")
+              + "\(totals.transfers) transfers, \(totals.reads) reads checked, \(totals.isolations) leaders cut off, "
+              + "\(totals.staleReads) reads at deposed leaders, 0 violations")
     }
 }
