@@ -272,6 +272,7 @@ extension VMReplicator {
         } catch { r.error = "stop: \(error)"; return false }
         // Everything read from the guest so far was produced before the pause.
         let cut = outputs.cut()
+        defer { if !r.ok { outputs.checkpointEnded(epoch: epoch, completed: false, cut: cut) } }
         var resumed = false
         defer { if !resumed { _ = try? resume(q) } }
         do {
@@ -305,9 +306,7 @@ extension VMReplicator {
             try resume(q)
             resumed = true
             r.pause = ContinuousClock.now - start
-            let out = outputs.release(through: cut)
-            for a in out { front?.deliver(a) }
-            r.released = out.count
+            r.released = outputs.checkpointEnded(epoch: epoch, completed: true, cut: cut)
             r.ok = true
         } catch {
             // Output stays held: only a later complete checkpoint may release it. The dirty
@@ -394,6 +393,9 @@ extension VMReplicator {
         // Any failure from here forgets the baseline collect() just moved (the next sync
         // compares every page): the machine's dropBaseline.
         let first: [UInt8]
+        // The link's sender is this checkpoint's until it ends (the backup's digest sender waits).
+        digestOutbox.holdForCheckpoint()
+        defer { digestOutbox.releaseFromCheckpoint() }
         do {
             try blocking(timeout: checkpointTimeout, abortIf: abort) { try await ch.send(Self.readyFrame(epoch: epoch)) }
             reach(.handshake, armed: armed)
@@ -509,6 +511,7 @@ extension VMReplicator {
         let actions = lock.withLock { () -> [VMReplicaMachine.Action] in
             current = next
             spare = nil
+            backupGeneration = epoch
             return machine.checkpointEnded(.completed, now: .now)
         }
         ended = true
