@@ -215,3 +215,31 @@ package struct VMTapBench: ParsableCommand {
 
 /// Wall-clock milliseconds since 1970 (the replicas' failover timelines use the same clock).
 func unixMillis() -> Double { Date().timeIntervalSince1970 * 1000 }
+
+/// The `key=value` words of a VM replica's `status` answer on its control socket
+/// (`run_dir/control.sock`); empty when it does not answer.
+func vmStatus(runDir: String) -> [String: String] {
+    let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+    guard fd >= 0 else { return [:] }
+    defer { close(fd) }
+    var addr = sockaddr_un()
+    addr.sun_family = sa_family_t(AF_UNIX)
+    let path = Array((runDir + "/control.sock").utf8)
+    guard path.count < MemoryLayout.size(ofValue: addr.sun_path) else { return [:] }
+    withUnsafeMutableBytes(of: &addr.sun_path) { b in for (i, c) in path.enumerated() { b[i] = c } }
+    let ok = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) } }
+    guard ok == 0 else { return [:] }
+    _ = "status\n".utf8CString.withUnsafeBufferPointer { write(fd, $0.baseAddress, $0.count - 1) }
+    var bytes: [UInt8] = []
+    var buffer = [UInt8](repeating: 0, count: 4096)
+    while true {
+        let n = read(fd, &buffer, buffer.count)
+        if n <= 0 { break }
+        bytes += buffer.prefix(n)
+    }
+    var out: [String: String] = [:]
+    for word in String(decoding: bytes, as: UTF8.self).split(whereSeparator: { $0 == " " || $0 == "\n" }) {
+        if let eq = word.firstIndex(of: "=") { out[String(word[..<eq])] = String(word[word.index(after: eq)...]) }
+    }
+    return out
+}
