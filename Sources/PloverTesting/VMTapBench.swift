@@ -8,8 +8,10 @@ import VMReplica
 /// reached over the tap attachment from a client namespace on a bridge (TapLab). In one run:
 /// 1. redis-benchmark SET and GET with each client count against the guest unreplicated (one
 ///    QEMU on the tap, no log, no output guard);
-/// 2. the same against the replicated VM (`plover vm` primary, backup, witness, `network = "tap"`);
-/// 3. failover: one connection writing SETs, the primary killed (kill -9 of its replica and QEMU)
+/// 2. the same against the replicated VM (`plover vm` primary, backup, witness, `network = "tap"`),
+///    once with every frame released by a checkpoint (`release_on_match = false`) and once with
+///    release on match, with the primary's release counters (match rate, mismatch causes) per run;
+/// 3. failover, with release on match: one connection writing SETs, the primary killed (kill -9 of its replica and QEMU)
 ///    `--kills` times (restarted and re-protected in between); kill → the new primary's first
 ///    released frame (its failover timeline) and kill → the next reply on that connection.
 package struct VMTapBench: ParsableCommand {
@@ -39,6 +41,44 @@ package struct VMTapBench: ParsableCommand {
         var max: Double
     }
 
+    /// What the primary's output guard did during one redis-benchmark run (differences of its
+    /// `status` counters).
+    struct Release {
+        var config: String
+        var clients: Int
+        var byMatch = 0
+        var byCheckpoint = 0
+        var mismatches = 0
+        var checkpoints = 0
+        var seconds = 0.0
+        var causes: [String: Int] = [:]
+
+        static func counters(_ s: [String: String]) -> (Int, Int, Int, Int, [String: Int]) {
+            var causes: [String: Int] = [:]
+            for pair in (s["mismatch_causes"] ?? "none").split(separator: ",") where pair != "none" {
+                let kv = pair.split(separator: ":")
+                if kv.count == 2, let n = Int(kv[1]) { causes[String(kv[0])] = n }
+            }
+            return (Int(s["released_by_match"] ?? "") ?? 0, Int(s["released_by_checkpoint"] ?? "") ?? 0,
+                    Int(s["output_mismatches"] ?? "") ?? 0, Int(s["checkpoints_completed"] ?? "") ?? 0, causes)
+        }
+
+        init(config: String, clients: Int, before: [String: String], after: [String: String], seconds: Double) {
+            self.config = config
+            self.clients = clients
+            self.seconds = seconds
+            let (m0, c0, x0, k0, cz0) = Self.counters(before), (m1, c1, x1, k1, cz1) = Self.counters(after)
+            byMatch = m1 - m0
+            byCheckpoint = c1 - c0
+            mismatches = x1 - x0
+            checkpoints = k1 - k0
+            for (k, v) in cz1 { let d = v - (cz0[k] ?? 0); if d > 0 { causes[k] = d } }
+        }
+    }
+
+    /// The two replicated configurations, side by side.
+    static let modes = [("replicated, checkpoint release", "release_on_match = false"), ("replicated, release on match", "release_on_match = true")]
+
     package func run() throws {
         guard getuid() == 0 else { throw CLIError("plover bench vm-tap makes a bridge, taps and a network namespace: run it as root") }
         guard !clientList.isEmpty else { throw CLIError("--clients \(clients): give client counts, comma-separated") }
@@ -64,20 +104,33 @@ package struct VMTapBench: ParsableCommand {
         kill(plain.processIdentifier, SIGKILL)
         plain.waitUntilExit()
 
-        say("replicated VM (primary, backup, witness) on taps \(lab.taps[1]!), \(lab.taps[2]!)")
-        let cluster = try VMCluster(root: absoluteDir + "/cluster", kernel: guest + "/vmlinuz", initrd: guest + "/initrd.gz", taps: lab.taps)
-        defer { cluster.stopAll() }
-        let leftovers = [1, 2].map { (cluster.runDir(NodeID($0)), cluster.ramFile(NodeID($0))) }
-        ChildProcesses.killOnInterrupt { VMCluster.killQEMUs(leftovers) }
-        try cluster.startAll()
-        let probe = try RedisConnection(socket: lab.clientSocket, host: "10.99.0.2", port: 6379, timeout: .seconds(120))
-        _ = try probe.command(["PING"], timeout: .seconds(60))
-        guard waitFor(.seconds(60), { log(cluster, 2).contains("vm: protected:") }) else { throw CLIError("the backup was never protected; see \(absoluteDir)") }
-        for n in clientList { rows += try benchmark(lab, config: "replicated", clients: n) }
-
+        var releases: [Release] = []
+        var cluster: VMCluster!
+        var probe: RedisConnection!
+        defer { cluster?.stopAll() }
+        for (n, (name, key)) in Self.modes.enumerated() {
+            say("\(name) (primary, backup, witness; \(key)) on taps \(lab.taps[1]!), \(lab.taps[2]!)")
+            cluster?.stopAll()
+            cluster = try VMCluster(root: absoluteDir + "/cluster-\(n)", kernel: guest + "/vmlinuz", initrd: guest + "/initrd.gz",
+                                    vmExtra: key, taps: lab.taps)
+            let c = cluster!
+            let leftovers = [1, 2].map { (c.runDir(NodeID($0)), c.ramFile(NodeID($0))) }
+            ChildProcesses.killOnInterrupt { VMCluster.killQEMUs(leftovers) }
+            try c.startAll()
+            probe = try RedisConnection(socket: lab.clientSocket, host: "10.99.0.2", port: 6379, timeout: .seconds(120))
+            _ = try probe.command(["PING"], timeout: .seconds(60))
+            guard waitFor(.seconds(60), { log(c, 2).contains("vm: protected:") }) else { throw CLIError("the backup was never protected; see \(absoluteDir)") }
+            for k in clientList {
+                let before = vmStatus(runDir: c.runDir(1))
+                let t = ContinuousClock.now
+                rows += try benchmark(lab, config: name, clients: k)
+                releases.append(Release(config: name, clients: k, before: before, after: vmStatus(runDir: c.runDir(1)),
+                                        seconds: (ContinuousClock.now - t).inMilliseconds / 1000))
+            }
+        }
         say("failover: \(kills) kill -9s of the primary with one connection writing")
         let failovers = try failover(cluster, probe)
-        let report = Self.report(rows, failovers: failovers, kills: kills, machine: vmMachineLine(machine, qemu: qemu),
+        let report = Self.report(rows, releases: releases, failovers: failovers, kills: kills, machine: vmMachineLine(machine, qemu: qemu),
                                  command: "plover bench vm-tap --requests \(requests) --clients \(clients) --kills \(kills)")
         print(report)
         if let out { try report.write(toFile: out, atomically: true, encoding: .utf8) }
@@ -190,7 +243,7 @@ package struct VMTapBench: ParsableCommand {
         return condition()
     }
 
-    static func report(_ rows: [Row], failovers: [(released: Double?, reply: Double)], kills: Int, machine: String, command: String) -> String {
+    static func report(_ rows: [Row], releases: [Release], failovers: [(released: Double?, reply: Double)], kills: Int, machine: String, command: String) -> String {
         func f(_ x: Double) -> String { String(format: "%.2f", x) }
         var s = "# redis-server in a replicated VM over a tap\n\n" + machine
         s += "`\(command)`; 128 MiB guest under TCG, Debian's redis-server 7 in it (no persistence), redis-benchmark in a client "
@@ -199,7 +252,22 @@ package struct VMTapBench: ParsableCommand {
         for r in rows.sorted(by: { ($0.test, $0.clients, $0.config) < ($1.test, $1.clients, $1.config) }) {
             s += "| \(r.test) | \(r.clients) | \(r.config) | \(r.requests) | \(f(r.rps)) | \(f(r.p50)) | \(f(r.p99)) | \(f(r.max)) |\n"
         }
-        s += "\n## Failover (kill -9 of the primary's replica and QEMU, one connection writing SETs)\n\n"
+        s += "\n## Against the unreplicated guest (goals: p50 ≤ 5×, requests/s ≥ 0.5×)\n\n"
+        s += "| test | clients | configuration | p50 ratio | requests/s ratio |\n|---|---|---|---|---|\n"
+        for r in rows.sorted(by: { ($0.test, $0.clients, $0.config) < ($1.test, $1.clients, $1.config) }) where r.config != "unreplicated" {
+            guard let u = rows.first(where: { $0.config == "unreplicated" && $0.test == r.test && $0.clients == r.clients }), u.p50 > 0, u.rps > 0 else { continue }
+            s += "| \(r.test) | \(r.clients) | \(r.config) | \(String(format: "%.1f×", r.p50 / u.p50)) | \(String(format: "%.2f×", r.rps / u.rps)) |\n"
+        }
+        s += "\n## What released the guest's frames (primary's counters over each redis-benchmark run, SET and GET)\n\n"
+        s += "| configuration | clients | by match | by checkpoint | match rate | mismatches | causes | checkpoints | checkpoints/s |\n|---|---|---|---|---|---|---|---|---|\n"
+        for r in releases {
+            let total = r.byMatch + r.byCheckpoint
+            let rate = total > 0 ? String(format: "%.1f%%", 100 * Double(r.byMatch) / Double(total)) : "-"
+            let causes = r.causes.isEmpty ? "-" : r.causes.sorted { $0.value > $1.value }.map { "\($0.key) \($0.value)" }.joined(separator: ", ")
+            s += "| \(r.config) | \(r.clients) | \(r.byMatch) | \(r.byCheckpoint) | \(rate) | \(r.mismatches) | \(causes) | \(r.checkpoints) | "
+            s += String(format: "%.1f", r.seconds > 0 ? Double(r.checkpoints) / r.seconds : 0) + " |\n"
+        }
+        s += "\n## Failover (release on match; kill -9 of the primary's replica and QEMU, one connection writing SETs)\n\n"
         s += "| kill | kill → first frame released by the new primary (ms) | kill → next reply on the same connection (ms) |\n|---|---|---|\n"
         for (i, r) in failovers.enumerated() {
             s += "| \(i + 1) | \(r.released.map { String(format: "%.0f", $0) } ?? "-") | \(String(format: "%.0f", r.reply)) |\n"
