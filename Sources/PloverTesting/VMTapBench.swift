@@ -52,6 +52,11 @@ package struct VMTapBench: ParsableCommand {
         var checkpoints = 0
         var seconds = 0.0
         var causes: [String: Int] = [:]
+        var matchWaits = 0
+        var matchWaitTotal = 0.0
+        /// Cores used during the run by the QEMUs and by the replica processes (witness included).
+        var qemuCores = 0.0
+        var replicaCores = 0.0
 
         static func counters(_ s: [String: String]) -> (Int, Int, Int, Int, [String: Int]) {
             var causes: [String: Int] = [:]
@@ -73,6 +78,8 @@ package struct VMTapBench: ParsableCommand {
             mismatches = x1 - x0
             checkpoints = k1 - k0
             for (k, v) in cz1 { let d = v - (cz0[k] ?? 0); if d > 0 { causes[k] = d } }
+            matchWaits = (Int(after["match_waits"] ?? "") ?? 0) - (Int(before["match_waits"] ?? "") ?? 0)
+            matchWaitTotal = (Double(after["match_wait_total_ms"] ?? "") ?? 0) - (Double(before["match_wait_total_ms"] ?? "") ?? 0)
         }
     }
 
@@ -91,12 +98,21 @@ package struct VMTapBench: ParsableCommand {
         let lab = try TapLab()
         defer { lab.tearDown() }
         var rows: [Row] = []
+        var releases: [Release] = []
 
         say("unreplicated guest on tap \(lab.taps[1]!)")
         let plain = try startPlainQEMU(guest: guest, tap: lab.taps[1]!)
         do {
             _ = try RedisConnection(socket: lab.clientSocket, host: "10.99.0.2", port: 6379, timeout: .seconds(120))
-            for n in clientList { rows += try benchmark(lab, config: "unreplicated", clients: n) }
+            for n in clientList {
+                let cpu0 = cpuSeconds(of: absoluteDir + "/plain")
+                let t = ContinuousClock.now
+                rows += try benchmark(lab, config: "unreplicated", clients: n)
+                let seconds = (ContinuousClock.now - t).inMilliseconds / 1000
+                var r = Release(config: "unreplicated", clients: n, before: [:], after: [:], seconds: seconds)
+                r.qemuCores = (cpuSeconds(of: absoluteDir + "/plain").qemu - cpu0.qemu) / seconds
+                releases.append(r)
+            }
         } catch {
             plain.terminate()
             throw error
@@ -104,7 +120,6 @@ package struct VMTapBench: ParsableCommand {
         kill(plain.processIdentifier, SIGKILL)
         plain.waitUntilExit()
 
-        var releases: [Release] = []
         var cluster: VMCluster!
         var probe: RedisConnection!
         defer { cluster?.stopAll() }
@@ -122,10 +137,15 @@ package struct VMTapBench: ParsableCommand {
             guard waitFor(.seconds(60), { log(c, 2).contains("vm: protected:") }) else { throw CLIError("the backup was never protected; see \(absoluteDir)") }
             for k in clientList {
                 let before = vmStatus(runDir: c.runDir(1))
+                let cpu0 = cpuSeconds(of: c.root)
                 let t = ContinuousClock.now
                 rows += try benchmark(lab, config: name, clients: k)
-                releases.append(Release(config: name, clients: k, before: before, after: vmStatus(runDir: c.runDir(1)),
-                                        seconds: (ContinuousClock.now - t).inMilliseconds / 1000))
+                let seconds = (ContinuousClock.now - t).inMilliseconds / 1000
+                let cpu1 = cpuSeconds(of: c.root)
+                var r = Release(config: name, clients: k, before: before, after: vmStatus(runDir: c.runDir(1)), seconds: seconds)
+                r.qemuCores = (cpu1.qemu - cpu0.qemu) / seconds
+                r.replicaCores = (cpu1.replicas - cpu0.replicas) / seconds
+                releases.append(r)
             }
         }
         say("failover: \(kills) kill -9s of the primary with one connection writing")
@@ -259,13 +279,19 @@ package struct VMTapBench: ParsableCommand {
             s += "| \(r.test) | \(r.clients) | \(r.config) | \(String(format: "%.1f×", r.p50 / u.p50)) | \(String(format: "%.2f×", r.rps / u.rps)) |\n"
         }
         s += "\n## What released the guest's frames (primary's counters over each redis-benchmark run, SET and GET)\n\n"
-        s += "| configuration | clients | by match | by checkpoint | match rate | mismatches | causes | checkpoints | checkpoints/s |\n|---|---|---|---|---|---|---|---|---|\n"
-        for r in releases {
+        s += "| configuration | clients | by match | by checkpoint | match rate | mean wait for the match ms | mismatches | causes | checkpoints | checkpoints/s |\n|---|---|---|---|---|---|---|---|---|---|\n"
+        for r in releases where r.config != "unreplicated" {
             let total = r.byMatch + r.byCheckpoint
             let rate = total > 0 ? String(format: "%.1f%%", 100 * Double(r.byMatch) / Double(total)) : "-"
             let causes = r.causes.isEmpty ? "-" : r.causes.sorted { $0.value > $1.value }.map { "\($0.key) \($0.value)" }.joined(separator: ", ")
-            s += "| \(r.config) | \(r.clients) | \(r.byMatch) | \(r.byCheckpoint) | \(rate) | \(r.mismatches) | \(causes) | \(r.checkpoints) | "
+            let wait = r.matchWaits > 0 ? String(format: "%.2f", r.matchWaitTotal / Double(r.matchWaits)) : "-"
+            s += "| \(r.config) | \(r.clients) | \(r.byMatch) | \(r.byCheckpoint) | \(rate) | \(wait) | \(r.mismatches) | \(causes) | \(r.checkpoints) | "
             s += String(format: "%.1f", r.seconds > 0 ? Double(r.checkpoints) / r.seconds : 0) + " |\n"
+        }
+        s += "\n## CPU during each redis-benchmark run (cores, of 2; from /proc/PID/stat)\n\n"
+        s += "| configuration | clients | QEMUs | replica processes (3) | seconds |\n|---|---|---|---|---|\n"
+        for r in releases {
+            s += "| \(r.config) | \(r.clients) | " + String(format: "%.2f | %.2f | %.1f", r.qemuCores, r.replicaCores, r.seconds) + " |\n"
         }
         s += "\n## Failover (release on match; kill -9 of the primary's replica and QEMU, one connection writing SETs)\n\n"
         s += "| kill | kill → first frame released by the new primary (ms) | kill → next reply on the same connection (ms) |\n|---|---|---|\n"
@@ -310,4 +336,22 @@ func vmStatus(runDir: String) -> [String: String] {
         if let eq = word.firstIndex(of: "=") { out[String(word[..<eq])] = String(word[word.index(after: eq)...]) }
     }
     return out
+}
+
+/// CPU seconds (user + system) used so far by the QEMUs and by the other processes whose command
+/// line names `root` (a cluster's or the plain QEMU's directory).
+func cpuSeconds(of root: String) -> (qemu: Double, replicas: Double) {
+    var qemu = 0.0, replicas = 0.0
+    let ticks = Double(sysconf(Int32(_SC_CLK_TCK)))
+    for pid in (try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? [] where Int(pid) != nil {
+        guard let cmd = FileManager.default.contents(atPath: "/proc/\(pid)/cmdline"),
+              String(decoding: cmd, as: UTF8.self).contains(root),
+              let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
+              let close = stat.lastIndex(of: ")") else { continue }
+        // Fields after "pid (comm)": state is field 3; utime and stime are fields 14 and 15.
+        let f = stat[stat.index(after: close)...].split(separator: " ")
+        guard f.count > 13, let u = Double(f[11]), let s = Double(f[12]) else { continue }
+        if String(decoding: cmd, as: UTF8.self).contains("qemu-system") { qemu += (u + s) / ticks } else { replicas += (u + s) / ticks }
+    }
+    return (qemu, replicas)
 }

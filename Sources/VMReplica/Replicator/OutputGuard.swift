@@ -104,6 +104,9 @@ public final class OutputGuard: @unchecked Sendable {
                 + "released_unprotected=\(c.releasedUnprotected) output_mismatches=\(c.mismatches) backup_only_skipped=\(c.backupOnlySkipped) "
                 + "stale_digests=\(c.staleDigests) checkpoints_completed=\(checkpointsCompleted) "
                 + String(format: "checkpoints_per_second=%.3f", Double(checkpointsCompleted) / seconds)
+                + " match_waits=\(c.matchWaits)" + String(format: " match_wait_total_ms=%.1f", c.matchWaitTotal.inMilliseconds)
+                + String(format: " match_wait_mean_ms=%.2f match_wait_max_ms=%.2f",
+                         c.matchWaits > 0 ? c.matchWaitTotal.inMilliseconds / Double(c.matchWaits) : 0, c.matchWaitMax.inMilliseconds)
                 + " mismatch_causes=\(causes.isEmpty ? "none" : causes)"
         }
     }

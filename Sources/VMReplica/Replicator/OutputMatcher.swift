@@ -37,6 +37,10 @@ struct OutputMatcher {
         var backupOnlySkipped: UInt64 = 0
         /// Backup digests that could not be used (another generation, matching off).
         var staleDigests: UInt64 = 0
+        /// Frames matched, and their total and longest wait from being held to being matched.
+        var matchWaits: UInt64 = 0
+        var matchWaitTotal = Duration.zero
+        var matchWaitMax = Duration.zero
         /// Mismatches by the first field that differed (`OutputDigest.difference`).
         var causes: [String: UInt64] = [:]
         var released: UInt64 { releasedByMatch + releasedByCheckpoint + releasedUnprotected }
@@ -70,6 +74,8 @@ struct OutputMatcher {
     private var early: (generation: UInt64, digests: [OutputDigest])?
     /// Per TCP stream, the highest timestamp of a frame released (or matched, to be released).
     private var promisedTimestamp: [UInt64: UInt32] = [:]
+    /// The time of the event being handled (for the match waits).
+    private var now = ContinuousClock.now
 
     init(releaseOnMatch: Bool) { self.releaseOnMatch = releaseOnMatch }
 
@@ -80,6 +86,7 @@ struct OutputMatcher {
 
     /// Holds one frame of the guest; returns what may go now (in order).
     mutating func hold(_ frame: [UInt8], digest: OutputDigest, at now: ContinuousClock.Instant) -> [Release] {
+        self.now = now
         let position = base + UInt64(held.count)
         held.append(Held(frame: frame, digest: digest, at: now))
         guard matching else { return [] }
@@ -93,7 +100,8 @@ struct OutputMatcher {
     }
 
     /// The backup's digests of `generation`, in its guest's order; returns what may go now.
-    mutating func backup(generation g: UInt64, digests: [OutputDigest]) -> [Release] {
+    mutating func backup(generation g: UInt64, digests: [OutputDigest], at now: ContinuousClock.Instant = .now) -> [Release] {
+        self.now = now
         guard releaseOnMatch else { counters.staleDigests += UInt64(digests.count); return [] }
         if let current = generation, g == current, !cutInFlight {
             guard mismatch == nil else { return [] }
@@ -158,6 +166,10 @@ struct OutputMatcher {
 
     private mutating func markMatched(_ i: Int, stream s: UInt64) {
         held[i].matched = true
+        let wait = now - held[i].at
+        counters.matchWaits += 1
+        counters.matchWaitTotal += wait
+        counters.matchWaitMax = max(counters.matchWaitMax, wait)
         if let ts = held[i].digest.timestamp { promise(ts, on: s) }
     }
 
