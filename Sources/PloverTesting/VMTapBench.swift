@@ -339,7 +339,8 @@ func vmStatus(runDir: String) -> [String: String] {
 }
 
 /// CPU seconds (user + system) used so far by the QEMUs and by the other processes whose command
-/// line names `root` (a cluster's or the plain QEMU's directory).
+/// line names `root` (a cluster's or the plain QEMU's directory); QEMUs that exited and were
+/// reaped by a replica count through the replica's children times.
 func cpuSeconds(of root: String) -> (qemu: Double, replicas: Double) {
     var qemu = 0.0, replicas = 0.0
     let ticks = Double(sysconf(Int32(_SC_CLK_TCK)))
@@ -350,8 +351,12 @@ func cpuSeconds(of root: String) -> (qemu: Double, replicas: Double) {
               let close = stat.lastIndex(of: ")") else { continue }
         // Fields after "pid (comm)": state is field 3; utime and stime are fields 14 and 15.
         let f = stat[stat.index(after: close)...].split(separator: " ")
-        guard f.count > 13, let u = Double(f[11]), let s = Double(f[12]) else { continue }
-        if String(decoding: cmd, as: UTF8.self).contains("qemu-system") { qemu += (u + s) / ticks } else { replicas += (u + s) / ticks }
+        guard f.count > 14, let u = Double(f[11]), let s = Double(f[12]), let cu = Double(f[13]), let cs = Double(f[14]) else { continue }
+        // A replica's reaped children are the QEMUs it replaced (cutime, cstime: fields 16 and 17).
+        if String(decoding: cmd, as: UTF8.self).contains("qemu-system") { qemu += (u + s) / ticks } else {
+            replicas += (u + s) / ticks
+            qemu += (cu + cs) / ticks
+        }
     }
     return (qemu, replicas)
 }

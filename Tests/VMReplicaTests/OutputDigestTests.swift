@@ -63,6 +63,9 @@ enum Frames {
             #expect(!a.sameFrame(as: d), "\(cause)")
             #expect(a.difference(from: d) == cause)
         }
+        // Two SYN-ACKs with other initial sequence numbers (the guests' clocks differ).
+        let synAck = OutputDigest(of: Frames.tcp(seq: 1000, flags: 0x12, payload: []))
+        #expect(synAck.difference(from: OutputDigest(of: Frames.tcp(seq: 77, flags: 0x12, payload: []))) == "tcp-syn-seq")
     }
 
     @Test func otherFramesAreComparedWholeAndARPNeedsNoMatch() {

@@ -136,7 +136,8 @@ public struct OutputDigest: Equatable, Sendable {
         if stream != other.stream { return "stream" }
         if kind == .other { return "other-frame" }
         if flags != other.flags { return "tcp-flags" }
-        if sequence != other.sequence { return "tcp-seq" }
+        // A SYN's sequence number is the connection's initial one, which Linux derives from its clock.
+        if sequence != other.sequence { return flags & 0x02 != 0 ? "tcp-syn-seq" : "tcp-seq" }
         if acknowledgement != other.acknowledgement { return "tcp-ack" }
         if payloadBytes != other.payloadBytes { return "tcp-length" }
         if window != other.window { return "tcp-window" }

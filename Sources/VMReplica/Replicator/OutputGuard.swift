@@ -64,6 +64,8 @@ public final class OutputGuard: @unchecked Sendable {
     public var oldestHeld: ContinuousClock.Instant? { lock.withLock { matcher.oldestHeldAt } }
     /// The first mismatch since the last completed checkpoint (a checkpoint is needed), if any.
     public var mismatch: String? { lock.withLock { matcher.mismatch } }
+    /// Both frames' fields of that first mismatch (the checkpoint log's `mismatch=`).
+    public var mismatchDetail: String? { lock.withLock { matcher.mismatchDetail } }
     /// Outputs released so far, passed-through ones included.
     public var releasedCount: UInt64 { lock.withLock { matcher.counters.released } }
     /// Outputs dropped so far: never released.

@@ -62,6 +62,8 @@ struct OutputMatcher {
     private(set) var cutInFlight = false
     /// Why a checkpoint is needed: the first mismatch since the last completed checkpoint.
     private(set) var mismatch: String?
+    /// The two digests of that first mismatch, for the checkpoint log.
+    private(set) var mismatchDetail: String?
     private(set) var counters = Counters()
     /// Frames released by a match since the last completed checkpoint.
     private(set) var matchedSinceCheckpoint: UInt64 = 0
@@ -135,7 +137,7 @@ struct OutputMatcher {
             let p = held[i].digest
             if p.sameFrame(as: b) {
                 if let ts = b.timestamp, let promised = promisedTimestamp[s], Self.precedes(ts, promised) {
-                    noteMismatch("tcp-timestamp-below-released")
+                    noteMismatch("tcp-timestamp-below-released", p, b, released: promised)
                     return
                 }
                 markMatched(i, stream: s)
@@ -156,7 +158,7 @@ struct OutputMatcher {
                 markMatched(i, stream: s)
                 unmatched[s]!.removeFirst()
             } else {
-                noteMismatch(p.difference(from: b))
+                noteMismatch(p.difference(from: b), p, b)
                 return
             }
             if unmatched[s]!.isEmpty { unmatched[s] = nil }
@@ -178,10 +180,15 @@ struct OutputMatcher {
         promisedTimestamp[s] = ts
     }
 
-    private mutating func noteMismatch(_ cause: String) {
+    private mutating func noteMismatch(_ cause: String, _ p: OutputDigest? = nil, _ b: OutputDigest? = nil, released: UInt32? = nil) {
         counters.mismatches += 1
         counters.causes[cause, default: 0] += 1
-        if mismatch == nil { mismatch = cause }
+        guard mismatch == nil else { return }
+        mismatch = cause
+        func text(_ d: OutputDigest) -> String {
+            "seq=\(d.sequence) ack=\(d.acknowledgement) flags=0x\(String(d.flags, radix: 16)) bytes=\(d.payloadBytes) ts=\(d.timestamp.map(String.init) ?? "-")"
+        }
+        mismatchDetail = "\(cause): primary \(p.map(text) ?? "-"); backup \(b.map(text) ?? "-")" + (released.map { "; released ts=\($0)" } ?? "")
     }
 
     private mutating func releaseMatchedPrefix() -> [Release] {
@@ -227,6 +234,7 @@ struct OutputMatcher {
         matchedSinceCheckpoint = 0
         generation = epoch
         mismatch = nil
+        mismatchDetail = nil
         if releaseOnMatch {
             for (k, h) in held.enumerated() where !h.matched {
                 if h.digest.kind == .arp { held[k].matched = true } else { unmatched[h.digest.stream, default: []].append(base + UInt64(k)) }

@@ -40,6 +40,8 @@ struct CheckpointRecord {
     var disk: DiskCheckpointRecord?
     /// Primary: the output guard's release metrics after this checkpoint (`OutputGuard.metrics`).
     var output: String?
+    /// Primary: the output mismatch that asked for this checkpoint, if one did.
+    var mismatch: String?
 
     var line: String {
         func ms(_ d: Duration) -> String { String(format: "%.2f", d.inMilliseconds) }
@@ -59,6 +61,7 @@ struct CheckpointRecord {
         if let m = rollbackDigestMatches { f.append("rollback_digest_match=\(m)") }
         if let d = disk { f += d.fields }
         if let o = output { f.append(o) }
+        if let m = mismatch { f.append("mismatch=\"\(m)\"") }
         if let e = error {
             // One record per line: quotes and line breaks in the error become ' and spaces.
             let flat = e.replacingOccurrences(of: "\"", with: "'").split(whereSeparator: \.isNewline).joined(separator: " ")
@@ -254,6 +257,7 @@ extension VMReplicator {
         var r = CheckpointRecord(epoch: epoch, index: index, role: .primary)
         defer { record(r) }
         defer { r.output = outputs.metrics }
+        r.mismatch = outputs.mismatchDetail
         defer { run { $0.checkpointEnded(r.ok ? .completed : .failed(reason: r.error ?? "", pagesMayHaveLanded: false), now: .now) } }
         guard let q = lock.withLock({ current }) else { r.error = "no VM"; return false }
         guard let ch = waitForChannel(timeout: linkGrace) else { r.error = "syncvm link to node \(config.peer) is not up"; return false }
