@@ -96,12 +96,29 @@ extension VMReplicator {
                     continue
                 }
                 let bytes = SyncFrame(session: 0, .outputDigests(generation: generation, digests: batch)).encoded()
-                let ok = (try? blocking(timeout: .seconds(2), abortIf: { nil }) { try await ch.send(bytes) }) != nil
-                digestOutbox.done(batch.count, ok: ok)
+                digestOutbox.done(batch.count, ok: send(bytes, over: ch))
             }
         }
         t.name = "plover-vm-digests"
         t.start()
+    }
+
+    /// Sends one frame from this plain thread. A send that makes no progress for
+    /// `checkpoint_timeout_ms` means a stuck link: it is closed (the scheduler connects again),
+    /// so a checkpoint waiting for the link's sender is never held longer.
+    private func send(_ bytes: [UInt8], over ch: FabricSyncChannel) -> Bool {
+        let sent = Box<Void>()
+        let done = DispatchSemaphore(value: 0)
+        Task {
+            do { sent.result = .success(try await ch.send(bytes)) } catch { sent.result = .failure(error) }
+            done.signal()
+        }
+        if done.wait(timeout: .now() + .milliseconds(config.checkpointTimeoutMilliseconds)) == .timedOut {
+            logger.warning("vm: output digests to node \(config.peer) made no progress for \(config.checkpointTimeoutMilliseconds) ms; closing the syncvm link")
+            ch.close()
+            done.wait()
+        }
+        return (try? sent.result?.get()) != nil
     }
 
     /// Primary: what its syncvm link takes aside — the backup's output digests.
