@@ -8,8 +8,10 @@ import VMReplica
 /// reached over the tap attachment from a client namespace on a bridge (TapLab). In one run:
 /// 1. redis-benchmark SET and GET with each client count against the guest unreplicated (one
 ///    QEMU on the tap, no log, no output guard);
-/// 2. the same against the replicated VM (`plover vm` primary, backup, witness, `network = "tap"`);
-/// 3. failover: one connection writing SETs, the primary killed (kill -9 of its replica and QEMU)
+/// 2. the same against the replicated VM (`plover vm` primary, backup, witness, `network = "tap"`),
+///    once with every frame released by a checkpoint (`release_on_match = false`) and once with
+///    release on match, with the primary's release counters (match rate, mismatch causes) per run;
+/// 3. failover, with release on match: one connection writing SETs, the primary killed (kill -9 of its replica and QEMU)
 ///    `--kills` times (restarted and re-protected in between); kill → the new primary's first
 ///    released frame (its failover timeline) and kill → the next reply on that connection.
 package struct VMTapBench: ParsableCommand {
@@ -39,6 +41,51 @@ package struct VMTapBench: ParsableCommand {
         var max: Double
     }
 
+    /// What the primary's output guard did during one redis-benchmark run (differences of its
+    /// `status` counters).
+    struct Release {
+        var config: String
+        var clients: Int
+        var byMatch = 0
+        var byCheckpoint = 0
+        var mismatches = 0
+        var checkpoints = 0
+        var seconds = 0.0
+        var causes: [String: Int] = [:]
+        var matchWaits = 0
+        var matchWaitTotal = 0.0
+        /// Cores used during the run by the QEMUs and by the replica processes (witness included).
+        var qemuCores = 0.0
+        var replicaCores = 0.0
+
+        static func counters(_ s: [String: String]) -> (Int, Int, Int, Int, [String: Int]) {
+            var causes: [String: Int] = [:]
+            for pair in (s["mismatch_causes"] ?? "none").split(separator: ",") where pair != "none" {
+                let kv = pair.split(separator: ":")
+                if kv.count == 2, let n = Int(kv[1]) { causes[String(kv[0])] = n }
+            }
+            return (Int(s["released_by_match"] ?? "") ?? 0, Int(s["released_by_checkpoint"] ?? "") ?? 0,
+                    Int(s["output_mismatches"] ?? "") ?? 0, Int(s["checkpoints_completed"] ?? "") ?? 0, causes)
+        }
+
+        init(config: String, clients: Int, before: [String: String], after: [String: String], seconds: Double) {
+            self.config = config
+            self.clients = clients
+            self.seconds = seconds
+            let (m0, c0, x0, k0, cz0) = Self.counters(before), (m1, c1, x1, k1, cz1) = Self.counters(after)
+            byMatch = m1 - m0
+            byCheckpoint = c1 - c0
+            mismatches = x1 - x0
+            checkpoints = k1 - k0
+            for (k, v) in cz1 { let d = v - (cz0[k] ?? 0); if d > 0 { causes[k] = d } }
+            matchWaits = (Int(after["match_waits"] ?? "") ?? 0) - (Int(before["match_waits"] ?? "") ?? 0)
+            matchWaitTotal = (Double(after["match_wait_total_ms"] ?? "") ?? 0) - (Double(before["match_wait_total_ms"] ?? "") ?? 0)
+        }
+    }
+
+    /// The two replicated configurations, side by side.
+    static let modes = [("replicated, checkpoint release", "release_on_match = false"), ("replicated, release on match", "release_on_match = true")]
+
     package func run() throws {
         guard getuid() == 0 else { throw CLIError("plover bench vm-tap makes a bridge, taps and a network namespace: run it as root") }
         guard !clientList.isEmpty else { throw CLIError("--clients \(clients): give client counts, comma-separated") }
@@ -51,12 +98,21 @@ package struct VMTapBench: ParsableCommand {
         let lab = try TapLab()
         defer { lab.tearDown() }
         var rows: [Row] = []
+        var releases: [Release] = []
 
         say("unreplicated guest on tap \(lab.taps[1]!)")
         let plain = try startPlainQEMU(guest: guest, tap: lab.taps[1]!)
         do {
             _ = try RedisConnection(socket: lab.clientSocket, host: "10.99.0.2", port: 6379, timeout: .seconds(120))
-            for n in clientList { rows += try benchmark(lab, config: "unreplicated", clients: n) }
+            for n in clientList {
+                let cpu0 = cpuSeconds(of: absoluteDir + "/plain")
+                let t = ContinuousClock.now
+                rows += try benchmark(lab, config: "unreplicated", clients: n)
+                let seconds = (ContinuousClock.now - t).inMilliseconds / 1000
+                var r = Release(config: "unreplicated", clients: n, before: [:], after: [:], seconds: seconds)
+                r.qemuCores = (cpuSeconds(of: absoluteDir + "/plain").qemu - cpu0.qemu) / seconds
+                releases.append(r)
+            }
         } catch {
             plain.terminate()
             throw error
@@ -64,20 +120,37 @@ package struct VMTapBench: ParsableCommand {
         kill(plain.processIdentifier, SIGKILL)
         plain.waitUntilExit()
 
-        say("replicated VM (primary, backup, witness) on taps \(lab.taps[1]!), \(lab.taps[2]!)")
-        let cluster = try VMCluster(root: absoluteDir + "/cluster", kernel: guest + "/vmlinuz", initrd: guest + "/initrd.gz", taps: lab.taps)
-        defer { cluster.stopAll() }
-        let leftovers = [1, 2].map { (cluster.runDir(NodeID($0)), cluster.ramFile(NodeID($0))) }
-        ChildProcesses.killOnInterrupt { VMCluster.killQEMUs(leftovers) }
-        try cluster.startAll()
-        let probe = try RedisConnection(socket: lab.clientSocket, host: "10.99.0.2", port: 6379, timeout: .seconds(120))
-        _ = try probe.command(["PING"], timeout: .seconds(60))
-        guard waitFor(.seconds(60), { log(cluster, 2).contains("vm: protected:") }) else { throw CLIError("the backup was never protected; see \(absoluteDir)") }
-        for n in clientList { rows += try benchmark(lab, config: "replicated", clients: n) }
-
+        var cluster: VMCluster!
+        var probe: RedisConnection!
+        defer { cluster?.stopAll() }
+        for (n, (name, key)) in Self.modes.enumerated() {
+            say("\(name) (primary, backup, witness; \(key)) on taps \(lab.taps[1]!), \(lab.taps[2]!)")
+            cluster?.stopAll()
+            cluster = try VMCluster(root: absoluteDir + "/cluster-\(n)", kernel: guest + "/vmlinuz", initrd: guest + "/initrd.gz",
+                                    vmExtra: key, taps: lab.taps)
+            let c = cluster!
+            let leftovers = [1, 2].map { (c.runDir(NodeID($0)), c.ramFile(NodeID($0))) }
+            ChildProcesses.killOnInterrupt { VMCluster.killQEMUs(leftovers) }
+            try c.startAll()
+            probe = try RedisConnection(socket: lab.clientSocket, host: "10.99.0.2", port: 6379, timeout: .seconds(120))
+            _ = try probe.command(["PING"], timeout: .seconds(60))
+            guard waitFor(.seconds(60), { log(c, 2).contains("vm: protected:") }) else { throw CLIError("the backup was never protected; see \(absoluteDir)") }
+            for k in clientList {
+                let before = vmStatus(runDir: c.runDir(1))
+                let cpu0 = cpuSeconds(of: c.root)
+                let t = ContinuousClock.now
+                rows += try benchmark(lab, config: name, clients: k)
+                let seconds = (ContinuousClock.now - t).inMilliseconds / 1000
+                let cpu1 = cpuSeconds(of: c.root)
+                var r = Release(config: name, clients: k, before: before, after: vmStatus(runDir: c.runDir(1)), seconds: seconds)
+                r.qemuCores = (cpu1.qemu - cpu0.qemu) / seconds
+                r.replicaCores = (cpu1.replicas - cpu0.replicas) / seconds
+                releases.append(r)
+            }
+        }
         say("failover: \(kills) kill -9s of the primary with one connection writing")
         let failovers = try failover(cluster, probe)
-        let report = Self.report(rows, failovers: failovers, kills: kills, machine: vmMachineLine(machine, qemu: qemu),
+        let report = Self.report(rows, releases: releases, failovers: failovers, kills: kills, machine: vmMachineLine(machine, qemu: qemu),
                                  command: "plover bench vm-tap --requests \(requests) --clients \(clients) --kills \(kills)")
         print(report)
         if let out { try report.write(toFile: out, atomically: true, encoding: .utf8) }
@@ -190,7 +263,7 @@ package struct VMTapBench: ParsableCommand {
         return condition()
     }
 
-    static func report(_ rows: [Row], failovers: [(released: Double?, reply: Double)], kills: Int, machine: String, command: String) -> String {
+    static func report(_ rows: [Row], releases: [Release], failovers: [(released: Double?, reply: Double)], kills: Int, machine: String, command: String) -> String {
         func f(_ x: Double) -> String { String(format: "%.2f", x) }
         var s = "# redis-server in a replicated VM over a tap\n\n" + machine
         s += "`\(command)`; 128 MiB guest under TCG, Debian's redis-server 7 in it (no persistence), redis-benchmark in a client "
@@ -199,7 +272,28 @@ package struct VMTapBench: ParsableCommand {
         for r in rows.sorted(by: { ($0.test, $0.clients, $0.config) < ($1.test, $1.clients, $1.config) }) {
             s += "| \(r.test) | \(r.clients) | \(r.config) | \(r.requests) | \(f(r.rps)) | \(f(r.p50)) | \(f(r.p99)) | \(f(r.max)) |\n"
         }
-        s += "\n## Failover (kill -9 of the primary's replica and QEMU, one connection writing SETs)\n\n"
+        s += "\n## Against the unreplicated guest (goals: p50 ≤ 5×, requests/s ≥ 0.5×)\n\n"
+        s += "| test | clients | configuration | p50 ratio | requests/s ratio |\n|---|---|---|---|---|\n"
+        for r in rows.sorted(by: { ($0.test, $0.clients, $0.config) < ($1.test, $1.clients, $1.config) }) where r.config != "unreplicated" {
+            guard let u = rows.first(where: { $0.config == "unreplicated" && $0.test == r.test && $0.clients == r.clients }), u.p50 > 0, u.rps > 0 else { continue }
+            s += "| \(r.test) | \(r.clients) | \(r.config) | \(String(format: "%.1f×", r.p50 / u.p50)) | \(String(format: "%.2f×", r.rps / u.rps)) |\n"
+        }
+        s += "\n## What released the guest's frames (primary's counters over each redis-benchmark run, SET and GET)\n\n"
+        s += "| configuration | clients | by match | by checkpoint | match rate | mean wait for the match ms | mismatches | causes | checkpoints | checkpoints/s |\n|---|---|---|---|---|---|---|---|---|---|\n"
+        for r in releases where r.config != "unreplicated" {
+            let total = r.byMatch + r.byCheckpoint
+            let rate = total > 0 ? String(format: "%.1f%%", 100 * Double(r.byMatch) / Double(total)) : "-"
+            let causes = r.causes.isEmpty ? "-" : r.causes.sorted { $0.value > $1.value }.map { "\($0.key) \($0.value)" }.joined(separator: ", ")
+            let wait = r.matchWaits > 0 ? String(format: "%.2f", r.matchWaitTotal / Double(r.matchWaits)) : "-"
+            s += "| \(r.config) | \(r.clients) | \(r.byMatch) | \(r.byCheckpoint) | \(rate) | \(wait) | \(r.mismatches) | \(causes) | \(r.checkpoints) | "
+            s += String(format: "%.1f", r.seconds > 0 ? Double(r.checkpoints) / r.seconds : 0) + " |\n"
+        }
+        s += "\n## CPU during each redis-benchmark run (cores, of 2; from /proc/PID/stat)\n\n"
+        s += "| configuration | clients | QEMUs | replica processes (3) | seconds |\n|---|---|---|---|---|\n"
+        for r in releases {
+            s += "| \(r.config) | \(r.clients) | " + String(format: "%.2f | %.2f | %.1f", r.qemuCores, r.replicaCores, r.seconds) + " |\n"
+        }
+        s += "\n## Failover (release on match; kill -9 of the primary's replica and QEMU, one connection writing SETs)\n\n"
         s += "| kill | kill → first frame released by the new primary (ms) | kill → next reply on the same connection (ms) |\n|---|---|---|\n"
         for (i, r) in failovers.enumerated() {
             s += "| \(i + 1) | \(r.released.map { String(format: "%.0f", $0) } ?? "-") | \(String(format: "%.0f", r.reply)) |\n"
@@ -215,3 +309,54 @@ package struct VMTapBench: ParsableCommand {
 
 /// Wall-clock milliseconds since 1970 (the replicas' failover timelines use the same clock).
 func unixMillis() -> Double { Date().timeIntervalSince1970 * 1000 }
+
+/// The `key=value` words of a VM replica's `status` answer on its control socket
+/// (`run_dir/control.sock`); empty when it does not answer.
+func vmStatus(runDir: String) -> [String: String] {
+    let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+    guard fd >= 0 else { return [:] }
+    defer { close(fd) }
+    var addr = sockaddr_un()
+    addr.sun_family = sa_family_t(AF_UNIX)
+    let path = Array((runDir + "/control.sock").utf8)
+    guard path.count < MemoryLayout.size(ofValue: addr.sun_path) else { return [:] }
+    withUnsafeMutableBytes(of: &addr.sun_path) { b in for (i, c) in path.enumerated() { b[i] = c } }
+    let ok = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) } }
+    guard ok == 0 else { return [:] }
+    _ = "status\n".utf8CString.withUnsafeBufferPointer { write(fd, $0.baseAddress, $0.count - 1) }
+    var bytes: [UInt8] = []
+    var buffer = [UInt8](repeating: 0, count: 4096)
+    while true {
+        let n = read(fd, &buffer, buffer.count)
+        if n <= 0 { break }
+        bytes += buffer.prefix(n)
+    }
+    var out: [String: String] = [:]
+    for word in String(decoding: bytes, as: UTF8.self).split(whereSeparator: { $0 == " " || $0 == "\n" }) {
+        if let eq = word.firstIndex(of: "=") { out[String(word[..<eq])] = String(word[word.index(after: eq)...]) }
+    }
+    return out
+}
+
+/// CPU seconds (user + system) used so far by the QEMUs and by the other processes whose command
+/// line names `root` (a cluster's or the plain QEMU's directory); QEMUs that exited and were
+/// reaped by a replica count through the replica's children times.
+func cpuSeconds(of root: String) -> (qemu: Double, replicas: Double) {
+    var qemu = 0.0, replicas = 0.0
+    let ticks = Double(sysconf(Int32(_SC_CLK_TCK)))
+    for pid in (try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? [] where Int(pid) != nil {
+        guard let cmd = FileManager.default.contents(atPath: "/proc/\(pid)/cmdline"),
+              String(decoding: cmd, as: UTF8.self).contains(root),
+              let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
+              let close = stat.lastIndex(of: ")") else { continue }
+        // Fields after "pid (comm)": state is field 3; utime and stime are fields 14 and 15.
+        let f = stat[stat.index(after: close)...].split(separator: " ")
+        guard f.count > 14, let u = Double(f[11]), let s = Double(f[12]), let cu = Double(f[13]), let cs = Double(f[14]) else { continue }
+        // A replica's reaped children are the QEMUs it replaced (cutime, cstime: fields 16 and 17).
+        if String(decoding: cmd, as: UTF8.self).contains("qemu-system") { qemu += (u + s) / ticks } else {
+            replicas += (u + s) / ticks
+            qemu += (cu + cs) / ticks
+        }
+    }
+    return (qemu, replicas)
+}

@@ -34,7 +34,8 @@ extension EndToEnd {
         func checkpointsMakeTheBackupEqualAndItTakesOverAfterKill9() async throws {
             let checks = Checks()
             defer { checks.recordIssues() }
-            try await onOwnThread { try Self.withCluster(checks, vmExtra: Self.disk) { try Self.scenario($0, checks) } }
+            // Every answer goes through a checkpoint here (release on match has its own test).
+            try await onOwnThread { try Self.withCluster(checks, vmExtra: Self.disk + "release_on_match = false\n") { try Self.scenario($0, checks) } }
         }
 
         /// A 16 MiB disk image per replica (created at its first start).

@@ -88,7 +88,8 @@ extension EndToEnd {
 
         @Test(VM.needsQEMU, .timeLimit(.minutes(5)))
         func afterFailoverTheRestartedPrimaryBecomesTheNewPrimarysBackup() async throws {
-            try await Self.fromThreeAnswers(vmExtra: "checkpoint_timeout_ms = 8000") { cluster, client, checks, answers in
+            // Checks that answers wait for checkpoints once re-protected: without release on match.
+            try await Self.fromThreeAnswers(vmExtra: "checkpoint_timeout_ms = 8000\nrelease_on_match = false") { cluster, client, checks, answers in
                 // Failover: node 2 leads, becomes the primary and answers unprotected.
                 cluster.kill(1)
                 for _ in 0..<3 { answers.append(try client.request(timeout: .seconds(60))) }

@@ -2,6 +2,7 @@
 // rings, and how either end learns that the link is gone. The sync suites run over it as well.
 
 import RDMAPaxos
+import Synchronization
 import Testing
 @testable import VMReplica
 
@@ -51,6 +52,22 @@ import Testing
         let p = link.primary.counters
         #expect(p.framesSent == sizes.count && p.controlBytesSent == sizes.reduce(0, +))
         #expect(p.recordsPosted > 100)
+    }
+
+    @Test(arguments: fabrics)
+    func theBackupsOutputDigestsAreTakenAsideAndTheSessionsFramesStillArriveInOrder(over transport: SyncTransport) async throws {
+        let taken = Mutex<[[UInt8]]>([])
+        let divert = FabricSyncChannel.Divert(selects: SyncFrame.isOutputDigests) { fs in taken.withLock { $0 += fs } }
+        let link = try await FabricLink.make(transport, backup: try backupMemory(pageCount: 4), divert: divert)
+        defer { link.close() }
+        let digests = SyncFrame(session: 0, .outputDigests(generation: 3, digests: [OutputDigest(kind: .other, stream: 0, content: 9)])).encoded()
+        let reply = SyncFrame(session: 5, .commitReply(.inSync)).encoded()
+        for f in [[0xEE, 1], digests, reply, digests] { try await link.backup.send(f) }
+        #expect(try await link.primary.receive() == [0xEE, 1])
+        #expect(try await link.primary.receive() == reply)
+        // The second digests frame landed with or after the reply; give the receiving thread a scan.
+        for _ in 0..<200 where taken.withLock({ $0.count }) < 2 { try await Task.sleep(for: .milliseconds(5)) }
+        #expect(taken.withLock { $0 } == [digests, digests])
     }
 
     @Test(arguments: fabrics)

@@ -17,6 +17,13 @@ import Testing
         .commit(digest: 99, written: DirtyBitmap(pageCount: 300, pages: [299])),
         .commitReply(.inSync),
         .commitReply(.verifyFailed),
+        .outputDigests(generation: 7, digests: []),
+        .outputDigests(generation: .max, digests: [
+            OutputDigest(kind: .tcp, stream: 0xABCD, content: 42, sequence: 1, acknowledgement: .max, flags: 0x18, window: 502,
+                         payloadBytes: 1400, timestamp: 0),
+            OutputDigest(kind: .other, stream: 0, content: .max, payloadBytes: 60),
+            OutputDigest(kind: .arp, stream: 0, content: 1),
+        ]),
     ]
 
     @Test func everyMessageRoundTrips() throws {

@@ -190,11 +190,12 @@ struct FabricLink {
 
     static func make(_ transport: SyncTransport, backup memory: GuestMemory,
                      configuration: FabricSyncChannel.Configuration = testFabricConfiguration,
-                     backupConfiguration: FabricSyncChannel.Configuration? = nil) async throws -> FabricLink {
+                     backupConfiguration: FabricSyncChannel.Configuration? = nil,
+                     divert: FabricSyncChannel.Divert? = nil) async throws -> FabricLink {
         let (pf, bf) = try fabrics(transport, channel: configuration)
         do {
             let pe = try await FabricSyncChannel.Endpoint.primary(
-                fabric: pf, listenAt: PeerAddress(node: 1, host: "127.0.0.1", port: 0), configuration: configuration)
+                fabric: pf, listenAt: PeerAddress(node: 1, host: "127.0.0.1", port: 0), configuration: configuration, divert: divert)
             let be = try await FabricSyncChannel.Endpoint.backup(
                 memory: memory, fabric: bf, listenAt: PeerAddress(node: 2, host: "127.0.0.1", port: 0),
                 configuration: backupConfiguration ?? configuration)

@@ -61,16 +61,21 @@ import Testing
     }
 
     @Test func outputGuardReleasesExactlyWhatCameBeforeTheCut() {
-        let g = OutputGuard<[UInt8]>()
+        let g = OutputGuard(releaseOnMatch: false)
+        let out = Mutex<[[UInt8]]>([])
+        g.setDelivery { f in out.withLock { $0.append(f) } }
         #expect(g.oldestHeld == nil)
         for i in 0..<3 { g.hold([UInt8(i)]) }
         let cut = g.cut()
         for i in 3..<5 { g.hold([UInt8(i)]) }
-        #expect(g.release(through: cut) == [[0], [1], [2]])
-        #expect(g.release(through: cut).isEmpty, "a cut releases once")
+        #expect(g.checkpointEnded(epoch: 1, completed: true, cut: cut) == 3)
+        #expect(out.withLock { $0 } == [[0], [1], [2]])
+        #expect(g.checkpointEnded(epoch: 1, completed: true, cut: cut) == 0, "a cut releases once")
         #expect(g.heldCount == 2 && g.releasedCount == 3)
         let cut2 = g.cut()
-        #expect(g.release(through: cut2) == [[3], [4]])
+        #expect(g.checkpointEnded(epoch: 2, completed: false, cut: cut2) == 0, "a failed checkpoint releases nothing")
+        #expect(g.checkpointEnded(epoch: 3, completed: true, cut: g.cut()) == 2)
+        #expect(out.withLock { $0 } == [[0], [1], [2], [3], [4]])
         g.drop()
         #expect(g.droppedCount == 1 && g.heldCount == 0)
     }
@@ -140,9 +145,15 @@ import Testing
         let q = try VMConfig.load(path: path)
         #expect(q.accelAuto && q.qemu.cpus == 2 && q.qemu.extraArguments == ["-rtc", "base=utc", "-no-hpet"])
         #expect(q.backupLostMilliseconds == 300 && q.peerFrontAddress == "127.0.0.1:9")
+        // Release on match: on by default, 100 ms hold; both keys named when wrong.
+        #expect(c.releaseOnMatch && c.outputHoldMaxMilliseconds == 100)
+        try (node + vm + "release_on_match = false\noutput_hold_max_ms = 40\n").write(toFile: path, atomically: true, encoding: .utf8)
+        let m = try VMConfig.load(path: path)
+        #expect(!m.releaseOnMatch && m.outputHoldMaxMilliseconds == 40)
         let args = q.qemu.arguments(nicSocket: "n", qmpSocket: "q", serialLog: "s", pidFile: "p", incoming: false)
         #expect(args.contains("q35,accel=tcg,memory-backend=mem") && args.suffix(3) == ["-rtc", "base=utc", "-no-hpet"])
         for (bad, key) in [("accel = \"xen\"", "vm.accel"), ("cpus = 0", "vm.cpus"), ("backup_lost_ms = 5", "vm.backup_lost_ms"),
+                           ("output_hold_max_ms = 0", "vm.output_hold_max_ms"), ("release_on_match = 1", "vm.release_on_match"),
                            ("peer_front_address = \"nowhere\"", "vm.peer_front_address")] {
             try (node + vm + bad + "\n").write(toFile: path, atomically: true, encoding: .utf8)
             #expect(performing: { try VMConfig.load(path: path) }, throws: { ($0 as? ConfigError)?.key == key })

@@ -82,4 +82,23 @@ import Testing
         #expect(decide { $0.protected = false } == .proposeCheckpoint)
         #expect(decide { $0.protected = false; $0.linkUp = false; $0.linkDownFor = .seconds(3) } == .nothing)
     }
+
+    @Test func releaseOnMatchChecksOnlyOnMismatchOldOutputOrAfterMatchesForAWhile() {
+        var r = SchedulerRules()
+        r.releaseOnMatch = true
+        r.outputHoldMax = .milliseconds(100)
+        r.checkpointMaxAge = .seconds(1)
+        func decide(_ change: (inout SchedulerView) -> Void) -> SchedulerAction { VMScheduler.decide(view(change), r) }
+        // Held output the backup has not matched yet, with the guest idle: no checkpoint (PLOVER's
+        // trigger would take one).
+        #expect(decide { $0.oldestHeldAge = .milliseconds(30); $0.guestIdle = true } == .nothing)
+        #expect(decide { $0.oldestHeldAge = .milliseconds(100) } == .proposeCheckpoint)
+        #expect(decide { $0.outputMismatch = "tcp-seq" } == .proposeCheckpoint)
+        #expect(decide { $0.outputMismatch = "tcp-seq"; $0.checkpointInFlight = true } == .nothing)
+        #expect(decide { $0.releasedByMatchSinceCheckpoint = true; $0.sinceLastCheckpointEnd = .milliseconds(500) } == .nothing)
+        #expect(decide { $0.releasedByMatchSinceCheckpoint = true; $0.sinceLastCheckpointEnd = .seconds(1) } == .proposeCheckpoint)
+        #expect(decide { $0.sinceLastCheckpointEnd = .seconds(5) } == .nothing, "nothing went out: nothing to refresh")
+        // Unprotected, the backup is still re-protected as soon as its link is up.
+        #expect(decide { $0.protected = false } == .proposeCheckpoint)
+    }
 }

@@ -46,6 +46,11 @@ public struct VMConfig: Sendable, Equatable {
     public var idleWindowMilliseconds = 20
     /// Held output older than this forces a checkpoint even if the guest is busy.
     public var checkpointMaxMilliseconds = 1000
+    /// Release on match (`release_on_match`, default true): the primary releases a held frame
+    /// as soon as the backup's guest sent the same one, and checkpoints on a mismatch.
+    public var releaseOnMatch = true
+    /// With release on match, held output older than this forces a checkpoint (`output_hold_max_ms`).
+    public var outputHoldMaxMilliseconds = 100
     /// At least this long between the end of one checkpoint and the next: time for the backup's
     /// fresh QEMU to replay inputs (under TCG it starts with a cold translation cache).
     public var checkpointMinGapMilliseconds = 0
@@ -135,6 +140,8 @@ public struct VMConfig: Sendable, Equatable {
         c.checkpointMinGapMilliseconds = try r.int("checkpoint_min_gap_ms", default: 0, range: 0...3_600_000)
         c.backupIdleMaxMilliseconds = try r.int("backup_idle_max_ms", default: c.backupIdleMaxMilliseconds, range: 0...60_000)
         c.checkpointTimeoutMilliseconds = try r.int("checkpoint_timeout_ms", default: c.checkpointTimeoutMilliseconds, range: 100...3_600_000)
+        c.releaseOnMatch = try r.bool("release_on_match", default: c.releaseOnMatch)
+        c.outputHoldMaxMilliseconds = try r.int("output_hold_max_ms", default: c.outputHoldMaxMilliseconds, range: 1...3_600_000)
         c.backupLostMilliseconds = try r.int("backup_lost_ms", default: c.backupLostMilliseconds, range: 100...3_600_000)
         c.link = link
         if let a = try r.optionalString("peer_front_address") { c.peerFrontAddress = try r.address(a, key: "peer_front_address") }

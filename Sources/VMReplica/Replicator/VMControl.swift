@@ -64,6 +64,7 @@ extension VMReplicator {
             "leading=\(status?.role == .leader)", "leader=\(status?.leader.map { String($0) } ?? "none")",
             "syncvm_link=\(linkUp ? "up" : "down") peer=\(config.peer)", "checkpoint_in_flight=\(inflight)",
             "held=\(outputs.heldCount) released=\(outputs.releasedCount) dropped=\(outputs.droppedCount)",
+            outputs.metrics + " digests_sent=\(digestOutbox.sent) digests_lost=\(digestOutbox.lost)",
             "qemu=\(q.map { "\($0.name) pid=\($0.pid)" } ?? "none") accel=\(accel.rawValue)",
         ]
         if let f = front { lines.append(f.status) }

@@ -14,6 +14,10 @@ extension VMReplicaMachine {
         var oldestHeldAge: Duration?
         /// The VM's QEMU used less than `idle_cpu_percent` of a core over the last window.
         var guestIdle = false
+        /// The output guard's first mismatch since the last completed checkpoint.
+        var outputMismatch: String? = nil
+        /// Output went out by a match since the last completed checkpoint.
+        var releasedByMatchSinceCheckpoint = false
     }
 
     // MARK: Scheduler window
@@ -30,7 +34,7 @@ extension VMReplicaMachine {
             sinceLastCheckpointEnd: now - lastCheckpointEnd, lastCheckpointFailed: lastCheckpointFailed,
             leadingFor: leadingSince.map { now - $0 } ?? .zero, sinceHandOff: lastHandOff.map { now - $0 },
             sinceTakeOverProposal: lastTakeOverProposal.map { now - $0 }, oldestHeldAge: o.oldestHeldAge,
-            guestIdle: o.guestIdle)
+            guestIdle: o.guestIdle, outputMismatch: o.outputMismatch, releasedByMatchSinceCheckpoint: o.releasedByMatchSinceCheckpoint)
         switch VMScheduler.decide(view, rules) {
         case .nothing:
             break

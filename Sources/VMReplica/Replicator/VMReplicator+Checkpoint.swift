@@ -38,6 +38,10 @@ struct CheckpointRecord {
     var rollbackDigestMatches: Bool?
     /// The disk step (nil: no disk).
     var disk: DiskCheckpointRecord?
+    /// Primary: the output guard's release metrics after this checkpoint (`OutputGuard.metrics`).
+    var output: String?
+    /// Primary: the output mismatch that asked for this checkpoint, if one did.
+    var mismatch: String?
 
     var line: String {
         func ms(_ d: Duration) -> String { String(format: "%.2f", d.inMilliseconds) }
@@ -56,6 +60,8 @@ struct CheckpointRecord {
         if let n = rolledBack { f.append("rolled_back_pages=\(n)") }
         if let m = rollbackDigestMatches { f.append("rollback_digest_match=\(m)") }
         if let d = disk { f += d.fields }
+        if let o = output { f.append(o) }
+        if let m = mismatch { f.append("mismatch=\"\(m)\"") }
         if let e = error {
             // One record per line: quotes and line breaks in the error become ' and spaces.
             let flat = e.replacingOccurrences(of: "\"", with: "'").split(whereSeparator: \.isNewline).joined(separator: " ")
@@ -260,6 +266,8 @@ extension VMReplicator {
         let armed = failpoints.arm(as: .primary)
         var r = CheckpointRecord(epoch: epoch, index: index, role: .primary)
         defer { record(r) }
+        defer { r.output = outputs.metrics }
+        r.mismatch = outputs.mismatchDetail
         defer { run { $0.checkpointEnded(r.ok ? .completed : .failed(reason: r.error ?? "", pagesMayHaveLanded: false), now: .now) } }
         guard let q = lock.withLock({ current }) else { r.error = "no VM"; return false }
         guard let ch = waitForChannel(timeout: linkGrace) else { r.error = "syncvm link to node \(config.peer) is not up"; return false }
@@ -287,6 +295,7 @@ extension VMReplicator {
         } catch { r.error = "stop: \(error)"; return false }
         // Everything read from the guest so far was produced before the pause.
         let cut = outputs.cut()
+        defer { if !r.ok { outputs.checkpointEnded(epoch: epoch, completed: false, cut: cut) } }
         var resumed = false
         defer { if !resumed { _ = try? resume(q) } }
         do {
@@ -320,9 +329,7 @@ extension VMReplicator {
             try resume(q)
             resumed = true
             r.pause = ContinuousClock.now - start
-            let out = outputs.release(through: cut)
-            for a in out { front?.deliver(a) }
-            r.released = out.count
+            r.released = outputs.checkpointEnded(epoch: epoch, completed: true, cut: cut)
             r.ok = true
         } catch {
             // Output stays held: only a later complete checkpoint may release it. The dirty
@@ -409,6 +416,9 @@ extension VMReplicator {
         // Any failure from here forgets the baseline collect() just moved (the next sync
         // compares every page): the machine's dropBaseline.
         let first: [UInt8]
+        // The link's sender is this checkpoint's until it ends (the backup's digest sender waits).
+        digestOutbox.holdForCheckpoint()
+        defer { digestOutbox.releaseFromCheckpoint() }
         do {
             let hasDisk = disk != nil
             try blocking(timeout: checkpointTimeout, abortIf: abort) { try await ch.send(Self.readyFrame(epoch: epoch, disk: hasDisk)) }
@@ -525,6 +535,7 @@ extension VMReplicator {
         let actions = lock.withLock { () -> [VMReplicaMachine.Action] in
             current = next
             spare = nil
+            backupGeneration = epoch
             return machine.checkpointEnded(.completed, now: .now)
         }
         ended = true

@@ -28,9 +28,8 @@ extension VMReplicator {
             case .becomeBackup:
                 becomeBackup()
             case .releaseHeld:
-                let out = outputs.releaseAll()
-                for a in out { front?.deliver(a) }
-                if !out.isEmpty { logger.notice("vm: released \(out.count) held answers") }
+                let n = outputs.releaseAll()
+                if n > 0 { logger.notice("vm: released \(n) held answers") }
             case .abortCheckpoint:
                 lock.withLock { channel }?.close()
             case .dropBaseline:

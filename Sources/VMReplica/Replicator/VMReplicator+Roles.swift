@@ -38,7 +38,7 @@ extension VMReplicator {
         while opened == nil {
             do {
                 opened = role == .primary
-                    ? try await FabricSyncChannel.Endpoint.primary(fabric: fabric, listenAt: at, configuration: configuration)
+                    ? try await FabricSyncChannel.Endpoint.primary(fabric: fabric, listenAt: at, configuration: configuration, divert: digestDivert)
                     : try await FabricSyncChannel.Endpoint.backup(memory: memory, fabric: fabric, listenAt: at, configuration: configuration)
             } catch {
                 attempt += 1
@@ -111,6 +111,7 @@ extension VMReplicator {
     func becomeBackup() {
         let held = outputs.heldCount
         outputs.dropHeld()
+        lock.withLock { backupGeneration = nil }
         hashDiff = nil
         logger.notice("vm: node \(me) is a backup now; \(held) answers it held are dropped (clients resend)")
         do {
@@ -147,7 +148,8 @@ extension VMReplicator {
             let o = VMReplicaMachine.Observation(
                 leading: leading, linkUp: lock.withLock { channel.map { !$0.isDown } ?? false },
                 oldestHeldAge: outputs.oldestHeld.map { now - $0 },
-                guestIdle: rate.map { $0 * 100 < Double(config.idleCPUPercent) } ?? false)
+                guestIdle: rate.map { $0 * 100 < Double(config.idleCPUPercent) } ?? false,
+                outputMismatch: outputs.mismatch, releasedByMatchSinceCheckpoint: outputs.releasedByMatchSinceCheckpoint)
             if leading && lock.withLock({ machine.role == .backup }) { lock.withLock { timeline.note(.leading) } }
             run { $0.tick(o, now: now) }
         }

@@ -43,7 +43,14 @@ public final class VMReplicator: @unchecked Sendable {
     /// The fabric the syncvm link runs over, and its channel configuration.
     public let syncLink: SyncLink
     /// The guest's Ethernet frames on their way to clients (those the attachment carries).
-    let outputs = OutputGuard<[UInt8]>()
+    let outputs: OutputGuard
+    /// Backup, release on match: digests of its guest's frames on their way to the primary.
+    let digestOutbox = DigestOutbox()
+    /// Backup: the epoch of the checkpoint that installed its current VM (nil: none yet, or the
+    /// VM is no copy); its output digests carry it (under `lock`).
+    var backupGeneration: UInt64?
+    /// The output failpoint (tests; VMReplicator+Match.swift), with `PLOVER_VM_FAILPOINTS=1`.
+    let outputFailpoint: OutputFailpoint?
     let pool = PageHashPool(threadCount: 2)
 
     let lock = NSLock()
@@ -106,13 +113,18 @@ public final class VMReplicator: @unchecked Sendable {
         let rules = SchedulerRules(handBackLimit: Self.handBackLimit, backupLostAfter: .milliseconds(config.backupLostMilliseconds),
                                    checkpointMinGap: .milliseconds(config.checkpointMinGapMilliseconds),
                                    failedCheckpointBackoff: Self.failedCheckpointBackoff,
-                                   checkpointMaxAge: .milliseconds(config.checkpointMaxMilliseconds))
+                                   checkpointMaxAge: .milliseconds(config.checkpointMaxMilliseconds),
+                                   releaseOnMatch: config.releaseOnMatch, outputHoldMax: .milliseconds(config.outputHoldMaxMilliseconds))
         self.machine = VMReplicaMachine(role: role, me: me, peer: config.peer, rules: rules, now: .now)
         self.me = me
         self.config = config
         self.qemuSettings = config.qemu
         self.clusterKey = clusterKey
         self.logger = logger
+        self.outputs = OutputGuard(releaseOnMatch: config.releaseOnMatch)
+        self.outputFailpoint = OutputFailpoint(runDir: config.runDir)
+        outputs.setDelivery { [weak self] frame in self?.front?.deliver(frame) }
+        if let f = outputFailpoint { outputs.setMatchAudit { f.released($0) } }
     }
 
     /// The state machine to run the node with: committed entries go to this replica's VM driver.
@@ -154,6 +166,7 @@ public final class VMReplicator: @unchecked Sendable {
                                  trailingBytes: role == .backup ? syncLink.channel.mailboxBytes : 0)
         if role == .backup { startSpare() }
         try await openSyncEndpoint(as: role)
+        if config.releaseOnMatch { startDigestSender() }
         let driver = Thread { [self] in driverLoop() }
         driver.name = "plover-vm-driver"
         driver.start()
@@ -206,7 +219,7 @@ public final class VMReplicator: @unchecked Sendable {
     /// A one-line summary for logs and `plover vm` status output.
     public var summary: String {
         let (u, i, inflight) = lock.withLock { (machine.unusable, machine.inconsistent, machine.checkpointSlotTaken || machine.checkpoint != nil) }
-        return "role=\(role.rawValue) held=\(outputs.heldCount) released=\(outputs.releasedCount) dropped=\(outputs.droppedCount) checkpoint_in_flight=\(inflight)"
+        return "role=\(role.rawValue) held=\(outputs.heldCount) released=\(outputs.releasedCount) dropped=\(outputs.droppedCount) checkpoint_in_flight=\(inflight) \(outputs.metrics)"
             + (u.map { " unusable=\"\($0)\"" } ?? "") + (i.map { " inconsistent=\"\($0)\"" } ?? "")
     }
 
@@ -298,7 +311,11 @@ public final class VMReplicator: @unchecked Sendable {
     }
 
     func handleOutput(_ answer: [UInt8], from q: QEMUInstance) {
-        let (isCurrent, role, serves, isProtected) = lock.withLock { (current === q, machine.role, machine.notACopy == nil, machine.protected) }
+        let (isCurrent, role, serves, isProtected, generation) = lock.withLock {
+            (current === q, machine.role, machine.notACopy == nil, machine.protected, backupGeneration)
+        }
+        // A backup whose VM is a checkpoint's copy tells the primary what its guest sent.
+        if role == .backup, isCurrent, serves, config.releaseOnMatch, let generation { noteBackupOutput(answer, generation: generation) }
         guard isCurrent, let node, node.status.role == .leader, !(role == .primary && !serves) else {
             outputs.drop()
             logger.debug("vm: dropped a \(answer.count)-byte frame from \(q.name) (current \(isCurrent))")
@@ -310,8 +327,7 @@ public final class VMReplicator: @unchecked Sendable {
                 outputs.hold(answer)
             } else {
                 // No backup holds a copy of this VM yet: waiting would only delay the answer.
-                outputs.passedThrough()
-                front?.deliver(answer)
+                outputs.passThrough(answer)
                 noteAnswerDelivered()
             }
         case .backup:

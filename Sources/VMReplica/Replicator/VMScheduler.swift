@@ -29,6 +29,10 @@ struct SchedulerView: Equatable {
     var oldestHeldAge: Duration?
     /// The VM's QEMU used less than `idle_cpu_percent` of a core over the last window.
     var guestIdle: Bool
+    /// Release on match: the first output mismatch since the last completed checkpoint.
+    var outputMismatch: String? = nil
+    /// Release on match: some output went out by a match since the last completed checkpoint.
+    var releasedByMatchSinceCheckpoint = false
 }
 
 /// The fixed parameters of the rules.
@@ -38,6 +42,10 @@ struct SchedulerRules: Equatable {
     var checkpointMinGap = Duration.zero
     var failedCheckpointBackoff = Duration.seconds(1)
     var checkpointMaxAge = Duration.seconds(1)
+    /// Release on match (`release_on_match`): held output waits for the backup's matching output
+    /// instead of the guest going idle, at most `outputHoldMax` (`output_hold_max_ms`).
+    var releaseOnMatch = false
+    var outputHoldMax = Duration.milliseconds(100)
     /// At most one leadership hand-off, and one take-over proposal, per this long.
     var retryEvery = Duration.seconds(2)
     /// Checkpoint failures in a row (link up) after which a primary goes on without its backup.
@@ -89,6 +97,14 @@ enum VMScheduler {
         }
         let gap = v.lastCheckpointFailed ? max(r.checkpointMinGap, r.failedCheckpointBackoff) : r.checkpointMinGap
         guard !v.checkpointInFlight, v.sinceLastCheckpointEnd >= gap else { return .nothing }
+        if v.protected, r.releaseOnMatch {
+            // Output goes out when the backup produced the same; a checkpoint is for a mismatch,
+            // for output the backup has not matched in time, and — at most every
+            // `checkpointMaxAge` while output went out by matching — to refresh the backup's copy.
+            if v.outputMismatch != nil { return .proposeCheckpoint }
+            if let age = v.oldestHeldAge, age >= r.outputHoldMax { return .proposeCheckpoint }
+            return v.releasedByMatchSinceCheckpoint && v.sinceLastCheckpointEnd >= r.checkpointMaxAge ? .proposeCheckpoint : .nothing
+        }
         if v.protected {
             // PLOVER's trigger: output is waiting and the guest went idle, or the oldest held
             // answer reached the maximum age.

@@ -29,9 +29,11 @@ public final class FabricSyncChannel: SyncChannel {
         let mailboxOffset: Int
         let isPrimary: Bool
         let layout: MailboxLayout
+        let divert: Divert?
 
         private init(fabric: any Fabric, address: PeerAddress, configuration: Configuration, region: MemoryRegion,
-                     mailboxOffset: Int, isPrimary: Bool, layout: MailboxLayout) {
+                     mailboxOffset: Int, isPrimary: Bool, layout: MailboxLayout, divert: Divert? = nil) {
+            self.divert = divert
             self.fabric = fabric
             self.address = address
             self.configuration = configuration
@@ -42,14 +44,15 @@ public final class FabricSyncChannel: SyncChannel {
         }
 
         /// The primary's side: a region holding one mailbox (for the backup's frames).
+        /// `divert` takes the frames it selects aside as they arrive (never seen by `receive`).
         public static func primary(fabric: any Fabric, listenAt address: PeerAddress,
-                                   configuration: Configuration = Configuration()) async throws -> Endpoint {
+                                   configuration: Configuration = Configuration(), divert: Divert? = nil) async throws -> Endpoint {
             let layout = try MailboxLayout(ringBytes: configuration.ringBytes)
             try check(configuration)
             let region = try fabric.registerRegion(lengthBytes: layout.bytes)
             let bound = try await fabric.listen(at: address, exporting: region)
             return Endpoint(fabric: fabric, address: bound, configuration: configuration, region: region,
-                            mailboxOffset: 0, isPrimary: true, layout: layout)
+                            mailboxOffset: 0, isPrimary: true, layout: layout, divert: divert)
         }
 
         /// The backup's side: registers `memory`'s own mapping — guest RAM at guest-physical
@@ -136,6 +139,8 @@ public final class FabricSyncChannel: SyncChannel {
         var assembly: [UInt8] = []
         var assemblyBytes = 0
         var inbox = FrameQueue()
+        /// Frames the endpoint's `divert` selected, handed to it after the scan.
+        var diverted: [[UInt8]] = []
         var receiveWaiter: CheckedContinuation<[UInt8], any Error>?
         // write completions
         var completed: UInt64 = 0
@@ -455,6 +460,7 @@ public final class FabricSyncChannel: SyncChannel {
             var linkBroken = false
             var wakeWriters: [CheckedContinuation<Void, any Error>] = []
             var delivered: (CheckedContinuation<[UInt8], any Error>, [UInt8])?
+            var diverted: [[UInt8]] = []
             var wakeSender: CheckedContinuation<Void, any Error>?
             var wake: Wake?
             let stop: Bool = state.withLock { s in
@@ -470,6 +476,7 @@ public final class FabricSyncChannel: SyncChannel {
                 }
                 var violation: String?
                 if s.failure == nil || s.closingAfter != nil { violation = scan(&s) }
+                if !s.diverted.isEmpty { swap(&diverted, &s.diverted) }
                 if let c = s.receiveWaiter, let f = s.inbox.popFirst() {
                     s.receiveWaiter = nil
                     delivered = (c, f)
@@ -507,6 +514,7 @@ public final class FabricSyncChannel: SyncChannel {
                 return false
             }
             if let (c, f) = delivered { c.resume(returning: f) }
+            if !diverted.isEmpty { endpoint.divert?.handle(diverted) }
             for w in wakeWriters { w.resume() }
             wakeSender?.resume()
             wake?.resume()
@@ -563,7 +571,7 @@ public final class FabricSyncChannel: SyncChannel {
                 if s.assembly.isEmpty { s.assemblyBytes = h.frameBytes; s.assembly.reserveCapacity(h.frameBytes) }
                 s.assembly += payload
                 if h.flags == MailboxFormat.lastFragment {
-                    s.inbox.append(s.assembly)
+                    if let d = endpoint.divert, d.selects(s.assembly) { s.diverted.append(s.assembly) } else { s.inbox.append(s.assembly) }
                     s.counters.framesReceived += 1
                     s.counters.controlBytesReceived += s.assembly.count
                     s.assembly = []

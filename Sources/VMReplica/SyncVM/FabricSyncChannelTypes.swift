@@ -126,3 +126,20 @@ final class FrameTally: Sendable {
         }
     }
 }
+
+extension FabricSyncChannel {
+    /// Frames an endpoint takes aside as they arrive, outside any session: `selects` is asked for
+    /// every received frame (cheaply: it runs under the channel's lock), and the selected ones go
+    /// to `handle`, in arrival order, on the channel's receiving thread.
+    public struct Divert: Sendable {
+        /// Whether the frame is one to take aside.
+        public let selects: @Sendable ([UInt8]) -> Bool
+        /// Takes the selected frames, oldest first.
+        public let handle: @Sendable ([[UInt8]]) -> Void
+        /// A divert of the frames `selects` picks to `handle`.
+        public init(selects: @escaping @Sendable ([UInt8]) -> Bool, handle: @escaping @Sendable ([[UInt8]]) -> Void) {
+            self.selects = selects
+            self.handle = handle
+        }
+    }
+}

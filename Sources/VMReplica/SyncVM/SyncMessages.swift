@@ -32,6 +32,10 @@ public enum SyncWire {
     public static let pageSizeMax = 1 << 20
     /// The only page hash so far: XXH3-64 with the session's seed.
     public static let hashAlgorithmXXH3_64: UInt8 = 1
+    /// Bytes before the digests of an output-digests message: generation u64, count u32, 4 reserved.
+    public static let outputDigestsHeaderBytes = 16
+    /// Most output digests one frame carries.
+    public static let outputDigestsPerFrameMax = (payloadBytesMax - outputDigestsHeaderBytes) / OutputDigest.wireBytes
 }
 
 /// The RAM shape both peers must share.
@@ -95,6 +99,9 @@ public enum SyncMessage: Equatable, Sendable {
     case commit(digest: UInt64, written: DirtyBitmap)
     /// The backup's outcome, its last message in the session.
     case commitReply(CommitStatus)
+    /// Backup → primary outside any session (session 0): digests of the frames its guest sent,
+    /// in the guest's order, from the VM that the checkpoint of epoch `generation` installed.
+    case outputDigests(generation: UInt64, digests: [OutputDigest])
 
     var kind: UInt8 {
         switch self {
@@ -104,6 +111,7 @@ public enum SyncMessage: Equatable, Sendable {
         case .hashes: 4
         case .commit: 5
         case .commitReply: 6
+        case .outputDigests: 7
         }
     }
 
@@ -115,6 +123,7 @@ public enum SyncMessage: Equatable, Sendable {
         case .hashes: "hashes"
         case .commit: "commit"
         case .commitReply: "commit reply"
+        case .outputDigests: "output digests"
         }
     }
 }
@@ -167,6 +176,11 @@ public struct SyncFrame: Equatable, Sendable {
         case .commitReply(let status):
             w.u8(status.rawValue)
             w.u8(0); w.u16(0)
+        case .outputDigests(let generation, let digests):
+            w.u64(generation)
+            w.u32(UInt32(digests.count))
+            w.u32(0)
+            for d in digests { w.outputDigest(d) }
         }
         let payload = w.bytes.count - SyncWire.headerBytes
         precondition(payload <= SyncWire.payloadBytesMax, "syncvm \(message.name) payload of \(payload) bytes exceeds the limit")
@@ -236,11 +250,29 @@ public struct SyncFrame: Equatable, Sendable {
             guard let status = CommitStatus(rawValue: raw) else { throw r.error("unknown commit status \(raw)") }
             guard try r.u8() == 0, try r.u16() == 0 else { throw r.error("reserved commit-reply bytes are not zero") }
             message = .commitReply(status)
+        case 7:
+            let generation = try r.u64()
+            let count = Int(try r.u32())
+            guard try r.u32() == 0 else { throw r.error("reserved output-digests bytes are not zero") }
+            guard count <= SyncWire.outputDigestsPerFrameMax, count * OutputDigest.wireBytes == r.remaining else {
+                throw r.error("output digest count \(count) does not match \(r.remaining) payload bytes")
+            }
+            var digests: [OutputDigest] = []
+            digests.reserveCapacity(count)
+            for _ in 0..<count { digests.append(try r.outputDigest()) }
+            message = .outputDigests(generation: generation, digests: digests)
         default:
             throw r.error("unknown message kind \(kind)")
         }
         guard r.remaining == 0 else { throw r.error("\(r.remaining) trailing bytes after \(message.name)") }
         return SyncFrame(session: session, message)
+    }
+
+    /// Whether `bytes` look like an output-digests frame (magic, version and kind; the rest is
+    /// checked by `decode`): the primary's link takes these aside as they arrive.
+    public static func isOutputDigests(_ bytes: [UInt8]) -> Bool {
+        bytes.count >= SyncWire.headerBytes && bytes[0] == 0x50 && bytes[1] == 0x4C && bytes[2] == 0x53 && bytes[3] == 0x56
+            && bytes[4] == 0 && bytes[5] == UInt8(SyncWire.version) && bytes[6] == 7
     }
 }
 
@@ -274,7 +306,42 @@ extension ByteWriter {
     }
 }
 
+extension ByteWriter {
+    /// kind u8, has-timestamp u8 (0/1), TCP flags u8, reserved u8, stream u64, content u64,
+    /// sequence u32, acknowledgement u32, window u16, payload bytes u16, timestamp u32.
+    mutating func outputDigest(_ d: OutputDigest) {
+        u8(d.kind.rawValue)
+        u8(d.timestamp == nil ? 0 : 1)
+        u8(d.flags)
+        u8(0)
+        u64(d.stream)
+        u64(d.content)
+        u32(d.sequence)
+        u32(d.acknowledgement)
+        u16(d.window)
+        u16(d.payloadBytes)
+        u32(d.timestamp ?? 0)
+    }
+}
+
 extension ByteReader {
+    mutating func outputDigest() throws(DecodeError) -> OutputDigest {
+        let raw = try u8()
+        guard let kind = OutputDigest.Kind(rawValue: raw) else { throw error("unknown output digest kind \(raw)") }
+        let hasTimestamp = try u8()
+        guard hasTimestamp <= 1 else { throw error("output digest timestamp flag \(hasTimestamp) is not 0 or 1") }
+        let flags = try u8()
+        guard try u8() == 0 else { throw error("reserved output digest byte is not zero") }
+        var d = OutputDigest(kind: kind, stream: try u64(), content: try u64(), flags: flags)
+        d.sequence = try u32()
+        d.acknowledgement = try u32()
+        d.window = try u16()
+        d.payloadBytes = try u16()
+        let ts = try u32()
+        d.timestamp = hasTimestamp == 1 ? ts : nil
+        return d
+    }
+
     mutating func pageSize() throws(DecodeError) -> Int {
         let v = Int(try u32())
         guard v >= SyncWire.pageSizeMin, v <= SyncWire.pageSizeMax, v.nonzeroBitCount == 1 else {
