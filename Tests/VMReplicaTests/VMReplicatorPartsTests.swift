@@ -9,6 +9,19 @@ import Testing
 @testable import VMReplica
 
 @Suite struct VMReplicatorPartsTests {
+    /// A restarted replica numbers its QEMUs on from the logs an earlier run left, so pruning
+    /// the oldest keeps reaching them.
+    @Test func qemuLogNumberingGoesOnFromAnEarlierRun() throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("qemu-logs-\(UUID())").path
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        #expect(VMReplicator.highestQEMULog(in: dir) == 0)
+        for f in ["qemu-3.log", "qemu-12.log", "qemu-12.serial.log", "qemu-40.serial.log", "qemu-41.qmp", "qemu-x.log", "checkpoints.log"] {
+            #expect(FileManager.default.createFile(atPath: dir + "/" + f, contents: Data()))
+        }
+        #expect(VMReplicator.highestQEMULog(in: dir) == 12)
+    }
+
     @Test func logEntriesRoundTripAndBadOnesAreRefused() throws {
         let frame = GuestLink().requestFrame(payload: Array("INC a 1\n".utf8))
         for e in [VMLogEntry.input(frame: frame), .checkpoint(epoch: 0x0102_0304_0506_0708, proposer: 0xA0B0_C0D0), .takeOver(by: 0x0A0B_0C0D), .unprotected(by: 7)] {

@@ -239,10 +239,26 @@ public final class VMReplicator: @unchecked Sendable {
 
     // MARK: QEMU
 
+    /// The highest N of the `qemu-N.log` files in `dir` (0 for none): what an earlier run of
+    /// this replica left there.
+    static func highestQEMULog(in dir: String) -> Int {
+        let files = (try? FileManager.default.contentsOfDirectory(atPath: dir)) ?? []
+        return files.compactMap { f -> Int? in
+            guard f.hasPrefix("qemu-"), f.hasSuffix(".log"), !f.hasSuffix(".serial.log") else { return nil }
+            return Int(f.dropFirst(5).dropLast(4))
+        }.max() ?? 0
+    }
+
     /// Starts the next QEMU. Callers hold `launchLock`.
     func launch(incoming: Bool) throws -> QEMUInstance {
-        let n = lock.withLock { qemuSerial += 1; return qemuSerial }
-        // A backup starts a QEMU per checkpoint: keep the logs of the last few only.
+        let first = lock.withLock { qemuSerial == 0 }
+        let earlier = first ? Self.highestQEMULog(in: config.runDir) : 0
+        let n = lock.withLock {
+            qemuSerial = max(qemuSerial, earlier) + 1
+            return qemuSerial
+        }
+        // A backup starts a QEMU per checkpoint: keep the logs of the last few only (numbering
+        // goes on from an earlier run's, so a restarted replica prunes those too).
         if n > Self.qemuLogsKept {
             for suffix in ["log", "serial.log"] { unlink("\(config.runDir)/qemu-\(n - Self.qemuLogsKept).\(suffix)") }
         }
