@@ -386,6 +386,11 @@ public final class RingTransport: PolledMessageTransport {
         }
     }
 
+    /// (epoch, credit requests) from the control cell the peer writes in front of its ring here.
+    private func controlCell(_ link: PeerLink) -> (epoch: UInt64, creditRequests: UInt64)? {
+        region.withBytes(offset: layout.controlOffset(link.inIndex), count: RingFormat.controlBytes) { RingFormat.controlCell($0) }
+    }
+
     /// Keeps one peer's queue pair connected, reconnecting with capped exponential backoff.
     private func maintain(_ link: PeerLink) async {
         var delay = configuration.reconnectDelayMin
@@ -467,7 +472,7 @@ public final class RingTransport: PolledMessageTransport {
         return link.inbound.withLock { st in
             // A new session announced and not yet taken up (its credit answer is due), or credit
             // not yet returned.
-            let control = region.withBytes(offset: layout.controlOffset(link.inIndex), count: RingFormat.controlBytes) { RingFormat.controlCell($0) }
+            let control = controlCell(link)
             if let c = control, c.epoch != 0, c.epoch != st.epoch || c.creditRequests != st.creditRequests { return true }
             if st.creditDue && st.epoch != 0 { return true }
             guard st.epoch != 0 else { return false }
@@ -482,7 +487,7 @@ public final class RingTransport: PolledMessageTransport {
         let ring = layout.ringBytes
         let ringOffset = layout.ringOffset(link.inIndex)
         link.inbound.withLock { st in
-            let control = region.withBytes(offset: layout.controlOffset(link.inIndex), count: RingFormat.controlBytes) { RingFormat.controlCell($0) }
+            let control = controlCell(link)
             if let c = control, c.epoch != 0, c.epoch != st.epoch {
                 st = Receiver(epoch: c.epoch, creditRequests: c.creditRequests)
                 st.creditDue = true

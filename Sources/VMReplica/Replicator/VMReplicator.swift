@@ -150,6 +150,9 @@ public final class VMReplicator: @unchecked Sendable {
             queueCond.broadcast()
         }
         try FileManager.default.createDirectory(atPath: config.runDir, withIntermediateDirectories: true)
+        // QEMU logs are numbered on from those an earlier run of this replica left.
+        let earlierLogs = Self.highestQEMULog(in: config.runDir)
+        lock.withLock { qemuSerial = earlierLogs }
         if config.accelAuto {
             let (accel, why) = AccelProbe.choose(config.qemu, scratch: config.runDir)
             lock.withLock { qemuSettings.accel = accel }
@@ -251,14 +254,9 @@ public final class VMReplicator: @unchecked Sendable {
 
     /// Starts the next QEMU. Callers hold `launchLock`.
     func launch(incoming: Bool) throws -> QEMUInstance {
-        let first = lock.withLock { qemuSerial == 0 }
-        let earlier = first ? Self.highestQEMULog(in: config.runDir) : 0
-        let n = lock.withLock {
-            qemuSerial = max(qemuSerial, earlier) + 1
-            return qemuSerial
-        }
+        let n = lock.withLock { qemuSerial += 1; return qemuSerial }
         // A backup starts a QEMU per checkpoint: keep the logs of the last few only (numbering
-        // goes on from an earlier run's, so a restarted replica prunes those too).
+        // goes on from an earlier run's, see `start`, so a restarted replica prunes those too).
         if n > Self.qemuLogsKept {
             for suffix in ["log", "serial.log"] { unlink("\(config.runDir)/qemu-\(n - Self.qemuLogsKept).\(suffix)") }
         }
