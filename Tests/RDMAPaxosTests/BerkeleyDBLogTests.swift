@@ -208,6 +208,40 @@ func makeStore(_ path: String, _ range: ClosedRange<LogIndex>, term: UInt64 = 1)
         #expect(try log.entries(20_000...20_001).map(\.index) == [20_000, 20_001])
     }
 
+    @Test func memoryModeAppendsInlineOnlyWhenNothingIsQueuedBeforeIt() throws {
+        let dir = TempDir("inline")
+        defer { dir.remove() }
+        let onDisk = try BerkeleyDBLog.open(path: dir.path, durability: .fsync)
+        #expect(onDisk.appendInline([entry(1)]) == nil, "a log that syncs must not append inline")
+        #expect(onDisk.lastIndex == 0)
+        try onDisk.close()
+
+        let log = try BerkeleyDBLog.open(path: "in-memory", durability: .memory)
+        defer { try? log.close() }
+        // Queued and inline appends interleaved: an inline one may only go ahead of nothing, so
+        // when it returns every queued append before it has been reported durable.
+        let queued = CompletionRecord()
+        var issuedQueued = 0, inline = 0
+        for i in LogIndex(1)...3_000 {
+            if i % 3 != 0, let r = log.appendInline([entry(i)]) {
+                if case let .failure(e) = r { Issue.record("inline append of \(i) failed: \(e)") }
+                inline += 1
+                let done = queued.indexes.count
+                #expect(done == issuedQueued, "entry \(i) appended inline while \(issuedQueued - done) queued appends before it were not durable")
+                #expect(log.durableIndex == i)
+                if done != issuedQueued { break }
+            } else {
+                issuedQueued += 1
+                log.append([entry(i)]) { queued.add(i, $0) }
+            }
+        }
+        #expect(queued.wait(count: issuedQueued))
+        #expect(queued.indexes == queued.indexes.sorted(), "queued appends reported out of order")
+        #expect(inline > 0, "no append went inline")
+        #expect(log.durableIndex == 3_000)
+        #expect(try log.entries(1...3_000) == (LogIndex(1)...3_000).map { entry($0) })
+    }
+
     @Test func aFullMemoryLogSaysSo() throws {
         var options = BerkeleyDBLog.Options()
         options.memoryBytesMax = 16 << 20

@@ -437,6 +437,13 @@ extension ReplicaNode {
         if p.entries.isEmpty {
             // Through the queue, not directly: the core's actions must be carried out in call order.
             enqueue(.persisted(seq))
+        } else if let done = log.appendInline(p.entries) {
+            // A log with nothing to sync (memory mode) appends here: no writer thread to wake
+            // and no completion to wait for on the path of a commit.
+            switch done {
+            case .success: enqueue(.persisted(seq))
+            case let .failure(e): enqueue(.storageFailed(e.description))
+            }
         } else {
             log.append(p.entries) { [weak self] result in
                 switch result {

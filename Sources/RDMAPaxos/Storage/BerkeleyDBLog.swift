@@ -159,6 +159,11 @@ public final class BerkeleyDBLog: StableLog, @unchecked Sendable {
         engine.append(entries, onDurable)
     }
 
+    /// In `.memory` mode, while the writer thread is idle: the commit on the caller's thread.
+    public func appendInline(_ entries: [LogEntry]) -> Result<Void, StableLogError>? {
+        engine.appendInline(entries)
+    }
+
     public func append(_ entries: [LogEntry]) throws {
         let w = Waiter()
         engine.append(entries) { w.finish($0) }

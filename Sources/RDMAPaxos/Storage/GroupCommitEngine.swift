@@ -28,6 +28,9 @@ final class GroupCommitEngine: @unchecked Sendable {
         var deleteThrough: LogIndex = 0
         /// A checkpoint runs on `checkpoints`.
         var checkpointing = false
+        /// Someone writes to the store: the writer thread with a batch, or a caller of
+        /// `appendInline`. One at a time, so every write keeps queue order.
+        var writing = false
 
         init(snapshot: SnapshotPoint, hardState: HardState, lastIndex: LogIndex, heldBytes: Int) {
             self.snapshot = snapshot
@@ -144,6 +147,53 @@ final class GroupCommitEngine: @unchecked Sendable {
         cond.unlock()
     }
 
+    /// `.memory` mode: appends on the caller's thread when the writer has nothing queued and
+    /// nothing in hand, and returns the commit's result; nil when it cannot (another mode, a
+    /// queue to keep order with, a failure or close on record, an injected stall), and the caller
+    /// queues the append instead. With no sync to wait for, a commit is a few microseconds of
+    /// work: handing it to the writer thread and its completion back cost two thread switches on
+    /// every replica's path of a commit (docs/design/runtime.md, "Where a commit's time goes").
+    func appendInline(_ entries: [LogEntry]) -> Result<Void, StableLogError>? {
+        guard sync == .none, options.stallWhileFileExists == nil, let first = entries.first else { return nil }
+        cond.lock()
+        guard queue.isEmpty, !state.writing, !state.closed, state.failure == nil else {
+            cond.unlock()
+            return nil
+        }
+        precondition(first.index == state.lastIndex + 1,
+                     "append of entry \(first.index) after \(state.lastIndex): the log must stay contiguous")
+        for (a, b) in zip(entries, entries.dropFirst()) {
+            precondition(b.index == a.index + 1, "appended entries \(a.index) and \(b.index) are not contiguous")
+        }
+        state.writing = true
+        state.lastIndex = entries[entries.count - 1].index
+        state.pending.append(contentsOf: entries)
+        cond.unlock()
+        let committed = commit(entries)
+        cond.lock()
+        record(committed, of: entries)
+        state.writing = false
+        // The writer waits while a caller writes: wake it only when there is work for it.
+        if !queue.isEmpty || state.deleteThrough > 0 { cond.signal() }
+        cond.unlock()
+        return committed.map { _ in () }
+    }
+
+    /// Records a commit of `batch` (with `cond` held).
+    private func record(_ committed: Result<Int, StableLogError>, of batch: [LogEntry]) {
+        switch committed {
+        case let .success(bytes):
+            if let last = batch.last {
+                state.commits += 1
+                state.durableIndex = last.index
+                state.heldBytes += bytes
+                state.pending.removeFirst(min(batch.count, state.pending.count))
+            }
+        case let .failure(e):
+            if state.failure == nil { state.failure = e }
+        }
+    }
+
     func control(_ c: Control) throws(StableLogError) {
         let w = Waiter()
         cond.lock()
@@ -216,16 +266,19 @@ final class GroupCommitEngine: @unchecked Sendable {
     private func run() {
         while true {
             cond.lock()
-            while queue.isEmpty {
+            while queue.isEmpty || state.writing {
                 // Idle: delete dead entries a chunk at a time, then look at the queue again.
-                if state.deleteThrough > 0 && state.failure == nil {
+                if !state.writing && state.deleteThrough > 0 && state.failure == nil {
+                    state.writing = true
                     cond.unlock()
                     deleteDeadChunk()
                     cond.lock()
+                    state.writing = false
                     continue
                 }
                 cond.wait()
             }
+            state.writing = true
             var batch: [LogEntry] = []
             var completions: [@Sendable (Result<Void, StableLogError>) -> Void] = []
             var control: (Control, Waiter)?
@@ -254,28 +307,21 @@ final class GroupCommitEngine: @unchecked Sendable {
                     w.finish(finishClose(failure))
                     return
                 }
-                w.finish(failure.map { .failure($0) } ?? perform(c))
+                let done = failure.map { .failure($0) } ?? perform(c)
+                locked { $0.writing = false }
+                w.finish(done)
                 continue
             }
             let committed: Result<Int, StableLogError> = failure.map { .failure($0) } ?? commit(batch)
             let result = committed.map { _ in () }
             cond.lock()
-            switch committed {
-            case let .success(bytes):
-                if let last = batch.last {
-                    state.commits += 1
-                    state.durableIndex = last.index
-                    state.heldBytes += bytes
-                    state.pending.removeFirst(min(batch.count, state.pending.count))
-                }
-            case let .failure(e):
-                if state.failure == nil { state.failure = e }
-            }
+            record(committed, of: batch)
             cond.unlock()
             for done in completions { done(result) }
             // Under steady load the queue is never empty: one chunk after each commit still
             // gets a compaction's deletion done without holding appends behind all of it.
             if locked({ $0.deleteThrough > 0 && $0.failure == nil }) { deleteDeadChunk() }
+            locked { $0.writing = false }
         }
     }
 

@@ -50,6 +50,11 @@ public protocol StableLog: AnyObject, Sendable {
     /// Appends and waits until durable.
     func append(_ entries: [LogEntry]) throws
 
+    /// Appends on the caller's thread when that is quick and keeps the order of every earlier
+    /// call (a log with no sync to wait for, nothing queued before it): the append's result.
+    /// Nil when it cannot, and nothing was appended; the caller then uses `append(_:onDurable:)`.
+    func appendInline(_ entries: [LogEntry]) -> Result<Void, StableLogError>?
+
     /// Entries with indexes in `range` (clamped to what is held), in index order.
     func entries(_ range: ClosedRange<LogIndex>) throws -> [LogEntry]
 
@@ -77,6 +82,9 @@ public protocol StableLog: AnyObject, Sendable {
 extension StableLog {
     /// Logs with no disk below them never run short.
     public func spaceShortfall(forBytes bytes: Int) -> String? { nil }
+
+    /// Never inline unless a log says how.
+    public func appendInline(_ entries: [LogEntry]) -> Result<Void, StableLogError>? { nil }
 }
 
 /// Why a stable log could not do what was asked. Every case names the store and says what to do.
