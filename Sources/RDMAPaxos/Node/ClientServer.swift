@@ -8,9 +8,11 @@ public final class ClientServer: Sendable {
     public var boundPort: Int { listener.boundPort }
 
     /// Listens on `host`:`port` (0: any free port) and serves `node`; throws when the address
-    /// cannot be bound.
+    /// cannot be bound. Connections are served on the node's event loop when it has one
+    /// (`NodeOptions.eventLoop`: a request is stepped and answered on the thread that read it),
+    /// else on a loop of the server's own.
     public static func start(node: ReplicaNode, host: String, port: Int) throws -> ClientServer {
-        ClientServer(listener: try TCPListener(host: host, port: port, backlog: 256) { ch in
+        ClientServer(listener: try TCPListener(host: host, port: port, backlog: 256, on: node.options.eventLoop) { ch in
             try ch.pipeline.syncOperations.addHandler(ClientFrameHandler(node: node))
         })
     }

@@ -1,3 +1,4 @@
+import NIOCore
 import Metrics
 
 /// How a `ReplicaNode` runs: the core's limits and timings plus the runtime's own.
@@ -39,6 +40,12 @@ public struct NodeOptions: Sendable {
     public var metricsFactory: (any MetricsFactory)?
     /// Read the transport's ring statistics every this many ticks (`ReplicaServer`: about once a second).
     public var metricsSampleEveryTicks: Int = 100
+    /// Where the node's loop runs: nil, a thread of its own; an event loop, as tasks on it.
+    /// A replica whose fabric connections and client connections are on the same loop runs to
+    /// completion on one thread: a landing is read, stepped and answered, and every write goes
+    /// to its socket, without handing anything to another thread (`ReplicaServer` does this for
+    /// the TCP fabric; docs/design/runtime.md, "One loop per replica").
+    public var eventLoop: (any EventLoop)?
     /// A learner at most this many entries behind the leader's last index may be promoted.
     public var catchUpEntriesMax: LogIndex = 1_000
     /// Highest node id a member may have (`limits.node_id_max`); nil: no limit.

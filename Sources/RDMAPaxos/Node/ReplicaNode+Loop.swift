@@ -12,56 +12,77 @@ extension ReplicaNode {
                 return (b, state != .running)
             }
             if stopping { break }
-            var commands: [QueuedProposal] = []
-            // Ticks run after every other event of the batch (see `runTicks`).
-            var dueTicks: [UInt64] = []
-            heardFromLeader = false
-            for e in batch {
-                if case .messagesWaiting = e { wakePending.store(false, ordering: .releasing) }
-                if failure != nil {
-                    reject(e, NodeError.storage(failure!))
-                    continue
-                }
-                switch e {
-                case let .tick(queuedAt): dueTicks.append(queuedAt)
-                case let .message(m): receive(m)
-                case .messagesWaiting:
-                    _ = (transport as? any PolledMessageTransport)?.receiveWaiting { receive($0) }
-                case let .persisted(seq): onPersisted(seq)
-                case let .storageFailed(reason): failStorage(reason)
-                case let .snapshotTaken(index, data): compact(through: index, data)
-                case .snapshotSaved:
-                    compacting = false
-                case let .propose(p): commands.append(p)
-                case let .read(q, c): startRead(q, c)
-                case let .localRead(q, c):
-                    let answer = machine.query(q)
-                    completions.append { c.resume(returning: answer) }
-                case let .changeMembership(change, c): changeMembership(change, c)
-                case let .handOver(c): startHandOver(c)
-                case let .backup(c): takeBackup(c)
-                case let .transferLeadership(target, c):
-                    do {
-                        perform(try replica.transferLeadership(to: target))
-                        completions.append { c.resume() }
-                    } catch {
-                        let e: NodeError = if case let .notLeader(l) = error { .notLeader(leader: l) } else { .refused(error) }
-                        completions.append { c.resume(throwing: e) }
-                    }
-                }
-            }
-            if !dueTicks.isEmpty && failure == nil { runTicks(queuedAt: dueTicks) }
-            if !parked.isEmpty {
-                commands = parked + commands
-                parked = []
-            }
-            if failure == nil { proposeBatch(commands) } else { commands.forEach { $0.continuation.resume(throwing: NodeError.storage(failure!)) } }
-            // Publish before answering, so a client that got its answer sees a status that includes it.
-            publishStatus()
-            let answers = completions
-            completions = []
-            answers.forEach { $0() }
+            run(batch)
         }
+        finishLoop()
+    }
+
+    /// On an event loop (`NodeOptions.eventLoop`): the events queued so far, or the end.
+    func runQueued() {
+        let (batch, stopping, stopped) = cond.withLock {
+            let b = events
+            events = []
+            return (b, state == .stopping, state == .stopped)
+        }
+        if stopped { return }
+        if stopping { finishLoop() } else if !batch.isEmpty { run(batch) }
+    }
+
+    /// One batch of events: fed to the core, then its proposals, then the answers.
+    func run(_ batch: [NodeEvent]) {
+        var commands: [QueuedProposal] = []
+        // Ticks run after every other event of the batch (see `runTicks`).
+        var dueTicks: [UInt64] = []
+        heardFromLeader = false
+        for e in batch {
+            if case .messagesWaiting = e { wakePending.store(false, ordering: .releasing) }
+            if failure != nil {
+                reject(e, NodeError.storage(failure!))
+                continue
+            }
+            switch e {
+            case let .tick(queuedAt): dueTicks.append(queuedAt)
+            case let .message(m): receive(m)
+            case .messagesWaiting:
+                _ = polledTransport?.receiveWaiting { receive($0) }
+            case let .persisted(seq): onPersisted(seq)
+            case let .storageFailed(reason): failStorage(reason)
+            case let .snapshotTaken(index, data): compact(through: index, data)
+            case .snapshotSaved:
+                compacting = false
+            case let .propose(p): commands.append(p)
+            case let .read(q, c): startRead(q, c)
+            case let .localRead(q, c):
+                let answer = machine.query(q)
+                completions.append { c.resume(returning: answer) }
+            case let .changeMembership(change, c): changeMembership(change, c)
+            case let .handOver(c): startHandOver(c)
+            case let .backup(c): takeBackup(c)
+            case let .transferLeadership(target, c):
+                do {
+                    perform(try replica.transferLeadership(to: target))
+                    completions.append { c.resume() }
+                } catch {
+                    let e: NodeError = if case let .notLeader(l) = error { .notLeader(leader: l) } else { .refused(error) }
+                    completions.append { c.resume(throwing: e) }
+                }
+            }
+        }
+        if !dueTicks.isEmpty && failure == nil { runTicks(queuedAt: dueTicks) }
+        if !parked.isEmpty {
+            commands = parked + commands
+            parked = []
+        }
+        if failure == nil { proposeBatch(commands) } else { commands.forEach { $0.continuation.resume(throwing: NodeError.storage(failure!)) } }
+        // Publish before answering, so a client that got its answer sees a status that includes it.
+        publishStatus()
+        let answers = completions
+        completions = []
+        answers.forEach { $0() }
+    }
+
+    /// Fails what is pending, closes the log and marks the node stopped.
+    func finishLoop() {
         failEverything(NodeError.stopped)
         // The node owns its log from start to stop; a close error leaves nothing to do here
         // (the next open recovers).
@@ -107,7 +128,7 @@ extension ReplicaNode {
     /// Safety never depends on timing (docs/design/runtime.md, "Ticks on a starved node").
     func runTicks(queuedAt: [UInt64]) {
         if queuedAt.count > 1 {
-            _ = (transport as? any PolledMessageTransport)?.receiveWaiting { receive($0) }
+            _ = polledTransport?.receiveWaiting { receive($0) }
             noteLateTicks(count: queuedAt.count, oldest: queuedAt[0])
         }
         let asOne = ticks.dropsLateTicks && (replica.role == .leader || heardFromLeader)
@@ -428,15 +449,28 @@ extension ReplicaNode {
                 snapshotBytes = s.data.count
                 appendedThrough = max(appendedThrough, s.index)
             }
-            if let h = p.hardState { try log.saveHardState(h) }
+            if let h = p.hardState, p.truncateFrom != nil || p.snapshot != nil { try log.saveHardState(h) }
         } catch {
             failStorage("\(error)")
             return
         }
+        // A hard state alone or with entries is queued in front of them, not waited for: a
+        // stalled disk must not stall the node's loop (it goes on answering status and stepping
+        // down), and nothing in `send` depends on it (`Actions`).
+        let queuedHardState = p.hardState != nil && p.truncateFrom == nil && p.snapshot == nil
+        if queuedHardState, let h = p.hardState {
+            let last = p.entries.isEmpty
+            log.saveHardState(h) { [weak self] result in
+                switch result {
+                case .success: if last { self?.enqueue(.persisted(seq)) }
+                case let .failure(e): self?.enqueue(.storageFailed(e.description))
+                }
+            }
+        }
         if let last = p.entries.last { appendedThrough = last.index }
         if p.entries.isEmpty {
             // Through the queue, not directly: the core's actions must be carried out in call order.
-            enqueue(.persisted(seq))
+            if !queuedHardState { enqueue(.persisted(seq)) }
         } else if let done = log.appendInline(p.entries) {
             // A log with nothing to sync (memory mode) appends here: no writer thread to wake
             // and no completion to wait for on the path of a commit.

@@ -15,6 +15,8 @@ public final class ReplicaNode: @unchecked Sendable {
     let log: any StableLog
     let snapshots: any SnapshotStore
     let transport: any MessageTransport
+    /// `transport` when it is polled (cast once: a cast per event shows in a profile).
+    let polledTransport: (any PolledMessageTransport)?
     let ticks: any TickSource
     let machine: any StateMachine
     let metrics: NodeMetrics
@@ -142,6 +144,7 @@ public final class ReplicaNode: @unchecked Sendable {
         self.log = log
         self.snapshots = snapshots
         self.transport = transport
+        self.polledTransport = transport as? any PolledMessageTransport
         self.ticks = ticks
         self.metrics = NodeMetrics(node: options.replica.id, factory: options.metricsFactory ?? MetricsSystem.factory)
         if let ring = transport as? RingTransport { ringMetrics = RingMetrics(ring: ring, metrics: metrics) }
@@ -169,7 +172,7 @@ public final class ReplicaNode: @unchecked Sendable {
         replica = Replica(config: options.replica, restoring: restored, bootstrap: options.bootstrap, seed: options.seed)
         followConfiguration(replica.membership)
         publishStatus()
-        if let polled = transport as? any PolledMessageTransport {
+        if let polled = polledTransport {
             // The fabric's thread that lands a record wakes this node's thread, which reads the
             // rings itself: no transport thread between them on the path of a commit.
             try polled.startPolled { [weak self] in self?.messagesLanded() }
@@ -179,8 +182,9 @@ public final class ReplicaNode: @unchecked Sendable {
         // Running only once the transport is: had it thrown, there would be no loop for `stop` to wait for.
         cond.withLock { state = .running }
         // Records that landed while the node was not running yet rang no queued wake-up.
-        if transport is any PolledMessageTransport { messagesLanded() }
+        if polledTransport != nil { messagesLanded() }
         ticks.start { [weak self] in self?.enqueue(.tick(queuedAt: DispatchTime.now().uptimeNanoseconds)) }
+        guard options.eventLoop == nil else { return }
         let t = Thread { [self] in runLoop() }
         t.name = "plover-node-\(options.replica.id)"
         t.start()
@@ -197,6 +201,10 @@ public final class ReplicaNode: @unchecked Sendable {
         }
         guard wasRunning else { return }
         ticks.stop()
+        if let loop = options.eventLoop {
+            precondition(!loop.inEventLoop, "ReplicaNode.stop() called on the node's own event loop")
+            loop.execute { [self] in runQueued() }
+        }
         // The node thread reads a polled transport's rings: it must be done before they go.
         cond.withLock { while state != .stopped { cond.wait() } }
         transport.stop()
@@ -279,12 +287,18 @@ public final class ReplicaNode: @unchecked Sendable {
 
     @discardableResult
     func enqueue(_ e: NodeEvent) -> Bool {
-        cond.withLock {
-            guard state == .running else { return false }
+        let queued = cond.withLock { () -> Bool? in
+            guard state == .running else { return nil }
             events.append(e)
-            if events.count == 1 { cond.signal() }
+            guard events.count == 1 else { return false }
+            if options.eventLoop == nil { cond.signal() }
             return true
         }
+        guard let queued else { return false }
+        // On an event loop: one task per batch (from the loop itself, a task queued without a
+        // wake-up, run after the current one).
+        if queued, let loop = options.eventLoop { loop.execute { [self] in runQueued() } }
+        return true
     }
 
     func loadRestoredState() throws -> RestoredState {

@@ -1,5 +1,6 @@
 import Foundation
 import Logging
+import NIOPosix
 import Prometheus
 
 /// A whole replica process as `plover node` runs it, assembled from a `NodeConfig`:
@@ -26,9 +27,12 @@ public final class ReplicaServer: Sendable {
     let dataDir: String
     /// Length of a tick in milliseconds (for the graceful stop's deadline).
     let tickMilliseconds: Int
+    /// The replica's one loop: the node's events, its TCP fabric connections and its clients.
+    let loop: MultiThreadedEventLoopGroup
 
     init(node: ReplicaNode, clientServer: ClientServer, metricsEndpoint: MetricsEndpoint?, fabricDescription: String, recoveredLastIndex: LogIndex,
-         trust: StateTrust, durability: Durability, dataDir: String, tickMilliseconds: Int) {
+         trust: StateTrust, durability: Durability, dataDir: String, tickMilliseconds: Int, loop: MultiThreadedEventLoopGroup) {
+        self.loop = loop
         self.tickMilliseconds = tickMilliseconds
         self.recoveredLastIndex = recoveredLastIndex
         self.trust = trust
@@ -49,6 +53,22 @@ public final class ReplicaServer: Sendable {
                              metricsRegistry: PrometheusCollectorRegistry = PrometheusCollectorRegistry(),
                              override: StateTrust.Override? = nil,
                              onRemoved: (@Sendable (String) -> Void)? = nil) async throws -> ReplicaServer {
+        // One thread runs the replica to completion: the node's loop, the TCP fabric's
+        // connections and the client connections share it (docs/design/runtime.md, "One loop
+        // per replica").
+        let loop = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        do {
+            return try await assemble(config: file, stateMachine: stateMachine, logger: logger, metricsRegistry: metricsRegistry,
+                                      override: override, onRemoved: onRemoved, loop: loop)
+        } catch {
+            try? await loop.shutdownGracefully()
+            throw error
+        }
+    }
+
+    private static func assemble(config file: NodeConfig, stateMachine: any StateMachine, logger: Logger,
+                                 metricsRegistry: PrometheusCollectorRegistry, override: StateTrust.Override?,
+                                 onRemoved: (@Sendable (String) -> Void)?, loop: MultiThreadedEventLoopGroup) async throws -> ReplicaServer {
         var c = file
         guard let keyPath = c.clusterKeyFile else {
             throw ConfigError(file: "config", key: "cluster_key_file", problem: "is required: peers authenticate with the cluster key")
@@ -91,7 +111,7 @@ public final class ReplicaServer: Sendable {
         let peers = c.members.filter { $0.id != c.id }.map { PeerAddress(node: $0.id, host: host($0.address), port: port($0.address)) }
         let rings = RingTransport.Configuration(listenAddress: PeerAddress(node: c.id, host: host(c.me.address), port: port(c.me.address)),
                                                 cluster: c.ringSlots, peerAddresses: peers)
-        let (fabric, why) = try makeFabric(c, key: key, members: members, ringBytes: rings.ringBytes, logger: logger)
+        let (fabric, why) = try makeFabric(c, key: key, members: members, ringBytes: rings.ringBytes, loop: loop, logger: logger)
         let transport = try await RingTransport.open(fabric: fabric, configuration: rings)
 
         var options = NodeOptions(replica: c.replicaConfig, bootstrap: c.membership,
@@ -106,6 +126,7 @@ public final class ReplicaServer: Sendable {
         options.metricsFactory = PloverMetrics.prometheusFactory(registry: metricsRegistry)
         options.metricsSampleEveryTicks = max(1, 1000 / c.tickMilliseconds)
         options.nodeIDMax = NodeID(c.nodeIDMax)
+        options.eventLoop = loop.next()
         options.onRemoved = { why in
             logger.warning("\(why)")
             onRemoved?(why)
@@ -148,16 +169,17 @@ public final class ReplicaServer: Sendable {
             }
         }
         return ReplicaServer(node: node, clientServer: client, metricsEndpoint: endpoint, fabricDescription: why, recoveredLastIndex: recovered,
-                             trust: trust, durability: c.durability, dataDir: c.dataDir, tickMilliseconds: c.tickMilliseconds)
+                             trust: trust, durability: c.durability, dataDir: c.dataDir, tickMilliseconds: c.tickMilliseconds, loop: loop)
     }
 
     /// `fabric = auto` takes verbs when a device exists and says why it fell back to TCP otherwise.
     /// A verbs fabric whose memlock limit cannot cover what the node pins (rings and staging
     /// buffers) fails the start with the numbers and how to raise it, `auto` included: the device
     /// is there, the limit is what to fix.
-    static func makeFabric(_ c: NodeConfig, key: ClusterKey, members: Set<NodeID>, ringBytes: Int, logger: Logger) throws -> (any Fabric, String) {
+    static func makeFabric(_ c: NodeConfig, key: ClusterKey, members: Set<NodeID>, ringBytes: Int,
+                           loop: MultiThreadedEventLoopGroup, logger: Logger) throws -> (any Fabric, String) {
         func tcp() throws -> any Fabric {
-            try TCPFabric(node: c.id, configuration: TCPFabric.Configuration(clusterKey: key.bytes, members: members))
+            try TCPFabric(node: c.id, configuration: TCPFabric.Configuration(clusterKey: key.bytes, members: members), group: loop)
         }
         func verbs() throws -> VerbsFabric {
             try VerbsFabric(node: c.id, configuration: VerbsFabric.Configuration(clusterKey: key.bytes, connection: c.verbsConnection,
@@ -199,12 +221,14 @@ public final class ReplicaServer: Sendable {
         return moved
     }
 
-    /// Stops the metrics endpoint, the client server and the node, in that order. In async mode
+    /// Stops the metrics endpoint, the client server, the node and the replica's loop, in that order. In async mode
     /// the log is then synced to disk and the stop recorded, so the next start trusts it.
     public func stop() {
         metricsEndpoint?.stop()
         clientServer.stop()
         node.stop()
+        // Last: the node and its transport were stopped on it; it closes the client connections.
+        try? loop.syncShutdownGracefully()
         if durability == .async {
             sync()
             try? StateTrust.writeMarker(dataDir, clean: true)

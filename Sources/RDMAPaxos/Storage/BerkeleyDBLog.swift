@@ -195,6 +195,11 @@ public final class BerkeleyDBLog: StableLog, @unchecked Sendable {
         try engine.control(.hardState(state))
     }
 
+    /// Queued like an append: written after every earlier append and before every later one.
+    public func saveHardState(_ state: HardState, onDurable: @escaping @Sendable (Result<Void, StableLogError>) -> Void) {
+        engine.control(.hardState(state), onDurable)
+    }
+
     public func close() throws {
         try engine.close()
     }

@@ -50,7 +50,7 @@ final class GroupCommitEngine: @unchecked Sendable {
 
     private enum Op {
         case append([LogEntry], @Sendable (Result<Void, StableLogError>) -> Void)
-        case control(Control, Waiter)
+        case control(Control, @Sendable (Result<Void, StableLogError>) -> Void)
     }
 
     private let db: BerkeleyDB
@@ -196,16 +196,23 @@ final class GroupCommitEngine: @unchecked Sendable {
 
     func control(_ c: Control) throws(StableLogError) {
         let w = Waiter()
+        control(c) { w.finish($0) }
+        try w.wait().get()
+    }
+
+    /// Queues `c` behind every earlier operation; `done` runs on the writer thread once it is
+    /// carried out (at once, with `.closed`, on a closed store).
+    func control(_ c: Control, _ done: @escaping @Sendable (Result<Void, StableLogError>) -> Void) {
         cond.lock()
         if state.closed {
             cond.unlock()
-            throw .closed(path: db.path)
+            done(.failure(.closed(path: db.path)))
+            return
         }
         if case .close = c { state.closed = true }
-        queue.append(.control(c, w))
+        queue.append(.control(c, done))
         cond.signal()
         cond.unlock()
-        try w.wait().get()
     }
 
     func close() throws(StableLogError) { try control(.close) }
@@ -281,10 +288,10 @@ final class GroupCommitEngine: @unchecked Sendable {
             state.writing = true
             var batch: [LogEntry] = []
             var completions: [@Sendable (Result<Void, StableLogError>) -> Void] = []
-            var control: (Control, Waiter)?
+            var control: (Control, @Sendable (Result<Void, StableLogError>) -> Void)?
             switch queue[0] {
-            case let .control(c, w):
-                control = (c, w)
+            case let .control(c, done):
+                control = (c, done)
                 queue.removeFirst()
             case .append:
                 var bytes = 0, taken = 0
@@ -302,14 +309,14 @@ final class GroupCommitEngine: @unchecked Sendable {
             cond.unlock()
             waitWhileStalled()
 
-            if let (c, w) = control {
+            if let (c, finish) = control {
                 if case .close = c {
-                    w.finish(finishClose(failure))
+                    finish(finishClose(failure))
                     return
                 }
                 let done = failure.map { .failure($0) } ?? perform(c)
                 locked { $0.writing = false }
-                w.finish(done)
+                finish(done)
                 continue
             }
             let committed: Result<Int, StableLogError> = failure.map { .failure($0) } ?? commit(batch)
@@ -477,7 +484,7 @@ final class GroupCommitEngine: @unchecked Sendable {
         for op in rest {
             switch op {
             case let .append(_, done): done(.failure(.closed(path: db.path)))
-            case let .control(_, w): w.finish(.failure(.closed(path: db.path)))
+            case let .control(_, done): done(.failure(.closed(path: db.path)))
             }
         }
         flushLock.withLock { flusherStopped = true }

@@ -70,6 +70,10 @@ public protocol StableLog: AnyObject, Sendable {
     /// Replaces the hard state; durable in the log's mode when it returns.
     func saveHardState(_ state: HardState) throws
 
+    /// Saves the hard state in order with the appends around it, without waiting: `onDurable`
+    /// runs once it is durable, after every earlier append's.
+    func saveHardState(_ state: HardState, onDurable: @escaping @Sendable (Result<Void, StableLogError>) -> Void)
+
     /// Flushes and releases the store. Further calls throw `StableLogError.closed`.
     func close() throws
 
@@ -82,6 +86,18 @@ public protocol StableLog: AnyObject, Sendable {
 extension StableLog {
     /// Logs with no disk below them never run short.
     public func spaceShortfall(forBytes bytes: Int) -> String? { nil }
+
+    /// Saves at once, on the caller's thread, for logs with no writer of their own.
+    public func saveHardState(_ state: HardState, onDurable: @escaping @Sendable (Result<Void, StableLogError>) -> Void) {
+        do {
+            try saveHardState(state)
+            onDurable(.success(()))
+        } catch let e as StableLogError {
+            onDurable(.failure(e))
+        } catch {
+            onDurable(.failure(.engine(path: "", code: -1, message: "\(error)")))
+        }
+    }
 
     /// Never inline unless a log says how.
     public func appendInline(_ entries: [LogEntry]) -> Result<Void, StableLogError>? { nil }
