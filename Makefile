@@ -105,8 +105,8 @@ bench-vm: deps
 	.build/release/plover bench vm --requests $(VM_REQUESTS) --out benchmarks/vm/results.md
 	python3 benchmarks/vm/plot.py benchmarks/vm/results.md benchmarks/vm/vm.svg
 	.build/release/plover bench vm-tap --requests 40 --clients 1,16 --kills 5 --out benchmarks/vm-tap/results.md
-	.build/release/plover bench vm-bytes --requests 40 --runs 16x1,16x16,1x1 --out benchmarks/vm-bytes/results.md
-	.build/release/plover bench vm-bytes --requests 40 --runs 16x1,1x1 --redis-config "hz 1" --out benchmarks/vm-bytes/results-hz1.md
+	.build/release/plover bench vm-bytes --runs 16x1:3200,16x16:10240,1x1:240 --out benchmarks/vm-bytes/results.md
+	.build/release/plover bench vm-bytes --runs 16x1:3200,1x1:240 --redis-config "hz 1" --out benchmarks/vm-bytes/results-hz1.md
 
 bench-vm-disk: deps
 	$(SWIFT) build -c release --product plover
