@@ -98,7 +98,9 @@ bench-interpose: deps
 	./benchmarks/interpose/run.sh
 
 # VM replication with QEMU under TCG (benchmarks/vm/README.md), a few minutes; then redis-server
-# in the guest over the tap attachment (benchmarks/vm-tap/README.md, needs root), about a minute.
+# in the guest over the tap attachment (benchmarks/vm-tap/README.md, needs root), about a minute;
+# then bytes and pause per checkpoint under redis-benchmark SET (benchmarks/vm-bytes/README.md,
+# needs root), about eleven minutes for both runs.
 VM_REQUESTS ?= 40
 bench-vm: deps
 	$(SWIFT) build -c release --product plover
