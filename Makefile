@@ -98,15 +98,18 @@ bench-interpose: deps
 	./benchmarks/interpose/run.sh
 
 # VM replication with QEMU under TCG (benchmarks/vm/README.md), a few minutes; then redis-server
-# in the guest over the tap attachment (benchmarks/vm-tap/README.md, needs root), about a minute.
+# in the guest over the tap attachment (benchmarks/vm-tap/README.md, needs root), about a minute;
+# then bytes and pause per checkpoint under redis-benchmark SET (benchmarks/vm-bytes/README.md,
+# needs root), about eleven minutes for both runs.
 VM_REQUESTS ?= 40
 bench-vm: deps
 	$(SWIFT) build -c release --product plover
 	.build/release/plover bench vm --requests $(VM_REQUESTS) --out benchmarks/vm/results.md
 	python3 benchmarks/vm/plot.py benchmarks/vm/results.md benchmarks/vm/vm.svg
 	.build/release/plover bench vm-tap --requests 40 --clients 1,16 --kills 5 --out benchmarks/vm-tap/results.md
-	.build/release/plover bench vm-bytes --requests 40 --runs 16x1,16x16,1x1 --out benchmarks/vm-bytes/results.md
-	.build/release/plover bench vm-bytes --requests 40 --runs 16x1,1x1 --redis-config "hz 1" --out benchmarks/vm-bytes/results-hz1.md
+	.build/release/plover bench vm-bytes --runs 16x1:3200,16x16:10240,1x1:240 --out benchmarks/vm-bytes/results.md
+	python3 benchmarks/vm-bytes/plot.py benchmarks/vm-bytes/results.md benchmarks/vm-bytes/vm-bytes.svg
+	.build/release/plover bench vm-bytes --runs 16x1:3200,1x1:240 --redis-config "hz 1" --out benchmarks/vm-bytes/results-hz1.md
 
 bench-vm-disk: deps
 	$(SWIFT) build -c release --product plover

@@ -9,28 +9,63 @@ import VMReplica
 /// Per checkpoint, from the primary's `checkpoints.log`: the RAM bytes syncvm sent (divergent
 /// pages and control frames) against a Remus-style transfer of every page the primary dirtied,
 /// the identical-dirty and divergent page counts, the disk bytes sent against every block the
-/// primary wrote, and RAM and disk together. `--runs` adds runs with other client counts and
-/// requests in flight per client (`redis-benchmark -c C -P P`), i.e. other writes per
-/// checkpoint. The backup lists the pages each sync rewrote (`log_divergent_pages`), so the report
+/// primary wrote, RAM and disk together, and the pause (primary stopped → resumed) with its parts.
+/// `--runs` adds runs with other client counts and requests in flight per client
+/// (`redis-benchmark -c C -P P`), i.e. other writes per checkpoint; `--release-on-match` runs them
+/// with every guest frame released by a checkpoint, with release on match, or both (one cluster
+/// each). The backup lists the pages each sync rewrote (`log_divergent_pages`), so the report
 /// splits the divergent pages into those that diverge at most checkpoints of a run (the guest
 /// kernel's own) and the rest.
 package struct VMCheckpointBytesBench: ParsableCommand {
     package static let configuration = CommandConfiguration(commandName: "vm-bytes", abstract: "Bytes per VM checkpoint under redis-benchmark SET over a tap (needs root).")
 
-    @Option(help: "redis-benchmark requests per client in each run.") var requests = 40
-    @Option(help: "redis-benchmark runs as CxP (C clients, P requests in flight per client), comma-separated; the issue's workload is 16x1.") var runs = "16x1,16x16,1x1"
+    @Option(help: "redis-benchmark requests per client and request in flight, for runs given without a count (-n = requests·C·P).") var requests = 40
+    @Option(help: "redis-benchmark runs as CxP (C clients, P requests in flight per client) or CxP:N (N SETs in all), comma-separated; the issue's workload is 16x1.") var runs = "16x1:3200,16x16:10240,1x1:240"
+    @Option(help: "How the primary releases the guest's frames: off (every frame waits for a checkpoint), on (release on match), or both (one cluster each, off first).") var releaseOnMatch = "both"
     @Option(help: "Disk image per VM, MiB.") var diskMb = 64
     @Option(help: "redis-server settings to apply with CONFIG SET before the runs, as NAME VALUE pairs separated by commas (e.g. \"hz 1\").") var redisConfig = ""
     @Option(help: "Scratch directory (deleted afterwards unless --keep).") var dir = "benchmarks/vm-bytes/out"
     @Flag(help: "Keep the scratch directory (replica logs, checkpoints.log).") var keep = false
     @Option(help: "Write the markdown results here as well as to stdout.") var out: String?
 
-    var runList: [(clients: Int, pipeline: Int)] {
-        runs.split(separator: ",").compactMap { r in
-            let f = r.split(separator: "x").compactMap { Int($0) }
-            return f.count == 2 && f[0] > 0 && f[1] > 0 ? (f[0], f[1]) : nil
+    /// One redis-benchmark run as given to `--runs`.
+    struct RunSpec: Equatable {
+        var clients: Int
+        var pipeline: Int
+        /// SETs in all (`-n`).
+        var requests: Int
+    }
+
+    /// The runs of `--runs` ("16x1,16x16:4096"), or nil when one of them is malformed.
+    static func parseRuns(_ text: String, requests: Int) -> [RunSpec]? {
+        var out: [RunSpec] = []
+        for item in text.split(separator: ",", omittingEmptySubsequences: false) {
+            let parts = item.split(separator: ":", omittingEmptySubsequences: false)
+            guard parts.count <= 2 else { return nil }
+            let f = parts[0].split(separator: "x", omittingEmptySubsequences: false).map { Int($0) }
+            guard f.count == 2, let c = f[0], let p = f[1], c > 0, p > 0 else { return nil }
+            var n = requests * c * p
+            if parts.count == 2 {
+                guard let given = Int(parts[1]), given > 0 else { return nil }
+                n = given
+            }
+            out.append(RunSpec(clients: c, pipeline: p, requests: n))
+        }
+        return out.isEmpty ? nil : out
+    }
+
+    /// The release modes of `--release-on-match`: a name for the report and the `[vm]` line.
+    static func parseModes(_ text: String) -> [(name: String, key: String)]? {
+        let off: (name: String, key: String) = ("checkpoint release", "release_on_match = false")
+        let on: (name: String, key: String) = ("release on match", "release_on_match = true")
+        switch text {
+        case "off": return [off]
+        case "on": return [on]
+        case "both": return [off, on]
+        default: return nil
         }
     }
+
     var absoluteDir: String { (dir as NSString).isAbsolutePath ? dir : FileManager.default.currentDirectoryPath + "/" + dir }
     /// The test guest's RAM in pages (128 MiB, VMCluster's default): a checkpoint whose union is
     /// all of them compared every page.
@@ -38,47 +73,13 @@ package struct VMCheckpointBytesBench: ParsableCommand {
 
     package init() {}
 
-    /// One checkpoint's numbers, from a `checkpoints.log` line of the primary.
-    struct Checkpoint {
-        var fields: [String: String]
-        func n(_ k: String) -> Int { Int(fields[k] ?? "") ?? 0 }
-        var ramSent: Int { n("page_bytes") + n("control_bytes") }
-        var ramAllDirty: Int { n("all_dirty_bytes") }
-        var identical: Int { n("union") - n("divergent") }
-        var diskSent: Int { n("disk_bytes") + n("disk_control_bytes") }
-        var diskAllDirty: Int { n("disk_all_dirty_bytes") }
-    }
-
-    /// One redis-benchmark run, the checkpoints the primary completed during it, and the pages
-    /// the backup's sync rewrote at each of them (by log index).
-    struct Run {
-        var clients: Int
-        var pipeline: Int
-        var rps: Double
-        var checkpoints: [Checkpoint]
-        var divergentPages: [String: Set<Int>]
-
-        /// Pages that diverged in at least half of the run's checkpoints.
-        var recurring: Set<Int> {
-            var seen: [Int: Int] = [:]
-            for set in divergentPages.values { for p in set { seen[p, default: 0] += 1 } }
-            return Set(seen.filter { $0.value * 2 >= max(1, divergentPages.count) }.keys)
-        }
-    }
-
-    /// The pages in a `divergent_pages=` field ("3,7-9").
-    static func pages(_ ranges: String) -> Set<Int> {
-        var out = Set<Int>()
-        for part in ranges.split(separator: ",") {
-            let ends = part.split(separator: "-").compactMap { Int($0) }
-            if ends.count == 1 { out.insert(ends[0]) } else if ends.count == 2, ends[0] <= ends[1] { out.formUnion(ends[0]...ends[1]) }
-        }
-        return out
-    }
-
     package func run() throws {
         guard getuid() == 0 else { throw CLIError("plover bench vm-bytes makes a bridge, taps and a network namespace: run it as root") }
-        guard runList.count == runs.split(separator: ",").count, !runList.isEmpty else { throw CLIError("--runs \(runs): give runs as CxP (clients x requests in flight per client), comma-separated, e.g. 16x1,16x16") }
+        guard requests > 0 else { throw CLIError("--requests \(requests): give a positive count of requests per client and request in flight") }
+        guard let runList = Self.parseRuns(runs, requests: requests) else {
+            throw CLIError("--runs \(runs): give runs as CxP or CxP:N (C clients x P requests in flight per client, N SETs in all), comma-separated, e.g. 16x1,16x16:4096")
+        }
+        guard let modes = Self.parseModes(releaseOnMatch) else { throw CLIError("--release-on-match \(releaseOnMatch): give off, on or both") }
         guard diskMb > 0 else { throw CLIError("--disk-mb \(diskMb): the benchmark needs a disk per VM (redis-server's AOF lives there)") }
         let guest = try buildVMGuest()
         let machine = MachineDescription.current(dataDir: FileManager.default.currentDirectoryPath)
@@ -89,13 +90,37 @@ package struct VMCheckpointBytesBench: ParsableCommand {
         let lab = try TapLab()
         defer { lab.tearDown() }
 
-        say("replicated VM (primary, backup, witness) on taps \(lab.taps[1]!), \(lab.taps[2]!), \(diskMb) MiB disk each, default checkpoint gap")
-        let cluster = try VMCluster(root: absoluteDir + "/cluster", kernel: guest + "/vmlinuz", initrd: guest + "/initrd.gz",
-                                    vmExtra: "disk_image = \"disk-{id}.img\"\ndisk_size_mb = \(diskMb)\nlog_divergent_pages = true", taps: lab.taps)
-        defer { cluster.stopAll() }
-        let leftovers = [1, 2].map { (cluster.runDir(NodeID($0)), cluster.ramFile(NodeID($0))) }
-        ChildProcesses.killOnInterrupt { VMCluster.killQEMUs(leftovers) }
-        try cluster.startAll()
+        var results: [Run] = []
+        var cluster: VMCluster?
+        defer { cluster?.stopAll() }
+        for (n, mode) in modes.enumerated() {
+            // A fresh cluster (fresh disks, a fresh redis-server) per mode.
+            cluster?.stopAll()
+            say("replicated VM (primary, backup, witness; \(mode.key)) on taps \(lab.taps[1]!), \(lab.taps[2]!), \(diskMb) MiB disk each, default checkpoint gap")
+            let c = try VMCluster(root: absoluteDir + "/cluster-\(n)", kernel: guest + "/vmlinuz", initrd: guest + "/initrd.gz",
+                                  vmExtra: "disk_image = \"disk-{id}.img\"\ndisk_size_mb = \(diskMb)\nlog_divergent_pages = true\n\(mode.key)", taps: lab.taps)
+            cluster = c
+            let leftovers = [1, 2].map { (c.runDir(NodeID($0)), c.ramFile(NodeID($0))) }
+            ChildProcesses.killOnInterrupt { VMCluster.killQEMUs(leftovers) }
+            try c.startAll()
+            try prepare(c, lab)
+            for spec in runList {
+                let before = c.checkpoints(1).count
+                say("  \(mode.name): redis-benchmark -t set -d 1024 -r 1000000 -c \(spec.clients) -P \(spec.pipeline) -n \(spec.requests)")
+                let rps = try benchmark(lab, spec)
+                results.append(Self.collect(c, since: before, mode: mode.name, spec: spec, rps: rps))
+            }
+        }
+        var command = "plover bench vm-bytes --runs \(runs)"
+        if runList.contains(where: { $0.requests == requests * $0.clients * $0.pipeline }) { command += " --requests \(requests)" }
+        command += " --release-on-match \(releaseOnMatch) --disk-mb \(diskMb)" + (redisConfig.isEmpty ? "" : " --redis-config '\(redisConfig)'")
+        let report = Self.report(results, diskMb: diskMb, machine: vmMachineLine(machine, qemu: qemu), command: command)
+        print(report)
+        if let out { try report.write(toFile: out, atomically: true, encoding: .utf8) }
+    }
+
+    /// Waits for the guest's redis-server and a protected backup, checks the AOF, applies `--redis-config`.
+    func prepare(_ cluster: VMCluster, _ lab: TapLab) throws {
         let probe = try RedisConnection(socket: lab.clientSocket, host: "10.99.0.2", port: 6379, timeout: .seconds(120))
         _ = try probe.command(["PING"], timeout: .seconds(60))
         guard waitFor(.seconds(60), { ((try? String(contentsOfFile: cluster.logPath(2), encoding: .utf8)) ?? "").contains("vm: protected:") }) else {
@@ -109,36 +134,35 @@ package struct VMCheckpointBytesBench: ParsableCommand {
             let answer = try probe.command(["CONFIG", "SET"] + words, timeout: .seconds(60))
             guard answer == "+OK" else { throw CLIError("--redis-config: CONFIG SET \(setting) answered \(answer)") }
         }
+    }
 
-        var results: [Run] = []
-        for (c, p) in runList {
-            let before = cluster.checkpoints(1).count
-            say("  redis-benchmark -t set -d 1024 -r 1000000 -c \(c) -P \(p) -n \(requests * c * p)")
-            let rps = try benchmark(lab, clients: c, pipeline: p)
-            // A checkpoint that compared every page or block (none of this run's, normally) is no steady state.
-            let done = cluster.checkpoints(1).dropFirst(before)
-                .filter { $0["ok"] == "true" && $0["role"] == "primary" && $0["union"] != nil }
-                .map(Checkpoint.init)
-                .filter { $0.fields["disk_all_blocks"] == nil && $0.n("union") < Self.guestPages }
-            let indices = Set(done.compactMap { $0.fields["index"] })
-            var divergent: [String: Set<Int>] = [:]
-            for b in cluster.checkpoints(2) where b["ok"] == "true" && b["role"] == "backup" {
-                if let i = b["index"], indices.contains(i) { divergent[i] = Self.pages(b["divergent_pages"] ?? "") }
-            }
-            results.append(Run(clients: c, pipeline: p, rps: rps, checkpoints: done, divergentPages: divergent))
+    /// The primary's steady-state checkpoints from its `checkpoints.log` line `before` on, and the
+    /// pages the backup's sync rewrote at each.
+    static func collect(_ cluster: VMCluster, since before: Int, mode: String, spec: RunSpec, rps: Double) -> Run {
+        let lines = cluster.checkpoints(1)
+        // The output guard's counters at the run's last checkpoint, less those at the last one before it.
+        let counters = { (l: ArraySlice<[String: String]>) -> ReleaseCounters? in l.reversed().lazy.compactMap { ReleaseCounters($0) }.first }
+        let released = counters(lines.dropFirst(before)).map { $0 - (counters(lines.prefix(before)) ?? ReleaseCounters()) } ?? ReleaseCounters()
+        // A checkpoint that compared every page or block (none of this run's, normally) is no steady state.
+        let done = lines.dropFirst(before)
+            .filter { $0["ok"] == "true" && $0["role"] == "primary" && $0["union"] != nil }
+            .map(Checkpoint.init)
+            .filter { $0.fields["disk_all_blocks"] == nil && $0.n("union") < guestPages }
+        let indices = Set(done.compactMap { $0.fields["index"] })
+        var divergent: [String: Set<Int>] = [:]
+        for b in cluster.checkpoints(2) where b["ok"] == "true" && b["role"] == "backup" {
+            if let i = b["index"], indices.contains(i) { divergent[i] = pages(b["divergent_pages"] ?? "") }
         }
-        let report = Self.report(results, diskMb: diskMb, machine: vmMachineLine(machine, qemu: qemu),
-                                 command: "plover bench vm-bytes --requests \(requests) --runs \(runs) --disk-mb \(diskMb)" + (redisConfig.isEmpty ? "" : " --redis-config '\(redisConfig)'"))
-        print(report)
-        if let out { try report.write(toFile: out, atomically: true, encoding: .utf8) }
+        return Run(mode: mode, clients: spec.clients, pipeline: spec.pipeline, requests: spec.requests, rps: rps, checkpoints: done, divergentPages: divergent, released: released)
     }
 
     /// redis-benchmark SET of 1 KiB values from the client namespace; its requests per second.
-    func benchmark(_ lab: TapLab, clients c: Int, pipeline p: Int) throws -> Double {
+    func benchmark(_ lab: TapLab, _ spec: RunSpec) throws -> Double {
+        let (c, p) = (spec.clients, spec.pipeline)
         let proc = Process()
         proc.executableURL = URL(fileURLWithPath: TapLab.ipPath)
         proc.arguments = ["netns", "exec", lab.clientNamespace, "redis-benchmark", "-h", "10.99.0.2", "-p", "6379", "-t", "set",
-                          "-d", "1024", "-r", "1000000", "-c", "\(c)", "-P", "\(p)", "-n", "\(requests * c * p)", "--csv"]
+                          "-d", "1024", "-r", "1000000", "-c", "\(c)", "-P", "\(p)", "-n", "\(spec.requests)", "--csv"]
         let pipe = Pipe()
         proc.standardOutput = pipe
         proc.standardError = FileHandle.nullDevice
@@ -158,51 +182,5 @@ package struct VMCheckpointBytesBench: ParsableCommand {
             Thread.sleep(forTimeInterval: 0.05)
         }
         return condition()
-    }
-
-    static func report(_ runs: [Run], diskMb: Int, machine: String, command: String) -> String {
-        func f(_ x: Double) -> String { String(format: "%.1f", x) }
-        func ratio(_ all: Int, _ sent: Int) -> String { sent == 0 ? "-" : String(format: "%.2f×", Double(all) / Double(sent)) }
-        func mean(_ v: [Int]) -> Double { v.isEmpty ? .nan : Double(v.reduce(0, +)) / Double(v.count) }
-        func p50(_ v: [Int]) -> Int { let s = v.sorted(); return s.isEmpty ? 0 : s[(s.count - 1) / 2] }
-        var s = "# Bytes per VM checkpoint under redis-benchmark SET\n\n" + machine
-        s += "`\(command)`; 128 MiB guest under TCG with a \(diskMb) MiB disk per VM, Debian's redis-server 7 in it with its AOF on the disk "
-        s += "(`appendfsync everysec`), `redis-benchmark -t set -d 1024 -r 1000000 -c C -P P` from a client network namespace over "
-        s += "the tap path, `checkpoint_min_gap_ms = 0` (the default). Per checkpoint, from the primary's `checkpoints.log`: syncvm's RAM "
-        s += "bytes (divergent pages + control frames) against a Remus-style transfer of every page the primary dirtied (hash-diff: pages whose "
-        s += "contents changed since the last checkpoint), the union's pages that hashed equal (identical-dirty) and those that differed "
-        s += "(divergent), the disk step's bytes against every block the primary wrote (QEMU's dirty bitmap), and both together. "
-        s += "The device state migrated at each checkpoint (about 320 KB, the same for both schemes) is in neither column. "
-        s += "Divergent pages are split by the backup's list of the pages each sync rewrote: *recurring* ones diverged in at least half "
-        s += "of the run's checkpoints (the same page numbers again and again: the guest kernel's timers, statistics and per-CPU data), "
-        s += "*other* ones did not.\n\n"
-        s += "## Summary per run (steady-state checkpoints while redis-benchmark ran)\n\n"
-        s += "| C×P | SET/s | checkpoints | primary dirty pages (mean) | identical-dirty (mean) | divergent (mean) | divergent recurring / other (mean) | RAM sent (mean B) | RAM all-dirty (mean B) | RAM all-dirty / sent | disk sent (mean B) | disk all-dirty (mean B) | disk all-dirty / sent | RAM+disk all-dirty / sent |\n"
-        s += "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
-        for r in runs {
-            let c = r.checkpoints
-            let rec = r.recurring
-            let split = c.compactMap { r.divergentPages[$0.fields["index"] ?? ""] }.map { set in (set.intersection(rec).count, set.subtracting(rec).count) }
-            let ramSent = c.map(\.ramSent).reduce(0, +), ramAll = c.map(\.ramAllDirty).reduce(0, +)
-            let diskSent = c.map(\.diskSent).reduce(0, +), diskAll = c.map(\.diskAllDirty).reduce(0, +)
-            s += "| \(r.clients)×\(r.pipeline) | \(f(r.rps)) | \(c.count) | \(f(mean(c.map { $0.n("primary_dirty") }))) | \(f(mean(c.map(\.identical)))) | \(f(mean(c.map { $0.n("divergent") }))) | "
-            s += "\(f(mean(split.map(\.0)))) / \(f(mean(split.map(\.1)))) | "
-            s += "\(Int(mean(c.map(\.ramSent)))) | \(Int(mean(c.map(\.ramAllDirty)))) | **\(ratio(ramAll, ramSent))** | "
-            s += "\(Int(mean(c.map(\.diskSent)))) | \(Int(mean(c.map(\.diskAllDirty)))) | **\(ratio(diskAll, diskSent))** | **\(ratio(ramAll + diskAll, ramSent + diskSent))** |\n"
-        }
-        s += "\nGoal: all-dirty / sent ≥ 9 (bytes per checkpoint ≤ 1/9 of the all-dirty transfer; PLOVER reports 9.2×) for 16×1 (the issue's workload).\n"
-        for r in runs {
-            s += "\n## Per checkpoint, \(r.clients) clients × \(r.pipeline) in flight\n\n"
-            s += "| # | epoch | primary dirty | backup dirty | union | identical-dirty | divergent | RAM sent B | RAM all-dirty B | disk dirty (primary) | disk union | disk divergent | disk sent B | disk all-dirty B | RAM+disk all-dirty / sent |\n"
-            s += "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
-            for (i, c) in r.checkpoints.enumerated() {
-                s += "| \(i + 1) | \(c.fields["epoch"] ?? "?") | \(c.n("primary_dirty")) | \(c.n("backup_dirty")) | \(c.n("union")) | \(c.identical) | \(c.n("divergent")) | "
-                s += "\(c.ramSent) | \(c.ramAllDirty) | \(c.n("disk_primary_dirty")) | \(c.n("disk_union")) | \(c.n("disk_divergent")) | \(c.diskSent) | \(c.diskAllDirty) | "
-                s += "\(ratio(c.ramAllDirty + c.diskAllDirty, c.ramSent + c.diskSent)) |\n"
-            }
-            let div = r.checkpoints.map { $0.n("divergent") }
-            s += "\nDivergent pages per checkpoint: p50 \(p50(div)), min \(div.min() ?? 0), max \(div.max() ?? 0).\n"
-        }
-        return s
     }
 }
