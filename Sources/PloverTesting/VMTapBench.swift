@@ -99,6 +99,7 @@ package struct VMTapBench: ParsableCommand {
         defer { lab.tearDown() }
         var rows: [Row] = []
         var releases: [Release] = []
+        var stages: [String] = []
 
         say("unreplicated guest on tap \(lab.taps[1]!)")
         let plain = try startPlainQEMU(guest: guest, tap: lab.taps[1]!)
@@ -131,7 +132,8 @@ package struct VMTapBench: ParsableCommand {
             let c = cluster!
             let leftovers = [1, 2].map { (c.runDir(NodeID($0)), c.ramFile(NodeID($0))) }
             ChildProcesses.killOnInterrupt { VMCluster.killQEMUs(leftovers) }
-            try c.startAll()
+            // Both replicas write the per-frame stage trace (VMTapStages) for the breakdown.
+            for id: NodeID in [1, 2, 3] { try c.start(id, environment: ["PLOVER_VM_TRACE": "1"]) }
             probe = try RedisConnection(socket: lab.clientSocket, host: "10.99.0.2", port: 6379, timeout: .seconds(120))
             _ = try probe.command(["PING"], timeout: .seconds(60))
             guard waitFor(.seconds(60), { log(c, 2).contains("vm: protected:") }) else { throw CLIError("the backup was never protected; see \(absoluteDir)") }
@@ -139,7 +141,12 @@ package struct VMTapBench: ParsableCommand {
                 let before = vmStatus(runDir: c.runDir(1))
                 let cpu0 = cpuSeconds(of: c.root)
                 let t = ContinuousClock.now
+                let from = VMTapStages.now
                 rows += try benchmark(lab, config: name, clients: k)
+                if key.hasSuffix("true") {
+                    let split = VMTapStages(primaryLog: c.runDir(1) + "/stages.log", backupLog: c.runDir(2) + "/stages.log", from: from, to: VMTapStages.now)
+                    stages.append(split.table(title: "\(k) client\(k == 1 ? "" : "s")"))
+                }
                 let seconds = (ContinuousClock.now - t).inMilliseconds / 1000
                 let cpu1 = cpuSeconds(of: c.root)
                 var r = Release(config: name, clients: k, before: before, after: vmStatus(runDir: c.runDir(1)), seconds: seconds)
@@ -150,7 +157,7 @@ package struct VMTapBench: ParsableCommand {
         }
         say("failover: \(kills) kill -9s of the primary with one connection writing")
         let failovers = try failover(cluster, probe)
-        let report = Self.report(rows, releases: releases, failovers: failovers, kills: kills, machine: vmMachineLine(machine, qemu: qemu),
+        let report = Self.report(rows, releases: releases, stages: stages, failovers: failovers, kills: kills, machine: vmMachineLine(machine, qemu: qemu),
                                  command: "plover bench vm-tap --requests \(requests) --clients \(clients) --kills \(kills)")
         print(report)
         if let out { try report.write(toFile: out, atomically: true, encoding: .utf8) }
@@ -263,7 +270,7 @@ package struct VMTapBench: ParsableCommand {
         return condition()
     }
 
-    static func report(_ rows: [Row], releases: [Release], failovers: [(released: Double?, reply: Double)], kills: Int, machine: String, command: String) -> String {
+    static func report(_ rows: [Row], releases: [Release], stages: [String] = [], failovers: [(released: Double?, reply: Double)], kills: Int, machine: String, command: String) -> String {
         func f(_ x: Double) -> String { String(format: "%.2f", x) }
         var s = "# redis-server in a replicated VM over a tap\n\n" + machine
         s += "`\(command)`; 128 MiB guest under TCG, Debian's redis-server 7 in it (no persistence), redis-benchmark in a client "
@@ -287,6 +294,12 @@ package struct VMTapBench: ParsableCommand {
             let wait = r.matchWaits > 0 ? String(format: "%.2f", r.matchWaitTotal / Double(r.matchWaits)) : "-"
             s += "| \(r.config) | \(r.clients) | \(r.byMatch) | \(r.byCheckpoint) | \(rate) | \(wait) | \(r.mismatches) | \(causes) | \(r.checkpoints) | "
             s += String(format: "%.1f", r.seconds > 0 ? Double(r.checkpoints) / r.seconds : 0) + " |\n"
+        }
+        if !stages.isEmpty {
+            s += "\n## Where a matched frame waited (release on match; both replicas' stage traces, CLOCK_MONOTONIC)\n\n"
+            s += "Per frame a match released: the input the primary wrote into its QEMU last before the answer, followed through "
+            s += "both replicas. \"Committed\" is when the replica's state machine got the entry from its node.\n"
+            s += stages.joined()
         }
         s += "\n## CPU during each redis-benchmark run (cores, of 2; from /proc/PID/stat)\n\n"
         s += "| configuration | clients | QEMUs | replica processes (3) | seconds |\n|---|---|---|---|---|\n"

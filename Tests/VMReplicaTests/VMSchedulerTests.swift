@@ -94,6 +94,13 @@ import Testing
         #expect(decide { $0.oldestHeldAge = .milliseconds(30); $0.guestIdle = true } == .nothing)
         #expect(decide { $0.oldestHeldAge = .milliseconds(100) } == .proposeCheckpoint)
         #expect(decide { $0.outputMismatch = "tcp-seq" } == .proposeCheckpoint)
+        // Right after a checkpoint the backup's new QEMU is cold: its first answers are late, and
+        // a checkpoint for them would only start another cold QEMU. A mismatch still checkpoints.
+        #expect(decide { $0.oldestHeldAge = .milliseconds(150); $0.sinceLastCheckpointEnd = .milliseconds(160) } == .nothing)
+        #expect(decide { $0.oldestHeldAge = .milliseconds(150); $0.sinceLastCheckpointEnd = .milliseconds(299) } == .nothing)
+        #expect(decide { $0.oldestHeldAge = .milliseconds(150); $0.sinceLastCheckpointEnd = .milliseconds(300) } == .proposeCheckpoint)
+        #expect(decide { $0.oldestHeldAge = .milliseconds(20); $0.sinceLastCheckpointEnd = .milliseconds(300) } == .nothing)
+        #expect(decide { $0.outputMismatch = "tcp-seq"; $0.sinceLastCheckpointEnd = .milliseconds(160) } == .proposeCheckpoint)
         #expect(decide { $0.outputMismatch = "tcp-seq"; $0.checkpointInFlight = true } == .nothing)
         #expect(decide { $0.releasedByMatchSinceCheckpoint = true; $0.sinceLastCheckpointEnd = .milliseconds(500) } == .nothing)
         #expect(decide { $0.releasedByMatchSinceCheckpoint = true; $0.sinceLastCheckpointEnd = .seconds(1) } == .proposeCheckpoint)

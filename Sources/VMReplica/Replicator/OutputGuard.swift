@@ -16,6 +16,7 @@ public final class OutputGuard: @unchecked Sendable {
     private var matcher: OutputMatcher
     private var deliver: (([UInt8]) -> Void)?
     private var audit: ((OutputDigest) -> Void)?
+    private var trace: ((OutputDigest, Bool) -> Void)?
     private let started = ContinuousClock.now
     private var checkpointsCompleted: UInt64 = 0
 
@@ -28,9 +29,13 @@ public final class OutputGuard: @unchecked Sendable {
     /// Tells `audit` the digest of every frame a match released (the output failpoint's log).
     func setMatchAudit(_ audit: @escaping (OutputDigest) -> Void) { lock.withLock { self.audit = audit } }
 
+    /// Tells `trace` the digest of every frame released, and whether a match released it.
+    func setReleaseTrace(_ trace: @escaping (OutputDigest, Bool) -> Void) { lock.withLock { self.trace = trace } }
+
     private func send(_ released: [OutputMatcher.Release]) -> Int {
         for r in released {
             deliver?(r.frame)
+            trace?(r.digest, r.byMatch)
             if r.byMatch { audit?(r.digest) }
         }
         return released.count

@@ -20,6 +20,7 @@ extension VMReplicator {
             case let .writeInput(frame):
                 let q = lock.withLock { current }
                 let ok = q?.nic.write(frame: frame)
+                if let trace { trace.note("nic-in", StageTrace.key(input: frame)) }
                 logger.debug("vm: input into \(q?.name ?? "no VM"): \(ok ?? false)")
             case let .runCheckpoint(epoch, index, side):
                 if side == .primary { primaryCheckpoint(epoch: epoch, index: index) } else { backupCheckpoint(epoch: epoch, index: index) }

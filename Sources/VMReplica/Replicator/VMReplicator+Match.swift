@@ -90,13 +90,16 @@ extension VMReplicator {
         let t = Thread { [self] in
             while !isStopped {
                 guard let (generation, batch) = digestOutbox.next(timeout: .milliseconds(100)) else { continue }
+                if let trace { for d in batch { trace.note("digest-take", d.content) } }
                 let ch = lock.withLock { machine.role == .backup ? channel : nil }
                 guard let ch, !ch.isPrimary, !ch.isDown else {
                     digestOutbox.done(batch.count, ok: false)
                     continue
                 }
                 let bytes = SyncFrame(session: 0, .outputDigests(generation: generation, digests: batch)).encoded()
-                digestOutbox.done(batch.count, ok: send(bytes, over: ch))
+                let ok = send(bytes, over: ch)
+                if let trace { for d in batch { trace.note("digest-sent", d.content) } }
+                digestOutbox.done(batch.count, ok: ok)
             }
         }
         t.name = "plover-vm-digests"
@@ -128,6 +131,7 @@ extension VMReplicator {
             for bytes in frames {
                 do {
                     guard case let .outputDigests(generation, digests) = try SyncFrame.decode(bytes).message else { continue }
+                    if let trace { for d in digests { trace.note("digest-recv", d.content) } }
                     outputs.backupDigests(generation: generation, digests)
                 } catch {
                     logger.warning("vm: dropped a malformed output-digests frame from node \(config.peer): \(error)")

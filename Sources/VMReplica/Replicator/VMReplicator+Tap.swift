@@ -24,7 +24,13 @@ extension VMReplicator {
     /// proposal fails (the frame is lost, as on a wire: the client's TCP sends it again).
     func proposeFrame(_ frame: [UInt8]) {
         guard let node else { return }
-        node.propose(VMLogEntry.input(frame: frame).encoded()) { [logger] result in
+        let key = trace.map { t in
+            let k = StageTrace.key(input: frame)
+            t.note("tap", k)
+            return k
+        }
+        node.propose(VMLogEntry.input(frame: frame).encoded()) { [logger, trace] result in
+            if let key, case .success = result { trace?.note("proposal-done", key) }
             if case let .failure(e) = result { logger.debug("vm: a \(frame.count)-byte frame from the tap was not logged: \(e)") }
         }
     }

@@ -51,6 +51,8 @@ public final class VMReplicator: @unchecked Sendable {
     var backupGeneration: UInt64?
     /// The output failpoint (tests; VMReplicator+Match.swift), with `PLOVER_VM_FAILPOINTS=1`.
     let outputFailpoint: OutputFailpoint?
+    /// The per-frame stage trace (StageTrace.swift), with `PLOVER_VM_TRACE=1`.
+    let trace: StageTrace?
     let pool = PageHashPool(threadCount: 2)
 
     let lock = NSLock()
@@ -123,8 +125,10 @@ public final class VMReplicator: @unchecked Sendable {
         self.logger = logger
         self.outputs = OutputGuard(releaseOnMatch: config.releaseOnMatch)
         self.outputFailpoint = OutputFailpoint(runDir: config.runDir)
+        self.trace = StageTrace(runDir: config.runDir)
         outputs.setDelivery { [weak self] frame in self?.front?.deliver(frame) }
         if let f = outputFailpoint { outputs.setMatchAudit { f.released($0) } }
+        if let t = trace { outputs.setReleaseTrace { d, byMatch in t.note(byMatch ? "release-match" : "release-other", d.content) } }
     }
 
     /// The state machine to run the node with: committed entries go to this replica's VM driver.
@@ -325,6 +329,7 @@ public final class VMReplicator: @unchecked Sendable {
     }
 
     func handleOutput(_ answer: [UInt8], from q: QEMUInstance) {
+        if let trace { trace.note("out", OutputDigest(of: answer).content) }
         let (isCurrent, role, serves, isProtected, generation) = lock.withLock {
             (current === q, machine.role, machine.notACopy == nil, machine.protected, backupGeneration)
         }
@@ -379,6 +384,7 @@ public final class VMReplicator: @unchecked Sendable {
     }
 
     func enqueue(_ index: LogIndex, _ entry: VMLogEntry) {
+        if let trace, case let .input(frame) = entry { trace.note("commit", StageTrace.key(input: frame)) }
         queueCond.withLock {
             queue.append((index, entry))
             queueCond.signal()

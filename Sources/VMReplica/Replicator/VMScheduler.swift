@@ -52,6 +52,13 @@ struct SchedulerRules: Equatable {
     var failuresBeforeLost = 3
 }
 
+extension VMScheduler {
+    /// With release on match, held output forces a checkpoint only once this many
+    /// `output_hold_max_ms` have passed since the last checkpoint ended (the backup's new QEMU
+    /// warms up); after that, as soon as it waited `output_hold_max_ms`.
+    static let backupWarmUpHolds = 3
+}
+
 /// One window's decision.
 enum SchedulerAction: Equatable {
     case nothing
@@ -102,7 +109,14 @@ enum VMScheduler {
             // for output the backup has not matched in time, and — at most every
             // `checkpointMaxAge` while output went out by matching — to refresh the backup's copy.
             if v.outputMismatch != nil { return .proposeCheckpoint }
-            if let age = v.oldestHeldAge, age >= r.outputHoldMax { return .proposeCheckpoint }
+            // Right after a checkpoint the backup runs a new QEMU whose translation cache is cold:
+            // its first answers come 100-150 ms late under TCG. Holding it to `outputHoldMax` then
+            // would start another checkpoint (and another cold QEMU) after every one, so held output
+            // forces one only `backupWarmUpHolds` × `outputHoldMax` after the last one ended.
+            if let age = v.oldestHeldAge, age >= r.outputHoldMax,
+               v.sinceLastCheckpointEnd >= r.outputHoldMax * VMScheduler.backupWarmUpHolds {
+                return .proposeCheckpoint
+            }
             return v.releasedByMatchSinceCheckpoint && v.sinceLastCheckpointEnd >= r.checkpointMaxAge ? .proposeCheckpoint : .nothing
         }
         if v.protected {
