@@ -317,6 +317,7 @@ extension Replica {
         guard var pr = progress[from] else { return }
         pr.recentActive = true
         if success {
+            let oldMatch = pr.match
             if index > pr.match {
                 pr.match = index
                 pr.stalledTicks = 0
@@ -329,7 +330,9 @@ extension Replica {
             default: break
             }
             progress[from] = pr
+            let commitBefore = commitIndex
             maybeCommit()
+            tellCommitted(to: from, after: oldMatch, notified: commitIndex > commitBefore)
             if transferTarget == from && pr.match == log.lastIndex && pr.counts { send(from, .timeoutNow) }
         } else {
             if case .snapshot = pr.state { progress[from] = pr; return }
@@ -346,6 +349,19 @@ extension Replica {
         while let p = progress[from], !p.isPaused(inflightMax: config.inflightMessagesMax, inflightBytesMax: config.inflightBytesMax), p.next <= log.lastIndex {
             sendAppend(to: from)
         }
+    }
+
+    /// A follower that acknowledged entries a quorum had already committed without it (a slower
+    /// member: the other follower's answer, or a witness's, came first) learns so at once when
+    /// it holds everything: no accept follows that would carry the commit index. Under load more
+    /// entries are in flight and the next accept carries it; a replica that applies what it
+    /// holds (a VM backup replaying inputs) would otherwise wait for the next heartbeat.
+    mutating func tellCommitted(to peer: NodeID, after oldMatch: LogIndex, notified: Bool) {
+        guard role == .leader, let pr = progress[peer], pr.match > oldMatch, oldMatch < commitIndex,
+              pr.match == log.lastIndex else { return }
+        // `maybeCommit` just told every follower holding the new commit index.
+        if notified && pr.match >= commitIndex { return }
+        send(peer, heartbeat(to: peer, commit: min(commitIndex, pr.match)))
     }
 
     /// Commits the highest index a quorum holds durably, if it is of our own ballot.
