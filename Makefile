@@ -107,6 +107,7 @@ bench-vm: deps
 	.build/release/plover bench vm --requests $(VM_REQUESTS) --out benchmarks/vm/results.md
 	python3 benchmarks/vm/plot.py benchmarks/vm/results.md benchmarks/vm/vm.svg
 	.build/release/plover bench vm-tap --requests 40 --clients 1,16 --kills 5 --out benchmarks/vm-tap/results.md
+	python3 benchmarks/vm-tap/plot.py benchmarks/vm-tap/results.md benchmarks/vm-tap/vm-tap.svg
 	.build/release/plover bench vm-bytes --runs 16x1:3200,16x16:10240,1x1:240 --out benchmarks/vm-bytes/results.md
 	python3 benchmarks/vm-bytes/plot.py benchmarks/vm-bytes/results.md benchmarks/vm-bytes/vm-bytes.svg
 	.build/release/plover bench vm-bytes --runs 16x1:3200,1x1:240 --redis-config "hz 1" --out benchmarks/vm-bytes/results-hz1.md
