@@ -102,6 +102,11 @@ public struct SimulationOptions: Sendable, Hashable {
     /// The transport's limit on the entries or snapshot bytes one message carries (the real
     /// transport drops a larger message): a message over it is a violation.
     public var messageBytesMax: Int = 1024
+    /// Probability per tick that the leader's disk turns slow for a few ticks and the leader then
+    /// loses power right after it commits (or when its disk would have caught up), restarting
+    /// soon, while the voting followers holding entries its disk lacks are cut off for 40 to 80
+    /// ticks: the rest elect a leader with the restarted one. Not while another member is down.
+    public var leaderPowerLossRate: Double = 0
     /// Probability per tick that one node is cut off, both ways or one way, for a while.
     public var partitionRate: Double = 0.01
     /// Probability per tick that one node's disk stalls for a while.
@@ -142,6 +147,7 @@ public struct SimulationOptions: Sendable, Hashable {
         if mix.below(4) == 0 { o.delayTicksMax = 12 }
         o.diskFullRate = 0.002
         o.staleLeaderRate = 0.004
+        o.leaderPowerLossRate = 0.01
         if mix.below(4) == 0 { o.largeCommandShare = 0.1 }
         if mix.below(4) == 0 { o.stateFillerBytes = 2048 }
         return o
@@ -193,6 +199,8 @@ public struct SimulationReport: Sendable, Hashable, CustomStringConvertible {
     public var staleLeaderReads = 0
     /// Leaders cut off by `SimulationOptions.staleLeaderRate` (also counted in `partitions`).
     public var leaderIsolations = 0
+    /// Leaders crashed by `SimulationOptions.leaderPowerLossRate` (also counted in `crashes`).
+    public var leaderPowerLosses = 0
     /// Reads served by a cut-off leader (`SimulationOptions.staleLeaderRate`) during its cut.
     public var staleLeaderReadsServed = 0
 
@@ -201,7 +209,7 @@ public struct SimulationReport: Sendable, Hashable, CustomStringConvertible {
             + "\(elections) leaders, \(crashes) crashes (\(lostStateCrashes) losing state, \(recoveries) recoveries), "
             + "\(partitions) partitions, \(diskStalls) disk stalls, "
             + "\(compactions) compactions, \(snapshotsInstalled) snapshot installs, \(membershipChanges) membership changes, "
-            + "\(transfers) transfers, \(diskFulls) full disks, \(staleLeaderReads) reads at deposed leaders (\(staleLeaderReadsServed) served by a cut-off one), "
+            + "\(transfers) transfers, \(diskFulls) full disks, \(leaderPowerLosses) leader power losses, \(staleLeaderReads) reads at deposed leaders (\(staleLeaderReadsServed) served by a cut-off one), "
             + "\(messagesDelivered) delivered / \(messagesDropped) dropped / \(messagesDuplicated) duplicated"
     }
 }
