@@ -334,15 +334,14 @@ struct Simulation {
     }
 
     /// Compaction while faults are on. Not after the heal: with the simulator's 64-byte chunks a
-    /// snapshot travels slower than the entries it replaces, and the leader restarts a transfer
-    /// each time it compacts.
+    /// snapshot travels slower than the entries it replaces, and each compaction while a transfer
+    /// is under way means another snapshot to send once it is installed.
     mutating func maybeCompact() throws(SimulationFailure) {
         if chance(options.compactRate) {
             let id = ids[rng.below(ids.count)]
             // A witness only through what every voter holds (as the runtime, ReplicaNode.maybeCompact).
             // As the runtime's entry trigger, only once the log is at least as big as the last
-            // snapshot: the leader restarts a snapshot transfer each time it compacts, so
-            // compacting a large state more often than a transfer takes starves a lagging follower.
+            // snapshot.
             if var r = nodes[id]!.replica, r.compactableIndex >= r.firstIndex, logBytes(r) >= nodes[id]!.disk.snapshot?.data.count ?? 0 {
                 // The state machine has applied exactly through appliedIndex: snapshot it there.
                 let through = r.compactableIndex

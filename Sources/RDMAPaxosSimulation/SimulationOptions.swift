@@ -115,8 +115,14 @@ public struct SimulationOptions: Sendable, Hashable {
     public var compactRate: Double = 0.02
     /// Probability per tick that the leader changes the membership of the learner topology's last
     /// node, through the operators' guards (`MembershipChange.plan(in:)`): promote it, demote it,
-    /// remove it, add it back. The heal phase adds it back if it is out. 0: never.
+    /// remove it, add it back (as a learner; see `witnessMembership`). The heal phase adds it
+    /// back as a learner if it is out. 0: never.
     public var membershipRate: Double = 0
+    /// With `membershipRate`, a third of the re-additions while faults are on add the node as a
+    /// second witness, removed again later. Off in the standard mix: it finds an open core defect
+    /// (a member re-added under the ID of a removed witness skips applying the entries it replays
+    /// from the stretch of log in which that ID was a witness; docs/reliability.md).
+    public var witnessMembership: Bool = false
     /// Probability per tick that the leader is given a command to propose.
     public var proposeRate: Double = 0.5
     /// Probability per tick that the leader is asked for a linearizable read.
