@@ -25,7 +25,7 @@ extension Simulation {
         }
         guard options.leaderPowerLossRate > 0, cut.isEmpty,
               Double(lossRandom.next() % 1_000_000) < options.leaderPowerLossRate * 1_000_000,
-              let l = liveLeader(), let r = nodes[l]!.replica,
+              let l = liveLeader(),
               ids.allSatisfy({ nodes[$0]!.replica != nil || nodes[$0]!.removed }) else { return }
         let until = now + 4 + lossRandom.below(4)
         nodes[l]!.disk.stalledUntil = max(nodes[l]!.disk.stalledUntil, UInt64(until))
