@@ -31,6 +31,11 @@ struct Progress: Sendable, Hashable {
     /// Snapshot state: bytes the follower last said it holds, and the end of the last chunk sent.
     var snapshotAcked = 0
     var snapshotNext = 0
+    /// Snapshot state: the snapshot being sent. Kept when the leader compacts again meanwhile, so
+    /// that the transfer finishes instead of starting over with each newer snapshot (a state
+    /// that takes longer to send than the leader takes between compactions would never arrive);
+    /// the follower gets the newer one after installing this one.
+    var sending: Snapshot?
     /// Ticks since `match` last advanced while the follower lagged.
     var stalledTicks = 0
     /// Whether the follower is recovering lost state (`Message.Body.recovering`).
@@ -64,6 +69,7 @@ struct Progress: Sendable, Hashable {
         probeSent = false
         inflight = []
         stalledTicks = 0
+        sending = nil
     }
 
     mutating func becomeReplicate() {
@@ -71,6 +77,7 @@ struct Progress: Sendable, Hashable {
         next = match + 1
         probeSent = false
         inflight = []
+        sending = nil
     }
 
     /// Whether nothing more may be sent: a probe outstanding, a snapshot under way, or the

@@ -277,38 +277,44 @@ extension Replica {
         progress[peer] = pr
     }
 
-    /// Sends the chunk of the current snapshot that starts at `offset` (a witness gets the
-    /// metadata only) and waits for the follower's answer before sending the next.
+    /// Sends the chunk that starts at `offset` of the snapshot on its way to `peer` (of the
+    /// current snapshot when none is: a new transfer) and waits for the follower's answer before
+    /// sending the next. A witness gets the metadata only.
     mutating func sendSnapshot(to peer: NodeID, _ pr: inout Progress, offset: Int = 0) {
-        let total = snapshotBytes(for: peer)
+        let snapshot: Snapshot
+        if case let .snapshot(i) = pr.state, let held = pr.sending, held.index == i {
+            snapshot = held
+        } else {
+            snapshot = Snapshot(index: log.snapshot.index, ballot: log.snapshot.ballot, membership: snapshotMembership, data: snapshotData)
+            pr.snapshotAcked = 0
+        }
+        let total = snapshotBytes(for: peer, snapshot)
         let start = min(offset, total)
         let end = min(total, start + max(1, config.snapshotChunkBytes))
-        let chunk = SnapshotChunk(index: log.snapshot.index, ballot: log.snapshot.ballot, membership: snapshotMembership,
-                                  totalBytes: total, offset: start, data: Array(snapshotData[start..<end]))
+        let chunk = SnapshotChunk(index: snapshot.index, ballot: snapshot.ballot, membership: snapshot.membership,
+                                  totalBytes: total, offset: start, data: Array(snapshot.data[start..<end]))
         send(peer, .installSnapshot(chunk))
-        if case .snapshot(chunk.index) = pr.state {} else { pr.snapshotAcked = 0 }
         pr.state = .snapshot(index: chunk.index)
+        pr.sending = snapshot
         pr.snapshotNext = end
         pr.stalledTicks = 0
     }
 
-    /// The snapshot bytes `peer` gets: none for a witness, which keeps no state.
-    func snapshotBytes(for peer: NodeID) -> Int {
-        membership.member(peer)?.role == .witness ? 0 : snapshotData.count
+    /// The bytes of `snapshot` that `peer` gets: none for a witness, which keeps no state.
+    func snapshotBytes(for peer: NodeID, _ snapshot: Snapshot) -> Int {
+        membership.member(peer)?.role == .witness ? 0 : snapshot.data.count
     }
 
     /// A follower reports how much of a snapshot it holds: send the next chunk once it holds
     /// everything sent so far (one chunk in flight); a lower count waits for the stall timer.
+    /// The snapshot on its way stays the one sent even if the leader compacted again since.
     mutating func handleSnapshotReceived(from: NodeID, index: LogIndex, bytes: Int) {
-        guard role == .leader, var pr = progress[from], case let .snapshot(sending) = pr.state else { return }
+        guard role == .leader, var pr = progress[from], case let .snapshot(sending) = pr.state, let snapshot = pr.sending else { return }
         pr.recentActive = true
-        if sending != log.snapshot.index {
-            // We compacted again since: start over with the new snapshot.
-            sendSnapshot(to: from, &pr)
-        } else if index == sending {
+        if index == sending {
             if bytes > pr.snapshotAcked { pr.stalledTicks = 0 }
             pr.snapshotAcked = bytes
-            if bytes >= pr.snapshotNext, bytes < snapshotBytes(for: from) { sendSnapshot(to: from, &pr, offset: bytes) }
+            if bytes >= pr.snapshotNext, bytes < snapshotBytes(for: from, snapshot) { sendSnapshot(to: from, &pr, offset: bytes) }
         }
         progress[from] = pr
     }
@@ -445,8 +451,8 @@ extension Replica {
             var limit = max(2, config.electionTimeoutTicks / 3)
             if case .snapshot = pr.state { limit = config.electionTimeoutTicks * 2 }
             pr.stalledTicks += 1
-            if pr.stalledTicks >= limit, case let .snapshot(i) = pr.state, i == log.snapshot.index,
-               pr.snapshotAcked < snapshotBytes(for: peer) {
+            if pr.stalledTicks >= limit, case let .snapshot(i) = pr.state, let held = pr.sending, i == held.index,
+               pr.snapshotAcked < snapshotBytes(for: peer, held) {
                 // A chunk or its answer was lost: resend from what the follower last said it holds.
                 sendSnapshot(to: peer, &pr, offset: pr.snapshotAcked)
                 progress[peer] = pr

@@ -1,7 +1,8 @@
 import RDMAPaxosCore
 
 // Membership changes under faults: the leader cycles the learner topology's last node through
-// promotion, demotion, removal and re-addition, planned by the same guards operators go through.
+// promotion, demotion, removal and re-addition (as a learner, or as a witness that is later
+// removed), planned by the same guards operators go through.
 // The safety checkers run throughout; the heal phase brings the node back so the cluster converges.
 extension Simulation {
     mutating func changeMembership() throws(SimulationFailure) {
@@ -15,11 +16,16 @@ extension Simulation {
         let change: MembershipChange
         switch s.membership.member(target)?.role {
         case nil:
-            change = .add(Member(id: target, role: .learner, priority: 0, peerAddress: "sim:\(target)", clientAddress: "sim-client:\(target)"))
+            // With `witnessMembership`, a third of the additions while faults are on make it a
+            // witness at once (a second one beside the topology's own), which can only be removed.
+            let role: MemberRole = options.witnessMembership && faultsOn && rng.below(3) == 0 ? .witness : .learner
+            change = .add(Member(id: target, role: role, priority: 0, peerAddress: "sim:\(target)", clientAddress: "sim-client:\(target)"))
         case .learner? where faultsOn:
             change = rng.below(3) == 0 ? .remove(target) : .promote(target)
         case .voter? where faultsOn:
             change = rng.below(2) == 0 ? .changeRole(target, role: .learner, priority: 0) : .remove(target)
+        case .witness? where faultsOn:
+            change = .remove(target)
         default:
             return
         }

@@ -66,11 +66,18 @@ struct Simulation {
     var duplicateCommand: ([UInt8], LogIndex, LogIndex)?
     /// A voter that stays down through the heal phase (witness topologies only).
     var permanentlyDown: NodeID?
+    /// The leader whose power is to fail (`leaderPowerLoss`): its incarnation and the tick its
+    /// slow disk catches up.
+    var powerLoss: (leader: NodeID, incarnation: Int, until: Int)?
+    /// Draws for the leader power losses, apart from `rng` so that seeds where none fires keep
+    /// the schedule they had without them.
+    var lossRandom: SeededRandom
 
     init(_ options: SimulationOptions, tracing: Bool) {
         self.options = options
         self.tracing = tracing
         rng = SeededRandom(seed: options.seed)
+        lossRandom = SeededRandom(seed: options.seed ^ 0x1EAD_E2D0_5EC0_0002)
         report = SimulationReport(seed: options.seed)
         var ms: [Member] = []
         for i in 1...options.voters {
@@ -200,6 +207,7 @@ struct Simulation {
         faultsOn = false
         cut = []
         staleLeader = nil
+        powerLoss = nil
         // With a witness, every other seed leaves one voter down for good: the survivors (one
         // voter short) must still elect a leader, even when the witness holds entries they lack.
         let voters = ids.filter { members.member($0)?.role == .voter }
@@ -308,6 +316,7 @@ struct Simulation {
             log("partition \(["isolate", "one-way into", "isolate leader"][kind]) \(target) until \(healCutAt)")
         }
         if options.staleLeaderRate > 0, chance(options.staleLeaderRate) { isolateLeader() }
+        leaderPowerLoss()
         try maybeCompact()
         if chance(options.diskStallRate) {
             let id = ids[rng.below(ids.count)]
@@ -325,15 +334,14 @@ struct Simulation {
     }
 
     /// Compaction while faults are on. Not after the heal: with the simulator's 64-byte chunks a
-    /// snapshot travels slower than the entries it replaces, and the leader restarts a transfer
-    /// each time it compacts.
+    /// snapshot travels slower than the entries it replaces, and each compaction while a transfer
+    /// is under way means another snapshot to send once it is installed.
     mutating func maybeCompact() throws(SimulationFailure) {
         if chance(options.compactRate) {
             let id = ids[rng.below(ids.count)]
             // A witness only through what every voter holds (as the runtime, ReplicaNode.maybeCompact).
             // As the runtime's entry trigger, only once the log is at least as big as the last
-            // snapshot: the leader restarts a snapshot transfer each time it compacts, so
-            // compacting a large state more often than a transfer takes starves a lagging follower.
+            // snapshot.
             if var r = nodes[id]!.replica, r.compactableIndex >= r.firstIndex, logBytes(r) >= nodes[id]!.disk.snapshot?.data.count ?? 0 {
                 // The state machine has applied exactly through appliedIndex: snapshot it there.
                 let through = r.compactableIndex

@@ -102,6 +102,11 @@ public struct SimulationOptions: Sendable, Hashable {
     /// The transport's limit on the entries or snapshot bytes one message carries (the real
     /// transport drops a larger message): a message over it is a violation.
     public var messageBytesMax: Int = 1024
+    /// Probability per tick that the leader's disk turns slow for a few ticks and the leader then
+    /// loses power right after it commits (or when its disk would have caught up), restarting
+    /// soon, while the voting followers holding entries its disk lacks are cut off for 40 to 80
+    /// ticks: the rest elect a leader with the restarted one. Not while another member is down.
+    public var leaderPowerLossRate: Double = 0
     /// Probability per tick that one node is cut off, both ways or one way, for a while.
     public var partitionRate: Double = 0.01
     /// Probability per tick that one node's disk stalls for a while.
@@ -110,8 +115,14 @@ public struct SimulationOptions: Sendable, Hashable {
     public var compactRate: Double = 0.02
     /// Probability per tick that the leader changes the membership of the learner topology's last
     /// node, through the operators' guards (`MembershipChange.plan(in:)`): promote it, demote it,
-    /// remove it, add it back. The heal phase adds it back if it is out. 0: never.
+    /// remove it, add it back (as a learner; see `witnessMembership`). The heal phase adds it
+    /// back as a learner if it is out. 0: never.
     public var membershipRate: Double = 0
+    /// With `membershipRate`, a third of the re-additions while faults are on add the node as a
+    /// second witness, removed again later. Off in the standard mix: it finds an open core defect
+    /// (a member re-added under the ID of a removed witness skips applying the entries it replays
+    /// from the stretch of log in which that ID was a witness; docs/reliability.md).
+    public var witnessMembership: Bool = false
     /// Probability per tick that the leader is given a command to propose.
     public var proposeRate: Double = 0.5
     /// Probability per tick that the leader is asked for a linearizable read.
@@ -142,6 +153,7 @@ public struct SimulationOptions: Sendable, Hashable {
         if mix.below(4) == 0 { o.delayTicksMax = 12 }
         o.diskFullRate = 0.002
         o.staleLeaderRate = 0.004
+        o.leaderPowerLossRate = 0.01
         if mix.below(4) == 0 { o.largeCommandShare = 0.1 }
         if mix.below(4) == 0 { o.stateFillerBytes = 2048 }
         return o
@@ -193,6 +205,8 @@ public struct SimulationReport: Sendable, Hashable, CustomStringConvertible {
     public var staleLeaderReads = 0
     /// Leaders cut off by `SimulationOptions.staleLeaderRate` (also counted in `partitions`).
     public var leaderIsolations = 0
+    /// Leaders crashed by `SimulationOptions.leaderPowerLossRate` (also counted in `crashes`).
+    public var leaderPowerLosses = 0
     /// Reads served by a cut-off leader (`SimulationOptions.staleLeaderRate`) during its cut.
     public var staleLeaderReadsServed = 0
 
@@ -201,7 +215,7 @@ public struct SimulationReport: Sendable, Hashable, CustomStringConvertible {
             + "\(elections) leaders, \(crashes) crashes (\(lostStateCrashes) losing state, \(recoveries) recoveries), "
             + "\(partitions) partitions, \(diskStalls) disk stalls, "
             + "\(compactions) compactions, \(snapshotsInstalled) snapshot installs, \(membershipChanges) membership changes, "
-            + "\(transfers) transfers, \(diskFulls) full disks, \(staleLeaderReads) reads at deposed leaders (\(staleLeaderReadsServed) served by a cut-off one), "
+            + "\(transfers) transfers, \(diskFulls) full disks, \(leaderPowerLosses) leader power losses, \(staleLeaderReads) reads at deposed leaders (\(staleLeaderReadsServed) served by a cut-off one), "
             + "\(messagesDelivered) delivered / \(messagesDropped) dropped / \(messagesDuplicated) duplicated"
     }
 }
