@@ -433,6 +433,8 @@ extension ReplicaNode {
             enqueue(.persisted(seq))
             return
         }
+        // A unit that truncates or installs a snapshot saves its hard state in place, after them.
+        let savesHardStateInPlace = p.truncateFrom != nil || p.snapshot != nil
         do {
             if let t = p.truncateFrom {
                 try log.truncateSuffix(from: t)
@@ -449,7 +451,7 @@ extension ReplicaNode {
                 snapshotBytes = s.data.count
                 appendedThrough = max(appendedThrough, s.index)
             }
-            if let h = p.hardState, p.truncateFrom != nil || p.snapshot != nil { try log.saveHardState(h) }
+            if let h = p.hardState, savesHardStateInPlace { try log.saveHardState(h) }
         } catch {
             failStorage("\(error)")
             return
@@ -457,7 +459,7 @@ extension ReplicaNode {
         // A hard state alone or with entries is queued in front of them, not waited for: a
         // stalled disk must not stall the node's loop (it goes on answering status and stepping
         // down), and nothing in `send` depends on it (`Actions`).
-        let queuedHardState = p.hardState != nil && p.truncateFrom == nil && p.snapshot == nil
+        let queuedHardState = p.hardState != nil && !savesHardStateInPlace
         if queuedHardState, let h = p.hardState {
             let last = p.entries.isEmpty
             log.saveHardState(h) { [weak self] result in

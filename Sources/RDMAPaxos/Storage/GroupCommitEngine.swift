@@ -133,15 +133,7 @@ final class GroupCommitEngine: @unchecked Sendable {
             done(.failure(.closed(path: db.path)))
             return
         }
-        if let first = entries.first {
-            precondition(first.index == state.lastIndex + 1,
-                         "append of entry \(first.index) after \(state.lastIndex): the log must stay contiguous")
-            for (a, b) in zip(entries, entries.dropFirst()) {
-                precondition(b.index == a.index + 1, "appended entries \(a.index) and \(b.index) are not contiguous")
-            }
-            state.lastIndex = entries[entries.count - 1].index
-            state.pending.append(contentsOf: entries)
-        }
+        takeUp(entries)
         queue.append(.append(entries, done))
         cond.signal()
         cond.unlock()
@@ -154,20 +146,14 @@ final class GroupCommitEngine: @unchecked Sendable {
     /// work: handing it to the writer thread and its completion back cost two thread switches on
     /// every replica's path of a commit (docs/design/runtime.md, "Where a commit's time goes").
     func appendInline(_ entries: [LogEntry]) -> Result<Void, StableLogError>? {
-        guard sync == .none, options.stallWhileFileExists == nil, let first = entries.first else { return nil }
+        guard sync == .none, options.stallWhileFileExists == nil, !entries.isEmpty else { return nil }
         cond.lock()
         guard queue.isEmpty, !state.writing, !state.closed, state.failure == nil else {
             cond.unlock()
             return nil
         }
-        precondition(first.index == state.lastIndex + 1,
-                     "append of entry \(first.index) after \(state.lastIndex): the log must stay contiguous")
-        for (a, b) in zip(entries, entries.dropFirst()) {
-            precondition(b.index == a.index + 1, "appended entries \(a.index) and \(b.index) are not contiguous")
-        }
         state.writing = true
-        state.lastIndex = entries[entries.count - 1].index
-        state.pending.append(contentsOf: entries)
+        takeUp(entries)
         cond.unlock()
         let committed = commit(entries)
         cond.lock()
@@ -177,6 +163,19 @@ final class GroupCommitEngine: @unchecked Sendable {
         if !queue.isEmpty || state.deleteThrough > 0 { cond.signal() }
         cond.unlock()
         return committed.map { _ in () }
+    }
+
+    /// Entries an append hands over (with `cond` held): they must follow the log's last index
+    /// without a gap; readers see them from now on, durable or not.
+    private func takeUp(_ entries: [LogEntry]) {
+        guard let first = entries.first else { return }
+        precondition(first.index == state.lastIndex + 1,
+                     "append of entry \(first.index) after \(state.lastIndex): the log must stay contiguous")
+        for (a, b) in zip(entries, entries.dropFirst()) {
+            precondition(b.index == a.index + 1, "appended entries \(a.index) and \(b.index) are not contiguous")
+        }
+        state.lastIndex = entries[entries.count - 1].index
+        state.pending.append(contentsOf: entries)
     }
 
     /// Records a commit of `batch` (with `cond` held).
