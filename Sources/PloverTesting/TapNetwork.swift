@@ -253,3 +253,21 @@ final class RedisConnection: @unchecked Sendable {
         buffer += chunk[..<n]
     }
 }
+
+extension TapLab {
+    /// The set-up every tap benchmark shares, around `body`: the test guest built, the results'
+    /// machine line (taken before the run: it says how busy the cores were then), a fresh work
+    /// directory (removed afterwards unless `keep`) and a lab, torn down afterwards.
+    static func benchmark(workDir: String, keep: Bool,
+                          _ body: (_ guest: String, _ machineLine: String, _ lab: TapLab) throws -> Void) throws {
+        let guest = try buildVMGuest()
+        let machine = MachineDescription.current(dataDir: FileManager.default.currentDirectoryPath)
+        let machineLine = vmMachineLine(machine, qemu: MachineDescription.shell("qemu-system-x86_64 --version | head -1"))
+        try? FileManager.default.removeItem(atPath: workDir)
+        try FileManager.default.createDirectory(atPath: workDir, withIntermediateDirectories: true)
+        defer { if !keep { try? FileManager.default.removeItem(atPath: workDir) } }
+        let lab = try TapLab()
+        defer { lab.tearDown() }
+        try body(guest, machineLine, lab)
+    }
+}

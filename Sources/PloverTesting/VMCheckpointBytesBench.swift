@@ -81,15 +81,13 @@ package struct VMCheckpointBytesBench: ParsableCommand {
         }
         guard let modes = Self.parseModes(releaseOnMatch) else { throw CLIError("--release-on-match \(releaseOnMatch): give off, on or both") }
         guard diskMb > 0 else { throw CLIError("--disk-mb \(diskMb): the benchmark needs a disk per VM (redis-server's AOF lives there)") }
-        let guest = try buildVMGuest()
-        let machine = MachineDescription.current(dataDir: FileManager.default.currentDirectoryPath)
-        let qemu = MachineDescription.shell("qemu-system-x86_64 --version | head -1")
-        try? FileManager.default.removeItem(atPath: absoluteDir)
-        try FileManager.default.createDirectory(atPath: absoluteDir, withIntermediateDirectories: true)
-        defer { if !keep { try? FileManager.default.removeItem(atPath: absoluteDir) } }
-        let lab = try TapLab()
-        defer { lab.tearDown() }
+        try TapLab.benchmark(workDir: absoluteDir, keep: keep) { guest, machineLine, lab in
+            try measure(runList, modes: modes, guest: guest, machineLine: machineLine, lab: lab)
+        }
+    }
 
+    /// The runs, in a fresh cluster per release rule, then the report.
+    func measure(_ runList: [RunSpec], modes: [(name: String, key: String)], guest: String, machineLine: String, lab: TapLab) throws {
         var results: [Run] = []
         var cluster: VMCluster?
         defer { cluster?.stopAll() }
@@ -114,7 +112,7 @@ package struct VMCheckpointBytesBench: ParsableCommand {
         var command = "plover bench vm-bytes --runs \(runs)"
         if runList.contains(where: { $0.requests == requests * $0.clients * $0.pipeline }) { command += " --requests \(requests)" }
         command += " --release-on-match \(releaseOnMatch) --disk-mb \(diskMb)" + (redisConfig.isEmpty ? "" : " --redis-config '\(redisConfig)'")
-        let report = Self.report(results, diskMb: diskMb, machine: vmMachineLine(machine, qemu: qemu), command: command)
+        let report = Self.report(results, diskMb: diskMb, machine: machineLine, command: command)
         print(report)
         if let out { try report.write(toFile: out, atomically: true, encoding: .utf8) }
     }

@@ -89,14 +89,13 @@ package struct VMTapBench: ParsableCommand {
     package func run() throws {
         guard getuid() == 0 else { throw CLIError("plover bench vm-tap makes a bridge, taps and a network namespace: run it as root") }
         guard !clientList.isEmpty else { throw CLIError("--clients \(clients): give client counts, comma-separated") }
-        let guest = try buildVMGuest()
-        let machine = MachineDescription.current(dataDir: FileManager.default.currentDirectoryPath)
-        let qemu = MachineDescription.shell("qemu-system-x86_64 --version | head -1")
-        try? FileManager.default.removeItem(atPath: absoluteDir)
-        try FileManager.default.createDirectory(atPath: absoluteDir, withIntermediateDirectories: true)
-        defer { if !keep { try? FileManager.default.removeItem(atPath: absoluteDir) } }
-        let lab = try TapLab()
-        defer { lab.tearDown() }
+        try TapLab.benchmark(workDir: absoluteDir, keep: keep) { guest, machineLine, lab in
+            try measure(guest: guest, machineLine: machineLine, lab: lab)
+        }
+    }
+
+    /// The unreplicated guest, both replicated configurations and the failovers, then the report.
+    func measure(guest: String, machineLine: String, lab: TapLab) throws {
         var rows: [Row] = []
         var releases: [Release] = []
         var stages: [String] = []
@@ -157,7 +156,7 @@ package struct VMTapBench: ParsableCommand {
         }
         say("failover: \(kills) kill -9s of the primary with one connection writing")
         let failovers = try failover(cluster, probe)
-        let report = Self.report(rows, releases: releases, stages: stages, failovers: failovers, kills: kills, machine: vmMachineLine(machine, qemu: qemu),
+        let report = Self.report(rows, releases: releases, stages: stages, failovers: failovers, kills: kills, machine: machineLine,
                                  command: "plover bench vm-tap --requests \(requests) --clients \(clients) --kills \(kills)")
         print(report)
         if let out { try report.write(toFile: out, atomically: true, encoding: .utf8) }
