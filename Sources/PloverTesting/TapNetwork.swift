@@ -93,6 +93,26 @@ final class TapLab {
         return try result.withLock { $0! }.get()
     }
 
+    /// Runs redis-benchmark with `arguments` and `--csv` from the client namespace against the
+    /// guest's redis-server; its CSV rows (the header left out, quotes removed) and its output.
+    /// Throws, naming `what` was run, when it fails.
+    func redisBenchmark(_ arguments: [String], what: String) throws -> (rows: [[String]], text: String) {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: Self.ipPath)
+        p.arguments = ["netns", "exec", clientNamespace, "redis-benchmark", "-h", "10.99.0.2", "-p", "6379"] + arguments + ["--csv"]
+        let pipe = Pipe()
+        p.standardOutput = pipe
+        p.standardError = FileHandle.nullDevice
+        try p.run()
+        let text = String(decoding: pipe.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        p.waitUntilExit()
+        guard p.terminationStatus == 0 else { throw CLIError("redis-benchmark \(what) failed (\(p.terminationStatus)): \(text)") }
+        let rows = text.split(separator: "\n").dropFirst().map { line in
+            line.split(separator: ",").map { $0.trimmingCharacters(in: CharacterSet(charactersIn: "\"")) }
+        }
+        return (rows, text)
+    }
+
     /// The bridge port (a tap or the client's link) the bridge forwards frames for `mac` to;
     /// nil when it has not learnt that MAC.
     func bridgePort(of mac: String) throws -> String? {

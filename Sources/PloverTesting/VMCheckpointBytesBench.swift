@@ -157,19 +157,9 @@ package struct VMCheckpointBytesBench: ParsableCommand {
     /// redis-benchmark SET of 1 KiB values from the client namespace; its requests per second.
     func benchmark(_ lab: TapLab, _ spec: RunSpec) throws -> Double {
         let (c, p) = (spec.clients, spec.pipeline)
-        let proc = Process()
-        proc.executableURL = URL(fileURLWithPath: TapLab.ipPath)
-        proc.arguments = ["netns", "exec", lab.clientNamespace, "redis-benchmark", "-h", "10.99.0.2", "-p", "6379", "-t", "set",
-                          "-d", "1024", "-r", "1000000", "-c", "\(c)", "-P", "\(p)", "-n", "\(spec.requests)", "--csv"]
-        let pipe = Pipe()
-        proc.standardOutput = pipe
-        proc.standardError = FileHandle.nullDevice
-        try proc.run()
-        let text = String(decoding: pipe.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-        proc.waitUntilExit()
-        guard proc.terminationStatus == 0 else { throw CLIError("redis-benchmark -c \(c) -P \(p) failed (\(proc.terminationStatus)): \(text)") }
-        let row = text.split(separator: "\n").dropFirst().first.map { $0.split(separator: ",").map { $0.trimmingCharacters(in: CharacterSet(charactersIn: "\"")) } }
-        guard let row, row.count >= 2, let rps = Double(row[1]) else { throw CLIError("redis-benchmark -c \(c) -P \(p): no CSV result in \(text.prefix(200).debugDescription)") }
+        let (rows, text) = try lab.redisBenchmark(["-t", "set", "-d", "1024", "-r", "1000000", "-c", "\(c)", "-P", "\(p)", "-n", "\(spec.requests)"],
+                                                  what: "-c \(c) -P \(p)")
+        guard let row = rows.first, row.count >= 2, let rps = Double(row[1]) else { throw CLIError("redis-benchmark -c \(c) -P \(p): no CSV result in \(text.prefix(200).debugDescription)") }
         return rps
     }
 

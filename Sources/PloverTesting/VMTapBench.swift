@@ -182,20 +182,10 @@ package struct VMTapBench: ParsableCommand {
     /// redis-benchmark SET and GET with `n` clients from the client namespace.
     func benchmark(_ lab: TapLab, config: String, clients n: Int) throws -> [Row] {
         say("  \(config): redis-benchmark -t set,get -c \(n) -n \(requests * n)")
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: TapLab.ipPath)
-        p.arguments = ["netns", "exec", lab.clientNamespace, "redis-benchmark", "-h", "10.99.0.2", "-p", "6379", "-t", "set,get",
-                       "-c", "\(n)", "-n", "\(requests * n)", "-r", "100000", "--csv"]
-        let pipe = Pipe()
-        p.standardOutput = pipe
-        p.standardError = FileHandle.nullDevice
-        try p.run()
-        let text = String(decoding: pipe.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-        p.waitUntilExit()
-        guard p.terminationStatus == 0 else { throw CLIError("redis-benchmark failed (\(p.terminationStatus)) against the \(config) guest: \(text)") }
+        let (rows, _) = try lab.redisBenchmark(["-t", "set,get", "-c", "\(n)", "-n", "\(requests * n)", "-r", "100000"],
+                                               what: "against the \(config) guest")
         // "test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms","p95_latency_ms","p99_latency_ms","max_latency_ms"
-        return text.split(separator: "\n").dropFirst().compactMap { line in
-            let f = line.split(separator: ",").map { $0.trimmingCharacters(in: CharacterSet(charactersIn: "\"")) }
+        return rows.compactMap { f in
             guard f.count >= 8, let rps = Double(f[1]), let p50 = Double(f[4]), let p99 = Double(f[6]), let mx = Double(f[7]) else { return nil }
             return Row(config: config, test: f[0], clients: n, requests: requests * n, rps: rps, p50: p50, p99: p99, max: mx)
         }
