@@ -212,12 +212,14 @@ public final class RingTransport: PolledMessageTransport {
         var total = 0
         for link in links.values {
             poll(link, into: &inbox)
+            // Counted before they are handed over, so the statistics never lag what a
+            // handler has already seen.
+            if !inbox.isEmpty { count(\.delivered, by: inbox.count) }
             for m in inbox { deliver(m) }
             total += inbox.count
             inbox.removeAll(keepingCapacity: true)
             returnCredit(link)
         }
-        if total > 0 { count(\.delivered, by: total) }
         return total
     }
 
@@ -445,8 +447,8 @@ public final class RingTransport: PolledMessageTransport {
             if receivingPaused.withLock({ $0 }) { continue }
             for link in links.values {
                 poll(link, into: &inbox)
-                for m in inbox { onReceive(m) }
                 if !inbox.isEmpty { count(\.delivered, by: inbox.count) }
+                for m in inbox { onReceive(m) }
                 inbox.removeAll(keepingCapacity: true)
                 returnCredit(link)
             }
