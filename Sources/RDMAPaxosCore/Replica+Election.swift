@@ -137,11 +137,14 @@ extension Replica {
         (lastBallot, lastIndex) >= (log.lastBallot, log.lastIndex)
     }
 
-    /// A follower that heard from a live leader recently refuses to help unseat it, and so does
-    /// the leader itself (check-quorum makes it step down on its own once it loses its quorum).
+    /// A follower that heard from a live leader within an election timeout refuses to help
+    /// unseat it: it neither votes nor adopts the candidate's ballot (Raft thesis 4.2.3). Without
+    /// this, a member removed by a configuration that has not committed yet, never told and
+    /// campaigning again and again with pre-vote off, deposed each new leader before it could
+    /// commit the removal. The leader itself refuses only with check-quorum, which makes it step
+    /// down on its own once it loses its quorum. A transfer's `force` overrides both.
     var inLeaderLease: Bool {
-        guard config.checkQuorum else { return false }
-        if role == .leader { return true }
+        if role == .leader { return config.checkQuorum }
         return leader != nil && electionElapsed < config.electionTimeoutTicks
     }
 
@@ -163,6 +166,22 @@ extension Replica {
         }
         guard m.ballot >= promised else {
             send(m.from, .promise(granted: false, suffixPrevBallot: .zero, suffix: []))
+            return
+        }
+        if !isWitness && !isUpToDate(lastIndex: lastIndex, lastBallot: lastBallot) {
+            // A candidate behind us never gets our vote, so its ballot is not adopted either
+            // (declining a ballot is always safe). Adopting it would depose the leader we
+            // follow for nothing: with pre-vote off, a member removed by a configuration we do
+            // not hold yet, never told and campaigning again and again, kept that removal from
+            // ever committing. A witness backs candidates behind it (below).
+            send(m.from, .promise(granted: false, suffixPrevBallot: .zero, suffix: []))
+            if role == .follower && m.ballot > promised && promotable && !diskStalled {
+                // No leader holds us (we are out of its lease) and a candidate that cannot win
+                // is campaigning: stand above it now. Waiting out our timeout, we would find it
+                // campaigning again first, every time, since it wins ties of a term by node ID.
+                becomeFollower(m.ballot, leader: nil)
+                becomeCandidate(force: false)
+            }
             return
         }
         if m.ballot > promised { becomeFollower(m.ballot, leader: nil) }

@@ -118,6 +118,7 @@ extension Replica {
         snapshotMembership = m
         snapshotData = data
         stepSnapshot = Snapshot(index: index, ballot: ballot, membership: m, data: data)
+        if isWitness { witnessSkipped = WitnessSkipped(restore: stepSnapshot, from: index + 1) }
         return finish()
     }
 }

@@ -18,6 +18,17 @@ extension Replica {
         case .accept, .heartbeat, .installSnapshot, .timeoutNow, .recovered, .removed: fromLeader = true
         default: fromLeader = false
         }
+        if m.ballot > promised, role == .leader, case let .accepted(false, index) = m.body, index < commitIndex,
+           promotable, !diskStalled {
+            // A follower whose log ends before our commit index rejects us for a ballot of its own
+            // failed campaigns (with pre-vote off, or a member whose stale log still makes it a
+            // voter). It cannot win an election, and waiting out a timeout would let it campaign
+            // again first, every time: take a higher ballot at once. Forced, since the members
+            // that follow us would otherwise refuse to unseat their own leader.
+            becomeFollower(m.ballot, leader: nil)
+            becomeCandidate(force: true)
+            return
+        }
         if m.ballot > promised {
             // A leader at a higher ballot exists (or a peer promised one): follow it. A granted
             // pre-vote reply carries no news; a rejection from a peer at a higher ballot tells us
@@ -211,7 +222,12 @@ extension Replica {
         durableIndex = min(durableIndex, s.index)
         stepSnapshot = s
         refreshMembership()
-        if !isWitness { out.restore = s }
+        if isWitness {
+            witnessSkipped = WitnessSkipped(restore: s, from: s.index + 1)
+        } else {
+            witnessSkipped = nil
+            out.restore = s
+        }
         acknowledge(from, s.index)
     }
 

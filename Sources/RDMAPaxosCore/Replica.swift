@@ -101,6 +101,12 @@ public struct Replica: Sendable {
     var removalReported = false
     /// This replica's role in the last configuration that held it.
     var lastOwnRole: MemberRole?
+    /// What this replica left unapplied while the configuration at the end of its log made it a
+    /// witness: the snapshot it did not restore (if any) and the first entry it did not apply.
+    /// A witness keeps it for good; a replica that stops being one (only a new member under a
+    /// removed witness's ID, replaying the stretch in which that ID was a witness: a witness's
+    /// role never changes in place) restores and applies it first.
+    var witnessSkipped: WitnessSkipped?
     var uncommittedBytes = 0
     var transferTarget: NodeID?
     var transferElapsed = 0
@@ -171,6 +177,7 @@ public struct Replica: Sendable {
         membershipIndex = point.index
         lastOwnRole = base.member(config.id)?.role ?? bootstrap.member(config.id)?.role
         refreshMembership()
+        if isWitness { witnessSkipped = WitnessSkipped(restore: state.snapshot, from: point.index + 1) }
         resetElectionTimer()
         if !state.intact || state.hardState.recovering {
             var nonce: UInt64 = 0
@@ -344,10 +351,23 @@ public struct Replica: Sendable {
     /// Collects this call's output: applies, the persist unit and the ordering of acks.
     mutating func finish() -> Actions {
         let applyThrough = config.brokenAppliesPastCommit ? log.lastIndex : commitIndex
+        if !isWitness, let skipped = witnessSkipped {
+            // No longer a witness: what was skipped belonged to an earlier member under this ID.
+            witnessSkipped = nil
+            if let s = skipped.restore { out.restore = s }
+            if skipped.from <= appliedIndex {
+                precondition(skipped.from >= log.firstIndex, "entries skipped as a witness were compacted away")
+                out.apply.append(contentsOf: log.entries(skipped.from, through: appliedIndex))
+            }
+        }
         if appliedIndex < applyThrough {
             let from = appliedIndex + 1
             precondition(from >= log.firstIndex, "committed entries below the snapshot were not restored")
-            if !isWitness { out.apply.append(contentsOf: log.entries(from, through: applyThrough)) }
+            if !isWitness {
+                out.apply.append(contentsOf: log.entries(from, through: applyThrough))
+            } else if witnessSkipped == nil {
+                witnessSkipped = WitnessSkipped(restore: nil, from: from)
+            }
             appliedIndex = applyThrough
         }
         // The hard state is written only when the promise or the configuration changed; the
@@ -374,4 +394,10 @@ public struct Replica: Sendable {
         stepSelfVote = nil
         return result
     }
+}
+
+/// See `Replica.witnessSkipped`.
+struct WitnessSkipped: Sendable, Hashable {
+    var restore: Snapshot?
+    var from: LogIndex
 }

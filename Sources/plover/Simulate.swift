@@ -22,7 +22,7 @@ struct Simulate: ParsableCommand {
                                valueName: "variant")) var broken: String?
     @Flag(help: "Run only the final checks after convergence (state machines against the committed log, acknowledged writes present), not those at every step: shows that the final checks can fail on their own.")
     var finalChecksOnly = false
-    @Flag(help: "In the learner topology, also re-add the changing member as a second witness now and then (off by default: it finds an open defect, see docs/reliability.md).")
+    @Flag(help: "In the learner topology, re-add the changing member as a second witness now and then in every seed (the standard mix does it in half of them).")
     var witnessMembership = false
 
     static let variants = ["trust-lost-state", "leader-counts-undurable", "skip-leader-noop",

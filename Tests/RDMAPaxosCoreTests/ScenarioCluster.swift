@@ -24,6 +24,7 @@ struct ScenarioCluster {
     var batchBytesMax: Int?
     var inflightBytesMax: Int?
     var preVote = true
+    var checkQuorum = true
 
     var ids: [NodeID] { nodes.keys.sorted() }
 
@@ -36,6 +37,7 @@ struct ScenarioCluster {
         if let n = batchBytesMax { c.batchBytesMax = n }
         if let n = inflightBytesMax { c.inflightBytesMax = n }
         c.preVote = preVote
+        c.checkQuorum = checkQuorum
         return c
     }
 
