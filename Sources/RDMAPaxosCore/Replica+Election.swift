@@ -137,6 +137,15 @@ extension Replica {
         (lastBallot, lastIndex) >= (log.lastBallot, log.lastIndex)
     }
 
+    /// Whether this replica gives its log to a candidate behind it instead of refusing it: a
+    /// witness, which can never lead; and a member that the configuration at the end of its log
+    /// makes a learner or leaves out, asked by a candidate whose log lacks that configuration
+    /// (it counts this member as voting). Such a member cannot lead either; without the
+    /// hand-over, a candidate that needs its vote could never win, and no one else might
+    /// (the simulator's seed 68787: two voters recovering lost state, and the only member
+    /// holding the entry that made it a learner refusing every candidate behind it).
+    var handsOverItsLog: Bool { isWitness || membership.member(id)?.role != .voter }
+
     /// A follower that heard from a live leader within an election timeout refuses to help
     /// unseat it: it neither votes nor adopts the candidate's ballot (Raft thesis 4.2.3). Without
     /// this, a member removed by a configuration that has not committed yet, never told and
@@ -151,10 +160,11 @@ extension Replica {
     mutating func handlePreVote(_ m: Message, lastIndex: LogIndex, lastBallot: Ballot) {
         // A node outside the configuration (removed, or never added) gets no vote.
         guard membership.contains(m.from) else { return send(m.from, .preVoteReply(granted: false)) }
-        // A witness backs a candidate behind it: it will hand over its log in the promise. A
-        // recovering replica may have forgotten a higher promise: it backs nobody.
+        // A member that hands over its log backs a candidate behind it: it will hand its log
+        // over in the promise. A recovering replica may have forgotten a higher promise: it
+        // backs nobody.
         let granted = recovery == nil && m.ballot > promised && !inLeaderLease
-            && (isWitness || isUpToDate(lastIndex: lastIndex, lastBallot: lastBallot))
+            && (handsOverItsLog || isUpToDate(lastIndex: lastIndex, lastBallot: lastBallot))
         send(m.from, .preVoteReply(granted: granted))
     }
 
@@ -168,12 +178,12 @@ extension Replica {
             send(m.from, .promise(granted: false, suffixPrevBallot: .zero, suffix: []))
             return
         }
-        if !isWitness && !isUpToDate(lastIndex: lastIndex, lastBallot: lastBallot) {
+        if !handsOverItsLog && !isUpToDate(lastIndex: lastIndex, lastBallot: lastBallot) {
             // A candidate behind us never gets our vote, so its ballot is not adopted either
             // (declining a ballot is always safe). Adopting it would depose the leader we
             // follow for nothing: with pre-vote off, a member removed by a configuration we do
             // not hold yet, never told and campaigning again and again, kept that removal from
-            // ever committing. A witness backs candidates behind it (below).
+            // ever committing. A member that hands over its log backs candidates behind it (below).
             send(m.from, .promise(granted: false, suffixPrevBallot: .zero, suffix: []))
             if role == .follower && m.ballot > promised && promotable && !diskStalled {
                 // No leader holds us (we are out of its lease) and a candidate that cannot win
@@ -195,9 +205,10 @@ extension Replica {
         var suffix: [LogEntry] = []
         var prevBallot = Ballot.zero
         var more = false
-        if !granted && isWitness {
+        if !granted && handsOverItsLog {
             // The witness may hold entries (perhaps committed) that no voter alive has; it can
-            // never lead, so it gives them to the candidate, at most one accept's worth at a
+            // never lead, so it gives them to the candidate (so does a member that the end of its
+            // log makes a learner or leaves out, which the candidate still counts as voting), at most one accept's worth at a
             // time: the candidate asks again from the end of what it received. Log matching:
             // if we hold the candidate's last entry, everything before it is the same here.
             let from = log.ballot(at: lastIndex) == lastBallot ? lastIndex + 1 : max(commit + 1, log.firstIndex)
@@ -217,7 +228,9 @@ extension Replica {
     /// not fit our log (we would stay behind this promiser); `pending`: more follows and we asked
     /// for it; `complete`: we hold everything the witness has (or its log is behind ours).
     mutating func takeHandOver(from w: NodeID, prevBallot: Ballot, _ chunk: [LogEntry], more: Bool) -> HandOverOutcome {
-        guard membership.member(w)?.role == .witness, let first = chunk.first else { return .rejected }
+        // A witness, or a member our configuration counts as voting that its own log no longer
+        // makes a voter (`handsOverItsLog`). Adopting its entries may change our configuration.
+        guard membership.voting.contains(w), let first = chunk.first else { return .rejected }
         var h: HandOver
         if let held = handedOver[w], first.index == held.end.index + 1, prevBallot == held.end.ballot {
             h = held

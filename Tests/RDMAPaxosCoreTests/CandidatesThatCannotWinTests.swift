@@ -94,4 +94,34 @@ import Testing
         #expect(replica(c, 1).promised > replica(c, 3).promised || replica(c, 3).leader == 1)
         #expect(replica(c, 3).leader == 1 && replica(c, 3).commitIndex == replica(c, 1).commitIndex)
     }
+
+    /// A member that a configuration the candidates lack made a learner hands its log over to a
+    /// candidate behind it (as a witness does), so the candidate adopts that configuration and
+    /// wins in it. Without the hand-over, no one could lead while the old leader is down: the
+    /// candidates need the new learner's vote, and it refused every candidate behind it.
+    @Test func aMemberALaterConfigurationMadeALearnerHandsOverItsLog() throws {
+        var c = ScenarioCluster()
+        c.addNodes([1, 2, 3, 4].map { Member(id: $0, role: .voter) })
+        for _ in 0..<40 where replica(c, 1).role != .leader {
+            c.with(1) { $0.tick() }
+            c.stabilize()
+        }
+        try #require(replica(c, 1).role == .leader)
+        // Node 1 makes node 4 a learner; only node 4 receives the change, then node 1 crashes.
+        c.cut = [[1, 2], [1, 3]]
+        let next = Membership(replica(c, 1).membership.members.map { $0.id == 4 ? Member(id: 4, role: .learner, priority: 0) : $0 })
+        try c.with(1) { try $0.proposeMembership(next).actions }
+        c.stabilize()
+        try #require(replica(c, 4).membership.member(4)?.role == .learner)
+        try #require(replica(c, 2).membership.member(4)?.role == .voter)
+        c.crash(1)
+        c.cut = []
+        for _ in 0..<100 where ![2, 3].contains(where: { replica(c, $0).role == .leader }) {
+            for id in [2, 3, 4] as [NodeID] { c.with(id) { $0.tick() } }
+            c.stabilize()
+        }
+        let leader = [2, 3].first { replica(c, $0).role == .leader }
+        #expect(leader != nil, "no leader: node 2 is \(replica(c, 2).role), node 3 is \(replica(c, 3).role)")
+        if let leader { #expect(replica(c, leader).membership.member(4)?.role == .learner) }
+    }
 }
