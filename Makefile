@@ -92,10 +92,11 @@ bench-syncvm: deps
 	SWIFT="$(SWIFT)" ./benchmarks/syncvm/run.sh
 
 # Redis replicated by libinterpose.so (3 replicas, LD_PRELOAD) vs plain Redis, redis-benchmark
-# SET/GET with -P 1 and -P 16 (benchmarks/interpose/README.md), ~3 min.
+# SET/GET/INCR/LPUSH at 50 clients (-P 1 and 16), 4 KiB SET, 1 client, with CPU per request and the
+# machine's CPU ceiling (benchmarks/interpose/README.md), ~6 min.
 bench-interpose: deps
 	$(SWIFT) build -c release --product interpose
-	./benchmarks/interpose/run.sh
+	./benchmarks/interpose/run.py
 
 # VM replication with QEMU under TCG (benchmarks/vm/README.md), a few minutes; then redis-server
 # in the guest over the tap attachment (benchmarks/vm-tap/README.md, needs root), about a minute;

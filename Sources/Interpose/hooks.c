@@ -261,6 +261,19 @@ static int is_client(int fd) {
     return apus_tracked(fd) && apus_fd_kind_of(fd) == APUS_FD_CLIENT;
 }
 
+/* A follower's replay connection (docs/design/interpose.md, "Followers"): followers answer no
+ * one, so the server's replies are dropped here, without a system call, instead of crossing
+ * loopback for the shim to read and throw away. The shim's own connections (id incarnation 0:
+ * snapshots, snapshot.c) keep theirs. */
+static int is_discarded(int fd) {
+    if (apus_in_hook || !apus_tracked(fd) || apus_fd_kind_of(fd) != APUS_FD_REPLAY) return 0;
+    apus_lock();
+    const struct replay *r = apus_fd_replay(fd);
+    int discard = r && r->id.inc != 0;
+    apus_unlock();
+    return discard;
+}
+
 static ssize_t hide_write_error(ssize_t r, size_t len) {
     if (r >= 0 || errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) return r;
     return (ssize_t)len;
@@ -274,30 +287,35 @@ static size_t iov_bytes(const struct iovec *iov, int n) {
 
 ssize_t write(int fd, const void *buf, size_t count) {
     ENSURE();
+    if (is_discarded(fd)) return (ssize_t)count;
     ssize_t r = REAL(write)(fd, buf, count);
     return is_client(fd) ? hide_write_error(r, count) : r;
 }
 
 ssize_t writev(int fd, const struct iovec *iov, int n) {
     ENSURE();
+    if (is_discarded(fd)) return (ssize_t)iov_bytes(iov, n);
     ssize_t r = REAL(writev)(fd, iov, n);
     return is_client(fd) ? hide_write_error(r, iov_bytes(iov, n)) : r;
 }
 
 ssize_t send(int fd, const void *buf, size_t len, int flags) {
     ENSURE();
+    if (is_discarded(fd)) return (ssize_t)len;
     ssize_t r = REAL(send)(fd, buf, len, flags);
     return is_client(fd) ? hide_write_error(r, len) : r;
 }
 
 ssize_t sendto(int fd, const void *buf, size_t len, int flags, const struct sockaddr *addr, socklen_t alen) {
     ENSURE();
+    if (is_discarded(fd)) return (ssize_t)len;
     ssize_t r = REAL(sendto)(fd, buf, len, flags, addr, alen);
     return is_client(fd) ? hide_write_error(r, len) : r;
 }
 
 ssize_t sendmsg(int fd, const struct msghdr *msg, int flags) {
     ENSURE();
+    if (is_discarded(fd)) return (ssize_t)iov_bytes(msg->msg_iov, (int)msg->msg_iovlen);
     ssize_t r = REAL(sendmsg)(fd, msg, flags);
     return is_client(fd) ? hide_write_error(r, iov_bytes(msg->msg_iov, (int)msg->msg_iovlen)) : r;
 }

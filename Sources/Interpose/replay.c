@@ -333,24 +333,14 @@ static int replay_step(struct entry *e) {
     }
 }
 
-/* Discards the server's replies on a replay connection (followers answer no one); the shim's
- * own connections keep theirs, which snapshot.c reads. */
-static void drain_replies(struct replay *r) {
-    char sink[16384];
-    if (r && r->id.inc != 0 && r->cfd >= 0 && !r->cclosed) while (REAL(recv)(r->cfd, sink, sizeof sink, MSG_DONTWAIT) > 0) {}
-}
-
 void apus_pump(void) {
     apus_assert_locked("apus_pump");
-    /* The server writes its replies before it waits again, so the connection of an entry just
-     * handled holds them now; every 256 calls all are swept (replies written later, in parts). */
-    static unsigned calls;
-    if (++calls % 256 == 0) for (struct replay *r = apus_replays; r; r = r->next) drain_replies(r);
+    /* The server's replies on replay connections never reach the shim's end: the write hooks
+     * drop them (hooks.c). */
     for (;;) {
         if (!current) current = dequeue();
         if (!current) break;
         int done = replay_step(current);
-        if (current->op == WIRE_ITEM_DATA) drain_replies(apus_replay_find(current->id));
         if (!done) break;
         release(current);
         current = NULL;
