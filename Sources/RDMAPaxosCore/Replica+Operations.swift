@@ -134,3 +134,20 @@ extension Replica {
         return finish()
     }
 }
+
+extension Replica {
+    /// The runtime found its connection to `peer` broken (a killed process's sockets close at
+    /// once). If `peer` is the leader this follower follows, it stops counting on it: it leaves
+    /// the leader's lease and its election timer runs out within 1 to 3 ticks (randomized, so
+    /// that two followers seldom start together) instead of a whole election timeout. Safe
+    /// whatever the cause: with pre-vote, an election needs a quorum that no longer hears from
+    /// the leader either, and the members still in its lease refuse (docs/design/consensus.md,
+    /// "A leader whose connection broke").
+    public mutating func leaderUnreachable(_ peer: NodeID) -> Actions {
+        if role == .follower, leader == peer, peer != id {
+            leader = nil
+            electionElapsed = max(electionElapsed, randomizedElectionTimeout - 1 - rng.below(3))
+        }
+        return finish()
+    }
+}

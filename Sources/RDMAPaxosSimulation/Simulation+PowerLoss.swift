@@ -42,6 +42,7 @@ extension Simulation {
         nodes[l]!.replica = nil
         nodes[l]!.disk.pending = []
         nodes[l]!.restartAt = now + 2 + lossRandom.below(6)
+        linksDown.append(l)
         report.crashes += 1
         report.leaderPowerLosses += 1
         if !holders.isEmpty, cut.isEmpty {
@@ -56,5 +57,24 @@ extension Simulation {
         }
         log("power loss on leader \(l) (commit \(r.commitIndex), disk \(durable))"
             + (holders.isEmpty ? "" : ", cutting off \(holders.map(String.init).joined(separator: ",")) until \(healCutAt)"))
+    }
+}
+
+extension Simulation {
+    /// As the runtime sees a killed process's connections close (`RingTransport.isLinkDown`):
+    /// the nodes following a crashed node that can still hear from it are told, three times in
+    /// four (the rest wait out their election timeout), through `Replica.leaderUnreachable`.
+    mutating func tellLinkDown() throws(SimulationFailure) {
+        let down = linksDown
+        linksDown = []
+        for d in down where nodes[d]!.replica == nil {
+            for id in ids where id != d && !cut.contains([d, id]) {
+                guard let r = nodes[id]!.replica, r.leader == d, linkRandom.below(4) != 0 else { continue }
+                report.linkDownNotices += 1
+                log("\(id): told that leader \(d)'s connection closed")
+                let a = nodes[id]!.replica!.leaderUnreachable(d)
+                try handle(id, a)
+            }
+        }
     }
 }

@@ -72,12 +72,17 @@ struct Simulation {
     /// Draws for the leader power losses, apart from `rng` so that seeds where none fires keep
     /// the schedule they had without them.
     var lossRandom: SeededRandom
+    /// Draws for which followers notice a crashed leader's connection close (`tellLinkDown`).
+    var linkRandom: SeededRandom
+    /// Crashed leaders whose followers are told at the next step (`tellLinkDown`).
+    var linksDown: [NodeID] = []
 
     init(_ options: SimulationOptions, tracing: Bool) {
         self.options = options
         self.tracing = tracing
         rng = SeededRandom(seed: options.seed)
         lossRandom = SeededRandom(seed: options.seed ^ 0x1EAD_E2D0_5EC0_0002)
+        linkRandom = SeededRandom(seed: options.seed ^ 0x11_4BD0_3E00_0003)
         report = SimulationReport(seed: options.seed)
         var ms: [Member] = []
         for i in 1...options.voters {
@@ -262,6 +267,7 @@ struct Simulation {
         }
         try deliverMessages()
         try completeDisks()
+        if !linksDown.isEmpty { try tellLinkDown() }
         for id in ids where nodes[id]!.replica != nil {
             // Clock-rate skew: a fast clock ticks twice in some steps, a slow one skips some.
             nodes[id]!.clockDebt += nodes[id]!.clockRate
@@ -291,6 +297,7 @@ struct Simulation {
             nodes[victim]!.replica = nil
             nodes[victim]!.disk.pending = []
             nodes[victim]!.restartAt = now + 5 + rng.below(40)
+            linksDown.append(victim)
             report.crashes += 1
             var how = ""
             if loses {

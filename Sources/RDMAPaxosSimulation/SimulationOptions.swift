@@ -207,6 +207,8 @@ public struct SimulationReport: Sendable, Hashable, CustomStringConvertible {
     public var leaderIsolations = 0
     /// Leaders crashed by `SimulationOptions.leaderPowerLossRate` (also counted in `crashes`).
     public var leaderPowerLosses = 0
+    /// Followers told that a crashed leader's connection closed (`Replica.leaderUnreachable`).
+    public var linkDownNotices = 0
     /// Reads served by a cut-off leader (`SimulationOptions.staleLeaderRate`) during its cut.
     public var staleLeaderReadsServed = 0
 

@@ -166,7 +166,7 @@ import RDMAPaxosSimulation
 
     /// The faults that vary by seed are all exercised by the seeds the suite runs.
     @Test func configurationAndOperatorFaultsAreExercised() throws {
-        var transfers = 0, fulls = 0, staleReads = 0, isolations = 0, powerLosses = 0
+        var transfers = 0, fulls = 0, staleReads = 0, isolations = 0, powerLosses = 0, linkDowns = 0
         var checkQuorumOff = 0, preVoteOff = 0, skewed = 0, prioritized = 0
         for seed in 1...40 as ClosedRange<UInt64> {
             let o = SimulationOptions.standard(seed: seed)
@@ -180,8 +180,10 @@ import RDMAPaxosSimulation
             staleReads += r.staleLeaderReads
             isolations += r.leaderIsolations
             powerLosses += r.leaderPowerLosses
+            linkDowns += r.linkDownNotices
         }
         #expect(checkQuorumOff > 0 && preVoteOff > 0 && skewed > 0 && prioritized > 0)
+        #expect(linkDowns > 10, "\(linkDowns) followers told a crashed leader's connection closed")
         #expect(transfers > 10 && fulls > 5 && staleReads > 0 && isolations > 10 && powerLosses > 10,
                 "\(transfers) transfers, \(fulls) full disks, \(staleReads) stale reads, \(isolations) leaders cut off, \(powerLosses) leader power losses")
     }

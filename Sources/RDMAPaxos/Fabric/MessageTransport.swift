@@ -19,6 +19,10 @@ public protocol MessageTransport: AnyObject, Sendable {
     /// Follows the configuration: connects to (or re-addresses) `connect`, and forgets
     /// `disconnect` (removed members): no reconnecting, messages to them dropped.
     func updatePeers(connect: [PeerAddress], disconnect: [NodeID])
+    /// True when the connection to `peer` is known broken (its queue pair failed, as when the
+    /// peer's process died and its sockets closed), not merely busy or never made. The node
+    /// uses it to stop waiting for a leader that is gone (`Replica.leaderUnreachable`).
+    func isLinkDown(to peer: NodeID) -> Bool
 }
 
 /// A transport whose incoming messages the caller reads on its own thread: the replica's loop
@@ -37,6 +41,8 @@ public protocol PolledMessageTransport: MessageTransport {
 extension MessageTransport {
     /// Transports without one-sided access (test doubles) have nothing to revoke.
     public func fence(_ peer: NodeID) {}
+    /// Transports without connections (test doubles) never know a link is down.
+    public func isLinkDown(to peer: NodeID) -> Bool { false }
     /// Transports that reach every node without addresses (test doubles) ignore it.
     public func updatePeers(connect: [PeerAddress], disconnect: [NodeID]) {}
 }

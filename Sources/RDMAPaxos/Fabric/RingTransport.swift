@@ -285,6 +285,14 @@ public final class RingTransport: PolledMessageTransport {
         return link.out.withLock { s in refreshCredit(link, &s); return s.ready && s.qp?.isUsable == true }
     }
 
+    /// True when this node's queue pair to `peer` failed (a reset or closed connection: the
+    /// peer's process is gone, or the link broke) and no new one is up yet. A peer never
+    /// connected, a full ring or a session still starting is not a broken link.
+    public func isLinkDown(to peer: NodeID) -> Bool {
+        guard let link = links[peer] else { return false }
+        return link.out.withLock { s in s.qp.map { !$0.isUsable } ?? false }
+    }
+
     /// Waits until every peer with a known address is connected, or `timeout` passes.
     public func waitUntilConnected(timeout: Duration = .seconds(10)) async -> Bool {
         let deadline = ContinuousClock.now + timeout

@@ -151,6 +151,11 @@ extension ReplicaNode {
     func onTick() {
         tickCount += 1
         if !persistBacklog.isEmpty { drainPersistBacklog() }
+        if let l = replica.leader, l != options.replica.id, transport.isLinkDown(to: l) {
+            // The leader's process is gone (its sockets closed): campaign within a few ticks,
+            // not a whole election timeout (docs/design/runtime.md, "A leader whose connection broke").
+            perform(replica.leaderUnreachable(l))
+        }
         perform(replica.tick())
         tickMembership()
         for (i, p) in proposals where p.deadline <= tickCount {
