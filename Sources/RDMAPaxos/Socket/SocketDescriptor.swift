@@ -67,7 +67,8 @@ package struct SocketDescriptor: Hashable, Sendable {
         return s
     }
 
-    /// Listens on TCP `address` (port 0: any free port, see `localPort`), with SO_REUSEADDR.
+    /// Listens on TCP `address` (port 0: any free port, see `localPort`; errors then name the
+    /// port it got), with SO_REUSEADDR.
     package static func listen(on address: HostPort, backlog: Int32 = 128) throws(SocketFailure) -> SocketDescriptor {
         let name = address.description
         let fd = try withAddress(address, passive: true) { ai throws(SocketFailure) -> Int32 in
@@ -82,7 +83,10 @@ package struct SocketDescriptor: Hashable, Sendable {
             }
             return fd
         }
-        return SocketDescriptor(rawValue: fd, peer: name)
+        let s = SocketDescriptor(rawValue: fd, peer: name)
+        // Errors about it and its clients name the port it got, not port 0.
+        guard address.port == 0 else { return s }
+        return SocketDescriptor(rawValue: fd, peer: HostPort(host: address.host, port: s.localPort).description)
     }
 
     /// Connects to the Unix-domain stream socket at `path`.
