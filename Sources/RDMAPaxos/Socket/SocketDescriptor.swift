@@ -278,6 +278,10 @@ package struct SocketDescriptor: Hashable, Sendable {
     /// Shuts both directions down (a thread blocked in receive or accept returns).
     package func shutdown() { _ = Glibc.shutdown(rawValue, Int32(SHUT_RDWR)) }
 
+    /// Half-closes the socket: the peer reads end of stream after what was sent, and can still
+    /// answer.
+    package func shutdownSending() { _ = Glibc.shutdown(rawValue, Int32(SHUT_WR)) }
+
     /// Closes the descriptor.
     package func close() { _ = Glibc.close(rawValue) }
 
