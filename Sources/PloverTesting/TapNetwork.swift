@@ -70,11 +70,13 @@ final class TapLab {
         try? "1".write(toFile: "/proc/sys/net/ipv6/conf/\(link)/disable_ipv6", atomically: false, encoding: .utf8)
     }
 
-    /// A TCP socket in the client namespace (created on a thread that entered it; the socket
-    /// stays there whichever thread uses it). Throws when the namespace cannot be entered.
-    func clientSocket() throws -> Int32 {
+    /// A TCP connection from the client namespace to `address` (the socket is made on a thread
+    /// that entered the namespace; it stays there whichever thread uses it), each connect and
+    /// send bounded by `timeout`. Throws `CLIError` when the namespace cannot be entered and the
+    /// wrapper's `SocketFailure` when the connect fails.
+    func clientConnect(to address: HostPort, timeout: Duration) throws -> SocketDescriptor {
         let ns = clientNamespace
-        let result = Mutex<Result<Int32, CLIError>?>(nil)
+        let result = Mutex<Result<SocketDescriptor, any Error>?>(nil)
         let done = DispatchSemaphore(value: 0)
         let t = Thread {
             defer { done.signal() }
@@ -85,8 +87,8 @@ final class TapLab {
                 return
             }
             close(nsfd)
-            let s = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-            result.withLock { $0 = s >= 0 ? .success(s) : .failure(CLIError("socket in \(ns): \(String(cString: strerror(errno)))")) }
+            let connected = Result { () throws(SocketFailure) in try SocketDescriptor.connect(to: address, timeout: timeout) }
+            result.withLock { $0 = connected.mapError { $0 } }
         }
         t.start()
         done.wait()
@@ -173,59 +175,49 @@ final class TapLab {
 final class RedisConnection: @unchecked Sendable {
     // @unchecked Sendable: one thread at a time uses a connection (a writer thread, then the
     // caller once that thread stopped); nothing in it is shared between calls.
-    let fd: Int32
+    let socket: SocketDescriptor
     private var buffer: [UInt8] = []
 
-    /// Connects `fd` (a fresh TCP socket) to host:port, trying again until `timeout` (the
-    /// guest may still be booting).
-    init(socket make: () throws -> Int32, host: String, port: UInt16, timeout: Duration) throws {
+    /// Connects with `connect` (TapLab's `clientConnect`) to host:port, trying again until
+    /// `timeout` (the guest may still be booting); each attempt is bounded by 5 s.
+    init(connect: (HostPort, Duration) throws -> SocketDescriptor, host: String, port: UInt16, timeout: Duration) throws {
         let deadline = ContinuousClock.now + timeout
+        let address = HostPort(host: host, port: Int(port))
         var last = "no attempt"
         while ContinuousClock.now < deadline {
-            let s = try make()
-            var limit = timeval(tv_sec: 5, tv_usec: 0)
-            setsockopt(s, SOL_SOCKET, SO_SNDTIMEO, &limit, socklen_t(MemoryLayout<timeval>.size))
-            var one: Int32 = 1
-            setsockopt(s, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
-            var sa = sockaddr_in()
-            sa.sin_family = sa_family_t(AF_INET)
-            sa.sin_port = in_port_t(port.bigEndian)
-            sa.sin_addr.s_addr = inet_addr(host)
-            let ok = withUnsafePointer(to: &sa) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(s, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) == 0 } }
-            if ok {
-                fd = s
+            do {
+                socket = try connect(address, .seconds(5))
                 return
+            } catch let e as SocketFailure {
+                last = String(cString: strerror(e.errno))
             }
-            last = String(cString: strerror(errno))
-            close(s)
             Thread.sleep(forTimeInterval: 0.5)
         }
-        throw CLIError("cannot connect to redis at \(host):\(port) within \(timeout): \(last)")
+        throw CLIError("cannot connect to redis at \(address) within \(timeout): \(last)")
     }
 
-    deinit { close(fd) }
+    deinit { socket.close() }
 
-    /// One HTTP/1.0 GET of `path` on a new connection from `make` (a client-namespace socket) to
-    /// host:port, the guest's busybox httpd: the status line's code and the body, read to the
-    /// end of the connection. Throws when no complete answer came within `timeout`.
-    static func httpGet(socket make: () throws -> Int32, host: String, port: UInt16 = 80, path: String, timeout: Duration) throws -> (status: Int, body: String) {
+    /// One HTTP/1.0 GET of `path` on a new connection from `connect` (a client-namespace
+    /// connection) to host:port, the guest's busybox httpd: the status line's code and the body,
+    /// read to the end of the connection. Throws when no complete answer came within `timeout`.
+    static func httpGet(connect: (HostPort, Duration) throws -> SocketDescriptor, host: String, port: UInt16 = 80, path: String, timeout: Duration) throws -> (status: Int, body: String) {
         let deadline = ContinuousClock.now + timeout
-        let c = try RedisConnection(socket: make, host: host, port: port, timeout: timeout)
-        let req = Array("GET \(path) HTTP/1.0\r\nHost: \(host)\r\n\r\n".utf8)
-        let sent = req.withUnsafeBytes { send(c.fd, $0.baseAddress!, $0.count, Int32(MSG_NOSIGNAL)) }
-        guard sent == req.count else { throw CLIError("GET \(path) from \(host): send: \(String(cString: strerror(errno)))") }
+        let c = try RedisConnection(connect: connect, host: host, port: port, timeout: timeout)
+        do { try c.socket.send(Array("GET \(path) HTTP/1.0\r\nHost: \(host)\r\n\r\n".utf8)) } catch {
+            throw CLIError("GET \(path) from \(host): send: \(String(cString: strerror(error.errno)))")
+        }
         var got: [UInt8] = []
-        var chunk = [UInt8](repeating: 0, count: 4096)
         while true {
-            let left = deadline - ContinuousClock.now
-            var p = pollfd(fd: c.fd, events: Int16(POLLIN), revents: 0)
-            guard left > .zero, poll(&p, 1, Int32(clamping: max(1, left.wholeMilliseconds))) == 1 else {
-                throw CLIError("GET \(path) from \(host):\(port): no complete answer within \(timeout) (\(got.count) bytes)")
+            let chunk: [UInt8]
+            do { chunk = try c.socket.receive(upTo: 4096, until: deadline) } catch {
+                guard error.errno != ETIMEDOUT else {
+                    throw CLIError("GET \(path) from \(host):\(port): no complete answer within \(timeout) (\(got.count) bytes)")
+                }
+                throw CLIError("GET \(path) from \(host):\(port): read: \(String(cString: strerror(error.errno)))")
             }
-            let n = chunk.withUnsafeMutableBytes { read(c.fd, $0.baseAddress!, 4096) }
-            guard n >= 0 else { throw CLIError("GET \(path) from \(host):\(port): read: \(String(cString: strerror(errno)))") }
-            if n == 0 { break }
-            got += chunk[..<n]
+            if chunk.isEmpty { break }
+            got += chunk
         }
         let text = String(decoding: got, as: UTF8.self)
         guard let head = text.split(separator: "\r\n", maxSplits: 1).first, head.hasPrefix("HTTP/"),
@@ -241,8 +233,9 @@ final class RedisConnection: @unchecked Sendable {
     func command(_ args: [String], timeout: Duration) throws -> String {
         var req = "*\(args.count)\r\n"
         for a in args { req += "$\(a.utf8.count)\r\n\(a)\r\n" }
-        let sent = Array(req.utf8).withUnsafeBytes { send(fd, $0.baseAddress!, $0.count, Int32(MSG_NOSIGNAL)) }
-        guard sent == req.utf8.count else { throw CLIError("send \(args.first ?? ""): \(String(cString: strerror(errno)))") }
+        do { try socket.send(Array(req.utf8)) } catch {
+            throw CLIError("send \(args.first ?? ""): \(String(cString: strerror(error.errno)))")
+        }
         let deadline = ContinuousClock.now + timeout
         let head = try line(until: deadline)
         guard head.hasPrefix("$") else { return head }
@@ -263,14 +256,13 @@ final class RedisConnection: @unchecked Sendable {
     }
 
     private func fill(until deadline: ContinuousClock.Instant) throws {
-        let left = deadline - ContinuousClock.now
-        guard left > .zero else { throw CLIError("no reply from redis in time") }
-        var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
-        guard poll(&p, 1, Int32(clamping: max(1, left.wholeMilliseconds))) == 1 else { throw CLIError("no reply from redis in time") }
-        var chunk = [UInt8](repeating: 0, count: 4096)
-        let n = chunk.withUnsafeMutableBytes { read(fd, $0.baseAddress!, 4096) }
-        guard n > 0 else { throw CLIError("redis closed the connection (\(n < 0 ? String(cString: strerror(errno)) : "EOF"))") }
-        buffer += chunk[..<n]
+        let chunk: [UInt8]
+        do { chunk = try socket.receive(upTo: 4096, until: deadline) } catch {
+            guard error.errno != ETIMEDOUT else { throw CLIError("no reply from redis in time") }
+            throw CLIError("redis closed the connection (\(String(cString: strerror(error.errno))))")
+        }
+        guard !chunk.isEmpty else { throw CLIError("redis closed the connection (EOF)") }
+        buffer += chunk
     }
 }
 

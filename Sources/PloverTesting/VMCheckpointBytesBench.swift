@@ -119,7 +119,7 @@ package struct VMCheckpointBytesBench: ParsableCommand {
 
     /// Waits for the guest's redis-server and a protected backup, checks the AOF, applies `--redis-config`.
     func prepare(_ cluster: VMCluster, _ lab: TapLab) throws {
-        let probe = try RedisConnection(socket: lab.clientSocket, host: "10.99.0.2", port: 6379, timeout: .seconds(120))
+        let probe = try RedisConnection(connect: lab.clientConnect, host: "10.99.0.2", port: 6379, timeout: .seconds(120))
         _ = try probe.command(["PING"], timeout: .seconds(60))
         guard waitFor(.seconds(60), { ((try? String(contentsOfFile: cluster.logPath(2), encoding: .utf8)) ?? "").contains("vm: protected:") }) else {
             throw CLIError("the backup was never protected; see \(absoluteDir) (--keep)")

@@ -227,8 +227,10 @@ final class VMCluster {
 final class CounterClient {
     let name: String
     let fronts: [String]
+    /// `fronts`, parsed once.
+    let addresses: [HostPort]
     var current = 0
-    var fd: Int32 = -1
+    var socket: SocketDescriptor?
     var buffer: [UInt8] = []
     var seq: UInt64 = 0
     /// Resends that were needed (silence or a refused front).
@@ -237,9 +239,13 @@ final class CounterClient {
     init(name: String, fronts: [String]) {
         self.name = name
         self.fronts = fronts
+        addresses = fronts.map { a in
+            guard let hp = HostPort(parsing: a) else { preconditionFailure("front address \"\(a)\" is not host:port") }
+            return hp
+        }
     }
 
-    deinit { if fd >= 0 { close(fd) } }
+    deinit { socket?.close() }
 
     /// Sends the next request and returns the counter value in its answer.
     /// `extra` follows the sequence number (PUT's size in KiB).
@@ -249,12 +255,12 @@ final class CounterClient {
         let deadline = ContinuousClock.now + timeout
         var silent = 0
         while ContinuousClock.now < deadline {
-            if fd < 0 { connectNext() }
-            let wasConnected = fd >= 0
-            if fd >= 0, write(line + "\n"), let v = awaitAnswer(until: min(deadline, ContinuousClock.now + resendAfter)) { return v }
+            if socket == nil { connectNext() }
+            let wasConnected = socket != nil
+            if socket != nil, write(line + "\n"), let v = awaitAnswer(until: min(deadline, ContinuousClock.now + resendAfter)) { return v }
             retries += 1
             // A front that neither answers nor hangs up (its host paused) is left after two tries.
-            if wasConnected && fd >= 0 {
+            if wasConnected && socket != nil {
                 silent += 1
                 if silent >= 2 {
                     silent = 0
@@ -269,33 +275,24 @@ final class CounterClient {
 
     func connectNext() {
         for _ in fronts.indices {
-            let a = fronts[current]
-            let colon = a.lastIndex(of: ":")!
-            let s = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-            var sa = sockaddr_in()
-            sa.sin_family = sa_family_t(AF_INET)
-            sa.sin_port = in_port_t(UInt16(a[a.index(after: colon)...])!.bigEndian)
-            sa.sin_addr.s_addr = inet_addr(String(a[..<colon]))
-            let ok = withUnsafePointer(to: &sa) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(s, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) == 0 } }
-            if ok {
-                fd = s
+            if let s = try? SocketDescriptor.connect(to: addresses[current]) {
+                socket = s
                 buffer = []
                 return
             }
-            close(s)
             current = (current + 1) % fronts.count
         }
         Thread.sleep(forTimeInterval: 0.2)
     }
 
     func dropConnection() {
-        if fd >= 0 { close(fd) }
-        fd = -1
+        socket?.close()
+        socket = nil
         current = (current + 1) % fronts.count
     }
 
     func write(_ s: String) -> Bool {
-        let ok = Array(s.utf8).withUnsafeBytes { send(fd, $0.baseAddress!, $0.count, Int32(MSG_NOSIGNAL)) == $0.count }
+        let ok = (try? socket?.send(Array(s.utf8))) != nil
         if !ok { dropConnection() }
         return ok
     }
@@ -315,15 +312,14 @@ final class CounterClient {
                 }
                 if line.hasPrefix(prefix), let v = UInt64(line.dropFirst(prefix.count)) { return v }
             }
-            let left = until - ContinuousClock.now
-            guard left > .zero else { return nil }
-            var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
-            let ms = Int32(clamping: max(1, left.wholeMilliseconds))
-            guard poll(&p, 1, ms) == 1 else { return nil }
-            var chunk = [UInt8](repeating: 0, count: 4096)
-            let n = chunk.withUnsafeMutableBytes { read(fd, $0.baseAddress!, 4096) }
-            guard n > 0 else { dropConnection(); return nil }
-            buffer += chunk[..<n]
+            guard let socket, until > ContinuousClock.now else { return nil }
+            let chunk: [UInt8]
+            do { chunk = try socket.receive(upTo: 4096, until: until) } catch {
+                if error.errno != ETIMEDOUT { dropConnection() }
+                return nil
+            }
+            guard !chunk.isEmpty else { dropConnection(); return nil }
+            buffer += chunk
         }
     }
 }

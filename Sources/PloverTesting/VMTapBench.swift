@@ -103,7 +103,7 @@ package struct VMTapBench: ParsableCommand {
         say("unreplicated guest on tap \(lab.taps[1]!)")
         let plain = try startPlainQEMU(guest: guest, tap: lab.taps[1]!)
         do {
-            _ = try RedisConnection(socket: lab.clientSocket, host: "10.99.0.2", port: 6379, timeout: .seconds(120))
+            _ = try RedisConnection(connect: lab.clientConnect, host: "10.99.0.2", port: 6379, timeout: .seconds(120))
             for n in clientList {
                 let cpu0 = cpuSeconds(of: absoluteDir + "/plain")
                 let t = ContinuousClock.now
@@ -133,7 +133,7 @@ package struct VMTapBench: ParsableCommand {
             ChildProcesses.killOnInterrupt { VMCluster.killQEMUs(leftovers) }
             // Both replicas write the per-frame stage trace (VMTapStages) for the breakdown.
             for id: NodeID in [1, 2, 3] { try c.start(id, environment: ["PLOVER_VM_TRACE": "1"]) }
-            probe = try RedisConnection(socket: lab.clientSocket, host: "10.99.0.2", port: 6379, timeout: .seconds(120))
+            probe = try RedisConnection(connect: lab.clientConnect, host: "10.99.0.2", port: 6379, timeout: .seconds(120))
             _ = try probe.command(["PING"], timeout: .seconds(60))
             guard waitFor(.seconds(60), { log(c, 2).contains("vm: protected:") }) else { throw CLIError("the backup was never protected; see \(absoluteDir)") }
             for k in clientList {
@@ -315,24 +315,11 @@ func unixMillis() -> Double { Date().timeIntervalSince1970 * 1000 }
 /// The `key=value` words of a VM replica's `status` answer on its control socket
 /// (`run_dir/control.sock`); empty when it does not answer.
 func vmStatus(runDir: String) -> [String: String] {
-    let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
-    guard fd >= 0 else { return [:] }
-    defer { close(fd) }
-    var addr = sockaddr_un()
-    addr.sun_family = sa_family_t(AF_UNIX)
-    let path = Array((runDir + "/control.sock").utf8)
-    guard path.count < MemoryLayout.size(ofValue: addr.sun_path) else { return [:] }
-    withUnsafeMutableBytes(of: &addr.sun_path) { b in for (i, c) in path.enumerated() { b[i] = c } }
-    let ok = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) } }
-    guard ok == 0 else { return [:] }
-    _ = "status\n".utf8CString.withUnsafeBufferPointer { write(fd, $0.baseAddress, $0.count - 1) }
+    guard let s = try? SocketDescriptor.connect(unixPath: runDir + "/control.sock") else { return [:] }
+    defer { s.close() }
+    guard (try? s.send(Array("status\n".utf8))) != nil else { return [:] }
     var bytes: [UInt8] = []
-    var buffer = [UInt8](repeating: 0, count: 4096)
-    while true {
-        let n = read(fd, &buffer, buffer.count)
-        if n <= 0 { break }
-        bytes += buffer.prefix(n)
-    }
+    while let chunk = try? s.receive(upTo: 4096), !chunk.isEmpty { bytes += chunk }
     var out: [String: String] = [:]
     for word in String(decoding: bytes, as: UTF8.self).split(whereSeparator: { $0 == " " || $0 == "\n" }) {
         if let eq = word.firstIndex(of: "=") { out[String(word[..<eq])] = String(word[word.index(after: eq)...]) }

@@ -95,44 +95,22 @@ extension ClientFrame {
 
 /// A blocking loopback socket that speaks raw bytes to a node's client address.
 final class ClientSocket {
-    private let fd: Int32
+    private let socket: SocketDescriptor
 
     init(address: String) throws {
-        let colon = address.lastIndex(of: ":")!
-        fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-        var a = sockaddr_in()
-        a.sin_family = sa_family_t(AF_INET)
-        a.sin_port = in_port_t(UInt16(address[address.index(after: colon)...])!.bigEndian)
-        a.sin_addr.s_addr = inet_addr(String(address[..<colon]))
-        let rc = withUnsafePointer(to: &a) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
-        }
-        guard rc == 0 else {
-            close(fd)
-            throw CLIError("cannot connect to \(address): errno \(errno)")
-        }
-        var tv = timeval(tv_sec: 10, tv_usec: 0)
-        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+        guard let a = HostPort(parsing: address) else { throw CLIError("\"\(address)\" is not host:port") }
+        do { socket = try SocketDescriptor.connect(to: a) } catch { throw CLIError("\(error)") }
+        socket.setReceiveTimeout(.seconds(10))
     }
 
-    deinit { close(fd) }
+    deinit { socket.close() }
 
-    func send(_ bytes: [UInt8]) {
-        _ = bytes.withUnsafeBytes { Glibc.send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
-    }
+    func send(_ bytes: [UInt8]) { _ = try? socket.send(bytes) }
 
-    func finishSending() { _ = shutdown(fd, Int32(SHUT_WR)) }
+    func finishSending() { socket.shutdownSending() }
 
-    func read(_ n: Int) -> [UInt8]? {
-        var out = [UInt8](repeating: 0, count: n)
-        var got = 0
-        while got < n {
-            let r = out.withUnsafeMutableBytes { recv(fd, $0.baseAddress! + got, n - got, 0) }
-            if r <= 0 { return nil }
-            got += r
-        }
-        return out
-    }
+    /// Exactly `n` bytes; nil when the connection ended or failed first.
+    func read(_ n: Int) -> [UInt8]? { (try? socket.receive(exactly: n)) ?? nil }
 
     /// One frame's body, or nil when the connection closed (or nothing came for 10 s).
     func readFrame() -> [UInt8]? {

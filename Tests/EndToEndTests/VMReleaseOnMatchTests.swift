@@ -41,7 +41,7 @@ extension EndToEnd {
             try "\(perturbEvery)\n".write(toFile: cluster.runDir(2) + "/perturb-output", atomically: true, encoding: .utf8)
             for id: NodeID in [1, 2] { try cluster.start(id, environment: env) }
             try cluster.start(3)
-            let redis = try RedisConnection(socket: lab.clientSocket, host: "10.99.0.2", port: 6379, timeout: .seconds(120))
+            let redis = try RedisConnection(connect: lab.clientConnect, host: "10.99.0.2", port: 6379, timeout: .seconds(120))
             let writer = Tap.Writer(redis)
             var stopped = false
             defer { if !stopped { writer.stop() } }

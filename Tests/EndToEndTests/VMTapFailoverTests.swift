@@ -136,7 +136,7 @@ extension EndToEnd {
 
         /// GET / from the guest's httpd over the tap path, on a connection of its own.
         static func page(_ lab: TapLab) throws -> String {
-            let (status, body) = try RedisConnection.httpGet(socket: lab.clientSocket, host: "10.99.0.2", path: "/", timeout: .seconds(60))
+            let (status, body) = try RedisConnection.httpGet(connect: lab.clientConnect, host: "10.99.0.2", path: "/", timeout: .seconds(60))
             guard status == 200 else { throw CLIError("GET / from the guest's httpd answered \(status): \(body.prefix(80))") }
             return body.trimmingCharacters(in: .whitespacesAndNewlines)
         }
@@ -154,7 +154,7 @@ extension EndToEnd {
         static func scenario(_ cluster: VMCluster, _ lab: TapLab, _ checks: Checks) throws {
             try cluster.startAll()
             // The connection is made through the log and the output guard, like everything after it.
-            let redis = try RedisConnection(socket: lab.clientSocket, host: "10.99.0.2", port: 6379, timeout: .seconds(120))
+            let redis = try RedisConnection(connect: lab.clientConnect, host: "10.99.0.2", port: 6379, timeout: .seconds(120))
             let writer = Writer(redis)
             var stopped = false
             defer { if !stopped { writer.stop() } }

@@ -152,42 +152,33 @@ final class Inbox: Sendable {
 
 /// A blocking TCP client for speaking the fabric's wire format by hand (replays, forgeries, garbage).
 final class RawClient {
-    private let fd: Int32
+    private let socket: SocketDescriptor
     /// Set when a read gave up after the receive timeout rather than at end of stream.
     private(set) var timedOut = false
 
     init(port: Int) throws {
-        fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-        guard fd >= 0 else { throw CommandError("socket failed") }
-        var addr = sockaddr_in()
-        addr.sin_family = sa_family_t(AF_INET)
-        addr.sin_port = in_port_t(UInt16(port).bigEndian)
-        addr.sin_addr.s_addr = inet_addr("127.0.0.1")
-        let rc = withUnsafePointer(to: &addr) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+        do { socket = try SocketDescriptor.connect(to: HostPort(host: "127.0.0.1", port: port)) } catch {
+            throw CommandError("\(error)")
         }
-        guard rc == 0 else { Glibc.close(fd); throw CommandError("connect failed: errno \(errno)") }
-        var tv = timeval(tv_sec: 5, tv_usec: 0)
-        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+        socket.setReceiveTimeout(.seconds(5))
     }
 
-    deinit { Glibc.close(fd) }
+    deinit { socket.close() }
 
-    func send(_ bytes: [UInt8]) {
-        _ = bytes.withUnsafeBytes { Glibc.send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
-    }
+    func send(_ bytes: [UInt8]) { _ = try? socket.send(bytes) }
 
     /// Half-closes the connection: the server sees end of stream after what was sent.
-    func finishSending() { _ = Glibc.shutdown(fd, Int32(SHUT_WR)) }
+    func finishSending() { socket.shutdownSending() }
 
     func read(_ n: Int) -> [UInt8]? {
-        var out = [UInt8](repeating: 0, count: n)
-        var got = 0
-        while got < n {
-            let r = out.withUnsafeMutableBytes { recv(fd, $0.baseAddress! + got, n - got, 0) }
-            if r < 0 { timedOut = true }
-            if r <= 0 { return nil }
-            got += r
+        var out: [UInt8] = []
+        while out.count < n {
+            guard let chunk = try? socket.receive(upTo: n - out.count) else {
+                timedOut = true
+                return nil
+            }
+            if chunk.isEmpty { return nil }
+            out += chunk
         }
         return out
     }

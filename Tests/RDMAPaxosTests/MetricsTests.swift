@@ -149,30 +149,19 @@ struct HTTPResponse {
     init(text: String) { body = text }
 
     static func fetch(method: String = "GET", port: Int, path: String) throws -> HTTPResponse {
-        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-        guard fd >= 0 else { throw CommandError("socket failed") }
-        defer { Glibc.close(fd) }
-        var addr = sockaddr_in()
-        addr.sin_family = sa_family_t(AF_INET)
-        addr.sin_port = in_port_t(UInt16(port).bigEndian)
-        addr.sin_addr.s_addr = inet_addr("127.0.0.1")
-        let rc = withUnsafePointer(to: &addr) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
-        }
-        guard rc == 0 else { throw CommandError("connect failed: errno \(errno)") }
-        var tv = timeval(tv_sec: 10, tv_usec: 0)
-        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
-        let request = Array("\(method) \(path) HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".utf8)
-        guard request.withUnsafeBytes({ Glibc.send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }) == request.count else {
-            throw CommandError("send failed: errno \(errno)")
-        }
         var bytes: [UInt8] = []
-        var chunk = [UInt8](repeating: 0, count: 65_536)
-        while true {
-            let n = chunk.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, 0) }
-            guard n >= 0 else { throw CommandError("recv failed: errno \(errno)") }
-            if n == 0 { break }
-            bytes += chunk[..<n]
+        do {
+            let s = try SocketDescriptor.connect(to: HostPort(host: "127.0.0.1", port: port))
+            defer { s.close() }
+            s.setReceiveTimeout(.seconds(10))
+            try s.send(Array("\(method) \(path) HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".utf8))
+            while true {
+                let chunk = try s.receive(upTo: 65_536)
+                if chunk.isEmpty { break }
+                bytes += chunk
+            }
+        } catch {
+            throw CommandError("\(method) \(path): \(error)")
         }
         let text = String(decoding: bytes, as: UTF8.self)
         guard let split = text.range(of: "\r\n\r\n") else { throw CommandError("no HTTP header in \(text.debugDescription)") }

@@ -70,4 +70,49 @@ import Testing
         c.close()
         s.close()
     }
+
+    @Test func deadlineReadsWaitThenTimeOutAndNameThePeer() throws {
+        let listener = try SocketDescriptor.listen(on: HostPort(host: "127.0.0.1", port: 0))
+        defer { listener.close() }
+        let client = try SocketDescriptor.connect(to: HostPort(host: "localhost", port: listener.localPort))
+        let server = try listener.accept(timeout: .seconds(5))
+        defer { server.close() }
+        // Nothing sent: both reads give up at the deadline with ETIMEDOUT and the peer's name.
+        let none = #expect(throws: SocketFailure.self) { try server.receive(exactly: 4, until: .now + .milliseconds(30)) }
+        #expect(none?.errno == ETIMEDOUT)
+        #expect(none?.peer.contains("127.0.0.1:\(listener.localPort)") == true)
+        let nothing = #expect(throws: SocketFailure.self) { try server.receive(upTo: 4, until: .now + .milliseconds(30)) }
+        #expect(nothing?.errno == ETIMEDOUT)
+        // Half a message, then the deadline: still a timeout, not a short read.
+        try client.send([1, 2])
+        let half = #expect(throws: SocketFailure.self) { try server.receive(exactly: 4, until: .now + .milliseconds(30)) }
+        #expect(half?.errno == ETIMEDOUT)
+        try client.send([3, 4, 5, 6, 7, 8])
+        #expect(try server.receive(exactly: 4, until: .now + .seconds(5)) == [3, 4, 5, 6])
+        #expect(try server.receive(upTo: 16, until: .now + .seconds(5)) == [7, 8])
+        // A deadline already past still reads what is there.
+        try client.send([9])
+        #expect(try server.waitReadable(until: .now + .seconds(5)))
+        #expect(try server.receive(exactly: 1, until: .now - .seconds(1)) == [9])
+        // The peer gone: nil before a message, ECONNRESET in the middle of one.
+        try client.send([10])
+        client.close()
+        let cut = #expect(throws: SocketFailure.self) { try server.receive(exactly: 2, until: .now + .seconds(5)) }
+        #expect(cut?.errno == ECONNRESET)
+        #expect(try server.receive(exactly: 1, until: .now + .seconds(5)) == nil)
+        #expect(try server.receive(upTo: 1, until: .now + .seconds(5)) == [])
+    }
+
+    @Test func aReceiveTimeoutIsAnErrorNamingThePeer() throws {
+        let listener = try SocketDescriptor.listen(on: HostPort(host: "127.0.0.1", port: 0))
+        defer { listener.close() }
+        let client = try SocketDescriptor.connect(to: HostPort(host: "127.0.0.1", port: listener.localPort))
+        defer { client.close() }
+        let server = try listener.accept(timeout: .seconds(5))
+        server.setReceiveTimeout(.milliseconds(30))
+        let timedOut = #expect(throws: SocketFailure.self) { try server.receive(upTo: 1) }
+        #expect(timedOut?.errno == EAGAIN)
+        #expect(timedOut?.peer.contains("127.0.0.1:\(listener.localPort)") == true)
+        server.close()
+    }
 }

@@ -388,4 +388,16 @@ import Testing
         let n = buf.withUnsafeMutableBytes { read(c, $0.baseAddress!, 200) }
         #expect(n > 0 && String(decoding: buf[..<max(0, n)], as: UTF8.self).hasPrefix("ERR too many connections"))
     }
+
+    /// The failure detector's probe says "nothing listens" only when the connect is refused.
+    @Test func peerProbeIsFalseOnlyWhenRefused() throws {
+        let listener = try Sockets.listenTCP(HostPort(host: "127.0.0.1", port: 0))
+        let port = listener.localPort
+        #expect(PeerProbe.listens(at: HostPort(host: "127.0.0.1", port: port), timeout: .seconds(2)))
+        #expect(PeerProbe.listens(at: HostPort(host: "localhost", port: port), timeout: .seconds(2)))
+        listener.close()
+        #expect(!PeerProbe.listens(at: HostPort(host: "127.0.0.1", port: port), timeout: .seconds(2)))
+        // No answer (or no route) within the timeout is not a refusal.
+        #expect(PeerProbe.listens(at: HostPort(host: "10.255.255.1", port: 9), timeout: .milliseconds(50)))
+    }
 }

@@ -7,6 +7,8 @@ import Foundation
 public final class NodeClient {
     /// Client addresses by node id ("host:port").
     public let endpoints: [NodeID: String]
+    /// `endpoints` parsed once (an address that does not parse is left out and refused when used).
+    private let addresses: [NodeID: HostPort]
     /// Send and receive timeout of each socket operation.
     public let timeout: Duration
     private var socket: SocketDescriptor?
@@ -17,6 +19,7 @@ public final class NodeClient {
     public init(endpoints: [NodeID: String], timeout: Duration = .seconds(5)) {
         precondition(!endpoints.isEmpty, "a client needs at least one endpoint")
         self.endpoints = endpoints
+        addresses = endpoints.compactMapValues { HostPort(parsing: $0) }
         self.timeout = timeout
     }
 
@@ -147,7 +150,7 @@ public final class NodeClient {
         }
         disconnect()
         guard let address = endpoints[node] else { throw Failure(description: "node \(node) has no client address") }
-        guard let hp = HostPort(parsing: address) else { throw Failure(description: "node \(node): bad client address \(address)") }
+        guard let hp = addresses[node] else { throw Failure(description: "node \(node): bad client address \(address)") }
         do { socket = try SocketDescriptor.connect(to: hp, timeout: timeout) } catch {
             throw Failure(description: "node \(node): \(error)")
         }

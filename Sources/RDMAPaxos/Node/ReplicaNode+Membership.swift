@@ -169,7 +169,7 @@ extension ReplicaNode {
         let now = Set(m.members.map(\.id)).subtracting([me])
         let addressed = m.members.filter { $0.id != me && !$0.peerAddress.isEmpty }.compactMap { member -> PeerAddress? in
             guard let a = HostPort(parsing: member.peerAddress, allowingPortZero: true) else { return nil }
-            return PeerAddress(node: member.id, host: a.host, port: a.port)
+            return PeerAddress(node: member.id, a)
         }
         for gone in membershipWork.peers.subtracting(now) {
             membershipWork.departing[gone] = tickCount + Replica.departedHeartbeats * options.replica.heartbeatTicks + options.replica.electionTimeoutTicks

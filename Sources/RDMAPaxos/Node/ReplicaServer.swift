@@ -108,8 +108,8 @@ public final class ReplicaServer: Sendable {
 
         // A ring for every possible id, so members added later need no restart (`limits.node_id_max`).
         let members = Set(c.ringSlots)
-        let peers = c.members.filter { $0.id != c.id }.map { PeerAddress(node: $0.id, host: host($0.address), port: port($0.address)) }
-        let rings = RingTransport.Configuration(listenAddress: PeerAddress(node: c.id, host: host(c.me.address), port: port(c.me.address)),
+        let peers = c.members.filter { $0.id != c.id }.map { PeerAddress(node: $0.id, checkedAddress($0.address)) }
+        let rings = RingTransport.Configuration(listenAddress: PeerAddress(node: c.id, checkedAddress(c.me.address)),
                                                 cluster: c.ringSlots, peerAddresses: peers)
         let (fabric, why) = try makeFabric(c, key: key, members: members, ringBytes: rings.ringBytes, loop: loop, logger: logger)
         let transport = try await RingTransport.open(fabric: fabric, configuration: rings)
@@ -150,18 +150,20 @@ public final class ReplicaServer: Sendable {
         }
         let client: ClientServer
         do {
-            client = try ClientServer.start(node: node, host: host(c.me.clientAddress), port: port(c.me.clientAddress))
+            let clientAddress = checkedAddress(c.me.clientAddress)
+            client = try ClientServer.start(node: node, host: clientAddress.host, port: clientAddress.port)
         } catch {
             node.stop()
             throw ConfigError(file: "config", key: "members[\(c.id)].client_address", problem: "cannot listen on \(c.me.clientAddress): \(error)")
         }
         var endpoint: MetricsEndpoint?
         if let a = c.metricsAddress {
-            if !MetricsEndpoint.isLoopback(host: host(a)) {
+            let metrics = checkedAddress(a)
+            if !MetricsEndpoint.isLoopback(host: metrics.host) {
                 logger.warning("metrics_address \(a) is not a loopback address: whoever reaches it can read this node's metrics (unauthenticated HTTP)")
             }
             do {
-                endpoint = try MetricsEndpoint.start(host: host(a), port: port(a), registry: metricsRegistry)
+                endpoint = try MetricsEndpoint.start(host: metrics.host, port: metrics.port, registry: metricsRegistry)
             } catch {
                 client.stop()
                 node.stop()
@@ -267,7 +269,5 @@ extension ReplicaServer {
     }
 }
 
-/// Host of an address the config reader already checked (`TableReader.address`).
-func host(_ address: String) -> String { HostPort(parsing: address, allowingPortZero: true)!.host }
-/// Port of an address the config reader already checked (`TableReader.address`).
-func port(_ address: String) -> Int { HostPort(parsing: address, allowingPortZero: true)!.port }
+/// An address the config reader already checked (`TableReader.address`), parsed once.
+func checkedAddress(_ address: String) -> HostPort { HostPort(parsing: address, allowingPortZero: true)! }

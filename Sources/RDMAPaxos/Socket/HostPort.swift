@@ -26,3 +26,10 @@ package struct HostPort: Hashable, Sendable, CustomStringConvertible {
     /// "host:port", with brackets around an IPv6 host.
     package var description: String { host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)" }
 }
+
+extension PeerAddress {
+    /// The fabric address of `node` at `address`.
+    package init(node: NodeID, _ address: HostPort) {
+        self.init(node: node, host: address.host, port: address.port)
+    }
+}

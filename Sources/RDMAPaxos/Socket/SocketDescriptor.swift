@@ -39,28 +39,36 @@ package struct SocketDescriptor: Hashable, Sendable {
 
     // MARK: Opening
 
-    /// Connects over TCP to `address` (resolved, IPv4 or IPv6), Nagle off. With `timeout`, the
-    /// connect, sends and receives give up after it (`ETIMEDOUT`/`EAGAIN`/`EINPROGRESS` in the
-    /// error; on Linux SO_SNDTIMEO bounds connect).
+    /// Connects over TCP to `address`, Nagle off. A name that resolves to several addresses
+    /// (`localhost` to ::1 and 127.0.0.1) is tried at each in turn; the error is the last one's.
+    /// With `timeout`, each connect, send and receive gives up after it (`ETIMEDOUT`/`EAGAIN`/
+    /// `EINPROGRESS` in the error; on Linux SO_SNDTIMEO bounds connect).
     package static func connect(to address: HostPort, timeout: Duration? = nil) throws(SocketFailure) -> SocketDescriptor {
         let name = address.description
-        let fd = try withAddress(address, passive: false) { ai throws(SocketFailure) -> Int32 in
-            let fd = socket(ai.pointee.ai_family, ai.pointee.ai_socktype | Int32(SOCK_CLOEXEC.rawValue), ai.pointee.ai_protocol)
-            guard fd >= 0 else { throw SocketFailure("socket for", name, errno: errno) }
-            if let timeout { SocketDescriptor(rawValue: fd, peer: name).setTimeouts(timeout) }
-            guard Glibc.connect(fd, ai.pointee.ai_addr, ai.pointee.ai_addrlen) == 0 else {
-                let e = errno
+        let fd = try withAddress(address, passive: false) { first throws(SocketFailure) -> Int32 in
+            var failure = SocketFailure("connect to", name, errno: EADDRNOTAVAIL)
+            var next: UnsafeMutablePointer<addrinfo>? = first
+            while let ai = next {
+                next = ai.pointee.ai_next
+                let fd = socket(ai.pointee.ai_family, ai.pointee.ai_socktype | Int32(SOCK_CLOEXEC.rawValue), ai.pointee.ai_protocol)
+                guard fd >= 0 else {
+                    failure = SocketFailure("socket for", name, errno: errno)
+                    continue
+                }
+                if let timeout { SocketDescriptor(rawValue: fd, peer: name).setTimeouts(timeout) }
+                if Glibc.connect(fd, ai.pointee.ai_addr, ai.pointee.ai_addrlen) == 0 { return fd }
+                failure = SocketFailure("connect to", name, errno: errno)
                 Glibc.close(fd)
-                throw SocketFailure("connect to", name, errno: e)
             }
-            return fd
+            throw failure
         }
         let s = SocketDescriptor(rawValue: fd, peer: name)
         s.setNoDelay()
         return s
     }
 
-    /// Listens on TCP `address` (port 0: any free port, see `localPort`), with SO_REUSEADDR.
+    /// Listens on TCP `address` (port 0: any free port, see `localPort`; errors then name the
+    /// port it got), with SO_REUSEADDR.
     package static func listen(on address: HostPort, backlog: Int32 = 128) throws(SocketFailure) -> SocketDescriptor {
         let name = address.description
         let fd = try withAddress(address, passive: true) { ai throws(SocketFailure) -> Int32 in
@@ -75,7 +83,10 @@ package struct SocketDescriptor: Hashable, Sendable {
             }
             return fd
         }
-        return SocketDescriptor(rawValue: fd, peer: name)
+        let s = SocketDescriptor(rawValue: fd, peer: name)
+        // Errors about it and its clients name the port it got, not port 0.
+        guard address.port == 0 else { return s }
+        return SocketDescriptor(rawValue: fd, peer: HostPort(host: address.host, port: s.localPort).description)
     }
 
     /// Connects to the Unix-domain stream socket at `path`.
@@ -188,13 +199,55 @@ package struct SocketDescriptor: Hashable, Sendable {
         return out
     }
 
+    /// Receives exactly `count` bytes unless `deadline` passes first (then `ETIMEDOUT`); nil
+    /// when the peer closed before the first byte, `ECONNRESET` when it closed in the middle.
+    package func receive(exactly count: Int, until deadline: ContinuousClock.Instant) throws(SocketFailure) -> [UInt8]? {
+        var out = [UInt8](repeating: 0, count: count)
+        var got = 0
+        while got < count {
+            guard try waitReadable(until: deadline) else {
+                throw SocketFailure("no \(count)-byte message before the deadline from", peer, errno: ETIMEDOUT)
+            }
+            let n = try out.withUnsafeMutableBytes { b in
+                Result { () throws(SocketFailure) in try receive(into: UnsafeMutableRawBufferPointer(rebasing: b[got...])) }
+            }.get()
+            if n == 0 {
+                if got == 0 { return nil }
+                throw SocketFailure("receive from", peer, errno: ECONNRESET)
+            }
+            got += n
+        }
+        return out
+    }
+
+    /// Receives what is there, up to `count` bytes, unless `deadline` passes before anything
+    /// comes (then `ETIMEDOUT`); empty when the peer closed.
+    package func receive(upTo count: Int, until deadline: ContinuousClock.Instant) throws(SocketFailure) -> [UInt8] {
+        guard try waitReadable(until: deadline) else { throw SocketFailure("nothing before the deadline from", peer, errno: ETIMEDOUT) }
+        return try receive(upTo: count)
+    }
+
     /// Whether something can be read (or the peer closed) within `timeout`.
     package func waitReadable(_ timeout: Duration) -> Bool {
+        (try? waitReadable(until: .now + timeout)) ?? true
+    }
+
+    /// Whether something can be read (or the peer closed) before `deadline`; a failed poll (a
+    /// descriptor that is not open) is an error.
+    package func waitReadable(until deadline: ContinuousClock.Instant) throws(SocketFailure) -> Bool {
         var p = pollfd(fd: rawValue, events: Int16(POLLIN), revents: 0)
         while true {
-            let r = poll(&p, 1, Int32(clamping: timeout.wholeMilliseconds))
+            // Polled at least once (a deadline already past asks "readable now?"); the wait is
+            // rounded up, so the last fraction of a millisecond is waited for rather than spun.
+            let left = deadline - .now
+            let r = poll(&p, 1, left > .zero ? Int32(clamping: left.wholeMilliseconds + 1) : 0)
             if r < 0 && errno == EINTR { continue }
-            return r > 0
+            if r < 0 { throw SocketFailure("wait for data from", peer, errno: errno) }
+            if r > 0 {
+                if p.revents & Int16(POLLNVAL) != 0 { throw SocketFailure("wait for data from", peer, errno: EBADF) }
+                return true
+            }
+            if left <= .zero { return false }
         }
     }
 
@@ -206,13 +259,28 @@ package struct SocketDescriptor: Hashable, Sendable {
 
     /// Send and receive timeouts.
     package func setTimeouts(_ timeout: Duration) {
+        setSendTimeout(timeout)
+        setReceiveTimeout(timeout)
+    }
+
+    /// A send (and, before the socket is connected, a connect) gives up after `timeout`.
+    package func setSendTimeout(_ timeout: Duration) {
+        var tv = timeout.timeval
+        setsockopt(rawValue, SOL_SOCKET, SO_SNDTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+    }
+
+    /// A receive gives up after `timeout` (`EAGAIN`).
+    package func setReceiveTimeout(_ timeout: Duration) {
         var tv = timeout.timeval
         setsockopt(rawValue, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
-        setsockopt(rawValue, SOL_SOCKET, SO_SNDTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
     }
 
     /// Shuts both directions down (a thread blocked in receive or accept returns).
     package func shutdown() { _ = Glibc.shutdown(rawValue, Int32(SHUT_RDWR)) }
+
+    /// Half-closes the socket: the peer reads end of stream after what was sent, and can still
+    /// answer.
+    package func shutdownSending() { _ = Glibc.shutdown(rawValue, Int32(SHUT_WR)) }
 
     /// Closes the descriptor.
     package func close() { _ = Glibc.close(rawValue) }

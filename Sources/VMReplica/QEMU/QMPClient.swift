@@ -5,6 +5,7 @@
 import Glibc
 #endif
 import Foundation
+import RDMAPaxos
 
 /// A QMP command failed, QEMU answered something unexpected, or the socket broke.
 public struct QMPError: Error, Sendable, CustomStringConvertible {
@@ -41,8 +42,7 @@ public final class QMPClient: @unchecked Sendable {
             }
         }
         fd = connected
-        var tv = timeval(tv_sec: 30, tv_usec: 0)
-        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+        SocketDescriptor(rawValue: fd, peer: path).setReceiveTimeout(.seconds(30))
         let greeting = try readObject()
         guard greeting["QMP"] != nil else { throw QMPError(socket: path, problem: "no QMP greeting: \(greeting)") }
         _ = try execute("qmp_capabilities")
@@ -96,11 +96,12 @@ public final class QMPClient: @unchecked Sendable {
                 }
                 return o
             }
-            var chunk = [UInt8](repeating: 0, count: 4096)
-            let n = chunk.withUnsafeMutableBytes { read(fd, $0.baseAddress!, 4096) }
-            if n < 0 && errno == EINTR { continue }
-            guard n > 0 else { throw QMPError(socket: path, problem: n == 0 ? "QEMU closed the socket" : "read failed: \(String(cString: strerror(errno)))") }
-            buffer += chunk[..<n]
+            let chunk: [UInt8]
+            do { chunk = try SocketDescriptor(rawValue: fd, peer: path).receive(upTo: 4096) } catch {
+                throw QMPError(socket: path, problem: "read failed: \(String(cString: strerror(error.errno)))")
+            }
+            guard !chunk.isEmpty else { throw QMPError(socket: path, problem: "QEMU closed the socket") }
+            buffer += chunk
         }
     }
 }

@@ -8,6 +8,7 @@
 import Glibc
 #endif
 import Foundation
+import RDMAPaxos
 
 /// A QMP server for operators in front of the replica's current QEMU.
 final class QMPOperatorSocket: @unchecked Sendable {
@@ -59,12 +60,9 @@ final class QMPOperatorSocket: @unchecked Sendable {
         let greeting: [String: Any] = ["QMP": ["version": ["package": "plover VM replica"], "capabilities": [String]()]]
         guard send(greeting, to: fd) else { return }
         var pending: [UInt8] = []
-        var chunk = [UInt8](repeating: 0, count: 4096)
-        while true {
-            let n = chunk.withUnsafeMutableBytes { read(fd, $0.baseAddress!, 4096) }
-            if n < 0 && errno == EINTR { continue }
-            guard n > 0 else { return }
-            pending += chunk[..<n]
+        let client = SocketDescriptor(rawValue: fd, peer: "a client of \(path)")
+        while let chunk = try? client.receive(upTo: 4096), !chunk.isEmpty {
+            pending += chunk
             guard pending.count <= 1 << 20 else {
                 _ = send(["error": ["class": "GenericError", "desc": "plover: request longer than 1 MiB"]], to: fd)
                 return

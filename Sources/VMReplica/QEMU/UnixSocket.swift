@@ -35,15 +35,12 @@ enum Sockets {
         try mapped { () throws(SocketFailure) in try SocketDescriptor.connect(unixPath: path).rawValue }
     }
 
-    /// Listens on TCP `host:port` (port 0: any); returns the descriptor and the port.
-    static func listenTCP(host: String, port: Int) throws -> (fd: Int32, port: Int) {
-        try mapped { () throws(SocketFailure) in
-            let s = try SocketDescriptor.listen(on: HostPort(host: host, port: port), backlog: 64)
-            return (s.rawValue, s.localPort)
-        }
+    /// Listens on TCP `address` (port 0: any; the bound port is the result's `localPort`).
+    static func listenTCP(_ address: HostPort) throws -> SocketDescriptor {
+        try mapped { () throws(SocketFailure) in try SocketDescriptor.listen(on: address, backlog: 64) }
     }
 
-    /// Connects to TCP `host:port`, Nagle off.
+    /// Connects to TCP `host` and `port`, Nagle off.
     static func connectTCP(host: String, port: Int) throws -> Int32 {
         try mapped { () throws(SocketFailure) in try SocketDescriptor.connect(to: HostPort(host: host, port: port)).rawValue }
     }
@@ -92,28 +89,16 @@ enum Sockets {
 
     /// Reads exactly `count` bytes unless `deadline` passes first.
     static func readExactly(_ fd: Int32, _ count: Int, deadline: ContinuousClock.Instant) -> TimedRead {
-        var buf = [UInt8](repeating: 0, count: count)
-        var off = 0
-        while off < count {
-            let left = deadline - ContinuousClock.now
-            guard left > .zero else { return .timedOut }
-            var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
-            let ms = Int32(clamping: left.wholeMilliseconds + 1)
-            let ready = poll(&p, 1, ms)
-            if ready < 0 && errno == EINTR { continue }
-            if ready < 0 { return .failed(errno) }
-            if ready == 0 { continue }
-            let n = buf.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress! + off, count - off) }
-            if n < 0 && errno == EINTR { continue }
-            if n < 0 { return .failed(errno) }
-            if n == 0 { return .closed }
-            off += n
+        do {
+            guard let bytes = try SocketDescriptor(rawValue: fd, peer: "").receive(exactly: count, until: deadline) else { return .closed }
+            return .bytes(bytes)
+        } catch {
+            switch error.errno {
+            case ETIMEDOUT: return .timedOut
+            // The wrapper's word for a stream that ended in the middle of the message.
+            case ECONNRESET: return .closed
+            default: return .failed(error.errno)
+            }
         }
-        return .bytes(buf)
     }
-}
-
-/// Splits "host:port" (port 0 allowed: a listener's any port); nil when it is not one.
-func splitHostPort(_ s: String) -> (host: String, port: Int)? {
-    HostPort(parsing: s, allowingPortZero: true).map { ($0.host, $0.port) }
 }

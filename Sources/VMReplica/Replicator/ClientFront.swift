@@ -8,6 +8,7 @@
 import Glibc
 #endif
 import Foundation
+import RDMAPaxos
 
 /// A line-based TCP front. `onLine` is called on the connection's thread for each line (without
 /// the newline); it answers errors through the reply closure it is given.
@@ -15,7 +16,7 @@ public final class ClientFront: @unchecked Sendable {
     // @unchecked Sendable: `connections`, `ports`, `nextPort` and `stopped` are only touched under `lock`.
     /// The TCP port the front listens on (the bound one when `address` asked for port 0).
     public let port: Int
-    private let listener: Int32
+    private let listener: SocketDescriptor
     private let lock = NSLock()
     /// Open connections and the UDP source port each one's requests carry.
     private var connections: [Int32: UInt16] = [:]
@@ -36,11 +37,12 @@ public final class ClientFront: @unchecked Sendable {
     /// is refused with an error line).
     public init(address: String, sourcePorts: Range<UInt16>,
                 onLine: @escaping @Sendable ([UInt8], UInt16, @escaping @Sendable (String) -> Void) -> Void) throws {
-        guard let (host, port) = splitHostPort(address) else {
+        guard let parsed = HostPort(parsing: address, allowingPortZero: true) else {
             throw SocketError(operation: "parse front address", address: address, errno: EINVAL)
         }
         precondition(!sourcePorts.isEmpty, "a front needs at least one source port")
-        (listener, self.port) = try Sockets.listenTCP(host: host, port: port)
+        listener = try Sockets.listenTCP(parsed)
+        port = listener.localPort
         self.onLine = onLine
         self.portRange = sourcePorts
         self.nextPort = sourcePorts.lowerBound
@@ -87,20 +89,14 @@ public final class ClientFront: @unchecked Sendable {
             stopped = true
             for fd in connections.keys { shutdown(fd, Int32(SHUT_RDWR)) }
         }
-        shutdown(listener, Int32(SHUT_RDWR))
+        listener.shutdown()
     }
 
     private func acceptLoop() {
-        while true {
-            let fd = accept(listener, nil, nil)
-            if fd < 0 {
-                if errno == EINTR || errno == ECONNABORTED { continue }
-                break
-            }
-            var one: Int32 = 1
-            setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
-            var limit = timeval(tv_sec: Int(Self.sendTimeout.components.seconds), tv_usec: 0)
-            setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &limit, socklen_t(MemoryLayout<timeval>.size))
+        while let client = try? listener.accept() {
+            client.setNoDelay()
+            client.setSendTimeout(Self.sendTimeout)
+            let fd = client.rawValue
             let admitted = lock.withLock { () -> UInt16?? in
                 guard !stopped else { return .none }
                 guard let p = allocatePort() else { return .some(nil) }
@@ -108,28 +104,25 @@ public final class ClientFront: @unchecked Sendable {
                 ports[p] = fd
                 return .some(p)
             }
-            guard let admitted else { close(fd); break }
+            guard let admitted else { client.close(); break }
             guard let sourcePort = admitted else {
                 _ = Sockets.writeAll(fd, Array("ERR too many connections: this front serves at most \(portRange.count)\n".utf8))
-                close(fd)
+                client.close()
                 continue
             }
-            let t = Thread { [self] in serve(fd, sourcePort: sourcePort) }
+            let t = Thread { [self] in serve(client, sourcePort: sourcePort) }
             t.name = "plover-vm-front-conn"
             t.start()
         }
-        close(listener)
+        listener.close()
     }
 
-    private func serve(_ fd: Int32, sourcePort: UInt16) {
+    private func serve(_ client: SocketDescriptor, sourcePort: UInt16) {
+        let fd = client.rawValue
         var pending: [UInt8] = []
-        var chunk = [UInt8](repeating: 0, count: 4096)
         let reply: @Sendable (String) -> Void = { [self] in send(Array(($0 + "\n").utf8), to: fd) }
-        loop: while true {
-            let n = chunk.withUnsafeMutableBytes { read(fd, $0.baseAddress!, 4096) }
-            if n < 0 && errno == EINTR { continue }
-            guard n > 0 else { break }
-            pending += chunk[..<n]
+        loop: while let chunk = try? client.receive(upTo: 4096), !chunk.isEmpty {
+            pending += chunk
             while let nl = pending.firstIndex(of: 10) {
                 let line = Array(pending[..<nl])
                 pending.removeSubrange(...nl)
@@ -142,7 +135,7 @@ public final class ClientFront: @unchecked Sendable {
         }
         lock.withLock {
             if let p = connections.removeValue(forKey: fd) { ports[p] = nil }
-            close(fd)
+            client.close()
         }
     }
 }

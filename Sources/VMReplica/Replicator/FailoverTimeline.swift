@@ -6,6 +6,7 @@
 import Glibc
 #endif
 import Foundation
+import RDMAPaxos
 
 /// The steps of one failover as seen by the backup, from its syncvm link dropping to the first
 /// answer it sends as the new primary.
@@ -61,28 +62,14 @@ struct FailoverTimeline {
 enum PeerProbe {
     /// False only when the connection is refused (nothing listens there: on a host that is up,
     /// the process is gone); true when it connects, and also when the answer does not come
-    /// within `timeout` (a host that is down or unreachable says nothing either way).
-    static func listens(host: String, port: Int, timeout: Duration) -> Bool {
-        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-        guard fd >= 0 else { return true }
-        defer { close(fd) }
-        var addr = sockaddr_in()
-        addr.sin_family = sa_family_t(AF_INET)
-        addr.sin_port = in_port_t(UInt16(port).bigEndian)
-        guard inet_pton(AF_INET, host == "localhost" ? "127.0.0.1" : host, &addr.sin_addr) == 1 else { return true }
-        _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK)
-        let r = withUnsafePointer(to: &addr) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+    /// within `timeout` (a host that is down or unreachable says nothing either way) or the
+    /// address does not resolve.
+    static func listens(at address: HostPort, timeout: Duration) -> Bool {
+        do {
+            try SocketDescriptor.connect(to: address, timeout: timeout).close()
+            return true
+        } catch {
+            return error.errno != ECONNREFUSED
         }
-        if r == 0 { return true }
-        if errno == ECONNREFUSED { return false }
-        guard errno == EINPROGRESS else { return true }
-        var p = pollfd(fd: fd, events: Int16(POLLOUT), revents: 0)
-        let ms = Int32(clamping: timeout.wholeMilliseconds)
-        guard poll(&p, 1, ms) == 1 else { return true }
-        var err: Int32 = 0
-        var len = socklen_t(MemoryLayout<Int32>.size)
-        getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len)
-        return err != ECONNREFUSED
     }
 }

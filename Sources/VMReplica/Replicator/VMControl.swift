@@ -20,8 +20,8 @@ extension VMReplicator {
         Sockets.serve(listener, name: "plover-vm-control") { [weak self] fd in
             defer { close(fd) }
             var line: [UInt8] = []
-            var byte: UInt8 = 0
-            while line.count < 256, read(fd, &byte, 1) == 1, byte != 10 { line.append(byte) }
+            let client = SocketDescriptor(rawValue: fd, peer: "a client of the control socket")
+            while line.count < 256, let byte = try? client.receive(upTo: 1).first, byte != 10 { line.append(byte) }
             let request = String(decoding: line, as: UTF8.self).trimmingCharacters(in: .whitespaces)
             let answer = self?.control(request) ?? "ERR the replica is stopping"
             _ = Sockets.writeAll(fd, Array((answer.hasSuffix("\n") ? answer : answer + "\n").utf8))

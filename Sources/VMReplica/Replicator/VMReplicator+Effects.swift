@@ -80,9 +80,9 @@ extension VMReplicator {
     /// Asks whether anything listens at the primary's syncvm address (on another thread); the
     /// answer goes to the machine with the leader the node follows then.
     func probePeer() {
-        guard let (host, port) = splitHostPort(config.peerSyncAddress) else { return }
+        guard let address = HostPort(parsing: config.peerSyncAddress, allowingPortZero: true) else { return }
         let t = Thread { [self] in
-            let listening = PeerProbe.listens(host: host, port: port, timeout: .milliseconds(200))
+            let listening = PeerProbe.listens(at: address, timeout: .milliseconds(200))
             if !listening { lock.withLock { timeline.note(.probeRefused) } }
             let leader = node?.status.leader
             run { $0.peerProbed(listening: listening, leader: leader, now: .now) }

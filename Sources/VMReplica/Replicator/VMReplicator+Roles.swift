@@ -26,11 +26,11 @@ extension VMReplicator {
         }
         oldChannel?.close()
         oldFabric?.close()
-        guard let (host, port) = splitHostPort(config.syncAddress) else {
+        guard let address = HostPort(parsing: config.syncAddress, allowingPortZero: true) else {
             throw SocketError(operation: "parse", address: config.syncAddress, errno: EINVAL)
         }
         let fabric = try syncLink.open(me, [me, config.peer])
-        let at = PeerAddress(node: me, host: host, port: port)
+        let at = PeerAddress(node: me, address)
         let configuration = syncLink.channel
         // The port may linger for a moment after the old fabric closed.
         var attempt = 0

@@ -422,10 +422,10 @@ public final class VMReplicator: @unchecked Sendable {
     /// Connects `endpoint` to the peer until a link is up; gives up once another endpoint
     /// replaced it (a change of role) or the replica stops.
     func connectLoop(_ endpoint: FabricSyncChannel.Endpoint) async {
-        guard let (host, port) = splitHostPort(config.peerSyncAddress) else { return }
+        guard let peerAddress = HostPort(parsing: config.peerSyncAddress, allowingPortZero: true) else { return }
         while !lock.withLock({ machine.stopping || channel != nil || self.endpoint !== endpoint }) {
             do {
-                let ch = try await endpoint.connect(to: PeerAddress(node: config.peer, host: host, port: port))
+                let ch = try await endpoint.connect(to: PeerAddress(node: config.peer, peerAddress))
                 let kept = lock.withLock { () -> Bool in
                     guard self.endpoint === endpoint, !machine.stopping else { return false }
                     channel = ch
