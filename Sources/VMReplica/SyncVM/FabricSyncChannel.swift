@@ -3,10 +3,11 @@
 // Control frames travel as checksummed, sequenced records in a credit ring in the peer's
 // registered region (RDMAPaxos's `CreditRingWriter`/`CreditRingReader`; one-sided
 // WRITE_WITH_IMM, the immediate only wakes the peer), with credit flowing back through a cell
-// in the sender's region. Page batches are one-sided WRITEs straight
-// into the backup's guest RAM at guest-physical offsets: the backup registers its `GuestMemory`
-// mapping itself, mailbox included (`GuestMemory.trailingBytes`). Layout and rules:
-// docs/design/syncvm.md, "Transport over a Fabric".
+// in the sender's region. Page batches are one-sided WRITEs straight into the backup's guest
+// RAM at guest-physical offsets: the backup registers its `GuestMemory` mapping itself, mailbox
+// included (`GuestMemory.trailingBytes`). Layout and rules: docs/design/syncvm.md, "Transport
+// over a Fabric". The endpoints: FabricSyncEndpoint.swift; the receiving thread:
+// FabricSyncChannelReceiving.swift.
 
 import Foundation
 import RDMAPaxos
