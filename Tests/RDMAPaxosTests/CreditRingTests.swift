@@ -34,6 +34,12 @@ enum RingFormatCase: String, CaseIterable, CustomTestStringConvertible {
 }
 
 @Suite struct CreditRingTests {
+    /// A writer and a reader of one session over an empty ring.
+    static func ends(_ format: RingFormatCase, ringBytes: Int) throws -> (CreditRingWriter, CreditRingReader, ByteRing) {
+        let ring = try CreditRing(ringBytes: ringBytes, format: format.format)
+        return (CreditRingWriter(ring: ring, session: 9), CreditRingReader(ring: ring, session: 9), ByteRing(ringBytes))
+    }
+
     /// Appends and lands one record; false when the ring has no room.
     static func write(_ payload: [UInt8], kind: UInt32, word: UInt64 = 0, _ w: inout CreditRingWriter, into ring: inout ByteRing) -> Bool {
         guard let a = w.append(kind: kind, word: word, payload: payload) else { return false }
@@ -48,10 +54,8 @@ enum RingFormatCase: String, CaseIterable, CustomTestStringConvertible {
 
     @Test(arguments: RingFormatCase.allCases)
     func recordsArriveInOrderAcrossManyLapsWithCreditFlowingBack(format: RingFormatCase) throws {
-        let ring = try CreditRing(ringBytes: 4096, format: format.format)
-        var writer = CreditRingWriter(ring: ring, session: 9)
-        var reader = CreditRingReader(ring: ring, session: 9)
-        var memory = ByteRing(4096)
+        var (writer, reader, memory) = try Self.ends(format, ringBytes: 4096)
+        let ring = writer.ring
         var rng = SeededRandom(seed: 11)
         var sent: [[UInt8]] = [], received: [[UInt8]] = []
         var words: [UInt64] = []
@@ -120,10 +124,7 @@ enum RingFormatCase: String, CaseIterable, CustomTestStringConvertible {
 
     @Test(arguments: RingFormatCase.allCases)
     func aFullRingRefusesUntilTheReaderReturnsCredit(format: RingFormatCase) throws {
-        let ring = try CreditRing(ringBytes: 1024, format: format.format)
-        var writer = CreditRingWriter(ring: ring, session: 4)
-        var reader = CreditRingReader(ring: ring, session: 4)
-        var memory = ByteRing(1024)
+        var (writer, reader, memory) = try Self.ends(format, ringBytes: 1024)
         var n = 0
         while Self.write([UInt8](repeating: 9, count: 32), kind: format.kind, &writer, into: &memory) { n += 1 }
         #expect(n == 16 && writer.uncreditedBytes == 1024)
