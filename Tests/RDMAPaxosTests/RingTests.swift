@@ -85,7 +85,7 @@ struct RingCluster {
             #expect(await eventually { c.inboxes[2]!.count == read + 1 })
         }
         #expect(c.inboxes[2]!.all == messages)
-        let stride = RingLayout.stride(RingLayout.recordHeaderBytes + WireCodec.encode(messages[0]).count)
+        let stride = CreditRing.recordBytes(payloadBytes: WireCodec.encode(messages[0]).count)
         let returned = reader.statistics.creditReturns - returnedAtSessionStart
         // 400 records pass through a 4 KiB ring: at least one return per lap, at most about one
         // per quarter of the ring (each asking record is read once).
@@ -112,7 +112,7 @@ struct RingCluster {
             var n = totalBytes - RingLayout.recordHeaderBytes - WireCodec.encode(make(0)).count
             while RingLayout.recordHeaderBytes + WireCodec.encode(make(n)).count > totalBytes { n -= 1 }
             let m = make(n)
-            #expect(RingLayout.stride(RingLayout.recordHeaderBytes + WireCodec.encode(m).count) == totalBytes)
+            #expect(CreditRing.recordBytes(payloadBytes: WireCodec.encode(m).count) == totalBytes)
             return m
         }
         func sendOnce(_ m: Message) async -> Bool {
@@ -150,7 +150,7 @@ struct RingCluster {
             let m = Message(from: 1, to: 2, ballot: Ballot(term: 1, node: 1),
                             body: .accept(prevIndex: UInt64(i), prevBallot: Ballot(term: 1, node: 1), entries: [e], commit: 0))
             messages.append(m)
-            bytes += RingLayout.stride(RingLayout.recordHeaderBytes + WireCodec.encode(m).count)
+            bytes += CreditRing.recordBytes(payloadBytes: WireCodec.encode(m).count)
             // Retry each message until the ring takes it (consensus would retransmit instead).
             let before = sender.statistics.sent
             while sender.statistics.sent == before {
@@ -182,20 +182,20 @@ struct RingCluster {
         defer { receiver.stop(); f1.close() }
 
         let qp = try await f1.connect(to: PeerAddress(node: 2), exporting: region1)
-        try qp.postWrite(RingFormat.control(epoch: 77), remoteOffset: layout2.controlOffset(0), immediate: 2, signaled: false)
+        try qp.postWrite(RingLayout.controlCell(epoch: 77), remoteOffset: layout2.controlOffset(0), immediate: 2, signaled: false)
         // The receiver acknowledges the session through node 1's credit cell.
         #expect(await eventually {
             region1.read(offset: layout1.creditOffset(0) + 8, count: 8) == [0, 0, 0, 0, 0, 0, 0, 77]
         })
 
         let m = Message(from: 1, to: 2, ballot: Ballot(term: 3, node: 1), body: .timeoutNow)
-        let record = RingFormat.record(.message, epoch: 77, sequence: 1, payload: WireCodec.encode(m))
+        let record = CreditRingWriter(ring: layout2.ring, session: 77).append(kind: RingLayout.messageKind, payload: WireCodec.encode(m))!.record.bytes
         var torn = record
         torn[torn.count - 1] ^= 0xFF
         try qp.postWrite(torn, remoteOffset: layout2.ringOffset(0), immediate: 1, signaled: false)
         #expect(await eventually { receiver.statistics.tornRecords == 1 })
         // A record of an older session at the right place is not delivered either.
-        let stale = RingFormat.record(.message, epoch: 76, sequence: 1, payload: WireCodec.encode(m))
+        let stale = CreditRingWriter(ring: layout2.ring, session: 76).append(kind: RingLayout.messageKind, payload: WireCodec.encode(m))!.record.bytes
         try qp.postWrite(stale, remoteOffset: layout2.ringOffset(0), immediate: 1, signaled: false)
         try await Task.sleep(for: .milliseconds(20))
         #expect(inbox.count == 0)

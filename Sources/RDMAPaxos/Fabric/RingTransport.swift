@@ -4,10 +4,11 @@ import Synchronization
 
 /// `MessageTransport` over any `Fabric`: the APUS hot path (docs/design/fabric.md, "Fabric and rings").
 ///
-/// Each node registers one receive region holding one ring per peer (`RingLayout`). A sender
-/// writes checksummed, sequenced records into its ring in the receiver's region with one-sided
-/// WRITE_WITH_IMM (the immediate only wakes the receiver); the receiver polls its rings, delivers
-/// valid records in order, and returns credit by writing its consumed position into a cell of
+/// Each node registers one receive region holding one ring per peer (`RingLayout`). Each ring is
+/// a credit ring: a sender writes checksummed, sequenced records into its ring in the receiver's
+/// region with one-sided WRITE_WITH_IMM (the immediate only wakes the receiver) as its
+/// `CreditRingWriter` plans them; the receiver polls its rings, takes valid records in order
+/// with a `CreditRingReader`, and returns credit by writing its consumed position into a cell of
 /// the sender's region. No send/recv, and the receiver's CPU takes no part in landing bytes.
 ///
 /// Sessions: every (re)connected queue pair starts a new random epoch, announced in the ring's
@@ -154,11 +155,9 @@ public final class RingTransport: PolledMessageTransport {
     public func outgoingOccupancy() -> [NodeID: Int] {
         links.mapValues { link in
             link.out.withLock { s in
-                var credit = s.creditPos
-                if s.epoch != 0, let (epoch, consumed) = creditCell(link), epoch == s.epoch, consumed <= s.writePos {
-                    credit = max(credit, consumed)
-                }
-                return Int(s.writePos - credit)
+                guard var writer = s.writer else { return 0 }
+                region.withBytes(offset: layout.creditOffset(link.inIndex), count: CreditRing.cellBytes) { _ = writer.takeCredit(cell: $0) }
+                return writer.uncreditedBytes
             }
         }
     }
@@ -307,7 +306,7 @@ public final class RingTransport: PolledMessageTransport {
 
     /// Whether the reader took up a session `peer` announced; for tests of the connect order.
     func hasTakenUpSession(from peer: NodeID) -> Bool {
-        links[peer]?.inbound.withLock { $0.epoch != 0 } ?? false
+        links[peer]?.inbound.withLock { $0.reader != nil } ?? false
     }
 
     /// Stops (or resumes) consuming the rings, as a slow receiver would; for tests of full rings.
@@ -324,40 +323,29 @@ public final class RingTransport: PolledMessageTransport {
 
     private func send(_ payload: [UInt8], on link: PeerLink, _ s: inout Sender) -> WritableKeyPath<Statistics, Int> {
         guard let qp = s.qp, qp.isUsable else { return \.droppedNotConnected }
-        let ring = UInt64(layout.ringBytes)
-        let stride = UInt64(RingLayout.stride(RingLayout.recordHeaderBytes + payload.count))
-        func needed() -> UInt64 {
-            let phys = s.writePos % ring
-            return phys + stride > ring ? ring - phys + stride : stride
+        // The credit cell is read when the ring looks a quarter full: the credit-wanted flag depends on it.
+        if !s.ready || s.writer.map({ $0.uncreditedBytes + $0.bytesNeeded(payloadBytes: payload.count) > layout.ringBytes / 4 }) == true {
+            refreshCredit(link, &s)
         }
-        // The credit cell is read when the ring looks a quarter full: the flag below depends on it.
-        if !s.ready || s.writePos + needed() - s.creditPos > ring / 4 { refreshCredit(link, &s) }
-        guard s.ready else { return \.droppedNotConnected }
-        guard s.writePos + needed() - s.creditPos <= ring else {
-            requestCredit(on: link, qp, &s)
+        guard s.ready, var writer = s.writer else { return \.droppedNotConnected }
+        defer { s.writer = writer }
+        // The reader returns credit lazily: only for a record that asks (the writer decides), a
+        // new session, or a request in the control cell.
+        guard let append = writer.append(kind: RingLayout.messageKind, payload: payload) else {
+            requestCredit(on: link, qp, writer, &s)
             return \.droppedRingFull
         }
         let ringOffset = link.remoteLayout.ringOffset(link.outIndex)
         do {
-            let phys = s.writePos % ring
-            if phys + stride > ring {
+            if let marker = append.wrapMarker {
                 // Records never straddle the end: a wrap marker sends the reader back to the start.
-                let marker = RingFormat.record(.wrap, epoch: s.epoch, sequence: s.sequence, payload: [])
-                try qp.postWrite(marker, remoteOffset: ringOffset + Int(phys), immediate: nil, signaled: false)
-                s.writePos += ring - phys
-                s.sequence += 1
+                try qp.postWrite(marker.bytes, remoteOffset: ringOffset + marker.offset, immediate: nil, signaled: false)
+                writer.posted(marker)
             }
-            // The reader returns credit lazily: only for a record that asks (the ring is over a
-            // quarter full after it, and no earlier asking record is still unanswered), a new
-            // session, or a request in the control cell.
-            let wanted = s.writePos + stride - s.creditPos > ring / 4 && s.creditPos >= s.askedAt
-            if wanted { s.askedAt = s.writePos + stride }
-            let record = RingFormat.record(.message, epoch: s.epoch, sequence: s.sequence, payload: payload, creditWanted: wanted)
             s.posted += 1
-            try qp.postWrite(record, remoteOffset: ringOffset + Int(s.writePos % ring), immediate: Immediate.record.rawValue,
+            try qp.postWrite(append.record.bytes, remoteOffset: ringOffset + append.record.offset, immediate: Immediate.record.rawValue,
                              workRequestID: s.posted, signaled: s.posted % UInt64(configuration.signalEveryWrites) == 0)
-            s.writePos += stride
-            s.sequence += 1
+            writer.posted(append.record)
             return \.sent
         } catch .queuePairInError {
             return \.droppedNotConnected
@@ -370,35 +358,28 @@ public final class RingTransport: PolledMessageTransport {
     /// The ring has no room for a message while the reader may hold back credit for what it
     /// read: ask for it through the control cell (once per credit position), so the next
     /// attempt finds the room.
-    private func requestCredit(on link: PeerLink, _ qp: any QueuePair, _ s: inout Sender) {
-        guard s.requestedAt != s.creditPos else { return }
-        s.requestedAt = s.creditPos
+    private func requestCredit(on link: PeerLink, _ qp: any QueuePair, _ writer: CreditRingWriter, _ s: inout Sender) {
+        guard s.requestedAt != writer.creditPosition else { return }
+        s.requestedAt = writer.creditPosition
         s.creditRequests += 1
         count(\.creditRequests)
-        try? qp.postWrite(RingFormat.control(epoch: s.epoch, creditRequests: s.creditRequests),
+        try? qp.postWrite(RingLayout.controlCell(epoch: writer.session, creditRequests: s.creditRequests),
                           remoteOffset: link.remoteLayout.controlOffset(link.outIndex), immediate: Immediate.session.rawValue,
                           signaled: false)
     }
 
-    /// Reads the credit cell the peer writes into this node's region.
+    /// Reads the credit cell the peer writes into this node's region; the first that names the
+    /// session makes the sender ready.
     private func refreshCredit(_ link: PeerLink, _ s: inout Sender) {
-        guard s.epoch != 0 else { return }
-        guard let (epoch, consumed) = creditCell(link), epoch == s.epoch, consumed <= s.writePos else { return }
-        s.ready = true
-        s.creditPos = max(s.creditPos, consumed)
-    }
-
-    /// (epoch, consumed position) from the credit cell the peer writes into this node's region.
-    private func creditCell(_ link: PeerLink) -> (UInt64, UInt64)? {
-        region.withBytes(offset: layout.creditOffset(link.inIndex), count: 24) { b in
-            guard let body = RingFormat.unsealed(b) else { return nil }
-            return (RingFormat.readU64(body, 0), RingFormat.readU64(body, 8))
-        }
+        guard var writer = s.writer else { return }
+        let taken = region.withBytes(offset: layout.creditOffset(link.inIndex), count: CreditRing.cellBytes) { writer.takeCredit(cell: $0) }
+        s.writer = writer
+        if taken { s.ready = true }
     }
 
     /// (epoch, credit requests) from the control cell the peer writes in front of its ring here.
     private func controlCell(_ link: PeerLink) -> (epoch: UInt64, creditRequests: UInt64)? {
-        region.withBytes(offset: layout.controlOffset(link.inIndex), count: RingFormat.controlBytes) { RingFormat.controlCell($0) }
+        region.withBytes(offset: layout.controlOffset(link.inIndex), count: CreditRing.cellBytes) { RingLayout.controlCell($0) }
     }
 
     /// Keeps one peer's queue pair connected, reconnecting with capped exponential backoff.
@@ -421,15 +402,15 @@ public final class RingTransport: PolledMessageTransport {
                 }
                 let epoch = UInt64.random(in: 1...UInt64.max)
                 try link.out.withLock { s throws(FabricError) in
-                    s.reset(qp: qp, epoch: epoch)
-                    try qp.postWrite(RingFormat.control(epoch: epoch), remoteOffset: link.remoteLayout.controlOffset(link.outIndex),
+                    s.reset(qp: qp, writer: CreditRingWriter(ring: link.remoteLayout.ring, session: epoch))
+                    try qp.postWrite(RingLayout.controlCell(epoch: epoch), remoteOffset: link.remoteLayout.controlOffset(link.outIndex),
                                      immediate: Immediate.session.rawValue, signaled: false)
                 }
                 // The peer may be waiting for credit on its own ring; it travels on this queue pair.
                 // Whoever reads the rings must return it now, not at its next poll: the peer's
                 // session may have been taken up before this queue pair existed, and its sender
                 // is not ready until this credit arrives.
-                link.inbound.withLock { $0.creditDue = true }
+                link.inbound.withLock { $0.reader?.requestCredit() }
                 fabric.completions.interrupt()
                 count(\.connects)
                 logger.debug("connected to node \(link.peer), epoch \(epoch)")
@@ -478,63 +459,47 @@ public final class RingTransport: PolledMessageTransport {
 
     /// Whether the ring `link.peer` writes holds a record at the read position (cheap: one header).
     private func hasWaitingRecord(_ link: PeerLink) -> Bool {
-        let ringOffset = layout.ringOffset(link.inIndex)
-        return link.inbound.withLock { st in
+        link.inbound.withLock { st in
             // A new session announced and not yet taken up (its credit answer is due), or credit
             // not yet returned.
-            let control = controlCell(link)
-            if let c = control, c.epoch != 0, c.epoch != st.epoch || c.creditRequests != st.creditRequests { return true }
-            if st.creditDue && st.epoch != 0 { return true }
-            guard st.epoch != 0 else { return false }
-            let phys = Int(st.readPos % UInt64(layout.ringBytes))
-            let h = region.withBytes(offset: ringOffset + phys, count: RingLayout.recordHeaderBytes) { RingFormat.header($0) }
-            return h.epoch == st.epoch && h.sequence == st.sequence
+            if let c = controlCell(link), c.epoch != 0, c.epoch != st.reader?.session || c.creditRequests != st.creditRequests { return true }
+            guard let reader = st.reader else { return false }
+            return reader.creditDue || reader.hasRecord(in: region, at: layout.ringOffset(link.inIndex))
         }
     }
 
     /// Delivers every valid record waiting in the ring `link.peer` writes, in sequence order.
     private func poll(_ link: PeerLink, into inbox: inout [Message]) {
-        let ring = layout.ringBytes
         let ringOffset = layout.ringOffset(link.inIndex)
         link.inbound.withLock { st in
             let control = controlCell(link)
-            if let c = control, c.epoch != 0, c.epoch != st.epoch {
-                st = Receiver(epoch: c.epoch, creditRequests: c.creditRequests)
-                st.creditDue = true
-            } else if let c = control, c.epoch == st.epoch, c.creditRequests != st.creditRequests {
+            if let c = control, c.epoch != 0, c.epoch != st.reader?.session {
+                st = Receiver(reader: CreditRingReader(ring: layout.ring, session: c.epoch), creditRequests: c.creditRequests)
+                st.reader?.requestCredit()
+            } else if let c = control, c.epoch == st.reader?.session, c.creditRequests != st.creditRequests {
                 st.creditRequests = c.creditRequests
-                st.creditDue = true
+                st.reader?.requestCredit()
             }
-            guard st.epoch != 0 else { return }
+            guard var reader = st.reader else { return }
+            defer { st.reader = reader }
             for _ in 0..<4096 {
-                let phys = Int(st.readPos % UInt64(ring))
-                let h = region.withBytes(offset: ringOffset + phys, count: RingLayout.recordHeaderBytes) { RingFormat.header($0) }
-                let payloadBytes = h.totalBytes - RingLayout.recordHeaderBytes
-                guard h.epoch == st.epoch, h.sequence == st.sequence, payloadBytes >= 0,
-                      payloadBytes <= layout.payloadBytesMax, phys + RingLayout.stride(h.totalBytes) <= ring,
-                      h.flags & ~RingFormat.creditWanted == RingFormat.Flags.message.rawValue
-                          || (h.flags == RingFormat.Flags.wrap.rawValue && payloadBytes == 0)
-                else { return }
-                let payload: [UInt8]? = region.withBytes(offset: ringOffset + phys, count: h.totalBytes) { b in
-                    RingFormat.unsealed(b).map { Array($0[(RingLayout.recordHeaderBytes - 8)...]) }
-                }
-                guard let payload else {
-                    // Not landed completely yet, or torn: look again next scan, count it once.
-                    if st.tornAt != st.readPos { st.tornAt = st.readPos; count(\.tornRecords) }
+                switch reader.next(in: region, at: ringOffset) {
+                case .empty, .malformed:
                     return
-                }
-                st.sequence += 1
-                if h.flags & RingFormat.creditWanted != 0 { st.creditDue = true }
-                if h.flags == RingFormat.Flags.wrap.rawValue {
-                    st.readPos += UInt64(ring - phys)
-                    continue
-                }
-                st.readPos += UInt64(RingLayout.stride(h.totalBytes))
-                do {
-                    inbox.append(try WireCodec.decode(payload, limits: configuration.limits))
-                } catch {
+                case .landing:
+                    // Not landed completely yet, or torn: look again next scan, count it once.
+                    if st.tornAt != reader.readPosition { st.tornAt = reader.readPosition; count(\.tornRecords) }
+                    return
+                case .record(let record) where record.kind != RingLayout.messageKind:
                     count(\.undecodable)
-                    logger.warning("undecodable record from node \(link.peer): \(error)")
+                    logger.warning("record \(record.sequence) from node \(link.peer) has unknown flags \(record.kind)")
+                case .record(let record):
+                    do {
+                        inbox.append(try WireCodec.decode(record.payload, limits: configuration.limits))
+                    } catch {
+                        count(\.undecodable)
+                        logger.warning("undecodable record from node \(link.peer): \(error)")
+                    }
                 }
             }
         }
@@ -543,8 +508,8 @@ public final class RingTransport: PolledMessageTransport {
     /// Tells the peer how far its ring here was consumed, by a write into its credit cell.
     private func returnCredit(_ link: PeerLink) {
         link.inbound.withLock { st in
-            guard st.creditDue, st.epoch != 0 else { return }
-            let cell = RingFormat.credit(epoch: st.epoch, consumed: st.readPos)
+            guard let reader = st.reader, reader.creditDue else { return }
+            let cell = reader.creditCell()
             let posted = link.out.withLock { s -> Bool in
                 guard let qp = s.qp, qp.isUsable else { return false }
                 do {
@@ -553,64 +518,9 @@ public final class RingTransport: PolledMessageTransport {
                 } catch { return false }
             }
             if posted {
-                st.creditDue = false
+                st.reader?.returnedCredit(at: reader.readPosition)
                 count(\.creditReturns)
             }
         }
     }
-}
-
-/// Per-peer state: the sending side of this node's ring in the peer's region, and the
-/// receiving side of the peer's ring in this node's region.
-final class PeerLink: Sendable {
-    let peer: NodeID
-    /// The peer's ring (and the credit cell it writes) in this node's layout.
-    let inIndex: Int
-    /// This node's ring (and the credit cell it writes) in the peer's layout.
-    let outIndex: Int
-    let remoteLayout: RingLayout
-    let out = Mutex(Sender())
-    let inbound = Mutex(Receiver())
-
-    init(peer: NodeID, inIndex: Int, outIndex: Int, remoteLayout: RingLayout) {
-        self.peer = peer
-        self.inIndex = inIndex
-        self.outIndex = outIndex
-        self.remoteLayout = remoteLayout
-    }
-}
-
-struct Sender {
-    var address: PeerAddress?
-    var qp: (any QueuePair)?
-    var epoch: UInt64 = 0
-    /// The peer acknowledged `epoch` through the credit cell.
-    var ready = false
-    /// Unwrapped byte positions in the ring.
-    var writePos: UInt64 = 0
-    var creditPos: UInt64 = 0
-    var sequence: UInt64 = 1
-    var posted: UInt64 = 0
-    /// Credit requests written to the control cell in this session, and the credit position
-    /// at the last one (one request per position).
-    var creditRequests: UInt64 = 0
-    var requestedAt: UInt64 = .max
-    /// End of the last record that asked for credit; the next asks once credit reached it.
-    var askedAt: UInt64 = 0
-
-    mutating func reset(qp: any QueuePair, epoch: UInt64) {
-        let address = self.address
-        self = Sender(address: address, qp: qp, epoch: epoch)
-    }
-}
-
-struct Receiver {
-    var epoch: UInt64 = 0
-    var readPos: UInt64 = 0
-    var sequence: UInt64 = 1
-    /// The control cell's credit requests already answered.
-    var creditRequests: UInt64 = 0
-    /// Credit must go back now: a new session, a record that asked, or a request.
-    var creditDue = false
-    var tornAt: UInt64 = .max
 }

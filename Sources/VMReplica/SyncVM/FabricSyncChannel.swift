@@ -1,11 +1,13 @@
 // `SyncChannel` over RDMAPaxos's `Fabric` (verbs, or TCP / in-memory with the same semantics).
 //
-// Control frames travel as checksummed, sequenced records in a bounded ring in the peer's
-// registered region (one-sided WRITE_WITH_IMM; the immediate only wakes the peer), with credit
-// flowing back through a cell in the sender's region. Page batches are one-sided WRITEs straight
-// into the backup's guest RAM at guest-physical offsets: the backup registers its `GuestMemory`
-// mapping itself, mailbox included (`GuestMemory.trailingBytes`). Layout and rules:
-// docs/design/syncvm.md, "Transport over a Fabric".
+// Control frames travel as checksummed, sequenced records in a credit ring in the peer's
+// registered region (RDMAPaxos's `CreditRingWriter`/`CreditRingReader`; one-sided
+// WRITE_WITH_IMM, the immediate only wakes the peer), with credit flowing back through a cell
+// in the sender's region. Page batches are one-sided WRITEs straight into the backup's guest
+// RAM at guest-physical offsets: the backup registers its `GuestMemory` mapping itself, mailbox
+// included (`GuestMemory.trailingBytes`). Layout and rules: docs/design/syncvm.md, "Transport
+// over a Fabric". The endpoints: FabricSyncEndpoint.swift; the receiving thread:
+// FabricSyncChannelReceiving.swift.
 
 import Foundation
 import RDMAPaxos
@@ -17,125 +19,32 @@ import Synchronization
 /// The channel needs a fabric of its own: it consumes the fabric's completion queue on a
 /// thread of its own until it is closed. `close()` it when done (a failed sync does that).
 public final class FabricSyncChannel: SyncChannel {
-    /// One side before the link is up: its region is registered and the fabric listens.
-    public final class Endpoint: Sendable {
-        /// The fabric this side's region is registered with; a channel consumes its completion queue.
-        public let fabric: any Fabric
-        /// Where the peer connects (the bound port when asked for port 0).
-        public let address: PeerAddress
-        /// Ring size, write batching, timings and faults of the channels it connects.
-        public let configuration: Configuration
-        let region: MemoryRegion
-        let mailboxOffset: Int
-        let isPrimary: Bool
-        let layout: MailboxLayout
-        let divert: Divert?
-
-        private init(fabric: any Fabric, address: PeerAddress, configuration: Configuration, region: MemoryRegion,
-                     mailboxOffset: Int, isPrimary: Bool, layout: MailboxLayout, divert: Divert? = nil) {
-            self.divert = divert
-            self.fabric = fabric
-            self.address = address
-            self.configuration = configuration
-            self.region = region
-            self.mailboxOffset = mailboxOffset
-            self.isPrimary = isPrimary
-            self.layout = layout
-        }
-
-        /// The primary's side: a region holding one mailbox (for the backup's frames).
-        /// `divert` takes the frames it selects aside as they arrive (never seen by `receive`).
-        public static func primary(fabric: any Fabric, listenAt address: PeerAddress,
-                                   configuration: Configuration = Configuration(), divert: Divert? = nil) async throws -> Endpoint {
-            let layout = try MailboxLayout(ringBytes: configuration.ringBytes)
-            try check(configuration)
-            let region = try fabric.registerRegion(lengthBytes: layout.bytes)
-            let bound = try await fabric.listen(at: address, exporting: region)
-            return Endpoint(fabric: fabric, address: bound, configuration: configuration, region: region,
-                            mailboxOffset: 0, isPrimary: true, layout: layout, divert: divert)
-        }
-
-        /// The backup's side: registers `memory`'s own mapping — guest RAM at guest-physical
-        /// offsets, then the mailbox in its trailer — so page batches land in the guest directly.
-        public static func backup(memory: GuestMemory, fabric: any Fabric, listenAt address: PeerAddress,
-                                  configuration: Configuration = Configuration()) async throws -> Endpoint {
-            let layout = try MailboxLayout(ringBytes: configuration.ringBytes)
-            try check(configuration)
-            guard memory.isWritable else { throw SyncError.backupNotWritable(path: memory.path ?? "(anonymous)") }
-            guard memory.trailingBytes >= layout.bytes else {
-                throw FabricSyncChannelError.noMailboxRoom(trailingBytes: memory.trailingBytes, needed: layout.bytes)
-            }
-            // A mailbox from an earlier channel must not be read as this one's.
-            memset(memory.base + memory.trailerOffset, 0, layout.bytes)
-            let range = UnsafeMutableRawBufferPointer(start: memory.base, count: memory.trailerOffset + layout.bytes)
-            let region = try fabric.registerRegion(wrapping: range, retaining: memory)
-            let bound = try await fabric.listen(at: address, exporting: region)
-            return Endpoint(fabric: fabric, address: bound, configuration: configuration, region: region,
-                            mailboxOffset: memory.trailerOffset, isPrimary: false, layout: layout)
-        }
-
-        private static func check(_ c: Configuration) throws {
-            guard c.writeBytesMax >= 1, c.signalEveryWrites >= 1 else {
-                throw FabricSyncChannelError.badConfiguration("writeBytesMax and signalEveryWrites must be positive")
-            }
-        }
-
-        /// Clears this side's mailbox. An endpoint may connect again after its channel went
-        /// down; call this once the old channel is closed and before connecting, so nothing the
-        /// old peer wrote is read as the new one's.
-        public func resetMailbox() {
-            region.store([UInt8](repeating: 0, count: layout.bytes), at: mailboxOffset)
-        }
-
-        /// Connects a queue pair to the peer's endpoint and starts receiving.
-        public func connect(to peer: PeerAddress) async throws -> FabricSyncChannel {
-            let qp = try await fabric.connect(to: peer, exporting: region)
-            let remote = qp.remote.lengthBytes
-            let peerMailbox = remote - layout.bytes
-            // The primary's region is exactly one mailbox; the backup's is page-aligned RAM plus one.
-            let fits = isPrimary ? peerMailbox > 0 && peerMailbox % 4096 == 0 : peerMailbox == 0
-            guard fits else {
-                qp.moveToError()
-                throw FabricSyncChannelError.peerRegionMismatch(
-                    "node \(peer.node) exports \(remote) bytes, which does not fit a \(layout.bytes)-byte mailbox"
-                    + (isPrimary ? " after page-aligned RAM" : " alone") + "; do both sides use the same ringBytes?")
-            }
-            let channel = FabricSyncChannel(endpoint: self, qp: qp, peerMailboxOffset: peerMailbox)
-            channel.start()
-            return channel
-        }
-    }
-
     let endpoint: Endpoint
     let qp: any QueuePair
-    private let layout: MailboxLayout
-    private let peerMailboxOffset: Int
-    private let configuration: Configuration
-    private let state: Mutex<State>
+    let layout: MailboxLayout
+    let peerMailboxOffset: Int
+    let configuration: Configuration
+    let state: Mutex<State>
     /// Work-request ids, assigned in posting order (a completion covers every lower id), from a
     /// random base of this channel's own: the fabric's completion queue outlives a channel, and
     /// a queue pair an earlier channel dropped flushes its outstanding writes there (unsignalled
     /// ones too), so a completion outside this channel's ids says nothing about its link.
-    private let idBase: UInt64
-    private let posting: Mutex<UInt64>
+    let idBase: UInt64
+    let posting: Mutex<UInt64>
 
-    private struct State {
+    struct State {
         /// Set once the link is down; every later call throws it.
         var failure: (any Error)?
         /// `close()` asked for a goodbye: drop the connection once this write completed.
         var closingAfter: UInt64?
         var closeDeadline: ContinuousClock.Instant?
         var stopped = false
-        // sending into the peer's ring (unwrapped byte positions)
-        var writePos: UInt64 = 0
-        var creditPos: UInt64 = 0
-        var sendSequence: UInt64 = 1
+        /// Appends records to the peer's ring.
+        var writer: CreditRingWriter
         var sending = false
         var creditWaiter: CheckedContinuation<Void, any Error>?
-        // receiving from this side's ring
-        var readPos: UInt64 = 0
-        var receiveSequence: UInt64 = 1
-        var creditSent: UInt64 = 0
+        /// Takes records from this side's ring.
+        var reader: CreditRingReader
         var assembly: [UInt8] = []
         var assemblyBytes = 0
         var inbox = FrameQueue()
@@ -149,7 +58,7 @@ public final class FabricSyncChannel: SyncChannel {
         var counters = Counters()
     }
 
-    private init(endpoint: Endpoint, qp: any QueuePair, peerMailboxOffset: Int) {
+    init(endpoint: Endpoint, qp: any QueuePair, peerMailboxOffset: Int) {
         self.endpoint = endpoint
         self.qp = qp
         let base = UInt64.random(in: 1...(1 << 62))
@@ -158,7 +67,7 @@ public final class FabricSyncChannel: SyncChannel {
         self.layout = endpoint.layout
         self.peerMailboxOffset = peerMailboxOffset
         self.configuration = endpoint.configuration
-        self.state = Mutex(State())
+        self.state = Mutex(State(writer: CreditRingWriter(ring: layout.ring), reader: CreditRingReader(ring: layout.ring)))
     }
 
     /// What this end has put on the link and taken off it so far.
@@ -167,10 +76,10 @@ public final class FabricSyncChannel: SyncChannel {
     public var isPrimary: Bool { endpoint.isPrimary }
     /// The link failed or was closed: every call throws. Connect the endpoint again for a new one.
     public var isDown: Bool { state.withLock { $0.failure != nil } }
-    private var region: MemoryRegion { endpoint.region }
-    private var fabric: any Fabric { endpoint.fabric }
+    var region: MemoryRegion { endpoint.region }
+    var fabric: any Fabric { endpoint.fabric }
 
-    private func start() {
+    func start() {
         // Announce this side (and its ring size) so the peer can check the configurations match.
         _ = state.withLock { s in postCell(MailboxFormat.cell(MailboxFormat.Status.open.rawValue, UInt64(layout.ringBytes)),
                                        at: MailboxLayout.statusOffset, immediate: .status, &s) }
@@ -293,7 +202,7 @@ public final class FabricSyncChannel: SyncChannel {
     // MARK: posting
 
     /// Posts one write with the next work-request id, in id order; returns the id.
-    private func post(_ bytes: [UInt8], at offset: Int, immediate: UInt32?, signaled: Bool) throws(FabricError) -> UInt64 {
+    func post(_ bytes: [UInt8], at offset: Int, immediate: UInt32?, signaled: Bool) throws(FabricError) -> UInt64 {
         try posting.withLock { next throws(FabricError) in
             next += 1
             let signal = signaled || next % UInt64(configuration.signalEveryWrites) == 0
@@ -304,7 +213,7 @@ public final class FabricSyncChannel: SyncChannel {
     }
 
     /// `post`, turning a refused post into a dropped link (`closed`).
-    private func postOrFail(_ bytes: [UInt8], at offset: Int, immediate: UInt32?, signaled: Bool) throws -> UInt64 {
+    func postOrFail(_ bytes: [UInt8], at offset: Int, immediate: UInt32?, signaled: Bool) throws -> UInt64 {
         do {
             return try post(bytes, at: offset, immediate: immediate, signaled: signaled)
         } catch {
@@ -317,7 +226,7 @@ public final class FabricSyncChannel: SyncChannel {
 
     /// Writes a cell into the peer's mailbox; nil if the post was refused (the thread notices).
     @discardableResult
-    private func postCell(_ cell: [UInt8], at offset: Int, immediate: MailboxFormat.Immediate?,
+    func postCell(_ cell: [UInt8], at offset: Int, immediate: MailboxFormat.Immediate?,
                           signaled: Bool = false, _ s: inout State) -> UInt64? {
         guard let id = try? post(cell, at: peerMailboxOffset + offset, immediate: immediate?.rawValue, signaled: signaled) else {
             return nil
@@ -330,35 +239,26 @@ public final class FabricSyncChannel: SyncChannel {
     /// Appends one record to the peer's ring, waiting for credit when it is full.
     private func postRecord(_ kind: MailboxFormat.Kind, flags: UInt8 = 0, frameBytes: Int = 0, fragmentOffset: Int = 0,
                             payload: ArraySlice<UInt8>) async throws {
-        let ring = UInt64(layout.ringBytes)
-        let stride = UInt64(MailboxLayout.stride(MailboxLayout.recordHeaderBytes + payload.count))
-        func needed(_ s: State) -> UInt64 {
-            let phys = s.writePos % ring
-            return phys + stride > ring ? ring - phys + stride : stride
-        }
+        let ringAt = peerMailboxOffset + MailboxLayout.ringOffset
         while true {
             let posted: Bool = try state.withLock { s in
                 if let e = s.failure { throw e }
                 refreshCredit(&s)
-                guard s.writePos + needed(s) - s.creditPos <= ring else { return false }
-                let ringAt = peerMailboxOffset + MailboxLayout.ringOffset
-                let phys = s.writePos % ring
-                if phys + stride > ring {
-                    let marker = MailboxFormat.record(.wrap, sequence: s.sendSequence, payload: [])
-                    _ = try postOrFailLocked(marker, at: ringAt + Int(phys), immediate: nil, &s)
-                    s.writePos += ring - phys
-                    s.sendSequence += 1
+                guard let append = s.writer.append(kind: MailboxFormat.kindWord(kind, flags: flags),
+                                                   word: MailboxFormat.word(frameBytes: frameBytes, fragmentOffset: fragmentOffset),
+                                                   payload: payload) else { return false }
+                if let marker = append.wrapMarker {
+                    _ = try postOrFailLocked(marker.bytes, at: ringAt + marker.offset, immediate: nil, &s)
+                    s.writer.posted(marker)
                     s.counters.recordsPosted += 1
-                    s.counters.recordOverheadBytes += marker.count
+                    s.counters.recordOverheadBytes += marker.bytes.count
                 }
-                let record = MailboxFormat.record(kind, flags: flags, sequence: s.sendSequence, frameBytes: UInt32(frameBytes),
-                                                  fragmentOffset: UInt32(fragmentOffset), payload: payload)
-                _ = try postOrFailLocked(record, at: ringAt + Int(s.writePos % ring),
+                let record = append.record
+                _ = try postOrFailLocked(record.bytes, at: ringAt + record.offset,
                                          immediate: MailboxFormat.Immediate.record.rawValue, &s)
-                s.writePos += stride
-                s.sendSequence += 1
+                s.writer.posted(record)
                 s.counters.recordsPosted += 1
-                s.counters.recordOverheadBytes += record.count - (kind == .fragment ? payload.count : 0)
+                s.counters.recordOverheadBytes += record.bytes.count - (kind == .fragment ? payload.count : 0)
                 return true
             }
             if posted { return }
@@ -367,7 +267,7 @@ public final class FabricSyncChannel: SyncChannel {
                 let ready: Result<Void, any Error>? = state.withLock { s in
                     if let e = s.failure { return .failure(e) }
                     refreshCredit(&s)
-                    if s.writePos + needed(s) - s.creditPos <= ring { return .success(()) }
+                    if s.writer.fits(payloadBytes: payload.count) { return .success(()) }
                     s.creditWaiter = c
                     return nil
                 }
@@ -376,7 +276,7 @@ public final class FabricSyncChannel: SyncChannel {
         }
     }
 
-    private func postOrFailLocked(_ bytes: [UInt8], at offset: Int, immediate: UInt32?, _ s: inout State) throws -> UInt64 {
+    func postOrFailLocked(_ bytes: [UInt8], at offset: Int, immediate: UInt32?, _ s: inout State) throws -> UInt64 {
         do {
             return try post(bytes, at: offset, immediate: immediate, signaled: false)
         } catch {
@@ -403,11 +303,10 @@ public final class FabricSyncChannel: SyncChannel {
     }
 
     /// Reads the credit cell the peer writes into this side's mailbox.
-    private func refreshCredit(_ s: inout State) {
-        let consumed = region.withBytes(offset: endpoint.mailboxOffset + MailboxLayout.creditOffset, count: 24) {
-            MailboxFormat.cell($0)?.0
+    func refreshCredit(_ s: inout State) {
+        region.withBytes(offset: endpoint.mailboxOffset + MailboxLayout.creditOffset, count: CreditRing.cellBytes) {
+            _ = s.writer.takeCredit(cell: $0)
         }
-        if let consumed, consumed <= s.writePos, consumed > s.creditPos { s.creditPos = consumed }
     }
 
     // MARK: failure
@@ -424,7 +323,7 @@ public final class FabricSyncChannel: SyncChannel {
     }
 
     /// Marks the link down with `error` (first reason wins) and hands back every waiter to fail.
-    private func fail(_ error: any Error, _ s: inout State) -> Wake? {
+    func fail(_ error: any Error, _ s: inout State) -> Wake? {
         guard s.failure == nil else { return nil }
         s.failure = error
         var wake = Wake(error: error)
@@ -439,154 +338,16 @@ public final class FabricSyncChannel: SyncChannel {
 
     /// Drops the connection without a goodbye: this side's writes stop, and the peer's writes
     /// into this side are refused, so its queue pair fails and it notices.
-    private func dropConnection() {
+    func dropConnection() {
         qp.moveToError()
         fabric.revokeAccess(from: qp.peer)
     }
 
     /// An injected cut: the link fails here at once and the peer finds out on its own.
-    private func cut() {
+    func cut() {
         let wake = state.withLock { fail(SyncChannelError.closed, &$0) }
         wake?.resume()
         dropConnection()
         fabric.completions.interrupt()
-    }
-
-    // MARK: receiving thread
-
-    private func receiveLoop() {
-        while true {
-            let completions = fabric.completions.wait(max: 1024, timeout: configuration.pollInterval)
-            var linkBroken = false
-            var wakeWriters: [CheckedContinuation<Void, any Error>] = []
-            var delivered: (CheckedContinuation<[UInt8], any Error>, [UInt8])?
-            var diverted: [[UInt8]] = []
-            var wakeSender: CheckedContinuation<Void, any Error>?
-            var wake: Wake?
-            let stop: Bool = state.withLock { s in
-                let newest = posting.withLock { $0 }
-                for c in completions where c.kind == .write && c.workRequestID > idBase && c.workRequestID <= newest {
-                    if c.status == .success { s.completed = max(s.completed, c.workRequestID) } else { linkBroken = true }
-                }
-                // Look at the link before the ring: whatever landed before the peer's goodbye (or
-                // before its connection dropped) is then in the ring, and is delivered first.
-                let usable = qp.isUsable
-                let peerStatus = region.withBytes(offset: endpoint.mailboxOffset + MailboxLayout.statusOffset, count: 24) {
-                    MailboxFormat.cell($0)
-                }
-                var violation: String?
-                if s.failure == nil || s.closingAfter != nil { violation = scan(&s) }
-                if !s.diverted.isEmpty { swap(&diverted, &s.diverted) }
-                if let c = s.receiveWaiter, let f = s.inbox.popFirst() {
-                    s.receiveWaiter = nil
-                    delivered = (c, f)
-                }
-                let ready = s.writeWaiters.filter { $0.id <= s.completed }
-                if !ready.isEmpty {
-                    s.writeWaiters.removeAll { $0.id <= s.completed }
-                    wakeWriters = ready.map(\.waiter)
-                }
-                refreshCredit(&s)
-                if let c = s.creditWaiter { s.creditWaiter = nil; wakeSender = c }  // it re-checks the room
-                if let closing = s.closingAfter {
-                    // A local close: drop the connection once the goodbye landed (or failed, or waited enough).
-                    if s.completed >= closing || linkBroken || !usable || ContinuousClock.now >= s.closeDeadline! {
-                        s.stopped = true
-                    }
-                    return s.stopped
-                }
-                if s.failure != nil { s.stopped = true; return true }
-                if let ringBytes = peerStatus?.1, ringBytes != UInt64(layout.ringBytes) {
-                    violation = violation ?? "peer's ring is \(ringBytes) bytes, this side's \(layout.ringBytes)"
-                }
-                if let violation {
-                    wake = fail(FabricSyncChannelError.protocolViolation(violation), &s)
-                } else if linkBroken || !usable || peerStatus?.0 == MailboxFormat.Status.closed.rawValue {
-                    wake = fail(SyncChannelError.closed, &s)
-                }
-                if s.failure != nil { s.stopped = true; return true }
-                returnCredit(&s)
-                if ContinuousClock.now - s.lastKeepalive >= configuration.keepaliveInterval {
-                    s.lastKeepalive = .now
-                    postCell(MailboxFormat.cell(MailboxFormat.Status.open.rawValue, UInt64(layout.ringBytes)),
-                             at: MailboxLayout.statusOffset, immediate: nil, &s)
-                }
-                return false
-            }
-            if let (c, f) = delivered { c.resume(returning: f) }
-            if !diverted.isEmpty { endpoint.divert?.handle(diverted) }
-            for w in wakeWriters { w.resume() }
-            wakeSender?.resume()
-            wake?.resume()
-            if stop {
-                dropConnection()
-                return
-            }
-        }
-    }
-
-    /// Tells the peer how far its ring here was consumed (one write per scan that consumed any).
-    private func returnCredit(_ s: inout State) {
-        guard s.readPos != s.creditSent else { return }
-        if postCell(MailboxFormat.cell(s.readPos, 0), at: MailboxLayout.creditOffset, immediate: .credit, &s) != nil {
-            s.creditSent = s.readPos
-        }
-    }
-
-    /// Consumes every complete record in this side's ring, in sequence order. Returns why the
-    /// ring broke the rules, if it did.
-    private func scan(_ s: inout State) -> String? {
-        let ring = layout.ringBytes
-        let ringAt = endpoint.mailboxOffset + MailboxLayout.ringOffset
-        while true {
-            let phys = Int(s.readPos % UInt64(ring))
-            guard ring - phys >= MailboxLayout.recordHeaderBytes else { return "read position \(phys) leaves no room for a header" }
-            let h = region.withBytes(offset: ringAt + phys, count: MailboxLayout.recordHeaderBytes) { MailboxFormat.header($0) }
-            // Anything else at this position is an older lap or not written yet.
-            guard h.sequence == s.receiveSequence else { return nil }
-            let payloadBytes = h.totalBytes - MailboxLayout.recordHeaderBytes
-            guard payloadBytes >= 0, payloadBytes <= layout.payloadBytesMax,
-                  phys + MailboxLayout.stride(h.totalBytes) <= ring else { return nil }
-            let record: [UInt8]? = region.withBytes(offset: ringAt + phys, count: h.totalBytes) { b in
-                guard RingFormat.unsealed(b) != nil else { return nil }
-                return Array(b[MailboxLayout.recordHeaderBytes...])
-            }
-            // Still landing, or torn: look again next scan.
-            guard let payload = record else { return nil }
-            s.receiveSequence += 1
-            guard h.reserved == 0 else { return "record \(h.sequence) has reserved bits set" }
-            switch MailboxFormat.Kind(rawValue: h.kind) {
-            case .wrap?:
-                guard payloadBytes == 0 else { return "wrap marker \(h.sequence) carries a payload" }
-                s.readPos += UInt64(ring - phys)
-                continue
-            case .fragment?:
-                guard h.frameBytes <= SyncWire.frameBytesMax, h.fragmentOffset == s.assembly.count,
-                      s.assembly.isEmpty || h.frameBytes == s.assemblyBytes,
-                      h.fragmentOffset + payloadBytes <= h.frameBytes,
-                      (h.flags == MailboxFormat.lastFragment) == (h.fragmentOffset + payloadBytes == h.frameBytes),
-                      h.flags & ~MailboxFormat.lastFragment == 0 else {
-                    return "fragment \(h.sequence) (\(h.fragmentOffset)+\(payloadBytes) of \(h.frameBytes)) does not continue the frame"
-                }
-                if s.assembly.isEmpty { s.assemblyBytes = h.frameBytes; s.assembly.reserveCapacity(h.frameBytes) }
-                s.assembly += payload
-                if h.flags == MailboxFormat.lastFragment {
-                    if let d = endpoint.divert, d.selects(s.assembly) { s.diverted.append(s.assembly) } else { s.inbox.append(s.assembly) }
-                    s.counters.framesReceived += 1
-                    s.counters.controlBytesReceived += s.assembly.count
-                    s.assembly = []
-                }
-            case .pagesDone?:
-                guard payloadBytes == 16, s.assembly.isEmpty else { return "malformed pages-done record \(h.sequence)" }
-                let (batch, total) = payload.withUnsafeBytes { (RingFormat.readU64($0, 0), RingFormat.readU64($0, 8)) }
-                guard total == UInt64(s.counters.pagesLanded) + batch else {
-                    return "pages-done says \(total) pages in total, \(s.counters.pagesLanded) + \(batch) expected"
-                }
-                s.counters.pagesLanded = Int(total)
-            case nil:
-                return "record \(h.sequence) of unknown kind \(h.kind)"
-            }
-            s.readPos += UInt64(MailboxLayout.stride(h.totalBytes))
-        }
     }
 }

@@ -18,30 +18,30 @@ struct MailboxLayout: Hashable, Sendable {
     static let creditOffset = 0
     static let statusOffset = 64
     static let ringOffset = 128
-    /// Record header: u64 checksum, u32 totalBytes, u8 kind, u8 flags, u16 reserved, u64 sequence,
-    /// u32 frame bytes, u32 fragment offset.
-    static let recordHeaderBytes = 32
-    static let recordAlignBytes = 32
 
-    let ringBytes: Int
+    /// The ring's size and record format (`MailboxFormat.records`).
+    let ring: CreditRing
+    var ringBytes: Int { ring.ringBytes }
 
     init(ringBytes: Int) throws(FabricSyncChannelError) {
         guard ringBytes >= 4096, ringBytes % 64 == 0, ringBytes <= 1 << 30 else {
             throw .badConfiguration("ringBytes \(ringBytes) must be a multiple of 64 in 4096...2^30")
         }
-        self.ringBytes = ringBytes
+        do {
+            ring = try CreditRing(ringBytes: ringBytes, format: MailboxFormat.records)
+        } catch {
+            throw .badConfiguration("ringBytes \(ringBytes): \(error)")
+        }
     }
 
     var bytes: Int { Self.ringOffset + ringBytes }
     /// Largest payload one record carries: a record plus the wrap waste before it fits an empty ring.
-    var payloadBytesMax: Int { ringBytes / 2 - Self.recordHeaderBytes }
-
-    static func stride(_ totalBytes: Int) -> Int {
-        (totalBytes + recordAlignBytes - 1) / recordAlignBytes * recordAlignBytes
-    }
+    var payloadBytesMax: Int { ring.payloadBytesMax }
 }
 
-/// Checksummed cells and records, big-endian.
+/// The mailbox's records and cells, big-endian. Records are `CreditRing` records whose u32 kind
+/// word is u8 kind, u8 flags, u16 reserved (0), and whose caller's word is u32 frame bytes, u32
+/// fragment offset; cells are `CreditRing` sealed cells.
 enum MailboxFormat {
     enum Kind: UInt8 {
         /// A piece of one control frame (a sync message); flag bit 0 marks the last piece.
@@ -53,47 +53,42 @@ enum MailboxFormat {
     }
     static let lastFragment: UInt8 = 1
 
+    /// The ring's record format: sequence numbers without sessions (a mailbox is cleared before
+    /// each channel), credit returned after every scan that read anything.
+    static let records = CreditRing.RecordFormat(stamp: .sequenceThenWord, wrapKind: kindWord(.wrap))
+
     enum Status: UInt64 { case open = 1, closed = 2 }
 
     /// Immediate values: only a hint of what changed (the receiver rescans everything).
     enum Immediate: UInt32 { case record = 1, credit = 2, status = 3 }
 
     /// The two u64 values of a sealed 24-byte cell, when its checksum matches.
-    static func cell(_ b: UnsafeRawBufferPointer) -> (UInt64, UInt64)? {
-        guard b.count >= 24, let body = RingFormat.unsealed(UnsafeRawBufferPointer(rebasing: b[..<24])) else { return nil }
-        return (RingFormat.readU64(body, 0), RingFormat.readU64(body, 8))
-    }
+    static func cell(_ b: UnsafeRawBufferPointer) -> (UInt64, UInt64)? { CreditRing.unsealCell(b) }
 
-    static func cell(_ a: UInt64, _ b: UInt64) -> [UInt8] {
-        var w = ByteWriter(capacity: 16)
-        w.u64(a); w.u64(b)
-        return RingFormat.sealed(w.bytes)
-    }
+    static func cell(_ a: UInt64, _ b: UInt64) -> [UInt8] { CreditRing.sealCell(a, b) }
 
-    static func record(_ kind: Kind, flags: UInt8 = 0, sequence: UInt64, frameBytes: UInt32 = 0,
-                       fragmentOffset: UInt32 = 0, payload: ArraySlice<UInt8>) -> [UInt8] {
-        var w = ByteWriter(capacity: MailboxLayout.recordHeaderBytes - 8 + payload.count)
-        w.u32(UInt32(MailboxLayout.recordHeaderBytes + payload.count))
-        w.u8(kind.rawValue); w.u8(flags); w.u16(0)
-        w.u64(sequence); w.u32(frameBytes); w.u32(fragmentOffset)
-        w.raw(payload)
-        return RingFormat.sealed(w.bytes)
-    }
+    /// The record kind word of `kind` with `flags`.
+    static func kindWord(_ kind: Kind, flags: UInt8 = 0) -> UInt32 { UInt32(kind.rawValue) << 24 | UInt32(flags) << 16 }
 
-    /// What a record header claims, before its checksum is verified.
+    /// The caller's word of a record: frame bytes, then fragment offset.
+    static func word(frameBytes: Int, fragmentOffset: Int) -> UInt64 { UInt64(frameBytes) << 32 | UInt64(fragmentOffset) }
+
+    /// What a record's header says, in the mailbox's terms.
     struct Header {
-        var totalBytes: Int
         var kind: UInt8
         var flags: UInt8
         var reserved: UInt16
         var sequence: UInt64
         var frameBytes: Int
         var fragmentOffset: Int
-    }
 
-    static func header(_ b: UnsafeRawBufferPointer) -> Header {
-        Header(totalBytes: Int(RingFormat.readU32(b, 8)), kind: b[12], flags: b[13], reserved: UInt16(b[14]) << 8 | UInt16(b[15]),
-               sequence: RingFormat.readU64(b, 16), frameBytes: Int(RingFormat.readU32(b, 24)),
-               fragmentOffset: Int(RingFormat.readU32(b, 28)))
+        init(_ r: CreditRingReader.Record) {
+            kind = UInt8(r.kind >> 24)
+            flags = UInt8(truncatingIfNeeded: r.kind >> 16)
+            reserved = UInt16(truncatingIfNeeded: r.kind)
+            sequence = r.sequence
+            frameBytes = Int(r.word >> 32)
+            fragmentOffset = Int(r.word & 0xFFFF_FFFF)
+        }
     }
 }
