@@ -8,16 +8,7 @@ import Testing
 @Suite struct CandidatesThatCannotWinTests {
     /// Three voters, pre-vote and check-quorum off, node 1 elected and everything delivered.
     func cluster() throws -> ScenarioCluster {
-        var c = ScenarioCluster()
-        c.preVote = false
-        c.checkQuorum = false
-        c.addNodes([1, 2, 3].map { Member(id: $0, role: .voter) })
-        for _ in 0..<40 where c.nodes[1]!.replica!.role != .leader {
-            c.with(1) { $0.tick() }
-            c.stabilize()
-        }
-        try #require(c.nodes[1]!.replica!.role == .leader)
-        return c
+        try #require(ScenarioCluster.elected { $0.preVote = false; $0.checkQuorum = false })
     }
 
     func replica(_ c: ScenarioCluster, _ id: NodeID) -> Replica { c.nodes[id]!.replica! }
@@ -100,13 +91,7 @@ import Testing
     /// wins in it. Without the hand-over, no one could lead while the old leader is down: the
     /// candidates need the new learner's vote, and it refused every candidate behind it.
     @Test func aMemberALaterConfigurationMadeALearnerHandsOverItsLog() throws {
-        var c = ScenarioCluster()
-        c.addNodes([1, 2, 3, 4].map { Member(id: $0, role: .voter) })
-        for _ in 0..<40 where replica(c, 1).role != .leader {
-            c.with(1) { $0.tick() }
-            c.stabilize()
-        }
-        try #require(replica(c, 1).role == .leader)
+        var c = try #require(ScenarioCluster.elected(voters: 4))
         // Node 1 makes node 4 a learner; only node 4 receives the change, then node 1 crashes.
         c.cut = [[1, 2], [1, 3]]
         let next = Membership(replica(c, 1).membership.members.map { $0.id == 4 ? Member(id: 4, role: .learner, priority: 0) : $0 })

@@ -6,17 +6,12 @@ import Testing
 @Suite struct FlowControlTests {
     /// Elects node 1 of three with every message delivered, then holds back what it sends to
     /// node 3 (which never answers) while node 2 keeps the cluster committing.
-    func leaderWithSilentFollower(bytesMax: Int) -> ScenarioCluster {
-        var c = ScenarioCluster()
-        c.batchBytesMax = 64 << 10
-        c.inflightBytesMax = bytesMax
-        c.preVote = false
-        c.addNodes([1, 2, 3].map { Member(id: $0, role: .voter) })
-        for _ in 0..<40 where c.nodes[1]!.replica!.role != .leader {
-            c.with(1) { $0.tick() }
-            c.stabilize()
+    func leaderWithSilentFollower(bytesMax: Int) -> ScenarioCluster? {
+        ScenarioCluster.elected {
+            $0.batchBytesMax = 64 << 10
+            $0.inflightBytesMax = bytesMax
+            $0.preVote = false
         }
-        return c
     }
 
     /// Bytes of entries in the accepts queued for `to` (and drops them: `to` never answers).
@@ -33,8 +28,7 @@ import Testing
 
     @Test(arguments: [256 << 10, 768 << 10])
     func acceptsToASilentFollowerStopAtTheByteWindow(bytesMax: Int) throws {
-        var c = leaderWithSilentFollower(bytesMax: bytesMax)
-        try #require(c.nodes[1]!.replica!.role == .leader)
+        var c = try #require(leaderWithSilentFollower(bytesMax: bytesMax))
         _ = takeAcceptBytes(&c, to: 3)
         var sent = 0
         // 4 MiB of 4 KiB values, proposed 16 at a time; node 2 answers everything.
@@ -52,8 +46,7 @@ import Testing
     }
 
     @Test func anAcknowledgementOpensTheWindowAgain() throws {
-        var c = leaderWithSilentFollower(bytesMax: 128 << 10)
-        try #require(c.nodes[1]!.replica!.role == .leader)
+        var c = try #require(leaderWithSilentFollower(bytesMax: 128 << 10))
         for _ in 0..<16 {
             try c.with(1) { try $0.propose(Array(repeating: [UInt8](repeating: 7, count: 4096), count: 16)).actions }
             c.persistAll(1)
@@ -74,8 +67,7 @@ import Testing
 
     /// The window always admits one accept: a single entry larger than the window still goes.
     @Test func anEntryLargerThanTheWindowStillGoes() throws {
-        var c = leaderWithSilentFollower(bytesMax: 8 << 10)
-        try #require(c.nodes[1]!.replica!.role == .leader)
+        var c = try #require(leaderWithSilentFollower(bytesMax: 8 << 10))
         _ = takeAcceptBytes(&c, to: 3)
         try c.with(1) { try $0.propose([[UInt8](repeating: 1, count: 32 << 10)]).actions }
         c.persistAll(1)

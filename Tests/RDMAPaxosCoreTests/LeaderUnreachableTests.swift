@@ -6,16 +6,7 @@ import Testing
 /// ticks instead of a whole election timeout; a link that broke while the leader lives does not
 /// unseat it. Ticks are the core's logical time (election timeout 10 ticks, 10 to 20 randomized).
 @Suite struct LeaderUnreachableTests {
-    func elected() throws -> ScenarioCluster {
-        var c = ScenarioCluster()
-        c.addNodes([1, 2, 3].map { Member(id: $0, role: .voter) })
-        for _ in 0..<40 where c.nodes[1]!.replica!.role != .leader {
-            c.with(1) { $0.tick() }
-            c.stabilize()
-        }
-        try #require(c.nodes[1]!.replica!.role == .leader)
-        return c
-    }
+    func elected() throws -> ScenarioCluster { try #require(ScenarioCluster.elected()) }
 
     func leader(_ c: ScenarioCluster) -> NodeID? { c.ids.first { c.nodes[$0]!.replica?.role == .leader } }
 

@@ -41,6 +41,19 @@ struct ScenarioCluster {
         return c
     }
 
+    /// Voters `1...voters`, node 1 elected by ticking it with every message delivered (nil if
+    /// it was not within 40 ticks).
+    static func elected(voters: Int = 3, configure: (inout ScenarioCluster) -> Void = { _ in }) -> ScenarioCluster? {
+        var c = ScenarioCluster()
+        configure(&c)
+        c.addNodes((1...voters).map { Member(id: NodeID($0), role: .voter) })
+        for _ in 0..<40 where c.nodes[1]!.replica!.role != .leader {
+            c.with(1) { $0.tick() }
+            c.stabilize()
+        }
+        return c.nodes[1]!.replica!.role == .leader ? c : nil
+    }
+
     mutating func addNodes(_ members: [Member]) {
         bootstrap = Membership(bootstrap.members + members)
         for m in members {

@@ -184,28 +184,20 @@ package struct SocketDescriptor: Hashable, Sendable {
     /// Receives exactly `count` bytes; nil when the peer closed before the first byte, an error
     /// (`ECONNRESET`) when it closed in the middle.
     package func receive(exactly count: Int) throws(SocketFailure) -> [UInt8]? {
-        var out = [UInt8](repeating: 0, count: count)
-        var got = 0
-        while got < count {
-            let n = try out.withUnsafeMutableBytes { b in
-                Result { () throws(SocketFailure) in try receive(into: UnsafeMutableRawBufferPointer(rebasing: b[got...])) }
-            }.get()
-            if n == 0 {
-                if got == 0 { return nil }
-                throw SocketFailure("receive from", peer, errno: ECONNRESET)
-            }
-            got += n
-        }
-        return out
+        try receiveExactly(count, until: nil)
     }
 
     /// Receives exactly `count` bytes unless `deadline` passes first (then `ETIMEDOUT`); nil
     /// when the peer closed before the first byte, `ECONNRESET` when it closed in the middle.
     package func receive(exactly count: Int, until deadline: ContinuousClock.Instant) throws(SocketFailure) -> [UInt8]? {
+        try receiveExactly(count, until: deadline)
+    }
+
+    private func receiveExactly(_ count: Int, until deadline: ContinuousClock.Instant?) throws(SocketFailure) -> [UInt8]? {
         var out = [UInt8](repeating: 0, count: count)
         var got = 0
         while got < count {
-            guard try waitReadable(until: deadline) else {
+            if let deadline, !(try waitReadable(until: deadline)) {
                 throw SocketFailure("no \(count)-byte message before the deadline from", peer, errno: ETIMEDOUT)
             }
             let n = try out.withUnsafeMutableBytes { b in
