@@ -116,9 +116,10 @@ struct RingCluster {
             return m
         }
         func sendOnce(_ m: Message) async -> Bool {
+            // Counted before sending: a fabric that lands at once may deliver before send returns.
             let before = sender.statistics.sent
-            sender.send(m)
             let delivered = c.inboxes[2]!.count
+            sender.send(m)
             guard sender.statistics.sent == before + 1 else { return false }
             return await eventually { c.inboxes[2]!.count == delivered + 1 }
         }
