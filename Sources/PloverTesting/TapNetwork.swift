@@ -99,16 +99,9 @@ final class TapLab {
     /// guest's redis-server; its CSV rows (the header left out, quotes removed) and its output.
     /// Throws, naming `what` was run, when it fails.
     func redisBenchmark(_ arguments: [String], what: String) throws -> (rows: [[String]], text: String) {
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: Self.ipPath)
-        p.arguments = ["netns", "exec", clientNamespace, "redis-benchmark", "-h", "10.99.0.2", "-p", "6379"] + arguments + ["--csv"]
-        let pipe = Pipe()
-        p.standardOutput = pipe
-        p.standardError = FileHandle.nullDevice
-        try p.run()
-        let text = String(decoding: pipe.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-        p.waitUntilExit()
-        guard p.terminationStatus == 0 else { throw CLIError("redis-benchmark \(what) failed (\(p.terminationStatus)): \(text)") }
+        let (status, text) = try Self.output(of: Self.ipPath,
+                                             ["netns", "exec", clientNamespace, "redis-benchmark", "-h", "10.99.0.2", "-p", "6379"] + arguments + ["--csv"])
+        guard status == 0 else { throw CLIError("redis-benchmark \(what) failed (\(status)): \(text)") }
         let rows = text.split(separator: "\n").dropFirst().map { line in
             line.split(separator: ",").map { $0.trimmingCharacters(in: CharacterSet(charactersIn: "\"")) }
         }
@@ -118,15 +111,7 @@ final class TapLab {
     /// The bridge port (a tap or the client's link) the bridge forwards frames for `mac` to;
     /// nil when it has not learnt that MAC.
     func bridgePort(of mac: String) throws -> String? {
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: Self.ipPath.replacingOccurrences(of: "/ip", with: "/bridge"))
-        p.arguments = ["fdb", "show", "br", bridge]
-        let out = Pipe()
-        p.standardOutput = out
-        p.standardError = FileHandle.nullDevice
-        try p.run()
-        let text = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-        p.waitUntilExit()
+        let (_, text) = try Self.output(of: Self.ipPath.replacingOccurrences(of: "/ip", with: "/bridge"), ["fdb", "show", "br", bridge])
         for line in text.split(separator: "\n") where line.lowercased().hasPrefix(mac.lowercased() + " ") {
             let words = line.split(separator: " ")
             if let i = words.firstIndex(of: "dev"), i + 1 < words.count, !line.contains(" permanent") { return String(words[i + 1]) }
@@ -152,6 +137,20 @@ final class TapLab {
     deinit { tearDown() }
 
     private static let labsMade = Atomic<Int>(0)
+
+    /// Runs `path ARGS` to its end: its exit status and standard output (standard error dropped).
+    static func output(of path: String, _ args: [String]) throws -> (status: Int32, text: String) {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: path)
+        p.arguments = args
+        let out = Pipe()
+        p.standardOutput = out
+        p.standardError = FileHandle.nullDevice
+        try p.run()
+        let text = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        p.waitUntilExit()
+        return (p.terminationStatus, text)
+    }
 
     /// Runs `ip ARGS`; throws with its error output when it fails.
     static func ip(_ args: [String]) throws {
