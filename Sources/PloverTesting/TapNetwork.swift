@@ -65,9 +65,11 @@ final class TapLab {
     }
 
     /// No IPv6 on a host-side link: its router solicitations and MLD reports would be flooded
-    /// to the taps and logged as inputs for nothing.
+    /// to the taps and logged as inputs for nothing. Where /proc/sys is read-only (many
+    /// containers), a link told over netlink to make no IPv6 address stays as quiet.
     private static func noIPv6(_ link: String) {
         try? "1".write(toFile: "/proc/sys/net/ipv6/conf/\(link)/disable_ipv6", atomically: false, encoding: .utf8)
+        try? ip(["link", "set", "dev", link, "addrgenmode", "none"])
     }
 
     /// A TCP connection from the client namespace to `address` (the socket is made on a thread
