@@ -191,8 +191,9 @@ package struct VMTapBench: ParsableCommand {
         }
     }
 
-    /// kill → first frame released by the new primary and kill → next reply on `redis`, per kill (ms).
-    func failover(_ cluster: VMCluster, _ redis: RedisConnection) throws -> [(released: Double?, reply: Double)] {
+    /// kill → first frame released by the new primary and kill → next reply on `redis`, per kill
+    /// (ms), with the new primary's failover timeline (each step in ms after the kill).
+    func failover(_ cluster: VMCluster, _ redis: RedisConnection) throws -> [(released: Double?, reply: Double, steps: [String: Double])] {
         let acks = Mutex<(times: [Double], stop: Bool, error: String?)>(([], false, nil))
         let done = DispatchSemaphore(value: 0)
         let writer = Thread {
@@ -215,7 +216,7 @@ package struct VMTapBench: ParsableCommand {
             done.wait()
         }
         var primary: NodeID = 1
-        var out: [(Double?, Double)] = []
+        var out: [(Double?, Double, [String: Double])] = []
         for k in 0..<kills {
             let count = acks.withLock { $0.times.count }
             guard waitFor(.seconds(60), { acks.withLock { $0.times.count } >= count + 10 }) else {
@@ -231,8 +232,9 @@ package struct VMTapBench: ParsableCommand {
             let reply = acks.withLock { $0.times.first { $0 > t }! } - t
             _ = waitFor(.seconds(5)) { log(cluster, survivor, from: offset).contains("first_answer=") }
             let line = log(cluster, survivor, from: offset).split(separator: "\n").first { $0.contains("failover timeline") }
-            let released = line.flatMap { l in l.split(separator: " ").first { $0.hasPrefix("first_answer=") } }.flatMap { Double($0.dropFirst(13)) }.map { $0 - t }
-            out.append((released, reply))
+            let steps = line.map { VMFailoverBench.timeline(in: $0, killedAt: t) } ?? [:]
+            let released = steps["first_answer"]
+            out.append((released, reply, steps))
             say(String(format: "  kill %d of node %d: first frame released %@ ms, next reply %.0f ms", k + 1, primary, released.map { String(format: "%.0f", $0) } ?? "-", reply))
             let restartOffset = log(cluster, primary).utf8.count
             try cluster.restart(primary)
@@ -259,7 +261,7 @@ package struct VMTapBench: ParsableCommand {
         return condition()
     }
 
-    static func report(_ rows: [Row], releases: [Release], stages: [String] = [], failovers: [(released: Double?, reply: Double)], kills: Int, machine: String, command: String) -> String {
+    static func report(_ rows: [Row], releases: [Release], stages: [String] = [], failovers: [(released: Double?, reply: Double, steps: [String: Double])], kills: Int, machine: String, command: String) -> String {
         func f(_ x: Double) -> String { String(format: "%.2f", x) }
         var s = "# redis-server in a replicated VM over a tap\n\n" + machine
         s += "`\(command)`; 128 MiB guest under TCG, Debian's redis-server 7 in it (no persistence), redis-benchmark in a client "
@@ -299,6 +301,12 @@ package struct VMTapBench: ParsableCommand {
         s += "| kill | kill → first frame released by the new primary (ms) | kill → next reply on the same connection (ms) |\n|---|---|---|\n"
         for (i, r) in failovers.enumerated() {
             s += "| \(i + 1) | \(r.released.map { String(format: "%.0f", $0) } ?? "-") | \(String(format: "%.0f", r.reply)) |\n"
+        }
+        s += "\nWhere the time went, from the new primary's failover timeline (ms after the kill; - where a step was not logged; "
+        s += "the steps are those of `plover bench vm-failover`):\n\n"
+        s += "| kill | " + VMFailoverBench.stepNames.joined(separator: " | ") + " |\n|" + String(repeating: "---|", count: VMFailoverBench.stepNames.count + 1) + "\n"
+        for (i, r) in failovers.enumerated() {
+            s += "| \(i + 1) | " + VMFailoverBench.stepNames.map { r.steps[$0].map { String(format: "%.0f", $0) } ?? "-" }.joined(separator: " | ") + " |\n"
         }
         let replies = failovers.map(\.reply).sorted()
         if !replies.isEmpty {
