@@ -92,42 +92,100 @@ enum ClosedLoopLoad {
             th.start()
         }
         finished.wait()
-        let all = results.flatMap(\.latencies)
-        return Result(latency: LatencySummary(nanoseconds: all), putsPerSecond: Double(all.count) / seconds,
-                      errors: results.reduce(0) { $0 + $1.errors }, firstError: results.lazy.compactMap(\.firstError).first)
+        return summary(results, seconds: seconds)
     }
 
     private static func loop(client: any PutClient, thread t: Int, valueBytes: Int, keyPrefix: String, keySpace: Int?,
                              measureFrom: UInt64, end: UInt64, into r: ThreadResult) {
-        let value = [UInt8](repeating: UInt8(ascii: "v"), count: valueBytes)
-        var i = 0
-        var failuresInARow = 0
-        while true {
-            let t0 = now()
-            if t0 >= end { break }
-            // A fresh key per put (no put stores over an earlier value), or keys cycled over the
-            // key space so the state stays bounded however long the run.
-            let key = Array((keySpace.map { "\(keyPrefix)/\((t &* 1_000_003 &+ i) % $0)" } ?? "\(keyPrefix)/\(t)/\(i)").utf8)
-            i += 1
+        var load = OneClient(client: t, valueBytes: valueBytes, keyPrefix: keyPrefix, keySpace: keySpace, measureFrom: measureFrom, end: end, into: r)
+        while let (key, t0) = load.next() {
             do {
-                try client.put(key: key, value: value)
-                let t1 = now()
-                if t0 >= measureFrom && t1 <= end { r.latencies.append(t1 - t0) }
-                failuresInARow = 0
+                try client.put(key: key, value: load.value)
+                load.succeeded(since: t0)
             } catch {
-                r.errors += 1
-                if r.firstError == nil { r.firstError = "\(error)" }
-                failuresInARow += 1
-                if failuresInARow >= 20 { break }  // the cluster is gone: stop rather than spin
+                guard load.failed(error) else { break }
                 Thread.sleep(forTimeInterval: 0.01)
             }
         }
     }
 
-    /// One load thread's measurements.
+    /// The same load from `clients` tasks sharing one async client (`put` may be called by all of
+    /// them at once): each task puts its next key once its previous put is answered.
+    static func runTasks(clients: Int, valueBytes: Int, warmup: Double, seconds: Double, keyPrefix: String, keySpace: Int? = nil,
+                         put: @escaping @Sendable ([UInt8], [UInt8]) async throws -> Void) async -> Result {
+        let measureFrom = now() + UInt64(warmup * 1e9)
+        let end = measureFrom + UInt64(seconds * 1e9)
+        let results = (0..<clients).map { _ in ThreadResult() }
+        await withTaskGroup(of: Void.self) { group in
+            for t in 0..<clients {
+                let mine = results[t]
+                group.addTask {
+                    var load = OneClient(client: t, valueBytes: valueBytes, keyPrefix: keyPrefix, keySpace: keySpace, measureFrom: measureFrom, end: end, into: mine)
+                    while let (key, t0) = load.next() {
+                        do {
+                            try await put(key, load.value)
+                            load.succeeded(since: t0)
+                        } catch {
+                            guard load.failed(error) else { break }
+                            try? await Task.sleep(for: .milliseconds(10))
+                        }
+                    }
+                }
+            }
+        }
+        return summary(results, seconds: seconds)
+    }
+
+    private static func summary(_ results: [ThreadResult], seconds: Double) -> Result {
+        let all = results.flatMap(\.latencies)
+        return Result(latency: LatencySummary(nanoseconds: all), putsPerSecond: Double(all.count) / seconds,
+                      errors: results.reduce(0) { $0 + $1.errors }, firstError: results.lazy.compactMap(\.firstError).first)
+    }
+
+    /// One closed-loop client's keys and bookkeeping, whether it runs on a thread or a task.
+    private struct OneClient {
+        let client: Int, keyPrefix: String, keySpace: Int?, measureFrom: UInt64, end: UInt64
+        let value: [UInt8]
+        let r: ThreadResult
+        var i = 0
+        var failuresInARow = 0
+
+        init(client: Int, valueBytes: Int, keyPrefix: String, keySpace: Int?, measureFrom: UInt64, end: UInt64, into r: ThreadResult) {
+            (self.client, self.keyPrefix, self.keySpace, self.measureFrom, self.end, self.r) = (client, keyPrefix, keySpace, measureFrom, end, r)
+            value = [UInt8](repeating: UInt8(ascii: "v"), count: valueBytes)
+        }
+
+        /// The next key and its start time; nil once the run is over.
+        mutating func next() -> ([UInt8], UInt64)? {
+            let t0 = now()
+            guard t0 < end else { return nil }
+            // A fresh key per put (no put stores over an earlier value), or keys cycled over the
+            // key space so the state stays bounded however long the run.
+            let key = Array((keySpace.map { "\(keyPrefix)/\((client &* 1_000_003 &+ i) % $0)" } ?? "\(keyPrefix)/\(client)/\(i)").utf8)
+            i += 1
+            return (key, t0)
+        }
+
+        mutating func succeeded(since t0: UInt64) {
+            let t1 = now()
+            if t0 >= measureFrom && t1 <= end { r.latencies.append(t1 - t0) }
+            failuresInARow = 0
+        }
+
+        /// Counts a failed put; false once 20 failed in a row (the cluster is gone: stop rather
+        /// than spin).
+        mutating func failed(_ error: any Error) -> Bool {
+            r.errors += 1
+            if r.firstError == nil { r.firstError = "\(error)" }
+            failuresInARow += 1
+            return failuresInARow < 20
+        }
+    }
+
+    /// One load thread's (or task's) measurements.
     private final class ThreadResult: @unchecked Sendable {
-        // @unchecked Sendable: written only by its own load thread, read by `run` after
-        // `finished.wait()`, which orders the accesses.
+        // @unchecked Sendable: written only by its own load thread or task, read by `run` after
+        // `finished.wait()` (or the task group's end), which orders the accesses.
         var latencies: [UInt64] = []
         var errors = 0
         var firstError: String?

@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import RDMAPaxos
+import Synchronization
 
 /// `plover bench consensus`: puts/s and put latency of a 3-replica plover cluster (fsync and
 /// memory durability) next to a 3-member etcd cluster, all on loopback, driven by the same
@@ -24,6 +25,8 @@ package struct ConsensusBench: ParsableCommand {
     @Option(help: "Write the markdown results here as well as to stdout.") var out: String?
     @Option(help: "Write an SVG plot here.") var svg: String?
     @Flag(help: "Keep data dirs and node/etcd logs.") var keep = false
+    @Option(help: "How plover's clients reach the cluster: pipelined (one async PipelinedNodeClient shared by every client task, one connection) or threads (a blocking NodeClient and a connection per client thread, as etcd's clients get).")
+    var ploverClient: PloverClientKind = .pipelined
 
     package func validate() throws {
         for s in list(systems) where BenchSystem(rawValue: s) == nil {
@@ -74,7 +77,7 @@ package struct ConsensusBench: ParsableCommand {
         }
 
         let report = ConsensusReport(rows: rows, roundTrip: rtt, roundTripThreads: rttThreads, fdatasync: fsync, probes: probes, machine: machine, etcdVersion: etcdVersion,
-                                     timing: Self.ploverTiming, seconds: seconds, warmup: warmup, command: commandLine())
+                                     timing: Self.ploverTiming, seconds: seconds, warmup: warmup, command: commandLine(), ploverClient: ploverClient)
         let text = report.markdown()
         print(text)
         if let out { try text.write(toFile: out, atomically: true, encoding: .utf8) }
@@ -103,14 +106,39 @@ package struct ConsensusBench: ParsableCommand {
                 if system == .ploverMemory && probes == nil, case let .plover(endpoints, leader) = makeClient.target {
                     probes = try Self.probe(endpoints: endpoints, leader: leader)
                 }
-                let r = ClosedLoopLoad.run(clients: n, valueBytes: value, warmup: warmup, seconds: seconds,
+                let r: ClosedLoopLoad.Result
+                if case let .plover(endpoints, _) = makeClient.target, ploverClient == .pipelined {
+                    r = Self.pipelinedLoad(endpoints: endpoints, clients: n, valueBytes: value, warmup: warmup, seconds: seconds,
+                                           keyPrefix: "bench/\(value)/\(n)", keySpace: keySpace)
+                } else {
+                    r = ClosedLoopLoad.run(clients: n, valueBytes: value, warmup: warmup, seconds: seconds,
                                            keyPrefix: "bench/\(value)/\(n)", keySpace: keySpace, makeClient: makeClient.make)
+                }
                 rows.append(ConsensusRow(system: system, valueBytes: value, clients: n, result: r))
                 say(String(format: "  %5d B x%-3d %8.0f puts/s  p50 %8.0f µs  p99 %8.0f µs", value, n, r.putsPerSecond, r.latency.p50Micros, r.latency.p99Micros)
                     + (r.errors > 0 ? "  (\(r.errors) errors; first: \(r.firstError ?? ""))" : ""))
             }
         }
         return rows
+    }
+
+    /// The closed-loop load as `clients` tasks over one `PipelinedNodeClient` (this thread waits).
+    static func pipelinedLoad(endpoints: [NodeID: String], clients: Int, valueBytes: Int, warmup: Double, seconds: Double,
+                              keyPrefix: String, keySpace: Int?) -> ClosedLoopLoad.Result {
+        let client = PipelinedNodeClient(endpoints: endpoints, timeout: .seconds(10))
+        defer { client.close() }
+        let result = Mutex<ClosedLoopLoad.Result?>(nil)
+        let done = DispatchSemaphore(value: 0)
+        Task {
+            let r = await ClosedLoopLoad.runTasks(clients: clients, valueBytes: valueBytes, warmup: warmup, seconds: seconds, keyPrefix: keyPrefix,
+                                                  keySpace: keySpace) { key, value in
+                _ = try await client.propose(KeyValueStateMachine.Command.put(key: key, value: value).encoded())
+            }
+            result.withLock { $0 = r }
+            done.signal()
+        }
+        done.wait()
+        return result.withLock { $0! }
     }
 
     /// What the load needs to reach a started cluster.
@@ -182,6 +210,11 @@ package struct ConsensusBench: ParsableCommand {
 
 private func list(_ s: String) -> [String] { s.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) } }
 private func ints(_ s: String) -> [Int] { list(s).compactMap { Int($0) } }
+
+/// How `plover bench consensus` drives a plover cluster.
+enum PloverClientKind: String, ExpressibleByArgument, CaseIterable {
+    case pipelined, threads
+}
 
 /// What `plover bench consensus` can measure.
 enum BenchSystem: String, CaseIterable {

@@ -74,6 +74,7 @@ struct ConsensusReport {
     var seconds: Double
     var warmup: Double
     var command: String
+    var ploverClient: PloverClientKind
 
     var valueSizes: [Int] { Array(Set(rows.map(\.valueBytes))).sorted() }
     var clientCounts: [Int] { Array(Set(rows.map(\.clients))).sorted() }
@@ -92,12 +93,14 @@ struct ConsensusReport {
         s += machine.markdownLine(dataDirs: "disk-backed data dirs")
         s += "- **plover**: 3 `plover node` replicas on 127.0.0.1 (TCP fabric, Berkeley DB log), tick "
         s += "\(timing.tickMilliseconds) ms, heartbeat \(timing.heartbeatTicks) ticks, election timeout \(timing.electionTimeoutTicks) ticks; "
-        s += "clients use `NodeClient` (one connection per thread, leader only).\n"
+        s += ploverClient == .pipelined
+            ? "N client tasks share one `PipelinedNodeClient` (one connection to the leader, each task's put in flight beside the others').\n"
+            : "clients use `NodeClient` (one connection per thread, leader only).\n"
         s += "- **etcd \(etcdVersion)** (Debian etcd-server): 3 members on 127.0.0.1, default settings (fsync on every "
         s += "raft batch; 3.4 has no `--unsafe-no-fsync`); puts are `POST /v3/kv/put` to the leader's v3 HTTP/JSON gateway "
         s += "over one keep-alive HTTP/1.1 connection per thread. *etcd (tmpfs)* puts its data dirs on tmpfs, so its "
         s += "fsyncs cost next to nothing: the closest 3.4 gets to plover's memory mode.\n"
-        s += "- Load, the same for both: N threads, each putting a new key with a fixed-size value, waiting for the "
+        s += "- Load, the same for both: N closed-loop clients (threads, or tasks for the pipelined plover client), each putting a new key with a fixed-size value, waiting for the "
         s += "acknowledgement, then putting the next (closed loop). Each point runs \(String(format: "%g", warmup)) s unmeasured, then "
         s += "\(String(format: "%g", seconds)) s measured; latency is put call → acknowledgement at the client.\n"
         s += "- Everything (3 servers, the load threads) shares the \(machine.cores) cores.\n\n"

@@ -100,42 +100,30 @@ public final class NodeClient {
                 target = nextEndpoint(after: target, attempt: attempt)
                 continue
             }
-            switch answer {
-            case let .ok(rid, result) where rid == id:
+            switch answer.clientAction(request: id, from: target, idempotent: idempotent) {
+            case let .result(result):
                 return result
-            case let .error(_, code, _, message) where !idempotent && code.leavesProposalOutcomeUnknown:
-                // "stopped" and "storage" may come from a leader that was replicating the command as
-                // it stopped or its log failed: the other replicas can still commit it.
-                let note = code == .timedOut ? "" : "; the command may or may not have taken effect"
-                throw Failure(description: "node \(target): \(message)\(note)", outcomeUnknown: true)
-            case let .error(_, code, leader, message) where code == .notLeader || code == .superseded || code == .stopped:
+            case let .fail(failure):
+                throw failure
+            case let .retry(leader, why):
                 // Leadership is moving: follow the hint, else try the next member.
-                last = "node \(target): \(message)"
+                last = why
                 if let l = leader, endpoints[l] != nil, l != target {
                     target = l
                 } else {
                     disconnect()
                     target = nextEndpoint(after: target, attempt: attempt)
                 }
-            case let .error(_, _, _, message):
-                throw Failure(description: "node \(target): \(message)")
-            default:
-                // An answer that is not this request's: the command itself may have been applied.
-                throw Failure(description: "node \(target) sent an unexpected answer" + (idempotent ? "" : "; the command may or may not have taken effect"),
-                              outcomeUnknown: !idempotent)
             }
         }
         throw Failure(description: "no leader answered after \(attempts) attempts; last: \(last)")
     }
 
-    /// The member after `node`, pausing once every member was tried (an election may be
-    /// running): 2 ms, doubling up to 500 ms, so a client finds a leader elected within a few
-    /// milliseconds soon after, and still waits about 5 s in all over its 20 attempts.
+    /// The member after `node`, pausing first once every member was tried (`retryPause`).
     func nextEndpoint(after node: NodeID, attempt: Int) -> NodeID {
         let ids = endpoints.keys.sorted()
-        if attempt >= ids.count - 1 {
-            let round = min(attempt - (ids.count - 1), 8)
-            Thread.sleep(forTimeInterval: min(0.5, 0.002 * Double(1 << round)))
+        if let pause = Self.retryPause(attempt: attempt, members: ids.count) {
+            Thread.sleep(forTimeInterval: pause.inSeconds)
         }
         return ids[((ids.firstIndex(of: node) ?? 0) + 1) % ids.count]
     }

@@ -1,0 +1,144 @@
+import Foundation
+import Synchronization
+
+/// One connection of a `PipelinedNodeClient`: requests are written as they come, each waits for
+/// the answer with its id, and a thread of the session's own reads answers in whatever order the
+/// node sends them. A request unanswered by its deadline, or in flight when the connection
+/// fails, is resumed with `PipelinedSession.Lost`.
+final class PipelinedSession: Sendable {
+    /// Why a request got no answer.
+    struct Lost: Error, CustomStringConvertible {
+        var description: String
+        /// Whether the request went out (a node may have it), or never left this client.
+        var sent: Bool
+    }
+
+    private struct Waiter {
+        var continuation: CheckedContinuation<ClientFrame, any Error>
+        var deadline: ContinuousClock.Instant
+    }
+
+    private struct State {
+        var waiters: [UInt64: Waiter] = [:]
+        /// Why the session ended; set once, after which no request is taken.
+        var ended: String?
+        /// No new request will come (the client moved on); end once the last answer is in.
+        var retired = false
+    }
+
+    let node: NodeID
+    private let socket: SocketDescriptor
+    private let state = Mutex(State())
+    private let sending = Mutex(())
+
+    /// Connects to `node` at `address` (connect bounded by `timeout`) and starts the reader.
+    init(node: NodeID, address: HostPort, timeout: Duration) throws(SocketFailure) {
+        self.node = node
+        socket = try SocketDescriptor.connect(to: address, timeout: timeout)
+        socket.setReceiveTimeout(.zero)  // the reader waits with poll, never in recv
+        let t = Thread { [self] in readLoop() }
+        t.name = "plover-pipelined-client"
+        t.start()
+    }
+
+    /// Whether the session still takes requests.
+    var isOpen: Bool { state.withLock { $0.ended == nil && !$0.retired } }
+
+    /// Sends `frame` (request `id`) and waits for its answer until `deadline`.
+    func request(_ frame: ClientFrame, id: UInt64, deadline: ContinuousClock.Instant) async throws -> ClientFrame {
+        try await withCheckedThrowingContinuation { (c: CheckedContinuation<ClientFrame, any Error>) in
+            let refused = state.withLock { s -> String? in
+                if let why = s.ended { return why }
+                s.waiters[id] = Waiter(continuation: c, deadline: deadline)
+                return nil
+            }
+            if let refused {
+                c.resume(throwing: Lost(description: refused, sent: false))
+                return
+            }
+            let bytes = frame.encoded()
+            let failed = sending.withLock { _ -> SocketFailure? in
+                do throws(SocketFailure) { try socket.send(bytes) } catch { return error }
+                return nil
+            }
+            if let failed { end("connection to node \(node) lost while sending: \(String(cString: strerror(failed.errno)))") }
+        }
+    }
+
+    /// Takes no more requests; the connection closes once the ones in flight are answered.
+    func retire() {
+        let idle = state.withLock { s in
+            s.retired = true
+            return s.waiters.isEmpty
+        }
+        if idle { end("retired") }
+    }
+
+    /// Ends the session: every waiting request is resumed with `Lost(why)`, the socket shut down
+    /// (the reader closes it).
+    private func end(_ why: String) {
+        let waiting = state.withLock { s -> [Waiter] in
+            guard s.ended == nil else { return [] }
+            s.ended = why
+            defer { s.waiters = [:] }
+            return Array(s.waiters.values)
+        }
+        socket.shutdown()
+        for w in waiting { w.continuation.resume(throwing: Lost(description: why, sent: true)) }
+    }
+
+    private func readLoop() {
+        var buffer: [UInt8] = []
+        var start = 0
+        while state.withLock({ $0.ended == nil }) {
+            expireOverdue()
+            guard socket.waitReadable(.milliseconds(100)) else { continue }
+            let chunk: [UInt8]
+            do { chunk = try socket.receive(upTo: 64 << 10) } catch {
+                end("connection to node \(node) failed: \(String(cString: strerror(error.errno)))")
+                break
+            }
+            guard !chunk.isEmpty else {
+                end("connection to node \(node) closed")
+                break
+            }
+            buffer.removeFirst(start)
+            start = 0
+            buffer += chunk
+            while buffer.count - start >= 4 {
+                let length = buffer[start..<start + 4].reduce(0) { $0 << 8 | Int($1) }
+                guard length <= ClientFrame.bytesMax else {
+                    end("node \(node) sent a \(length)-byte frame (limit \(ClientFrame.bytesMax))")
+                    break
+                }
+                guard buffer.count - start >= 4 + length else { break }
+                let body = Array(buffer[start + 4..<start + 4 + length])
+                start += 4 + length
+                do { deliver(try ClientFrame(body: body)) } catch {
+                    end("node \(node) sent a malformed frame: \(error)")
+                    break
+                }
+            }
+        }
+        socket.close()
+    }
+
+    private func deliver(_ frame: ClientFrame) {
+        let (waiter, idle) = state.withLock { s in
+            let w = s.waiters.removeValue(forKey: frame.id)
+            return (w, s.retired && s.waiters.isEmpty)
+        }
+        // An answer nobody waits for (its request timed out) is dropped.
+        waiter?.continuation.resume(returning: frame)
+        if idle { end("retired") }
+    }
+
+    private func expireOverdue() {
+        let now = ContinuousClock.now
+        let overdue = state.withLock { s -> [Waiter] in
+            let ids = s.waiters.filter { $0.value.deadline <= now }.map(\.key)
+            return ids.compactMap { s.waiters.removeValue(forKey: $0) }
+        }
+        for w in overdue { w.continuation.resume(throwing: Lost(description: "node \(node) did not answer in time", sent: true)) }
+    }
+}
