@@ -320,8 +320,18 @@ package struct VMTapBench: ParsableCommand {
 func unixMillis() -> Double { Date().timeIntervalSince1970 * 1000 }
 
 /// The `key=value` words of a VM replica's `status` answer on its control socket
-/// (`run_dir/control.sock`); empty when it does not answer.
+/// (`run_dir/control.sock`), the first value of each key; empty when it does not answer within
+/// three tries.
 func vmStatus(runDir: String) -> [String: String] {
+    for _ in 0..<3 {
+        let words = vmStatusOnce(runDir: runDir)
+        if !words.isEmpty { return words }
+        usleep(100_000)
+    }
+    return [:]
+}
+
+private func vmStatusOnce(runDir: String) -> [String: String] {
     guard let s = try? SocketDescriptor.connect(unixPath: runDir + "/control.sock") else { return [:] }
     defer { s.close() }
     guard (try? s.send(Array("status\n".utf8))) != nil else { return [:] }
@@ -329,7 +339,9 @@ func vmStatus(runDir: String) -> [String: String] {
     while let chunk = try? s.receive(upTo: 4096), !chunk.isEmpty { bytes += chunk }
     var out: [String: String] = [:]
     for word in String(decoding: bytes, as: UTF8.self).split(whereSeparator: { $0 == " " || $0 == "\n" }) {
-        if let eq = word.firstIndex(of: "=") { out[String(word[..<eq])] = String(word[word.index(after: eq)...]) }
+        // The first value of a key is the live one: `last_checkpoint=` at the end repeats the
+        // output counters as they were at that checkpoint.
+        if let eq = word.firstIndex(of: "="), out[String(word[..<eq])] == nil { out[String(word[..<eq])] = String(word[word.index(after: eq)...]) }
     }
     return out
 }
