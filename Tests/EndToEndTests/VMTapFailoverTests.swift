@@ -170,6 +170,14 @@ extension EndToEnd {
             let persistence = try writer.paused { try redis.command(["INFO", "persistence"], timeout: .seconds(60)) }
             checks.expect(persistence.contains("aof_enabled:1"), "redis-server in the guest keeps no AOF on the disk: \(persistence.prefix(200))")
             try need(wait(.seconds(30)) { digested(cluster, primary: 1) > 0 }, "no checkpoint with node 1 primary has RAM and disk digests on both sides")
+            // A second connection opened while the backup is protected: the two guests choose
+            // different initial sequence numbers for it, so release on match learns an offset
+            // (docs/design/vmreplica.md, "Connection offsets"), and the backup rewrites it
+            // from then on; it is killed before a checkpoint can make the two guests equal.
+            let late = try RedisConnection(connect: lab.clientConnect, host: "10.99.0.2", port: 6379, timeout: .seconds(60))
+            let lateSet = try late.command(["SET", "late", "1"], timeout: .seconds(60))
+            checks.expect(lateSet == "+OK", "SET on the second connection answered \(lateSet)")
+            let learnt = Int(vmStatus(runDir: cluster.runDir(1))["offsets_learnt"] ?? "") ?? 0
 
             // 1. kill -9 of the primary's replica and QEMU while the client writes.
             let before1 = writer.acked.count
@@ -180,6 +188,12 @@ extension EndToEnd {
             try need(log(cluster, 2).contains("serves clients on tap \(lab.taps[2]!); announced the guest"), "the new primary did not announce the guest on its tap")
             let page2 = try page(lab)
             checks.expect(page2 == diskPage, "after the failover the guest's httpd served \(page2.debugDescription), not the page on its disk")
+            // The second connection goes on against the new primary, through its offsets if it had any.
+            let lateGet = try late.command(["GET", "late"], timeout: .seconds(60))
+            checks.expect(lateGet == "1", "GET on the second connection after the failover answered \(lateGet)")
+            let lateSet2 = try late.command(["SET", "late", "2"], timeout: .seconds(60))
+            checks.expect(lateSet2 == "+OK", "SET on the second connection after the failover answered \(lateSet2)")
+            let rewritten = log(cluster, 2).components(separatedBy: "\n").first { $0.contains("rewrites") && $0.contains("connections by the offsets") }
 
             // The killed replica comes back on its own tap and is re-protected by a checkpoint.
             let offset1 = (try? String(contentsOfFile: cluster.logPath(1), encoding: .utf8))?.utf8.count ?? 0
@@ -229,7 +243,7 @@ extension EndToEnd {
             checks.expect(acked == Array(1...acked.count), "acknowledgements out of order or with gaps: \(acked.prefix(10))...")
             let common = VM.commonCheckpoints(cluster, checks)
             checks.expect(common.filter { $0.0["disk_digest"] != nil }.count >= 2, "fewer than two checkpoints with disk digests on both sides: \(common.map(\.0))")
-            print("tap failover: \(common.count) checkpoints with equal RAM and disk digests on both sides (\(digested(cluster, primary: 1)) with node 1 primary, \(digested(cluster, primary: 2)) with node 2); \(acked.count) writes acknowledged on one connection; kill -9 → next reply \(first1.map { "\($0)" } ?? "-"), SIGSTOP → next reply (idle client, then writing) \(first2.map { "\($0)" } ?? "-") (client route rto_min \(TapLab.rtoMin))")
+            print("tap failover: \(common.count) checkpoints with equal RAM and disk digests on both sides (\(digested(cluster, primary: 1)) with node 1 primary, \(digested(cluster, primary: 2)) with node 2); \(acked.count) writes acknowledged on one connection; kill -9 → next reply \(first1.map { "\($0)" } ?? "-"), SIGSTOP → next reply (idle client, then writing) \(first2.map { "\($0)" } ?? "-") (client route rto_min \(TapLab.rtoMin)); offsets the primary learnt before the kill: \(learnt); the new primary: \(rewritten.map { String($0.suffix(140)) } ?? "rewrote no connection")")
         }
     }
 }

@@ -286,4 +286,21 @@ import Testing
         _ = q.proposalFailed(.checkpoint(epoch: 1, proposer: 1))
         #expect(!q.checkpointSlotTaken)
     }
+
+    /// A connection offset is the primary's to release by and its backup's to rewrite by, each
+    /// only while in that role at the entry's log position: after a take-over the old primary's
+    /// entries change nothing on either side.
+    @Test func aConnectionOffsetEntryActsOnlyForItsPrimaryAndThatPrimarysBackup() {
+        let key = TCPConnectionKey(guestIP: 1, guestPort: 2, peerIP: 3, peerPort: 4)
+        let e = LearntOffset(generation: 1, proposer: 1, ticket: 7, key: key, offset: ConnectionOffset(sequence: 9))
+        var p = primary()
+        #expect(p.apply(.connectionOffset(e), at: 6) == [.offsetApplied(generation: 1, ticket: 7)])
+        var b = protectedBackup()
+        #expect(b.apply(.connectionOffset(e), at: 6) == [.learnOffset(e)])
+        // The backup took over at 7: the old primary's later entry is nobody's.
+        _ = b.apply(.takeOver(by: 2), at: 7)
+        #expect(b.role == .primary && b.apply(.connectionOffset(e), at: 8).isEmpty)
+        _ = p.apply(.takeOver(by: 2), at: 7)
+        #expect(p.role == .backup && p.apply(.connectionOffset(e), at: 8).isEmpty)
+    }
 }

@@ -22,8 +22,9 @@ public struct OutputDigest: Equatable, Sendable {
     /// The connection: a hash of (source address, destination address, source port, destination
     /// port) for TCP; 0 for every other frame.
     public var stream: UInt64
-    /// XXH3-64 of the normalized frame (payload, sequence and acknowledgement numbers, flags,
-    /// window and options included; IPv4 id, checksums, timestamp values and padding zeroed).
+    /// XXH3-64 of the normalized frame (payload, acknowledgement number, flags, window and
+    /// options included; IPv4 id, checksums, the sequence number, timestamp values and padding
+    /// zeroed: the sequence number is compared on its own, possibly with a connection's offset).
     public var content: UInt64
     /// TCP sequence number (0 for other frames).
     public var sequence: UInt32 = 0
@@ -82,6 +83,8 @@ public struct OutputDigest: Equatable, Sendable {
             self.init(other: f)
             return
         }
+        let sequence = Self.be32(f, l4 + 4)
+        for i in (l4 + 4)..<(l4 + 8) { f[i] = 0 }  // sequence number: compared on its own (`sequence`)
         f[l4 + 16] = 0; f[l4 + 17] = 0  // TCP checksum
         var ts: UInt32?
         var o = l4 + 20
@@ -101,7 +104,7 @@ public struct OutputDigest: Equatable, Sendable {
         }
         var key: [UInt8] = Array(f[26..<34]) + Array(f[l4..<(l4 + 4)])
         key.append(6)
-        self.init(kind: .tcp, stream: Self.hash(key), content: Self.hash(f), sequence: Self.be32(f, l4 + 4),
+        self.init(kind: .tcp, stream: Self.hash(key), content: Self.hash(f), sequence: sequence,
                   acknowledgement: Self.be32(f, l4 + 8), flags: f[l4 + 13], window: UInt16(f[l4 + 14]) << 8 | UInt16(f[l4 + 15]),
                   payloadBytes: UInt16(min(f.count - end, Int(UInt16.max))), timestamp: ts)
     }
@@ -124,20 +127,30 @@ public struct OutputDigest: Equatable, Sendable {
         self.timestamp = timestamp
     }
 
-    /// Whether `other` (the backup's) shows the same frame: same stream and the same normalized
-    /// bytes. Timestamps are not part of it (`OutputMatcher` applies their rule).
-    public func sameFrame(as other: OutputDigest) -> Bool {
+    /// Whether `other` (the backup's) shows the same frame: same stream, the same normalized
+    /// bytes and, for TCP, the same sequence number once `sequenceOffset` (the connection's
+    /// offset, primary minus backup) is added to the backup's. Timestamps are not part of it
+    /// (`OutputMatcher` applies their rule).
+    public func sameFrame(as other: OutputDigest, sequenceOffset: UInt32 = 0) -> Bool {
         kind == other.kind && stream == other.stream && content == other.content
+            && (kind != .tcp || sequence == other.sequence &+ sequenceOffset)
     }
 
-    /// The first field in which `other` differs, for the mismatch causes a benchmark reports.
-    public func difference(from other: OutputDigest) -> String {
+    /// Whether `other` differs from this frame only in its sequence number and both are a SYN
+    /// (the first segment of a connection): another initial sequence number, not divergence.
+    public func differsOnlyInInitialSequence(from other: OutputDigest) -> Bool {
+        kind == .tcp && flags & 0x02 != 0 && kind == other.kind && stream == other.stream && content == other.content
+    }
+
+    /// The first field in which `other` differs (its sequence number taken with
+    /// `sequenceOffset`), for the mismatch causes a benchmark reports.
+    public func difference(from other: OutputDigest, sequenceOffset: UInt32 = 0) -> String {
         if kind != other.kind { return "kind" }
         if stream != other.stream { return "stream" }
         if kind == .other { return "other-frame" }
         if flags != other.flags { return "tcp-flags" }
         // A SYN's sequence number is the connection's initial one, which Linux derives from its clock.
-        if sequence != other.sequence { return flags & 0x02 != 0 ? "tcp-syn-seq" : "tcp-seq" }
+        if sequence != other.sequence &+ sequenceOffset { return flags & 0x02 != 0 ? "tcp-syn-seq" : "tcp-seq" }
         if acknowledgement != other.acknowledgement { return "tcp-ack" }
         if payloadBytes != other.payloadBytes { return "tcp-length" }
         if window != other.window { return "tcp-window" }

@@ -17,6 +17,7 @@ public final class OutputGuard: @unchecked Sendable {
     private var deliver: (([UInt8]) -> Void)?
     private var audit: ((OutputDigest) -> Void)?
     private var trace: ((OutputDigest, Bool) -> Void)?
+    private var proposeOffset: ((LearntOffset) -> Void)?
     private let started = ContinuousClock.now
     private var checkpointsCompleted: UInt64 = 0
 
@@ -32,7 +33,13 @@ public final class OutputGuard: @unchecked Sendable {
     /// Tells `trace` the digest of every frame released, and whether a match released it.
     func setReleaseTrace(_ trace: @escaping (OutputDigest, Bool) -> Void) { lock.withLock { self.trace = trace } }
 
+    /// Where the matcher's `connectionOffset` entries go (to the log), called under the guard's
+    /// lock so they are proposed in the order learnt; until set they are dropped (the frames
+    /// that wait for them then wait for a checkpoint).
+    func setOffsetProposer(_ propose: @escaping (LearntOffset) -> Void) { lock.withLock { proposeOffset = propose } }
+
     private func send(_ released: [OutputMatcher.Release]) -> Int {
+        for e in matcher.takeProposals() { proposeOffset?(e) }
         for r in released {
             deliver?(r.frame)
             trace?(r.digest, r.byMatch)
@@ -50,6 +57,11 @@ public final class OutputGuard: @unchecked Sendable {
     /// The backup's digests of its VM of `generation`; releases what they match.
     public func backupDigests(generation: UInt64, _ digests: [OutputDigest]) {
         lock.withLock { _ = send(matcher.backup(generation: generation, digests: digests)) }
+    }
+
+    /// This primary applied its own `connectionOffset` entry: releases what waited for it.
+    func offsetApplied(generation: UInt64, ticket: UInt64) {
+        lock.withLock { _ = send(matcher.offsetApplied(generation: generation, ticket: ticket)) }
     }
 
     /// Output that will never be released (a backup's, or one that is not leading).
@@ -114,6 +126,7 @@ public final class OutputGuard: @unchecked Sendable {
                 + " match_waits=\(c.matchWaits)" + String(format: " match_wait_total_ms=%.1f", c.matchWaitTotal.inMilliseconds)
                 + String(format: " match_wait_mean_ms=%.2f match_wait_max_ms=%.2f",
                          c.matchWaits > 0 ? c.matchWaitTotal.inMilliseconds / Double(c.matchWaits) : 0, c.matchWaitMax.inMilliseconds)
+                + " matched_by_offset=\(c.matchedByOffset) offsets_learnt=\(c.offsetsLearnt) offsets_applied=\(c.offsetsApplied)"
                 + " mismatch_causes=\(causes.isEmpty ? "none" : causes)"
         }
     }

@@ -2,8 +2,10 @@
 // A frame goes when a completed checkpoint covers it (PLOVER's rule), or — with release on match —
 // as soon as the backup's guest, running the same inputs from the same checkpoint, sent the same
 // frame. A mismatch asks for a checkpoint. No I/O: `OutputGuard` runs it under its lock and hands
-// the released frames to the attachment in the order returned. Rules and the safety argument:
-// docs/design/vmreplica.md, "Release on match".
+// the released frames to the attachment in the order returned. A connection whose two guests
+// differ only by another initial sequence number or a lagging timestamp clock is matched with
+// an offset instead, once a log entry told the backup that offset. Rules and the safety
+// argument: docs/design/vmreplica.md, "Release on match" and "Connection offsets".
 
 /// Held output and the matching state of one primary.
 struct OutputMatcher {
@@ -12,6 +14,8 @@ struct OutputMatcher {
         var digest: OutputDigest
         var at: ContinuousClock.Instant
         var matched = false
+        /// Matched with an offset whose log entry (this ticket) the primary has not applied yet.
+        var waitsFor: UInt64?
     }
 
     /// A frame to deliver now, and whether a match (not a checkpoint or the lack of a backup) let it go.
@@ -43,6 +47,12 @@ struct OutputMatcher {
         var matchWaitMax = Duration.zero
         /// Mismatches by the first field that differed (`OutputDigest.difference`).
         var causes: [String: UInt64] = [:]
+        /// Frames matched only with their connection's offset (sequence or timestamp).
+        var matchedByOffset: UInt64 = 0
+        /// Connection offsets learnt (each a `connectionOffset` entry proposed).
+        var offsetsLearnt: UInt64 = 0
+        /// Of those, entries applied while their generation was still the matching one.
+        var offsetsApplied: UInt64 = 0
         var released: UInt64 { releasedByMatch + releasedByCheckpoint + releasedUnprotected }
     }
 
@@ -76,6 +86,16 @@ struct OutputMatcher {
     private var early: (generation: UInt64, digests: [OutputDigest])?
     /// Per TCP stream, the highest timestamp of a frame released (or matched, to be released).
     private var promisedTimestamp: [UInt64: UInt32] = [:]
+    /// Per TCP stream, the offset of this generation's backup VM: its digest's numbers plus this
+    /// are the primary's. Learnt from its frames, void at the next checkpoint.
+    private var offsets: [UInt64: (key: TCPConnectionKey, offset: ConnectionOffset)] = [:]
+    /// The next `connectionOffset` entry's ticket (never reused, across generations).
+    private var nextTicket: UInt64 = 1
+    /// Entries to propose, in order (`takeProposals`); their proposer is filled in by the caller.
+    private var proposals: [LearntOffset] = []
+    /// Added to a timestamp offset the backup needs, so that a clock that keeps drifting asks
+    /// for a new entry less often (a TSval on the wire that jumps forward harms no client).
+    static let timestampSlack: UInt32 = 16
     /// The time of the event being handled (for the match waits).
     private var now = ContinuousClock.now
 
@@ -135,30 +155,46 @@ struct OutputMatcher {
         while mismatch == nil, let position = unmatched[s]?.first, let b = pending[s]?.first {
             let i = Int(position - base)
             let p = held[i].digest
-            if p.sameFrame(as: b) {
-                if let ts = b.timestamp, let promised = promisedTimestamp[s], Self.precedes(ts, promised) {
-                    noteMismatch("tcp-timestamp-below-released", p, b, released: promised)
+            let known = offsets[s]?.offset ?? .zero
+            var off = known
+            // A new connection whose two SYNs differ only by the initial sequence number.
+            if !p.sameFrame(as: b, sequenceOffset: off.sequence), p.differsOnlyInInitialSequence(from: b) {
+                off.sequence = p.sequence &- b.sequence
+            }
+            if p.sameFrame(as: b, sequenceOffset: off.sequence)
+                || p.isPureAcknowledgement && b.kind == .tcp && !b.isPureAcknowledgement && b.sequence &+ off.sequence == p.sequence
+                && !Self.precedes(b.acknowledgement, p.acknowledgement) {
+                // Equal; or the primary's pure ACK promises bytes up to its acknowledgement
+                // number and the backup's frame at the same sequence number acknowledges at
+                // least as much.
+                guard let ts = timestampOffset(p, b, stream: s, known: off.timestamp) else {
+                    noteMismatch("tcp-timestamp-below-released", p, b, released: promisedTimestamp[s])
                     return
                 }
-                markMatched(i, stream: s)
+                off.timestamp = ts
+                var ticket: UInt64?
+                if off != known {
+                    guard let t = learn(off, stream: s, frame: held[i].frame) else {
+                        noteMismatch(off.sequence != known.sequence ? p.difference(from: b, sequenceOffset: known.sequence) : "tcp-timestamp-below-released", p, b)
+                        return
+                    }
+                    ticket = t
+                }
+                if off != .zero { counters.matchedByOffset += 1 }
+                markMatched(i, stream: s, waitsFor: ticket)
                 unmatched[s]!.removeFirst()
-                pending[s]!.removeFirst()
-                pendingCount -= 1
+                if !p.isPureAcknowledgement || b.isPureAcknowledgement || p.sameFrame(as: b, sequenceOffset: off.sequence) {
+                    pending[s]!.removeFirst()
+                    pendingCount -= 1
+                }
             } else if b.isPureAcknowledgement {
                 // The backup acknowledged something the primary did not (yet) say it received:
                 // a client that never sees it loses nothing.
                 pending[s]!.removeFirst()
                 pendingCount -= 1
                 counters.backupOnlySkipped += 1
-            } else if p.isPureAcknowledgement, b.kind == .tcp, b.sequence == p.sequence,
-                      !Self.precedes(b.acknowledgement, p.acknowledgement),
-                      b.timestamp.map({ ts in promisedTimestamp[s].map { !Self.precedes(ts, $0) } ?? true }) ?? true {
-                // The primary's pure ACK promises bytes up to its acknowledgement number; the
-                // backup's frame at the same sequence number acknowledges at least as much.
-                markMatched(i, stream: s)
-                unmatched[s]!.removeFirst()
             } else {
-                noteMismatch(p.difference(from: b), p, b)
+                noteMismatch(p.difference(from: b, sequenceOffset: known.sequence), p, b)
                 return
             }
             if unmatched[s]!.isEmpty { unmatched[s] = nil }
@@ -166,8 +202,55 @@ struct OutputMatcher {
         }
     }
 
-    private mutating func markMatched(_ i: Int, stream s: UInt64) {
+    /// The timestamp offset the backup needs so that, after a failover, its TSvals on this
+    /// connection never fall below one a client has seen: the released ones and this frame's
+    /// (its later TSvals are at least `b`'s). `known` when it suffices, a larger one (with
+    /// slack) when not, nil when the backup's frame has no timestamp while the primary's has
+    /// (the options differ then, so this does not happen for equal frames).
+    private func timestampOffset(_ p: OutputDigest, _ b: OutputDigest, stream s: UInt64, known: UInt32) -> UInt32? {
+        guard let pts = p.timestamp else { return known }
+        guard let bts = b.timestamp else { return nil }
+        var promised = pts
+        if let r = promisedTimestamp[s], Self.precedes(pts, r) { promised = r }
+        guard Self.precedes(bts &+ known, promised) else { return known }
+        return promised &- bts &+ Self.timestampSlack
+    }
+
+    /// Records a new offset for stream `s` of the frame `frame` (the primary's, as clients will
+    /// see it) and queues its log entry; nil when the table is full or the frame names no
+    /// connection.
+    private mutating func learn(_ off: ConnectionOffset, stream s: UInt64, frame: [UInt8]) -> UInt64? {
+        guard let generation, let key = offsets[s]?.key ?? TCPConnectionKey(frame: frame, fromGuest: true),
+              offsets[s] != nil || offsets.count < ConnectionTable.connectionsMax else { return nil }
+        offsets[s] = (key, off)
+        let ticket = nextTicket
+        nextTicket += 1
+        counters.offsetsLearnt += 1
+        proposals.append(LearntOffset(generation: generation, proposer: 0, ticket: ticket, key: key, offset: off))
+        return ticket
+    }
+
+    /// The `connectionOffset` entries to propose since the last call, in the order learnt.
+    mutating func takeProposals() -> [LearntOffset] {
+        defer { proposals = [] }
+        return proposals
+    }
+
+    /// This primary applied its `connectionOffset` entry of `generation` with `ticket`: from
+    /// that log position the backup rewrites the connection by it, so what waited for it may
+    /// go — unless the backup's VM may no longer be that generation's (a checkpoint took its
+    /// cut since, or ended), in which case those frames wait for a checkpoint.
+    mutating func offsetApplied(generation g: UInt64, ticket: UInt64, at now: ContinuousClock.Instant = .now) -> [Release] {
+        self.now = now
+        guard releaseOnMatch, generation == g, !cutInFlight else { return [] }
+        counters.offsetsApplied += 1
+        for i in held.indices where held[i].waitsFor == ticket { held[i].waitsFor = nil }
+        return releaseMatchedPrefix()
+    }
+
+    private mutating func markMatched(_ i: Int, stream s: UInt64, waitsFor ticket: UInt64? = nil) {
         held[i].matched = true
+        held[i].waitsFor = ticket
         let wait = now - held[i].at
         counters.matchWaits += 1
         counters.matchWaitTotal += wait
@@ -193,7 +276,7 @@ struct OutputMatcher {
 
     private mutating func releaseMatchedPrefix() -> [Release] {
         var n = 0
-        while n < held.count, held[n].matched { n += 1 }
+        while n < held.count, held[n].matched, held[n].waitsFor == nil { n += 1 }
         guard n > 0 else { return [] }
         counters.releasedByMatch += UInt64(n)
         matchedSinceCheckpoint += UInt64(n)
@@ -253,6 +336,7 @@ struct OutputMatcher {
         unmatched = [:]
         pending = [:]
         pendingCount = 0
+        offsets = [:]
     }
 
     /// Releases everything held (the primary goes on without a backup); matching stops until

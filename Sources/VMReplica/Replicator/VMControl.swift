@@ -65,6 +65,7 @@ extension VMReplicator {
             "syncvm_link=\(linkUp ? "up" : "down") peer=\(config.peer)", "checkpoint_in_flight=\(inflight)",
             "held=\(outputs.heldCount) released=\(outputs.releasedCount) dropped=\(outputs.droppedCount)",
             outputs.metrics + " digests_sent=\(digestOutbox.sent) digests_lost=\(digestOutbox.lost)",
+            lock.withLock { "connections_rewritten=\(connections.full.offsets.count) connections_learnt=\(connections.learnt.offsets.count)" },
             "qemu=\(q.map { "\($0.name) pid=\($0.pid)" } ?? "none") accel=\(accel.rawValue)",
         ]
         if let f = front { lines.append(f.status) }
@@ -95,7 +96,7 @@ extension VMReplicator {
             }
         }
         logger.notice("vm: switchover requested: checkpoint \(epoch!), then node \(config.peer) takes the VM over")
-        let entry = VMLogEntry.checkpoint(epoch: epoch!, proposer: me)
+        let entry = VMLogEntry.checkpoint(epoch: epoch!, proposer: me, connections: lock.withLock { connections.base })
         if case let .failure(e) = proposeAndWait(entry) {
             run { $0.proposalFailed(entry) }
             return "ERR the switchover's checkpoint was not committed: \(e)"

@@ -70,6 +70,10 @@ struct VMReplicaMachine {
     enum Action: Equatable {
         /// Driver: write this frame into the current VM's NIC.
         case writeInput(frame: [UInt8])
+        /// Driver, primary: its own `connectionOffset` entry is applied; release what waited for it.
+        case offsetApplied(generation: UInt64, ticket: UInt64)
+        /// Driver, backup: rewrite a connection of its VM (if that VM is still the entry's generation).
+        case learnOffset(LearntOffset)
         /// Driver: run checkpoint `epoch` (log position `index`) as `side`.
         case runCheckpoint(epoch: UInt64, index: LogIndex, side: VMReplicator.Role)
         /// Driver: this backup owns the VM now (drop the standby, open a primary's syncvm endpoint).
@@ -176,16 +180,16 @@ struct VMReplicaMachine {
     /// The driver applies `entry` at `index`, in log order. `superseded`: a later checkpoint by
     /// the same proposer is already in the same batch (this replica is catching up on its log).
     mutating func apply(_ entry: VMLogEntry, at index: LogIndex, superseded: Bool = false) -> [Action] {
-        if case let .checkpoint(epoch, proposer) = entry, proposer == me { nextEpoch = max(nextEpoch, epoch + 1) }
+        if case let .checkpoint(epoch, proposer, _) = entry, proposer == me { nextEpoch = max(nextEpoch, epoch + 1) }
         if index <= (historyThrough ?? 0) { return [] }
         switch entry {
         case let .input(frame):
             // A VM that is no copy yet gets no inputs: the checkpoint that re-protects it overwrites it.
             return inconsistent == nil ? [.writeInput(frame: frame)] : []
-        case let .checkpoint(epoch, proposer) where superseded:
+        case let .checkpoint(epoch, proposer, _) where superseded:
             if proposer == me { checkpointSlotTaken = false }
             return [.info("vm: skipping checkpoint \(epoch) at \(index): node \(proposer) already asked for a later one")]
-        case let .checkpoint(epoch, proposer):
+        case let .checkpoint(epoch, proposer, _):
             if role == .primary && proposer == me {
                 checkpoint = Checkpoint(epoch: epoch, index: index, side: .primary)
                 return [.runCheckpoint(epoch: epoch, index: index, side: .primary)]
@@ -213,6 +217,13 @@ struct VMReplicaMachine {
         case let .unprotected(node):
             guard node == peer, role == .backup else { return [] }
             return markInconsistent("primary \(node) went on without a backup at log index \(index)")
+        case let .connectionOffset(e):
+            // Only the primary that learnt it releases by it, and only while it still is the
+            // primary at this log position; only its backup rewrites by it. After a take-over
+            // either side ignores the old primary's entries (nothing waiting for them was released).
+            if role == .primary, e.proposer == me { return [.offsetApplied(generation: e.generation, ticket: e.ticket)] }
+            if role == .backup, e.proposer == peer, inconsistent == nil { return [.learnOffset(e)] }
+            return []
         }
     }
 
@@ -259,7 +270,7 @@ struct VMReplicaMachine {
     /// A proposal the scheduler asked for did not commit.
     mutating func proposalFailed(_ entry: VMLogEntry) -> [Action] {
         switch entry {
-        case let .checkpoint(epoch, _):
+        case let .checkpoint(epoch, _, _):
             checkpointSlotTaken = false
             return [.warning("vm: checkpoint \(epoch) not committed")]
         case .unprotected:
@@ -267,7 +278,7 @@ struct VMReplicaMachine {
             return [.warning("vm: going on without a backup not committed")]
         case .takeOver:
             return [.warning("vm: take-over by node \(me) not committed")]
-        case .input:
+        case .input, .connectionOffset:
             return []
         }
     }

@@ -536,6 +536,8 @@ extension VMReplicator {
             current = next
             spare = nil
             backupGeneration = epoch
+            // The new VM is the primary's copy: it speaks to clients through the primary's table.
+            connections.installCheckpoint(primaryTable: checkpointConnections?.epoch == epoch ? checkpointConnections!.table : ConnectionRewriter())
             return machine.checkpointEnded(.completed, now: .now)
         }
         ended = true

@@ -18,8 +18,9 @@ extension VMReplicator {
             case let .warning(m): logger.warning("\(m)")
             case let .error(m): logger.error("\(m)")
             case let .writeInput(frame):
-                let q = lock.withLock { current }
-                let ok = q?.nic.write(frame: frame)
+                // Clients' acknowledgements and TSecrs back into this VM's own numbers.
+                let (q, rewriter) = lock.withLock { (current, connections.full) }
+                let ok = q?.nic.write(frame: rewriter.rewrite(frame, .toGuest))
                 if let trace { trace.note("nic-in", StageTrace.key(input: frame)) }
                 logger.debug("vm: input into \(q?.name ?? "no VM"): \(ok ?? false)")
             case let .runCheckpoint(epoch, index, side):
@@ -31,6 +32,15 @@ extension VMReplicator {
             case .releaseHeld:
                 let n = outputs.releaseAll()
                 if n > 0 { logger.notice("vm: released \(n) held answers") }
+            case let .offsetApplied(generation, ticket):
+                outputs.offsetApplied(generation: generation, ticket: ticket)
+            case let .learnOffset(e):
+                let learnt = lock.withLock { () -> Bool in
+                    guard backupGeneration == e.generation else { return false }
+                    connections.learn(e)
+                    return true
+                }
+                logger.debug("vm: connection \(e.key) offset seq+\(e.offset.sequence) ts+\(e.offset.timestamp) of generation \(e.generation): \(learnt ? "rewritten from here" : "void, this VM is another generation's")")
             case .abortCheckpoint:
                 lock.withLock { channel }?.close()
             case .dropBaseline:
@@ -67,6 +77,9 @@ extension VMReplicator {
     /// Proposes `entry`; a refusal goes back to the machine.
     func propose(_ entry: VMLogEntry) {
         guard let node else { return }
+        var entry = entry
+        // A checkpoint carries this primary's table: the backup's copy must speak through it.
+        if case let .checkpoint(epoch, proposer, _) = entry { entry = .checkpoint(epoch: epoch, proposer: proposer, connections: lock.withLock { connections.base }) }
         if case .takeOver = entry { lock.withLock { timeline.note(.takeOverProposed) } }
         let bytes = entry.encoded()
         Task {
@@ -108,9 +121,25 @@ extension VMLogEntry {
     var kindName: String {
         switch self {
         case .input: "input"
-        case let .checkpoint(epoch, _): "checkpoint \(epoch)"
+        case let .checkpoint(epoch, _, _): "checkpoint \(epoch)"
+        case let .connectionOffset(e): "connection offset \(e.ticket)"
         case let .takeOver(node): "take-over by node \(node)"
         case let .unprotected(node): "unprotected by node \(node)"
+        }
+    }
+}
+
+extension VMReplicator {
+    /// Primary: proposes a `connectionOffset` entry the output guard's matcher learnt (called
+    /// under the guard's lock, so entries enter the log in the order learnt while this replica
+    /// leads). A refused proposal leaves the frames that wait for it to a checkpoint.
+    func proposeOffset(_ learnt: LearntOffset) {
+        guard let node else { return }
+        var entry = learnt
+        entry.proposer = me
+        let e = entry
+        node.propose(VMLogEntry.connectionOffset(e).encoded()) { [logger] result in
+            if case let .failure(err) = result { logger.info("vm: connection offset \(e.ticket) for \(e.key) not logged: \(err)") }
         }
     }
 }

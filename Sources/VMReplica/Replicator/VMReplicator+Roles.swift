@@ -91,12 +91,15 @@ extension VMReplicator {
     /// Driver thread, after `takeOver(by: me)` made this backup the primary: the standby QEMU
     /// goes, and a primary's syncvm endpoint opens for a backup to join.
     func becomePrimary(at index: LogIndex) {
-        let standby = lock.withLock { () -> QEMUInstance? in
+        let (standby, rewritten) = lock.withLock { () -> (QEMUInstance?, Int) in
             timeline.note(.takeOverApplied)
+            // Its whole table is its own now (the output path already rewrote by all of it).
+            connections.becomePrimary()
             defer { spare = nil }
-            return spare
+            return (spare, connections.base.offsets.count)
         }
         standby?.kill()
+        if rewritten > 0 { logger.notice("vm: node \(me) rewrites \(rewritten) connections by the offsets learnt as the backup (seq, TSval out; ack, SACK, TSecr in)") }
         do {
             try blocking(timeout: checkpointTimeout) { try await self.openSyncEndpoint(as: .primary) }
         } catch {
@@ -111,7 +114,10 @@ extension VMReplicator {
     func becomeBackup() {
         let held = outputs.heldCount
         outputs.dropHeld()
-        lock.withLock { backupGeneration = nil }
+        lock.withLock {
+            backupGeneration = nil
+            connections.reset()
+        }
         hashDiff = nil
         logger.notice("vm: node \(me) is a backup now; \(held) answers it held are dropped (clients resend)")
         do {

@@ -49,6 +49,12 @@ public final class VMReplicator: @unchecked Sendable {
     /// Backup: the epoch of the checkpoint that installed its current VM (nil: none yet, or the
     /// VM is no copy); its output digests carry it (under `lock`).
     var backupGeneration: UInt64?
+    /// The current VM's connection offsets (ConnectionTable.swift): how its TCP numbers map to
+    /// those clients see (under `lock`; changed by the driver in log order).
+    var connections = ConnectionTable()
+    /// Driver: the primary's table carried by the checkpoint entry being applied, installed with
+    /// the backup's new VM.
+    var checkpointConnections: (epoch: UInt64, table: ConnectionRewriter)?
     /// The output failpoint (tests; VMReplicator+Match.swift), with `PLOVER_VM_FAILPOINTS=1`.
     let outputFailpoint: OutputFailpoint?
     /// The per-frame stage trace (StageTrace.swift), with `PLOVER_VM_TRACE=1`.
@@ -129,6 +135,7 @@ public final class VMReplicator: @unchecked Sendable {
         outputs.setDelivery { [weak self] frame in self?.front?.deliver(frame) }
         if let f = outputFailpoint { outputs.setMatchAudit { f.released($0) } }
         if let t = trace { outputs.setReleaseTrace { d, byMatch in t.note(byMatch ? "release-match" : "release-other", d.content) } }
+        outputs.setOffsetProposer { [weak self] e in self?.proposeOffset(e) }
     }
 
     /// The state machine to run the node with: committed entries go to this replica's VM driver.
@@ -330,11 +337,16 @@ public final class VMReplicator: @unchecked Sendable {
 
     func handleOutput(_ answer: [UInt8], from q: QEMUInstance) {
         if let trace { trace.note("out", OutputDigest(of: answer).content) }
-        let (isCurrent, role, serves, isProtected, generation) = lock.withLock {
-            (current === q, machine.role, machine.notACopy == nil, machine.protected, backupGeneration)
+        let (isCurrent, role, serves, isProtected, generation, table) = lock.withLock {
+            (current === q, machine.role, machine.notACopy == nil, machine.protected, backupGeneration, connections)
         }
-        // A backup whose VM is a checkpoint's copy tells the primary what its guest sent.
-        if role == .backup, isCurrent, serves, config.releaseOnMatch, let generation { noteBackupOutput(answer, generation: generation) }
+        // A backup whose VM is a checkpoint's copy tells the primary what its guest sent, in the
+        // numbers of the table that came with the VM (the primary's matcher adds what it learnt since).
+        if role == .backup, isCurrent, serves, config.releaseOnMatch, let generation {
+            noteBackupOutput(table.base.rewrite(answer, .fromGuest), generation: generation)
+        }
+        // What clients see of this VM's connections (unchanged unless a failover brought offsets).
+        let answer = table.full.rewrite(answer, .fromGuest)
         guard isCurrent, let node, node.status.role == .leader, !(role == .primary && !serves) else {
             outputs.drop()
             logger.debug("vm: dropped a \(answer.count)-byte frame from \(q.name) (current \(isCurrent))")
@@ -409,7 +421,10 @@ public final class VMReplicator: @unchecked Sendable {
                 // A later checkpoint by the same proposer already committed: this one is over (a
                 // primary asks for one only after the previous one ended).
                 var superseded = false
-                if case let .checkpoint(_, proposer) = entry { superseded = batch[(n + 1)...].contains { $0.1.isCheckpoint(by: proposer) } }
+                if case let .checkpoint(epoch, proposer, table) = entry {
+                    superseded = batch[(n + 1)...].contains { $0.1.isCheckpoint(by: proposer) }
+                    checkpointConnections = (epoch, table)
+                }
                 run { $0.apply(entry, at: index, superseded: superseded) }
             }
             // An inconsistent primary asked to step aside (its VM is no copy of anything).
