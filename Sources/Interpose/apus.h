@@ -134,7 +134,8 @@ struct entry {
                            WIRE_SNAPSHOT or APUS_OP_LOAD (data: the file) */
     conn_id id;
     uint64_t index;     /* the log entry it came from (a load: the snapshot's) */
-    int round_end;      /* the last queued item of a BATCH entry: a round ends here */
+    int round_end;      /* the last queued item of a round's last entry: the round ends here */
+    int continues;      /* an item of an entry that continues the round of the entry before it */
     struct replay *r;   /* a round's item: its connection, once the round started */
     size_t len, off;
     unsigned char data[];
@@ -175,7 +176,8 @@ int apus_own_close(conn_id id);
 int apus_replay_idle(void);
 /* Followers replay a leader's read-ahead round (one BATCH entry) in one turn of the server's loop,
  * as the leader's server took it (replay.c, the shim's lock held):
- * 1 while a round's items wait for the server to read them; epoll_wait then returns at once; */
+ * 1 while a round's items wait for the server to read them on connections it watches for input
+ * (epoll_wait then returns at once); */
 int apus_round_active(void);
 /* epoll_wait during a round: strips the kernel's input events of replay connections and reports
  * every connection with an item left, in log order; returns the new count; */

@@ -66,6 +66,7 @@ static pthread_mutex_t qmu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t q_room = PTHREAD_COND_INITIALIZER;
 static struct entry *q_head, *q_tail, *current;
 static size_t q_bytes;      /* held by queued entries and the one being replayed */
+static uint64_t delivered_through; /* the last log index the deliver callback saw */
 static int server_waiting;  /* the server thread waits for a commit: delivery must not block */
 
 void apus_server_waits(int waiting) {
@@ -178,16 +179,28 @@ static void visit(void *ctx, int op, conn_id id, const unsigned char *data, size
 void apus_deliver(void *context, int kind, uint64_t index, const void *data, size_t len) {
     (void)context;
     static int complaints;
-    if (kind != INTERPOSE_ENTRY_INPUT) return;
+    if (kind != INTERPOSE_ENTRY_INPUT) {
+        pthread_mutex_lock(&qmu);
+        delivered_through = index; /* cuts short a round whose next part did not commit */
+        pthread_mutex_unlock(&qmu);
+        apus_wake();
+        return;
+    }
     const char *why = NULL;
     struct chain c = { .index = index };
     apus_on_replica_thread(1);
     apus_snapshot_count(len, 0);
     int rc = wire_decode(data, len, visit, &c, &why);
-    /* A BATCH entry is one round of the leader's server loop: its items are replayed together. */
-    if (c.tail && is_item(c.tail)) c.tail->round_end = 1;
+    /* A BATCH entry (or the parts of one too large for an entry) is one round of the leader's
+     * server loop: its items are replayed together. */
+    int part = rc == 0 ? wire_round_part(data, len) : 0;
+    for (struct entry *e = c.head; e; e = e->next) e->continues = (part & WIRE_ROUND_CONTINUES) != 0;
+    if (c.tail && is_item(c.tail) && !(part & WIRE_ROUND_GOES_ON)) c.tail->round_end = 1;
     if (c.head) append(c.head, c.tail, c.bytes);
     apus_on_replica_thread(0);
+    pthread_mutex_lock(&qmu);
+    delivered_through = index;
+    pthread_mutex_unlock(&qmu);
     if (rc != 0 && complaints < 10) {
         /* Every replica decodes the same bytes and skips the same entry. */
         complaints++;
@@ -363,6 +376,7 @@ static int replay_step(struct entry *e) {
  * every item of this one was read, as on the leader. */
 
 static struct entry *round_head, *round_tail;
+static int round_complete;             /* every part of the round is here */
 static int round_open;                 /* every connection of the round was accepted: the server may read */
 static struct replay *round_blocker;   /* the connection the round waits for the server to accept */
 
@@ -390,21 +404,29 @@ static void round_trim(void) {
     if (!round_head) round_open = 0;
 }
 
-/* Moves the round that starts with `first` out of the queue (its items were queued together). */
-static void round_take(struct entry *first) {
-    round_head = round_tail = first;
-    if (first->round_end) return;
+/* Moves the rest of the round from the queue: the items of the same entry (queued together),
+ * then those of entries that continue it, each the log entry right after the one before. 1 once
+ * it is whole; 0 while its next part may still come (a part that did not commit is known once a
+ * later entry arrived: the round is cut short there, as the leader's server took it). */
+static int round_gather(void) {
     pthread_mutex_lock(&qmu);
-    while (q_head && is_item(q_head)) {
+    while (!round_tail->round_end) {
         struct entry *e = q_head;
+        int same = e && is_item(e) && e->index == round_tail->index;
+        int next = e && is_item(e) && e->continues && e->index == round_tail->index + 1;
+        if (!same && !next) {
+            if (!e && delivered_through <= round_tail->index) { pthread_mutex_unlock(&qmu); return 0; }
+            break;
+        }
         q_head = e->next;
         if (!q_head) q_tail = NULL;
         e->next = NULL;
         round_tail->next = e;
         round_tail = e;
-        if (e->round_end) break;
     }
     pthread_mutex_unlock(&qmu);
+    round_complete = 1;
+    return 1;
 }
 
 /* 1 once the server accepted every connection of the round. */
@@ -431,10 +453,17 @@ static void sweep_ended(void) {
     }
 }
 
+static int item_reportable(const struct entry *e) {
+    return !item_done(e) && e->r->watched && (e->r->events & EPOLLIN);
+}
+
 int apus_round_active(void) {
     apus_assert_locked("apus_round_active");
     round_trim();
-    return round_open;
+    /* A connection the server does not watch for input is never reported (as on the leader): a
+     * server that stops reading the head's connection stalls replay, but is not woken in a loop. */
+    for (struct entry *e = round_head; e && round_open; e = e->next) if (item_reportable(e)) return 1;
+    return 0;
 }
 
 static struct replay *replay_for_event(uint64_t data) {
@@ -457,7 +486,7 @@ int apus_round_report(struct epoll_event *events, int k, int max) {
     }
     k = j;
     for (struct entry *e = round_head; e && round_open; e = e->next) {
-        if (item_done(e) || !e->r->watched || !(e->r->events & EPOLLIN)) continue;
+        if (!item_reportable(e)) continue;
         k = apus_add_event(events, k, max, e->r->data);
     }
     return k;
@@ -496,6 +525,7 @@ void apus_pump(void) {
      * drop them (hooks.c). */
     for (;;) {
         if (round_head) {
+            if (!round_complete && !round_gather()) break;
             if (!round_open && !round_prepare()) break;
             round_trim();
             if (round_head) break; /* the server reads it on this turn */
@@ -505,7 +535,8 @@ void apus_pump(void) {
         if (!current) current = dequeue();
         if (!current) break;
         if (is_item(current)) {
-            round_take(current);
+            round_head = round_tail = current;
+            round_complete = 0;
             current = NULL;
             continue;
         }
