@@ -36,6 +36,14 @@ int apus_client_count;
 static uint64_t next_serial;
 static int started;
 static pid_t server_tid;
+/* The calling thread's id, asked of the kernel once per thread: every read of a client checks
+ * it, and a system call per read was the only one a follower's server made per request. (A
+ * forked child inherits it, but runs no APUS path.) */
+static __thread pid_t this_tid;
+static pid_t thread_id(void) {
+    if (!this_tid) this_tid = gettid();
+    return this_tid;
+}
 /* Clients with committed input the server has not read, in log order; only the head may read. */
 struct client *apus_pending_head;
 static struct client *pending_tail;
@@ -278,7 +286,7 @@ static int report_leftovers(struct epoll_event *events, int k, int max) {
 int apus_epoll_wait(int epfd, struct epoll_event *events, int max, int timeout, const sigset_t *mask, int pwait) {
     apus_in_hook = 1;
     if (!started) start();
-    if (!server_tid) server_tid = gettid();
+    if (!server_tid) server_tid = thread_id();
     long long deadline = timeout < 0 ? -1 : apus_now_ms() + timeout;
     int n, k, leftovers, owed, replaying;
     for (;;) {
@@ -482,10 +490,10 @@ static ssize_t read_direct(struct client *c, void *buf, size_t count) {
 }
 
 ssize_t apus_read(int fd, void *buf, size_t count) {
-    if (server_tid && gettid() != server_tid) {
+    if (server_tid && thread_id() != server_tid) {
         char why[200];
         snprintf(why, sizeof why, "thread %d reads a client connection (fd %d), but thread %d waits on the listener's epoll set: "
-                 "libinterpose orders the reads of one thread only", (int)gettid(), fd, (int)server_tid);
+                 "libinterpose orders the reads of one thread only", (int)thread_id(), fd, (int)server_tid);
         apus_refuse_server(why);
     }
     int kind = apus_fd_kind_of(fd);
