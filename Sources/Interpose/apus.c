@@ -36,6 +36,14 @@ int apus_client_count;
 static uint64_t next_serial;
 static int started;
 static pid_t server_tid;
+/* The calling thread's id, asked of the kernel once per thread: every read of a client checks
+ * it, and a system call per read was the only one a follower's server made per request. (A
+ * forked child inherits it, but runs no APUS path.) */
+static __thread pid_t this_tid;
+static pid_t thread_id(void) {
+    if (!this_tid) this_tid = gettid();
+    return this_tid;
+}
 /* Clients with committed input the server has not read, in log order; only the head may read. */
 struct client *apus_pending_head;
 static struct client *pending_tail;
@@ -94,12 +102,18 @@ static int is_app_listener(int fd) {
 
 void apus_after_epoll_ctl(int epfd, int op, int fd, const struct epoll_event *ev) {
     if (op == EPOLL_CTL_ADD && is_app_listener(fd)) atomic_store(&apus_app_epfd, epfd);
-    if (epfd != atomic_load(&apus_app_epfd) || apus_fd_kind_of(fd) != APUS_FD_CLIENT) return;
+    int kind = apus_fd_kind_of(fd);
+    if (epfd != atomic_load(&apus_app_epfd) || kind == APUS_FD_NONE) return;
     apus_lock();
-    struct client *c = apus_fd_client(fd);
+    struct client *c = kind == APUS_FD_CLIENT ? apus_fd_client(fd) : NULL;
+    struct replay *r = kind == APUS_FD_REPLAY ? apus_fd_replay(fd) : NULL;
     if (c) {
         c->watched = op != EPOLL_CTL_DEL;
         if (ev && op != EPOLL_CTL_DEL) { c->data = ev->data.u64; c->events = ev->events; }
+    } else if (r) {
+        /* A round reports the connection the way the server watches it. */
+        r->watched = op != EPOLL_CTL_DEL;
+        if (ev && op != EPOLL_CTL_DEL) { r->data = ev->data.u64; r->events = ev->events; }
     }
     apus_unlock();
 }
@@ -244,7 +258,7 @@ static int is_owed(const struct client *c) {
     return c->owed && !c->broken && c->watched && (c->events & EPOLLIN);
 }
 
-static int add_event(struct epoll_event *events, int k, int max, uint64_t data) {
+int apus_add_event(struct epoll_event *events, int k, int max, uint64_t data) {
     for (int i = 0; i < k; i++) if (events[i].data.u64 == data) { events[i].events |= EPOLLIN; return k; }
     if (k < max) events[k++] = (struct epoll_event){ .events = EPOLLIN, .data.u64 = data };
     return k;
@@ -265,28 +279,29 @@ static int report_leftovers(struct epoll_event *events, int k, int max) {
         if (events[i].events) events[j++] = events[i];
     }
     k = j;
-    for (struct client *c = apus_pending_head; c; c = c->pending_next) if (has_leftover(c)) k = add_event(events, k, max, c->data);
+    for (struct client *c = apus_pending_head; c; c = c->pending_next) if (has_leftover(c)) k = apus_add_event(events, k, max, c->data);
     return k;
 }
 
 int apus_epoll_wait(int epfd, struct epoll_event *events, int max, int timeout, const sigset_t *mask, int pwait) {
     apus_in_hook = 1;
     if (!started) start();
-    if (!server_tid) server_tid = gettid();
+    if (!server_tid) server_tid = thread_id();
     long long deadline = timeout < 0 ? -1 : apus_now_ms() + timeout;
-    int n, k, leftovers, owed;
+    int n, k, leftovers, owed, replaying;
     for (;;) {
         apus_lock();
         apus_update_role();
         leftovers = owed = 0;
         for (struct client *c = apus_pending_head; c; c = c->pending_next) leftovers += has_leftover(c);
         for (struct client *c = apus_clients; c; c = c->next) owed += is_owed(c);
+        replaying = apus_round_active();
         int shim_wait = apus_replay_wait_ms();
         apus_unlock();
         /* With committed bytes still unread, the server must come back at once. */
         long long left = deadline < 0 ? -1 : deadline - apus_now_ms();
         if (deadline >= 0 && left < 0) left = 0;
-        int t = leftovers || owed ? 0 : (int)left;
+        int t = leftovers || owed || replaying ? 0 : (int)left;
         if (shim_wait >= 0 && (t < 0 || shim_wait < t)) t = shim_wait;
         apus_in_hook = 0;
         n = pwait ? REAL(epoll_pwait)(epfd, events, max, t, mask) : REAL(epoll_wait)(epfd, events, max, t);
@@ -303,17 +318,20 @@ int apus_epoll_wait(int epfd, struct epoll_event *events, int max, int timeout, 
         }
         /* Woken only for the shim (an entry to replay, a barrier, a retry): its turn comes on the
          * next pass; the server sleeps on until its own timeout. */
-        if (k > 0 || leftovers || owed || (deadline >= 0 && apus_now_ms() >= deadline)) break;
+        if (k > 0 || leftovers || owed || replaying || (deadline >= 0 && apus_now_ms() >= deadline)) break;
     }
     int saved = errno;
     apus_lock();
     if (leftovers) {
         k = report_leftovers(events, k, max);
+    } else if (apus_round_active()) {
+        /* A follower: a committed round of the leader's, handed out in this turn. */
+        k = apus_round_report(events, k, max);
     } else if (apus_clients) {
         for (struct client *c = apus_clients; c; c = c->next) {
             if (!is_owed(c)) continue;
             c->owed = 0;
-            k = add_event(events, k, max, c->data);
+            k = apus_add_event(events, k, max, c->data);
         }
         if (k > 0) apus_read_ahead(events, k);
     }
@@ -404,11 +422,20 @@ int apus_after_accept(int listen_fd, int fd) {
 
 /* MARK: read */
 
+/* The server's end of a replay connection: a round's committed bytes from memory, in log order;
+ * otherwise the socket (the shim's own commands, an end the shim made by closing its end). */
 static ssize_t read_replay(int fd, void *buf, size_t count) {
-    ssize_t n = REAL(read)(fd, buf, count);
-    int e = errno;
+    ssize_t n;
     apus_lock();
     struct replay *r = apus_fd_replay(fd);
+    int answered = r && apus_round_read(r, buf, count, &n);
+    int e = errno;
+    apus_unlock();
+    if (answered) { errno = e; return n; }
+    n = REAL(read)(fd, buf, count);
+    e = errno;
+    apus_lock();
+    r = apus_fd_replay(fd);
     if (r && n > 0) r->unconsumed -= n;
     apus_unlock();
     errno = e;
@@ -463,10 +490,10 @@ static ssize_t read_direct(struct client *c, void *buf, size_t count) {
 }
 
 ssize_t apus_read(int fd, void *buf, size_t count) {
-    if (server_tid && gettid() != server_tid) {
+    if (server_tid && thread_id() != server_tid) {
         char why[200];
         snprintf(why, sizeof why, "thread %d reads a client connection (fd %d), but thread %d waits on the listener's epoll set: "
-                 "libinterpose orders the reads of one thread only", (int)gettid(), fd, (int)server_tid);
+                 "libinterpose orders the reads of one thread only", (int)thread_id(), fd, (int)server_tid);
         apus_refuse_server(why);
     }
     int kind = apus_fd_kind_of(fd);

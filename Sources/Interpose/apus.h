@@ -110,8 +110,13 @@ struct replay {
     int cfd;            /* the shim's end, -1 until a socket could be made */
     int sfd;            /* the server's end (-1 until the server accepted it) */
     uint16_t port;      /* the shim's end's local port: how the accept hook recognises it */
-    long unconsumed;    /* bytes written that the server has not read yet */
+    long unconsumed;    /* bytes the shim wrote into its end that the server has not read yet (snapshots) */
     int cclosed, sclosed, close_proposed;
+    int ending;         /* the server read its committed end of stream: freed once it closed its end */
+    /* How the server watches its end on its epoll (from epoll_ctl): how a round reports it. */
+    uint64_t data;
+    uint32_t events;
+    int watched;
     long long retry_at;     /* when to try making the socket again after a resource error */
     long long backoff_ms;   /* the next wait after another failure */
     long long connected_at; /* when the connect was started, for the "not accepted yet" warning */
@@ -129,6 +134,9 @@ struct entry {
                            WIRE_SNAPSHOT or APUS_OP_LOAD (data: the file) */
     conn_id id;
     uint64_t index;     /* the log entry it came from (a load: the snapshot's) */
+    int round_end;      /* the last queued item of a round's last entry: the round ends here */
+    int continues;      /* an item of an entry that continues the round of the entry before it */
+    struct replay *r;   /* a round's item: its connection, once the round started */
     size_t len, off;
     unsigned char data[];
 };
@@ -166,6 +174,20 @@ void apus_pump(void);
 int apus_own_close(conn_id id);
 /* No entry is queued or half replayed. */
 int apus_replay_idle(void);
+/* Followers replay a leader's read-ahead round (one BATCH entry) in one turn of the server's loop,
+ * as the leader's server took it (replay.c, the shim's lock held):
+ * 1 while a round's items wait for the server to read them on connections it watches for input
+ * (epoll_wait then returns at once); */
+int apus_round_active(void);
+/* epoll_wait during a round: strips the kernel's input events of replay connections and reports
+ * every connection with an item left, in log order; returns the new count; */
+int apus_round_report(struct epoll_event *events, int k, int max);
+/* a read of the server's end of replay connection `r`: 1 with *n (and errno) set when the round
+ * answers it (the head item's bytes, its end, or EAGAIN for a connection whose turn has not
+ * come), 0 when the read goes to the socket (no round is being handed out). */
+int apus_round_read(struct replay *r, void *buf, size_t count, ssize_t *n);
+/* Adds EPOLLIN for `data` to the events (merged into an event with the same data); returns the count. */
+int apus_add_event(struct epoll_event *events, int k, int max, uint64_t data);
 /* Milliseconds until replay wants another turn without any event (a retry), or -1. */
 int apus_replay_wait_ms(void);
 /* Around every wait of the server thread for the replica (a proposal's commit): while it waits,

@@ -66,6 +66,8 @@ static int pack(struct read_item *reads, int m, struct round_item *batches) {
         batches[nb++] = (struct round_item){ b, off, i, j - i, 1 };
         i = j;
     }
+    /* A round in several entries says so: followers replay its parts in one turn. */
+    for (int k = 0; k < nb; k++) wire_batch_part(batches[k].bytes, k, nb);
     return nb;
 }
 

@@ -47,6 +47,20 @@ size_t wire_batch_item(unsigned char *out, size_t off, conn_id id, const void *d
     return off + WIRE_ITEM_HEADER_BYTES + (data ? len : 0);
 }
 
+void wire_batch_part(unsigned char *entry, int i, int n) {
+    entry[0] = n <= 1 ? WIRE_BATCH : i == 0 ? WIRE_BATCH_HEAD : i == n - 1 ? WIRE_BATCH_TAIL : WIRE_BATCH_BODY;
+}
+
+int wire_round_part(const unsigned char *entry, size_t len) {
+    if (len == 0) return 0;
+    switch (entry[0]) {
+    case WIRE_BATCH_HEAD: return WIRE_ROUND_GOES_ON;
+    case WIRE_BATCH_BODY: return WIRE_ROUND_CONTINUES | WIRE_ROUND_GOES_ON;
+    case WIRE_BATCH_TAIL: return WIRE_ROUND_CONTINUES;
+    default: return 0;
+    }
+}
+
 /* Walks a BATCH's items; visits them only if `visit` is not NULL. -1 if they do not tile the entry. */
 static int walk_batch(const unsigned char *p, size_t len, wire_visit_fn visit, void *ctx, const char **why) {
     size_t off = 1;
@@ -84,6 +98,9 @@ int wire_decode(const unsigned char *p, size_t len, wire_visit_fn visit, void *c
         visit(ctx, WIRE_SNAPSHOT, (conn_id){ 0, 0 }, NULL, 0);
         return 0;
     case WIRE_BATCH:
+    case WIRE_BATCH_HEAD:
+    case WIRE_BATCH_BODY:
+    case WIRE_BATCH_TAIL:
         if (len == 1) { *why = "a BATCH entry has no items"; return -1; }
         if (walk_batch(p, len, NULL, NULL, why) != 0) return -1;
         return walk_batch(p, len, visit, ctx, why);

@@ -187,7 +187,8 @@ final class RespClient {
         buffer += chunk[..<n]
     }
 
-    private func reply() throws -> Reply {
+    /// Reads the next reply (of commands sent with `send`).
+    func reply() throws -> Reply {
         let l = try line()
         let rest = String(l.dropFirst())
         switch l.first {

@@ -64,6 +64,12 @@ static size_t build(unsigned char *out, struct want *want, int *nwant, unsigned 
             off = wire_batch_item(out, off, id, data, len);
         }
         *nwant = n;
+        /* One part of a round split over several entries, now and then. */
+        int parts = below(3) ? 1 : 2 + (int)below(3), part = (int)below((size_t)parts);
+        wire_batch_part(out, part, parts);
+        int flags = wire_round_part(out, off);
+        int expected = parts == 1 ? 0 : (part > 0 ? WIRE_ROUND_CONTINUES : 0) | (part < parts - 1 ? WIRE_ROUND_GOES_ON : 0);
+        if (flags != expected) { printf("FAIL: part %d of %d reads as round flags %d, not %d\n", part, parts, flags, expected); exit(1); }
         return off;
     }
     }
