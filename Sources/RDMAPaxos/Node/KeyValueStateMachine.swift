@@ -13,7 +13,7 @@ public final class KeyValueStateMachine: SnapshotCapturing {
     /// Index of the last command applied or snapshot restored.
     public private(set) var appliedIndex: LogIndex = 0
 
-    /// Shards the map is held in: after a capture, a put copies at most 1/16384 of the map.
+    /// Shards the map is held in: after a capture, a put copies one shard, about 1/16,384 of the map.
     static let shardCount = 1 << 14
 
     /// The whole map, merged from its shards (a copy: for tests and tools, not for the data path).
