@@ -12,18 +12,22 @@ package struct FailoverBench: ParsableCommand {
         commandName: "failover",
         abstract: "Leader kill -9 under load: unavailability window, lost writes, spurious elections (benchmarks/failover).")
 
-    @Option(help: "Leader kills per timing profile.") var kills: Int = 20
+    @Option(help: "Leader kills per timing profile (0: no kill phase).") var kills: Int = 20
     @Option(help: "Client threads writing all the time during the kills.") var clients: Int = 8
     @Option(help: "Seconds of the run with no fault, counting elections.") var quietSeconds: Int = 300
     @Option(help: "Client threads during the run with no fault.") var quietClients: Int = 64
     @Option(help: "Directory for the data dirs (default: a new temporary directory; deleted afterwards).") var dir: String?
     @Option(help: "Write the markdown results here as well as to stdout.") var out: String?
+    @Option(help: "Run only this timing profile (default or fast; default: both).") var profile: String?
 
     package init() {}
 
     package func validate() throws {
-        guard kills >= 1, clients >= 1, quietSeconds >= 0, quietClients >= 1 else {
-            throw ValidationError("--kills, --clients and --quiet-clients must be positive, --quiet-seconds not negative")
+        guard kills >= 0, clients >= 1, quietSeconds >= 0, quietClients >= 1 else {
+            throw ValidationError("--clients and --quiet-clients must be positive, --kills and --quiet-seconds not negative")
+        }
+        if let profile, !Self.profiles.contains(where: { $0.name == profile }) {
+            throw ValidationError("--profile \(profile): no such timing profile (known: \(Self.profiles.map(\.name).joined(separator: ", ")))")
         }
     }
 
@@ -51,7 +55,7 @@ package struct FailoverBench: ParsableCommand {
         defer { if dir == nil { try? FileManager.default.removeItem(atPath: root) } }
         let machine = MachineDescription.current(dataDir: root)
         var outcomes: [Outcome] = []
-        for p in Self.profiles {
+        for p in Self.profiles where profile == nil || profile == p.name {
             print("profile \(p.name): tick \(p.timing.tickMilliseconds) ms, election \(p.timing.electionTimeoutTicks) ticks")
             var o = Outcome(name: p.name, timing: p.timing)
             try kills(root: root + "/\(p.name)-kills", into: &o)
@@ -65,6 +69,7 @@ package struct FailoverBench: ParsableCommand {
 
     /// Kills the leader `kills` times under load; then checks every acknowledged write.
     func kills(root: String, into o: inout Outcome) throws {
+        guard kills > 0 else { return }
         let cluster = try DemoCluster(root: root, durability: "fsync", timing: o.timing)
         defer { cluster.stopAll() }
         try cluster.startAll()

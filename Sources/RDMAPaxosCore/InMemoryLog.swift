@@ -76,8 +76,12 @@ struct InMemoryLog: Sendable {
     }
 
     /// The last membership entry's configuration, if any entry is one.
-    func lastMembership() -> (index: LogIndex, membership: Membership)? {
-        for e in entries.reversed() where e.kind == .membership {
+    func lastMembership() -> (index: LogIndex, membership: Membership)? { lastMembership(through: lastIndex) }
+
+    /// The configuration of the last membership entry at or below `index` (one that decodes).
+    func lastMembership(through index: LogIndex) -> (index: LogIndex, membership: Membership)? {
+        guard index > snapshot.index else { return nil }
+        for e in entries[..<Int(min(index, lastIndex) - snapshot.index)].reversed() where e.kind == .membership {
             if let m = try? Membership(decoding: e.payload) { return (e.index, m) }
         }
         return nil

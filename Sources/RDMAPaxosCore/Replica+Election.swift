@@ -30,6 +30,15 @@ extension Replica {
         return ticks - oldest.issuedAt >= UInt64(config.diskStallTicks)
     }
 
+    /// A voter other than this leader has made durable entries this leader's own disk has not
+    /// (followers acknowledge only what they persisted): its disk works while ours is stuck, so
+    /// another member would lead better. When every disk stalls at once (replicas sharing one
+    /// disk, a host-wide I/O stall), stepping down would only add an election and change nothing
+    /// (docs/design/consensus.md, "Disk stall").
+    var votersOutpaceOwnDisk: Bool {
+        membership.voting.contains { v in v != id && progress[v].map { $0.counts && $0.match > durableIndex } == true }
+    }
+
     mutating func campaign(force: Bool) {
         if config.preVote && !force {
             role = .preCandidate
@@ -281,8 +290,8 @@ extension Replica {
     mutating func tickLeader() {
         heartbeatElapsed += 1
         checkQuorumElapsed += 1
-        if diskStalled {
-            out.events.append(.steppedDown(reason: "stable log stalled for \(config.diskStallTicks) ticks"))
+        if diskStalled && votersOutpaceOwnDisk {
+            out.events.append(.steppedDown(reason: "stable log stalled for \(config.diskStallTicks) ticks while a follower's disk kept up"))
             becomeFollower(promised, leader: nil)
             return
         }

@@ -2,11 +2,34 @@
 ///
 /// Commands: `put(key, value)` returns the previous value; `delete(key)` returns the removed
 /// value. Queries: `get(key)`. Keys and values are bytes.
+///
+/// The map is held in `shardCount` copy-on-write shards (by a hash of the key), so that a
+/// snapshot's capture costs the node's loop one shard copy per put that follows it rather than
+/// one copy of the whole map at the first put: with a million keys that copy took half a second,
+/// longer than an election timeout (docs/design/runtime.md, "Compaction without a stall").
 public final class KeyValueStateMachine: SnapshotCapturing {
-    /// The current map.
-    public private(set) var map: [[UInt8]: [UInt8]] = [:]
+    /// Shards of the map; a key lives in `shards[shard(of: key)]`.
+    private(set) var shards: [[[UInt8]: [UInt8]]] = Array(repeating: [:], count: KeyValueStateMachine.shardCount)
     /// Index of the last command applied or snapshot restored.
     public private(set) var appliedIndex: LogIndex = 0
+
+    /// Shards the map is held in: after a capture, a put copies one shard, about 1/16,384 of the map.
+    static let shardCount = 1 << 14
+
+    /// The whole map, merged from its shards (a copy: for tests and tools, not for the data path).
+    public var map: [[UInt8]: [UInt8]] {
+        var all: [[UInt8]: [UInt8]] = [:]
+        all.reserveCapacity(shards.reduce(0) { $0 + $1.count })
+        for s in shards { all.merge(s) { a, _ in a } }
+        return all
+    }
+
+    /// The shard of `key`: FNV-1a over its bytes (the same in every process).
+    static func shard(of key: [UInt8]) -> Int {
+        var h: UInt32 = 2_166_136_261
+        for b in key { h = (h ^ UInt32(b)) &* 16_777_619 }
+        return Int(h % UInt32(shardCount))
+    }
 
     /// An empty map.
     public init() {}
@@ -73,38 +96,45 @@ public final class KeyValueStateMachine: SnapshotCapturing {
         // rejects it identically, so the state stays the same everywhere.
         guard let c = try? Command(decoding: command) else { return [ResultCode.malformed.rawValue] }
         switch c {
-        case let .put(k, v): return Self.optional(map.updateValue(v, forKey: k))
-        case let .delete(k): return Self.optional(map.removeValue(forKey: k))
+        case let .put(k, v): return Self.optional(shards[Self.shard(of: k)].updateValue(v, forKey: k))
+        case let .delete(k): return Self.optional(shards[Self.shard(of: k)].removeValue(forKey: k))
         }
     }
 
-    public func query(_ key: [UInt8]) -> [UInt8] { Self.optional(map[key]) }
+    public func query(_ key: [UInt8]) -> [UInt8] { Self.optional(shards[Self.shard(of: key)][key]) }
 
-    public func snapshot() -> [UInt8] { Self.encode(map, appliedIndex: appliedIndex) }
+    public func snapshot() -> [UInt8] { Self.encode(shards, appliedIndex: appliedIndex) }
 
-    /// The map is a copy-on-write value: capturing it costs nothing until the next put.
+    /// The shards are copy-on-write values: capturing them copies only the outer array; each
+    /// shard is copied when a put first changes it afterwards.
     public func captureSnapshot() -> @Sendable () -> [UInt8] {
-        let (m, at) = (map, appliedIndex)
-        return { Self.encode(m, appliedIndex: at) }
+        let (s, at) = (shards, appliedIndex)
+        return { Self.encode(s, appliedIndex: at) }
     }
 
-    static func encode(_ map: [[UInt8]: [UInt8]], appliedIndex: LogIndex) -> [UInt8] {
+    /// Every key in byte order, so that replicas with the same state write the same bytes.
+    static func encode(_ shards: [[[UInt8]: [UInt8]]], appliedIndex: LogIndex) -> [UInt8] {
+        var pairs: [(key: [UInt8], value: [UInt8])] = []
+        pairs.reserveCapacity(shards.reduce(0) { $0 + $1.count })
+        for s in shards { pairs.append(contentsOf: s.lazy.map { (key: $0.key, value: $0.value) }) }
+        pairs.sort { $0.key.lexicographicallyPrecedes($1.key) }
         var w = ByteWriter()
         w.u64(appliedIndex)
-        w.u32(UInt32(map.count))
-        for (k, v) in map.sorted(by: { $0.key.lexicographicallyPrecedes($1.key) }) { w.blob(k); w.blob(v) }
+        w.u32(UInt32(pairs.count))
+        for (k, v) in pairs { w.blob(k); w.blob(v) }
         return w.bytes
     }
 
     public func restore(_ snapshot: [UInt8], index: LogIndex) throws {
         var r = ByteReader(snapshot, what: "key-value snapshot")
-        var m: [[UInt8]: [UInt8]] = [:]
+        var m: [[[UInt8]: [UInt8]]] = Array(repeating: [:], count: Self.shardCount)
         let at = try r.u64()
         for _ in 0..<(try r.u32()) {
-            m[try r.blob(max: Command.keyBytesMax)] = try r.blob(max: Command.valueBytesMax)
+            let k = try r.blob(max: Command.keyBytesMax)
+            m[Self.shard(of: k)][k] = try r.blob(max: Command.valueBytesMax)
         }
         try r.finish()
-        map = m
+        shards = m
         appliedIndex = max(at, index)
     }
 }

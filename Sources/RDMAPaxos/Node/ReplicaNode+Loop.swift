@@ -34,6 +34,8 @@ extension ReplicaNode {
         // Ticks run after every other event of the batch (see `runTicks`).
         var dueTicks: [UInt64] = []
         heardFromLeader = false
+        loopWatch.startPass(events: batch.count)
+        defer { endPass() }
         for e in batch {
             if case .messagesWaiting = e { wakePending.store(false, ordering: .releasing) }
             if failure != nil {
@@ -47,7 +49,7 @@ extension ReplicaNode {
                 _ = polledTransport?.receiveWaiting { receive($0) }
             case let .persisted(seq): onPersisted(seq)
             case let .storageFailed(reason): failStorage(reason)
-            case let .snapshotTaken(index, data): compact(through: index, data)
+            case let .snapshotTaken(index, data): loopWatch.compactNanos &+= LoopWatch.timed { compact(through: index, data) }
             case .snapshotSaved:
                 compacting = false
             case let .propose(p): commands.append(p)
@@ -109,7 +111,10 @@ extension ReplicaNode {
 
     /// Steps the core with one peer message, noting whether it came from the leader.
     func receive(_ m: Message) {
-        if m.from == replica.leader { heardFromLeader = true }
+        if m.from == replica.leader {
+            heardFromLeader = true
+            loopWatch.leaderHeardAt = LoopWatch.now()
+        }
         perform(replica.receive(m))
     }
 
@@ -133,19 +138,6 @@ extension ReplicaNode {
         }
         let asOne = ticks.dropsLateTicks && (replica.role == .leader || heardFromLeader)
         for _ in 0..<(asOne ? 1 : queuedAt.count) where failure == nil { onTick() }
-    }
-
-    /// Ticks that arrived together: counts them and, at most every 10 s, warns once the delay
-    /// reached half an election timeout (the point where starvation starts to cost elections).
-    func noteLateTicks(count: Int, oldest: UInt64) {
-        metrics.lateTicks.increment(by: count - 1)
-        let now = DispatchTime.now().uptimeNanoseconds
-        let late = now &- oldest
-        metrics.tickDelay.recordNanoseconds(Int64(clamping: late))
-        guard count >= max(2, options.replica.electionTimeoutTicks / 2) else { return }
-        if let last = lastLateTickWarning, now &- last < 10_000_000_000 { return }
-        lastLateTickWarning = now
-        options.onWarning?("node thread fell behind: \(count) ticks ran together, the oldest \(late / 1_000_000) ms late (election timeout: \(options.replica.electionTimeoutTicks) ticks); the machine is overloaded and elections may follow (docs/operations.md, \"Timing profiles\")")
     }
 
     func onTick() {
@@ -230,7 +222,9 @@ extension ReplicaNode {
                     r.continuation.resume(throwing: NodeError.notLeader(leader: replica.leader))
                 }
             case .becameLeader: metrics.electionsWon.increment()
-            case let .startedElection(_, pre): (pre ? metrics.preElectionsStarted : metrics.electionsStarted).increment()
+            case let .startedElection(_, pre):
+                (pre ? metrics.preElectionsStarted : metrics.electionsStarted).increment()
+                options.onWarning?(loopWatch.campaignNote())
             case .recoveryStalled, .witnessCompactionHeldBack: options.onWarning?("\(e)")
             case let .membershipChanged(m): followConfiguration(m)
             case let .removedFromCluster(leader, index): leaveCluster(leader: leader, index: index)
@@ -258,8 +252,11 @@ extension ReplicaNode {
                 ps.forEach { $0.continuation.resume(throwing: NodeError.outcomeUnknown) }
             }
         }
-        if !a.apply.isEmpty { metrics.entriesApplied.increment(by: a.apply.count) }
-        for e in a.apply { applyEntry(e) }
+        if !a.apply.isEmpty {
+            metrics.entriesApplied.increment(by: a.apply.count)
+            loopWatch.applyNanos &+= LoopWatch.timed { for e in a.apply { applyEntry(e) } }
+            loopWatch.applied += a.apply.count
+        }
         for r in a.reads {
             reads[r.id]?.index = r.index
         }
@@ -347,10 +344,16 @@ extension ReplicaNode {
         // (heartbeats, check-quorum) while a large state is encoded.
         compacting = true
         let serialize = capturing.captureSnapshot()
-        snapshotQueue.async { [weak self] in
+        // On a thread of its own at the lowest CPU priority: encoding a large state takes
+        // seconds of CPU, and every replica compacts at about the same index, so on a loaded
+        // host the encodings would take the cores from the replicas' loops all at once.
+        let encoder = Thread { [weak self] in
+            lowestCPUPriorityForThisThread()
             let data = serialize()
             self?.enqueue(.snapshotTaken(through, data))
         }
+        encoder.name = "plover.snapshot-encode"
+        encoder.start()
     }
 
     func compact(through applied: LogIndex, _ data: [UInt8]) {

@@ -36,6 +36,8 @@ public final class ReplicaNode: @unchecked Sendable {
     var lastLateTickWarning: UInt64?
     /// The current batch delivered a message from the leader this node knows (node thread).
     var heardFromLeader = false
+    /// Pass times and the last word from the leader, for the warnings that explain an election.
+    var loopWatch = LoopWatch()
     var proposals: [LogIndex: PendingProposal] = [:]
     /// Proposals from an earlier term of this replica whose index a proposal of a later term took
     /// (it was deposed before they committed, then elected again). Still pending: another replica
