@@ -66,10 +66,11 @@ import Testing
             for i in 0..<o.runs {
                 let bytes = i % 4 == 0 ? f.randomBytes(maxCount: 24) : f.mutate(valid[f.below(valid.count)])
                 // What a replica does with a committed command it cannot decode: result code `.malformed`, no change.
-                let before = machine.map
+                // The shards as they were: unchanged, they still share storage and compare at once.
+                let before = machine.shards
                 let result = machine.apply(bytes, index: UInt64(i + 1))
                 guard let c = try? KeyValueStateMachine.Command(decoding: bytes) else {
-                    o.check(KeyValueStateMachine.resultCode(result) == .malformed && machine.map == before, "iteration \(i): an undecodable command changed the map")
+                    o.check(KeyValueStateMachine.resultCode(result) == .malformed && machine.shards == before, "iteration \(i): an undecodable command changed the map")
                     continue
                 }
                 o.accepted += 1

@@ -1,38 +1,39 @@
 import Foundation
 
 /// What a client does with a node's answer to one of its requests. `NodeClient` and
-/// `PipelinedNodeClient` both decide by `ClientFrame.clientAction`, so they follow one set of
+/// `PipelinedNodeClient` both decide by `ClientFrame.clientStep`, so they follow one set of
 /// retry rules.
-enum ClientAction {
+enum ClientStep {
     /// The request succeeded with this result.
-    case result([UInt8])
-    /// Leadership is moving: retry at `leader` when the node named one, else at the next member.
-    case retry(leader: NodeID?, why: String)
-    /// Give up with this failure.
-    case fail(NodeClient.Failure)
+    case done([UInt8])
+    /// Leadership is moving: retry at `hint` (the leader the node named, when it is another
+    /// member with an address), else at the next member.
+    case retry(hint: NodeID?, why: String)
 }
 
 extension ClientFrame {
-    /// How a client treats this frame received as the answer to request `id`, sent to `node`.
-    /// A proposal (`idempotent` false) answered with an error that leaves its outcome open fails
-    /// with `outcomeUnknown`: sending it again could apply it twice.
-    func clientAction(request id: UInt64, from node: NodeID, idempotent: Bool) -> ClientAction {
+    /// How a client treats this frame received as the answer to request `id`, sent to `node` of
+    /// the cluster at `endpoints`; throws the `NodeClient.Failure` to give up with. A proposal
+    /// (`idempotent` false) answered with an error that leaves its outcome open fails with
+    /// `outcomeUnknown`: sending it again could apply it twice.
+    func clientStep(request id: UInt64, from node: NodeID, idempotent: Bool, endpoints: [NodeID: String]) throws(NodeClient.Failure) -> ClientStep {
         switch self {
         case let .ok(rid, result) where rid == id:
-            return .result(result)
+            return .done(result)
         case let .error(_, code, _, message) where !idempotent && code.leavesProposalOutcomeUnknown:
             // "stopped" and "storage" may come from a leader that was replicating the command as
             // it stopped or its log failed: the other replicas can still commit it.
             let note = code == .timedOut ? "" : "; the command may or may not have taken effect"
-            return .fail(NodeClient.Failure(description: "node \(node): \(message)\(note)", outcomeUnknown: true))
+            throw NodeClient.Failure(description: "node \(node): \(message)\(note)", outcomeUnknown: true)
         case let .error(_, code, leader, message) where code == .notLeader || code == .superseded || code == .stopped:
-            return .retry(leader: leader, why: "node \(node): \(message)")
+            let hint = leader.flatMap { endpoints[$0] != nil && $0 != node ? $0 : nil }
+            return .retry(hint: hint, why: "node \(node): \(message)")
         case let .error(_, _, _, message):
-            return .fail(NodeClient.Failure(description: "node \(node): \(message)"))
+            throw NodeClient.Failure(description: "node \(node): \(message)")
         default:
             // An answer that is not this request's: the command itself may have been applied.
-            return .fail(NodeClient.Failure(description: "node \(node) sent an unexpected answer" + (idempotent ? "" : "; the command may or may not have taken effect"),
-                                            outcomeUnknown: !idempotent))
+            throw NodeClient.Failure(description: "node \(node) sent an unexpected answer" + (idempotent ? "" : "; the command may or may not have taken effect"),
+                                     outcomeUnknown: !idempotent)
         }
     }
 }

@@ -20,7 +20,7 @@ public final class KeyValueStateMachine: SnapshotCapturing {
     public var map: [[UInt8]: [UInt8]] {
         var all: [[UInt8]: [UInt8]] = [:]
         all.reserveCapacity(shards.reduce(0) { $0 + $1.count })
-        for s in shards { all.merge(s) { a, _ in a } }
+        for s in shards where !s.isEmpty { all.merge(s) { a, _ in a } }
         return all
     }
 

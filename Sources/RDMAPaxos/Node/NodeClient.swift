@@ -100,16 +100,14 @@ public final class NodeClient {
                 target = nextEndpoint(after: target, attempt: attempt)
                 continue
             }
-            switch answer.clientAction(request: id, from: target, idempotent: idempotent) {
-            case let .result(result):
+            switch try answer.clientStep(request: id, from: target, idempotent: idempotent, endpoints: endpoints) {
+            case let .done(result):
                 return result
-            case let .fail(failure):
-                throw failure
-            case let .retry(leader, why):
+            case let .retry(hint, why):
                 // Leadership is moving: follow the hint, else try the next member.
                 last = why
-                if let l = leader, endpoints[l] != nil, l != target {
-                    target = l
+                if let hint {
+                    target = hint
                 } else {
                     disconnect()
                     target = nextEndpoint(after: target, attempt: attempt)

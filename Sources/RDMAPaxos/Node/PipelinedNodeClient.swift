@@ -77,19 +77,13 @@ public final class PipelinedNodeClient: Sendable {
                 target = try await next(after: target, attempt: attempt)
                 continue
             }
-            switch answer.clientAction(request: id, from: target, idempotent: idempotent) {
-            case let .result(result):
+            switch try answer.clientStep(request: id, from: target, idempotent: idempotent, endpoints: endpoints) {
+            case let .done(result):
                 return result
-            case let .fail(failure):
-                throw failure
-            case let .retry(leader, why):
+            case let .retry(hint, why):
                 last = why
                 drop(session)
-                if let l = leader, endpoints[l] != nil, l != target {
-                    target = l
-                } else {
-                    target = try await next(after: target, attempt: attempt)
-                }
+                if let hint { target = hint } else { target = try await next(after: target, attempt: attempt) }
             }
         }
         throw NodeClient.Failure(description: "no leader answered after \(attempts) attempts; last: \(last)")
