@@ -83,6 +83,23 @@ struct TCPSegmentLayout {
         guard dataOffset >= 20, dataOffset <= total - ihl else { return nil }
         optionsEnd = tcp + dataOffset
     }
+
+    /// Calls `body` with the kind, offset and length of each TCP option of `f` between `start`
+    /// and `end`, in order; no-ops are skipped, and the end-of-list option or a length that does
+    /// not fit ends the walk.
+    static func forEachOption(in f: [UInt8], from start: Int, to end: Int, _ body: (_ kind: UInt8, _ at: Int, _ length: Int) -> Void) {
+        var o = start
+        while o < end {
+            let kind = f[o]
+            if kind == 0 { break }
+            if kind == 1 { o += 1; continue }
+            guard o + 1 < end else { break }
+            let len = Int(f[o + 1])
+            guard len >= 2, o + len <= end else { break }
+            body(kind, o, len)
+            o += len
+        }
+    }
 }
 
 /// Which way a frame travels.
@@ -137,14 +154,8 @@ public struct ConnectionRewriter: Equatable, Sendable {
             guard f[t + 13] & 0x10 != 0 else { return frame }  // no ACK: no acknowledgement, no TSecr
             Self.add(0 &- off.sequence, at: t + 8, in: &f, checksumAt: t + 16)
         }
-        var o = t + 20
-        while o < s.optionsEnd {
-            let kind = f[o]
-            if kind == 0 { break }
-            if kind == 1 { o += 1; continue }
-            guard o + 1 < s.optionsEnd else { break }
-            let len = Int(f[o + 1])
-            guard len >= 2, o + len <= s.optionsEnd else { break }
+        // Options are walked in `frame`: only values inside them change in `f`.
+        TCPSegmentLayout.forEachOption(in: frame, from: t + 20, to: s.optionsEnd) { kind, o, len in
             switch (kind, direction) {
             case (8, .fromGuest) where len == 10:
                 Self.add(off.timestamp, at: o + 2, in: &f, checksumAt: t + 16)
@@ -159,7 +170,6 @@ public struct ConnectionRewriter: Equatable, Sendable {
                 }
             default: break
             }
-            o += len
         }
         return f
     }

@@ -87,20 +87,12 @@ public struct OutputDigest: Equatable, Sendable {
         for i in (l4 + 4)..<(l4 + 8) { f[i] = 0 }  // sequence number: compared on its own (`sequence`)
         f[l4 + 16] = 0; f[l4 + 17] = 0  // TCP checksum
         var ts: UInt32?
-        var o = l4 + 20
         let end = l4 + dataOffset
-        while o < end {
-            let k = f[o]
-            if k == 0 { break }  // end of options
-            if k == 1 { o += 1; continue }  // no-op
-            guard o + 1 < end else { break }
-            let len = Int(f[o + 1])
-            guard len >= 2, o + len <= end else { break }
-            if k == 8, len == 10 {
-                ts = Self.be32(f, o + 2)
-                for i in (o + 2)..<(o + 10) { f[i] = 0 }  // TSval and TSecr
-            }
-            o += len
+        // Options are walked in `frame`: zeroing values in `f` moves no kind or length.
+        TCPSegmentLayout.forEachOption(in: frame, from: l4 + 20, to: end) { kind, o, len in
+            guard kind == 8, len == 10 else { return }
+            ts = Self.be32(f, o + 2)
+            for i in (o + 2)..<(o + 10) { f[i] = 0 }  // TSval and TSecr
         }
         var key: [UInt8] = Array(f[26..<34]) + Array(f[l4..<(l4 + 4)])
         key.append(6)
