@@ -61,30 +61,32 @@ package struct VMTapBench: ParsableCommand {
         var qemuCores = 0.0
         var replicaCores = 0.0
 
-        static func counters(_ s: [String: String]) -> (Int, Int, Int, Int, [String: Int]) {
+        /// `mismatch_causes=cause:count,…` ("none" when there is none) as a table.
+        static func causes(_ s: [String: String]) -> [String: Int] {
             var causes: [String: Int] = [:]
             for pair in (s["mismatch_causes"] ?? "none").split(separator: ",") where pair != "none" {
                 let kv = pair.split(separator: ":")
                 if kv.count == 2, let n = Int(kv[1]) { causes[String(kv[0])] = n }
             }
-            return (Int(s["released_by_match"] ?? "") ?? 0, Int(s["released_by_checkpoint"] ?? "") ?? 0,
-                    Int(s["output_mismatches"] ?? "") ?? 0, Int(s["checkpoints_completed"] ?? "") ?? 0, causes)
+            return causes
         }
 
         init(config: String, clients: Int, before: [String: String], after: [String: String], seconds: Double) {
             self.config = config
             self.clients = clients
             self.seconds = seconds
-            let (m0, c0, x0, k0, cz0) = Self.counters(before), (m1, c1, x1, k1, cz1) = Self.counters(after)
-            byMatch = m1 - m0
-            byCheckpoint = c1 - c0
-            mismatches = x1 - x0
-            checkpoints = k1 - k0
-            for (k, v) in cz1 { let d = v - (cz0[k] ?? 0); if d > 0 { causes[k] = d } }
-            matchWaits = (Int(after["match_waits"] ?? "") ?? 0) - (Int(before["match_waits"] ?? "") ?? 0)
-            matchWaitTotal = (Double(after["match_wait_total_ms"] ?? "") ?? 0) - (Double(before["match_wait_total_ms"] ?? "") ?? 0)
-            byOffset = (Int(after["matched_by_offset"] ?? "") ?? 0) - (Int(before["matched_by_offset"] ?? "") ?? 0)
-            offsetsLearnt = (Int(after["offsets_learnt"] ?? "") ?? 0) - (Int(before["offsets_learnt"] ?? "") ?? 0)
+            // How far a counter of the status moved over the run (0 where it is missing).
+            func moved(_ key: String) -> Double { (Double(after[key] ?? "") ?? 0) - (Double(before[key] ?? "") ?? 0) }
+            byMatch = Int(moved("released_by_match"))
+            byCheckpoint = Int(moved("released_by_checkpoint"))
+            mismatches = Int(moved("output_mismatches"))
+            checkpoints = Int(moved("checkpoints_completed"))
+            let cz0 = Self.causes(before)
+            for (k, v) in Self.causes(after) { let d = v - (cz0[k] ?? 0); if d > 0 { causes[k] = d } }
+            matchWaits = Int(moved("match_waits"))
+            matchWaitTotal = moved("match_wait_total_ms")
+            byOffset = Int(moved("matched_by_offset"))
+            offsetsLearnt = Int(moved("offsets_learnt"))
         }
     }
 
