@@ -237,8 +237,7 @@ package struct VMBench: ParsableCommand {
             let c = r.checkpoints
             let sent = c.map { num($0, "page_bytes") + num($0, "control_bytes") }, dirty = c.map { num($0, "all_dirty_bytes") }
             s += "| \(r.name) | \(r.clients) | \(r.gap) | \(c.count) | \(f(mean(c.map { num($0, "union") }))) | \(f(mean(c.map { num($0, "divergent") }))) | "
-            let whole = { (v: Double) in v.isFinite ? "\(Int(v))" : "-" }  // no steady-state checkpoint: no mean
-            s += "\(whole(mean(sent))) | \(whole(mean(dirty))) | **\(f(dirty.reduce(0, +) / max(1, sent.reduce(0, +))))×** |\n"
+            s += "\(wholeNumber(mean(sent))) | \(wholeNumber(mean(dirty))) | **\(f(dirty.reduce(0, +) / max(1, sent.reduce(0, +))))×** |\n"
         }
         s += "\n## Pause per checkpoint (ms: primary stopped → primary resumed)\n\n"
         s += "| workload | clients | min gap (ms) | p50 | p99 | max | scan p50 (hash-diff of all RAM) | migrate p50 (device state) |\n|---|---|---|---|---|---|---|---|\n"
@@ -266,6 +265,10 @@ func clientCounts(_ r: [VMBench.WorkloadResult]) -> String {
 func gapsFirst(_ r: [VMBench.WorkloadResult]) -> Int { r.first?.gap ?? 0 }
 
 func millis(_ d: Duration) -> Double { d.inMilliseconds }
+
+/// `v` as a whole number for a report's table; "-" for the mean of nothing (a run without
+/// steady-state checkpoints).
+func wholeNumber(_ v: Double) -> String { v.isFinite ? "\(Int(v))" : "-" }
 
 /// Answers from the guest, handed from the reader thread to the benchmark thread.
 final class AnswerQueue: @unchecked Sendable {
@@ -311,7 +314,7 @@ extension VMBench {
             let c = r.checkpoints.filter { $0["disk_union"] != nil && $0["disk_all_blocks"] == nil }
             let sent = c.map { num($0, "disk_bytes") + num($0, "disk_control_bytes") }, dirty = c.map { num($0, "disk_all_dirty_bytes") }
             s += "| \(r.name) | \(r.clients) | \(r.gap) | \(c.count) | \(f(mean(c.map { num($0, "disk_primary_dirty") }))) | \(f(mean(c.map { num($0, "disk_backup_dirty") }))) | "
-            s += "\(f(mean(c.map { num($0, "disk_union") }))) | \(f(mean(c.map { num($0, "disk_divergent") }))) | \(Int(mean(sent))) | \(Int(mean(dirty))) | "
+            s += "\(f(mean(c.map { num($0, "disk_union") }))) | \(f(mean(c.map { num($0, "disk_divergent") }))) | \(wholeNumber(mean(sent))) | \(wholeNumber(mean(dirty))) | "
             s += "**\(f(dirty.reduce(0, +) / max(1, sent.reduce(0, +))))×** | \(f(p50(c.map { num($0, "disk_collect_ms") }))) | \(f(p50(c.map { num($0, "disk_ms") }))) |\n"
         }
         return s

@@ -126,8 +126,8 @@ extension VMCheckpointBytesBench {
             s += "\(c.isEmpty ? "-" : f(Double(r.requests) / Double(c.count))) | "
             s += "\(f(mean(c.map { $0.n("primary_dirty") }))) | \(f(mean(c.map(\.identical)))) | \(f(mean(c.map { $0.n("divergent") }))) | "
             s += "\(f(mean(split.map(\.0)))) / \(f(mean(split.map(\.1)))) | "
-            s += "\(Int(mean(c.map(\.ramSent)))) | \(Int(mean(c.map(\.ramAllDirty)))) | **\(ratio(ramAll, ramSent))** | "
-            s += "\(Int(mean(c.map(\.diskSent)))) | \(Int(mean(c.map(\.diskAllDirty)))) | **\(ratio(diskAll, diskSent))** | **\(ratio(ramAll + diskAll, ramSent + diskSent))** |\n"
+            s += "\(wholeNumber(mean(c.map(\.ramSent)))) | \(wholeNumber(mean(c.map(\.ramAllDirty)))) | **\(ratio(ramAll, ramSent))** | "
+            s += "\(wholeNumber(mean(c.map(\.diskSent)))) | \(wholeNumber(mean(c.map(\.diskAllDirty)))) | **\(ratio(diskAll, diskSent))** | **\(ratio(ramAll + diskAll, ramSent + diskSent))** |\n"
         }
         s += "\nGoal: all-dirty / sent ≥ 9 (bytes per checkpoint ≤ 1/9 of the all-dirty transfer; PLOVER reports 9.2×) for 16×1 (the issue's workload). "
         s += "SETs per checkpoint: the run's SETs over its steady-state checkpoints.\n\n"

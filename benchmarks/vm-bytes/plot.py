@@ -36,15 +36,24 @@ def col(header, name):
     return header.index(name)
 
 
+def number(cell):
+    """A table cell as a number; a run without steady-state checkpoints ("-", "nan") draws no bar."""
+    try:
+        v = float(cell)
+    except ValueError:
+        return 0.0
+    return v if math.isfinite(v) else 0.0
+
+
 sh, srows = section("Summary per run")
 ph, prows = section("Pause per checkpoint")
 short = {"checkpoint release": "ckpt release", "release on match": "on match"}
 runs = [(r[col(sh, "release")], r[col(sh, "C×P")]) for r in srows]
 labels = [f"{short.get(m, m)} {c}" for m, c in runs]
-sent = [float(r[col(sh, "RAM sent (mean B)")]) + float(r[col(sh, "disk sent (mean B)")]) for r in srows]
-every = [float(r[col(sh, "RAM all-dirty (mean B)")]) + float(r[col(sh, "disk all-dirty (mean B)")]) for r in srows]
+sent = [number(r[col(sh, "RAM sent (mean B)")]) + number(r[col(sh, "disk sent (mean B)")]) for r in srows]
+every = [number(r[col(sh, "RAM all-dirty (mean B)")]) + number(r[col(sh, "disk all-dirty (mean B)")]) for r in srows]
 ratio = [r[col(sh, "RAM+disk all-dirty / sent")] for r in srows]
-pauses = {(r[col(ph, "release")], r[col(ph, "C×P")]): (float(r[col(ph, "pause p50")]), float(r[col(ph, "pause p99")])) for r in prows}
+pauses = {(r[col(ph, "release")], r[col(ph, "C×P")]): (number(r[col(ph, "pause p50")]), number(r[col(ph, "pause p99")])) for r in prows}
 missing = [k for k in runs if k not in pauses]
 if missing:
     sys.exit(f"{src}: no pause row for {missing}")
