@@ -40,7 +40,7 @@ let package = Package(
         // enforces "no I/O, no clocks, no C" (it cannot import what it does not depend on).
         .target(name: "RDMAPaxosCore"),
         // Seeded fault simulator over the core (used by tests and `plover simulate`).
-        .target(name: "RDMAPaxosSimulation", dependencies: ["RDMAPaxosCore"]),
+        .target(name: "RDMAPaxosSimulation", dependencies: ["RDMAPaxos", .product(name: "Metrics", package: "swift-metrics")]),
         // Storage, fabrics and the runtime; re-exports the core.
         .target(
             name: "RDMAPaxos",

@@ -2,63 +2,41 @@ import RDMAPaxosCore
 
 // Network, disks, client traffic and the checkers that run after every step.
 extension Simulation {
-    mutating func handle(_ id: NodeID, _ a: Actions) throws(SimulationFailure) {
-        for e in a.events {
+    /// Runs node `id`'s loop until it is idle, then checks and carries out what it did: its
+    /// events, the messages it sent, the entries it applied and its answers to clients.
+    mutating func run(_ id: NodeID) throws(SimulationFailure) {
+        guard let p = nodes[id]!.process else { return }
+        guard p.run() else { throw fail("node \(id)'s loop never went idle") }
+        if let v = p.transport.violations.first { throw fail(v) }
+        if let v = p.machine.violations.first { throw fail("node \(id) \(v)") }
+        for e in p.inbox.events {
             log("\(id): \(e)")
             if case .becameLeader = e { report.elections += 1 }
             if case .recovered = e { report.recoveries += 1 }
-            if case let .readRefused(rid, _) = e { reads[rid] = nil }
         }
-        if let p = a.persist {
-            var n = nodes[id]!
-            let due = UInt64(now + rng.below(options.diskDelayTicksMax + 1))
-            let acks = a.sendAfterPersist.map { ($0, vouched(id, $0)) }
-            n.disk.pending.append((p, acks, max(due, n.disk.stalledUntil)))
-            nodes[id] = n
-        } else {
-            // Acks waiting on no persist vouch for what is durable already: they go now, through
-            // the same durability check as every other ack.
-            for m in a.sendAfterPersist { try transmit(m, vouching: vouched(id, m)) }
+        p.inbox.events = []
+        for w in p.inbox.warnings { log("\(id) warns: \(w)") }
+        p.inbox.warnings = []
+        let sent = p.transport.outbox
+        p.transport.outbox = []
+        for m in sent { try transmit(m) }
+        if p.machine.restores > 0 {
+            report.snapshotsInstalled += p.machine.restores
+            log("\(id): restored snapshot \(p.machine.stateIndex)")
+            p.machine.restores = 0
         }
-        for m in a.send { try transmit(m, vouching: vouched(id, m)) }
-        if let s = a.restore {
-            nodes[id]!.state = try restoredState(s, at: id)
-            nodes[id]!.stateIndex = s.index
-            report.snapshotsInstalled += 1
-            log("\(id): restored snapshot \(s.index)")
-        }
-        for e in a.apply { try applyEntry(id, e) }
-        for r in a.reads { try confirmRead(id, r) }
-        if !reads.isEmpty, nodes[id]!.replica != nil { try serveReads(id) }
-        if a.events.contains(where: { if case .removedFromCluster = $0 { true } else { false } }) { leaveCluster(id) }
+        let applied = p.machine.applied
+        p.machine.applied = []
+        for e in applied { try applyEntry(id, e) }
+        let answers = p.inbox.answers.sorted { $0.request < $1.request }
+        p.inbox.answers = []
+        for a in answers { try answered(a.request, a.result, at: id) }
+        if p.inbox.removed { leaveCluster(id) }
     }
 
-    /// The ballot of the entry an acceptance vouches for, as the sender's log held it when it
-    /// produced the message (nil when that entry is already compacted into a snapshot).
-    func vouched(_ id: NodeID, _ m: Message) -> Ballot? {
-        switch m.body {
-        case let .accepted(true, index): return nodes[id]!.replica?.entry(at: index)?.ballot
-        case let .recovering(_, index) where index > 0: return nodes[id]!.replica?.entry(at: index)?.ballot
-        default:
-            return nil
-        }
-    }
-
-    /// Puts a message on the wire after checking the durability rule for acks.
-    mutating func transmit(_ m: Message, vouching: Ballot?) throws(SimulationFailure) {
+    /// Puts a message on the wire (its durability was checked when the node sent it).
+    mutating func transmit(_ m: Message) throws(SimulationFailure) {
         try checkTransportLimits(m)
-        let disk = nodes[m.from]!.disk
-        switch options.onlyFinalChecks ? .timeoutNow : m.body {
-        case let .accepted(true, index), let .recovering(_, index):
-            guard disk.lastIndex >= index, vouching == nil || disk.ballot(at: index) == vouching else {
-                throw fail("node \(m.from) acknowledged \(index)@\(vouching.map(String.init(describing:)) ?? "?") before it was durable"
-                           + " (disk holds \(disk.lastIndex)@\(disk.ballot(at: disk.lastIndex).map(String.init(describing:)) ?? "-"))")
-            }
-        case .promise(true, _, _, _):
-            guard disk.hardState.promised >= m.ballot
-            else { throw fail("node \(m.from) promised \(m.ballot) before the promise was durable (disk: \(disk.hardState.promised))") }
-        default: break
-        }
         guard faultsOn else {
             network.append((now + 1 + rng.below(2), m))
             return
@@ -74,6 +52,7 @@ extension Simulation {
         }
     }
 
+    /// Hands each message due now to its receiver's transport, then runs the receivers.
     mutating func deliverMessages() throws(SimulationFailure) {
         var due: [Message] = []
         network.removeAll { item in
@@ -82,26 +61,32 @@ extension Simulation {
         }
         // Messages due together arrive in any order.
         for i in due.indices.reversed() where i > 0 { due.swapAt(i, rng.below(i + 1)) }
+        var receivers: Set<NodeID> = []
         for m in due {
-            guard !cut.contains([m.from, m.to]), nodes[m.to]?.replica != nil else {
+            guard !cut.contains([m.from, m.to]), let p = nodes[m.to]?.process else {
                 report.messagesDropped += 1
                 continue
             }
             report.messagesDelivered += 1
-            let a = nodes[m.to]!.replica!.receive(m)
-            try handle(m.to, a)
+            p.transport.onReceive?(m)
+            receivers.insert(m.to)
+        }
+        for id in ids where receivers.contains(id) { try run(id) }
+    }
+
+    /// Completes the disk writes due now; the nodes hear of them on their next pass.
+    mutating func completeDisks() throws(SimulationFailure) {
+        for id in ids where nodes[id]!.process != nil {
+            if nodes[id]!.storage.completeDue() { try run(id) }
         }
     }
 
-    mutating func completeDisks() throws(SimulationFailure) {
-        for id in ids where nodes[id]!.replica != nil {
-            while let first = nodes[id]!.disk.pending.first, first.dueAt <= UInt64(now), nodes[id]!.disk.stalledUntil <= UInt64(now) {
-                nodes[id]!.disk.pending.removeFirst()
-                nodes[id]!.disk.apply(first.persist)
-                for (m, v) in first.acks { try transmit(m, vouching: v) }
-                let a = nodes[id]!.replica!.persisted(first.persist.sequence)
-                try handle(id, a)
-            }
+    /// Runs the nodes' off-loop work (snapshot saves), each item a tick or a few after it was queued.
+    mutating func runOffLoopWork() throws(SimulationFailure) {
+        for id in ids {
+            guard let p = nodes[id]!.process, !p.offLoop.queued.isEmpty, rng.below(3) == 0 else { continue }
+            p.offLoop.runOne()
+            try run(id)
         }
     }
 
@@ -118,39 +103,61 @@ extension Simulation {
         try clientReads(leader: l)
     }
 
-    /// Proposes a fresh unique command; returns it if the leader took it.
-    mutating func proposeCommand(at l: NodeID) throws(SimulationFailure) -> [UInt8]? {
+    /// Proposes a fresh unique command at node `l`; returns it.
+    mutating func proposeCommand(at l: NodeID) throws(SimulationFailure) -> [UInt8] {
         nextCommand += 1
         let cmd = command(nextCommand)
-        // Only the core's refusal is caught: a checker's violation in `handle` propagates.
-        guard let (index, a) = try? nodes[l]!.replica!.propose([cmd]) else { return nil }
-        proposals[cmd] = (l, nodes[l]!.incarnation, index)
-        try handle(l, a)
+        let p = nodes[l]!.process!
+        let request = nextRequest()
+        requests[request] = .propose(cmd, node: l, incarnation: nodes[l]!.incarnation)
+        let inbox = p.inbox
+        p.node.propose(cmd) { inbox.answers.append((request, $0)) }
+        try run(l)
         return cmd
+    }
+
+    mutating func nextRequest() -> Int {
+        requestCount += 1
+        return requestCount
+    }
+
+    /// A node answered request `request`: an acknowledged write, or a read to check.
+    mutating func answered(_ request: Int, _ result: Result<[UInt8], any Error>, at id: NodeID) throws(SimulationFailure) {
+        guard let r = requests.removeValue(forKey: request) else { throw fail("request \(request) answered twice or never made") }
+        switch r {
+        case let .propose(cmd, node, incarnation):
+            guard case let .success(bytes) = result else { return }
+            var reader = ByteReader(bytes, what: "simulated result")
+            guard node == id, incarnation == nodes[id]!.incarnation, let index = try? reader.u64() else {
+                throw fail("command \(String(decoding: cmd, as: UTF8.self)) answered by node \(id), not the incarnation it was proposed at, or with a result that is not an index")
+            }
+            acknowledged[cmd] = index
+            highestAcked = max(highestAcked, index)
+            acknowledgedCommand[index] = cmd
+            report.acknowledged += 1
+        case let .read(rid):
+            guard let issued = reads.removeValue(forKey: rid) else { return }
+            switch result {
+            case let .success(bytes): try checkRead(rid, issued, answer: bytes, at: id)
+            case let .failure(e): if staleLeader == id { log("read \(rid) at cut-off leader \(id) refused: \(e)") }
+            }
+        case let .other(what):
+            log("\(id): \(what): \(result.map { _ in "done" })")
+        }
     }
 
     // MARK: Checkers
 
+    /// A command the node's state machine applied, with the entry its log holds there.
     mutating func applyEntry(_ id: NodeID, _ e: LogEntry) throws(SimulationFailure) {
-        var n = nodes[id]!
-        guard e.index == n.stateIndex + 1 else {
-            throw fail("node \(id) applied index \(e.index) after \(n.stateIndex): applies must be contiguous")
+        guard e.index > nodes[id]!.checkedApply else {
+            throw fail("node \(id) applied index \(e.index) after \(nodes[id]!.checkedApply): applies must go forward")
         }
-        if !options.onlyFinalChecks {
-            let c = committed[e.index] ?? recordCommitted(e)
-            guard c == e else {
-                throw fail("node \(id) applied \(describe(e)) but \(describe(committed[e.index]!)) was committed there")
-            }
-        }
-        n.stateIndex = e.index
-        if e.kind == .command { n.state.append(StateEntry(index: e.index, payload: e.payload)) }
-        nodes[id] = n
-        if let p = proposals[e.payload], p.node == id, p.incarnation == n.incarnation, p.index == e.index, e.kind == .command {
-            acknowledged[e.payload] = e.index
-            highestAcked = max(highestAcked, e.index)
-            acknowledgedCommand[e.index] = e.payload
-            report.acknowledged += 1
-            proposals[e.payload] = nil
+        nodes[id]!.checkedApply = e.index
+        guard !options.onlyFinalChecks else { return }
+        let c = committed[e.index] ?? recordCommitted(e)
+        guard c == e else {
+            throw fail("node \(id) applied \(describe(e)) but \(describe(committed[e.index]!)) was committed there")
         }
     }
 
@@ -188,7 +195,7 @@ extension Simulation {
     /// A restarted replica resumes from at least the promise its disk holds durably: a promise
     /// made before a crash binds the replica after it.
     func checkRestored(_ id: NodeID) throws(SimulationFailure) {
-        let durable = nodes[id]!.disk.hardState.promised
+        let durable = nodes[id]!.storage.durable.hardState.promised
         guard !options.onlyFinalChecks, let r = nodes[id]!.replica, r.promised < durable else { return }
         throw fail("node \(id) restarted at promise \(r.promised) though its disk holds the promise \(durable)")
     }
@@ -199,7 +206,7 @@ extension Simulation {
         return ids.filter { $0 != permanentlyDown }.allSatisfy { id in
             // A removed node counts once the leader has added it back and it caught up.
             guard let r = nodes[id]!.replica else { return false }
-            return r.commitIndex == lr.commitIndex && (r.isWitness || nodes[id]!.stateIndex == lr.commitIndex) && !r.isRecovering
+            return r.commitIndex == lr.commitIndex && (r.isWitness || r.appliedIndex == lr.commitIndex) && !r.isRecovering
         }
     }
 
@@ -217,24 +224,17 @@ extension Simulation {
                            + " (it holds \(held[index].map { String(decoding: $0, as: UTF8.self) } ?? "nothing") there)")
             }
             var expected: [StateEntry] = []
-            for i in 1...max(1, n.stateIndex) where n.stateIndex > 0 {
+            let applied = n.replica!.appliedIndex
+            for i in 1...max(1, applied) where applied > 0 {
                 guard let c = committed[i] else { continue }
                 if c.kind == .command { expected.append(StateEntry(index: i, payload: c.payload)) }
             }
             guard n.state == expected else {
                 let diverged = zip(n.state, expected).enumerated().first { $0.element.0 != $0.element.1 }?.offset ?? min(n.state.count, expected.count)
-                throw fail("node \(id)'s state machine (\(n.state.count) commands through \(n.stateIndex)) differs from the committed log"
+                throw fail("node \(id)'s state machine (\(n.state.count) commands through \(applied)) differs from the committed log"
                            + " (\(expected.count) commands) from its command \(diverged) on")
             }
         }
-    }
-
-    /// The state machine a snapshot restores, refusing one that does not decode byte for byte.
-    func restoredState(_ s: Snapshot, at id: NodeID) throws(SimulationFailure) -> [StateEntry] {
-        guard let state = decodeState(s.data, filler: options.stateFillerBytes) else {
-            throw fail("node \(id) restored snapshot \(s.index) (\(s.data.count) bytes) that is not the state machine's snapshot")
-        }
-        return state
     }
 
     func describe(_ e: LogEntry) -> String {

@@ -6,7 +6,7 @@ import RDMAPaxosCore
 // The safety checkers run throughout; the heal phase brings the node back so the cluster converges.
 extension Simulation {
     mutating func changeMembership() throws(SimulationFailure) {
-        guard options.learner, let target = ids.last, let l = liveLeader(), l != target, var r = nodes[l]!.replica else { return }
+        guard options.learner, let target = ids.last, let l = liveLeader(), l != target, let r = nodes[l]!.replica else { return }
         let s = r.membershipSituation(catchUpEntriesMax: 8, nodeIDMax: nil)
         if nodes[target]!.removed, s.membership.member(target) != nil {
             // Added back before the notice of its removal reached it: the operator starts it again.
@@ -29,18 +29,15 @@ extension Simulation {
         default:
             return
         }
-        guard case let .success(.propose(next)) = change.plan(in: s) else { return }
-        let index: LogIndex, a: Actions
-        do {
-            (index, a) = try r.proposeMembership(next)
-        } catch {
-            log("leader \(l): \(change) refused by the core: \(error)")
-            return
-        }
-        nodes[l]!.replica = r
+        guard case .success(.propose) = change.plan(in: s) else { return }
+        let request = nextRequest()
+        requests[request] = .other("\(change)")
+        let p = nodes[l]!.process!
+        let inbox = p.inbox
+        p.node.changeMembership(change) { result in inbox.answers.append((request, result.map { _ in [] })) }
         report.membershipChanges += 1
-        log("leader \(l): \(change) at \(index)")
-        try handle(l, a)
+        log("leader \(l): \(change)")
+        try run(l)
         if case .add = change, nodes[target]!.removed { startAfresh(target) }
     }
 
@@ -54,10 +51,11 @@ extension Simulation {
     /// A node told it was removed stops and its data is deleted (`plover node` exits on
     /// `Event.removedFromCluster`): otherwise it would campaign with ballots the members adopt.
     mutating func leaveCluster(_ id: NodeID) {
-        guard nodes[id]!.replica != nil else { return }
-        nodes[id]!.replica = nil
-        nodes[id]!.disk = SimulatedDisk()
-        nodes[id]!.flushed = SimulatedDisk()
+        guard nodes[id]!.process != nil else { return }
+        nodes[id]!.process = nil
+        nodes[id]!.storage.pending = []
+        nodes[id]!.storage.durable = SimulatedStorage.Durable()
+        nodes[id]!.storage.flushed = SimulatedStorage.Durable()
         nodes[id]!.restartAt = nil
         nodes[id]!.lostState = false
         nodes[id]!.removed = true

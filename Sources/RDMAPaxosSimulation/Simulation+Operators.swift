@@ -8,16 +8,14 @@ extension Simulation {
         let voters = members(of: l).filter { $0 != l }
         guard !voters.isEmpty else { return }
         let target = voters[rng.below(voters.count)]
-        let a: Actions
-        do {
-            a = try nodes[l]!.replica!.transferLeadership(to: target)
-        } catch {
-            log("leader \(l): transfer to \(target) refused: \(error)")
-            return
-        }
+        let request = nextRequest()
+        requests[request] = .other("transfer to \(target)")
+        let p = nodes[l]!.process!
+        let inbox = p.inbox
+        p.node.transferLeadership(to: target) { result in inbox.answers.append((request, result.map { [] })) }
         report.transfers += 1
         log("leader \(l): transfer to \(target)")
-        try handle(l, a)
+        try run(l)
     }
 
     /// The voters (not witnesses) of the configuration node `id` currently applies.

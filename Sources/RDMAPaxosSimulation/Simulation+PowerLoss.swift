@@ -16,7 +16,7 @@ extension Simulation {
                 powerLoss = nil
                 return
             }
-            guard r.commitIndex > nodes[p.leader]!.disk.lastIndex || now >= p.until else { return }
+            guard r.commitIndex > nodes[p.leader]!.storage.lastIndex || now >= p.until else { return }
             powerLoss = nil
             // Only while no other member is down, as for every crash that keeps the run live.
             guard ids.allSatisfy({ $0 == p.leader || nodes[$0]!.replica != nil || nodes[$0]!.removed }) else { return }
@@ -28,7 +28,7 @@ extension Simulation {
               let l = liveLeader(),
               ids.allSatisfy({ nodes[$0]!.replica != nil || nodes[$0]!.removed }) else { return }
         let until = now + 4 + lossRandom.below(4)
-        nodes[l]!.disk.stalledUntil = max(nodes[l]!.disk.stalledUntil, UInt64(until))
+        nodes[l]!.storage.stalledUntil = max(nodes[l]!.storage.stalledUntil, UInt64(until))
         powerLoss = (l, nodes[l]!.incarnation, until)
         log("disk slow on leader \(l) until \(until), its power to fail")
     }
@@ -36,11 +36,10 @@ extension Simulation {
     /// Crashes the leader, losing its writes in flight, restarts it soon, and cuts off the voting
     /// followers it knew to hold entries past what its disk holds.
     mutating func cutLeaderOff(_ l: NodeID, _ r: Replica) {
-        let durable = nodes[l]!.disk.lastIndex
+        let durable = nodes[l]!.storage.lastIndex
         let voting = Set(r.membership.voting)
         let holders = r.followerMatch.filter { $0.value > durable && voting.contains($0.key) }.keys.sorted()
-        nodes[l]!.replica = nil
-        nodes[l]!.disk.pending = []
+        crash(l)
         nodes[l]!.restartAt = now + 2 + lossRandom.below(6)
         linksDown.append(l)
         report.crashes += 1

@@ -1,9 +1,9 @@
 import RDMAPaxosCore
 
 // Linearizable reads: issued by clients (some at a leader cut off from the cluster that has not
-// noticed it was replaced), served from the replica's state machine once it has applied through
-// the index the core confirmed, and checked against what clients had seen complete before the
-// read was invoked.
+// noticed it was replaced), answered by the node from its state machine once it has applied
+// through the index the core confirmed, and checked against what clients had seen complete
+// before the read was invoked.
 
 /// One read a simulated client issued, with what it must observe.
 struct IssuedRead {
@@ -16,66 +16,48 @@ struct IssuedRead {
     /// The newest state (applied index) any read returned before this one was invoked: reads
     /// never go back in time.
     var mustReach: LogIndex
-    /// The index the core confirmed; nil until then.
-    var confirmedAt: LogIndex?
 }
 
 extension Simulation {
     mutating func startRead(at l: NodeID) throws(SimulationFailure) {
         let id = nextRead
         nextRead += 1
-        let a: Actions
-        do {
-            a = try nodes[l]!.replica!.read(id: id)
-        } catch {
-            if staleLeader == l { log("read \(id) at cut-off leader \(l) refused: \(error)") }
-            return
-        }
         let mustSee = acknowledgedCommand[highestAcked] ?? []
         reads[id] = IssuedRead(node: l, incarnation: nodes[l]!.incarnation, mustSeeIndex: highestAcked,
                                mustSeeCommand: mustSee, mustReach: newestReadState)
         if staleLeader == l { log("read \(id) at cut-off leader \(l)") }
-        try handle(l, a)
-    }
-
-    /// The core confirmed a read: it is served once the state machine has applied its index.
-    mutating func confirmRead(_ id: NodeID, _ r: ReadState) throws(SimulationFailure) {
-        guard var issued = reads[r.id], issued.confirmedAt == nil else { throw fail("read \(r.id) confirmed twice or never issued") }
-        guard issued.node == id, issued.incarnation == nodes[id]!.incarnation else { throw fail("read \(r.id) confirmed by another node") }
-        issued.confirmedAt = r.index
-        reads[r.id] = issued
-    }
-
-    /// Serves every confirmed read whose node has applied through its index, as the runtime does
-    /// (`answerReads`): the answer is the state machine as it is then.
-    mutating func serveReads(_ id: NodeID) throws(SimulationFailure) {
-        let n = nodes[id]!
-        let ready = reads.filter { $0.value.node == id && $0.value.incarnation == n.incarnation && ($0.value.confirmedAt.map { $0 <= n.stateIndex } ?? false) }
-        for (rid, r) in ready.sorted(by: { $0.key < $1.key }) {
-            reads[rid] = nil
-            try checkRead(rid, r, at: id)
-        }
+        // The query names the index whose command the answer must carry (`SimulatedStateMachine.query`).
+        var q = ByteWriter()
+        q.u64(highestAcked)
+        let request = nextRequest()
+        requests[request] = .read(id)
+        let p = nodes[l]!.process!
+        let inbox = p.inbox
+        p.node.read(q.bytes) { inbox.answers.append((request, $0)) }
+        try run(l)
     }
 
     /// Linearizability of one read against the operations that completed before it was invoked:
     /// the state it returns holds the newest write acknowledged by then (at the index it was
     /// acknowledged at), and is no older than the state any earlier completed read returned.
-    mutating func checkRead(_ rid: UInt64, _ r: IssuedRead, at id: NodeID) throws(SimulationFailure) {
-        let n = nodes[id]!
+    mutating func checkRead(_ rid: UInt64, _ r: IssuedRead, answer: [UInt8], at id: NodeID) throws(SimulationFailure) {
+        var reader = ByteReader(answer, what: "simulated read answer")
+        guard let stateIndex = try? reader.u64(), let has = try? reader.u8(), let held = try? reader.blob(max: 1 << 20) else {
+            throw fail("read \(rid) answered by node \(id) with bytes that are not the state machine's answer")
+        }
         report.readsConfirmed += 1
-        if r.confirmedAt != nil, staleLeader == id { report.staleLeaderReadsServed += 1 }
-        defer { newestReadState = max(newestReadState, n.stateIndex) }
+        if staleLeader == id { report.staleLeaderReadsServed += 1 }
+        defer { newestReadState = max(newestReadState, stateIndex) }
         guard !options.onlyFinalChecks else { return }
         if r.mustSeeIndex > 0 {
-            let held = n.state.command(at: r.mustSeeIndex)
-            guard held == r.mustSeeCommand else {
-                throw fail("read \(rid) served by node \(id) from its state through \(n.stateIndex) (confirmed at \(r.confirmedAt ?? 0))"
+            guard has == 1, held == r.mustSeeCommand else {
+                throw fail("read \(rid) served by node \(id) from its state through \(stateIndex)"
                            + " misses the write \(String(decoding: r.mustSeeCommand, as: UTF8.self)) acknowledged at \(r.mustSeeIndex) before the read was invoked"
-                           + " (it holds \(held.map { String(decoding: $0, as: UTF8.self) } ?? "nothing") there)")
+                           + " (it holds \(has == 1 ? String(decoding: held, as: UTF8.self) : "nothing") there)")
             }
         }
-        guard n.stateIndex >= r.mustReach else {
-            throw fail("read \(rid) served by node \(id) returns its state through \(n.stateIndex), older than the state through \(r.mustReach) an earlier read returned before it was invoked")
+        guard stateIndex >= r.mustReach else {
+            throw fail("read \(rid) served by node \(id) returns its state through \(stateIndex), older than the state through \(r.mustReach) an earlier read returned before it was invoked")
         }
     }
 

@@ -9,17 +9,16 @@ public func simulate(_ options: SimulationOptions, trace: Bool = false) throws(S
 }
 
 struct SimNode {
-    var replica: Replica?
-    var disk = SimulatedDisk()
+    /// The replica's running process; nil while it is down.
+    var process: SimulatedProcess?
+    /// The disk, which outlives the process.
+    var storage: SimulatedStorage
     /// Incremented at each restart, so an ack is only credited to the incarnation that was asked.
     var incarnation = 0
-    /// The state machine: commands applied, in order, and the index applied through.
-    var state: [StateEntry] = []
-    var stateIndex: LogIndex = 0
     var restartAt: Int?
     var checkedCommit: LogIndex = 0
-    /// The disk as of the last async flush (what an async node keeps when the host goes down).
-    var flushed = SimulatedDisk()
+    /// The highest index this incarnation's state machine applied.
+    var checkedApply: LogIndex = 0
     /// The node crashed losing durable state; it restarts told so.
     var lostState = false
     /// Ticks this node's clock advances per simulated tick (clock-rate skew), and the fraction
@@ -29,6 +28,19 @@ struct SimNode {
     /// Told it was removed from the cluster, the node stopped and its data was deleted, as
     /// `plover node` does; it starts afresh when the leader adds it back.
     var removed = false
+
+    /// The running node's consensus core (read between steps only).
+    var replica: Replica? { process?.node.core }
+    /// The running node's state machine: the commands it applied, in order.
+    var state: [StateEntry] { process?.machine.state ?? [] }
+}
+
+/// A request a simulated client made of a node.
+enum ClientRequest {
+    case propose([UInt8], node: NodeID, incarnation: Int)
+    case read(UInt64)
+    /// An operator's request (membership change, leader transfer): its answer is logged.
+    case other(String)
 }
 
 struct Simulation {
@@ -51,7 +63,9 @@ struct Simulation {
     // Checker state.
     var committed: [LogIndex: LogEntry] = [:]
     var commandIndex: [[UInt8]: LogIndex] = [:]
-    var proposals: [[UInt8]: (node: NodeID, incarnation: Int, index: LogIndex)] = [:]
+    /// Client requests a node has not answered yet, by sequence number.
+    var requests: [Int: ClientRequest] = [:]
+    var requestCount = 0
     var acknowledged: [[UInt8]: LogIndex] = [:]
     var highestAcked: LogIndex = 0
     /// The command acknowledged at each index.
@@ -94,7 +108,7 @@ struct Simulation {
         members = Membership(ms)
         ids = ms.map(\.id)
         for id in ids {
-            nodes[id] = SimNode()
+            nodes[id] = SimNode(storage: SimulatedStorage(delayTicksMax: options.diskDelayTicksMax, seed: rng.next()))
             if options.clockRateSpread > 0 {
                 nodes[id]!.clockRate = 1 + options.clockRateSpread * (Double(rng.below(2001)) / 1000 - 1)
             }
@@ -128,29 +142,34 @@ struct Simulation {
     mutating func start(_ id: NodeID) {
         var n = nodes[id]!
         n.incarnation += 1
-        if n.lostState && !options.trustLostState {
-            // As the runtime does before starting a replica that may have lost state: recorded
-            // durably, so that a crash before it recovered does not make the next start trust it.
-            n.disk.hardState.recovering = true
-        }
-        var restored = n.disk.restored
-        restored.intact = !n.lostState || options.trustLostState
+        // A node that lost state starts told so (`NodeOptions.stateIntact`), as the runtime does
+        // after such a restart; the node records it durably before it takes part.
+        let intact = !n.lostState || options.trustLostState
         n.lostState = false
-        n.replica = Replica(config: replicaConfig(id), restoring: restored, bootstrap: members, seed: rng.next())
-        n.state = []
-        n.stateIndex = 0
-        if let s = n.disk.snapshot, !n.replica!.isWitness {
-            guard let state = decodeState(s.data, filler: options.stateFillerBytes) else {
-                preconditionFailure("seed \(options.seed): node \(id)'s durable snapshot \(s.index) does not decode")
-            }
-            n.state = state
-            n.stateIndex = s.index
+        let p = SimulatedProcess(config: replicaConfig(id), bootstrap: members, seed: rng.next(), intact: intact,
+                                 storage: n.storage, options: options)
+        do {
+            try p.node.start()
+        } catch {
+            preconditionFailure("seed \(options.seed): node \(id) does not start from its simulated disk: \(error)")
         }
-        n.checkedCommit = n.disk.snapshot?.index ?? 0
+        n.process = p
+        n.checkedCommit = p.node.core.firstIndex - 1
+        n.checkedApply = p.machine.stateIndex
         n.restartAt = nil
         nodes[id] = n
+        // Its peers' transports see it connect again.
+        for other in ids { nodes[other]?.process?.transport.linksDown.remove(id) }
         // Reads the previous incarnation had not answered are lost with it (their clients time out).
         reads = reads.filter { $0.value.node != id }
+    }
+
+    /// The node's process dies: what it held in memory and the writes it had in flight are lost
+    /// (a few of those may have reached the disk without it hearing so).
+    mutating func crash(_ id: NodeID) {
+        let s = nodes[id]!.storage
+        s.crash(reached: s.pending.isEmpty ? 0 : rng.below(s.pending.count + 1))
+        nodes[id]!.process = nil
     }
 
     /// Keeps the recent history for failure reports; prints everything when tracing.
@@ -166,9 +185,9 @@ struct Simulation {
         ids.map { id in
             guard let r = nodes[id]!.replica else { return "  \(id): down" }
             return "  \(id): \(r.role)\(r.isRecovering ? " (recovering)" : "") at \(r.promised) leader \(r.leader.map(String.init) ?? "-") log \(r.firstIndex)...\(r.lastIndex)@\(r.lastBallot)"
-                + " commit \(r.commitIndex) applied \(r.appliedIndex) durable \(r.durableIndex) state \(nodes[id]!.stateIndex)"
-                + " disk \(nodes[id]!.disk.lastIndex) pending \(nodes[id]!.disk.pending.count)"
-                + (nodes[id]!.disk.pending.first.map { " (first due \($0.dueAt), stalled until \(nodes[id]!.disk.stalledUntil))" } ?? "")
+                + " commit \(r.commitIndex) applied \(r.appliedIndex) durable \(r.durableIndex) state \(nodes[id]!.process!.machine.stateIndex)"
+                + " disk \(nodes[id]!.storage.lastIndex) pending \(nodes[id]!.storage.pending.count)"
+                + (nodes[id]!.storage.pending.first.map { " (first due \($0.dueAt), stalled until \(nodes[id]!.storage.stalledUntil))" } ?? "")
                 + (r.role == .leader ? " match \(r.followerMatch.sorted { $0.key < $1.key })" : "")
         }.joined(separator: "\n")
     }
@@ -184,7 +203,7 @@ struct Simulation {
     mutating func run() throws(SimulationFailure) {
         for _ in 0..<options.faultTicks { try step() }
         try heal()
-        let before = nodes.values.map(\.stateIndex).max() ?? 0
+        let before = nodes.values.compactMap { $0.replica?.appliedIndex }.max() ?? 0
         var probe: [UInt8]?
         var probeAt = 0
         // Timers run on each member's own clock: the slowest clock stretches the budget.
@@ -220,16 +239,18 @@ struct Simulation {
         // cluster would not be a majority of members whose state survived.
         let lossPending = ids.contains { id in
             let n = nodes[id]!
-            return n.lostState || (n.replica.map(\.isRecovering) ?? n.disk.hardState.recovering)
+            return n.lostState || (n.replica.map(\.isRecovering) ?? n.storage.durable.hardState.recovering)
         }
         if options.witness && options.seed % 8 < 4, !lossPending, let lost = voters.randomElement(using: &rng) {
             permanentlyDown = lost
         }
         for id in ids where id != permanentlyDown && !nodes[id]!.removed {
-            nodes[id]!.disk.stalledUntil = 0
-            // Writes queued behind a stalled or full disk complete soon once it is healed.
-            for i in nodes[id]!.disk.pending.indices {
-                nodes[id]!.disk.pending[i].dueAt = min(nodes[id]!.disk.pending[i].dueAt, UInt64(now + options.diskDelayTicksMax))
+            let s = nodes[id]!.storage
+            s.stalledUntil = 0
+            s.fullUntil = 0
+            // Writes queued behind a stalled disk complete soon once it is healed.
+            for i in s.pending.indices {
+                s.pending[i].dueAt = min(s.pending[i].dueAt, UInt64(now + options.diskDelayTicksMax))
             }
             if nodes[id]!.replica == nil {
                 start(id)
@@ -237,8 +258,7 @@ struct Simulation {
             }
         }
         if let lost = permanentlyDown {
-            nodes[lost]!.replica = nil
-            nodes[lost]!.disk.pending = []
+            if nodes[lost]!.process != nil { crash(lost) }
             nodes[lost]!.restartAt = nil
         }
         log("heal: all links up, all nodes running" + (permanentlyDown.map { " but \($0), lost for good" } ?? ""))
@@ -261,20 +281,21 @@ struct Simulation {
         }
         if now % max(1, options.flushEveryTicks) == 0 {
             for id in ids where nodes[id]!.replica != nil {
-                nodes[id]!.flushed = nodes[id]!.disk
-                nodes[id]!.flushed.pending = []
+                nodes[id]!.storage.flushed = nodes[id]!.storage.durable
             }
         }
+        for id in ids { nodes[id]!.storage.now = UInt64(now) }
         try deliverMessages()
         try completeDisks()
-        if !linksDown.isEmpty { try tellLinkDown() }
+        try runOffLoopWork()
+        if !linksDown.isEmpty { tellLinkDown() }
         for id in ids where nodes[id]!.replica != nil {
             // Clock-rate skew: a fast clock ticks twice in some steps, a slow one skips some.
             nodes[id]!.clockDebt += nodes[id]!.clockRate
             while nodes[id]!.clockDebt >= 1, nodes[id]!.replica != nil {
                 nodes[id]!.clockDebt -= 1
-                let a = nodes[id]!.replica!.tick()
-                try handle(id, a)
+                nodes[id]!.process!.ticks.fire()
+                try run(id)
             }
         }
         if faultsOn || rng.below(4) == 0 { try clientTraffic() }
@@ -294,15 +315,15 @@ struct Simulation {
             let smallest = configs.map(\.count).min() ?? 0
             let impaired = voting.filter { $0 != victim && (nodes[$0]!.replica == nil || nodes[$0]!.replica!.isRecovering) }.count
             let loses = chance(options.lostStateRate) && impaired < (smallest - 1) / 2
-            nodes[victim]!.replica = nil
-            nodes[victim]!.disk.pending = []
+            crash(victim)
             nodes[victim]!.restartAt = now + 5 + rng.below(40)
             linksDown.append(victim)
             report.crashes += 1
             var how = ""
             if loses {
                 let everything = rng.below(2) == 0
-                nodes[victim]!.disk = everything ? SimulatedDisk() : nodes[victim]!.flushed
+                let s = nodes[victim]!.storage
+                s.durable = everything ? SimulatedStorage.Durable() : s.flushed
                 nodes[victim]!.lostState = true
                 report.lostStateCrashes += 1
                 how = everything ? ", losing everything (memory mode)" : ", losing what was written since tick \(now / options.flushEveryTicks * options.flushEveryTicks) (async mode)"
@@ -327,36 +348,36 @@ struct Simulation {
         try maybeCompact()
         if chance(options.diskStallRate) {
             let id = ids[rng.below(ids.count)]
-            nodes[id]!.disk.stalledUntil = UInt64(now + 5 + rng.below(30))
+            nodes[id]!.storage.stalledUntil = UInt64(now + 5 + rng.below(30))
             report.diskStalls += 1
-            log("disk stall \(id) until \(nodes[id]!.disk.stalledUntil)")
+            log("disk stall \(id) until \(nodes[id]!.storage.stalledUntil)")
         }
         if options.diskFullRate > 0, chance(options.diskFullRate) {
             let id = ids[rng.below(ids.count)]
             let until = UInt64(now + 40 + rng.below(81))
-            nodes[id]!.disk.stalledUntil = max(nodes[id]!.disk.stalledUntil, until)
+            nodes[id]!.storage.fullUntil = max(nodes[id]!.storage.fullUntil, until)
             report.diskFulls += 1
             log("disk full \(id) until \(until)")
         }
     }
 
-    /// Compaction while faults are on. Not after the heal: with the simulator's 64-byte chunks a
-    /// snapshot travels slower than the entries it replaces, and each compaction while a transfer
-    /// is under way means another snapshot to send once it is installed.
+    /// Compaction while faults are on, asked of the node as an application that snapshots its
+    /// own state does (`ReplicaNode.compact(through:snapshot:)`), besides the node's own trigger.
+    /// Not after the heal: with the simulator's 64-byte chunks a snapshot travels slower than the
+    /// entries it replaces, and each compaction while a transfer is under way means another
+    /// snapshot to send once it is installed.
     mutating func maybeCompact() throws(SimulationFailure) {
         if chance(options.compactRate) {
             let id = ids[rng.below(ids.count)]
-            // A witness only through what every voter holds (as the runtime, ReplicaNode.maybeCompact).
             // As the runtime's entry trigger, only once the log is at least as big as the last
-            // snapshot.
-            if var r = nodes[id]!.replica, r.compactableIndex >= r.firstIndex, logBytes(r) >= nodes[id]!.disk.snapshot?.data.count ?? 0 {
-                // The state machine has applied exactly through appliedIndex: snapshot it there.
+            // snapshot, and (a witness) only through what every voter holds.
+            if let p = nodes[id]!.process, case let r = p.node.core, r.compactableIndex >= r.firstIndex,
+               logBytes(r) >= nodes[id]!.storage.durable.snapshot?.data.count ?? 0 {
                 let through = r.compactableIndex
-                let a = r.compact(through: through, snapshot: r.isWitness ? [] : encodeState(nodes[id]!.state, filler: options.stateFillerBytes))
-                nodes[id]!.replica = r
+                p.node.compact(through: through, snapshot: r.isWitness ? [] : p.machine.snapshot())
                 report.compactions += 1
                 log("compact \(id) through \(through)")
-                try handle(id, a)
+                try run(id)
             }
         }
     }

@@ -113,6 +113,9 @@ public struct SimulationOptions: Sendable, Hashable {
     public var diskStallRate: Double = 0.005
     /// Probability per tick that one node snapshots its state and compacts its log.
     public var compactRate: Double = 0.02
+    /// The runtime's own compaction trigger (`NodeOptions.compactEveryEntries`): each node
+    /// compacts once it holds this many applied entries, besides the compactions `compactRate` asks for.
+    public var runtimeCompactEveryEntries: Int = 120
     /// Probability per tick that the leader changes the membership of the learner topology's last
     /// node, through the operators' guards (`MembershipChange.plan(in:)`): promote it, demote it,
     /// remove it, add it back (as a learner; see `witnessMembership`). The heal phase adds it

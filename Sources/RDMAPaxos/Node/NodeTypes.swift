@@ -46,6 +46,12 @@ public struct NodeOptions: Sendable {
     /// to its socket, without handing anything to another thread (`ReplicaServer` does this for
     /// the TCP fabric; docs/design/runtime.md, "One loop per replica").
     public var eventLoop: (any EventLoop)?
+    /// Run the node's loop only when the caller calls `step()`, on the caller's thread: no
+    /// thread or event loop of its own, and the snapshot saves that normally run off the loop
+    /// go to `offLoop` (the simulator drives real nodes this way, deterministically).
+    package var steppedByCaller = false
+    /// Where a stepped node's off-loop work (saving a compaction) goes; nil: a serial dispatch queue.
+    package var offLoop: (any OffLoopQueue)?
     /// A learner at most this many entries behind the leader's last index may be promoted.
     public var catchUpEntriesMax: LogIndex = 1_000
     /// Highest node id a member may have (`limits.node_id_max`); nil: no limit.

@@ -63,7 +63,7 @@ extension ReplicaNode {
             case let .transferLeadership(target, c):
                 do {
                     perform(try replica.transferLeadership(to: target))
-                    completions.append { c.resume() }
+                    completions.append { c.resume(returning: ()) }
                 } catch {
                     let e: NodeError = if case let .notLeader(l) = error { .notLeader(leader: l) } else { .refused(error) }
                     completions.append { c.resume(throwing: e) }
@@ -447,6 +447,7 @@ extension ReplicaNode {
             if let t = p.truncateFrom {
                 try log.truncateSuffix(from: t)
                 appendedThrough = min(appendedThrough, t - 1)
+                dropAcks(before: seq, vouchingFrom: t)
             }
             if let s = p.snapshot {
                 // On the snapshot queue, after any compaction still being saved there: two saves
@@ -493,6 +494,22 @@ extension ReplicaNode {
                 switch result {
                 case .success: self?.enqueue(.persisted(seq))
                 case let .failure(e): self?.enqueue(.storageFailed(e.description))
+                }
+            }
+        }
+    }
+
+    /// Acknowledgements still waiting on units before `seq` that vouch for an entry at `index`
+    /// or later, which a truncation just removed from the log: they never leave. The entries
+    /// they vouch for will never be durable here, and a leader of the older ballot would count
+    /// them (found by the simulator: the truncation completed the earlier append, whose
+    /// completion then released its acknowledgement after the entry was gone).
+    func dropAcks(before seq: UInt64, vouchingFrom index: LogIndex) {
+        for i in acksAwaitingPersist.indices where acksAwaitingPersist[i].sequence < seq {
+            acksAwaitingPersist[i].messages.removeAll { m in
+                switch m.body {
+                case let .accepted(true, at), let .recovering(_, at): at >= index
+                default: false
                 }
             }
         }

@@ -31,9 +31,9 @@ public struct MembershipAnswer: Sendable, Equatable, CustomStringConvertible {
 /// Node-thread state of membership work (`ReplicaNode.membershipWork`).
 struct MembershipWork {
     /// Changes that reached a leader before it committed its first entry, retried every tick.
-    var waiting: [(change: MembershipChange, deadline: Int, continuation: CheckedContinuation<MembershipAnswer, any Error>)] = []
+    var waiting: [(change: MembershipChange, deadline: Int, continuation: ReplicaNode.NodeReply<MembershipAnswer>)] = []
     /// Removals of this (leading) replica waiting for leadership to move.
-    var handOvers: [(change: MembershipChange, target: NodeID, deadline: Int, continuation: CheckedContinuation<MembershipAnswer, any Error>)] = []
+    var handOvers: [(change: MembershipChange, target: NodeID, deadline: Int, continuation: ReplicaNode.NodeReply<MembershipAnswer>)] = []
     /// Removed members still reachable until this tick, so that they can hear they were removed.
     var departing: [NodeID: Int] = [:]
     /// Members currently connected to (by the last configuration followed).
@@ -65,13 +65,18 @@ extension ReplicaNode {
     /// committed. One change at a time; refusals name the member and the reason.
     public func changeMembership(_ change: MembershipChange) async throws -> MembershipAnswer {
         try await withCheckedThrowingContinuation { c in
-            if !enqueue(.changeMembership(change, c)) { c.resume(throwing: NodeError.stopped) }
+            changeMembership(change) { c.resume(with: $0) }
         }
+    }
+
+    /// `changeMembership(_:)` whose answer goes to `completion`, on the node's thread.
+    package func changeMembership(_ change: MembershipChange, completion: @escaping @Sendable (Result<MembershipAnswer, any Error>) -> Void) {
+        if !enqueue(.changeMembership(change, NodeReply(deliver: completion))) { completion(.failure(NodeError.stopped)) }
     }
 
     // MARK: Node thread
 
-    func changeMembership(_ change: MembershipChange, _ c: CheckedContinuation<MembershipAnswer, any Error>, deadline: Int? = nil) {
+    func changeMembership(_ change: MembershipChange, _ c: ReplicaNode.NodeReply<MembershipAnswer>, deadline: Int? = nil) {
         let s = replica.membershipSituation(catchUpEntriesMax: options.catchUpEntriesMax, nodeIDMax: options.nodeIDMax)
         let plan = change.plan(in: s)
         if case .failure(.leaderNotReady) = plan, (deadline ?? .max) > tickCount {

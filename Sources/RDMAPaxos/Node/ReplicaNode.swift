@@ -74,7 +74,7 @@ public final class ReplicaNode: @unchecked Sendable {
     /// below it only drops entries the log already has or will have, so it can run off the thread.
     var appendedThrough: LogIndex = 0
     /// Serializes and saves snapshots, one at a time, off the node thread.
-    let snapshotQueue = DispatchQueue(label: "plover.snapshot")
+    let snapshotQueue: any OffLoopQueue
     /// Warnings given and not yet re-armed (owned by the node thread).
     var warnedLogFull = false, warnedSnapshotLarge = false
     /// Membership requests waiting on a hand-over, removed peers, removal (owned by the node
@@ -94,9 +94,9 @@ public final class ReplicaNode: @unchecked Sendable {
         case propose(QueuedProposal)
         case read([UInt8], ProposalReply)
         case localRead([UInt8], ProposalReply)
-        case transferLeadership(NodeID, CheckedContinuation<Void, any Error>)
+        case transferLeadership(NodeID, NodeReply<Void>)
         /// An operator's membership change (ReplicaNode+Membership.swift).
-        case changeMembership(MembershipChange, CheckedContinuation<MembershipAnswer, any Error>)
+        case changeMembership(MembershipChange, NodeReply<MembershipAnswer>)
         /// A graceful stop's leadership hand-over (ReplicaNode+HandOver.swift).
         case handOver(CheckedContinuation<NodeID?, Never>)
         /// A copy of the state machine and configuration for a backup (ReplicaNode+Backup.swift).
@@ -108,13 +108,16 @@ public final class ReplicaNode: @unchecked Sendable {
         case snapshotSaved
     }
 
-    /// Where a proposal's or read's answer goes: an async caller's continuation or a completion
-    /// closure (the client server's, which writes the answer to its connection at once).
-    struct ProposalReply: Sendable {
-        let deliver: @Sendable (Result<[UInt8], any Error>) -> Void
-        func resume(returning value: [UInt8]) { deliver(.success(value)) }
+    /// Where a request's answer goes: an async caller's continuation or a completion closure
+    /// (the client server's, which writes the answer to its connection at once; the simulator's).
+    struct NodeReply<Value: Sendable>: Sendable {
+        let deliver: @Sendable (Result<Value, any Error>) -> Void
+        func resume(returning value: Value) { deliver(.success(value)) }
         func resume(throwing error: any Error) { deliver(.failure(error)) }
     }
+
+    /// A proposal's or read's answer: the state machine's result.
+    typealias ProposalReply = NodeReply<[UInt8]>
 
     struct QueuedProposal {
         var command: [UInt8]
@@ -149,6 +152,7 @@ public final class ReplicaNode: @unchecked Sendable {
         self.polledTransport = transport as? any PolledMessageTransport
         self.ticks = ticks
         self.metrics = NodeMetrics(node: options.replica.id, factory: options.metricsFactory ?? MetricsSystem.factory)
+        self.snapshotQueue = options.offLoop ?? DispatchOffLoopQueue(label: "plover.snapshot")
         if let ring = transport as? RingTransport { ringMetrics = RingMetrics(ring: ring, metrics: metrics) }
     }
 
@@ -186,7 +190,7 @@ public final class ReplicaNode: @unchecked Sendable {
         // Records that landed while the node was not running yet rang no queued wake-up.
         if polledTransport != nil { messagesLanded() }
         ticks.start { [weak self] in self?.enqueue(.tick(queuedAt: DispatchTime.now().uptimeNanoseconds)) }
-        guard options.eventLoop == nil else { return }
+        guard options.eventLoop == nil, !options.steppedByCaller else { return }
         let t = Thread { [self] in runLoop() }
         t.name = "plover-node-\(options.replica.id)"
         t.start()
@@ -203,7 +207,9 @@ public final class ReplicaNode: @unchecked Sendable {
         }
         guard wasRunning else { return }
         ticks.stop()
-        if let loop = options.eventLoop {
+        if options.steppedByCaller {
+            runQueued()
+        } else if let loop = options.eventLoop {
             precondition(!loop.inEventLoop, "ReplicaNode.stop() called on the node's own event loop")
             loop.execute { [self] in runQueued() }
         }
@@ -280,9 +286,26 @@ public final class ReplicaNode: @unchecked Sendable {
     /// follower and `NodeError.refused(.invalidTransferTarget)` for a target that is not another voter.
     public func transferLeadership(to target: NodeID) async throws {
         try await withCheckedThrowingContinuation { (c: CheckedContinuation<Void, any Error>) in
-            if !enqueue(.transferLeadership(target, c)) { c.resume(throwing: NodeError.stopped) }
+            transferLeadership(to: target) { c.resume(with: $0) }
         }
     }
+
+    /// `transferLeadership(to:)` whose outcome goes to `completion`, on the node's thread.
+    package func transferLeadership(to target: NodeID, completion: @escaping @Sendable (Result<Void, any Error>) -> Void) {
+        if !enqueue(.transferLeadership(target, NodeReply(deliver: completion))) { completion(.failure(NodeError.stopped)) }
+    }
+
+    /// A node with `NodeOptions.steppedByCaller`: runs the events queued so far as one pass of
+    /// its loop, on the caller's thread. Returns whether there were any.
+    @discardableResult
+    package func step() -> Bool {
+        guard cond.withLock({ !events.isEmpty || state == .stopping }) else { return false }
+        runQueued()
+        return true
+    }
+
+    /// The consensus core, for a caller that steps the node (read it between steps only).
+    package var core: Replica { replica }
 
     /// The node's latest status (updated after every batch of events).
     public var status: NodeStatus { cond.withLock { published! } }
@@ -293,7 +316,7 @@ public final class ReplicaNode: @unchecked Sendable {
             guard state == .running else { return nil }
             events.append(e)
             guard events.count == 1 else { return false }
-            if options.eventLoop == nil { cond.signal() }
+            if options.eventLoop == nil && !options.steppedByCaller { cond.signal() }
             return true
         }
         guard let queued else { return false }
