@@ -15,7 +15,10 @@ extension Simulation {
             if case .recovered = e { report.recoveries += 1 }
         }
         p.inbox.events = []
-        for w in p.inbox.warnings { log("\(id) warns: \(w)") }
+        for w in p.inbox.warnings {
+            log("\(id) warns: \(w)")
+            if let held = Self.heldUnitsWritten(w) { report.writesHeldForSpace += held }
+        }
         p.inbox.warnings = []
         let sent = p.transport.outbox
         p.transport.outbox = []
@@ -32,6 +35,14 @@ extension Simulation {
         p.inbox.answers = []
         for a in answers { try answered(a.request, a.result, at: id) }
         if p.inbox.removed { leaveCluster(id) }
+    }
+
+    /// The number of held persist units the node's "room again" warning reports (see
+    /// `ReplicaNode.lacksSpace`), nil for any other warning.
+    static func heldUnitsWritten(_ warning: String) -> Int? {
+        let prefix = "the log's disk has room again: writing the "
+        guard warning.hasPrefix(prefix) else { return nil }
+        return Int(warning.dropFirst(prefix.count).prefix { $0.isNumber })
     }
 
     /// Puts a message on the wire (its durability was checked when the node sent it).
@@ -86,6 +97,7 @@ extension Simulation {
         for id in ids {
             guard let p = nodes[id]!.process, !p.offLoop.queued.isEmpty, rng.below(3) == 0 else { continue }
             p.offLoop.runOne()
+            report.offLoopSaves += 1
             try run(id)
         }
     }

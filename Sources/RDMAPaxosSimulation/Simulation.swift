@@ -168,7 +168,9 @@ struct Simulation {
     /// (a few of those may have reached the disk without it hearing so).
     mutating func crash(_ id: NodeID) {
         let s = nodes[id]!.storage
-        s.crash(reached: s.pending.isEmpty ? 0 : rng.below(s.pending.count + 1))
+        let reached = s.pending.isEmpty ? 0 : rng.below(s.pending.count + 1)
+        report.writesLandedAtCrash += reached
+        s.crash(reached: reached)
         nodes[id]!.process = nil
     }
 

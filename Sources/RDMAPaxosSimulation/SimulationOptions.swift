@@ -80,8 +80,9 @@ public struct SimulationOptions: Sendable, Hashable {
     public var unequalPriorities: Bool = false
     /// Probability per tick that the leader is asked to transfer leadership to another voter.
     public var transferRate: Double = 0
-    /// Probability per tick that one node's disk fills up: its writes are held (acknowledging
-    /// and leading nothing, as the runtime does) for 40 to 120 ticks, until space is freed.
+    /// Probability per tick that one node's disk fills up for 40 to 120 ticks: its log reports no
+    /// room (`StableLog.spaceShortfall`), so the node holds its writes, acknowledging and leading
+    /// nothing, until space is freed.
     public var diskFullRate: Double = 0
     /// Probability that a linearizable read is sent to a node chosen among all that believe they
     /// lead (a deposed leader that has not noticed yet) instead of the leader of the highest ballot.
@@ -214,6 +215,12 @@ public struct SimulationReport: Sendable, Hashable, CustomStringConvertible {
     public var linkDownNotices = 0
     /// Reads served by a cut-off leader (`SimulationOptions.staleLeaderRate`) during its cut.
     public var staleLeaderReadsServed = 0
+    /// Snapshot saves the nodes ran off their loop (their own compactions).
+    public var offLoopSaves = 0
+    /// Writes in flight at a crash that reached the disk without the process hearing so.
+    public var writesLandedAtCrash = 0
+    /// Writes the nodes held while their disk was full, written once it had room again.
+    public var writesHeldForSpace = 0
 
     public var description: String {
         "seed \(seed): \(ticks) ticks, \(committed) committed, \(acknowledged) acked, \(readsConfirmed) reads, "

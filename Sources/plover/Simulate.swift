@@ -1,10 +1,10 @@
 import ArgumentParser
 import RDMAPaxosSimulation
 
-/// `plover simulate`: runs the seeded fault simulator over the consensus core.
+/// `plover simulate`: runs the seeded fault simulator over the real replica loop and its core.
 struct Simulate: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Run the deterministic fault simulator over the consensus core.",
+        abstract: "Run the deterministic fault simulator over the replica loop and its consensus core.",
         discussion: """
             Each seed builds a cluster (3 or 5 voters, with or without a witness and a learner, \
             rotating by seed), injects message loss, duplication, reordering, partitions, crashes \
