@@ -143,7 +143,8 @@ final class SimulatedStateMachine: StateMachine, @unchecked Sendable {
     func apply(_ command: [UInt8], index: LogIndex) -> [UInt8] {
         state.append(StateEntry(index: index, payload: command))
         stateIndex = index
-        applied.append(node?.core.entry(at: index) ?? LogEntry(index: index, ballot: .zero, kind: .command, payload: command))
+        // The command as applied, with the ballot the node's log holds at its index.
+        applied.append(LogEntry(index: index, ballot: node?.core.entry(at: index)?.ballot ?? .zero, kind: .command, payload: command))
         var w = ByteWriter()
         w.u64(index)
         return w.bytes

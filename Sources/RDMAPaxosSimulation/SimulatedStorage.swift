@@ -24,12 +24,11 @@ final class SimulatedStorage: @unchecked Sendable {
             return entries[Int(index - first.index)].ballot
         }
 
+        /// As the real logs compact: a point at or below the current one is ignored; entries
+        /// above the point stay.
         mutating func compact(through index: LogIndex, ballot: Ballot) {
-            if self.ballot(at: index) == ballot {
-                entries.removeAll { $0.index <= index }
-            } else {
-                entries = []
-            }
+            guard index > point.index else { return }
+            entries.removeAll { $0.index <= index }
             point = SnapshotPoint(index: index, ballot: ballot)
         }
     }
@@ -134,11 +133,7 @@ final class SimulatedLog: StableLog, @unchecked Sendable {
     var lastIndex: LogIndex { storage.writtenLastIndex }
     var durableIndex: LogIndex { storage.durable.lastIndex }
     var snapshot: SnapshotPoint { storage.durable.point }
-    var heldBytes: Int {
-        var bytes = storage.durable.entries.reduce(0) { $0 + $1.payload.count + Self.recordHeaderBytes }
-        for p in storage.pending { if case let .append(es) = p.write { bytes += es.reduce(0) { $0 + $1.payload.count + Self.recordHeaderBytes } } }
-        return bytes
-    }
+    var heldBytes: Int { storage.durable.entries.reduce(0) { $0 + $1.payload.count + Self.recordHeaderBytes } }
     var capacityBytes: Int? { nil }
     /// Bytes of a record's header in the real log (`LogRecord`), counted the same way.
     static let recordHeaderBytes = 25
@@ -163,6 +158,7 @@ final class SimulatedLog: StableLog, @unchecked Sendable {
     }
 
     func truncateSuffix(from index: LogIndex) throws {
+        precondition(index > storage.durable.point.index, "simulated log truncation at \(index) reaches into the compacted prefix")
         storage.completeAll()
         storage.durable.entries.removeAll { $0.index >= index }
     }
@@ -175,7 +171,12 @@ final class SimulatedLog: StableLog, @unchecked Sendable {
 
     func loadHardState() throws -> HardState { storage.durable.hardState }
 
-    func saveHardState(_ state: HardState) throws { storage.durable.hardState = state }
+    func saveHardState(_ state: HardState) throws {
+        // Behind the hard states queued before it, as the real log orders it: one of those
+        // completing later must not take the promise back.
+        storage.completeAll()
+        storage.durable.hardState = state
+    }
 
     func saveHardState(_ state: HardState, onDurable: @escaping @Sendable (Result<Void, StableLogError>) -> Void) {
         storage.queue(.hardState(state), onDurable)

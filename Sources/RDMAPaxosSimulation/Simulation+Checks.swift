@@ -95,7 +95,9 @@ extension Simulation {
     /// Runs the nodes' off-loop work (snapshot saves), each item a tick or a few after it was queued.
     mutating func runOffLoopWork() throws(SimulationFailure) {
         for id in ids {
-            guard let p = nodes[id]!.process, !p.offLoop.queued.isEmpty, rng.below(3) == 0 else { continue }
+            // Not on a stalled disk: a save would complete the writes the stall holds back.
+            guard let p = nodes[id]!.process, !p.offLoop.queued.isEmpty, nodes[id]!.storage.stalledUntil <= UInt64(now),
+                  rng.below(3) == 0 else { continue }
             p.offLoop.runOne()
             report.offLoopSaves += 1
             try run(id)
@@ -140,8 +142,9 @@ extension Simulation {
         case let .propose(cmd, node, incarnation):
             guard case let .success(bytes) = result else { return }
             var reader = ByteReader(bytes, what: "simulated result")
-            guard node == id, incarnation == nodes[id]!.incarnation, let index = try? reader.u64() else {
-                throw fail("command \(String(decoding: cmd, as: UTF8.self)) answered by node \(id), not the incarnation it was proposed at, or with a result that is not an index")
+            guard node == id, incarnation == nodes[id]!.incarnation, let index = try? reader.u64(),
+                  nodes[id]!.process?.machine.state.command(at: index) == cmd else {
+                throw fail("command \(String(decoding: cmd, as: UTF8.self)) answered by node \(id) with a result that is not the index its state machine applied it at, or not by the incarnation it was proposed at")
             }
             acknowledged[cmd] = index
             highestAcked = max(highestAcked, index)
