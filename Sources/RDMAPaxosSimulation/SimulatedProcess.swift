@@ -27,6 +27,8 @@ final class SimulatedProcess {
         o.onEvent = { inbox.events.append($0) }
         o.onWarning = { inbox.warnings.append($0) }
         o.onRemoved = { _ in inbox.removed = true }
+        let transport = transport
+        o.onHeldAcks = { transport.held($0, $1) }
         node = ReplicaNode(options: o, stateMachine: machine, log: SimulatedLog(storage), snapshots: SimulatedSnapshots(storage),
                            transport: transport, ticks: ticks)
         transport.node = node
@@ -74,9 +76,42 @@ final class SimulatedTransport: MessageTransport, @unchecked Sendable {
     func stop() { onReceive = nil }
     func isLinkDown(to peer: NodeID) -> Bool { linksDown.contains(peer) }
 
+    /// What each held acknowledgement vouches for, noted when the node held it: the ballot its
+    /// log had at the index then. An acknowledgement released later (once its unit is durable)
+    /// is checked against that, not against what the log holds by the time it leaves.
+    /// Oldest first for equal messages; one record leaves when such a message is sent or dropped.
+    var vouchedWhenHeld: [Message: [Ballot?]] = [:]
+
     func send(_ m: Message) {
         if !onlyFinalChecks, let v = durabilityViolation(m) { violations.append(v) }
         outbox.append(m)
+    }
+
+    func held(_ messages: [Message], _ holding: Bool) {
+        for m in messages {
+            if holding {
+                vouchedWhenHeld[m, default: []].append(vouchedNow(m))
+            } else {
+                _ = takeVouched(m)
+            }
+        }
+    }
+
+    /// The oldest record of what a held message equal to `m` vouched for, removed; nil if none.
+    func takeVouched(_ m: Message) -> Ballot?? {
+        guard var records = vouchedWhenHeld[m], !records.isEmpty else { return nil }
+        let first = records.removeFirst()
+        vouchedWhenHeld[m] = records.isEmpty ? nil : records
+        return .some(first)
+    }
+
+    /// The ballot of the entry an acknowledgement vouches for, as the node's log holds it now
+    /// (nil: compacted, or not an acknowledgement).
+    func vouchedNow(_ m: Message) -> Ballot? {
+        switch m.body {
+        case let .accepted(true, index), let .recovering(_, index): node?.core.entry(at: index)?.ballot
+        default: nil
+        }
     }
 
     /// A promise or an acknowledgement must not leave before the state it vouches for is
@@ -86,8 +121,9 @@ final class SimulatedTransport: MessageTransport, @unchecked Sendable {
         switch m.body {
         case let .accepted(true, index), let .recovering(_, index):
             if case .recovering = m.body, index == 0 { return nil }
-            let vouching = node?.core.entry(at: index)?.ballot
-            guard disk.lastIndex >= index, vouching == nil || disk.ballot(at: index) == vouching else {
+            let vouching = takeVouched(m) ?? vouchedNow(m)
+            // An index compacted into the durable snapshot since is covered by it.
+            guard disk.lastIndex >= index, vouching == nil || index <= disk.point.index || disk.ballot(at: index) == vouching else {
                 return "node \(m.from) acknowledged \(index)@\(vouching.map(String.init(describing:)) ?? "?") before it was durable"
                     + " (disk holds \(disk.lastIndex)@\(disk.ballot(at: disk.lastIndex).map(String.init(describing:)) ?? "-"))"
             }

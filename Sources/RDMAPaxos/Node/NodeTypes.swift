@@ -50,6 +50,10 @@ public struct NodeOptions: Sendable {
     /// thread or event loop of its own, and the snapshot saves that normally run off the loop
     /// go to `offLoop` (the simulator drives real nodes this way, deterministically).
     package var steppedByCaller = false
+    /// Called on the node's loop with the messages the core asked to send once a persist unit is
+    /// durable, as the node holds them (`true`), and with those it drops unsent (`false`, see
+    /// `dropAcks`): the simulator notes what each one vouches for while it is held.
+    package var onHeldAcks: (@Sendable ([Message], Bool) -> Void)?
     /// Where a stepped node's off-loop work (saving a compaction) goes; nil: a serial dispatch queue.
     package var offLoop: (any OffLoopQueue)?
     /// A learner at most this many entries behind the leader's last index may be promoted.

@@ -233,6 +233,7 @@ extension ReplicaNode {
         }
         if let p = a.persist {
             acksAwaitingPersist.append((p.sequence, a.sendAfterPersist))
+            options.onHeldAcks?(a.sendAfterPersist, true)
             startPersist(p)
         }
         for m in a.send { transport.send(m) }
@@ -505,14 +506,18 @@ extension ReplicaNode {
     /// them (found by the simulator: the truncation completed the earlier append, whose
     /// completion then released its acknowledgement after the entry was gone).
     func dropAcks(before seq: UInt64, vouchingFrom index: LogIndex) {
+        var dropped: [Message] = []
         for i in acksAwaitingPersist.indices where acksAwaitingPersist[i].sequence < seq {
             acksAwaitingPersist[i].messages.removeAll { m in
-                switch m.body {
+                let stale = switch m.body {
                 case let .accepted(true, at), let .recovering(_, at): at >= index
                 default: false
                 }
+                if stale { dropped.append(m) }
+                return stale
             }
         }
+        if !dropped.isEmpty { options.onHeldAcks?(dropped, false) }
     }
 
     /// Persist units may finish out of order (entries complete on the log's thread); acks are
