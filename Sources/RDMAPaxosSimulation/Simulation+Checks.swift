@@ -45,21 +45,53 @@ extension Simulation {
         return Int(warning.dropFirst(prefix.count).prefix { $0.isNumber })
     }
 
-    /// Puts a message on the wire (its durability was checked when the node sent it).
+    /// Puts a message on the wire (its durability was checked when the node sent it), as the
+    /// real transport would: not while either end's connection is being made again after a
+    /// restart, and not into a ring that is full (both drop the message, as `RingTransport`
+    /// does); then, while faults are on, with loss, duplication and delay.
     mutating func transmit(_ m: Message) throws(SimulationFailure) {
         try checkTransportLimits(m)
+        if reconnecting(m.from) || reconnecting(m.to) {
+            report.droppedReconnecting += 1
+            return
+        }
         guard faultsOn else {
-            network.append((now + 1 + rng.below(2), m))
+            try enqueue(m, at: now + 1 + rng.below(2))
             return
         }
         if chance(options.dropRate) {
             report.messagesDropped += 1
             return
         }
-        network.append((now + 1 + rng.below(options.delayTicksMax), m))
+        try enqueue(m, at: now + 1 + rng.below(options.delayTicksMax))
         if chance(options.duplicateRate) {
-            network.append((now + 1 + rng.below(options.delayTicksMax * 2), m))
+            try enqueue(m, at: now + 1 + rng.below(options.delayTicksMax * 2))
             report.messagesDuplicated += 1
+        }
+    }
+
+    func reconnecting(_ id: NodeID) -> Bool { (nodes[id]?.reconnectedAt ?? 0) > now }
+
+    /// Into the receiver's ring for the sender: dropped when the bytes not yet read there would
+    /// pass `ringBytes`.
+    mutating func enqueue(_ m: Message, at tick: Int) throws(SimulationFailure) {
+        let bytes = Self.ringBytes(of: m)
+        let held = ringHeld[[m.from, m.to], default: 0]
+        guard held + bytes <= options.ringBytes else {
+            report.droppedRingFull += 1
+            return
+        }
+        ringHeld[[m.from, m.to]] = held + bytes
+        network.append((tick, m))
+    }
+
+    /// What a message takes in a ring: a fixed header and its entries or snapshot data.
+    static func ringBytes(of m: Message) -> Int {
+        switch m.body {
+        case let .accept(_, _, entries, _), let .promise(_, _, entries, _):
+            64 + entries.reduce(0) { $0 + $1.payload.count + entryOverheadBytes }
+        case let .installSnapshot(c): 64 + c.data.count
+        default: 64
         }
     }
 
@@ -70,6 +102,8 @@ extension Simulation {
             if item.at <= now { due.append(item.message); return true }
             return false
         }
+        // Read from the ring (or lost with it): its bytes are free again.
+        for m in due { ringHeld[[m.from, m.to], default: 0] -= Self.ringBytes(of: m) }
         // Messages due together arrive in any order.
         for i in due.indices.reversed() where i > 0 { due.swapAt(i, rng.below(i + 1)) }
         var receivers: Set<NodeID> = []

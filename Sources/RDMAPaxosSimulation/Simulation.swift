@@ -25,6 +25,9 @@ struct SimNode {
     /// of a tick it has accumulated.
     var clockRate = 1.0
     var clockDebt = 0.0
+    /// Its connections are being made again until this tick (after a restart): messages from or
+    /// to it are dropped meanwhile.
+    var reconnectedAt = 0
     /// Told it was removed from the cluster, the node stopped and its data was deleted, as
     /// `plover node` does; it starts afresh when the leader adds it back.
     var removed = false
@@ -56,6 +59,8 @@ struct Simulation {
     var nodes: [NodeID: SimNode] = [:]
     var ids: [NodeID]
     var network: [(at: Int, message: Message)] = []
+    /// Bytes on the wire per directed link, not yet read by the receiver (its ring for the sender).
+    var ringHeld: [[NodeID]: Int] = [:]
     /// Directed links currently cut, and when the cut heals.
     var cut: Set<[NodeID]> = []
     var healCutAt = 0
@@ -157,6 +162,7 @@ struct Simulation {
         n.checkedCommit = p.node.core.firstIndex - 1
         n.checkedApply = p.machine.stateIndex
         n.restartAt = nil
+        n.reconnectedAt = now + 1 + rng.below(3)
         nodes[id] = n
         // Its peers' transports see it connect again.
         for other in ids { nodes[other]?.process?.transport.linksDown.remove(id) }

@@ -103,6 +103,10 @@ public struct SimulationOptions: Sendable, Hashable {
     /// The transport's limit on the entries or snapshot bytes one message carries (the real
     /// transport drops a larger message): a message over it is a violation.
     public var messageBytesMax: Int = 1024
+    /// Bytes of the ring each replica keeps per sender: a message that would take the bytes on
+    /// the wire to it from one sender, not yet read, past this is dropped (`RingTransport`'s
+    /// `droppedRingFull`). Messages count a 64-byte header besides their entries or snapshot data.
+    public var ringBytes: Int = 4096
     /// Probability per tick that the leader's disk turns slow for a few ticks and the leader then
     /// loses power right after it commits (or when its disk would have caught up), restarting
     /// soon, while the voting followers holding entries its disk lacks are cut off for 40 to 80
@@ -217,6 +221,10 @@ public struct SimulationReport: Sendable, Hashable, CustomStringConvertible {
     public var staleLeaderReadsServed = 0
     /// Snapshot saves the nodes ran off their loop (their own compactions).
     public var offLoopSaves = 0
+    /// Messages dropped because the receiver's ring for the sender was full (`ringBytes`).
+    public var droppedRingFull = 0
+    /// Messages dropped because one end was connecting again after a restart (1 to 3 ticks).
+    public var droppedReconnecting = 0
     /// Writes in flight at a crash that reached the disk without the process hearing so.
     public var writesLandedAtCrash = 0
     /// Writes the nodes held while their disk was full, written once it had room again.
@@ -228,7 +236,9 @@ public struct SimulationReport: Sendable, Hashable, CustomStringConvertible {
             + "\(partitions) partitions, \(diskStalls) disk stalls, "
             + "\(compactions) compactions, \(snapshotsInstalled) snapshot installs, \(membershipChanges) membership changes, "
             + "\(transfers) transfers, \(diskFulls) full disks, \(leaderPowerLosses) leader power losses, \(staleLeaderReads) reads at deposed leaders (\(staleLeaderReadsServed) served by a cut-off one), "
-            + "\(messagesDelivered) delivered / \(messagesDropped) dropped / \(messagesDuplicated) duplicated"
+            + "\(messagesDelivered) delivered / \(messagesDropped) dropped / \(messagesDuplicated) duplicated, "
+            + "\(droppedRingFull) dropped by a full ring, \(droppedReconnecting) while reconnecting; "
+            + "\(offLoopSaves) off-loop snapshot saves, \(writesHeldForSpace) writes held for space, \(writesLandedAtCrash) landed at a crash"
     }
 }
 

@@ -40,7 +40,7 @@ struct Simulate: ParsableCommand {
     func run() throws {
         var totals = (runs: 0, committed: 0, acked: 0, crashes: 0, lostState: 0, recoveries: 0, partitions: 0, stalls: 0,
                       fulls: 0, transfers: 0, staleReads: 0, elections: 0, reads: 0, isolations: 0,
-                      powerLosses: 0, membership: 0)
+                      powerLosses: 0, membership: 0, saves: 0, held: 0, landed: 0, ringFull: 0, reconnecting: 0)
         installSeedReporter()
         for s in seed..<(seed + UInt64(seeds)) {
             currentSeed.store(s, ordering: .relaxed)
@@ -75,6 +75,11 @@ struct Simulate: ParsableCommand {
                 totals.isolations += r.leaderIsolations
                 totals.powerLosses += r.leaderPowerLosses
                 totals.membership += r.membershipChanges
+                totals.saves += r.offLoopSaves
+                totals.held += r.writesHeldForSpace
+                totals.landed += r.writesLandedAtCrash
+                totals.ringFull += r.droppedRingFull
+                totals.reconnecting += r.droppedReconnecting
             } catch {
                 print(error.description)
                 throw ExitCode(1)
@@ -86,6 +91,8 @@ struct Simulate: ParsableCommand {
               + "\(totals.stalls) disk stalls, \(totals.fulls) full disks, \(totals.elections) leaders elected, "
               + "\(totals.transfers) transfers, \(totals.reads) reads checked, \(totals.isolations) leaders cut off, "
               + "\(totals.powerLosses) leader power losses, \(totals.membership) membership changes, "
-              + "\(totals.staleReads) reads at deposed leaders, 0 violations")
+              + "\(totals.staleReads) reads at deposed leaders; runtime: \(totals.saves) off-loop snapshot saves, "
+              + "\(totals.held) writes held for space, \(totals.landed) writes landed unannounced at a crash, "
+              + "\(totals.ringFull) messages dropped by a full ring, \(totals.reconnecting) while reconnecting; 0 violations")
     }
 }

@@ -28,16 +28,20 @@ import RDMAPaxosSimulation
 
     /// The simulator drives the runtime's own loop, not only the core: its off-loop snapshot
     /// saves, its holding of writes while the disk is full, and its restarts from a disk that a
-    /// crash left with some writes landed that the process never heard of all happen in seeds 1–40.
+    /// crash left with some writes landed that the process never heard of all happen in seeds 1–40,
+    /// and so do the transport's drops of a full ring and while a restarted node reconnects.
     @Test func theRuntimesOwnPathsAreExercised() throws {
-        var saves = 0, held = 0, landed = 0
+        var saves = 0, held = 0, landed = 0, ringFull = 0, reconnecting = 0
         for seed in 1...40 as ClosedRange<UInt64> {
             let r = try simulate(.standard(seed: seed))
             saves += r.offLoopSaves
             held += r.writesHeldForSpace
             landed += r.writesLandedAtCrash
+            ringFull += r.droppedRingFull
+            reconnecting += r.droppedReconnecting
         }
         #expect(saves > 20 && held > 5 && landed > 10, "\(saves) off-loop saves, \(held) writes held for space, \(landed) writes landed at a crash")
+        #expect(ringFull > 0 && reconnecting > 10, "\(ringFull) messages dropped by a full ring, \(reconnecting) while reconnecting")
     }
 
     /// Seed 151 (the learner topology): node 6's append of 1@1.2 was still in flight when the
