@@ -112,7 +112,7 @@ let package = Package(
 
         .testTarget(
             name: "RDMAPaxosCoreTests",
-            dependencies: ["RDMAPaxosCore", "RDMAPaxosSimulation"],
+            dependencies: ["RDMAPaxosCore", "RDMAPaxosSimulation", "RDMAPaxos"],
             resources: [.copy("testdata")]),
         .testTarget(name: "SimulationTests", dependencies: ["RDMAPaxosSimulation"]),
         .testTarget(

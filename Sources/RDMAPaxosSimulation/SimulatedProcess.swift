@@ -3,25 +3,27 @@ import RDMAPaxos
 
 /// One incarnation of a replica's process in the simulator: the real `ReplicaNode`, stepped by
 /// the simulator on its own thread, over simulated storage, network, clock and off-loop queue.
-/// A crash drops it (the node is never stopped: nothing it held in memory survives).
-final class SimulatedProcess {
-    let node: ReplicaNode
-    let transport: SimulatedTransport
-    let machine: SimulatedStateMachine
-    let ticks = ManualTickSource()
-    let offLoop = SimulatedOffLoop()
-    let inbox = SimulatedInbox()
+/// A crash drops it (the node is never stopped: nothing it held in memory survives). The
+/// scenario scripts' hand-driven cluster runs its replicas the same way, with a state machine
+/// of its own.
+package final class SimulatedProcess<Machine: StateMachine> {
+    package let node: ReplicaNode
+    package let transport: SimulatedTransport
+    package let machine: Machine
+    package let ticks = ManualTickSource()
+    package let offLoop = SimulatedOffLoop()
+    package let inbox = SimulatedInbox()
 
-    init(config: ReplicaConfig, bootstrap: Membership, seed: UInt64, intact: Bool, storage: SimulatedStorage,
-         options sim: SimulationOptions) {
-        transport = SimulatedTransport(storage: storage, onlyFinalChecks: sim.onlyFinalChecks)
-        machine = SimulatedStateMachine(filler: sim.stateFillerBytes)
-        var o = NodeOptions(replica: config, bootstrap: bootstrap, seed: seed)
+    /// A stepped node over `storage`, with the runtime's options but for those the caller's
+    /// `configure` sets; the inbox hears its events, warnings and removal, the transport its
+    /// held acknowledgements.
+    package init(options: NodeOptions, machine: Machine, storage: SimulatedStorage, checksDurability: Bool = true,
+                 configure: (inout NodeOptions) -> Void = { _ in }) {
+        transport = SimulatedTransport(storage: storage, onlyFinalChecks: !checksDurability)
+        self.machine = machine
+        var o = options
         o.steppedByCaller = true
         o.offLoop = offLoop
-        o.stateIntact = intact
-        o.compactEveryEntries = sim.runtimeCompactEveryEntries
-        o.catchUpEntriesMax = 8
         o.metricsFactory = NOOPMetricsHandler.instance
         let inbox = inbox
         o.onEvent = { inbox.events.append($0) }
@@ -29,25 +31,39 @@ final class SimulatedProcess {
         o.onRemoved = { _ in inbox.removed = true }
         let transport = transport
         o.onHeldAcks = { transport.held($0, $1) }
+        configure(&o)
         node = ReplicaNode(options: o, stateMachine: machine, log: SimulatedLog(storage), snapshots: SimulatedSnapshots(storage),
                            transport: transport, ticks: ticks)
         transport.node = node
-        machine.node = node
     }
 
     /// Runs the node's loop until it has nothing queued; false if it never goes idle.
-    func run() -> Bool {
+    package func run() -> Bool {
         for _ in 0..<10_000 { if !node.step() { return true } }
         return false
     }
 }
 
+extension SimulatedProcess where Machine == SimulatedStateMachine {
+    /// A process of the seeded simulator, with its small limits and its state machine.
+    convenience init(config: ReplicaConfig, bootstrap: Membership, seed: UInt64, intact: Bool, storage: SimulatedStorage,
+                     options sim: SimulationOptions) {
+        var o = NodeOptions(replica: config, bootstrap: bootstrap, seed: seed)
+        o.stateIntact = intact
+        o.compactEveryEntries = sim.runtimeCompactEveryEntries
+        o.catchUpEntriesMax = 8
+        self.init(options: o, machine: SimulatedStateMachine(filler: sim.stateFillerBytes), storage: storage,
+                  checksDurability: !sim.onlyFinalChecks)
+        machine.node = node
+    }
+}
+
 /// What a simulated process's node reported since the simulator last looked.
-final class SimulatedInbox: @unchecked Sendable {
+package final class SimulatedInbox: @unchecked Sendable {
     // @unchecked Sendable: one thread (the simulator's, which steps the node).
-    var events: [Event] = []
-    var warnings: [String] = []
-    var removed = false
+    package var events: [Event] = []
+    package var warnings: [String] = []
+    package var removed = false
     /// Answers to requests, by the request's sequence number (sorted before use: the node
     /// answers some from dictionaries, whose order differs from run to run).
     var answers: [(request: Int, result: Result<[UInt8], any Error>)] = []
@@ -56,13 +72,13 @@ final class SimulatedInbox: @unchecked Sendable {
 /// The network as one replica's node sees it: sends go to an outbox the simulator puts on the
 /// wire after the node's step; every acknowledgement and promise is checked against the durable
 /// disk at the moment the node sends it (the durability rule).
-final class SimulatedTransport: MessageTransport, @unchecked Sendable {
+package final class SimulatedTransport: MessageTransport, @unchecked Sendable {
     // @unchecked Sendable: one thread (see `SimulatedInbox`).
     let storage: SimulatedStorage
     let onlyFinalChecks: Bool
     weak var node: ReplicaNode?
-    var onReceive: (@Sendable (Message) -> Void)?
-    var outbox: [Message] = []
+    package var onReceive: (@Sendable (Message) -> Void)?
+    package var outbox: [Message] = []
     var violations: [String] = []
     /// Peers whose connection this node sees closed (their process died).
     var linksDown: Set<NodeID> = []
@@ -72,9 +88,9 @@ final class SimulatedTransport: MessageTransport, @unchecked Sendable {
         self.onlyFinalChecks = onlyFinalChecks
     }
 
-    func start(onReceive: @escaping @Sendable (Message) -> Void) throws { self.onReceive = onReceive }
-    func stop() { onReceive = nil }
-    func isLinkDown(to peer: NodeID) -> Bool { linksDown.contains(peer) }
+    package func start(onReceive: @escaping @Sendable (Message) -> Void) throws { self.onReceive = onReceive }
+    package func stop() { onReceive = nil }
+    package func isLinkDown(to peer: NodeID) -> Bool { linksDown.contains(peer) }
 
     /// What each held acknowledgement vouches for, noted when the node held it: the ballot its
     /// log had at the index then. An acknowledgement released later (once its unit is durable)
@@ -82,7 +98,7 @@ final class SimulatedTransport: MessageTransport, @unchecked Sendable {
     /// Oldest first for equal messages; one record leaves when such a message is sent or dropped.
     var vouchedWhenHeld: [Message: [Ballot?]] = [:]
 
-    func send(_ m: Message) {
+    package func send(_ m: Message) {
         if !onlyFinalChecks, let v = durabilityViolation(m) { violations.append(v) }
         outbox.append(m)
     }
@@ -139,20 +155,20 @@ final class SimulatedTransport: MessageTransport, @unchecked Sendable {
 
 /// The node's off-loop queue (snapshot saves): held until the simulator runs them, one at a
 /// time in order; a crash drops what was not run.
-final class SimulatedOffLoop: OffLoopQueue, @unchecked Sendable {
+package final class SimulatedOffLoop: OffLoopQueue, @unchecked Sendable {
     // @unchecked Sendable: one thread (see `SimulatedInbox`).
-    var queued: [@Sendable () -> Void] = []
+    package var queued: [@Sendable () -> Void] = []
 
-    func async(_ work: @escaping @Sendable () -> Void) { queued.append(work) }
+    package func async(_ work: @escaping @Sendable () -> Void) { queued.append(work) }
 
-    func sync(_ work: () throws -> Void) throws {
+    package func sync(_ work: () throws -> Void) throws {
         while runOne() {}
         try work()
     }
 
     /// Runs the oldest queued item; false when there was none.
     @discardableResult
-    func runOne() -> Bool {
+    package func runOne() -> Bool {
         guard !queued.isEmpty else { return false }
         queued.removeFirst()()
         return true

@@ -3,11 +3,11 @@ import RDMAPaxos
 /// One replica's disk in the simulator: the stable log's records and the snapshot store's file.
 /// Outlives the replica's process (a crash loses only what was still being written) and is
 /// shared by the `SimulatedLog` and `SimulatedSnapshots` each incarnation opens over it.
-final class SimulatedStorage: @unchecked Sendable {
+package final class SimulatedStorage: @unchecked Sendable {
     // @unchecked Sendable: the simulator runs on one thread, and so do the nodes it steps.
 
     /// What is on the disk.
-    struct Durable {
+    package struct Durable {
         var hardState = HardState()
         /// The log's compaction point.
         var point = SnapshotPoint.none
@@ -15,6 +15,8 @@ final class SimulatedStorage: @unchecked Sendable {
         var entries: [LogEntry] = []
         /// The snapshot store's file.
         var snapshot: Snapshot?
+
+        package init() {}
 
         var lastIndex: LogIndex { entries.last?.index ?? point.index }
 
@@ -34,7 +36,7 @@ final class SimulatedStorage: @unchecked Sendable {
     }
 
     /// A write issued and not yet durable, with its completion.
-    struct Pending {
+    package struct Pending {
         enum Write {
             case append([LogEntry])
             case hardState(HardState)
@@ -44,11 +46,11 @@ final class SimulatedStorage: @unchecked Sendable {
         var dueAt: UInt64
     }
 
-    var durable = Durable()
+    package var durable = Durable()
     /// The disk as of the last flush of the operating system's cache (what async mode keeps
     /// when the host goes down).
     var flushed = Durable()
-    var pending: [Pending] = []
+    package var pending: [Pending] = []
     /// Nothing completes before this tick (a stalled disk).
     var stalledUntil: UInt64 = 0
     /// The disk has no room before this tick (the runtime holds its writes).
@@ -58,7 +60,7 @@ final class SimulatedStorage: @unchecked Sendable {
     var delayTicksMax: Int
     var random: SeededRandom
 
-    init(delayTicksMax: Int, seed: UInt64) {
+    package init(delayTicksMax: Int, seed: UInt64) {
         self.delayTicksMax = delayTicksMax
         random = SeededRandom(seed: seed)
     }
@@ -103,7 +105,7 @@ final class SimulatedStorage: @unchecked Sendable {
     }
 
     /// Completes every write issued so far (a call that waits for them, as `truncateSuffix` does).
-    func completeAll() {
+    package func completeAll() {
         while !pending.isEmpty {
             let first = pending.removeFirst()
             makeDurable(first.write)

@@ -10,7 +10,7 @@ public func simulate(_ options: SimulationOptions, trace: Bool = false) throws(S
 
 struct SimNode {
     /// The replica's running process; nil while it is down.
-    var process: SimulatedProcess?
+    var process: SimulatedProcess<SimulatedStateMachine>?
     /// The disk, which outlives the process.
     var storage: SimulatedStorage
     /// Incremented at each restart, so an ack is only credited to the incarnation that was asked.
@@ -151,8 +151,8 @@ struct Simulation {
         // after such a restart; the node records it durably before it takes part.
         let intact = !n.lostState || options.trustLostState
         n.lostState = false
-        let p = SimulatedProcess(config: replicaConfig(id), bootstrap: members, seed: rng.next(), intact: intact,
-                                 storage: n.storage, options: options)
+        let p = SimulatedProcess<SimulatedStateMachine>(config: replicaConfig(id), bootstrap: members, seed: rng.next(), intact: intact,
+                                                        storage: n.storage, options: options)
         do {
             try p.node.start()
         } catch {
@@ -197,6 +197,7 @@ struct Simulation {
                 + " disk \(nodes[id]!.storage.lastIndex) pending \(nodes[id]!.storage.pending.count)"
                 + (nodes[id]!.storage.pending.first.map { " (first due \($0.dueAt), stalled until \(nodes[id]!.storage.stalledUntil))" } ?? "")
                 + (r.role == .leader ? " match \(r.followerMatch.sorted { $0.key < $1.key })" : "")
+                + " members \(r.membership.members.map { "\($0.id):\($0.role)" }.joined(separator: ","))"
         }.joined(separator: "\n")
     }
 

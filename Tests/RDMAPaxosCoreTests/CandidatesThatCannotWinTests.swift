@@ -59,7 +59,11 @@ import Testing
         c.cut = []
         c.queue = []
         // Node 2 last heard from its leader an election timeout ago; node 3 (behind) campaigns.
-        c.nodes[2]!.replica!.electionElapsed = c.config(2).electionTimeoutTicks
+        let timeout = c.config(2).electionTimeoutTicks
+        c.with(2) { r in
+            r.electionElapsed = timeout
+            return Actions()
+        }
         c.with(3) { $0.campaign() }
         c.stabilize()
         #expect(replica(c, 2).role == .leader, "node 2 is \(replica(c, 2).role) at \(replica(c, 2).promised)")

@@ -125,15 +125,15 @@ func run(_ command: String, on c: inout ScenarioCluster, file: String, line: Int
         c.queue = keep
     case "tick":
         let id = try node(0)
-        for _ in 0..<(option("n").flatMap(Int.init) ?? 1) { c.with(id) { $0.tick() } }
+        for _ in 0..<(option("n").flatMap(Int.init) ?? 1) { c.tick(id) }
     case "tick-all":
         for _ in 0..<(option("n").flatMap(Int.init) ?? 1) {
-            for id in c.ids where c.nodes[id]!.replica != nil { c.with(id) { $0.tick() } }
+            for id in c.ids where c.nodes[id]!.replica != nil { c.tick(id) }
         }
     case "tick-stabilize":
         // Ticks every live node and delivers everything after each tick.
         for _ in 0..<(option("n").flatMap(Int.init) ?? 1) {
-            for id in c.ids where c.nodes[id]!.replica != nil { c.with(id) { $0.tick() } }
+            for id in c.ids where c.nodes[id]!.replica != nil { c.tick(id) }
             c.stabilize()
         }
     case "partition":
@@ -174,10 +174,7 @@ func run(_ command: String, on c: inout ScenarioCluster, file: String, line: Int
             let role = args.count > 3 ? MemberRole.allCases.first { $0.description == args[3] } : .voter
             guard let role else { throw bad("unknown role \(args[3])") }
             ms.append(Member(id: target, role: role, priority: role == .voter ? 1 : 0))
-            if c.nodes[target] == nil {
-                c.nodes[target] = ScenarioCluster.Node()
-                c.nodes[target]!.replica = Replica(config: c.config(target), bootstrap: .empty, seed: c.seed)
-            }
+            if c.nodes[target] == nil { c.start(target, bootstrap: .empty, seed: c.seed) }
         }
         do { try c.with(id) { try $0.proposeMembership(Membership(ms)).actions } } catch let e as ProposalRefusal { c.emit("\(id): refused: \(e)") }
     case "status":

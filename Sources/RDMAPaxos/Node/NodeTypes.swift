@@ -54,6 +54,9 @@ public struct NodeOptions: Sendable {
     /// durable, as the node holds them (`true`), and with those it drops unsent (`false`, see
     /// `dropAcks`): the simulator notes what each one vouches for while it is held.
     package var onHeldAcks: (@Sendable ([Message], Bool) -> Void)?
+    /// Called on the node's loop with the reads the core confirmed (for a caller driving the
+    /// core's reads by hand; the node answers its own reads as it always does).
+    package var onReadsReady: (@Sendable ([ReadState]) -> Void)?
     /// Where a stepped node's off-loop work (saving a compaction) goes; nil: a serial dispatch queue.
     package var offLoop: (any OffLoopQueue)?
     /// A learner at most this many entries behind the leader's last index may be promoted.

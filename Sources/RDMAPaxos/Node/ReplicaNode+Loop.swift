@@ -261,6 +261,7 @@ extension ReplicaNode {
         for r in a.reads {
             reads[r.id]?.index = r.index
         }
+        if !a.reads.isEmpty { options.onReadsReady?(a.reads) }
         answerReads()
         maybeCompact()
     }

@@ -307,6 +307,20 @@ public final class ReplicaNode: @unchecked Sendable {
     /// The consensus core, for a caller that steps the node (read it between steps only).
     package var core: Replica { replica }
 
+    /// A node with `NodeOptions.steppedByCaller`: makes one call into the core, as the node's
+    /// loop makes its own, and carries out the actions it returns with the node's executor
+    /// (`perform`), then answers what that completed. The scenario scripts drive the core's
+    /// calls by hand this way (between steps only).
+    package func performOnCore(_ call: (inout Replica) throws -> Actions) rethrows {
+        precondition(options.steppedByCaller, "performOnCore is for a node stepped by its caller")
+        let a = try call(&replica!)
+        perform(a)
+        publishStatus()
+        let answers = completions
+        completions = []
+        answers.forEach { $0() }
+    }
+
     /// The node's latest status (updated after every batch of events).
     public var status: NodeStatus { cond.withLock { published! } }
 
