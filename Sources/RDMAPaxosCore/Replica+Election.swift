@@ -166,9 +166,24 @@ extension Replica {
         return leader != nil && electionElapsed < config.electionTimeoutTicks
     }
 
+    /// Whether a candidate outside this replica's configuration may still get its vote: only one
+    /// whose log ends at a higher ballot than this replica's. The configuration that leaves it
+    /// out is then at the end of a suffix of an older ballot, which a later leader has replaced
+    /// (or will): in that leader's configuration the candidate may well be a voter, and the
+    /// voters holding that newer log may need this replica's vote to elect anyone (the
+    /// simulator's seed 16691: node 1 held an uncommitted removal of node 6 at ballot 2.1 while
+    /// the rest had re-added it at 3.3; two members were recovering lost state, so node 6, the
+    /// most up to date, needed node 1's vote, and node 1 refused every candidate). A member a
+    /// configuration removed for good cannot end its log at a ballot above the one that
+    /// removed it, so it still gets no vote.
+    func mayVote(for candidate: NodeID, lastBallot: Ballot) -> Bool {
+        membership.contains(candidate) || lastBallot > log.lastBallot
+    }
+
     mutating func handlePreVote(_ m: Message, lastIndex: LogIndex, lastBallot: Ballot) {
-        // A node outside the configuration (removed, or never added) gets no vote.
-        guard membership.contains(m.from) else { return send(m.from, .preVoteReply(granted: false)) }
+        // A node outside the configuration (removed, or never added) gets no vote, unless its log
+        // is of a newer ballot than ours (`mayVote`).
+        guard mayVote(for: m.from, lastBallot: lastBallot) else { return send(m.from, .preVoteReply(granted: false)) }
         // A member that hands over its log backs a candidate behind it: it will hand its log
         // over in the promise. A recovering replica may have forgotten a higher promise: it
         // backs nobody.
@@ -178,7 +193,7 @@ extension Replica {
     }
 
     mutating func handlePrepare(_ m: Message, lastIndex: LogIndex, lastBallot: Ballot, commit: LogIndex, force: Bool) {
-        guard membership.contains(m.from) else { return send(m.from, .promise(granted: false, suffixPrevBallot: .zero, suffix: [])) }
+        guard mayVote(for: m.from, lastBallot: lastBallot) else { return send(m.from, .promise(granted: false, suffixPrevBallot: .zero, suffix: [])) }
         if inLeaderLease && !force {
             send(m.from, .promise(granted: false, suffixPrevBallot: .zero, suffix: []))
             return

@@ -53,6 +53,17 @@ import RDMAPaxosSimulation
         #expect(r.committed > 0)
     }
 
+    /// Seed 16691 (found by the 100,000-seed campaign over the runtime): node 1 ended its log
+    /// with an uncommitted removal of node 6 at ballot 2.1, while the others had re-added it at
+    /// 3.3; with two of six voting members recovering lost state, node 6 (the most up to date)
+    /// needed node 1's vote, and node 1 refused every candidate outside its configuration, so
+    /// no leader was ever elected. A candidate whose log ends at a newer ballot now may get the
+    /// vote (`Replica.mayVote`).
+    @Test func aCandidateOutsideAStaleConfigurationCanBeElected() throws {
+        let r = try simulate(.standard(seed: 16691))
+        #expect(r.committed > 0)
+    }
+
     /// Crashes that lose durable state happen, and the replicas that lost it recover.
     @Test func lostStateCrashesHappenAndRecover() throws {
         var lost = 0, recovered = 0
