@@ -118,7 +118,7 @@ let package = Package(
         .testTarget(
             name: "RDMAPaxosTests",
             dependencies: [
-                "RDMAPaxos", "PloverCheck", "SoftRDMA", "VerbsTestSupport", "soft-rdma-peer",
+                "RDMAPaxos", "RDMAPaxosSimulation", "PloverCheck", "SoftRDMA", "VerbsTestSupport", "soft-rdma-peer",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "Prometheus", package: "swift-prometheus"),

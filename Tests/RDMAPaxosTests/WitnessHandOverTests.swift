@@ -1,11 +1,14 @@
 import Testing
 @testable import RDMAPaxos
+import RDMAPaxosSimulation
 
-/// Three cores (primary 1, backup 2, witness 3) over an in-test network that carries every message
+/// Three replicas (primary 1, backup 2, witness 3), real `ReplicaNode`s stepped by the test over
+/// simulated disks that complete at once, on an in-test network that carries every message
 /// through the wire codec and, as `RingTransport` does, drops what one record of a default ring
-/// (1 MiB) cannot carry. Disks complete at once.
+/// (1 MiB) cannot carry. The core's actions are carried out by the nodes' own executor.
 struct WireCluster {
-    var replicas: [NodeID: Replica] = [:]
+    var processes: [NodeID: SimulatedProcess<DiscardingStateMachine>] = [:]
+    var disks: [NodeID: SimulatedStorage] = [:]
     var queue: [Message] = []
     /// Nodes that receive nothing (cut off, or down).
     var unreachable: Set<NodeID> = []
@@ -16,10 +19,18 @@ struct WireCluster {
     /// Promises that carried part of a witness's log.
     var handOvers = 0
 
+    /// Each node's consensus core.
+    var replicas: [NodeID: Replica] { processes.mapValues { $0.node.core } }
+
     init(members: Membership) throws {
         payloadBytesMax = try RingLayout(owner: 1, cluster: members.members.map(\.id), ringBytes: 1 << 20).payloadBytesMax
         for m in members.members {
-            replicas[m.id] = Replica(config: ReplicaConfig(id: m.id), bootstrap: members, seed: UInt64(m.id))
+            let options = NodeOptions(replica: ReplicaConfig(id: m.id), bootstrap: members, seed: UInt64(m.id))
+            let disk = SimulatedStorage(delayTicksMax: 0, seed: UInt64(m.id))
+            let p = SimulatedProcess(options: options, machine: DiscardingStateMachine(), storage: disk, checksDurability: false)
+            try p.node.start()
+            processes[m.id] = p
+            disks[m.id] = disk
         }
     }
 
@@ -35,18 +46,23 @@ struct WireCluster {
         queue.append(decoded)
     }
 
-    mutating func handle(_ id: NodeID, _ a: Actions) throws {
-        for m in a.send { try enqueue(m) }
-        if let p = a.persist {
-            for m in a.sendAfterPersist { try enqueue(m) }
-            try call(id) { $0.persisted(p.sequence) }
-        }
+    /// Runs node `id` until it is idle with its disk caught up, queueing what it sends.
+    mutating func settle(_ id: NodeID) throws {
+        let p = processes[id]!, disk = disks[id]!
+        repeat {
+            disk.completeAll()
+            while p.offLoop.runOne() {}
+            #expect(p.run(), "node \(id)'s loop never went idle")
+            let sent = p.transport.outbox
+            p.transport.outbox = []
+            for m in sent { try enqueue(m) }
+        } while !disk.pending.isEmpty || !p.offLoop.queued.isEmpty
     }
 
     mutating func call(_ id: NodeID, _ body: (inout Replica) throws -> Actions) throws {
         guard !down.contains(id) else { return }
-        let a = try body(&replicas[id]!)
-        try handle(id, a)
+        try processes[id]!.node.performOnCore(body)
+        try settle(id)
     }
 
     /// Delivers until nothing is left.
@@ -54,16 +70,28 @@ struct WireCluster {
         while !queue.isEmpty {
             let m = queue.removeFirst()
             if unreachable.contains(m.to) || down.contains(m.to) { continue }
-            try call(m.to) { $0.receive(m) }
+            processes[m.to]!.transport.onReceive?(m)
+            try settle(m.to)
         }
     }
 
     mutating func tickAll(_ n: Int) throws {
         for _ in 0..<n {
-            for id in replicas.keys.sorted() { try call(id) { $0.tick() } }
+            for id in processes.keys.sorted() where !down.contains(id) {
+                processes[id]!.ticks.fire()
+                try settle(id)
+            }
             try deliverAll()
         }
     }
+}
+
+/// A state machine that keeps nothing: the test looks at the replicas' logs.
+final class DiscardingStateMachine: StateMachine {
+    func apply(_ command: [UInt8], index: LogIndex) -> [UInt8] { [] }
+    func query(_ query: [UInt8]) -> [UInt8] { [] }
+    func snapshot() -> [UInt8] { [] }
+    func restore(_ snapshot: [UInt8], index: LogIndex) throws {}
 }
 
 @Suite struct WitnessHandOverTests {
