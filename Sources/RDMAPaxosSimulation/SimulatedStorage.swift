@@ -67,8 +67,6 @@ package final class SimulatedStorage: @unchecked Sendable {
 
     var lastIndex: LogIndex { durable.lastIndex }
 
-    func ballot(at index: LogIndex) -> Ballot? { durable.ballot(at: index) }
-
     /// The entries written, durable or not.
     var writtenLastIndex: LogIndex {
         for p in pending.reversed() { if case let .append(es) = p.write, let l = es.last { return l.index } }
@@ -96,9 +94,7 @@ package final class SimulatedStorage: @unchecked Sendable {
     func completeDue() -> Bool {
         var any = false
         while let first = pending.first, first.dueAt <= now, stalledUntil <= now {
-            pending.removeFirst()
-            makeDurable(first.write)
-            first.done(.success(()))
+            completeFirst()
             any = true
         }
         return any
@@ -106,11 +102,14 @@ package final class SimulatedStorage: @unchecked Sendable {
 
     /// Completes every write issued so far (a call that waits for them, as `truncateSuffix` does).
     package func completeAll() {
-        while !pending.isEmpty {
-            let first = pending.removeFirst()
-            makeDurable(first.write)
-            first.done(.success(()))
-        }
+        while !pending.isEmpty { completeFirst() }
+    }
+
+    /// Makes the oldest pending write durable and tells its writer.
+    private func completeFirst() {
+        let first = pending.removeFirst()
+        makeDurable(first.write)
+        first.done(.success(()))
     }
 
     /// The process died: writes still in flight are lost, or the first `reached` of them reached
@@ -135,10 +134,8 @@ final class SimulatedLog: StableLog, @unchecked Sendable {
     var lastIndex: LogIndex { storage.writtenLastIndex }
     var durableIndex: LogIndex { storage.durable.lastIndex }
     var snapshot: SnapshotPoint { storage.durable.point }
-    var heldBytes: Int { storage.durable.entries.reduce(0) { $0 + $1.payload.count + Self.recordHeaderBytes } }
+    var heldBytes: Int { storage.durable.entries.reduce(0) { $0 + $1.payload.count + LogRecord.headerBytes } }
     var capacityBytes: Int? { nil }
-    /// Bytes of a record's header in the real log (`LogRecord`), counted the same way.
-    static let recordHeaderBytes = 25
 
     func append(_ entries: [LogEntry], onDurable: @escaping @Sendable (Result<Void, StableLogError>) -> Void) {
         guard !closed else { return onDurable(.failure(.closed(path: "simulated"))) }

@@ -76,7 +76,12 @@ extension ReplicaNode {
             parked = []
         }
         if failure == nil { proposeBatch(commands) } else { commands.forEach { $0.continuation.resume(throwing: NodeError.storage(failure!)) } }
-        // Publish before answering, so a client that got its answer sees a status that includes it.
+        publishAndAnswer()
+    }
+
+    /// Publishes the status, then runs the answers the pass completed: publish before answering,
+    /// so a client that got its answer sees a status that includes it.
+    func publishAndAnswer() {
         publishStatus()
         let answers = completions
         completions = []

@@ -313,12 +313,8 @@ public final class ReplicaNode: @unchecked Sendable {
     /// calls by hand this way (between steps only).
     package func performOnCore(_ call: (inout Replica) throws -> Actions) rethrows {
         precondition(options.steppedByCaller, "performOnCore is for a node stepped by its caller")
-        let a = try call(&replica!)
-        perform(a)
-        publishStatus()
-        let answers = completions
-        completions = []
-        answers.forEach { $0() }
+        perform(try call(&replica!))
+        publishAndAnswer()
     }
 
     /// The node's latest status (updated after every batch of events).

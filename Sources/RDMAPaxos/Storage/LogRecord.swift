@@ -27,7 +27,7 @@ public enum LogRecord {
     public static let formatVersion: UInt32 = 2
     /// The formats this build opens (a version 1 store is upgraded to 2 when opened for writing).
     public static let formatsRead: ClosedRange<UInt32> = 1...2
-    static let headerBytes = 25
+    package static let headerBytes = 25
     /// Largest payload a record may claim; anything above is treated as corruption.
     public static let payloadBytesMax = 64 << 20
 
