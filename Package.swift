@@ -119,6 +119,7 @@ let package = Package(
             name: "RDMAPaxosTests",
             dependencies: [
                 "RDMAPaxos", "RDMAPaxosSimulation", "PloverCheck", "SoftRDMA", "VerbsTestSupport", "soft-rdma-peer",
+                .product(name: "NIOEmbedded", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "Prometheus", package: "swift-prometheus"),

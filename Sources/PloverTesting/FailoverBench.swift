@@ -33,8 +33,8 @@ package struct FailoverBench: ParsableCommand {
 
     /// The profiles compared: a node's defaults (`[timing]` left out) and the documented fast one.
     static let profiles: [(name: String, timing: DemoCluster.Timing)] = [
-        ("default", DemoCluster.Timing(tickMilliseconds: 10, electionTimeoutTicks: 20, heartbeatTicks: 2)),
-        ("fast", DemoCluster.Timing(tickMilliseconds: 5, electionTimeoutTicks: 8, heartbeatTicks: 1, diskStallTicks: 200)),
+        ("default", DemoCluster.Timing(tickMilliseconds: 10, electionTimeoutTicks: 20, heartbeatTicks: 2, diskStallTicks: NodeConfig(id: 1, dataDir: "", members: []).diskStallTicks)),
+        ("fast", DemoCluster.Timing(tickMilliseconds: 5, electionTimeoutTicks: 8, heartbeatTicks: 1, diskStallTicks: 600)),
     ]
 
     struct Outcome {

@@ -1,3 +1,5 @@
+import Synchronization
+
 /// What the caller must do after one call into the core, in this order:
 ///
 /// 1. Start `persist` (if any): truncate the suffix, install the snapshot (compacting the prefix),
@@ -25,6 +27,10 @@ public struct Actions: Sendable {
     public var reads: [ReadState] = []
     /// Role or leader changes, for logs and metrics.
     public var events: [Event] = []
+    /// Log entries the core let go of (a compacted prefix), for the caller to free where it
+    /// suits it (`ReleasedEntries.free()`); ignored, they are freed with the last copy of these
+    /// actions. Not part of `isEmpty`: there is nothing the caller must do with them.
+    public var released: [ReleasedEntries] = []
 
     /// Nothing to do.
     public init() {}
@@ -152,4 +158,19 @@ public enum ProposalRefusal: Error, Sendable, Hashable, CustomStringConvertible 
         case let .invalidMembershipChange(r): "invalid membership change: \(r)"
         }
     }
+}
+
+/// Entries the core no longer holds. Freeing a compacted prefix of hundreds of thousands of
+/// entries takes tens of milliseconds; a runtime frees them on a thread of its choosing, off the
+/// loop that steps the core. The first `free()` frees them, on the thread that calls it.
+public final class ReleasedEntries: Sendable {
+    private let storage: Mutex<[LogEntry]>
+
+    init(_ entries: [LogEntry]) { storage = Mutex(entries) }
+
+    /// How many entries are still held.
+    public var count: Int { storage.withLock { $0.count } }
+
+    /// Frees the entries now, on this thread.
+    public func free() { storage.withLock { $0 = [] } }
 }

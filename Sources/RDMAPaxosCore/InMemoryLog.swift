@@ -64,15 +64,16 @@ struct InMemoryLog: Sendable {
         if index <= lastIndex { entries.removeSubrange(Int(index - snapshot.index - 1)...) }
     }
 
-    /// Drops entries through `point.index`; keeps the rest only if they follow it.
-    mutating func compact(to point: SnapshotPoint) {
-        if point.index <= snapshot.index { return }
-        if ballot(at: point.index) == point.ballot {
-            entries.removeFirst(Int(point.index - snapshot.index))
-        } else {
-            entries = []
-        }
+    /// Drops entries through `point.index`; keeps the rest only if they follow it. Returns the
+    /// storage the dropped entries were in (nil when nothing was dropped), so that the caller
+    /// decides where they are freed: the kept entries are copied out, the old storage is not
+    /// touched entry by entry here.
+    mutating func compact(to point: SnapshotPoint) -> ReleasedEntries? {
+        if point.index <= snapshot.index { return nil }
+        let old = entries
+        entries = ballot(at: point.index) == point.ballot ? Array(old[Int(point.index - snapshot.index)...]) : []
         snapshot = point
+        return old.isEmpty ? nil : ReleasedEntries(old)
     }
 
     /// The last membership entry's configuration, if any entry is one.

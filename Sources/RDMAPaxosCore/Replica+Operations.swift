@@ -110,10 +110,11 @@ extension Replica {
     public mutating func compact(through index: LogIndex, snapshot data: [UInt8]) -> Actions {
         precondition(index <= compactableIndex, "can only compact what was applied (a witness: what every voter holds)")
         guard index > log.snapshot.index, let ballot = log.ballot(at: index) else { return finish() }
-        // The last configuration at or below `index`, read in place: a copy of the prefix (often
-        // hundreds of thousands of entries) cost the node's loop tens of milliseconds.
-        let m = log.lastMembership(through: index)?.membership ?? snapshotMembership
-        log.compact(to: SnapshotPoint(index: index, ballot: ballot))
+        // The last configuration at or below `index`: the one in force when no membership entry
+        // follows `index` (the usual case), else read in place. A scan or a copy of the prefix
+        // (often hundreds of thousands of entries) cost the node's loop tens of milliseconds.
+        let m = membershipIndex <= index ? membership : log.lastMembership(through: index)?.membership ?? snapshotMembership
+        if let dropped = log.compact(to: SnapshotPoint(index: index, ballot: ballot)) { out.released.append(dropped) }
         snapshotMembership = m
         snapshotData = data
         stepSnapshot = Snapshot(index: index, ballot: ballot, membership: m, data: data)

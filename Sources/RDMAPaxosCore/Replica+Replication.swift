@@ -213,7 +213,7 @@ extension Replica {
             // Our suffix does not follow the snapshot: none of it can be kept.
             truncateLocal(from: commitIndex + 1)
         }
-        log.compact(to: point)
+        if let dropped = log.compact(to: point) { out.released.append(dropped) }
         snapshotMembership = s.membership
         snapshotData = s.data
         commitIndex = s.index

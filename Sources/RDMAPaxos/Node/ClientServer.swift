@@ -30,6 +30,7 @@ final class ClientFrameHandler: ChannelInboundHandler {
 
     let node: ReplicaNode
     var pending = ByteBuffer()
+    var answers: AnswerChannel?
 
     init(node: ReplicaNode) { self.node = node }
 
@@ -44,12 +45,13 @@ final class ClientFrameHandler: ChannelInboundHandler {
             guard pending.readableBytes >= 4 + Int(length) else { break }
             pending.moveReaderIndex(forwardBy: 4)
             let body = pending.readBytes(length: Int(length))!
-            handle(body, channel: context.channel)
+            if answers == nil { answers = AnswerChannel(context.channel) }
+            handle(body, channel: answers!)
         }
         pending.discardReadBytes()
     }
 
-    func handle(_ body: [UInt8], channel: any Channel) {
+    func handle(_ body: [UInt8], channel: AnswerChannel) {
         let frame: ClientFrame
         do {
             frame = try ClientFrame(body: body)
@@ -81,12 +83,12 @@ final class ClientFrameHandler: ChannelInboundHandler {
         }
     }
 
-    static func spawnAnswer(_ frame: ClientFrame, node: ReplicaNode, on channel: any Channel) {
+    static func spawnAnswer(_ frame: ClientFrame, node: ReplicaNode, on channel: AnswerChannel) {
         Task { await answer(frame, node: node, on: channel) }
     }
 
     /// The rare requests (membership changes, backups) go through the node's async interface.
-    static func answer(_ frame: ClientFrame, node: ReplicaNode, on channel: any Channel) async {
+    static func answer(_ frame: ClientFrame, node: ReplicaNode, on channel: AnswerChannel) async {
         let result: Result<[UInt8], any Error>
         do {
             switch frame {
@@ -101,7 +103,7 @@ final class ClientFrameHandler: ChannelInboundHandler {
     }
 
     /// Answers request `id` with the node's result or error.
-    static func reply(id: UInt64, _ result: Result<[UInt8], any Error>, on channel: any Channel) {
+    static func reply(id: UInt64, _ result: Result<[UInt8], any Error>, on channel: AnswerChannel) {
         switch result {
         case let .success(bytes):
             reply(.ok(id: id, result: bytes), on: channel)
@@ -114,11 +116,9 @@ final class ClientFrameHandler: ChannelInboundHandler {
         }
     }
 
-    static func reply(_ f: ClientFrame, on channel: any Channel) {
-        channel.writeAndFlush(ByteBuffer(bytes: f.encoded()), promise: nil)
-    }
+    static func reply(_ f: ClientFrame, on channel: AnswerChannel) { channel.write(f) }
 
-    func reply(_ f: ClientFrame, on channel: any Channel) { Self.reply(f, on: channel) }
+    func reply(_ f: ClientFrame, on channel: AnswerChannel) { Self.reply(f, on: channel) }
 }
 
 extension NodeStatus {

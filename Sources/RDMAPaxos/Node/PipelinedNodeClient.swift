@@ -2,7 +2,8 @@ import Foundation
 import Synchronization
 
 /// An async client for the client protocol that keeps many requests in flight on one TCP
-/// connection: each request is written as soon as it is made, and answers are matched by id in
+/// connection: each request is written as soon as it is made (with the others made while a
+/// write was under way, in one write), and answers are matched by id in
 /// whatever order the node sends them. Many tasks may call it at once; the node batches their
 /// proposals as it batches those of many connections. It follows the leader by the rules of
 /// `NodeClient` (the same answer handling, the same pauses once every member was tried).

@@ -1,10 +1,11 @@
 import Foundation
 import Synchronization
 
-/// One connection of a `PipelinedNodeClient`: requests are written as they come, each waits for
-/// the answer with its id, and a thread of the session's own reads answers in whatever order the
-/// node sends them. A request unanswered by its deadline, or in flight when the connection
-/// fails, is resumed with `PipelinedSession.Lost`.
+/// One connection of a `PipelinedNodeClient`: requests are written as they come (those made
+/// while another is being written go with the next write), each waits for the answer with its
+/// id, and a thread of the session's own reads answers in whatever order the node sends them. A
+/// request unanswered by its deadline, or in flight when the connection fails, is resumed with
+/// `PipelinedSession.Lost`.
 final class PipelinedSession: Sendable {
     /// Why a request got no answer.
     struct Lost: Error, CustomStringConvertible {
@@ -26,10 +27,16 @@ final class PipelinedSession: Sendable {
         var retired = false
     }
 
+    /// Request bytes not yet written, and whether a caller is writing them.
+    private struct Outbox {
+        var bytes: [UInt8] = []
+        var writing = false
+    }
+
     let node: NodeID
     private let socket: SocketDescriptor
     private let state = Mutex(State())
-    private let sending = Mutex(())
+    private let outbox = Mutex(Outbox())
 
     /// Connects to `node` at `address` (connect bounded by `timeout`) and starts the reader.
     init(node: NodeID, address: HostPort, timeout: Duration) throws(SocketFailure) {
@@ -56,12 +63,32 @@ final class PipelinedSession: Sendable {
                 c.resume(throwing: Lost(description: refused, sent: false))
                 return
             }
-            let bytes = frame.encoded()
-            let failed = sending.withLock { _ -> SocketFailure? in
-                do throws(SocketFailure) { try socket.send(bytes) } catch { return error }
-                return nil
+            send(frame.encoded())
+        }
+    }
+
+    /// Writes `bytes` after every request queued before them. Requests made while another
+    /// caller writes join the outbox, and that caller writes them with its next write: many
+    /// tasks' requests leave in one write, as the node answers them in one.
+    private func send(_ bytes: [UInt8]) {
+        let writer = outbox.withLock { o -> Bool in
+            o.bytes += bytes
+            guard !o.writing else { return false }
+            o.writing = true
+            return true
+        }
+        guard writer else { return }
+        while let chunk = outbox.withLock({ o -> [UInt8]? in
+            guard !o.bytes.isEmpty else { o.writing = false; return nil }
+            defer { o.bytes = [] }
+            return o.bytes
+        }) {
+            do throws(SocketFailure) { try socket.send(chunk) } catch {
+                // Every waiting request is told; what is still queued will never go.
+                outbox.withLock { $0 = Outbox() }
+                end("connection to node \(node) lost while sending: \(String(cString: strerror(error.errno)))")
+                return
             }
-            if let failed { end("connection to node \(node) lost while sending: \(String(cString: strerror(failed.errno)))") }
         }
     }
 

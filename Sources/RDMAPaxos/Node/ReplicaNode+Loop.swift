@@ -217,7 +217,16 @@ extension ReplicaNode {
     }
 
     /// Carries out one call's actions: persist, send, (acks after persist), restore, apply, reads.
+    /// Where storage the core let go of is freed (`Actions.released`).
+    static let releaseQueue = DispatchQueue(label: "plover.release", qos: .background)
+
     func perform(_ a: Actions) {
+        if !a.released.isEmpty {
+            // A compacted prefix is freed off the loop (tens of ms for hundreds of thousands of
+            // entries; "Compaction without a stall" in docs/design/runtime.md).
+            let released = a.released
+            Self.releaseQueue.async { released.forEach { $0.free() } }
+        }
         for e in a.events {
             options.onEvent?(e)
             fenceDeposedLeader(after: e)

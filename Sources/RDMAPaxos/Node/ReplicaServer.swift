@@ -95,6 +95,7 @@ public final class ReplicaServer: Sendable {
         logOptions.stallWhileFileExists = ProcessInfo.processInfo.environment["PLOVER_FAULT_DISK_STALL_FILE"]
         logOptions.memoryBytesMax = c.memoryLogBytesMax
         logOptions.asyncFlushInterval = .milliseconds(c.asyncFlushMilliseconds)
+        logOptions.onSlowWrite = { logger.warning("\($0)") }
         let log = try BerkeleyDBLog.open(path: c.dataDir, durability: c.durability, options: logOptions)
         let recovered = log.lastIndex
         do {

@@ -70,6 +70,13 @@ final class GroupCommitEngine: @unchecked Sendable {
     /// Deleting records logs their old values, so big deletions are split into transactions of
     /// about this many bytes (the in-memory log of `.memory` mode must hold a whole transaction).
     private static let deleteChunkBytes = 1 << 20
+    /// Dead entries deleted in one transaction while the writer is idle: appends that arrive
+    /// meanwhile wait for it, and 1 MiB took the writer 50–480 ms under load (a group commit
+    /// held that long), 128 KiB a tenth of it.
+    private static let idleDeleteChunkBytes = 128 << 10
+    /// A group commit or idle deletion that takes this long is reported (`Options.onSlowWrite`).
+    static let slowWrite: Duration = .milliseconds(500)
+    private var lastSlowWarning: ContinuousClock.Instant?
     /// Payload bytes in one transaction: unbounded on disk; in `.memory` mode the in-memory log
     /// buffer must hold a whole transaction, so a bigger group commit takes several (nothing in
     /// that mode survives a crash, so nothing depends on one batch being atomic).
@@ -338,7 +345,9 @@ final class GroupCommitEngine: @unchecked Sendable {
             // Without a sync of its own: the compaction point is durable already, and a deletion
             // cut short is finished at the next open. An fsync here would add one to every group
             // commit while a compaction is being deleted.
-            let (freed, done) = try Self.deleteChunk(db, through: through, sync: .none)
+            let started = ContinuousClock.now
+            let (freed, done) = try Self.deleteChunk(db, through: through, sync: .none, bytesMax: Self.idleDeleteChunkBytes)
+            reportIfSlow(since: started, "deleting compacted entries")
             locked {
                 $0.heldBytes -= freed
                 if done && $0.deleteThrough == through { $0.deleteThrough = 0 }
@@ -370,6 +379,8 @@ final class GroupCommitEngine: @unchecked Sendable {
                 let chunk = rest.prefix(count)
                 rest = rest.dropFirst(count)
                 var bytes = 0, chunkStored = 0
+                let started = ContinuousClock.now
+                defer { reportIfSlow(since: started, "a group commit of \(chunk.count) entries") }
                 try StoreDirectory.inTransaction(db, sync: sync) { txn throws(StableLogError) in
                     bytes = 0
                     chunkStored = 0
@@ -387,6 +398,18 @@ final class GroupCommitEngine: @unchecked Sendable {
         } catch {
             return .failure(error)
         }
+    }
+
+    /// Tells `Options.onSlowWrite` (at most once a second; run by whichever thread writes, one at
+    /// a time) that `what` took `slowWrite` or longer: when a leader steps down for a stalled
+    /// disk, this names the write that was slow.
+    private func reportIfSlow(since started: ContinuousClock.Instant, _ what: @autoclosure () -> String) {
+        let now = ContinuousClock.now
+        let took = now - started
+        guard took >= Self.slowWrite, let report = options.onSlowWrite else { return }
+        if let last = lastSlowWarning, now - last < .seconds(1) { return }
+        lastSlowWarning = now
+        report("stable log: \(what()) took \(took.wholeMilliseconds) ms (\(sync == .fsync ? "with fdatasync" : "without a sync")); a log write outstanding for disk_stall_ticks makes a leader step down")
     }
 
     private func maybeCheckpoint(after bytes: Int) throws(StableLogError) {
@@ -531,13 +554,13 @@ final class GroupCommitEngine: @unchecked Sendable {
 
     /// Deletes the oldest entries with index <= `through` in one transaction of about
     /// `deleteChunkBytes`. Returns the `storedBytes` freed and whether none is left.
-    static func deleteChunk(_ db: BerkeleyDB, through: LogIndex, sync: BerkeleyDB.Sync) throws(StableLogError) -> (Int, Bool) {
+    static func deleteChunk(_ db: BerkeleyDB, through: LogIndex, sync: BerkeleyDB.Sync, bytesMax: Int = deleteChunkBytes) throws(StableLogError) -> (Int, Bool) {
         var done = true
         let freed: Int = try StoreDirectory.inTransaction(db, sync: sync) { txn throws(StableLogError) in
             var bytes = 0, stored = 0
             try db.scan(.entries, from: .first, txn: txn) { k, v throws(StableLogError) in
                 guard let i = LogRecord.index(ofKey: k), i <= through else { return .stop }
-                if bytes >= deleteChunkBytes { done = false; return .stop }
+                if bytes >= bytesMax { done = false; return .stop }
                 bytes += v.count
                 stored += LogRecord.storedBytes(valueBytes: v.count, pageBytes: db.entriesPageBytes)
                 return .nextAndDeleteCurrent
