@@ -216,10 +216,10 @@ extension ReplicaNode {
         }
     }
 
-    /// Carries out one call's actions: persist, send, (acks after persist), restore, apply, reads.
     /// Where storage the core let go of is freed (`Actions.released`).
     static let releaseQueue = DispatchQueue(label: "plover.release", qos: .background)
 
+    /// Carries out one call's actions: persist, send, (acks after persist), restore, apply, reads.
     func perform(_ a: Actions) {
         if !a.released.isEmpty {
             // A compacted prefix is freed off the loop (tens of ms for hundreds of thousands of

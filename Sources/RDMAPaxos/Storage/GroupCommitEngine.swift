@@ -72,7 +72,7 @@ final class GroupCommitEngine: @unchecked Sendable {
     private static let deleteChunkBytes = 1 << 20
     /// Dead entries deleted in one transaction while the writer is idle: appends that arrive
     /// meanwhile wait for it, and 1 MiB took the writer 50–480 ms under load (a group commit
-    /// held that long), 128 KiB a tenth of it.
+    /// held that long); 128 KiB deletes an eighth as many entries per transaction.
     private static let idleDeleteChunkBytes = 128 << 10
     /// A group commit or idle deletion that takes this long is reported (`Options.onSlowWrite`).
     static let slowWrite: Duration = .milliseconds(500)
