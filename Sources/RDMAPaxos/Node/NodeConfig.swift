@@ -49,8 +49,8 @@ public struct NodeConfig: Sendable, Equatable {
     /// timeout.
     public var heartbeatTicks = 2
     /// `ReplicaConfig.diskStallTicks` (`timing.disk_stall_ticks`): 3 s at the default tick. A
-    /// group commit with fdatasync took up to 2 s on a healthy but loaded disk shared by three
-    /// replicas (benchmarks/failover), and 1 s deposed healthy leaders.
+    /// group commit with fdatasync took 0.5–4.4 s at times on a healthy but loaded disk shared by
+    /// three replicas (benchmarks/failover), and 1 s deposed healthy leaders.
     public var diskStallTicks = 300
     /// Ticks a client request or read may wait for an answer before it fails
     /// (`timing.request_timeout_ticks`).

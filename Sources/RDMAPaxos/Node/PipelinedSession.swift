@@ -69,7 +69,9 @@ final class PipelinedSession: Sendable {
 
     /// Writes `bytes` after every request queued before them. Requests made while another
     /// caller writes join the outbox, and that caller writes them with its next write: many
-    /// tasks' requests leave in one write, as the node answers them in one.
+    /// tasks' requests leave in one write, as the node answers them in one. Under sustained load
+    /// the writing caller may carry others' requests for a while before it returns to wait for
+    /// its own answer.
     private func send(_ bytes: [UInt8]) {
         let writer = outbox.withLock { o -> Bool in
             o.bytes += bytes
@@ -84,8 +86,9 @@ final class PipelinedSession: Sendable {
             return o.bytes
         }) {
             do throws(SocketFailure) { try socket.send(chunk) } catch {
-                // Every waiting request is told; what is still queued will never go.
-                outbox.withLock { $0 = Outbox() }
+                // Every waiting request is told; what is still queued will never go, and nothing
+                // more does: `writing` stays set, so no request is written after a frame cut short.
+                outbox.withLock { $0.bytes = [] }
                 end("connection to node \(node) lost while sending: \(String(cString: strerror(error.errno)))")
                 return
             }

@@ -35,9 +35,10 @@ public final class BerkeleyDBLog: StableLog, @unchecked Sendable {
         /// Berkeley DB's own log and checkpoints, and for compaction, which needs space to free
         /// space). A node holds writes that would eat into it (`spaceShortfall(forBytes:)`).
         public var diskReserveBytes = 32 << 20
-        /// Told (from the writer thread, at most once a second) when a group commit or a
-        /// deletion of compacted entries takes 500 ms or more, with what it was and how long it
-        /// took; `plover node` logs it as a warning.
+        /// Told (at most once a second, from the thread that wrote: the writer thread, or in
+        /// memory mode the caller of an inline append) when a group commit or a deletion of
+        /// compacted entries takes 500 ms or more, with what it was and how long it took;
+        /// `plover node` logs it as a warning.
         public var onSlowWrite: (@Sendable (String) -> Void)?
         /// Options with the defaults shown: 64 MiB cache, 8 MiB log buffer and batches, no stall
         /// file.

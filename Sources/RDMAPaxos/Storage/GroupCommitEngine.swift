@@ -70,9 +70,11 @@ final class GroupCommitEngine: @unchecked Sendable {
     /// Deleting records logs their old values, so big deletions are split into transactions of
     /// about this many bytes (the in-memory log of `.memory` mode must hold a whole transaction).
     private static let deleteChunkBytes = 1 << 20
-    /// Dead entries deleted in one transaction while the writer is idle: appends that arrive
-    /// meanwhile wait for it, and 1 MiB took the writer 50–480 ms under load (a group commit
-    /// held that long); 128 KiB deletes an eighth as many entries per transaction.
+    /// Dead entries deleted in one transaction while the writer is idle, and at least after
+    /// each group commit: appends that arrive meanwhile wait for it, and 1 MiB took the writer
+    /// 50–480 ms under load (a group commit held that long); 128 KiB deletes an eighth as many
+    /// entries per transaction. After a commit the chunk is at least as large as the commit, so
+    /// that deletion keeps pace with a writer that is never idle.
     private static let idleDeleteChunkBytes = 128 << 10
     /// A group commit or idle deletion that takes this long is reported (`Options.onSlowWrite`).
     static let slowWrite: Duration = .milliseconds(500)
@@ -284,7 +286,7 @@ final class GroupCommitEngine: @unchecked Sendable {
                 if !state.writing && state.deleteThrough > 0 && state.failure == nil {
                     state.writing = true
                     cond.unlock()
-                    deleteDeadChunk()
+                    deleteDeadChunk(bytesMax: Self.idleDeleteChunkBytes)
                     cond.lock()
                     state.writing = false
                     continue
@@ -331,23 +333,27 @@ final class GroupCommitEngine: @unchecked Sendable {
             record(committed, of: batch)
             cond.unlock()
             for done in completions { done(result) }
-            // Under steady load the queue is never empty: one chunk after each commit still
-            // gets a compaction's deletion done without holding appends behind all of it.
-            if locked({ $0.deleteThrough > 0 && $0.failure == nil }) { deleteDeadChunk() }
+            // Under steady load the queue is never empty: one chunk after each commit, at least
+            // as large as the commit, still gets a compaction's deletion done without holding
+            // appends behind all of it.
+            if locked({ $0.deleteThrough > 0 && $0.failure == nil }) {
+                let appended = batch.reduce(0) { $0 + $1.payload.count + LogRecord.headerBytes }
+                deleteDeadChunk(bytesMax: max(Self.idleDeleteChunkBytes, appended))
+            }
             locked { $0.writing = false }
         }
     }
 
     /// Deletes one bounded transaction of dead entries (at or below `deleteThrough`).
-    private func deleteDeadChunk() {
+    private func deleteDeadChunk(bytesMax: Int) {
         let through = locked { $0.deleteThrough }
         do throws(StableLogError) {
             // Without a sync of its own: the compaction point is durable already, and a deletion
             // cut short is finished at the next open. An fsync here would add one to every group
             // commit while a compaction is being deleted.
             let started = ContinuousClock.now
-            let (freed, done) = try Self.deleteChunk(db, through: through, sync: .none, bytesMax: Self.idleDeleteChunkBytes)
-            reportIfSlow(since: started, "deleting compacted entries")
+            let (freed, done) = try Self.deleteChunk(db, through: through, sync: .none, bytesMax: bytesMax)
+            reportIfSlow(since: started, "deleting compacted entries", synced: false)
             locked {
                 $0.heldBytes -= freed
                 if done && $0.deleteThrough == through { $0.deleteThrough = 0 }
@@ -380,7 +386,7 @@ final class GroupCommitEngine: @unchecked Sendable {
                 rest = rest.dropFirst(count)
                 var bytes = 0, chunkStored = 0
                 let started = ContinuousClock.now
-                defer { reportIfSlow(since: started, "a group commit of \(chunk.count) entries") }
+                defer { reportIfSlow(since: started, "a group commit of \(chunk.count) entries", synced: sync == .fsync) }
                 try StoreDirectory.inTransaction(db, sync: sync) { txn throws(StableLogError) in
                     bytes = 0
                     chunkStored = 0
@@ -403,13 +409,13 @@ final class GroupCommitEngine: @unchecked Sendable {
     /// Tells `Options.onSlowWrite` (at most once a second; run by whichever thread writes, one at
     /// a time) that `what` took `slowWrite` or longer: when a leader steps down for a stalled
     /// disk, this names the write that was slow.
-    private func reportIfSlow(since started: ContinuousClock.Instant, _ what: @autoclosure () -> String) {
+    private func reportIfSlow(since started: ContinuousClock.Instant, _ what: @autoclosure () -> String, synced: Bool) {
         let now = ContinuousClock.now
         let took = now - started
         guard took >= Self.slowWrite, let report = options.onSlowWrite else { return }
         if let last = lastSlowWarning, now - last < .seconds(1) { return }
         lastSlowWarning = now
-        report("stable log: \(what()) took \(took.wholeMilliseconds) ms (\(sync == .fsync ? "with fdatasync" : "without a sync")); a log write outstanding for disk_stall_ticks makes a leader step down")
+        report("stable log: \(what()) took \(took.wholeMilliseconds) ms (\(synced ? "with fdatasync" : "without a sync")); a log write outstanding for disk_stall_ticks makes a leader step down")
     }
 
     private func maybeCheckpoint(after bytes: Int) throws(StableLogError) {
