@@ -114,7 +114,7 @@ extension Replica {
         // follows `index` (the usual case), else read in place. A scan or a copy of the prefix
         // (often hundreds of thousands of entries) cost the node's loop tens of milliseconds.
         let m = membershipIndex <= index ? membership : log.lastMembership(through: index)?.membership ?? snapshotMembership
-        if let dropped = log.compact(to: SnapshotPoint(index: index, ballot: ballot)) { out.released.append(dropped) }
+        compactLog(to: SnapshotPoint(index: index, ballot: ballot))
         snapshotMembership = m
         snapshotData = data
         stepSnapshot = Snapshot(index: index, ballot: ballot, membership: m, data: data)

@@ -207,13 +207,19 @@ extension Replica {
         handleInstallSnapshot(from: from, Snapshot(index: inbox.index, ballot: inbox.ballot, membership: inbox.membership, data: inbox.data))
     }
 
+    /// Compacts the in-memory log through `point`, handing the dropped storage to the caller
+    /// (`Actions.released`) to free off its loop.
+    mutating func compactLog(to point: SnapshotPoint) {
+        if let dropped = log.compact(to: point) { out.released.append(dropped) }
+    }
+
     mutating func handleInstallSnapshot(from: NodeID, _ s: Snapshot) {
         let point = SnapshotPoint(index: s.index, ballot: s.ballot)
         if log.ballot(at: s.index) != s.ballot, log.lastIndex > commitIndex {
             // Our suffix does not follow the snapshot: none of it can be kept.
             truncateLocal(from: commitIndex + 1)
         }
-        if let dropped = log.compact(to: point) { out.released.append(dropped) }
+        compactLog(to: point)
         snapshotMembership = s.membership
         snapshotData = s.data
         commitIndex = s.index

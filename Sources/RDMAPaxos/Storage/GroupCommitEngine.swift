@@ -295,6 +295,8 @@ final class GroupCommitEngine: @unchecked Sendable {
             }
             state.writing = true
             var batch: [LogEntry] = []
+            // Payload and record-header bytes of `batch`.
+            var batchBytes = 0
             var completions: [@Sendable (Result<Void, StableLogError>) -> Void] = []
             var control: (Control, @Sendable (Result<Void, StableLogError>) -> Void)?
             switch queue[0] {
@@ -302,13 +304,13 @@ final class GroupCommitEngine: @unchecked Sendable {
                 control = (c, done)
                 queue.removeFirst()
             case .append:
-                var bytes = 0, taken = 0
+                var taken = 0
                 for op in queue {
                     guard case let .append(entries, done) = op else { break }
-                    if taken > 0 && bytes >= options.batchBytesMax { break }
+                    if taken > 0 && batchBytes >= options.batchBytesMax { break }
                     batch.append(contentsOf: entries)
                     completions.append(done)
-                    bytes += entries.reduce(0) { $0 + $1.payload.count + LogRecord.headerBytes }
+                    batchBytes += entries.reduce(0) { $0 + $1.payload.count + LogRecord.headerBytes }
                     taken += 1
                 }
                 queue.removeFirst(taken)
@@ -337,8 +339,7 @@ final class GroupCommitEngine: @unchecked Sendable {
             // as large as the commit, still gets a compaction's deletion done without holding
             // appends behind all of it.
             if locked({ $0.deleteThrough > 0 && $0.failure == nil }) {
-                let appended = batch.reduce(0) { $0 + $1.payload.count + LogRecord.headerBytes }
-                deleteDeadChunk(bytesMax: max(Self.idleDeleteChunkBytes, appended))
+                deleteDeadChunk(bytesMax: max(Self.idleDeleteChunkBytes, batchBytes))
             }
             locked { $0.writing = false }
         }
@@ -558,8 +559,8 @@ final class GroupCommitEngine: @unchecked Sendable {
         return freed
     }
 
-    /// Deletes the oldest entries with index <= `through` in one transaction of about
-    /// `deleteChunkBytes`. Returns the `storedBytes` freed and whether none is left.
+    /// Deletes the oldest entries with index <= `through` in one transaction of about `bytesMax`
+    /// (`deleteChunkBytes` unless told). Returns the `storedBytes` freed and whether none is left.
     static func deleteChunk(_ db: BerkeleyDB, through: LogIndex, sync: BerkeleyDB.Sync, bytesMax: Int = deleteChunkBytes) throws(StableLogError) -> (Int, Bool) {
         var done = true
         let freed: Int = try StoreDirectory.inTransaction(db, sync: sync) { txn throws(StableLogError) in
