@@ -12,9 +12,9 @@ public struct ReplicaConfig: Sendable, Hashable {
     /// A leader that has not heard from a quorum within an election timeout steps down,
     /// and followers that heard from a leader within it refuse to promise others.
     public var checkQuorum: Bool = true
-    /// A leader whose own stable log has not completed a write for this long steps down, once a
-    /// follower has made durable entries the leader has not (a disk stall every replica shares
-    /// is no reason to change leaders).
+    /// A leader whose own stable log has not completed a write for this long steps down once a
+    /// follower has also had entries durable that the leader has not for a further
+    /// `electionTimeoutTicks` (a disk stall every replica shares is no reason to change leaders).
     public var diskStallTicks: Int = 10
     /// Most bytes of entries (payload plus per-entry framing) in one accept message. Keep it
     /// below what the transport carries in one message: the leader resends a dropped batch forever.

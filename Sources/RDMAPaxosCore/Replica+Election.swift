@@ -121,6 +121,7 @@ extension Replica {
         votes = [:]
         heartbeatElapsed = 0
         checkQuorumElapsed = 0
+        outpacedWhileStalledTicks = 0
         progress = [:]
         syncProgressWithMembership()
         uncommittedBytes = 0
@@ -305,8 +306,12 @@ extension Replica {
     mutating func tickLeader() {
         heartbeatElapsed += 1
         checkQuorumElapsed += 1
-        if diskStalled && votersOutpaceOwnDisk {
-            out.events.append(.steppedDown(reason: "stable log stalled for \(config.diskStallTicks) ticks while a follower's disk kept up"))
+        // A follower must stay ahead of the stalled disk for a further election timeout: when
+        // replicas share one disk, a stall ends for all of them within milliseconds, and the
+        // followers' writes finishing first is no sign that their disks work better.
+        outpacedWhileStalledTicks = diskStalled && votersOutpaceOwnDisk ? outpacedWhileStalledTicks + 1 : 0
+        if outpacedWhileStalledTicks >= config.electionTimeoutTicks {
+            out.events.append(.steppedDown(reason: "stable log stalled past \(config.diskStallTicks) ticks while a follower's disk stayed ahead of it for \(config.electionTimeoutTicks)"))
             becomeFollower(promised, leader: nil)
             return
         }

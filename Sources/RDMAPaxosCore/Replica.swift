@@ -60,6 +60,9 @@ public struct Replica: Sendable {
     var randomizedElectionTimeout = 0
     var heartbeatElapsed = 0
     var checkQuorumElapsed = 0
+    /// Consecutive leader ticks with the disk stalled while a follower's disk was ahead of ours
+    /// (see `tickLeader`).
+    var outpacedWhileStalledTicks = 0
 
     // Elections.
     var votes: [NodeID: Bool] = [:]
