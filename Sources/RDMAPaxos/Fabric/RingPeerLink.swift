@@ -11,6 +11,9 @@ final class PeerLink: Sendable {
     let remoteLayout: RingLayout
     let out = Mutex(Sender())
     let inbound = Mutex(Receiver())
+    /// Wakes the task that keeps this link connected: its queue pair may have failed, or its
+    /// address changed.
+    let check = AsyncSignal()
 
     init(peer: NodeID, inIndex: Int, outIndex: Int, remoteLayout: RingLayout) {
         self.peer = peer

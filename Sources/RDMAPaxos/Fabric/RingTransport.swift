@@ -29,7 +29,10 @@ public final class RingTransport: PolledMessageTransport {
         public var ringBytes: Int
         /// Largest message accepted, among the decoder's other bounds.
         public var limits: WireCodec.Limits
-        /// How long the receiver sleeps between ring scans when no immediate wakes it.
+        /// How long the transport's thread sleeps when no completion wakes it; after each wait it
+        /// rescans the rings for a record no immediate announced and looks for failed queue pairs
+        /// to reconnect. Every record, session and credit request carries an immediate, so the
+        /// rescan is only a safety net.
         public var pollInterval: Duration
         /// First wait before reconnecting to a peer; doubles after each failure.
         public var reconnectDelayMin: Duration
@@ -41,11 +44,11 @@ public final class RingTransport: PolledMessageTransport {
         /// The default `ringBytes`: 1 MiB.
         public static let defaultRingBytes = 1 << 20
 
-        /// A configuration with 1 MiB rings, a 2 ms poll interval, reconnect backoff from 10 ms to
+        /// A configuration with 1 MiB rings, a 10 ms poll interval, reconnect backoff from 10 ms to
         /// 1 s and a signalled write every 32 records by default.
         public init(listenAddress: PeerAddress, cluster: [NodeID], peerAddresses: [PeerAddress] = [],
                     ringBytes: Int = defaultRingBytes, limits: WireCodec.Limits = .standard,
-                    pollInterval: Duration = .milliseconds(2), reconnectDelayMin: Duration = .milliseconds(10),
+                    pollInterval: Duration = .milliseconds(10), reconnectDelayMin: Duration = .milliseconds(10),
                     reconnectDelayMax: Duration = .seconds(1), signalEveryWrites: Int = 32) {
             self.listenAddress = listenAddress
             self.cluster = cluster
@@ -164,16 +167,20 @@ public final class RingTransport: PolledMessageTransport {
 
     /// Sets or changes where `address.node` is reached; the next (re)connect uses it.
     public func setAddress(_ address: PeerAddress) {
-        links[address.node]?.out.withLock { $0.address = address }
+        guard let link = links[address.node] else { return }
+        link.out.withLock { $0.address = address }
+        link.check.signal()
     }
 
     /// Sets the addresses of `connect` (the next reconnect uses a changed one) and forgets those
     /// of `disconnect`, closing their queue pairs. Nodes without a ring here are skipped.
     public func updatePeers(connect: [PeerAddress], disconnect: [NodeID]) {
         for a in connect where a.node != fabric.localNode {
-            links[a.node]?.out.withLock { s in
+            guard let link = links[a.node] else { continue }
+            link.out.withLock { s in
                 if s.address != a { s.address = a; s.qp?.moveToError() }
             }
+            link.check.signal()
         }
         for n in disconnect {
             links[n]?.out.withLock { s in
@@ -256,6 +263,8 @@ public final class RingTransport: PolledMessageTransport {
             return count(\.droppedTooLarge)
         }
         let outcome = link.out.withLock { s in send(payload, on: link, &s) }
+        // No usable queue pair: reconnect now rather than at the transport thread's next look.
+        if outcome == \.droppedNotConnected { link.check.signal() }
         count(outcome)
     }
 
@@ -388,9 +397,10 @@ public final class RingTransport: PolledMessageTransport {
         while !Task.isCancelled {
             let (needed, address) = link.out.withLock { s in (s.qp?.isUsable != true, s.address) }
             guard needed, let address else {
-                // Waiting for an address (or for the queue pair to fail): a long poll interval
-                // must not delay a connect once `setAddress` gives one.
-                try? await Task.sleep(for: min(configuration.pollInterval * 5, configuration.reconnectDelayMax))
+                // Waiting for an address or for the queue pair to fail: `setAddress`, a send that
+                // found no usable queue pair, a failed write or the transport thread's look at
+                // every link after each wait (`signalBrokenLinks`) wakes it; no timer runs.
+                await link.check.wait()
                 continue
             }
             do {
@@ -433,6 +443,7 @@ public final class RingTransport: PolledMessageTransport {
                 // The queue pair is in error now; `maintain` reconnects it.
                 logger.debug("write to node \(c.peer) completed \(c.status)")
             }
+            signalBrokenLinks()
             if receivingPaused.withLock({ $0 }) { continue }
             for link in links.values {
                 poll(link, into: &inbox)
@@ -453,7 +464,16 @@ public final class RingTransport: PolledMessageTransport {
             for c in cs where c.kind == .write && c.status != .success {
                 logger.debug("write to node \(c.peer) completed \(c.status)")
             }
+            signalBrokenLinks()
             if !receivingPaused.withLock({ $0 }), links.values.contains(where: hasWaitingRecord) { wake() }
+        }
+    }
+
+    /// Wakes the `maintain` task of every link with a known address and no usable queue pair
+    /// (a connection lost with no write outstanding reports no completion).
+    private func signalBrokenLinks() {
+        for link in links.values where link.out.withLock({ s in s.address != nil && s.qp?.isUsable != true }) {
+            link.check.signal()
         }
     }
 

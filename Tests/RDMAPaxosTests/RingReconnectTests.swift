@@ -1,0 +1,77 @@
+import Foundation
+import Synchronization
+import Testing
+@testable import RDMAPaxos
+
+/// A link's reconnecting task sleeps on a signal (`AsyncSignal`), not a timer: a peer that
+/// restarts is reconnected on what the transport sees (a send over the broken queue pair, the
+/// transport thread's look at its links when a completion wakes it), with the poll interval a
+/// minute long.
+@Suite struct RingReconnectTests {
+    @Test(arguments: [FabricKind.memory, .tcp])
+    func aRestartedPeerIsReconnectedWithNoTimerRunning(kind: FabricKind) async throws {
+        let world = FabricWorld(kind)
+        let nodes: [NodeID] = [1, 2]
+        func open(_ address: PeerAddress) async throws -> RingTransport {
+            let config = RingTransport.Configuration(listenAddress: address, cluster: nodes, ringBytes: 4096,
+                                                     pollInterval: .seconds(60), reconnectDelayMin: .milliseconds(5),
+                                                     reconnectDelayMax: .milliseconds(100))
+            return try await RingTransport.open(fabric: try world.fabric(address.node, members: Set(nodes)), configuration: config)
+        }
+        let a = try await open(world.listenAddress(1))
+        let b = try await open(world.listenAddress(2))
+        a.setAddress(b.listeningAddress)
+        b.setAddress(a.listeningAddress)
+        try a.start { _ in }
+        try b.start { _ in }
+        defer { a.stop() }
+        #expect(await a.waitUntilConnected())
+        #expect(await b.waitUntilConnected())
+        let address = b.listeningAddress
+        b.stop()
+        let restarted = try await open(address)
+        restarted.setAddress(a.listeningAddress)
+        let inbox = Inbox()
+        try restarted.start { inbox.append($0) }
+        defer { restarted.stop() }
+        let m = Message(from: 1, to: 2, ballot: Ballot(term: 1, node: 1), body: .heartbeat(commit: 7, readRound: 0))
+        #expect(await eventually(.seconds(20)) { a.send(m); return inbox.count > 0 }, "node 1 never reconnected to the restarted node 2")
+        #expect(a.statistics.connects >= 2)
+    }
+
+    @Test func aSignalBeforeTheWaitIsKeptAndOneDuringItResumesIt() async {
+        let s = AsyncSignal()
+        s.signal()
+        s.signal()
+        await s.wait()  // the pending signal (two count as one)
+        let resumed = Flag()
+        let waiter = Task {
+            await s.wait()
+            resumed.set()
+        }
+        try? await Task.sleep(for: .milliseconds(50))
+        #expect(!resumed.isSet, "a wait with no signal returned")
+        s.signal()
+        await waiter.value
+        #expect(resumed.isSet)
+    }
+
+    @Test func cancellingTheWaitingTaskEndsItsWait() async {
+        let s = AsyncSignal()
+        let waiter = Task { await s.wait() }
+        try? await Task.sleep(for: .milliseconds(20))
+        waiter.cancel()
+        await waiter.value
+        // A cancelled wait leaves no signal pending behind for the next waiter.
+        let next = Task { await s.wait(); return true }
+        try? await Task.sleep(for: .milliseconds(50))
+        s.signal()
+        #expect(await next.value)
+    }
+}
+
+private final class Flag: Sendable {
+    private let value = Atomic<Bool>(false)
+    func set() { value.store(true, ordering: .releasing) }
+    var isSet: Bool { value.load(ordering: .acquiring) }
+}
