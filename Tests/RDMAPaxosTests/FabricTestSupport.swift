@@ -122,6 +122,16 @@ struct FabricPair {
     func close() { a.close(); b.close() }
 }
 
+/// Tells two ring transports where the other listens and starts both (`b` hands what it
+/// receives to `receivedByB`); the caller stops them.
+func introduceAndStart(_ a: RingTransport, _ b: RingTransport,
+                       receivedByB: @escaping @Sendable (Message) -> Void = { _ in }) throws {
+    a.setAddress(b.listeningAddress)
+    b.setAddress(a.listeningAddress)
+    try a.start { _ in }
+    try b.start(onReceive: receivedByB)
+}
+
 /// Collects completions until `count` arrived or a generous deadline passed (a failure, not a timing claim).
 func collect(_ cq: CompletionQueue, count: Int, deadline: Duration = .seconds(10)) -> [Completion] {
     var out: [Completion] = []

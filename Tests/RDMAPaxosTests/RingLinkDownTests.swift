@@ -19,10 +19,7 @@ import Testing
         let a = try await open(1)
         let b = try await open(2)
         #expect(!a.isLinkDown(to: 2), "never connected is not down")
-        a.setAddress(b.listeningAddress)
-        b.setAddress(a.listeningAddress)
-        try a.start { _ in }
-        try b.start { _ in }
+        try introduceAndStart(a, b)
         defer { a.stop() }
         #expect(await a.waitUntilConnected())
         #expect(!a.isLinkDown(to: 2))

@@ -20,10 +20,7 @@ import Testing
         }
         let a = try await open(world.listenAddress(1))
         let b = try await open(world.listenAddress(2))
-        a.setAddress(b.listeningAddress)
-        b.setAddress(a.listeningAddress)
-        try a.start { _ in }
-        try b.start { _ in }
+        try introduceAndStart(a, b)
         defer { a.stop() }
         #expect(await a.waitUntilConnected())
         #expect(await b.waitUntilConnected())
