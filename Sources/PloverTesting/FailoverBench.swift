@@ -33,7 +33,7 @@ package struct FailoverBench: ParsableCommand {
 
     /// The profiles compared: a node's defaults and the documented fast one.
     static let profiles: [(name: String, timing: DemoCluster.Timing)] = [
-        ("default", DemoCluster.Timing(tickMilliseconds: 10, electionTimeoutTicks: 20, heartbeatTicks: 2, diskStallTicks: NodeConfig(id: 1, dataDir: "", members: []).diskStallTicks)),
+        ("default", DemoCluster.Timing(tickMilliseconds: 10, electionTimeoutTicks: 20, heartbeatTicks: 2, diskStallTicks: NodeConfig.defaultDiskStallTicks)),
         ("fast", DemoCluster.Timing(tickMilliseconds: 5, electionTimeoutTicks: 8, heartbeatTicks: 1, diskStallTicks: 600)),
     ]
 

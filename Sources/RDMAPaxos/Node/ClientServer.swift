@@ -30,9 +30,12 @@ final class ClientFrameHandler: ChannelInboundHandler {
 
     let node: ReplicaNode
     var pending = ByteBuffer()
-    var answers: AnswerChannel?
+    /// The connection's answers; made when the handler joins its pipeline, before any read.
+    var answers: AnswerChannel!
 
     init(node: ReplicaNode) { self.node = node }
+
+    func handlerAdded(context: ChannelHandlerContext) { answers = AnswerChannel(context.channel) }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         var incoming = unwrapInboundIn(data)
@@ -45,8 +48,7 @@ final class ClientFrameHandler: ChannelInboundHandler {
             guard pending.readableBytes >= 4 + Int(length) else { break }
             pending.moveReaderIndex(forwardBy: 4)
             let body = pending.readBytes(length: Int(length))!
-            if answers == nil { answers = AnswerChannel(context.channel) }
-            handle(body, channel: answers!)
+            handle(body, channel: answers)
         }
         pending.discardReadBytes()
     }

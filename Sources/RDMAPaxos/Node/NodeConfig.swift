@@ -51,7 +51,9 @@ public struct NodeConfig: Sendable, Equatable {
     /// `ReplicaConfig.diskStallTicks` (`timing.disk_stall_ticks`): 3 s at the default tick. A
     /// group commit with fdatasync took 0.5–4.4 s at times on a healthy but loaded disk shared by
     /// three replicas (benchmarks/failover), and 1 s deposed healthy leaders.
-    public var diskStallTicks = 300
+    public var diskStallTicks = NodeConfig.defaultDiskStallTicks
+    /// The default `diskStallTicks`.
+    public static let defaultDiskStallTicks = 300
     /// Ticks a client request or read may wait for an answer before it fails
     /// (`timing.request_timeout_ticks`).
     public var requestTimeoutTicks = 500
