@@ -53,17 +53,53 @@ import Testing
         #expect(resumed.isSet)
     }
 
-    @Test func cancellingTheWaitingTaskEndsItsWait() async {
+    @Test func cancellingTheWaitingTaskEndsItsWaitAndLeavesNoSignalBehind() async {
         let s = AsyncSignal()
         let waiter = Task { await s.wait() }
         try? await Task.sleep(for: .milliseconds(20))
         waiter.cancel()
         await waiter.value
-        // A cancelled wait leaves no signal pending behind for the next waiter.
-        let next = Task { await s.wait(); return true }
+        // The next waiter is not let through by anything the cancellation left.
+        let resumed = Flag()
+        let next = Task {
+            await s.wait()
+            resumed.set()
+        }
         try? await Task.sleep(for: .milliseconds(50))
+        #expect(!resumed.isSet, "a wait after a cancelled one returned with no signal")
         s.signal()
-        #expect(await next.value)
+        await next.value
+        #expect(resumed.isSet)
+    }
+
+    /// Nothing is sent and nothing lands: only the transport thread's look at its links after a
+    /// timed-out wait finds the broken queue pair to the restarted peer (TCP closes it; the
+    /// memory fabric has no failure detection of its own).
+    @Test func aBrokenLinkNoSendReportsIsReconnectedByTheTransportThreadsLook() async throws {
+        let world = FabricWorld(.tcp)
+        let nodes: [NodeID] = [1, 2]
+        func open(_ address: PeerAddress) async throws -> RingTransport {
+            let config = RingTransport.Configuration(listenAddress: address, cluster: nodes, ringBytes: 4096,
+                                                     pollInterval: .milliseconds(20), reconnectDelayMin: .milliseconds(5),
+                                                     reconnectDelayMax: .milliseconds(100))
+            return try await RingTransport.open(fabric: try world.fabric(address.node, members: Set(nodes)), configuration: config)
+        }
+        let a = try await open(world.listenAddress(1))
+        let b = try await open(world.listenAddress(2))
+        try introduceAndStart(a, b)
+        defer { a.stop() }
+        #expect(await a.waitUntilConnected())
+        let address = b.listeningAddress
+        let connects = a.statistics.connects
+        // Past the pause a reconnecting task takes after each connect (`reconnectDelayMin`).
+        try await Task.sleep(for: .milliseconds(50))
+        b.stop()
+        #expect(await eventually { a.isLinkDown(to: 2) })
+        // The restarted node does not know node 1's address: it sends nothing that lands there.
+        let restarted = try await open(address)
+        try restarted.start { _ in }
+        defer { restarted.stop() }
+        #expect(await eventually { a.statistics.connects > connects }, "node 1 never reconnected to the restarted node 2")
     }
 }
 

@@ -40,7 +40,14 @@ final class AsyncSignal: Sendable {
                 if now { c.resume() }
             }
         } onCancel: {
-            signal()
+            // Only a waiter already registered needs waking: a wait that starts after this sees
+            // the task cancelled and returns. (A signal here could outlive the wait as a pending
+            // one.)
+            let waiter = state.withLock { s -> CheckedContinuation<Void, Never>? in
+                defer { s.waiter = nil }
+                return s.waiter
+            }
+            waiter?.resume()
         }
     }
 }

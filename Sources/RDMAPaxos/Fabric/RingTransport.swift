@@ -262,9 +262,9 @@ public final class RingTransport: PolledMessageTransport {
         guard payload.count <= layout.payloadBytesMax, payload.count <= configuration.limits.messageBytesMax else {
             return count(\.droppedTooLarge)
         }
-        let outcome = link.out.withLock { s in send(payload, on: link, &s) }
+        let (outcome, broken) = link.out.withLock { s in (send(payload, on: link, &s), s.address != nil && s.qp?.isUsable != true) }
         // No usable queue pair: reconnect now rather than at the transport thread's next look.
-        if outcome == \.droppedNotConnected { link.check.signal() }
+        if broken { link.check.signal() }
         count(outcome)
     }
 
@@ -425,6 +425,9 @@ public final class RingTransport: PolledMessageTransport {
                 count(\.connects)
                 logger.debug("connected to node \(link.peer), epoch \(epoch)")
                 delay = configuration.reconnectDelayMin
+                // At most one connect per `reconnectDelayMin` to a peer that accepts and then
+                // drops each connection (sends find the queue pair broken and signal at once).
+                try? await Task.sleep(for: configuration.reconnectDelayMin)
             } catch {
                 logger.debug("connecting to \(address) failed: \(error); retrying in \(delay)")
                 try? await Task.sleep(for: delay)

@@ -69,8 +69,8 @@ public struct NodeConfig: Sendable, Equatable {
     /// (`limits.compact_every_entries`).
     public var compactEveryEntries = 50_000
     /// `durability = "memory"`: the bytes the in-memory log may hold
-    /// (`limits.memory_log_bytes_max`, `BerkeleyDBLog.Options.memoryBytesMax`). The node compacts
-    /// at half of it (log and snapshot together) and warns at three quarters.
+    /// (`limits.memory_log_bytes_max`, the `MemoryLog`'s `capacityBytes`). The node compacts at
+    /// half of it (log and snapshot together) and warns at three quarters.
     public var memoryLogBytesMax = 512 << 20
     /// `durability = "async"`: milliseconds between flushes of the log to disk
     /// (`limits.async_flush_ms`, `BerkeleyDBLog.Options.asyncFlushInterval`): a power cut loses
@@ -253,9 +253,10 @@ public struct NodeConfig: Sendable, Equatable {
         guard members.contains(where: { $0.role == .voter }) else { throw ConfigError(file: file, key: "members", problem: "at least one member must have role = \"voter\"") }
         guard !dataDir.isEmpty || durability == .memory else { throw ConfigError(file: file, key: "data_dir", problem: "must not be empty") }
         // Compaction starts at half the cap; the other half holds what it cannot remove: entries
-        // not yet applied, up to uncommitted_bytes_max of payload, which can take 4× that in pages.
+        // not yet applied, up to uncommitted_bytes_max of payload, with room for what arrives
+        // while a compaction is being saved.
         if durability == .memory && memoryLogBytesMax / 8 < uncommittedBytesMax {
-            throw ConfigError(file: file, key: "limits.memory_log_bytes_max", problem: "must be at least 8 × limits.uncommitted_bytes_max (\(uncommittedBytesMax)) with durability = \"memory\": compaction starts at half of it, and the other half must hold the uncommitted entries (up to 4× their payload in Berkeley DB pages)")
+            throw ConfigError(file: file, key: "limits.memory_log_bytes_max", problem: "must be at least 8 × limits.uncommitted_bytes_max (\(uncommittedBytesMax)) with durability = \"memory\": compaction starts at half of it, and the other half must hold the uncommitted entries and what arrives while a compaction is saved")
         }
     }
 }

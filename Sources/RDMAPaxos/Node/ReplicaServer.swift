@@ -4,9 +4,9 @@ import NIOPosix
 import Prometheus
 
 /// A whole replica process as `plover node` runs it, assembled from a `NodeConfig`:
-/// Berkeley DB log + snapshot file, the configured fabric under a `RingTransport`, a timer
-/// clock, the `ReplicaNode` with a state machine, the client server, and the metrics endpoint
-/// when `metrics_address` is set.
+/// Berkeley DB log (in memory mode a `MemoryLog`) + snapshot file, the configured fabric under a
+/// `RingTransport`, a timer clock, the `ReplicaNode` with a state machine, the client server,
+/// and the metrics endpoint when `metrics_address` is set.
 public final class ReplicaServer: Sendable {
     /// The consensus node.
     public let node: ReplicaNode
@@ -96,7 +96,11 @@ public final class ReplicaServer: Sendable {
         logOptions.memoryBytesMax = c.memoryLogBytesMax
         logOptions.asyncFlushInterval = .milliseconds(c.asyncFlushMilliseconds)
         logOptions.onSlowWrite = { logger.warning("\($0)") }
-        let log = try BerkeleyDBLog.open(path: c.dataDir, durability: c.durability, options: logOptions)
+        // Memory mode holds the entries the core hands it as they are (their payloads shared with
+        // the core's own copy), with no storage engine under them (docs/design/stable-log.md).
+        let log: any StableLog = c.durability == .memory
+            ? try MemoryLog(name: "node \(c.id)'s in-memory log", capacityBytes: c.memoryLogBytesMax)
+            : try BerkeleyDBLog.open(path: c.dataDir, durability: c.durability, options: logOptions)
         let recovered = log.lastIndex
         do {
             c = try followRecordedConfiguration(c, recorded: try log.loadHardState().membership, logger: logger)

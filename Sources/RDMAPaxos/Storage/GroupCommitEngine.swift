@@ -416,7 +416,7 @@ final class GroupCommitEngine: @unchecked Sendable {
         guard took >= Self.slowWrite, let report = options.onSlowWrite else { return }
         if let last = lastSlowWarning, now - last < .seconds(1) { return }
         lastSlowWarning = now
-        report("stable log: \(what()) took \(took.wholeMilliseconds) ms (\(synced ? "with fdatasync" : "without a sync")); a log write outstanding for disk_stall_ticks makes a leader step down")
+        report("stable log: \(what()) took \(took.wholeMilliseconds) ms (\(synced ? "with fdatasync" : "without a sync")); a leader whose log write stays outstanding for disk_stall_ticks steps down once a follower's disk has been ahead of it for an election timeout")
     }
 
     private func maybeCheckpoint(after bytes: Int) throws(StableLogError) {

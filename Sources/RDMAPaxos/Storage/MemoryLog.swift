@@ -1,11 +1,15 @@
 import Foundation
 
-/// The in-memory twin of `BerkeleyDBLog`, for tests of code built on a `StableLog`.
+/// A `StableLog` kept in this process's memory: the log of a node with `durability = "memory"`,
+/// and the in-memory twin of `BerkeleyDBLog` for tests of code built on a `StableLog`.
 ///
-/// Same contract: contiguity traps, completions run in append order on another thread, every
-/// call after `close()` throws `.closed`, and a failure is sticky. Appends are durable at once.
-/// A restart is simulated by closing the log and opening a new one over the same `Storage`;
-/// `fail(with:)` injects an operating failure such as a full disk.
+/// Same contract: contiguity traps, completions of `append(_:onDurable:)` run in append order on
+/// another thread, every call after `close()` throws `.closed`, and a failure is sticky. Appends
+/// are durable at once, and `appendInline` appends on the caller's thread. Entries are held as
+/// given: their payloads share storage with the caller's copies (no bytes are copied). With a
+/// `capacityBytes`, an append that would hold more fails with `.memoryFull`. A restart is
+/// simulated by closing the log and opening a new one over the same `Storage`; `fail(with:)`
+/// injects an operating failure such as a full disk.
 public final class MemoryLog: StableLog, @unchecked Sendable {
     // @unchecked Sendable: every mutable field (here and in `storage`) is guarded by `storage.lock`.
 
@@ -29,13 +33,19 @@ public final class MemoryLog: StableLog, @unchecked Sendable {
     private let storage: Storage
     private var closed = false
     private var failure: StableLogError?
+    private let capacity: Int?
+    /// Appends made with `append(_:onDurable:)` whose completion has not run yet (guarded by
+    /// `storage.lock`): an inline append must not report before them.
+    private var completionsPending = 0
     /// Delivers completions off the caller's thread, in order, as the real log does.
     private let completions = DispatchQueue(label: "memory-log-completions")
 
     /// Opens a log over `storage`; throws `.locked` when another open `MemoryLog` uses it.
-    public init(name: String = "memory-log", storage: Storage = Storage()) throws {
+    /// `capacityBytes` bounds `heldBytes` (nil: unbounded).
+    public init(name: String = "memory-log", storage: Storage = Storage(), capacityBytes: Int? = nil) throws {
         self.name = name
         self.storage = storage
+        self.capacity = capacityBytes
         storage.lock.lock()
         defer { storage.lock.unlock() }
         guard !storage.inUse else { throw StableLogError.locked(path: name) }
@@ -69,8 +79,8 @@ public final class MemoryLog: StableLog, @unchecked Sendable {
     public var snapshot: SnapshotPoint { peek { storage.snapshot } }
     /// Record bytes (header and payload) of the entries held: no pages to model here.
     public var heldBytes: Int { peek { storage.heldBytes } }
-    /// Unbounded: nil.
-    public var capacityBytes: Int? { nil }
+    /// The bound given at `init`, or nil.
+    public var capacityBytes: Int? { capacity }
 
     static func recordBytes<S: Sequence<LogEntry>>(_ entries: S) -> Int {
         entries.reduce(0) { $0 + LogRecord.headerBytes + $1.payload.count }
@@ -80,31 +90,52 @@ public final class MemoryLog: StableLog, @unchecked Sendable {
         let result: Result<Void, StableLogError>
         do {
             try withState {
-                var last = storage.entries.last?.index ?? storage.snapshot.index
-                for e in entries {
-                    precondition(e.index == last + 1, "append of entry \(e.index) after \(last): the log must stay contiguous")
-                    last = e.index
-                }
-                storage.entries.append(contentsOf: entries)
-                storage.heldBytes += Self.recordBytes(entries)
+                try appendLocked(entries)
+                completionsPending += 1
             }
             result = .success(())
         } catch {
             result = .failure(error as! StableLogError)
+            peek { completionsPending += 1 }
         }
-        completions.async { onDurable(result) }
+        completions.async { [self] in
+            onDurable(result)
+            peek { completionsPending -= 1 }
+        }
     }
 
     public func append(_ entries: [LogEntry]) throws {
-        try withState {
-            var last = storage.entries.last?.index ?? storage.snapshot.index
-            for e in entries {
-                precondition(e.index == last + 1, "append of entry \(e.index) after \(last): the log must stay contiguous")
-                last = e.index
+        try withState { try appendLocked(entries) }
+    }
+
+    /// Appends here unless a completion of `append(_:onDurable:)` is still to run.
+    public func appendInline(_ entries: [LogEntry]) -> Result<Void, StableLogError>? {
+        do {
+            let done = try withState { () throws -> Bool in
+                guard completionsPending == 0 else { return false }
+                try appendLocked(entries)
+                return true
             }
-            storage.entries.append(contentsOf: entries)
-            storage.heldBytes += Self.recordBytes(entries)
+            return done ? .success(()) : nil
+        } catch {
+            return .failure(error as! StableLogError)
         }
+    }
+
+    private func appendLocked(_ entries: [LogEntry]) throws(StableLogError) {
+        var last = storage.entries.last?.index ?? storage.snapshot.index
+        for e in entries {
+            precondition(e.index == last + 1, "append of entry \(e.index) after \(last): the log must stay contiguous")
+            last = e.index
+        }
+        let bytes = Self.recordBytes(entries)
+        if let capacity, storage.heldBytes + bytes > capacity {
+            let full = StableLogError.memoryFull(path: name, capacityBytes: capacity)
+            failure = full
+            throw full
+        }
+        storage.entries.append(contentsOf: entries)
+        storage.heldBytes += bytes
     }
 
     public func entries(_ range: ClosedRange<LogIndex>) throws -> [LogEntry] {
@@ -119,19 +150,30 @@ public final class MemoryLog: StableLog, @unchecked Sendable {
     public func truncateSuffix(from index: LogIndex) throws {
         try withState {
             precondition(index > storage.snapshot.index, "truncateSuffix(from: \(index)) reaches into the compacted prefix (\(storage.snapshot.index))")
-            storage.heldBytes -= Self.recordBytes(storage.entries.lazy.filter { $0.index >= index })
-            storage.entries.removeAll { $0.index >= index }
+            guard let base = storage.entries.first?.index, index <= storage.entries.last!.index else { return }
+            let cut = Int(index - base)
+            storage.heldBytes -= Self.recordBytes(storage.entries[cut...])
+            storage.entries.removeSubrange(cut...)
         }
         completions.sync {} // Waits for pending completions, as the real log waits for pending appends.
     }
 
     public func compactPrefix(through index: LogIndex, ballot: Ballot) throws {
+        // The dropped entries are released after the lock: freeing a large prefix must not hold
+        // up appends (the node appends from its loop while compactions run off it).
+        var dropped: [LogEntry] = []
         try withState {
             guard index > storage.snapshot.index else { return }
             storage.snapshot = SnapshotPoint(index: index, ballot: ballot)
-            storage.heldBytes -= Self.recordBytes(storage.entries.lazy.filter { $0.index <= index })
-            storage.entries.removeAll { $0.index <= index }
+            guard let base = storage.entries.first?.index else { return }
+            let count = Int(min(index, storage.entries.last!.index) + 1 - min(base, index + 1))
+            guard count > 0 else { return }
+            storage.heldBytes -= Self.recordBytes(storage.entries[..<count])
+            let kept = Array(storage.entries[count...])
+            dropped = storage.entries
+            storage.entries = kept
         }
+        withExtendedLifetime(dropped) {}
     }
 
     public func loadHardState() throws -> HardState { try withState { storage.hardState } }
