@@ -23,6 +23,14 @@ import Testing
         #expect(held > 200 && log.heldBytes <= 1 << 20, "held \(held) entries, \(log.heldBytes) bytes")
         // Sticky, like any storage failure: nothing is appended after it, inline or queued.
         #expect(failureOf(log.appendInline([entry(held + 1)])) == failure)
+        let queued = Mutex<StableLogError?>(nil)
+        let done = DispatchSemaphore(value: 0)
+        log.append([entry(held + 1)]) { r in
+            queued.withLock { $0 = failureOf(r) }
+            done.signal()
+        }
+        done.wait()
+        #expect(queued.withLock { $0 } == failure)
         #expect(throws: StableLogError.self) { try log.entries(1...1) }
     }
 
@@ -65,9 +73,16 @@ import Testing
         let order = Mutex<[String]>([])
         log.append(entries(1...2)) { _ in
             release.wait()
+            // Still running when the inline append would go through if the log counted this
+            // completion done before it ran.
+            Thread.sleep(forTimeInterval: 0.02)
             order.withLock { $0.append("queued") }
         }
-        #expect(log.appendInline(entries(3...3)) == nil, "appended inline with a completion still to run")
+        let first = log.appendInline(entries(3...3))
+        #expect(first == nil, "appended inline with a completion still to run")
+        guard first == nil else { return }
+        // A hard state saved meanwhile is reported after the queued append too.
+        log.saveHardState(HardState()) { _ in order.withLock { $0.append("hard state") } }
         release.signal()
         var inline: Result<Void, StableLogError>?
         for _ in 0..<1_000 where inline == nil {
@@ -76,7 +91,7 @@ import Testing
         }
         order.withLock { $0.append("inline") }
         #expect(inline.map { if case .success = $0 { true } else { false } } == true)
-        #expect(order.withLock { $0 } == ["queued", "inline"])
+        #expect(order.withLock { $0 } == ["queued", "hard state", "inline"])
         #expect(log.lastIndex == 3)
     }
 }

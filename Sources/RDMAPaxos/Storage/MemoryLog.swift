@@ -23,6 +23,11 @@ public final class MemoryLog: StableLog, @unchecked Sendable {
         var snapshot = SnapshotPoint.none
         var hardState = HardState()
         var inUse = false
+        /// Completions of the open log's `append(_:onDurable:)` (and of hard states queued behind
+        /// them) not run yet: an inline append or hard state must not report before them. Here,
+        /// not in the log, so a completion does not keep the log alive: a log released by its
+        /// completion would close itself on its own completion queue.
+        var completionsPending = 0
         /// An empty disk.
         public init() {}
     }
@@ -34,9 +39,6 @@ public final class MemoryLog: StableLog, @unchecked Sendable {
     private var closed = false
     private var failure: StableLogError?
     private let capacity: Int?
-    /// Appends made with `append(_:onDurable:)` whose completion has not run yet (guarded by
-    /// `storage.lock`): an inline append must not report before them.
-    private var completionsPending = 0
     /// Delivers completions off the caller's thread, in order, as the real log does.
     private let completions = DispatchQueue(label: "memory-log-completions")
 
@@ -91,17 +93,42 @@ public final class MemoryLog: StableLog, @unchecked Sendable {
         do {
             try withState {
                 try appendLocked(entries)
-                completionsPending += 1
+                storage.completionsPending += 1
             }
             result = .success(())
         } catch {
             result = .failure(error as! StableLogError)
-            peek { completionsPending += 1 }
+            peek { storage.completionsPending += 1 }
         }
-        completions.async { [self] in
+        queueCompletion(result, onDurable)
+    }
+
+    private func queueCompletion(_ result: Result<Void, StableLogError>,
+                                 _ onDurable: @escaping @Sendable (Result<Void, StableLogError>) -> Void) {
+        completions.async { [storage] in
             onDurable(result)
-            peek { completionsPending -= 1 }
+            storage.lock.lock()
+            storage.completionsPending -= 1
+            storage.lock.unlock()
         }
+    }
+
+    /// Saved at once; reported at once too unless an append's completion is still to run, then
+    /// after it.
+    public func saveHardState(_ state: HardState, onDurable: @escaping @Sendable (Result<Void, StableLogError>) -> Void) {
+        let result: Result<Void, StableLogError>
+        do {
+            try saveHardState(state)
+            result = .success(())
+        } catch {
+            result = .failure(error as! StableLogError)
+        }
+        let queued = peek { () -> Bool in
+            guard storage.completionsPending > 0 else { return false }
+            storage.completionsPending += 1
+            return true
+        }
+        if queued { queueCompletion(result, onDurable) } else { onDurable(result) }
     }
 
     public func append(_ entries: [LogEntry]) throws {
@@ -112,7 +139,7 @@ public final class MemoryLog: StableLog, @unchecked Sendable {
     public func appendInline(_ entries: [LogEntry]) -> Result<Void, StableLogError>? {
         do {
             let done = try withState { () throws -> Bool in
-                guard completionsPending == 0 else { return false }
+                guard storage.completionsPending == 0 else { return false }
                 try appendLocked(entries)
                 return true
             }
@@ -168,8 +195,10 @@ public final class MemoryLog: StableLog, @unchecked Sendable {
             guard let base = storage.entries.first?.index else { return }
             let count = Int(min(index, storage.entries.last!.index) + 1 - min(base, index + 1))
             guard count > 0 else { return }
-            storage.heldBytes -= Self.recordBytes(storage.entries[..<count])
+            // Work under the lock in proportion to what is kept (the unapplied tail), not to
+            // the prefix dropped.
             let kept = Array(storage.entries[count...])
+            storage.heldBytes = Self.recordBytes(kept)
             dropped = storage.entries
             storage.entries = kept
         }
