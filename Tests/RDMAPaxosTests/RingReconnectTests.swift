@@ -8,16 +8,18 @@ import Testing
 /// transport thread's look at its links when a completion wakes it), with the poll interval a
 /// minute long.
 @Suite struct RingReconnectTests {
+    /// A transport of the two-node cluster 1, 2 listening at `address` (port 0: any).
+    static func open(_ world: FabricWorld, _ address: PeerAddress, poll: Duration) async throws -> RingTransport {
+        let config = RingTransport.Configuration(listenAddress: address, cluster: [1, 2], ringBytes: 4096,
+                                                 pollInterval: poll, reconnectDelayMin: .milliseconds(5),
+                                                 reconnectDelayMax: .milliseconds(100))
+        return try await RingTransport.open(fabric: try world.fabric(address.node, members: [1, 2]), configuration: config)
+    }
+
     @Test(arguments: [FabricKind.memory, .tcp])
     func aRestartedPeerIsReconnectedWithNoTimerRunning(kind: FabricKind) async throws {
         let world = FabricWorld(kind)
-        let nodes: [NodeID] = [1, 2]
-        func open(_ address: PeerAddress) async throws -> RingTransport {
-            let config = RingTransport.Configuration(listenAddress: address, cluster: nodes, ringBytes: 4096,
-                                                     pollInterval: .seconds(60), reconnectDelayMin: .milliseconds(5),
-                                                     reconnectDelayMax: .milliseconds(100))
-            return try await RingTransport.open(fabric: try world.fabric(address.node, members: Set(nodes)), configuration: config)
-        }
+        func open(_ address: PeerAddress) async throws -> RingTransport { try await Self.open(world, address, poll: .seconds(60)) }
         let a = try await open(world.listenAddress(1))
         let b = try await open(world.listenAddress(2))
         try introduceAndStart(a, b)
@@ -77,13 +79,7 @@ import Testing
     /// memory fabric has no failure detection of its own).
     @Test func aBrokenLinkNoSendReportsIsReconnectedByTheTransportThreadsLook() async throws {
         let world = FabricWorld(.tcp)
-        let nodes: [NodeID] = [1, 2]
-        func open(_ address: PeerAddress) async throws -> RingTransport {
-            let config = RingTransport.Configuration(listenAddress: address, cluster: nodes, ringBytes: 4096,
-                                                     pollInterval: .milliseconds(20), reconnectDelayMin: .milliseconds(5),
-                                                     reconnectDelayMax: .milliseconds(100))
-            return try await RingTransport.open(fabric: try world.fabric(address.node, members: Set(nodes)), configuration: config)
-        }
+        func open(_ address: PeerAddress) async throws -> RingTransport { try await Self.open(world, address, poll: .milliseconds(20)) }
         let a = try await open(world.listenAddress(1))
         let b = try await open(world.listenAddress(2))
         try introduceAndStart(a, b)
