@@ -118,6 +118,7 @@ extension ReplicaNode {
     func receive(_ m: Message) {
         if m.from == replica.leader {
             heardFromLeader = true
+            leaderHandledAt = DispatchTime.now().uptimeNanoseconds
             loopWatch.leaderHeardAt = LoopWatch.now()
         }
         perform(replica.receive(m))
@@ -133,16 +134,21 @@ extension ReplicaNode {
     ///   leader: starved, it sent no heartbeats, so no follower had anything to answer, and the
     ///   whole delay would make check-quorum step it down for its own stall (and the disk-stall
     ///   rule blame the disk). On a follower they count as one when the batch brought a message
-    ///   from the leader (the ticks are older than that message); otherwise every one counts, so
-    ///   a dead leader is still detected on time by a busy follower.
+    ///   from the leader (the ticks are older than that message); otherwise only those queued
+    ///   after the leader's last message was handled count (a message that landed before a stall
+    ///   of this thread may be handled at its end, in the pass before these ticks), so a dead
+    ///   leader is still detected on time by a busy follower.
     /// Safety never depends on timing (docs/design/runtime.md, "Ticks on a starved node").
     func runTicks(queuedAt: [UInt64]) {
         if queuedAt.count > 1 {
             _ = polledTransport?.receiveWaiting { receive($0) }
             noteLateTicks(count: queuedAt.count, oldest: queuedAt[0])
         }
-        let asOne = ticks.dropsLateTicks && (replica.role == .leader || heardFromLeader)
-        for _ in 0..<(asOne ? 1 : queuedAt.count) where failure == nil { onTick() }
+        var count = queuedAt.count
+        if ticks.dropsLateTicks && count > 1 {
+            count = replica.role == .leader || heardFromLeader ? 1 : max(1, queuedAt.count(where: { $0 > leaderHandledAt }))
+        }
+        for _ in 0..<count where failure == nil { onTick() }
     }
 
     func onTick() {
