@@ -3,7 +3,8 @@ import Foundation
 /// What the node's loop did lately, for the warnings that explain an election: when it last heard
 /// from its leader, and which of its passes took long and where the time went.
 struct LoopWatch {
-    /// Uptime (ns) of the last message from the leader this node followed then.
+    /// Uptime (ns, the ticks' clock) at which this thread last handled a message from the leader
+    /// it followed then (also read by `runTicks`).
     var leaderHeardAt: UInt64 = 0
     /// Uptime (ns) at which the current pass started.
     var passStartedAt: UInt64 = 0

@@ -118,7 +118,6 @@ extension ReplicaNode {
     func receive(_ m: Message) {
         if m.from == replica.leader {
             heardFromLeader = true
-            leaderHandledAt = DispatchTime.now().uptimeNanoseconds
             loopWatch.leaderHeardAt = LoopWatch.now()
         }
         perform(replica.receive(m))
@@ -146,7 +145,7 @@ extension ReplicaNode {
         }
         var count = queuedAt.count
         if ticks.dropsLateTicks && count > 1 {
-            count = replica.role == .leader || heardFromLeader ? 1 : max(1, queuedAt.count(where: { $0 > leaderHandledAt }))
+            count = replica.role == .leader || heardFromLeader ? 1 : max(1, queuedAt.count(where: { $0 > loopWatch.leaderHeardAt }))
         }
         for _ in 0..<count where failure == nil { onTick() }
     }

@@ -36,9 +36,6 @@ public final class ReplicaNode: @unchecked Sendable {
     var lastLateTickWarning: UInt64?
     /// The current batch delivered a message from the leader this node knows (node thread).
     var heardFromLeader = false
-    /// When (`DispatchTime` uptime, the ticks' clock) this thread last handled a message from
-    /// the leader it follows.
-    var leaderHandledAt: UInt64 = 0
     /// Pass times and the last word from the leader, for the warnings that explain an election.
     var loopWatch = LoopWatch()
     var proposals: [LogIndex: PendingProposal] = [:]
