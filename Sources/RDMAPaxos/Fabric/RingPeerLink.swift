@@ -37,6 +37,9 @@ struct Sender {
     var creditRequests: UInt64 = 0
     var requestedAt: UInt64 = .max
 
+    /// An address is known and no usable queue pair exists: the link's `maintain` task should connect.
+    var needsConnect: Bool { address != nil && qp?.isUsable != true }
+
     mutating func reset(qp: any QueuePair, writer: CreditRingWriter) {
         let address = self.address
         self = Sender(address: address, qp: qp, writer: writer)

@@ -262,7 +262,7 @@ public final class RingTransport: PolledMessageTransport {
         guard payload.count <= layout.payloadBytesMax, payload.count <= configuration.limits.messageBytesMax else {
             return count(\.droppedTooLarge)
         }
-        let (outcome, broken) = link.out.withLock { s in (send(payload, on: link, &s), s.address != nil && s.qp?.isUsable != true) }
+        let (outcome, broken) = link.out.withLock { s in (send(payload, on: link, &s), s.needsConnect) }
         // No usable queue pair: reconnect now rather than at the transport thread's next look.
         if broken { link.check.signal() }
         count(outcome)
@@ -395,7 +395,7 @@ public final class RingTransport: PolledMessageTransport {
     private func maintain(_ link: PeerLink) async {
         var delay = configuration.reconnectDelayMin
         while !Task.isCancelled {
-            let (needed, address) = link.out.withLock { s in (s.qp?.isUsable != true, s.address) }
+            let (needed, address) = link.out.withLock { s in (s.needsConnect, s.address) }
             guard needed, let address else {
                 // Waiting for an address or for the queue pair to fail: `setAddress`, a send that
                 // found no usable queue pair, a failed write or the transport thread's look at
@@ -475,7 +475,7 @@ public final class RingTransport: PolledMessageTransport {
     /// Wakes the `maintain` task of every link with a known address and no usable queue pair
     /// (a connection lost with no write outstanding reports no completion).
     private func signalBrokenLinks() {
-        for link in links.values where link.out.withLock({ s in s.address != nil && s.qp?.isUsable != true }) {
+        for link in links.values where link.out.withLock({ $0.needsConnect }) {
             link.check.signal()
         }
     }
