@@ -110,8 +110,11 @@ enum ClosedLoopLoad {
     }
 
     /// The same load from `clients` tasks sharing one async client (`put` may be called by all of
-    /// them at once): each task puts its next key once its previous put is answered.
+    /// them at once): each task puts its next key once its previous put is answered. The tasks
+    /// prefer `executor` when one is given (the client's, so an answer resumes its task on the
+    /// thread that read it).
     static func runTasks(clients: Int, valueBytes: Int, warmup: Double, seconds: Double, keyPrefix: String, keySpace: Int? = nil,
+                         executor: (any TaskExecutor)? = nil,
                          put: @escaping @Sendable ([UInt8], [UInt8]) async throws -> Void) async -> Result {
         let measureFrom = now() + UInt64(warmup * 1e9)
         let end = measureFrom + UInt64(seconds * 1e9)
@@ -119,7 +122,7 @@ enum ClosedLoopLoad {
         await withTaskGroup(of: Void.self) { group in
             for t in 0..<clients {
                 let mine = results[t]
-                group.addTask {
+                group.addTask(executorPreference: executor) {
                     var load = OneClient(client: t, valueBytes: valueBytes, keyPrefix: keyPrefix, keySpace: keySpace, measureFrom: measureFrom, end: end, into: mine)
                     while let (key, t0) = load.next() {
                         do {

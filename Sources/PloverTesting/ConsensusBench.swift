@@ -131,7 +131,7 @@ package struct ConsensusBench: ParsableCommand {
         let done = DispatchSemaphore(value: 0)
         Task {
             let r = await ClosedLoopLoad.runTasks(clients: clients, valueBytes: valueBytes, warmup: warmup, seconds: seconds, keyPrefix: keyPrefix,
-                                                  keySpace: keySpace) { key, value in
+                                                  keySpace: keySpace, executor: client.executor) { key, value in
                 _ = try await client.propose(KeyValueStateMachine.Command.put(key: key, value: value).encoded())
             }
             result.withLock { $0 = r }

@@ -10,7 +10,8 @@ import Testing
         KeyValueStateMachine.Command.put(key: Array(key.utf8), value: Array(value.utf8)).encoded()
     }
 
-    @Test func concurrentProposalsEachGetTheirOwnAnswerFromTheLeader() async throws {
+    @Test(arguments: [false, true])
+    func concurrentProposalsEachGetTheirOwnAnswerFromTheLeader(onClientExecutor: Bool) async throws {
         let c = try ReplicaNodeTests.Cluster(ReplicaNodeTests.three)
         defer { c.stopAll() }
         let leader = try await c.leader().options.replica.id
@@ -27,24 +28,36 @@ import Testing
         let n = 300
         // Round one stores a_i; round two's answer to each put is the value it replaced, so a
         // reply delivered to the wrong request shows as the wrong previous value.
+        let executor: (any TaskExecutor)? = onClientExecutor ? client.executor : nil
+        var resumedOnReader: Set<Bool> = []
         for round in ["a", "b"] {
-            let answers = try await withThrowingTaskGroup(of: (Int, [UInt8]).self) { group in
-                for i in 0..<n { group.addTask { (i, try await client.propose(Self.put("k\(i)", "\(round)\(i)"))) } }
-                return try await group.reduce(into: [Int: [UInt8]]()) { $0[$1.0] = $1.1 }
+            let answers = try await withThrowingTaskGroup(of: (Int, [UInt8], Bool).self) { group in
+                for i in 0..<n {
+                    group.addTask(executorPreference: executor) {
+                        let answer = try await client.propose(Self.put("k\(i)", "\(round)\(i)"))
+                        return (i, answer, client.executor.onReaderThread)
+                    }
+                }
+                return try await group.reduce(into: [Int: ([UInt8], Bool)]()) { $0[$1.0] = ($1.1, $1.2) }
             }
+            resumedOnReader.formUnion(answers.values.map(\.1))
             #expect(answers.count == n)
             for i in 0..<n {
                 let expected = KeyValueStateMachine()
                 if round == "b" { _ = expected.apply(Self.put("k\(i)", "a\(i)"), index: 1) }
-                #expect(answers[i] == expected.apply(Self.put("k\(i)", "\(round)\(i)"), index: 2), "answer to put \(i) of round \(round)")
+                #expect(answers[i]?.0 == expected.apply(Self.put("k\(i)", "\(round)\(i)"), index: 2), "answer to put \(i) of round \(round)")
             }
         }
         #expect(client.current == leader, "the client followed the leader's hint")
+        // On the client's executor every answer resumed its task on the thread that read it;
+        // otherwise none did.
+        #expect(resumedOnReader == [onClientExecutor])
     }
 
     /// A node that accepts and never answers: the proposal fails with an unknown outcome after the
     /// timeout, a read is tried again and then reported as unanswered.
-    @Test func unansweredRequestsTimeOutAndAProposalsOutcomeIsUnknown() async throws {
+    @Test(arguments: [false, true])
+    func unansweredRequestsTimeOutAndAProposalsOutcomeIsUnknown(onClientExecutor: Bool) async throws {
         let silent = try SocketDescriptor.listen(on: HostPort(host: "127.0.0.1", port: 0))
         defer { silent.close() }
         let accepted = Mutex<[SocketDescriptor]>([])
@@ -55,17 +68,19 @@ import Testing
         defer { accepted.withLock { $0.forEach { $0.close() } } }
         let client = PipelinedNodeClient(endpoints: [1: "127.0.0.1:\(silent.localPort)"], timeout: .milliseconds(300))
         defer { client.close() }
-        let propose = await Result { try await client.propose(Self.put("k", "v"), attempts: 3) }
+        let executor: (any TaskExecutor)? = onClientExecutor ? client.executor : nil
+        let propose = await withTaskExecutorPreference(executor) { await Result { try await client.propose(Self.put("k", "v"), attempts: 3) } }
         let failure = try #require(propose.failure as? NodeClient.Failure, "\(propose)")
         #expect(failure.outcomeUnknown && failure.description.contains("did not answer in time"), "\(failure)")
-        let read = await Result { try await client.read([], attempts: 2) }
+        let read = await withTaskExecutorPreference(executor) { await Result { try await client.read([], attempts: 2) } }
         let readFailure = try #require(read.failure as? NodeClient.Failure, "\(read)")
         #expect(!readFailure.outcomeUnknown && readFailure.description.contains("no leader answered after 2 attempts"), "\(readFailure)")
     }
 
     /// A connection that drops with proposals in flight fails every one of them as unknown; the
     /// next request connects again.
-    @Test func aConnectionLostWithProposalsInFlightFailsEachAsUnknown() async throws {
+    @Test(arguments: [false, true])
+    func aConnectionLostWithProposalsInFlightFailsEachAsUnknown(onClientExecutor: Bool) async throws {
         let flaky = try SocketDescriptor.listen(on: HostPort(host: "127.0.0.1", port: 0))
         defer { flaky.close() }
         let connections = Mutex(0)
@@ -80,8 +95,11 @@ import Testing
         acceptor.start()
         let client = PipelinedNodeClient(endpoints: [1: "127.0.0.1:\(flaky.localPort)"], timeout: .seconds(5))
         defer { client.close() }
+        let executor: (any TaskExecutor)? = onClientExecutor ? client.executor : nil
         let outcomes = await withTaskGroup(of: Result<[UInt8], any Error>.self) { group in
-            for i in 0..<20 { group.addTask { await Result { try await client.propose(Self.put("k\(i)", "v"), attempts: 1) } } }
+            for i in 0..<20 {
+                group.addTask(executorPreference: executor) { await Result { try await client.propose(Self.put("k\(i)", "v"), attempts: 1) } }
+            }
             return await group.reduce(into: []) { $0.append($1) }
         }
         #expect(outcomes.count == 20)

@@ -17,6 +17,10 @@ public final class PipelinedNodeClient: Sendable {
     public let endpoints: [NodeID: String]
     /// How long a request waits for its answer, and a connect for the node.
     public let timeout: Duration
+    /// Runs the tasks that prefer it on the thread that reads the connection, so an answer
+    /// resumes its task without a thread hand-off (`PipelinedClientExecutor`; such tasks must not
+    /// block).
+    public let executor = PipelinedClientExecutor()
     private let addresses: [NodeID: HostPort]
     private let ids: [NodeID]
 
@@ -53,7 +57,11 @@ public final class PipelinedNodeClient: Sendable {
 
     /// Closes the connection once the requests in flight are answered; a later request connects
     /// again.
-    public func close() { state.withLock { s in defer { s.session = nil }; return s.session }?.retire() }
+    public func close() {
+        let open = state.withLock { s in defer { s.session = nil }; return s.session }
+        executor.follow(nil)
+        open?.retire()
+    }
 
     private func call(attempts: Int, idempotent: Bool, _ make: (UInt64) -> ClientFrame) async throws -> [UInt8] {
         var target = current ?? ids[0]
@@ -98,9 +106,11 @@ public final class PipelinedNodeClient: Sendable {
             guard let hp = addresses[node] else { throw NodeClient.Failure(description: "node \(node): bad client address \(address)") }
             s.session?.retire()
             s.session = nil
-            do { s.session = try PipelinedSession(node: node, address: hp, timeout: timeout) } catch {
+            executor.follow(nil)
+            do { s.session = try PipelinedSession(node: node, address: hp, timeout: timeout, executor: executor) } catch {
                 throw NodeClient.Failure(description: "node \(node): \(error)")
             }
+            executor.follow(s.session)
             return s.session!
         }
     }
@@ -110,6 +120,7 @@ public final class PipelinedNodeClient: Sendable {
         let mine = state.withLock { s in
             guard s.session === session else { return false }
             s.session = nil
+            executor.follow(nil)
             return true
         }
         if mine { session.retire() }

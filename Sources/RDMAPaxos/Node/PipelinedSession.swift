@@ -5,7 +5,9 @@ import Synchronization
 /// while another is being written go with the next write), each waits for the answer with its
 /// id, and a thread of the session's own reads answers in whatever order the node sends them. A
 /// request unanswered by its deadline, or in flight when the connection fails, is resumed with
-/// `PipelinedSession.Lost`.
+/// `PipelinedSession.Lost`. The reader thread also runs the jobs of the client's executor
+/// (`PipelinedClientExecutor`) between reads; requests those jobs make are written once they
+/// all ran.
 final class PipelinedSession: Sendable {
     /// Why a request got no answer.
     struct Lost: Error, CustomStringConvertible {
@@ -37,14 +39,21 @@ final class PipelinedSession: Sendable {
     private let socket: SocketDescriptor
     private let state = Mutex(State())
     private let outbox = Mutex(Outbox())
+    private let jobs = SessionJobs()
+    private let wake: WakePipe
+    /// The executor whose jobs the reader runs (`take`).
+    private let executor: PipelinedClientExecutor
 
     /// Connects to `node` at `address` (connect bounded by `timeout`) and starts the reader.
-    init(node: NodeID, address: HostPort, timeout: Duration) throws(SocketFailure) {
+    init(node: NodeID, address: HostPort, timeout: Duration, executor: PipelinedClientExecutor) throws(SocketFailure) {
         self.node = node
+        self.executor = executor
+        wake = try WakePipe()
         socket = try SocketDescriptor.connect(to: address, timeout: timeout)
         socket.setReceiveTimeout(.zero)  // the reader waits with poll, never in recv
         let t = Thread { [self] in readLoop() }
-        t.name = "plover-pipelined-client"
+        // At most 15 characters: Linux keeps a longer name from the thread that started it.
+        t.name = "plover-client"
         t.start()
     }
 
@@ -72,10 +81,18 @@ final class PipelinedSession: Sendable {
     /// tasks' requests leave in one write, as the node answers them in one. Under sustained load
     /// the writing caller may carry others' requests for a while before it returns to wait for
     /// its own answer.
+    ///
+    /// On the reader thread (a job of the client's executor) the bytes wait in the outbox: the
+    /// reader writes them once every job of its turn ran.
     private func send(_ bytes: [UInt8]) {
+        outbox.withLock { $0.bytes += bytes }
+        if !jobs.onReader { writeOutbox() }
+    }
+
+    /// Writes the outbox unless another caller is writing it (that caller takes these bytes too).
+    private func writeOutbox() {
         let writer = outbox.withLock { o -> Bool in
-            o.bytes += bytes
-            guard !o.writing else { return false }
+            guard !o.writing, !o.bytes.isEmpty else { return false }
             o.writing = true
             return true
         }
@@ -117,12 +134,28 @@ final class PipelinedSession: Sendable {
         for w in waiting { w.continuation.resume(throwing: Lost(description: why, sent: true)) }
     }
 
+    /// Whether the caller is this session's reader thread.
+    var onReaderThread: Bool { jobs.onReader }
+
+    /// Queues a job of the client's executor for the reader thread; false once the reader is gone.
+    func take(_ job: UnownedJob) -> Bool {
+        jobs.take(job) { wake.ring() }
+    }
+
     private func readLoop() {
+        jobs.readerStarted()
+        defer { jobs.finish() }
         var buffer: [UInt8] = []
         var start = 0
         while state.withLock({ $0.ended == nil }) {
             expireOverdue()
-            guard socket.waitReadable(.milliseconds(100)) else { continue }
+            // Run to completion: the tasks the last read resumed run, then their requests leave
+            // in one write, then the thread waits for the next answers (or a job from elsewhere).
+            let more = jobs.run(on: executor.asUnownedTaskExecutor())
+            writeOutbox()
+            let ready = socket.waitReadable(more ? .zero : .milliseconds(100), orRung: wake)
+            if ready.rung { wake.drain() }
+            guard ready.readable else { continue }
             let chunk: [UInt8]
             do { chunk = try socket.receive(upTo: 64 << 10) } catch {
                 end("connection to node \(node) failed: \(String(cString: strerror(error.errno)))")

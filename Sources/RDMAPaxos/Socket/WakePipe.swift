@@ -1,0 +1,52 @@
+import Glibc
+
+/// A pipe one thread rings to wake another that waits in `poll` (`SocketDescriptor.waitReadable(_:orRung:)`).
+/// Non-blocking at both ends: a ring on a full pipe is dropped (the waiter will wake anyway), a
+/// drain takes whatever is there.
+package final class WakePipe: Sendable {
+    let readFD: Int32
+    private let writeFD: Int32
+
+    package init() throws(SocketFailure) {
+        var fds: [Int32] = [0, 0]
+        guard pipe(&fds) == 0 else { throw SocketFailure("open", "a wake-up pipe", errno: errno) }
+        for fd in fds {
+            _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK)
+            _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
+        }
+        (readFD, writeFD) = (fds[0], fds[1])
+    }
+
+    deinit {
+        Glibc.close(readFD)
+        Glibc.close(writeFD)
+    }
+
+    /// Wakes the waiter (or makes its next wait return at once).
+    package func ring() {
+        var one: UInt8 = 1
+        _ = write(writeFD, &one, 1)
+    }
+
+    /// Takes every ring so far.
+    package func drain() {
+        var sink = [UInt8](repeating: 0, count: 64)
+        while read(readFD, &sink, sink.count) > 0 {}
+    }
+}
+
+extension SocketDescriptor {
+    /// Waits up to `timeout` until the socket is readable (or the peer closed) or `wake` was
+    /// rung; says which. A failed poll reports the socket readable, so the read that follows
+    /// reports the error.
+    package func waitReadable(_ timeout: Duration, orRung wake: WakePipe) -> (readable: Bool, rung: Bool) {
+        var p = [pollfd(fd: rawValue, events: Int16(POLLIN), revents: 0),
+                 pollfd(fd: wake.readFD, events: Int16(POLLIN), revents: 0)]
+        while true {
+            let r = poll(&p, 2, Int32(clamping: timeout.wholeMilliseconds))
+            if r < 0 && errno == EINTR { continue }
+            if r < 0 { return (true, false) }
+            return (p[0].revents != 0, p[1].revents != 0)
+        }
+    }
+}
