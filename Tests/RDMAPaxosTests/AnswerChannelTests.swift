@@ -40,3 +40,34 @@ private final class FlushCounter: ChannelOutboundHandler, @unchecked Sendable {
         _ = try channel.finish()
     }
 }
+
+extension AnswerChannelTests {
+    /// Answers a node's pass writes leave when the pass hands them out, before the writes the
+    /// pass queued on the loop earlier (its commit notices to the followers).
+    @Test func answersOfANodePassLeaveBeforeTheWritesItQueued() throws {
+        let channel = EmbeddedChannel()
+        let counter = FlushCounter()
+        try channel.pipeline.syncOperations.addHandler(counter)
+        let pass = PassFlushes()
+        let answers = AnswerChannel(channel, pass: pass)
+        var queuedRan = false
+        channel.embeddedEventLoop.execute { queuedRan = true }  // a peer write the pass queued
+        pass.collect {
+            for id in 1...3 as ClosedRange<UInt64> { answers.write(.ok(id: id, result: [])) }
+            #expect(counter.flushes == 0, "flushed as the pass ends, once")
+        }
+        #expect(counter.flushes == 1)
+        #expect(!queuedRan)
+        var frames = 0
+        while try channel.readOutbound(as: ByteBuffer.self) != nil { frames += 1 }
+        #expect(frames == 3)
+        channel.embeddedEventLoop.run()
+        #expect(queuedRan && counter.flushes == 1, "no second flush for the same answers")
+        // Outside a pass, an answer waits for the end of the loop turn as before.
+        answers.write(.ok(id: 4, result: []))
+        #expect(counter.flushes == 1)
+        channel.embeddedEventLoop.run()
+        #expect(counter.flushes == 2)
+        _ = try channel.finish()
+    }
+}

@@ -35,7 +35,11 @@ final class ClientFrameHandler: ChannelInboundHandler {
 
     init(node: ReplicaNode) { self.node = node }
 
-    func handlerAdded(context: ChannelHandlerContext) { answers = AnswerChannel(context.channel) }
+    func handlerAdded(context: ChannelHandlerContext) {
+        // The node's pass flushes this connection's answers itself when it runs on this loop.
+        let samePass = node.options.eventLoop.map { $0 === context.eventLoop } ?? false
+        answers = AnswerChannel(context.channel, pass: samePass ? node.passFlushes : nil)
+    }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         var incoming = unwrapInboundIn(data)

@@ -85,7 +85,7 @@ extension ReplicaNode {
         publishStatus()
         let answers = completions
         completions = []
-        answers.forEach { $0() }
+        passFlushes.collect { answers.forEach { $0() } }
     }
 
     /// Fails what is pending, closes the log and marks the node stopped.

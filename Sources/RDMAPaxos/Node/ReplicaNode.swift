@@ -54,6 +54,8 @@ public final class ReplicaNode: @unchecked Sendable {
     var knownLeader: NodeID?
     /// Answers to clients, delivered after the batch's status is published.
     var completions: [() -> Void] = []
+    /// The client connections the pass's answers went to, flushed as the pass answers (on the node's loop).
+    let passFlushes = PassFlushes()
     // Metrics state, owned by the node thread.
     var ringMetrics: RingMetrics?
     var metricsRole: Role?
