@@ -94,7 +94,7 @@ struct ConsensusReport {
         s += "- **plover**: 3 `plover node` replicas on 127.0.0.1 (TCP fabric, Berkeley DB log), tick "
         s += "\(timing.tickMilliseconds) ms, heartbeat \(timing.heartbeatTicks) ticks, election timeout \(timing.electionTimeoutTicks) ticks; "
         s += ploverClient == .pipelined
-            ? "N client tasks share one `PipelinedNodeClient` (one connection to the leader, each task's put in flight beside the others').\n"
+            ? "N client tasks share one `PipelinedNodeClient` (one connection to the leader, each task's put in flight beside the others'; the tasks run on the client's executor, the thread that reads the connection).\n"
             : "clients use `NodeClient` (one connection per thread, leader only).\n"
         s += "- **etcd \(etcdVersion)** (Debian etcd-server): 3 members on 127.0.0.1, default settings (fsync on every "
         s += "raft batch; 3.4 has no `--unsafe-no-fsync`); puts are `POST /v3/kv/put` to the leader's v3 HTTP/JSON gateway "

@@ -129,7 +129,10 @@ func introduceAndStart(_ a: RingTransport, _ b: RingTransport,
     a.setAddress(b.listeningAddress)
     b.setAddress(a.listeningAddress)
     try a.start { _ in }
-    try b.start(onReceive: receivedByB)
+    do { try b.start(onReceive: receivedByB) } catch {
+        a.stop()  // no transport left running behind a failed set-up
+        throw error
+    }
 }
 
 /// Collects completions until `count` arrived or a generous deadline passed (a failure, not a timing claim).

@@ -113,6 +113,28 @@ import Testing
     }
 }
 
+extension PipelinedNodeClientTests {
+    /// A job queued from another thread wakes the reader waiting in `poll` (which, in this test,
+    /// would otherwise wait a minute before it looked again).
+    @Test func aJobQueuedFromAnotherThreadWakesTheIdleReader() async throws {
+        let listener = try SocketDescriptor.listen(on: HostPort(host: "127.0.0.1", port: 0))
+        defer { listener.close() }
+        let executor = PipelinedClientExecutor()
+        let session = try PipelinedSession(node: 1, address: HostPort(host: "127.0.0.1", port: listener.localPort),
+                                           timeout: .seconds(5), executor: executor, idlePoll: .seconds(60))
+        executor.follow(session)
+        defer {
+            executor.follow(nil)
+            session.retire()
+        }
+        try await Task.sleep(for: .milliseconds(200))  // the reader is waiting by now
+        let ranOnReader = Mutex<Bool?>(nil)
+        Task(executorPreference: executor) { ranOnReader.withLock { $0 = executor.onReaderThread } }
+        #expect(await eventually(.seconds(10)) { ranOnReader.withLock { $0 } != nil }, "the job ran")
+        #expect(ranOnReader.withLock { $0 } == true, "on the reader thread")
+    }
+}
+
 extension Result where Failure == any Error {
     init(catching body: () async throws -> Success) async {
         do { self = .success(try await body()) } catch { self = .failure(error) }

@@ -43,7 +43,9 @@ final class AnswerChannel: Sendable {
 }
 
 /// The client connections a node's pass wrote answers to (`ReplicaNode.publishAndAnswer`),
-/// flushed together as the pass hands out its answers. Used only on the node's event loop.
+/// flushed together as the pass hands out its answers. The node's thread runs every pass; only
+/// answer channels on the node's own event loop are given it (`ClientFrameHandler`), so `add`
+/// runs on that thread too.
 final class PassFlushes: @unchecked Sendable {
     private var collecting = false
     private var channels: [AnswerChannel] = []

@@ -4,12 +4,14 @@ import Synchronization
 /// A `PipelinedNodeClient`'s task executor: tasks that prefer it (`Task(executorPreference:)`,
 /// `group.addTask(executorPreference:)`, `withTaskExecutorPreference`) run on the thread that
 /// reads the client's current connection. An answer then resumes its task on the thread that
-/// read it, with no hand-off to another thread, and the requests the resumed tasks make in one
-/// turn leave together in one write, after all of them ran (run to completion: read, run, write
-/// once). With no connection yet, or after it ended, jobs run on Swift's global executor.
+/// read it, with no hand-off to another thread, and the requests the resumed tasks make on that
+/// connection in one turn leave together in one write once they ran (run to completion: read,
+/// run, write once; a turn runs at most four rounds of jobs queued by jobs before it reads
+/// again). With no connection yet, or after it ended, jobs run on Swift's global executor.
 ///
 /// Tasks that prefer it must not block: a blocking call holds every answer on the connection.
-/// The client itself connects to a new leader on that thread (bounded by its `timeout`).
+/// The client itself connects to a new leader on that thread (bounded by its `timeout`); answers
+/// that arrive meanwhile are still taken before any request is timed out.
 public final class PipelinedClientExecutor: TaskExecutor, Sendable {
     private let session = Mutex<PipelinedSession?>(nil)
 
@@ -48,7 +50,8 @@ final class SessionJobs: Sendable {
     var onReader: Bool { reader.load(ordering: .acquiring) == UInt(pthread_self()) }
 
     /// Queues `job`; false once the reader is gone. `ring` is called when the reader may be
-    /// waiting for it (the first job queued from another thread).
+    /// waiting for it: a job queued from another thread into an empty queue (a queue that held
+    /// jobs already rang, or the reader is running it).
     func take(_ job: UnownedJob, ring: () -> Void) -> Bool {
         let mine = onReader
         let wake = queue.withLock { q -> Bool? in
@@ -74,6 +77,7 @@ final class SessionJobs: Sendable {
 
     /// The reader is done: no more jobs are taken, and those queued go to the global executor.
     func finish() {
+        reader.store(0, ordering: .releasing)  // a later thread may reuse the id
         let left = queue.withLock { q in
             q.finished = true
             defer { q.jobs = [] }

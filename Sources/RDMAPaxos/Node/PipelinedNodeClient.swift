@@ -58,8 +58,11 @@ public final class PipelinedNodeClient: Sendable {
     /// Closes the connection once the requests in flight are answered; a later request connects
     /// again.
     public func close() {
-        let open = state.withLock { s in defer { s.session = nil }; return s.session }
-        executor.follow(nil)
+        let open = state.withLock { s in
+            defer { s.session = nil }
+            executor.follow(nil)
+            return s.session
+        }
         open?.retire()
     }
 

@@ -43,11 +43,15 @@ final class PipelinedSession: Sendable {
     private let wake: WakePipe
     /// The executor whose jobs the reader runs (`take`).
     private let executor: PipelinedClientExecutor
+    /// How long the idle reader waits before it looks for overdue requests.
+    private let idlePoll: Duration
 
     /// Connects to `node` at `address` (connect bounded by `timeout`) and starts the reader.
-    init(node: NodeID, address: HostPort, timeout: Duration, executor: PipelinedClientExecutor) throws(SocketFailure) {
+    init(node: NodeID, address: HostPort, timeout: Duration, executor: PipelinedClientExecutor,
+         idlePoll: Duration = .milliseconds(100)) throws(SocketFailure) {
         self.node = node
         self.executor = executor
+        self.idlePoll = idlePoll
         wake = try WakePipe()
         socket = try SocketDescriptor.connect(to: address, timeout: timeout)
         socket.setReceiveTimeout(.zero)  // the reader waits with poll, never in recv
@@ -148,42 +152,50 @@ final class PipelinedSession: Sendable {
         var buffer: [UInt8] = []
         var start = 0
         while state.withLock({ $0.ended == nil }) {
-            expireOverdue()
             // Run to completion: the tasks the last read resumed run, then their requests leave
             // in one write, then the thread waits for the next answers (or a job from elsewhere).
             let more = jobs.run(on: executor.asUnownedTaskExecutor())
             writeOutbox()
-            let ready = socket.waitReadable(more ? .zero : .milliseconds(100), orRung: wake)
+            let ready = socket.waitReadable(more ? .zero : idlePoll, orRung: wake)
             if ready.rung { wake.drain() }
-            guard ready.readable else { continue }
-            let chunk: [UInt8]
-            do { chunk = try socket.receive(upTo: 64 << 10) } catch {
-                end("connection to node \(node) failed: \(String(cString: strerror(error.errno)))")
-                break
-            }
-            guard !chunk.isEmpty else {
-                end("connection to node \(node) closed")
-                break
-            }
-            buffer.removeFirst(start)
-            start = 0
-            buffer += chunk
-            while buffer.count - start >= 4 {
-                let length = buffer[start..<start + 4].reduce(0) { $0 << 8 | Int($1) }
-                guard length <= ClientFrame.bytesMax else {
-                    end("node \(node) sent a \(length)-byte frame (limit \(ClientFrame.bytesMax))")
-                    break
-                }
-                guard buffer.count - start >= 4 + length else { break }
-                let body = Array(buffer[start + 4..<start + 4 + length])
-                start += 4 + length
-                do { deliver(try ClientFrame(body: body)) } catch {
-                    end("node \(node) sent a malformed frame: \(error)")
-                    break
-                }
-            }
+            // Answers that came are taken before any request is expired: a reader held up by a
+            // job (a connect to another node runs on this thread) fails no request whose answer
+            // arrived meanwhile.
+            if ready.readable && !readAnswers(into: &buffer, from: &start) { break }
+            expireOverdue()
         }
         socket.close()
+    }
+
+    /// Reads what is there and delivers every whole frame; false once the connection ended.
+    private func readAnswers(into buffer: inout [UInt8], from start: inout Int) -> Bool {
+        let chunk: [UInt8]
+        do { chunk = try socket.receive(upTo: 64 << 10) } catch {
+            end("connection to node \(node) failed: \(String(cString: strerror(error.errno)))")
+            return false
+        }
+        guard !chunk.isEmpty else {
+            end("connection to node \(node) closed")
+            return false
+        }
+        buffer.removeFirst(start)
+        start = 0
+        buffer += chunk
+        while buffer.count - start >= 4 {
+            let length = buffer[start..<start + 4].reduce(0) { $0 << 8 | Int($1) }
+            guard length <= ClientFrame.bytesMax else {
+                end("node \(node) sent a \(length)-byte frame (limit \(ClientFrame.bytesMax))")
+                return false
+            }
+            guard buffer.count - start >= 4 + length else { break }
+            let body = Array(buffer[start + 4..<start + 4 + length])
+            start += 4 + length
+            do { deliver(try ClientFrame(body: body)) } catch {
+                end("node \(node) sent a malformed frame: \(error)")
+                return false
+            }
+        }
+        return true
     }
 
     private func deliver(_ frame: ClientFrame) {

@@ -9,10 +9,14 @@ package final class WakePipe: Sendable {
 
     package init() throws(SocketFailure) {
         var fds: [Int32] = [0, 0]
+        // pipe2 is not in Swift's Glibc module: the flags are set right after (a process that
+        // forks and execs in that instant hands the child two pipe ends it never uses).
         guard pipe(&fds) == 0 else { throw SocketFailure("open", "a wake-up pipe", errno: errno) }
-        for fd in fds {
-            _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK)
-            _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
+        for fd in fds where fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK) != 0 || fcntl(fd, F_SETFD, FD_CLOEXEC) != 0 {
+            let e = errno
+            Glibc.close(fds[0])
+            Glibc.close(fds[1])
+            throw SocketFailure("set up", "a wake-up pipe", errno: e)
         }
         (readFD, writeFD) = (fds[0], fds[1])
     }
