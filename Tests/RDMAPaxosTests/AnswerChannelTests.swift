@@ -71,3 +71,24 @@ extension AnswerChannelTests {
         _ = try channel.finish()
     }
 }
+
+extension AnswerChannelTests {
+    /// A client connection served on the node's own event loop is given the node's pass; one on
+    /// another loop is not (the node's answers reach it from another thread, flushed at once).
+    @Test func onlyAConnectionOnTheNodesLoopIsGivenTheNodesPass() throws {
+        let loop = EmbeddedEventLoop()
+        var o = NodeOptions(replica: ReplicaConfig(id: 1), bootstrap: Membership([Member(id: 1, role: .voter)]), seed: 1)
+        o.eventLoop = loop
+        let node = ReplicaNode(options: o, stateMachine: KeyValueStateMachine(), log: try MemoryLog(storage: MemoryLog.Storage()),
+                               snapshots: MemorySnapshotStore(), transport: LocalHub().transport(for: 1),
+                               ticks: TimerTickSource(interval: .seconds(1)))
+        let onNodeLoop = ClientFrameHandler(node: node)
+        let a = EmbeddedChannel(handler: onNodeLoop, loop: loop)
+        #expect(onNodeLoop.answers.pass === node.passFlushes)
+        let elsewhere = ClientFrameHandler(node: node)
+        let b = EmbeddedChannel(handler: elsewhere)
+        #expect(elsewhere.answers.pass == nil)
+        _ = try a.finish()
+        _ = try b.finish()
+    }
+}

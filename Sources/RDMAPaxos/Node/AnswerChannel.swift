@@ -15,7 +15,8 @@ final class AnswerChannel: Sendable {
     let channel: any Channel
     /// A flush is queued for the end of this loop turn (or of the node's pass).
     private let flushQueued = Atomic<Bool>(false)
-    private let pass: PassFlushes?
+    /// The node's pass that flushes answers written while it runs them, if the node runs on this loop.
+    let pass: PassFlushes?
 
     init(_ channel: any Channel, pass: PassFlushes? = nil) {
         self.channel = channel
