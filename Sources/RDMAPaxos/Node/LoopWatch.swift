@@ -20,6 +20,10 @@ struct LoopWatch {
     var longestPass: (nanos: UInt64, endedAt: UInt64) = (0, 0)
     /// When a slow pass was last reported (at most one warning a second).
     var lastSlowWarning: UInt64 = 0
+    /// The thread's CPU time (ns) and the uptime at the last tick (`sampleCPU`): a slow pass
+    /// reports how much of the time since then the thread ran, which tells a pass that worked
+    /// from one whose thread waited or was not scheduled.
+    var cpuSample: (cpu: UInt64, at: UInt64) = (0, 0)
 
     /// Passes this long or longer are reported.
     static let slowPassNanos: UInt64 = 20_000_000
@@ -34,6 +38,16 @@ struct LoopWatch {
         body()
         return now() &- start
     }
+
+    /// CPU time (ns) the calling thread has used.
+    static func threadCPU() -> UInt64 {
+        var t = timespec()
+        clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t)
+        return UInt64(t.tv_sec) &* 1_000_000_000 &+ UInt64(t.tv_nsec)
+    }
+
+    /// Notes the thread's CPU time now (once per tick: one system call).
+    mutating func sampleCPU() { cpuSample = (Self.threadCPU(), Self.now()) }
 
     mutating func startPass(events n: Int) {
         passStartedAt = Self.now()
@@ -50,7 +64,12 @@ struct LoopWatch {
         if took >= longestPass.nanos || end &- longestPass.endedAt > Self.windowNanos { longestPass = (took, end) }
         guard took >= Self.slowPassNanos, end &- lastSlowWarning >= 1_000_000_000 else { return nil }
         lastSlowWarning = end
-        return "node loop: one pass of \(events) events took \(took / 1_000_000) ms (applying \(applied) entries: \(applyNanos / 1_000_000) ms; compacting: \(compactNanos / 1_000_000) ms)"
+        var note = "node loop: one pass of \(events) events took \(took / 1_000_000) ms (applying \(applied) entries: \(applyNanos / 1_000_000) ms; compacting: \(compactNanos / 1_000_000) ms)"
+        if cpuSample.at != 0 && cpuSample.at <= passStartedAt {
+            let ran = Self.threadCPU() &- cpuSample.cpu
+            note += "; the thread ran \(ran / 1_000_000) ms of CPU in the \((end &- cpuSample.at) / 1_000_000) ms since its last tick"
+        }
+        return note
     }
 
     /// Why a replica campaigns: how long it has not heard from its leader, against its loop.
