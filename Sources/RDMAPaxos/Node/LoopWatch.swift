@@ -20,9 +20,10 @@ struct LoopWatch {
     var longestPass: (nanos: UInt64, endedAt: UInt64) = (0, 0)
     /// When a slow pass was last reported (at most one warning a second).
     var lastSlowWarning: UInt64 = 0
-    /// The thread's CPU time (ns) and the uptime at the last tick (`sampleCPU`): a slow pass
-    /// reports how much of the time since then the thread ran, which tells a pass that worked
-    /// from one whose thread waited or was not scheduled.
+    /// The thread's CPU time (ns) and the uptime when it was read, at the start of a pass at most
+    /// once a millisecond (a system call of about half a microsecond): a slow pass reports how
+    /// much of the time since then the thread ran, which tells a pass that worked from one whose
+    /// thread waited or was not scheduled.
     var cpuSample: (cpu: UInt64, at: UInt64) = (0, 0)
 
     /// Passes this long or longer are reported.
@@ -46,11 +47,9 @@ struct LoopWatch {
         return UInt64(t.tv_sec) &* 1_000_000_000 &+ UInt64(t.tv_nsec)
     }
 
-    /// Notes the thread's CPU time now (once per tick: one system call).
-    mutating func sampleCPU() { cpuSample = (Self.threadCPU(), Self.now()) }
-
     mutating func startPass(events n: Int) {
         passStartedAt = Self.now()
+        if passStartedAt &- cpuSample.at >= 1_000_000 { cpuSample = (Self.threadCPU(), passStartedAt) }
         applyNanos = 0
         applied = 0
         compactNanos = 0
@@ -65,10 +64,8 @@ struct LoopWatch {
         guard took >= Self.slowPassNanos, end &- lastSlowWarning >= 1_000_000_000 else { return nil }
         lastSlowWarning = end
         var note = "node loop: one pass of \(events) events took \(took / 1_000_000) ms (applying \(applied) entries: \(applyNanos / 1_000_000) ms; compacting: \(compactNanos / 1_000_000) ms)"
-        if cpuSample.at != 0 && cpuSample.at <= passStartedAt {
-            let ran = Self.threadCPU() &- cpuSample.cpu
-            note += "; the thread ran \(ran / 1_000_000) ms of CPU in the \((end &- cpuSample.at) / 1_000_000) ms since its last tick"
-        }
+        let ran = Self.threadCPU() &- cpuSample.cpu
+        note += "; the thread ran \(ran / 1_000_000) ms of CPU in the \((end &- cpuSample.at) / 1_000_000) ms since the pass started"
         return note
     }
 

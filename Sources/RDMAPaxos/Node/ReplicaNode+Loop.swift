@@ -139,7 +139,6 @@ extension ReplicaNode {
     ///   leader is still detected on time by a busy follower.
     /// Safety never depends on timing (docs/design/runtime.md, "Ticks on a starved node").
     func runTicks(queuedAt: [UInt64]) {
-        loopWatch.sampleCPU()
         if queuedAt.count > 1 {
             _ = polledTransport?.receiveWaiting { receive($0) }
             noteLateTicks(count: queuedAt.count, oldest: queuedAt[0])
