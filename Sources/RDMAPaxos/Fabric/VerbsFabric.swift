@@ -160,7 +160,7 @@ public final class VerbsFabric: Fabric {
         poller.name = "plover-verbs-cq"
         poller.start()
         let events = Thread { [self] in connector.run(fabric: self) }
-        events.name = "plover-verbs-connect"
+        events.name = "verbs-connect"
         events.start()
     }
 

@@ -87,7 +87,7 @@ final class OutOfBandConnector: VerbsConnector, @unchecked Sendable {
                 done(.failure(FabricError.connectFailed(peer: peer.node, reason: "\(error)")))
             }
         }
-        thread.name = "plover-verbs-connect"
+        thread.name = "verbs-connect"
         thread.start()
     }
 

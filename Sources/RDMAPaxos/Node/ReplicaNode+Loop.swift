@@ -373,7 +373,7 @@ extension ReplicaNode {
             let data = serialize()
             self?.enqueue(.snapshotTaken(through, data))
         }
-        encoder.name = "plover.snapshot-encode"
+        encoder.name = "snapshot-encode"
         encoder.start()
     }
 

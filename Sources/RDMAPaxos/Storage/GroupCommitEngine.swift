@@ -99,11 +99,11 @@ final class GroupCommitEngine: @unchecked Sendable {
 
     func start() {
         let t = Thread { [self] in run() }
-        t.name = "stable-log-writer"
+        t.name = "log-writer"
         t.start()
         if sync == .write && options.asyncFlushInterval > .zero {
             let f = Thread { [self] in flushPeriodically() }
-            f.name = "stable-log-flusher"
+            f.name = "log-flusher"
             f.start()
         }
     }

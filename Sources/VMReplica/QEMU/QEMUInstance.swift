@@ -164,7 +164,7 @@ public final class QEMUInstance: @unchecked Sendable {
             kill()
             reaped(ContinuousClock.now - start)
         }
-        t.name = "plover-vm-reap-\(name)"
+        t.name = String("vm-reap-\(name)".prefix(15))
         t.start()
     }
 

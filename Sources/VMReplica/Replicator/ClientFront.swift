@@ -111,7 +111,7 @@ public final class ClientFront: @unchecked Sendable {
                 continue
             }
             let t = Thread { [self] in serve(client, sourcePort: sourcePort) }
-            t.name = "plover-vm-front-conn"
+            t.name = "vm-front-conn"
             t.start()
         }
         listener.close()

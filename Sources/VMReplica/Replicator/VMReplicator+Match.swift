@@ -102,7 +102,7 @@ extension VMReplicator {
                 digestOutbox.done(batch.count, ok: ok)
             }
         }
-        t.name = "plover-vm-digests"
+        t.name = "vm-digests"
         t.start()
     }
 

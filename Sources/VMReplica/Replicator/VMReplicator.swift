@@ -182,7 +182,7 @@ public final class VMReplicator: @unchecked Sendable {
         try await openSyncEndpoint(as: role)
         if config.releaseOnMatch { startDigestSender() }
         let driver = Thread { [self] in driverLoop() }
-        driver.name = "plover-vm-driver"
+        driver.name = "vm-driver"
         driver.start()
     }
 
@@ -199,7 +199,7 @@ public final class VMReplicator: @unchecked Sendable {
         }
         try openControl()
         let t = Thread { [self] in schedulerLoop() }
-        t.name = "plover-vm-scheduler"
+        t.name = "vm-scheduler"
         t.start()
     }
 
@@ -324,7 +324,7 @@ public final class VMReplicator: @unchecked Sendable {
             // primary re-protects this replica into its standby QEMU.
             markInconsistent("its QEMU \(q.name) (pid \(q.pid)) exited", ifCurrent: q)
         }
-        t.name = "plover-vm-nic-\(q.name)"
+        t.name = String("vm-nic-\(q.name)".prefix(15))
         t.start()
     }
 
