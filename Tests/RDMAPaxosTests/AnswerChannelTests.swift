@@ -14,6 +14,17 @@ private final class FlushCounter: ChannelOutboundHandler, @unchecked Sendable {
 }
 
 @Suite struct AnswerChannelTests {
+    /// Writes `answer` outside a node's pass: it is not flushed until the loop ends its turn, and
+    /// then with one flush.
+    private static func expectFlushedAtTheTurnsEnd(_ answer: ClientFrame, on answers: AnswerChannel,
+                                                   _ channel: EmbeddedChannel, _ counter: FlushCounter) {
+        let before = counter.flushes
+        answers.write(answer)
+        #expect(counter.flushes == before)
+        channel.embeddedEventLoop.run()
+        #expect(counter.flushes == before + 1)
+    }
+
     /// The answers a node pass writes on the connection's loop leave in one flush, in order.
     @Test func answersOfOneLoopTurnLeaveInOneFlush() throws {
         let channel = EmbeddedChannel()
@@ -34,9 +45,7 @@ private final class FlushCounter: ChannelOutboundHandler, @unchecked Sendable {
         }
         #expect(ids == Array(1...10))
         // The next turn's answers get their own flush.
-        answers.write(.ok(id: 11, result: []))
-        channel.embeddedEventLoop.run()
-        #expect(counter.flushes == 2)
+        Self.expectFlushedAtTheTurnsEnd(.ok(id: 11, result: []), on: answers, channel, counter)
         _ = try channel.finish()
     }
 }
@@ -64,10 +73,7 @@ extension AnswerChannelTests {
         channel.embeddedEventLoop.run()
         #expect(queuedRan && counter.flushes == 1, "no second flush for the same answers")
         // Outside a pass, an answer waits for the end of the loop turn as before.
-        answers.write(.ok(id: 4, result: []))
-        #expect(counter.flushes == 1)
-        channel.embeddedEventLoop.run()
-        #expect(counter.flushes == 2)
+        Self.expectFlushedAtTheTurnsEnd(.ok(id: 4, result: []), on: answers, channel, counter)
         _ = try channel.finish()
     }
 }

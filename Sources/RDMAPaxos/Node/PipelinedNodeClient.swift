@@ -109,11 +109,11 @@ public final class PipelinedNodeClient: Sendable {
             guard let hp = addresses[node] else { throw NodeClient.Failure(description: "node \(node): bad client address \(address)") }
             s.session?.retire()
             s.session = nil
-            executor.follow(nil)
+            // The executor follows whatever this leaves in place: the new session, or none.
+            defer { executor.follow(s.session) }
             do { s.session = try PipelinedSession(node: node, address: hp, timeout: timeout, executor: executor) } catch {
                 throw NodeClient.Failure(description: "node \(node): \(error)")
             }
-            executor.follow(s.session)
             return s.session!
         }
     }
