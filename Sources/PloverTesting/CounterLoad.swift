@@ -39,7 +39,7 @@ final class CounterLoad: @unchecked Sendable {
     func start() {
         for i in 0..<clients {
             finished.enter()
-            let t = Thread { [self] in
+            let t = Thread(named: "counter-load-\(i)") { [self] in
                 defer { finished.leave() }
                 let c = CounterClient(name: "\(names)\(i)", fronts: fronts)
                 c.current = i % fronts.count
@@ -52,7 +52,6 @@ final class CounterLoad: @unchecked Sendable {
                     }
                 }
             }
-            t.name = "counter-load-\(i)"
             t.start()
         }
     }

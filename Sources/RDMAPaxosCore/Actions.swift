@@ -161,8 +161,9 @@ public enum ProposalRefusal: Error, Sendable, Hashable, CustomStringConvertible 
 }
 
 /// Entries the core no longer holds. Freeing a compacted prefix of hundreds of thousands of
-/// entries takes tens of milliseconds; a runtime frees them on a thread of its choosing, off the
-/// loop that steps the core. The first `free()` frees them, on the thread that calls it.
+/// entries at once takes tens of milliseconds; a runtime frees them where and when it suits it:
+/// a few thousand per pass of the loop that steps the core (`free(atMost:)`), or all at once on
+/// another thread (`free()`). Freed on the thread that calls.
 public final class ReleasedEntries: Sendable {
     private let storage: Mutex<[LogEntry]>
 
@@ -173,4 +174,15 @@ public final class ReleasedEntries: Sendable {
 
     /// Frees the entries now, on this thread.
     public func free() { storage.withLock { $0 = [] } }
+
+    /// Frees at most `n` of the entries still held (the last ones), on this thread, and the
+    /// storage once none is left; returns how many are still held.
+    @discardableResult
+    public func free(atMost n: Int) -> Int {
+        storage.withLock { entries in
+            entries.removeLast(min(max(0, n), entries.count))
+            if entries.isEmpty { entries = [] }
+            return entries.count
+        }
+    }
 }

@@ -42,6 +42,24 @@ import Testing
         #expect(r.compact(through: last - 100, snapshot: [1, 2, 3]).released.isEmpty)
     }
 
+    /// A runtime frees a released prefix a slice at a time on its loop: each call frees at most
+    /// the number asked for, the count says what is left, and asking for more than is left (or
+    /// for none) is safe.
+    @Test func aReleasedPrefixIsFreedASliceAtATime() throws {
+        var r = try Self.leaderWith(1000)
+        let last = r.log.lastIndex
+        let released = try #require(r.compact(through: last, snapshot: [1]).released.first)
+        let held = released.count
+        try #require(held == Int(last))
+        #expect(released.free(atMost: 0) == held)
+        #expect(released.free(atMost: 300) == held - 300)
+        #expect(released.count == held - 300)
+        #expect(released.free(atMost: 300) == held - 600)
+        #expect(released.free(atMost: held) == 0)
+        #expect(released.free(atMost: 10) == 0)
+        #expect(released.count == 0)
+    }
+
     /// The configuration recorded with the snapshot is the last one at or below its index: a
     /// membership entry above the compaction point is not taken early.
     @Test func theSnapshotKeepsTheConfigurationAtItsIndex() throws {

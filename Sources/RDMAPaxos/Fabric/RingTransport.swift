@@ -245,14 +245,13 @@ public final class RingTransport: PolledMessageTransport {
                 r.tasks.append(Task { [self] in await maintain(link) })
             }
         }
-        let thread = Thread { [self] in
+        let thread = Thread(named: "plover-ring-\(fabric.localNode)") { [self] in
             switch receiving {
             case let .deliver(onReceive): receiveLoop(onReceive)
             case let .polled(wake): watchLoop(wake)
             }
             exited.signal()
         }
-        thread.name = "plover-ring-\(fabric.localNode)"
         thread.start()
     }
 

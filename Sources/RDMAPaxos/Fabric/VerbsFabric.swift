@@ -156,11 +156,9 @@ public final class VerbsFabric: Fabric {
         var logger = logger ?? Logger(label: "plover.verbs-fabric")
         logger[metadataKey: "node"] = "\(node)"
         self.logger = logger
-        let poller = Thread { [self] in pollCompletions() }
-        poller.name = "plover-verbs-cq"
+        let poller = Thread(named: "plover-verbs-cq") { [self] in pollCompletions() }
         poller.start()
-        let events = Thread { [self] in connector.run(fabric: self) }
-        events.name = "verbs-connect"
+        let events = Thread(named: "verbs-connect") { [self] in connector.run(fabric: self) }
         events.start()
     }
 

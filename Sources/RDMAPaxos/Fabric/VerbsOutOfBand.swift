@@ -80,14 +80,13 @@ final class OutOfBandConnector: VerbsConnector, @unchecked Sendable {
 
     func connect(fabric: VerbsFabric, to peer: PeerAddress, descriptor: [UInt8], timeout: Duration,
                  done: @escaping @Sendable (Result<VerbsQueuePair, any Error>) -> Void) {
-        let thread = Thread { [self] in
+        let thread = Thread(named: "verbs-connect") { [self] in
             do {
                 done(.success(try dial(fabric, peer, descriptor, timeout)))
             } catch {
                 done(.failure(FabricError.connectFailed(peer: peer.node, reason: "\(error)")))
             }
         }
-        thread.name = "verbs-connect"
         thread.start()
     }
 

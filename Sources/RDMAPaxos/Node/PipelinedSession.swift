@@ -55,9 +55,7 @@ final class PipelinedSession: Sendable {
         wake = try WakePipe()
         socket = try SocketDescriptor.connect(to: address, timeout: timeout)
         socket.setReceiveTimeout(.zero)  // the reader waits with poll, never in recv
-        let t = Thread { [self] in readLoop() }
-        // At most 15 characters: Linux keeps a longer name from the thread that started it.
-        t.name = "plover-client"
+        let t = Thread(named: "plover-client") { [self] in readLoop() }
         t.start()
     }
 

@@ -77,6 +77,27 @@ extension ReplicaNode {
         }
         if failure == nil { proposeBatch(commands) } else { commands.forEach { $0.continuation.resume(throwing: NodeError.storage(failure!)) } }
         publishAndAnswer()
+        if !releasing.isEmpty { freeReleasedEntries() }
+    }
+
+    /// Entries of compacted prefixes freed per loop pass: a few hundred microseconds of `free`,
+    /// and a loop passes often enough, under load and at every tick, to keep well ahead of the
+    /// entries the log takes in.
+    static let releasedEntriesPerPass = 4096
+
+    /// Frees up to `releasedEntriesPerPass` entries of the compacted prefixes, oldest first, after
+    /// the pass's answers left. On this thread, not another: the loop allocated these entries,
+    /// and the allocator's arena is locked by every `free` of them; a thread freeing hundreds of
+    /// thousands of them held that lock again and again, and whenever it lost its core while
+    /// holding it the loop waited in `malloc` — up to 145 ms under load (docs/design/runtime.md,
+    /// "The compacted prefix is freed on the loop, a slice per pass").
+    func freeReleasedEntries() {
+        var budget = Self.releasedEntriesPerPass
+        while budget > 0, let first = releasing.first {
+            let held = first.count
+            if first.free(atMost: budget) == 0 { releasing.removeFirst() }
+            budget -= min(held, budget)
+        }
     }
 
     /// Publishes the status, then runs the answers the pass completed: publish before answering,
@@ -221,17 +242,11 @@ extension ReplicaNode {
         }
     }
 
-    /// Where storage the core let go of is freed (`Actions.released`).
-    static let releaseQueue = DispatchQueue(label: "plover.release", qos: .background)
-
     /// Carries out one call's actions: persist, send, (acks after persist), restore, apply, reads.
     func perform(_ a: Actions) {
-        if !a.released.isEmpty {
-            // A compacted prefix is freed off the loop (tens of ms for hundreds of thousands of
-            // entries; "Compaction without a stall" in docs/design/runtime.md).
-            let released = a.released
-            Self.releaseQueue.async { released.forEach { $0.free() } }
-        }
+        // A compacted prefix is freed a slice per pass (`freeReleasedEntries`), not in one go:
+        // tens of ms for hundreds of thousands of entries.
+        releasing.append(contentsOf: a.released)
         for e in a.events {
             options.onEvent?(e)
             fenceDeposedLeader(after: e)
@@ -364,16 +379,17 @@ extension ReplicaNode {
         // Point in time here, serialized elsewhere: the node goes on applying and answering
         // (heartbeats, check-quorum) while a large state is encoded.
         compacting = true
-        let serialize = capturing.captureSnapshot()
+        let captured = CapturedSnapshot(capturing.captureSnapshot())
         // On a thread of its own at the lowest CPU priority: encoding a large state takes
         // seconds of CPU, and every replica compacts at about the same index, so on a loaded
-        // host the encodings would take the cores from the replicas' loops all at once.
-        let encoder = Thread { [weak self] in
+        // host the encodings would take the cores from the replicas' loops all at once. The
+        // capture is let go of at normal priority (`CapturedSnapshot`).
+        let encoder = Thread(named: "snapshot-encode") { [weak self] in
             lowestCPUPriorityForThisThread()
-            let data = serialize()
+            let data = captured.encode()
             self?.enqueue(.snapshotTaken(through, data))
+            CapturedSnapshot.releaseQueue.async { captured.release() }
         }
-        encoder.name = "snapshot-encode"
         encoder.start()
     }
 

@@ -70,6 +70,9 @@ public final class ReplicaNode: @unchecked Sendable {
     var parked: [QueuedProposal] = []
     /// A compaction is being serialized or saved off the node thread; no second one starts.
     var compacting = false
+    /// Compacted prefixes the core let go of, freed a bounded number of entries per loop pass
+    /// (`freeReleasedEntries`; owned by the node thread).
+    var releasing: [ReleasedEntries] = []
     /// Compactions handed to `snapshotQueue` to save, ever (tells `compact` whether one started).
     var compactionsSaving = 0
     /// The highest index handed to `log.append` (owned by the node thread): a compaction at or
@@ -193,8 +196,7 @@ public final class ReplicaNode: @unchecked Sendable {
         if polledTransport != nil { messagesLanded() }
         ticks.start { [weak self] in self?.enqueue(.tick(queuedAt: DispatchTime.now().uptimeNanoseconds)) }
         guard options.eventLoop == nil, !options.steppedByCaller else { return }
-        let t = Thread { [self] in runLoop() }
-        t.name = "plover-node-\(options.replica.id)"
+        let t = Thread(named: "plover-node-\(options.replica.id)") { [self] in runLoop() }
         t.start()
     }
 

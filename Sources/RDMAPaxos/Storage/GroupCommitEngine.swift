@@ -98,12 +98,10 @@ final class GroupCommitEngine: @unchecked Sendable {
     }
 
     func start() {
-        let t = Thread { [self] in run() }
-        t.name = "log-writer"
+        let t = Thread(named: "log-writer") { [self] in run() }
         t.start()
         if sync == .write && options.asyncFlushInterval > .zero {
-            let f = Thread { [self] in flushPeriodically() }
-            f.name = "log-flusher"
+            let f = Thread(named: "log-flusher") { [self] in flushPeriodically() }
             f.start()
         }
     }

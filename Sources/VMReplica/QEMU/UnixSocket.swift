@@ -54,16 +54,14 @@ enum Sockets {
     /// down (then closes it), serving each on a thread of its own; `serve` owns the descriptor
     /// and closes it.
     static func serve(_ listener: Int32, name: String, _ serve: @escaping @Sendable (Int32) -> Void) {
-        let t = Thread {
+        let t = Thread(named: name) {
             let l = SocketDescriptor(rawValue: listener, peer: name)
             while let c = try? l.accept() {
-                let conn = Thread { serve(c.rawValue) }
-                conn.name = name + "-conn"
+                let conn = Thread(named: name + "-conn") { serve(c.rawValue) }
                 conn.start()
             }
             l.close()
         }
-        t.name = name
         t.start()
     }
 

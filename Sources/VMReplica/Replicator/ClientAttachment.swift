@@ -67,8 +67,7 @@ final class TapAttachment: ClientAttachment, @unchecked Sendable {
         self.tap = tap
         self.link = link
         self.propose = propose
-        let t = Thread { [self] in readLoop() }
-        t.name = "plover-vm-tap"
+        let t = Thread(named: "plover-vm-tap") { [self] in readLoop() }
         t.start()
     }
 

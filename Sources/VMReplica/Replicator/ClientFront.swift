@@ -46,8 +46,7 @@ public final class ClientFront: @unchecked Sendable {
         self.onLine = onLine
         self.portRange = sourcePorts
         self.nextPort = sourcePorts.lowerBound
-        let t = Thread { [self] in acceptLoop() }
-        t.name = "plover-vm-front"
+        let t = Thread(named: "plover-vm-front") { [self] in acceptLoop() }
         t.start()
     }
 
@@ -110,8 +109,7 @@ public final class ClientFront: @unchecked Sendable {
                 client.close()
                 continue
             }
-            let t = Thread { [self] in serve(client, sourcePort: sourcePort) }
-            t.name = "vm-front-conn"
+            let t = Thread(named: "vm-front-conn") { [self] in serve(client, sourcePort: sourcePort) }
             t.start()
         }
         listener.close()

@@ -94,13 +94,12 @@ extension VMReplicator {
     /// answer goes to the machine with the leader the node follows then.
     func probePeer() {
         guard let address = HostPort(parsing: config.peerSyncAddress, allowingPortZero: true) else { return }
-        let t = Thread { [self] in
+        let t = Thread(named: "plover-vm-probe") { [self] in
             let listening = PeerProbe.listens(at: address, timeout: .milliseconds(200))
             if !listening { lock.withLock { timeline.note(.probeRefused) } }
             let leader = node?.status.leader
             run { $0.peerProbed(listening: listening, leader: leader, now: .now) }
         }
-        t.name = "plover-vm-probe"
         t.start()
     }
 

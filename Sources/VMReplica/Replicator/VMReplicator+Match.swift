@@ -87,7 +87,7 @@ extension VMReplicator {
     /// with a link up; a batch that cannot go is lost (the primary's held frames then wait for
     /// `output_hold_max_ms` and a checkpoint).
     func startDigestSender() {
-        let t = Thread { [self] in
+        let t = Thread(named: "vm-digests") { [self] in
             while !isStopped {
                 guard let (generation, batch) = digestOutbox.next(timeout: .milliseconds(100)) else { continue }
                 if let trace { for d in batch { trace.note("digest-take", d.content) } }
@@ -102,7 +102,6 @@ extension VMReplicator {
                 digestOutbox.done(batch.count, ok: ok)
             }
         }
-        t.name = "vm-digests"
         t.start()
     }
 

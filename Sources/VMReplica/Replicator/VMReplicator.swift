@@ -181,8 +181,7 @@ public final class VMReplicator: @unchecked Sendable {
         if role == .backup { startSpare() }
         try await openSyncEndpoint(as: role)
         if config.releaseOnMatch { startDigestSender() }
-        let driver = Thread { [self] in driverLoop() }
-        driver.name = "vm-driver"
+        let driver = Thread(named: "vm-driver") { [self] in driverLoop() }
         driver.start()
     }
 
@@ -198,8 +197,7 @@ public final class VMReplicator: @unchecked Sendable {
             front = LineFrontAttachment(front: f, link: link)
         }
         try openControl()
-        let t = Thread { [self] in schedulerLoop() }
-        t.name = "vm-scheduler"
+        let t = Thread(named: "vm-scheduler") { [self] in schedulerLoop() }
         t.start()
     }
 
@@ -284,7 +282,7 @@ public final class VMReplicator: @unchecked Sendable {
 
     /// Backup: a `-incoming defer` QEMU for the next checkpoint, started outside the pause.
     func startSpare() {
-        let t = Thread { [self] in
+        let t = Thread(named: "plover-vm-spare") { [self] in
             launchLock.withLock {
                 guard !isStopped else { return }
                 do {
@@ -307,13 +305,12 @@ public final class VMReplicator: @unchecked Sendable {
                 }
             }
         }
-        t.name = "plover-vm-spare"
         t.start()
     }
 
     /// Reads what `q`'s guest sends and applies the output rule to the answers.
     func startReader(_ q: QEMUInstance) {
-        let t = Thread { [self] in
+        let t = Thread(named: String("vm-nic-\(q.name)".prefix(15))) { [self] in
             while let frame = q.nic.readFrame() {
                 guard carries(frame) else { continue }
                 handleOutput(frame, from: q)
@@ -324,7 +321,6 @@ public final class VMReplicator: @unchecked Sendable {
             // primary re-protects this replica into its standby QEMU.
             markInconsistent("its QEMU \(q.name) (pid \(q.pid)) exited", ifCurrent: q)
         }
-        t.name = String("vm-nic-\(q.name)".prefix(15))
         t.start()
     }
 

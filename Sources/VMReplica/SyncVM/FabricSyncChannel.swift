@@ -83,8 +83,7 @@ public final class FabricSyncChannel: SyncChannel {
         // Announce this side (and its ring size) so the peer can check the configurations match.
         _ = state.withLock { s in postCell(MailboxFormat.cell(MailboxFormat.Status.open.rawValue, UInt64(layout.ringBytes)),
                                        at: MailboxLayout.statusOffset, immediate: .status, &s) }
-        let thread = Thread { [self] in receiveLoop() }
-        thread.name = "plover-syncvm-\(fabric.localNode)"
+        let thread = Thread(named: "plover-syncvm-\(fabric.localNode)") { [self] in receiveLoop() }
         thread.start()
     }
 

@@ -154,8 +154,7 @@ private final class Workers: @unchecked Sendable {
     init(extraThreads: Int) {
         self.extraThreads = extraThreads
         for i in 0..<extraThreads {
-            let t = Thread { [self] in self.loop() }
-            t.name = "syncvm-hash-\(i + 1)"
+            let t = Thread(named: "syncvm-hash-\(i + 1)") { [self] in self.loop() }
             t.start()
         }
     }
