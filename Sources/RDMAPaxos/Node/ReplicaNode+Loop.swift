@@ -90,7 +90,7 @@ extension ReplicaNode {
     /// and the allocator's arena is locked by every `free` of them; a thread freeing hundreds of
     /// thousands of them held that lock again and again, and whenever it lost its core while
     /// holding it the loop waited in `malloc` — up to 145 ms under load (docs/design/runtime.md,
-    /// "The compacted prefix is freed on the loop, a slice per pass").
+    /// "Memory freed where the loop can wait for it").
     func freeReleasedEntries() {
         var budget = Self.releasedEntriesPerPass
         while budget > 0, let first = releasing.first {
