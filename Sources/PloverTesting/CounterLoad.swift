@@ -1,4 +1,5 @@
 import Foundation
+import RDMAPaxos
 
 /// Closed-loop clients of the VM's counter service, each on a thread of its own: every client
 /// sends `INC`, waits for its own answer (resending the same request on silence, switching

@@ -8,7 +8,11 @@ extension Thread {
     /// a pool thread's `oot.default-qos`), so the new thread writes its name to
     /// `/proc/thread-self/comm` itself (`pthread_setname_np` is not in Swift's Glibc module).
     package convenience init(named name: String, _ body: @escaping @Sendable () -> Void) {
-        let short = String(decoding: name.utf8.prefix(15), as: UTF8.self)
+        // At most 15 bytes, cut at a character's start (never inside a multi-byte one).
+        let bytes = Array(name.utf8)
+        var cut = min(15, bytes.count)
+        while cut < bytes.count && cut > 0 && bytes[cut] & 0xC0 == 0x80 { cut -= 1 }
+        let short = String(decoding: bytes[..<cut], as: UTF8.self)
         self.init {
             #if os(Linux)
             let fd = open("/proc/thread-self/comm", O_WRONLY | O_CLOEXEC)

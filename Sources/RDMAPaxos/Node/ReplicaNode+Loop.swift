@@ -49,7 +49,11 @@ extension ReplicaNode {
                 _ = polledTransport?.receiveWaiting { receive($0) }
             case let .persisted(seq): onPersisted(seq)
             case let .storageFailed(reason): failStorage(reason)
-            case let .snapshotTaken(index, data): loopWatch.compactNanos &+= LoopWatch.timed { compact(through: index, data) }
+            case let .snapshotTaken(index, data, captured):
+                loopWatch.compactNanos &+= LoopWatch.timed { compact(through: index, data) }
+                // Queued from this thread (nice 0): a dispatch worker the encoder's call
+                // started would inherit the encoder's nice 19.
+                if let captured { CapturedSnapshot.releaseQueue.async { captured.release() } }
             case .snapshotSaved:
                 compacting = false
             case let .propose(p): commands.append(p)
@@ -85,7 +89,7 @@ extension ReplicaNode {
     /// entries the log takes in.
     static let releasedEntriesPerPass = 4096
 
-    /// Frees up to `releasedEntriesPerPass` entries of the compacted prefixes, oldest first, after
+    /// Frees up to `releasedEntriesPerPass` entries of the compacted prefixes, oldest prefix first, after
     /// the pass's answers left. On this thread, not another: the loop allocated these entries,
     /// and the allocator's arena is locked by every `free` of them; a thread freeing hundreds of
     /// thousands of them held that lock again and again, and whenever it lost its core while
@@ -95,8 +99,9 @@ extension ReplicaNode {
         var budget = Self.releasedEntriesPerPass
         while budget > 0, let first = releasing.first {
             let held = first.count
-            if first.free(atMost: budget) == 0 { releasing.removeFirst() }
-            budget -= min(held, budget)
+            let left = first.free(atMost: budget)
+            budget -= held - left
+            if left == 0 { releasing.removeFirst() }
         }
     }
 
@@ -112,6 +117,8 @@ extension ReplicaNode {
     /// Fails what is pending, closes the log and marks the node stopped.
     func finishLoop() {
         failEverything(NodeError.stopped)
+        releasing.forEach { $0.free() }
+        releasing = []
         // The node owns its log from start to stop; a close error leaves nothing to do here
         // (the next open recovers).
         try? log.close()
@@ -383,12 +390,11 @@ extension ReplicaNode {
         // On a thread of its own at the lowest CPU priority: encoding a large state takes
         // seconds of CPU, and every replica compacts at about the same index, so on a loaded
         // host the encodings would take the cores from the replicas' loops all at once. The
-        // capture is let go of at normal priority (`CapturedSnapshot`).
+        // capture is let go of at normal priority (`CapturedSnapshot`), queued by the loop.
         let encoder = Thread(named: "snapshot-encode") { [weak self] in
             lowestCPUPriorityForThisThread()
             let data = captured.encode()
-            self?.enqueue(.snapshotTaken(through, data))
-            CapturedSnapshot.releaseQueue.async { captured.release() }
+            self?.enqueue(.snapshotTaken(through, data, captured))
         }
         encoder.start()
     }

@@ -106,8 +106,9 @@ public final class ReplicaNode: @unchecked Sendable {
         case handOver(CheckedContinuation<NodeID?, Never>)
         /// A copy of the state machine and configuration for a backup (ReplicaNode+Backup.swift).
         case backup(CheckedContinuation<Snapshot, any Error>)
-        /// A snapshot serialized off the node thread (`SnapshotCapturing`), taken at this index.
-        case snapshotTaken(LogIndex, [UInt8])
+        /// A snapshot serialized off the node thread (`SnapshotCapturing`), taken at this index,
+        /// and the capture it came from, for the loop to hand to `CapturedSnapshot.releaseQueue`.
+        case snapshotTaken(LogIndex, [UInt8], CapturedSnapshot?)
         /// A compaction's snapshot was saved and the log compacted off the node thread, or the
         /// save failed (the error came first, as `storageFailed`): the next compaction may start.
         case snapshotSaved
@@ -253,7 +254,7 @@ public final class ReplicaNode: @unchecked Sendable {
     /// at a log entry every replica replays; docs/design/interpose.md, "Snapshots"). `index` must
     /// have been applied here; one at or below the latest snapshot's is ignored.
     public func compact(through index: LogIndex, snapshot: [UInt8]) {
-        _ = enqueue(.snapshotTaken(index, snapshot))
+        _ = enqueue(.snapshotTaken(index, snapshot, nil))
     }
 
     /// A linearizable read: answered from this replica's state machine after the leader
@@ -319,6 +320,7 @@ public final class ReplicaNode: @unchecked Sendable {
         precondition(options.steppedByCaller, "performOnCore is for a node stepped by its caller")
         perform(try call(&replica!))
         publishAndAnswer()
+        if !releasing.isEmpty { freeReleasedEntries() }
     }
 
     /// The node's latest status (updated after every batch of events).

@@ -5,6 +5,7 @@
 import Glibc
 #endif
 import Foundation
+import RDMAPaxos
 
 /// What every QEMU of one VM shares: the same machine, so device state migrates between them.
 public struct QEMUSettings: Sendable, Equatable {

@@ -5,6 +5,7 @@
 import Glibc
 #endif
 import Foundation
+import RDMAPaxos
 
 /// A socket operation failed: which operation, on what address, and errno's text.
 public struct SocketError: Error, Equatable, Sendable, CustomStringConvertible {

@@ -8,6 +8,7 @@
 import Glibc
 #endif
 import Foundation
+import RDMAPaxos
 
 /// How the guest's frames reach clients, and whether this replica takes clients' frames in.
 protocol ClientAttachment: AnyObject, Sendable {

@@ -5,6 +5,7 @@
 
 import CXXHash
 import Foundation
+import RDMAPaxos
 import Synchronization
 
 /// Which build of XXH3 hashes the pages. Both give identical values (the algorithm is fixed);
