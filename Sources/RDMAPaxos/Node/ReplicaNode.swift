@@ -312,6 +312,10 @@ public final class ReplicaNode: @unchecked Sendable {
     /// The consensus core, for a caller that steps the node (read it between steps only).
     package var core: Replica { replica }
 
+    /// Entries of compacted prefixes not freed yet (`freeReleasedEntries`), for a caller that
+    /// steps the node (read it between steps only).
+    package var releasedEntriesHeld: Int { releasing.reduce(0) { $0 + $1.count } }
+
     /// A node with `NodeOptions.steppedByCaller`: makes one call into the core, as the node's
     /// loop makes its own, and carries out the actions it returns with the node's executor
     /// (`perform`), then answers what that completed. The scenario scripts drive the core's
