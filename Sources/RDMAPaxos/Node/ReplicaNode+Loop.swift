@@ -81,7 +81,7 @@ extension ReplicaNode {
         }
         if failure == nil { proposeBatch(commands) } else { commands.forEach { $0.continuation.resume(throwing: NodeError.storage(failure!)) } }
         publishAndAnswer()
-        if !releasing.isEmpty { freeReleasedEntries() }
+        freeReleasedEntries()
     }
 
     /// Entries of compacted prefixes freed per loop pass: a few hundred microseconds of `free`,

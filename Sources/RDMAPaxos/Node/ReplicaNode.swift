@@ -324,7 +324,7 @@ public final class ReplicaNode: @unchecked Sendable {
         precondition(options.steppedByCaller, "performOnCore is for a node stepped by its caller")
         perform(try call(&replica!))
         publishAndAnswer()
-        if !releasing.isEmpty { freeReleasedEntries() }
+        freeReleasedEntries()
     }
 
     /// The node's latest status (updated after every batch of events).

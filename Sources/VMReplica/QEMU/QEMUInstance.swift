@@ -161,7 +161,7 @@ public final class QEMUInstance: @unchecked Sendable {
         // Signalled here, so that the caller's next step (resuming another QEMU on the same
         // RAM) comes after it; only the wait is on the other thread.
         if process.isRunning { Glibc.kill(process.processIdentifier, SIGKILL) }
-        let t = Thread(named: String("vm-reap-\(name)".prefix(15))) { [self] in
+        let t = Thread(named: "vm-reap-\(name)") { [self] in
             kill()
             reaped(ContinuousClock.now - start)
         }

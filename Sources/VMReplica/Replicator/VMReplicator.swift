@@ -310,7 +310,7 @@ public final class VMReplicator: @unchecked Sendable {
 
     /// Reads what `q`'s guest sends and applies the output rule to the answers.
     func startReader(_ q: QEMUInstance) {
-        let t = Thread(named: String("vm-nic-\(q.name)".prefix(15))) { [self] in
+        let t = Thread(named: "vm-nic-\(q.name)") { [self] in
             while let frame = q.nic.readFrame() {
                 guard carries(frame) else { continue }
                 handleOutput(frame, from: q)
