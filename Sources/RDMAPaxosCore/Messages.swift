@@ -100,6 +100,12 @@ public struct Message: Hashable, Sendable {
         case heartbeat(commit: LogIndex, readRound: UInt64, votersDurable: LogIndex = 0)
         /// Answer to `heartbeat`, echoing its read-index round.
         case heartbeatReply(readRound: UInt64)
+        /// A new commit index, told at once to a follower that holds it. Unlike `heartbeat` it
+        /// asks for no answer: the follower's acknowledgement just told the leader it is alive,
+        /// and a commit at every put would otherwise cost each follower a reply and the leader a
+        /// wake-up per put. A heartbeat goes instead where a read waits for the follower's answer
+        /// or the follower is a witness (`votersDurable`).
+        case commitNotice(commit: LogIndex)
         /// Replaces the receiver's prefix when the leader no longer holds the entries it needs;
         /// sent in chunks of at most `ReplicaConfig.snapshotChunkBytes`, one at a time.
         case installSnapshot(SnapshotChunk)
@@ -139,6 +145,7 @@ extension Message: CustomStringConvertible {
         case let .accepted(s, i): body = "Accepted \(s ? "ok" : "reject") \(i)"
         case let .heartbeat(c, r, v): body = "Heartbeat commit=\(c)" + (r > 0 ? " read=\(r)" : "") + (v > 0 ? " voters-durable=\(v)" : "")
         case let .heartbeatReply(r): body = "HeartbeatReply" + (r > 0 ? " read=\(r)" : "")
+        case let .commitNotice(c): body = "CommitNotice commit=\(c)"
         case let .installSnapshot(c):
             body = "InstallSnapshot \(c.index)@\(c.ballot)" + (c.totalBytes > c.data.count ? " bytes=\(c.offset)+\(c.data.count)/\(c.totalBytes)" : "")
         case let .snapshotReceived(i, n): body = "SnapshotReceived \(i) bytes=\(n)"

@@ -15,7 +15,7 @@ extension Replica {
         }
         let fromLeader: Bool
         switch m.body {
-        case .accept, .heartbeat, .installSnapshot, .timeoutNow, .recovered, .removed: fromLeader = true
+        case .accept, .heartbeat, .commitNotice, .installSnapshot, .timeoutNow, .recovered, .removed: fromLeader = true
         default: fromLeader = false
         }
         if m.ballot > promised, role == .leader, case let .accepted(false, index) = m.body, index < commitIndex,
@@ -79,6 +79,9 @@ extension Replica {
             } else {
                 send(m.from, .heartbeatReply(readRound: round))
             }
+        case let .commitNotice(commit):
+            followLeader(m.from)
+            if leaderMatch > commitIndex { commitIndex = max(commitIndex, min(commit, leaderMatch)) }
         case let .heartbeatReply(round):
             guard role == .leader, var pr = progress[m.from] else { return }
             pr.recentActive = true
@@ -268,6 +271,15 @@ extension Replica {
         return .heartbeat(commit: commit, readRound: readRound, votersDurable: held)
     }
 
+    /// How a new commit index is told between heartbeats: a `commitNotice`, which asks for no
+    /// answer, unless a read waits for this follower's answer or it is a witness, which learns
+    /// from heartbeats how far it may compact.
+    func commitNotice(to peer: NodeID, commit: LogIndex) -> Message.Body {
+        let readWaits = progress[peer].map { $0.counts && $0.readAck < readRound } ?? false
+        if readWaits || membership.member(peer)?.role == .witness { return heartbeat(to: peer, commit: commit) }
+        return .commitNotice(commit: commit)
+    }
+
     /// Sends the next accept (or the snapshot) to one follower, within its flow-control window.
     mutating func sendAppend(to peer: NodeID) {
         guard var pr = progress[peer], !pr.isPaused(inflightMax: config.inflightMessagesMax, inflightBytesMax: config.inflightBytesMax) else { return }
@@ -389,7 +401,7 @@ extension Replica {
               pr.match == log.lastIndex else { return }
         // `maybeCommit` just told every follower holding the new commit index.
         if notified && pr.match >= commitIndex { return }
-        send(peer, heartbeat(to: peer, commit: min(commitIndex, pr.match)))
+        send(peer, commitNotice(to: peer, commit: min(commitIndex, pr.match)))
     }
 
     /// Commits the highest index a quorum holds durably, if it is of our own ballot.
@@ -414,7 +426,7 @@ extension Replica {
         }
         // Let followers learn the new commit index promptly.
         for peer in progress.keys.sorted() where progress[peer]!.match >= n && progress[peer]!.match > 0 {
-            send(peer, heartbeat(to: peer, commit: n))
+            send(peer, commitNotice(to: peer, commit: n))
         }
         // Recovering followers whose barrier just committed hear so now.
         for peer in progress.keys.sorted() { finishRecovery(of: peer) }

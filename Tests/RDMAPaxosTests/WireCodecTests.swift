@@ -21,6 +21,7 @@ func everyKindOfMessage(from: NodeID = 1, to: NodeID = 2, term: UInt64 = 7) -> [
         .heartbeat(commit: 12, readRound: 99),
         .heartbeat(commit: 12, readRound: 0, votersDurable: 11),
         .heartbeatReply(readRound: 99),
+        .commitNotice(commit: 12),
         .installSnapshot(SnapshotChunk(whole: Snapshot(index: 100, ballot: b, membership: membership, data: [1, 2, 3, 255]))),
         .installSnapshot(SnapshotChunk(index: 100, ballot: b, membership: membership, totalBytes: 1 << 30, offset: 1 << 20, data: [9, 8])),
         .timeoutNow,
@@ -37,7 +38,7 @@ func everyKindOfMessage(from: NodeID = 1, to: NodeID = 2, term: UInt64 = 7) -> [
 @Suite struct WireCodecTests {
     @Test func everyBodyCaseRoundTrips() throws {
         let messages = everyKindOfMessage()
-        #expect(Set(messages.map { WireCodec.tag($0.body) }).count == 13)
+        #expect(Set(messages.map { WireCodec.tag($0.body) }).count == 14)
         for m in messages {
             #expect(try WireCodec.decode(WireCodec.encode(m)) == m)
         }

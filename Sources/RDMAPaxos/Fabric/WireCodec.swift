@@ -1,13 +1,14 @@
-/// The binary form of a `Message` inside a ring record or any other transport (version 4;
+/// The binary form of a `Message` inside a ring record or any other transport (version 5;
 /// docs/design/fabric.md, "Fabric and rings"). Big-endian, built on the core's `ByteWriter`/`ByteReader`.
 ///
 /// Version 3 (recovery from lost state, bounded witness hand-over, witness compaction) added
 /// `more` to promise, `votersDurable` to heartbeat, and tags 12 and 13; version 2 peers are
 /// refused (a cluster upgrades all its members together). Version 4 (membership for operators)
 /// carries the configuration in format 2 (with addresses; `Membership.encoded()`) and adds tag 14.
+/// Version 5 adds tag 15, the commit notice that asks for no answer.
 ///
 /// ```
-/// u8  version (4)   u8 tag (Body case)   u32 from   u32 to   ballot (u64 term, u32 node)
+/// u8  version (5)   u8 tag (Body case)   u32 from   u32 to   ballot (u64 term, u32 node)
 /// body, by tag:
 ///  1 preVote        u64 lastIndex, ballot lastBallot
 ///  2 preVoteReply   u8 granted
@@ -26,12 +27,13 @@
 /// 12 recovering     u64 nonce, u64 index
 /// 13 recovered      u64 nonce, u64 barrier
 /// 14 removed        u64 configIndex
+/// 15 commitNotice   u64 commit
 /// ```
 /// Decoding never traps: every length is checked against the bytes present and the limits
 /// below, booleans must be 0 or 1, and trailing bytes are an error.
 public enum WireCodec {
     /// Wire format version; messages of any other version are refused.
-    public static let version: UInt8 = 4
+    public static let version: UInt8 = 5
     /// Fixed part before the body: version, tag, from, to, ballot.
     static let headerBytes = 1 + 1 + 4 + 4 + 12
     /// Smallest encoded entry (empty payload); bounds `count` before allocating anything.
@@ -80,6 +82,7 @@ public enum WireCodec {
         case let .accepted(s, i): w.u8(s ? 1 : 0); w.u64(i)
         case let .heartbeat(c, r, v): w.u64(c); w.u64(r); w.u64(v)
         case let .heartbeatReply(r): w.u64(r)
+        case let .commitNotice(c): w.u64(c)
         case let .installSnapshot(c):
             w.u64(c.index); w.ballot(c.ballot); w.blob(c.membership.encoded())
             w.u64(UInt64(c.totalBytes)); w.u64(UInt64(c.offset)); w.blob(c.data)
@@ -128,6 +131,7 @@ public enum WireCodec {
         case 6: body = .accepted(success: try bool(&r), index: try r.u64())
         case 7: body = .heartbeat(commit: try r.u64(), readRound: try r.u64(), votersDurable: try r.u64())
         case 8: body = .heartbeatReply(readRound: try r.u64())
+        case 15: body = .commitNotice(commit: try r.u64())
         case 9:
             let index = try r.u64(), b = try r.ballot()
             let m = try Membership(decoding: try r.blob(max: 1 << 20))
@@ -189,6 +193,7 @@ public enum WireCodec {
         case .accepted: 6
         case .heartbeat: 7
         case .heartbeatReply: 8
+        case .commitNotice: 15
         case .installSnapshot: 9
         case .timeoutNow: 10
         case .snapshotReceived: 11
