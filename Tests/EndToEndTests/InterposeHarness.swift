@@ -84,27 +84,12 @@ enum InterposeHarness {
 
     /// A connected TCP socket to 127.0.0.1:`port` (the test clients' one connect path).
     static func connect(port: Int) throws -> Int32 {
-        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-        var a = sockaddr_in()
-        a.sin_family = sa_family_t(AF_INET)
-        a.sin_addr.s_addr = inet_addr("127.0.0.1")
-        a.sin_port = in_port_t(UInt16(port).bigEndian)
-        let ok = withUnsafePointer(to: &a) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) == 0 } }
-        guard ok else { Glibc.close(fd); throw CLIError("cannot connect to 127.0.0.1:\(port): \(String(cString: strerror(errno)))") }
-        return fd
+        try SocketDescriptor.connect(to: HostPort(host: "127.0.0.1", port: port)).rawValue
     }
 
     /// A connected stream socket to the unix socket at `unixPath`.
     static func connect(unixPath: String) throws -> Int32 {
-        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
-        var a = sockaddr_un()
-        a.sun_family = sa_family_t(AF_UNIX)
-        withUnsafeMutableBytes(of: &a.sun_path) { b in
-            for (i, c) in unixPath.utf8.prefix(b.count - 1).enumerated() { b[i] = c }
-        }
-        let ok = withUnsafePointer(to: &a) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) == 0 } }
-        guard ok else { Glibc.close(fd); throw CLIError("cannot connect to \(unixPath): \(String(cString: strerror(errno)))") }
-        return fd
+        try SocketDescriptor.connect(unixPath: unixPath).rawValue
     }
 
     static func waitUntil(_ timeout: Duration, _ condition: () -> Bool) -> Bool {

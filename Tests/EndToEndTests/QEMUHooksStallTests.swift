@@ -2,6 +2,7 @@ import Foundation
 import PloverCheck
 import Testing
 @testable import PloverTesting
+import RDMAPaxos
 
 extension EndToEnd.QEMUHooksTests {
     /// An agent that takes QEMU's answer a few bytes at a time: every send makes progress, so only
@@ -13,19 +14,13 @@ extension EndToEnd.QEMUHooksTests {
         try await onOwnThread {
             let (root, standin) = try Self.prepare("qemuhooks-trickle")
             let path = root + "/trickle.sock"
-            let listener = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
-            defer { Glibc.close(listener) }
-            var a = sockaddr_un()
-            a.sun_family = sa_family_t(AF_UNIX)
-            withUnsafeMutableBytes(of: &a.sun_path) { b in for (i, c) in path.utf8.enumerated() { b[i] = c } }
-            let bound = withUnsafePointer(to: &a) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(listener, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) == 0 } }
-            guard bound, listen(listener, 1) == 0 else { throw CLIError("cannot listen on \(path)") }
+            let listener = try SocketDescriptor.listen(unixPath: path, backlog: 1)
+            defer { listener.close() }
             let log = root + "/standin.log"
             let p = try InterposeHarness.spawn(standin, ["serve", path, String(Self.pages), String(8 << 20), root + "/l.bin", "-", "-"],
                                                log: log, environment: ["INTERPOSE_VM_STALL_MS": "1500"])
             defer { if p.isRunning { InterposeHarness.kill9(p) } }
-            let fd = accept(listener, nil, nil)
-            guard fd >= 0 else { throw CLIError("the stand-in did not connect") }
+            let fd = try listener.accept(timeout: .seconds(30)).rawValue
             defer { Glibc.close(fd) }
             var hello = [UInt8](repeating: 0, count: 21)
             guard recv(fd, &hello, hello.count, Int32(MSG_WAITALL)) == 21, hello[4] == 0x01 else { throw CLIError("no hello from the stand-in") }
