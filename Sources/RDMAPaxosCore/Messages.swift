@@ -101,10 +101,10 @@ public struct Message: Hashable, Sendable {
         /// Answer to `heartbeat`, echoing its read-index round.
         case heartbeatReply(readRound: UInt64)
         /// A new commit index, told at once to a follower that holds it. Unlike `heartbeat` it
-        /// asks for no answer: the follower's acknowledgement just told the leader it is alive,
-        /// and a commit at every put would otherwise cost each follower a reply and the leader a
-        /// wake-up per put. A heartbeat goes instead where a read waits for the follower's answer
-        /// or the follower is a witness (`votersDurable`).
+        /// asks for no answer: the leader learns that a follower is alive from its
+        /// acknowledgements and from the answers to the periodic heartbeats, and a commit at every
+        /// put would otherwise cost each follower a reply and the leader a wake-up per put. A
+        /// witness gets a heartbeat instead (`votersDurable`).
         case commitNotice(commit: LogIndex)
         /// Replaces the receiver's prefix when the leader no longer holds the entries it needs;
         /// sent in chunks of at most `ReplicaConfig.snapshotChunkBytes`, one at a time.

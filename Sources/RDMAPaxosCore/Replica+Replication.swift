@@ -272,11 +272,10 @@ extension Replica {
     }
 
     /// How a new commit index is told between heartbeats: a `commitNotice`, which asks for no
-    /// answer, unless a read waits for this follower's answer or it is a witness, which learns
-    /// from heartbeats how far it may compact.
+    /// answer; a witness gets a heartbeat, which tells it how far it may compact. (A read sends
+    /// heartbeats of its own.)
     func commitNotice(to peer: NodeID, commit: LogIndex) -> Message.Body {
-        let readWaits = progress[peer].map { $0.counts && $0.readAck < readRound } ?? false
-        if readWaits || membership.member(peer)?.role == .witness { return heartbeat(to: peer, commit: commit) }
+        if membership.member(peer)?.role == .witness { return heartbeat(to: peer, commit: commit) }
         return .commitNotice(commit: commit)
     }
 
@@ -296,7 +295,7 @@ extension Replica {
         // A batch fills what is left of the byte window (at least one entry goes).
         let window = max(1, config.inflightBytesMax - (pr.state == .replicate ? pr.inflightBytes : 0))
         let entries = log.slice(from: pr.next, bytesMax: min(config.batchBytesMax, window))
-        // Streaming with nothing new to send: heartbeats carry the commit index instead.
+        // Streaming with nothing new to send: commit notices and heartbeats carry the commit index.
         if pr.state == .replicate && entries.isEmpty { return }
         send(peer, .accept(prevIndex: prevIndex, prevBallot: prevBallot, entries: entries, commit: commitIndex))
         switch pr.state {

@@ -108,7 +108,7 @@ func everyKindOfMessage(from: NodeID = 1, to: NodeID = 2, term: UInt64 = 7) -> [
             var bytes: [UInt8]
             if round % 2 == 0 {
                 bytes = (0..<Int(rng.next() % 200)).map { _ in UInt8(truncatingIfNeeded: rng.next()) }
-                if bytes.count > 1 { bytes[0] = 1; bytes[1] = UInt8(1 + rng.next() % 10) }
+                if bytes.count > 1 { bytes[0] = WireCodec.version; bytes[1] = UInt8(1 + rng.next() % 15) }
             } else {
                 bytes = valid[Int(rng.next() % UInt64(valid.count))]
                 for _ in 0..<(1 + rng.next() % 4) where !bytes.isEmpty {
