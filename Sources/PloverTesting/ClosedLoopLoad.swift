@@ -83,7 +83,7 @@ enum ClosedLoopLoad {
         for t in 0..<clients {
             finished.enter()
             let mine = results[t]
-            let th = Thread {
+            let th = Thread(named: "load-client-\(t)") {
                 loop(client: makeClient(), thread: t, valueBytes: valueBytes, keyPrefix: keyPrefix, keySpace: keySpace,
                      measureFrom: measureFrom, end: end, into: mine)
                 finished.leave()

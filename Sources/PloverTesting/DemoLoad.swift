@@ -24,7 +24,7 @@ package final class DemoLoad: @unchecked Sendable {
         running.store(true, ordering: .relaxed)
         for t in 0..<clients {
             done.enter()
-            let th = Thread { [self] in
+            let th = Thread(named: "demo-load-\(t)") { [self] in
                 let c = NodeClient(endpoints: endpoints, timeout: .seconds(2))
                 var i = 0
                 while running.load(ordering: .relaxed) {

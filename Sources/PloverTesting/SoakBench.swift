@@ -121,7 +121,7 @@ final class SoakLoad: @unchecked Sendable {
         for t in 0..<clients {
             done.enter()
             let log = logs[t]
-            let th = Thread { [self] in
+            let th = Thread(named: "soak-load-\(t)") { [self] in
                 defer { done.leave() }
                 let client = makeClient()
                 let value = [UInt8](repeating: UInt8(ascii: "v"), count: valueBytes)

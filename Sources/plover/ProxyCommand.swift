@@ -64,7 +64,7 @@ final class LeaderProxy: @unchecked Sendable {
         print("plover proxy: listening on \(address), forwarding to the leader's server among \(backends.keys.sorted())")
         while true {
             let client = try listener.accept()
-            Thread { [self] in handle(client) }.start()
+            Thread(named: "proxy-client") { [self] in handle(client) }.start()
         }
     }
 
@@ -94,7 +94,7 @@ final class LeaderProxy: @unchecked Sendable {
         let done = DispatchGroup()
         for (from, to) in [(client, server), (server, client)] {
             done.enter()
-            Thread {
+            Thread(named: "proxy-pipe") {
                 Self.pipe(from, to)
                 // Either side ending ends both: the client reconnects and is forwarded afresh.
                 from.shutdown()
