@@ -275,7 +275,7 @@ extension TapLab {
                           _ body: (_ guest: String, _ machineLine: String, _ lab: TapLab) throws -> Void) throws {
         let guest = try buildVMGuest()
         let machine = MachineDescription.current(dataDir: FileManager.default.currentDirectoryPath)
-        let machineLine = vmMachineLine(machine, qemu: MachineDescription.shell("qemu-system-x86_64 --version | head -1"))
+        let machineLine = vmMachineLine(machine, qemu: MachineDescription.qemuVersion)
         try? FileManager.default.removeItem(atPath: workDir)
         try FileManager.default.createDirectory(atPath: workDir, withIntermediateDirectories: true)
         defer { if !keep { try? FileManager.default.removeItem(atPath: workDir) } }

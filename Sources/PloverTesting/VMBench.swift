@@ -48,7 +48,7 @@ package struct VMBench: ParsableCommand {
         guard !clientList.isEmpty, clientList.allSatisfy({ $0 <= 32 }) else { throw CLIError("--clients \(clients): give numbers from 1 to 32, comma-separated") }
         say("unreplicated guest: \(requests) requests per client per workload, clients \(clientList)")
         let machine = MachineDescription.current(dataDir: absoluteDir)
-        let qemu = MachineDescription.shell("qemu-system-x86_64 --version | head -1")
+        let qemu = MachineDescription.qemuVersion
         let plain = try unreplicated(kernel: kernel, initrd: initrd)
         var results: [WorkloadResult] = []
         var first: [String: String]?

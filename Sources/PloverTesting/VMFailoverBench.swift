@@ -61,7 +61,7 @@ package struct VMFailoverBench: ParsableCommand {
         try? FileManager.default.removeItem(atPath: absolute)
         defer { if !keep { try? FileManager.default.removeItem(atPath: absolute) } }
         let machine = MachineDescription.current(dataDir: FileManager.default.currentDirectoryPath)
-        let qemu = MachineDescription.shell("qemu-system-x86_64 --version | head -1")
+        let qemu = MachineDescription.qemuVersion
         let cluster = try VMCluster(root: absolute, kernel: guest + "/vmlinuz", initrd: guest + "/initrd.gz")
         defer { cluster.stopAll() }
         let leftovers = [1, 2].map { (cluster.runDir(NodeID($0)), cluster.ramFile(NodeID($0))) }
