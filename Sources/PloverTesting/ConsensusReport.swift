@@ -43,8 +43,9 @@ struct MachineDescription {
         return 1 - (b.idle - a.idle) / (b.total - a.total)
     }
 
-    /// The first line of `qemu-system-x86_64 --version` ("" without QEMU), for the VM benchmarks' reports.
-    static var qemuVersion: String { shell("qemu-system-x86_64 --version | head -1") }
+    /// The first line of `qemu-system-x86_64 --version` ("" without QEMU), for the VM benchmarks'
+    /// reports; asked once per process.
+    static let qemuVersion = shell("qemu-system-x86_64 --version | head -1")
 
     /// stdout of `sh -c command`, trimmed ("" if it cannot run).
     static func shell(_ command: String) -> String {

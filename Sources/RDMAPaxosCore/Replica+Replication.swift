@@ -71,7 +71,7 @@ extension Replica {
             handleAccepted(from: m.from, success: success, index: index)
         case let .heartbeat(commit, round, held):
             followLeader(m.from)
-            if leaderMatch > commitIndex { commitIndex = max(commitIndex, min(commit, leaderMatch)) }
+            learnCommit(commit)
             votersDurable = max(votersDurable, held)
             // A recovering replica's answer confirms no read: it may have forgotten a higher promise.
             if let r = recovery {
@@ -81,7 +81,7 @@ extension Replica {
             }
         case let .commitNotice(commit):
             followLeader(m.from)
-            if leaderMatch > commitIndex { commitIndex = max(commitIndex, min(commit, leaderMatch)) }
+            learnCommit(commit)
         case let .heartbeatReply(round):
             guard role == .leader, var pr = progress[m.from] else { return }
             pr.recentActive = true
@@ -133,6 +133,12 @@ extension Replica {
             recovery!.ticksWithoutLeader = 0
             recovery!.stallReported = false
         }
+    }
+
+    /// The leader's commit index from a heartbeat or commit notice: committed here only as far
+    /// as this replica's log is known to match the leader's (`leaderMatch`).
+    mutating func learnCommit(_ commit: LogIndex) {
+        if leaderMatch > commitIndex { commitIndex = max(commitIndex, min(commit, leaderMatch)) }
     }
 
     mutating func handleAccept(from: NodeID, prevIndex: LogIndex, prevBallot: Ballot, entries: [LogEntry], commit: LogIndex) {
