@@ -555,6 +555,22 @@ struct client *apus_client_for_event(uint64_t data) { return client_for_event(da
 
 /* MARK: close */
 
+/* A line at most every 10 s, with the count, when the server closes a client whose committed
+ * bytes it has not read (a CLIENT KILL from another client of the same round, QUIT with more
+ * behind it): they are dropped, as each follower drops them, its server having closed the
+ * connection at the same place of the log. */
+static void note_dropped(size_t bytes) {
+    static long clients;
+    static long long total, last;
+    clients++;
+    total += (long long)bytes;
+    long long now = apus_now_ms();
+    if (last && now - last < 10000) return;
+    last = now;
+    apus_log("the server closed a client before reading its committed input: dropped, as on every replica "
+             "(%ld clients, %lld bytes so far)", clients, total);
+}
+
 void apus_before_close(int fd) {
     atomic_store(&apus_fds[fd].listener, 0);
     if (apus_fd_kind_of(fd) == APUS_FD_NONE) return;
@@ -569,6 +585,7 @@ void apus_before_close(int fd) {
         apus_client_count--;
         queue_remove(c);
         if (!c->close_logged) apus_propose_close(c->id, 1);
+        if (c->buf) note_dropped(c->buf_len - c->buf_off);
         free(c->buf);
         free(c);
     } else if (r) {
