@@ -327,11 +327,9 @@ final class TCPQueuePair: QueuePair {
     let remote: RemoteRegion
     let channel: any Channel
     private let fabric: TCPFabric
-    private struct Pending { var sequence: UInt64; var workRequestID: UInt64; var signaled: Bool }
     private struct State {
         var inError = false
-        var nextSequence: UInt64 = 1
-        var outstanding = CircularBuffer<Pending>()
+        var outstanding = OutstandingWrites()
         /// Writes posted since the last one that asked for an acknowledgement.
         var unasked = 0
     }
@@ -358,10 +356,8 @@ final class TCPQueuePair: QueuePair {
         let channel = self.channel
         try state.withLock { s throws(FabricError) in
             guard !s.inError else { throw FabricError.queuePairInError(peer: peer) }
-            guard s.outstanding.count < limit else { throw FabricError.tooManyOutstandingWrites(peer: peer, limit: limit) }
-            let seq = s.nextSequence
-            s.nextSequence += 1
-            s.outstanding.append(Pending(sequence: seq, workRequestID: workRequestID, signaled: signaled))
+            try s.outstanding.checkRoom(limit: limit, peer: peer)
+            let seq = s.outstanding.append(workRequestID: workRequestID, signaled: signaled)
             s.unasked += 1
             let ask = signaled || s.unasked >= Self.acknowledgeEveryWrites || s.outstanding.count * 2 >= limit
             if ask { s.unasked = 0 }
@@ -382,18 +378,9 @@ final class TCPQueuePair: QueuePair {
     func acknowledged(sequence: UInt64, landed: Bool) -> Bool {
         let fail = state.withLock { s -> Bool? in
             if s.inError { return false }
-            guard let first = s.outstanding.first, let last = s.outstanding.last,
-                  first.sequence <= sequence, sequence <= last.sequence else { return nil }
-            while let p = s.outstanding.first, p.sequence < sequence {
-                s.outstanding.removeFirst()
-                if p.signaled { push(p, .success) }
-            }
-            let answered = s.outstanding.removeFirst()
-            if landed {
-                if answered.signaled { push(answered, .success) }
-                return false
-            }
-            push(answered, .remoteAccessError)
+            guard s.outstanding.contains(sequence) else { return nil }
+            s.outstanding.complete(through: sequence, status: landed ? .success : .remoteAccessError, push)
+            if landed { return false }
             errorLocked(&s, firstStatus: .flushed)
             return true
         }
@@ -415,14 +402,10 @@ final class TCPQueuePair: QueuePair {
     private func errorLocked(_ s: inout State, firstStatus: CompletionStatus) {
         guard !s.inError else { return }
         s.inError = true
-        var status = firstStatus
-        while let p = s.outstanding.popFirst() {
-            push(p, status)
-            status = .flushed
-        }
+        s.outstanding.flush(firstStatus: firstStatus, push)
     }
 
-    private func push(_ p: Pending, _ status: CompletionStatus) {
+    private func push(_ p: OutstandingWrites.Write, _ status: CompletionStatus) {
         fabric.completions.push(Completion(kind: .write, status: status, peer: peer,
                                            workRequestID: p.workRequestID, immediate: nil))
     }

@@ -83,12 +83,10 @@ final class VerbsQueuePair: QueuePair, @unchecked Sendable {
     private let completions: CompletionQueue
     private let outstandingWritesMax: Int
     private let logger: Logger
-    private struct Pending { var sequence: UInt64; var workRequestID: UInt64; var signaled: Bool }
     private struct State {
         var machine = QueuePairStateMachine()
         var remote: RemoteRegion?
-        var nextSequence: UInt64 = 1
-        var outstanding = CircularBuffer<Pending>()
+        var outstanding = OutstandingWrites()
     }
     private let state = Mutex(State())
 
@@ -228,8 +226,8 @@ final class VerbsQueuePair: QueuePair, @unchecked Sendable {
         }
         try state.withLock { s throws(FabricError) in
             guard s.machine.canPostSend, let remote = s.remote else { throw FabricError.queuePairInError(peer: peer) }
-            guard s.outstanding.count < limit else { throw FabricError.tooManyOutstandingWrites(peer: peer, limit: limit) }
-            let seq = s.nextSequence
+            try s.outstanding.checkRoom(limit: limit, peer: peer)
+            let seq = s.outstanding.nextSequence
             // Unsignalled writes hold their slot until a later signalled one completes: signal at
             // least every half ring so slots come back.
             let signal = signaled || seq % UInt64(max(1, limit / 2)) == 0
@@ -252,8 +250,7 @@ final class VerbsQueuePair: QueuePair, @unchecked Sendable {
                 return ibv_post_send(qp, &wr, &bad)
             }
             do throws(VerbsError) { try Verbs.check(rc, "ibv_post_send") } catch { throw FabricError.device(error) }
-            s.nextSequence += 1
-            s.outstanding.append(Pending(sequence: seq, workRequestID: workRequestID, signaled: signaled))
+            s.outstanding.append(workRequestID: workRequestID, signaled: signaled)
         }
     }
 
@@ -261,13 +258,8 @@ final class VerbsQueuePair: QueuePair, @unchecked Sendable {
     func completed(wrID: UInt64, status: CompletionStatus) {
         let seq = wrID & ~Self.sendBit
         state.withLock { s in
-            while let p = s.outstanding.first, p.sequence <= seq {
-                s.outstanding.removeFirst()
-                let st: CompletionStatus = p.sequence == seq ? status : .success
-                if st != .success || p.signaled {
-                    completions.push(Completion(kind: .write, status: st, peer: peer,
-                                                workRequestID: p.workRequestID, immediate: nil))
-                }
+            s.outstanding.complete(through: seq, status: status) { w, st in
+                completions.push(Completion(kind: .write, status: st, peer: peer, workRequestID: w.workRequestID, immediate: nil))
             }
             if status != .success { try? s.machine.move(to: .error) }
         }
