@@ -557,8 +557,9 @@ struct client *apus_client_for_event(uint64_t data) { return client_for_event(da
 
 /* A line at most every 10 s, with the count, when the server closes a client whose committed
  * bytes it has not read (a CLIENT KILL from another client of the same round, QUIT with more
- * behind it): they are dropped, as each follower drops them, its server having closed the
- * connection at the same place of the log. */
+ * behind it): they are dropped. When a command in the log caused the close, each follower drops
+ * them too, its server having closed the connection at the same place of the log (a close the
+ * leader's server alone decides is a limit: docs/design/interpose.md, "Leader"). */
 static void note_dropped(size_t bytes) {
     static long clients;
     static long long total, last;
@@ -567,7 +568,7 @@ static void note_dropped(size_t bytes) {
     long long now = apus_now_ms();
     if (last && now - last < 10000) return;
     last = now;
-    apus_log("the server closed a client before reading its committed input: dropped, as on every replica "
+    apus_log("the server closed a client before reading its committed input: dropped "
              "(%ld clients, %lld bytes so far)", clients, total);
 }
 

@@ -54,9 +54,17 @@ extension EndToEnd.InterposeRedisTests {
                     Thread.sleep(forTimeInterval: 0.002 * Double(n % 5))
                 }
             }.start()
-            Thread.sleep(forTimeInterval: 6)
+            // Load for at least 6 s, and until the leader has dropped a killed client's committed
+            // bytes (the case this test is for), for at most 30 s.
+            let logPath = r.root + "/redis-\(leader).log"
+            let dropLine = "the server closed a client before reading its committed input"
+            func dropped() -> Bool { ((try? String(contentsOfFile: logPath, encoding: .utf8)) ?? "").contains(dropLine) }
+            let start = ContinuousClock.now
+            while ContinuousClock.now < start + .seconds(30) && (ContinuousClock.now < start + .seconds(6) || !dropped()) {
+                Thread.sleep(forTimeInterval: 0.2)
+            }
             state.update { $0.stop = true }
-            done.wait()
+            if done.wait(timeout: .now() + 60) == .timedOut { checks.record("the writers or the killer did not stop within 60 s") }
             checks.expect(state.kills > 50, "too few clients were killed (\(state.kills)) to prove anything")
             let same = r.converged(timeout: .seconds(30))
             let counts = r.cluster.ids.map { id -> String in
@@ -68,9 +76,7 @@ extension EndToEnd.InterposeRedisTests {
             checks.expect(same, "the replicas' Redis digests differ (leader \(leader); count-0… per replica):\n"
                           + counts.joined(separator: "\n") + "\n" + r.logTails())
             // The case this test is for happened: the leader dropped committed input of a closed client.
-            let log = (try? String(contentsOfFile: r.root + "/redis-\(leader).log", encoding: .utf8)) ?? ""
-            checks.expect(log.contains("the server closed a client before reading its committed input"),
-                          "no client was killed with committed bytes unread (\(state.kills) kills, \(state.connections) connections):\n" + r.logTails())
+            checks.expect(dropped(), "no client was killed with committed bytes unread (\(state.kills) kills, \(state.connections) connections):\n" + r.logTails())
         }
     }
 }

@@ -37,6 +37,16 @@ import Testing
         #expect(reported.map(\.1) == [.remoteAccessError])
     }
 
+    /// A completion for a number below every outstanding write changes nothing.
+    @Test func aCompletionOfANumberNoLongerOutstandingChangesNothing() {
+        var w = posted([true, true])
+        var reported = 0
+        w.complete(through: 1, status: .success) { _, _ in reported += 1 }
+        w.complete(through: 1, status: .remoteAccessError) { _, _ in reported += 1 }
+        w.complete(through: 0, status: .remoteAccessError) { _, _ in reported += 1 }
+        #expect(reported == 1 && w.count == 1 && w.contains(2) && !w.contains(1))
+    }
+
     @Test func aFailedQueuePairReportsEveryWriteTheFirstWithItsStatus() {
         var w = posted([false, true, false])
         var reported: [(UInt64, CompletionStatus)] = []

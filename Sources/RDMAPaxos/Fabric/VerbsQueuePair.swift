@@ -250,7 +250,8 @@ final class VerbsQueuePair: QueuePair, @unchecked Sendable {
                 return ibv_post_send(qp, &wr, &bad)
             }
             do throws(VerbsError) { try Verbs.check(rc, "ibv_post_send") } catch { throw FabricError.device(error) }
-            s.outstanding.append(workRequestID: workRequestID, signaled: signaled)
+            let posted = s.outstanding.append(workRequestID: workRequestID, signaled: signaled)
+            assert(posted == seq, "the write was posted as \(seq) but recorded as \(posted)")
         }
     }
 
