@@ -358,9 +358,7 @@ static struct replay *replay_by_peer(int fd) {
 /* A line at most every 10 s about refused clients (a storm of them would flood the log). */
 static void complain_refused(const char *fmt, long a, long b) {
     static long long last;
-    long long now = apus_now_ms();
-    if (last && now - last < 10000) return;
-    last = now;
+    if (!apus_log_due(&last)) return;
     char line[384];
     snprintf(line, sizeof line, fmt, a, b);
     apus_log("%s", line);
@@ -565,9 +563,7 @@ static void note_dropped(size_t bytes) {
     static long long total, last;
     clients++;
     total += (long long)bytes;
-    long long now = apus_now_ms();
-    if (last && now - last < 10000) return;
-    last = now;
+    if (!apus_log_due(&last)) return;
     apus_log("the server closed a client before reading its committed input: dropped "
              "(%ld clients, %lld bytes so far)", clients, total);
 }

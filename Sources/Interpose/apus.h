@@ -78,6 +78,9 @@ int apus_is_app_epoll(int epfd);
 int apus_epoll_ctl_recorded_only(int epfd, int op, int fd, const struct epoll_event *ev);
 int apus_epoll_wait(int epfd, struct epoll_event *events, int max, int timeout, const sigset_t *mask, int pwait);
 void apus_log(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+/* 1 when a rate-limited line may be written now: at most one every 10 s per `last` (the caller's
+ * static; updated when it says yes). */
+int apus_log_due(long long *last);
 long long apus_now_ms(void);
 
 /* MARK: limits (limits.c) */

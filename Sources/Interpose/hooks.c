@@ -78,6 +78,13 @@ void apus_log(const char *fmt, ...) {
     (void)w;
 }
 
+int apus_log_due(long long *last) {
+    long long now = apus_now_ms();
+    if (*last && now - *last < 10000) return 0;
+    *last = now;
+    return 1;
+}
+
 /* A connection the shim refuses (a follower's client, one past the cap) is closed and the next
  * one in the backlog is taken in the same call: an edge-triggered server that got EAGAIN would
  * not come back for the replay connections queued behind it. The bound keeps a flood of refused

@@ -233,9 +233,7 @@ struct replay *apus_replay_new(conn_id id) {
 /* One line about replay waiting on a resource, at most every 10 s (it retries far more often). */
 static void complain(struct replay *r, const char *what, int err) {
     static long long last;
-    long long now = apus_now_ms();
-    if (last && now - last < 10000) return;
-    last = now;
+    if (!apus_log_due(&last)) return;
     apus_log("replay of connection %016llx:%llu waits: cannot %s: %s (%d descriptors open, limit %ld; %d replay connections); "
              "retrying. A follower holds two descriptors per connection of the leader: raise this replica's fd limit "
              "or lower INTERPOSE_MAX_CLIENTS on the leader",
