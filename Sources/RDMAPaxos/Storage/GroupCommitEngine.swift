@@ -557,19 +557,34 @@ final class GroupCommitEngine: @unchecked Sendable {
         return freed
     }
 
-    /// Deletes the oldest entries with index <= `through` in one transaction of about `bytesMax`
-    /// (`deleteChunkBytes` unless told). Returns the `storedBytes` freed and whether none is left.
+    /// Deletes entries with index <= `through` in one transaction of about `bytesMax`
+    /// (`deleteChunkBytes` unless told), newest first. Returns the `storedBytes` freed and whether
+    /// none is left.
+    ///
+    /// Newest first because a Berkeley DB leaf page keeps its items' bytes packed towards its end
+    /// in the order they came: deleting a page's first entry moves every later entry's bytes
+    /// (`memmove` in `__db_ditem`), deleting its last moves none. Oldest first, a compaction's
+    /// deletion moved half a 64 KiB page per small entry, on the writer thread that group
+    /// commits wait for (benchmarks/consensus/README.md, "What compaction costs").
     static func deleteChunk(_ db: BerkeleyDB, through: LogIndex, sync: BerkeleyDB.Sync, bytesMax: Int = deleteChunkBytes) throws(StableLogError) -> (Int, Bool) {
         var done = true
         let freed: Int = try StoreDirectory.inTransaction(db, sync: sync) { txn throws(StableLogError) in
             var bytes = 0, stored = 0
-            try db.scan(.entries, from: .first, txn: txn) { k, v throws(StableLogError) in
-                guard let i = LogRecord.index(ofKey: k), i <= through else { return .stop }
+            // From the first entry after `through` (stepped over) or, with none, the last.
+            var positioned = false
+            let body = { (k: [UInt8], v: [UInt8]) throws(StableLogError) -> BerkeleyDB.Step in
+                positioned = true
+                guard let i = LogRecord.index(ofKey: k) else { return .stop }
+                if i > through { return .next }
                 if bytes >= bytesMax { done = false; return .stop }
                 bytes += v.count
                 stored += LogRecord.storedBytes(valueBytes: v.count, pageBytes: db.entriesPageBytes)
                 return .nextAndDeleteCurrent
             }
+            if through < LogIndex.max {
+                try db.scan(.entries, from: .atOrAfter(LogRecord.key(through + 1)), backwards: true, txn: txn, body)
+            }
+            if !positioned { try db.scan(.entries, from: .last, backwards: true, txn: txn, body) }
             return stored
         }
         return (freed, done)
