@@ -208,6 +208,40 @@ func makeStore(_ path: String, _ range: ClosedRange<LogIndex>, term: UInt64 = 1)
         #expect(try log.entries(20_000...20_001).map(\.index) == [20_000, 20_001])
     }
 
+    /// A crash part-way through a compaction's deletion (which goes newest first) leaves dead
+    /// records below a hole; the next open deletes them and the live entries are all there.
+    @Test func aCompactionDeletionCutShortIsFinishedWhenTheStoreOpens() throws {
+        let dir = TempDir("cut-short")
+        defer { dir.remove() }
+        try makeStore(dir.path, 1...300)
+        var chunkLeftMore = false
+        try withRawStore(dir.path) { db in
+            // What `compactPrefix` does on disk, then one bounded chunk of its deletion, then the
+            // "crash" (the store is closed with the rest of the deletion not done).
+            try StoreDirectory.inTransaction(db, sync: .fsync) { txn throws(StableLogError) in
+                try StoreDirectory.putMeta(db, .snapshot, LogRecord.encodeSnapshot(SnapshotPoint(index: 250, ballot: Ballot(term: 1, node: 1))), txn: txn)
+            }
+            let (_, done) = try GroupCommitEngine.deleteChunk(db, through: 250, sync: .fsync, bytesMax: 1000)
+            chunkLeftMore = !done
+            #expect(try db.get(.entries, key: LogRecord.key(250)) == nil, "the newest dead entry goes first")
+            #expect(try db.get(.entries, key: LogRecord.key(1)) != nil, "the chunk deleted the whole dead prefix")
+            #expect(try db.get(.entries, key: LogRecord.key(251)) != nil, "the chunk deleted a live entry")
+        }
+        #expect(chunkLeftMore)
+        let log = try BerkeleyDBLog.open(path: dir.path)
+        #expect(log.firstIndex == 251 && log.lastIndex == 300)
+        #expect(try log.entries(251...300) == entries(251...300))
+        try log.close()
+        try withRawStore(dir.path) { db in
+            var left: [LogIndex] = []
+            try db.scan(.entries, from: .first, txn: nil) { k, _ throws(StableLogError) in
+                left.append(LogRecord.index(ofKey: k) ?? 0)
+                return left.count < 2 ? .next : .stop
+            }
+            #expect(left == [251, 252], "dead records left after the open: \(left)")
+        }
+    }
+
     @Test func memoryModeAppendsInlineOnlyWhenNothingIsQueuedBeforeIt() throws {
         let dir = TempDir("inline")
         defer { dir.remove() }
