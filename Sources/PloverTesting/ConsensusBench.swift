@@ -106,6 +106,7 @@ package struct ConsensusBench: ParsableCommand {
                 if system == .ploverMemory && probes == nil, case let .plover(endpoints, leader) = makeClient.target {
                     probes = try Self.probe(endpoints: endpoints, leader: leader)
                 }
+                let firstBefore = Self.firstIndexes(makeClient.target)
                 let r: ClosedLoopLoad.Result
                 if case let .plover(endpoints, _) = makeClient.target, ploverClient == .pipelined {
                     r = Self.pipelinedLoad(endpoints: endpoints, clients: n, valueBytes: value, warmup: warmup, seconds: seconds,
@@ -114,7 +115,9 @@ package struct ConsensusBench: ParsableCommand {
                     r = ClosedLoopLoad.run(clients: n, valueBytes: value, warmup: warmup, seconds: seconds,
                                            keyPrefix: "bench/\(value)/\(n)", keySpace: keySpace, makeClient: makeClient.make)
                 }
-                rows.append(ConsensusRow(system: system, valueBytes: value, clients: n, result: r))
+                let compacted = zip(firstBefore ?? [], Self.firstIndexes(makeClient.target) ?? []).filter { $0.1 > $0.0 }.count
+                rows.append(ConsensusRow(system: system, valueBytes: value, clients: n, result: r,
+                                         replicasCompacted: firstBefore == nil ? nil : compacted))
                 say(String(format: "  %5d B x%-3d %8.0f puts/s  p50 %8.0f µs  p99 %8.0f µs", value, n, r.putsPerSecond, r.latency.p50Micros, r.latency.p99Micros)
                     + (r.errors > 0 ? "  (\(r.errors) errors; first: \(r.firstError ?? ""))" : ""))
             }
@@ -179,6 +182,21 @@ package struct ConsensusBench: ParsableCommand {
                 throw error
             }
         }
+    }
+
+    /// Each plover replica's first log index, in node order (nil for etcd, or when a status
+    /// request fails): it moves when the replica compacts.
+    static func firstIndexes(_ target: ClusterClients.Target) -> [UInt64]? {
+        guard case let .plover(endpoints, _) = target else { return nil }
+        let c = NodeClient(endpoints: endpoints)
+        var out: [UInt64] = []
+        for id in endpoints.keys.sorted() {
+            guard let text = try? c.status(of: id),
+                  let field = text.split(whereSeparator: \.isWhitespace).first(where: { $0.hasPrefix("first_index=") }),
+                  let first = UInt64(field.dropFirst("first_index=".count)) else { return nil }
+            out.append(first)
+        }
+        return out
     }
 
     /// Where one unloaded plover request spends its time, without consensus: `status` is answered
@@ -247,4 +265,6 @@ struct ConsensusRow {
     var valueBytes: Int
     var clients: Int
     var result: ClosedLoopLoad.Result
+    /// Plover: how many replicas compacted during the point (warm-up included); nil for etcd.
+    var replicasCompacted: Int? = nil
 }

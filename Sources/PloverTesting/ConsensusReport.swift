@@ -114,15 +114,20 @@ struct ConsensusReport {
                     + "**p50 %.1f µs**, p99 %.1f µs (%d syncs).\n\n", roundTrip.p50Micros, roundTrip.p99Micros, roundTrip.count,
                     roundTripThreads.p50Micros, fdatasync.p50Micros, fdatasync.p99Micros, fdatasync.count)
 
-        s += "## All points\n\n| system | value | clients | puts/s | p50 µs | p99 µs | puts measured | errors |\n"
-        s += "|---|---:|---:|---:|---:|---:|---:|---:|\n"
+        s += "## All points\n\n"
+        s += "*Compacted*: how many of plover's three replicas compacted during the point, warm-up included "
+        s += "(the first index of their log moved). A compaction encodes and writes the replica's whole state "
+        s += "(one new key per put here) and deletes the entries it replaced.\n\n"
+        s += "| system | value | clients | puts/s | p50 µs | p99 µs | puts measured | errors | compacted |\n"
+        s += "|---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
         for value in valueSizes {
             for n in clientCounts {
                 for sys in systems {
                     guard let r = row(sys, value, n) else { continue }
                     let l = r.result.latency
                     s += "| \(sys.label) | \(Self.size(value)) | \(n) | \(Int(r.result.putsPerSecond.rounded())) | "
-                    s += String(format: "%.0f | %.0f", l.p50Micros, l.p99Micros) + " | \(l.count) | \(r.result.errors) |\n"
+                    s += String(format: "%.0f | %.0f", l.p50Micros, l.p99Micros) + " | \(l.count) | \(r.result.errors) | "
+                    s += (r.replicasCompacted.map { "\($0) of 3" } ?? "—") + " |\n"
                 }
             }
         }
