@@ -115,9 +115,11 @@ package struct ConsensusBench: ParsableCommand {
                     r = ClosedLoopLoad.run(clients: n, valueBytes: value, warmup: warmup, seconds: seconds,
                                            keyPrefix: "bench/\(value)/\(n)", keySpace: keySpace, makeClient: makeClient.make)
                 }
-                let compacted = zip(firstBefore ?? [], Self.firstIndexes(makeClient.target) ?? []).filter { $0.1 > $0.0 }.count
-                rows.append(ConsensusRow(system: system, valueBytes: value, clients: n, result: r,
-                                         replicasCompacted: firstBefore == nil ? nil : compacted))
+                var compacted: (Int, of: Int)?
+                if let before = firstBefore, let after = Self.firstIndexes(makeClient.target), after.count == before.count {
+                    compacted = (zip(before, after).filter { $0.1 > $0.0 }.count, of: before.count)
+                }
+                rows.append(ConsensusRow(system: system, valueBytes: value, clients: n, result: r, replicasCompacted: compacted))
                 say(String(format: "  %5d B x%-3d %8.0f puts/s  p50 %8.0f µs  p99 %8.0f µs", value, n, r.putsPerSecond, r.latency.p50Micros, r.latency.p99Micros)
                     + (r.errors > 0 ? "  (\(r.errors) errors; first: \(r.firstError ?? ""))" : ""))
             }
@@ -265,6 +267,7 @@ struct ConsensusRow {
     var valueBytes: Int
     var clients: Int
     var result: ClosedLoopLoad.Result
-    /// Plover: how many replicas compacted during the point (warm-up included); nil for etcd.
-    var replicasCompacted: Int? = nil
+    /// Plover: how many of the replicas finished a compaction during the point (warm-up
+    /// included), of how many; nil for etcd, or when a replica's status could not be read.
+    var replicasCompacted: (Int, of: Int)? = nil
 }

@@ -115,9 +115,10 @@ struct ConsensusReport {
                     roundTripThreads.p50Micros, fdatasync.p50Micros, fdatasync.p99Micros, fdatasync.count)
 
         s += "## All points\n\n"
-        s += "*Compacted*: how many of plover's three replicas compacted during the point, warm-up included "
-        s += "(the first index of their log moved). A compaction encodes and writes the replica's whole state "
-        s += "(one new key per put here) and deletes the entries it replaced.\n\n"
+        s += "*Compacted*: how many of plover's replicas finished a compaction during the point, warm-up included "
+        s += "(the first index of their log moved; one still encoding its snapshot when the point ends is not counted). "
+        s += "A compaction encodes and writes the replica's whole state (one new key per put here) and deletes the "
+        s += "entries it replaced; ? when a replica's status could not be read.\n\n"
         s += "| system | value | clients | puts/s | p50 µs | p99 µs | puts measured | errors | compacted |\n"
         s += "|---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
         for value in valueSizes {
@@ -127,7 +128,7 @@ struct ConsensusReport {
                     let l = r.result.latency
                     s += "| \(sys.label) | \(Self.size(value)) | \(n) | \(Int(r.result.putsPerSecond.rounded())) | "
                     s += String(format: "%.0f | %.0f", l.p50Micros, l.p99Micros) + " | \(l.count) | \(r.result.errors) | "
-                    s += (r.replicasCompacted.map { "\($0) of 3" } ?? "—") + " |\n"
+                    s += ([.ploverFsync, .ploverMemory].contains(r.system) ? r.replicasCompacted.map { "\($0.0) of \($0.of)" } ?? "?" : "—") + " |\n"
                 }
             }
         }

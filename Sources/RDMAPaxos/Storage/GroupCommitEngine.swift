@@ -544,7 +544,8 @@ final class GroupCommitEngine: @unchecked Sendable {
         return freed
     }
 
-    /// Deletes entries with index <= `through`, oldest first, in transactions of bounded size.
+    /// Deletes entries with index <= `through`, newest first, in transactions of bounded size
+    /// (`deleteChunk`; a crash part-way leaves the oldest, below a hole, for the next open).
     /// Returns the `storedBytes` freed.
     @discardableResult
     static func deleteEntries(_ db: BerkeleyDB, through: LogIndex, sync: BerkeleyDB.Sync) throws(StableLogError) -> Int {
