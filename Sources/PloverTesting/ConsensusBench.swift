@@ -106,7 +106,7 @@ package struct ConsensusBench: ParsableCommand {
                 if system == .ploverMemory && probes == nil, case let .plover(endpoints, leader) = makeClient.target {
                     probes = try Self.probe(endpoints: endpoints, leader: leader)
                 }
-                let firstBefore = Self.firstIndexes(makeClient.target)
+                let firstBefore = makeClient.firstIndexes()
                 let r: ClosedLoopLoad.Result
                 if case let .plover(endpoints, _) = makeClient.target, ploverClient == .pipelined {
                     r = Self.pipelinedLoad(endpoints: endpoints, clients: n, valueBytes: value, warmup: warmup, seconds: seconds,
@@ -116,7 +116,7 @@ package struct ConsensusBench: ParsableCommand {
                                            keyPrefix: "bench/\(value)/\(n)", keySpace: keySpace, makeClient: makeClient.make)
                 }
                 var compacted: (Int, of: Int)?
-                if let before = firstBefore, let after = Self.firstIndexes(makeClient.target), after.count == before.count {
+                if let before = firstBefore, let after = makeClient.firstIndexes(), after.count == before.count {
                     compacted = (zip(before, after).filter { $0.1 > $0.0 }.count, of: before.count)
                 }
                 rows.append(ConsensusRow(system: system, valueBytes: value, clients: n, result: r, replicasCompacted: compacted))
@@ -151,6 +151,9 @@ package struct ConsensusBench: ParsableCommand {
         enum Target { case plover([NodeID: String], leader: NodeID), etcd(port: Int) }
         var target: Target
         var make: @Sendable () -> any PutClient
+        /// Each plover replica's first log index, in node order (nil for etcd, or when a status
+        /// request fails): it moves when the replica compacts.
+        var firstIndexes: () -> [UInt64]? = { nil }
     }
 
     /// Starts a 3-member cluster of `system` under `root`; returns how to reach it and how to stop it.
@@ -167,7 +170,12 @@ package struct ConsensusBench: ParsableCommand {
                 try cluster.startAll()
                 let leader = try cluster.waitForLeader(excluding: nil)
                 let endpoints = cluster.endpoints
-                return (ClusterClients(target: .plover(endpoints, leader: leader), make: { PloverPutClient(endpoints: endpoints) }),
+                let firstIndexes = { () -> [UInt64]? in
+                    let found = cluster.ids.sorted().compactMap { cluster.status($0)["first_index"].flatMap { UInt64($0) } }
+                    return found.count == cluster.ids.count ? found : nil
+                }
+                return (ClusterClients(target: .plover(endpoints, leader: leader), make: { PloverPutClient(endpoints: endpoints) },
+                                       firstIndexes: firstIndexes),
                         { cluster.stopAll() })
             } catch {
                 cluster.stopAll()
@@ -184,21 +192,6 @@ package struct ConsensusBench: ParsableCommand {
                 throw error
             }
         }
-    }
-
-    /// Each plover replica's first log index, in node order (nil for etcd, or when a status
-    /// request fails): it moves when the replica compacts.
-    static func firstIndexes(_ target: ClusterClients.Target) -> [UInt64]? {
-        guard case let .plover(endpoints, _) = target else { return nil }
-        let c = NodeClient(endpoints: endpoints)
-        var out: [UInt64] = []
-        for id in endpoints.keys.sorted() {
-            guard let text = try? c.status(of: id),
-                  let field = text.split(whereSeparator: \.isWhitespace).first(where: { $0.hasPrefix("first_index=") }),
-                  let first = UInt64(field.dropFirst("first_index=".count)) else { return nil }
-            out.append(first)
-        }
-        return out
     }
 
     /// Where one unloaded plover request spends its time, without consensus: `status` is answered
