@@ -117,8 +117,8 @@ struct ConsensusReport {
         s += "## All points\n\n"
         s += "*Compacted*: how many of plover's replicas finished a compaction during the point, warm-up included "
         s += "(the first index of their log moved; one still encoding its snapshot when the point ends is not counted). "
-        s += "A compaction encodes and writes the replica's whole state (one new key per put here) and deletes the "
-        s += "entries it replaced; ? when a replica's status could not be read.\n\n"
+        s += "A compaction encodes and writes the replica's whole state (one new key per put here) and removes the "
+        s += "log segments it replaced; ? when a replica's status could not be read.\n\n"
         s += "| system | value | clients | puts/s | p50 µs | p99 µs | puts measured | errors | compacted |\n"
         s += "|---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
         for value in valueSizes {

@@ -13,9 +13,10 @@ package enum StableLogWriter {
     /// Appends entries after `log`'s last index, `inflight` at a time, until `count` were appended
     /// (0: never stops), waiting `paceMicroseconds` before each; prints `INDEX` (or `INDEX NANOS`
     /// with `timestamps`, CLOCK_MONOTONIC) to standard output as each becomes durable, and exits
-    /// the process with status 1 on the first failed append.
+    /// the process with status 1 on the first failed append. With `compactEvery`, every that
+    /// many appends it compacts the log through the entry that many appends back.
     package static func append(to log: BerkeleyDBLog, payloadBytes: Int, inflight: Int, count: Int,
-                               paceMicroseconds: Int, timestamps: Bool) {
+                               paceMicroseconds: Int, timestamps: Bool, compactEvery: Int = 0) {
         let window = DispatchSemaphore(value: max(1, inflight))
         let start = log.lastIndex
         var index = start
@@ -24,6 +25,13 @@ package enum StableLogWriter {
             if paceMicroseconds > 0 { usleep(UInt32(paceMicroseconds)) }
             index += 1
             let i = index
+            if compactEvery > 0, i % LogIndex(compactEvery) == 0, i > LogIndex(compactEvery) {
+                do { try log.compactPrefix(through: i - LogIndex(compactEvery), ballot: Ballot(term: 1, node: 1)) } catch {
+                    let line = Array("error: compacting: \(error)\n".utf8)
+                    _ = line.withUnsafeBytes { write(2, $0.baseAddress, $0.count) }
+                    Foundation.exit(1)
+                }
+            }
             let e = LogEntry(index: i, ballot: Ballot(term: 1, node: 1), kind: .command,
                              payload: payload(index: i, bytes: payloadBytes))
             log.append([e]) { result in

@@ -13,9 +13,14 @@ struct StatCommand: ParsableCommand {
     func run() throws {
         try withStore(directory) { r in
             let meta = try r.metadata()
-            var count = 0, valueBytes = 0
+            var count = 0, valueBytes = 0, compacted = 0
             var first: LogIndex?, last: LogIndex?
             try r.scan { rec in
+                // Compacted entries stay until their segment holds only compacted ones.
+                if rec.index <= meta.snapshot.index {
+                    compacted += 1
+                    return true
+                }
                 if first == nil { first = rec.index }
                 last = rec.index
                 count += 1
@@ -37,6 +42,8 @@ struct StatCommand: ParsableCommand {
                 ("first index", first.map { "\($0)" } ?? "none (empty; next is \(meta.snapshot.index + 1))"),
                 ("last index", last.map { "\($0)" } ?? "none"),
                 ("entries", "\(count)"),
+                ("compacted", "\(compacted) entries kept until their segment is removed"),
+                ("segments", "\(meta.segments.count) (first indexes \(meta.segments.map(String.init).joined(separator: ", ")))"),
                 ("entry bytes", "\(valueBytes) (records incl. 25-byte headers)"),
                 ("disk bytes", "\(diskBytes) (all files in the directory)"),
                 ("promised", "\(hs.promised)"),

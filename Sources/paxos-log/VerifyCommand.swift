@@ -41,7 +41,7 @@ struct VerifyCommand: ParsableCommand {
             count += 1
             progress.update(count)
             if rec.index <= snapshot.index {
-                leftovers += 1 // The node finishes an interrupted compaction when it opens the store.
+                leftovers += 1 // Compacted entries stay until their segment holds only compacted ones.
                 return true
             }
             if rec.index > expected {
@@ -65,7 +65,7 @@ struct VerifyCommand: ParsableCommand {
         if problems.isEmpty {
             let range = count - leftovers > 0 ? "\(snapshot.index + 1)...\(expected - 1)" : "none"
             var msg = "OK: \(r.path): \(count - leftovers) entries (\(range)), checksums verified, no gaps, ballots non-decreasing"
-            if leftovers > 0 { msg += "; \(leftovers) compacted entries not yet deleted (the node removes them at start)" }
+            if leftovers > 0 { msg += "; \(leftovers) compacted entries still stored (removed with their segment)" }
             Output.line(msg)
             Output.flush()
         }

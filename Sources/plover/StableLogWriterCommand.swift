@@ -22,6 +22,9 @@ struct StableLogWriterCommand: ParsableCommand {
     @Option(help: "Microseconds to wait between appends (0: as fast as the window allows).") var paceUs: Int = 0
     @Option(help: "Megabytes of entries between Berkeley DB checkpoints (0: the default, 64).")
     var checkpointEveryMb: Int = 0
+    @Option(help: "KiB of entries per segment (0: the default, 64 MiB).") var segmentKib: Int = 0
+    @Option(help: "Compact the log through the entry this many appends back, every this many appends (0: never).")
+    var compactEvery: Int = 0
     @Flag(help: "Print each durable index with the CLOCK_MONOTONIC nanoseconds at which it was reported.")
     var timestamps = false
 
@@ -32,9 +35,10 @@ struct StableLogWriterCommand: ParsableCommand {
         var options = BerkeleyDBLog.Options()
         options.asyncFlushInterval = .milliseconds(asyncFlushMs)
         if checkpointEveryMb > 0 { options.checkpointEveryBytes = checkpointEveryMb << 20 }
+        if segmentKib > 0 { options.segmentBytes = segmentKib << 10 }
         let log = try BerkeleyDBLog.open(path: directory, durability: mode, options: options)
         StableLogWriter.append(to: log, payloadBytes: payloadBytes, inflight: inflight, count: count,
-                               paceMicroseconds: paceUs, timestamps: timestamps)
+                               paceMicroseconds: paceUs, timestamps: timestamps, compactEvery: compactEvery)
         try log.close()
     }
 }

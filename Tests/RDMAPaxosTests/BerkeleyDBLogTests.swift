@@ -8,6 +8,8 @@ func withRawStore(_ path: String, _ body: (BerkeleyDB) throws -> Void) throws {
     config.recover = true
     let db = try BerkeleyDB(path: path, config: config)
     defer { db.close() }
+    // The entries' segments as the store lists them (`entries.db` alone when it lists none).
+    try db.useSegments((try? StoreDirectory.readMetadata(db).segments) ?? [0])
     try body(db)
 }
 
@@ -80,17 +82,17 @@ func makeStore(_ path: String, _ range: ClosedRange<LogIndex>, term: UInt64 = 1)
         defer { dir.remove() }
         try makeStore(dir.path, 1...1)
         try withRawStore(dir.path) { db in
-            try rawPut(db, .meta, key: Array("format".utf8), value: LogRecord.encodeMeta(.format, LogRecord.encodeFormat(3)))
+            try rawPut(db, .meta, key: Array("format".utf8), value: LogRecord.encodeMeta(.format, LogRecord.encodeFormat(4)))
         }
-        #expect(throws: StableLogError.versionMismatch(path: dir.path, found: 3, expected: 2)) {
+        #expect(throws: StableLogError.versionMismatch(path: dir.path, found: 4, expected: 3)) {
             try BerkeleyDBLog.open(path: dir.path)
         }
-        #expect(StableLogError.versionMismatch(path: "D", found: 3, expected: 2).description == "D: log format version 3, this build reads version 2 (and upgrades 1 to 2)")
+        #expect(StableLogError.versionMismatch(path: "D", found: 4, expected: 3).description == "D: log format version 4, this build reads version 3 (and upgrades 1 and 2 to 3)")
     }
 
     /// A store written before configurations carried addresses (format 1, its hard state holding a
-    /// format-1 configuration) opens, keeps its entries, and is marked format 2.
-    @Test func aFormatOneStoreOpensAndIsMarkedFormatTwo() throws {
+    /// format-1 configuration) opens, keeps its entries, and is marked format 3.
+    @Test func aFormatOneStoreOpensAndIsMarkedFormatThree() throws {
         let dir = TempDir("version-one")
         defer { dir.remove() }
         try makeStore(dir.path, 1...3)
@@ -105,8 +107,36 @@ func makeStore(_ path: String, _ range: ClosedRange<LogIndex>, term: UInt64 = 1)
         try log.close()
         try withRawStore(dir.path) { db in
             let format = try StoreDirectory.readMetadata(db).formatVersion
-            #expect(format == 2)
+            #expect(format == 3)
         }
+    }
+
+    /// A store of format 2 keeps all its entries in `entries.db` and lists no segments: it opens
+    /// with `entries.db` as its first segment, and is marked format 3 with that segment listed.
+    @Test func aFormatTwoStoreOpensWithEntriesDBAsItsFirstSegment() throws {
+        let dir = TempDir("version-two")
+        defer { dir.remove() }
+        try makeStore(dir.path, 1...40)
+        try withRawStore(dir.path) { db in
+            try rawPut(db, .meta, key: Array("format".utf8), value: LogRecord.encodeMeta(.format, LogRecord.encodeFormat(2)))
+            try StoreDirectory.inTransaction(db, sync: .fsync) { txn throws(StableLogError) in
+                try db.delete(.meta, key: Array("segments".utf8), txn: txn)
+            }
+            #expect(try db.get(.meta, key: Array("segments".utf8)) == nil)
+        }
+        var options = BerkeleyDBLog.Options()
+        options.segmentBytes = 1 // every group commit starts a segment
+        let log = try BerkeleyDBLog.open(path: dir.path, options: options)
+        #expect(try log.entries(1...40) == entries(1...40))
+        try log.append(entries(41...42))
+        #expect(try log.entries(39...42) == entries(39...42))
+        try log.close()
+        try withRawStore(dir.path) { db in
+            let meta = try StoreDirectory.readMetadata(db)
+            #expect(meta.formatVersion == 3)
+            #expect(meta.segments == [0, 41])
+        }
+        #expect(FileManager.default.fileExists(atPath: dir.path + "/entries-00000000000000000041.db"))
     }
 
     @Test func aFileIsABadPath() throws {
@@ -175,71 +205,125 @@ func makeStore(_ path: String, _ range: ClosedRange<LogIndex>, term: UInt64 = 1)
         let cap = try #require(log.capacityBytes)
         #expect(cap == 16 << 20)
         // 16 MiB holds about a thousand such pages; compacting at half lets ten times that through.
+        // A compaction removes every segment but the newest (a sixteenth of the capacity here,
+        // plus the entry that filled it).
         var compactions = 0
         for i in LogIndex(1)...10_000 {
             try log.append([entry(i, bytes: 4096)])
             if log.heldBytes >= cap / 2 {
                 try log.compactPrefix(through: i, ballot: Ballot(term: 1, node: 1))
-                #expect(log.heldBytes == 0)
+                #expect(log.heldBytes <= cap / 16 + (32 << 10), "\(log.heldBytes) bytes held after compacting through the last entry")
                 compactions += 1
             }
         }
         #expect(compactions >= 10)
     }
 
-    @Test func aBigCompactionOnDiskDoesNotHoldTheNextAppendBehindItsDeletion() throws {
-        let dir = TempDir("lazy-delete")
+    /// Files of the entries' segments in `dir`, `entries.db` included.
+    func segmentFiles(_ dir: String) -> [String] {
+        ((try? FileManager.default.contentsOfDirectory(atPath: dir)) ?? []).filter { $0.hasPrefix("entries") }.sorted()
+    }
+
+    /// A compaction removes the segments that hold only compacted entries, whole: it writes a
+    /// few log records, not the deleted entries' bytes, and the live entries stay.
+    @Test func aCompactionRemovesWholeSegmentsWithoutLoggingTheirEntries() throws {
+        let dir = TempDir("segments")
         defer { dir.remove() }
-        let log = try BerkeleyDBLog.open(path: dir.path, durability: .async)
+        var options = BerkeleyDBLog.Options()
+        options.segmentBytes = 256 << 10
+        let log = try BerkeleyDBLog.open(path: dir.path, durability: .async, options: options)
         defer { try? log.close() }
         for i in stride(from: LogIndex(1), through: 20_000, by: 500) {
             try log.append((i..<i + 500).map { entry($0, bytes: 1024) })
         }
+        // A segment starts at a group commit: 40 of them, each of 500 entries and over 256 KiB.
+        let files = segmentFiles(dir.path)
+        #expect(files.count == 40, "40 group commits of 500 KiB in segments of 256 KiB: \(files.count) files")
         let before = log.heldBytes
+        let logEndBefore = try log.engine.db.logPositions().end
         try log.compactPrefix(through: 19_999, ballot: Ballot(term: 1, node: 1))
-        // The compaction point is recorded at once; the next append does not wait for the
-        // deletion of ~20 MB of records, which goes on between group commits.
+        let logEndAfter = try log.engine.db.logPositions().end
+        // Deleting the records one by one logged about 20 MB; removing files logs kilobytes.
+        #expect(logEndAfter.file == logEndBefore.file && logEndAfter.offset - logEndBefore.offset < 256 << 10,
+                "the compaction wrote the log from \(logEndBefore) to \(logEndAfter)")
+        #expect(segmentFiles(dir.path).count <= 2, "segments left: \(segmentFiles(dir.path))")
+        // One segment of the forty is left, holding the last 500 entries; of those, one is live.
+        let stored = log.engine.locked { $0.heldBytes }
+        #expect(stored == before / 40, "\(stored) of \(before) bytes stored")
+        #expect(log.heldBytes == stored / 500, "\(log.heldBytes) bytes held by the one live entry of \(stored)")
         try log.append([entry(20_001, bytes: 1024)])
-        #expect(log.heldBytes > before / 2, "the deletion ran before the next append: \(log.heldBytes) of \(before) bytes left")
         #expect(log.firstIndex == 20_000 && log.lastIndex == 20_001)
-        let deadline = ContinuousClock.now + .seconds(30)
-        while log.heldBytes > before / 100 && ContinuousClock.now < deadline { Thread.sleep(forTimeInterval: 0.01) }
-        #expect(log.heldBytes <= before / 100, "dead records were not deleted: \(log.heldBytes) of \(before) bytes left")
         #expect(try log.entries(20_000...20_001).map(\.index) == [20_000, 20_001])
+        try log.close()
+        let again = try BerkeleyDBLog.open(path: dir.path, durability: .async, options: options)
+        #expect(again.firstIndex == 20_000 && again.lastIndex == 20_001)
+        #expect(try again.entries(20_000...20_001).map(\.index) == [20_000, 20_001])
+        try again.close()
     }
 
-    /// A crash part-way through a compaction's deletion (which goes newest first) leaves dead
-    /// records below a hole; the next open deletes them and the live entries are all there.
-    @Test func aCompactionDeletionCutShortIsFinishedWhenTheStoreOpens() throws {
+    /// A crash after a compaction recorded its point but before it removed the dead segments
+    /// leaves them listed: the next open removes them, and the live entries are all there.
+    @Test func deadSegmentsACrashLeftAreRemovedWhenTheStoreOpens() throws {
         let dir = TempDir("cut-short")
         defer { dir.remove() }
-        try makeStore(dir.path, 1...300)
-        var chunkLeftMore = false
+        var options = BerkeleyDBLog.Options()
+        options.segmentBytes = 1 // every group commit starts a segment
+        let log = try BerkeleyDBLog.open(path: dir.path, options: options)
+        for i in stride(from: LogIndex(1), through: 300, by: 50) { try log.append(entries(i...i + 49)) }
+        try log.close()
+        #expect(segmentFiles(dir.path).count == 6)
         try withRawStore(dir.path) { db in
-            // What `compactPrefix` does on disk, then one bounded chunk of its deletion, then the
-            // "crash" (the store is closed with the rest of the deletion not done).
+            // What `compactPrefix` records first; then the "crash".
             try StoreDirectory.inTransaction(db, sync: .fsync) { txn throws(StableLogError) in
                 try StoreDirectory.putMeta(db, .snapshot, LogRecord.encodeSnapshot(SnapshotPoint(index: 250, ballot: Ballot(term: 1, node: 1))), txn: txn)
             }
-            let (_, done) = try GroupCommitEngine.deleteChunk(db, through: 250, sync: .fsync, bytesMax: 1000)
-            chunkLeftMore = !done
-            #expect(try db.get(.entries, key: LogRecord.key(250)) == nil, "the newest dead entry goes first")
-            #expect(try db.get(.entries, key: LogRecord.key(1)) != nil, "the chunk deleted the whole dead prefix")
-            #expect(try db.get(.entries, key: LogRecord.key(251)) != nil, "the chunk deleted a live entry")
         }
-        #expect(chunkLeftMore)
-        let log = try BerkeleyDBLog.open(path: dir.path)
-        #expect(log.firstIndex == 251 && log.lastIndex == 300)
-        #expect(try log.entries(251...300) == entries(251...300))
-        try log.close()
+        let reopened = try BerkeleyDBLog.open(path: dir.path, options: options)
+        #expect(reopened.firstIndex == 251 && reopened.lastIndex == 300)
+        #expect(try reopened.entries(251...300) == entries(251...300))
+        try reopened.close()
+        // Segments 1–50 … 201–250 hold only dead entries; 251–300 is live.
+        #expect(segmentFiles(dir.path) == ["entries-00000000000000000251.db"])
         try withRawStore(dir.path) { db in
-            var left: [LogIndex] = []
-            try db.scan(.entries, from: .first, txn: nil) { k, _ throws(StableLogError) in
-                left.append(LogRecord.index(ofKey: k) ?? 0)
-                return left.count < 2 ? .next : .stop
-            }
-            #expect(left == [251, 252], "dead records left after the open: \(left)")
+            let segments = try StoreDirectory.readMetadata(db).segments
+            #expect(segments == [251])
         }
+    }
+
+    /// An inspector attached to a running node may hold a dead segment open: the node's removal
+    /// does not wait for it (the writer would stall), and removes it once the inspector has let it go.
+    @Test func aDeadSegmentAnInspectorHoldsOpenIsRemovedOnceItLetsGo() throws {
+        let dir = TempDir("inspected")
+        defer { dir.remove() }
+        var options = BerkeleyDBLog.Options()
+        options.segmentBytes = 1
+        let log = try BerkeleyDBLog.open(path: dir.path, options: options)
+        defer { try? log.close() }
+        for i in stride(from: LogIndex(1), through: 200, by: 50) { try log.append(entries(i...i + 49)) }
+        let reader = try LogStoreReader.open(path: dir.path)
+        defer { reader.close() }
+        #expect(reader.live)
+        var seen = 0
+        try reader.scan { _ in seen += 1; return true } // opens every segment
+        #expect(seen == 200)
+        let started = ContinuousClock.now
+        try log.compactPrefix(through: 150, ballot: Ballot(term: 1, node: 1))
+        try log.append(entries(201...201))
+        #expect(ContinuousClock.now - started < .seconds(5), "the compaction waited for the inspector")
+        #expect(try log.entries(151...201).count == 51)
+        // The inspector lets the dead segments go at its next read; the node retries its
+        // removal after a group commit, at most once a second.
+        #expect(try reader.bounds()?.last == 201)
+        let dead = ["entries.db", "entries-00000000000000000051.db", "entries-00000000000000000101.db"]
+        let deadline = ContinuousClock.now + .seconds(10)
+        var n = 202 as LogIndex
+        while !Set(segmentFiles(dir.path)).isDisjoint(with: dead) && ContinuousClock.now < deadline {
+            try log.append(entries(n...n))
+            n += 1
+            Thread.sleep(forTimeInterval: 0.1)
+        }
+        #expect(segmentFiles(dir.path).first == "entries-00000000000000000151.db", "segments left: \(segmentFiles(dir.path))")
+        #expect(try log.entries(151...(n - 1)).count == Int(n - 151))
     }
 
     @Test func memoryModeAppendsInlineOnlyWhenNothingIsQueuedBeforeIt() throws {

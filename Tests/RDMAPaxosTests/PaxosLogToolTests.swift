@@ -24,7 +24,10 @@ import Testing
         #expect(fields["first index"] == "11")
         #expect(fields["last index"] == "30")
         #expect(fields["entries"] == "20")
-        #expect(fields["format version"] == "2")
+        // One segment, which holds the compacted entries until it holds only compacted ones.
+        #expect(fields["compacted"]?.hasPrefix("10 entries") == true)
+        #expect(fields["segments"] == "1 (first indexes 0)")
+        #expect(fields["format version"] == "3")
         #expect(fields["durability"]?.hasPrefix("async") == true)
         #expect(fields["promised"] == "5.2")
         #expect(fields["commit index"] == "25")
@@ -118,7 +121,7 @@ import Testing
         }
         let r = try paxosLog("stat", dir.path)
         #expect(r.status == 4)
-        #expect(r.stderr.contains("log format version 9, this build reads version 2 (and upgrades 1 to 2)"))
+        #expect(r.stderr.contains("log format version 9, this build reads version 3 (and upgrades 1 and 2 to 3)"))
     }
 
     @Test func statAndVerifyWorkWhileANodeHasTheStoreOpen() throws {

@@ -1,13 +1,16 @@
 import CBerkeleyDB
 import Foundation
 
-/// The only owner of Berkeley DB's C handles: one environment and the two databases of a log store
-/// (`entries.db`, `meta.db`). Every return code goes through `check`, which throws a
-/// `StableLogError` naming the store, the C code and Berkeley DB's own message.
+/// The only owner of Berkeley DB's C handles: one environment and the databases of a log store
+/// (`meta.db` and the entries' segments, `entries.db` then `entries-<first index>.db`). Every
+/// return code goes through `check`, which throws a `StableLogError` naming the store, the C code
+/// and Berkeley DB's own message.
 ///
 /// `@unchecked Sendable`: the environment and databases are opened with DB_THREAD, which makes
-/// the handles free-threaded (Berkeley DB serializes internally); the pointers themselves are
-/// written only in `init` and `close`, and owners call `close` once no other thread uses the handle.
+/// the handles free-threaded (Berkeley DB serializes internally); the environment and meta
+/// pointers are written only in `init` and `close`, and owners call `close` once no other thread
+/// uses the handle. The segment list changes under `segmentsLock` held for writing, and every
+/// use of a segment's handle holds it for reading (see `EntrySegments.swift`).
 final class BerkeleyDB: @unchecked Sendable {
     enum Table { case entries, meta }
 
@@ -34,15 +37,27 @@ final class BerkeleyDB: @unchecked Sendable {
     let path: String
     /// `inMemory` stores: what the cache may hold (see `Config.capacityBytes`); nil on disk.
     let capacityBytes: Int?
-    /// Page size of `entries.db`, read back once it is open (an existing store keeps its own).
-    private(set) var entriesPageBytes = 16 << 10
-    private var env: UnsafeMutablePointer<DB_ENV>?
-    private var entriesDB: UnsafeMutablePointer<DB>?
+    /// Page size of the entries' segments, read back from the first one opened (an existing
+    /// store keeps its own).
+    var entriesPageBytes = 16 << 10
+    let config: Config
+    private(set) var env: UnsafeMutablePointer<DB_ENV>?
     private var metaDB: UnsafeMutablePointer<DB>?
-    private let messages = ErrorMessages()
+    /// The entries' segments, oldest first; changed and used under `segmentsLock`.
+    var segments: [Segment] = []
+    let segmentsLock = ReadWriteLock()
+    let messages = ErrorMessages()
+
+    struct Segment {
+        /// The first index the segment holds: it holds the entries from here to the next
+        /// segment's start.
+        var start: LogIndex
+        var handle: UnsafeMutablePointer<DB>
+    }
 
     init(path: String, config: Config) throws(StableLogError) {
         self.path = path
+        self.config = config
         capacityBytes = config.inMemory ? config.capacityBytes : nil
         var envp: UnsafeMutablePointer<DB_ENV>?
         try check(db_env_create(&envp, 0), "db_env_create")
@@ -90,24 +105,27 @@ final class BerkeleyDB: @unchecked Sendable {
         if config.inMemory { flags |= UInt32(DB_PRIVATE) }
         try check(env.pointee.open!(env, config.inMemory ? nil : path, flags, 0o600), "opening the environment")
 
-        let entries = try openTable(Self.entriesFile, name: "entries", config: config)
-        entriesDB = entries
-        var pageBytes: UInt32 = 0
-        if entries.pointee.get_pagesize!(entries, &pageBytes) == 0, pageBytes > 0 { entriesPageBytes = Int(pageBytes) }
-        metaDB = try openTable(Self.metaFile, name: "meta", config: config)
+        metaDB = try openTable(Self.metaFile, name: "meta", create: config.createDatabases, txn: nil)
+        // A new store's first segment; an existing store's are opened once its metadata is read
+        // (`useSegments`).
+        if config.createDatabases { try useSegments([0]) }
     }
 
-    private func openTable(_ file: String, name: String, config: Config) throws(StableLogError) -> UnsafeMutablePointer<DB> {
+    /// Opens database `file` (on disk) or `name` (in memory); creates it when `create`, in `txn`
+    /// when given (the handle may be used by others only once `txn` commits).
+    func openTable(_ file: String, name: String, create: Bool, txn: Txn?) throws(StableLogError) -> UnsafeMutablePointer<DB> {
         var dbp: UnsafeMutablePointer<DB>?
         try check(db_create(&dbp, env, 0), "db_create")
         guard let db = dbp else { throw .engine(path: path, code: -1, message: "db_create returned no handle") }
-        if config.createDatabases { _ = db.pointee.set_pagesize!(db, config.pageBytes) }
-        var flags = UInt32(DB_AUTO_COMMIT | DB_THREAD)
-        if config.createDatabases { flags |= UInt32(DB_CREATE) }
+        if create { _ = db.pointee.set_pagesize!(db, config.pageBytes) }
+        var flags = UInt32(DB_THREAD)
+        if txn == nil { flags |= UInt32(DB_AUTO_COMMIT) }
+        if create { flags |= UInt32(DB_CREATE) }
         if config.readOnly { flags |= UInt32(DB_RDONLY) }
+        if txn != nil { txn?.wrote = true }
         let rc = config.inMemory
-            ? db.pointee.open!(db, nil, nil, name, DB_BTREE, flags, 0o600)
-            : db.pointee.open!(db, nil, file, nil, DB_BTREE, flags, 0o600)
+            ? db.pointee.open!(db, txn?.raw, nil, name, DB_BTREE, flags, 0o600)
+            : db.pointee.open!(db, txn?.raw, file, nil, DB_BTREE, flags, 0o600)
         if rc != 0 {
             _ = db.pointee.close!(db, 0)
             if rc == ENOENT { throw .notAStore(path: path, reason: "\(file) is missing") }
@@ -119,7 +137,10 @@ final class BerkeleyDB: @unchecked Sendable {
 
     /// Closes the databases and the environment; safe to call twice.
     func close() {
-        if let db = entriesDB { _ = db.pointee.close!(db, 0); entriesDB = nil }
+        segmentsLock.write {
+            for s in segments { _ = s.handle.pointee.close!(s.handle, 0) }
+            segments = []
+        }
         if let db = metaDB { _ = db.pointee.close!(db, 0); metaDB = nil }
         if let env { _ = env.pointee.close!(env, 0); self.env = nil }
     }
@@ -152,8 +173,8 @@ final class BerkeleyDB: @unchecked Sendable {
     /// A live transaction; commit or abort it exactly once.
     /// A transaction; `wrote` says whether it changed anything (a commit then has a record to sync).
     final class Txn {
-        fileprivate let raw: UnsafeMutablePointer<DB_TXN>
-        fileprivate var wrote = false
+        let raw: UnsafeMutablePointer<DB_TXN>
+        var wrote = false
         fileprivate init(raw: UnsafeMutablePointer<DB_TXN>) { self.raw = raw }
     }
 
@@ -168,10 +189,13 @@ final class BerkeleyDB: @unchecked Sendable {
 
     /// Starts a transaction. Inspectors pass a lock timeout (so a stopped node's leftover locks
     /// cannot hang them) and read committed data only, releasing read locks as the cursor moves.
-    func begin(lockTimeoutMicros: UInt32? = nil) throws(StableLogError) -> Txn {
+    /// `noWait`: a lock that is not free at once fails the operation (`isDeadlock`) instead of
+    /// waiting for it.
+    func begin(lockTimeoutMicros: UInt32? = nil, noWait: Bool = false) throws(StableLogError) -> Txn {
         guard let env else { throw .closed(path: path) }
         var t: UnsafeMutablePointer<DB_TXN>?
-        let flags = lockTimeoutMicros == nil ? 0 : UInt32(DB_READ_COMMITTED)
+        var flags = lockTimeoutMicros == nil ? 0 : UInt32(DB_READ_COMMITTED)
+        if noWait { flags |= UInt32(DB_TXN_NOWAIT) }
         try check(env.pointee.txn_begin!(env, nil, &t, flags), "txn_begin")
         guard let t else { throw .engine(path: path, code: -1, message: "txn_begin returned no handle") }
         if let us = lockTimeoutMicros {
@@ -242,14 +266,25 @@ final class BerkeleyDB: @unchecked Sendable {
 
     // MARK: Records
 
-    private func db(_ t: Table) throws(StableLogError) -> UnsafeMutablePointer<DB> {
-        guard let d = t == .entries ? entriesDB : metaDB else { throw .closed(path: path) }
-        return d
+    /// The handle of `meta.db`, or (with `segmentsLock` held) of the segment that holds `key`.
+    private func db(_ t: Table, key: [UInt8]) throws(StableLogError) -> UnsafeMutablePointer<DB> {
+        guard t == .entries else {
+            guard let d = metaDB else { throw .closed(path: path) }
+            return d
+        }
+        guard let i = LogRecord.index(ofKey: key) else {
+            throw .engine(path: path, code: EINVAL, message: "a \(key.count)-byte entry key")
+        }
+        guard let s = segment(holding: i) else { throw .closed(path: path) }
+        return segments[s].handle
     }
 
     func put(_ table: Table, key: [UInt8], value: [UInt8], txn: Txn) throws(StableLogError) {
         txn.wrote = true
-        let d = try db(table)
+        try segmentsLock.read { () throws(StableLogError) in try put(try db(table, key: key), key: key, value: value, txn: txn) }
+    }
+
+    private func put(_ d: UnsafeMutablePointer<DB>, key: [UInt8], value: [UInt8], txn: Txn) throws(StableLogError) {
         // DB->put only reads the key and data; the casts avoid copying the arrays.
         let rc = key.withUnsafeBytes { k in
             value.withUnsafeBytes { v in
@@ -264,7 +299,10 @@ final class BerkeleyDB: @unchecked Sendable {
 
     /// The value at `key`, or nil when absent.
     func get(_ table: Table, key: [UInt8], txn: Txn? = nil) throws(StableLogError) -> [UInt8]? {
-        let d = try db(table)
+        try segmentsLock.read { () throws(StableLogError) in try get(try db(table, key: key), key: key, txn: txn) }
+    }
+
+    private func get(_ d: UnsafeMutablePointer<DB>, key: [UInt8], txn: Txn?) throws(StableLogError) -> [UInt8]? {
         var key = key
         var vd = DBT()
         vd.flags = UInt32(DB_DBT_MALLOC)
@@ -280,7 +318,10 @@ final class BerkeleyDB: @unchecked Sendable {
 
     func delete(_ table: Table, key: [UInt8], txn: Txn) throws(StableLogError) {
         txn.wrote = true
-        let d = try db(table)
+        try segmentsLock.read { () throws(StableLogError) in try delete(try db(table, key: key), key: key, txn: txn) }
+    }
+
+    private func delete(_ d: UnsafeMutablePointer<DB>, key: [UInt8], txn: Txn) throws(StableLogError) {
         var key = key
         let rc = key.withUnsafeMutableBytes { k in
             var kd = DBT()
@@ -291,7 +332,7 @@ final class BerkeleyDB: @unchecked Sendable {
         try check(rc, "deleting a record")
     }
 
-    private static func take(_ dbt: inout DBT) -> [UInt8] {
+    static func take(_ dbt: inout DBT) -> [UInt8] {
         guard let p = dbt.data else { return [] }
         let bytes = Array(UnsafeRawBufferPointer(start: p, count: Int(dbt.size)))
         free(p)
@@ -303,13 +344,30 @@ final class BerkeleyDB: @unchecked Sendable {
     enum Step { case next, nextAndDeleteCurrent, stop }
 
     /// Walks `table` in key order from `start`, handing each key and value to `body`, which says
-    /// whether to go on (and may delete the current record).
+    /// whether to go on (and may delete the current record). `.atOrAfter` with nothing at or after
+    /// the key calls `body` for nothing, backwards too. The entries are walked across their
+    /// segments as one table.
     func scan(_ table: Table, from start: Position, backwards: Bool = false, txn: Txn?,
               _ body: (_ key: [UInt8], _ value: [UInt8]) throws(StableLogError) -> Step) throws(StableLogError) {
-        let d = try db(table)
+        guard table == .entries else {
+            guard let d = metaDB else { throw .closed(path: path) }
+            _ = try scanOne(d, from: start, backwards: backwards, txn: txn, body)
+            return
+        }
+        try segmentsLock.read { () throws(StableLogError) in
+            try scanSegments(from: start, backwards: backwards, txn: txn, body)
+        }
+    }
+
+    /// How a walk of one database ended.
+    enum ScanEnd { case notFound, exhausted, stopped }
+
+    /// Walks one database (see `scan`).
+    func scanOne(_ d: UnsafeMutablePointer<DB>, from start: Position, backwards: Bool, txn: Txn?,
+                 _ body: (_ key: [UInt8], _ value: [UInt8]) throws(StableLogError) -> Step) throws(StableLogError) -> ScanEnd {
         var cp: UnsafeMutablePointer<DBC>?
         try check(d.pointee.cursor!(d, txn?.raw, &cp, 0), "opening a cursor")
-        guard let c = cp else { return }
+        guard let c = cp else { return .notFound }
         defer { _ = c.pointee.close!(c) }
         var kd = DBT(), vd = DBT()
         kd.flags = UInt32(DB_DBT_MALLOC)
@@ -333,10 +391,12 @@ final class BerkeleyDB: @unchecked Sendable {
             rc = c.pointee.get!(c, &kd, &vd, op)
         }
         let nextOp = UInt32(backwards ? DB_PREV : DB_NEXT)
+        var found = false
         while rc == 0 {
+            found = true
             let k = Self.take(&kd), v = Self.take(&vd)
             switch try body(k, v) {
-            case .stop: return
+            case .stop: return .stopped
             case .next: break
             case .nextAndDeleteCurrent:
                 txn?.wrote = true
@@ -345,11 +405,12 @@ final class BerkeleyDB: @unchecked Sendable {
             rc = c.pointee.get!(c, &kd, &vd, nextOp)
         }
         if rc != DB_NOTFOUND { try check(rc, "reading records") }
+        return found ? .exhausted : .notFound
     }
 }
 
 /// The last message Berkeley DB reported through its error callback.
-private final class ErrorMessages: @unchecked Sendable {
+final class ErrorMessages: @unchecked Sendable {
     // @unchecked Sendable: `last` is only touched under `lock`.
     private let lock = NSLock()
     private var last: String?

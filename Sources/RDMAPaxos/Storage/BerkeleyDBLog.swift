@@ -18,6 +18,12 @@ public final class BerkeleyDBLog: StableLog, @unchecked Sendable {
         public var batchBytesMax = 8 << 20
         /// A checkpoint (which lets old log files be deleted) after this many bytes written.
         public var checkpointEveryBytes = 64 << 20
+        /// The writer starts a new segment (a database file of its own) once the newest holds
+        /// this many bytes of entries (`LogRecord.storedBytes`); a compaction removes the
+        /// segments that hold only compacted entries, whole. So up to about this many bytes of
+        /// compacted entries stay on disk. `.memory` mode uses a sixteenth of `memoryBytesMax` if
+        /// that is less.
+        public var segmentBytes = 64 << 20
         /// `.async` mode: the log is flushed to disk (written and fsynced) this often, which
         /// bounds what a power cut loses to the entries acknowledged in the last interval (plus
         /// one flush). Zero never flushes between checkpoints: only for the test that shows the
@@ -89,10 +95,15 @@ public final class BerkeleyDBLog: StableLog, @unchecked Sendable {
         }
         do {
             let db = try BerkeleyDB(path: path, config: config)
-            let state = try Self.load(db, durability: durability, isNew: isNew)
+            let (state, segments, firstStored) = try Self.load(db, durability: durability, isNew: isNew)
+            let engine = GroupCommitEngine(db: db, lock: lock, durability: durability, options: options, state: state,
+                                           segments: segments, firstStored: firstStored)
+            // A compaction's segments that a crash (or an inspector) kept from being removed.
+            engine.removeDeadSegments()
+            engine.updateCompactedBytes()
+            try engine.locked { s throws(StableLogError) in if let f = s.failure { throw f } }
             // Recovery is done: inspectors may now attach to the environment beside us.
             _ = try lock?.tryLock(.environment, .shared)
-            let engine = GroupCommitEngine(db: db, lock: lock, durability: durability, options: options, state: state)
             engine.start()
             return BerkeleyDBLog(path: path, durability: durability, capacityBytes: db.capacityBytes, engine: engine,
                                  diskReserveBytes: options.diskReserveBytes)
@@ -103,8 +114,10 @@ public final class BerkeleyDBLog: StableLog, @unchecked Sendable {
         }
     }
 
-    /// Writes a new store's metadata, or reads an existing one's and finds its bounds.
-    private static func load(_ db: BerkeleyDB, durability: Durability, isNew: Bool) throws(StableLogError) -> GroupCommitEngine.State {
+    /// Writes a new store's metadata, or reads an existing one's, opens its segments and finds
+    /// its bounds and the bytes each segment holds.
+    private static func load(_ db: BerkeleyDB, durability: Durability, isNew: Bool) throws(StableLogError)
+        -> (GroupCommitEngine.State, [(start: LogIndex, heldBytes: Int)], LogIndex?) {
         let sync: BerkeleyDB.Sync = durability == .memory ? .none : .fsync
         if isNew {
             try StoreDirectory.inTransaction(db, sync: sync) { txn throws(StableLogError) in
@@ -112,44 +125,55 @@ public final class BerkeleyDBLog: StableLog, @unchecked Sendable {
                 try StoreDirectory.putMeta(db, .durability, Array(durability.rawValue.utf8), txn: txn)
                 try StoreDirectory.putMeta(db, .snapshot, LogRecord.encodeSnapshot(.none), txn: txn)
                 try StoreDirectory.putMeta(db, .hardstate, HardState().encoded(), txn: txn)
+                try StoreDirectory.putMeta(db, .segments, LogRecord.encodeSegments([0]), txn: txn)
             }
-            return .init(snapshot: .none, hardState: HardState(), lastIndex: 0, heldBytes: 0)
+            return (.init(snapshot: .none, hardState: HardState(), lastIndex: 0, heldBytes: 0), [(0, 0)], nil)
         }
         let meta = try StoreDirectory.readMetadata(db)
+        try db.useSegments(meta.segments)
         try StoreDirectory.inTransaction(db, sync: sync) { txn throws(StableLogError) in
             try StoreDirectory.putMeta(db, .durability, Array(durability.rawValue.utf8), txn: txn)
-            // An older store is written in this build's format from now on.
+            // An older store is written in this build's format from now on: its `entries.db` is
+            // the first segment.
             if meta.formatVersion != LogRecord.formatVersion {
                 try StoreDirectory.putMeta(db, .format, LogRecord.encodeFormat(LogRecord.formatVersion), txn: txn)
+                try StoreDirectory.putMeta(db, .segments, LogRecord.encodeSegments(meta.segments), txn: txn)
             }
         }
-        // A compaction deletes in several transactions after recording the snapshot point; finish
-        // one that a crash interrupted.
-        try GroupCommitEngine.deleteEntries(db, through: meta.snapshot.index, sync: sync)
-        var held = 0
+        var segments = meta.segments.map { (start: $0, heldBytes: 0) }
         let pageBytes = db.entriesPageBytes
-        try db.scan(.entries, from: .first, txn: nil) { _, v throws(StableLogError) in
-            held += LogRecord.storedBytes(valueBytes: v.count, pageBytes: pageBytes)
+        var s = 0
+        var firstStored: LogIndex?
+        try db.scan(.entries, from: .first, txn: nil) { k, v throws(StableLogError) in
+            guard let i = LogRecord.index(ofKey: k) else {
+                throw .corrupt(path: db.path, detail: "a key of \(k.count) bytes in the entries")
+            }
+            if firstStored == nil { firstStored = i }
+            while s + 1 < segments.count && segments[s + 1].start <= i { s += 1 }
+            segments[s].heldBytes += LogRecord.storedBytes(valueBytes: v.count, pageBytes: pageBytes)
             return .next
         }
-        var first: LogIndex?
-        try db.scan(.entries, from: .first, txn: nil) { k, _ throws(StableLogError) in
-            first = LogRecord.index(ofKey: k)
-            return .stop
-        }
+        let held = segments.reduce(0) { $0 + $1.heldBytes }
         var last: (LogIndex, [UInt8])?
         try db.scan(.entries, from: .last, txn: nil) { k, v throws(StableLogError) in
             if let i = LogRecord.index(ofKey: k) { last = (i, v) }
             return .stop
         }
-        guard let first, let last else {
-            return .init(snapshot: meta.snapshot, hardState: meta.hardState, lastIndex: meta.snapshot.index, heldBytes: 0)
+        // Entries at or below the snapshot point may still be there (their segment holds live
+        // ones too, or a crash kept it from being removed): the live log starts right after it.
+        guard let last, last.0 > meta.snapshot.index else {
+            return (.init(snapshot: meta.snapshot, hardState: meta.hardState, lastIndex: meta.snapshot.index, heldBytes: held), segments, firstStored)
+        }
+        var first: LogIndex?
+        try db.scan(.entries, from: .atOrAfter(LogRecord.key(meta.snapshot.index + 1)), txn: nil) { k, _ throws(StableLogError) in
+            first = LogRecord.index(ofKey: k)
+            return .stop
         }
         guard first == meta.snapshot.index + 1 else { throw .missing(path: db.path, index: meta.snapshot.index + 1) }
         if case let .failure(p) = LogRecord.decode(index: last.0, value: last.1) {
             throw .corrupt(path: db.path, detail: p.description)
         }
-        return .init(snapshot: meta.snapshot, hardState: meta.hardState, lastIndex: last.0, heldBytes: held)
+        return (.init(snapshot: meta.snapshot, hardState: meta.hardState, lastIndex: last.0, heldBytes: held), segments, firstStored)
     }
 
     deinit { engine.shutdown() }
@@ -158,7 +182,9 @@ public final class BerkeleyDBLog: StableLog, @unchecked Sendable {
     public var lastIndex: LogIndex { engine.locked { $0.lastIndex } }
     public var durableIndex: LogIndex { engine.locked { $0.durableIndex } }
     public var snapshot: SnapshotPoint { engine.locked { $0.snapshot } }
-    public var heldBytes: Int { engine.locked { $0.heldBytes } }
+    /// The live entries' bytes: compacted entries still stored in a segment that holds live ones
+    /// too are left out (estimated; `GroupCommitEngine.updateCompactedBytes`).
+    public var heldBytes: Int { engine.locked { max(0, $0.heldBytes - $0.compactedBytes) } }
 
     public func append(_ entries: [LogEntry], onDurable: @escaping @Sendable (Result<Void, StableLogError>) -> Void) {
         engine.append(entries, onDurable)

@@ -14,8 +14,12 @@ final class GroupCommitEngine: @unchecked Sendable {
         var hardState: HardState
         var lastIndex: LogIndex
         var durableIndex: LogIndex = 0
-        /// `LogRecord.storedBytes` of the durable entries held (`StableLog.heldBytes`).
+        /// `LogRecord.storedBytes` of the durable entries stored, compacted ones still in a
+        /// segment included.
         var heldBytes: Int
+        /// Of `heldBytes`, the compacted entries' (an estimate: see `updateCompactedBytes`).
+        /// `StableLog.heldBytes` is the rest.
+        var compactedBytes = 0
         /// Appended, not yet durable: contiguous, ending at `lastIndex`. Served to readers.
         var pending: [LogEntry] = []
         /// The first failure: from then on every operation fails with it.
@@ -23,9 +27,6 @@ final class GroupCommitEngine: @unchecked Sendable {
         var closed = false
         /// Group commits done (appends only): lets tests see that appends share commits.
         var commits = 0
-        /// Entries at or below this index are dead (a compaction recorded its point) and are
-        /// still being deleted, one bounded transaction at a time between group commits.
-        var deleteThrough: LogIndex = 0
         /// A checkpoint runs on `checkpoints`.
         var checkpointing = false
         /// Someone writes to the store: the writer thread with a batch, or a caller of
@@ -53,7 +54,17 @@ final class GroupCommitEngine: @unchecked Sendable {
         case control(Control, @Sendable (Result<Void, StableLogError>) -> Void)
     }
 
-    private let db: BerkeleyDB
+    let db: BerkeleyDB
+    /// The segments' first indexes as `meta.db` lists them (the writer's own: only whoever
+    /// writes, one at a time, touches it), with the `storedBytes` each holds. A segment whose
+    /// removal failed (an inspector had it open) stays listed, closed, until a retry removes it.
+    private var segments: [(start: LogIndex, heldBytes: Int)]
+    /// The first index stored in the oldest segment (nil when nothing is stored).
+    private var oldestStored: LogIndex?
+    /// A compaction left dead segments that could not be removed yet: retried after group
+    /// commits, at most once a second.
+    private var removalRetryAfter: ContinuousClock.Instant?
+    private let segmentBytes: Int
     private let lock: StoreLock?
     private let sync: BerkeleyDB.Sync
     private let options: BerkeleyDBLog.Options
@@ -67,15 +78,9 @@ final class GroupCommitEngine: @unchecked Sendable {
     /// before the environment closes.
     private let flushLock = NSLock()
     private var flusherStopped = false
-    /// Deleting records logs their old values, so big deletions are split into transactions of
+    /// Deleting records logs their old values, so a truncation is split into transactions of
     /// about this many bytes (the in-memory log of `.memory` mode must hold a whole transaction).
     private static let deleteChunkBytes = 1 << 20
-    /// Dead entries deleted in one transaction while the writer is idle, and at least after
-    /// each group commit: appends that arrive meanwhile wait for it, and 1 MiB took the writer
-    /// 50–480 ms under load (a group commit held that long); 128 KiB deletes an eighth as many
-    /// entries per transaction. After a commit the chunk is at least as large as the commit, so
-    /// that deletion keeps pace with a writer that is never idle.
-    private static let idleDeleteChunkBytes = 128 << 10
     /// A group commit or idle deletion that takes this long is reported (`Options.onSlowWrite`).
     static let slowWrite: Duration = .milliseconds(500)
     private var lastSlowWarning: ContinuousClock.Instant?
@@ -84,11 +89,15 @@ final class GroupCommitEngine: @unchecked Sendable {
     /// that mode survives a crash, so nothing depends on one batch being atomic).
     private let transactionBytesMax: Int
 
-    init(db: BerkeleyDB, lock: StoreLock?, durability: Durability, options: BerkeleyDBLog.Options, state: State) {
+    init(db: BerkeleyDB, lock: StoreLock?, durability: Durability, options: BerkeleyDBLog.Options, state: State,
+         segments: [(start: LogIndex, heldBytes: Int)], firstStored: LogIndex?) {
         self.db = db
+        oldestStored = firstStored
         self.lock = lock
         self.options = options
         self.state = state
+        self.segments = segments
+        segmentBytes = durability == .memory ? max(1, min(options.segmentBytes, options.memoryBytesMax / 16)) : max(1, options.segmentBytes)
         sync = switch durability {
         case .fsync: .fsync
         case .async: .write
@@ -167,7 +176,7 @@ final class GroupCommitEngine: @unchecked Sendable {
         record(committed, of: entries)
         state.writing = false
         // The writer waits while a caller writes: wake it only when there is work for it.
-        if !queue.isEmpty || state.deleteThrough > 0 { cond.signal() }
+        if !queue.isEmpty { cond.signal() }
         cond.unlock()
         return committed.map { _ in () }
     }
@@ -260,7 +269,7 @@ final class GroupCommitEngine: @unchecked Sendable {
         let path = db.path
         try db.scan(.entries, from: .atOrAfter(LogRecord.key(lo)), txn: nil) { k, v throws(StableLogError) in
             guard let i = LogRecord.index(ofKey: k) else {
-                throw .corrupt(path: path, detail: "a key of \(k.count) bytes in \(BerkeleyDB.entriesFile)")
+                throw .corrupt(path: path, detail: "a key of \(k.count) bytes in the entries")
             }
             if i > hi { return .stop }
             guard i == expected else { throw .missing(path: path, index: expected) }
@@ -279,18 +288,7 @@ final class GroupCommitEngine: @unchecked Sendable {
     private func run() {
         while true {
             cond.lock()
-            while queue.isEmpty || state.writing {
-                // Idle: delete dead entries a chunk at a time, then look at the queue again.
-                if !state.writing && state.deleteThrough > 0 && state.failure == nil {
-                    state.writing = true
-                    cond.unlock()
-                    deleteDeadChunk(bytesMax: Self.idleDeleteChunkBytes)
-                    cond.lock()
-                    state.writing = false
-                    continue
-                }
-                cond.wait()
-            }
+            while queue.isEmpty || state.writing { cond.wait() }
             state.writing = true
             var batch: [LogEntry] = []
             // Payload and record-header bytes of `batch`.
@@ -333,32 +331,10 @@ final class GroupCommitEngine: @unchecked Sendable {
             record(committed, of: batch)
             cond.unlock()
             for done in completions { done(result) }
-            // Under steady load the queue is never empty: one chunk after each commit, at least
-            // as large as the commit, still gets a compaction's deletion done without holding
-            // appends behind all of it.
-            if locked({ $0.deleteThrough > 0 && $0.failure == nil }) {
-                deleteDeadChunk(bytesMax: max(Self.idleDeleteChunkBytes, batchBytes))
+            if let after = removalRetryAfter, ContinuousClock.now >= after, case .success = result {
+                removeDeadSegments()
             }
             locked { $0.writing = false }
-        }
-    }
-
-    /// Deletes one bounded transaction of dead entries (at or below `deleteThrough`).
-    private func deleteDeadChunk(bytesMax: Int) {
-        let through = locked { $0.deleteThrough }
-        do throws(StableLogError) {
-            // Without a sync of its own: the compaction point is durable already, and a deletion
-            // cut short is finished at the next open. An fsync here would add one to every group
-            // commit while a compaction is being deleted.
-            let started = ContinuousClock.now
-            let (freed, done) = try Self.deleteChunk(db, through: through, sync: .none, bytesMax: bytesMax)
-            reportIfSlow(since: started, "deleting compacted entries", synced: false)
-            locked {
-                $0.heldBytes -= freed
-                if done && $0.deleteThrough == through { $0.deleteThrough = 0 }
-            }
-        } catch {
-            locked { if $0.failure == nil { $0.failure = error } }
         }
     }
 
@@ -383,6 +359,7 @@ final class GroupCommitEngine: @unchecked Sendable {
                 }
                 let chunk = rest.prefix(count)
                 rest = rest.dropFirst(count)
+                try startSegmentIfFull(at: chunk[chunk.startIndex].index)
                 var bytes = 0, chunkStored = 0
                 let started = ContinuousClock.now
                 defer { reportIfSlow(since: started, "a group commit of \(chunk.count) entries", synced: sync == .fsync) }
@@ -397,11 +374,106 @@ final class GroupCommitEngine: @unchecked Sendable {
                     }
                 }
                 stored += chunkStored
+                // Appends follow the log's last entry: into the newest segment, or older ones
+                // when a truncation emptied newer ones below their start.
+                let first = chunk[chunk.startIndex].index, s = segmentPosition(of: first)
+                if s == segments.count - 1 || segmentPosition(of: chunk[chunk.endIndex - 1].index) == s {
+                    segments[s].heldBytes += chunkStored
+                } else {
+                    for e in chunk {
+                        let bytes = LogRecord.storedBytes(valueBytes: LogRecord.headerBytes + e.payload.count, pageBytes: db.entriesPageBytes)
+                        segments[segmentPosition(of: e.index)].heldBytes += bytes
+                    }
+                }
+                if oldestStored == nil { oldestStored = first }
                 try maybeCheckpoint(after: bytes)
             }
             return .success(stored)
         } catch {
             return .failure(error)
+        }
+    }
+
+    /// The position in `segments` of the segment that holds `index`: the reads' and writes'
+    /// routing (`BerkeleyDB.segment(holding:)`) for every index above the compaction point.
+    private func segmentPosition(of index: LogIndex) -> Int {
+        segments.lastIndex { $0.start <= index } ?? 0
+    }
+
+    /// Estimates the bytes of the compacted entries still stored: those of the segments that
+    /// hold only compacted entries and are still there (an inspector had them open), and a share
+    /// of the oldest one that holds live entries too, in proportion to the entries it holds (its
+    /// entries' sizes are not kept one by one). Fixed at each compaction: compacted entries do
+    /// not change until their segment goes.
+    func updateCompactedBytes() {
+        let (through, last) = locked { ($0.snapshot.index, $0.lastIndex) }
+        var bytes = 0
+        for (n, seg) in segments.enumerated() {
+            let first = n == 0 ? (oldestStored ?? seg.start) : seg.start
+            guard through >= first else { break }
+            let end = n + 1 < segments.count ? segments[n + 1].start - 1 : last
+            if end <= through {
+                bytes += seg.heldBytes
+                continue
+            }
+            bytes += Int(Double(seg.heldBytes) * Double(through - first + 1) / Double(end - first + 1))
+            break
+        }
+        locked { $0.compactedBytes = bytes }
+    }
+
+    /// Starts a new segment at `next` (the index of the next entry to write) once the newest
+    /// holds `segmentBytes`. In a transaction of its own, without a sync: the group commit that
+    /// follows syncs the log, which covers it, and a crash before that undoes it whole.
+    private func startSegmentIfFull(at next: LogIndex) throws(StableLogError) {
+        guard let newest = segments.last, newest.heldBytes >= segmentBytes, newest.start < next else { return }
+        var made: BerkeleyDB.Segment?
+        do throws(StableLogError) {
+            try StoreDirectory.inTransaction(db, sync: .none) { txn throws(StableLogError) in
+                if let m = made { db.discard(m); made = nil } // retried after a deadlock
+                made = try db.createSegment(start: next, txn: txn)
+                try StoreDirectory.putMeta(db, .segments, LogRecord.encodeSegments(segments.map(\.start) + [next]), txn: txn)
+            }
+        } catch {
+            if let m = made { db.discard(m) }
+            throw error
+        }
+        if let m = made { db.install(m) }
+        segments.append((next, 0))
+    }
+
+    /// Removes the segments that hold only entries at or below the snapshot point, oldest
+    /// first, each in a transaction of its own (the point is durable already, so no sync: a
+    /// crash before the next sync leaves the segment for the next open to remove). One that an
+    /// inspector has open cannot be removed now (its transaction does not wait for the lock):
+    /// it stays listed, closed, and is tried again a second later.
+    func removeDeadSegments() {
+        removalRetryAfter = nil
+        let through = locked { $0.snapshot.index }
+        while segments.count > 1, segments[1].start <= through + 1 {
+            let dead = segments[0]
+            db.closeSegment(start: dead.start)
+            let rest = segments.dropFirst().map(\.start)
+            do throws(StableLogError) {
+                let txn = try db.begin(noWait: true)
+                do {
+                    try db.removeSegment(start: dead.start, txn: txn)
+                    try StoreDirectory.putMeta(db, .segments, LogRecord.encodeSegments(rest), txn: txn)
+                } catch {
+                    db.abort(txn)
+                    throw error
+                }
+                try db.commit(txn, .none)
+            } catch where BerkeleyDB.isDeadlock(error) {
+                removalRetryAfter = ContinuousClock.now + .seconds(1)
+                return
+            } catch {
+                locked { if $0.failure == nil { $0.failure = error } }
+                return
+            }
+            segments.removeFirst()
+            oldestStored = segments.first?.start
+            locked { $0.heldBytes -= dead.heldBytes }
         }
     }
 
@@ -441,7 +513,8 @@ final class GroupCommitEngine: @unchecked Sendable {
         do throws(StableLogError) {
             switch c {
             case let .truncate(from):
-                let freed = try Self.deleteEntries(db, from: from, sync: sync)
+                let freed = try deleteEntries(from: from)
+                if let first = oldestStored, from <= first { oldestStored = nil }
                 cond.lock()
                 state.heldBytes -= freed
                 state.lastIndex = min(state.lastIndex, from - 1)
@@ -462,18 +535,11 @@ final class GroupCommitEngine: @unchecked Sendable {
                 if state.lastIndex < through { state.lastIndex = through }
                 if state.durableIndex < through { state.durableIndex = through }
                 state.pending.removeAll { $0.index <= through }
-                if sync == .none {
-                    // In memory the deletion is quick, and what it frees is what bounds the cache.
-                    cond.unlock()
-                    let freed = try Self.deleteEntries(db, through: through, sync: sync)
-                    locked { $0.heldBytes -= freed }
-                } else {
-                    // On disk the records go later, a chunk at a time between group commits
-                    // (`deleteDeadChunk`): deleting a big prefix at once would hold every append
-                    // behind it, long enough for the replica to look like its disk stalled.
-                    state.deleteThrough = max(state.deleteThrough, through)
-                    cond.unlock()
-                }
+                cond.unlock()
+                // Dead entries go with their segment, whole; those in a segment that still holds
+                // live ones stay (never read) until it goes too.
+                removeDeadSegments()
+                updateCompactedBytes()
             case let .hardState(hs):
                 try StoreDirectory.inTransaction(db, sync: sync) { txn throws(StableLogError) in
                     try StoreDirectory.putMeta(db, .hardstate, hs.encoded(), txn: txn)
@@ -492,14 +558,6 @@ final class GroupCommitEngine: @unchecked Sendable {
     private func finishClose(_ failure: StableLogError?) -> Result<Void, StableLogError> {
         checkpoints.sync {} // a background checkpoint finishes before the store closes
         var result: Result<Void, StableLogError> = failure.map { .failure($0) } ?? .success(())
-        // A closed store holds no dead records: inspectors (`paxos-log`) read what is there.
-        let through = locked { $0.deleteThrough }
-        if failure == nil && through > 0 {
-            do throws(StableLogError) {
-                let freed = try Self.deleteEntries(db, through: through, sync: sync)
-                locked { $0.heldBytes -= freed; $0.deleteThrough = 0 }
-            } catch { result = .failure(error) }
-        }
         if failure == nil && sync != .none {
             do throws(StableLogError) { try db.checkpoint() } catch { result = .failure(error) }
         }
@@ -523,71 +581,33 @@ final class GroupCommitEngine: @unchecked Sendable {
 
     /// Deletes entries with index >= `from`, newest first, in transactions of bounded size: a
     /// crash part-way leaves a shorter but still contiguous log. Returns the `storedBytes` freed.
-    @discardableResult
-    static func deleteEntries(_ db: BerkeleyDB, from: LogIndex, sync: BerkeleyDB.Sync) throws(StableLogError) -> Int {
+    /// Segments emptied by it stay: the indexes they start at are routed to them again when the
+    /// log grows back, as every read and write routes an index to its segment the same way.
+    private func deleteEntries(from: LogIndex) throws(StableLogError) -> Int {
         var done = false, freed = 0
+        let db = db, pageBytes = db.entriesPageBytes
+        var freedBySegment = [Int](repeating: 0, count: segments.count)
         while !done {
+            var chunkBySegment = [Int](repeating: 0, count: segments.count)
             let chunkFreed: Int = try StoreDirectory.inTransaction(db, sync: sync) { txn throws(StableLogError) in
                 var bytes = 0, stored = 0
+                chunkBySegment = [Int](repeating: 0, count: segments.count)
                 done = true
                 try db.scan(.entries, from: .last, backwards: true, txn: txn) { k, v throws(StableLogError) in
                     guard let i = LogRecord.index(ofKey: k), i >= from else { return .stop }
-                    if bytes >= deleteChunkBytes { done = false; return .stop }
+                    if bytes >= Self.deleteChunkBytes { done = false; return .stop }
                     bytes += v.count
-                    stored += LogRecord.storedBytes(valueBytes: v.count, pageBytes: db.entriesPageBytes)
+                    let recordBytes = LogRecord.storedBytes(valueBytes: v.count, pageBytes: pageBytes)
+                    stored += recordBytes
+                    chunkBySegment[segmentPosition(of: i)] += recordBytes
                     return .nextAndDeleteCurrent
                 }
                 return stored
             }
             freed += chunkFreed
+            for (n, b) in chunkBySegment.enumerated() { freedBySegment[n] += b }
         }
+        for (n, b) in freedBySegment.enumerated() { segments[n].heldBytes -= b }
         return freed
-    }
-
-    /// Deletes entries with index <= `through`, newest first, in transactions of bounded size
-    /// (`deleteChunk`; a crash part-way leaves the oldest, below a hole, for the next open).
-    /// Returns the `storedBytes` freed.
-    @discardableResult
-    static func deleteEntries(_ db: BerkeleyDB, through: LogIndex, sync: BerkeleyDB.Sync) throws(StableLogError) -> Int {
-        var done = false, freed = 0
-        while !done {
-            let (chunkFreed, last) = try deleteChunk(db, through: through, sync: sync)
-            freed += chunkFreed
-            done = last
-        }
-        return freed
-    }
-
-    /// Deletes entries with index <= `through` in one transaction of about `bytesMax`
-    /// (`deleteChunkBytes` unless told), newest first. Returns the `storedBytes` freed and whether
-    /// none is left.
-    ///
-    /// Newest first because a Berkeley DB leaf page keeps its items' bytes packed towards its end
-    /// in the order they came: deleting a page's first entry moves every later entry's bytes
-    /// (`memmove` in `__db_ditem`), deleting its last moves none. Oldest first, a compaction's
-    /// deletion moved half a 64 KiB page per small entry, on the writer thread that group
-    /// commits wait for (benchmarks/consensus/README.md, "What compaction costs").
-    static func deleteChunk(_ db: BerkeleyDB, through: LogIndex, sync: BerkeleyDB.Sync, bytesMax: Int = deleteChunkBytes) throws(StableLogError) -> (Int, Bool) {
-        var done = true
-        let freed: Int = try StoreDirectory.inTransaction(db, sync: sync) { txn throws(StableLogError) in
-            var bytes = 0, stored = 0
-            // From the first entry after `through` (stepped over) or, with none, the last.
-            var positioned = false
-            let body = { (k: [UInt8], v: [UInt8]) throws(StableLogError) -> BerkeleyDB.Step in
-                positioned = true
-                guard let i = LogRecord.index(ofKey: k) else { return .stop }
-                if i > through { return .next }
-                if bytes >= bytesMax { done = false; return .stop }
-                bytes += v.count
-                stored += LogRecord.storedBytes(valueBytes: v.count, pageBytes: db.entriesPageBytes)
-                return .nextAndDeleteCurrent
-            }
-            if through < LogIndex.max {
-                try db.scan(.entries, from: .atOrAfter(LogRecord.key(through + 1)), backwards: true, txn: txn, body)
-            }
-            if !positioned { try db.scan(.entries, from: .last, backwards: true, txn: txn, body) }
-            return stored
-        }
-        return (freed, done)
     }
 }

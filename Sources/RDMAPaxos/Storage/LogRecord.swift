@@ -1,12 +1,14 @@
 import CXXHash
 
-/// The on-disk layout of a log store's records (format version 2; docs/design/stable-log.md, "Stable log").
+/// The on-disk layout of a log store's records (format version 3; docs/design/stable-log.md, "Stable log").
 /// Version 2 changed no record layout: membership entries and the hard state hold configurations
 /// in format 2 (with addresses, `Membership.encoded()`), which a build of version 1 cannot read.
-/// A version 1 store opens and is marked version 2 at once (its format-1 configurations still
-/// decode).
+/// Version 3 keeps the entries in segments, one database file each (`entries.db`, then
+/// `entries-<first index>.db`), listed in `meta.db`'s `segments` record, which a build of version
+/// 2 does not read. A version 1 or 2 store opens and is marked version 3 at once: its
+/// `entries.db` becomes the first segment.
 ///
-/// `entries.db` (btree), one record per log entry:
+/// Each segment (btree) holds one record per log entry:
 /// ```
 /// key:   u64 index, big-endian (so btree order is index order)
 /// value: u64 checksum   XXH3-64 of bytes 8..<end, seeded with the index
@@ -21,12 +23,13 @@ import CXXHash
 /// `meta.db` (btree), ASCII keys, each value `u64 checksum | body` where the checksum is XXH3-64
 /// of the key's bytes followed by the body:
 /// `format` (u32 version), `durability` (mode name the store was last opened with),
-/// `snapshot` (u64 index, ballot), `hardstate` (`HardState.encoded()`).
+/// `snapshot` (u64 index, ballot), `hardstate` (`HardState.encoded()`), `segments` (u32 count,
+/// then each segment's first index as u64, ascending).
 public enum LogRecord {
     /// The format this build writes.
-    public static let formatVersion: UInt32 = 2
-    /// The formats this build opens (a version 1 store is upgraded to 2 when opened for writing).
-    public static let formatsRead: ClosedRange<UInt32> = 1...2
+    public static let formatVersion: UInt32 = 3
+    /// The formats this build opens (a version 1 or 2 store is upgraded to 3 when opened for writing).
+    public static let formatsRead: ClosedRange<UInt32> = 1...3
     package static let headerBytes = 25
     /// Largest payload a record may claim; anything above is treated as corruption.
     public static let payloadBytesMax = 64 << 20
@@ -50,8 +53,9 @@ public enum LogRecord {
 
     /// The keys of `meta.db`.
     public enum MetaKey: String, CaseIterable, Sendable {
-        /// Format version, durability mode, snapshot point and hard state (layout above).
-        case format, durability, snapshot, hardstate
+        /// Format version, durability mode, snapshot point, hard state and the segments'
+        /// first indexes (layout above).
+        case format, durability, snapshot, hardstate, segments
     }
 
     /// The `entries.db` key of `index`: eight bytes, big-endian.
@@ -151,6 +155,35 @@ public enum LogRecord {
         let s = SnapshotPoint(index: try r.u64(), ballot: try r.ballot())
         try r.finish()
         return s
+    }
+
+    /// The file (on disk) or database name (in memory) of the segment whose first index is
+    /// `start`: `entries.db` for the first (0), `entries-<start, 20 digits>.db` for the others.
+    static func segmentFile(start: LogIndex) -> String {
+        guard start > 0 else { return "entries.db" }
+        let digits = String(start)
+        return "entries-" + String(repeating: "0", count: max(0, 20 - digits.count)) + digits + ".db"
+    }
+
+    static func encodeSegments(_ starts: [LogIndex]) -> [UInt8] {
+        var w = ByteWriter(capacity: 4 + 8 * starts.count)
+        w.u32(UInt32(starts.count))
+        w.u64s(starts)
+        return w.bytes
+    }
+
+    /// The segments' first indexes: at least one, strictly ascending (0 for `entries.db`, until
+    /// a compaction removes it).
+    static func decodeSegments(_ b: [UInt8]) throws -> [LogIndex] {
+        var r = ByteReader(b, what: "segments")
+        let count = Int(try r.u32())
+        guard count >= 1, count <= r.remaining / 8 else { throw r.error("\(count) segments in \(b.count) bytes") }
+        let starts = try r.u64s(count)
+        try r.finish()
+        for (a, b) in zip(starts, starts.dropFirst()) where b <= a {
+            throw r.error("segment starts \(a) and \(b) are not ascending")
+        }
+        return starts
     }
 
     static func encodeFormat(_ v: UInt32) -> [UInt8] {

@@ -131,7 +131,7 @@ public final class LogStoreReader {
                 more = false
                 try db.scan(.entries, from: .atOrAfter(LogRecord.key(start)), txn: txn) { k, v throws(StableLogError) in
                     guard let i = LogRecord.index(ofKey: k) else {
-                        throw .corrupt(path: path, detail: "a \(k.count)-byte key in \(BerkeleyDB.entriesFile)")
+                        throw .corrupt(path: path, detail: "a \(k.count)-byte key in the entries")
                     }
                     if i > through { return .stop }
                     batch.append(Record(index: i, value: v, entry: LogRecord.decode(index: i, value: v)))
@@ -145,12 +145,34 @@ public final class LogStoreReader {
         }
     }
 
+    /// Opens the segments `meta.db` lists now and closes the others. Attached to a running node,
+    /// it leaves out the segments that hold only compacted entries: the node removes those, and
+    /// cannot while another process has them open.
+    private func refreshSegments() throws(StableLogError) {
+        let meta = try StoreDirectory.readMetadata(db)
+        var starts = meta.segments
+        if live {
+            while starts.count > 1 && starts[1] <= meta.snapshot.index + 1 { starts.removeFirst() }
+        }
+        try db.useSegments(starts)
+    }
+
     /// Runs `body` in a short read-committed transaction, retrying when Berkeley DB picks it as a
-    /// deadlock victim or its lock wait times out (the node keeps priority).
+    /// deadlock victim or its lock wait times out (the node keeps priority), or when a segment
+    /// the node removed meanwhile was about to be opened.
     private func read<T>(_ body: (BerkeleyDB.Txn) throws(StableLogError) -> T) throws -> T {
         var attempt = 0
         while true {
             attempt += 1
+            do {
+                try refreshSegments()
+            } catch {
+                if attempt < 10 && (BerkeleyDB.isDeadlock(error) || live) {
+                    usleep(20_000)
+                    continue
+                }
+                throw error
+            }
             let txn = try db.begin(lockTimeoutMicros: Self.lockTimeoutMicros)
             let v: T
             do {

@@ -37,8 +37,9 @@ public protocol StableLog: AnyObject, Sendable {
     var durableIndex: LogIndex { get }
     /// The point the prefix was compacted through: index and ballot of the last removed entry.
     var snapshot: SnapshotPoint { get }
-    /// Bytes the durable entries take in the store (an estimate that errs high): what compacting
-    /// the prefix gives back.
+    /// Bytes the durable entries from `firstIndex` on take in the store (an estimate that errs
+    /// high): what compacting the prefix gives back, in time (`BerkeleyDBLog` frees compacted
+    /// entries a segment at a time).
     var heldBytes: Int { get }
     /// The most bytes the store can hold, when it is bounded (`BerkeleyDBLog` in `.memory` mode:
     /// its cache); nil when only the disk bounds it. Past it appends fail with `.memoryFull`.
@@ -134,7 +135,7 @@ public enum StableLogError: Error, Sendable, Equatable, CustomStringConvertible 
         case let .memoryFull(p, c): "\(p): the in-memory log is full (memory_log_bytes_max = \(c) bytes): it holds more than compaction can remove (entries not yet applied, or a witness's whole log); raise memory_log_bytes_max or lower uncommitted_bytes_max, then restart the replica (it catches up from its peers)"
         case let .corrupt(p, d): "\(p): corrupt log store: \(d); rebuild this replica from its peers (docs/operations.md)"
         case let .missing(p, i): "\(p): log entry \(i) is missing; rebuild this replica from its peers (docs/operations.md)"
-        case let .versionMismatch(p, f, e): "\(p): log format version \(f), this build reads version \(e)" + (e > 1 ? " (and upgrades 1 to \(e))" : "")
+        case let .versionMismatch(p, f, e): "\(p): log format version \(f), this build reads version \(e)" + (e > 1 ? " (and upgrades \((1..<e).map(String.init).joined(separator: " and ")) to \(e))" : "")
         case let .notAStore(p, r): "\(p): not a plover log store: \(r)"
         case let .closed(p): "\(p): the log store is closed"
         case let .engine(p, c, m): "\(p): storage engine error \(c): \(m)"

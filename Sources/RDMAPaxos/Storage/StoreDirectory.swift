@@ -10,6 +10,9 @@ public struct StoreMetadata: Hashable, Sendable {
     public var snapshot: SnapshotPoint
     /// The last saved hard state.
     public var hardState: HardState
+    /// The first index of each segment of the entries (`entries.db` first, at 0): a segment holds
+    /// the entries from its first index up to the next segment's.
+    public var segments: [LogIndex] = [0]
 }
 
 /// Checks a log directory, takes its locks and reads or writes its metadata. Shared by the node's
@@ -33,7 +36,7 @@ enum StoreDirectory {
         }
         let hasMeta = FileManager.default.fileExists(atPath: path + "/" + BerkeleyDB.metaFile)
         if !hasMeta && !create {
-            throw .notAStore(path: path, reason: "no \(BerkeleyDB.metaFile) (a store holds \(BerkeleyDB.metaFile), \(BerkeleyDB.entriesFile) and Berkeley DB log files)")
+            throw .notAStore(path: path, reason: "no \(BerkeleyDB.metaFile) (a store holds \(BerkeleyDB.metaFile), \(BerkeleyDB.entriesFile) or later entries-N.db segments, and Berkeley DB log files)")
         }
         return hasMeta
     }
@@ -82,6 +85,15 @@ enum StoreDirectory {
             if let h = try body(.hardstate) { meta.hardState = try HardState(decoding: h) }
         } catch let e as StableLogError { throw e } catch {
             throw .corrupt(path: path, detail: "hard state record: \(error)")
+        }
+        // Before format 3 a store had one segment, `entries.db`.
+        if format >= 3 {
+            guard let b = try body(.segments) else {
+                throw .corrupt(path: path, detail: "\(BerkeleyDB.metaFile) has no segments record")
+            }
+            do { meta.segments = try LogRecord.decodeSegments(b) } catch {
+                throw .corrupt(path: path, detail: "segments record: \(error)")
+            }
         }
         return meta
     }
