@@ -25,8 +25,14 @@ struct StableLogWriterCommand: ParsableCommand {
     @Option(help: "KiB of entries per segment (0: the default, 64 MiB).") var segmentKib: Int = 0
     @Option(help: "Compact the log through the entry this many appends back, every this many appends (0: never).")
     var compactEvery: Int = 0
+    @Flag(help: "After --count entries: compact through the last but one, print 'held' and wait to be killed.")
+    var hold = false
     @Flag(help: "Print each durable index with the CLOCK_MONOTONIC nanoseconds at which it was reported.")
     var timestamps = false
+
+    func validate() throws {
+        if hold && count <= 0 { throw ValidationError("--hold needs --count") }
+    }
 
     func run() throws {
         guard let mode = Durability(rawValue: durability) else {
@@ -39,6 +45,13 @@ struct StableLogWriterCommand: ParsableCommand {
         let log = try BerkeleyDBLog.open(path: directory, durability: mode, options: options)
         StableLogWriter.append(to: log, payloadBytes: payloadBytes, inflight: inflight, count: count,
                                paceMicroseconds: paceUs, timestamps: timestamps, compactEvery: compactEvery)
+        if hold {
+            // Every append is durable once the queued compaction behind them is done.
+            try log.compactPrefix(through: log.lastIndex - 1, ballot: Ballot(term: 1, node: 1))
+            let line = Array("held\n".utf8)
+            _ = line.withUnsafeBytes { write(1, $0.baseAddress, $0.count) }
+            while true { sleep(60) }
+        }
         try log.close()
     }
 }

@@ -68,6 +68,26 @@ import Testing
         }
     }
 
+    /// Killed right after a compaction removed segments, with nothing written after it: the
+    /// removal's commit must be on disk before its file is gone, or the store would list files
+    /// it no longer has.
+    @Test(arguments: [Durability.fsync, .async])
+    func killedWhenACompactionHasJustRemovedSegmentsTheStoreStillOpens(mode: Durability) throws {
+        let dir = TempDir("crash-removed-\(mode)")
+        defer { dir.remove() }
+        let child = try Child(try builtExecutable("plover"),
+                              ["_stablelog-writer", dir.path, "--durability", mode.rawValue, "--payload-bytes", "100",
+                               "--segment-kib", "16", "--count", "2000", "--hold", "--async-flush-ms", "0"])
+        #expect(child.waitForLine { $0 == "held" }, "the writer did not finish its compaction")
+        let files = ((try? FileManager.default.contentsOfDirectory(atPath: dir.path)) ?? []).filter { $0.hasPrefix("entries") }
+        #expect(files.count == 1, "segments left by the compaction: \(files)")
+        child.kill(SIGKILL)
+        let log = try BerkeleyDBLog.open(path: dir.path, durability: mode)
+        defer { try? log.close() }
+        #expect(log.firstIndex == 2000 && log.lastIndex == 2000)
+        #expect(try log.entries(2000...2000).first?.payload == (0..<100).map { UInt8(truncatingIfNeeded: 2000 &* 31 &+ $0) })
+    }
+
     @Test func anotherProcessHoldingTheStoreMakesOpenFailWithLocked() throws {
         let dir = TempDir("other-process")
         defer { dir.remove() }

@@ -113,11 +113,12 @@ final class BerkeleyDB: @unchecked Sendable {
 
     /// Opens database `file` (on disk) or `name` (in memory); creates it when `create`, in `txn`
     /// when given (the handle may be used by others only once `txn` commits).
-    func openTable(_ file: String, name: String, create: Bool, txn: Txn?) throws(StableLogError) -> UnsafeMutablePointer<DB> {
+    /// `pageBytes` sets a created database's page size (`config.pageBytes` when nil).
+    func openTable(_ file: String, name: String, create: Bool, txn: Txn?, pageBytes: Int? = nil) throws(StableLogError) -> UnsafeMutablePointer<DB> {
         var dbp: UnsafeMutablePointer<DB>?
         try check(db_create(&dbp, env, 0), "db_create")
         guard let db = dbp else { throw .engine(path: path, code: -1, message: "db_create returned no handle") }
-        if create { _ = db.pointee.set_pagesize!(db, config.pageBytes) }
+        if create { _ = db.pointee.set_pagesize!(db, pageBytes.map { UInt32($0) } ?? config.pageBytes) }
         var flags = UInt32(DB_THREAD)
         if txn == nil { flags |= UInt32(DB_AUTO_COMMIT) }
         if create { flags |= UInt32(DB_CREATE) }

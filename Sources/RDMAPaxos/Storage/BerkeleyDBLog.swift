@@ -100,7 +100,6 @@ public final class BerkeleyDBLog: StableLog, @unchecked Sendable {
                                            segments: segments, firstStored: firstStored)
             // A compaction's segments that a crash (or an inspector) kept from being removed.
             engine.removeDeadSegments()
-            engine.updateCompactedBytes()
             try engine.locked { s throws(StableLogError) in if let f = s.failure { throw f } }
             // Recovery is done: inspectors may now attach to the environment beside us.
             _ = try lock?.tryLock(.environment, .shared)
@@ -130,17 +129,20 @@ public final class BerkeleyDBLog: StableLog, @unchecked Sendable {
             return (.init(snapshot: .none, hardState: HardState(), lastIndex: 0, heldBytes: 0), [(0, 0)], nil)
         }
         let meta = try StoreDirectory.readMetadata(db)
-        try db.useSegments(meta.segments)
+        let present = StoreDirectory.presentSegments(db.path, meta)
+        try db.useSegments(present)
         try StoreDirectory.inTransaction(db, sync: sync) { txn throws(StableLogError) in
             try StoreDirectory.putMeta(db, .durability, Array(durability.rawValue.utf8), txn: txn)
             // An older store is written in this build's format from now on: its `entries.db` is
             // the first segment.
             if meta.formatVersion != LogRecord.formatVersion {
                 try StoreDirectory.putMeta(db, .format, LogRecord.encodeFormat(LogRecord.formatVersion), txn: txn)
-                try StoreDirectory.putMeta(db, .segments, LogRecord.encodeSegments(meta.segments), txn: txn)
+            }
+            if meta.formatVersion != LogRecord.formatVersion || present != meta.segments {
+                try StoreDirectory.putMeta(db, .segments, LogRecord.encodeSegments(present), txn: txn)
             }
         }
-        var segments = meta.segments.map { (start: $0, heldBytes: 0) }
+        var segments = present.map { (start: $0, heldBytes: 0) }
         let pageBytes = db.entriesPageBytes
         var s = 0
         var firstStored: LogIndex?

@@ -62,12 +62,12 @@ extension BerkeleyDB {
         }
     }
 
-    /// Creates the segment that starts at `start` in `txn`. The caller records the new list in
-    /// `meta.db` in the same transaction, and installs the handle (`install`) once it commits, or
-    /// closes it (`discard`) when it does not.
+    /// Creates the segment that starts at `start` in `txn`, with the page size of the store's
+    /// other segments. The caller records the new list in `meta.db` in the same transaction, and
+    /// installs the handle (`install`) once it commits, or closes it (`discard`) when it does not.
     func createSegment(start: LogIndex, txn: Txn) throws(StableLogError) -> Segment {
         let file = LogRecord.segmentFile(start: start)
-        return Segment(start: start, handle: try openTable(file, name: file, create: true, txn: txn))
+        return Segment(start: start, handle: try openTable(file, name: file, create: true, txn: txn, pageBytes: entriesPageBytes))
     }
 
     /// Makes a segment created by a committed transaction the newest.

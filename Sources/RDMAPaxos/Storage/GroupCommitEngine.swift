@@ -404,8 +404,10 @@ final class GroupCommitEngine: @unchecked Sendable {
     /// hold only compacted entries and are still there (an inspector had them open), and a share
     /// of the oldest one that holds live entries too, in proportion to the entries it holds (its
     /// entries' sizes are not kept one by one). Fixed at each compaction: compacted entries do
-    /// not change until their segment goes.
-    func updateCompactedBytes() {
+    /// not change until their segment goes. After a snapshot install or a truncation a segment's
+    /// entries need not be spread over its indexes evenly: the estimate may then be off by up to
+    /// a segment's bytes.
+    private func updateCompactedBytes() {
         let (through, last) = locked { ($0.snapshot.index, $0.lastIndex) }
         var bytes = 0
         for (n, seg) in segments.enumerated() {
@@ -443,11 +445,17 @@ final class GroupCommitEngine: @unchecked Sendable {
     }
 
     /// Removes the segments that hold only entries at or below the snapshot point, oldest
-    /// first, each in a transaction of its own (the point is durable already, so no sync: a
-    /// crash before the next sync leaves the segment for the next open to remove). One that an
-    /// inspector has open cannot be removed now (its transaction does not wait for the lock):
-    /// it stays listed, closed, and is tried again a second later.
+    /// first, each in a transaction of its own, then re-estimates the compacted bytes still
+    /// stored. One that an inspector has open cannot be removed now (its transaction does not
+    /// wait for the lock): it stays listed, closed, and is tried again a second later.
+    ///
+    /// On disk the removal's commit is synced: Berkeley DB deletes the file as the transaction
+    /// commits, whether or not its commit record has reached the disk, so a crash after an
+    /// unsynced one would bring back a `segments` record that lists a file no longer there. (A
+    /// power cut can still reorder the two: the open drops a listed segment that holds only
+    /// compacted entries and has no file, `StoreDirectory.presentSegments`.)
     func removeDeadSegments() {
+        defer { updateCompactedBytes() }
         removalRetryAfter = nil
         let through = locked { $0.snapshot.index }
         while segments.count > 1, segments[1].start <= through + 1 {
@@ -463,7 +471,7 @@ final class GroupCommitEngine: @unchecked Sendable {
                     db.abort(txn)
                     throw error
                 }
-                try db.commit(txn, .none)
+                try db.commit(txn, sync == .none ? .none : .fsync)
             } catch where BerkeleyDB.isDeadlock(error) {
                 removalRetryAfter = ContinuousClock.now + .seconds(1)
                 return
@@ -539,7 +547,6 @@ final class GroupCommitEngine: @unchecked Sendable {
                 // Dead entries go with their segment, whole; those in a segment that still holds
                 // live ones stay (never read) until it goes too.
                 removeDeadSegments()
-                updateCompactedBytes()
             case let .hardState(hs):
                 try StoreDirectory.inTransaction(db, sync: sync) { txn throws(StableLogError) in
                     try StoreDirectory.putMeta(db, .hardstate, hs.encoded(), txn: txn)

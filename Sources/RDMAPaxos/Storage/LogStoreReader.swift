@@ -149,8 +149,16 @@ public final class LogStoreReader {
     /// it leaves out the segments that hold only compacted entries: the node removes those, and
     /// cannot while another process has them open.
     private func refreshSegments() throws(StableLogError) {
-        let meta = try StoreDirectory.readMetadata(db)
-        var starts = meta.segments
+        // In a transaction with the lock timeout: a node stuck in a synced commit that wrote
+        // `meta.db` must not hang the inspector.
+        let txn = try db.begin(lockTimeoutMicros: Self.lockTimeoutMicros)
+        let meta: StoreMetadata
+        do { meta = try StoreDirectory.readMetadata(db, txn: txn) } catch {
+            db.abort(txn)
+            throw error
+        }
+        try db.commit(txn, .none)
+        var starts = StoreDirectory.presentSegments(path, meta)
         if live {
             while starts.count > 1 && starts[1] <= meta.snapshot.index + 1 { starts.removeFirst() }
         }
