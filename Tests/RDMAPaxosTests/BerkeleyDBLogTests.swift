@@ -19,6 +19,13 @@ func rawPut(_ db: BerkeleyDB, _ table: BerkeleyDB.Table, key: [UInt8], value: [U
     }
 }
 
+/// Writes `version` into the store's format record, as a store of that version has it.
+func markFormat(_ path: String, _ version: UInt32) throws {
+    try withRawStore(path) { db in
+        try rawPut(db, .meta, key: Array("format".utf8), value: LogRecord.encodeMeta(.format, LogRecord.encodeFormat(version)))
+    }
+}
+
 /// Flips one payload byte of entry `index` in place, leaving its stored checksum as it was.
 func corruptEntry(_ path: String, index: LogIndex) throws {
     try withRawStore(path) { db in
@@ -81,9 +88,7 @@ func makeStore(_ path: String, _ range: ClosedRange<LogIndex>, term: UInt64 = 1)
         let dir = TempDir("version")
         defer { dir.remove() }
         try makeStore(dir.path, 1...1)
-        try withRawStore(dir.path) { db in
-            try rawPut(db, .meta, key: Array("format".utf8), value: LogRecord.encodeMeta(.format, LogRecord.encodeFormat(4)))
-        }
+        try markFormat(dir.path, 4)
         #expect(throws: StableLogError.versionMismatch(path: dir.path, found: 4, expected: 3)) {
             try BerkeleyDBLog.open(path: dir.path)
         }
@@ -97,8 +102,8 @@ func makeStore(_ path: String, _ range: ClosedRange<LogIndex>, term: UInt64 = 1)
         defer { dir.remove() }
         try makeStore(dir.path, 1...3)
         let oldHardState: [UInt8] = HardState(promised: Ballot(term: 2, node: 1), commitIndex: 3).encoded().prefix(20) + [0, 0, 0, 8, 0, 1, 0, 0, 0, 1, 0, 1]
+        try markFormat(dir.path, 1)
         try withRawStore(dir.path) { db in
-            try rawPut(db, .meta, key: Array("format".utf8), value: LogRecord.encodeMeta(.format, LogRecord.encodeFormat(1)))
             try rawPut(db, .meta, key: Array("hardstate".utf8), value: LogRecord.encodeMeta(.hardstate, oldHardState))
         }
         let log = try BerkeleyDBLog.open(path: dir.path)
@@ -117,16 +122,14 @@ func makeStore(_ path: String, _ range: ClosedRange<LogIndex>, term: UInt64 = 1)
         let dir = TempDir("version-two")
         defer { dir.remove() }
         try makeStore(dir.path, 1...40)
+        try markFormat(dir.path, 2)
         try withRawStore(dir.path) { db in
-            try rawPut(db, .meta, key: Array("format".utf8), value: LogRecord.encodeMeta(.format, LogRecord.encodeFormat(2)))
             try StoreDirectory.inTransaction(db, sync: .fsync) { txn throws(StableLogError) in
                 try db.delete(.meta, key: Array("segments".utf8), txn: txn)
             }
             #expect(try db.get(.meta, key: Array("segments".utf8)) == nil)
         }
-        var options = BerkeleyDBLog.Options()
-        options.segmentBytes = 1 // every group commit starts a segment
-        let log = try BerkeleyDBLog.open(path: dir.path, options: options)
+        let log = try BerkeleyDBLog.open(path: dir.path, options: Self.segmentPerCommit)
         #expect(try log.entries(1...40) == entries(1...40))
         try log.append(entries(41...42))
         #expect(try log.entries(39...42) == entries(39...42))
@@ -221,6 +224,30 @@ func makeStore(_ path: String, _ range: ClosedRange<LogIndex>, term: UInt64 = 1)
         #expect(compactions >= 10)
     }
 
+    /// Options under which every group commit after the first starts a segment.
+    static var segmentPerCommit: BerkeleyDBLog.Options {
+        var options = BerkeleyDBLog.Options()
+        options.segmentBytes = 1
+        return options
+    }
+
+    /// Opens a store at `path` with a segment per group commit and appends entries 1...`through`
+    /// in group commits of 50.
+    func openWithSegmentsOfFifty(_ path: String, through: LogIndex) throws -> BerkeleyDBLog {
+        let log = try BerkeleyDBLog.open(path: path, options: Self.segmentPerCommit)
+        for i in stride(from: LogIndex(1), through: through, by: 50) { try log.append(entries(i...i + 49)) }
+        return log
+    }
+
+    /// Records compaction point `index` in a stopped store, as `compactPrefix` does first.
+    func recordSnapshotPoint(_ path: String, _ index: LogIndex) throws {
+        try withRawStore(path) { db in
+            try StoreDirectory.inTransaction(db, sync: .fsync) { txn throws(StableLogError) in
+                try StoreDirectory.putMeta(db, .snapshot, LogRecord.encodeSnapshot(SnapshotPoint(index: index, ballot: Ballot(term: 1, node: 1))), txn: txn)
+            }
+        }
+    }
+
     /// Files of the entries' segments in `dir`, `entries.db` included.
     func segmentFiles(_ dir: String) -> [String] {
         ((try? FileManager.default.contentsOfDirectory(atPath: dir)) ?? []).filter { $0.hasPrefix("entries") }.sorted()
@@ -268,19 +295,10 @@ func makeStore(_ path: String, _ range: ClosedRange<LogIndex>, term: UInt64 = 1)
     @Test func deadSegmentsACrashLeftAreRemovedWhenTheStoreOpens() throws {
         let dir = TempDir("cut-short")
         defer { dir.remove() }
-        var options = BerkeleyDBLog.Options()
-        options.segmentBytes = 1 // every group commit starts a segment
-        let log = try BerkeleyDBLog.open(path: dir.path, options: options)
-        for i in stride(from: LogIndex(1), through: 300, by: 50) { try log.append(entries(i...i + 49)) }
-        try log.close()
+        try openWithSegmentsOfFifty(dir.path, through: 300).close()
         #expect(segmentFiles(dir.path).count == 6)
-        try withRawStore(dir.path) { db in
-            // What `compactPrefix` records first; then the "crash".
-            try StoreDirectory.inTransaction(db, sync: .fsync) { txn throws(StableLogError) in
-                try StoreDirectory.putMeta(db, .snapshot, LogRecord.encodeSnapshot(SnapshotPoint(index: 250, ballot: Ballot(term: 1, node: 1))), txn: txn)
-            }
-        }
-        let reopened = try BerkeleyDBLog.open(path: dir.path, options: options)
+        try recordSnapshotPoint(dir.path, 250) // what `compactPrefix` records first; then the "crash"
+        let reopened = try BerkeleyDBLog.open(path: dir.path, options: Self.segmentPerCommit)
         #expect(reopened.firstIndex == 251 && reopened.lastIndex == 300)
         #expect(try reopened.entries(251...300) == entries(251...300))
         try reopened.close()
@@ -298,19 +316,11 @@ func makeStore(_ path: String, _ range: ClosedRange<LogIndex>, term: UInt64 = 1)
     @Test func aListedSegmentWithoutItsFileIsDroppedOnlyWhenItHeldCompactedEntries() throws {
         let dir = TempDir("lost-removal")
         defer { dir.remove() }
-        var options = BerkeleyDBLog.Options()
-        options.segmentBytes = 1
-        let log = try BerkeleyDBLog.open(path: dir.path, options: options)
-        for i in stride(from: LogIndex(1), through: 200, by: 50) { try log.append(entries(i...i + 49)) }
-        try log.close()
+        try openWithSegmentsOfFifty(dir.path, through: 200).close()
         // The compaction point moved past the first two segments, their files went, the list did not.
-        try withRawStore(dir.path) { db in
-            try StoreDirectory.inTransaction(db, sync: .fsync) { txn throws(StableLogError) in
-                try StoreDirectory.putMeta(db, .snapshot, LogRecord.encodeSnapshot(SnapshotPoint(index: 100, ballot: Ballot(term: 1, node: 1))), txn: txn)
-            }
-        }
+        try recordSnapshotPoint(dir.path, 100)
         for f in ["entries.db", "entries-00000000000000000051.db"] { try FileManager.default.removeItem(atPath: dir.path + "/" + f) }
-        let reopened = try BerkeleyDBLog.open(path: dir.path, options: options)
+        let reopened = try BerkeleyDBLog.open(path: dir.path, options: Self.segmentPerCommit)
         #expect(reopened.firstIndex == 101 && reopened.lastIndex == 200)
         #expect(try reopened.entries(101...200) == entries(101...200))
         try reopened.close()
@@ -321,7 +331,7 @@ func makeStore(_ path: String, _ range: ClosedRange<LogIndex>, term: UInt64 = 1)
         // A live segment's file gone is an error that names it, not a shorter log.
         try FileManager.default.removeItem(atPath: dir.path + "/entries-00000000000000000151.db")
         #expect(throws: StableLogError.notAStore(path: dir.path, reason: "entries-00000000000000000151.db is missing")) {
-            try BerkeleyDBLog.open(path: dir.path, options: options)
+            try BerkeleyDBLog.open(path: dir.path, options: Self.segmentPerCommit)
         }
     }
 
@@ -330,11 +340,8 @@ func makeStore(_ path: String, _ range: ClosedRange<LogIndex>, term: UInt64 = 1)
     @Test func aDeadSegmentAnInspectorHoldsOpenIsRemovedOnceItLetsGo() throws {
         let dir = TempDir("inspected")
         defer { dir.remove() }
-        var options = BerkeleyDBLog.Options()
-        options.segmentBytes = 1
-        let log = try BerkeleyDBLog.open(path: dir.path, options: options)
+        let log = try openWithSegmentsOfFifty(dir.path, through: 200)
         defer { try? log.close() }
-        for i in stride(from: LogIndex(1), through: 200, by: 50) { try log.append(entries(i...i + 49)) }
         let reader = try LogStoreReader.open(path: dir.path)
         defer { reader.close() }
         #expect(reader.live)

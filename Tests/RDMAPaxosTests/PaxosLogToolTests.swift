@@ -116,9 +116,7 @@ import Testing
         let dir = TempDir("tool-version")
         defer { dir.remove() }
         try makeStore(dir.path, 1...1)
-        try withRawStore(dir.path) { db in
-            try rawPut(db, .meta, key: Array("format".utf8), value: LogRecord.encodeMeta(.format, LogRecord.encodeFormat(9)))
-        }
+        try markFormat(dir.path, 9)
         let r = try paxosLog("stat", dir.path)
         #expect(r.status == 4)
         #expect(r.stderr.contains("log format version 9, this build reads version 3 (and upgrades 1 and 2 to 3)"))
