@@ -312,7 +312,9 @@ func makeStore(_ path: String, _ range: ClosedRange<LogIndex>, term: UInt64 = 1)
 
     /// A power cut may keep a removed segment's file deletion and lose the removal's commit: the
     /// store lists a file it no longer has. One that held only compacted entries is dropped from
-    /// the list at the next open; one that held live entries is reported missing.
+    /// the list at the next open; one that held live entries is reported missing. (A stub left by
+    /// a crash in the middle of a removal is checked by `segmentFilesAreToldFromStubs` and by the
+    /// kill test in `StableLogCrashTests`.)
     @Test func aListedSegmentWithoutItsFileIsDroppedOnlyWhenItHeldCompactedEntries() throws {
         let dir = TempDir("lost-removal")
         defer { dir.remove() }
@@ -333,6 +335,26 @@ func makeStore(_ path: String, _ range: ClosedRange<LogIndex>, term: UInt64 = 1)
         #expect(throws: StableLogError.notAStore(path: dir.path, reason: "entries-00000000000000000151.db is missing")) {
             try BerkeleyDBLog.open(path: dir.path, options: Self.segmentPerCommit)
         }
+    }
+
+    /// What a crash in the middle of a segment's removal left (seen after SIGKILL: a 512-byte file
+    /// with the start of a page header but no database magic number) is told from a segment file.
+    @Test func segmentFilesAreToldFromStubs() throws {
+        let dir = TempDir("stubs")
+        defer { dir.remove() }
+        try openWithSegmentsOfFifty(dir.path, through: 100).close()
+        let real = dir.path + "/entries-00000000000000000051.db"
+        #expect(BerkeleyDB.isBtreeFile(real))
+        #expect(BerkeleyDB.isBtreeFile(dir.path + "/entries.db"))
+        var stub = [UInt8](repeating: 0, count: 512)
+        stub[12...15] = [0x00, 0x08, 0x03, 0x00] // what the stub held there
+        let stubPath = dir.path + "/stub.db"
+        #expect(FileManager.default.createFile(atPath: stubPath, contents: Data(stub)))
+        #expect(!BerkeleyDB.isBtreeFile(stubPath))
+        let head = try #require(FileManager.default.contents(atPath: real)).prefix(100)
+        #expect(FileManager.default.createFile(atPath: stubPath, contents: head))
+        #expect(!BerkeleyDB.isBtreeFile(stubPath), "a file shorter than a page")
+        #expect(!BerkeleyDB.isBtreeFile(dir.path + "/absent.db"))
     }
 
     /// An inspector attached to a running node may hold a dead segment open: the node's removal

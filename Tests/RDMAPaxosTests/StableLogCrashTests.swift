@@ -29,14 +29,14 @@ import Testing
     }
 
     /// Small segments and frequent compactions: the writer is killed in whatever phase it is
-    /// in (a group commit, a new segment's creation, a dead segment's removal), five times over
+    /// in (a group commit, a new segment's creation, a dead segment's removal), eight times over
     /// one store. After each kill the store opens, holds every index reported durable above its
     /// compaction point with its payload, and lists exactly the segment files it has.
     @Test func killedWhileStartingAndRemovingSegmentsLosesNothing() throws {
         let dir = TempDir("crash-segments")
         defer { dir.remove() }
         var reportedMax: LogIndex = 0
-        for round in 1...5 {
+        for round in 1...8 {
             let child = try Child(try builtExecutable("plover"),
                                   ["_stablelog-writer", dir.path, "--payload-bytes", "100", "--segment-kib", "16",
                                    "--compact-every", "300"])

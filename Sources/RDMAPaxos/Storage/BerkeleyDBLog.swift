@@ -129,7 +129,7 @@ public final class BerkeleyDBLog: StableLog, @unchecked Sendable {
             return (.init(snapshot: .none, hardState: HardState(), lastIndex: 0, heldBytes: 0), [(0, 0)], nil)
         }
         let meta = try StoreDirectory.readMetadata(db)
-        let present = StoreDirectory.presentSegments(db.path, meta)
+        let present = db.openableSegments(meta, deleteBroken: true)
         try db.useSegments(present)
         try StoreDirectory.inTransaction(db, sync: sync) { txn throws(StableLogError) in
             try StoreDirectory.putMeta(db, .durability, Array(durability.rawValue.utf8), txn: txn)

@@ -62,6 +62,41 @@ extension BerkeleyDB {
         }
     }
 
+    /// The segments `meta` lists, less those that hold only compacted entries and whose file is
+    /// gone or is not a whole database. A crash in the middle of such a segment's removal can
+    /// leave a stub of its file (512 bytes without a database's magic number, seen after SIGKILL
+    /// in `StableLogCrashTests`) under a list that still names it, and a power cut can keep the
+    /// removal's file deletion and lose its commit. Such a file is not given to Berkeley DB,
+    /// which takes a damaged database file for a damaged environment (`DB_RUNRECOVERY`); with
+    /// `deleteBroken` (the node, after recovery, holding the store) it is deleted. A listed
+    /// segment that holds live entries is never left out: if it cannot be opened, opening the
+    /// store fails and names it.
+    func openableSegments(_ meta: StoreMetadata, deleteBroken: Bool) -> [LogIndex] {
+        guard !config.inMemory else { return meta.segments }
+        let starts = meta.segments
+        var openable: [LogIndex] = []
+        for (n, start) in starts.enumerated() {
+            let dead = n + 1 < starts.count && starts[n + 1] <= meta.snapshot.index + 1
+            let file = path + "/" + LogRecord.segmentFile(start: start)
+            if dead && !Self.isBtreeFile(file) {
+                if deleteBroken { unlink(file) }
+                continue
+            }
+            openable.append(start)
+        }
+        return openable
+    }
+
+    /// Whether `file` begins with a Berkeley DB btree's metadata page: its magic number
+    /// (0x053162, in the creating host's byte order) at byte 12 of a page of at least 512 bytes.
+    static func isBtreeFile(_ file: String) -> Bool {
+        guard let h = FileHandle(forReadingAtPath: file) else { return false }
+        defer { try? h.close() }
+        guard let head = try? h.read(upToCount: 512), head.count == 512 else { return false }
+        let magic = head.withUnsafeBytes { $0.loadUnaligned(fromByteOffset: 12, as: UInt32.self) }
+        return magic == 0x053162 || magic.byteSwapped == 0x053162
+    }
+
     /// Creates the segment that starts at `start` in `txn`, with the page size of the store's
     /// other segments. The caller records the new list in `meta.db` in the same transaction, and
     /// installs the handle (`install`) once it commits, or closes it (`discard`) when it does not.

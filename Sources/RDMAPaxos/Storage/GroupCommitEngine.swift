@@ -451,9 +451,10 @@ final class GroupCommitEngine: @unchecked Sendable {
     ///
     /// On disk the removal's commit is synced: Berkeley DB deletes the file as the transaction
     /// commits, whether or not its commit record has reached the disk, so a crash after an
-    /// unsynced one would bring back a `segments` record that lists a file no longer there. (A
-    /// power cut can still reorder the two: the open drops a listed segment that holds only
-    /// compacted entries and has no file, `StoreDirectory.presentSegments`.)
+    /// unsynced one would bring back a `segments` record that lists a file no longer there. A
+    /// crash in the middle of a removal, or a power cut that reorders the two, is handled at the
+    /// next open: a listed segment that holds only compacted entries and cannot be opened is
+    /// dropped (`BerkeleyDB.openableSegments`).
     func removeDeadSegments() {
         defer { updateCompactedBytes() }
         removalRetryAfter = nil

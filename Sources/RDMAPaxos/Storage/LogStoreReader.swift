@@ -158,9 +158,11 @@ public final class LogStoreReader {
             throw error
         }
         try db.commit(txn, .none)
-        var starts = StoreDirectory.presentSegments(path, meta)
+        var starts = meta.segments
         if live {
             while starts.count > 1 && starts[1] <= meta.snapshot.index + 1 { starts.removeFirst() }
+        } else {
+            starts = db.openableSegments(meta, deleteBroken: false)
         }
         try db.useSegments(starts)
     }

@@ -98,21 +98,6 @@ enum StoreDirectory {
         return meta
     }
 
-    /// The segments `meta` lists, less those that hold only compacted entries and whose file is
-    /// gone: a power cut may keep the removal's file deletion and lose its commit, which brings
-    /// the old list back. A listed segment that holds live entries is never left out: if its file
-    /// is missing, opening it fails and says so.
-    static func presentSegments(_ path: String, _ meta: StoreMetadata) -> [LogIndex] {
-        let starts = meta.segments
-        var present: [LogIndex] = []
-        for (n, start) in starts.enumerated() {
-            let dead = n + 1 < starts.count && starts[n + 1] <= meta.snapshot.index + 1
-            if dead && !FileManager.default.fileExists(atPath: path + "/" + LogRecord.segmentFile(start: start)) { continue }
-            present.append(start)
-        }
-        return present
-    }
-
     static func putMeta(_ db: BerkeleyDB, _ key: LogRecord.MetaKey, _ body: [UInt8], txn: BerkeleyDB.Txn) throws(StableLogError) {
         try db.put(.meta, key: Array(key.rawValue.utf8), value: LogRecord.encodeMeta(key, body), txn: txn)
     }
