@@ -66,9 +66,10 @@ extension BerkeleyDB {
     /// gone or is not a whole database. A crash in the middle of such a segment's removal can
     /// leave a stub of its file (512 bytes without a database's magic number, seen after SIGKILL
     /// in `StableLogCrashTests`) under a list that still names it, and a power cut can keep the
-    /// removal's file deletion and lose its commit. Such a file is not given to Berkeley DB,
-    /// which takes a damaged database file for a damaged environment (`DB_RUNRECOVERY`); with
-    /// `deleteBroken` (the node, after recovery, holding the store) it is deleted. A listed
+    /// removal's file deletion and lose its commit. Such a file is never handed to Berkeley DB
+    /// to open (a zero-filled file in a segment's place made its recovery fail with
+    /// `DB_RUNRECOVERY`); with `deleteBroken` (the node, after recovery, holding the store) it
+    /// is deleted. A listed
     /// segment that holds live entries is never left out: if it cannot be opened, opening the
     /// store fails and names it.
     func openableSegments(_ meta: StoreMetadata, deleteBroken: Bool) -> [LogIndex] {
