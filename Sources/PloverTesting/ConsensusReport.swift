@@ -128,7 +128,7 @@ struct ConsensusReport {
                     let l = r.result.latency
                     s += "| \(sys.label) | \(Self.size(value)) | \(n) | \(Int(r.result.putsPerSecond.rounded())) | "
                     s += String(format: "%.0f | %.0f", l.p50Micros, l.p99Micros) + " | \(l.count) | \(r.result.errors) | "
-                    s += ([.ploverFsync, .ploverMemory].contains(r.system) ? r.replicasCompacted.map { "\($0.0) of \($0.of)" } ?? "?" : "—") + " |\n"
+                    s += (!r.system.isEtcd ? r.replicasCompacted.map { "\($0.0) of \($0.of)" } ?? "?" : "—") + " |\n"
                 }
             }
         }

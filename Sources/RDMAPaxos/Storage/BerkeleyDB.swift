@@ -123,7 +123,7 @@ final class BerkeleyDB: @unchecked Sendable {
         if txn == nil { flags |= UInt32(DB_AUTO_COMMIT) }
         if create { flags |= UInt32(DB_CREATE) }
         if config.readOnly { flags |= UInt32(DB_RDONLY) }
-        if txn != nil { txn?.wrote = true }
+        txn?.wrote = true
         let rc = config.inMemory
             ? db.pointee.open!(db, txn?.raw, nil, name, DB_BTREE, flags, 0o600)
             : db.pointee.open!(db, txn?.raw, file, nil, DB_BTREE, flags, 0o600)
@@ -333,7 +333,7 @@ final class BerkeleyDB: @unchecked Sendable {
         try check(rc, "deleting a record")
     }
 
-    static func take(_ dbt: inout DBT) -> [UInt8] {
+    private static func take(_ dbt: inout DBT) -> [UInt8] {
         guard let p = dbt.data else { return [] }
         let bytes = Array(UnsafeRawBufferPointer(start: p, count: Int(dbt.size)))
         free(p)

@@ -22,6 +22,12 @@ extension BerkeleyDB {
         return s
     }
 
+    /// Whether a segment holds only compacted entries: the next one starts at or below the
+    /// first live index (compaction point `through` + 1). Such a segment is removed whole.
+    static func holdsOnlyCompacted(nextStart: LogIndex, through: LogIndex) -> Bool {
+        nextStart <= through + 1
+    }
+
     /// The open segments' first indexes, oldest first.
     var segmentStarts: [LogIndex] { segmentsLock.read { segments.map(\.start) } }
 
@@ -77,7 +83,7 @@ extension BerkeleyDB {
         let starts = meta.segments
         var openable: [LogIndex] = []
         for (n, start) in starts.enumerated() {
-            let dead = n + 1 < starts.count && starts[n + 1] <= meta.snapshot.index + 1
+            let dead = n + 1 < starts.count && Self.holdsOnlyCompacted(nextStart: starts[n + 1], through: meta.snapshot.index)
             let file = path + "/" + LogRecord.segmentFile(start: start)
             if dead && !Self.isBtreeFile(file) {
                 if deleteBroken { unlink(file) }

@@ -459,7 +459,7 @@ final class GroupCommitEngine: @unchecked Sendable {
         defer { updateCompactedBytes() }
         removalRetryAfter = nil
         let through = locked { $0.snapshot.index }
-        while segments.count > 1, segments[1].start <= through + 1 {
+        while segments.count > 1, BerkeleyDB.holdsOnlyCompacted(nextStart: segments[1].start, through: through) {
             let dead = segments[0]
             db.closeSegment(start: dead.start)
             let rest = segments.dropFirst().map(\.start)

@@ -160,7 +160,7 @@ public enum LogRecord {
     /// The file (on disk) or database name (in memory) of the segment whose first index is
     /// `start`: `entries.db` for the first (0), `entries-<start, 20 digits>.db` for the others.
     static func segmentFile(start: LogIndex) -> String {
-        guard start > 0 else { return "entries.db" }
+        guard start > 0 else { return BerkeleyDB.entriesFile }
         let digits = String(start)
         return "entries-" + String(repeating: "0", count: max(0, 20 - digits.count)) + digits + ".db"
     }

@@ -21,6 +21,8 @@ public final class LogStoreReader {
     private let owner: String
     private static let lockTimeoutMicros: UInt32 = 2_000_000
     private static let recordsPerTransaction = 512
+    /// On a stopped store (held by this reader) the segments cannot change: read once.
+    private var segmentsRead = false
 
     /// One stored entry record, undecoded and decoded.
     public struct Record: Sendable {
@@ -145,10 +147,11 @@ public final class LogStoreReader {
         }
     }
 
-    /// Opens the segments `meta.db` lists now and closes the others. Attached to a running node,
-    /// it leaves out the segments that hold only compacted entries: the node removes those, and
-    /// cannot while another process has them open.
+    /// Opens the segments `meta.db` lists now and closes the others (on a stopped store, once).
+    /// Attached to a running node, it leaves out the segments that hold only compacted entries:
+    /// the node removes those, and cannot while another process has them open.
     private func refreshSegments() throws(StableLogError) {
+        if !live && segmentsRead { return }
         // In a transaction with the lock timeout: a node stuck in a synced commit that wrote
         // `meta.db` must not hang the inspector.
         let txn = try db.begin(lockTimeoutMicros: Self.lockTimeoutMicros)
@@ -160,11 +163,14 @@ public final class LogStoreReader {
         try db.commit(txn, .none)
         var starts = meta.segments
         if live {
-            while starts.count > 1 && starts[1] <= meta.snapshot.index + 1 { starts.removeFirst() }
+            while starts.count > 1 && BerkeleyDB.holdsOnlyCompacted(nextStart: starts[1], through: meta.snapshot.index) {
+                starts.removeFirst()
+            }
         } else {
             starts = db.openableSegments(meta, deleteBroken: false)
         }
         try db.useSegments(starts)
+        segmentsRead = true
     }
 
     /// Runs `body` in a short read-committed transaction, retrying when Berkeley DB picks it as a
