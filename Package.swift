@@ -35,6 +35,10 @@ let package = Package(
         .systemLibrary(name: "CVerbs", path: "Sources/CVerbs"),
         .systemLibrary(name: "CBerkeleyDB", path: "Sources/CBerkeleyDB"),
         .systemLibrary(name: "CXXHash", path: "Sources/CXXHash"),
+        // Berkeley DB's log-record hash, computed 32 bytes at a time. libdb calls it through its
+        // PLT, so the linker exports the definition from every executable that links libdb and
+        // libdb's calls bind to it (docs/design/stable-log.md, "The log's checksum").
+        .target(name: "CBerkeleyDBHash", linkerSettings: [.linkedLibrary("dl")]),
 
         // The pure consensus state machine: its own module so the compiler
         // enforces "no I/O, no clocks, no C" (it cannot import what it does not depend on).
@@ -45,7 +49,7 @@ let package = Package(
         .target(
             name: "RDMAPaxos",
             dependencies: [
-                "RDMAPaxosCore", "CBerkeleyDB", "CVerbs", "CXXHash",
+                "RDMAPaxosCore", "CBerkeleyDB", "CBerkeleyDBHash", "CVerbs", "CXXHash",
                 .product(name: "TOMLKit", package: "TOMLKit"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
