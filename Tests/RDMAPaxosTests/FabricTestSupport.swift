@@ -12,15 +12,18 @@ import Glibc
 /// The fabrics the shared suites (conformance, rings, clusters over rings) run against.
 enum FabricKind: String, CaseIterable, Sendable, CustomTestStringConvertible {
     case memory, tcp
-    /// `VerbsFabric` over the software RDMA device, connected out of band.
+    /// `VerbsFabric` over the software RDMA device, connected out of band, waiting for completion
+    /// events (the default `poll`).
     case verbs
+    /// The same, busy-polling its completion queue (`poll = .busy`).
+    case verbsBusy = "verbs-busy"
     /// `VerbsFabric` on a real device, connected out of band / with rdma_cm (`make test-rdma`).
     case verbsHardware = "verbs-hardware"
     case verbsHardwareCM = "verbs-hardware-rdma_cm"
 
     /// The hardware kinds only where `ibv_get_device_list` finds a device (and, for rdma_cm, where
     /// `PLOVER_RDMA_ADDRESS` names an IPv4 address of its interface).
-    static var allCases: [FabricKind] { [.memory, .tcp, .verbs] + RDMAHardware.kinds }
+    static var allCases: [FabricKind] { [.memory, .tcp, .verbs, .verbsBusy] + RDMAHardware.kinds }
     var testDescription: String { rawValue }
 
     /// Whether a reader sees each write land all at once: the software fabrics copy under the
@@ -85,9 +88,10 @@ final class FabricWorld: Sendable {
         case .tcp: try TCPFabric(node: node, configuration: .init(clusterKey: key, members: members,
                                                                   outstandingWritesMax: outstandingWritesMax,
                                                                   handshakeTimeout: .seconds(3)))
-        case .verbs:
+        case .verbs, .verbsBusy:
             try VerbsFabric(node: node, configuration: .init(clusterKey: key, connection: .outOfBand, members: members,
-                                                             outstandingWritesMax: outstandingWritesMax),
+                                                             outstandingWritesMax: outstandingWritesMax,
+                                                             poll: kind == .verbsBusy ? .busy : .event),
                             driver: try softVerbs())
         case .verbsHardware: try VerbsFabric(node: node, configuration: verbs(.outOfBand))
         case .verbsHardwareCM: try VerbsFabric(node: node, configuration: verbs(.connectionManager))

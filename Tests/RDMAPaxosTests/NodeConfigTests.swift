@@ -45,6 +45,9 @@ import RDMAPaxos
         #expect(outOfBand.fabric == .verbs && outOfBand.verbsConnection == .outOfBand)
         let cm = try NodeConfig.parse(Self.good.replacingOccurrences(of: "fabric = \"tcp\"", with: "verbs_connect = \"rdma_cm\""), file: "c.toml")
         #expect(cm.fabric == .auto && cm.verbsConnection == .connectionManager)
+        #expect(c.verbsPoll == .event)
+        let busy = try NodeConfig.parse(Self.good.replacingOccurrences(of: "fabric = \"tcp\"", with: "fabric = \"verbs\"\nverbs_poll = \"busy\""), file: "c.toml")
+        #expect(busy.verbsPoll == .busy)
     }
 
     /// A file that may run verbs and leaves `verbs_connect` out relied on the old default (rdma_cm):
@@ -72,6 +75,7 @@ import RDMAPaxos
         ("tick_ms = 5", "tick_ms = 5\nheartbeat_ticks = 40", "c.toml: timing.heartbeat_ticks: must be below timing.election_timeout_ticks (30)"),
         ("fabric = \"tcp\"", "fabirc = \"tcp\"", "c.toml: fabirc: unknown key (misspelt?)"),
         ("fabric = \"tcp\"", "fabric = \"tcp\"\nverbs_connect = \"udp\"", "c.toml: verbs_connect: must be one of rdma_cm, tcp (got \"udp\")"),
+        ("fabric = \"tcp\"", "fabric = \"tcp\"\nverbs_poll = \"spin\"", "c.toml: verbs_poll: must be one of event, busy (got \"spin\")"),
         ("address = \"127.0.0.1:7002\"", "address = \"127.0.0.1\"", "c.toml: members[1].address: must be host:port with a port from 1 to 65535 (got \"127.0.0.1\")"),
         ("address = \"127.0.0.1:7002\"", "address = \"127.0.0.1:7001\"", "c.toml: members[1].address: 127.0.0.1:7001 is used by two members"),
         ("id = 2\n", "id = 9\n", "c.toml: id: node 9 is not one of the [[members]] (1, 2, 3)"),

@@ -151,11 +151,50 @@ private let noRDMADevice = (try? VerbsProbe.deviceNames()) == nil
         #expect(await eventually { ledger.openContexts == 0 }, "\(ledger.openContexts) contexts still open")
     }
 
+    /// `poll = .event`: an idle fabric's completion thread sleeps until the device raises an event;
+    /// `.busy` keeps polling (counted by the thread's context switches over a second with nothing
+    /// to complete: each of the busy loop's 50 µs naps is one).
+    @Test(arguments: [VerbsFabric.Configuration.Poll.event, .busy])
+    func anIdleCompletionThreadSleepsOnlyWhenWaitingForEvents(_ poll: VerbsFabric.Configuration.Poll) async throws {
+        let world = FabricWorld(poll == .event ? .verbs : .verbsBusy)
+        let before = Set(Self.threads(named: "plover-verbs-cq"))
+        let pair = try await FabricPair.make(world)
+        defer { pair.close() }
+        // A message both ways first, so that the threads have done their work.
+        try pair.qp.postWrite([1, 2, 3, 4], remoteOffset: 0, immediate: 7, workRequestID: 1)
+        #expect(collect(pair.a.completions, count: 1).first?.status == .success)
+        #expect(collect(pair.b.completions, count: 1).first?.immediate == 7)
+        let events = [pair.a, pair.b].map { ($0 as? VerbsFabric)?.statistics.completionEvents ?? -1 }
+        // With `.event` the completions came by events, not by the wait's one-second bound.
+        #expect(poll == .event ? events.allSatisfy { $0 > 0 } : events == [0, 0], "completion events taken: \(events)")
+        let mine = Self.threads(named: "plover-verbs-cq").filter { !before.contains($0) }
+        #expect(mine.count == 2, "the two fabrics' completion threads: \(mine)")
+        let start = mine.map(Self.contextSwitches)
+        try await Task.sleep(for: .seconds(1))
+        let woke = zip(mine.map(Self.contextSwitches), start).map { $0 - $1 }
+        if poll == .event {
+            #expect(woke.allSatisfy { $0 <= 20 }, "idle completion threads woke \(woke) times in a second")
+        } else {
+            #expect(woke.allSatisfy { $0 >= 1000 }, "busy completion threads woke only \(woke) times in a second")
+        }
+    }
+
+    static func threads(named name: String) -> [String] {
+        let tasks = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/task")) ?? []
+        return tasks.filter { ((try? String(contentsOfFile: "/proc/self/task/\($0)/comm", encoding: .utf8)) ?? "").hasPrefix(name) }
+    }
+
+    static func contextSwitches(_ task: String) -> Int {
+        let status = (try? String(contentsOfFile: "/proc/self/task/\(task)/status", encoding: .utf8)) ?? ""
+        return status.split(separator: "\n").filter { $0.contains("ctxt_switches") }
+            .compactMap { Int($0.split(separator: ":").last?.trimmingCharacters(in: .whitespaces) ?? "") }.reduce(0, +)
+    }
+
     /// The device double refuses what a device refuses, so a mistake in the control path fails here
     /// rather than on the first RDMA machine.
     @Test func softDeviceRefusesWhatHardwareRefuses() throws {
         let driver = try FabricWorld(.verbs).softVerbs()
-        let device = try VerbsDevice(driver: driver, name: nil, port: 1, gidIndex: 0, completionQueueEntries: 16)
+        let device = try VerbsDevice(driver: driver, name: nil, port: 1, gidIndex: 0, completionQueueEntries: 16, completionEvents: true)
         let memory = OwnedBytes(count: 4096, fill: 0)
         withExtendedLifetime(device) {
             // Remote write without local write.
@@ -186,6 +225,7 @@ private let noRDMADevice = (try? VerbsProbe.deviceNames()) == nil
             // A PD or CQ still in use cannot go.
             #expect(driver.deallocateProtectionDomain(device.protectionDomain) == EBUSY)
             #expect(driver.destroyCompletionQueue(device.completionQueue) == EBUSY)
+            #expect(driver.destroyCompletionChannel(device.completionChannel!) == EBUSY)
             #expect(driver.destroyQueuePair(qp) == 0)
         }
     }
@@ -197,7 +237,7 @@ private let noRDMADevice = (try? VerbsProbe.deviceNames()) == nil
 struct VerbsHardwareTests {
     @Test func deviceOpensWithAnActivePort() throws {
         let device = try VerbsDevice(driver: SystemVerbs(forConnectionManager: false), name: RDMAHardware.deviceName, port: 1,
-                                     gidIndex: 0, completionQueueEntries: 64)
+                                     gidIndex: 0, completionQueueEntries: 64, completionEvents: true)
         #expect(device.address.gid.count == 16)
         #expect(device.address.ethernet || device.address.lid != 0, "an InfiniBand port without a LID: is a subnet manager running?")
     }

@@ -69,6 +69,7 @@ struct ibv_context *soft_rdma_open_device(const char *subnet_path, int ethernet)
     ctx->ibv.ops.post_send = soft_post_send;
     ctx->ibv.ops.post_recv = soft_post_recv;
     ctx->ibv.ops.poll_cq = soft_poll_cq;
+    ctx->ibv.ops.req_notify_cq = soft_req_notify_cq;
     ctx->ibv.cmd_fd = ctx->ibv.async_fd = -1;
     ctx->ibv.num_comp_vectors = 1;
     pthread_mutex_init(&ctx->ibv.mutex, NULL);
@@ -234,14 +235,17 @@ int soft_rdma_dereg_mr(struct ibv_mr *ibmr) {
     return 0;
 }
 
-struct ibv_cq *soft_rdma_create_cq(struct ibv_context *context, int cqe) {
+struct ibv_cq *soft_rdma_create_cq(struct ibv_context *context, int cqe, struct ibv_comp_channel *channel) {
     struct soft_context *ctx = context_of(context);
     if (cqe <= 0 || cqe > (1 << 22)) { errno = EINVAL; return NULL; }
     struct soft_cq *cq = calloc(1, sizeof *cq);
     if (cq) cq->entries = calloc((size_t)cqe, sizeof *cq->entries);
     if (!cq || !cq->entries) { free(cq); errno = ENOMEM; return NULL; }
     cq->ibv.context = context;
+    cq->ibv.channel = channel;
     cq->ibv.cqe = cq->capacity = cqe;
+    cq->channel = (struct soft_channel *)channel;
+    if (cq->channel) atomic_fetch_add(&cq->channel->users, 1);
     pthread_mutex_init(&cq->lock, NULL);
     pthread_mutex_lock(&ctx->lock);
     ctx->cqs++;
@@ -256,8 +260,37 @@ int soft_rdma_destroy_cq(struct ibv_cq *ibcq) {
     pthread_mutex_lock(&ctx->lock);
     ctx->cqs--;
     pthread_mutex_unlock(&ctx->lock);
+    if (cq->channel) atomic_fetch_sub(&cq->channel->users, 1);
     free(cq->entries);
     free(cq);
+    return 0;
+}
+
+struct ibv_comp_channel *soft_rdma_create_comp_channel(struct ibv_context *context) {
+    struct soft_channel *ch = calloc(1, sizeof *ch);
+    if (!ch) { errno = ENOMEM; return NULL; }
+    int fds[2];
+    if (pipe2(fds, O_NONBLOCK | O_CLOEXEC) != 0) { int e = errno; free(ch); errno = e; return NULL; }
+    ch->ibv.context = context;
+    ch->ibv.fd = fds[0];
+    ch->write_fd = fds[1];
+    return &ch->ibv;
+}
+
+int soft_rdma_destroy_comp_channel(struct ibv_comp_channel *channel) {
+    struct soft_channel *ch = (struct soft_channel *)channel;
+    if (atomic_load(&ch->users)) return EBUSY;
+    close(ch->ibv.fd);
+    close(ch->write_fd);
+    free(ch);
+    return 0;
+}
+
+int soft_rdma_get_cq_event(struct ibv_comp_channel *channel, struct ibv_cq **cq) {
+    uint64_t handle;
+    ssize_t n = read(channel->fd, &handle, sizeof handle);
+    if (n != (ssize_t)sizeof handle) { if (n >= 0) errno = EIO; return -1; }
+    *cq = (struct ibv_cq *)(uintptr_t)handle;
     return 0;
 }
 

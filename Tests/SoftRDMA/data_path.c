@@ -8,7 +8,32 @@ void soft_cq_push(struct soft_cq *cq, const struct ibv_wc *wc) {
     pthread_mutex_lock(&cq->lock);
     if (cq->count == cq->capacity) cq->overruns++;
     else cq->entries[(cq->head + cq->count++) % cq->capacity] = *wc;
+    bool event = cq->armed && cq->channel;
+    cq->armed = false;
+    // Written under the lock, so that the CQ cannot be destroyed between the test and the write.
+    if (event) {
+        uint64_t handle = (uint64_t)(uintptr_t)&cq->ibv;
+        (void)!write(cq->channel->write_fd, &handle, sizeof handle);
+    }
     pthread_mutex_unlock(&cq->lock);
+}
+
+int soft_req_notify_cq(struct ibv_cq *ibcq, int solicited_only) {
+    (void)solicited_only;  // every completion here is one a caller asked for
+    struct soft_cq *cq = cq_of(ibcq);
+    if (!cq->channel) return EINVAL;
+    pthread_mutex_lock(&cq->lock);
+    cq->armed = true;
+    pthread_mutex_unlock(&cq->lock);
+    return 0;
+}
+
+bool soft_cq_armed(struct ibv_cq *ibcq) {
+    struct soft_cq *cq = cq_of(ibcq);
+    pthread_mutex_lock(&cq->lock);
+    bool armed = cq->armed;
+    pthread_mutex_unlock(&cq->lock);
+    return armed;
 }
 
 static void complete_send(struct soft_qp *qp, const struct send_entry *e, enum ibv_wc_status status) {

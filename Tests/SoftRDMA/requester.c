@@ -217,6 +217,15 @@ void *soft_requester(void *arg) {
             struct soft_qp *q = ctx->qps[(next + k) % QP_SLOTS];
             if (!q) continue;
             pthread_mutex_lock(&q->lock);
+            // A NIC raises a send's completion when its ack comes back; here the acks are words
+            // the target writes in shared memory, so while a CQ waits for an event they are
+            // looked at every millisecond.
+            if (q->sq_count > 0 && soft_cq_armed(q->ibv.send_cq)) {
+                soft_harvest(q);
+                struct timespec soon = now;
+                add_microseconds(&soon, 1000);
+                if (q->sq_count > 0 && before(&soon, &earliest)) earliest = soon;
+            }
             if (take_due(q, &now, &e, &earliest)) {
                 qp = q;
                 next = (next + k + 1) % QP_SLOTS;

@@ -95,9 +95,17 @@ _Static_assert(sizeof(struct packet) == 64, "packet header");
 struct soft_pd { struct ibv_pd ibv; _Atomic int users; };
 struct soft_mr { struct ibv_mr ibv; int access; };
 
+struct soft_channel {
+    struct ibv_comp_channel ibv;         // ibv.fd: the read end of a pipe
+    int write_fd;
+    _Atomic int users;                   // CQs bound to it
+};
+
 struct soft_cq {
     struct ibv_cq ibv;
     pthread_mutex_t lock;
+    struct soft_channel *channel;        // NULL: no events
+    bool armed;                          // under `lock`: ibv_req_notify_cq since the last event
     struct ibv_wc *entries;
     int capacity, head, count;
     unsigned long overruns;
@@ -229,5 +237,7 @@ SOFT_HIDDEN void *soft_requester(void *context);
 SOFT_HIDDEN struct soft_mr *soft_find_mr(struct soft_context *ctx, uint32_t key);
 SOFT_HIDDEN bool soft_covers(const struct soft_mr *mr, uint64_t va, uint64_t bytes);
 SOFT_HIDDEN void soft_cq_push(struct soft_cq *cq, const struct ibv_wc *wc);
+SOFT_HIDDEN int soft_req_notify_cq(struct ibv_cq *cq, int solicited_only);
+SOFT_HIDDEN bool soft_cq_armed(struct ibv_cq *cq);
 
 #endif

@@ -31,7 +31,7 @@ int main(int argc, char **argv) {
     struct ibv_context *ctx = soft_rdma_open_device(argv[1], 0);
     if (!ctx) { printf("error open %d\n", errno); return 1; }
     struct ibv_pd *pd = soft_rdma_alloc_pd(ctx);
-    struct ibv_cq *cq = soft_rdma_create_cq(ctx, 64);
+    struct ibv_cq *cq = soft_rdma_create_cq(ctx, 64, NULL);
     char *region = aligned_alloc(4096, REGION_BYTES);
     memset(region, 0, REGION_BYTES);
     struct ibv_mr *mr = soft_rdma_reg_mr(pd, region, REGION_BYTES, IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE);

@@ -113,8 +113,22 @@ package struct SoftVerbs: VerbsDriver {
 
     package func deregisterMemory(_ mr: UnsafeMutablePointer<ibv_mr>) -> Int32 { soft_rdma_dereg_mr(mr) }
 
-    package func createCompletionQueue(_ context: UnsafeMutablePointer<ibv_context>, _ entries: Int32) -> UnsafeMutablePointer<ibv_cq>? {
-        soft_rdma_create_cq(context, entries)
+    package func createCompletionChannel(_ context: UnsafeMutablePointer<ibv_context>) -> UnsafeMutablePointer<ibv_comp_channel>? {
+        soft_rdma_create_comp_channel(context)
+    }
+
+    package func destroyCompletionChannel(_ channel: UnsafeMutablePointer<ibv_comp_channel>) -> Int32 {
+        soft_rdma_destroy_comp_channel(channel)
+    }
+
+    package func takeCompletionEvent(_ channel: UnsafeMutablePointer<ibv_comp_channel>) -> Int32 {
+        var cq: UnsafeMutablePointer<ibv_cq>?
+        return soft_rdma_get_cq_event(channel, &cq)
+    }
+
+    package func createCompletionQueue(_ context: UnsafeMutablePointer<ibv_context>, _ entries: Int32,
+                                       _ channel: UnsafeMutablePointer<ibv_comp_channel>?) -> UnsafeMutablePointer<ibv_cq>? {
+        soft_rdma_create_cq(context, entries, channel)
     }
 
     package func destroyCompletionQueue(_ cq: UnsafeMutablePointer<ibv_cq>) -> Int32 { soft_rdma_destroy_cq(cq) }

@@ -114,6 +114,9 @@ final class VerbsDevice: @unchecked Sendable {
     let context: UnsafeMutablePointer<ibv_context>
     let protectionDomain: UnsafeMutablePointer<ibv_pd>
     let completionQueue: UnsafeMutablePointer<ibv_cq>
+    /// The completion queue's channel when completions are waited for (`poll = event`), nil when
+    /// they are busy-polled.
+    let completionChannel: UnsafeMutablePointer<ibv_comp_channel>?
     let port: UInt8
     let gidIndex: Int32
     let address: VerbsPortAddress
@@ -121,9 +124,10 @@ final class VerbsDevice: @unchecked Sendable {
     let pinnedBytes = Mutex<UInt64>(0)
 
     init(driver: any VerbsDriver, name wanted: String?, port: UInt8, gidIndex: Int32,
-         completionQueueEntries: Int32) throws(VerbsError) {
+         completionQueueEntries: Int32, completionEvents: Bool) throws(VerbsError) {
         let (name, context) = try driver.openDevice(named: wanted)
         var pd: UnsafeMutablePointer<ibv_pd>?
+        var channel: UnsafeMutablePointer<ibv_comp_channel>?
         do throws(VerbsError) {
             var attributes = ibv_port_attr()
             try Verbs.check(driver.queryPort(context, port, &attributes), "ibv_query_port \(name) port \(port)")
@@ -137,8 +141,18 @@ final class VerbsDevice: @unchecked Sendable {
                                        ethernet: attributes.link_layer == UInt8(IBV_LINK_LAYER_ETHERNET),
                                        mtu: attributes.active_mtu.rawValue)
             pd = try Verbs.check(driver.allocateProtectionDomain(context), "ibv_alloc_pd")
-            completionQueue = try Verbs.check(driver.createCompletionQueue(context, completionQueueEntries), "ibv_create_cq")
+            if completionEvents {
+                channel = try Verbs.check(driver.createCompletionChannel(context), "ibv_create_comp_channel")
+                // Waited for with poll(2), then read without blocking.
+                let fd = channel!.pointee.fd
+                guard fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK) == 0 else {
+                    let e = errno
+                    throw VerbsError(operation: "fcntl", code: e, message: "cannot make the completion channel non-blocking (\(VerbsError.explain(e)))")
+                }
+            }
+            completionQueue = try Verbs.check(driver.createCompletionQueue(context, completionQueueEntries, channel), "ibv_create_cq")
         } catch {
+            if let channel { _ = driver.destroyCompletionChannel(channel) }
             if let pd { _ = driver.deallocateProtectionDomain(pd) }
             _ = driver.closeDevice(context)
             throw error
@@ -147,6 +161,7 @@ final class VerbsDevice: @unchecked Sendable {
         self.name = name
         self.context = context
         self.protectionDomain = pd!
+        self.completionChannel = channel
         self.port = port
         self.gidIndex = gidIndex
     }
@@ -155,6 +170,7 @@ final class VerbsDevice: @unchecked Sendable {
         // Queue pairs and registrations hold the device, so they are gone by now; the return codes
         // have no one left to report to.
         _ = driver.destroyCompletionQueue(completionQueue)
+        if let completionChannel { _ = driver.destroyCompletionChannel(completionChannel) }
         _ = driver.deallocateProtectionDomain(protectionDomain)
         _ = driver.closeDevice(context)
     }
@@ -183,6 +199,20 @@ final class VerbsDevice: @unchecked Sendable {
     func poll(into wcs: inout [ibv_wc]) -> Int {
         let n = wcs.withUnsafeMutableBufferPointer { ibv_poll_cq(completionQueue, Int32($0.count), $0.baseAddress) }
         return Int(max(0, n))
+    }
+
+    /// Asks for an event on the channel at the next completion (`ibv_req_notify_cq`, inline: the
+    /// context's `ops`). Completions already queued raise none: poll once more after arming.
+    func armCompletionEvent() throws(VerbsError) {
+        try Verbs.check(ibv_req_notify_cq(completionQueue, 0), "ibv_req_notify_cq")
+    }
+
+    /// Takes (and acknowledges) every event waiting on the channel; returns how many.
+    func takeCompletionEvents() -> Int {
+        guard let completionChannel else { return 0 }
+        var taken = 0
+        while driver.takeCompletionEvent(completionChannel) == 0 { taken += 1 }
+        return taken
     }
 }
 

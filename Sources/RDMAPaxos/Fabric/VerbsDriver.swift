@@ -27,7 +27,15 @@ package protocol VerbsDriver: Sendable {
     func registerMemory(_ pd: UnsafeMutablePointer<ibv_pd>, _ base: UnsafeMutableRawPointer, _ lengthBytes: Int,
                         _ access: Int32) -> UnsafeMutablePointer<ibv_mr>?
     func deregisterMemory(_ mr: UnsafeMutablePointer<ibv_mr>) -> Int32
-    func createCompletionQueue(_ context: UnsafeMutablePointer<ibv_context>, _ entries: Int32) -> UnsafeMutablePointer<ibv_cq>?
+    /// A completion channel (`poll = event`): its file descriptor becomes readable when an armed
+    /// completion queue bound to it gets a completion.
+    func createCompletionChannel(_ context: UnsafeMutablePointer<ibv_context>) -> UnsafeMutablePointer<ibv_comp_channel>?
+    func destroyCompletionChannel(_ channel: UnsafeMutablePointer<ibv_comp_channel>) -> Int32
+    /// Takes one event off `channel` and acknowledges it: 0, or -1 with errno (EAGAIN: none there).
+    func takeCompletionEvent(_ channel: UnsafeMutablePointer<ibv_comp_channel>) -> Int32
+    /// A completion queue, bound to `channel` when there is one.
+    func createCompletionQueue(_ context: UnsafeMutablePointer<ibv_context>, _ entries: Int32,
+                               _ channel: UnsafeMutablePointer<ibv_comp_channel>?) -> UnsafeMutablePointer<ibv_cq>?
     func destroyCompletionQueue(_ cq: UnsafeMutablePointer<ibv_cq>) -> Int32
     func createQueuePair(_ pd: UnsafeMutablePointer<ibv_pd>, _ attributes: inout ibv_qp_init_attr) -> UnsafeMutablePointer<ibv_qp>?
     func modifyQueuePair(_ qp: UnsafeMutablePointer<ibv_qp>, _ attributes: inout ibv_qp_attr, _ mask: Int32) -> Int32
@@ -102,8 +110,23 @@ struct SystemVerbs: VerbsDriver {
 
     func deregisterMemory(_ mr: UnsafeMutablePointer<ibv_mr>) -> Int32 { ibv_dereg_mr(mr) }
 
-    func createCompletionQueue(_ context: UnsafeMutablePointer<ibv_context>, _ entries: Int32) -> UnsafeMutablePointer<ibv_cq>? {
-        ibv_create_cq(context, entries, nil, nil, 0)
+    func createCompletionChannel(_ context: UnsafeMutablePointer<ibv_context>) -> UnsafeMutablePointer<ibv_comp_channel>? {
+        ibv_create_comp_channel(context)
+    }
+
+    func destroyCompletionChannel(_ channel: UnsafeMutablePointer<ibv_comp_channel>) -> Int32 { ibv_destroy_comp_channel(channel) }
+
+    func takeCompletionEvent(_ channel: UnsafeMutablePointer<ibv_comp_channel>) -> Int32 {
+        var cq: UnsafeMutablePointer<ibv_cq>?
+        var context: UnsafeMutableRawPointer?
+        guard ibv_get_cq_event(channel, &cq, &context) == 0, let cq else { return -1 }
+        ibv_ack_cq_events(cq, 1)  // one at a time: destroying the CQ waits for every event's ack
+        return 0
+    }
+
+    func createCompletionQueue(_ context: UnsafeMutablePointer<ibv_context>, _ entries: Int32,
+                               _ channel: UnsafeMutablePointer<ibv_comp_channel>?) -> UnsafeMutablePointer<ibv_cq>? {
+        ibv_create_cq(context, entries, nil, channel, 0)
     }
 
     func destroyCompletionQueue(_ cq: UnsafeMutablePointer<ibv_cq>) -> Int32 { ibv_destroy_cq(cq) }

@@ -4,7 +4,8 @@ import Logging
 import Synchronization
 
 /// `Fabric` over RDMA verbs: memory regions, RC queue pairs, one-sided RDMA WRITE (WITH_IMM) with
-/// selective signalling, one completion queue busy-polled by one thread.
+/// selective signalling, one completion queue read by one thread, which waits for the device's
+/// completion events (`poll = .event`, the default) or polls without sleeping (`.busy`).
 ///
 /// Two seams keep everything but the device itself under test (docs/design/fabric.md, "Verbs
 /// under test"): the device's control path goes through a `VerbsDriver` (libibverbs here; the
@@ -40,6 +41,20 @@ public final class VerbsFabric: Fabric {
             case outOfBand = "tcp"
         }
 
+        /// How the fabric's thread learns of completions (WRITE_WITH_IMM arrivals, finished and
+        /// failed WRITEs).
+        public enum Poll: String, Sendable, CaseIterable {
+            /// Waits in poll(2) on the completion queue's channel until the device raises an
+            /// event, then reads every completion and re-arms: no CPU while idle, one wake-up per
+            /// burst. The default: several processes sharing a few cores cannot give each a core
+            /// to spin on.
+            case event
+            /// Polls the completion queue in a loop, as APUS does: no interrupt or wake-up on the
+            /// path of a message, at the price of a core (after 1,000 empty polls it sleeps 50 µs
+            /// between polls).
+            case busy
+        }
+
         /// Shared secret of the cluster (at least 16 bytes): peers prove they hold it when they connect.
         public var clusterKey: [UInt8]
         /// Device to open (`ibv_devices` names); the first one when nil.
@@ -62,12 +77,14 @@ public final class VerbsFabric: Fabric {
         public var receiveDepth: Int
         /// How long one connection attempt may take.
         public var connectTimeout: Duration
+        /// How completions are waited for: device events (the default) or busy polling.
+        public var poll: Poll
 
         /// A configuration; unset parameters take the defaults shown.
         public init(clusterKey: [UInt8], deviceName: String? = nil, port: UInt8 = 1, gidIndex: Int = 0,
                     connection: Connection = .outOfBand, members: Set<NodeID>, outstandingWritesMax: Int = 512,
                     slotBytesMax: Int = 64 << 10, completionQueueEntries: Int = 8192, receiveDepth: Int = 512,
-                    connectTimeout: Duration = .seconds(2)) {
+                    connectTimeout: Duration = .seconds(2), poll: Poll = .event) {
             self.clusterKey = clusterKey
             self.deviceName = deviceName
             self.port = port
@@ -79,6 +96,7 @@ public final class VerbsFabric: Fabric {
             self.completionQueueEntries = completionQueueEntries
             self.receiveDepth = receiveDepth
             self.connectTimeout = connectTimeout
+            self.poll = poll
         }
     }
 
@@ -87,6 +105,9 @@ public final class VerbsFabric: Fabric {
         /// Connections refused by either side: a wrong key, an unknown or wrong node, a replayed or
         /// expired nonce, a malformed message, or an acceptor not ready yet.
         public var connectionsRefused = 0
+        /// Completion events the device raised and the completion thread took (`poll = .event`;
+        /// always 0 with `.busy`).
+        public var completionEvents = 0
     }
 
     public let localNode: NodeID
@@ -100,6 +121,8 @@ public final class VerbsFabric: Fabric {
     let replays = VerbsReplayMemory()
     let connectRequestReplays = VerbsReplayMemory(capacity: 65_536)
     private let counters = Mutex(Statistics())
+    /// Rung by `close()` to end the completion thread's wait for an event.
+    private let stopWaiting: WakePipe
 
     /// A snapshot of the counters.
     public var statistics: Statistics { counters.withLock { $0 } }
@@ -147,7 +170,11 @@ public final class VerbsFabric: Fabric {
         self.configuration = configuration
         self.device = try VerbsDevice(driver: driver, name: configuration.deviceName, port: configuration.port,
                                       gidIndex: Int32(configuration.gidIndex),
-                                      completionQueueEntries: Int32(configuration.completionQueueEntries))
+                                      completionQueueEntries: Int32(configuration.completionQueueEntries),
+                                      completionEvents: configuration.poll == .event)
+        do { self.stopWaiting = try WakePipe() } catch {
+            throw VerbsError(operation: "pipe", code: error.errno, message: "the verbs fabric cannot open its wake-up pipe: \(error)")
+        }
         switch configuration.connection {
         case .connectionManager: self.connector = try ConnectionManager()
         case .outOfBand: self.connector = try OutOfBandConnector()
@@ -247,6 +274,7 @@ public final class VerbsFabric: Fabric {
         }
         for qp in qps { qp.moveToError() }
         connector.stop()
+        stopWaiting.ring()
         completions.interrupt()
         _ = registrations  // deregistered here, after the fence: nothing lands in the regions any more
     }
@@ -347,10 +375,19 @@ public final class VerbsFabric: Fabric {
         }
     }
 
-    /// Busy-polls the CQ (APUS polls; a completion channel would add a syscall and a wake-up to
-    /// every completion on the hot path), backing off to short sleeps when idle.
+    /// Reads the CQ until the fabric closes, waiting for the device's events or busy polling
+    /// (`Configuration.poll`).
     private func pollCompletions() {
         var wcs = [ibv_wc](repeating: ibv_wc(), count: 64)
+        switch configuration.poll {
+        case .event: waitForCompletions(&wcs)
+        case .busy: spinForCompletions(&wcs)
+        }
+    }
+
+    /// `.busy`: polls without waiting (APUS polls; an event costs a system call and a wake-up
+    /// per burst), backing off to short sleeps when idle.
+    private func spinForCompletions(_ wcs: inout [ibv_wc]) {
         var idle = 0
         while !state.withLock({ $0.closed }) {
             let n = device.poll(into: &wcs)
@@ -361,6 +398,35 @@ public final class VerbsFabric: Fabric {
             }
             idle = 0
             for wc in wcs[..<n] { dispatch(wc) }
+        }
+    }
+
+    /// `.event`: reads every completion, arms the CQ, reads once more (a completion between the
+    /// last read and the arming raises no event), then sleeps in poll(2) on the channel until the
+    /// device raises one or `close()` rings.
+    private func waitForCompletions(_ wcs: inout [ibv_wc]) {
+        guard let channel = device.completionChannel else { return spinForCompletions(&wcs) }
+        let events = SocketDescriptor(rawValue: channel.pointee.fd, peer: "the completion channel of \(device.name)")
+        while !state.withLock({ $0.closed }) {
+            var n = device.poll(into: &wcs)
+            if n == 0 {
+                do { try device.armCompletionEvent() } catch {
+                    logger.error("cannot arm the completion queue of \(device.name) (\(error)); polling it instead")
+                    return spinForCompletions(&wcs)
+                }
+                n = device.poll(into: &wcs)
+            }
+            if n > 0 {
+                for wc in wcs[..<n] { dispatch(wc) }
+                continue
+            }
+            // The bound only re-checks `closed` should a ring be lost; an event or the ring ends it.
+            let (readable, rung) = events.waitReadable(.seconds(1), orRung: stopWaiting)
+            if rung { stopWaiting.drain() }
+            if readable {
+                let taken = device.takeCompletionEvents()
+                counters.withLock { $0.completionEvents += taken }
+            }
         }
     }
 

@@ -37,6 +37,9 @@ public struct NodeConfig: Sendable, Equatable {
     public var verbsConnection: VerbsFabric.Configuration.Connection = .outOfBand
     /// Whether the file set `verbs_connect` (the default was rdma_cm before it became `tcp`).
     public var verbsConnectionSet = false
+    /// How the verbs fabric's thread learns of completions (`verbs_poll`): it waits for the
+    /// device's events (`event`, the default) or polls without sleeping (`busy`, a core to itself).
+    public var verbsPoll: VerbsFabric.Configuration.Poll = .event
     /// Path of the cluster key file (relative paths are relative to the config file).
     public var clusterKeyFile: String?
     /// host:port of the Prometheus endpoint (`GET /metrics`); nil: none. Meant for loopback.
@@ -170,6 +173,7 @@ public struct NodeConfig: Sendable, Equatable {
         c.fabric = try r.choice("fabric", default: .auto)
         c.verbsConnectionSet = r.value("verbs_connect") != nil
         c.verbsConnection = try r.choice("verbs_connect", default: .outOfBand)
+        c.verbsPoll = try r.choice("verbs_poll", default: .event)
         c.clusterKeyFile = try r.optionalString("cluster_key_file")
         if let a = try r.optionalString("metrics_address") { c.metricsAddress = try r.address(a, key: "metrics_address") }
         if var t = try r.subtable("timing") {

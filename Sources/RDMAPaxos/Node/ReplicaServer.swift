@@ -190,7 +190,7 @@ public final class ReplicaServer: Sendable {
         }
         func verbs() throws -> VerbsFabric {
             try VerbsFabric(node: c.id, configuration: VerbsFabric.Configuration(clusterKey: key.bytes, connection: c.verbsConnection,
-                                                                              members: members))
+                                                                              members: members, poll: c.verbsPoll))
         }
         let fabric: VerbsFabric
         switch c.fabric {
@@ -214,7 +214,7 @@ public final class ReplicaServer: Sendable {
             throw error
         }
         if let warning = c.verbsConnectWarning { logger.warning("\(warning)") }
-        return (fabric, "verbs (\(c.fabric == .auto ? "auto" : "configured"), connect \(c.verbsConnection.rawValue))")
+        return (fabric, "verbs (\(c.fabric == .auto ? "auto" : "configured"), connect \(c.verbsConnection.rawValue), poll \(c.verbsPoll.rawValue))")
     }
 
     /// A graceful stop: a leader first hands leadership to a caught-up voter (at most `handOver`,

@@ -70,10 +70,19 @@ int soft_rdma_dealloc_pd(struct ibv_pd *pd);
 struct ibv_mr *soft_rdma_reg_mr(struct ibv_pd *pd, void *addr, size_t length, int access);
 int soft_rdma_dereg_mr(struct ibv_mr *mr);
 
-struct ibv_cq *soft_rdma_create_cq(struct ibv_context *context, int cqe);
+/// A CQ; with a `channel` (or NULL), `ibv_req_notify_cq` arms it, and its next completion puts one
+/// event on the channel, as a NIC's interrupt does.
+struct ibv_cq *soft_rdma_create_cq(struct ibv_context *context, int cqe, struct ibv_comp_channel *channel);
 int soft_rdma_destroy_cq(struct ibv_cq *cq);
 /// Completions dropped because the CQ was full (hardware would raise a CQ error).
 unsigned long soft_rdma_cq_overruns(struct ibv_cq *cq);
+
+/// A completion channel: its `fd` (non-blocking) is readable while it holds events.
+struct ibv_comp_channel *soft_rdma_create_comp_channel(struct ibv_context *context);
+/// EBUSY while a CQ uses it.
+int soft_rdma_destroy_comp_channel(struct ibv_comp_channel *channel);
+/// Takes one event off the channel: 0 and its CQ, or -1 with errno EAGAIN when none is there.
+int soft_rdma_get_cq_event(struct ibv_comp_channel *channel, struct ibv_cq **cq);
 
 struct ibv_qp *soft_rdma_create_qp(struct ibv_pd *pd, struct ibv_qp_init_attr *attr);
 int soft_rdma_modify_qp(struct ibv_qp *qp, struct ibv_qp_attr *attr, int attr_mask);
