@@ -1,6 +1,7 @@
 #include "bdb_hash.h"
 
 #include <dlfcn.h>
+#include <stdatomic.h>
 #include <stddef.h>
 #include <string.h>
 
@@ -11,12 +12,14 @@
 /* The hash is the polynomial sum of byte[i] * 33^(n-1-i) modulo 2^32, so a block of bytes can
  * be folded in at once: h' = h * 33^block + sum of byte[j] * 33^(block-1-j). */
 
-static uint32_t powers[33]; /* 33^k mod 2^32, k = 0 ... 32 */
-
-static void fill_powers(void) {
-    uint32_t p = 1;
-    for (int k = 0; k <= 32; k++) { powers[k] = p; p *= 33u; }
-}
+/* 33^k mod 2^32, k = 0 ... 32 (a constant table: nothing to initialise before the first call). */
+static const uint32_t powers[33] = {
+    0x00000001, 0x00000021, 0x00000441, 0x00008c61, 0x00121881, 0x025528a1, 0x4cfa3cc1, 0xec41d4e1,
+    0x747c7101, 0x040a9121, 0x855cb541, 0x30f35d61, 0x4f5f0981, 0x3b4039a1, 0xa3476dc1, 0x0c3525e1,
+    0x92d9e201, 0xee162221, 0xb0da6641, 0xcc272e61, 0x510cfa81, 0x72ac4aa1, 0xc8359ec1, 0xcee976e1,
+    0xac185301, 0x2f22b321, 0x13791741, 0x829bff61, 0xd61beb81, 0x99995ba1, 0xccc4cfc1, 0x655ec7e1,
+    0x1137c401,
+};
 
 /* One byte at a time, continuing from h. */
 static uint32_t fold_bytes(uint32_t h, const uint8_t *p, size_t n) {
@@ -70,21 +73,28 @@ static uint32_t fold_avx2(const uint8_t *p, size_t n) {
 #endif
 
 typedef uint32_t (*fold_fn)(const uint8_t *, size_t);
-static fold_fn fold;
+/* Chosen once by the constructor; a call before it (or racing it) chooses the same. */
+static _Atomic(fold_fn) fold;
 
 __attribute__((constructor))
-static void choose_fold(void) {
-    fill_powers();
-    fold = fold_portable;
+static fold_fn choose_fold(void) {
+    fold_fn chosen = fold_portable;
 #if defined(__x86_64__)
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2")) fold = fold_avx2;
+    if (__builtin_cpu_supports("avx2")) chosen = fold_avx2;
 #endif
+    atomic_store_explicit(&fold, chosen, memory_order_release);
+    return chosen;
 }
 
 uint32_t plover_bdb_hash4(const void *bytes, uint32_t length) {
-    if (fold == NULL) choose_fold(); /* called before the constructors ran */
-    return fold((const uint8_t *)bytes, length);
+    fold_fn f = atomic_load_explicit(&fold, memory_order_acquire);
+    if (f == NULL) f = choose_fold();
+    return f((const uint8_t *)bytes, length);
+}
+
+uint32_t plover_bdb_hash4_portable(const void *bytes, uint32_t length) {
+    return fold_portable((const uint8_t *)bytes, length);
 }
 
 /* Berkeley DB's signature: u_int32_t __ham_func4(DB *, const void *, u_int32_t). */

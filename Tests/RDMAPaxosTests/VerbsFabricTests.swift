@@ -157,7 +157,6 @@ private let noRDMADevice = (try? VerbsProbe.deviceNames()) == nil
     @Test(arguments: [VerbsFabric.Configuration.Poll.event, .busy])
     func anIdleCompletionThreadSleepsOnlyWhenWaitingForEvents(_ poll: VerbsFabric.Configuration.Poll) async throws {
         let world = FabricWorld(poll == .event ? .verbs : .verbsBusy)
-        let before = Set(Self.threads(named: "plover-verbs-cq"))
         let pair = try await FabricPair.make(world)
         defer { pair.close() }
         // A message both ways first, so that the threads have done their work.
@@ -167,8 +166,7 @@ private let noRDMADevice = (try? VerbsProbe.deviceNames()) == nil
         let events = [pair.a, pair.b].map { ($0 as? VerbsFabric)?.statistics.completionEvents ?? -1 }
         // With `.event` the completions came by events, not by the wait's one-second bound.
         #expect(poll == .event ? events.allSatisfy { $0 > 0 } : events == [0, 0], "completion events taken: \(events)")
-        let mine = Self.threads(named: "plover-verbs-cq").filter { !before.contains($0) }
-        #expect(mine.count == 2, "the two fabrics' completion threads: \(mine)")
+        let mine = try [pair.a, pair.b].map { try #require(($0 as? VerbsFabric)?.completionThreadID, "no completion thread id") }
         let start = mine.map(Self.contextSwitches)
         try await Task.sleep(for: .seconds(1))
         let woke = zip(mine.map(Self.contextSwitches), start).map { $0 - $1 }
@@ -179,12 +177,8 @@ private let noRDMADevice = (try? VerbsProbe.deviceNames()) == nil
         }
     }
 
-    static func threads(named name: String) -> [String] {
-        let tasks = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/task")) ?? []
-        return tasks.filter { ((try? String(contentsOfFile: "/proc/self/task/\($0)/comm", encoding: .utf8)) ?? "").hasPrefix(name) }
-    }
-
-    static func contextSwitches(_ task: String) -> Int {
+    /// Context switches of thread `task` of this process so far (voluntary and not).
+    static func contextSwitches(_ task: Int32) -> Int {
         let status = (try? String(contentsOfFile: "/proc/self/task/\(task)/status", encoding: .utf8)) ?? ""
         return status.split(separator: "\n").filter { $0.contains("ctxt_switches") }
             .compactMap { Int($0.split(separator: ":").last?.trimmingCharacters(in: .whitespaces) ?? "") }.reduce(0, +)

@@ -10,7 +10,7 @@ void soft_cq_push(struct soft_cq *cq, const struct ibv_wc *wc) {
     else cq->entries[(cq->head + cq->count++) % cq->capacity] = *wc;
     bool event = cq->armed && cq->channel;
     cq->armed = false;
-    // Written under the lock, so that the CQ cannot be destroyed between the test and the write.
+    // The channel outlives the CQ (it counts the CQs bound to it), and the CQ its QPs.
     if (event) {
         uint64_t handle = (uint64_t)(uintptr_t)&cq->ibv;
         (void)!write(cq->channel->write_fd, &handle, sizeof handle);
@@ -25,6 +25,12 @@ int soft_req_notify_cq(struct ibv_cq *ibcq, int solicited_only) {
     pthread_mutex_lock(&cq->lock);
     cq->armed = true;
     pthread_mutex_unlock(&cq->lock);
+    // The requester looks at outstanding sends' acks while their CQ is armed: wake it now rather
+    // than at its next timed pass.
+    struct soft_context *ctx = context_of(ibcq->context);
+    pthread_mutex_lock(&ctx->lock);
+    pthread_cond_signal(&ctx->work);
+    pthread_mutex_unlock(&ctx->lock);
     return 0;
 }
 

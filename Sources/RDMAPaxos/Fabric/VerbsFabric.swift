@@ -123,6 +123,11 @@ public final class VerbsFabric: Fabric {
     private let counters = Mutex(Statistics())
     /// Rung by `close()` to end the completion thread's wait for an event.
     private let stopWaiting: WakePipe
+    private let completionThread = Mutex<Int32?>(nil)
+
+    /// The kernel's id of the thread that reads the completion queue, once it runs (for tests
+    /// that look at it in /proc).
+    package var completionThreadID: Int32? { completionThread.withLock { $0 } }
 
     /// A snapshot of the counters.
     public var statistics: Statistics { counters.withLock { $0 } }
@@ -378,6 +383,10 @@ public final class VerbsFabric: Fabric {
     /// Reads the CQ until the fabric closes, waiting for the device's events or busy polling
     /// (`Configuration.poll`).
     private func pollCompletions() {
+        // "/proc/thread-self" links to "<pid>/task/<tid>".
+        let tid = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/thread-self"))
+            .flatMap { $0.split(separator: "/").last }.flatMap { Int32($0) }
+        completionThread.withLock { $0 = tid }
         var wcs = [ibv_wc](repeating: ibv_wc(), count: 64)
         switch configuration.poll {
         case .event: waitForCompletions(&wcs)

@@ -38,7 +38,7 @@ public struct NodeConfig: Sendable, Equatable {
     /// Whether the file set `verbs_connect` (the default was rdma_cm before it became `tcp`).
     public var verbsConnectionSet = false
     /// How the verbs fabric's thread learns of completions (`verbs_poll`): it waits for the
-    /// device's events (`event`, the default) or polls without sleeping (`busy`, a core to itself).
+    /// device's events (`event`, the default) or polls in a loop (`busy`, most of a core).
     public var verbsPoll: VerbsFabric.Configuration.Poll = .event
     /// Path of the cluster key file (relative paths are relative to the config file).
     public var clusterKeyFile: String?
