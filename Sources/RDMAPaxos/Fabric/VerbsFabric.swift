@@ -5,7 +5,7 @@ import Synchronization
 
 /// `Fabric` over RDMA verbs: memory regions, RC queue pairs, one-sided RDMA WRITE (WITH_IMM) with
 /// selective signalling, one completion queue read by one thread, which waits for the device's
-/// completion events (`poll = .event`, the default) or polls without sleeping (`.busy`).
+/// completion events (`poll = .event`, the default) or polls in a loop (`.busy`).
 ///
 /// Two seams keep everything but the device itself under test (docs/design/fabric.md, "Verbs
 /// under test"): the device's control path goes through a `VerbsDriver` (libibverbs here; the
