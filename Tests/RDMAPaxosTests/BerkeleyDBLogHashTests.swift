@@ -50,20 +50,11 @@ import Testing
     /// What the dynamic linker binds libdb's `__ham_func4` to when it starts `executable`
     /// (binding everything at start, as `LD_BIND_NOW` asks), from its `LD_DEBUG` report.
     static func libdbsHashBinding(_ executable: String, _ args: [String], preload: String? = nil) throws -> String? {
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: executable)
-        p.arguments = args
         var env = ProcessInfo.processInfo.environment
         env["LD_BIND_NOW"] = "1"
         env["LD_DEBUG"] = "bindings"
         if let preload { env["LD_PRELOAD"] = preload }
-        p.environment = env
-        let err = Pipe()
-        p.standardError = err
-        p.standardOutput = FileHandle.nullDevice
-        try p.run()
-        let report = String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-        p.waitUntilExit()
+        let report = try runCommand(executable, args, environment: env).stderr
         let line = report.split(separator: "\n").first { $0.contains("binding file") && $0.contains("libdb-5.3.so") && $0.contains("`__ham_func4'") }
         return line.map { String($0.split(separator: " to ").last ?? "") }
     }

@@ -42,11 +42,13 @@ struct CommandResult {
     var stderr: String
 }
 
-/// Runs `executable` to completion (a whole `paxos-log` or `db5.3_*` invocation).
-func runCommand(_ executable: String, _ args: [String]) throws -> CommandResult {
+/// Runs `executable` to completion (a whole `paxos-log` or `db5.3_*` invocation), in this
+/// process's environment or in `environment`.
+func runCommand(_ executable: String, _ args: [String], environment: [String: String]? = nil) throws -> CommandResult {
     let p = Process()
     p.executableURL = URL(fileURLWithPath: executable)
     p.arguments = args
+    if let environment { p.environment = environment }
     let out = Pipe(), err = Pipe()
     p.standardOutput = out
     p.standardError = err
