@@ -103,6 +103,25 @@ import Testing
         #expect(try server.receive(upTo: 1, until: .now + .seconds(5)) == [])
     }
 
+    /// The one poll loop with a wake-up pipe beside the socket: it says which of the two was ready.
+    @Test func aWaitEndsAtTheDeadlineOnDataOrOnARing() throws {
+        let listener = try SocketDescriptor.listen(on: HostPort(host: "127.0.0.1", port: 0))
+        defer { listener.close() }
+        let client = try SocketDescriptor.connect(to: HostPort(host: "localhost", port: listener.localPort))
+        defer { client.close() }
+        let server = try listener.accept(timeout: .seconds(5))
+        defer { server.close() }
+        let wake = try WakePipe()
+        #expect(server.waitReadable(.milliseconds(20), orRung: wake) == (false, false))
+        wake.ring()
+        #expect(server.waitReadable(.seconds(5), orRung: wake) == (false, true))
+        wake.drain()
+        try client.send([1])
+        #expect(server.waitReadable(.seconds(5), orRung: wake) == (true, false))
+        wake.ring()
+        #expect(server.waitReadable(.zero, orRung: wake) == (true, true))
+    }
+
     @Test func aReceiveTimeoutIsAnErrorNamingThePeer() throws {
         let listener = try SocketDescriptor.listen(on: HostPort(host: "127.0.0.1", port: 0))
         defer { listener.close() }

@@ -227,19 +227,29 @@ package struct SocketDescriptor: Hashable, Sendable {
     /// Whether something can be read (or the peer closed) before `deadline`; a failed poll (a
     /// descriptor that is not open) is an error.
     package func waitReadable(until deadline: ContinuousClock.Instant) throws(SocketFailure) -> Bool {
-        var p = pollfd(fd: rawValue, events: Int16(POLLIN), revents: 0)
+        try waitReadable(orRung: nil, until: deadline).readable
+    }
+
+    /// The wrapper's one poll loop: waits until the descriptor is readable (or the peer closed),
+    /// `wakeFD` (when given) is readable, or `deadline` passes; says which of the two were ready.
+    /// A failed poll (a descriptor that is not open) is an error.
+    func waitReadable(orRung wakeFD: Int32?, until deadline: ContinuousClock.Instant) throws(SocketFailure) -> (readable: Bool, rung: Bool) {
+        var fds = (pollfd(fd: rawValue, events: Int16(POLLIN), revents: 0),
+                   pollfd(fd: wakeFD ?? -1, events: Int16(POLLIN), revents: 0))
+        let count: nfds_t = wakeFD == nil ? 1 : 2
         while true {
             // Polled at least once (a deadline already past asks "readable now?"); the wait is
             // rounded up, so the last fraction of a millisecond is waited for rather than spun.
             let left = deadline - .now
-            let r = poll(&p, 1, left > .zero ? Int32(clamping: left.wholeMilliseconds + 1) : 0)
+            let wait = left > .zero ? Int32(clamping: left.wholeMilliseconds + 1) : 0
+            let r = withUnsafeMutablePointer(to: &fds) { $0.withMemoryRebound(to: pollfd.self, capacity: 2) { poll($0, count, wait) } }
             if r < 0 && errno == EINTR { continue }
             if r < 0 { throw SocketFailure("wait for data from", peer, errno: errno) }
             if r > 0 {
-                if p.revents & Int16(POLLNVAL) != 0 { throw SocketFailure("wait for data from", peer, errno: EBADF) }
-                return true
+                if fds.0.revents & Int16(POLLNVAL) != 0 { throw SocketFailure("wait for data from", peer, errno: EBADF) }
+                return (fds.0.revents != 0, fds.1.revents != 0)
             }
-            if left <= .zero { return false }
+            if left <= .zero { return (false, false) }
         }
     }
 

@@ -44,13 +44,6 @@ extension SocketDescriptor {
     /// rung; says which. A failed poll reports the socket readable, so the read that follows
     /// reports the error.
     package func waitReadable(_ timeout: Duration, orRung wake: WakePipe) -> (readable: Bool, rung: Bool) {
-        var p = [pollfd(fd: rawValue, events: Int16(POLLIN), revents: 0),
-                 pollfd(fd: wake.readFD, events: Int16(POLLIN), revents: 0)]
-        while true {
-            let r = poll(&p, 2, Int32(clamping: timeout.wholeMilliseconds))
-            if r < 0 && errno == EINTR { continue }
-            if r < 0 { return (true, false) }
-            return (p[0].revents != 0, p[1].revents != 0)
-        }
+        (try? waitReadable(orRung: wake.readFD, until: .now + timeout)) ?? (true, false)
     }
 }
