@@ -105,12 +105,8 @@ import Testing
 
     /// The one poll loop with a wake-up pipe beside the socket: it says which of the two was ready.
     @Test func aWaitEndsAtTheDeadlineOnDataOrOnARing() throws {
-        let listener = try SocketDescriptor.listen(on: HostPort(host: "127.0.0.1", port: 0))
-        defer { listener.close() }
-        let client = try SocketDescriptor.connect(to: HostPort(host: "localhost", port: listener.localPort))
-        defer { client.close() }
-        let server = try listener.accept(timeout: .seconds(5))
-        defer { server.close() }
+        let (listener, client, server) = try Self.connected()
+        defer { listener.close(); client.close(); server.close() }
         let wake = try WakePipe()
         #expect(server.waitReadable(.milliseconds(20), orRung: wake) == (false, false))
         wake.ring()
@@ -123,15 +119,20 @@ import Testing
     }
 
     @Test func aReceiveTimeoutIsAnErrorNamingThePeer() throws {
-        let listener = try SocketDescriptor.listen(on: HostPort(host: "127.0.0.1", port: 0))
-        defer { listener.close() }
-        let client = try SocketDescriptor.connect(to: HostPort(host: "127.0.0.1", port: listener.localPort))
-        defer { client.close() }
-        let server = try listener.accept(timeout: .seconds(5))
+        let (listener, client, server) = try Self.connected()
+        defer { listener.close(); client.close(); server.close() }
         server.setReceiveTimeout(.milliseconds(30))
         let timedOut = #expect(throws: SocketFailure.self) { try server.receive(upTo: 1) }
         #expect(timedOut?.errno == EAGAIN)
         #expect(timedOut?.peer.contains("127.0.0.1:\(listener.localPort)") == true)
-        server.close()
+    }
+
+    /// A listener on loopback, a client connected to it, and the server's end; the caller closes them.
+    static func connected() throws -> (listener: SocketDescriptor, client: SocketDescriptor, server: SocketDescriptor) {
+        let listener = try SocketDescriptor.listen(on: HostPort(host: "127.0.0.1", port: 0))
+        do {
+            let client = try SocketDescriptor.connect(to: HostPort(host: "127.0.0.1", port: listener.localPort))
+            do { return (listener, client, try listener.accept(timeout: .seconds(5))) } catch { client.close(); throw error }
+        } catch { listener.close(); throw error }
     }
 }
