@@ -8,15 +8,15 @@ import Testing
 @Suite struct BerkeleyDBLogHashTests {
     typealias Hash = @convention(c) (UnsafeMutableRawPointer?, UnsafeRawPointer?, UInt32) -> UInt32
 
-    /// libdb's own `__ham_func4`, looked up in libdb itself rather than in the process's scope.
-    static func libdbsOwn() throws -> Hash {
+    /// The address of libdb's own `__ham_func4`, looked up in libdb itself rather than in the
+    /// process's scope.
+    static func libdbsOwnAddress() throws -> UnsafeMutableRawPointer {
         let handle = try #require(dlopen("libdb-5.3.so", RTLD_LAZY | RTLD_NOLOAD), "libdb-5.3.so is not loaded")
-        let own = try #require(dlsym(handle, "__ham_func4"), "libdb-5.3.so has no __ham_func4")
-        return unsafeBitCast(own, to: Hash.self)
+        return try #require(dlsym(handle, "__ham_func4"), "libdb-5.3.so has no __ham_func4")
     }
 
     @Test func itGivesWhatBerkeleyDBsOwnGives() throws {
-        let own = try Self.libdbsOwn()
+        let own = unsafeBitCast(try Self.libdbsOwnAddress(), to: Hash.self)
         var rng = SystemRandomNumberGenerator()
         var bytes = (0..<(70_000)).map { _ in UInt8.random(in: 0...255, using: &rng) }
         func check(_ offset: Int, _ length: Int) {
@@ -42,8 +42,7 @@ import Testing
     /// `LD_DEBUG` checks below show what libdb's calls bind to).
     @Test func thisProcessResolvesTheNameToIt() throws {
         #expect(plover_bdb_hash4_in_effect() == 1, "__ham_func4 does not resolve to this package's in the test process")
-        let handle = try #require(dlopen("libdb-5.3.so", RTLD_LAZY | RTLD_NOLOAD))
-        #expect(dlsym(handle, "__ham_func4") != dlsym(UnsafeMutableRawPointer(bitPattern: 0), "__ham_func4"),
+        #expect(try Self.libdbsOwnAddress() != dlsym(UnsafeMutableRawPointer(bitPattern: 0), "__ham_func4"),
                 "the process resolves __ham_func4 to libdb's own")
     }
 

@@ -163,10 +163,11 @@ private let noRDMADevice = (try? VerbsProbe.deviceNames()) == nil
         try pair.qp.postWrite([1, 2, 3, 4], remoteOffset: 0, immediate: 7, workRequestID: 1)
         #expect(collect(pair.a.completions, count: 1).first?.status == .success)
         #expect(collect(pair.b.completions, count: 1).first?.immediate == 7)
-        let events = [pair.a, pair.b].map { ($0 as? VerbsFabric)?.statistics.completionEvents ?? -1 }
+        let fabrics = try [pair.a, pair.b].map { try #require($0 as? VerbsFabric) }
+        let events = fabrics.map(\.statistics.completionEvents)
         // With `.event` the completions came by events, not by the wait's one-second bound.
         #expect(poll == .event ? events.allSatisfy { $0 > 0 } : events == [0, 0], "completion events taken: \(events)")
-        let mine = try [pair.a, pair.b].map { try #require(($0 as? VerbsFabric)?.completionThreadID, "no completion thread id") }
+        let mine = try fabrics.map { try #require($0.completionThreadID, "no completion thread id") }
         let start = mine.map(Self.contextSwitches)
         try await Task.sleep(for: .seconds(1))
         let woke = zip(mine.map(Self.contextSwitches), start).map { $0 - $1 }

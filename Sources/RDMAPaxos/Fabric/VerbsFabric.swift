@@ -380,18 +380,15 @@ public final class VerbsFabric: Fabric {
         }
     }
 
-    /// Reads the CQ until the fabric closes, waiting for the device's events or busy polling
-    /// (`Configuration.poll`).
+    /// Reads the CQ until the fabric closes, waiting for the device's events (the device has a
+    /// completion channel when `Configuration.poll` is `.event`) or busy polling.
     private func pollCompletions() {
         // "/proc/thread-self" links to "<pid>/task/<tid>".
         let tid = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/thread-self"))
             .flatMap { $0.split(separator: "/").last }.flatMap { Int32($0) }
         completionThread.withLock { $0 = tid }
         var wcs = [ibv_wc](repeating: ibv_wc(), count: 64)
-        switch configuration.poll {
-        case .event: waitForCompletions(&wcs)
-        case .busy: spinForCompletions(&wcs)
-        }
+        if let channel = device.completionChannel { waitForCompletions(&wcs, channel) } else { spinForCompletions(&wcs) }
     }
 
     /// `.busy`: polls without waiting (APUS polls; an event costs a system call and a wake-up
@@ -413,8 +410,7 @@ public final class VerbsFabric: Fabric {
     /// `.event`: reads every completion, arms the CQ, reads once more (a completion between the
     /// last read and the arming raises no event), then sleeps in poll(2) on the channel until the
     /// device raises one or `close()` rings.
-    private func waitForCompletions(_ wcs: inout [ibv_wc]) {
-        guard let channel = device.completionChannel else { return spinForCompletions(&wcs) }
+    private func waitForCompletions(_ wcs: inout [ibv_wc], _ channel: UnsafeMutablePointer<ibv_comp_channel>) {
         let events = SocketDescriptor(rawValue: channel.pointee.fd, peer: "the completion channel of \(device.name)")
         while !state.withLock({ $0.closed }) {
             var n = device.poll(into: &wcs)

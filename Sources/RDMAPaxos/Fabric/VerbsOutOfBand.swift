@@ -32,8 +32,7 @@ protocol VerbsConnector: AnyObject, Sendable {
 ///
 /// The event thread answers one connection at a time, waiting at most `connectTimeout` for each
 /// message.
-final class OutOfBandConnector: VerbsConnector, @unchecked Sendable {
-    // `@unchecked Sendable`: the wake pipe's descriptors are written once; the rest is in `state`.
+final class OutOfBandConnector: VerbsConnector, Sendable {
     private struct State {
         var listener: Int32 = -1
         /// The side-channel socket of every established queue pair.
@@ -41,30 +40,18 @@ final class OutOfBandConnector: VerbsConnector, @unchecked Sendable {
         var stopped = false
     }
     private let state = Mutex(State())
-    private let wakeRead: Int32
-    private let wakeWrite: Int32
+    /// Rung when the listener or the watched sockets change, and by `stop()`.
+    private let wake: WakePipe
 
     init() throws(VerbsError) {
-        var fds: [Int32] = [-1, -1]
-        try Verbs.check(pipe(&fds), "pipe")
-        for fd in fds { _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK) }
-        wakeRead = fds[0]
-        wakeWrite = fds[1]
-    }
-
-    deinit {
-        close(wakeRead)
-        close(wakeWrite)
+        do { wake = try WakePipe() } catch {
+            throw VerbsError(operation: "pipe", code: error.errno, message: "the out-of-band connector cannot open its wake-up pipe: \(error)")
+        }
     }
 
     func stop() {
         state.withLock { $0.stopped = true }
-        wake()
-    }
-
-    private func wake() {
-        var b: UInt8 = 1
-        _ = write(wakeWrite, &b, 1)
+        wake.ring()
     }
 
     func listen(fabric: VerbsFabric, host: String, port: Int) throws(VerbsError) -> Int {
@@ -74,7 +61,7 @@ final class OutOfBandConnector: VerbsConnector, @unchecked Sendable {
         }
         let previous = state.withLock { s in defer { s.listener = listener.rawValue }; return s.listener }
         if previous >= 0 { close(previous) }
-        wake()
+        wake.ring()
         return listener.localPort
     }
 
@@ -174,7 +161,7 @@ final class OutOfBandConnector: VerbsConnector, @unchecked Sendable {
             close(fd)
             qp.moveToError()
         } else {
-            wake()
+            wake.ring()
         }
     }
 
@@ -187,16 +174,15 @@ final class OutOfBandConnector: VerbsConnector, @unchecked Sendable {
     }
 
     func run(fabric: VerbsFabric) {
-        var scratch = [UInt8](repeating: 0, count: 64)
         while true {
             let (listener, watched, stopped) = state.withLock { ($0.listener, $0.watched, $0.stopped) }
             if stopped { break }
             let sockets = Array(watched.keys)
-            var fds = [pollfd(fd: wakeRead, events: Int16(POLLIN), revents: 0),
+            var fds = [pollfd(fd: wake.readFD, events: Int16(POLLIN), revents: 0),
                        pollfd(fd: listener, events: Int16(POLLIN), revents: 0)]  // poll ignores a negative fd
             fds += sockets.map { pollfd(fd: $0, events: Int16(POLLIN), revents: 0) }
             _ = poll(&fds, nfds_t(fds.count), 100)
-            while read(wakeRead, &scratch, scratch.count) > 0 {}
+            wake.drain()
             if listener >= 0, fds[1].revents != 0 {
                 if let c = try? SocketDescriptor(rawValue: listener, peer: "the out-of-band listener").accept() { answer(fabric, c.rawValue) }
             }

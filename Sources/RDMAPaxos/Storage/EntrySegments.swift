@@ -75,9 +75,8 @@ extension BerkeleyDB {
     /// removal's file deletion and lose its commit. Such a file is never handed to Berkeley DB
     /// to open (a zero-filled file in a segment's place made its recovery fail with
     /// `DB_RUNRECOVERY`); with `deleteBroken` (the node, after recovery, holding the store) it
-    /// is deleted. A listed
-    /// segment that holds live entries is never left out: if it cannot be opened, opening the
-    /// store fails and names it.
+    /// is deleted. A listed segment that holds live entries is never left out: if it cannot be
+    /// opened, opening the store fails and names it.
     func openableSegments(_ meta: StoreMetadata, deleteBroken: Bool) -> [LogIndex] {
         guard !config.inMemory else { return meta.segments }
         let starts = meta.segments
